@@ -1,0 +1,1 @@
+//! adapters: not implemented yet (see the open issues). This crate exports nothing.

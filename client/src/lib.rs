@@ -1,0 +1,1 @@
+//! client: not implemented yet (see the open issues). This crate exports nothing.

@@ -1,0 +1,482 @@
+//! Frames: the length-prefixed, CRC-protected envelope around every request and response.
+//!
+//! ```text
+//! Request : Length u32 | RequestID u64 | Type u8   | Version u8 | Flags u16 | Payload | CRC32 u32
+//! Response: Length u32 | RequestID u64 | Status u8 | ErrorCode u16          | Payload | CRC32 u32
+//! ```
+//!
+//! Length counts every byte after itself, the CRC included. The CRC covers RequestID through
+//! the end of Payload.
+
+use crate::checksum;
+use crate::error::{DecodeError, EncodeError, Malformed};
+use crate::wire::request::Request;
+use crate::wire::response::Response;
+use crate::wire::types::{ErrorCode, Flags, RequestType, ResponseStatus};
+use crate::wire::{Encode, Writer, len_u32};
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// The default maximum Length field (10 MiB), in both directions.
+pub const DEFAULT_MAX_FRAME_LEN: u32 = 10 * 1024 * 1024;
+/// Bytes before a request's payload, the Length field included.
+pub const REQUEST_HEADER_LEN: usize = 16;
+/// Bytes before a response's payload, the Length field included.
+pub const RESPONSE_HEADER_LEN: usize = 15;
+/// The smallest request Length field: header after Length (12) plus the CRC.
+const MIN_REQUEST_LENGTH: u32 = 16;
+/// The smallest response Length field: header after Length (11) plus the CRC.
+const MIN_RESPONSE_LENGTH: u32 = 15;
+/// The CRC trailer.
+const CRC_LEN: usize = 4;
+/// The Length field.
+const LENGTH_LEN: usize = 4;
+
+/// Byte ranges of the header fields, frame-relative.
+mod field {
+    use core::ops::Range;
+    pub(super) const LENGTH: Range<usize> = 0..4;
+    pub(super) const REQUEST_ID: Range<usize> = 4..12;
+    pub(super) const TYPE: usize = 12;
+    pub(super) const VERSION: usize = 13;
+    pub(super) const FLAGS: Range<usize> = 14..16;
+    pub(super) const STATUS: usize = 12;
+    pub(super) const ERROR_CODE: Range<usize> = 13..15;
+}
+
+/// The outcome of an incremental decode: done, or more bytes are needed.
+///
+/// "Need more" is not an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Status<T> {
+    /// The value is complete.
+    Complete(T),
+    /// At least this many more bytes are needed.
+    Partial(usize),
+}
+
+/// Finds frame boundaries in a byte stream and enforces the maximum frame length.
+///
+/// Stateless over the caller's buffer: hand it the unconsumed bytes, it says how long the
+/// next frame is once all of it is there. The Length field is judged on its own 4 bytes, so
+/// a frame that is too large is refused before its body is buffered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct FrameDecoder {
+    min_len: u32,
+    max_len: u32,
+}
+
+impl Default for FrameDecoder {
+    /// A request decoder with the default maximum.
+    fn default() -> Self {
+        Self::requests()
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder for request frames (as a server reads them), default maximum.
+    pub const fn requests() -> Self {
+        Self {
+            min_len: MIN_REQUEST_LENGTH,
+            max_len: DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+
+    /// A decoder for response frames (as a client reads them), default maximum.
+    pub const fn responses() -> Self {
+        Self {
+            min_len: MIN_RESPONSE_LENGTH,
+            max_len: DEFAULT_MAX_FRAME_LEN,
+        }
+    }
+
+    /// Sets the largest accepted Length field (never below the minimum frame).
+    pub const fn with_max_frame_len(mut self, max: u32) -> Self {
+        self.max_len = if max < self.min_len {
+            self.min_len
+        } else {
+            max
+        };
+        self
+    }
+
+    /// The largest accepted Length field.
+    pub const fn max_frame_len(&self) -> u32 {
+        self.max_len
+    }
+
+    /// The smallest valid Length field.
+    pub const fn min_frame_len(&self) -> u32 {
+        self.min_len
+    }
+
+    /// The total size (Length field included) of the frame at the start of `buf`, once all of
+    /// it is in `buf`.
+    ///
+    /// Errors are fatal for the stream: [`DecodeError::FrameTooShort`] (it can't be framed)
+    /// and [`DecodeError::FrameTooLarge`] (it must not be buffered).
+    pub fn next_frame(&self, buf: &[u8]) -> Result<Status<usize>, DecodeError> {
+        let Some(len_bytes) = buf.first_chunk::<LENGTH_LEN>() else {
+            return Ok(Status::Partial(LENGTH_LEN - buf.len()));
+        };
+        let length = u32::from_be_bytes(*len_bytes);
+        if length < self.min_len {
+            return Err(DecodeError::FrameTooShort {
+                length,
+                min: self.min_len,
+            });
+        }
+        if length > self.max_len {
+            return Err(DecodeError::FrameTooLarge {
+                length,
+                max: self.max_len,
+            });
+        }
+        let total = LENGTH_LEN + length as usize;
+        if buf.len() < total {
+            return Ok(Status::Partial(total - buf.len()));
+        }
+        Ok(Status::Complete(total))
+    }
+}
+
+/// The RequestID of a frame whose first 12 bytes are in `buf`, before the frame is complete
+/// (to answer a frame that is too large without buffering it).
+pub fn peek_request_id(buf: &[u8]) -> Option<u64> {
+    let id = buf.get(field::REQUEST_ID)?;
+    Some(u64::from_be_bytes(id.try_into().ok()?))
+}
+
+fn be_u32(buf: &[u8], at: core::ops::Range<usize>) -> u32 {
+    buf.get(at)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_be_bytes)
+}
+
+fn be_u16(buf: &[u8], at: core::ops::Range<usize>) -> u16 {
+    buf.get(at)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u16::from_be_bytes)
+}
+
+fn be_u64(buf: &[u8], at: core::ops::Range<usize>) -> u64 {
+    buf.get(at)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// Validates length consistency and the CRC of a whole frame with `header_len` bytes before
+/// its payload.
+fn check_frame(buf: &[u8], header_len: usize) -> Result<(), DecodeError> {
+    let min = if header_len == REQUEST_HEADER_LEN {
+        MIN_REQUEST_LENGTH
+    } else {
+        MIN_RESPONSE_LENGTH
+    };
+    if buf.len() < header_len + CRC_LEN {
+        let length = be_u32(buf, field::LENGTH);
+        return Err(DecodeError::FrameTooShort { length, min });
+    }
+    let length = be_u32(buf, field::LENGTH);
+    if length as usize != buf.len() - LENGTH_LEN {
+        return Err(DecodeError::Malformed {
+            reason: if (length as usize) < buf.len() - LENGTH_LEN {
+                Malformed::TrailingBytes {
+                    len: buf.len() - LENGTH_LEN - length as usize,
+                }
+            } else {
+                Malformed::Truncated { field: "frame" }
+            },
+        });
+    }
+    let (body, crc) = buf.split_at(buf.len() - CRC_LEN);
+    let expected = crc.try_into().map_or(0, u32::from_be_bytes);
+    let actual = checksum::checksum(body.get(LENGTH_LEN..).unwrap_or_default());
+    if expected != actual {
+        return Err(DecodeError::ChecksumMismatch {
+            request_id: be_u64(buf, field::REQUEST_ID),
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// The fixed header of a request frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct RequestHeader {
+    /// Chosen by the client, echoed in the response.
+    pub request_id: u64,
+    /// The Type byte (see [`RequestType`]).
+    pub request_type: u8,
+    /// The protocol version (1).
+    pub version: u8,
+    /// Request flags.
+    pub flags: Flags,
+}
+
+/// The fixed header of a response frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ResponseHeader {
+    /// The RequestID of the request answered.
+    pub request_id: u64,
+    /// The Status byte (0 success, 1 error).
+    pub status: u8,
+    /// The error code (0 on success).
+    pub error_code: ErrorCode,
+}
+
+/// A zero-copy view of one whole request frame, validated once by
+/// [`RequestFrame::new_checked`]: length, minimum size and CRC. No accessor can fail after.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFrame<T: AsRef<[u8]>> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> RequestFrame<T> {
+    /// Checks that `buf` holds exactly one request frame with a matching CRC.
+    pub fn new_checked(buf: T) -> Result<Self, DecodeError> {
+        check_frame(buf.as_ref(), REQUEST_HEADER_LEN)?;
+        Ok(Self { buf })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.buf.as_ref()
+    }
+
+    /// The RequestID.
+    pub fn request_id(&self) -> u64 {
+        be_u64(self.bytes(), field::REQUEST_ID)
+    }
+
+    /// The raw Type byte.
+    pub fn request_type_byte(&self) -> u8 {
+        self.bytes().get(field::TYPE).copied().unwrap_or(0)
+    }
+
+    /// The request type, if the Type byte names one.
+    pub fn request_type(&self) -> Option<RequestType> {
+        RequestType::from_u8(self.request_type_byte())
+    }
+
+    /// The Version byte.
+    pub fn version(&self) -> u8 {
+        self.bytes().get(field::VERSION).copied().unwrap_or(0)
+    }
+
+    /// The Flags field.
+    pub fn flags(&self) -> Flags {
+        Flags(be_u16(self.bytes(), field::FLAGS))
+    }
+
+    /// The whole fixed header.
+    pub fn header(&self) -> RequestHeader {
+        RequestHeader {
+            request_id: self.request_id(),
+            request_type: self.request_type_byte(),
+            version: self.version(),
+            flags: self.flags(),
+        }
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        let b = self.bytes();
+        b.get(REQUEST_HEADER_LEN..b.len().saturating_sub(CRC_LEN))
+            .unwrap_or_default()
+    }
+
+    /// The whole frame.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+/// A zero-copy view of one whole response frame, validated once by
+/// [`ResponseFrame::new_checked`].
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseFrame<T: AsRef<[u8]>> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> ResponseFrame<T> {
+    /// Checks that `buf` holds exactly one response frame with a matching CRC.
+    pub fn new_checked(buf: T) -> Result<Self, DecodeError> {
+        check_frame(buf.as_ref(), RESPONSE_HEADER_LEN)?;
+        Ok(Self { buf })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        self.buf.as_ref()
+    }
+
+    /// The RequestID being answered.
+    pub fn request_id(&self) -> u64 {
+        be_u64(self.bytes(), field::REQUEST_ID)
+    }
+
+    /// The raw Status byte.
+    pub fn status_byte(&self) -> u8 {
+        self.bytes().get(field::STATUS).copied().unwrap_or(0)
+    }
+
+    /// The status, if the byte names one.
+    pub fn status(&self) -> Option<ResponseStatus> {
+        ResponseStatus::from_u8(self.status_byte())
+    }
+
+    /// The ErrorCode field.
+    pub fn error_code(&self) -> ErrorCode {
+        ErrorCode(be_u16(self.bytes(), field::ERROR_CODE))
+    }
+
+    /// The whole fixed header.
+    pub fn header(&self) -> ResponseHeader {
+        ResponseHeader {
+            request_id: self.request_id(),
+            status: self.status_byte(),
+            error_code: self.error_code(),
+        }
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &[u8] {
+        let b = self.bytes();
+        b.get(RESPONSE_HEADER_LEN..b.len().saturating_sub(CRC_LEN))
+            .unwrap_or_default()
+    }
+
+    /// The whole frame.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+/// Writes a frame: `header` (which starts with the Length field), the payload, the CRC.
+fn write_frame(
+    header_len: usize,
+    write_header: impl FnOnce(&mut Writer<'_>) -> Result<(), EncodeError>,
+    payload: &(impl Encode + ?Sized),
+    buf: &mut [u8],
+) -> Result<usize, EncodeError> {
+    let payload_len = payload.encoded_len();
+    let total = header_len + payload_len + CRC_LEN;
+    let length = len_u32(total - LENGTH_LEN)?;
+    let out = buf
+        .get_mut(..total)
+        .ok_or(EncodeError::BufferTooSmall { required: total })?;
+    let mut w = Writer::new(out);
+    w.u32(length)?;
+    write_header(&mut w)?;
+    payload.write(&mut w)?;
+    let end = w.position();
+    let crc = checksum::checksum(out.get(LENGTH_LEN..end).unwrap_or_default());
+    let tail = out
+        .get_mut(end..end + CRC_LEN)
+        .ok_or(EncodeError::BufferTooSmall { required: total })?;
+    tail.copy_from_slice(&crc.to_be_bytes());
+    Ok(total)
+}
+
+/// The exact size of a request frame carrying `request`.
+pub fn request_encoded_len(request: &Request<'_>) -> usize {
+    REQUEST_HEADER_LEN + request.encoded_len() + CRC_LEN
+}
+
+/// The exact size of a response frame carrying `response`.
+pub fn response_encoded_len(response: &Response<'_>) -> usize {
+    RESPONSE_HEADER_LEN + response.encoded_len() + CRC_LEN
+}
+
+/// Encodes a whole request frame (version 1) into `buf`; returns its length.
+///
+/// If `buf` is too small, returns [`EncodeError::BufferTooSmall`] and writes nothing.
+pub fn encode_request(
+    request_id: u64,
+    flags: Flags,
+    request: &Request<'_>,
+    buf: &mut [u8],
+) -> Result<usize, EncodeError> {
+    write_frame(
+        REQUEST_HEADER_LEN,
+        |w| {
+            w.u64(request_id)?;
+            w.u8(request.request_type().as_u8())?;
+            w.u8(PROTOCOL_VERSION)?;
+            w.u16(flags.0)
+        },
+        request,
+        buf,
+    )
+}
+
+/// Encodes a whole response frame into `buf`; returns its length.
+///
+/// [`Response::Error`] gets Status 1 and its code; every other variant Status 0 and code 0.
+/// If `buf` is too small, returns [`EncodeError::BufferTooSmall`] and writes nothing.
+pub fn encode_response(
+    request_id: u64,
+    response: &Response<'_>,
+    buf: &mut [u8],
+) -> Result<usize, EncodeError> {
+    let (status, code) = match response {
+        Response::Error(e) => (ResponseStatus::Error, e.code),
+        _ => (ResponseStatus::Ok, ErrorCode::NONE),
+    };
+    write_frame(
+        RESPONSE_HEADER_LEN,
+        |w| {
+            w.u64(request_id)?;
+            w.u8(status.as_u8())?;
+            w.u16(code.0)
+        },
+        response,
+        buf,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decoder_partial_until_complete() {
+        let mut buf = [0u8; 64];
+        let n = encode_request(7, Flags::NONE, &Request::HealthCheck, &mut buf).unwrap();
+        let d = FrameDecoder::requests();
+        for cut in 0..n {
+            assert!(
+                matches!(d.next_frame(&buf[..cut]), Ok(Status::Partial(k)) if k > 0),
+                "cut {cut}"
+            );
+        }
+        assert_eq!(d.next_frame(&buf[..n]), Ok(Status::Complete(n)));
+    }
+
+    #[test]
+    fn too_large_decided_on_four_bytes() {
+        let d = FrameDecoder::requests().with_max_frame_len(100);
+        assert_eq!(
+            d.next_frame(&101u32.to_be_bytes()),
+            Err(DecodeError::FrameTooLarge {
+                length: 101,
+                max: 100
+            })
+        );
+        assert_eq!(
+            d.next_frame(&15u32.to_be_bytes()),
+            Err(DecodeError::FrameTooShort {
+                length: 15,
+                min: 16
+            })
+        );
+        assert_eq!(
+            FrameDecoder::responses().next_frame(&15u32.to_be_bytes()),
+            Ok(Status::Partial(15))
+        );
+    }
+}

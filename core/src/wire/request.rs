@@ -1,0 +1,327 @@
+//! Request payloads of the seven v1 request types, with the optional trailing extensions.
+
+use crate::error::{DecodeError, EncodeError};
+use crate::wire::frame::{PROTOCOL_VERSION, RequestFrame};
+use crate::wire::message::MessageSet;
+use crate::wire::types::{RequestType, Topic};
+use crate::wire::{Encode, Reader, Writer};
+
+/// Idempotent-produce fields, trailing a Produce request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ProducerInfo {
+    /// The producer; 0 means "not idempotent".
+    pub producer_id: i64,
+    /// The producer's epoch.
+    pub producer_epoch: i16,
+    /// The sequence number of the batch's first message, when sent.
+    pub base_sequence: Option<i32>,
+}
+
+/// 0x01 Produce: append messages to a partition as one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ProduceRequest<'a> {
+    /// The topic.
+    pub topic: Topic<'a>,
+    /// The partition.
+    pub partition: u32,
+    /// The messages (their offsets are ignored by the broker).
+    pub messages: MessageSet<'a>,
+    /// Trailing idempotence fields, when present.
+    pub producer: Option<ProducerInfo>,
+}
+
+/// Long-poll fields, trailing a Fetch request after the isolation level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct LongPoll {
+    /// How long the broker may hold the fetch.
+    pub max_wait_ms: u32,
+    /// How many bytes of messages end the wait early.
+    pub min_bytes: u32,
+}
+
+/// Trailing Fetch fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct FetchExtension {
+    /// 0 only (read uncommitted).
+    pub isolation_level: i8,
+    /// Long poll, when sent.
+    pub long_poll: Option<LongPoll>,
+}
+
+/// 0x02 Fetch: read whole messages from an offset, up to a byte budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct FetchRequest<'a> {
+    /// The topic.
+    pub topic: Topic<'a>,
+    /// The partition.
+    pub partition: u32,
+    /// The first offset wanted.
+    pub offset: i64,
+    /// The byte budget for message records (at least one message is always returned).
+    pub max_bytes: u32,
+    /// Trailing fields, when present.
+    pub extension: Option<FetchExtension>,
+}
+
+/// 0x03 GetOffset: a partition's start and end offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct GetOffsetRequest<'a> {
+    /// The topic.
+    pub topic: Topic<'a>,
+    /// The partition.
+    pub partition: u32,
+}
+
+/// 0x04 CreateTopic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct CreateTopicRequest<'a> {
+    /// The topic.
+    pub topic: Topic<'a>,
+    /// 1..=1024.
+    pub num_partitions: u32,
+    /// 0 or 1.
+    pub replication_factor: u16,
+}
+
+/// 0x05 DeleteTopic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DeleteTopicRequest<'a> {
+    /// The topic.
+    pub topic: Topic<'a>,
+}
+
+/// A decoded request payload, borrowing the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum Request<'a> {
+    /// 0x01.
+    Produce(ProduceRequest<'a>),
+    /// 0x02.
+    Fetch(FetchRequest<'a>),
+    /// 0x03.
+    GetOffset(GetOffsetRequest<'a>),
+    /// 0x04.
+    CreateTopic(CreateTopicRequest<'a>),
+    /// 0x05.
+    DeleteTopic(DeleteTopicRequest<'a>),
+    /// 0x06 (empty payload).
+    ListTopics,
+    /// 0x07 (empty payload).
+    HealthCheck,
+}
+
+fn topic<'a>(r: &mut Reader<'a>) -> Result<Topic<'a>, DecodeError> {
+    Ok(Topic::from_bytes(r.bytes("topic")?)?)
+}
+
+impl<'a> Request<'a> {
+    /// The request's type.
+    pub fn request_type(&self) -> RequestType {
+        match self {
+            Self::Produce(_) => RequestType::Produce,
+            Self::Fetch(_) => RequestType::Fetch,
+            Self::GetOffset(_) => RequestType::GetOffset,
+            Self::CreateTopic(_) => RequestType::CreateTopic,
+            Self::DeleteTopic(_) => RequestType::DeleteTopic,
+            Self::ListTopics => RequestType::ListTopics,
+            Self::HealthCheck => RequestType::HealthCheck,
+        }
+    }
+
+    /// The topic the request names, if any.
+    pub fn topic(&self) -> Option<Topic<'a>> {
+        match self {
+            Self::Produce(p) => Some(p.topic),
+            Self::Fetch(f) => Some(f.topic),
+            Self::GetOffset(g) => Some(g.topic),
+            Self::CreateTopic(c) => Some(c.topic),
+            Self::DeleteTopic(d) => Some(d.topic),
+            Self::ListTopics | Self::HealthCheck => None,
+        }
+    }
+
+    /// Decodes a validated frame: checks the version and type, then the payload.
+    pub fn parse<T: AsRef<[u8]>>(frame: &'a RequestFrame<T>) -> Result<Self, DecodeError> {
+        let request_id = frame.request_id();
+        if frame.version() != PROTOCOL_VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                request_id,
+                version: frame.version(),
+            });
+        }
+        let Some(ty) = frame.request_type() else {
+            return Err(DecodeError::UnknownRequestType {
+                request_id,
+                request_type: frame.request_type_byte(),
+            });
+        };
+        Self::parse_payload(ty, frame.payload())
+    }
+
+    /// Decodes the payload of a request of type `ty`. Bytes after the last known field are
+    /// accepted and ignored; known extensions are read when wholly present.
+    pub fn parse_payload(ty: RequestType, payload: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(payload);
+        Ok(match ty {
+            RequestType::Produce => {
+                let topic = topic(&mut r)?;
+                let partition = r.u32("partition")?;
+                let count = r.u32("message count")?;
+                let messages = MessageSet::read(&mut r, count)?;
+                let producer = if r.remaining() >= 10 {
+                    let producer_id = r.i64("producer id")?;
+                    let producer_epoch = r.i16("producer epoch")?;
+                    let base_sequence = if r.remaining() >= 4 {
+                        Some(r.i32("base sequence")?)
+                    } else {
+                        None
+                    };
+                    Some(ProducerInfo {
+                        producer_id,
+                        producer_epoch,
+                        base_sequence,
+                    })
+                } else {
+                    None
+                };
+                Self::Produce(ProduceRequest {
+                    topic,
+                    partition,
+                    messages,
+                    producer,
+                })
+            }
+            RequestType::Fetch => {
+                let topic = topic(&mut r)?;
+                let partition = r.u32("partition")?;
+                let offset = r.i64("offset")?;
+                let max_bytes = r.u32("max bytes")?;
+                let extension = if r.remaining() >= 1 {
+                    let isolation_level = r.i8("isolation level")?;
+                    let long_poll = if r.remaining() >= 8 {
+                        Some(LongPoll {
+                            max_wait_ms: r.u32("max wait")?,
+                            min_bytes: r.u32("min bytes")?,
+                        })
+                    } else {
+                        None
+                    };
+                    Some(FetchExtension {
+                        isolation_level,
+                        long_poll,
+                    })
+                } else {
+                    None
+                };
+                Self::Fetch(FetchRequest {
+                    topic,
+                    partition,
+                    offset,
+                    max_bytes,
+                    extension,
+                })
+            }
+            RequestType::GetOffset => {
+                let topic = topic(&mut r)?;
+                let partition = r.u32("partition")?;
+                Self::GetOffset(GetOffsetRequest { topic, partition })
+            }
+            RequestType::CreateTopic => {
+                let topic = topic(&mut r)?;
+                let num_partitions = r.u32("partition count")?;
+                let replication_factor = r.u16("replication factor")?;
+                Self::CreateTopic(CreateTopicRequest {
+                    topic,
+                    num_partitions,
+                    replication_factor,
+                })
+            }
+            RequestType::DeleteTopic => Self::DeleteTopic(DeleteTopicRequest {
+                topic: topic(&mut r)?,
+            }),
+            RequestType::ListTopics => Self::ListTopics,
+            RequestType::HealthCheck => Self::HealthCheck,
+        })
+    }
+}
+
+fn topic_len(t: &Topic<'_>) -> usize {
+    4 + t.as_str().len()
+}
+
+impl Encode for Request<'_> {
+    fn encoded_len(&self) -> usize {
+        match self {
+            Self::Produce(p) => {
+                topic_len(&p.topic)
+                    + 8
+                    + p.messages.encoded_len()
+                    + p.producer
+                        .map_or(0, |i| 10 + if i.base_sequence.is_some() { 4 } else { 0 })
+            }
+            Self::Fetch(f) => {
+                topic_len(&f.topic)
+                    + 16
+                    + f.extension
+                        .map_or(0, |e| 1 + if e.long_poll.is_some() { 8 } else { 0 })
+            }
+            Self::GetOffset(g) => topic_len(&g.topic) + 4,
+            Self::CreateTopic(c) => topic_len(&c.topic) + 6,
+            Self::DeleteTopic(d) => topic_len(&d.topic),
+            Self::ListTopics | Self::HealthCheck => 0,
+        }
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        match self {
+            Self::Produce(p) => {
+                w.bytes(p.topic.as_str().as_bytes())?;
+                w.u32(p.partition)?;
+                w.u32(p.messages.count())?;
+                p.messages.write(w)?;
+                if let Some(info) = p.producer {
+                    w.i64(info.producer_id)?;
+                    w.i16(info.producer_epoch)?;
+                    if let Some(seq) = info.base_sequence {
+                        w.i32(seq)?;
+                    }
+                }
+                Ok(())
+            }
+            Self::Fetch(f) => {
+                w.bytes(f.topic.as_str().as_bytes())?;
+                w.u32(f.partition)?;
+                w.i64(f.offset)?;
+                w.u32(f.max_bytes)?;
+                if let Some(e) = f.extension {
+                    w.put(&e.isolation_level.to_be_bytes())?;
+                    if let Some(lp) = e.long_poll {
+                        w.u32(lp.max_wait_ms)?;
+                        w.u32(lp.min_bytes)?;
+                    }
+                }
+                Ok(())
+            }
+            Self::GetOffset(g) => {
+                w.bytes(g.topic.as_str().as_bytes())?;
+                w.u32(g.partition)
+            }
+            Self::CreateTopic(c) => {
+                w.bytes(c.topic.as_str().as_bytes())?;
+                w.u32(c.num_partitions)?;
+                w.u16(c.replication_factor)
+            }
+            Self::DeleteTopic(d) => w.bytes(d.topic.as_str().as_bytes()),
+            Self::ListTopics | Self::HealthCheck => Ok(()),
+        }
+    }
+}

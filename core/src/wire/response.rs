@@ -1,0 +1,435 @@
+//! Response payloads: the per-type success payloads and the error payload.
+
+use core::fmt;
+
+use crate::error::{DecodeError, EncodeError, Malformed};
+use crate::wire::frame::ResponseFrame;
+use crate::wire::message::{MESSAGE_FIXED_LEN, MessageSet};
+use crate::wire::types::{ErrorCode, RequestType, ResponseStatus, Topic};
+use crate::wire::{Encode, Reader, Text, Writer, len_u32};
+
+/// The fixed bytes of a Fetch success payload: HighWaterMark, NumMessages and the trailer.
+pub const FETCH_RESPONSE_FIXED_LEN: usize = 8 + 4 + 16;
+
+/// Produce success: exactly 20 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ProduceResponse {
+    /// The first offset assigned.
+    pub base_offset: i64,
+    /// How many messages were appended.
+    pub num_messages: u32,
+    /// The next offset after the append.
+    pub high_water_mark: i64,
+}
+
+/// Fetch trailer: read by the newer original SDK, ignored by older ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct FetchTrailer {
+    /// Equals the high-water mark (no transactions).
+    pub last_stable_offset: i64,
+    /// The offset after the last message returned (or the requested offset when none).
+    pub next_offset: i64,
+}
+
+/// Fetch success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct FetchResponse<'a> {
+    /// The partition's high-water mark.
+    pub high_water_mark: i64,
+    /// The messages returned.
+    pub messages: MessageSet<'a>,
+    /// The trailer; always sent by this broker, absent from older brokers.
+    pub trailer: Option<FetchTrailer>,
+}
+
+/// GetOffset success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct GetOffsetResponse<'a> {
+    /// The topic.
+    pub topic: Topic<'a>,
+    /// The partition.
+    pub partition: u32,
+    /// The log start.
+    pub start_offset: i64,
+    /// The next offset to be assigned.
+    pub end_offset: i64,
+    /// Equals `end_offset` on a single broker.
+    pub high_water_mark: i64,
+}
+
+/// CreateTopic success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct CreateTopicResponse<'a> {
+    /// The topic.
+    pub topic: Topic<'a>,
+    /// False when it already existed with the same partition count.
+    pub created: bool,
+}
+
+/// DeleteTopic success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct DeleteTopicResponse<'a> {
+    /// The topic.
+    pub topic: Topic<'a>,
+    /// True when deleted.
+    pub deleted: bool,
+}
+
+/// One entry of a ListTopics reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct TopicInfo<'a> {
+    /// The topic.
+    pub name: Topic<'a>,
+    /// Its partition count.
+    pub num_partitions: u32,
+}
+
+impl<'a> TopicInfo<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self, Malformed> {
+        let name = Topic::from_bytes(r.bytes("topic")?)?;
+        let num_partitions = r.u32("partition count")?;
+        Ok(Self {
+            name,
+            num_partitions,
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum TopicListRepr<'a> {
+    Wire { count: u32, bytes: &'a [u8] },
+    Slice(&'a [TopicInfo<'a>]),
+}
+
+/// The topics of a ListTopics reply: borrowed from wire bytes (decoded) or from a caller's
+/// slice (to encode).
+#[derive(Clone, Copy)]
+pub struct TopicList<'a>(TopicListRepr<'a>);
+
+impl<'a> TopicList<'a> {
+    /// A list to encode.
+    pub const fn from_slice(topics: &'a [TopicInfo<'a>]) -> Self {
+        Self(TopicListRepr::Slice(topics))
+    }
+
+    /// The number of topics.
+    pub fn len(&self) -> usize {
+        match self.0 {
+            TopicListRepr::Wire { count, .. } => count as usize,
+            TopicListRepr::Slice(s) => s.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The topics in order.
+    pub fn iter(&self) -> TopicListIter<'a> {
+        TopicListIter(match self.0 {
+            TopicListRepr::Wire { count, bytes } => ListIterRepr::Wire {
+                left: count,
+                r: Reader::new(bytes),
+            },
+            TopicListRepr::Slice(s) => ListIterRepr::Slice(s.iter()),
+        })
+    }
+}
+
+impl PartialEq for TopicList<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for TopicList<'_> {}
+
+impl fmt::Debug for TopicList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for TopicList<'_> {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(f, "TopicList({=usize})", self.len())
+    }
+}
+
+#[derive(Clone)]
+enum ListIterRepr<'a> {
+    Wire { left: u32, r: Reader<'a> },
+    Slice(core::slice::Iter<'a, TopicInfo<'a>>),
+}
+
+/// Iterator over a [`TopicList`].
+#[derive(Clone)]
+pub struct TopicListIter<'a>(ListIterRepr<'a>);
+
+impl fmt::Debug for TopicListIter<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TopicListIter").finish_non_exhaustive()
+    }
+}
+
+impl<'a> Iterator for TopicListIter<'a> {
+    type Item = TopicInfo<'a>;
+
+    fn next(&mut self) -> Option<TopicInfo<'a>> {
+        match &mut self.0 {
+            ListIterRepr::Slice(it) => it.next().copied(),
+            ListIterRepr::Wire { left, r } => {
+                if *left == 0 {
+                    return None;
+                }
+                *left -= 1;
+                TopicInfo::read(r).ok()
+            }
+        }
+    }
+}
+
+/// ListTopics success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ListTopicsResponse<'a> {
+    /// The topics, sorted by name.
+    pub topics: TopicList<'a>,
+}
+
+/// HealthCheck success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct HealthCheckResponse<'a> {
+    /// `healthy`.
+    pub status: Text<'a>,
+    /// Seconds since the broker started.
+    pub uptime_secs: i64,
+}
+
+/// The error payload (Status 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ErrorResponse<'a> {
+    /// The error code, carried in the frame header.
+    pub code: ErrorCode,
+    /// A human-readable message: what was wrong and with which value.
+    pub message: Text<'a>,
+}
+
+/// A decoded response payload, borrowing the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum Response<'a> {
+    /// Reply to 0x01.
+    Produce(ProduceResponse),
+    /// Reply to 0x02.
+    Fetch(FetchResponse<'a>),
+    /// Reply to 0x03.
+    GetOffset(GetOffsetResponse<'a>),
+    /// Reply to 0x04.
+    CreateTopic(CreateTopicResponse<'a>),
+    /// Reply to 0x05.
+    DeleteTopic(DeleteTopicResponse<'a>),
+    /// Reply to 0x06.
+    ListTopics(ListTopicsResponse<'a>),
+    /// Reply to 0x07.
+    HealthCheck(HealthCheckResponse<'a>),
+    /// An error reply to any request.
+    Error(ErrorResponse<'a>),
+}
+
+fn read_topic<'a>(r: &mut Reader<'a>) -> Result<Topic<'a>, Malformed> {
+    Topic::from_bytes(r.bytes("topic")?)
+}
+
+impl<'a> Response<'a> {
+    /// Decodes a validated frame answering a request of type `request_type` (a response
+    /// carries no type of its own). Status 2 (reserved PartialSuccess) is read as success, as
+    /// the original SDK does.
+    pub fn parse<T: AsRef<[u8]>>(
+        frame: &'a ResponseFrame<T>,
+        request_type: RequestType,
+    ) -> Result<Self, DecodeError> {
+        match frame.status() {
+            Some(ResponseStatus::Error) => Self::parse_error(frame.error_code(), frame.payload()),
+            Some(_) => Self::parse_payload(request_type, frame.payload()),
+            None => Err(Malformed::InvalidStatus {
+                value: frame.status_byte(),
+            }
+            .into()),
+        }
+    }
+
+    /// Decodes an error payload. An empty payload (a non-conforming peer) reads as an empty
+    /// message rather than failing, so the error code still reaches the caller.
+    pub fn parse_error(code: ErrorCode, payload: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(payload);
+        let message = if payload.is_empty() {
+            &[][..]
+        } else {
+            r.bytes("error message")?
+        };
+        Ok(Self::Error(ErrorResponse {
+            code,
+            message: Text(message),
+        }))
+    }
+
+    /// Decodes the success payload of a reply to `ty`. Trailing bytes are ignored.
+    pub fn parse_payload(ty: RequestType, payload: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(payload);
+        Ok(match ty {
+            RequestType::Produce => Self::Produce(ProduceResponse {
+                base_offset: r.i64("base offset")?,
+                num_messages: r.u32("message count")?,
+                high_water_mark: r.i64("high-water mark")?,
+            }),
+            RequestType::Fetch => {
+                let high_water_mark = r.i64("high-water mark")?;
+                let count = r.u32("message count")?;
+                let messages = MessageSet::read(&mut r, count)?;
+                let trailer = if r.remaining() >= 16 {
+                    Some(FetchTrailer {
+                        last_stable_offset: r.i64("last stable offset")?,
+                        next_offset: r.i64("next offset")?,
+                    })
+                } else {
+                    None
+                };
+                Self::Fetch(FetchResponse {
+                    high_water_mark,
+                    messages,
+                    trailer,
+                })
+            }
+            RequestType::GetOffset => Self::GetOffset(GetOffsetResponse {
+                topic: read_topic(&mut r)?,
+                partition: r.u32("partition")?,
+                start_offset: r.i64("start offset")?,
+                end_offset: r.i64("end offset")?,
+                high_water_mark: r.i64("high-water mark")?,
+            }),
+            RequestType::CreateTopic => Self::CreateTopic(CreateTopicResponse {
+                topic: read_topic(&mut r)?,
+                created: r.bool("created")?,
+            }),
+            RequestType::DeleteTopic => Self::DeleteTopic(DeleteTopicResponse {
+                topic: read_topic(&mut r)?,
+                deleted: r.bool("deleted")?,
+            }),
+            RequestType::ListTopics => {
+                // Each entry: a u32 name length, at least one name byte, a u32 count.
+                let count = r.count("topic count", 9)?;
+                let start = r.rest();
+                for _ in 0..count {
+                    TopicInfo::read(&mut r)?;
+                }
+                let used = start.len() - r.remaining();
+                let bytes = start.get(..used).unwrap_or_default();
+                Self::ListTopics(ListTopicsResponse {
+                    topics: TopicList(TopicListRepr::Wire { count, bytes }),
+                })
+            }
+            RequestType::HealthCheck => Self::HealthCheck(HealthCheckResponse {
+                status: Text(r.bytes("status")?),
+                uptime_secs: r.i64("uptime")?,
+            }),
+        })
+    }
+
+    /// The status byte this response is sent with.
+    pub fn status(&self) -> ResponseStatus {
+        match self {
+            Self::Error(_) => ResponseStatus::Error,
+            _ => ResponseStatus::Ok,
+        }
+    }
+}
+
+fn topic_len(t: &Topic<'_>) -> usize {
+    4 + t.as_str().len()
+}
+
+impl Encode for Response<'_> {
+    fn encoded_len(&self) -> usize {
+        match self {
+            Self::Produce(_) => 20,
+            Self::Fetch(f) => {
+                12 + f.messages.encoded_len() + if f.trailer.is_some() { 16 } else { 0 }
+            }
+            Self::GetOffset(g) => topic_len(&g.topic) + 28,
+            Self::CreateTopic(c) => topic_len(&c.topic) + 1,
+            Self::DeleteTopic(d) => topic_len(&d.topic) + 1,
+            Self::ListTopics(l) => {
+                4 + l
+                    .topics
+                    .iter()
+                    .map(|t| topic_len(&t.name) + 4)
+                    .sum::<usize>()
+            }
+            Self::HealthCheck(h) => 4 + h.status.0.len() + 8,
+            Self::Error(e) => 4 + e.message.0.len(),
+        }
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        match self {
+            Self::Produce(p) => {
+                w.i64(p.base_offset)?;
+                w.u32(p.num_messages)?;
+                w.i64(p.high_water_mark)
+            }
+            Self::Fetch(f) => {
+                w.i64(f.high_water_mark)?;
+                w.u32(f.messages.count())?;
+                f.messages.write(w)?;
+                if let Some(t) = f.trailer {
+                    w.i64(t.last_stable_offset)?;
+                    w.i64(t.next_offset)?;
+                }
+                Ok(())
+            }
+            Self::GetOffset(g) => {
+                w.bytes(g.topic.as_str().as_bytes())?;
+                w.u32(g.partition)?;
+                w.i64(g.start_offset)?;
+                w.i64(g.end_offset)?;
+                w.i64(g.high_water_mark)
+            }
+            Self::CreateTopic(c) => {
+                w.bytes(c.topic.as_str().as_bytes())?;
+                w.u8(u8::from(c.created))
+            }
+            Self::DeleteTopic(d) => {
+                w.bytes(d.topic.as_str().as_bytes())?;
+                w.u8(u8::from(d.deleted))
+            }
+            Self::ListTopics(l) => {
+                w.u32(len_u32(l.topics.len())?)?;
+                l.topics.iter().try_for_each(|t| {
+                    w.bytes(t.name.as_str().as_bytes())?;
+                    w.u32(t.num_partitions)
+                })
+            }
+            Self::HealthCheck(h) => {
+                w.bytes(h.status.0)?;
+                w.i64(h.uptime_secs)
+            }
+            Self::Error(e) => w.bytes(e.message.0),
+        }
+    }
+}
+
+/// Keeps the message-record minimum visible to the Fetch fixed-size computation.
+const _: () = assert!(FETCH_RESPONSE_FIXED_LEN + MESSAGE_FIXED_LEN == 56);

@@ -1,0 +1,1 @@
+//! server: not implemented yet (see the open issues). This crate exports nothing.

@@ -1,0 +1,1 @@
+//! End-to-end test support. The tests arrive with the broker.
