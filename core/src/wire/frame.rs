@@ -296,6 +296,15 @@ impl<T: AsRef<[u8]>> RequestFrame<T> {
     }
 }
 
+impl<'a> RequestFrame<&'a [u8]> {
+    /// The payload, borrowed for as long as the underlying bytes.
+    pub fn payload_slice(&self) -> &'a [u8] {
+        let b: &'a [u8] = self.buf;
+        b.get(REQUEST_HEADER_LEN..b.len().saturating_sub(CRC_LEN))
+            .unwrap_or_default()
+    }
+}
+
 /// A zero-copy view of one whole response frame, validated once by
 /// [`ResponseFrame::new_checked`].
 #[derive(Debug, Clone, Copy)]
@@ -353,6 +362,15 @@ impl<T: AsRef<[u8]>> ResponseFrame<T> {
     /// The whole frame.
     pub fn as_bytes(&self) -> &[u8] {
         self.bytes()
+    }
+}
+
+impl<'a> ResponseFrame<&'a [u8]> {
+    /// The payload, borrowed for as long as the underlying bytes.
+    pub fn payload_slice(&self) -> &'a [u8] {
+        let b: &'a [u8] = self.buf;
+        b.get(RESPONSE_HEADER_LEN..b.len().saturating_sub(CRC_LEN))
+            .unwrap_or_default()
     }
 }
 

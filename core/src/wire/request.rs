@@ -150,7 +150,7 @@ impl<'a> Request<'a> {
     }
 
     /// Decodes a validated frame: checks the version and type, then the payload.
-    pub fn parse<T: AsRef<[u8]>>(frame: &'a RequestFrame<T>) -> Result<Self, DecodeError> {
+    pub fn parse(frame: &RequestFrame<&'a [u8]>) -> Result<Self, DecodeError> {
         let request_id = frame.request_id();
         if frame.version() != PROTOCOL_VERSION {
             return Err(DecodeError::UnsupportedVersion {
@@ -164,7 +164,7 @@ impl<'a> Request<'a> {
                 request_type: frame.request_type_byte(),
             });
         };
-        Self::parse_payload(ty, frame.payload())
+        Self::parse_payload(ty, frame.payload_slice())
     }
 
     /// Decodes the payload of a request of type `ty`. Bytes after the last known field are

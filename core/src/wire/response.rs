@@ -257,13 +257,15 @@ impl<'a> Response<'a> {
     /// Decodes a validated frame answering a request of type `request_type` (a response
     /// carries no type of its own). Status 2 (reserved PartialSuccess) is read as success, as
     /// the original SDK does.
-    pub fn parse<T: AsRef<[u8]>>(
-        frame: &'a ResponseFrame<T>,
+    pub fn parse(
+        frame: &ResponseFrame<&'a [u8]>,
         request_type: RequestType,
     ) -> Result<Self, DecodeError> {
         match frame.status() {
-            Some(ResponseStatus::Error) => Self::parse_error(frame.error_code(), frame.payload()),
-            Some(_) => Self::parse_payload(request_type, frame.payload()),
+            Some(ResponseStatus::Error) => {
+                Self::parse_error(frame.error_code(), frame.payload_slice())
+            }
+            Some(_) => Self::parse_payload(request_type, frame.payload_slice()),
             None => Err(Malformed::InvalidStatus {
                 value: frame.status_byte(),
             }
