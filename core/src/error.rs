@@ -113,6 +113,13 @@ pub enum DecodeError {
         /// The Version byte as read.
         version: u8,
     },
+    /// The request uses a flag this broker can't honour (Compressed on a Produce).
+    UnsupportedFlags {
+        /// The RequestID of the frame.
+        request_id: u64,
+        /// The Flags field as read.
+        flags: u16,
+    },
     /// The payload of an intact frame doesn't follow the format.
     Malformed {
         /// What was wrong.
@@ -146,7 +153,7 @@ impl DecodeError {
             Self::FrameTooLarge { .. } => ErrorCode::MESSAGE_TOO_LARGE,
             Self::ChecksumMismatch { .. } => ErrorCode::CHECKSUM_MISMATCH,
             Self::UnknownRequestType { .. } => ErrorCode::UNKNOWN_REQUEST,
-            Self::Malformed { .. } => ErrorCode::INVALID_REQUEST,
+            Self::Malformed { .. } | Self::UnsupportedFlags { .. } => ErrorCode::INVALID_REQUEST,
             Self::CorruptMessage { .. } => ErrorCode::CORRUPT_MESSAGE,
         }
     }
@@ -181,6 +188,10 @@ impl fmt::Display for DecodeError {
             Self::UnsupportedVersion { version, .. } => {
                 write!(f, "unsupported protocol version {version} (want 1)")
             }
+            Self::UnsupportedFlags { flags, .. } => write!(
+                f,
+                "compressed produce requests are not supported (flags {flags:#06x})"
+            ),
             Self::Malformed { reason } => write!(f, "malformed payload: {reason}"),
             Self::CorruptMessage { index, reason } => {
                 write!(f, "corrupt message #{index}: {reason}")

@@ -51,9 +51,15 @@
 )]
 
 pub mod checksum;
+mod conn;
 mod error;
 mod wire;
 
+pub use conn::server::{
+    MAX_ERROR_MESSAGE_LEN, ServerConfig, ServerConnection, ServerEvent, encode_error_response,
+    encode_fault_response,
+};
+pub use conn::time::Instant;
 pub use error::{DecodeError, EncodeError, Malformed};
 pub use wire::frame::{
     DEFAULT_MAX_FRAME_LEN, FrameDecoder, PROTOCOL_VERSION, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,

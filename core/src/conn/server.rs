@@ -1,0 +1,483 @@
+//! The broker's side of one connection: framing, limits, fault rules and timers, with no
+//! buffers of its own.
+//!
+//! The adapter owns a growable receive buffer and a transmit buffer and lends them as slices,
+//! so an idle connection costs only this small struct (a broker holds thousands) while a
+//! single frame may still be as large as the configured maximum (10 MiB by default).
+//!
+//! The loop an adapter runs:
+//!
+//! 1. read bytes into `rx`, then call [`ServerConnection::poll_request`] until it asks for more;
+//! 2. on [`ServerEvent::Request`] drop `consumed` bytes from the front of `rx` (after it is
+//!    done with the borrowed request), execute it, and answer with
+//!    [`ServerConnection::respond`] (any order: clients match replies by RequestID);
+//! 3. on [`ServerEvent::Reply`] drop `consumed` bytes and answer with
+//!    [`ServerConnection::respond_fault`];
+//! 4. on [`ServerEvent::Close`] send the reply if there is one, then close;
+//! 5. on [`ServerEvent::Blocked`] stop reading until a response went out;
+//! 6. arm a timer at [`ServerConnection::poll_timeout`] and call
+//!    [`ServerConnection::handle_timeout`] when it fires; close when it returns `true`.
+//!
+//! The exact rules are in `docs/protocol.md`, section "Connection rules".
+
+use core::fmt::{self, Write as _};
+use core::time::Duration;
+
+use crate::conn::time::{Instant, earliest};
+use crate::error::{DecodeError, EncodeError};
+use crate::wire::Text;
+use crate::wire::frame::{
+    DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION, REQUEST_HEADER_LEN, RequestFrame, encode_response,
+    peek_request_id,
+};
+use crate::wire::request::Request;
+use crate::wire::response::{ErrorResponse, Response};
+use crate::wire::types::{ErrorCode, Flags, RequestType};
+
+/// The longest error message [`ServerConnection::respond_error`] writes, in bytes; longer
+/// messages are cut at a character boundary.
+pub const MAX_ERROR_MESSAGE_LEN: usize = 256;
+
+/// The smallest request Length field.
+const MIN_REQUEST_LENGTH: u32 = 16;
+
+/// Settings of a [`ServerConnection`]: plain fields, `Default`, and chaining setters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Largest accepted Length field (default [`DEFAULT_MAX_FRAME_LEN`], 10 MiB); judged on the
+    /// 4 Length bytes alone, before the body is buffered.
+    pub max_frame_len: u32,
+    /// Requests in flight (read, not yet answered) before the connection stops reading
+    /// (default 128; at least 1).
+    pub max_in_flight: usize,
+    /// Consecutive CRC mismatches after which the connection closes, the last one answered
+    /// (default 3; at least 1).
+    pub max_checksum_faults: u8,
+    /// How long an incomplete frame may sit without new bytes (default 30 s).
+    pub read_timeout: Duration,
+    /// How long a connection with nothing in flight may stay without a frame (default 10 min).
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_len: DEFAULT_MAX_FRAME_LEN,
+            max_in_flight: 128,
+            max_checksum_faults: 3,
+            read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Sets [`max_frame_len`](Self::max_frame_len) (raised to the minimum frame, 16).
+    pub fn max_frame_len(&mut self, max: u32) -> &mut Self {
+        self.max_frame_len = max.max(MIN_REQUEST_LENGTH);
+        self
+    }
+    /// Sets [`max_in_flight`](Self::max_in_flight) (raised to 1).
+    pub fn max_in_flight(&mut self, max: usize) -> &mut Self {
+        self.max_in_flight = max.max(1);
+        self
+    }
+    /// Sets [`max_checksum_faults`](Self::max_checksum_faults) (raised to 1).
+    pub fn max_checksum_faults(&mut self, max: u8) -> &mut Self {
+        self.max_checksum_faults = max.max(1);
+        self
+    }
+    /// Sets [`read_timeout`](Self::read_timeout).
+    pub fn read_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.read_timeout = timeout;
+        self
+    }
+    /// Sets [`idle_timeout`](Self::idle_timeout).
+    pub fn idle_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.idle_timeout = timeout;
+        self
+    }
+}
+
+/// What [`ServerConnection::poll_request`] found at the front of the receive buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum ServerEvent<'a> {
+    /// A well-formed request, borrowed from `rx`. It is in flight until answered with
+    /// [`ServerConnection::respond`] or [`ServerConnection::respond_error`]. Drop `consumed`
+    /// bytes from the front of `rx` once done with `request`.
+    Request {
+        /// Bytes of `rx` this frame took.
+        consumed: usize,
+        /// The RequestID to answer.
+        request_id: u64,
+        /// The request's flags (unknown bits kept).
+        flags: Flags,
+        /// The decoded request.
+        request: Request<'a>,
+    },
+    /// An intact frame that can't be executed: bad CRC, unknown type, wrong version, malformed
+    /// payload, or a compressed Produce. Drop `consumed` bytes and answer with
+    /// [`ServerConnection::respond_fault`]; the connection stays open. It counts as in flight.
+    Reply {
+        /// Bytes of `rx` this frame took.
+        consumed: usize,
+        /// The RequestID to answer (as read; a CRC fault may have damaged it).
+        request_id: u64,
+        /// What was wrong.
+        error: DecodeError,
+    },
+    /// `rx` holds no whole frame: read at least `at_least` more bytes. `frame_len` is the whole
+    /// frame's size once its Length is known (so the adapter can reserve it), at most the
+    /// configured maximum plus 4.
+    NeedMore {
+        /// Bytes missing before the next step can be taken.
+        at_least: usize,
+        /// Size of the frame being received, Length field included, once known.
+        frame_len: Option<usize>,
+    },
+    /// [`ServerConfig::max_in_flight`] requests are unanswered: stop reading until a response
+    /// goes out (back-pressure), then poll again.
+    Blocked,
+    /// The stream can't go on. Send the reply if there is one (with
+    /// [`ServerConnection::respond_fault`]), then close. Every later poll returns
+    /// `Close { reply: None }`.
+    Close {
+        /// The RequestID (0 when it can't be known) and the error to answer with.
+        reply: Option<(u64, DecodeError)>,
+    },
+}
+
+/// The broker's state of one connection. No buffers: see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct ServerConnection {
+    config: ServerConfig,
+    in_flight: usize,
+    checksum_faults: u8,
+    closed: bool,
+    /// The idle timer runs from here while nothing is in flight.
+    idle_since: Instant,
+    /// The last response emptied the pipeline: restart the idle timer at the next `now`.
+    idle_restart: bool,
+    /// The read timer: when `rx` last grew while holding an incomplete frame, and its length.
+    partial: Option<(Instant, usize)>,
+}
+
+impl ServerConnection {
+    /// A connection accepted at `now`.
+    pub fn new(config: ServerConfig, now: Instant) -> Self {
+        Self {
+            config,
+            in_flight: 0,
+            checksum_faults: 0,
+            closed: false,
+            idle_since: now,
+            idle_restart: false,
+            partial: None,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// Requests read and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Whether the connection must be closed (after a [`ServerEvent::Close`] or a timeout).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Looks at the adapter's unconsumed received bytes `rx` (front = oldest) and returns the
+    /// next event. Call it after every read and after every response, until it returns
+    /// [`ServerEvent::NeedMore`] or [`ServerEvent::Blocked`].
+    pub fn poll_request<'a>(&mut self, now: Instant, rx: &'a [u8]) -> ServerEvent<'a> {
+        if self.closed {
+            return ServerEvent::Close { reply: None };
+        }
+        self.restart_idle(now);
+        if self.in_flight >= self.config.max_in_flight.max(1) {
+            // Not reading: the read timer waits until reading resumes.
+            self.partial = None;
+            return ServerEvent::Blocked;
+        }
+        let Some(len_bytes) = rx.first_chunk::<4>() else {
+            return self.need_more(now, rx.len(), 4, None);
+        };
+        let length = u32::from_be_bytes(*len_bytes);
+        if length < MIN_REQUEST_LENGTH {
+            return self.close(Some((
+                0,
+                DecodeError::FrameTooShort {
+                    length,
+                    min: MIN_REQUEST_LENGTH,
+                },
+            )));
+        }
+        if length > self.config.max_frame_len {
+            let error = DecodeError::FrameTooLarge {
+                length,
+                max: self.config.max_frame_len,
+            };
+            return match peek_request_id(rx) {
+                Some(id) => self.close(Some((id, error))),
+                None => self.need_more(now, rx.len(), 12, None),
+            };
+        }
+        let total = 4 + length as usize;
+        let Some(frame) = rx.get(..total) else {
+            return self.need_more(now, rx.len(), total, Some(total));
+        };
+        self.partial = None;
+        self.idle_since = now;
+        self.in_flight += 1;
+        match self.decode(frame) {
+            Ok((request_id, flags, request)) => ServerEvent::Request {
+                consumed: total,
+                request_id,
+                flags,
+                request,
+            },
+            Err((request_id, error)) => {
+                if matches!(error, DecodeError::ChecksumMismatch { .. }) {
+                    self.checksum_faults = self.checksum_faults.saturating_add(1);
+                    if self.checksum_faults >= self.config.max_checksum_faults.max(1) {
+                        self.in_flight -= 1;
+                        return self.close(Some((request_id, error)));
+                    }
+                }
+                ServerEvent::Reply {
+                    consumed: total,
+                    request_id,
+                    error,
+                }
+            }
+        }
+    }
+
+    /// Checks and decodes one whole frame.
+    fn decode<'a>(
+        &mut self,
+        frame: &'a [u8],
+    ) -> Result<(u64, Flags, Request<'a>), (u64, DecodeError)> {
+        let checked = RequestFrame::new_checked(frame)
+            .map_err(|e| (peek_request_id(frame).unwrap_or(0), e))?;
+        // An intact frame ends a run of CRC faults, whatever its content.
+        self.checksum_faults = 0;
+        let request_id = checked.request_id();
+        let flags = checked.flags();
+        let fail = |error| (request_id, error);
+        if checked.version() != PROTOCOL_VERSION {
+            return Err(fail(DecodeError::UnsupportedVersion {
+                request_id,
+                version: checked.version(),
+            }));
+        }
+        let Some(ty) = checked.request_type() else {
+            return Err(fail(DecodeError::UnknownRequestType {
+                request_id,
+                request_type: checked.request_type_byte(),
+            }));
+        };
+        if ty == RequestType::Produce && flags.contains(Flags::COMPRESSED) {
+            return Err(fail(DecodeError::UnsupportedFlags {
+                request_id,
+                flags: flags.0,
+            }));
+        }
+        let payload = frame
+            .get(REQUEST_HEADER_LEN..frame.len().saturating_sub(4))
+            .unwrap_or_default();
+        let request = Request::parse_payload(ty, payload).map_err(fail)?;
+        Ok((request_id, flags, request))
+    }
+
+    fn need_more(
+        &mut self,
+        now: Instant,
+        have: usize,
+        want: usize,
+        frame_len: Option<usize>,
+    ) -> ServerEvent<'static> {
+        self.partial = match self.partial {
+            _ if have == 0 => None,
+            Some((since, len)) if len >= have => Some((since, len)),
+            _ => Some((now, have)),
+        };
+        ServerEvent::NeedMore {
+            at_least: want.saturating_sub(have).max(1),
+            frame_len,
+        }
+    }
+
+    fn close(&mut self, reply: Option<(u64, DecodeError)>) -> ServerEvent<'static> {
+        self.closed = true;
+        self.partial = None;
+        ServerEvent::Close { reply }
+    }
+
+    fn restart_idle(&mut self, now: Instant) {
+        if self.idle_restart {
+            self.idle_restart = false;
+            self.idle_since = now;
+        }
+    }
+
+    fn answered(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.in_flight == 0 {
+            self.idle_restart = true;
+        }
+    }
+
+    /// Encodes the reply to an in-flight request into `tx` and returns its length; the request
+    /// is no longer in flight.
+    ///
+    /// [`EncodeError::BufferTooSmall`] writes nothing and changes nothing: grow `tx` to
+    /// `required` and retry. Answering an id that is not in flight only miscounts (never
+    /// below zero).
+    pub fn respond(
+        &mut self,
+        request_id: u64,
+        response: &Response<'_>,
+        tx: &mut [u8],
+    ) -> Result<usize, EncodeError> {
+        let n = encode_response(request_id, response, tx)?;
+        self.answered();
+        Ok(n)
+    }
+
+    /// Encodes an error reply whose message is `message`, formatted without allocating and cut
+    /// at a character boundary after [`MAX_ERROR_MESSAGE_LEN`] bytes. Same contract as
+    /// [`respond`](Self::respond).
+    pub fn respond_error(
+        &mut self,
+        request_id: u64,
+        code: ErrorCode,
+        message: fmt::Arguments<'_>,
+        tx: &mut [u8],
+    ) -> Result<usize, EncodeError> {
+        let n = encode_error_response(request_id, code, message, tx)?;
+        self.answered();
+        Ok(n)
+    }
+
+    /// Encodes the reply to a fault ([`ServerEvent::Reply`] or [`ServerEvent::Close`]): the
+    /// error's code and its `Display` text.
+    pub fn respond_fault(
+        &mut self,
+        request_id: u64,
+        error: &DecodeError,
+        tx: &mut [u8],
+    ) -> Result<usize, EncodeError> {
+        let n = encode_fault_response(request_id, error, tx)?;
+        if !self.closed {
+            self.answered();
+        }
+        Ok(n)
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called, if ever.
+    ///
+    /// Poll again after every call to `poll_request`, `respond*` and `handle_timeout`.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.closed {
+            return None;
+        }
+        let read = self
+            .partial
+            .map(|(since, _)| since + self.config.read_timeout);
+        let idle = (self.in_flight == 0).then(|| self.idle_since + self.config.idle_timeout);
+        earliest(read, idle)
+    }
+
+    /// Fires the timers due at `now`; returns `true` when the connection must be closed: an
+    /// incomplete frame got no new bytes for the read timeout, or nothing happened for the
+    /// idle timeout.
+    pub fn handle_timeout(&mut self, now: Instant) -> bool {
+        if self.closed {
+            return true;
+        }
+        self.restart_idle(now);
+        let read_expired = self
+            .partial
+            .is_some_and(|(since, _)| now >= since + self.config.read_timeout);
+        let idle_expired = self.in_flight == 0 && now >= self.idle_since + self.config.idle_timeout;
+        if read_expired || idle_expired {
+            self.closed = true;
+            self.partial = None;
+        }
+        self.closed
+    }
+}
+
+/// Encodes an error response whose message is formatted from `message` straight into a
+/// bounded stack buffer (no allocation), cut at a character boundary after
+/// [`MAX_ERROR_MESSAGE_LEN`] bytes. Writes nothing on [`EncodeError::BufferTooSmall`].
+pub fn encode_error_response(
+    request_id: u64,
+    code: ErrorCode,
+    message: fmt::Arguments<'_>,
+    tx: &mut [u8],
+) -> Result<usize, EncodeError> {
+    let mut text = Truncating {
+        buf: [0; MAX_ERROR_MESSAGE_LEN],
+        len: 0,
+        full: false,
+    };
+    // `Truncating` never fails; a failing `Display` impl just leaves a shorter message.
+    let _ = text.write_fmt(message);
+    let message = Text(text.buf.get(..text.len).unwrap_or_default());
+    encode_response(
+        request_id,
+        &Response::Error(ErrorResponse { code, message }),
+        tx,
+    )
+}
+
+/// Encodes the error response for a decode fault: [`DecodeError::error_code`] and the error's
+/// `Display` text.
+pub fn encode_fault_response(
+    request_id: u64,
+    error: &DecodeError,
+    tx: &mut [u8],
+) -> Result<usize, EncodeError> {
+    encode_error_response(request_id, error.error_code(), format_args!("{error}"), tx)
+}
+
+/// A `fmt::Write` into a fixed buffer that drops what doesn't fit, at a char boundary.
+struct Truncating {
+    buf: [u8; MAX_ERROR_MESSAGE_LEN],
+    len: usize,
+    /// Something was cut: write nothing more, so the message never has a hole.
+    full: bool,
+}
+
+impl fmt::Write for Truncating {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.full {
+            return Ok(());
+        }
+        let room = MAX_ERROR_MESSAGE_LEN - self.len;
+        let mut take = s.len().min(room);
+        while !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        if let (Some(dst), Some(src)) = (
+            self.buf.get_mut(self.len..self.len + take),
+            s.as_bytes().get(..take),
+        ) {
+            dst.copy_from_slice(src);
+            self.len += take;
+        }
+        self.full = take < s.len();
+        Ok(())
+    }
+}
