@@ -1,1 +1,127 @@
-//! adapters: not implemented yet (see the open issues). This crate exports nothing.
+//! Thin I/O adapters that bind [`streambus_core`]'s sans-IO [`ServerConnection`] to real
+//! sockets.
+//!
+//! An adapter opens sockets, moves bytes, supplies time and maps errors; it never parses. The
+//! runtime-independent part — buffers, the poll loop over the core connection, write
+//! coalescing and back-pressure — is written once in the private `session` module; each
+//! runtime module (`tokio`, `smol`, `blocking`, one feature each) only does I/O and timers.
+//!
+//! The broker plugs in through [`Handler`]: it gets each decoded request and answers it through
+//! a [`Responder`], synchronously.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use streambus_core::{ErrorCode, Flags, Instant, Request, ServerConfig};
+
+mod session;
+
+#[cfg(feature = "blocking")]
+pub mod blocking;
+#[cfg(feature = "smol")]
+pub mod smol;
+#[cfg(feature = "tokio")]
+pub mod tokio;
+
+pub use session::Responder;
+
+/// What happened on a connection, for the handler's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnEvent {
+    /// A connection was accepted.
+    Accepted,
+    /// A connection was refused (over the connection cap) and closed at once.
+    Refused,
+    /// A connection closed.
+    Closed,
+    /// Bytes were read.
+    BytesIn(usize),
+    /// Bytes were written.
+    BytesOut(usize),
+    /// A frame was answered with an error by the connection layer (CRC, type, version,
+    /// malformed payload, frame too large or too short).
+    Fault(ErrorCode),
+}
+
+/// The broker side: answers decoded requests.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request through `reply` (exactly once; if it does not, the adapter answers
+    /// `StorageError` so the client is never left waiting).
+    fn handle(
+        &self,
+        request_id: u64,
+        flags: Flags,
+        request: &Request<'_>,
+        reply: &mut Responder<'_>,
+    );
+
+    /// Observes connection events (metrics). The default does nothing.
+    fn on_event(&self, event: ConnEvent) {
+        let _ = event;
+    }
+}
+
+/// Settings shared by every runtime.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// Connections open at once; more are closed at once.
+    pub max_connections: usize,
+    /// The core connection's limits and timers (frame size, pipelining depth, read and idle
+    /// timeouts).
+    pub connection: ServerConfig,
+    /// How long one write may take before the connection is closed (a client that never reads).
+    pub write_timeout: Duration,
+    /// How long graceful shutdown waits for open connections to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            connection: ServerConfig::default(),
+            write_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ServeOptions {
+    /// Sets the connection cap.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Sets the core connection settings.
+    pub fn connection(mut self, c: ServerConfig) -> Self {
+        self.connection = c;
+        self
+    }
+
+    /// Sets the write timeout.
+    pub fn write_timeout(mut self, d: Duration) -> Self {
+        self.write_timeout = d;
+        self
+    }
+
+    /// Sets the graceful-shutdown deadline.
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.shutdown_grace = d;
+        self
+    }
+}
+
+/// The adapters' clock: microseconds since the first call, as the core's [`Instant`].
+pub fn now() -> Instant {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    Instant::from_micros(u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The time from `now()` until `deadline` (zero if past).
+pub(crate) fn until(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(now())
+}

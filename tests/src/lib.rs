@@ -1,1 +1,249 @@
-//! End-to-end test support. The tests arrive with the broker.
+//! Support for the end-to-end tests: a raw v1 client over a std socket (built on the core
+//! codec only, so it tests the server independently of any client SDK), and helpers to start
+//! servers on every runtime.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use streambus_core::{
+    DecodeError, Flags, FrameDecoder, Request, RequestType, Response, ResponseFrame, Status,
+    encode_request, request_encoded_len,
+};
+
+/// The runtimes every end-to-end test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    /// tokio.
+    Tokio,
+    /// smol.
+    Smol,
+    /// std threads.
+    Blocking,
+}
+
+/// All three runtimes.
+pub const RUNTIMES: [Runtime; 3] = [Runtime::Tokio, Runtime::Smol, Runtime::Blocking];
+
+/// One response frame as read: owned bytes, parsed on demand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply(pub Vec<u8>);
+
+impl Reply {
+    /// The checked frame view.
+    pub fn frame(&self) -> ResponseFrame<&[u8]> {
+        ResponseFrame::new_checked(&self.0[..]).expect("the server sent a bad frame")
+    }
+
+    /// The RequestID answered.
+    pub fn request_id(&self) -> u64 {
+        self.frame().request_id()
+    }
+
+    /// The response, decoded as a reply to `ty`.
+    pub fn parse(&self, ty: RequestType) -> Result<Response<'_>, DecodeError> {
+        Response::parse(&ResponseFrame::new_checked(&self.0[..])?, ty)
+    }
+
+    /// The error code (0 on success).
+    pub fn error_code(&self) -> u16 {
+        self.frame().error_code().0
+    }
+}
+
+/// A blocking v1 client that speaks raw frames.
+#[derive(Debug)]
+pub struct RawClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    next_id: u64,
+}
+
+impl RawClient {
+    /// Connects, with a 10 s read timeout so a silent server fails the test instead of hanging.
+    pub fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream,
+            buf: Vec::new(),
+            next_id: 1,
+        })
+    }
+
+    /// Writes raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Encodes a request frame with a fresh id.
+    pub fn encode(&mut self, request: &Request<'_>) -> (u64, Vec<u8>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut buf = vec![0; request_encoded_len(request)];
+        encode_request(id, Flags::REQUIRE_ACK, request, &mut buf).expect("encode");
+        (id, buf)
+    }
+
+    /// Sends a request; returns its id.
+    pub fn send(&mut self, request: &Request<'_>) -> io::Result<u64> {
+        let (id, bytes) = self.encode(request);
+        self.send_raw(&bytes)?;
+        Ok(id)
+    }
+
+    /// Reads one response frame (`UnexpectedEof` when the server closed).
+    pub fn recv(&mut self) -> io::Result<Reply> {
+        let decoder = FrameDecoder::responses().with_max_frame_len(64 * 1024 * 1024);
+        loop {
+            match decoder.next_frame(&self.buf) {
+                Ok(Status::Complete(n)) => {
+                    let frame = self.buf[..n].to_vec();
+                    self.buf.drain(..n);
+                    return Ok(Reply(frame));
+                }
+                Ok(Status::Partial(_)) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends a request and reads the next reply, checking it answers this request.
+    pub fn call(&mut self, request: &Request<'_>) -> io::Result<Reply> {
+        let id = self.send(request)?;
+        let reply = self.recv()?;
+        assert_eq!(reply.request_id(), id, "reply to another request");
+        Ok(reply)
+    }
+
+    /// Whether the server closed the connection (EOF within the read timeout).
+    pub fn is_closed_by_peer(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        match self.stream.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+            ),
+        }
+    }
+}
+
+/// A server started by [`serve`] on one runtime; stops when dropped.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<Box<dyn FnOnce() + Send>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for TestServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestServer")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TestServer {
+    /// Graceful stop; waits for the server thread.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            stop();
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("server thread panicked");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// Serves `handler` on 127.0.0.1, port 0, with the given runtime.
+pub fn serve<H: streambus_adapters::Handler>(
+    runtime: Runtime,
+    handler: std::sync::Arc<H>,
+    options: streambus_adapters::ServeOptions,
+) -> TestServer {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, thread): (Box<dyn FnOnce() + Send>, _) = match runtime {
+        Runtime::Tokio => {
+            let (tx, rx) = smol::channel::bounded::<()>(1);
+            let t = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    listener.set_nonblocking(true).unwrap();
+                    let l = tokio::net::TcpListener::from_std(listener).unwrap();
+                    streambus_adapters::tokio::serve(l, handler, options, async move {
+                        let _ = rx.recv().await;
+                    })
+                    .await
+                    .unwrap();
+                });
+            });
+            (
+                Box::new(move || {
+                    tx.close();
+                }),
+                t,
+            )
+        }
+        Runtime::Smol => {
+            let (tx, rx) = smol::channel::bounded::<()>(1);
+            let t = std::thread::spawn(move || {
+                let l = smol::Async::new(listener).unwrap();
+                smol::block_on(streambus_adapters::smol::serve(
+                    l,
+                    handler,
+                    options,
+                    async move {
+                        let _ = rx.recv().await;
+                    },
+                ))
+                .unwrap();
+            });
+            (
+                Box::new(move || {
+                    tx.close();
+                }),
+                t,
+            )
+        }
+        Runtime::Blocking => {
+            let h = streambus_adapters::blocking::shutdown_handle(&listener).unwrap();
+            let h2 = h.clone();
+            let t = std::thread::spawn(move || {
+                streambus_adapters::blocking::serve(listener, handler, options, h2).unwrap()
+            });
+            (Box::new(move || h.trigger()), t)
+        }
+    };
+    TestServer {
+        addr,
+        stop: Some(stop),
+        thread: Some(thread),
+    }
+}

@@ -1,0 +1,156 @@
+//! The blocking adapter: std sockets, one thread per connection.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::session::{Next, Session};
+use crate::{ConnEvent, Handler, ServeOptions, now, until};
+
+/// How often a blocked read wakes to check for shutdown.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Stops a blocking [`serve`] from another thread.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    flag: Arc<AtomicBool>,
+    addr: SocketAddr,
+}
+
+impl Shutdown {
+    /// Asks the server to stop: no new connections, open ones finish what they have read.
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        // Wake the accept call with a connection of our own (loopback, the listener's address).
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+/// A handle to stop `listener`'s server; create it before calling [`serve`].
+pub fn shutdown_handle(listener: &TcpListener) -> io::Result<Shutdown> {
+    let mut addr = listener.local_addr()?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Ok(Shutdown {
+        flag: Arc::new(AtomicBool::new(false)),
+        addr,
+    })
+}
+
+/// Accepts and serves connections on the calling thread until `shutdown` is triggered, then
+/// waits up to [`ServeOptions::shutdown_grace`] for open connections to finish.
+pub fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    options: ServeOptions,
+    shutdown: Shutdown,
+) -> io::Result<()> {
+    let open = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        if shutdown.is_set() {
+            break;
+        }
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if open.load(Ordering::SeqCst) >= options.max_connections {
+            handler.on_event(ConnEvent::Refused);
+            continue;
+        }
+        open.fetch_add(1, Ordering::SeqCst);
+        handler.on_event(ConnEvent::Accepted);
+        let (h, o, stop) = (handler.clone(), open.clone(), shutdown.clone());
+        let spawned = std::thread::Builder::new()
+            .name("streambus-conn".into())
+            .spawn(move || {
+                if let Err(e) = connection(stream, &*h, &options, &stop) {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                o.fetch_sub(1, Ordering::SeqCst);
+                h.on_event(ConnEvent::Closed);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start a connection thread");
+            open.fetch_sub(1, Ordering::SeqCst);
+            handler.on_event(ConnEvent::Closed);
+        }
+    }
+    let deadline = std::time::Instant::now() + options.shutdown_grace;
+    while open.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn write_pending<H: Handler>(stream: &mut TcpStream, s: &mut Session, h: &H) -> io::Result<()> {
+    let n = s.pending().len();
+    if n > 0 {
+        stream.write_all(s.pending())?;
+        s.sent(n);
+        h.on_event(ConnEvent::BytesOut(n));
+    }
+    Ok(())
+}
+
+fn connection<H: Handler>(
+    mut stream: TcpStream,
+    handler: &H,
+    options: &ServeOptions,
+    stop: &Shutdown,
+) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(options.write_timeout))?;
+    let mut s = Session::new(options.connection, now());
+    loop {
+        match s.process(now(), handler) {
+            Next::Close => return write_pending(&mut stream, &mut s, handler),
+            Next::Flush => {
+                write_pending(&mut stream, &mut s, handler)?;
+                continue;
+            }
+            Next::Read => write_pending(&mut stream, &mut s, handler)?,
+        }
+        if stop.is_set() {
+            return Ok(());
+        }
+        s.release_idle();
+        let wait = s
+            .deadline()
+            .map_or(POLL, |d| until(d).min(POLL))
+            .max(Duration::from_millis(1));
+        stream.set_read_timeout(Some(wait))?;
+        let buf = s.read_buf();
+        match stream.read(buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                s.filled(n);
+                handler.on_event(ConnEvent::BytesIn(n));
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                s.filled(0);
+                if s.deadline().is_some_and(|d| d <= now()) && s.handle_timeout(now()) {
+                    return Ok(());
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => s.filled(0),
+            Err(e) => return Err(e),
+        }
+    }
+}

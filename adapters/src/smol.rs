@@ -1,0 +1,170 @@
+//! The smol adapter (async-io reactor): one task per connection on smol's executor.
+
+use std::future::Future;
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use smol::channel::{Receiver, bounded};
+use smol::future::FutureExt as _;
+use smol::io::AsyncWriteExt;
+use smol::{Async, Timer};
+
+use crate::session::{Next, Session};
+use crate::{ConnEvent, Handler, ServeOptions, now, until};
+
+/// What woke a connection or the accept loop.
+enum Wake<T> {
+    Stop,
+    Io(T),
+    Timer,
+}
+
+/// Accepts connections on `listener` and serves them with `handler` until `shutdown`
+/// completes; then stops accepting, lets every connection finish the requests it has read,
+/// and waits up to [`ServeOptions::shutdown_grace`] for them to close.
+pub async fn serve<H: Handler>(
+    listener: Async<TcpListener>,
+    handler: Arc<H>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let open = Arc::new(AtomicUsize::new(0));
+    // Dropping the sender closes the channel: every connection's receiver then wakes.
+    let (stop_tx, stop_rx) = bounded::<()>(1);
+    let mut shutdown = std::pin::pin!(async {
+        shutdown.await;
+        Wake::Stop
+    });
+    loop {
+        let accepted = async { Wake::Io(listener.accept().await) }
+            .or(shutdown.as_mut())
+            .await;
+        let (stream, peer) = match accepted {
+            Wake::Io(Ok(a)) => a,
+            Wake::Io(Err(e)) => {
+                tracing::warn!(error = %e, "accept failed");
+                Timer::after(Duration::from_millis(10)).await;
+                continue;
+            }
+            Wake::Stop | Wake::Timer => break,
+        };
+        if open.load(Ordering::SeqCst) >= options.max_connections {
+            handler.on_event(ConnEvent::Refused);
+            continue;
+        }
+        open.fetch_add(1, Ordering::SeqCst);
+        handler.on_event(ConnEvent::Accepted);
+        let (h, o, stop) = (handler.clone(), open.clone(), stop_rx.clone());
+        smol::spawn(async move {
+            if let Err(e) = connection(stream, &*h, &options, stop).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            o.fetch_sub(1, Ordering::SeqCst);
+            h.on_event(ConnEvent::Closed);
+        })
+        .detach();
+    }
+    drop(listener);
+    drop(stop_tx);
+    let deadline = std::time::Instant::now() + options.shutdown_grace;
+    while open.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+        Timer::after(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+async fn write_pending<H: Handler>(
+    stream: &mut Async<TcpStream>,
+    s: &mut Session,
+    h: &H,
+    o: &ServeOptions,
+) -> io::Result<()> {
+    let n = s.pending().len();
+    if n == 0 {
+        return Ok(());
+    }
+    let write = async { Some(stream.write_all(s.pending()).await) };
+    let timeout = async {
+        Timer::after(o.write_timeout).await;
+        None
+    };
+    match write.or(timeout).await {
+        Some(r) => r?,
+        None => return Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout")),
+    }
+    s.sent(n);
+    h.on_event(ConnEvent::BytesOut(n));
+    Ok(())
+}
+
+async fn connection<H: Handler>(
+    mut stream: Async<TcpStream>,
+    handler: &H,
+    options: &ServeOptions,
+    stop: Receiver<()>,
+) -> io::Result<()> {
+    stream.get_ref().set_nodelay(true)?;
+    let mut s = Session::new(options.connection, now());
+    loop {
+        match s.process(now(), handler) {
+            Next::Close => return write_pending(&mut stream, &mut s, handler, options).await,
+            Next::Flush => {
+                write_pending(&mut stream, &mut s, handler, options).await?;
+                continue;
+            }
+            Next::Read => write_pending(&mut stream, &mut s, handler, options).await?,
+        }
+        if stop.is_closed() {
+            return Ok(());
+        }
+        s.release_idle();
+        let deadline = s.deadline();
+        let readable = async { Wake::Io(stream.readable().await) };
+        let stopped = async {
+            let _ = stop.recv().await;
+            Wake::Stop
+        };
+        let timer = async {
+            match deadline {
+                Some(d) => Timer::after(until(d)).await,
+                None => Timer::never().await,
+            };
+            Wake::Timer
+        };
+        match readable.or(stopped).or(timer).await {
+            Wake::Io(r) => r?,
+            Wake::Stop => continue,
+            Wake::Timer => {
+                if s.handle_timeout(now()) {
+                    return Ok(());
+                }
+                continue;
+            }
+        }
+        let buf = s.read_buf();
+        match stream.get_ref().read_nonblocking(buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                s.filled(n);
+                handler.on_event(ConnEvent::BytesIn(n));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.filled(0),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Non-blocking read on a socket registered with async-io (which set it non-blocking).
+trait ReadNonBlocking {
+    fn read_nonblocking(&self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+impl ReadNonBlocking for TcpStream {
+    fn read_nonblocking(&self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::io::Read;
+        (&*self).read(buf)
+    }
+}

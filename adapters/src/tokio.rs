@@ -1,0 +1,147 @@
+//! The tokio adapter: one task per connection.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::session::{Next, Session};
+use crate::{ConnEvent, Handler, ServeOptions, now, until};
+
+/// Accepts connections on `listener` and serves them with `handler` until `shutdown`
+/// completes; then stops accepting, lets every connection finish the requests it has read,
+/// and waits up to [`ServeOptions::shutdown_grace`] for them to close.
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of fds and the like: log, back off briefly, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                if open.load(Ordering::Relaxed) >= options.max_connections {
+                    handler.on_event(ConnEvent::Refused);
+                    tracing::debug!(%peer, "connection refused: at the connection cap");
+                    drop(stream);
+                    continue;
+                }
+                open.fetch_add(1, Ordering::Relaxed);
+                handler.on_event(ConnEvent::Accepted);
+                let (h, o, stop) = (handler.clone(), open.clone(), stop_rx.clone());
+                tasks.spawn(async move {
+                    if let Err(e) = connection(stream, &*h, &options, stop).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    o.fetch_sub(1, Ordering::Relaxed);
+                    h.on_event(ConnEvent::Closed);
+                });
+            }
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(options.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = tasks.len(),
+            "shutdown deadline passed; closing remaining connections"
+        );
+        tasks.abort_all();
+    }
+    Ok(())
+}
+
+async fn write_pending<H: Handler>(
+    stream: &mut TcpStream,
+    s: &mut Session,
+    h: &H,
+    o: &ServeOptions,
+) -> io::Result<()> {
+    let n = s.pending().len();
+    if n == 0 {
+        return Ok(());
+    }
+    match tokio::time::timeout(o.write_timeout, stream.write_all(s.pending())).await {
+        Ok(r) => r?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout")),
+    }
+    s.sent(n);
+    h.on_event(ConnEvent::BytesOut(n));
+    Ok(())
+}
+
+async fn connection<H: Handler>(
+    mut stream: TcpStream,
+    handler: &H,
+    options: &ServeOptions,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut s = Session::new(options.connection, now());
+    loop {
+        match s.process(now(), handler) {
+            Next::Close => return write_pending(&mut stream, &mut s, handler, options).await,
+            Next::Flush => {
+                write_pending(&mut stream, &mut s, handler, options).await?;
+                continue;
+            }
+            Next::Read => write_pending(&mut stream, &mut s, handler, options).await?,
+        }
+        if *stop.borrow() {
+            // Everything read has been answered and written.
+            return Ok(());
+        }
+        s.release_idle();
+        let deadline = s.deadline();
+        tokio::select! {
+            ready = stream.readable() => ready?,
+            _ = stop.changed() => continue,
+            () = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep(until(d)).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if s.handle_timeout(now()) {
+                    tracing::debug!("connection timed out");
+                    return Ok(());
+                }
+                continue;
+            }
+        }
+        let buf = s.read_buf();
+        match stream.try_read(buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                s.filled(n);
+                handler.on_event(ConnEvent::BytesIn(n));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.filled(0),
+            Err(e) => return Err(e),
+        }
+    }
+}
