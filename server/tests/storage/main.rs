@@ -1,0 +1,4 @@
+//! Storage engine tests (one binary: basic behaviour, crash consistency, the model test).
+
+mod basic;
+mod support;
