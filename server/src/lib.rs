@@ -1,1 +1,5 @@
-//! server: not implemented yet (see the open issues). This crate exports nothing.
+//! The StreamBus broker library.
+//!
+//! - [`storage`]: the durable partitioned log storage engine.
+
+pub mod storage;

@@ -1,0 +1,165 @@
+//! Storage errors. Their `Display` text goes on the wire as the error message, so every message
+//! says what was wrong and with which value.
+
+use std::io;
+use std::path::PathBuf;
+
+use streambus_core::ErrorCode;
+
+/// An error from the [`Storage`](super::Storage) engine.
+///
+/// The first group is the caller's fault (a request naming something that doesn't exist or an
+/// invalid value); [`Io`](Self::Io), [`Corrupt`](Self::Corrupt) and
+/// [`DataDirLocked`](Self::DataDirLocked) are the broker's. [`error_code`](Self::error_code)
+/// maps each to its v1 code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The topic does not exist.
+    #[error("topic {topic} does not exist")]
+    TopicNotFound {
+        /// The topic asked for.
+        topic: String,
+    },
+    /// The partition is at or beyond the topic's partition count.
+    #[error("partition {partition} does not exist: topic {topic} has {count} partitions")]
+    PartitionNotFound {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+        /// The topic's partition count.
+        count: u32,
+    },
+    /// The offset is below the log start or above the high-water mark.
+    #[error("offset {offset} is out of range: valid offsets are {start} to {end}")]
+    OffsetOutOfRange {
+        /// The offset asked for.
+        offset: i64,
+        /// The log start offset.
+        start: i64,
+        /// The high-water mark (the next offset to be assigned).
+        end: i64,
+    },
+    /// The topic exists with another partition count.
+    #[error("topic {topic} already exists with {partitions} partitions")]
+    TopicExists {
+        /// The topic.
+        topic: String,
+        /// Its existing partition count.
+        partitions: u32,
+    },
+    /// The topic name is not 1–249 bytes of `[A-Za-z0-9._-]` (or is `.`/`..`).
+    #[error(
+        "invalid topic name {name:?} ({len} bytes): want 1-249 bytes of [A-Za-z0-9._-], not . or .."
+    )]
+    InvalidTopic {
+        /// The name, cut to its first 64 characters.
+        name: String,
+        /// The name's length in bytes.
+        len: usize,
+    },
+    /// The partition count is not in `1..=1024`.
+    #[error("invalid partition count {count}: want 1 to {max}")]
+    InvalidPartitionCount {
+        /// The count asked for.
+        count: u32,
+        /// The largest count accepted.
+        max: u32,
+    },
+    /// An appended batch's records exceed what one stored batch can hold (4 GiB).
+    #[error("batch of {len} bytes is too large to store: at most {max} bytes")]
+    BatchTooLarge {
+        /// The batch's record bytes.
+        len: usize,
+        /// The largest batch accepted.
+        max: usize,
+    },
+    /// The message at `offset` alone is larger than the fetch's hard limit.
+    #[error("message at offset {offset} is {len} bytes, larger than the fetch limit of {limit}")]
+    MessageTooLarge {
+        /// The message's offset.
+        offset: i64,
+        /// Its record size.
+        len: usize,
+        /// The hard limit of the fetch.
+        limit: u32,
+    },
+    /// Offsets would exceed `i64::MAX`.
+    #[error("offset overflow: appending {count} messages at offset {end}")]
+    OffsetOverflow {
+        /// The current end offset.
+        end: i64,
+        /// The messages to append.
+        count: u32,
+    },
+    /// A file of the data directory could not be read or written.
+    #[error("storage I/O error: {op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A metadata file or a sealed segment is inconsistent in a way recovery can't repair.
+    #[error("storage corrupt: {}: {reason}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Another process holds the data directory's lock.
+    #[error("data directory {} is in use by another process", path.display())]
+    DataDirLocked {
+        /// The data directory.
+        path: PathBuf,
+    },
+}
+
+impl StorageError {
+    /// The v1 error code for this error.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::TopicNotFound { .. } => ErrorCode::TOPIC_NOT_FOUND,
+            Self::PartitionNotFound { .. } => ErrorCode::PARTITION_NOT_FOUND,
+            Self::OffsetOutOfRange { .. } => ErrorCode::OFFSET_OUT_OF_RANGE,
+            Self::TopicExists { .. } => ErrorCode::TOPIC_EXISTS,
+            Self::InvalidTopic { .. } | Self::InvalidPartitionCount { .. } => {
+                ErrorCode::INVALID_REQUEST
+            }
+            Self::BatchTooLarge { .. } | Self::MessageTooLarge { .. } => {
+                ErrorCode::MESSAGE_TOO_LARGE
+            }
+            Self::OffsetOverflow { .. }
+            | Self::Io { .. }
+            | Self::Corrupt { .. }
+            | Self::DataDirLocked { .. } => ErrorCode::STORAGE_ERROR,
+        }
+    }
+
+    pub(crate) fn invalid_topic(name: &str) -> Self {
+        Self::InvalidTopic {
+            name: name.chars().take(64).collect(),
+            len: name.len(),
+        }
+    }
+}
+
+/// Attaches an operation and a path to an `io::Error`.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, op: &'static str, path: &std::path::Path) -> Result<T, StorageError>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, op: &'static str, path: &std::path::Path) -> Result<T, StorageError> {
+        self.map_err(|source| StorageError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! Metadata files: `topic.toml` (partition count and the topic's overrides) and
+//! `partition.toml` (the log start offset). Both are small TOML documents replaced atomically
+//! (write a temporary file, fsync, rename, fsync the directory), so they are never torn.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::config::{FsyncPolicy, TopicConfig};
+use super::error::{IoContext, StorageError};
+
+/// The format version written in every metadata file.
+const FORMAT: u32 = 1;
+
+pub(crate) const TOPIC_META: &str = "topic.toml";
+pub(crate) const PARTITION_META: &str = "partition.toml";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopicMeta {
+    format: u32,
+    partitions: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fsync: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fsync_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retention_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    retention_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PartitionMeta {
+    format: u32,
+    log_start: i64,
+}
+
+/// TOML integers are i64: larger settings are stored as `i64::MAX` (effectively unlimited).
+fn toml_u64(v: u64) -> u64 {
+    v.min(i64::MAX as u64)
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    toml_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn write_topic(
+    dir: &Path,
+    partitions: u32,
+    cfg: &TopicConfig,
+) -> Result<(), StorageError> {
+    let (fsync, fsync_interval_ms) = match cfg.fsync {
+        None => (None, None),
+        Some(FsyncPolicy::Always) => (Some("always"), None),
+        Some(FsyncPolicy::Never) => (Some("never"), None),
+        Some(FsyncPolicy::Interval(d)) => (Some("interval"), Some(duration_ms(d))),
+    };
+    let meta = TopicMeta {
+        format: FORMAT,
+        partitions,
+        fsync: fsync.map(str::to_owned),
+        fsync_interval_ms,
+        retention_bytes: cfg.retention_bytes.map(toml_u64),
+        retention_ms: cfg.retention_age.map(duration_ms),
+    };
+    write_atomic(&dir.join(TOPIC_META), &meta)
+}
+
+pub(crate) fn read_topic(dir: &Path) -> Result<(u32, TopicConfig), StorageError> {
+    let path = dir.join(TOPIC_META);
+    let meta: TopicMeta = read_toml(&path)?;
+    let corrupt = |reason: String| StorageError::Corrupt {
+        path: path.clone(),
+        reason,
+    };
+    if meta.format != FORMAT {
+        return Err(corrupt(format!("unknown format {}", meta.format)));
+    }
+    let fsync = match (meta.fsync.as_deref(), meta.fsync_interval_ms) {
+        (None, _) => None,
+        (Some("always"), _) => Some(FsyncPolicy::Always),
+        (Some("never"), _) => Some(FsyncPolicy::Never),
+        (Some("interval"), Some(ms)) => Some(FsyncPolicy::Interval(Duration::from_millis(ms))),
+        (Some(other), _) => return Err(corrupt(format!("invalid fsync policy {other:?}"))),
+    };
+    Ok((
+        meta.partitions,
+        TopicConfig {
+            fsync,
+            retention_bytes: meta.retention_bytes,
+            retention_age: meta.retention_ms.map(Duration::from_millis),
+        },
+    ))
+}
+
+pub(crate) fn write_partition(dir: &Path, log_start: i64) -> Result<(), StorageError> {
+    let meta = PartitionMeta {
+        format: FORMAT,
+        log_start,
+    };
+    write_atomic(&dir.join(PARTITION_META), &meta)
+}
+
+/// The persisted log start, or `None` when the partition has never deleted a segment.
+pub(crate) fn read_partition(dir: &Path) -> Result<Option<i64>, StorageError> {
+    let path = dir.join(PARTITION_META);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let meta: PartitionMeta = read_toml(&path)?;
+    if meta.format != FORMAT {
+        return Err(StorageError::Corrupt {
+            path,
+            reason: format!("unknown format {}", meta.format),
+        });
+    }
+    Ok(Some(meta.log_start))
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StorageError> {
+    let text = fs::read_to_string(path).ctx("read", path)?;
+    toml::from_str(&text).map_err(|e| StorageError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn write_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), StorageError> {
+    let text = toml::to_string(value).map_err(|e| StorageError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let tmp = path.with_extension("toml.tmp");
+    {
+        let mut f = File::create(&tmp).ctx("create", &tmp)?;
+        f.write_all(text.as_bytes()).ctx("write", &tmp)?;
+        f.sync_all().ctx("fsync", &tmp)?;
+    }
+    fs::rename(&tmp, path).ctx("rename", path)?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Makes a directory's entries (created, renamed, removed files) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx("fsync directory", dir)
+}

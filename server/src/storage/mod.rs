@@ -1,0 +1,499 @@
+//! The durable partitioned log: topics → partitions → segments.
+//!
+//! ```text
+//! <data_dir>/LOCK                               held (flock) while a Storage is open
+//! <data_dir>/topics/<topic>/topic.toml          partition count and the topic's overrides
+//! <data_dir>/topics/<topic>/<p>/partition.toml  the log start offset (once retention moved it)
+//! <data_dir>/topics/<topic>/<p>/<base>.log      records in wire encoding, offsets stamped
+//! <data_dir>/topics/<topic>/<p>/<base>.idx      one 40-byte entry per batch, with CRCs
+//! <data_dir>/tmp/, <data_dir>/trash/            staging for create, leftovers of delete
+//! ```
+//!
+//! [`Storage`] is `Sync`: every method takes `&self` and it is meant to be shared as
+//! `Arc<Storage>` by all connections. See `docs/storage.md` for the format, the durability
+//! policies and recovery.
+
+mod config;
+mod error;
+mod meta;
+mod partition;
+mod segment;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use streambus_core::{MessageSet, Topic};
+
+pub use config::{FsyncPolicy, StorageConfig, TopicConfig};
+pub use error::StorageError;
+
+use error::IoContext;
+use partition::{Partition, Settings};
+
+/// The largest partition count of a topic.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendResult {
+    /// The offset of the first message (the end, for zero messages).
+    pub base_offset: i64,
+    /// Messages appended.
+    pub count: u32,
+    /// The offset after the last message appended.
+    pub high_water_mark: i64,
+}
+
+/// What a fetch read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchResult {
+    /// The partition's end (the next offset to be assigned) when the fetch started.
+    pub high_water_mark: i64,
+    /// The partition's log start when the fetch started.
+    pub log_start: i64,
+    /// Messages in `records`.
+    pub count: u32,
+    /// The records in wire encoding, ready to follow a Fetch response's NumMessages.
+    pub records: Vec<u8>,
+    /// The offset after the last message returned (the fetch offset when none).
+    pub next_offset: i64,
+    /// The CRC-32 of `records`, combined from the stored per-batch CRCs (bytes of partial
+    /// batches are hashed).
+    pub crc: u32,
+}
+
+/// Counters for metrics, since open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct StorageStats {
+    /// Batches appended.
+    pub appends: u64,
+    /// Messages appended.
+    pub messages_appended: u64,
+    /// Record bytes appended.
+    pub bytes_appended: u64,
+    /// Group-commit fsyncs (one per partition sync, however many files it flushed).
+    pub fsyncs: u64,
+    /// Segments whose torn or corrupt tail recovery cut.
+    pub recovery_truncations: u64,
+    /// Bytes recovery cut.
+    pub recovery_truncated_bytes: u64,
+    /// Segments deleted by retention.
+    pub segments_deleted: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    appends: AtomicU64,
+    messages_appended: AtomicU64,
+    bytes_appended: AtomicU64,
+    fsyncs: AtomicU64,
+    recovery_truncations: AtomicU64,
+    recovery_truncated_bytes: AtomicU64,
+    segments_deleted: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn inc(&self, c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> StorageStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StorageStats {
+            appends: g(&self.appends),
+            messages_appended: g(&self.messages_appended),
+            bytes_appended: g(&self.bytes_appended),
+            fsyncs: g(&self.fsyncs),
+            recovery_truncations: g(&self.recovery_truncations),
+            recovery_truncated_bytes: g(&self.recovery_truncated_bytes),
+            segments_deleted: g(&self.segments_deleted),
+        }
+    }
+}
+
+// Poisoning is ignored: every critical section leaves its state consistent before anything
+// that can panic.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Debug)]
+struct TopicState {
+    partitions: Vec<Arc<Partition>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: StorageConfig,
+    topics_dir: PathBuf,
+    tmp_dir: PathBuf,
+    trash_dir: PathBuf,
+    topics: RwLock<BTreeMap<String, Arc<TopicState>>>,
+    /// Serializes create and delete (the map lock is never held across disk work).
+    admin: Mutex<()>,
+    seq: AtomicU64,
+    counters: Arc<Counters>,
+    _lock: File,
+}
+
+#[derive(Debug)]
+struct Background {
+    stop: mpsc::Sender<()>,
+    handle: JoinHandle<()>,
+}
+
+/// The storage engine. Open it once per data directory and share it (`Arc<Storage>`).
+///
+/// A background thread fsyncs `Interval` partitions and applies retention; dropping the
+/// `Storage` stops it and fsyncs everything.
+#[derive(Debug)]
+pub struct Storage {
+    inner: Arc<Inner>,
+    background: Option<Background>,
+}
+
+/// The current Unix time in nanoseconds.
+pub fn unix_now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+fn validate(name: &str) -> Result<(), StorageError> {
+    Topic::new(name)
+        .map(|_| ())
+        .map_err(|_| StorageError::invalid_topic(name))
+}
+
+impl Storage {
+    /// Opens (creating if needed) a data directory and recovers every topic in it.
+    ///
+    /// Torn or corrupt segment tails are cut to the last good batch, logged with
+    /// `tracing::warn!` and counted in [`StorageStats::recovery_truncations`]; they never make
+    /// `open` fail. A missing or unreadable metadata file does (nothing is dropped silently).
+    pub fn open(config: StorageConfig) -> Result<Self, StorageError> {
+        let root = config.data_dir.clone();
+        let topics_dir = root.join("topics");
+        let tmp_dir = root.join("tmp");
+        let trash_dir = root.join("trash");
+        for d in [&root, &topics_dir, &tmp_dir, &trash_dir] {
+            fs::create_dir_all(d).ctx("create directory", d)?;
+        }
+        let lock_path = root.join("LOCK");
+        let lock_file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .ctx("open", &lock_path)?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(StorageError::DataDirLocked { path: root });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e).ctx("lock", &lock_path),
+        }
+        for d in [&tmp_dir, &trash_dir] {
+            for ent in fs::read_dir(d).ctx("list", d)? {
+                partition::remove_tree(&ent.ctx("list", d)?.path());
+            }
+        }
+        let counters = Arc::new(Counters::default());
+        let mut topics = BTreeMap::new();
+        for ent in fs::read_dir(&topics_dir).ctx("list", &topics_dir)? {
+            let path = ent.ctx("list", &topics_dir)?.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .filter(|n| validate(n).is_ok())
+            else {
+                tracing::warn!(path = %path.display(), "ignoring a non-topic entry in the data directory");
+                continue;
+            };
+            let (count, cfg) = meta::read_topic(&path)?;
+            let topic = open_topic(&config, &path, count, &cfg, &counters)?;
+            topics.insert(name.to_owned(), Arc::new(topic));
+        }
+        let inner = Arc::new(Inner {
+            config,
+            topics_dir,
+            tmp_dir,
+            trash_dir,
+            topics: RwLock::new(topics),
+            admin: Mutex::new(()),
+            seq: AtomicU64::new(0),
+            counters,
+            _lock: lock_file,
+        });
+        let (stop, rx) = mpsc::channel();
+        let bg = Arc::clone(&inner);
+        let handle = std::thread::Builder::new()
+            .name("storage-flush".into())
+            .spawn(move || background(&bg, &rx))
+            .ctx("spawn thread", &root)?;
+        Ok(Self {
+            inner,
+            background: Some(Background { stop, handle }),
+        })
+    }
+
+    /// The configuration it was opened with.
+    pub fn config(&self) -> &StorageConfig {
+        &self.inner.config
+    }
+
+    /// Creates a topic. `Ok(false)` if it exists with the same partition count;
+    /// [`StorageError::TopicExists`] if with another.
+    pub fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        cfg: TopicConfig,
+    ) -> Result<bool, StorageError> {
+        validate(name)?;
+        if !(1..=MAX_PARTITIONS).contains(&partitions) {
+            return Err(StorageError::InvalidPartitionCount {
+                count: partitions,
+                max: MAX_PARTITIONS,
+            });
+        }
+        let inner = &*self.inner;
+        let _admin = lock(&inner.admin);
+        if let Some(t) = read(&inner.topics).get(name) {
+            let existing = t.partitions.len() as u32;
+            return if existing == partitions {
+                Ok(false)
+            } else {
+                Err(StorageError::TopicExists {
+                    topic: name.to_owned(),
+                    partitions: existing,
+                })
+            };
+        }
+        // Build the topic in tmp/ and rename it into place: a crash leaves all or nothing.
+        let staging = inner.tmp_dir.join(format!(
+            "{name}.{}",
+            inner.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir(&staging).ctx("create directory", &staging)?;
+        for p in 0..partitions {
+            let d = staging.join(p.to_string());
+            fs::create_dir(&d).ctx("create directory", &d)?;
+        }
+        meta::write_topic(&staging, partitions, &cfg)?;
+        let dir = inner.topics_dir.join(name);
+        fs::rename(&staging, &dir).ctx("rename", &dir)?;
+        meta::sync_dir(&inner.topics_dir)?;
+        let topic = open_topic(&inner.config, &dir, partitions, &cfg, &inner.counters)?;
+        write(&inner.topics).insert(name.to_owned(), Arc::new(topic));
+        tracing::info!(topic = name, partitions, "created topic");
+        Ok(true)
+    }
+
+    /// Deletes a topic and its data.
+    pub fn delete_topic(&self, name: &str) -> Result<(), StorageError> {
+        validate(name)?;
+        let inner = &*self.inner;
+        let _admin = lock(&inner.admin);
+        if !read(&inner.topics).contains_key(name) {
+            return Err(StorageError::TopicNotFound {
+                topic: name.to_owned(),
+            });
+        }
+        let dir = inner.topics_dir.join(name);
+        let trash = inner.trash_dir.join(format!(
+            "{name}.{}",
+            inner.seq.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::rename(&dir, &trash).ctx("rename", &dir)?;
+        meta::sync_dir(&inner.topics_dir)?;
+        write(&inner.topics).remove(name);
+        partition::remove_tree(&trash);
+        tracing::info!(topic = name, "deleted topic");
+        Ok(())
+    }
+
+    /// Every topic with its partition count, sorted by name (byte order).
+    pub fn list_topics(&self) -> Vec<(String, u32)> {
+        read(&self.inner.topics)
+            .iter()
+            .map(|(n, t)| (n.clone(), t.partitions.len() as u32))
+            .collect()
+    }
+
+    /// A topic's partition count, if it exists.
+    pub fn partition_count(&self, name: &str) -> Option<u32> {
+        read(&self.inner.topics)
+            .get(name)
+            .map(|t| t.partitions.len() as u32)
+    }
+
+    fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>, StorageError> {
+        let topics = read(&self.inner.topics);
+        let Some(t) = topics.get(topic) else {
+            drop(topics);
+            validate(topic)?;
+            return Err(StorageError::TopicNotFound {
+                topic: topic.to_owned(),
+            });
+        };
+        t.partitions
+            .get(partition as usize)
+            .cloned()
+            .ok_or_else(|| StorageError::PartitionNotFound {
+                topic: topic.to_owned(),
+                partition,
+                count: t.partitions.len() as u32,
+            })
+    }
+
+    /// Appends `messages` as one batch with consecutive offsets, stamping each record's
+    /// Offset, and its Timestamp when 0 (with `now_unix_ns`). Under [`FsyncPolicy::Always`]
+    /// it returns once the batch is on disk.
+    pub fn append(
+        &self,
+        topic: &str,
+        partition: u32,
+        messages: &MessageSet<'_>,
+        now_unix_ns: i64,
+    ) -> Result<AppendResult, StorageError> {
+        self.partition(topic, partition)?
+            .append(messages, now_unix_ns)
+    }
+
+    /// Reads whole messages from `offset` on, as many as fit in `max_bytes` of record bytes,
+    /// but at least one when one exists at `offset`, and never more than `max_total` bytes
+    /// (a single message larger than that is [`StorageError::MessageTooLarge`]).
+    ///
+    /// `offset` equal to the high-water mark gives no messages; below the log start or above
+    /// the high-water mark is [`StorageError::OffsetOutOfRange`].
+    pub fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        max_total: u32,
+    ) -> Result<FetchResult, StorageError> {
+        self.partition(topic, partition)?
+            .fetch(offset, max_bytes, max_total)
+    }
+
+    /// `(log start, end)`: the first offset kept and the next offset to be assigned (the
+    /// high-water mark).
+    pub fn offsets(&self, topic: &str, partition: u32) -> Result<(i64, i64), StorageError> {
+        Ok(self.partition(topic, partition)?.offsets())
+    }
+
+    /// Fsyncs every partition, whatever its policy (for a graceful shutdown).
+    pub fn sync_all(&self) -> Result<(), StorageError> {
+        self.inner.partitions().try_for_each(|p| p.sync())
+    }
+
+    /// Applies retention to every partition now; returns the segments deleted. The background
+    /// thread calls this every `retention_check_interval`.
+    pub fn enforce_retention(&self, now_unix_ns: i64) -> Result<u64, StorageError> {
+        self.inner.enforce_retention(now_unix_ns)
+    }
+
+    /// Counters since open.
+    pub fn stats(&self) -> StorageStats {
+        self.inner.counters.snapshot()
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Some(bg) = self.background.take() {
+            drop(bg.stop);
+            if bg.handle.join().is_err() {
+                tracing::error!("storage background thread panicked");
+            }
+        }
+        if let Err(e) = self.sync_all() {
+            tracing::error!(error = %e, "final fsync failed");
+        }
+    }
+}
+
+impl Inner {
+    fn partitions(&self) -> impl Iterator<Item = Arc<Partition>> {
+        let all: Vec<Arc<Partition>> = read(&self.topics)
+            .values()
+            .flat_map(|t| t.partitions.iter().cloned())
+            .collect();
+        all.into_iter()
+    }
+
+    fn enforce_retention(&self, now: i64) -> Result<u64, StorageError> {
+        let mut n = 0;
+        for p in self.partitions() {
+            n += p.enforce_retention(now)?;
+        }
+        Ok(n)
+    }
+}
+
+fn open_topic(
+    config: &StorageConfig,
+    dir: &std::path::Path,
+    count: u32,
+    cfg: &TopicConfig,
+    counters: &Arc<Counters>,
+) -> Result<TopicState, StorageError> {
+    let settings = Settings {
+        fsync: cfg.fsync.unwrap_or(config.fsync),
+        segment_bytes: config.segment_bytes.max(1),
+        retention_bytes: cfg.retention_bytes.or(config.retention_bytes),
+        retention_age: cfg.retention_age.or(config.retention_age),
+    };
+    let partitions = (0..count)
+        .map(|p| {
+            Partition::open(dir.join(p.to_string()), settings, Arc::clone(counters)).map(Arc::new)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(TopicState { partitions })
+}
+
+/// The background thread: fsyncs `Interval` partitions when due and applies retention.
+fn background(inner: &Inner, stop: &mpsc::Receiver<()>) {
+    let retention_every = inner.config.retention_check_interval;
+    let mut next_retention = Instant::now() + retention_every;
+    loop {
+        let tick = inner
+            .partitions()
+            .filter_map(|p| p.fsync_interval())
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+            .clamp(Duration::from_millis(1), Duration::from_secs(1));
+        match stop.recv_timeout(tick) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        for p in inner.partitions() {
+            if let Err(e) = p.flush_if_due(now) {
+                tracing::error!(error = %e, "interval fsync failed");
+            }
+        }
+        if !retention_every.is_zero() && now >= next_retention {
+            next_retention = now + retention_every;
+            if let Err(e) = inner.enforce_retention(unix_now_ns()) {
+                tracing::error!(error = %e, "retention failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! One partition: an ordered list of segments with one writer at a time and any number of
+//! concurrent readers.
+//!
+//! Concurrency: appenders serialize on `writer` and write with `pwrite` while holding no other
+//! lock; the new end becomes visible to readers only afterwards, in a short `state` write
+//! section, so a reader never sees a half-written batch. Readers copy what they need from
+//! `state` under its read lock and do their `pread`s with no lock held. Fsyncs run under no
+//! partition lock either: `sync` only tracks who is fsyncing (group commit).
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use streambus_core::checksum::{self, combine};
+use streambus_core::{MessageSet, stamp_record};
+
+use super::config::FsyncPolicy;
+use super::error::{IoContext, StorageError};
+use super::segment::{self, ENTRY_LEN, IndexEntry, SAMPLE_EVERY, Segment};
+use super::{AppendResult, Counters, FetchResult, lock, meta, read, write};
+
+/// A partition's effective settings (the topic's overrides applied over the broker's).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) fsync: FsyncPolicy,
+    pub(crate) segment_bytes: u64,
+    pub(crate) retention_bytes: Option<u64>,
+    pub(crate) retention_age: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct SegState {
+    seg: Arc<Segment>,
+    /// Committed index entries (batches).
+    entries: u64,
+    /// Committed `.log` bytes.
+    log_len: u64,
+    /// The offset after the last committed message.
+    end: i64,
+    /// Append time of the newest batch (Unix ns).
+    last_append: Option<i64>,
+    /// Base offset of entries 0, SAMPLE_EVERY, 2·SAMPLE_EVERY, …
+    samples: Vec<i64>,
+}
+
+impl SegState {
+    fn empty(seg: Arc<Segment>) -> Self {
+        Self {
+            end: seg.base,
+            seg,
+            entries: 0,
+            log_len: 0,
+            last_append: None,
+            samples: Vec::new(),
+        }
+    }
+
+    /// The committed entries among which the batch holding `offset` is (by the samples).
+    fn search_range(&self, offset: i64) -> (u64, u64) {
+        let k = self
+            .samples
+            .partition_point(|&b| b <= offset)
+            .saturating_sub(1) as u64;
+        let lo = k * SAMPLE_EVERY;
+        (lo, (lo + SAMPLE_EVERY).min(self.entries))
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    log_start: i64,
+    sealed: Vec<SegState>,
+    active: SegState,
+    /// Sealed segments not yet fsynced since they were rolled.
+    unsynced: Vec<Arc<Segment>>,
+    /// The directory has entries (new segment files) not yet fsynced.
+    dir_dirty: bool,
+}
+
+#[derive(Debug)]
+struct SyncState {
+    /// Every offset below this is on disk.
+    durable_end: i64,
+    /// A thread is fsyncing; the others wait on `synced`.
+    syncing: bool,
+    last_sync: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Writer {
+    scratch: Vec<u8>,
+}
+
+/// One partition of a topic.
+#[derive(Debug)]
+pub(crate) struct Partition {
+    dir: PathBuf,
+    settings: Settings,
+    writer: Mutex<Writer>,
+    state: RwLock<State>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    counters: Arc<Counters>,
+}
+
+struct Snap {
+    seg: Arc<Segment>,
+    entries: u64,
+    end: i64,
+    range: (u64, u64),
+}
+
+impl Partition {
+    /// Opens a partition directory, recovering its segments: the last one is checked batch by
+    /// batch, the others by their index; torn tails are cut.
+    pub(crate) fn open(
+        dir: PathBuf,
+        settings: Settings,
+        counters: Arc<Counters>,
+    ) -> Result<Self, StorageError> {
+        if !dir.is_dir() {
+            return Err(StorageError::Corrupt {
+                path: dir,
+                reason: "partition directory is missing".into(),
+            });
+        }
+        let persisted_start = meta::read_partition(&dir)?;
+        let mut bases = segment::list(&dir)?;
+        let start_hint = persisted_start.unwrap_or(0);
+        // Segments wholly below the persisted log start are left over from an interrupted
+        // retention run.
+        while bases.len() >= 2 && bases.get(1).is_some_and(|&b| b <= start_hint) {
+            let base = bases.remove(0);
+            Segment::open(&dir, base, false)?.remove_files();
+        }
+        if bases.is_empty() {
+            bases.push(start_hint);
+        }
+        let last = bases.len() - 1;
+        let mut segs: Vec<SegState> = Vec::with_capacity(bases.len());
+        for (i, &base) in bases.iter().enumerate() {
+            let seg = Segment::open(&dir, base, false)?;
+            if let Some(prev) = segs.last()
+                && base < prev.end
+            {
+                return Err(StorageError::Corrupt {
+                    path: seg.log_path.clone(),
+                    reason: format!(
+                        "segment starts at {base}, inside the previous one (ending at {})",
+                        prev.end
+                    ),
+                });
+            }
+            let rec = seg.recover(i == last)?;
+            if rec.truncated_bytes > 0 {
+                counters.inc(&counters.recovery_truncations, 1);
+                counters.inc(&counters.recovery_truncated_bytes, rec.truncated_bytes);
+            }
+            segs.push(SegState {
+                seg: Arc::new(seg),
+                entries: rec.entries,
+                log_len: rec.log_len,
+                end: rec.end_offset,
+                last_append: rec.last_append,
+                samples: rec.samples,
+            });
+        }
+        let active = segs.pop().ok_or_else(|| StorageError::Corrupt {
+            path: dir.clone(),
+            reason: "no segment".into(),
+        })?;
+        let first_base = segs.first().map_or(active.seg.base, |s| s.seg.base);
+        let mut log_start = start_hint.max(first_base);
+        if log_start > active.end {
+            tracing::warn!(
+                partition = %dir.display(),
+                log_start,
+                end = active.end,
+                "persisted log start is past the recovered end; moving it back"
+            );
+            log_start = active.end;
+        }
+        Ok(Self {
+            dir,
+            settings,
+            writer: Mutex::new(Writer::default()),
+            state: RwLock::new(State {
+                log_start,
+                sealed: segs,
+                active,
+                unsynced: Vec::new(),
+                dir_dirty: true,
+            }),
+            sync: Mutex::new(SyncState {
+                durable_end: i64::MIN,
+                syncing: false,
+                last_sync: Instant::now(),
+            }),
+            synced: Condvar::new(),
+            counters,
+        })
+    }
+
+    /// `(log start, end)`; the end is the high-water mark.
+    pub(crate) fn offsets(&self) -> (i64, i64) {
+        let st = read(&self.state);
+        (st.log_start, st.active.end)
+    }
+
+    /// Appends the messages as one batch, stamping offsets (and zero timestamps) in place.
+    pub(crate) fn append(
+        &self,
+        set: &MessageSet<'_>,
+        now: i64,
+    ) -> Result<AppendResult, StorageError> {
+        let count = set.count();
+        if count == 0 {
+            let end = read(&self.state).active.end;
+            return Ok(AppendResult {
+                base_offset: end,
+                count: 0,
+                high_water_mark: end,
+            });
+        }
+        let bytes = set.as_bytes();
+        let len = u32::try_from(bytes.len()).map_err(|_| StorageError::BatchTooLarge {
+            len: bytes.len(),
+            max: u32::MAX as usize,
+        })?;
+        let mut w = lock(&self.writer);
+        let (mut seg, mut pos, mut entries, base) = {
+            let st = read(&self.state);
+            let a = &st.active;
+            (Arc::clone(&a.seg), a.log_len, a.entries, a.end)
+        };
+        let end = base
+            .checked_add(i64::from(count))
+            .ok_or(StorageError::OffsetOverflow { end: base, count })?;
+        if pos > 0 && pos + u64::from(len) > self.settings.segment_bytes {
+            seg = self.roll(base)?;
+            pos = 0;
+            entries = 0;
+        }
+        let buf = &mut w.scratch;
+        buf.clear();
+        buf.extend_from_slice(bytes);
+        let mut at = 0;
+        for (offset, rec) in (base..).zip(set.records()) {
+            let next = at + rec.len();
+            if let Some(r) = buf.get_mut(at..next) {
+                stamp_record(r, offset, now);
+            }
+            at = next;
+        }
+        let entry = IndexEntry {
+            base_offset: base,
+            pos,
+            append_time: now,
+            count,
+            len,
+            crc: checksum::checksum(buf),
+        };
+        seg.log.write_all_at(buf, pos).ctx("write", &seg.log_path)?;
+        seg.idx
+            .write_all_at(&entry.encode(), entries * ENTRY_LEN as u64)
+            .ctx("write", &seg.idx_path)?;
+        {
+            let mut st = write(&self.state);
+            let a = &mut st.active;
+            if a.entries.is_multiple_of(SAMPLE_EVERY) {
+                a.samples.push(base);
+            }
+            a.entries += 1;
+            a.log_len = entry.end_pos();
+            a.end = end;
+            a.last_append = Some(now);
+        }
+        drop(w);
+        let c = &self.counters;
+        c.inc(&c.appends, 1);
+        c.inc(&c.messages_appended, u64::from(count));
+        c.inc(&c.bytes_appended, u64::from(len));
+        if self.settings.fsync == FsyncPolicy::Always {
+            self.make_durable(end)?;
+        }
+        Ok(AppendResult {
+            base_offset: base,
+            count,
+            high_water_mark: end,
+        })
+    }
+
+    /// Starts a new active segment at `base` (called with the writer lock held).
+    fn roll(&self, base: i64) -> Result<Arc<Segment>, StorageError> {
+        let seg = Arc::new(Segment::open(&self.dir, base, true)?);
+        let mut st = write(&self.state);
+        let old = std::mem::replace(&mut st.active, SegState::empty(Arc::clone(&seg)));
+        st.unsynced.push(Arc::clone(&old.seg));
+        st.sealed.push(old);
+        st.dir_dirty = true;
+        Ok(seg)
+    }
+
+    /// Reads whole messages from `offset` on while their record bytes stay within `max_bytes`
+    /// (at least one, if one exists at `offset`), never more than `max_total` bytes.
+    pub(crate) fn fetch(
+        &self,
+        offset: i64,
+        max_bytes: u32,
+        max_total: u32,
+    ) -> Result<FetchResult, StorageError> {
+        let (log_start, hwm, snaps) = {
+            let st = read(&self.state);
+            let end = st.active.end;
+            if offset < st.log_start || offset > end {
+                return Err(StorageError::OffsetOutOfRange {
+                    offset,
+                    start: st.log_start,
+                    end,
+                });
+            }
+            let all = || st.sealed.iter().chain(std::iter::once(&st.active));
+            let first = all()
+                .filter(|s| s.seg.base <= offset)
+                .count()
+                .saturating_sub(1);
+            let snaps: Vec<Snap> = if offset == end {
+                Vec::new()
+            } else {
+                all()
+                    .skip(first)
+                    .enumerate()
+                    .map(|(i, s)| Snap {
+                        seg: Arc::clone(&s.seg),
+                        entries: s.entries,
+                        end: s.end,
+                        range: if i == 0 {
+                            s.search_range(offset)
+                        } else {
+                            (0, s.entries.min(SAMPLE_EVERY))
+                        },
+                    })
+                    .collect()
+            };
+            (st.log_start, end, snaps)
+        };
+        let mut out = Reader {
+            limit: max_bytes.min(max_total) as usize,
+            max_total,
+            out: Vec::new(),
+            crc: 0,
+            taken: 0,
+            count: 0,
+            next: offset,
+            run: None,
+            entries: Vec::new(),
+        };
+        for snap in &snaps {
+            if out.read_segment(snap)? {
+                break;
+            }
+        }
+        Ok(FetchResult {
+            high_water_mark: hwm,
+            log_start,
+            count: out.count,
+            next_offset: out.next,
+            crc: out.crc,
+            records: out.out,
+        })
+    }
+
+    /// Fsyncs everything appended so far.
+    pub(crate) fn sync(&self) -> Result<(), StorageError> {
+        let end = read(&self.state).active.end;
+        self.make_durable(end)
+    }
+
+    /// Under `Interval`, fsyncs if there is unsynced data and the interval has passed.
+    pub(crate) fn flush_if_due(&self, now: Instant) -> Result<(), StorageError> {
+        let FsyncPolicy::Interval(every) = self.settings.fsync else {
+            return Ok(());
+        };
+        let end = read(&self.state).active.end;
+        {
+            let s = lock(&self.sync);
+            if s.durable_end >= end || s.syncing || now.duration_since(s.last_sync) < every {
+                return Ok(());
+            }
+        }
+        self.make_durable(end)
+    }
+
+    pub(crate) fn fsync_interval(&self) -> Option<Duration> {
+        match self.settings.fsync {
+            FsyncPolicy::Interval(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// Returns once every offset below `upto` is on disk. Group commit: one thread fsyncs at a
+    /// time and its fsync covers every batch written before it started; threads that arrive
+    /// meanwhile wait and are usually covered by the next one.
+    fn make_durable(&self, upto: i64) -> Result<(), StorageError> {
+        let mut s = lock(&self.sync);
+        loop {
+            if s.durable_end >= upto {
+                return Ok(());
+            }
+            if s.syncing {
+                s = self
+                    .synced
+                    .wait(s)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            }
+            s.syncing = true;
+            drop(s);
+            let r = self.sync_now();
+            s = lock(&self.sync);
+            s.syncing = false;
+            s.last_sync = Instant::now();
+            self.synced.notify_all();
+            let synced_end = r?;
+            s.durable_end = s.durable_end.max(synced_end);
+        }
+    }
+
+    /// Fsyncs the sealed segments not yet synced, the active segment and, when it changed,
+    /// the directory. Returns the end offset the fsync covers.
+    fn sync_now(&self) -> Result<i64, StorageError> {
+        let (unsynced, active, end, dir_dirty) = {
+            let mut st = write(&self.state);
+            (
+                std::mem::take(&mut st.unsynced),
+                Arc::clone(&st.active.seg),
+                st.active.end,
+                std::mem::take(&mut st.dir_dirty),
+            )
+        };
+        let r = (|| {
+            for seg in &unsynced {
+                seg.sync()?;
+            }
+            active.sync()?;
+            if dir_dirty {
+                meta::sync_dir(&self.dir)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            let mut st = write(&self.state);
+            st.unsynced.extend(unsynced);
+            st.dir_dirty |= dir_dirty;
+            return Err(e);
+        }
+        self.counters.inc(&self.counters.fsyncs, 1);
+        Ok(end)
+    }
+
+    /// Deletes the oldest sealed segments that retention no longer keeps and advances (and
+    /// persists) the log start. Returns the number of segments deleted.
+    pub(crate) fn enforce_retention(&self, now: i64) -> Result<u64, StorageError> {
+        let Settings {
+            retention_bytes,
+            retention_age,
+            ..
+        } = self.settings;
+        if retention_bytes.is_none() && retention_age.is_none() {
+            return Ok(0);
+        }
+        let cutoff = retention_age
+            .map(|a| now.saturating_sub(i64::try_from(a.as_nanos()).unwrap_or(i64::MAX)));
+        // Serialize with appends (which may roll segments).
+        let _w = lock(&self.writer);
+        let (n, new_start) = {
+            let st = read(&self.state);
+            let mut total: u64 =
+                st.sealed.iter().map(|s| s.log_len).sum::<u64>() + st.active.log_len;
+            let mut n = 0;
+            for s in &st.sealed {
+                let by_size = retention_bytes.is_some_and(|limit| total > limit);
+                let by_age = cutoff.is_some_and(|c| s.last_append.is_none_or(|t| t <= c));
+                if !(by_size || by_age) {
+                    break;
+                }
+                total -= s.log_len;
+                n += 1;
+            }
+            let next_base = st.sealed.get(n).map_or(st.active.seg.base, |s| s.seg.base);
+            (n, st.log_start.max(next_base))
+        };
+        if n == 0 {
+            return Ok(0);
+        }
+        // Persist the new start first: a crash before the files are gone leaves segments that
+        // the next open removes.
+        meta::write_partition(&self.dir, new_start)?;
+        let victims: Vec<SegState> = {
+            let mut st = write(&self.state);
+            st.log_start = new_start;
+            st.sealed.drain(..n).collect()
+        };
+        for v in &victims {
+            v.seg.remove_files();
+        }
+        tracing::debug!(partition = %self.dir.display(), segments = n, log_start = new_start, "retention");
+        self.counters.inc(&self.counters.segments_deleted, n as u64);
+        Ok(n as u64)
+    }
+}
+
+/// The state of one fetch.
+struct Reader {
+    limit: usize,
+    max_total: u32,
+    out: Vec<u8>,
+    crc: u32,
+    /// Record bytes taken, including a pending `run` not yet read.
+    taken: usize,
+    count: u32,
+    next: i64,
+    /// Whole batches to read with one `pread`: (position, length, CRC).
+    run: Option<(u64, u64, u32)>,
+    entries: Vec<IndexEntry>,
+}
+
+impl Reader {
+    /// Reads from one segment; returns `true` when the fetch is complete.
+    fn read_segment(&mut self, snap: &Snap) -> Result<bool, StorageError> {
+        if self.next < snap.seg.base {
+            // A gap left by a truncated sealed segment: continue at the next segment.
+            if self.count > 0 {
+                return Ok(true);
+            }
+            self.next = snap.seg.base;
+        }
+        if self.next >= snap.end {
+            return Ok(false);
+        }
+        let seg = &*snap.seg;
+        // The entry holding `next`: within the sampled range.
+        let (lo, hi) = snap.range;
+        seg.read_entries(lo, hi - lo, &mut self.entries)?;
+        let k = self
+            .entries
+            .partition_point(|e| e.base_offset <= self.next)
+            .saturating_sub(1);
+        let mut i = lo + k as u64;
+        let mut chunk_start = lo;
+        let mut done = false;
+        while i < snap.entries {
+            if i >= chunk_start + self.entries.len() as u64 {
+                let n = (snap.entries - i).min(SAMPLE_EVERY);
+                seg.read_entries(i, n, &mut self.entries)?;
+                chunk_start = i;
+            }
+            let Some(&e) = self.entries.get((i - chunk_start) as usize) else {
+                break;
+            };
+            if self.count > 0 && self.taken >= self.limit {
+                done = true;
+                break;
+            }
+            let skip = self.next - e.base_offset;
+            if skip == 0 && self.taken + e.len as usize <= self.limit {
+                let (pos, len, crc) = self.run.get_or_insert((e.pos, 0, 0));
+                debug_assert_eq!(*pos + *len, e.pos);
+                *crc = combine(*crc, e.crc, u64::from(e.len));
+                *len += u64::from(e.len);
+                self.taken += e.len as usize;
+                self.count += e.count;
+                self.next = e.end_offset();
+                i += 1;
+                continue;
+            }
+            // Part of a batch: find its record boundaries.
+            let mut batch = vec![0u8; e.len as usize];
+            seg.log
+                .read_exact_at(&mut batch, e.pos)
+                .ctx("read log", &seg.log_path)?;
+            let set =
+                MessageSet::new_checked(e.count, &batch).map_err(|err| StorageError::Corrupt {
+                    path: seg.log_path.clone(),
+                    reason: format!("batch at offset {}: {err}", e.base_offset),
+                })?;
+            let (mut at, mut from) = (0usize, None);
+            for (k, rec) in (0..).zip(set.records()) {
+                if k < skip {
+                    at += rec.len();
+                    continue;
+                }
+                if self.taken + rec.len() > self.limit {
+                    if self.count > 0 {
+                        break;
+                    }
+                    if rec.len() > self.max_total as usize {
+                        return Err(StorageError::MessageTooLarge {
+                            offset: self.next,
+                            len: rec.len(),
+                            limit: self.max_total,
+                        });
+                    }
+                }
+                from.get_or_insert(at);
+                at += rec.len();
+                self.taken += rec.len();
+                self.count += 1;
+                self.next += 1;
+            }
+            let piece = batch.get(from.unwrap_or(at)..at).unwrap_or_default();
+            self.flush_run(seg)?;
+            self.out.extend_from_slice(piece);
+            self.crc = combine(self.crc, checksum::checksum(piece), piece.len() as u64);
+            if self.next < e.end_offset() {
+                done = true;
+                break;
+            }
+            i += 1;
+        }
+        self.flush_run(seg)?;
+        Ok(done)
+    }
+
+    /// Reads the pending run of whole batches into the output.
+    fn flush_run(&mut self, seg: &Segment) -> Result<(), StorageError> {
+        if let Some((pos, len, crc)) = self.run.take() {
+            let at = self.out.len();
+            self.out.resize(at + len as usize, 0);
+            let dst = self.out.get_mut(at..).unwrap_or_default();
+            seg.log
+                .read_exact_at(dst, pos)
+                .ctx("read log", &seg.log_path)?;
+            self.crc = combine(self.crc, crc, len);
+        }
+        Ok(())
+    }
+}
+
+/// Removes a directory tree, logging (not failing) on error.
+pub(crate) fn remove_tree(dir: &std::path::Path) {
+    if let Err(e) = fs::remove_dir_all(dir) {
+        tracing::warn!(path = %dir.display(), error = %e, "could not remove directory");
+    }
+}

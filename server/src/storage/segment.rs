@@ -1,0 +1,291 @@
+//! One segment: a `.log` file holding message records in their wire encoding, back to back,
+//! and a `.idx` file holding one fixed-size [`IndexEntry`] per stored batch.
+//!
+//! Keeping batch metadata out of the `.log` makes any run of consecutive messages one
+//! contiguous byte range that a Fetch can send as it is (one `pread`, or `sendfile` later).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use streambus_core::checksum;
+
+use super::error::{IoContext, StorageError};
+
+/// Bytes of one index entry.
+pub(crate) const ENTRY_LEN: usize = 40;
+/// The smallest message record (offset, timestamp and three empty lengths).
+const MIN_RECORD_LEN: u64 = streambus_core::MESSAGE_FIXED_LEN as u64;
+
+/// Index entry layout (big-endian): byte ranges of each field.
+mod field {
+    use std::ops::Range;
+    pub(super) const BASE_OFFSET: Range<usize> = 0..8;
+    pub(super) const POS: Range<usize> = 8..16;
+    pub(super) const APPEND_TIME: Range<usize> = 16..24;
+    pub(super) const COUNT: Range<usize> = 24..28;
+    pub(super) const LEN: Range<usize> = 28..32;
+    pub(super) const RECORDS_CRC: Range<usize> = 32..36;
+    pub(super) const ENTRY_CRC: Range<usize> = 36..40;
+}
+
+/// One stored batch: `count` records starting at `base_offset`, `len` bytes at `pos` of the
+/// `.log`, whose CRC-32 is `crc`; appended at `append_time` (Unix ns, the broker's clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct IndexEntry {
+    pub(crate) base_offset: i64,
+    pub(crate) pos: u64,
+    pub(crate) append_time: i64,
+    pub(crate) count: u32,
+    pub(crate) len: u32,
+    pub(crate) crc: u32,
+}
+
+fn get<const N: usize>(b: &[u8; ENTRY_LEN], r: std::ops::Range<usize>) -> [u8; N] {
+    let mut out = [0u8; N];
+    if let Some(src) = b.get(r) {
+        out.copy_from_slice(src);
+    }
+    out
+}
+
+fn put(b: &mut [u8; ENTRY_LEN], r: std::ops::Range<usize>, v: &[u8]) {
+    if let Some(dst) = b.get_mut(r) {
+        dst.copy_from_slice(v);
+    }
+}
+
+impl IndexEntry {
+    pub(crate) fn end_offset(&self) -> i64 {
+        self.base_offset + i64::from(self.count)
+    }
+
+    pub(crate) fn end_pos(&self) -> u64 {
+        self.pos + u64::from(self.len)
+    }
+
+    pub(crate) fn encode(&self) -> [u8; ENTRY_LEN] {
+        let mut b = [0u8; ENTRY_LEN];
+        put(&mut b, field::BASE_OFFSET, &self.base_offset.to_be_bytes());
+        put(&mut b, field::POS, &self.pos.to_be_bytes());
+        put(&mut b, field::APPEND_TIME, &self.append_time.to_be_bytes());
+        put(&mut b, field::COUNT, &self.count.to_be_bytes());
+        put(&mut b, field::LEN, &self.len.to_be_bytes());
+        put(&mut b, field::RECORDS_CRC, &self.crc.to_be_bytes());
+        let crc = checksum::checksum(b.get(..field::ENTRY_CRC.start).unwrap_or_default());
+        put(&mut b, field::ENTRY_CRC, &crc.to_be_bytes());
+        b
+    }
+
+    /// Decodes an entry; `None` if its own checksum doesn't match.
+    pub(crate) fn decode(b: &[u8; ENTRY_LEN]) -> Option<Self> {
+        let crc = checksum::checksum(b.get(..field::ENTRY_CRC.start)?);
+        if crc != u32::from_be_bytes(get(b, field::ENTRY_CRC)) {
+            return None;
+        }
+        Some(Self {
+            base_offset: i64::from_be_bytes(get(b, field::BASE_OFFSET)),
+            pos: u64::from_be_bytes(get(b, field::POS)),
+            append_time: i64::from_be_bytes(get(b, field::APPEND_TIME)),
+            count: u32::from_be_bytes(get(b, field::COUNT)),
+            len: u32::from_be_bytes(get(b, field::LEN)),
+            crc: u32::from_be_bytes(get(b, field::RECORDS_CRC)),
+        })
+    }
+}
+
+/// A segment's two open files. Reads and writes are positional (`pread`/`pwrite`), so a
+/// `Segment` is shared between the writer and any number of readers.
+#[derive(Debug)]
+pub(crate) struct Segment {
+    pub(crate) base: i64,
+    pub(crate) log: File,
+    pub(crate) idx: File,
+    pub(crate) log_path: PathBuf,
+    pub(crate) idx_path: PathBuf,
+}
+
+/// What recovery found in a segment.
+#[derive(Debug, Default)]
+pub(crate) struct Recovered {
+    pub(crate) entries: u64,
+    pub(crate) log_len: u64,
+    pub(crate) end_offset: i64,
+    pub(crate) last_append: Option<i64>,
+    /// The base offset of every [`SAMPLE_EVERY`]-th entry.
+    pub(crate) samples: Vec<i64>,
+    /// Bytes cut from the `.log` and `.idx` tails.
+    pub(crate) truncated_bytes: u64,
+}
+
+/// One in-memory sample per this many index entries: a lookup reads at most this many
+/// entries (2.5 KiB) from the `.idx`.
+pub(crate) const SAMPLE_EVERY: u64 = 64;
+
+pub(crate) fn file_name(base: i64, ext: &str) -> String {
+    format!("{base:020}.{ext}")
+}
+
+/// The base offset of a segment file name (`00000000000000000042.log`), if it is one.
+pub(crate) fn parse_name(name: &str) -> Option<(i64, &str)> {
+    let (stem, ext) = name.split_once('.')?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((stem.parse().ok()?, ext))
+}
+
+impl Segment {
+    /// Opens (creating if missing) the segment of `base` in `dir`. With `truncate`, existing
+    /// files are emptied (a new segment).
+    pub(crate) fn open(dir: &Path, base: i64, truncate: bool) -> Result<Self, StorageError> {
+        let log_path = dir.join(file_name(base, "log"));
+        let idx_path = dir.join(file_name(base, "idx"));
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(truncate)
+                .open(p)
+                .ctx("open segment", p)
+        };
+        Ok(Self {
+            base,
+            log: open(&log_path)?,
+            idx: open(&idx_path)?,
+            log_path,
+            idx_path,
+        })
+    }
+
+    /// Flushes both files' data to disk.
+    pub(crate) fn sync(&self) -> Result<(), StorageError> {
+        self.log.sync_data().ctx("fsync", &self.log_path)?;
+        self.idx.sync_data().ctx("fsync", &self.idx_path)
+    }
+
+    /// Removes both files (readers holding the segment keep reading the unlinked files).
+    pub(crate) fn remove_files(&self) {
+        for p in [&self.log_path, &self.idx_path] {
+            if let Err(e) = fs::remove_file(p) {
+                tracing::warn!(path = %p.display(), error = %e, "could not remove segment file");
+            }
+        }
+    }
+
+    /// Reads `n` committed index entries starting at entry `first`.
+    pub(crate) fn read_entries(
+        &self,
+        first: u64,
+        n: u64,
+        out: &mut Vec<IndexEntry>,
+    ) -> Result<(), StorageError> {
+        out.clear();
+        let len = usize::try_from(n).unwrap_or(0) * ENTRY_LEN;
+        let mut buf = vec![0u8; len];
+        self.idx
+            .read_exact_at(&mut buf, first * ENTRY_LEN as u64)
+            .ctx("read index", &self.idx_path)?;
+        for (i, chunk) in buf.chunks_exact(ENTRY_LEN).enumerate() {
+            let arr: &[u8; ENTRY_LEN] = chunk.try_into().unwrap_or(&[0; ENTRY_LEN]);
+            let e = IndexEntry::decode(arr).ok_or_else(|| StorageError::Corrupt {
+                path: self.idx_path.clone(),
+                reason: format!("index entry {} fails its checksum", first + i as u64),
+            })?;
+            out.push(e);
+        }
+        Ok(())
+    }
+
+    /// Scans the index (and with `verify_records`, the records' checksums) and truncates both
+    /// files after the last good batch.
+    pub(crate) fn recover(&self, verify_records: bool) -> Result<Recovered, StorageError> {
+        let idx_len = self.idx.metadata().ctx("stat", &self.idx_path)?.len();
+        let log_len = self.log.metadata().ctx("stat", &self.log_path)?.len();
+        let mut r = Recovered {
+            end_offset: self.base,
+            ..Recovered::default()
+        };
+        let mut idx = BufReader::with_capacity(64 * 1024, &self.idx);
+        let mut log = BufReader::with_capacity(1024 * 1024, &self.log);
+        let mut entry = [0u8; ENTRY_LEN];
+        let mut records = Vec::new();
+        let mut stop = None;
+        for i in 0..idx_len / ENTRY_LEN as u64 {
+            idx.read_exact(&mut entry)
+                .ctx("read index", &self.idx_path)?;
+            let Some(e) = IndexEntry::decode(&entry) else {
+                stop = Some(format!("index entry {i} fails its checksum"));
+                break;
+            };
+            if e.base_offset != r.end_offset
+                || e.pos != r.log_len
+                || e.count == 0
+                || u64::from(e.len) < u64::from(e.count) * MIN_RECORD_LEN
+            {
+                stop = Some(format!("index entry {i} does not follow its predecessor"));
+                break;
+            }
+            if e.end_pos() > log_len {
+                stop = Some(format!("batch at offset {} is cut short", e.base_offset));
+                break;
+            }
+            if verify_records {
+                records.resize(e.len as usize, 0);
+                log.read_exact(&mut records)
+                    .ctx("read log", &self.log_path)?;
+                if checksum::checksum(&records) != e.crc {
+                    stop = Some(format!(
+                        "batch at offset {} fails its checksum",
+                        e.base_offset
+                    ));
+                    break;
+                }
+            }
+            if r.entries.is_multiple_of(SAMPLE_EVERY) {
+                r.samples.push(e.base_offset);
+            }
+            r.entries += 1;
+            r.log_len = e.end_pos();
+            r.end_offset = e.end_offset();
+            r.last_append = Some(e.append_time);
+        }
+        let good_idx = r.entries * ENTRY_LEN as u64;
+        if idx_len != good_idx || log_len != r.log_len {
+            r.truncated_bytes = (idx_len - good_idx) + log_len.saturating_sub(r.log_len);
+            tracing::warn!(
+                segment = %self.log_path.display(),
+                reason = stop.as_deref().unwrap_or("bytes after the last indexed batch"),
+                kept_batches = r.entries,
+                end_offset = r.end_offset,
+                log_bytes_cut = log_len.saturating_sub(r.log_len),
+                index_bytes_cut = idx_len - good_idx,
+                "truncating a torn or corrupt segment tail"
+            );
+            self.idx.set_len(good_idx).ctx("truncate", &self.idx_path)?;
+            self.log
+                .set_len(r.log_len)
+                .ctx("truncate", &self.log_path)?;
+            self.sync()?;
+        }
+        Ok(r)
+    }
+}
+
+/// Lists the segment base offsets in a partition directory, sorted. Either file of a pair
+/// counts (a crash can leave one of a new segment's two files).
+pub(crate) fn list(dir: &Path) -> Result<Vec<i64>, StorageError> {
+    let mut bases = Vec::new();
+    for ent in fs::read_dir(dir).ctx("list", dir)? {
+        let ent = ent.ctx("list", dir)?;
+        let name = ent.file_name();
+        if let Some((base, "log" | "idx")) = name.to_str().and_then(parse_name) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    bases.dedup();
+    Ok(bases)
+}

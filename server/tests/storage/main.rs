@@ -1,0 +1,5 @@
+//! Storage engine tests (one binary: basic behaviour, crash consistency, the model test).
+
+mod basic;
+mod crash;
+mod support;
