@@ -55,6 +55,9 @@ mod conn;
 mod error;
 mod wire;
 
+pub use conn::client::{
+    ClientConfig, ClientConnection, ClientError, ClientEvent, Completion, PeerError,
+};
 pub use conn::server::{
     MAX_ERROR_MESSAGE_LEN, ServerConfig, ServerConnection, ServerEvent, encode_error_response,
     encode_fault_response,
