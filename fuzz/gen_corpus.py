@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora in fuzz/corpus/<target>/ from the golden vectors of the protocol
+spec (shared/protocol-v1.md, section 7). Run from anywhere: python3 fuzz/gen_corpus.py
+
+decode_frame and decode_stream inputs start with a config byte (0 = default maximum frame,
+CRC not repaired; see src/lib.rs); decode_stream's next byte is the number of chunk-size bytes
+that follow. roundtrip inputs are `arbitrary` bytes, so the golden frames there are only a
+starting point of varied bytes for the mutator, not encodings of requests.
+"""
+from pathlib import Path
+
+ERROR_MESSAGE = b"topic missing-topic-raw does not exist"
+assert len(ERROR_MESSAGE) == 38
+
+REQUESTS = {
+    "health_check_request": "00000010 0000000000000001 07 01 0000 daa0bd51",
+    "produce_request": "0000003b 0000000000000002 01 01 0001 00000001 74 00000000 00000001 "
+    "0000000000000000 0000000000000001 00000001 6b 00000001 76 00000000 608b9119",
+}
+RESPONSES = {
+    "produce_response": "00000023 0000000000000002 00 0000 0000000000000000 00000001 "
+    "0000000000000001 d04e446a",
+    "health_check_response": "00000022 0000000000000001 00 0000 00000007 6865616c746879 "
+    "0000000000000002 23bf1731",
+    "error_response": "00000039 000000000000006a 01 0008 00000026 "
+    + ERROR_MESSAGE.hex()
+    + " d304c1bf",
+}
+
+
+def frame(hex_fields: str) -> bytes:
+    b = bytes.fromhex(hex_fields.replace(" ", ""))
+    assert int.from_bytes(b[:4], "big") == len(b) - 4, hex_fields
+    return b
+
+
+def main() -> None:
+    root = Path(__file__).resolve().parent / "corpus"
+    requests = {k: frame(v) for k, v in REQUESTS.items()}
+    responses = {k: frame(v) for k, v in RESPONSES.items()}
+    frames = {**requests, **responses}
+    request_stream = b"".join(requests.values())
+    response_stream = b"".join(responses.values())
+
+    seeds = {
+        "decode_frame": {
+            **{name: b"\x00" + f for name, f in frames.items()},
+            "request_stream": b"\x00" + request_stream,
+            "response_stream": b"\x00" + response_stream,
+            # Maximum Length 8 * 4 = 32: the Produce request (59) is refused on its 4 bytes.
+            "request_stream_max32": b"\x04" + request_stream,
+        },
+        "decode_stream": {
+            "requests_bytewise": b"\x00\x00" + request_stream,
+            "responses_bytewise": b"\x00\x00" + response_stream,
+            "requests_chunks_3_17_64": b"\x00\x03" + bytes([2, 16, 63]) + request_stream,
+            "responses_chunks_5_40": b"\x00\x02" + bytes([4, 39]) + response_stream,
+            "requests_max32": b"\x04\x01\x07" + request_stream,
+        },
+        "roundtrip": {name: f for name, f in frames.items()},
+    }
+    for target, files in seeds.items():
+        d = root / target
+        d.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (d / f"golden_{name}").write_bytes(data)
+
+
+if __name__ == "__main__":
+    main()
