@@ -1,5 +1,221 @@
-//! The StreamBus broker library.
+//! # streambus-server
 //!
-//! - [`storage`]: the durable partitioned log storage engine.
+//! The StreamBus broker: [`Broker`] routes the seven v1 requests to the durable, partitioned
+//! log [`storage`] engine, and [`start`] serves it on the runtime the [`Config`] names
+//! (tokio, smol or blocking, through `streambus-adapters`).
 
+pub mod broker;
+pub mod config;
+pub mod metrics;
 pub mod storage;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use broker::{Broker, BrokerConfig};
+pub use config::{Cli, Config, ConfigError, FsyncMode, RuntimeKind};
+use metrics::Metrics;
+use storage::{FsyncPolicy, Storage, StorageConfig};
+use streambus_adapters::ServeOptions;
+use streambus_core::ServerConfig;
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The storage engine failed to open.
+    #[error("storage: {0}")]
+    Storage(#[from] storage::StorageError),
+    /// A listener could not be bound or a runtime started.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The server thread panicked.
+    #[error("the server thread panicked")]
+    Panicked,
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let what = what.into();
+    move |source| ServerError::Io { what, source }
+}
+
+/// How a running broker is told to stop.
+#[derive(Debug)]
+enum Stop {
+    Async(smol::channel::Sender<()>),
+    Blocking(streambus_adapters::blocking::Shutdown),
+}
+
+/// A broker serving in a background thread.
+#[derive(Debug)]
+pub struct Running {
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    storage: Arc<Storage>,
+    stop: Stop,
+    thread: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl Running {
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The metrics listener's address, if on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Graceful shutdown: stop accepting, let open connections finish what they have read,
+    /// then fsync every log. Returns once done.
+    pub fn shutdown(mut self) -> Result<(), ServerError> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<(), ServerError> {
+        match &self.stop {
+            Stop::Async(tx) => tx.close(),
+            Stop::Blocking(s) => {
+                s.trigger();
+                true
+            }
+        };
+        let result = match self.thread.take() {
+            Some(t) => t.join().map_err(|_| ServerError::Panicked)?,
+            None => Ok(()),
+        };
+        self.storage.sync_all()?;
+        tracing::info!("broker stopped; logs synced");
+        result
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = self.stop_and_join();
+        }
+    }
+}
+
+/// Opens the storage, binds the listeners and starts serving in a background thread.
+pub fn start(config: Config) -> Result<Running, ServerError> {
+    let fsync = match config.fsync {
+        FsyncMode::Always => FsyncPolicy::Always,
+        FsyncMode::Interval => FsyncPolicy::Interval(config.fsync_interval),
+        FsyncMode::Never => FsyncPolicy::Never,
+    };
+    let mut storage_config = StorageConfig::new(&config.data_dir);
+    storage_config.fsync = fsync;
+    let storage = Arc::new(Storage::open(storage_config)?);
+    let metrics = Arc::new(Metrics::default());
+
+    let listener =
+        TcpListener::bind(config.listen).map_err(io_err(format!("binding {}", config.listen)))?;
+    let addr = listener
+        .local_addr()
+        .map_err(io_err("reading the listen address"))?;
+    let metrics_addr = match config.metrics_listen {
+        Some(a) => {
+            let (m, s) = (metrics.clone(), storage.clone());
+            let refresh = move || {
+                let st = s.stats();
+                Metrics::set_counter(&m.storage_appends, st.appends);
+                Metrics::set_counter(&m.storage_fsyncs, st.fsyncs);
+                Metrics::set_counter(&m.storage_truncations, st.recovery_truncations);
+            };
+            Some(
+                metrics::serve(a, metrics.clone(), refresh)
+                    .map_err(io_err(format!("binding metrics on {a}")))?,
+            )
+        }
+        None => None,
+    };
+
+    let mut conn = ServerConfig::default();
+    conn.max_frame_len(config.max_frame_bytes)
+        .read_timeout(config.read_timeout)
+        .idle_timeout(config.idle_timeout);
+    let options = ServeOptions::default()
+        .max_connections(config.max_connections)
+        .connection(conn)
+        .write_timeout(config.write_timeout);
+    let broker = Arc::new(Broker::new(
+        storage.clone(),
+        BrokerConfig {
+            auto_create_topics: config.auto_create_topics,
+            max_frame_len: config.max_frame_bytes,
+        },
+        metrics,
+    ));
+    tracing::info!(%addr, runtime = ?config.runtime, data_dir = %config.data_dir.display(), "broker listening");
+
+    let (stop, body): (Stop, Box<dyn FnOnce() -> Result<(), ServerError> + Send>) =
+        match config.runtime {
+            RuntimeKind::Tokio => {
+                let (tx, rx) = smol::channel::bounded::<()>(1);
+                let body = move || {
+                    let rt = tokio::runtime::Builder::new_multi_thread()
+                        .enable_all()
+                        .thread_name("streambus-tokio")
+                        .build()
+                        .map_err(io_err("starting tokio"))?;
+                    rt.block_on(async move {
+                        listener.set_nonblocking(true).map_err(io_err("listener"))?;
+                        let l = tokio::net::TcpListener::from_std(listener)
+                            .map_err(io_err("listener"))?;
+                        streambus_adapters::tokio::serve(l, broker, options, async move {
+                            let _ = rx.recv().await;
+                        })
+                        .await
+                        .map_err(io_err("serving"))
+                    })
+                };
+                (Stop::Async(tx), Box::new(body))
+            }
+            RuntimeKind::Smol => {
+                let (tx, rx) = smol::channel::bounded::<()>(1);
+                let body = move || {
+                    let l = smol::Async::new(listener).map_err(io_err("listener"))?;
+                    smol::block_on(streambus_adapters::smol::serve(
+                        l,
+                        broker,
+                        options,
+                        async move {
+                            let _ = rx.recv().await;
+                        },
+                    ))
+                    .map_err(io_err("serving"))
+                };
+                (Stop::Async(tx), Box::new(body))
+            }
+            RuntimeKind::Blocking => {
+                let handle = streambus_adapters::blocking::shutdown_handle(&listener)
+                    .map_err(io_err("listener"))?;
+                let h = handle.clone();
+                let body = move || {
+                    streambus_adapters::blocking::serve(listener, broker, options, h)
+                        .map_err(io_err("serving"))
+                };
+                (Stop::Blocking(handle), Box::new(body))
+            }
+        };
+    let thread = std::thread::Builder::new()
+        .name("streambus-server".into())
+        .spawn(body)
+        .map_err(io_err("starting the server thread"))?;
+    Ok(Running {
+        addr,
+        metrics_addr,
+        storage,
+        stop,
+        thread: Some(thread),
+    })
+}

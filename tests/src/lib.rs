@@ -247,3 +247,85 @@ pub fn serve<H: streambus_adapters::Handler>(
         thread: Some(thread),
     }
 }
+
+/// Encodes `values` as a message set (key `k<i>`, timestamp 0) into an owned buffer.
+pub fn message_set(values: &[&[u8]]) -> (u32, Vec<u8>) {
+    use streambus_core::{Encode, Message, MessageSetBuilder};
+    let msgs: Vec<Message<'_>> = values.iter().map(|v| Message::new(b"", v)).collect();
+    let mut buf = vec![0u8; msgs.iter().map(Encode::encoded_len).sum()];
+    let mut b = MessageSetBuilder::new(&mut buf);
+    for m in &msgs {
+        b.push(m).expect("sized exactly");
+    }
+    let count = b.count();
+    (count, buf)
+}
+
+/// Produce `values` to `topic`/`partition`; returns the reply.
+pub fn produce(
+    c: &mut RawClient,
+    topic: &str,
+    partition: u32,
+    values: &[&[u8]],
+) -> io::Result<Reply> {
+    use streambus_core::{MessageSet, ProduceRequest, Topic};
+    let (count, bytes) = message_set(values);
+    let messages = MessageSet::new_checked(count, &bytes).expect("valid set");
+    let req = Request::Produce(ProduceRequest {
+        topic: Topic::new(topic).expect("valid topic"),
+        partition,
+        messages,
+        producer: None,
+    });
+    c.call(&req)
+}
+
+/// Fetch from `offset`; returns the reply.
+pub fn fetch(
+    c: &mut RawClient,
+    topic: &str,
+    partition: u32,
+    offset: i64,
+    max_bytes: u32,
+) -> io::Result<Reply> {
+    use streambus_core::{FetchRequest, Topic};
+    let req = Request::Fetch(FetchRequest {
+        topic: Topic::new(topic).expect("valid topic"),
+        partition,
+        offset,
+        max_bytes,
+        extension: None,
+    });
+    c.call(&req)
+}
+
+/// Every (offset, value) of a partition from `from`, fetching until the high-water mark.
+pub fn fetch_all(
+    c: &mut RawClient,
+    topic: &str,
+    partition: u32,
+    from: i64,
+) -> io::Result<Vec<(i64, Vec<u8>)>> {
+    let mut out = Vec::new();
+    let mut offset = from;
+    loop {
+        let reply = fetch(c, topic, partition, offset, 1 << 20)?;
+        let Response::Fetch(f) = reply
+            .parse(RequestType::Fetch)
+            .map_err(|e| io::Error::other(e.to_string()))?
+        else {
+            return Err(io::Error::other(format!(
+                "fetch failed with code {}",
+                reply.error_code()
+            )));
+        };
+        for m in f.messages.iter() {
+            out.push((m.offset, m.value.to_vec()));
+        }
+        let next = f.trailer.map_or(offset, |t| t.next_offset);
+        if next >= f.high_water_mark || f.messages.is_empty() {
+            return Ok(out);
+        }
+        offset = next;
+    }
+}

@@ -1,0 +1,356 @@
+//! Broker settings: defaults, then an optional TOML file (`--config`), then `STREAMBUS_*`
+//! environment variables, then command-line flags — each overriding the one before.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+/// An invalid setting: names it and says why. The binary prints it on one line and exits 2.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A setting has a value that can't be used.
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid {
+        /// The setting's name (as a flag).
+        setting: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The config file can't be read or parsed.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Durability policy names, as given on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// fsync before every acknowledgement (group commit).
+    Always,
+    /// fsync every `--fsync-interval`.
+    Interval,
+    /// Leave it to the OS.
+    Never,
+}
+
+/// Which adapter serves connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// tokio, multi-threaded.
+    Tokio,
+    /// smol (async-io).
+    Smol,
+    /// std threads, one per connection.
+    Blocking,
+}
+
+/// The `streambus-server` command line. Every flag can also come from the environment
+/// (`STREAMBUS_LISTEN`, …) or the `--config` TOML file (same names, `_` for `-`).
+#[derive(Debug, Default, Parser)]
+#[command(name = "streambus-server", version, about = "The StreamBus broker")]
+pub struct Cli {
+    /// TOML config file.
+    #[arg(long, env = "STREAMBUS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to accept clients on [default: 127.0.0.1:9092].
+    #[arg(long, env = "STREAMBUS_LISTEN")]
+    pub listen: Option<String>,
+    /// Data directory [default: ./streambus-data].
+    #[arg(long, env = "STREAMBUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Durability policy [default: interval].
+    #[arg(long, env = "STREAMBUS_FSYNC")]
+    pub fsync: Option<FsyncMode>,
+    /// fsync interval for `--fsync interval` [default: 1s].
+    #[arg(long, env = "STREAMBUS_FSYNC_INTERVAL")]
+    pub fsync_interval: Option<String>,
+    /// Connections open at once [default: 10000].
+    #[arg(long, env = "STREAMBUS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Largest frame Length accepted and sent [default: 10485760].
+    #[arg(long, env = "STREAMBUS_MAX_FRAME_BYTES")]
+    pub max_frame_bytes: Option<u32>,
+    /// A half-received frame is dropped after this long without progress [default: 30s].
+    #[arg(long, env = "STREAMBUS_READ_TIMEOUT")]
+    pub read_timeout: Option<String>,
+    /// A write that takes longer closes the connection [default: 30s].
+    #[arg(long, env = "STREAMBUS_WRITE_TIMEOUT")]
+    pub write_timeout: Option<String>,
+    /// A connection with no frame for this long is closed [default: 10m].
+    #[arg(long, env = "STREAMBUS_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Create a missing topic (one partition) on Produce [default: true].
+    #[arg(long, env = "STREAMBUS_AUTO_CREATE_TOPICS")]
+    pub auto_create_topics: Option<bool>,
+    /// Address of the Prometheus /metrics listener; `off` disables it [default: 127.0.0.1:9100].
+    #[arg(long, env = "STREAMBUS_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Connection runtime [default: tokio].
+    #[arg(long, env = "STREAMBUS_RUNTIME")]
+    pub runtime: Option<RuntimeKind>,
+}
+
+/// The `--config` file: the same settings as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    fsync: Option<FsyncMode>,
+    fsync_interval: Option<String>,
+    max_connections: Option<usize>,
+    max_frame_bytes: Option<u32>,
+    read_timeout: Option<String>,
+    write_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    auto_create_topics: Option<bool>,
+    metrics_listen: Option<String>,
+    runtime: Option<RuntimeKind>,
+}
+
+/// The resolved settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// Client listener.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Durability policy.
+    pub fsync: FsyncMode,
+    /// Interval for [`FsyncMode::Interval`].
+    pub fsync_interval: Duration,
+    /// Connection cap.
+    pub max_connections: usize,
+    /// Largest frame Length.
+    pub max_frame_bytes: u32,
+    /// Read timeout for half-received frames.
+    pub read_timeout: Duration,
+    /// Write timeout.
+    pub write_timeout: Duration,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// Auto-create topics on Produce.
+    pub auto_create_topics: bool,
+    /// Metrics listener; `None` = off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Connection runtime.
+    pub runtime: RuntimeKind,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
+            data_dir: PathBuf::from("./streambus-data"),
+            fsync: FsyncMode::Interval,
+            fsync_interval: Duration::from_secs(1),
+            max_connections: 10_000,
+            max_frame_bytes: streambus_core::DEFAULT_MAX_FRAME_LEN,
+            read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(600),
+            auto_create_topics: true,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
+            runtime: RuntimeKind::Tokio,
+        }
+    }
+}
+
+fn duration(setting: &'static str, v: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(v.trim()).map_err(|e| ConfigError::Invalid {
+        setting,
+        reason: format!("{v:?} is not a duration like 500ms, 30s or 10m ({e})"),
+    })?;
+    if d.is_zero() {
+        return Err(ConfigError::Invalid {
+            setting,
+            reason: "must be greater than zero".into(),
+        });
+    }
+    Ok(d)
+}
+
+fn addr(setting: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse().map_err(|_| ConfigError::Invalid {
+        setting,
+        reason: format!("{v:?} is not an address like 127.0.0.1:9092"),
+    })
+}
+
+impl Config {
+    /// Resolves the command line (with its environment) and the config file it names.
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let listen = match cli.listen.or(file.listen) {
+            Some(v) => addr("--listen", &v)?,
+            None => d.listen,
+        };
+        let metrics_listen = match cli.metrics_listen.or(file.metrics_listen) {
+            Some(v) if v.eq_ignore_ascii_case("off") => None,
+            Some(v) => Some(addr("--metrics-listen", &v)?),
+            None => d.metrics_listen,
+        };
+        let dur = |setting, a: Option<String>, b: Option<String>, default| match a.or(b) {
+            Some(v) => duration(setting, &v),
+            None => Ok(default),
+        };
+        let max_frame_bytes = cli
+            .max_frame_bytes
+            .or(file.max_frame_bytes)
+            .unwrap_or(d.max_frame_bytes);
+        if max_frame_bytes < 1024 {
+            return Err(ConfigError::Invalid {
+                setting: "--max-frame-bytes",
+                reason: format!("{max_frame_bytes} is below the minimum of 1024"),
+            });
+        }
+        let max_connections = cli
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(d.max_connections);
+        if max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "--max-connections",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            listen,
+            data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
+            fsync: cli.fsync.or(file.fsync).unwrap_or(d.fsync),
+            fsync_interval: dur(
+                "--fsync-interval",
+                cli.fsync_interval,
+                file.fsync_interval,
+                d.fsync_interval,
+            )?,
+            max_connections,
+            max_frame_bytes,
+            read_timeout: dur(
+                "--read-timeout",
+                cli.read_timeout,
+                file.read_timeout,
+                d.read_timeout,
+            )?,
+            write_timeout: dur(
+                "--write-timeout",
+                cli.write_timeout,
+                file.write_timeout,
+                d.write_timeout,
+            )?,
+            idle_timeout: dur(
+                "--idle-timeout",
+                cli.idle_timeout,
+                file.idle_timeout,
+                d.idle_timeout,
+            )?,
+            auto_create_topics: cli
+                .auto_create_topics
+                .or(file.auto_create_topics)
+                .unwrap_or(d.auto_create_topics),
+            metrics_listen,
+            runtime: cli.runtime.or(file.runtime).unwrap_or(d.runtime),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.to_owned(),
+        reason: e.message().to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["streambus-server"];
+        all.extend_from_slice(args);
+        Config::from_cli(Cli::try_parse_from(all).unwrap())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen.to_string(), "127.0.0.1:9092");
+        assert_eq!(c.idle_timeout, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn durations_and_flags() {
+        let c = parse(&[
+            "--read-timeout",
+            "500ms",
+            "--write-timeout",
+            "30s",
+            "--idle-timeout",
+            "10m",
+            "--fsync",
+            "never",
+            "--runtime",
+            "smol",
+            "--metrics-listen",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(c.read_timeout, Duration::from_millis(500));
+        assert_eq!(c.idle_timeout, Duration::from_secs(600));
+        assert_eq!(c.fsync, FsyncMode::Never);
+        assert_eq!(c.runtime, RuntimeKind::Smol);
+        assert_eq!(c.metrics_listen, None);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let e = parse(&["--read-timeout", "soon"]).unwrap_err().to_string();
+        assert!(e.starts_with("invalid setting --read-timeout:"), "{e}");
+        let e = parse(&["--listen", "nowhere"]).unwrap_err().to_string();
+        assert!(e.contains("--listen"), "{e}");
+        let e = parse(&["--max-frame-bytes", "10"]).unwrap_err().to_string();
+        assert!(e.contains("--max-frame-bytes"), "{e}");
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sb.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7000\"\nfsync = \"always\"\nidle_timeout = \"1m\"\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let c = parse(&["--config", p]).unwrap();
+        assert_eq!(
+            (c.listen.port(), c.fsync, c.idle_timeout),
+            (7000, FsyncMode::Always, Duration::from_secs(60))
+        );
+        let c = parse(&["--config", p, "--listen", "127.0.0.1:7001"]).unwrap();
+        assert_eq!(c.listen.port(), 7001);
+        std::fs::write(&path, "lisen = \"x\"\n").unwrap();
+        let e = parse(&["--config", p]).unwrap_err().to_string();
+        assert!(e.contains("lisen"), "{e}");
+    }
+}

@@ -1,0 +1,197 @@
+//! Prometheus metrics, encoded by `prometheus-client` and served over HTTP by `tiny_http` on
+//! their own listener.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use streambus_adapters::ConnEvent;
+
+/// Labels of the per-request metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `produce`, `fetch`, …
+    pub r#type: &'static str,
+    /// `ok` or the error name (`TopicNotFound`, …).
+    pub status: &'static str,
+}
+
+/// Every metric the broker exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    connections_open: Gauge,
+    connections_accepted: Counter,
+    connections_refused: Counter,
+    bytes_in: Counter,
+    bytes_out: Counter,
+    frame_faults: Family<RequestLabels, Counter>,
+    requests: Family<RequestLabels, Counter>,
+    latency: Histogram,
+    /// Storage counters, updated from the engine's stats on each scrape.
+    pub(crate) storage_appends: Counter,
+    pub(crate) storage_fsyncs: Counter,
+    pub(crate) storage_truncations: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("streambus");
+        let m = Self {
+            connections_open: Gauge::default(),
+            connections_accepted: Counter::default(),
+            connections_refused: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            frame_faults: Family::default(),
+            requests: Family::default(),
+            // 10 µs .. ~5 s
+            latency: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
+            storage_appends: Counter::default(),
+            storage_fsyncs: Counter::default(),
+            storage_truncations: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_open",
+            "Client connections open",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connections_accepted",
+            "Client connections accepted",
+            m.connections_accepted.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed at once (over the cap)",
+            m.connections_refused.clone(),
+        );
+        registry.register("bytes_in", "Bytes read from clients", m.bytes_in.clone());
+        registry.register("bytes_out", "Bytes written to clients", m.bytes_out.clone());
+        registry.register(
+            "frame_faults",
+            "Frames answered with an error by the connection layer",
+            m.frame_faults.clone(),
+        );
+        registry.register(
+            "requests",
+            "Requests answered, by type and status",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_latency_seconds",
+            "Time to execute a request",
+            m.latency.clone(),
+        );
+        registry.register(
+            "storage_appends",
+            "Batches appended",
+            m.storage_appends.clone(),
+        );
+        registry.register("storage_fsyncs", "fsync calls", m.storage_fsyncs.clone());
+        registry.register(
+            "storage_recovery_truncations",
+            "Torn or corrupt log tails truncated on recovery",
+            m.storage_truncations.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Records a connection event.
+    pub fn connection_event(&self, e: ConnEvent) {
+        match e {
+            ConnEvent::Accepted => {
+                self.connections_accepted.inc();
+                self.connections_open.inc();
+            }
+            ConnEvent::Closed => {
+                self.connections_open.dec();
+            }
+            ConnEvent::Refused => {
+                self.connections_refused.inc();
+            }
+            ConnEvent::BytesIn(n) => {
+                self.bytes_in.inc_by(n as u64);
+            }
+            ConnEvent::BytesOut(n) => {
+                self.bytes_out.inc_by(n as u64);
+            }
+            ConnEvent::Fault(code) => {
+                self.frame_faults
+                    .get_or_create(&RequestLabels {
+                        r#type: "frame",
+                        status: code.name().unwrap_or("Unknown"),
+                    })
+                    .inc();
+            }
+            _ => {}
+        }
+    }
+
+    /// Records one answered request.
+    pub fn request(&self, r#type: &'static str, status: &'static str, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels { r#type, status })
+            .inc();
+        self.latency.observe(took.as_secs_f64());
+    }
+
+    /// Brings a monotonic counter up to `value`.
+    pub(crate) fn set_counter(c: &Counter, value: u64) {
+        let now = c.get();
+        if value > now {
+            c.inc_by(value - now);
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "metrics encoding failed");
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `addr` from a background thread until the process ends.
+/// `refresh` runs before each scrape (to pull storage stats).
+pub fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    refresh: impl Fn() + Send + 'static,
+) -> std::io::Result<SocketAddr> {
+    let server = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
+    let local = server.server_addr().to_ip().unwrap_or(addr);
+    std::thread::Builder::new()
+        .name("streambus-metrics".into())
+        .spawn(move || {
+            for req in server.incoming_requests() {
+                let resp = if req.url() == "/metrics" {
+                    refresh();
+                    let mut resp = tiny_http::Response::from_string(metrics.encode());
+                    if let Ok(h) = tiny_http::Header::from_bytes(
+                        &b"Content-Type"[..],
+                        &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
+                    ) {
+                        resp = resp.with_header(h);
+                    }
+                    resp
+                } else {
+                    tiny_http::Response::from_string("not found: try /metrics\n")
+                        .with_status_code(404)
+                };
+                let _ = req.respond(resp);
+            }
+        })?;
+    Ok(local)
+}

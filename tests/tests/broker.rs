@@ -1,0 +1,419 @@
+//! The broker end to end over real sockets, on each runtime: every request type, pipelining,
+//! concurrency, faults, graceful shutdown and restart.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use streambus_core::{
+    CreateTopicRequest, DeleteTopicRequest, ErrorCode, GetOffsetRequest, Request, RequestType,
+    Response, Text, Topic,
+};
+use streambus_server::{Config, FsyncMode, Running, RuntimeKind};
+use streambus_tests::{RawClient, fetch, fetch_all, produce};
+
+const RUNTIMES: [RuntimeKind; 3] = [RuntimeKind::Tokio, RuntimeKind::Smol, RuntimeKind::Blocking];
+
+fn config(dir: &std::path::Path, runtime: RuntimeKind) -> Config {
+    let mut c = Config::default();
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.data_dir = dir.to_owned();
+    c.metrics_listen = None;
+    c.runtime = runtime;
+    c.fsync = FsyncMode::Never;
+    c
+}
+
+fn start(dir: &std::path::Path, runtime: RuntimeKind) -> Running {
+    streambus_server::start(config(dir, runtime)).expect("broker starts")
+}
+
+fn topic(s: &str) -> Topic<'_> {
+    Topic::new(s).unwrap()
+}
+
+#[test]
+fn every_request_type() {
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = start(dir.path(), rt);
+        let mut c = RawClient::connect(broker.addr()).unwrap();
+
+        let r = c.call(&Request::HealthCheck).unwrap();
+        assert!(
+            matches!(r.parse(RequestType::HealthCheck).unwrap(), Response::HealthCheck(h) if h.status == Text(b"healthy"))
+        );
+
+        let create = Request::CreateTopic(CreateTopicRequest {
+            topic: topic("orders"),
+            num_partitions: 3,
+            replication_factor: 1,
+        });
+        let r = c.call(&create).unwrap();
+        assert!(
+            matches!(r.parse(RequestType::CreateTopic).unwrap(), Response::CreateTopic(t) if t.created),
+            "{rt:?}"
+        );
+        // Same count again: success, created = false. Another count: TopicExists.
+        let r = c.call(&create).unwrap();
+        assert!(
+            matches!(r.parse(RequestType::CreateTopic).unwrap(), Response::CreateTopic(t) if !t.created)
+        );
+        let r = c
+            .call(&Request::CreateTopic(CreateTopicRequest {
+                topic: topic("orders"),
+                num_partitions: 2,
+                replication_factor: 1,
+            }))
+            .unwrap();
+        assert_eq!(r.error_code(), ErrorCode::TOPIC_EXISTS.0);
+        let r = c
+            .call(&Request::CreateTopic(CreateTopicRequest {
+                topic: topic("x"),
+                num_partitions: 0,
+                replication_factor: 1,
+            }))
+            .unwrap();
+        assert_eq!(r.error_code(), ErrorCode::INVALID_REQUEST.0);
+
+        let r = produce(&mut c, "orders", 1, &[b"a", b"bb", b"ccc"]).unwrap();
+        let Response::Produce(p) = r.parse(RequestType::Produce).unwrap() else {
+            panic!("{rt:?}: {}", r.error_code())
+        };
+        assert_eq!(
+            (p.base_offset, p.num_messages, p.high_water_mark),
+            (0, 3, 3)
+        );
+        let r = produce(&mut c, "orders", 1, &[]).unwrap();
+        let Response::Produce(p) = r.parse(RequestType::Produce).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (p.base_offset, p.num_messages, p.high_water_mark),
+            (3, 0, 3)
+        );
+        assert_eq!(
+            produce(&mut c, "orders", 3, &[b"x"]).unwrap().error_code(),
+            ErrorCode::PARTITION_NOT_FOUND.0
+        );
+
+        let r = fetch(&mut c, "orders", 1, 1, 1 << 20).unwrap();
+        let Response::Fetch(f) = r.parse(RequestType::Fetch).unwrap() else {
+            panic!()
+        };
+        let got: Vec<_> = f
+            .messages
+            .iter()
+            .map(|m| (m.offset, m.value.to_vec()))
+            .collect();
+        assert_eq!(got, vec![(1, b"bb".to_vec()), (2, b"ccc".to_vec())]);
+        assert_eq!(f.high_water_mark, 3);
+        let t = f.trailer.unwrap();
+        assert_eq!((t.last_stable_offset, t.next_offset), (3, 3));
+        assert!(
+            f.messages.iter().all(|m| m.timestamp > 0),
+            "timestamp 0 is stamped by the broker"
+        );
+        // At least one message even when it exceeds max_bytes.
+        let r = fetch(&mut c, "orders", 1, 0, 1).unwrap();
+        let Response::Fetch(f) = r.parse(RequestType::Fetch).unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.messages.count(), 1);
+        // Tail poll and out of range.
+        let r = fetch(&mut c, "orders", 1, 3, 100).unwrap();
+        assert!(
+            matches!(r.parse(RequestType::Fetch).unwrap(), Response::Fetch(f) if f.messages.is_empty())
+        );
+        assert_eq!(
+            fetch(&mut c, "orders", 1, 4, 100).unwrap().error_code(),
+            ErrorCode::OFFSET_OUT_OF_RANGE.0
+        );
+        assert_eq!(
+            fetch(&mut c, "orders", 1, -1, 100).unwrap().error_code(),
+            ErrorCode::OFFSET_OUT_OF_RANGE.0
+        );
+        assert_eq!(
+            fetch(&mut c, "nope", 0, 0, 100).unwrap().error_code(),
+            ErrorCode::TOPIC_NOT_FOUND.0
+        );
+
+        let r = c
+            .call(&Request::GetOffset(GetOffsetRequest {
+                topic: topic("orders"),
+                partition: 1,
+            }))
+            .unwrap();
+        let Response::GetOffset(g) = r.parse(RequestType::GetOffset).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (
+                g.topic.as_str(),
+                g.partition,
+                g.start_offset,
+                g.end_offset,
+                g.high_water_mark
+            ),
+            ("orders", 1, 0, 3, 3)
+        );
+
+        // Produce auto-creates with one partition.
+        let r = produce(&mut c, "auto", 0, &[b"hi"]).unwrap();
+        assert!(matches!(
+            r.parse(RequestType::Produce).unwrap(),
+            Response::Produce(_)
+        ));
+        let r = c.call(&Request::ListTopics).unwrap();
+        let Response::ListTopics(l) = r.parse(RequestType::ListTopics).unwrap() else {
+            panic!()
+        };
+        let names: Vec<_> = l
+            .topics
+            .iter()
+            .map(|t| (t.name.as_str().to_owned(), t.num_partitions))
+            .collect();
+        assert_eq!(
+            names,
+            vec![("auto".to_owned(), 1), ("orders".to_owned(), 3)]
+        );
+
+        let r = c
+            .call(&Request::DeleteTopic(DeleteTopicRequest {
+                topic: topic("auto"),
+            }))
+            .unwrap();
+        assert!(
+            matches!(r.parse(RequestType::DeleteTopic).unwrap(), Response::DeleteTopic(d) if d.deleted)
+        );
+        let r = c
+            .call(&Request::DeleteTopic(DeleteTopicRequest {
+                topic: topic("auto"),
+            }))
+            .unwrap();
+        assert_eq!(r.error_code(), ErrorCode::TOPIC_NOT_FOUND.0);
+        // Error messages say what and which value.
+        let r = fetch(&mut c, "orders", 1, 99, 100).unwrap();
+        let Response::Error(e) = r.parse(RequestType::Fetch).unwrap() else {
+            panic!()
+        };
+        assert!(e.message.to_string().contains("99"), "{}", e.message);
+        broker.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn auto_create_off_gives_topic_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), RuntimeKind::Tokio);
+    cfg.auto_create_topics = false;
+    let broker = streambus_server::start(cfg).unwrap();
+    let mut c = RawClient::connect(broker.addr()).unwrap();
+    assert_eq!(
+        produce(&mut c, "missing", 0, &[b"x"]).unwrap().error_code(),
+        ErrorCode::TOPIC_NOT_FOUND.0
+    );
+}
+
+#[test]
+fn a_thousand_pipelined_produces_on_one_connection() {
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = start(dir.path(), rt);
+        let mut c = RawClient::connect(broker.addr()).unwrap();
+        let (count, set) = streambus_tests::message_set(&[b"payload"]);
+        let messages = streambus_core::MessageSet::new_checked(count, &set).unwrap();
+        let req = Request::Produce(streambus_core::ProduceRequest {
+            topic: topic("pipe"),
+            partition: 0,
+            messages,
+            producer: None,
+        });
+        let mut stream = Vec::new();
+        for _ in 0..1000 {
+            stream.extend_from_slice(&c.encode(&req).1);
+        }
+        c.send_raw(&stream).unwrap();
+        let mut offsets: Vec<i64> = (0..1000)
+            .map(
+                |_| match c.recv().unwrap().parse(RequestType::Produce).unwrap() {
+                    Response::Produce(p) => p.base_offset,
+                    other => panic!("{rt:?}: {other:?}"),
+                },
+            )
+            .collect();
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..1000).collect::<Vec<_>>(), "{rt:?}");
+        assert_eq!(fetch_all(&mut c, "pipe", 0, 0).unwrap().len(), 1000);
+    }
+}
+
+#[test]
+fn two_hundred_concurrent_connections_lose_and_duplicate_nothing() {
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = start(dir.path(), rt);
+        let addr = broker.addr();
+        let mut c = RawClient::connect(addr).unwrap();
+        c.call(&Request::CreateTopic(CreateTopicRequest {
+            topic: topic("many"),
+            num_partitions: 4,
+            replication_factor: 1,
+        }))
+        .unwrap();
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let threads: Vec<_> = (0..200)
+            .map(|i| {
+                let acked = acked.clone();
+                std::thread::spawn(move || {
+                    let mut c = RawClient::connect(addr).unwrap();
+                    for j in 0..5 {
+                        let value = format!("c{i}-m{j}");
+                        let r = produce(&mut c, "many", i % 4, &[value.as_bytes()]).unwrap();
+                        let Response::Produce(p) = r.parse(RequestType::Produce).unwrap() else {
+                            panic!()
+                        };
+                        acked
+                            .lock()
+                            .unwrap()
+                            .push((i % 4, p.base_offset, value.into_bytes()));
+                    }
+                    // Each connection also reads back.
+                    assert!(!fetch_all(&mut c, "many", i % 4, 0).unwrap().is_empty());
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut acked = acked.lock().unwrap().clone();
+        acked.sort();
+        let mut stored = Vec::new();
+        for p in 0..4 {
+            for (off, v) in fetch_all(&mut c, "many", p, 0).unwrap() {
+                stored.push((p, off, v));
+            }
+        }
+        stored.sort();
+        assert_eq!(stored.len(), 1000, "{rt:?}");
+        assert_eq!(stored, acked, "{rt:?}");
+    }
+}
+
+#[test]
+fn graceful_shutdown_with_producers_running_loses_no_acknowledged_message() {
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = start(dir.path(), rt);
+        let addr = broker.addr();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let producers: Vec<_> = (0..4)
+            .map(|i| {
+                let (stop, acked) = (stop.clone(), acked.clone());
+                std::thread::spawn(move || {
+                    let Ok(mut c) = RawClient::connect(addr) else {
+                        return;
+                    };
+                    let mut j = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let value = format!("p{i}-{j}");
+                        j += 1;
+                        // Any error (the broker is going away) ends this producer; only acks count.
+                        let Ok(r) = produce(&mut c, "durable", 0, &[value.as_bytes()]) else {
+                            return;
+                        };
+                        match r.parse(RequestType::Produce) {
+                            Ok(Response::Produce(p)) => acked
+                                .lock()
+                                .unwrap()
+                                .push((p.base_offset, value.into_bytes())),
+                            _ => return,
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        broker.shutdown().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        for p in producers {
+            p.join().unwrap();
+        }
+        let acked = acked.lock().unwrap().clone();
+        assert!(!acked.is_empty(), "{rt:?}: producers made progress");
+        let broker = start(dir.path(), rt);
+        let mut c = RawClient::connect(broker.addr()).unwrap();
+        let stored: std::collections::HashMap<i64, Vec<u8>> = fetch_all(&mut c, "durable", 0, 0)
+            .unwrap()
+            .into_iter()
+            .collect();
+        for (off, v) in &acked {
+            assert_eq!(
+                stored.get(off),
+                Some(v),
+                "{rt:?}: acknowledged offset {off} lost"
+            );
+        }
+    }
+}
+
+#[test]
+fn restart_serves_everything_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), RuntimeKind::Tokio);
+    let mut c = RawClient::connect(broker.addr()).unwrap();
+    c.call(&Request::CreateTopic(CreateTopicRequest {
+        topic: topic("keep"),
+        num_partitions: 2,
+        replication_factor: 0,
+    }))
+    .unwrap();
+    for i in 0..50u32 {
+        let v = i.to_be_bytes();
+        produce(&mut c, "keep", i % 2, &[&v]).unwrap();
+    }
+    drop(c);
+    broker.shutdown().unwrap();
+    for rt in RUNTIMES {
+        let broker = start(dir.path(), rt);
+        let mut c = RawClient::connect(broker.addr()).unwrap();
+        for p in 0..2 {
+            let got = fetch_all(&mut c, "keep", p, 0).unwrap();
+            let want: Vec<_> = (0..50u32)
+                .filter(|i| i % 2 == p)
+                .enumerate()
+                .map(|(o, i)| (o as i64, i.to_be_bytes().to_vec()))
+                .collect();
+            assert_eq!(got, want, "{rt:?}");
+        }
+        let r = c.call(&Request::ListTopics).unwrap();
+        let Response::ListTopics(l) = r.parse(RequestType::ListTopics).unwrap() else {
+            panic!()
+        };
+        assert_eq!(l.topics.len(), 1);
+    }
+}
+
+#[test]
+fn message_larger_than_the_frame_allows_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), RuntimeKind::Tokio);
+    cfg.max_frame_bytes = 4096;
+    let broker = streambus_server::start(cfg).unwrap();
+    let mut c = RawClient::connect(broker.addr()).unwrap();
+    // A 4 030-byte value: the frame fits (Length 4 089 <= 4 096) but the record
+    // (28 + 4 030 = 4 058) is over 4 096 - 43 = 4 053, so it could never be fetched alone.
+    let big = vec![7u8; 4030];
+    let r = produce(&mut c, "big", 0, &[&big]).unwrap();
+    assert_eq!(r.error_code(), ErrorCode::MESSAGE_TOO_LARGE.0);
+    let ok = vec![7u8; 4096 - 43 - 28];
+    let r = produce(&mut c, "big", 0, &[&ok]).unwrap();
+    assert!(
+        matches!(r.parse(RequestType::Produce).unwrap(), Response::Produce(_)),
+        "code {}",
+        r.error_code()
+    );
+    let got = fetch_all(&mut c, "big", 0, 0).unwrap();
+    assert_eq!(got.len(), 1);
+}
