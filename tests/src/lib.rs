@@ -54,7 +54,7 @@ impl Reply {
 /// A blocking v1 client that speaks raw frames.
 #[derive(Debug)]
 pub struct RawClient {
-    stream: TcpStream,
+    stream: Option<TcpStream>,
     buf: Vec<u8>,
     next_id: u64,
 }
@@ -66,15 +66,41 @@ impl RawClient {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.set_nodelay(true)?;
         Ok(Self {
-            stream,
+            stream: Some(stream),
             buf: Vec::new(),
             next_id: 1,
         })
     }
 
+    /// Wraps a connected stream.
+    pub fn from_stream(stream: TcpStream) -> Self {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = stream.set_nodelay(true);
+        Self {
+            stream: Some(stream),
+            buf: Vec::new(),
+            next_id: 1,
+        }
+    }
+
+    /// A client with no connection, only for encoding frames.
+    pub fn connect_lazy() -> Self {
+        Self {
+            stream: None,
+            buf: Vec::new(),
+            next_id: 1,
+        }
+    }
+
+    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+        self.stream
+            .as_mut()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no stream"))
+    }
+
     /// Writes raw bytes.
     pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes)
+        self.stream()?.write_all(bytes)
     }
 
     /// Encodes a request frame with a fresh id.
@@ -107,7 +133,7 @@ impl RawClient {
                 Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
             }
             let mut chunk = [0u8; 64 * 1024];
-            let n = self.stream.read(&mut chunk)?;
+            let n = self.stream()?.read(&mut chunk)?;
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
@@ -126,7 +152,10 @@ impl RawClient {
     /// Whether the server closed the connection (EOF within the read timeout).
     pub fn is_closed_by_peer(&mut self) -> bool {
         let mut b = [0u8; 1];
-        match self.stream.read(&mut b) {
+        let Ok(stream) = self.stream() else {
+            return true;
+        };
+        match stream.read(&mut b) {
             Ok(0) => true,
             Ok(_) => false,
             Err(e) => matches!(
