@@ -21,7 +21,7 @@ const POLY: u32 = 0xEDB8_8320;
 
 #[cfg(all(not(feature = "crc-simd"), not(feature = "crc-small-table")))]
 type Imp = crc::Table<16>;
-#[cfg(any(feature = "crc-simd", feature = "crc-small-table"))]
+#[cfg(all(not(feature = "crc-simd"), feature = "crc-small-table"))]
 type Imp = crc::Table<1>;
 
 #[cfg(not(feature = "crc-simd"))]

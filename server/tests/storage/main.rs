@@ -2,4 +2,5 @@
 
 mod basic;
 mod crash;
+mod model;
 mod support;
