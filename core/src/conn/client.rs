@@ -1,28 +1,4 @@
-//! The client's side of one connection: request ids, pipelining, response matching and
-//! per-request deadlines over two caller-provided buffers.
-//!
-//! The buffers are any `B: AsRef<[u8]> + AsMut<[u8]>`: `&mut [u8]` on a microcontroller,
-//! `Vec<u8>` or `Box<[u8]>` on a host. They are fixed for the connection's life: the transmit
-//! buffer bounds the largest request, the receive buffer the largest response (see
-//! `docs/connection.md` for how to size it for fetches).
-//!
-//! The loop an adapter runs:
-//!
-//! 1. [`send_request`](ClientConnection::send_request) queues a frame and returns its
-//!    RequestID;
-//! 2. write [`poll_transmit`](ClientConnection::poll_transmit) to the transport and report
-//!    what was written with [`consume_transmit`](ClientConnection::consume_transmit);
-//! 3. read into [`recv_buffer`](ClientConnection::recv_buffer) and call
-//!    [`handle_received`](ClientConnection::handle_received) (or copy with
-//!    [`handle_input`](ClientConnection::handle_input));
-//! 4. drain [`poll_event`](ClientConnection::poll_event) (or the borrow-friendly pair
-//!    [`poll_completion`](ClientConnection::poll_completion) +
-//!    [`response`](ClientConnection::response));
-//! 5. wake at [`poll_timeout`](ClientConnection::poll_timeout) and call
-//!    [`handle_timeout`](ClientConnection::handle_timeout), then drain events again.
-//!
-//! An error from `handle_*` poisons the connection: every later call returns it again, and
-//! the adapter closes the transport.
+//! See [`ClientConnection`].
 
 use core::fmt;
 use core::time::Duration;
@@ -254,6 +230,32 @@ struct Slot {
 }
 
 /// The client's state of one connection, with `N` requests in flight at most.
+///
+/// The client's side of one connection: request ids, pipelining, response matching and
+/// per-request deadlines over two caller-provided buffers.
+///
+/// The buffers are any `B: AsRef<[u8]> + AsMut<[u8]>`: `&mut [u8]` on a microcontroller,
+/// `Vec<u8>` or `Box<[u8]>` on a host. They are fixed for the connection's life: the transmit
+/// buffer bounds the largest request, the receive buffer the largest response (see
+/// `docs/connection.md` for how to size it for fetches).
+///
+/// The loop an adapter runs:
+///
+/// 1. [`send_request`](ClientConnection::send_request) queues a frame and returns its
+///    RequestID;
+/// 2. write [`poll_transmit`](ClientConnection::poll_transmit) to the transport and report
+///    what was written with [`consume_transmit`](ClientConnection::consume_transmit);
+/// 3. read into [`recv_buffer`](ClientConnection::recv_buffer) and call
+///    [`handle_received`](ClientConnection::handle_received) (or copy with
+///    [`handle_input`](ClientConnection::handle_input));
+/// 4. drain [`poll_event`](ClientConnection::poll_event) (or the borrow-friendly pair
+///    [`poll_completion`](ClientConnection::poll_completion) +
+///    [`response`](ClientConnection::response));
+/// 5. wake at [`poll_timeout`](ClientConnection::poll_timeout) and call
+///    [`handle_timeout`](ClientConnection::handle_timeout), then drain events again.
+///
+/// An error from `handle_*` poisons the connection: every later call returns it again, and
+/// the adapter closes the transport.
 #[derive(Debug)]
 pub struct ClientConnection<B, const N: usize> {
     config: ClientConfig,
