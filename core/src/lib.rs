@@ -50,9 +50,16 @@
     )
 )]
 
+#[macro_use]
+mod fmt;
+
 pub mod checksum;
 mod conn;
+#[cfg(any(feature = "embedded-io", feature = "embedded-io-async"))]
+pub mod embedded;
 mod error;
+#[cfg(any(feature = "embedded-io", feature = "embedded-io-async"))]
+pub mod io;
 mod wire;
 
 pub use conn::client::{

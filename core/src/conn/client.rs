@@ -1,42 +1,16 @@
-//! The client's side of one connection: request ids, pipelining, response matching and
-//! per-request deadlines over two caller-provided buffers.
-//!
-//! The buffers are any `B: AsRef<[u8]> + AsMut<[u8]>`: `&mut [u8]` on a microcontroller,
-//! `Vec<u8>` or `Box<[u8]>` on a host. They are fixed for the connection's life: the transmit
-//! buffer bounds the largest request, the receive buffer the largest response (see
-//! `docs/connection.md` for how to size it for fetches).
-//!
-//! The loop an adapter runs:
-//!
-//! 1. [`send_request`](ClientConnection::send_request) queues a frame and returns its
-//!    RequestID;
-//! 2. write [`poll_transmit`](ClientConnection::poll_transmit) to the transport and report
-//!    what was written with [`consume_transmit`](ClientConnection::consume_transmit);
-//! 3. read into [`recv_buffer`](ClientConnection::recv_buffer) and call
-//!    [`handle_received`](ClientConnection::handle_received) (or copy with
-//!    [`handle_input`](ClientConnection::handle_input));
-//! 4. drain [`poll_event`](ClientConnection::poll_event) (or the borrow-friendly pair
-//!    [`poll_completion`](ClientConnection::poll_completion) +
-//!    [`response`](ClientConnection::response));
-//! 5. wake at [`poll_timeout`](ClientConnection::poll_timeout) and call
-//!    [`handle_timeout`](ClientConnection::handle_timeout), then drain events again.
-//!
-//! An error from `handle_*` poisons the connection: every later call returns it again, and
-//! the adapter closes the transport.
+//! See [`ClientConnection`].
 
 use core::fmt;
 use core::time::Duration;
 
-use heapless::Vec;
-
 use crate::conn::time::{Instant, earliest};
-use crate::error::{DecodeError, EncodeError};
+use crate::error::{DecodeError, EncodeError, Malformed};
 use crate::wire::frame::{
     DEFAULT_MAX_FRAME_LEN, RESPONSE_HEADER_LEN, ResponseFrame, encode_request, peek_request_id,
 };
 use crate::wire::request::Request;
 use crate::wire::response::Response;
-use crate::wire::types::{Flags, RequestType, ResponseStatus};
+use crate::wire::types::{ErrorCode, Flags, RequestType, ResponseStatus};
 
 /// The smallest response Length field.
 const MIN_RESPONSE_LENGTH: u32 = 15;
@@ -234,6 +208,8 @@ pub enum ClientEvent<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 enum SlotState {
+    /// Unused.
+    Free,
     /// Sent, waiting for the response.
     Waiting,
     /// The response is in the receive buffer, not yet handed out.
@@ -253,7 +229,42 @@ struct Slot {
     state: SlotState,
 }
 
+impl Slot {
+    const FREE: Slot = Slot {
+        id: 0,
+        deadline: Instant::ZERO,
+        ty: RequestType::HealthCheck,
+        state: SlotState::Free,
+    };
+}
+
 /// The client's state of one connection, with `N` requests in flight at most.
+///
+/// The client's side of one connection: request ids, pipelining, response matching and
+/// per-request deadlines over two caller-provided buffers.
+///
+/// The buffers are any `B: AsRef<[u8]> + AsMut<[u8]>`: `&mut [u8]` on a microcontroller,
+/// `Vec<u8>` or `Box<[u8]>` on a host. They are fixed for the connection's life: the transmit
+/// buffer bounds the largest request, the receive buffer the largest response (see
+/// `docs/connection.md` for how to size it for fetches).
+///
+/// The loop an adapter runs:
+///
+/// 1. [`send_request`](ClientConnection::send_request) queues a frame and returns its
+///    RequestID;
+/// 2. write [`poll_transmit`](ClientConnection::poll_transmit) to the transport and report
+///    what was written with [`consume_transmit`](ClientConnection::consume_transmit);
+/// 3. read into [`recv_buffer`](ClientConnection::recv_buffer) and call
+///    [`handle_received`](ClientConnection::handle_received) (or copy with
+///    [`handle_input`](ClientConnection::handle_input));
+/// 4. drain [`poll_event`](ClientConnection::poll_event) (or the borrow-friendly pair
+///    [`poll_completion`](ClientConnection::poll_completion) +
+///    [`response`](ClientConnection::response));
+/// 5. wake at [`poll_timeout`](ClientConnection::poll_timeout) and call
+///    [`handle_timeout`](ClientConnection::handle_timeout), then drain events again.
+///
+/// An error from `handle_*` poisons the connection: every later call returns it again, and
+/// the adapter closes the transport.
 #[derive(Debug)]
 pub struct ClientConnection<B, const N: usize> {
     config: ClientConfig,
@@ -269,7 +280,7 @@ pub struct ClientConnection<B, const N: usize> {
     rx_end: usize,
     /// The frame at `rx_start` was handed out; drop it at the next call.
     delivered: usize,
-    slots: Vec<Slot, N>,
+    slots: [Slot; N],
     next_id: u64,
     error: Option<ClientError>,
 }
@@ -287,7 +298,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             rx_checked: 0,
             rx_end: 0,
             delivered: 0,
-            slots: Vec::new(),
+            slots: [Slot::FREE; N],
             next_id: 1,
             error: None,
         }
@@ -301,7 +312,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// Requests sent whose completion was not yet handed out (timed-out requests whose late
     /// response has not arrived included).
     pub fn in_flight(&self) -> usize {
-        self.slots.len()
+        self.slots
+            .iter()
+            .filter(|s| s.state != SlotState::Free)
+            .count()
     }
 
     /// The error that poisoned the connection, if any.
@@ -335,11 +349,11 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         request: &Request<'_>,
     ) -> Result<u64, ClientError> {
         self.check()?;
-        if self.slots.is_full() {
+        let Some(free_slot) = self.slots.iter().position(|s| s.state == SlotState::Free) else {
             return Err(ClientError::Busy);
-        }
+        };
         if self.tx_start > 0 {
-            self.tx.as_mut().copy_within(self.tx_start..self.tx_end, 0);
+            shift_to_front(self.tx.as_mut(), self.tx_start, self.tx_end);
             self.tx_end -= self.tx_start;
             self.tx_start = 0;
         }
@@ -349,17 +363,16 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             EncodeError::BufferTooSmall { required } => ClientError::BufferTooSmall { required },
             e => ClientError::Encode(e),
         })?;
-        let slot = Slot {
-            id,
-            deadline: now + self.config.request_timeout,
-            ty: request.request_type(),
-            state: SlotState::Waiting,
-        };
-        // Cannot fail: checked `is_full` above.
-        if self.slots.push(slot).is_ok() {
-            self.tx_end += n;
-            self.next_id = id.wrapping_add(1).max(1);
+        if let Some(slot) = self.slots.get_mut(free_slot) {
+            *slot = Slot {
+                id,
+                deadline: now + self.config.request_timeout,
+                ty: request.request_type(),
+                state: SlotState::Waiting,
+            };
         }
+        self.tx_end += n;
+        self.next_id = id.wrapping_add(1).max(1);
         Ok(id)
     }
 
@@ -396,13 +409,25 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// Empty when the buffer is full of responses not yet handed out: drain events first.
     pub fn recv_buffer(&mut self) -> &mut [u8] {
         self.release();
-        if self.rx_start > 0 {
-            self.rx.as_mut().copy_within(self.rx_start..self.rx_end, 0);
+        if self.rx_start > 0 && !self.current_frame_fits() {
+            shift_to_front(self.rx.as_mut(), self.rx_start, self.rx_end);
             self.rx_checked -= self.rx_start;
             self.rx_end -= self.rx_start;
             self.rx_start = 0;
         }
         self.rx.as_mut().get_mut(self.rx_end..).unwrap_or_default()
+    }
+
+    /// Whether the frame being received fits between its start and the buffer's end (so
+    /// nothing needs to move).
+    fn current_frame_fits(&self) -> bool {
+        let rx = self.rx.as_ref();
+        let at = self.rx_checked;
+        let need = rx
+            .get(at..self.rx_end)
+            .and_then(|b| b.first_chunk::<4>())
+            .map_or(4, |l| 4 + u32::from_be_bytes(*l) as usize);
+        at.saturating_add(need) <= rx.len()
     }
 
     /// Takes `n` bytes written into [`recv_buffer`](Self::recv_buffer) and checks every frame
@@ -489,11 +514,11 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
                 request_type: slot.ty,
                 timed_out: true,
             };
-            if slot.state == (SlotState::Expired { late: true }) {
-                self.slots.swap_remove(i);
+            slot.state = if slot.state == (SlotState::Expired { late: true }) {
+                SlotState::Free
             } else {
-                slot.state = SlotState::Abandoned;
-            }
+                SlotState::Abandoned
+            };
             return Some(done);
         }
         while self.rx_start < self.rx_checked {
@@ -504,11 +529,11 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             let id = peek_request_id(frame)?;
             let answered = self
                 .slots
-                .iter()
-                .position(|s| s.id == id && s.state == SlotState::Answered);
+                .iter_mut()
+                .find(|s| s.id == id && s.state == SlotState::Answered);
             match answered {
-                Some(i) => {
-                    let slot = self.slots.swap_remove(i);
+                Some(slot) => {
+                    slot.state = SlotState::Free;
                     self.delivered = len;
                     return Some(Completion {
                         request_id: id,
@@ -569,44 +594,52 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     }
 }
 
-/// Decodes a whole, CRC-checked response frame as an answer to `ty`.
+/// Decodes the body of a whole response frame whose CRC was checked, as an answer to `ty`.
 fn parse_response(frame: &[u8], ty: RequestType) -> Result<Response<'_>, DecodeError> {
-    let checked = ResponseFrame::new_checked(frame)?;
     let payload = frame
         .get(RESPONSE_HEADER_LEN..frame.len().saturating_sub(4))
         .unwrap_or_default();
-    match checked.status() {
-        Some(ResponseStatus::Error) => Response::parse_error(checked.error_code(), payload),
+    let status = frame.get(12).copied().unwrap_or(u8::MAX);
+    let code = frame
+        .get(13..15)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u16::from_be_bytes);
+    match ResponseStatus::from_u8(status) {
+        Some(ResponseStatus::Error) => Response::parse_error(ErrorCode(code), payload),
         Some(_) => Response::parse_payload(ty, payload),
-        None => Err(crate::error::Malformed::InvalidStatus {
-            value: checked.status_byte(),
-        }
-        .into()),
+        None => Err(Malformed::InvalidStatus { value: status }.into()),
     }
 }
 
-/// Checks one whole response frame and marks its request's slot.
-fn check_response<const N: usize>(frame: &[u8], slots: &mut Vec<Slot, N>) -> Result<(), PeerError> {
+/// Checks one whole response frame (CRC, id, body) and marks its request's slot.
+fn check_response(frame: &[u8], slots: &mut [Slot]) -> Result<(), PeerError> {
+    ResponseFrame::new_checked(frame).map_err(PeerError::Decode)?;
     let request_id = peek_request_id(frame).unwrap_or(0);
-    let Some(i) = slots
-        .iter()
-        .position(|s| s.id == request_id && s.state != SlotState::Answered)
-    else {
-        // Checked before the CRC: a damaged id must still fail the CRC below, so report
-        // the CRC fault first.
-        ResponseFrame::new_checked(frame).map_err(PeerError::Decode)?;
-        return Err(PeerError::UnknownResponse { request_id });
-    };
+    let unknown = PeerError::UnknownResponse { request_id };
     let slot = slots
-        .get_mut(i)
-        .ok_or(PeerError::UnknownResponse { request_id })?;
+        .iter_mut()
+        .find(|s| s.id == request_id && !matches!(s.state, SlotState::Answered | SlotState::Free))
+        .ok_or(unknown)?;
     parse_response(frame, slot.ty).map_err(PeerError::Decode)?;
-    match slot.state {
-        SlotState::Waiting => slot.state = SlotState::Answered,
-        SlotState::Expired { .. } => slot.state = SlotState::Expired { late: true },
-        _ => {
-            slots.swap_remove(i);
-        }
-    }
+    slot.state = match slot.state {
+        SlotState::Waiting => SlotState::Answered,
+        SlotState::Expired { .. } => SlotState::Expired { late: true },
+        _ => SlotState::Free,
+    };
     Ok(())
+}
+
+/// Moves `buf[from..end]` to the front with non-overlapping copies of `from` bytes each
+/// (plain `memcpy`, so firmware doesn't link a `memmove` for this).
+fn shift_to_front(buf: &mut [u8], from: usize, end: usize) {
+    let (mut dst, mut src) = (0, from);
+    while src < end && dst < src {
+        let n = (end - src).min(src - dst);
+        let (head, tail) = buf.split_at_mut(src);
+        if let (Some(d), Some(s)) = (head.get_mut(dst..dst + n), tail.get(..n)) {
+            d.copy_from_slice(s);
+        }
+        dst += n;
+        src += n;
+    }
 }

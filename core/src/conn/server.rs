@@ -1,24 +1,4 @@
-//! The broker's side of one connection: framing, limits, fault rules and timers, with no
-//! buffers of its own.
-//!
-//! The adapter owns a growable receive buffer and a transmit buffer and lends them as slices,
-//! so an idle connection costs only this small struct (a broker holds thousands) while a
-//! single frame may still be as large as the configured maximum (10 MiB by default).
-//!
-//! The loop an adapter runs:
-//!
-//! 1. read bytes into `rx`, then call [`ServerConnection::poll_request`] until it asks for more;
-//! 2. on [`ServerEvent::Request`] drop `consumed` bytes from the front of `rx` (after it is
-//!    done with the borrowed request), execute it, and answer with
-//!    [`ServerConnection::respond`] (any order: clients match replies by RequestID);
-//! 3. on [`ServerEvent::Reply`] drop `consumed` bytes and answer with
-//!    [`ServerConnection::respond_fault`];
-//! 4. on [`ServerEvent::Close`] send the reply if there is one, then close;
-//! 5. on [`ServerEvent::Blocked`] stop reading until a response went out;
-//! 6. arm a timer at [`ServerConnection::poll_timeout`] and call
-//!    [`ServerConnection::handle_timeout`] when it fires; close when it returns `true`.
-//!
-//! The exact rules are in `docs/protocol.md`, section "Connection rules".
+//! See [`ServerConnection`].
 
 use core::fmt::{self, Write as _};
 use core::time::Duration;
@@ -151,7 +131,29 @@ pub enum ServerEvent<'a> {
     },
 }
 
-/// The broker's state of one connection. No buffers: see the [module docs](self).
+/// The broker's state of one connection.
+///
+/// The broker's side of one connection: framing, limits, fault rules and timers, with no
+/// buffers of its own.
+///
+/// The adapter owns a growable receive buffer and a transmit buffer and lends them as slices,
+/// so an idle connection costs only this small struct (a broker holds thousands) while a
+/// single frame may still be as large as the configured maximum (10 MiB by default).
+///
+/// The loop an adapter runs:
+///
+/// 1. read bytes into `rx`, then call [`ServerConnection::poll_request`] until it asks for more;
+/// 2. on [`ServerEvent::Request`] drop `consumed` bytes from the front of `rx` (after it is
+///    done with the borrowed request), execute it, and answer with
+///    [`ServerConnection::respond`] (any order: clients match replies by RequestID);
+/// 3. on [`ServerEvent::Reply`] drop `consumed` bytes and answer with
+///    [`ServerConnection::respond_fault`];
+/// 4. on [`ServerEvent::Close`] send the reply if there is one, then close;
+/// 5. on [`ServerEvent::Blocked`] stop reading until a response went out;
+/// 6. arm a timer at [`ServerConnection::poll_timeout`] and call
+///    [`ServerConnection::handle_timeout`] when it fires; close when it returns `true`.
+///
+/// The exact rules are in `docs/protocol.md`, section "Connection rules".
 #[derive(Debug, Clone)]
 pub struct ServerConnection {
     config: ServerConfig,

@@ -107,8 +107,12 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], Malformed> {
-        let bytes = self.take(N, field)?;
-        bytes.try_into().map_err(|_| Malformed::Truncated { field })
+        let (head, tail) = self
+            .buf
+            .split_first_chunk::<N>()
+            .ok_or(Malformed::Truncated { field })?;
+        self.buf = tail;
+        Ok(*head)
     }
 
     pub(crate) fn u8(&mut self, field: &'static str) -> Result<u8, Malformed> {

@@ -1,0 +1,222 @@
+//! A small client for `no_std` firmware: produce, fetch, get-offset and health-check, one
+//! request at a time, over the [`io`](crate::io) drivers and two caller buffers.
+//!
+//! ```ignore
+//! let mut client = blocking::Client::new(uart, clock, ClientConfig::default(), &mut tx[..], &mut rx[..]);
+//! let mut records = [0u8; 64];
+//! let mut set = MessageSetBuilder::new(&mut records);
+//! set.push(&Message::new(b"temp", b"21.5"))?;
+//! let ack = client.produce(Topic::new("sensors")?, 0, set.finish())?;
+//! ```
+//!
+//! `tx` must hold the largest request (a Produce: 16 + 4 + topic + 8 + records + 4 bytes);
+//! `rx` the largest response (a Fetch: 47 bytes + up to `max_bytes` of records).
+
+use core::fmt;
+
+use crate::io::DriverError;
+use crate::wire::message::MessageSet;
+use crate::wire::request::{FetchRequest, GetOffsetRequest, ProduceRequest, Request};
+use crate::wire::response::{
+    FetchResponse, GetOffsetResponse, HealthCheckResponse, ProduceResponse, Response,
+};
+use crate::wire::types::{ErrorCode, Topic};
+
+/// Why an embedded client call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum Error<E> {
+    /// The transport or the connection failed (see [`DriverError`]).
+    Driver(DriverError<E>),
+    /// The broker answered with an error reply.
+    Broker {
+        /// The error code.
+        code: ErrorCode,
+    },
+}
+
+impl<E> From<DriverError<E>> for Error<E> {
+    fn from(e: DriverError<E>) -> Self {
+        Self::Driver(e)
+    }
+}
+
+impl<E: fmt::Debug> fmt::Display for Error<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Driver(e) => fmt::Display::fmt(e, f),
+            Self::Broker { code } => write!(f, "broker replied with error {code:?}"),
+        }
+    }
+}
+
+impl<E: fmt::Debug> core::error::Error for Error<E> {}
+
+fn produce_request<'a>(topic: Topic<'a>, partition: u32, messages: MessageSet<'a>) -> Request<'a> {
+    Request::Produce(ProduceRequest {
+        topic,
+        partition,
+        messages,
+        producer: None,
+    })
+}
+
+fn fetch_request(topic: Topic<'_>, partition: u32, offset: i64, max_bytes: u32) -> Request<'_> {
+    Request::Fetch(FetchRequest {
+        topic,
+        partition,
+        offset,
+        max_bytes,
+        extension: None,
+    })
+}
+
+fn get_offset_request(topic: Topic<'_>, partition: u32) -> Request<'_> {
+    Request::GetOffset(GetOffsetRequest { topic, partition })
+}
+
+/// Picks the expected variant; a broker error reply becomes [`Error::Broker`]. The connection
+/// decodes a response by its request's type, so no other variant can arrive.
+fn pick<'a, T, E>(
+    response: Response<'a>,
+    want: impl FnOnce(Response<'a>) -> Option<T>,
+) -> Result<T, Error<E>> {
+    match response {
+        Response::Error(e) => Err(Error::Broker { code: e.code }),
+        other => want(other).ok_or(Error::Broker {
+            code: ErrorCode::UNKNOWN_REQUEST,
+        }),
+    }
+}
+
+macro_rules! client_methods {
+    ($($async:ident)?; $($await:ident)?) => {
+        /// Appends `messages` (build them with [`MessageSetBuilder`](crate::MessageSetBuilder))
+        /// to a partition.
+        pub $($async)? fn produce(
+            &mut self,
+            topic: Topic<'_>,
+            partition: u32,
+            messages: MessageSet<'_>,
+        ) -> Result<ProduceResponse, Error<T::Error>> {
+            let r = self.driver.request(&produce_request(topic, partition, messages)) $(.$await)??;
+            pick(r, |r| match r {
+                Response::Produce(p) => Some(p),
+                _ => None,
+            })
+        }
+
+        /// Reads messages from `offset` on, about `max_bytes` of them; borrowed from the
+        /// receive buffer.
+        pub $($async)? fn fetch(
+            &mut self,
+            topic: Topic<'_>,
+            partition: u32,
+            offset: i64,
+            max_bytes: u32,
+        ) -> Result<FetchResponse<'_>, Error<T::Error>> {
+            let req = fetch_request(topic, partition, offset, max_bytes);
+            let r = self.driver.request(&req) $(.$await)??;
+            pick(r, |r| match r {
+                Response::Fetch(f) => Some(f),
+                _ => None,
+            })
+        }
+
+        /// A partition's start and end offsets.
+        pub $($async)? fn get_offset(
+            &mut self,
+            topic: Topic<'_>,
+            partition: u32,
+        ) -> Result<GetOffsetResponse<'_>, Error<T::Error>> {
+            let r = self.driver.request(&get_offset_request(topic, partition)) $(.$await)??;
+            pick(r, |r| match r {
+                Response::GetOffset(g) => Some(g),
+                _ => None,
+            })
+        }
+
+        /// The broker's status and uptime.
+        pub $($async)? fn health_check(
+            &mut self,
+        ) -> Result<HealthCheckResponse<'_>, Error<T::Error>> {
+            let r = self.driver.request(&Request::HealthCheck) $(.$await)??;
+            pick(r, |r| match r {
+                Response::HealthCheck(h) => Some(h),
+                _ => None,
+            })
+        }
+    };
+}
+
+/// The client over the blocking driver.
+#[cfg(feature = "embedded-io")]
+pub mod blocking {
+    use super::*;
+    use crate::conn::client::{ClientConfig, ClientConnection};
+    use crate::io::Clock;
+    use crate::io::blocking::Driver;
+
+    /// A one-request-at-a-time client over a blocking transport.
+    #[derive(Debug)]
+    pub struct Client<T, C, B> {
+        driver: Driver<T, C, B, 1>,
+    }
+
+    impl<T, C, B> Client<T, C, B>
+    where
+        T: embedded_io::Read + embedded_io::Write,
+        C: Clock,
+        B: AsRef<[u8]> + AsMut<[u8]>,
+    {
+        /// A client over `io`, encoding into `tx` and receiving into `rx`.
+        pub fn new(io: T, clock: C, config: ClientConfig, tx: B, rx: B) -> Self {
+            Self {
+                driver: Driver::new(io, clock, ClientConnection::new(config, tx, rx)),
+            }
+        }
+
+        /// The driver underneath.
+        pub fn driver(&mut self) -> &mut Driver<T, C, B, 1> {
+            &mut self.driver
+        }
+
+        client_methods!(;);
+    }
+}
+
+/// The client over the async driver.
+#[cfg(feature = "embedded-io-async")]
+pub mod asynch {
+    use super::*;
+    use crate::conn::client::{ClientConfig, ClientConnection};
+    use crate::io::asynch::{Driver, Timer};
+
+    /// A one-request-at-a-time client over an async transport.
+    #[derive(Debug)]
+    pub struct Client<T, C, B> {
+        driver: Driver<T, C, B, 1>,
+    }
+
+    impl<T, C, B> Client<T, C, B>
+    where
+        T: embedded_io_async::Read + embedded_io_async::Write,
+        C: Timer,
+        B: AsRef<[u8]> + AsMut<[u8]>,
+    {
+        /// A client over `io`, encoding into `tx` and receiving into `rx`.
+        pub fn new(io: T, timer: C, config: ClientConfig, tx: B, rx: B) -> Self {
+            Self {
+                driver: Driver::new(io, timer, ClientConnection::new(config, tx, rx)),
+            }
+        }
+
+        /// The driver underneath.
+        pub fn driver(&mut self) -> &mut Driver<T, C, B, 1> {
+            &mut self.driver
+        }
+
+        client_methods!(async; await);
+    }
+}

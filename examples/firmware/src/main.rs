@@ -1,0 +1,181 @@
+//! Example firmware: produce one message and fetch it back through streambus-core's embedded
+//! client, over a transport that plays a canned broker. Nothing here touches hardware, so it
+//! links for `thumbv7em-none-eabihf` without a board crate; `scripts/footprint.sh` measures it.
+//!
+//! With the `baseline` feature the same image is built without the client (the transport
+//! still moves the same bytes), so the difference between the two is the client's share.
+#![no_std]
+#![no_main]
+
+use core::hint::black_box;
+use core::panic::PanicInfo;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+/// A millisecond tick counter, as a SysTick handler would advance it.
+static TICKS: AtomicU32 = AtomicU32::new(0);
+
+/// The outcome, for a debugger to read: 1 = produce and fetch round-tripped, 2+ = a failure.
+static RESULT: AtomicU32 = AtomicU32::new(0);
+
+/// The broker's replies to request 1 (Produce: base offset 0, 1 message, high-water mark 1)
+/// and request 2 (Fetch: the message "temp" = "21.5" at offset 0), encoded by
+/// `streambus_core::encode_response`.
+const PRODUCE_REPLY: [u8; 39] = [
+    0, 0, 0, 35, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0,
+    0, 0, 0, 1, 136, 80, 237, 66,
+];
+const FETCH_REPLY: [u8; 83] = [
+    0, 0, 0, 79, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0,
+    0, 0, 0, 0, 23, 151, 156, 254, 54, 42, 0, 0, 0, 0, 0, 4, 116, 101, 109, 112, 0, 0, 0, 4, 50,
+    49, 46, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 202, 18, 110, 144,
+];
+
+/// A transport that plays a canned broker: after each written request frame it serves the
+/// next canned reply, a few bytes per read (like a UART FIFO).
+struct CannedBroker {
+    /// Bytes of the current request frame still expected.
+    request_left: usize,
+    /// Length bytes of the current request seen so far.
+    header: [u8; 4],
+    header_len: usize,
+    replies: [&'static [u8]; 2],
+    next: usize,
+    /// The reply being served and the bytes of it already read.
+    serving: &'static [u8],
+}
+
+impl CannedBroker {
+    const fn new() -> Self {
+        Self {
+            request_left: 0,
+            header: [0; 4],
+            header_len: 0,
+            replies: [&PRODUCE_REPLY, &FETCH_REPLY],
+            next: 0,
+            serving: &[],
+        }
+    }
+}
+
+impl embedded_io::ErrorType for CannedBroker {
+    type Error = embedded_io::ErrorKind;
+}
+
+impl embedded_io::Write for CannedBroker {
+    fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        for &b in buf {
+            if self.request_left > 0 {
+                self.request_left -= 1;
+                if self.request_left == 0 {
+                    // A whole request arrived: queue its reply.
+                    self.serving = self.replies.get(self.next).copied().unwrap_or(&[]);
+                    self.next += 1;
+                }
+            } else if let Some(h) = self.header.get_mut(self.header_len) {
+                *h = b;
+                self.header_len += 1;
+                if self.header_len == 4 {
+                    self.request_left = u32::from_be_bytes(self.header) as usize;
+                    self.header_len = 0;
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> Result<(), Self::Error> {
+        Ok(())
+    }
+}
+
+impl embedded_io::Read for CannedBroker {
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Self::Error> {
+        let n = buf.len().min(self.serving.len()).min(16);
+        let (head, tail) = self.serving.split_at(n);
+        if let Some(dst) = buf.get_mut(..n) {
+            dst.copy_from_slice(head);
+        }
+        self.serving = tail;
+        if n == 0 {
+            return Err(embedded_io::ErrorKind::TimedOut);
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(not(feature = "baseline"))]
+type Client<'b> = streambus_core::embedded::blocking::Client<
+    CannedBroker,
+    fn() -> streambus_core::Instant,
+    &'b mut [u8],
+>;
+
+// The client's whole state (connection, driver, transport handle), buffers excluded, lives
+// wherever the firmware puts it (here: the stack). It must stay within 512 bytes.
+#[cfg(not(feature = "baseline"))]
+const _: () = assert!(size_of::<Client<'static>>() <= 512);
+
+#[cfg(not(feature = "baseline"))]
+fn now() -> streambus_core::Instant {
+    streambus_core::Instant::from_millis(u64::from(TICKS.load(Ordering::Relaxed)))
+}
+
+#[cfg(not(feature = "baseline"))]
+fn run(tx: &mut [u8], rx: &mut [u8]) -> u32 {
+    use streambus_core::{ClientConfig, Message, MessageSetBuilder, Topic};
+
+    let clock: fn() -> streambus_core::Instant = now;
+    let mut client = Client::new(CannedBroker::new(), clock, ClientConfig::default(), tx, rx);
+    let Ok(topic) = Topic::new("sensors") else {
+        return 2;
+    };
+    let mut records = [0u8; 48];
+    let mut set = MessageSetBuilder::new(&mut records);
+    if set.push(&Message::new(b"temp", b"21.5")).is_err() {
+        return 3;
+    }
+    match client.produce(topic, 0, set.finish()) {
+        Ok(ack) if ack.num_messages == 1 => {}
+        _ => return 4,
+    }
+    match client.fetch(topic, 0, 0, 1024) {
+        Ok(f) => match f.messages.iter().next() {
+            Some(m) if m.value == b"21.5" => 1,
+            _ => 5,
+        },
+        Err(_) => 6,
+    }
+}
+
+/// The same bytes through the same transport, without the client.
+#[cfg(feature = "baseline")]
+fn run(tx: &mut [u8], rx: &mut [u8]) -> u32 {
+    use embedded_io::{Read, Write};
+    let mut io = CannedBroker::new();
+    let mut sum = 0u32;
+    for _ in 0..2 {
+        let frame = black_box(&mut *tx);
+        let _ = io.write(frame);
+        while let Ok(n) = io.read(rx) {
+            sum = sum.wrapping_add(n as u32);
+        }
+    }
+    sum
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn _start() -> ! {
+    // The buffers live on the stack: they are the caller's, not the client's static RAM.
+    let mut tx = [0u8; 96];
+    let mut rx = [0u8; 128];
+    RESULT.store(run(&mut tx, &mut rx), Ordering::Relaxed);
+    loop {
+        TICKS.fetch_add(1, Ordering::Relaxed);
+        black_box(&RESULT);
+    }
+}
+
+#[panic_handler]
+fn panic(_: &PanicInfo<'_>) -> ! {
+    loop {}
+}
