@@ -11,9 +11,11 @@ use streambus_core::{
 
 use crate::{ConnEvent, Handler};
 
-/// Bytes asked of the socket per read when no frame size is known yet.
-const READ_CHUNK: usize = 64 * 1024;
-/// Buffers above this are released when they empty, so idle connections stay small.
+/// Bytes first offered to a read; doubled while reads fill what they are offered.
+const FIRST_CHUNK: usize = 4 * 1024;
+/// The largest read offered when no frame size is known.
+const MAX_CHUNK: usize = 1024 * 1024;
+/// A transmit buffer above this is released once written out, so idle connections stay small.
 const KEEP_CAPACITY: usize = 256 * 1024;
 /// Stop reading new requests while this much output waits (a slow reader).
 const TX_HIGH_WATER: usize = 4 * 1024 * 1024;
@@ -32,17 +34,59 @@ pub(crate) enum Next {
 }
 
 /// One connection's buffers and state.
+///
+/// Both buffers keep their initialized length and track the live region with indices, so
+/// bytes are zeroed once when a buffer grows, never per read or per response.
 #[derive(Debug)]
 pub(crate) struct Session {
     conn: ServerConnection,
+    /// Received bytes: `rx[rx_start..rx_end]` is unconsumed.
     rx: Vec<u8>,
     rx_start: usize,
+    rx_end: usize,
+    /// What the last [`Session::read_buf`] offered, to grow the next offer.
+    offered: usize,
+    chunk: usize,
     /// The frame size the core is waiting for, to read it in as few calls as possible.
     want: usize,
-    /// Where the last [`Session::read_buf`] began.
-    read_from: usize,
-    tx: Vec<u8>,
-    tx_start: usize,
+    /// Output waiting to be written.
+    tx: TxBuf,
+}
+
+/// The transmit buffer: `buf[start..end]` waits to be written.
+#[derive(Debug, Default)]
+pub(crate) struct TxBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl TxBuf {
+    /// Appends one encoded frame, growing the buffer to what the encoder says it needs.
+    fn append(
+        &mut self,
+        guess: usize,
+        mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
+    ) -> bool {
+        let mut size = guess;
+        for _ in 0..2 {
+            if self.buf.len() < self.end + size {
+                self.buf.resize(self.end + size, 0);
+            }
+            match encode(&mut self.buf[self.end..]) {
+                Ok(n) => {
+                    self.end += n;
+                    return true;
+                }
+                Err(EncodeError::BufferTooSmall { required }) => size = required,
+                Err(e) => {
+                    tracing::error!(error = %e, "response could not be encoded");
+                    break;
+                }
+            }
+        }
+        false
+    }
 }
 
 impl Session {
@@ -51,57 +95,68 @@ impl Session {
             conn: ServerConnection::new(config, now),
             rx: Vec::new(),
             rx_start: 0,
+            rx_end: 0,
+            offered: 0,
+            chunk: FIRST_CHUNK,
             want: 0,
-            read_from: 0,
-            tx: Vec::new(),
-            tx_start: 0,
+            tx: TxBuf::default(),
         }
     }
 
     /// Spare room at the end of the receive buffer to read into.
     pub(crate) fn read_buf(&mut self) -> &mut [u8] {
-        if self.rx_start == self.rx.len() {
-            self.rx.clear();
+        if self.rx_start == self.rx_end {
             self.rx_start = 0;
-        } else if self.rx_start > 0 && self.rx_start >= self.rx.len() / 2 {
-            self.rx.drain(..self.rx_start);
+            self.rx_end = 0;
+        } else if self.rx_start > 0
+            && (self.rx_start >= self.rx.len() / 2 || self.rx_end == self.rx.len())
+        {
+            self.rx.copy_within(self.rx_start..self.rx_end, 0);
+            self.rx_end -= self.rx_start;
             self.rx_start = 0;
         }
-        let unread = self.rx.len() - self.rx_start;
-        let room = self.want.saturating_sub(unread).max(READ_CHUNK);
-        self.read_from = self.rx.len();
-        self.rx.resize(self.read_from + room, 0);
-        &mut self.rx[self.read_from..]
+        let unread = self.rx_end - self.rx_start;
+        let room = self.want.saturating_sub(unread).max(self.chunk);
+        if self.rx.len() < self.rx_end + room {
+            self.rx.resize(self.rx_end + room, 0);
+        }
+        self.offered = self.rx.len() - self.rx_end;
+        &mut self.rx[self.rx_end..]
     }
 
     /// Records that `n` bytes were read into the last [`read_buf`](Self::read_buf).
     pub(crate) fn filled(&mut self, n: usize) {
-        self.rx.truncate(self.read_from + n);
+        self.rx_end += n;
+        if n > 0 && n == self.offered {
+            self.chunk = (self.chunk * 2).min(MAX_CHUNK);
+        }
     }
 
     /// Output waiting to be written.
     pub(crate) fn pending(&self) -> &[u8] {
-        &self.tx[self.tx_start..]
+        &self.tx.buf[self.tx.start..self.tx.end]
     }
 
     /// Records that `n` bytes of [`pending`](Self::pending) were written.
     pub(crate) fn sent(&mut self, n: usize) {
-        self.tx_start += n;
-        if self.tx_start >= self.tx.len() {
-            self.tx.clear();
-            self.tx_start = 0;
+        self.tx.start += n;
+        if self.tx.start >= self.tx.end {
+            self.tx.start = 0;
+            self.tx.end = 0;
         }
     }
 
-    /// Drops buffers that are empty, so an idle connection holds almost no memory.
+    /// Drops buffers that are empty, so an idle connection holds almost no memory. Call it
+    /// before waiting for input.
     pub(crate) fn release_idle(&mut self) {
-        if self.rx_start == self.rx.len() && self.rx.capacity() > 0 {
+        if self.rx_start == self.rx_end && self.rx.capacity() > 0 {
             self.rx = Vec::new();
             self.rx_start = 0;
+            self.rx_end = 0;
+            self.chunk = FIRST_CHUNK;
         }
-        if self.tx_start == self.tx.len() && self.tx.capacity() > KEEP_CAPACITY {
-            self.tx = Vec::new();
-            self.tx_start = 0;
+        if self.tx.start == self.tx.end && self.tx.buf.len() > KEEP_CAPACITY {
+            self.tx = TxBuf::default();
         }
     }
 
@@ -118,18 +173,19 @@ impl Session {
     /// Decodes and answers every whole request in the receive buffer.
     pub(crate) fn process<H: Handler + ?Sized>(&mut self, now: Instant, handler: &H) -> Next {
         loop {
-            if self.tx.len() - self.tx_start > TX_HIGH_WATER {
+            if self.tx.end - self.tx.start > TX_HIGH_WATER {
                 return Next::Flush;
             }
             let Self {
                 conn,
                 rx,
                 rx_start,
+                rx_end,
                 want,
                 tx,
                 ..
             } = self;
-            let unread = &rx[*rx_start..];
+            let unread = &rx[*rx_start..*rx_end];
             match conn.poll_request(now, unread) {
                 ServerEvent::Request {
                     consumed,
@@ -164,7 +220,7 @@ impl Session {
                 } => {
                     tracing::debug!(request_id, %error, "answering a bad frame");
                     handler.on_event(ConnEvent::Fault(error.error_code()));
-                    append(tx, ERROR_REPLY_LEN, |buf| {
+                    tx.append(ERROR_REPLY_LEN, |buf| {
                         conn.respond_fault(request_id, &error, buf)
                     });
                     *rx_start += consumed;
@@ -179,7 +235,7 @@ impl Session {
                     if let Some((request_id, error)) = reply {
                         tracing::debug!(request_id, %error, "closing after a fatal frame error");
                         handler.on_event(ConnEvent::Fault(error.error_code()));
-                        append(tx, ERROR_REPLY_LEN, |buf| {
+                        tx.append(ERROR_REPLY_LEN, |buf| {
                             conn.respond_fault(request_id, &error, buf)
                         });
                     }
@@ -191,36 +247,10 @@ impl Session {
     }
 }
 
-/// Appends one encoded frame to `tx`, growing it to what the encoder says it needs.
-fn append(
-    tx: &mut Vec<u8>,
-    guess: usize,
-    mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
-) -> bool {
-    let start = tx.len();
-    let mut size = guess;
-    for _ in 0..2 {
-        tx.resize(start + size, 0);
-        match encode(&mut tx[start..]) {
-            Ok(n) => {
-                tx.truncate(start + n);
-                return true;
-            }
-            Err(EncodeError::BufferTooSmall { required }) => size = required,
-            Err(e) => {
-                tracing::error!(error = %e, "response could not be encoded");
-                break;
-            }
-        }
-    }
-    tx.truncate(start);
-    false
-}
-
 /// Answers one request: handed to [`Handler::handle`].
 pub struct Responder<'a> {
     conn: &'a mut ServerConnection,
-    tx: &'a mut Vec<u8>,
+    tx: &'a mut TxBuf,
     request_id: u64,
     answered: bool,
 }
@@ -245,7 +275,7 @@ impl Responder<'_> {
             return;
         }
         let (conn, id) = (&mut *self.conn, self.request_id);
-        if append(self.tx, response_encoded_len(response), |buf| {
+        if self.tx.append(response_encoded_len(response), |buf| {
             conn.respond(id, response, buf)
         }) {
             self.answered = true;
@@ -264,7 +294,7 @@ impl Responder<'_> {
             return;
         }
         let (conn, id) = (&mut *self.conn, self.request_id);
-        self.answered = append(self.tx, ERROR_REPLY_LEN, |buf| {
+        self.answered = self.tx.append(ERROR_REPLY_LEN, |buf| {
             conn.respond_error(id, code, message, buf)
         });
     }

@@ -120,6 +120,17 @@ async fn connection<H: Handler>(
         if stop.is_closed() {
             return Ok(());
         }
+        // Try the socket first: a busy connection keeps its buffers and skips a wake-up.
+        match stream.get_ref().read_nonblocking(s.read_buf()) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                s.filled(n);
+                handler.on_event(ConnEvent::BytesIn(n));
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.filled(0),
+            Err(e) => return Err(e),
+        }
         s.release_idle();
         let deadline = s.deadline();
         let readable = async { Wake::Io(stream.readable().await) };
@@ -136,23 +147,12 @@ async fn connection<H: Handler>(
         };
         match readable.or(stopped).or(timer).await {
             Wake::Io(r) => r?,
-            Wake::Stop => continue,
+            Wake::Stop => {}
             Wake::Timer => {
                 if s.handle_timeout(now()) {
                     return Ok(());
                 }
-                continue;
             }
-        }
-        let buf = s.read_buf();
-        match stream.get_ref().read_nonblocking(buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                s.filled(n);
-                handler.on_event(ConnEvent::BytesIn(n));
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.filled(0),
-            Err(e) => return Err(e),
         }
     }
 }

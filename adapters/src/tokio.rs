@@ -115,11 +115,22 @@ async fn connection<H: Handler>(
             // Everything read has been answered and written.
             return Ok(());
         }
+        // Try the socket first: a busy connection keeps its buffers and skips a wake-up.
+        match stream.try_read(s.read_buf()) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                s.filled(n);
+                handler.on_event(ConnEvent::BytesIn(n));
+                continue;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.filled(0),
+            Err(e) => return Err(e),
+        }
         s.release_idle();
         let deadline = s.deadline();
         tokio::select! {
             ready = stream.readable() => ready?,
-            _ = stop.changed() => continue,
+            _ = stop.changed() => {}
             () = async {
                 match deadline {
                     Some(d) => tokio::time::sleep(until(d)).await,
@@ -130,18 +141,7 @@ async fn connection<H: Handler>(
                     tracing::debug!("connection timed out");
                     return Ok(());
                 }
-                continue;
             }
-        }
-        let buf = s.read_buf();
-        match stream.try_read(buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                s.filled(n);
-                handler.on_event(ConnEvent::BytesIn(n));
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.filled(0),
-            Err(e) => return Err(e),
         }
     }
 }

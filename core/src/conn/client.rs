@@ -246,7 +246,7 @@ impl Slot {
 /// The buffers are any `B: AsRef<[u8]> + AsMut<[u8]>`: `&mut [u8]` on a microcontroller,
 /// `Vec<u8>` or `Box<[u8]>` on a host. They are fixed for the connection's life: the transmit
 /// buffer bounds the largest request, the receive buffer the largest response (see
-/// `docs/connection.md` for how to size it for fetches).
+/// `docs/protocol.md` §8 for how to size it for fetches).
 ///
 /// The loop an adapter runs:
 ///

@@ -153,7 +153,7 @@ pub enum ServerEvent<'a> {
 /// 6. arm a timer at [`ServerConnection::poll_timeout`] and call
 ///    [`ServerConnection::handle_timeout`] when it fires; close when it returns `true`.
 ///
-/// The exact rules are in `docs/protocol.md`, section "Connection rules".
+/// The exact rules are in `docs/protocol.md`, section 8, "Connection rules".
 #[derive(Debug, Clone)]
 pub struct ServerConnection {
     config: ServerConfig,
