@@ -1,4 +1,4 @@
-//! Thin I/O adapters that bind [`streambus_core`]'s sans-IO [`ServerConnection`] to real
+//! Thin I/O adapters that bind [`streambus_core`]'s sans-IO [`ServerConnection`](streambus_core::ServerConnection) to real
 //! sockets.
 //!
 //! An adapter opens sockets, moves bytes, supplies time and maps errors; it never parses. The
