@@ -289,3 +289,36 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<i64>, StorageError> {
     bases.dedup();
     Ok(bases)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_round_trips_and_detects_any_flipped_bit() {
+        let e = IndexEntry {
+            base_offset: 0x0102_0304_0506_0708,
+            pos: 4096,
+            append_time: -7,
+            count: 100,
+            len: 12_800,
+            crc: 0xdead_beef,
+        };
+        let b = e.encode();
+        assert_eq!(IndexEntry::decode(&b), Some(e));
+        for bit in 0..ENTRY_LEN * 8 {
+            let mut c = b;
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(IndexEntry::decode(&c), None, "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn segment_names() {
+        assert_eq!(file_name(42, "log"), "00000000000000000042.log");
+        assert_eq!(parse_name("00000000000000000042.idx"), Some((42, "idx")));
+        assert_eq!(parse_name("42.log"), None);
+        assert_eq!(parse_name("partition.toml"), None);
+        assert_eq!(parse_name("0000000000000000004x.log"), None);
+    }
+}

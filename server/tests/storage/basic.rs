@@ -238,3 +238,30 @@ fn concurrent_appenders_and_readers_with_group_commit() {
     assert_eq!(stats.appends, 400);
     assert!(stats.fsyncs <= stats.appends);
 }
+
+#[test]
+fn interval_policy_fsyncs_in_the_background_and_never_only_on_sync_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.fsync = FsyncPolicy::Interval(std::time::Duration::from_millis(5));
+    let s = Storage::open(cfg).unwrap();
+    let never = TopicConfig {
+        fsync: Some(FsyncPolicy::Never),
+        ..TopicConfig::default()
+    };
+    s.create_topic("never", 1, never).unwrap();
+    append_values(&s, "never", 0, &[b"x"], 1);
+    s.create_topic("interval", 1, TopicConfig::default())
+        .unwrap();
+    append_values(&s, "interval", 0, &[b"x"], 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.stats().fsyncs == 0 {
+        assert!(std::time::Instant::now() < deadline, "no background fsync");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Only the interval partition was synced, once: nothing new since.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(s.stats().fsyncs, 1);
+    s.sync_all().unwrap();
+    assert_eq!(s.stats().fsyncs, 2, "sync_all syncs the `never` partition");
+}
