@@ -265,3 +265,10 @@ fn interval_policy_fsyncs_in_the_background_and_never_only_on_sync_all() {
     s.sync_all().unwrap();
     assert_eq!(s.stats().fsyncs, 2, "sync_all syncs the `never` partition");
 }
+
+#[test]
+fn storage_is_shareable() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Storage>();
+    assert_send_sync::<StorageError>();
+}
