@@ -153,7 +153,14 @@ impl Partition {
                     ),
                 });
             }
-            let rec = seg.recover(i == last)?;
+            let mut rec = seg.recover(i == last)?;
+            // A sealed segment's index is checked entry by entry; of its data only the last
+            // batch (where a crash under `never` would tear it), and all of it if that fails.
+            if let Some(e) = rec.last.filter(|_| i != last)
+                && !seg.batch_intact(&e)?
+            {
+                rec = seg.recover(true)?;
+            }
             if rec.truncated_bytes > 0 {
                 counters.inc(&counters.recovery_truncations, 1);
                 counters.inc(&counters.recovery_truncated_bytes, rec.truncated_bytes);

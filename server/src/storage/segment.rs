@@ -5,7 +5,7 @@
 //! contiguous byte range that a Fetch can send as it is (one `pread`, or `sendfile` later).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -113,6 +113,8 @@ pub(crate) struct Recovered {
     pub(crate) log_len: u64,
     pub(crate) end_offset: i64,
     pub(crate) last_append: Option<i64>,
+    /// The last good entry.
+    pub(crate) last: Option<IndexEntry>,
     /// The base offset of every [`SAMPLE_EVERY`]-th entry.
     pub(crate) samples: Vec<i64>,
     /// Bytes cut from the `.log` and `.idx` tails.
@@ -199,6 +201,15 @@ impl Segment {
         Ok(())
     }
 
+    /// Whether the batch of `e` matches its checksum.
+    pub(crate) fn batch_intact(&self, e: &IndexEntry) -> Result<bool, StorageError> {
+        let mut records = vec![0u8; e.len as usize];
+        self.log
+            .read_exact_at(&mut records, e.pos)
+            .ctx("read log", &self.log_path)?;
+        Ok(checksum::checksum(&records) == e.crc)
+    }
+
     /// Scans the index (and with `verify_records`, the records' checksums) and truncates both
     /// files after the last good batch.
     pub(crate) fn recover(&self, verify_records: bool) -> Result<Recovered, StorageError> {
@@ -208,6 +219,10 @@ impl Segment {
             end_offset: self.base,
             ..Recovered::default()
         };
+        // Sequential reads through the files' cursors: recovery runs before the segment is
+        // shared.
+        (&self.idx).rewind().ctx("seek", &self.idx_path)?;
+        (&self.log).rewind().ctx("seek", &self.log_path)?;
         let mut idx = BufReader::with_capacity(64 * 1024, &self.idx);
         let mut log = BufReader::with_capacity(1024 * 1024, &self.log);
         let mut entry = [0u8; ENTRY_LEN];
@@ -251,6 +266,7 @@ impl Segment {
             r.log_len = e.end_pos();
             r.end_offset = e.end_offset();
             r.last_append = Some(e.append_time);
+            r.last = Some(e);
         }
         let good_idx = r.entries * ENTRY_LEN as u64;
         if idx_len != good_idx || log_len != r.log_len {
