@@ -272,3 +272,18 @@ fn storage_is_shareable() {
     assert_send_sync::<Storage>();
     assert_send_sync::<StorageError>();
 }
+
+#[test]
+fn the_largest_topic_opens_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(config(dir.path())).unwrap();
+    assert!(
+        s.create_topic("wide", 1024, TopicConfig::default())
+            .unwrap()
+    );
+    append_values(&s, "wide", 1023, &[b"last"], 1);
+    drop(s);
+    let s = Storage::open(config(dir.path())).unwrap();
+    assert_eq!(s.partition_count("wide"), Some(1024));
+    assert_eq!(s.offsets("wide", 1023).unwrap(), (0, 1));
+}
