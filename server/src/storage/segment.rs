@@ -5,7 +5,7 @@
 //! contiguous byte range that a Fetch can send as it is (one `pread`, or `sendfile` later).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -113,6 +113,8 @@ pub(crate) struct Recovered {
     pub(crate) log_len: u64,
     pub(crate) end_offset: i64,
     pub(crate) last_append: Option<i64>,
+    /// The last good entry.
+    pub(crate) last: Option<IndexEntry>,
     /// The base offset of every [`SAMPLE_EVERY`]-th entry.
     pub(crate) samples: Vec<i64>,
     /// Bytes cut from the `.log` and `.idx` tails.
@@ -199,6 +201,15 @@ impl Segment {
         Ok(())
     }
 
+    /// Whether the batch of `e` matches its checksum.
+    pub(crate) fn batch_intact(&self, e: &IndexEntry) -> Result<bool, StorageError> {
+        let mut records = vec![0u8; e.len as usize];
+        self.log
+            .read_exact_at(&mut records, e.pos)
+            .ctx("read log", &self.log_path)?;
+        Ok(checksum::checksum(&records) == e.crc)
+    }
+
     /// Scans the index (and with `verify_records`, the records' checksums) and truncates both
     /// files after the last good batch.
     pub(crate) fn recover(&self, verify_records: bool) -> Result<Recovered, StorageError> {
@@ -208,6 +219,10 @@ impl Segment {
             end_offset: self.base,
             ..Recovered::default()
         };
+        // Sequential reads through the files' cursors: recovery runs before the segment is
+        // shared.
+        (&self.idx).rewind().ctx("seek", &self.idx_path)?;
+        (&self.log).rewind().ctx("seek", &self.log_path)?;
         let mut idx = BufReader::with_capacity(64 * 1024, &self.idx);
         let mut log = BufReader::with_capacity(1024 * 1024, &self.log);
         let mut entry = [0u8; ENTRY_LEN];
@@ -251,6 +266,7 @@ impl Segment {
             r.log_len = e.end_pos();
             r.end_offset = e.end_offset();
             r.last_append = Some(e.append_time);
+            r.last = Some(e);
         }
         let good_idx = r.entries * ENTRY_LEN as u64;
         if idx_len != good_idx || log_len != r.log_len {
@@ -288,4 +304,37 @@ pub(crate) fn list(dir: &Path) -> Result<Vec<i64>, StorageError> {
     bases.sort_unstable();
     bases.dedup();
     Ok(bases)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_round_trips_and_detects_any_flipped_bit() {
+        let e = IndexEntry {
+            base_offset: 0x0102_0304_0506_0708,
+            pos: 4096,
+            append_time: -7,
+            count: 100,
+            len: 12_800,
+            crc: 0xdead_beef,
+        };
+        let b = e.encode();
+        assert_eq!(IndexEntry::decode(&b), Some(e));
+        for bit in 0..ENTRY_LEN * 8 {
+            let mut c = b;
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(IndexEntry::decode(&c), None, "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn segment_names() {
+        assert_eq!(file_name(42, "log"), "00000000000000000042.log");
+        assert_eq!(parse_name("00000000000000000042.idx"), Some((42, "idx")));
+        assert_eq!(parse_name("42.log"), None);
+        assert_eq!(parse_name("partition.toml"), None);
+        assert_eq!(parse_name("0000000000000000004x.log"), None);
+    }
 }

@@ -238,3 +238,101 @@ fn concurrent_appenders_and_readers_with_group_commit() {
     assert_eq!(stats.appends, 400);
     assert!(stats.fsyncs <= stats.appends);
 }
+
+#[test]
+fn interval_policy_fsyncs_in_the_background_and_never_only_on_sync_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.fsync = FsyncPolicy::Interval(std::time::Duration::from_millis(5));
+    let s = Storage::open(cfg).unwrap();
+    let never = TopicConfig {
+        fsync: Some(FsyncPolicy::Never),
+        ..TopicConfig::default()
+    };
+    s.create_topic("never", 1, never).unwrap();
+    append_values(&s, "never", 0, &[b"x"], 1);
+    s.create_topic("interval", 1, TopicConfig::default())
+        .unwrap();
+    append_values(&s, "interval", 0, &[b"x"], 1);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.stats().fsyncs == 0 {
+        assert!(std::time::Instant::now() < deadline, "no background fsync");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Only the interval partition was synced, once: nothing new since.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(s.stats().fsyncs, 1);
+    s.sync_all().unwrap();
+    assert_eq!(s.stats().fsyncs, 2, "sync_all syncs the `never` partition");
+}
+
+#[test]
+fn storage_is_shareable() {
+    fn assert_send_sync<T: Send + Sync + 'static>() {}
+    assert_send_sync::<Storage>();
+    assert_send_sync::<StorageError>();
+}
+
+#[test]
+fn the_largest_topic_opens_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Storage::open(config(dir.path())).unwrap();
+    assert!(
+        s.create_topic("wide", 1024, TopicConfig::default())
+            .unwrap()
+    );
+    append_values(&s, "wide", 1023, &[b"last"], 1);
+    drop(s);
+    let s = Storage::open(config(dir.path())).unwrap();
+    assert_eq!(s.partition_count("wide"), Some(1024));
+    assert_eq!(s.offsets("wide", 1023).unwrap(), (0, 1));
+}
+
+#[test]
+fn retention_runs_concurrently_with_appends_and_fetches() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_bytes = 2000;
+    cfg.retention_bytes = Some(6000);
+    let s = std::sync::Arc::new(Storage::open(cfg).unwrap());
+    s.create_topic("t", 1, TopicConfig::default()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = || stop.load(std::sync::atomic::Ordering::Relaxed);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done() {
+                s.enforce_retention(0).unwrap();
+            }
+        });
+        scope.spawn(|| {
+            while !done() {
+                let (start, _) = s.offsets("t", 0).unwrap();
+                match s.fetch("t", 0, start, 3000, u32::MAX) {
+                    Ok(r) => {
+                        let got = decode(r.count, &r.records);
+                        assert!(got.iter().zip(start..).all(|(m, o)| m.offset == o));
+                        assert_eq!(r.crc, streambus_core::checksum::checksum(&r.records));
+                    }
+                    Err(e) => assert!(matches!(e, StorageError::OffsetOutOfRange { .. }), "{e}"),
+                }
+            }
+        });
+        let v = [3u8; 72]; // 100-byte records
+        for _ in 0..2000 {
+            append_values(&s, "t", 0, &[&v[..], &v[..]], 1);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let (start, end) = s.offsets("t", 0).unwrap();
+    assert_eq!(end, 4000);
+    s.enforce_retention(0).unwrap();
+    let (start2, _) = s.offsets("t", 0).unwrap();
+    assert!(
+        start2 >= start && (end - start2) * 100 <= 6000 + 2000,
+        "{start2}"
+    );
+    assert_eq!(
+        fetch_all(&s, "t", 0, start2, 1 << 20).len() as i64,
+        end - start2
+    );
+}

@@ -181,3 +181,80 @@ fn garbage_after_the_last_batch_is_cut() {
         f.log.len()
     );
 }
+
+/// The first (sealed) segment's files and its last batch.
+struct Sealed {
+    log_path: PathBuf,
+    idx_path: PathBuf,
+    log: Vec<u8>,
+    idx: Vec<u8>,
+    base: i64,
+    count: i64,
+    pos: usize,
+}
+
+fn sealed(f: &Fixture) -> Sealed {
+    let log_path = f.log_path.with_file_name(format!("{:020}.log", 0));
+    let idx_path = log_path.with_extension("idx");
+    let (log, idx) = (fs::read(&log_path).unwrap(), fs::read(&idx_path).unwrap());
+    let e = &idx[idx.len() - ENTRY_LEN..];
+    let base = i64::from_be_bytes(e[0..8].try_into().unwrap());
+    let pos = u64::from_be_bytes(e[8..16].try_into().unwrap()) as usize;
+    let count = i64::from(u32::from_be_bytes(e[24..28].try_into().unwrap()));
+    Sealed {
+        log_path,
+        idx_path,
+        log,
+        idx,
+        base,
+        count,
+        pos,
+    }
+}
+
+#[test]
+fn torn_sealed_segment_loses_only_its_last_batch() {
+    let f = fixture();
+    let Sealed {
+        log_path,
+        idx_path,
+        log,
+        idx,
+        base,
+        count,
+        pos,
+    } = sealed(&f);
+    assert_ne!(log_path, f.log_path);
+    let want: Vec<Msg> = f
+        .all
+        .iter()
+        .filter(|m| m.offset < base || m.offset >= base + count)
+        .cloned()
+        .collect();
+    let end = f.all.last().unwrap().offset + 1;
+    let mut cases: Vec<(String, Vec<u8>)> = (pos..log.len())
+        .map(|cut| (format!("sealed log cut at {cut}"), log[..cut].to_vec()))
+        .collect();
+    cases.extend((pos..log.len()).step_by(3).map(|at| {
+        let mut l = log.clone();
+        l[at] ^= 0x10;
+        (format!("sealed log byte {at} flipped"), l)
+    }));
+    for (what, damaged) in cases {
+        fs::write(&log_path, &damaged).unwrap();
+        let s = Storage::open(config(&f.root)).unwrap();
+        assert_eq!(s.stats().recovery_truncations, 1, "{what}");
+        assert_eq!(s.offsets("t", 0).unwrap(), (0, end), "{what}");
+        // The fetch skips the lost offsets and goes on with the next segment.
+        assert_eq!(fetch_all(&s, "t", 0, 0, 1 << 20), want, "{what}");
+        let r = s.fetch("t", 0, base, 1, u32::MAX).unwrap();
+        assert_eq!(
+            decode(r.count, &r.records)[0].offset,
+            base + count,
+            "{what}"
+        );
+        drop(s);
+        fs::write(&log_path, &log).unwrap();
+        fs::write(&idx_path, &idx).unwrap();
+    }
+}
