@@ -221,3 +221,56 @@ fn shutdown_answers_what_was_read() {
         let _ = std::io::stdout().flush();
     });
 }
+
+/// Answers every HealthCheck with a 1 MiB status, to fill socket buffers quickly.
+#[derive(Default)]
+struct Big {
+    closed: AtomicUsize,
+}
+
+impl Handler for Big {
+    fn handle(&self, _id: u64, _flags: Flags, _request: &Request<'_>, reply: &mut Responder<'_>) {
+        static STATUS: [u8; 1 << 20] = [b'x'; 1 << 20];
+        reply.respond(&Response::HealthCheck(HealthCheckResponse {
+            status: Text(&STATUS),
+            uptime_secs: 0,
+        }));
+    }
+
+    fn on_event(&self, event: ConnEvent) {
+        if event == ConnEvent::Closed {
+            self.closed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[test]
+fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
+    each_runtime(|rt| {
+        let big = Arc::new(Big::default());
+        let server = serve(
+            rt,
+            big.clone(),
+            options().write_timeout(Duration::from_millis(300)),
+        );
+        let mut c = RawClient::connect(server.addr).unwrap();
+        // 64 requests = 64 MiB of replies, far beyond what socket buffers and the 4 MiB
+        // transmit high-water mark hold; the client never reads.
+        let mut burst = Vec::new();
+        for _ in 0..64 {
+            burst.extend_from_slice(&c.encode(&Request::HealthCheck).1);
+        }
+        c.send_raw(&burst).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while big.closed.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{rt:?}: connection still open"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The server is still fine for others.
+        let ping = RawClient::connect(server.addr);
+        assert!(ping.is_ok());
+    });
+}

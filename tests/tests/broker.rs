@@ -417,3 +417,35 @@ fn message_larger_than_the_frame_allows_is_refused() {
     let got = fetch_all(&mut c, "big", 0, 0).unwrap();
     assert_eq!(got.len(), 1);
 }
+
+#[test]
+fn metrics_are_served_in_prometheus_text_format() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), RuntimeKind::Tokio);
+    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let broker = streambus_server::start(cfg).unwrap();
+    let mut c = RawClient::connect(broker.addr()).unwrap();
+    produce(&mut c, "m", 0, &[b"x"]).unwrap();
+    fetch(&mut c, "nope", 0, 0, 10).unwrap();
+    let mut http = std::net::TcpStream::connect(broker.metrics_addr().unwrap()).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    assert!(
+        body.starts_with("HTTP/1.1 200") || body.starts_with("HTTP/1.0 200"),
+        "{body}"
+    );
+    for needle in [
+        "streambus_connections_open 1",
+        "streambus_connections_accepted_total 1",
+        r#"streambus_requests_total{type="produce",status="ok"} 1"#,
+        r#"streambus_requests_total{type="fetch",status="TopicNotFound"} 1"#,
+        "streambus_request_latency_seconds_count 2",
+        "streambus_storage_appends_total 1",
+        "streambus_bytes_in_total",
+    ] {
+        assert!(body.contains(needle), "missing {needle:?} in\n{body}");
+    }
+}
