@@ -334,29 +334,37 @@ impl Partition {
                     end,
                 });
             }
-            let all = || st.sealed.iter().chain(std::iter::once(&st.active));
-            let first = all()
-                .filter(|s| s.seg.base <= offset)
-                .count()
+            // The segment holding `offset`, then as many after it as the limit can need.
+            let first = st
+                .sealed
+                .partition_point(|s| s.seg.base <= offset)
                 .saturating_sub(1);
-            let snaps: Vec<Snap> = if offset == end {
-                Vec::new()
-            } else {
-                all()
-                    .skip(first)
-                    .enumerate()
-                    .map(|(i, s)| Snap {
-                        seg: Arc::clone(&s.seg),
-                        entries: s.entries,
-                        end: s.end,
-                        range: if i == 0 {
-                            s.search_range(offset)
-                        } else {
-                            (0, s.entries.min(SAMPLE_EVERY))
-                        },
-                    })
-                    .collect()
-            };
+            let limit = u64::from(max_bytes.min(max_total));
+            let mut snaps: Vec<Snap> = Vec::new();
+            let mut ahead = 0u64;
+            let candidates = st
+                .sealed
+                .iter()
+                .skip(first)
+                .chain(std::iter::once(&st.active));
+            for s in candidates.filter(|s| s.end > offset) {
+                if offset == end || (!snaps.is_empty() && ahead >= limit) {
+                    break;
+                }
+                snaps.push(Snap {
+                    seg: Arc::clone(&s.seg),
+                    entries: s.entries,
+                    end: s.end,
+                    range: if s.seg.base <= offset {
+                        s.search_range(offset)
+                    } else {
+                        (0, s.entries.min(SAMPLE_EVERY))
+                    },
+                });
+                if snaps.len() > 1 {
+                    ahead += s.log_len;
+                }
+            }
             (st.log_start, end, snaps)
         };
         let mut out = Reader {
