@@ -88,6 +88,9 @@ struct SyncState {
     last_sync: Instant,
 }
 
+/// The largest append buffer a partition keeps between appends.
+const SCRATCH_KEEP: usize = 1 << 20;
+
 #[derive(Debug, Default)]
 struct Writer {
     scratch: Vec<u8>,
@@ -289,6 +292,10 @@ impl Partition {
             a.log_len = entry.end_pos();
             a.end = end;
             a.last_append = Some(now);
+        }
+        if w.scratch.capacity() > SCRATCH_KEEP {
+            // Don't keep a rare large batch's buffer for every partition.
+            w.scratch = Vec::new();
         }
         drop(w);
         let c = &self.counters;
