@@ -374,7 +374,7 @@ impl Partition {
             }
             (st.log_start, end, snaps)
         };
-        let mut out = Reader {
+        let mut out = FetchState {
             limit: max_bytes.min(max_total) as usize,
             max_total,
             out: Vec::new(),
@@ -541,7 +541,7 @@ impl Partition {
 }
 
 /// The state of one fetch.
-struct Reader {
+struct FetchState {
     limit: usize,
     max_total: u32,
     out: Vec<u8>,
@@ -555,7 +555,7 @@ struct Reader {
     entries: Vec<IndexEntry>,
 }
 
-impl Reader {
+impl FetchState {
     /// Reads from one segment; returns `true` when the fetch is complete.
     fn read_segment(&mut self, snap: &Snap) -> Result<bool, StorageError> {
         if self.next < snap.seg.base {
