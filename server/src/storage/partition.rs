@@ -88,6 +88,9 @@ struct SyncState {
     last_sync: Instant,
 }
 
+/// The largest append buffer a partition keeps between appends.
+const SCRATCH_KEEP: usize = 1 << 20;
+
 #[derive(Debug, Default)]
 struct Writer {
     scratch: Vec<u8>,
@@ -290,6 +293,10 @@ impl Partition {
             a.end = end;
             a.last_append = Some(now);
         }
+        if w.scratch.capacity() > SCRATCH_KEEP {
+            // Don't keep a rare large batch's buffer for every partition.
+            w.scratch = Vec::new();
+        }
         drop(w);
         let c = &self.counters;
         c.inc(&c.appends, 1);
@@ -334,32 +341,40 @@ impl Partition {
                     end,
                 });
             }
-            let all = || st.sealed.iter().chain(std::iter::once(&st.active));
-            let first = all()
-                .filter(|s| s.seg.base <= offset)
-                .count()
+            // The segment holding `offset`, then as many after it as the limit can need.
+            let first = st
+                .sealed
+                .partition_point(|s| s.seg.base <= offset)
                 .saturating_sub(1);
-            let snaps: Vec<Snap> = if offset == end {
-                Vec::new()
-            } else {
-                all()
-                    .skip(first)
-                    .enumerate()
-                    .map(|(i, s)| Snap {
-                        seg: Arc::clone(&s.seg),
-                        entries: s.entries,
-                        end: s.end,
-                        range: if i == 0 {
-                            s.search_range(offset)
-                        } else {
-                            (0, s.entries.min(SAMPLE_EVERY))
-                        },
-                    })
-                    .collect()
-            };
+            let limit = u64::from(max_bytes.min(max_total));
+            let mut snaps: Vec<Snap> = Vec::new();
+            let mut ahead = 0u64;
+            let candidates = st
+                .sealed
+                .iter()
+                .skip(first)
+                .chain(std::iter::once(&st.active));
+            for s in candidates.filter(|s| s.end > offset) {
+                if offset == end || (!snaps.is_empty() && ahead >= limit) {
+                    break;
+                }
+                snaps.push(Snap {
+                    seg: Arc::clone(&s.seg),
+                    entries: s.entries,
+                    end: s.end,
+                    range: if s.seg.base <= offset {
+                        s.search_range(offset)
+                    } else {
+                        (0, s.entries.min(SAMPLE_EVERY))
+                    },
+                });
+                if snaps.len() > 1 {
+                    ahead += s.log_len;
+                }
+            }
             (st.log_start, end, snaps)
         };
-        let mut out = Reader {
+        let mut out = FetchState {
             limit: max_bytes.min(max_total) as usize,
             max_total,
             out: Vec::new(),
@@ -526,7 +541,7 @@ impl Partition {
 }
 
 /// The state of one fetch.
-struct Reader {
+struct FetchState {
     limit: usize,
     max_total: u32,
     out: Vec<u8>,
@@ -540,7 +555,7 @@ struct Reader {
     entries: Vec<IndexEntry>,
 }
 
-impl Reader {
+impl FetchState {
     /// Reads from one segment; returns `true` when the fetch is complete.
     fn read_segment(&mut self, snap: &Snap) -> Result<bool, StorageError> {
         if self.next < snap.seg.base {
