@@ -56,6 +56,15 @@ pub trait Handler: Send + Sync + 'static {
         reply: &mut Responder<'_>,
     );
 
+    /// Whether [`handle`](Self::handle) may block for long (it waits for an fsync, say). The
+    /// async adapters then run it where blocking is allowed — tokio's `block_in_place` on a
+    /// multi-threaded runtime, smol's blocking pool — so one slow request never stalls the
+    /// other connections, and concurrent requests can share the slow work (group commit).
+    /// The default is `false`: requests run inline, which is fastest when they don't block.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     /// Observes connection events (metrics). The default does nothing.
     fn on_event(&self, event: ConnEvent) {
         let _ = event;

@@ -59,7 +59,7 @@ pub async fn serve<H: Handler>(
         handler.on_event(ConnEvent::Accepted);
         let (h, o, stop) = (handler.clone(), open.clone(), stop_rx.clone());
         smol::spawn(async move {
-            if let Err(e) = connection(stream, &*h, &options, stop).await {
+            if let Err(e) = connection(stream, h.clone(), &options, stop).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             o.fetch_sub(1, Ordering::SeqCst);
@@ -102,14 +102,28 @@ async fn write_pending<H: Handler>(
 
 async fn connection<H: Handler>(
     mut stream: Async<TcpStream>,
-    handler: &H,
+    shared: Arc<H>,
     options: &ServeOptions,
     stop: Receiver<()>,
 ) -> io::Result<()> {
     stream.get_ref().set_nodelay(true)?;
+    let handler = &*shared;
     let mut s = Session::new(options.connection, now());
     loop {
-        match s.process(now(), handler) {
+        let next = if handler.may_block() {
+            // Run on smol's blocking pool; the session goes there and comes back.
+            let h = shared.clone();
+            let (back, next) = smol::unblock(move || {
+                let next = s.process(now(), &*h);
+                (s, next)
+            })
+            .await;
+            s = back;
+            next
+        } else {
+            s.process(now(), handler)
+        };
+        match next {
             Next::Close => return write_pending(&mut stream, &mut s, handler, options).await,
             Next::Flush => {
                 write_pending(&mut stream, &mut s, handler, options).await?;

@@ -101,9 +101,17 @@ async fn connection<H: Handler>(
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
+    let blocking = handler.may_block()
+        && tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
     let mut s = Session::new(options.connection, now());
     loop {
-        match s.process(now(), handler) {
+        let next = if blocking {
+            tokio::task::block_in_place(|| s.process(now(), handler))
+        } else {
+            s.process(now(), handler)
+        };
+        match next {
             Next::Close => return write_pending(&mut stream, &mut s, handler, options).await,
             Next::Flush => {
                 write_pending(&mut stream, &mut s, handler, options).await?;

@@ -24,6 +24,8 @@ pub struct BrokerConfig {
     pub auto_create_topics: bool,
     /// The maximum frame Length, which bounds message and fetch sizes.
     pub max_frame_len: u32,
+    /// Appends wait for an fsync (`--fsync always`): requests may block.
+    pub fsync_always: bool,
 }
 
 /// The broker: a [`Handler`] over the storage engine.
@@ -249,6 +251,10 @@ impl Handler for Broker {
         };
         self.metrics
             .request(request.request_type().name(), status, t0.elapsed());
+    }
+
+    fn may_block(&self) -> bool {
+        self.config.fsync_always
     }
 
     fn on_event(&self, event: ConnEvent) {

@@ -68,6 +68,11 @@ impl Running {
         self.addr
     }
 
+    /// The storage engine's counters (appends, fsyncs, recovery truncations, …).
+    pub fn storage_stats(&self) -> storage::StorageStats {
+        self.storage.stats()
+    }
+
     /// The metrics listener's address, if on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
@@ -152,6 +157,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         BrokerConfig {
             auto_create_topics: config.auto_create_topics,
             max_frame_len: config.max_frame_bytes,
+            fsync_always: config.fsync == FsyncMode::Always,
         },
         metrics,
     ));

@@ -449,3 +449,48 @@ fn metrics_are_served_in_prometheus_text_format() {
         assert!(body.contains(needle), "missing {needle:?} in\n{body}");
     }
 }
+
+#[test]
+fn fsync_always_with_concurrent_producers() {
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), rt);
+        cfg.fsync = FsyncMode::Always;
+        let broker = streambus_server::start(cfg).unwrap();
+        let addr = broker.addr();
+        let mut c = RawClient::connect(addr).unwrap();
+        produce(&mut c, "sync", 0, &[b"first"]).unwrap();
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                std::thread::spawn(move || {
+                    let mut c = RawClient::connect(addr).unwrap();
+                    (0..10)
+                        .map(|j| {
+                            let v = format!("{i}-{j}");
+                            match produce(&mut c, "sync", 0, &[v.as_bytes()])
+                                .unwrap()
+                                .parse(RequestType::Produce)
+                                .unwrap()
+                            {
+                                Response::Produce(p) => (p.base_offset, v.into_bytes()),
+                                other => panic!("{other:?}"),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut acked: Vec<_> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        acked.sort();
+        let stats = broker.storage_stats();
+        assert!(
+            stats.fsyncs >= 1 && stats.fsyncs <= stats.appends,
+            "{rt:?}: {stats:?}"
+        );
+        let stored: Vec<_> = fetch_all(&mut c, "sync", 0, 1).unwrap();
+        assert_eq!(stored, acked, "{rt:?}");
+    }
+}
