@@ -122,22 +122,38 @@ impl RawClient {
     /// Reads one response frame (`UnexpectedEof` when the server closed).
     pub fn recv(&mut self) -> io::Result<Reply> {
         let decoder = FrameDecoder::responses().with_max_frame_len(64 * 1024 * 1024);
+        let mut filled = self.buf.len();
         loop {
-            match decoder.next_frame(&self.buf) {
+            match decoder.next_frame(&self.buf[..filled]) {
                 Ok(Status::Complete(n)) => {
-                    let frame = self.buf[..n].to_vec();
-                    self.buf.drain(..n);
+                    // Hand out the frame without copying it; keep what follows.
+                    // (Between calls `buf` holds received data only.)
+                    let rest = self.buf[n..filled].to_vec();
+                    let mut frame = std::mem::replace(&mut self.buf, rest);
+                    frame.truncate(n);
                     return Ok(Reply(frame));
                 }
-                Ok(Status::Partial(_)) => {}
+                Ok(Status::Partial(need)) => {
+                    let want = filled + need.max(64 * 1024);
+                    if self.buf.len() < want {
+                        self.buf.resize(want, 0);
+                    }
+                }
                 Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
             }
-            let mut chunk = [0u8; 64 * 1024];
-            let n = self.stream()?.read(&mut chunk)?;
+            let stream = self.stream.as_mut().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+            let n = match stream.read(&mut self.buf[filled..]) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.buf.truncate(filled);
+                    return Err(e);
+                }
+            };
             if n == 0 {
+                self.buf.truncate(filled);
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            self.buf.extend_from_slice(&chunk[..n]);
+            filled += n;
         }
     }
 
