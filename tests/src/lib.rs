@@ -141,7 +141,10 @@ impl RawClient {
                 }
                 Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
             }
-            let stream = self.stream.as_mut().ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
+            let stream = self
+                .stream
+                .as_mut()
+                .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
             let n = match stream.read(&mut self.buf[filled..]) {
                 Ok(n) => n,
                 Err(e) => {

@@ -604,13 +604,18 @@ impl FetchState {
                 i += 1;
                 continue;
             }
-            // Part of a batch: find its record boundaries.
-            let mut batch = vec![0u8; e.len as usize];
+            // Part of a batch: read it straight into the output, find its record
+            // boundaries, keep the piece asked for.
+            self.flush_run(seg)?;
+            let base = self.out.len();
+            self.out.resize(base + e.len as usize, 0);
+            let dst = self.out.get_mut(base..).unwrap_or_default();
             seg.log
-                .read_exact_at(&mut batch, e.pos)
+                .read_exact_at(dst, e.pos)
                 .ctx("read log", &seg.log_path)?;
+            let batch = self.out.get(base..).unwrap_or_default();
             let set =
-                MessageSet::new_checked(e.count, &batch).map_err(|err| StorageError::Corrupt {
+                MessageSet::new_checked(e.count, batch).map_err(|err| StorageError::Corrupt {
                     path: seg.log_path.clone(),
                     reason: format!("batch at offset {}: {err}", e.base_offset),
                 })?;
@@ -625,6 +630,7 @@ impl FetchState {
                         break;
                     }
                     if rec.len() > self.max_total as usize {
+                        // The whole fetch fails; its output is dropped.
                         return Err(StorageError::MessageTooLarge {
                             offset: self.next,
                             len: rec.len(),
@@ -638,10 +644,16 @@ impl FetchState {
                 self.count += 1;
                 self.next += 1;
             }
-            let piece = batch.get(from.unwrap_or(at)..at).unwrap_or_default();
-            self.flush_run(seg)?;
-            self.out.extend_from_slice(piece);
-            self.crc = combine(self.crc, checksum::checksum(piece), piece.len() as u64);
+            let from = from.unwrap_or(at);
+            let piece_len = at - from;
+            let piece_crc = if from == 0 && at == e.len as usize {
+                e.crc
+            } else {
+                checksum::checksum(batch.get(from..at).unwrap_or_default())
+            };
+            self.out.copy_within(base + from..base + at, base);
+            self.out.truncate(base + piece_len);
+            self.crc = combine(self.crc, piece_crc, piece_len as u64);
             if self.next < e.end_offset() {
                 done = true;
                 break;
