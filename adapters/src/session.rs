@@ -5,7 +5,7 @@
 use std::fmt;
 
 use streambus_core::{
-    EncodeError, ErrorCode, Instant, MAX_ERROR_MESSAGE_LEN, Response, ServerConfig,
+    EncodeError, ErrorCode, FetchResponse, Instant, MAX_ERROR_MESSAGE_LEN, Response, ServerConfig,
     ServerConnection, ServerEvent, response_encoded_len,
 };
 
@@ -281,6 +281,28 @@ impl Responder<'_> {
             self.answered = true;
         } else {
             // Only a response over u32 lengths fails to encode; answer with an error instead.
+            self.error(
+                ErrorCode::MESSAGE_TOO_LARGE,
+                format_args!("the response is too large to encode"),
+            );
+        }
+    }
+
+    /// Sends a Fetch success whose records' CRC-32 is already known (combined from stored
+    /// batch CRCs), so the records aren't hashed again; see
+    /// [`streambus_core::encode_fetch_response`].
+    pub fn respond_fetch(&mut self, fetch: &FetchResponse<'_>, records_crc: u32) {
+        if self.answered {
+            return;
+        }
+        let (conn, id) = (&mut *self.conn, self.request_id);
+        let len = response_encoded_len(&Response::Fetch(*fetch));
+        if self
+            .tx
+            .append(len, |buf| conn.respond_fetch(id, fetch, records_crc, buf))
+        {
+            self.answered = true;
+        } else {
             self.error(
                 ErrorCode::MESSAGE_TOO_LARGE,
                 format_args!("the response is too large to encode"),

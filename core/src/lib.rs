@@ -73,8 +73,8 @@ pub use conn::time::Instant;
 pub use error::{DecodeError, EncodeError, Malformed};
 pub use wire::frame::{
     DEFAULT_MAX_FRAME_LEN, FrameDecoder, PROTOCOL_VERSION, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
-    RequestFrame, RequestHeader, ResponseFrame, ResponseHeader, Status, encode_request,
-    encode_response, peek_request_id, request_encoded_len, response_encoded_len,
+    RequestFrame, RequestHeader, ResponseFrame, ResponseHeader, Status, encode_fetch_response,
+    encode_request, encode_response, peek_request_id, request_encoded_len, response_encoded_len,
 };
 pub use wire::message::{
     Header, Headers, HeadersIter, MESSAGE_FIXED_LEN, Message, MessageSet, MessageSetBuilder,

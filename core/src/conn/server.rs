@@ -11,7 +11,7 @@ use crate::wire::frame::{
     peek_request_id,
 };
 use crate::wire::request::Request;
-use crate::wire::response::{ErrorResponse, Response};
+use crate::wire::response::{ErrorResponse, FetchResponse, Response};
 use crate::wire::types::{ErrorCode, Flags, RequestType};
 
 /// The longest error message [`ServerConnection::respond_error`] writes, in bytes; longer
@@ -352,6 +352,20 @@ impl ServerConnection {
         tx: &mut [u8],
     ) -> Result<usize, EncodeError> {
         let n = encode_response(request_id, response, tx)?;
+        self.answered();
+        Ok(n)
+    }
+
+    /// [`respond`](Self::respond) for a Fetch success whose records' CRC is already known:
+    /// see [`encode_fetch_response`](crate::encode_fetch_response). Same contract.
+    pub fn respond_fetch(
+        &mut self,
+        request_id: u64,
+        fetch: &FetchResponse<'_>,
+        records_crc: u32,
+        tx: &mut [u8],
+    ) -> Result<usize, EncodeError> {
+        let n = crate::wire::frame::encode_fetch_response(request_id, fetch, records_crc, tx)?;
         self.answered();
         Ok(n)
     }

@@ -11,7 +11,7 @@
 use crate::checksum;
 use crate::error::{DecodeError, EncodeError, Malformed};
 use crate::wire::request::Request;
-use crate::wire::response::Response;
+use crate::wire::response::{FetchResponse, Response};
 use crate::wire::types::{ErrorCode, Flags, RequestType, ResponseStatus};
 use crate::wire::{Encode, Writer, len_u32};
 
@@ -455,6 +455,53 @@ pub fn encode_response(
         response,
         buf,
     )
+}
+
+/// Encodes a Fetch success frame whose records' CRC-32 is already known (`records_crc ==
+/// checksum(fetch.messages.as_bytes())`, e.g. combined from stored batch CRCs with
+/// [`checksum::combine`]), so the records are copied but not hashed again. The output is
+/// byte-identical to [`encode_response`] of `Response::Fetch(*fetch)` when `records_crc` is
+/// right; when it is wrong, the frame fails the receiver's CRC check — corruption is caught
+/// end to end instead of being re-blessed.
+pub fn encode_fetch_response(
+    request_id: u64,
+    fetch: &FetchResponse<'_>,
+    records_crc: u32,
+    buf: &mut [u8],
+) -> Result<usize, EncodeError> {
+    let records = fetch.messages.as_bytes();
+    let head_len = RESPONSE_HEADER_LEN + 12;
+    let tail_len = if fetch.trailer.is_some() { 16 } else { 0 };
+    let total = head_len + records.len() + tail_len + CRC_LEN;
+    let length = len_u32(total - LENGTH_LEN)?;
+    let out = buf
+        .get_mut(..total)
+        .ok_or(EncodeError::BufferTooSmall { required: total })?;
+    let mut w = Writer::new(out);
+    w.u32(length)?;
+    w.u64(request_id)?;
+    w.u8(ResponseStatus::Ok.as_u8())?;
+    w.u16(ErrorCode::NONE.0)?;
+    w.i64(fetch.high_water_mark)?;
+    w.u32(fetch.messages.count())?;
+    w.put(records)?;
+    if let Some(t) = fetch.trailer {
+        w.i64(t.last_stable_offset)?;
+        w.i64(t.next_offset)?;
+    }
+    let end = w.position();
+    let head_crc = checksum::checksum(out.get(LENGTH_LEN..head_len).unwrap_or_default());
+    let tail_crc = checksum::checksum(out.get(end - tail_len..end).unwrap_or_default());
+    let crc = checksum::combine(
+        checksum::combine(head_crc, records_crc, records.len() as u64),
+        tail_crc,
+        tail_len as u64,
+    );
+    let dst = out
+        .get_mut(end..end + CRC_LEN)
+        .ok_or(EncodeError::BufferTooSmall { required: total })?;
+    dst.copy_from_slice(&crc.to_be_bytes());
+    Ok(total)
 }
 
 #[cfg(test)]
