@@ -374,12 +374,14 @@ impl<'a> ResponseFrame<&'a [u8]> {
     }
 }
 
-/// Writes a frame: `header` (which starts with the Length field), the payload, the CRC.
+/// Writes a frame: `header` (which starts with the Length field), the payload, the CRC —
+/// computed by `crc_of` over the covered bytes (RequestID through the end of the payload).
 fn write_frame(
     header_len: usize,
     write_header: impl FnOnce(&mut Writer<'_>) -> Result<(), EncodeError>,
     payload: &(impl Encode + ?Sized),
     buf: &mut [u8],
+    crc_of: impl FnOnce(&[u8]) -> u32,
 ) -> Result<usize, EncodeError> {
     let payload_len = payload.encoded_len();
     let total = header_len + payload_len + CRC_LEN;
@@ -392,7 +394,7 @@ fn write_frame(
     write_header(&mut w)?;
     payload.write(&mut w)?;
     let end = w.position();
-    let crc = checksum::checksum(out.get(LENGTH_LEN..end).unwrap_or_default());
+    let crc = crc_of(out.get(LENGTH_LEN..end).unwrap_or_default());
     let tail = out
         .get_mut(end..end + CRC_LEN)
         .ok_or(EncodeError::BufferTooSmall { required: total })?;
@@ -429,6 +431,7 @@ pub fn encode_request(
         },
         request,
         buf,
+        checksum::checksum,
     )
 }
 
@@ -440,6 +443,16 @@ pub fn encode_response(
     request_id: u64,
     response: &Response<'_>,
     buf: &mut [u8],
+) -> Result<usize, EncodeError> {
+    write_response(request_id, response, buf, checksum::checksum)
+}
+
+/// A response frame with the CRC computed by `crc_of`.
+fn write_response(
+    request_id: u64,
+    response: &Response<'_>,
+    buf: &mut [u8],
+    crc_of: impl FnOnce(&[u8]) -> u32,
 ) -> Result<usize, EncodeError> {
     let (status, code) = match response {
         Response::Error(e) => (ResponseStatus::Error, e.code),
@@ -454,6 +467,7 @@ pub fn encode_response(
         },
         response,
         buf,
+        crc_of,
     )
 }
 
@@ -469,39 +483,18 @@ pub fn encode_fetch_response(
     records_crc: u32,
     buf: &mut [u8],
 ) -> Result<usize, EncodeError> {
-    let records = fetch.messages.as_bytes();
-    let head_len = RESPONSE_HEADER_LEN + 12;
-    let tail_len = if fetch.trailer.is_some() { 16 } else { 0 };
-    let total = head_len + records.len() + tail_len + CRC_LEN;
-    let length = len_u32(total - LENGTH_LEN)?;
-    let out = buf
-        .get_mut(..total)
-        .ok_or(EncodeError::BufferTooSmall { required: total })?;
-    let mut w = Writer::new(out);
-    w.u32(length)?;
-    w.u64(request_id)?;
-    w.u8(ResponseStatus::Ok.as_u8())?;
-    w.u16(ErrorCode::NONE.0)?;
-    w.i64(fetch.high_water_mark)?;
-    w.u32(fetch.messages.count())?;
-    w.put(records)?;
-    if let Some(t) = fetch.trailer {
-        w.i64(t.last_stable_offset)?;
-        w.i64(t.next_offset)?;
-    }
-    let end = w.position();
-    let head_crc = checksum::checksum(out.get(LENGTH_LEN..head_len).unwrap_or_default());
-    let tail_crc = checksum::checksum(out.get(end - tail_len..end).unwrap_or_default());
-    let crc = checksum::combine(
-        checksum::combine(head_crc, records_crc, records.len() as u64),
-        tail_crc,
-        tail_len as u64,
-    );
-    let dst = out
-        .get_mut(end..end + CRC_LEN)
-        .ok_or(EncodeError::BufferTooSmall { required: total })?;
-    dst.copy_from_slice(&crc.to_be_bytes());
-    Ok(total)
+    let records_len = fetch.messages.as_bytes().len();
+    // Covered bytes: the header after Length (11), HighWaterMark and NumMessages (12), the
+    // records, the trailer.
+    let head_len = RESPONSE_HEADER_LEN - LENGTH_LEN + 12;
+    let crc_of = |covered: &[u8]| {
+        let tail_at = head_len + records_len;
+        let head = checksum::checksum(covered.get(..head_len).unwrap_or_default());
+        let tail = covered.get(tail_at..).unwrap_or_default();
+        let with_records = checksum::combine(head, records_crc, records_len as u64);
+        checksum::combine(with_records, checksum::checksum(tail), tail.len() as u64)
+    };
+    write_response(request_id, &Response::Fetch(*fetch), buf, crc_of)
 }
 
 #[cfg(test)]
