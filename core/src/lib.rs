@@ -72,8 +72,9 @@ pub use conn::server::{
 pub use conn::time::Instant;
 pub use error::{DecodeError, EncodeError, Malformed};
 pub use wire::frame::{
-    DEFAULT_MAX_FRAME_LEN, FrameDecoder, PROTOCOL_VERSION, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
-    RequestFrame, RequestHeader, ResponseFrame, ResponseHeader, Status, encode_fetch_response,
+    DEFAULT_MAX_FRAME_LEN, FETCH_HEAD_LEN, FETCH_TAIL_LEN, FetchFrameParts, FrameDecoder,
+    PROTOCOL_VERSION, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN, RequestFrame, RequestHeader,
+    ResponseFrame, ResponseHeader, Status, encode_fetch_frame_parts, encode_fetch_response,
     encode_request, encode_response, peek_request_id, request_encoded_len, response_encoded_len,
 };
 pub use wire::message::{

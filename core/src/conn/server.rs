@@ -6,12 +6,13 @@ use core::time::Duration;
 use crate::conn::time::{Instant, earliest};
 use crate::error::{DecodeError, EncodeError};
 use crate::wire::Text;
+use crate::wire::frame::FetchFrameParts;
 use crate::wire::frame::{
     DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION, REQUEST_HEADER_LEN, RequestFrame, encode_response,
     peek_request_id,
 };
 use crate::wire::request::Request;
-use crate::wire::response::{ErrorResponse, FetchResponse, Response};
+use crate::wire::response::{ErrorResponse, FetchResponse, FetchTrailer, Response};
 use crate::wire::types::{ErrorCode, Flags, RequestType};
 
 /// The longest error message [`ServerConnection::respond_error`] writes, in bytes; longer
@@ -368,6 +369,30 @@ impl ServerConnection {
         let n = crate::wire::frame::encode_fetch_response(request_id, fetch, records_crc, tx)?;
         self.answered();
         Ok(n)
+    }
+
+    /// The head and tail of a Fetch success frame whose records the adapter sends from
+    /// elsewhere (see [`encode_fetch_frame_parts`](crate::encode_fetch_frame_parts)); the
+    /// request is no longer in flight.
+    pub fn respond_fetch_parts(
+        &mut self,
+        request_id: u64,
+        high_water_mark: i64,
+        count: u32,
+        records_len: usize,
+        records_crc: u32,
+        trailer: FetchTrailer,
+    ) -> Result<FetchFrameParts, EncodeError> {
+        let parts = crate::wire::frame::encode_fetch_frame_parts(
+            request_id,
+            high_water_mark,
+            count,
+            records_len,
+            records_crc,
+            trailer,
+        )?;
+        self.answered();
+        Ok(parts)
     }
 
     /// Encodes an error reply whose message is `message`, formatted without allocating and cut

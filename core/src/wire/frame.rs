@@ -11,7 +11,7 @@
 use crate::checksum;
 use crate::error::{DecodeError, EncodeError, Malformed};
 use crate::wire::request::Request;
-use crate::wire::response::{FetchResponse, Response};
+use crate::wire::response::{FetchResponse, FetchTrailer, Response};
 use crate::wire::types::{ErrorCode, Flags, RequestType, ResponseStatus};
 use crate::wire::{Encode, Writer, len_u32};
 
@@ -495,6 +495,60 @@ pub fn encode_fetch_response(
         checksum::combine(with_records, checksum::checksum(tail), tail.len() as u64)
     };
     write_response(request_id, &Response::Fetch(*fetch), buf, crc_of)
+}
+
+/// Bytes of a Fetch success frame before its records: the response header, HighWaterMark and
+/// NumMessages.
+pub const FETCH_HEAD_LEN: usize = RESPONSE_HEADER_LEN + 12;
+/// Bytes of a Fetch success frame after its records: the trailer and the CRC.
+pub const FETCH_TAIL_LEN: usize = 16 + CRC_LEN;
+
+/// The bytes around a Fetch success frame's records, for a sender that writes the records
+/// from elsewhere (a file, with `sendfile`): `head ‖ records ‖ tail` is exactly the frame
+/// [`encode_response`] writes for the same fetch (with its trailer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct FetchFrameParts {
+    /// Header, HighWaterMark, NumMessages.
+    pub head: [u8; FETCH_HEAD_LEN],
+    /// LastStableOffset, NextOffset, CRC.
+    pub tail: [u8; FETCH_TAIL_LEN],
+}
+
+/// The head and tail of a Fetch success frame carrying `count` records of `records_len`
+/// bytes whose CRC-32 is `records_crc`. Fails only when the frame would not fit a u32 Length.
+pub fn encode_fetch_frame_parts(
+    request_id: u64,
+    high_water_mark: i64,
+    count: u32,
+    records_len: usize,
+    records_crc: u32,
+    trailer: FetchTrailer,
+) -> Result<FetchFrameParts, EncodeError> {
+    let length = len_u32(FETCH_HEAD_LEN - LENGTH_LEN + records_len + FETCH_TAIL_LEN)?;
+    let mut head = [0u8; FETCH_HEAD_LEN];
+    let mut w = Writer::new(&mut head);
+    w.u32(length)?;
+    w.u64(request_id)?;
+    w.u8(ResponseStatus::Ok.as_u8())?;
+    w.u16(ErrorCode::NONE.0)?;
+    w.i64(high_water_mark)?;
+    w.u32(count)?;
+    let mut trailer_bytes = [0u8; 16];
+    let mut w = Writer::new(&mut trailer_bytes);
+    w.i64(trailer.last_stable_offset)?;
+    w.i64(trailer.next_offset)?;
+    let head_crc = checksum::checksum(head.get(LENGTH_LEN..).unwrap_or_default());
+    let crc = checksum::combine(
+        checksum::combine(head_crc, records_crc, records_len as u64),
+        checksum::checksum(&trailer_bytes),
+        16,
+    );
+    let mut tail = [0u8; FETCH_TAIL_LEN];
+    let mut w = Writer::new(&mut tail);
+    w.put(&trailer_bytes)?;
+    w.u32(crc)?;
+    Ok(FetchFrameParts { head, tail })
 }
 
 #[cfg(test)]
