@@ -68,6 +68,37 @@ pub struct FetchResult {
     pub crc: u32,
 }
 
+/// A byte range of a log file.
+#[derive(Debug, Clone)]
+pub struct LogRange {
+    /// The segment's log file (kept open, even if retention deletes the segment meanwhile).
+    pub file: Arc<std::fs::File>,
+    /// Where the range starts in the file.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+/// What a fetch would read, as file ranges instead of bytes: for a zero-copy send
+/// (`sendfile`). The ranges, concatenated, are exactly [`FetchResult::records`].
+#[derive(Debug, Clone)]
+pub struct FetchPlan {
+    /// As in [`FetchResult`].
+    pub high_water_mark: i64,
+    /// As in [`FetchResult`].
+    pub log_start: i64,
+    /// Messages in the ranges.
+    pub count: u32,
+    /// The offset after the last message (the fetch offset when none).
+    pub next_offset: i64,
+    /// The CRC-32 of the ranges' bytes, combined from the stored batch CRCs.
+    pub crc: u32,
+    /// Total bytes of the ranges.
+    pub len: u64,
+    /// The ranges, in order.
+    pub ranges: Vec<LogRange>,
+}
+
 /// Counters for metrics, since open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -390,6 +421,19 @@ impl Storage {
     ) -> Result<FetchResult, StorageError> {
         self.partition(topic, partition)?
             .fetch(offset, max_bytes, max_total)
+    }
+
+    /// [`fetch`](Self::fetch) as file ranges, for a zero-copy send. Same rules and errors.
+    pub fn fetch_plan(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        max_total: u32,
+    ) -> Result<FetchPlan, StorageError> {
+        self.partition(topic, partition)?
+            .fetch_plan(offset, max_bytes, max_total)
     }
 
     /// `(log start, end)`: the first offset kept and the next offset to be assigned (the

@@ -19,7 +19,7 @@ use streambus_core::{MessageSet, stamp_record};
 use super::config::FsyncPolicy;
 use super::error::{IoContext, StorageError};
 use super::segment::{self, ENTRY_LEN, IndexEntry, SAMPLE_EVERY, Segment};
-use super::{AppendResult, Counters, FetchResult, lock, meta, read, write};
+use super::{AppendResult, Counters, FetchPlan, FetchResult, LogRange, lock, meta, read, write};
 
 /// A partition's effective settings (the topic's overrides applied over the broker's).
 #[derive(Debug, Clone, Copy)]
@@ -331,6 +331,45 @@ impl Partition {
         max_bytes: u32,
         max_total: u32,
     ) -> Result<FetchResult, StorageError> {
+        let (log_start, hwm, out) = self.run_fetch(offset, max_bytes, max_total, false)?;
+        Ok(FetchResult {
+            high_water_mark: hwm,
+            log_start,
+            count: out.count,
+            next_offset: out.next,
+            crc: out.crc,
+            records: out.out,
+        })
+    }
+
+    /// Like [`fetch`](Self::fetch), but returns the file ranges holding the records instead
+    /// of reading them (for `sendfile`).
+    pub(crate) fn fetch_plan(
+        &self,
+        offset: i64,
+        max_bytes: u32,
+        max_total: u32,
+    ) -> Result<FetchPlan, StorageError> {
+        let (log_start, hwm, out) = self.run_fetch(offset, max_bytes, max_total, true)?;
+        let ranges = out.ranges.unwrap_or_default();
+        Ok(FetchPlan {
+            high_water_mark: hwm,
+            log_start,
+            count: out.count,
+            next_offset: out.next,
+            crc: out.crc,
+            len: ranges.iter().map(|r| r.len).sum(),
+            ranges,
+        })
+    }
+
+    fn run_fetch(
+        &self,
+        offset: i64,
+        max_bytes: u32,
+        max_total: u32,
+        plan: bool,
+    ) -> Result<(i64, i64, FetchState), StorageError> {
         let (log_start, hwm, snaps) = {
             let st = read(&self.state);
             let end = st.active.end;
@@ -384,20 +423,14 @@ impl Partition {
             next: offset,
             run: None,
             entries: Vec::new(),
+            ranges: plan.then(Vec::new),
         };
         for snap in &snaps {
             if out.read_segment(snap)? {
                 break;
             }
         }
-        Ok(FetchResult {
-            high_water_mark: hwm,
-            log_start,
-            count: out.count,
-            next_offset: out.next,
-            crc: out.crc,
-            records: out.out,
-        })
+        Ok((log_start, hwm, out))
     }
 
     /// Fsyncs everything appended so far.
@@ -553,6 +586,8 @@ struct FetchState {
     /// Whole batches to read with one `pread`: (position, length, CRC).
     run: Option<(u64, u64, u32)>,
     entries: Vec<IndexEntry>,
+    /// Planning a zero-copy fetch: collect file ranges instead of reading them.
+    ranges: Option<Vec<LogRange>>,
 }
 
 impl FetchState {
@@ -651,8 +686,13 @@ impl FetchState {
             } else {
                 checksum::checksum(batch.get(from..at).unwrap_or_default())
             };
-            self.out.copy_within(base + from..base + at, base);
-            self.out.truncate(base + piece_len);
+            if let Some(ranges) = &mut self.ranges {
+                self.out.truncate(base);
+                push_range(ranges, &seg.log, e.pos + from as u64, piece_len as u64);
+            } else {
+                self.out.copy_within(base + from..base + at, base);
+                self.out.truncate(base + piece_len);
+            }
             self.crc = combine(self.crc, piece_crc, piece_len as u64);
             if self.next < e.end_offset() {
                 done = true;
@@ -667,6 +707,11 @@ impl FetchState {
     /// Reads the pending run of whole batches into the output.
     fn flush_run(&mut self, seg: &Segment) -> Result<(), StorageError> {
         if let Some((pos, len, crc)) = self.run.take() {
+            if let Some(ranges) = &mut self.ranges {
+                push_range(ranges, &seg.log, pos, len);
+                self.crc = combine(self.crc, crc, len);
+                return Ok(());
+            }
             let at = self.out.len();
             self.out.resize(at + len as usize, 0);
             let dst = self.out.get_mut(at..).unwrap_or_default();
@@ -677,6 +722,25 @@ impl FetchState {
         }
         Ok(())
     }
+}
+
+/// Appends a file range, merging it into the previous one when contiguous in the same file.
+fn push_range(ranges: &mut Vec<LogRange>, file: &Arc<std::fs::File>, offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    if let Some(last) = ranges.last_mut()
+        && Arc::ptr_eq(&last.file, file)
+        && last.offset + last.len == offset
+    {
+        last.len += len;
+        return;
+    }
+    ranges.push(LogRange {
+        file: Arc::clone(file),
+        offset,
+        len,
+    });
 }
 
 /// Removes a directory tree, logging (not failing) on error.

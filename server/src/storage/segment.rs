@@ -8,6 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use streambus_core::checksum;
 
@@ -100,7 +101,8 @@ impl IndexEntry {
 #[derive(Debug)]
 pub(crate) struct Segment {
     pub(crate) base: i64,
-    pub(crate) log: File,
+    /// Shared so a planned zero-copy fetch can keep it open past retention.
+    pub(crate) log: Arc<File>,
     pub(crate) idx: File,
     pub(crate) log_path: PathBuf,
     pub(crate) idx_path: PathBuf,
@@ -155,7 +157,7 @@ impl Segment {
         };
         Ok(Self {
             base,
-            log: open(&log_path)?,
+            log: Arc::new(open(&log_path)?),
             idx: open(&idx_path)?,
             log_path,
             idx_path,
@@ -222,9 +224,9 @@ impl Segment {
         // Sequential reads through the files' cursors: recovery runs before the segment is
         // shared.
         (&self.idx).rewind().ctx("seek", &self.idx_path)?;
-        (&self.log).rewind().ctx("seek", &self.log_path)?;
+        (&*self.log).rewind().ctx("seek", &self.log_path)?;
         let mut idx = BufReader::with_capacity(64 * 1024, &self.idx);
-        let mut log = BufReader::with_capacity(1024 * 1024, &self.log);
+        let mut log = BufReader::with_capacity(1024 * 1024, &*self.log);
         let mut entry = [0u8; ENTRY_LEN];
         let mut records = Vec::new();
         let mut stop = None;
