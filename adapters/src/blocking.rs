@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::session::{Next, Session};
-use crate::{ConnEvent, Handler, ServeOptions, now, until};
+use std::os::fd::AsFd;
+
+use crate::session::{Next, Pending, Session};
+use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
 
 /// How often a blocked read wakes to check for shutdown.
 const POLL: Duration = Duration::from_millis(100);
@@ -95,13 +97,19 @@ pub fn serve<H: Handler>(
 }
 
 fn write_pending<H: Handler>(stream: &mut TcpStream, s: &mut Session, h: &H) -> io::Result<()> {
-    let n = s.pending().len();
-    if n > 0 {
-        stream.write_all(s.pending())?;
+    loop {
+        let n = match s.pending() {
+            Pending::None => return Ok(()),
+            Pending::Bytes(b) => {
+                stream.write_all(b)?;
+                b.len()
+            }
+            // The socket's write timeout bounds this too.
+            Pending::File(f) => send_file(stream.as_fd(), f)?,
+        };
         s.sent(n);
         h.on_event(ConnEvent::BytesOut(n));
     }
-    Ok(())
 }
 
 fn connection<H: Handler>(

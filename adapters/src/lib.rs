@@ -25,6 +25,18 @@ pub mod tokio;
 
 pub use session::Responder;
 
+/// A byte range of a file to send as part of a response, with `sendfile` (no copy through
+/// user space).
+#[derive(Debug, Clone)]
+pub struct FileChunk {
+    /// The file.
+    pub file: std::sync::Arc<std::fs::File>,
+    /// Where the range starts.
+    pub offset: u64,
+    /// Its length.
+    pub len: u64,
+}
+
 /// What happened on a connection, for the handler's metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -133,4 +145,33 @@ pub fn now() -> Instant {
 /// The time from `now()` until `deadline` (zero if past).
 pub(crate) fn until(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(now())
+}
+
+/// Sends part of `chunk` to the socket `out` without copying it through user space
+/// (`sendfile` on Linux; a bounded `pread` + `write` elsewhere); returns the bytes sent.
+/// A range that ends early (the file shrank) is an error, never a silent short frame.
+pub(crate) fn send_file(
+    out: std::os::fd::BorrowedFd<'_>,
+    chunk: &FileChunk,
+) -> std::io::Result<usize> {
+    let count = usize::try_from(chunk.len.min(1 << 30)).unwrap_or(1 << 30);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let n = {
+        let mut offset = chunk.offset;
+        rustix::fs::sendfile(out, &*chunk.file, Some(&mut offset), count)?
+    };
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let n = {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; count.min(256 * 1024)];
+        let k = chunk.file.read_at(&mut buf, chunk.offset)?;
+        rustix::io::write(out, &buf[..k])?
+    };
+    if n == 0 && count > 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "file range ends early",
+        ));
+    }
+    Ok(n)
 }

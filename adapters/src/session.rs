@@ -5,11 +5,11 @@
 use std::fmt;
 
 use streambus_core::{
-    EncodeError, ErrorCode, FetchResponse, Instant, MAX_ERROR_MESSAGE_LEN, Response, ServerConfig,
-    ServerConnection, ServerEvent, response_encoded_len,
+    EncodeError, ErrorCode, FetchResponse, FetchTrailer, Instant, MAX_ERROR_MESSAGE_LEN, Response,
+    ServerConfig, ServerConnection, ServerEvent, response_encoded_len,
 };
 
-use crate::{ConnEvent, Handler};
+use crate::{ConnEvent, FileChunk, Handler};
 
 /// Bytes first offered to a read; doubled while reads fill what they are offered.
 const FIRST_CHUNK: usize = 4 * 1024;
@@ -18,7 +18,7 @@ const MAX_CHUNK: usize = 1024 * 1024;
 /// A transmit buffer above this is released once written out, so idle connections stay small.
 const KEEP_CAPACITY: usize = 256 * 1024;
 /// Stop reading new requests while this much output waits (a slow reader).
-const TX_HIGH_WATER: usize = 4 * 1024 * 1024;
+const TX_HIGH_WATER: u64 = 4 * 1024 * 1024;
 /// Room for an error reply: header, message length, message, CRC.
 const ERROR_REPLY_LEN: usize = 15 + 4 + MAX_ERROR_MESSAGE_LEN + 4;
 
@@ -53,15 +53,78 @@ pub(crate) struct Session {
     tx: TxBuf,
 }
 
-/// The transmit buffer: `buf[start..end]` waits to be written.
+/// The transmit queue: `buf[start..end]` waits to be written, with file ranges spliced in
+/// at given positions of `buf` (sent with `sendfile`, never copied).
 #[derive(Debug, Default)]
 pub(crate) struct TxBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// `(position in buf, range)`: the range goes out once `buf` is written up to the position.
+    files: std::collections::VecDeque<(usize, FileChunk)>,
+    file_bytes: u64,
+}
+
+/// What to write next.
+#[derive(Debug)]
+pub(crate) enum Pending<'a> {
+    /// Nothing.
+    None,
+    /// These bytes.
+    Bytes(&'a [u8]),
+    /// This file range.
+    File(&'a FileChunk),
 }
 
 impl TxBuf {
+    /// Bytes waiting, file ranges included.
+    fn waiting(&self) -> u64 {
+        (self.end - self.start) as u64 + self.file_bytes
+    }
+
+    fn push_bytes(&mut self, bytes: &[u8]) {
+        if self.buf.len() < self.end + bytes.len() {
+            self.buf.resize(self.end + bytes.len(), 0);
+        }
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
+
+    fn push_file(&mut self, chunk: FileChunk) {
+        if chunk.len > 0 {
+            self.file_bytes += chunk.len;
+            self.files.push_back((self.end, chunk));
+        }
+    }
+
+    fn pending(&self) -> Pending<'_> {
+        match self.files.front() {
+            Some((at, chunk)) if *at == self.start => Pending::File(chunk),
+            Some((at, _)) => Pending::Bytes(&self.buf[self.start..*at]),
+            None if self.start < self.end => Pending::Bytes(&self.buf[self.start..self.end]),
+            None => Pending::None,
+        }
+    }
+
+    fn sent(&mut self, n: usize) {
+        match self.files.front_mut() {
+            Some((at, chunk)) if *at == self.start => {
+                let n = (n as u64).min(chunk.len);
+                chunk.offset += n;
+                chunk.len -= n;
+                self.file_bytes -= n;
+                if chunk.len == 0 {
+                    self.files.pop_front();
+                }
+            }
+            _ => self.start += n,
+        }
+        if self.start >= self.end && self.files.is_empty() {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
     /// Appends one encoded frame, growing the buffer to what the encoder says it needs.
     fn append(
         &mut self,
@@ -132,18 +195,14 @@ impl Session {
         }
     }
 
-    /// Output waiting to be written.
-    pub(crate) fn pending(&self) -> &[u8] {
-        &self.tx.buf[self.tx.start..self.tx.end]
+    /// What to write next.
+    pub(crate) fn pending(&self) -> Pending<'_> {
+        self.tx.pending()
     }
 
-    /// Records that `n` bytes of [`pending`](Self::pending) were written.
+    /// Records that `n` bytes of what [`pending`](Self::pending) gave were written.
     pub(crate) fn sent(&mut self, n: usize) {
-        self.tx.start += n;
-        if self.tx.start >= self.tx.end {
-            self.tx.start = 0;
-            self.tx.end = 0;
-        }
+        self.tx.sent(n);
     }
 
     /// Drops buffers that are empty, so an idle connection holds almost no memory. Call it
@@ -155,7 +214,7 @@ impl Session {
             self.rx_end = 0;
             self.chunk = FIRST_CHUNK;
         }
-        if self.tx.start == self.tx.end && self.tx.buf.len() > KEEP_CAPACITY {
+        if self.tx.waiting() == 0 && self.tx.buf.len() > KEEP_CAPACITY {
             self.tx = TxBuf::default();
         }
     }
@@ -173,7 +232,7 @@ impl Session {
     /// Decodes and answers every whole request in the receive buffer.
     pub(crate) fn process<H: Handler + ?Sized>(&mut self, now: Instant, handler: &H) -> Next {
         loop {
-            if self.tx.end - self.tx.start > TX_HIGH_WATER {
+            if self.tx.waiting() > TX_HIGH_WATER {
                 return Next::Flush;
             }
             let Self {
@@ -307,6 +366,49 @@ impl Responder<'_> {
                 ErrorCode::MESSAGE_TOO_LARGE,
                 format_args!("the response is too large to encode"),
             );
+        }
+    }
+
+    /// Sends a Fetch success whose records are the file `ranges` (in order), sent with
+    /// `sendfile` instead of being copied; `records_crc` is their CRC-32 (combined from stored
+    /// batch CRCs).
+    pub fn respond_fetch_file(
+        &mut self,
+        high_water_mark: i64,
+        count: u32,
+        trailer: FetchTrailer,
+        records_crc: u32,
+        ranges: Vec<FileChunk>,
+    ) {
+        if self.answered {
+            return;
+        }
+        let len: u64 = ranges.iter().map(|r| r.len).sum();
+        let parts = usize::try_from(len)
+            .map_err(|_| EncodeError::TooLong { len: usize::MAX })
+            .and_then(|len| {
+                self.conn.respond_fetch_parts(
+                    self.request_id,
+                    high_water_mark,
+                    count,
+                    len,
+                    records_crc,
+                    trailer,
+                )
+            });
+        match parts {
+            Ok(parts) => {
+                self.tx.push_bytes(&parts.head);
+                for r in ranges {
+                    self.tx.push_file(r);
+                }
+                self.tx.push_bytes(&parts.tail);
+                self.answered = true;
+            }
+            Err(_) => self.error(
+                ErrorCode::MESSAGE_TOO_LARGE,
+                format_args!("the response is too large to encode"),
+            ),
         }
     }
 

@@ -12,8 +12,10 @@ use smol::future::FutureExt as _;
 use smol::io::AsyncWriteExt;
 use smol::{Async, Timer};
 
-use crate::session::{Next, Session};
-use crate::{ConnEvent, Handler, ServeOptions, now, until};
+use std::os::fd::AsFd;
+
+use crate::session::{Next, Pending, Session};
+use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
 
 /// What woke a connection or the accept loop.
 enum Wake<T> {
@@ -82,22 +84,33 @@ async fn write_pending<H: Handler>(
     h: &H,
     o: &ServeOptions,
 ) -> io::Result<()> {
-    let n = s.pending().len();
-    if n == 0 {
-        return Ok(());
-    }
-    let write = async { Some(stream.write_all(s.pending()).await) };
+    let flush = async {
+        loop {
+            let n = match s.pending() {
+                Pending::None => return Some(Ok(())),
+                Pending::Bytes(b) => match stream.write_all(b).await {
+                    Ok(()) => b.len(),
+                    Err(e) => return Some(Err(e)),
+                },
+                Pending::File(f) => {
+                    match stream.write_with(|sock| send_file(sock.as_fd(), f)).await {
+                        Ok(n) => n,
+                        Err(e) => return Some(Err(e)),
+                    }
+                }
+            };
+            s.sent(n);
+            h.on_event(ConnEvent::BytesOut(n));
+        }
+    };
     let timeout = async {
         Timer::after(o.write_timeout).await;
         None
     };
-    match write.or(timeout).await {
-        Some(r) => r?,
-        None => return Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout")),
+    match flush.or(timeout).await {
+        Some(r) => r,
+        None => Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout")),
     }
-    s.sent(n);
-    h.on_event(ConnEvent::BytesOut(n));
-    Ok(())
 }
 
 async fn connection<H: Handler>(

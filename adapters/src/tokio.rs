@@ -10,8 +10,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::session::{Next, Session};
-use crate::{ConnEvent, Handler, ServeOptions, now, until};
+use std::os::fd::AsFd;
+
+use tokio::io::Interest;
+
+use crate::session::{Next, Pending, Session};
+use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
 
 /// Accepts connections on `listener` and serves them with `handler` until `shutdown`
 /// completes; then stops accepting, lets every connection finish the requests it has read,
@@ -81,17 +85,31 @@ async fn write_pending<H: Handler>(
     h: &H,
     o: &ServeOptions,
 ) -> io::Result<()> {
-    let n = s.pending().len();
-    if n == 0 {
-        return Ok(());
+    let flush = async {
+        loop {
+            let n = match s.pending() {
+                Pending::None => return Ok(()),
+                Pending::Bytes(b) => {
+                    stream.write_all(b).await?;
+                    b.len()
+                }
+                Pending::File(f) => {
+                    stream.writable().await?;
+                    match stream.try_io(Interest::WRITABLE, || send_file(stream.as_fd(), f)) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
+            s.sent(n);
+            h.on_event(ConnEvent::BytesOut(n));
+        }
+    };
+    match tokio::time::timeout(o.write_timeout, flush).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout")),
     }
-    match tokio::time::timeout(o.write_timeout, stream.write_all(s.pending())).await {
-        Ok(r) => r?,
-        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout")),
-    }
-    s.sent(n);
-    h.on_event(ConnEvent::BytesOut(n));
-    Ok(())
 }
 
 async fn connection<H: Handler>(

@@ -494,3 +494,78 @@ fn fsync_always_with_concurrent_producers() {
         assert_eq!(stored, acked, "{rt:?}");
     }
 }
+
+#[test]
+fn large_fetches_go_out_with_sendfile_intact_and_in_order() {
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = start(dir.path(), rt);
+        let mut c = RawClient::connect(broker.addr()).unwrap();
+        // 4 batches of 50 values of 1 000 bytes: 200 KB of records, above the sendfile threshold.
+        let mut want = Vec::new();
+        for b in 0..4u8 {
+            let values: Vec<Vec<u8>> = (0..50u8)
+                .map(|i| vec![b.wrapping_mul(50).wrapping_add(i); 1000])
+                .collect();
+            let refs: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+            produce(&mut c, "big", 0, &refs).unwrap();
+            want.extend(values);
+        }
+        // Pipelined: large fetch, health check, large fetch from the middle of a batch, small fetch.
+        let t = topic("big");
+        let fetch_req = |offset, max_bytes| {
+            Request::Fetch(streambus_core::FetchRequest {
+                topic: t,
+                partition: 0,
+                offset,
+                max_bytes,
+                extension: None,
+            })
+        };
+        let reqs = [
+            fetch_req(0, 1 << 20),
+            Request::HealthCheck,
+            fetch_req(75, 1 << 20),
+            fetch_req(3, 2500),
+        ];
+        let mut burst = Vec::new();
+        let ids: Vec<u64> = reqs
+            .iter()
+            .map(|r| {
+                let (id, bytes) = c.encode(r);
+                burst.extend_from_slice(&bytes);
+                id
+            })
+            .collect();
+        c.send_raw(&burst).unwrap();
+        let replies: Vec<_> = (0..4).map(|_| c.recv().unwrap()).collect();
+        assert_eq!(
+            replies.iter().map(|r| r.request_id()).collect::<Vec<_>>(),
+            ids,
+            "{rt:?}"
+        );
+        for (reply, (from, n)) in [
+            (&replies[0], (0usize, 200usize)),
+            (&replies[2], (75, 125)),
+            (&replies[3], (3, 2)),
+        ] {
+            let Response::Fetch(f) = reply.parse(RequestType::Fetch).unwrap() else {
+                panic!("{rt:?}")
+            };
+            let got: Vec<(i64, Vec<u8>)> = f
+                .messages
+                .iter()
+                .map(|m| (m.offset, m.value.to_vec()))
+                .collect();
+            let expect: Vec<(i64, Vec<u8>)> = (from..from + n)
+                .map(|i| (i as i64, want[i].clone()))
+                .collect();
+            assert_eq!(got, expect, "{rt:?} from {from}");
+            assert_eq!(f.trailer.unwrap().next_offset, (from + n) as i64);
+        }
+        assert!(matches!(
+            replies[1].parse(RequestType::HealthCheck).unwrap(),
+            Response::HealthCheck(_)
+        ));
+    }
+}
