@@ -61,11 +61,14 @@ enum Mode {
         #[arg(long, default_value_t = 64)]
         window: usize,
     },
-    /// Fetch on one connection (fills the topic first).
+    /// Fetch on one connection (fills the topic first with 64 MiB of 1 KiB values).
     Fetch {
         /// MaxBytes per fetch.
         #[arg(long, default_value_t = 1 << 20)]
         max_bytes: u32,
+        /// Values per Produce batch when filling (stored batches keep this size).
+        #[arg(long, default_value_t = 100)]
+        fill_batch: usize,
     },
     /// Open N connections, one request each, hold them, and report the server's RSS.
     Connections {
@@ -196,7 +199,7 @@ fn pipelined(addr: SocketAddr, duration: Duration, batch: usize, window: usize) 
     );
 }
 
-fn fetch_mode(addr: SocketAddr, duration: Duration, max_bytes: u32) {
+fn fetch_mode(addr: SocketAddr, duration: Duration, max_bytes: u32, fill_batch: usize) {
     let mut c = RawClient::connect(addr).expect("connect");
     let topic = "bench-fetch";
     let _ = c.call(&Request::CreateTopic(CreateTopicRequest {
@@ -204,11 +207,12 @@ fn fetch_mode(addr: SocketAddr, duration: Duration, max_bytes: u32) {
         num_partitions: 1,
         replication_factor: 1,
     }));
-    // Fill 64 MiB: 1 KiB values in batches of 1000.
+    // Fill 64 MiB of 1 KiB values, `fill_batch` per Produce.
     let value = [b'v'; 1024];
-    let values: Vec<&[u8]> = vec![&value; 1000];
+    let fill_batch = fill_batch.clamp(1, 8000);
+    let values: Vec<&[u8]> = vec![&value; fill_batch];
     let frame = produce_frame(&mut c, topic, &values);
-    for _ in 0..64 {
+    for _ in 0..(64 * 1024usize).div_ceil(fill_batch) {
         c.send_raw(&frame).expect("send");
         c.recv().expect("recv");
     }
@@ -279,7 +283,10 @@ fn main() {
         Mode::Pingpong => pingpong(args.duration),
         Mode::Sync => sync(args.addr, args.duration),
         Mode::Pipelined { batch, window } => pipelined(args.addr, args.duration, batch, window),
-        Mode::Fetch { max_bytes } => fetch_mode(args.addr, args.duration, max_bytes),
+        Mode::Fetch {
+            max_bytes,
+            fill_batch,
+        } => fetch_mode(args.addr, args.duration, max_bytes, fill_batch),
         Mode::Connections {
             n,
             server_pid,
