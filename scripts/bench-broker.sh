@@ -29,7 +29,7 @@ for rt in "${runtimes[@]}"; do
     done
     "$B/streambus-bench" $a sync
     "$B/streambus-bench" $a pipelined
-    "$B/streambus-bench" $a fetch | head -n 1
+    "$B/streambus-bench" $a fetch | sed -n 1p
     "$B/streambus-bench" $a connections -n "$CONNS" --server-pid "$PID" | tail -n 1
     kill "$PID"; wait "$PID" || true
 done

@@ -121,6 +121,8 @@ fn connection<H: Handler>(
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(options.write_timeout))?;
     let mut s = Session::new(options.connection, now());
+    // The read timeout last set: a syscall only when it changes (POLL while no deadline is near).
+    let mut read_timeout = None;
     loop {
         match s.process(now(), handler) {
             Next::Close => return write_pending(&mut stream, &mut s, handler),
@@ -138,7 +140,10 @@ fn connection<H: Handler>(
             .deadline()
             .map_or(POLL, |d| until(d).min(POLL))
             .max(Duration::from_millis(1));
-        stream.set_read_timeout(Some(wait))?;
+        if read_timeout != Some(wait) {
+            stream.set_read_timeout(Some(wait))?;
+            read_timeout = Some(wait);
+        }
         let buf = s.read_buf();
         match stream.read(buf) {
             Ok(0) => return Ok(()),
