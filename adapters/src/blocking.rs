@@ -167,3 +167,55 @@ fn connection<H: Handler>(
         }
     }
 }
+
+/// A client socket whose read timeout reads as `TimedOut` (std reports `WouldBlock`), which
+/// the core's blocking driver takes as "check the deadlines and read again".
+#[derive(Debug)]
+pub struct ClientSocket(TcpStream);
+
+impl Read for ClientSocket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => io::Error::from(io::ErrorKind::TimedOut),
+            _ => e,
+        })
+    }
+}
+
+impl Write for ClientSocket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// A client connection over a std socket: the core's one blocking driver, with up to `N`
+/// requests in flight and the adapters' clock.
+pub type Client<const N: usize = 64> = streambus_core::io::blocking::Driver<
+    embedded_io_adapters::std::FromStd<ClientSocket>,
+    fn() -> streambus_core::Instant,
+    Vec<u8>,
+    N,
+>;
+
+/// Connects a [`Client`] to `addr`; `buffer_len` as in the tokio adapter's `connect`. The
+/// socket gets a short read timeout so the driver can check request deadlines while waiting.
+pub fn connect<const N: usize>(
+    addr: SocketAddr,
+    config: streambus_core::ClientConfig,
+    buffer_len: usize,
+) -> io::Result<Client<N>> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(POLL))?;
+    let conn =
+        streambus_core::ClientConnection::new(config, vec![0; buffer_len], vec![0; buffer_len]);
+    Ok(Client::new(
+        embedded_io_adapters::std::FromStd::new(ClientSocket(stream)),
+        now as fn() -> _,
+        conn,
+    ))
+}

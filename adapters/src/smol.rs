@@ -195,3 +195,48 @@ impl ReadNonBlocking for TcpStream {
         (&*self).read(buf)
     }
 }
+
+/// The core's clock and sleep for its async driver, on smol's reactor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SmolTimer;
+
+impl streambus_core::io::Clock for SmolTimer {
+    fn now(&mut self) -> streambus_core::Instant {
+        now()
+    }
+}
+
+impl streambus_core::io::asynch::Timer for SmolTimer {
+    fn sleep_until(&mut self, deadline: streambus_core::Instant) -> impl Future<Output = ()> {
+        let timer = Timer::after(until(deadline));
+        async {
+            timer.await;
+        }
+    }
+}
+
+/// A client connection on smol: the core's one async driver over an async-io socket, with up
+/// to `N` requests in flight.
+pub type Client<const N: usize = 64> = streambus_core::io::asynch::Driver<
+    embedded_io_adapters::futures_03::FromFutures<Async<TcpStream>>,
+    SmolTimer,
+    Vec<u8>,
+    N,
+>;
+
+/// Connects a [`Client`] to `addr`; `buffer_len` as in the tokio adapter's `connect`.
+pub async fn connect<const N: usize>(
+    addr: std::net::SocketAddr,
+    config: streambus_core::ClientConfig,
+    buffer_len: usize,
+) -> io::Result<Client<N>> {
+    let stream = Async::<TcpStream>::connect(addr).await?;
+    stream.get_ref().set_nodelay(true)?;
+    let conn =
+        streambus_core::ClientConnection::new(config, vec![0; buffer_len], vec![0; buffer_len]);
+    Ok(Client::new(
+        embedded_io_adapters::futures_03::FromFutures::new(stream),
+        SmolTimer,
+        conn,
+    ))
+}

@@ -171,3 +171,47 @@ async fn connection<H: Handler>(
         }
     }
 }
+
+/// The core's clock and sleep for its async driver, on tokio.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TokioTimer;
+
+impl streambus_core::io::Clock for TokioTimer {
+    fn now(&mut self) -> streambus_core::Instant {
+        now()
+    }
+}
+
+impl streambus_core::io::asynch::Timer for TokioTimer {
+    fn sleep_until(&mut self, deadline: streambus_core::Instant) -> impl Future<Output = ()> {
+        tokio::time::sleep(until(deadline))
+    }
+}
+
+/// A client connection on tokio: the core's one async driver over a tokio socket, with up to
+/// `N` requests in flight.
+pub type Client<const N: usize = 64> = streambus_core::io::asynch::Driver<
+    embedded_io_adapters::tokio_1::FromTokio<TcpStream>,
+    TokioTimer,
+    Vec<u8>,
+    N,
+>;
+
+/// Connects a [`Client`] to `addr`. `buffer_len` sizes each of its two buffers: the largest
+/// request frame it can send and response frame it can receive (47 bytes plus a fetch's
+/// records; `max_frame_len + 4` accepts anything).
+pub async fn connect<const N: usize>(
+    addr: std::net::SocketAddr,
+    config: streambus_core::ClientConfig,
+    buffer_len: usize,
+) -> io::Result<Client<N>> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let conn =
+        streambus_core::ClientConnection::new(config, vec![0; buffer_len], vec![0; buffer_len]);
+    Ok(Client::new(
+        embedded_io_adapters::tokio_1::FromTokio::new(stream),
+        TokioTimer,
+        conn,
+    ))
+}

@@ -1,6 +1,6 @@
 //! The blocking driver over `embedded_io::{Read, Write}`.
 
-use embedded_io::{Read, Write};
+use embedded_io::{Error as _, ErrorKind, Read, Write};
 
 use crate::conn::client::{ClientConnection, Completion};
 use crate::io::{Clock, DriverError};
@@ -11,8 +11,9 @@ use crate::wire::types::RequestType;
 /// Runs a [`ClientConnection`] over a blocking transport.
 ///
 /// Deadlines are checked whenever a read returns, so a request times out only if the
-/// transport's `read` comes back (give the transport a read timeout, or use the async
-/// driver, which sleeps and reads at once).
+/// transport's `read` comes back: give the transport a read timeout (a read failing with
+/// `ErrorKind::TimedOut` or `Interrupted` is retried after checking deadlines), or use the
+/// async driver, which sleeps and reads at once.
 #[derive(Debug)]
 pub struct Driver<T, C, B, const N: usize> {
     io: T,
@@ -78,7 +79,14 @@ where
                 // Unreachable while events are drained; refuse instead of spinning.
                 return Err(DriverError::Closed);
             }
-            let n = self.io.read(buf).map_err(DriverError::Io)?;
+            let n = match self.io.read(buf) {
+                Ok(n) => n,
+                // A read timeout is the transport's way to let deadlines be checked.
+                Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::Interrupted) => {
+                    continue;
+                }
+                Err(e) => return Err(DriverError::Io(e)),
+            };
             if n == 0 {
                 return Err(DriverError::Closed);
             }
