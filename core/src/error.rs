@@ -67,6 +67,8 @@ impl fmt::Display for Malformed {
     }
 }
 
+impl core::error::Error for Malformed {}
+
 /// The peer sent bytes that can't be accepted.
 ///
 /// [`DecodeError::is_fatal`] tells whether the connection can go on (the frame boundary is
