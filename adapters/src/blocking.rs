@@ -135,7 +135,6 @@ fn connection<H: Handler>(
         if stop.is_set() {
             return Ok(());
         }
-        s.release_idle();
         let wait = s
             .deadline()
             .map_or(POLL, |d| until(d).min(POLL))
@@ -158,6 +157,8 @@ fn connection<H: Handler>(
                 ) =>
             {
                 s.filled(0);
+                // Quiet for a while: give the buffers back (a busy connection keeps them).
+                s.release_idle();
                 if s.deadline().is_some_and(|d| d <= now()) && s.handle_timeout(now()) {
                     return Ok(());
                 }
