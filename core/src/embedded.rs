@@ -1,7 +1,7 @@
 //! A small client for `no_std` firmware: produce, fetch, get-offset and health-check, one
 //! request at a time, over the [`io`](crate::io) drivers and two caller buffers.
 //!
-//! ```ignore
+//! ```text
 //! let mut client = blocking::Client::new(uart, clock, ClientConfig::default(), &mut tx[..], &mut rx[..]);
 //! let mut records = [0u8; 64];
 //! let mut set = MessageSetBuilder::new(&mut records);

@@ -296,3 +296,37 @@ fn async_driver_times_out_a_silent_broker_at_the_deadline() {
     );
     assert_eq!(clock.0.get(), 250_000, "woke exactly at the deadline");
 }
+
+#[test]
+fn async_driver_pipelines_queued_requests_and_races_another_future() {
+    use streambus_core::io::asynch::{Driver, Wake};
+    use streambus_core::{ClientConnection, RequestType};
+
+    let conn: ClientConnection<Vec<u8>, 4> =
+        ClientConnection::new(ClientConfig::default(), vec![0; 256], vec![0; 256]);
+    let mut d = Driver::new(Loopback::new(7), VirtualClock::default(), conn);
+    block_on(async {
+        // Nothing in flight: the other future wins (a new request from the application).
+        let woke = d.next_completion_or(core::future::ready(42)).await.unwrap();
+        assert_eq!(woke, Wake::Other(42));
+        let ids: Vec<u64> = (0..3)
+            .map(|_| d.queue(&Request::HealthCheck).unwrap())
+            .collect();
+        assert_eq!(ids, [1, 2, 3]);
+        for id in ids {
+            let Wake::Completion(done) = d
+                .next_completion_or(core::future::pending::<()>())
+                .await
+                .unwrap()
+            else {
+                panic!()
+            };
+            assert_eq!((done.request_id, done.timed_out), (id, false));
+            let Some(Response::HealthCheck(h)) = d.response(RequestType::HealthCheck) else {
+                panic!()
+            };
+            assert_eq!(h.uptime_secs, 7);
+        }
+        assert_eq!(d.connection().in_flight(), 0);
+    });
+}

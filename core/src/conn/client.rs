@@ -328,6 +328,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     }
 
     fn poison(&mut self, e: ClientError) -> ClientError {
+        warn!("connection poisoned: {}", e);
         self.error = Some(e);
         e
     }

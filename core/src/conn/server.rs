@@ -321,6 +321,7 @@ impl ServerConnection {
     }
 
     fn close(&mut self, reply: Option<(u64, DecodeError)>) -> ServerEvent<'static> {
+        debug!("closing connection: {}", reply);
         self.closed = true;
         self.partial = None;
         ServerEvent::Close { reply }

@@ -1,7 +1,8 @@
 //! The async driver over `embedded_io_async::{Read, Write}`: reads and waits for the next
 //! deadline at once, so requests time out even when the peer goes silent.
 
-use core::future::{Future, poll_fn};
+use core::convert::Infallible;
+use core::future::{Future, pending, poll_fn};
 use core::pin::pin;
 use core::task::Poll;
 
@@ -13,6 +14,23 @@ use crate::io::{Clock, DriverError};
 use crate::wire::request::Request;
 use crate::wire::response::Response;
 use crate::wire::types::RequestType;
+
+/// What ended [`Driver::next_completion_or`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum Wake<T> {
+    /// A request completed.
+    Completion(Completion),
+    /// The other future completed first, with this output.
+    Other(T),
+}
+
+enum Step<T, R> {
+    Other(T),
+    Read(R),
+    Deadline,
+}
 
 /// A clock that can also sleep (tokio's `sleep_until`, embassy's `Timer::at`, …).
 pub trait Timer: Clock {
@@ -72,14 +90,38 @@ where
         self.io.flush().await.map_err(DriverError::Io)
     }
 
+    /// Queues `request` without writing it (the next [`flush`](Self::flush),
+    /// [`send`](Self::send) or wait writes it); returns its RequestID.
+    pub fn queue(&mut self, request: &Request<'_>) -> Result<u64, DriverError<T::Error>> {
+        let now = self.timer.now();
+        Ok(self.conn.send_request(now, request)?)
+    }
+
     /// Waits for the next request to complete (a response or a timeout); read a response's
     /// body with [`response`](Self::response).
     pub async fn next_completion(&mut self) -> Result<Completion, DriverError<T::Error>> {
+        match self.next_completion_or(pending::<Infallible>()).await? {
+            Wake::Completion(done) => Ok(done),
+            Wake::Other(never) => match never {},
+        }
+    }
+
+    /// Like [`next_completion`](Self::next_completion), but also returns when `other`
+    /// completes first: the one loop of a pipelining host client, which races its queue of
+    /// new requests (`other`, e.g. a channel's `recv()`, which must be cancel-safe) against
+    /// the connection, [`queue`](Self::queue)s what arrives and calls again. Queued bytes are
+    /// written before waiting.
+    pub async fn next_completion_or<F: Future>(
+        &mut self,
+        other: F,
+    ) -> Result<Wake<F::Output>, DriverError<T::Error>> {
+        let mut other = pin!(other);
         loop {
+            self.flush().await?;
             let now = self.timer.now();
             self.conn.handle_timeout(now);
             if let Some(done) = self.conn.poll_completion() {
-                return Ok(done);
+                return Ok(Wake::Completion(done));
             }
             if let Some(e) = self.conn.error() {
                 return Err(e.into());
@@ -87,31 +129,41 @@ where
             let deadline = self.conn.poll_timeout();
             let buf = self.conn.recv_buffer();
             if buf.is_empty() {
+                // Unreachable while events are drained; refuse instead of spinning.
                 return Err(DriverError::Closed);
             }
-            let read = {
+            let timer = &mut self.timer;
+            let step = {
                 let mut read = pin!(self.io.read(buf));
-                match deadline {
-                    None => Some(read.await),
-                    Some(at) => {
-                        let mut sleep = pin!(self.timer.sleep_until(at));
-                        poll_fn(|cx| {
-                            if let Poll::Ready(r) = read.as_mut().poll(cx) {
-                                return Poll::Ready(Some(r));
-                            }
-                            sleep.as_mut().poll(cx).map(|()| None)
-                        })
-                        .await
+                let mut sleep = pin!(async move {
+                    match deadline {
+                        Some(at) => timer.sleep_until(at).await,
+                        None => pending::<()>().await,
                     }
-                }
+                });
+                poll_fn(|cx| {
+                    if let Poll::Ready(v) = other.as_mut().poll(cx) {
+                        return Poll::Ready(Step::Other(v));
+                    }
+                    if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                        return Poll::Ready(Step::Read(r));
+                    }
+                    sleep.as_mut().poll(cx).map(|()| Step::Deadline)
+                })
+                .await
             };
-            if let Some(r) = read {
-                let n = r.map_err(DriverError::Io)?;
-                if n == 0 {
-                    return Err(DriverError::Closed);
+            match step {
+                Step::Other(v) => return Ok(Wake::Other(v)),
+                Step::Read(r) => {
+                    let n = r.map_err(DriverError::Io)?;
+                    if n == 0 {
+                        return Err(DriverError::Closed);
+                    }
+                    let now = self.timer.now();
+                    self.conn.handle_received(now, n)?;
                 }
-                let now = self.timer.now();
-                self.conn.handle_received(now, n)?;
+                // The loop's `handle_timeout` fires it.
+                Step::Deadline => {}
             }
         }
     }

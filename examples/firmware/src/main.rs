@@ -4,17 +4,16 @@
 //!
 //! With the `baseline` feature the same image is built without the client (the transport
 //! still moves the same bytes), so the difference between the two is the client's share.
-#![no_std]
-#![no_main]
+#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(test), no_main)]
 
-use core::hint::black_box;
-use core::panic::PanicInfo;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 /// A millisecond tick counter, as a SysTick handler would advance it.
 static TICKS: AtomicU32 = AtomicU32::new(0);
 
 /// The outcome, for a debugger to read: 1 = produce and fetch round-tripped, 2+ = a failure.
+#[cfg_attr(test, allow(dead_code))]
 static RESULT: AtomicU32 = AtomicU32::new(0);
 
 /// The broker's replies to request 1 (Produce: base offset 0, 1 message, high-water mark 1)
@@ -154,7 +153,7 @@ fn run(tx: &mut [u8], rx: &mut [u8]) -> u32 {
     let mut io = CannedBroker::new();
     let mut sum = 0u32;
     for _ in 0..2 {
-        let frame = black_box(&mut *tx);
+        let frame = core::hint::black_box(&mut *tx);
         let _ = io.write(frame);
         while let Ok(n) = io.read(rx) {
             sum = sum.wrapping_add(n as u32);
@@ -163,6 +162,7 @@ fn run(tx: &mut [u8], rx: &mut [u8]) -> u32 {
     sum
 }
 
+#[cfg(not(test))]
 #[unsafe(no_mangle)]
 pub extern "C" fn _start() -> ! {
     // The buffers live on the stack: they are the caller's, not the client's static RAM.
@@ -171,11 +171,22 @@ pub extern "C" fn _start() -> ! {
     RESULT.store(run(&mut tx, &mut rx), Ordering::Relaxed);
     loop {
         TICKS.fetch_add(1, Ordering::Relaxed);
-        black_box(&RESULT);
+        core::hint::black_box(&RESULT);
     }
 }
 
+#[cfg(not(test))]
 #[panic_handler]
-fn panic(_: &PanicInfo<'_>) -> ! {
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
     loop {}
+}
+
+/// The same code on the host: `cargo test --target x86_64-unknown-linux-gnu`.
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn produce_and_fetch_round_trip_through_the_canned_broker() {
+        let (mut tx, mut rx) = ([0u8; 96], [0u8; 128]);
+        assert_eq!(super::run(&mut tx, &mut rx), 1);
+    }
 }
