@@ -55,7 +55,11 @@ impl Reply {
 #[derive(Debug)]
 pub struct RawClient {
     stream: Option<TcpStream>,
+    /// Receive buffer: `buf[start..end]` holds bytes received and not yet handed out. It is
+    /// zero-filled only when it grows, so a reply costs no allocation and no memset.
     buf: Vec<u8>,
+    start: usize,
+    end: usize,
     next_id: u64,
 }
 
@@ -68,6 +72,8 @@ impl RawClient {
         Ok(Self {
             stream: Some(stream),
             buf: Vec::new(),
+            start: 0,
+            end: 0,
             next_id: 1,
         })
     }
@@ -79,6 +85,8 @@ impl RawClient {
         Self {
             stream: Some(stream),
             buf: Vec::new(),
+            start: 0,
+            end: 0,
             next_id: 1,
         }
     }
@@ -88,6 +96,8 @@ impl RawClient {
         Self {
             stream: None,
             buf: Vec::new(),
+            start: 0,
+            end: 0,
             next_id: 1,
         }
     }
@@ -121,42 +131,46 @@ impl RawClient {
 
     /// Reads one response frame (`UnexpectedEof` when the server closed).
     pub fn recv(&mut self) -> io::Result<Reply> {
+        Ok(Reply(self.recv_frame()?.to_vec()))
+    }
+
+    /// Reads one response frame and lends it out of the receive buffer (no copy); the next
+    /// call reuses that space.
+    pub fn recv_frame(&mut self) -> io::Result<&[u8]> {
         let decoder = FrameDecoder::responses().with_max_frame_len(64 * 1024 * 1024);
-        let mut filled = self.buf.len();
         loop {
-            match decoder.next_frame(&self.buf[..filled]) {
+            match decoder.next_frame(&self.buf[self.start..self.end]) {
                 Ok(Status::Complete(n)) => {
-                    // Hand out the frame without copying it; keep what follows.
-                    // (Between calls `buf` holds received data only.)
-                    let rest = self.buf[n..filled].to_vec();
-                    let mut frame = std::mem::replace(&mut self.buf, rest);
-                    frame.truncate(n);
-                    return Ok(Reply(frame));
+                    let at = self.start;
+                    self.start += n;
+                    return Ok(&self.buf[at..at + n]);
                 }
-                Ok(Status::Partial(need)) => {
-                    let want = filled + need.max(64 * 1024);
-                    if self.buf.len() < want {
-                        self.buf.resize(want, 0);
-                    }
-                }
+                Ok(Status::Partial(need)) => self.make_room(need),
                 Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
             }
             let stream = self
                 .stream
                 .as_mut()
                 .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))?;
-            let n = match stream.read(&mut self.buf[filled..]) {
-                Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(filled);
-                    return Err(e);
-                }
-            };
+            let n = stream.read(&mut self.buf[self.end..])?;
             if n == 0 {
-                self.buf.truncate(filled);
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            filled += n;
+            self.end += n;
+        }
+    }
+
+    /// Makes at least `need` bytes (and at least 64 KiB) free after the unconsumed data.
+    fn make_room(&mut self, need: usize) {
+        let want = need.max(64 * 1024);
+        if self.buf.len() - self.end >= want {
+            return;
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        if self.buf.len() - self.end < want {
+            self.buf.resize(self.end + want, 0);
         }
     }
 

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use streambus_core::{
-    CreateTopicRequest, MessageSet, ProduceRequest, Request, RequestType, Response, Topic,
+    CreateTopicRequest, FetchRequest, MessageSet, ProduceRequest, Request, RequestType, Response,
+    ResponseFrame, Topic,
 };
-use streambus_tests::{RawClient, fetch, message_set};
+use streambus_tests::{RawClient, message_set};
 
 #[derive(Parser)]
 #[command(about = "StreamBus load generator")]
@@ -110,6 +111,14 @@ fn produce_frame(c: &mut RawClient, topic: &str, values: &[&[u8]]) -> Vec<u8> {
     c.encode(&req).1
 }
 
+/// The error code of a response frame (0 on success).
+fn error_code(frame: &[u8]) -> u16 {
+    ResponseFrame::new_checked(frame)
+        .expect("the broker sent a bad frame")
+        .error_code()
+        .0
+}
+
 fn pingpong(duration: Duration) {
     // Same sizes as `sync`: request frame of a 1 × 100 B Produce to "bench", reply of 35 B.
     let mut probe = RawClient::connect_lazy();
@@ -158,9 +167,9 @@ fn sync(addr: SocketAddr, duration: Duration) {
     while Instant::now() < end {
         let t = Instant::now();
         c.send_raw(&frame).expect("send");
-        let r = c.recv().expect("recv");
+        let r = c.recv_frame().expect("recv");
         h.record(t.elapsed().as_nanos() as u64).expect("record");
-        assert_eq!(r.error_code(), 0, "produce failed");
+        assert_eq!(error_code(r), 0, "produce failed");
     }
     print_hist("sync produce (1 × 100 B)", &h);
 }
@@ -182,8 +191,8 @@ fn pipelined(addr: SocketAddr, duration: Duration, batch: usize, window: usize) 
     c.send_raw(&burst).expect("send");
     in_flight += window;
     while in_flight > 0 {
-        let r = c.recv().expect("recv");
-        assert_eq!(r.error_code(), 0, "produce failed");
+        let r = c.recv_frame().expect("recv");
+        assert_eq!(error_code(r), 0, "produce failed");
         acked += batch as u64;
         in_flight -= 1;
         if Instant::now() < end {
@@ -214,7 +223,7 @@ fn fetch_mode(addr: SocketAddr, duration: Duration, max_bytes: u32, fill_batch: 
     let frame = produce_frame(&mut c, topic, &values);
     for _ in 0..(64 * 1024usize).div_ceil(fill_batch) {
         c.send_raw(&frame).expect("send");
-        c.recv().expect("recv");
+        c.recv_frame().expect("recv");
     }
     let mut h = Histogram::<u64>::new(3).expect("hist");
     let (mut bytes, mut offset) = (0u64, 0i64);
@@ -222,10 +231,19 @@ fn fetch_mode(addr: SocketAddr, duration: Duration, max_bytes: u32, fill_batch: 
     let end = start + duration;
     while Instant::now() < end {
         let t = Instant::now();
-        let r = fetch(&mut c, topic, 0, offset, max_bytes).expect("fetch");
+        c.send(&Request::Fetch(FetchRequest {
+            topic: Topic::new(topic).expect("t"),
+            partition: 0,
+            offset,
+            max_bytes,
+            extension: None,
+        }))
+        .expect("send");
+        let r = c.recv_frame().expect("fetch");
         h.record(t.elapsed().as_nanos() as u64).expect("record");
-        bytes += r.0.len() as u64;
-        match r.parse(RequestType::Fetch).expect("parse") {
+        bytes += r.len() as u64;
+        let frame = ResponseFrame::new_checked(r).expect("frame");
+        match Response::parse(&frame, RequestType::Fetch).expect("parse") {
             Response::Fetch(f) => {
                 let next = f.trailer.map_or(offset, |t| t.next_offset);
                 offset = if next >= f.high_water_mark { 0 } else { next };
