@@ -142,15 +142,15 @@ async fn connection<H: Handler>(
             return Ok(());
         }
         // Try the socket first: a busy connection keeps its buffers and skips a wake-up.
-        match stream.try_read(s.read_buf()) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
+        match read_now(&mut stream, s.read_buf()).await {
+            Some(Ok(0)) => return Ok(()),
+            Some(Ok(n)) => {
                 s.filled(n);
                 handler.on_event(ConnEvent::BytesIn(n));
                 continue;
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.filled(0),
-            Err(e) => return Err(e),
+            None => s.filled(0),
+            Some(Err(e)) => return Err(e),
         }
         s.release_idle();
         let deadline = s.deadline();
@@ -170,6 +170,24 @@ async fn connection<H: Handler>(
             }
         }
     }
+}
+
+/// One read attempt that never waits: `None` when the socket has nothing now. Unlike
+/// `try_read`, tokio's `poll_read` marks the socket not-ready after a short read, so a
+/// request/response connection skips the `recv` that would only say `EAGAIN`.
+async fn read_now(stream: &mut TcpStream, buf: &mut [u8]) -> Option<io::Result<usize>> {
+    use std::pin::Pin;
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, ReadBuf};
+    std::future::poll_fn(|cx| {
+        let mut rb = ReadBuf::new(buf);
+        let r = match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+            Poll::Ready(r) => Some(r.map(|()| rb.filled().len())),
+            Poll::Pending => None,
+        };
+        Poll::Ready(r)
+    })
+    .await
 }
 
 /// The core's clock and sleep for its async driver, on tokio.
