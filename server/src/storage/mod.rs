@@ -315,10 +315,10 @@ impl Storage {
             };
         }
         // Build the topic in tmp/ and rename it into place: a crash leaves all or nothing.
-        let staging = inner.tmp_dir.join(format!(
-            "{name}.{}",
-            inner.seq.fetch_add(1, Ordering::Relaxed)
-        ));
+        // (Named by a counter alone: `{name}.{seq}` could pass the 255-byte name limit.)
+        let staging = inner
+            .tmp_dir
+            .join(inner.seq.fetch_add(1, Ordering::Relaxed).to_string());
         fs::create_dir(&staging).ctx("create directory", &staging)?;
         for p in 0..partitions {
             let d = staging.join(p.to_string());
@@ -328,7 +328,21 @@ impl Storage {
         let dir = inner.topics_dir.join(name);
         fs::rename(&staging, &dir).ctx("rename", &dir)?;
         meta::sync_dir(&inner.topics_dir)?;
-        let topic = open_topic(&inner.config, &dir, partitions, &cfg, &inner.counters)?;
+        let topic = match open_topic(&inner.config, &dir, partitions, &cfg, &inner.counters) {
+            Ok(t) => t,
+            Err(e) => {
+                // Out of fds, say: take the directory back out, or the topic would exist on
+                // disk but be neither listed, creatable nor deletable until a restart.
+                let trash = inner
+                    .trash_dir
+                    .join(inner.seq.fetch_add(1, Ordering::Relaxed).to_string());
+                if fs::rename(&dir, &trash).is_ok() {
+                    let _ = meta::sync_dir(&inner.topics_dir);
+                    partition::remove_tree(&trash);
+                }
+                return Err(e);
+            }
+        };
         write(&inner.topics).insert(name.to_owned(), Arc::new(topic));
         tracing::info!(topic = name, partitions, "created topic");
         Ok(true)
@@ -339,16 +353,20 @@ impl Storage {
         validate(name)?;
         let inner = &*self.inner;
         let _admin = lock(&inner.admin);
-        if !read(&inner.topics).contains_key(name) {
+        let Some(topic) = read(&inner.topics).get(name).cloned() else {
             return Err(StorageError::TopicNotFound {
                 topic: name.to_owned(),
             });
-        }
+        };
         let dir = inner.topics_dir.join(name);
-        let trash = inner.trash_dir.join(format!(
-            "{name}.{}",
-            inner.seq.fetch_add(1, Ordering::Relaxed)
-        ));
+        let trash = inner
+            .trash_dir
+            .join(inner.seq.fetch_add(1, Ordering::Relaxed).to_string());
+        // Appends, rolls and retention runs that hold a partition now finish first; later
+        // ones leave the directory alone (a re-created topic may take the same path).
+        for p in &topic.partitions {
+            p.mark_removed();
+        }
         fs::rename(&dir, &trash).ctx("rename", &dir)?;
         meta::sync_dir(&inner.topics_dir)?;
         write(&inner.topics).remove(name);
@@ -444,7 +462,8 @@ impl Storage {
 
     /// Fsyncs every partition, whatever its policy (for a graceful shutdown).
     pub fn sync_all(&self) -> Result<(), StorageError> {
-        self.inner.partitions().try_for_each(|p| p.sync())
+        // One partition's failure doesn't spare the others their fsync.
+        first_error(self.inner.partitions().map(|p| p.sync().map(|()| 0))).map(|_| ())
     }
 
     /// Applies retention to every partition now; returns the segments deleted. The background
@@ -483,12 +502,25 @@ impl Inner {
     }
 
     fn enforce_retention(&self, now: i64) -> Result<u64, StorageError> {
-        let mut n = 0;
-        for p in self.partitions() {
-            n += p.enforce_retention(now)?;
-        }
-        Ok(n)
+        // A partition that fails (and stays failing) must not keep the later ones untrimmed.
+        first_error(self.partitions().map(|p| p.enforce_retention(now)))
     }
+}
+
+/// Runs every step; the sum of their counts, or the first error (the others are logged).
+fn first_error(
+    results: impl Iterator<Item = Result<u64, StorageError>>,
+) -> Result<u64, StorageError> {
+    let mut total = 0;
+    let mut first = None;
+    for r in results {
+        match r {
+            Ok(n) => total += n,
+            Err(e) if first.is_none() => first = Some(e),
+            Err(e) => tracing::warn!(error = %e, "storage maintenance step failed"),
+        }
+    }
+    first.map_or(Ok(total), Err)
 }
 
 fn open_topic(
@@ -538,6 +570,76 @@ fn background(inner: &Inner, stop: &mpsc::Receiver<()>) {
             if let Err(e) = inner.enforce_retention(unix_now_ns()) {
                 tracing::error!(error = %e, "retention failed");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streambus_core::{Encode, Message, MessageSetBuilder};
+
+    fn one_message(value: &[u8]) -> Vec<u8> {
+        let m = Message::new(b"", value);
+        let mut buf = vec![0u8; m.encoded_len()];
+        MessageSetBuilder::new(&mut buf).push(&m).unwrap();
+        buf
+    }
+
+    /// A retention run or an append that still holds a deleted topic's partitions (they were
+    /// collected before the delete) must not touch the re-created topic of the same name.
+    #[test]
+    fn a_deleted_topics_partitions_leave_a_recreated_topic_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = StorageConfig::new(dir.path());
+        cfg.fsync = FsyncPolicy::Never;
+        cfg.segment_bytes = 1000;
+        cfg.retention_bytes = Some(1000);
+        cfg.retention_age = None;
+        cfg.retention_check_interval = Duration::ZERO;
+        let s = Storage::open(cfg.clone()).unwrap();
+        s.create_topic("t", 2, TopicConfig::default()).unwrap();
+        let big = one_message(&[7; 172]); // 200-byte records: 5 per segment
+        for p in 0..2 {
+            for _ in 0..10 {
+                s.append("t", p, &MessageSet::new_checked(1, &big).unwrap(), 1)
+                    .unwrap();
+            }
+        }
+        let stale: Vec<Arc<Partition>> = s.inner.partitions().collect();
+        s.delete_topic("t").unwrap();
+        s.create_topic("t", 2, TopicConfig::default()).unwrap();
+        let acked = one_message(b"acked");
+        for p in 0..2 {
+            let r = s
+                .append("t", p, &MessageSet::new_checked(1, &acked).unwrap(), 1)
+                .unwrap();
+            assert_eq!(r.base_offset, 0);
+        }
+        for p in &stale {
+            assert_eq!(
+                p.enforce_retention(1).unwrap(),
+                0,
+                "trimmed a deleted partition"
+            );
+            let e = p
+                .append(&MessageSet::new_checked(1, &big).unwrap(), 1)
+                .unwrap_err();
+            assert!(
+                matches!(e, StorageError::TopicNotFound { ref topic } if topic == "t"),
+                "{e:?}"
+            );
+            p.sync().unwrap();
+        }
+        drop(stale);
+        drop(s);
+        let s = Storage::open(cfg).unwrap();
+        for p in 0..2 {
+            assert_eq!(s.offsets("t", p).unwrap(), (0, 1), "partition {p}");
+            let f = s.fetch("t", p, 0, 1 << 20, u32::MAX).unwrap();
+            let set = MessageSet::new_checked(f.count, &f.records).unwrap();
+            let values: Vec<&[u8]> = set.iter().map(|m| m.value).collect();
+            assert_eq!(values, [b"acked"]);
         }
     }
 }

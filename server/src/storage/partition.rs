@@ -10,6 +10,7 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -102,6 +103,9 @@ pub(crate) struct Partition {
     dir: PathBuf,
     settings: Settings,
     writer: Mutex<Writer>,
+    /// Set (under the writer lock) when the topic is deleted: from then on nothing writes to,
+    /// rolls in or trims this directory, which a re-created topic of the same name may reuse.
+    removed: AtomicBool,
     state: RwLock<State>,
     sync: Mutex<SyncState>,
     synced: Condvar,
@@ -200,6 +204,7 @@ impl Partition {
             dir,
             settings,
             writer: Mutex::new(Writer::default()),
+            removed: AtomicBool::new(false),
             state: RwLock::new(State {
                 log_start,
                 sealed: segs,
@@ -246,6 +251,9 @@ impl Partition {
             max: u32::MAX as usize,
         })?;
         let mut w = lock(&self.writer);
+        if self.removed.load(Ordering::Relaxed) {
+            return Err(self.gone());
+        }
         let (mut seg, mut pos, mut entries, base) = {
             let st = read(&self.state);
             let a = &st.active;
@@ -310,6 +318,23 @@ impl Partition {
             count,
             high_water_mark: end,
         })
+    }
+
+    /// Marks the partition as deleted, once any append or retention run in progress is done;
+    /// later ones fail ([`StorageError::TopicNotFound`]) or do nothing.
+    pub(crate) fn mark_removed(&self) {
+        let _w = lock(&self.writer);
+        self.removed.store(true, Ordering::Relaxed);
+    }
+
+    fn gone(&self) -> StorageError {
+        let topic = self
+            .dir
+            .parent()
+            .and_then(|t| t.file_name())
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        StorageError::TopicNotFound { topic }
     }
 
     /// Starts a new active segment at `base` (called with the writer lock held).
@@ -435,6 +460,9 @@ impl Partition {
 
     /// Fsyncs everything appended so far.
     pub(crate) fn sync(&self) -> Result<(), StorageError> {
+        if self.removed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let end = read(&self.state).active.end;
         self.make_durable(end)
     }
@@ -442,6 +470,9 @@ impl Partition {
     /// Under `Interval`, fsyncs if there is unsynced data and the interval has passed.
     pub(crate) fn flush_if_due(&self, now: Instant) -> Result<(), StorageError> {
         let FsyncPolicy::Interval(every) = self.settings.fsync else {
+            return Ok(());
+        };
+        if self.removed.load(Ordering::Relaxed) {
             return Ok(());
         };
         let end = read(&self.state).active.end;
@@ -534,8 +565,11 @@ impl Partition {
         }
         let cutoff = retention_age
             .map(|a| now.saturating_sub(i64::try_from(a.as_nanos()).unwrap_or(i64::MAX)));
-        // Serialize with appends (which may roll segments).
+        // Serialize with appends (which may roll segments) and with topic deletion.
         let _w = lock(&self.writer);
+        if self.removed.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
         let (n, new_start) = {
             let st = read(&self.state);
             let mut total: u64 =

@@ -59,7 +59,8 @@ fn put(b: &mut [u8; ENTRY_LEN], r: std::ops::Range<usize>, v: &[u8]) {
 
 impl IndexEntry {
     pub(crate) fn end_offset(&self) -> i64 {
-        self.base_offset + i64::from(self.count)
+        // Recovery refuses an entry whose end would overflow; saturate rather than wrap anyway.
+        self.base_offset.saturating_add(i64::from(self.count))
     }
 
     pub(crate) fn end_pos(&self) -> u64 {
@@ -240,6 +241,7 @@ impl Segment {
             if e.base_offset != r.end_offset
                 || e.pos != r.log_len
                 || e.count == 0
+                || e.base_offset.checked_add(i64::from(e.count)).is_none()
                 || u64::from(e.len) < u64::from(e.count) * MIN_RECORD_LEN
             {
                 stop = Some(format!("index entry {i} does not follow its predecessor"));

@@ -375,3 +375,29 @@ fn fetch_plan_ranges_equal_fetch_records() {
     }
     assert!(s.fetch_plan("t", 0, end + 1, 10, u32::MAX).is_err());
 }
+
+#[test]
+fn a_partition_whose_retention_fails_does_not_spare_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.segment_bytes = 1000;
+    cfg.retention_bytes = Some(1000);
+    let s = Storage::open(cfg).unwrap();
+    let v = [7u8; 172]; // 200-byte records: 5 per segment
+    for t in ["a", "z"] {
+        s.create_topic(t, 1, TopicConfig::default()).unwrap();
+        for _ in 0..20 {
+            append_values(&s, t, 0, &[&v], 1);
+        }
+    }
+    // "a" (visited first) can't persist its new log start: a directory is in the way.
+    std::fs::create_dir(dir.path().join("topics/a/0/partition.toml.tmp")).unwrap();
+    let e = s.enforce_retention(1).unwrap_err();
+    assert!(matches!(e, StorageError::Io { .. }), "{e:?}");
+    assert_eq!(s.offsets("a", 0).unwrap().0, 0, "a kept everything");
+    assert_eq!(
+        s.offsets("z", 0).unwrap().0,
+        15,
+        "z was trimmed all the same"
+    );
+}

@@ -258,3 +258,35 @@ fn torn_sealed_segment_loses_only_its_last_batch() {
         fs::write(&idx_path, &idx).unwrap();
     }
 }
+
+/// An index entry (with valid checksums) whose end offset would overflow i64: the batch is
+/// cut like any other inconsistent tail, with no panic and no wrapped offsets.
+#[test]
+fn an_index_entry_whose_end_overflows_is_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Storage::open(config(dir.path())).unwrap();
+        s.create_topic("t", 1, TopicConfig::default()).unwrap();
+    }
+    let part = dir.path().join("topics/t/0");
+    for e in fs::read_dir(&part).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "log" || x == "idx") {
+            fs::remove_file(p).unwrap();
+        }
+    }
+    let base = i64::MAX - 1;
+    let records = [0u8; 5 * 28];
+    let mut entry = [0u8; 40];
+    entry[0..8].copy_from_slice(&base.to_be_bytes());
+    entry[24..28].copy_from_slice(&5u32.to_be_bytes());
+    entry[28..32].copy_from_slice(&(records.len() as u32).to_be_bytes());
+    entry[32..36].copy_from_slice(&streambus_core::checksum::checksum(&records).to_be_bytes());
+    let crc = streambus_core::checksum::checksum(&entry[..36]);
+    entry[36..40].copy_from_slice(&crc.to_be_bytes());
+    fs::write(part.join(format!("{base:020}.log")), records).unwrap();
+    fs::write(part.join(format!("{base:020}.idx")), entry).unwrap();
+    let s = Storage::open(config(dir.path())).unwrap();
+    assert_eq!(s.offsets("t", 0).unwrap(), (base, base));
+    assert_eq!(s.stats().recovery_truncations, 1);
+}
