@@ -9,6 +9,7 @@ use streambus_core::{
     CreateTopicResponse, DeleteTopicResponse, ErrorCode, FETCH_RESPONSE_FIXED_LEN, FetchResponse,
     FetchTrailer, Flags, GetOffsetResponse, HealthCheckResponse, ListTopicsResponse, MessageSet,
     ProduceResponse, RESPONSE_HEADER_LEN, Request, Response, Text, Topic, TopicInfo, TopicList,
+    response_encoded_len,
 };
 
 use crate::metrics::Metrics;
@@ -135,9 +136,15 @@ impl Broker {
                 let now = now_unix_ns();
                 let appended = match self.storage.append(topic, p.partition, &p.messages, now) {
                     Err(StorageError::TopicNotFound { .. }) if self.config.auto_create_topics => {
-                        self.storage
-                            .create_topic(topic, 1, TopicConfig::default())?;
-                        tracing::info!(topic, "auto-created topic with 1 partition");
+                        match self.storage.create_topic(topic, 1, TopicConfig::default()) {
+                            Ok(true) => {
+                                tracing::info!(topic, "auto-created topic with 1 partition");
+                            }
+                            // Created meanwhile by another request, with any partition count:
+                            // the append below decides (PartitionNotFound if it lacks ours).
+                            Ok(false) | Err(StorageError::TopicExists { .. }) => {}
+                            Err(e) => return Err(e.into()),
+                        }
                         self.storage.append(topic, p.partition, &p.messages, now)?
                     }
                     other => other?,
@@ -256,9 +263,22 @@ impl Broker {
                         })
                     })
                     .collect();
-                reply.respond(&Response::ListTopics(ListTopicsResponse {
+                let response = Response::ListTopics(ListTopicsResponse {
                     topics: TopicList::from_slice(&topics),
-                }));
+                });
+                // The one reply that grows without bound: it must still fit a frame.
+                let length = response_encoded_len(&response).saturating_sub(4); // after Length
+                if length > self.config.max_frame_len as usize {
+                    return Err(fail(
+                        ErrorCode::MESSAGE_TOO_LARGE,
+                        format!(
+                            "the list of {} topics takes a {length}-byte frame, over the maximum of {}",
+                            topics.len(),
+                            self.config.max_frame_len
+                        ),
+                    ));
+                }
+                reply.respond(&response);
             }
             Request::HealthCheck => {
                 let uptime = i64::try_from(self.started.elapsed().as_secs()).unwrap_or(i64::MAX);

@@ -419,6 +419,69 @@ fn message_larger_than_the_frame_allows_is_refused() {
 }
 
 #[test]
+fn a_topic_list_over_the_maximum_frame_is_refused_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), RuntimeKind::Tokio);
+    cfg.max_frame_bytes = 1024;
+    let broker = streambus_server::start(cfg).unwrap();
+    let mut c = RawClient::connect(broker.addr()).unwrap();
+    // Each entry is 4 + 249 + 4 bytes: three fit in 1 024, five don't.
+    for i in 0..5u8 {
+        let name = String::from_utf8(vec![b'a' + i; 249]).unwrap();
+        let r = c
+            .call(&Request::CreateTopic(CreateTopicRequest {
+                topic: topic(&name),
+                num_partitions: 1,
+                replication_factor: 1,
+            }))
+            .unwrap();
+        assert_eq!(r.error_code(), 0);
+    }
+    let r = c.call(&Request::ListTopics).unwrap();
+    assert!(r.0.len() - 4 <= 1024, "reply Length {}", r.0.len() - 4);
+    assert_eq!(r.error_code(), ErrorCode::MESSAGE_TOO_LARGE.0);
+    let Response::Error(e) = r.parse(RequestType::ListTopics).unwrap() else {
+        panic!("not an error reply");
+    };
+    assert!(e.message.to_string().contains("5 topics"), "{}", e.message);
+    // The connection goes on.
+    assert_eq!(c.call(&Request::HealthCheck).unwrap().error_code(), 0);
+}
+
+/// A Produce that auto-creates its topic while a CreateTopic of the same name (3 partitions)
+/// runs: whoever wins, the Produce to partition 0 is appended, never answered TopicExists.
+#[test]
+fn auto_create_racing_create_topic_still_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start(dir.path(), RuntimeKind::Tokio);
+    let addr = broker.addr();
+    for i in 0..100 {
+        let name = format!("race{i}");
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let (b, n) = (barrier.clone(), name.clone());
+        let creator = std::thread::spawn(move || {
+            let mut c = RawClient::connect(addr).unwrap();
+            b.wait();
+            c.call(&Request::CreateTopic(CreateTopicRequest {
+                topic: topic(&n),
+                num_partitions: 3,
+                replication_factor: 1,
+            }))
+            .unwrap()
+            .error_code()
+        });
+        let mut p = RawClient::connect(addr).unwrap();
+        barrier.wait();
+        let r = produce(&mut p, &name, 0, &[b"v"]).unwrap();
+        let created = creator.join().unwrap();
+        assert_eq!(r.error_code(), 0, "produce to {name}");
+        // The CreateTopic loses only to the auto-create (1 partition): TopicExists.
+        assert!(created == 0 || created == ErrorCode::TOPIC_EXISTS.0, "{created}");
+        assert_eq!(fetch_all(&mut p, &name, 0, 0).unwrap().len(), 1);
+    }
+}
+
+#[test]
 fn metrics_are_served_in_prometheus_text_format() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
