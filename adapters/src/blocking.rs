@@ -159,12 +159,14 @@ fn connection<H: Handler>(
                 s.filled(0);
                 // Quiet for a while: give the buffers back (a busy connection keeps them).
                 s.release_idle();
-                if s.deadline().is_some_and(|d| d <= now()) && s.handle_timeout(now()) {
-                    return Ok(());
-                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => s.filled(0),
             Err(e) => return Err(e),
+        }
+        // After data too: bytes trickling in faster than the read timeout must not keep a
+        // connection past its idle deadline.
+        if s.deadline().is_some_and(|d| d <= now()) && s.handle_timeout(now()) {
+            return Ok(());
         }
     }
 }

@@ -179,7 +179,13 @@ impl Session {
             self.rx_start = 0;
         }
         let unread = self.rx_end - self.rx_start;
-        let room = self.want.saturating_sub(unread).max(self.chunk);
+        // Toward the awaited frame, but at most doubling what has arrived: a Length alone
+        // (16 bytes claiming 10 MiB) must not buy a 10 MiB buffer.
+        let room = self
+            .want
+            .saturating_sub(unread)
+            .min(unread.max(self.chunk))
+            .max(self.chunk);
         if self.rx.len() < self.rx_end + room {
             self.rx.resize(self.rx_end + room, 0);
         }
@@ -421,5 +427,54 @@ impl Responder<'_> {
         self.answered = self.tx.append(ERROR_REPLY_LEN, |buf| {
             conn.respond_error(id, code, message, buf)
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use streambus_core::{Flags, Request};
+
+    struct Nobody;
+
+    impl Handler for Nobody {
+        fn handle(&self, _: u64, _: Flags, _: &Request<'_>, reply: &mut Responder<'_>) {
+            reply.error(ErrorCode::INVALID_REQUEST, format_args!("no"));
+        }
+    }
+
+    /// A peer that sends only a Length claiming a 10 MiB frame (and the RequestID) gets a
+    /// buffer sized by what it sent, not by what it claims; real bytes grow it.
+    #[test]
+    fn a_length_alone_does_not_buy_its_frame_buffer() {
+        let t = Instant::from_millis(0);
+        let mut s = Session::new(ServerConfig::default(), t);
+        let mut head = [0u8; 16];
+        head[..4].copy_from_slice(&10_000_000u32.to_be_bytes());
+        head[11] = 1;
+        head[12] = 1; // Produce
+        head[13] = 1; // version
+        s.read_buf()[..16].copy_from_slice(&head);
+        s.filled(16);
+        assert_eq!(s.process(t, &Nobody), Next::Read);
+        let first = s.read_buf().len();
+        assert!(
+            first <= 2 * FIRST_CHUNK,
+            "offered {first} bytes for 16 received"
+        );
+        // As the body arrives, the offers grow with it.
+        let mut received = 16;
+        while received < 1 << 20 {
+            let n = s.read_buf().len();
+            received += n;
+            s.filled(n);
+            assert_eq!(s.process(t, &Nobody), Next::Read);
+        }
+        assert!(s.read_buf().len() >= 1 << 20, "reads stay small");
+        assert!(
+            s.rx.len() <= 4 << 20,
+            "buffer {} for {received} bytes",
+            s.rx.len()
+        );
     }
 }

@@ -274,3 +274,37 @@ fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
         assert!(ping.is_ok());
     });
 }
+
+#[test]
+fn bytes_trickling_in_do_not_outlast_the_idle_timeout() {
+    each_runtime(|rt| {
+        let mut c = ServerConfig::default();
+        c.max_frame_len(64 * 1024)
+            .read_timeout(Duration::from_secs(5))
+            .idle_timeout(Duration::from_secs(1));
+        let server = serve(rt, Arc::new(Ping::default()), options().connection(c));
+        let mut s = std::net::TcpStream::connect(server.addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        // A 60 000-byte frame, one byte every 200 µs: new bytes keep arriving well within the
+        // read timeout, but the frame would take 12 s, past the 1 s idle timeout.
+        s.write_all(&60_000u32.to_be_bytes()).unwrap();
+        let start = std::time::Instant::now();
+        let closed = loop {
+            let t = std::time::Instant::now();
+            while t.elapsed() < Duration::from_micros(200) {
+                std::hint::spin_loop();
+            }
+            if s.write_all(&[0]).is_err() {
+                break start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(6),
+                "{rt:?}: still open"
+            );
+        };
+        assert!(
+            closed >= Duration::from_millis(900),
+            "{rt:?}: closed at {closed:?}"
+        );
+    });
+}

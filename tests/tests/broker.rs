@@ -476,7 +476,10 @@ fn auto_create_racing_create_topic_still_appends() {
         let created = creator.join().unwrap();
         assert_eq!(r.error_code(), 0, "produce to {name}");
         // The CreateTopic loses only to the auto-create (1 partition): TopicExists.
-        assert!(created == 0 || created == ErrorCode::TOPIC_EXISTS.0, "{created}");
+        assert!(
+            created == 0 || created == ErrorCode::TOPIC_EXISTS.0,
+            "{created}"
+        );
         assert_eq!(fetch_all(&mut p, &name, 0, 0).unwrap().len(), 1);
     }
 }
