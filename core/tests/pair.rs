@@ -627,6 +627,22 @@ fn a_late_response_before_the_timeout_is_reported_is_dropped_too() {
 }
 
 #[test]
+fn a_second_response_to_a_timed_out_request_is_a_peer_error() {
+    let mut p = with_held(1);
+    p.client.handle_timeout(T0 + TIMEOUT);
+    p.release(&[1]);
+    let late: Vec<u8> = p.to_client.drain(..).collect();
+    p.client.handle_input(p.now, &late).unwrap();
+    // The same response again, before the timeout is reported: id 1 was answered already.
+    assert_eq!(
+        p.client.handle_input(p.now, &late),
+        Err(ClientError::Peer(PeerError::UnknownResponse {
+            request_id: 1
+        }))
+    );
+}
+
+#[test]
 fn every_byte_boundary_of_fragmentation_both_ways() {
     // The reference: 4 pipelined requests, one chunk.
     let run = |split: usize, to_server: bool| {

@@ -619,7 +619,13 @@ fn check_response(frame: &[u8], slots: &mut [Slot]) -> Result<(), PeerError> {
     let unknown = PeerError::UnknownResponse { request_id };
     let slot = slots
         .iter_mut()
-        .find(|s| s.id == request_id && !matches!(s.state, SlotState::Answered | SlotState::Free))
+        .find(|s| {
+            s.id == request_id
+                && matches!(
+                    s.state,
+                    SlotState::Waiting | SlotState::Abandoned | SlotState::Expired { late: false }
+                )
+        })
         .ok_or(unknown)?;
     parse_response(frame, slot.ty).map_err(PeerError::Decode)?;
     slot.state = match slot.state {
