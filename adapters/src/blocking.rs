@@ -165,7 +165,7 @@ fn connection<H: Handler>(
         }
         // After data too: bytes trickling in faster than the read timeout must not keep a
         // connection past its idle deadline.
-        if s.deadline().is_some_and(|d| d <= now()) && s.handle_timeout(now()) {
+        if s.handle_timeout(now()) {
             return Ok(());
         }
     }

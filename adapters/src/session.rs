@@ -17,6 +17,9 @@ const FIRST_CHUNK: usize = 4 * 1024;
 const MAX_CHUNK: usize = 1024 * 1024;
 /// A transmit buffer above this is released once written out, so idle connections stay small.
 const KEEP_CAPACITY: usize = 256 * 1024;
+/// How long a quiet connection keeps its buffers before giving them back: long enough that a
+/// request/response client (tens of µs between requests) never pays for re-allocating them.
+const LINGER: core::time::Duration = core::time::Duration::from_millis(2);
 /// Stop reading new requests while this much output waits (a slow reader).
 const TX_HIGH_WATER: u64 = 4 * 1024 * 1024;
 /// Room for an error reply: header, message length, message, CRC.
@@ -51,6 +54,8 @@ pub(crate) struct Session {
     want: usize,
     /// Output waiting to be written.
     tx: TxBuf,
+    /// When a quiet connection's buffers go back (set while it waits holding them).
+    linger_until: Option<Instant>,
 }
 
 /// The transmit queue: `buf[start..end]` waits to be written, with file ranges spliced in
@@ -163,6 +168,7 @@ impl Session {
             chunk: FIRST_CHUNK,
             want: 0,
             tx: TxBuf::default(),
+            linger_until: None,
         }
     }
 
@@ -195,6 +201,9 @@ impl Session {
 
     /// Records that `n` bytes were read into the last [`read_buf`](Self::read_buf).
     pub(crate) fn filled(&mut self, n: usize) {
+        if n > 0 {
+            self.linger_until = None;
+        }
         self.rx_end += n;
         if n > 0 && n == self.offered {
             self.chunk = (self.chunk * 2).min(MAX_CHUNK);
@@ -230,9 +239,32 @@ impl Session {
         self.conn.poll_timeout()
     }
 
-    /// Fires the core's timers; `true` means close.
+    fn holds_idle_buffers(&self) -> bool {
+        (self.rx_start == self.rx_end && self.rx.capacity() > 0)
+            || (self.tx.waiting() == 0 && self.tx.buf.len() > KEEP_CAPACITY)
+    }
+
+    /// The deadline to wait for input until, for the async runtimes: the core's, or earlier
+    /// the moment a quiet connection gives its buffers back ([`LINGER`] after it started
+    /// waiting), so a busy connection keeps them and an idle one holds almost no memory.
+    pub(crate) fn wait_deadline(&mut self, now: Instant) -> Option<Instant> {
+        let core = self.deadline();
+        if !self.holds_idle_buffers() {
+            self.linger_until = None;
+            return core;
+        }
+        let linger = *self.linger_until.get_or_insert(now.saturating_add(LINGER));
+        Some(core.map_or(linger, |d| d.min(linger)))
+    }
+
+    /// Fires the timers due at `now`: gives back lingering buffers, then the core's; `true`
+    /// means close.
     pub(crate) fn handle_timeout(&mut self, now: Instant) -> bool {
-        self.conn.handle_timeout(now)
+        if self.linger_until.is_some_and(|t| t <= now) {
+            self.linger_until = None;
+            self.release_idle();
+        }
+        self.deadline().is_some_and(|d| d <= now) && self.conn.handle_timeout(now)
     }
 
     /// Decodes and answers every whole request in the receive buffer.
@@ -441,6 +473,34 @@ mod tests {
         fn handle(&self, _: u64, _: Flags, _: &Request<'_>, reply: &mut Responder<'_>) {
             reply.error(ErrorCode::INVALID_REQUEST, format_args!("no"));
         }
+    }
+
+    /// A quiet connection keeps its buffers for [`LINGER`], then gives them back and waits
+    /// for the core's deadline alone.
+    #[test]
+    fn buffers_linger_then_go_back() {
+        let t0 = Instant::from_millis(0);
+        let mut s = Session::new(ServerConfig::default(), t0);
+        let idle = s.deadline().expect("the idle timer runs");
+        assert!(s.read_buf().len() >= FIRST_CHUNK);
+        s.filled(0);
+        let linger = t0.saturating_add(LINGER);
+        assert_eq!(s.wait_deadline(t0), Some(linger));
+        // Woken early (not by the timer): the same linger deadline stands.
+        let t1 = Instant::from_micros(500);
+        assert_eq!(s.wait_deadline(t1), Some(linger));
+        assert!(!s.handle_timeout(t1));
+        assert!(s.rx.capacity() > 0, "released before the linger ran out");
+        assert!(!s.handle_timeout(linger));
+        assert_eq!(s.rx.capacity(), 0, "buffers kept past the linger");
+        assert_eq!(s.wait_deadline(linger), Some(idle));
+        // A buffer holding part of a frame is never given back: the core's timers rule.
+        s.read_buf()[0] = 0;
+        s.filled(1);
+        let t2 = Instant::from_millis(10);
+        assert_eq!(s.wait_deadline(t2), s.deadline());
+        assert!(!s.handle_timeout(t2.saturating_add(LINGER)));
+        assert!(s.rx.capacity() > 0);
     }
 
     /// A peer that sends only a Length claiming a 10 MiB frame (and the RequestID) gets a

@@ -122,6 +122,7 @@ async fn connection<H: Handler>(
     stream.get_ref().set_nodelay(true)?;
     let handler = &*shared;
     let mut s = Session::new(options.connection, now());
+    let mut timer_woke = false;
     loop {
         let next = if handler.may_block() {
             // Run on smol's blocking pool; the session goes there and comes back.
@@ -147,19 +148,21 @@ async fn connection<H: Handler>(
         if stop.is_closed() {
             return Ok(());
         }
-        // Try the socket first: a busy connection keeps its buffers and skips a wake-up.
-        match stream.get_ref().read_nonblocking(s.read_buf()) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                s.filled(n);
-                handler.on_event(ConnEvent::BytesIn(n));
-                continue;
+        // Try the socket first: a busy connection skips a wake-up. Not after a timer: nothing
+        // came, and a read would take back the buffers that were just given back.
+        if !std::mem::take(&mut timer_woke) {
+            match stream.get_ref().read_nonblocking(s.read_buf()) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    s.filled(n);
+                    handler.on_event(ConnEvent::BytesIn(n));
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.filled(0),
+                Err(e) => return Err(e),
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.filled(0),
-            Err(e) => return Err(e),
         }
-        s.release_idle();
-        let deadline = s.deadline();
+        let deadline = s.wait_deadline(now());
         let readable = async { Wake::Io(stream.readable().await) };
         let stopped = async {
             let _ = stop.recv().await;
@@ -179,6 +182,7 @@ async fn connection<H: Handler>(
                 if s.handle_timeout(now()) {
                     return Ok(());
                 }
+                timer_woke = true;
             }
         }
     }

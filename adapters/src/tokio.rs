@@ -123,6 +123,7 @@ async fn connection<H: Handler>(
         && tokio::runtime::Handle::current().runtime_flavor()
             == tokio::runtime::RuntimeFlavor::MultiThread;
     let mut s = Session::new(options.connection, now());
+    let mut timer_woke = false;
     loop {
         let next = if blocking {
             tokio::task::block_in_place(|| s.process(now(), handler))
@@ -141,19 +142,21 @@ async fn connection<H: Handler>(
             // Everything read has been answered and written.
             return Ok(());
         }
-        // Try the socket first: a busy connection keeps its buffers and skips a wake-up.
-        match read_now(&mut stream, s.read_buf()).await {
-            Some(Ok(0)) => return Ok(()),
-            Some(Ok(n)) => {
-                s.filled(n);
-                handler.on_event(ConnEvent::BytesIn(n));
-                continue;
+        // Try the socket first: a busy connection skips a wake-up. Not after a timer: nothing
+        // came, and a read would take back the buffers that were just given back.
+        if !std::mem::take(&mut timer_woke) {
+            match read_now(&mut stream, s.read_buf()).await {
+                Some(Ok(0)) => return Ok(()),
+                Some(Ok(n)) => {
+                    s.filled(n);
+                    handler.on_event(ConnEvent::BytesIn(n));
+                    continue;
+                }
+                None => s.filled(0),
+                Some(Err(e)) => return Err(e),
             }
-            None => s.filled(0),
-            Some(Err(e)) => return Err(e),
         }
-        s.release_idle();
-        let deadline = s.deadline();
+        let deadline = s.wait_deadline(now());
         tokio::select! {
             ready = stream.readable() => ready?,
             _ = stop.changed() => {}
@@ -167,6 +170,7 @@ async fn connection<H: Handler>(
                     tracing::debug!("connection timed out");
                     return Ok(());
                 }
+                timer_woke = true;
             }
         }
     }
