@@ -503,18 +503,30 @@ mod tests {
         assert!(s.rx.capacity() > 0);
     }
 
-    /// A peer that sends only a Length claiming a 10 MiB frame (and the RequestID) gets a
-    /// buffer sized by what it sent, not by what it claims; real bytes grow it.
+    /// A peer that sends only the first 16 bytes of a 10 MB frame gets a buffer sized by what
+    /// it sent, not by what the Length claims; real bytes grow it.
     #[test]
     fn a_length_alone_does_not_buy_its_frame_buffer() {
+        use streambus_core::{
+            Encode, Message, MessageSetBuilder, ProduceRequest, Topic, encode_request,
+            request_encoded_len,
+        };
+        let value = vec![7u8; 9_999_000];
+        let message = Message::new(b"", &value);
+        let mut set = vec![0u8; message.encoded_len()];
+        let mut b = MessageSetBuilder::new(&mut set);
+        b.push(&message).unwrap();
+        let request = Request::Produce(ProduceRequest {
+            topic: Topic::new("t").unwrap(),
+            partition: 0,
+            messages: b.finish(),
+            producer: None,
+        });
+        let mut frame = vec![0u8; request_encoded_len(&request)];
+        encode_request(1, Flags::NONE, &request, &mut frame).unwrap();
         let t = Instant::from_millis(0);
         let mut s = Session::new(ServerConfig::default(), t);
-        let mut head = [0u8; 16];
-        head[..4].copy_from_slice(&10_000_000u32.to_be_bytes());
-        head[11] = 1;
-        head[12] = 1; // Produce
-        head[13] = 1; // version
-        s.read_buf()[..16].copy_from_slice(&head);
+        s.read_buf()[..16].copy_from_slice(&frame[..16]);
         s.filled(16);
         assert_eq!(s.process(t, &Nobody), Next::Read);
         let first = s.read_buf().len();
@@ -525,7 +537,9 @@ mod tests {
         // As the body arrives, the offers grow with it.
         let mut received = 16;
         while received < 1 << 20 {
-            let n = s.read_buf().len();
+            let buf = s.read_buf();
+            let n = buf.len();
+            buf.copy_from_slice(&frame[received..received + n]);
             received += n;
             s.filled(n);
             assert_eq!(s.process(t, &Nobody), Next::Read);
