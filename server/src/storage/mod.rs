@@ -315,10 +315,7 @@ impl Storage {
             };
         }
         // Build the topic in tmp/ and rename it into place: a crash leaves all or nothing.
-        // (Named by a counter alone: `{name}.{seq}` could pass the 255-byte name limit.)
-        let staging = inner
-            .tmp_dir
-            .join(inner.seq.fetch_add(1, Ordering::Relaxed).to_string());
+        let staging = inner.unique_in(&inner.tmp_dir);
         fs::create_dir(&staging).ctx("create directory", &staging)?;
         for p in 0..partitions {
             let d = staging.join(p.to_string());
@@ -333,9 +330,7 @@ impl Storage {
             Err(e) => {
                 // Out of fds, say: take the directory back out, or the topic would exist on
                 // disk but be neither listed, creatable nor deletable until a restart.
-                let trash = inner
-                    .trash_dir
-                    .join(inner.seq.fetch_add(1, Ordering::Relaxed).to_string());
+                let trash = inner.unique_in(&inner.trash_dir);
                 if fs::rename(&dir, &trash).is_ok() {
                     let _ = meta::sync_dir(&inner.topics_dir);
                     partition::remove_tree(&trash);
@@ -359,9 +354,7 @@ impl Storage {
             });
         };
         let dir = inner.topics_dir.join(name);
-        let trash = inner
-            .trash_dir
-            .join(inner.seq.fetch_add(1, Ordering::Relaxed).to_string());
+        let trash = inner.unique_in(&inner.trash_dir);
         // Appends, rolls and retention runs that hold a partition now finish first; later
         // ones leave the directory alone (a re-created topic may take the same path).
         for p in &topic.partitions {
@@ -493,6 +486,12 @@ impl Drop for Storage {
 }
 
 impl Inner {
+    /// A fresh name in `tmp/` or `trash/`: a counter alone (`{topic}.{seq}` could pass the
+    /// 255-byte name limit); both folders are emptied at open.
+    fn unique_in(&self, parent: &std::path::Path) -> PathBuf {
+        parent.join(self.seq.fetch_add(1, Ordering::Relaxed).to_string())
+    }
+
     fn partitions(&self) -> impl Iterator<Item = Arc<Partition>> {
         let all: Vec<Arc<Partition>> = read(&self.topics)
             .values()
