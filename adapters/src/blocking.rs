@@ -1,14 +1,18 @@
 //! The blocking adapter: std sockets, one thread per connection.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
-use std::os::fd::AsFd;
+use rustix::event::{PollFd, PollFlags, Timespec};
 
-use crate::session::{Next, Pending, Session};
+use crate::session::{Next, Session};
+use crate::transmit::Pending;
 use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
 
 /// How often a blocked read wakes to check for shutdown.
@@ -47,14 +51,17 @@ pub fn shutdown_handle(listener: &TcpListener) -> io::Result<Shutdown> {
 }
 
 /// Accepts and serves connections on the calling thread until `shutdown` is triggered, then
-/// waits up to [`ServeOptions::shutdown_grace`] for open connections to finish.
+/// answers what waits ([`Handler::shutdown`]) and waits up to [`ServeOptions::shutdown_grace`]
+/// for open connections to answer what they have read; connections still open then are shut
+/// and have stopped when this returns.
 pub fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     options: ServeOptions,
     shutdown: Shutdown,
 ) -> io::Result<()> {
-    let open = Arc::new(AtomicUsize::new(0));
+    let open: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
+    let mut next_id = 0u64;
     for stream in listener.incoming() {
         if shutdown.is_set() {
             break;
@@ -67,11 +74,23 @@ pub fn serve<H: Handler>(
                 continue;
             }
         };
-        if open.load(Ordering::SeqCst) >= options.max_connections {
-            handler.on_event(ConnEvent::Refused);
-            continue;
+        let id = next_id;
+        next_id += 1;
+        {
+            let mut conns = lock(&open);
+            if conns.len() >= options.max_connections {
+                handler.on_event(ConnEvent::Refused);
+                continue;
+            }
+            // A second handle on the socket, to shut it if shutdown outlasts its grace.
+            match stream.try_clone() {
+                Ok(c) => conns.insert(id, c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not register a connection");
+                    continue;
+                }
+            };
         }
-        open.fetch_add(1, Ordering::SeqCst);
         handler.on_event(ConnEvent::Accepted);
         let (h, o, stop) = (handler.clone(), open.clone(), shutdown.clone());
         let spawned = std::thread::Builder::new()
@@ -80,20 +99,40 @@ pub fn serve<H: Handler>(
                 if let Err(e) = connection(stream, &*h, &options, &stop) {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                o.fetch_sub(1, Ordering::SeqCst);
+                lock(&o).remove(&id);
                 h.on_event(ConnEvent::Closed);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "could not start a connection thread");
-            open.fetch_sub(1, Ordering::SeqCst);
+            lock(&open).remove(&id);
             handler.on_event(ConnEvent::Closed);
         }
     }
+    drop(listener);
+    handler.shutdown();
     let deadline = std::time::Instant::now() + options.shutdown_grace;
-    while open.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+    while !lock(&open).is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
+    let left: Vec<TcpStream> = lock(&open).drain().map(|(_, s)| s).collect();
+    if !left.is_empty() {
+        tracing::warn!(
+            left = left.len(),
+            "shutdown deadline passed; closing remaining connections"
+        );
+        // Shut the sockets: each thread's next read or write fails and it returns.
+        for s in &left {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        while Arc::strong_count(&open) > 1 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn write_pending<H: Handler>(stream: &mut TcpStream, s: &mut Session, h: &H) -> io::Result<()> {
@@ -112,6 +151,21 @@ fn write_pending<H: Handler>(stream: &mut TcpStream, s: &mut Session, h: &H) -> 
     }
 }
 
+/// Wakes a connection thread blocked in `poll` when one of its replies completes.
+#[derive(Debug)]
+struct EventFd(OwnedFd);
+
+impl Wake for EventFd {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // A full counter (never, in practice) still leaves the fd readable: the wake is not lost.
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+    }
+}
+
 fn connection<H: Handler>(
     mut stream: TcpStream,
     handler: &H,
@@ -120,51 +174,85 @@ fn connection<H: Handler>(
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(options.write_timeout))?;
+    let wake = Arc::new(EventFd(rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )?));
+    let waker = Waker::from(Arc::clone(&wake));
     let mut s = Session::new(options.connection, now());
-    // The read timeout last set: a syscall only when it changes (POLL while no deadline is near).
-    let mut read_timeout = None;
     loop {
-        match s.process(now(), handler) {
+        let reading = match s.process(now(), handler) {
             Next::Close => return write_pending(&mut stream, &mut s, handler),
             Next::Flush => {
                 write_pending(&mut stream, &mut s, handler)?;
                 continue;
             }
-            Next::Read => write_pending(&mut stream, &mut s, handler)?,
-        }
-        if stop.is_set() {
+            Next::Offload(job) => {
+                write_pending(&mut stream, &mut s, handler)?;
+                // This thread may block: run it here, in order.
+                job.run(handler);
+                continue;
+            }
+            Next::Read => true,
+            Next::Wait => false,
+        };
+        write_pending(&mut stream, &mut s, handler)?;
+        let stopping = stop.is_set();
+        if stopping && s.drained() {
+            // Everything read has been answered and written.
             return Ok(());
+        }
+        let reading = reading && !stopping;
+        if s.poll_replies(&mut Context::from_waker(&waker)).is_ready() {
+            continue;
         }
         let wait = s
             .deadline()
             .map_or(POLL, |d| until(d).min(POLL))
             .max(Duration::from_millis(1));
-        if read_timeout != Some(wait) {
-            stream.set_read_timeout(Some(wait))?;
-            read_timeout = Some(wait);
-        }
-        let buf = s.read_buf();
-        match stream.read(buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                s.filled(n);
-                handler.on_event(ConnEvent::BytesIn(n));
+        let timeout = Timespec {
+            tv_sec: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(wait.subsec_nanos()),
+        };
+        let (sock_ready, woken) = {
+            let sock_events = if reading {
+                PollFlags::IN
+            } else {
+                PollFlags::empty()
+            };
+            let mut fds = [
+                PollFd::new(&stream, sock_events),
+                PollFd::new(&wake.0, PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                s.filled(0);
-                // Quiet for a while: give the buffers back (a busy connection keeps them).
-                s.release_idle();
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => s.filled(0),
-            Err(e) => return Err(e),
+            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
+        };
+        if woken {
+            let mut counter = [0u8; 8];
+            let _ = rustix::io::read(&wake.0, &mut counter);
         }
-        // After data too: bytes trickling in faster than the read timeout must not keep a
-        // connection past its idle deadline.
+        if sock_ready {
+            // Readable, hung up or failed: the read says which, without blocking.
+            match stream.read(s.read_buf()) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    s.filled(n);
+                    handler.on_event(ConnEvent::BytesIn(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => s.filled(0),
+                Err(e) => return Err(e),
+            }
+        } else if !woken && reading {
+            s.filled(0);
+            // Quiet for a while: give the buffers back (a busy connection keeps them).
+            s.release_idle();
+        }
+        // After data too: bytes trickling in faster than the wait must not keep a connection
+        // past its idle deadline.
         if s.handle_timeout(now()) {
             return Ok(());
         }

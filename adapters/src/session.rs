@@ -1,15 +1,19 @@
-//! The runtime-independent half of every server adapter: the connection's buffers and the poll
-//! loop over the core's [`ServerConnection`]. Runtimes only read into [`Session::read_buf`],
-//! write out [`Session::pending`], and run the timers.
+//! The runtime-independent half of every server adapter: the connection's receive buffer and
+//! the poll loop over the core's [`ServerConnection`]. Runtimes only read into
+//! [`Session::read_buf`], write out [`Session::pending`], wait for what [`Session::process`]
+//! asks, and run the timers.
 
-use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use streambus_core::{
-    EncodeError, ErrorCode, FetchResponse, FetchTrailer, Instant, MAX_ERROR_MESSAGE_LEN, Response,
-    ServerConfig, ServerConnection, ServerEvent, response_encoded_len,
+    Flags, Instant, Request, RequestFrame, ServerConfig, ServerConnection, ServerEvent,
+    encode_fault_response,
 };
 
-use crate::{ConnEvent, FileChunk, Handler};
+use crate::reply::{OutboxCell, Reply};
+use crate::transmit::{Pending, TxBuf};
+use crate::{ConnEvent, Handler};
 
 /// Bytes first offered to a read; doubled while reads fill what they are offered.
 const FIRST_CHUNK: usize = 4 * 1024;
@@ -22,24 +26,55 @@ const KEEP_CAPACITY: usize = 256 * 1024;
 const LINGER: core::time::Duration = core::time::Duration::from_millis(2);
 /// Stop reading new requests while this much output waits (a slow reader).
 const TX_HIGH_WATER: u64 = 4 * 1024 * 1024;
-/// Room for an error reply: header, message length, message, CRC.
-const ERROR_REPLY_LEN: usize = 15 + 4 + MAX_ERROR_MESSAGE_LEN + 4;
+/// The size a fault reply is first encoded into (the encoder asks for more if needed).
+const FAULT_GUESS: usize = 128;
 
 /// What the runtime must do after [`Session::process`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Next {
-    /// Write what is pending, then wait for input (or the timer).
+    /// Write what is pending, then wait for input, a completed reply or the timer.
     Read,
-    /// Write what is pending before anything else (back-pressure), then process again.
+    /// Write what is pending, then wait for a completed reply or the timer, reading nothing:
+    /// [`ServerConfig::max_in_flight`] requests wait for their replies (back-pressure).
+    Wait,
+    /// Write what is pending before anything else (a slow reader), then process again.
     Flush,
+    /// Run this request where blocking is allowed and wait for it before the next one (so
+    /// requests on one connection keep their order), then process again.
+    Offload(Job),
     /// Write what is pending, then close.
     Close,
 }
 
+/// A request whose handling may block (topic creation, say), with its frame copied out so it
+/// can run on another thread.
+#[derive(Debug)]
+pub(crate) struct Job {
+    frame: Vec<u8>,
+    flags: Flags,
+    reply: Reply,
+}
+
+impl Job {
+    /// Decodes the request again from its copied frame and hands it to `handler`.
+    pub(crate) fn run<H: Handler + ?Sized>(self, handler: &H) {
+        let decoded = RequestFrame::new_checked(&self.frame[..])
+            .and_then(|frame| Request::parse(&frame).map(|r| (r, frame)));
+        match decoded {
+            Ok((request, _)) => handler.handle(self.flags, &request, self.reply),
+            // The connection decoded this very frame already: only a bug gets here.
+            Err(e) => self.reply.error(
+                streambus_core::ErrorCode::STORAGE_ERROR,
+                format_args!("the request could not be decoded again: {e}"),
+            ),
+        }
+    }
+}
+
 /// One connection's buffers and state.
 ///
-/// Both buffers keep their initialized length and track the live region with indices, so
-/// bytes are zeroed once when a buffer grows, never per read or per response.
+/// The receive buffer keeps its initialized length and tracks the live region with indices, so
+/// bytes are zeroed once when it grows, never per read.
 #[derive(Debug)]
 pub(crate) struct Session {
     conn: ServerConnection,
@@ -54,106 +89,15 @@ pub(crate) struct Session {
     want: usize,
     /// Output waiting to be written.
     tx: TxBuf,
+    /// Where [`Reply`]s put their frames.
+    outbox: Arc<OutboxCell>,
     /// When a quiet connection's buffers go back (set while it waits holding them).
     linger_until: Option<Instant>,
 }
 
-/// The transmit queue: `buf[start..end]` waits to be written, with file ranges spliced in
-/// at given positions of `buf` (sent with `sendfile`, never copied).
-#[derive(Debug, Default)]
-pub(crate) struct TxBuf {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// `(position in buf, range)`: the range goes out once `buf` is written up to the position.
-    files: std::collections::VecDeque<(usize, FileChunk)>,
-    file_bytes: u64,
-}
-
-/// What to write next.
-#[derive(Debug)]
-pub(crate) enum Pending<'a> {
-    /// Nothing.
-    None,
-    /// These bytes.
-    Bytes(&'a [u8]),
-    /// This file range.
-    File(&'a FileChunk),
-}
-
-impl TxBuf {
-    /// Bytes waiting, file ranges included.
-    fn waiting(&self) -> u64 {
-        (self.end - self.start) as u64 + self.file_bytes
-    }
-
-    fn push_bytes(&mut self, bytes: &[u8]) {
-        if self.buf.len() < self.end + bytes.len() {
-            self.buf.resize(self.end + bytes.len(), 0);
-        }
-        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
-        self.end += bytes.len();
-    }
-
-    fn push_file(&mut self, chunk: FileChunk) {
-        if chunk.len > 0 {
-            self.file_bytes += chunk.len;
-            self.files.push_back((self.end, chunk));
-        }
-    }
-
-    fn pending(&self) -> Pending<'_> {
-        match self.files.front() {
-            Some((at, chunk)) if *at == self.start => Pending::File(chunk),
-            Some((at, _)) => Pending::Bytes(&self.buf[self.start..*at]),
-            None if self.start < self.end => Pending::Bytes(&self.buf[self.start..self.end]),
-            None => Pending::None,
-        }
-    }
-
-    fn sent(&mut self, n: usize) {
-        match self.files.front_mut() {
-            Some((at, chunk)) if *at == self.start => {
-                let n = (n as u64).min(chunk.len);
-                chunk.offset += n;
-                chunk.len -= n;
-                self.file_bytes -= n;
-                if chunk.len == 0 {
-                    self.files.pop_front();
-                }
-            }
-            _ => self.start += n,
-        }
-        if self.start >= self.end && self.files.is_empty() {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Appends one encoded frame, growing the buffer to what the encoder says it needs.
-    fn append(
-        &mut self,
-        guess: usize,
-        mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
-    ) -> bool {
-        let mut size = guess;
-        for _ in 0..2 {
-            if self.buf.len() < self.end + size {
-                self.buf.resize(self.end + size, 0);
-            }
-            match encode(&mut self.buf[self.end..]) {
-                Ok(n) => {
-                    self.end += n;
-                    return true;
-                }
-                Err(EncodeError::BufferTooSmall { required }) => size = required,
-                Err(e) => {
-                    tracing::error!(error = %e, "response could not be encoded");
-                    break;
-                }
-            }
-        }
-        false
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.outbox.close();
     }
 }
 
@@ -168,6 +112,7 @@ impl Session {
             chunk: FIRST_CHUNK,
             want: 0,
             tx: TxBuf::default(),
+            outbox: Arc::default(),
             linger_until: None,
         }
     }
@@ -229,8 +174,12 @@ impl Session {
             self.rx_end = 0;
             self.chunk = FIRST_CHUNK;
         }
-        if self.tx.waiting() == 0 && self.tx.buf.len() > KEEP_CAPACITY {
+        if self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY {
             self.tx = TxBuf::default();
+        }
+        let mut ob = self.outbox.lock();
+        if ob.tx.waiting() == 0 && ob.tx.capacity() > KEEP_CAPACITY {
+            ob.tx = TxBuf::default();
         }
     }
 
@@ -241,7 +190,7 @@ impl Session {
 
     fn holds_idle_buffers(&self) -> bool {
         (self.rx_start == self.rx_end && self.rx.capacity() > 0)
-            || (self.tx.waiting() == 0 && self.tx.buf.len() > KEEP_CAPACITY)
+            || (self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY)
     }
 
     /// The deadline to wait for input until, for the async runtimes: the core's, or earlier
@@ -267,9 +216,41 @@ impl Session {
         self.deadline().is_some_and(|d| d <= now) && self.conn.handle_timeout(now)
     }
 
-    /// Decodes and answers every whole request in the receive buffer.
+    /// Whether everything read has been answered and written: a stopping connection may close.
+    pub(crate) fn drained(&self) -> bool {
+        self.conn.in_flight() == 0 && self.tx.waiting() == 0
+    }
+
+    /// Ready when a deferred reply has completed; otherwise `cx` is woken when one does.
+    pub(crate) fn poll_replies(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.outbox.poll_ready(cx)
+    }
+
+    /// A handle that polls for completed replies without borrowing the session.
+    pub(crate) fn replies(&self) -> Arc<OutboxCell> {
+        Arc::clone(&self.outbox)
+    }
+
+    /// Moves completed replies from the outbox to the transmit queue.
+    fn collect(&mut self) {
+        let answered = {
+            let mut ob = self.outbox.lock();
+            if ob.answered == 0 {
+                return;
+            }
+            self.tx.take_from(&mut ob.tx);
+            std::mem::take(&mut ob.answered)
+        };
+        for _ in 0..answered {
+            self.conn.complete(0);
+        }
+    }
+
+    /// Takes completed replies, then decodes and hands out every whole request in the receive
+    /// buffer, and says what the runtime must do next.
     pub(crate) fn process<H: Handler + ?Sized>(&mut self, now: Instant, handler: &H) -> Next {
         loop {
+            self.collect();
             if self.tx.waiting() > TX_HIGH_WATER {
                 return Next::Flush;
             }
@@ -280,6 +261,7 @@ impl Session {
                 rx_end,
                 want,
                 tx,
+                outbox,
                 ..
             } = self;
             let unread = &rx[*rx_start..*rx_end];
@@ -290,23 +272,18 @@ impl Session {
                     flags,
                     request,
                 } => {
-                    let mut reply = Responder {
-                        conn,
-                        tx,
-                        request_id,
-                        answered: false,
-                    };
-                    handler.handle(request_id, flags, &request, &mut reply);
-                    if !reply.answered {
-                        tracing::error!(
-                            request_id,
-                            "handler did not answer; replying StorageError"
-                        );
-                        reply.error(
-                            ErrorCode::STORAGE_ERROR,
-                            format_args!("the broker did not answer this request"),
-                        );
+                    let reply = Reply::new(request_id, Arc::clone(outbox));
+                    if handler.blocks(&request) {
+                        let frame = unread[..consumed].to_vec();
+                        *rx_start += consumed;
+                        *want = 0;
+                        return Next::Offload(Job {
+                            frame,
+                            flags,
+                            reply,
+                        });
                     }
+                    handler.handle(flags, &request, reply);
                     *rx_start += consumed;
                     *want = 0;
                 }
@@ -317,9 +294,12 @@ impl Session {
                 } => {
                     tracing::debug!(request_id, %error, "answering a bad frame");
                     handler.on_event(ConnEvent::Fault(error.error_code()));
-                    tx.append(ERROR_REPLY_LEN, |buf| {
-                        conn.respond_fault(request_id, &error, buf)
+                    let sent = tx.append(FAULT_GUESS, |buf| {
+                        encode_fault_response(request_id, &error, buf)
                     });
+                    if sent.is_ok() {
+                        conn.complete(request_id);
+                    }
                     *rx_start += consumed;
                     *want = 0;
                 }
@@ -327,13 +307,13 @@ impl Session {
                     *want = frame_len.unwrap_or(0);
                     return Next::Read;
                 }
-                ServerEvent::Blocked => return Next::Flush,
+                ServerEvent::Blocked => return Next::Wait,
                 ServerEvent::Close { reply } => {
                     if let Some((request_id, error)) = reply {
                         tracing::debug!(request_id, %error, "closing after a fatal frame error");
                         handler.on_event(ConnEvent::Fault(error.error_code()));
-                        tx.append(ERROR_REPLY_LEN, |buf| {
-                            conn.respond_fault(request_id, &error, buf)
+                        let _ = tx.append(FAULT_GUESS, |buf| {
+                            encode_fault_response(request_id, &error, buf)
                         });
                     }
                     return Next::Close;
@@ -344,134 +324,18 @@ impl Session {
     }
 }
 
-/// Answers one request: handed to [`Handler::handle`].
-pub struct Responder<'a> {
-    conn: &'a mut ServerConnection,
-    tx: &'a mut TxBuf,
-    request_id: u64,
-    answered: bool,
-}
-
-impl fmt::Debug for Responder<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Responder")
-            .field("request_id", &self.request_id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Responder<'_> {
-    /// The RequestID being answered.
-    pub fn request_id(&self) -> u64 {
-        self.request_id
-    }
-
-    /// Sends a response (success or [`Response::Error`]).
-    pub fn respond(&mut self, response: &Response<'_>) {
-        if self.answered {
-            return;
-        }
-        let (conn, id) = (&mut *self.conn, self.request_id);
-        if self.tx.append(response_encoded_len(response), |buf| {
-            conn.respond(id, response, buf)
-        }) {
-            self.answered = true;
-        } else {
-            // Only a response over u32 lengths fails to encode; answer with an error instead.
-            self.error(
-                ErrorCode::MESSAGE_TOO_LARGE,
-                format_args!("the response is too large to encode"),
-            );
-        }
-    }
-
-    /// Sends a Fetch success whose records' CRC-32 is already known (combined from stored
-    /// batch CRCs), so the records aren't hashed again; see
-    /// [`streambus_core::encode_fetch_response`].
-    pub fn respond_fetch(&mut self, fetch: &FetchResponse<'_>, records_crc: u32) {
-        if self.answered {
-            return;
-        }
-        let (conn, id) = (&mut *self.conn, self.request_id);
-        let len = response_encoded_len(&Response::Fetch(*fetch));
-        if self
-            .tx
-            .append(len, |buf| conn.respond_fetch(id, fetch, records_crc, buf))
-        {
-            self.answered = true;
-        } else {
-            self.error(
-                ErrorCode::MESSAGE_TOO_LARGE,
-                format_args!("the response is too large to encode"),
-            );
-        }
-    }
-
-    /// Sends a Fetch success whose records are the file `ranges` (in order), sent with
-    /// `sendfile` instead of being copied; `records_crc` is their CRC-32 (combined from stored
-    /// batch CRCs).
-    pub fn respond_fetch_file(
-        &mut self,
-        high_water_mark: i64,
-        count: u32,
-        trailer: FetchTrailer,
-        records_crc: u32,
-        ranges: Vec<FileChunk>,
-    ) {
-        if self.answered {
-            return;
-        }
-        let len: u64 = ranges.iter().map(|r| r.len).sum();
-        let parts = usize::try_from(len)
-            .map_err(|_| EncodeError::TooLong { len: usize::MAX })
-            .and_then(|len| {
-                self.conn.respond_fetch_parts(
-                    self.request_id,
-                    high_water_mark,
-                    count,
-                    len,
-                    records_crc,
-                    trailer,
-                )
-            });
-        match parts {
-            Ok(parts) => {
-                self.tx.push_bytes(&parts.head);
-                for r in ranges {
-                    self.tx.push_file(r);
-                }
-                self.tx.push_bytes(&parts.tail);
-                self.answered = true;
-            }
-            Err(_) => self.error(
-                ErrorCode::MESSAGE_TOO_LARGE,
-                format_args!("the response is too large to encode"),
-            ),
-        }
-    }
-
-    /// Sends an error response with a formatted message (cut at 256 bytes).
-    pub fn error(&mut self, code: ErrorCode, message: fmt::Arguments<'_>) {
-        if self.answered {
-            return;
-        }
-        let (conn, id) = (&mut *self.conn, self.request_id);
-        self.answered = self.tx.append(ERROR_REPLY_LEN, |buf| {
-            conn.respond_error(id, code, message, buf)
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use streambus_core::{Flags, Request};
 
     struct Nobody;
 
     impl Handler for Nobody {
-        fn handle(&self, _: u64, _: Flags, _: &Request<'_>, reply: &mut Responder<'_>) {
-            reply.error(ErrorCode::INVALID_REQUEST, format_args!("no"));
+        fn handle(&self, _: Flags, _: &Request<'_>, reply: Reply) {
+            reply.error(
+                streambus_core::ErrorCode::INVALID_REQUEST,
+                format_args!("no"),
+            );
         }
     }
 
@@ -528,7 +392,7 @@ mod tests {
         let mut s = Session::new(ServerConfig::default(), t);
         s.read_buf()[..16].copy_from_slice(&frame[..16]);
         s.filled(16);
-        assert_eq!(s.process(t, &Nobody), Next::Read);
+        assert!(matches!(s.process(t, &Nobody), Next::Read));
         let first = s.read_buf().len();
         assert!(
             first <= 2 * FIRST_CHUNK,
@@ -542,7 +406,7 @@ mod tests {
             buf.copy_from_slice(&frame[received..received + n]);
             received += n;
             s.filled(n);
-            assert_eq!(s.process(t, &Nobody), Next::Read);
+            assert!(matches!(s.process(t, &Nobody), Next::Read));
         }
         assert!(s.read_buf().len() >= 1 << 20, "reads stay small");
         assert!(

@@ -14,7 +14,8 @@ use smol::{Async, Timer};
 
 use std::os::fd::AsFd;
 
-use crate::session::{Next, Pending, Session};
+use crate::session::{Next, Session};
+use crate::transmit::Pending;
 use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
 
 /// What woke a connection or the accept loop.
@@ -40,6 +41,7 @@ pub async fn serve<H: Handler>(
         shutdown.await;
         Wake::Stop
     });
+    let mut tasks: Vec<smol::Task<()>> = Vec::new();
     loop {
         let accepted = async { Wake::Io(listener.accept().await) }
             .or(shutdown.as_mut())
@@ -59,21 +61,36 @@ pub async fn serve<H: Handler>(
         }
         open.fetch_add(1, Ordering::SeqCst);
         handler.on_event(ConnEvent::Accepted);
+        if tasks.len() >= 64 && tasks.len().is_power_of_two() {
+            tasks.retain(|t| !t.is_finished());
+        }
         let (h, o, stop) = (handler.clone(), open.clone(), stop_rx.clone());
-        smol::spawn(async move {
-            if let Err(e) = connection(stream, h.clone(), &options, stop).await {
+        tasks.push(smol::spawn(async move {
+            if let Err(e) = connection(stream, &h, &options, stop).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             o.fetch_sub(1, Ordering::SeqCst);
             h.on_event(ConnEvent::Closed);
-        })
-        .detach();
+        }));
     }
     drop(listener);
+    handler.shutdown();
     drop(stop_tx);
     let deadline = std::time::Instant::now() + options.shutdown_grace;
     while open.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
         Timer::after(Duration::from_millis(5)).await;
+    }
+    let left = tasks.iter().filter(|t| !t.is_finished()).count();
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "shutdown deadline passed; closing remaining connections"
+        );
+    }
+    // Cancel what is left and wait until each has stopped: none may acknowledge anything
+    // afterwards.
+    for t in tasks {
+        let _ = t.cancel().await;
     }
     Ok(())
 }
@@ -115,42 +132,38 @@ async fn write_pending<H: Handler>(
 
 async fn connection<H: Handler>(
     mut stream: Async<TcpStream>,
-    shared: Arc<H>,
+    shared: &Arc<H>,
     options: &ServeOptions,
     stop: Receiver<()>,
 ) -> io::Result<()> {
     stream.get_ref().set_nodelay(true)?;
-    let handler = &*shared;
+    let handler = &**shared;
     let mut s = Session::new(options.connection, now());
+    let replies = s.replies();
     let mut timer_woke = false;
     loop {
-        let next = if handler.may_block() {
-            // Run on smol's blocking pool; the session goes there and comes back.
-            let h = shared.clone();
-            let (back, next) = smol::unblock(move || {
-                let next = s.process(now(), &*h);
-                (s, next)
-            })
-            .await;
-            s = back;
-            next
-        } else {
-            s.process(now(), handler)
-        };
-        match next {
-            Next::Close => return write_pending(&mut stream, &mut s, handler, options).await,
-            Next::Flush => {
-                write_pending(&mut stream, &mut s, handler, options).await?;
+        let next = s.process(now(), handler);
+        write_pending(&mut stream, &mut s, handler, options).await?;
+        let reading = match next {
+            Next::Close => return Ok(()),
+            Next::Flush => continue,
+            Next::Offload(job) => {
+                let h = Arc::clone(shared);
+                smol::unblock(move || job.run(&*h)).await;
                 continue;
             }
-            Next::Read => write_pending(&mut stream, &mut s, handler, options).await?,
-        }
-        if stop.is_closed() {
+            Next::Read => true,
+            Next::Wait => false,
+        };
+        let stopping = stop.is_closed();
+        if stopping && s.drained() {
+            // Everything read has been answered and written.
             return Ok(());
         }
+        let reading = reading && !stopping;
         // Try the socket first: a busy connection skips a wake-up. Not after a timer: nothing
         // came, and a read would take back the buffers that were just given back.
-        if !std::mem::take(&mut timer_woke) {
+        if reading && !std::mem::take(&mut timer_woke) {
             match stream.get_ref().read_nonblocking(s.read_buf()) {
                 Ok(0) => return Ok(()),
                 Ok(n) => {
@@ -163,8 +176,21 @@ async fn connection<H: Handler>(
             }
         }
         let deadline = s.wait_deadline(now());
-        let readable = async { Wake::Io(stream.readable().await) };
+        let readable = async {
+            if reading {
+                Wake::Io(stream.readable().await)
+            } else {
+                std::future::pending().await
+            }
+        };
+        let replied = async {
+            std::future::poll_fn(|cx| replies.poll_ready(cx)).await;
+            Wake::Io(Ok(()))
+        };
         let stopped = async {
+            if stopping {
+                std::future::pending::<()>().await;
+            }
             let _ = stop.recv().await;
             Wake::Stop
         };
@@ -175,7 +201,7 @@ async fn connection<H: Handler>(
             };
             Wake::Timer
         };
-        match readable.or(stopped).or(timer).await {
+        match readable.or(replied).or(stopped).or(timer).await {
             Wake::Io(r) => r?,
             Wake::Stop => {}
             Wake::Timer => {

@@ -14,7 +14,8 @@ use std::os::fd::AsFd;
 
 use tokio::io::Interest;
 
-use crate::session::{Next, Pending, Session};
+use crate::session::{Next, Session};
+use crate::transmit::Pending;
 use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
 
 /// Accepts connections on `listener` and serves them with `handler` until `shutdown`
@@ -53,7 +54,7 @@ pub async fn serve<H: Handler>(
                 handler.on_event(ConnEvent::Accepted);
                 let (h, o, stop) = (handler.clone(), open.clone(), stop_rx.clone());
                 tasks.spawn(async move {
-                    if let Err(e) = connection(stream, &*h, &options, stop).await {
+                    if let Err(e) = connection(stream, &h, &options, stop).await {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                     o.fetch_sub(1, Ordering::Relaxed);
@@ -64,6 +65,7 @@ pub async fn serve<H: Handler>(
         }
     }
     drop(listener);
+    handler.shutdown();
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(options.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}
@@ -75,6 +77,8 @@ pub async fn serve<H: Handler>(
             "shutdown deadline passed; closing remaining connections"
         );
         tasks.abort_all();
+        // Wait until every aborted task has stopped: none may acknowledge anything afterwards.
+        while tasks.join_next().await.is_some() {}
     }
     Ok(())
 }
@@ -114,37 +118,40 @@ async fn write_pending<H: Handler>(
 
 async fn connection<H: Handler>(
     mut stream: TcpStream,
-    handler: &H,
+    shared: &Arc<H>,
     options: &ServeOptions,
     mut stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    let blocking = handler.may_block()
-        && tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread;
+    let handler = &**shared;
     let mut s = Session::new(options.connection, now());
+    let replies = s.replies();
     let mut timer_woke = false;
     loop {
-        let next = if blocking {
-            tokio::task::block_in_place(|| s.process(now(), handler))
-        } else {
-            s.process(now(), handler)
-        };
-        match next {
-            Next::Close => return write_pending(&mut stream, &mut s, handler, options).await,
-            Next::Flush => {
-                write_pending(&mut stream, &mut s, handler, options).await?;
+        let next = s.process(now(), handler);
+        write_pending(&mut stream, &mut s, handler, options).await?;
+        let reading = match next {
+            Next::Close => return Ok(()),
+            Next::Flush => continue,
+            Next::Offload(job) => {
+                let h = Arc::clone(shared);
+                tokio::task::spawn_blocking(move || job.run(&*h))
+                    .await
+                    .map_err(io::Error::other)?;
                 continue;
             }
-            Next::Read => write_pending(&mut stream, &mut s, handler, options).await?,
-        }
-        if *stop.borrow() {
+            Next::Read => true,
+            Next::Wait => false,
+        };
+        let stopping = *stop.borrow();
+        if stopping && s.drained() {
             // Everything read has been answered and written.
             return Ok(());
         }
+        let reading = reading && !stopping;
         // Try the socket first: a busy connection skips a wake-up. Not after a timer: nothing
         // came, and a read would take back the buffers that were just given back.
-        if !std::mem::take(&mut timer_woke) {
+        if reading && !std::mem::take(&mut timer_woke) {
             match read_now(&mut stream, s.read_buf()).await {
                 Some(Ok(0)) => return Ok(()),
                 Some(Ok(n)) => {
@@ -158,8 +165,9 @@ async fn connection<H: Handler>(
         }
         let deadline = s.wait_deadline(now());
         tokio::select! {
-            ready = stream.readable() => ready?,
-            _ = stop.changed() => {}
+            ready = stream.readable(), if reading => ready?,
+            () = std::future::poll_fn(|cx| replies.poll_ready(cx)) => {}
+            _ = stop.changed(), if !stopping => {}
             () = async {
                 match deadline {
                     Some(d) => tokio::time::sleep(until(d)).await,

@@ -89,6 +89,9 @@ pub struct Cli {
     /// A connection with no frame for this long is closed [default: 10m].
     #[arg(long, env = "STREAMBUS_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
+    /// The longest a long-poll Fetch waits; a larger MaxWaitMs is cut to it [default: 30s].
+    #[arg(long, env = "STREAMBUS_MAX_FETCH_WAIT")]
+    pub max_fetch_wait: Option<String>,
     /// Create a missing topic (one partition) on Produce [default: true].
     #[arg(long, env = "STREAMBUS_AUTO_CREATE_TOPICS")]
     pub auto_create_topics: Option<bool>,
@@ -113,6 +116,7 @@ struct FileConfig {
     read_timeout: Option<String>,
     write_timeout: Option<String>,
     idle_timeout: Option<String>,
+    max_fetch_wait: Option<String>,
     auto_create_topics: Option<bool>,
     metrics_listen: Option<String>,
     runtime: Option<RuntimeKind>,
@@ -140,6 +144,8 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Idle timeout.
     pub idle_timeout: Duration,
+    /// The longest a long-poll Fetch waits.
+    pub max_fetch_wait: Duration,
     /// Auto-create topics on Produce.
     pub auto_create_topics: bool,
     /// Metrics listener; `None` = off.
@@ -160,6 +166,7 @@ impl Default for Config {
             read_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
+            max_fetch_wait: Duration::from_secs(30),
             auto_create_topics: true,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
             runtime: RuntimeKind::Tokio,
@@ -258,6 +265,12 @@ impl Config {
                 cli.idle_timeout,
                 file.idle_timeout,
                 d.idle_timeout,
+            )?,
+            max_fetch_wait: dur(
+                "--max-fetch-wait",
+                cli.max_fetch_wait,
+                file.max_fetch_wait,
+                d.max_fetch_wait,
             )?,
             auto_create_topics: cli
                 .auto_create_topics
