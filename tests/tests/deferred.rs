@@ -141,16 +141,16 @@ fn a_full_in_flight_table_stops_reading_until_a_reply_completes() {
             .collect();
         keeper.wait_held(4);
         // One reply out: exactly one more request comes in, each time.
-        for k in 0..6 {
+        for (k, &want) in ids.iter().enumerate().take(6) {
             keeper.complete(0);
             let (id, _) = health(&mut c);
-            assert_eq!(id, ids[k], "{rt:?}");
+            assert_eq!(id, want, "{rt:?}");
             keeper.wait_held(4);
             assert_eq!(keeper.handled.load(Ordering::SeqCst), 5 + k, "{rt:?}");
         }
-        for k in 6..10 {
+        for &want in &ids[6..] {
             keeper.complete(0);
-            assert_eq!(health(&mut c).0, ids[k], "{rt:?}");
+            assert_eq!(health(&mut c).0, want, "{rt:?}");
         }
         assert_eq!(keeper.handled.load(Ordering::SeqCst), 10);
         assert_eq!(
