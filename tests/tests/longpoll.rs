@@ -54,8 +54,11 @@ fn produced(c: &mut RawClient, topic: &str, values: &[&[u8]]) -> i64 {
     p.high_water_mark
 }
 
-/// A fetch reply's (id, values, high-water mark), or its error code.
-fn fetched(c: &mut RawClient) -> (u64, Result<(Vec<Vec<u8>>, i64), u16>) {
+/// A fetch's values and high-water mark, or its error code.
+type Fetched = Result<(Vec<Vec<u8>>, i64), u16>;
+
+/// A fetch reply's id and outcome.
+fn fetched(c: &mut RawClient) -> (u64, Fetched) {
     let r = c.recv().unwrap();
     let id = r.request_id();
     match r.parse(RequestType::Fetch) {
