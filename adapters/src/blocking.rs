@@ -180,6 +180,7 @@ fn connection<H: Handler>(
     )?));
     let waker = Waker::from(Arc::clone(&wake));
     let mut s = Session::new(options.connection, now());
+    let replies = s.replies();
     loop {
         let reading = match s.process(now(), handler) {
             Next::Close => return write_pending(&mut stream, &mut s, handler),
@@ -203,13 +204,14 @@ fn connection<H: Handler>(
             return Ok(());
         }
         let reading = reading && !stopping;
-        if s.poll_replies(&mut Context::from_waker(&waker)).is_ready() {
+        if replies
+            .poll_ready(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
             continue;
         }
-        let wait = s
-            .deadline()
-            .map_or(POLL, |d| until(d).min(POLL))
-            .max(Duration::from_millis(1));
+        // The core's deadline or the buffers' linger, and at least every POLL for shutdown.
+        let wait = s.wait_deadline(now()).map_or(POLL, |d| until(d).min(POLL));
         let timeout = Timespec {
             tv_sec: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: i64::from(wait.subsec_nanos()),
@@ -246,13 +248,9 @@ fn connection<H: Handler>(
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => s.filled(0),
                 Err(e) => return Err(e),
             }
-        } else if !woken && reading {
-            s.filled(0);
-            // Quiet for a while: give the buffers back (a busy connection keeps them).
-            s.release_idle();
         }
         // After data too: bytes trickling in faster than the wait must not keep a connection
-        // past its idle deadline.
+        // past its idle deadline. A quiet connection gives its buffers back here.
         if s.handle_timeout(now()) {
             return Ok(());
         }

@@ -4,7 +4,6 @@
 //! asks, and run the timers.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use streambus_core::{
     Flags, Instant, Request, RequestFrame, ServerConfig, ServerConnection, ServerEvent,
@@ -219,11 +218,6 @@ impl Session {
     /// Whether everything read has been answered and written: a stopping connection may close.
     pub(crate) fn drained(&self) -> bool {
         self.conn.in_flight() == 0 && self.tx.waiting() == 0
-    }
-
-    /// Ready when a deferred reply has completed; otherwise `cx` is woken when one does.
-    pub(crate) fn poll_replies(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.outbox.poll_ready(cx)
     }
 
     /// A handle that polls for completed replies without borrowing the session.

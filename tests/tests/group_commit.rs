@@ -90,7 +90,7 @@ fn fsync_always_pipelined_produces_share_fsyncs_and_survive_sigkill() {
         let before = fsyncs(&metrics);
         let mut acked = Vec::new();
         let mut sent = 0;
-        let mut send = |c: &mut RawClient, i: usize| {
+        let send = |c: &mut RawClient, i: usize| {
             let value = format!("m{i}");
             let (count, bytes) = streambus_tests::message_set(&[value.as_bytes()]);
             let req = streambus_core::Request::Produce(streambus_core::ProduceRequest {
