@@ -13,7 +13,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 
 use crate::session::{Next, Session};
 use crate::transmit::Pending;
-use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
+use crate::{CLOSE_DRAIN, ConnEvent, Handler, ServeOptions, now, send_file, until};
 
 /// How often a blocked read wakes to check for shutdown.
 const POLL: Duration = Duration::from_millis(100);
@@ -183,7 +183,10 @@ fn connection<H: Handler>(
     let replies = s.replies();
     loop {
         let reading = match s.process(now(), handler) {
-            Next::Close => return write_pending(&mut stream, &mut s, handler),
+            Next::Close => {
+                write_pending(&mut stream, &mut s, handler)?;
+                return close(&mut stream);
+            }
             Next::Flush => {
                 write_pending(&mut stream, &mut s, handler)?;
                 continue;
@@ -201,7 +204,7 @@ fn connection<H: Handler>(
         let stopping = stop.is_set();
         if stopping && s.drained() {
             // Everything read has been answered and written.
-            return Ok(());
+            return close(&mut stream);
         }
         let reading = reading && !stopping;
         if replies
@@ -253,6 +256,25 @@ fn connection<H: Handler>(
         // past its idle deadline. A quiet connection gives its buffers back here.
         if s.handle_timeout(now()) {
             return Ok(());
+        }
+    }
+}
+
+/// Sends FIN after the replies written, then reads and drops what the peer still sends until
+/// it closes too (or [`CLOSE_DRAIN`] passes), so the close is never a reset.
+fn close(stream: &mut TcpStream) -> io::Result<()> {
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let until = std::time::Instant::now() + CLOSE_DRAIN;
+    let mut sink = [0u8; 4096];
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => return Ok(()),
         }
     }
 }

@@ -148,6 +148,12 @@ impl ServeOptions {
     }
 }
 
+/// How long a connection closing after its last reply keeps reading (and dropping) what the
+/// peer still sends: closing a socket with unread bytes makes the kernel send a reset, which
+/// can destroy replies the peer has not read yet. Its FIN goes out first, so a peer that reads
+/// sees every reply, then the end of the stream.
+pub(crate) const CLOSE_DRAIN: Duration = Duration::from_secs(1);
+
 /// The adapters' clock: microseconds since the first call, as the core's [`Instant`].
 pub fn now() -> Instant {
     static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();

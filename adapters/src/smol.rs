@@ -16,7 +16,7 @@ use std::os::fd::AsFd;
 
 use crate::session::{Next, Session};
 use crate::transmit::Pending;
-use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
+use crate::{CLOSE_DRAIN, ConnEvent, Handler, ServeOptions, now, send_file, until};
 
 /// What woke a connection or the accept loop.
 enum Wake<T> {
@@ -145,7 +145,7 @@ async fn connection<H: Handler>(
         let next = s.process(now(), handler);
         write_pending(&mut stream, &mut s, handler, options).await?;
         let reading = match next {
-            Next::Close => return Ok(()),
+            Next::Close => return close(stream).await,
             Next::Flush => continue,
             Next::Offload(job) => {
                 let h = Arc::clone(shared);
@@ -158,7 +158,7 @@ async fn connection<H: Handler>(
         let stopping = stop.is_closed();
         if stopping && s.drained() {
             // Everything read has been answered and written.
-            return Ok(());
+            return close(stream).await;
         }
         let reading = reading && !stopping;
         // Try the socket first: a busy connection skips a wake-up. Not after a timer: nothing
@@ -212,6 +212,21 @@ async fn connection<H: Handler>(
             }
         }
     }
+}
+
+/// Sends FIN after the replies written, then reads and drops what the peer still sends until
+/// it closes too (or [`CLOSE_DRAIN`] passes), so the close is never a reset.
+async fn close(mut stream: Async<TcpStream>) -> io::Result<()> {
+    use smol::io::AsyncReadExt;
+    stream.get_ref().shutdown(std::net::Shutdown::Write)?;
+    let mut sink = [0u8; 4096];
+    let drain = async { while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {} };
+    drain
+        .or(async {
+            Timer::after(CLOSE_DRAIN).await;
+        })
+        .await;
+    Ok(())
 }
 
 /// Non-blocking read on a socket registered with async-io (which set it non-blocking).

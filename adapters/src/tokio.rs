@@ -16,7 +16,7 @@ use tokio::io::Interest;
 
 use crate::session::{Next, Session};
 use crate::transmit::Pending;
-use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
+use crate::{CLOSE_DRAIN, ConnEvent, Handler, ServeOptions, now, send_file, until};
 
 /// Accepts connections on `listener` and serves them with `handler` until `shutdown`
 /// completes; then stops accepting, lets every connection finish the requests it has read,
@@ -131,7 +131,7 @@ async fn connection<H: Handler>(
         let next = s.process(now(), handler);
         write_pending(&mut stream, &mut s, handler, options).await?;
         let reading = match next {
-            Next::Close => return Ok(()),
+            Next::Close => return close(stream).await,
             Next::Flush => continue,
             Next::Offload(job) => {
                 let h = Arc::clone(shared);
@@ -146,7 +146,7 @@ async fn connection<H: Handler>(
         let stopping = *stop.borrow();
         if stopping && s.drained() {
             // Everything read has been answered and written.
-            return Ok(());
+            return close(stream).await;
         }
         let reading = reading && !stopping;
         // Try the socket first: a busy connection skips a wake-up. Not after a timer: nothing
@@ -182,6 +182,19 @@ async fn connection<H: Handler>(
             }
         }
     }
+}
+
+/// Sends FIN after the replies written, then reads and drops what the peer still sends until
+/// it closes too (or [`CLOSE_DRAIN`] passes), so the close is never a reset.
+async fn close(mut stream: TcpStream) -> io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    stream.shutdown().await?;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(CLOSE_DRAIN, async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    Ok(())
 }
 
 /// One read attempt that never waits: `None` when the socket has nothing now. Unlike
