@@ -666,8 +666,7 @@ fn pipelining_producer(
             messages: MessageSet::new_checked(count, &bytes).unwrap(),
             producer: None,
         });
-        let ok = c.send(&req).map(|id| values.insert(id, value)).is_ok();
-        ok
+        c.send(&req).map(|id| values.insert(id, value)).is_ok()
     };
     for _ in 0..window {
         sending = sending && send(&mut c, &mut values);
