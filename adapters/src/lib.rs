@@ -26,6 +26,8 @@ use std::time::Duration;
 use streambus_core::{ErrorCode, Flags, Instant, Request, ServerConfig};
 
 mod reply;
+#[cfg(any(feature = "tokio", feature = "smol"))]
+mod runtime;
 mod session;
 mod transmit;
 

@@ -187,6 +187,13 @@ impl Session {
         self.conn.poll_timeout()
     }
 
+    /// Whether the receive buffer was given back (or never taken): waiting for input then needs
+    /// no buffer.
+    #[cfg_attr(not(any(feature = "tokio", feature = "smol")), allow(dead_code))]
+    pub(crate) fn holds_no_receive_buffer(&self) -> bool {
+        self.rx.capacity() == 0
+    }
+
     fn holds_idle_buffers(&self) -> bool {
         (self.rx_start == self.rx_end && self.rx.capacity() > 0)
             || (self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY)

@@ -1,5 +1,7 @@
-//! 1 000 long-poll fetches waiting on 100 connections cost no CPU, and one produce answers them
-//! all, on every runtime. Alone in its test binary, so no other test's work counts against it.
+//! What waits costs no CPU, on every runtime: 1 000 long-poll fetches on 100 connections (and
+//! one produce answers them all), and connections idle past the time their buffers linger (and
+//! their next request is answered). The tests of this binary take a lock, so no other test's
+//! work counts against them.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +12,78 @@ use streambus_server::{Config, FsyncMode, RuntimeKind};
 use streambus_tests::{RawClient, produce};
 
 const RUNTIMES: [RuntimeKind; 3] = [RuntimeKind::Tokio, RuntimeKind::Smol, RuntimeKind::Blocking];
+
+/// Serializes the tests of this binary: they measure the whole process's CPU time.
+static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn start(rt: RuntimeKind, dir: &std::path::Path) -> streambus_server::Running {
+    let mut config = Config::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.data_dir = dir.to_owned();
+    config.metrics_listen = None;
+    config.runtime = rt;
+    config.fsync = FsyncMode::Never;
+    streambus_server::start(config).expect("broker starts")
+}
+
+/// CPU ticks the process uses over half a second of waiting.
+fn ticks_over_half_a_second() -> u64 {
+    let before = cpu_ticks();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cpu_ticks() - before
+}
+
+#[test]
+fn connections_idle_past_the_buffer_linger_use_no_cpu_and_answer_their_next_request() {
+    let _alone = ALONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = start(rt, dir.path());
+        let ping = |c: &mut RawClient| {
+            let r = c.call(&Request::HealthCheck).unwrap();
+            assert!(matches!(
+                r.parse(RequestType::HealthCheck).unwrap(),
+                Response::HealthCheck(_)
+            ));
+        };
+        let mut conns: Vec<RawClient> = (0..50)
+            .map(|_| {
+                let mut c = RawClient::connect(broker.addr()).unwrap();
+                ping(&mut c);
+                c
+            })
+            .collect();
+        // Far past the 2 ms linger: every connection has given its buffers back.
+        let used = ticks_over_half_a_second();
+        assert!(
+            used <= 10,
+            "{rt:?}: {used} ticks while 50 connections idled"
+        );
+        for c in &mut conns {
+            ping(c);
+        }
+        // Half-closed by the peer after a request: answered, then closed, without spinning.
+        for c in &mut conns {
+            c.send(&Request::HealthCheck).unwrap();
+            c.shutdown_write();
+        }
+        for c in &mut conns {
+            let r = c.recv().unwrap();
+            assert!(r.parse(RequestType::HealthCheck).is_ok(), "{rt:?}");
+            assert!(c.is_closed_by_peer(), "{rt:?}");
+        }
+        let used = ticks_over_half_a_second();
+        assert!(
+            used <= 10,
+            "{rt:?}: {used} ticks after 50 connections closed"
+        );
+    }
+}
 
 fn long_poll(offset: i64) -> Request<'static> {
     Request::Fetch(FetchRequest {
@@ -57,15 +131,12 @@ fn cpu_ticks() -> u64 {
 
 #[test]
 fn a_thousand_waiting_fetches_on_a_hundred_connections_use_no_cpu_and_all_return() {
+    let _alone = ALONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for rt in RUNTIMES {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.data_dir = dir.path().to_owned();
-        config.metrics_listen = None;
-        config.runtime = rt;
-        config.fsync = FsyncMode::Never;
-        let broker = streambus_server::start(config).expect("broker starts");
+        let broker = start(rt, dir.path());
         let mut producer = RawClient::connect(broker.addr()).unwrap();
         let end = produced(&mut producer, b"seed");
         let mut consumers: Vec<(RawClient, Vec<u64>)> = (0..100)
@@ -80,12 +151,7 @@ fn a_thousand_waiting_fetches_on_a_hundred_connections_use_no_cpu_and_all_return
             .collect();
         // All 1000 wait. Over the next half second the process (broker included) may use a
         // few ticks for stray work, never a spinning core (50 ticks).
-        let before = cpu_ticks();
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_millis(500) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let used = cpu_ticks() - before;
+        let used = ticks_over_half_a_second();
         assert!(
             used <= 10,
             "{rt:?}: {used} ticks of CPU while 1000 fetches waited"
