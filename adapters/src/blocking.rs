@@ -11,24 +11,34 @@ use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 
+use crate::budget::Budget;
 use crate::session::{Next, Session};
 use crate::transmit::Pending;
 use crate::{CLOSE_DRAIN, ConnEvent, Handler, ServeOptions, now, send_file, until};
 
-/// How often a blocked read wakes to check for shutdown.
+/// How often a connection that the memory budget keeps from reading looks for room again; and
+/// how often a client socket's read returns so its driver can check deadlines.
 const POLL: Duration = Duration::from_millis(100);
+
+/// The most connections (threads) the blocking runtime serves at once, whatever
+/// [`ServeOptions::max_connections`] says; more are refused and counted. It is meant for a few
+/// hundred connections, not tens of thousands: use tokio or smol for those.
+pub const MAX_THREADS: usize = 2048;
 
 /// Stops a blocking [`serve`] from another thread.
 #[derive(Debug, Clone)]
 pub struct Shutdown {
     flag: Arc<AtomicBool>,
     addr: SocketAddr,
+    /// Readable once triggered (never read): every waiting connection sees it in its `poll`.
+    event: Arc<OwnedFd>,
 }
 
 impl Shutdown {
     /// Asks the server to stop: no new connections, open ones finish what they have read.
     pub fn trigger(&self) {
         self.flag.store(true, Ordering::SeqCst);
+        let _ = rustix::io::write(&*self.event, &1u64.to_ne_bytes());
         // Wake the accept call with a connection of our own (loopback, the listener's address).
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
     }
@@ -47,6 +57,10 @@ pub fn shutdown_handle(listener: &TcpListener) -> io::Result<Shutdown> {
     Ok(Shutdown {
         flag: Arc::new(AtomicBool::new(false)),
         addr,
+        event: Arc::new(rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?),
     })
 }
 
@@ -62,6 +76,15 @@ pub fn serve<H: Handler>(
 ) -> io::Result<()> {
     let open: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
     let mut next_id = 0u64;
+    let budget = Arc::new(Budget::new(options.max_buffered_bytes));
+    let cap = options.max_connections.min(MAX_THREADS);
+    if cap < options.max_connections {
+        tracing::warn!(
+            max_connections = options.max_connections,
+            cap,
+            "the blocking runtime runs one thread per connection: serving at most {cap} at once"
+        );
+    }
     for stream in listener.incoming() {
         if shutdown.is_set() {
             break;
@@ -78,7 +101,7 @@ pub fn serve<H: Handler>(
         next_id += 1;
         {
             let mut conns = lock(&open);
-            if conns.len() >= options.max_connections {
+            if conns.len() >= cap {
                 handler.on_event(ConnEvent::Refused);
                 continue;
             }
@@ -92,11 +115,17 @@ pub fn serve<H: Handler>(
             };
         }
         handler.on_event(ConnEvent::Accepted);
-        let (h, o, stop) = (handler.clone(), open.clone(), shutdown.clone());
+        let (h, o, stop, b) = (
+            handler.clone(),
+            open.clone(),
+            shutdown.clone(),
+            budget.clone(),
+        );
         let spawned = std::thread::Builder::new()
             .name("streambus-conn".into())
+            .stack_size(256 * 1024)
             .spawn(move || {
-                if let Err(e) = connection(stream, &*h, &options, &stop) {
+                if let Err(e) = connection(stream, &*h, &options, &stop, b) {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
                 lock(&o).remove(&id);
@@ -171,6 +200,7 @@ fn connection<H: Handler>(
     handler: &H,
     options: &ServeOptions,
     stop: &Shutdown,
+    budget: Arc<Budget>,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(options.write_timeout))?;
@@ -179,8 +209,10 @@ fn connection<H: Handler>(
         rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
     )?));
     let waker = Waker::from(Arc::clone(&wake));
-    let mut s = Session::new(options.connection, now());
+    let mut s = Session::new(options.connection, now(), budget);
     let replies = s.replies();
+    // The peer sent FIN: it sends nothing more, but its replies are still owed.
+    let mut eof = false;
     loop {
         let reading = match s.process(now(), handler) {
             Next::Close => {
@@ -202,34 +234,49 @@ fn connection<H: Handler>(
         };
         write_pending(&mut stream, &mut s, handler)?;
         let stopping = stop.is_set();
-        if stopping && s.drained() {
+        if (stopping || eof) && s.drained() {
             // Everything read has been answered and written.
             return close(&mut stream);
         }
-        let reading = reading && !stopping;
+        // Over the memory budget: read nothing now, look again within POLL.
+        let reading = reading && !stopping && !eof;
+        // A connection that gave its buffers back waits for bytes without taking them back;
+        // one the memory budget keeps from reading looks again within POLL.
+        let idle = s.holds_no_receive_buffer();
+        let can_read = reading && (idle || s.prepare_read());
         if replies
             .poll_ready(&mut Context::from_waker(&waker))
             .is_ready()
         {
             continue;
         }
-        // The core's deadline or the buffers' linger, and at least every POLL for shutdown.
-        let wait = s.wait_deadline(now()).map_or(POLL, |d| until(d).min(POLL));
-        let timeout = Timespec {
-            tv_sec: i64::try_from(wait.as_secs()).unwrap_or(i64::MAX),
-            tv_nsec: i64::from(wait.subsec_nanos()),
+        let wait = s.wait_deadline(now()).map(until);
+        let wait = if reading && !can_read {
+            Some(wait.map_or(POLL, |w| w.min(POLL)))
+        } else {
+            wait
         };
+        let timeout = wait.map(|w| Timespec {
+            tv_sec: i64::try_from(w.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(w.subsec_nanos()),
+        });
         let (sock_ready, woken) = {
-            let sock_events = if reading {
+            let sock_events = if can_read {
                 PollFlags::IN
             } else {
                 PollFlags::empty()
             };
+            let stop_events = if stopping {
+                PollFlags::empty()
+            } else {
+                PollFlags::IN
+            };
             let mut fds = [
                 PollFd::new(&stream, sock_events),
                 PollFd::new(&wake.0, PollFlags::IN),
+                PollFd::new(&*stop.event, stop_events),
             ];
-            match rustix::event::poll(&mut fds, Some(&timeout)) {
+            match rustix::event::poll(&mut fds, timeout.as_ref()) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
@@ -240,10 +287,10 @@ fn connection<H: Handler>(
             let mut counter = [0u8; 8];
             let _ = rustix::io::read(&wake.0, &mut counter);
         }
-        if sock_ready {
+        if sock_ready && (!idle || s.prepare_read()) {
             // Readable, hung up or failed: the read says which, without blocking.
             match stream.read(s.read_buf()) {
-                Ok(0) => return Ok(()),
+                Ok(0) => eof = true,
                 Ok(n) => {
                     s.filled(n);
                     handler.on_event(ConnEvent::BytesIn(n));

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use streambus_core::{ErrorCode, Flags, Instant, Request, ServerConfig};
 
+mod budget;
 mod reply;
 #[cfg(any(feature = "tokio", feature = "smol"))]
 mod runtime;
@@ -111,6 +112,10 @@ pub struct ServeOptions {
     pub write_timeout: Duration,
     /// How long graceful shutdown waits for open connections to finish.
     pub shutdown_grace: Duration,
+    /// Bytes all connections together may hold in receive buffers and queued output; over it,
+    /// connections stop reading instead of allocating (each may still hold 8 KiB, so small
+    /// requests always flow). Default 512 MiB.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for ServeOptions {
@@ -120,6 +125,7 @@ impl Default for ServeOptions {
             connection: ServerConfig::default(),
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            max_buffered_bytes: 512 << 20,
         }
     }
 }
@@ -140,6 +146,12 @@ impl ServeOptions {
     /// Sets the write timeout.
     pub fn write_timeout(mut self, d: Duration) -> Self {
         self.write_timeout = d;
+        self
+    }
+
+    /// Sets the memory budget of all connections' buffers.
+    pub fn max_buffered_bytes(mut self, n: usize) -> Self {
+        self.max_buffered_bytes = n;
         self
     }
 

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures_core::Stream;
 
+use crate::budget::Budget;
 use crate::session::{Next, Session};
 use crate::transmit::Pending;
 use crate::{CLOSE_DRAIN, ConnEvent, FileChunk, Handler, ServeOptions, now, until};
@@ -88,6 +89,7 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
     let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
     let mut shutdown = pin!(shutdown);
     let mut tasks: Vec<R::Task> = Vec::new();
+    let budget = Arc::new(Budget::new(options.max_buffered_bytes));
     loop {
         let step = poll_fn(|cx| {
             if shutdown.as_mut().poll(cx).is_ready() {
@@ -117,9 +119,14 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
         if tasks.len() >= 64 && tasks.len().is_power_of_two() {
             tasks.retain(|t| !R::is_finished(t));
         }
-        let (h, o, stop) = (handler.clone(), open.clone(), stop_rx.clone());
+        let (h, o, stop, b) = (
+            handler.clone(),
+            open.clone(),
+            stop_rx.clone(),
+            budget.clone(),
+        );
         tasks.push(R::spawn(async move {
-            if let Err(e) = connection::<R, H>(socket, &h, &options, stop).await {
+            if let Err(e) = connection::<R, H>(socket, &h, &options, stop, b).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             o.fetch_sub(1, Ordering::SeqCst);
@@ -150,6 +157,7 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
 /// What ended a connection's wait.
 enum Woke {
     Replies,
+    Budget,
     Stop,
     Read(io::Result<usize>),
     Readable(io::Result<()>),
@@ -161,10 +169,11 @@ async fn connection<R: Runtime, H: Handler>(
     shared: &Arc<H>,
     options: &ServeOptions,
     stop: async_channel::Receiver<()>,
+    budget: Arc<Budget>,
 ) -> io::Result<()> {
     let mut stop = pin!(stop);
     let handler = &**shared;
-    let mut s = Session::new(options.connection, now());
+    let mut s = Session::new(options.connection, now(), budget);
     let replies = s.replies();
     // The peer sent FIN: it sends nothing more, but its replies are still owed.
     let mut eof = false;
@@ -193,6 +202,19 @@ async fn connection<R: Runtime, H: Handler>(
         let mut timer = pin!(s.wait_deadline(now()).map(|d| R::sleep(until(d))));
         // A connection that gave its buffers back waits for bytes without taking them back.
         let idle = s.holds_no_receive_buffer() && !std::mem::take(&mut readable);
+        // Room to read into, or (the memory budget spent) a wake when some is given back:
+        // listening first, then checking again, so no give-back is missed.
+        let mut starved = None;
+        let can_read = reading
+            && (idle || s.prepare_read() || {
+                let listener = s.budget().listen();
+                let ready = s.prepare_read();
+                if !ready {
+                    starved = Some(listener);
+                }
+                ready
+            });
+        let mut starved = pin!(starved);
         let woke = poll_fn(|cx| {
             if replies.poll_ready(cx).is_ready() {
                 return Poll::Ready(Woke::Replies);
@@ -200,7 +222,7 @@ async fn connection<R: Runtime, H: Handler>(
             if !stopping && stop.as_mut().poll_next(cx).is_ready() {
                 return Poll::Ready(Woke::Stop);
             }
-            if reading {
+            if can_read {
                 if idle {
                     if let Poll::Ready(r) = socket.poll_readable(cx) {
                         return Poll::Ready(Woke::Readable(r));
@@ -208,6 +230,11 @@ async fn connection<R: Runtime, H: Handler>(
                 } else if let Poll::Ready(r) = socket.poll_read(cx, s.read_buf()) {
                     return Poll::Ready(Woke::Read(r));
                 }
+            }
+            if let Some(l) = starved.as_mut().as_pin_mut()
+                && l.poll(cx).is_ready()
+            {
+                return Poll::Ready(Woke::Budget);
             }
             match timer.as_mut().as_pin_mut().map(|t| t.poll(cx).is_ready()) {
                 Some(true) => Poll::Ready(Woke::Timer),
@@ -223,7 +250,7 @@ async fn connection<R: Runtime, H: Handler>(
             }
             Woke::Read(Err(e)) | Woke::Readable(Err(e)) => return Err(e),
             Woke::Readable(Ok(())) => readable = true,
-            Woke::Replies | Woke::Stop => {}
+            Woke::Replies | Woke::Stop | Woke::Budget => {}
             Woke::Timer => {
                 if s.handle_timeout(now()) {
                     tracing::debug!("connection timed out");

@@ -10,6 +10,7 @@ use streambus_core::{
     encode_fault_response,
 };
 
+use crate::budget::{ALLOWANCE, Budget};
 use crate::reply::{OutboxCell, Reply};
 use crate::transmit::{Pending, TxBuf};
 use crate::{ConnEvent, Handler};
@@ -92,16 +93,22 @@ pub(crate) struct Session {
     outbox: Arc<OutboxCell>,
     /// When a quiet connection's buffers go back (set while it waits holding them).
     linger_until: Option<Instant>,
+    /// The server's memory budget, and what this connection holds of it (receive buffer;
+    /// transmit buffers).
+    budget: Arc<Budget>,
+    rx_charged: usize,
+    tx_charged: usize,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         self.outbox.close();
+        self.budget.give(self.rx_charged + self.tx_charged);
     }
 }
 
 impl Session {
-    pub(crate) fn new(config: ServerConfig, now: Instant) -> Self {
+    pub(crate) fn new(config: ServerConfig, now: Instant, budget: Arc<Budget>) -> Self {
         Self {
             conn: ServerConnection::new(config, now),
             rx: Vec::new(),
@@ -113,11 +120,16 @@ impl Session {
             tx: TxBuf::default(),
             outbox: Arc::default(),
             linger_until: None,
+            budget,
+            rx_charged: 0,
+            tx_charged: 0,
         }
     }
 
-    /// Spare room at the end of the receive buffer to read into.
-    pub(crate) fn read_buf(&mut self) -> &mut [u8] {
+    /// Makes room at the end of the receive buffer to read into; `false` when there is none
+    /// because the server's memory budget is spent (or the allocation failed): then read
+    /// nothing, and try again when the budget has room.
+    pub(crate) fn prepare_read(&mut self) -> bool {
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
@@ -136,10 +148,34 @@ impl Session {
             .saturating_sub(unread)
             .min(unread.max(self.chunk))
             .max(self.chunk);
-        if self.rx.len() < self.rx_end + room {
-            self.rx.resize(self.rx_end + room, 0);
+        let len = self.rx_end + room;
+        if self.rx.len() < len {
+            let grow = len - self.rx.len();
+            let granted = if len <= ALLOWANCE {
+                self.budget.force_take(grow);
+                true
+            } else {
+                self.budget.try_take(grow)
+            };
+            if granted && self.rx.try_reserve_exact(grow).is_ok() {
+                self.rx.resize(len, 0);
+                self.rx_charged += grow;
+            } else {
+                if granted {
+                    tracing::warn!(bytes = grow, "receive buffer allocation failed");
+                    self.budget.give(grow);
+                }
+                // Read into what is there, if anything.
+                self.offered = self.rx.len() - self.rx_end;
+                return self.offered > 0;
+            }
         }
         self.offered = self.rx.len() - self.rx_end;
+        true
+    }
+
+    /// The room [`prepare_read`](Self::prepare_read) made (empty if it returned `false`).
+    pub(crate) fn read_buf(&mut self) -> &mut [u8] {
         &mut self.rx[self.rx_end..]
     }
 
@@ -172,14 +208,26 @@ impl Session {
             self.rx_start = 0;
             self.rx_end = 0;
             self.chunk = FIRST_CHUNK;
+            self.budget.give(std::mem::take(&mut self.rx_charged));
         }
         if self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY {
             self.tx = TxBuf::default();
         }
-        let mut ob = self.outbox.lock();
-        if ob.tx.waiting() == 0 && ob.tx.capacity() > KEEP_CAPACITY {
-            ob.tx = TxBuf::default();
-        }
+        let outbox = {
+            let mut ob = self.outbox.lock();
+            if ob.tx.waiting() == 0 && ob.tx.capacity() > KEEP_CAPACITY {
+                ob.tx = TxBuf::default();
+            }
+            ob.tx.capacity()
+        };
+        self.budget
+            .recharge(&mut self.tx_charged, self.tx.capacity() + outbox);
+    }
+
+    /// The server's memory budget (to wait for room in it).
+    #[cfg_attr(not(any(feature = "tokio", feature = "smol")), allow(dead_code))]
+    pub(crate) fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// The core's next deadline.
@@ -189,7 +237,6 @@ impl Session {
 
     /// Whether the receive buffer was given back (or never taken): waiting for input then needs
     /// no buffer.
-    #[cfg_attr(not(any(feature = "tokio", feature = "smol")), allow(dead_code))]
     pub(crate) fn holds_no_receive_buffer(&self) -> bool {
         self.rx.capacity() == 0
     }
@@ -234,14 +281,17 @@ impl Session {
 
     /// Moves completed replies from the outbox to the transmit queue.
     fn collect(&mut self) {
-        let answered = {
+        let (answered, outbox) = {
             let mut ob = self.outbox.lock();
             if ob.answered == 0 {
                 return;
             }
             self.tx.take_from(&mut ob.tx);
-            std::mem::take(&mut ob.answered)
+            (std::mem::take(&mut ob.answered), ob.tx.capacity())
         };
+        // Replies are owed whatever the budget says; what they take counts against reading.
+        self.budget
+            .recharge(&mut self.tx_charged, self.tx.capacity() + outbox);
         for _ in 0..answered {
             self.conn.complete(0);
         }
@@ -345,8 +395,13 @@ mod tests {
     #[test]
     fn buffers_linger_then_go_back() {
         let t0 = Instant::from_millis(0);
-        let mut s = Session::new(ServerConfig::default(), t0);
+        let mut s = Session::new(
+            ServerConfig::default(),
+            t0,
+            Arc::new(Budget::new(usize::MAX)),
+        );
         let idle = s.deadline().expect("the idle timer runs");
+        assert!(s.prepare_read());
         assert!(s.read_buf().len() >= FIRST_CHUNK);
         s.filled(0);
         let linger = t0.saturating_add(LINGER);
@@ -360,6 +415,7 @@ mod tests {
         assert_eq!(s.rx.capacity(), 0, "buffers kept past the linger");
         assert_eq!(s.wait_deadline(linger), Some(idle));
         // A buffer holding part of a frame is never given back: the core's timers rule.
+        assert!(s.prepare_read());
         s.read_buf()[0] = 0;
         s.filled(1);
         let t2 = Instant::from_millis(10);
@@ -390,10 +446,16 @@ mod tests {
         let mut frame = vec![0u8; request_encoded_len(&request)];
         encode_request(1, Flags::NONE, &request, &mut frame).unwrap();
         let t = Instant::from_millis(0);
-        let mut s = Session::new(ServerConfig::default(), t);
+        let mut s = Session::new(
+            ServerConfig::default(),
+            t,
+            Arc::new(Budget::new(usize::MAX)),
+        );
+        assert!(s.prepare_read());
         s.read_buf()[..16].copy_from_slice(&frame[..16]);
         s.filled(16);
         assert!(matches!(s.process(t, &Nobody), Next::Read));
+        assert!(s.prepare_read());
         let first = s.read_buf().len();
         assert!(
             first <= 2 * FIRST_CHUNK,
@@ -402,6 +464,7 @@ mod tests {
         // As the body arrives, the offers grow with it.
         let mut received = 16;
         while received < 1 << 20 {
+            assert!(s.prepare_read());
             let buf = s.read_buf();
             let n = buf.len();
             buf.copy_from_slice(&frame[received..received + n]);
@@ -409,11 +472,46 @@ mod tests {
             s.filled(n);
             assert!(matches!(s.process(t, &Nobody), Next::Read));
         }
+        assert!(s.prepare_read());
         assert!(s.read_buf().len() >= 1 << 20, "reads stay small");
         assert!(
             s.rx.len() <= 4 << 20,
             "buffer {} for {received} bytes",
             s.rx.len()
         );
+    }
+
+    /// A spent budget stops a connection growing its receive buffer (it reads no more), while
+    /// another connection's small requests still get their allowance; everything is given back
+    /// when the connections go.
+    #[test]
+    fn a_spent_budget_stops_growth_but_not_small_requests() {
+        let budget = Arc::new(Budget::new(64 * 1024));
+        let t = Instant::from_millis(0);
+        let mut big = Session::new(ServerConfig::default(), t, budget.clone());
+        // A 1 MiB frame arriving: the buffer grows with what arrives until the budget is spent.
+        let mut frame = vec![0u8; 1 << 20];
+        frame[..4].copy_from_slice(&((1u32 << 20) - 4).to_be_bytes());
+        let mut received = 0;
+        let mut starved = false;
+        for _ in 0..64 {
+            if !big.prepare_read() {
+                starved = true;
+                break;
+            }
+            let buf = big.read_buf();
+            let n = buf.len().min(frame.len() - received);
+            buf[..n].copy_from_slice(&frame[received..received + n]);
+            received += n;
+            big.filled(n);
+            assert!(matches!(big.process(t, &Nobody), Next::Read));
+        }
+        assert!(starved, "read {received} bytes past a 64 KiB budget");
+        assert!(budget.used() <= 64 * 1024, "{} bytes taken", budget.used());
+        let mut small = Session::new(ServerConfig::default(), t, budget.clone());
+        assert!(small.prepare_read(), "a new connection gets its allowance");
+        drop(big);
+        drop(small);
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -153,7 +153,8 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     let options = ServeOptions::default()
         .max_connections(config.max_connections)
         .connection(conn)
-        .write_timeout(config.write_timeout);
+        .write_timeout(config.write_timeout)
+        .max_buffered_bytes(config.max_buffered_bytes);
     let broker = Arc::new(
         Broker::new(
             storage.clone(),

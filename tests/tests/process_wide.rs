@@ -1,7 +1,7 @@
-//! What waits costs no CPU, on every runtime: 1 000 long-poll fetches on 100 connections (and
-//! one produce answers them all), and connections idle past the time their buffers linger (and
-//! their next request is answered). The tests of this binary take a lock, so no other test's
-//! work counts against them.
+//! What the whole broker process costs, on every runtime: what waits uses no CPU (1 000
+//! long-poll fetches on 100 connections, connections idle past the time their buffers linger),
+//! and peers trickling huge frames cannot take memory past `--max-buffered-bytes`. The tests of
+//! this binary take a lock, so no other test's work counts against them.
 
 use std::time::{Duration, Instant};
 
@@ -17,13 +17,96 @@ const RUNTIMES: [RuntimeKind; 3] = [RuntimeKind::Tokio, RuntimeKind::Smol, Runti
 static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn start(rt: RuntimeKind, dir: &std::path::Path) -> streambus_server::Running {
+    start_with(rt, dir, |_| {})
+}
+
+fn start_with(
+    rt: RuntimeKind,
+    dir: &std::path::Path,
+    f: impl FnOnce(&mut Config),
+) -> streambus_server::Running {
     let mut config = Config::default();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.data_dir = dir.to_owned();
     config.metrics_listen = None;
     config.runtime = rt;
     config.fsync = FsyncMode::Never;
+    f(&mut config);
     streambus_server::start(config).expect("broker starts")
+}
+
+/// This process's resident memory, in bytes.
+fn rss() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+fn trickled_huge_frames_stay_within_the_memory_budget_and_others_are_served() {
+    use std::io::Write;
+    let _alone = ALONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    const BUDGET: usize = 32 << 20;
+    const PEERS: usize = 200;
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = start_with(rt, dir.path(), |c| {
+            c.max_buffered_bytes = BUDGET;
+            c.max_frame_bytes = 10 << 20;
+        });
+        let before = rss();
+        // Each peer announces a 10 MiB frame and sends 4 MiB of it, as fast as the broker
+        // takes it; none completes. Without a budget the broker would hold 800 MiB.
+        let mut head = vec![0u8; 4 << 20];
+        head[..4].copy_from_slice(&(10u32 << 20).to_be_bytes());
+        let peers: Vec<std::net::TcpStream> = (0..PEERS)
+            .map(|_| {
+                let s = std::net::TcpStream::connect(broker.addr()).unwrap();
+                s.set_nonblocking(true).unwrap();
+                s
+            })
+            .collect();
+        let mut sent = vec![0usize; PEERS];
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            let mut progress = false;
+            for (s, at) in peers.iter().zip(&mut sent) {
+                if *at < head.len()
+                    && let Ok(n) = (&*s).write(&head[*at..])
+                {
+                    *at += n;
+                    progress |= n > 0;
+                }
+            }
+            if !progress {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let grown = rss().saturating_sub(before);
+        // The budget, plus each connection's 8 KiB allowance and its fixed cost.
+        let limit = BUDGET + PEERS * (8 << 10) + (24 << 20);
+        assert!(
+            grown <= limit,
+            "{rt:?}: RSS grew {grown} bytes (limit {limit}) with {} bytes sent",
+            sent.iter().sum::<usize>()
+        );
+        // Small requests still go through.
+        let mut c = RawClient::connect(broker.addr()).unwrap();
+        let r = c.call(&Request::HealthCheck).unwrap();
+        assert!(r.parse(RequestType::HealthCheck).is_ok(), "{rt:?}");
+        assert_eq!(produced(&mut c, b"still served"), 1, "{rt:?}");
+        drop(peers);
+    }
 }
 
 /// CPU ticks the process uses over half a second of waiting.
