@@ -4,16 +4,15 @@ use core::fmt;
 use core::time::Duration;
 
 use crate::conn::time::{Instant, earliest};
-use crate::error::{DecodeError, EncodeError, Malformed};
-use crate::wire::frame::{
-    DEFAULT_MAX_FRAME_LEN, RESPONSE_HEADER_LEN, ResponseFrame, encode_request, peek_request_id,
+use crate::error::{DecodeError, EncodeError};
+use crate::wire::frame::{ResponseFrame, encode_request, peek_request_id};
+use crate::wire::reader::{
+    DEFAULT_MAX_FRAME_LEN, FrameDecoder, FrameReader, LENGTH_LEN, MIN_RESPONSE_LENGTH, Status,
+    accepted_frame_len,
 };
 use crate::wire::request::Request;
 use crate::wire::response::Response;
-use crate::wire::types::{ErrorCode, Flags, RequestType, ResponseStatus};
-
-/// The smallest response Length field.
-const MIN_RESPONSE_LENGTH: u32 = 15;
+use crate::wire::types::{Flags, RequestType};
 
 /// Settings of a [`ClientConnection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +277,8 @@ pub struct ClientConnection<B, const N: usize> {
     rx_start: usize,
     rx_checked: usize,
     rx_end: usize,
+    /// The frame being received at `rx_checked`.
+    reader: FrameReader,
     /// The frame at `rx_start` was handed out; drop it at the next call.
     delivered: usize,
     slots: [Slot; N],
@@ -297,6 +298,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             rx_start: 0,
             rx_checked: 0,
             rx_end: 0,
+            reader: FrameReader::new(FrameDecoder::new(MIN_RESPONSE_LENGTH, config.max_frame_len)),
             delivered: 0,
             slots: [Slot::FREE; N],
             next_id: 1,
@@ -422,13 +424,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// Whether the frame being received fits between its start and the buffer's end (so
     /// nothing needs to move).
     fn current_frame_fits(&self) -> bool {
-        let rx = self.rx.as_ref();
-        let at = self.rx_checked;
-        let need = rx
-            .get(at..self.rx_end)
-            .and_then(|b| b.first_chunk::<4>())
-            .map_or(4, |l| 4 + u32::from_be_bytes(*l) as usize);
-        at.saturating_add(need) <= rx.len()
+        let need = self.reader.frame_len().unwrap_or(LENGTH_LEN);
+        self.rx_checked.saturating_add(need) <= self.rx.as_ref().len()
     }
 
     /// Takes `n` bytes written into [`recv_buffer`](Self::recv_buffer) and checks every frame
@@ -461,36 +458,20 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         let rx = self.rx.as_ref();
         let capacity = rx.len();
         let buf = rx.get(self.rx_checked..self.rx_end).unwrap_or_default();
-        let Some(len_bytes) = buf.first_chunk::<4>() else {
-            return Ok(None);
+        let total = match self.reader.poll(buf) {
+            Ok(Status::Complete(total)) => total,
+            Ok(Status::Partial(_)) => match self.reader.frame_len() {
+                Some(frame_len) if frame_len > capacity => {
+                    return Err(self.poison(ClientError::ResponseTooLarge {
+                        frame_len,
+                        capacity,
+                    }));
+                }
+                _ => return Ok(None),
+            },
+            Err(e) => return Err(self.poison(PeerError::Decode(e).into())),
         };
-        let length = u32::from_be_bytes(*len_bytes);
-        let bad_len = if length < MIN_RESPONSE_LENGTH {
-            Some(DecodeError::FrameTooShort {
-                length,
-                min: MIN_RESPONSE_LENGTH,
-            })
-        } else if length > self.config.max_frame_len {
-            Some(DecodeError::FrameTooLarge {
-                length,
-                max: self.config.max_frame_len,
-            })
-        } else {
-            None
-        };
-        if let Some(e) = bad_len {
-            return Err(self.poison(PeerError::Decode(e).into()));
-        }
-        let total = 4 + length as usize;
-        if total > capacity {
-            return Err(self.poison(ClientError::ResponseTooLarge {
-                frame_len: total,
-                capacity,
-            }));
-        }
-        let Some(frame) = buf.get(..total) else {
-            return Ok(None);
-        };
+        let frame = buf.get(..total).unwrap_or_default();
         let outcome = check_response(frame, &mut self.slots);
         outcome.map_err(|e| self.poison(e.into()))?;
         Ok(Some(total))
@@ -524,9 +505,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         }
         while self.rx_start < self.rx_checked {
             let frame = self.rx.as_ref().get(self.rx_start..self.rx_checked)?;
-            let len = frame
-                .first_chunk::<4>()
-                .map_or(0, |l| 4 + u32::from_be_bytes(*l) as usize);
+            let len = accepted_frame_len(frame);
             let id = peek_request_id(frame)?;
             let answered = self
                 .slots
@@ -551,16 +530,44 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 
     /// The response of the last [`Completion`] that was not a timeout, borrowed from the
     /// receive buffer until the next `poll_*`/`handle_*`/`recv_buffer` call.
+    ///
+    /// This is where a response is decoded (once). `None` also when its payload doesn't fit
+    /// the request's type: [`poll_event`](Self::poll_event) and the [`io`](crate::io)
+    /// drivers report that as [`PeerError::Decode`] and poison the connection.
     pub fn response(&self, request_type: RequestType) -> Option<Response<'_>> {
-        let frame = self
-            .rx
-            .as_ref()
-            .get(self.rx_start..self.rx_start + self.delivered)
-            .filter(|f| !f.is_empty())?;
-        parse_response(frame, request_type).ok()
+        decode_delivered(
+            self.rx.as_ref(),
+            self.rx_start,
+            self.delivered,
+            request_type,
+        )?
+        .ok()
+    }
+
+    /// [`response`](Self::response), with a payload that doesn't fit its request reported
+    /// and poisoning the connection. `None` when no response was handed out.
+    pub(crate) fn take_response(
+        &mut self,
+        request_type: RequestType,
+    ) -> Option<Result<Response<'_>, ClientError>> {
+        // Borrows only `rx`, so the error path can still poison.
+        let decoded = decode_delivered(
+            self.rx.as_ref(),
+            self.rx_start,
+            self.delivered,
+            request_type,
+        )?;
+        Some(decoded.map_err(|e| {
+            let e = ClientError::Peer(PeerError::Decode(e));
+            warn!("connection poisoned: {}", e);
+            self.error = Some(e);
+            e
+        }))
     }
 
     /// The next event, if any. Poll after every `handle_*` call until it returns `None`.
+    /// A response whose payload doesn't fit its request poisons the connection (see
+    /// [`error`](Self::error)) and ends the events.
     pub fn poll_event(&mut self) -> Option<ClientEvent<'_>> {
         let done = self.poll_completion()?;
         if done.timed_out {
@@ -569,7 +576,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
                 request_type: done.request_type,
             });
         }
-        let response = self.response(done.request_type)?;
+        let response = self.take_response(done.request_type)?.ok()?;
         Some(ClientEvent::Response {
             request_id: done.request_id,
             request_type: done.request_type,
@@ -595,27 +602,24 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     }
 }
 
-/// Decodes the body of a whole response frame whose CRC was checked, as an answer to `ty`.
-fn parse_response(frame: &[u8], ty: RequestType) -> Result<Response<'_>, DecodeError> {
-    let payload = frame
-        .get(RESPONSE_HEADER_LEN..frame.len().saturating_sub(4))
-        .unwrap_or_default();
-    let status = frame.get(12).copied().unwrap_or(u8::MAX);
-    let code = frame
-        .get(13..15)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u16::from_be_bytes);
-    match ResponseStatus::from_u8(status) {
-        Some(ResponseStatus::Error) => Response::parse_error(ErrorCode(code), payload),
-        Some(_) => Response::parse_payload(ty, payload),
-        None => Err(Malformed::InvalidStatus { value: status }.into()),
-    }
+/// Decodes the frame of `len` bytes at `start` of `rx` (checked on arrival by
+/// [`check_response`]) as an answer to `ty`; `None` when `len` is 0 (nothing handed out).
+fn decode_delivered(
+    rx: &[u8],
+    start: usize,
+    len: usize,
+    ty: RequestType,
+) -> Option<Result<Response<'_>, DecodeError>> {
+    let frame = rx.get(start..)?.get(..len).filter(|f| !f.is_empty())?;
+    Some(Response::parse(&ResponseFrame::new_prechecked(frame), ty))
 }
 
-/// Checks one whole response frame (CRC, id, body) and marks its request's slot.
+/// Checks one whole response frame's framing and CRC, and marks its request's slot. The
+/// payload is decoded once, when it is handed out.
 fn check_response(frame: &[u8], slots: &mut [Slot]) -> Result<(), PeerError> {
-    ResponseFrame::new_checked(frame).map_err(PeerError::Decode)?;
-    let request_id = peek_request_id(frame).unwrap_or(0);
+    let request_id = ResponseFrame::new_checked(frame)
+        .map_err(PeerError::Decode)?
+        .request_id();
     let unknown = PeerError::UnknownResponse { request_id };
     let slot = slots
         .iter_mut()
@@ -627,7 +631,6 @@ fn check_response(frame: &[u8], slots: &mut [Slot]) -> Result<(), PeerError> {
                 )
         })
         .ok_or(unknown)?;
-    parse_response(frame, slot.ty).map_err(PeerError::Decode)?;
     slot.state = match slot.state {
         SlotState::Waiting => SlotState::Answered,
         SlotState::Expired { .. } => SlotState::Expired { late: true },

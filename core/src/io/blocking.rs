@@ -115,10 +115,10 @@ where
             if done.timed_out {
                 return Err(DriverError::TimedOut { request_id: id });
             }
-            return self
-                .conn
-                .response(done.request_type)
-                .ok_or(DriverError::Closed);
+            return match self.conn.take_response(done.request_type) {
+                Some(decoded) => decoded.map_err(DriverError::Client),
+                None => Err(DriverError::Closed),
+            };
         }
     }
 }

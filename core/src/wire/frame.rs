@@ -10,6 +10,7 @@
 
 use crate::checksum;
 use crate::error::{DecodeError, EncodeError, Malformed};
+use crate::wire::reader::{LENGTH_LEN, MIN_REQUEST_LENGTH, MIN_RESPONSE_LENGTH};
 use crate::wire::request::Request;
 use crate::wire::response::{FetchResponse, FetchTrailer, Response};
 use crate::wire::types::{ErrorCode, Flags, RequestType, ResponseStatus};
@@ -17,20 +18,12 @@ use crate::wire::{Encode, Writer, len_u32};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
-/// The default maximum Length field (10 MiB), in both directions.
-pub const DEFAULT_MAX_FRAME_LEN: u32 = 10 * 1024 * 1024;
 /// Bytes before a request's payload, the Length field included.
 pub const REQUEST_HEADER_LEN: usize = 16;
 /// Bytes before a response's payload, the Length field included.
 pub const RESPONSE_HEADER_LEN: usize = 15;
-/// The smallest request Length field: header after Length (12) plus the CRC.
-const MIN_REQUEST_LENGTH: u32 = 16;
-/// The smallest response Length field: header after Length (11) plus the CRC.
-const MIN_RESPONSE_LENGTH: u32 = 15;
 /// The CRC trailer.
-const CRC_LEN: usize = 4;
-/// The Length field.
-const LENGTH_LEN: usize = 4;
+pub(crate) const CRC_LEN: usize = 4;
 
 /// Byte ranges of the header fields, frame-relative.
 mod field {
@@ -42,104 +35,6 @@ mod field {
     pub(super) const FLAGS: Range<usize> = 14..16;
     pub(super) const STATUS: usize = 12;
     pub(super) const ERROR_CODE: Range<usize> = 13..15;
-}
-
-/// The outcome of an incremental decode: done, or more bytes are needed.
-///
-/// "Need more" is not an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum Status<T> {
-    /// The value is complete.
-    Complete(T),
-    /// At least this many more bytes are needed.
-    Partial(usize),
-}
-
-/// Finds frame boundaries in a byte stream and enforces the maximum frame length.
-///
-/// Stateless over the caller's buffer: hand it the unconsumed bytes, it says how long the
-/// next frame is once all of it is there. The Length field is judged on its own 4 bytes, so
-/// a frame that is too large is refused before its body is buffered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct FrameDecoder {
-    min_len: u32,
-    max_len: u32,
-}
-
-impl Default for FrameDecoder {
-    /// A request decoder with the default maximum.
-    fn default() -> Self {
-        Self::requests()
-    }
-}
-
-impl FrameDecoder {
-    /// A decoder for request frames (as a server reads them), default maximum.
-    pub const fn requests() -> Self {
-        Self {
-            min_len: MIN_REQUEST_LENGTH,
-            max_len: DEFAULT_MAX_FRAME_LEN,
-        }
-    }
-
-    /// A decoder for response frames (as a client reads them), default maximum.
-    pub const fn responses() -> Self {
-        Self {
-            min_len: MIN_RESPONSE_LENGTH,
-            max_len: DEFAULT_MAX_FRAME_LEN,
-        }
-    }
-
-    /// Sets the largest accepted Length field (never below the minimum frame).
-    pub const fn with_max_frame_len(mut self, max: u32) -> Self {
-        self.max_len = if max < self.min_len {
-            self.min_len
-        } else {
-            max
-        };
-        self
-    }
-
-    /// The largest accepted Length field.
-    pub const fn max_frame_len(&self) -> u32 {
-        self.max_len
-    }
-
-    /// The smallest valid Length field.
-    pub const fn min_frame_len(&self) -> u32 {
-        self.min_len
-    }
-
-    /// The total size (Length field included) of the frame at the start of `buf`, once all of
-    /// it is in `buf`.
-    ///
-    /// Errors are fatal for the stream: [`DecodeError::FrameTooShort`] (it can't be framed)
-    /// and [`DecodeError::FrameTooLarge`] (it must not be buffered).
-    pub fn next_frame(&self, buf: &[u8]) -> Result<Status<usize>, DecodeError> {
-        let Some(len_bytes) = buf.first_chunk::<LENGTH_LEN>() else {
-            return Ok(Status::Partial(LENGTH_LEN - buf.len()));
-        };
-        let length = u32::from_be_bytes(*len_bytes);
-        if length < self.min_len {
-            return Err(DecodeError::FrameTooShort {
-                length,
-                min: self.min_len,
-            });
-        }
-        if length > self.max_len {
-            return Err(DecodeError::FrameTooLarge {
-                length,
-                max: self.max_len,
-            });
-        }
-        let total = LENGTH_LEN + length as usize;
-        if buf.len() < total {
-            return Ok(Status::Partial(total - buf.len()));
-        }
-        Ok(Status::Complete(total))
-    }
 }
 
 /// The RequestID of a frame whose first 12 bytes are in `buf`, before the frame is complete
@@ -317,6 +212,12 @@ impl<T: AsRef<[u8]>> ResponseFrame<T> {
     pub fn new_checked(buf: T) -> Result<Self, DecodeError> {
         check_frame(buf.as_ref(), RESPONSE_HEADER_LEN)?;
         Ok(Self { buf })
+    }
+
+    /// A view of bytes that passed [`new_checked`](Self::new_checked) before (the accessors
+    /// stay panic-free on any bytes; they just read garbage from unchecked ones).
+    pub(crate) fn new_prechecked(buf: T) -> Self {
+        Self { buf }
     }
 
     fn bytes(&self) -> &[u8] {
@@ -554,6 +455,7 @@ pub fn encode_fetch_frame_parts(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::reader::{FrameDecoder, Status};
 
     #[test]
     fn decoder_partial_until_complete() {

@@ -2,6 +2,7 @@
 
 pub(crate) mod frame;
 pub(crate) mod message;
+pub(crate) mod reader;
 pub(crate) mod request;
 pub(crate) mod response;
 pub(crate) mod types;
