@@ -357,7 +357,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         };
         if self.tx_start > 0 {
             shift_to_front(self.tx.as_mut(), self.tx_start, self.tx_end);
-            self.tx_end -= self.tx_start;
+            self.tx_end = self.tx_end.saturating_sub(self.tx_start);
             self.tx_start = 0;
         }
         let id = self.next_id;
@@ -369,12 +369,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         if let Some(slot) = self.slots.get_mut(free_slot) {
             *slot = Slot {
                 id,
-                deadline: now + self.config.request_timeout,
+                deadline: now.saturating_add(self.config.request_timeout),
                 ty: request.request_type(),
                 state: SlotState::Waiting,
             };
         }
-        self.tx_end += n;
+        self.tx_end = self.tx_end.saturating_add(n);
         self.next_id = id.wrapping_add(1).max(1);
         Ok(id)
     }
@@ -389,7 +389,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 
     /// Marks the first `n` bytes of [`poll_transmit`](Self::poll_transmit) as written.
     pub fn consume_transmit(&mut self, n: usize) {
-        self.tx_start = (self.tx_start + n).min(self.tx_end);
+        self.tx_start = self.tx_start.saturating_add(n).min(self.tx_end);
         if self.tx_start == self.tx_end {
             self.tx_start = 0;
             self.tx_end = 0;
@@ -398,7 +398,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 
     /// Drops the frame handed out by the last event.
     fn release(&mut self) {
-        self.rx_start += self.delivered;
+        self.rx_start = self.rx_start.saturating_add(self.delivered);
         self.delivered = 0;
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
@@ -414,8 +414,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         self.release();
         if self.rx_start > 0 && !self.current_frame_fits() {
             shift_to_front(self.rx.as_mut(), self.rx_start, self.rx_end);
-            self.rx_checked -= self.rx_start;
-            self.rx_end -= self.rx_start;
+            self.rx_checked = self.rx_checked.saturating_sub(self.rx_start);
+            self.rx_end = self.rx_end.saturating_sub(self.rx_start);
             self.rx_start = 0;
         }
         self.rx.as_mut().get_mut(self.rx_end..).unwrap_or_default()
@@ -432,9 +432,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// they complete. Errors poison the connection.
     pub fn handle_received(&mut self, _now: Instant, n: usize) -> Result<(), ClientError> {
         self.check()?;
-        self.rx_end = (self.rx_end + n).min(self.rx.as_ref().len());
+        self.rx_end = self.rx_end.saturating_add(n).min(self.rx.as_ref().len());
         while let Some(len) = self.next_frame()? {
-            self.rx_checked += len;
+            self.rx_checked = self.rx_checked.saturating_add(len);
         }
         Ok(())
     }
@@ -522,7 +522,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
                     });
                 }
                 // A late response to a timed-out request: drop it.
-                None => self.rx_start += len.max(1),
+                None => self.rx_start = self.rx_start.saturating_add(len.max(1)),
             }
         }
         None
@@ -644,12 +644,16 @@ fn check_response(frame: &[u8], slots: &mut [Slot]) -> Result<(), PeerError> {
 fn shift_to_front(buf: &mut [u8], from: usize, end: usize) {
     let (mut dst, mut src) = (0, from);
     while src < end && dst < src {
-        let n = (end - src).min(src - dst);
+        // The loop condition keeps both differences positive.
+        let n = end.saturating_sub(src).min(src.saturating_sub(dst));
         let (head, tail) = buf.split_at_mut(src);
-        if let (Some(d), Some(s)) = (head.get_mut(dst..dst + n), tail.get(..n)) {
+        if let (Some(d), Some(s)) = (
+            head.get_mut(dst..).and_then(|h| h.get_mut(..n)),
+            tail.get(..n),
+        ) {
             d.copy_from_slice(s);
         }
-        dst += n;
-        src += n;
+        dst = dst.saturating_add(n);
+        src = src.saturating_add(n);
     }
 }

@@ -434,8 +434,9 @@ impl ServerConnection {
         }
         let read = self
             .partial
-            .map(|(since, _)| since + self.config.read_timeout);
-        let idle = (self.in_flight == 0).then(|| self.idle_since + self.config.idle_timeout);
+            .map(|(since, _)| since.saturating_add(self.config.read_timeout));
+        let idle =
+            (self.in_flight == 0).then(|| self.idle_since.saturating_add(self.config.idle_timeout));
         earliest(read, idle)
     }
 
@@ -449,8 +450,9 @@ impl ServerConnection {
         self.restart_idle(now);
         let read_expired = self
             .partial
-            .is_some_and(|(since, _)| now >= since + self.config.read_timeout);
-        let idle_expired = self.in_flight == 0 && now >= self.idle_since + self.config.idle_timeout;
+            .is_some_and(|(since, _)| now >= since.saturating_add(self.config.read_timeout));
+        let idle_expired =
+            self.in_flight == 0 && now >= self.idle_since.saturating_add(self.config.idle_timeout);
         if read_expired || idle_expired {
             self.closed = true;
             self.partial = None;
@@ -506,17 +508,18 @@ impl fmt::Write for Truncating {
         if self.full {
             return Ok(());
         }
-        let room = MAX_ERROR_MESSAGE_LEN - self.len;
+        let room = MAX_ERROR_MESSAGE_LEN.saturating_sub(self.len);
         let mut take = s.len().min(room);
         while !s.is_char_boundary(take) {
-            take -= 1;
+            // Index 0 is a boundary: this stops.
+            take = take.saturating_sub(1);
         }
         if let (Some(dst), Some(src)) = (
-            self.buf.get_mut(self.len..self.len + take),
+            self.buf.get_mut(self.len..).and_then(|b| b.get_mut(..take)),
             s.as_bytes().get(..take),
         ) {
             dst.copy_from_slice(src);
-            self.len += take;
+            self.len = self.len.saturating_add(take);
         }
         self.full = take < s.len();
         Ok(())

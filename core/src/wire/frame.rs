@@ -25,6 +25,10 @@ pub const RESPONSE_HEADER_LEN: usize = 15;
 /// The CRC trailer.
 pub(crate) const CRC_LEN: usize = 4;
 
+// The smallest Length is the header after the Length field plus the CRC.
+const _: () = assert!(MIN_REQUEST_LENGTH as usize == REQUEST_HEADER_LEN - LENGTH_LEN + CRC_LEN);
+const _: () = assert!(MIN_RESPONSE_LENGTH as usize == RESPONSE_HEADER_LEN - LENGTH_LEN + CRC_LEN);
+
 /// Byte ranges of the header fields, frame-relative.
 mod field {
     use core::ops::Range;
@@ -63,31 +67,26 @@ fn be_u64(buf: &[u8], at: core::ops::Range<usize>) -> u64 {
 }
 
 /// Validates length consistency and the CRC of a whole frame with `header_len` bytes before
-/// its payload.
-fn check_frame(buf: &[u8], header_len: usize) -> Result<(), DecodeError> {
-    let min = if header_len == REQUEST_HEADER_LEN {
-        MIN_REQUEST_LENGTH
-    } else {
-        MIN_RESPONSE_LENGTH
-    };
-    if buf.len() < header_len + CRC_LEN {
-        let length = be_u32(buf, field::LENGTH);
+/// its payload and a Length of at least `min`.
+fn check_frame(buf: &[u8], header_len: usize, min: u32) -> Result<(), DecodeError> {
+    let length = be_u32(buf, field::LENGTH);
+    if buf.len() < header_len.saturating_add(CRC_LEN) {
         return Err(DecodeError::FrameTooShort { length, min });
     }
-    let length = be_u32(buf, field::LENGTH);
-    if length as usize != buf.len() - LENGTH_LEN {
+    let after_length = buf.len().saturating_sub(LENGTH_LEN);
+    let declared = usize::try_from(length).unwrap_or(usize::MAX);
+    if declared != after_length {
         return Err(DecodeError::Malformed {
-            reason: if (length as usize) < buf.len() - LENGTH_LEN {
-                Malformed::TrailingBytes {
-                    len: buf.len() - LENGTH_LEN - length as usize,
-                }
-            } else {
-                Malformed::Truncated { field: "frame" }
+            reason: match after_length.checked_sub(declared) {
+                Some(len) => Malformed::TrailingBytes { len },
+                None => Malformed::Truncated { field: "frame" },
             },
         });
     }
-    let (body, crc) = buf.split_at(buf.len() - CRC_LEN);
-    let expected = crc.try_into().map_or(0, u32::from_be_bytes);
+    let Some((body, crc)) = buf.split_last_chunk::<CRC_LEN>() else {
+        return Err(DecodeError::FrameTooShort { length, min });
+    };
+    let expected = u32::from_be_bytes(*crc);
     let actual = checksum::checksum(body.get(LENGTH_LEN..).unwrap_or_default());
     if expected != actual {
         return Err(DecodeError::ChecksumMismatch {
@@ -135,7 +134,7 @@ pub struct RequestFrame<T: AsRef<[u8]>> {
 impl<T: AsRef<[u8]>> RequestFrame<T> {
     /// Checks that `buf` holds exactly one request frame with a matching CRC.
     pub fn new_checked(buf: T) -> Result<Self, DecodeError> {
-        check_frame(buf.as_ref(), REQUEST_HEADER_LEN)?;
+        check_frame(buf.as_ref(), REQUEST_HEADER_LEN, MIN_REQUEST_LENGTH)?;
         Ok(Self { buf })
     }
 
@@ -210,7 +209,7 @@ pub struct ResponseFrame<T: AsRef<[u8]>> {
 impl<T: AsRef<[u8]>> ResponseFrame<T> {
     /// Checks that `buf` holds exactly one response frame with a matching CRC.
     pub fn new_checked(buf: T) -> Result<Self, DecodeError> {
-        check_frame(buf.as_ref(), RESPONSE_HEADER_LEN)?;
+        check_frame(buf.as_ref(), RESPONSE_HEADER_LEN, MIN_RESPONSE_LENGTH)?;
         Ok(Self { buf })
     }
 
@@ -284,9 +283,11 @@ fn write_frame(
     buf: &mut [u8],
     crc_of: impl FnOnce(&[u8]) -> u32,
 ) -> Result<usize, EncodeError> {
-    let payload_len = payload.encoded_len();
-    let total = header_len + payload_len + CRC_LEN;
-    let length = len_u32(total - LENGTH_LEN)?;
+    // Saturated sums fail below: no buffer and no u32 Length is that large.
+    let total = header_len
+        .saturating_add(payload.encoded_len())
+        .saturating_add(CRC_LEN);
+    let length = len_u32(total.saturating_sub(LENGTH_LEN))?;
     let out = buf
         .get_mut(..total)
         .ok_or(EncodeError::BufferTooSmall { required: total })?;
@@ -295,22 +296,26 @@ fn write_frame(
     write_header(&mut w)?;
     payload.write(&mut w)?;
     let end = w.position();
-    let crc = crc_of(out.get(LENGTH_LEN..end).unwrap_or_default());
-    let tail = out
-        .get_mut(end..end + CRC_LEN)
-        .ok_or(EncodeError::BufferTooSmall { required: total })?;
-    tail.copy_from_slice(&crc.to_be_bytes());
+    let too_small = EncodeError::BufferTooSmall { required: total };
+    let (covered, tail) = out.split_at_mut_checked(end).ok_or(too_small)?;
+    let crc = crc_of(covered.get(LENGTH_LEN..).unwrap_or_default());
+    let tail = tail.first_chunk_mut::<CRC_LEN>().ok_or(too_small)?;
+    *tail = crc.to_be_bytes();
     Ok(total)
 }
 
 /// The exact size of a request frame carrying `request`.
 pub fn request_encoded_len(request: &Request<'_>) -> usize {
-    REQUEST_HEADER_LEN + request.encoded_len() + CRC_LEN
+    request
+        .encoded_len()
+        .saturating_add(REQUEST_HEADER_LEN + CRC_LEN)
 }
 
 /// The exact size of a response frame carrying `response`.
 pub fn response_encoded_len(response: &Response<'_>) -> usize {
-    RESPONSE_HEADER_LEN + response.encoded_len() + CRC_LEN
+    response
+        .encoded_len()
+        .saturating_add(RESPONSE_HEADER_LEN + CRC_LEN)
 }
 
 /// Encodes a whole request frame (version 1) into `buf`; returns its length.
@@ -389,7 +394,7 @@ pub fn encode_fetch_response(
     // records, the trailer.
     let head_len = RESPONSE_HEADER_LEN - LENGTH_LEN + 12;
     let crc_of = |covered: &[u8]| {
-        let tail_at = head_len + records_len;
+        let tail_at = head_len.saturating_add(records_len);
         let head = checksum::checksum(covered.get(..head_len).unwrap_or_default());
         let tail = covered.get(tail_at..).unwrap_or_default();
         let with_records = checksum::combine(head, records_crc, records_len as u64);
@@ -426,7 +431,7 @@ pub fn encode_fetch_frame_parts(
     records_crc: u32,
     trailer: FetchTrailer,
 ) -> Result<FetchFrameParts, EncodeError> {
-    let length = len_u32(FETCH_HEAD_LEN - LENGTH_LEN + records_len + FETCH_TAIL_LEN)?;
+    let length = len_u32(records_len.saturating_add(FETCH_HEAD_LEN - LENGTH_LEN + FETCH_TAIL_LEN))?;
     let mut head = [0u8; FETCH_HEAD_LEN];
     let mut w = Writer::new(&mut head);
     w.u32(length)?;
