@@ -263,7 +263,9 @@ impl Slot {
 ///    [`handle_timeout`](ClientConnection::handle_timeout), then drain events again.
 ///
 /// An error from `handle_*` poisons the connection: every later call returns it again, and
-/// the adapter closes the transport.
+/// the adapter closes the transport once it has drained the events: the responses that
+/// arrived intact before the fault are still handed out, so what completes never depends on
+/// how the bytes were split into reads.
 #[derive(Debug)]
 pub struct ClientConnection<B, const N: usize> {
     config: ClientConfig,
@@ -482,13 +484,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// `handle_*` call until it returns `None`.
     pub fn poll_completion(&mut self) -> Option<Completion> {
         self.release();
-        if self.error.is_some() {
-            return None;
-        }
+        // Once poisoned, only the replies that arrived intact before the fault: what
+        // completes must not depend on how the bytes were split into reads.
         if let Some(i) = self
             .slots
             .iter()
-            .position(|s| matches!(s.state, SlotState::Expired { .. }))
+            .position(|s| self.error.is_none() && matches!(s.state, SlotState::Expired { .. }))
         {
             let slot = self.slots.get_mut(i)?;
             let done = Completion {
@@ -550,6 +551,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         &mut self,
         request_type: RequestType,
     ) -> Option<Result<Response<'_>, ClientError>> {
+        let end = self.rx_start.saturating_add(self.delivered);
         // Borrows only `rx`, so the error path can still poison.
         let decoded = decode_delivered(
             self.rx.as_ref(),
@@ -561,6 +563,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             let e = ClientError::Peer(PeerError::Decode(e));
             warn!("connection poisoned: {}", e);
             self.error = Some(e);
+            // Nothing after the bad reply is handed out.
+            self.rx_checked = end;
+            self.rx_end = end;
             e
         }))
     }

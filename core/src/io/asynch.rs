@@ -160,7 +160,9 @@ where
                         return Err(DriverError::Closed);
                     }
                     let now = self.timer.now();
-                    self.conn.handle_received(now, n)?;
+                    // A fault poisons the connection; the loop still hands out the replies that
+                    // came intact before it, then returns the error.
+                    let _ = self.conn.handle_received(now, n);
                 }
                 // The loop's `handle_timeout` fires it.
                 Step::Deadline => {}

@@ -91,7 +91,9 @@ where
                 return Err(DriverError::Closed);
             }
             let now = self.clock.now();
-            self.conn.handle_received(now, n)?;
+            // A fault poisons the connection; the loop still hands out the replies that
+            // came intact before it, then returns the error.
+            let _ = self.conn.handle_received(now, n);
         }
     }
 
