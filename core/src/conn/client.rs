@@ -431,7 +431,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     }
 
     /// Takes `n` bytes written into [`recv_buffer`](Self::recv_buffer) and checks every frame
-    /// they complete. Errors poison the connection.
+    /// they complete (Length, CRC, a request in flight; the payload is decoded when it is
+    /// handed out). Errors poison the connection.
     pub fn handle_received(&mut self, _now: Instant, n: usize) -> Result<(), ClientError> {
         self.check()?;
         self.rx_end = self.rx_end.saturating_add(n).min(self.rx.as_ref().len());
@@ -484,13 +485,16 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// `handle_*` call until it returns `None`.
     pub fn poll_completion(&mut self) -> Option<Completion> {
         self.release();
-        // Once poisoned, only the replies that arrived intact before the fault: what
-        // completes must not depend on how the bytes were split into reads.
-        if let Some(i) = self
-            .slots
-            .iter()
-            .position(|s| self.error.is_none() && matches!(s.state, SlotState::Expired { .. }))
-        {
+        // Once poisoned, only the replies that arrived intact before the fault (no timeouts):
+        // what completes must not depend on how the bytes were split into reads.
+        let expired = match self.error {
+            None => self
+                .slots
+                .iter()
+                .position(|s| matches!(s.state, SlotState::Expired { .. })),
+            Some(_) => None,
+        };
+        if let Some(i) = expired {
             let slot = self.slots.get_mut(i)?;
             let done = Completion {
                 request_id: slot.id,
