@@ -7,7 +7,9 @@ use crate::conn::time::{Instant, earliest};
 use crate::error::{DecodeError, EncodeError};
 use crate::wire::Text;
 use crate::wire::frame::FetchFrameParts;
-use crate::wire::frame::{PROTOCOL_VERSION, RequestFrame, encode_response, peek_request_id};
+use crate::wire::frame::{
+    PROTOCOL_VERSION, REQUEST_ID_END, RequestFrame, encode_response, peek_request_id,
+};
 use crate::wire::reader::{
     DEFAULT_MAX_FRAME_LEN, FrameDecoder, FrameReader, MIN_REQUEST_LENGTH, Status,
 };
@@ -18,9 +20,6 @@ use crate::wire::types::{ErrorCode, Flags, RequestType};
 /// The longest error message [`ServerConnection::respond_error`] writes, in bytes; longer
 /// messages are cut at a character boundary.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 256;
-
-/// Bytes up to the end of the RequestID: what a refused frame waits for, to be answered.
-const REQUEST_ID_END: usize = 12;
 
 /// Settings of a [`ServerConnection`]: plain fields, `Default`, and chaining setters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,6 +29,9 @@ pub(crate) const CRC_LEN: usize = 4;
 const _: () = assert!(MIN_REQUEST_LENGTH as usize == REQUEST_HEADER_LEN - LENGTH_LEN + CRC_LEN);
 const _: () = assert!(MIN_RESPONSE_LENGTH as usize == RESPONSE_HEADER_LEN - LENGTH_LEN + CRC_LEN);
 
+/// Bytes up to the end of the RequestID: what [`peek_request_id`] needs.
+pub(crate) const REQUEST_ID_END: usize = field::REQUEST_ID.end;
+
 /// Byte ranges of the header fields, frame-relative.
 mod field {
     use core::ops::Range;
