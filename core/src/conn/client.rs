@@ -537,8 +537,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// receive buffer until the next `poll_*`/`handle_*`/`recv_buffer` call.
     ///
     /// This is where a response is decoded (once). `None` also when its payload doesn't fit
-    /// the request's type: [`poll_event`](Self::poll_event) and the [`io`](crate::io)
-    /// drivers report that as [`PeerError::Decode`] and poison the connection.
+    /// the request's type: [`poll_event`](Self::poll_event) and the `io` drivers report
+    /// that as [`PeerError::Decode`] and poison the connection.
     pub fn response(&self, request_type: RequestType) -> Option<Response<'_>> {
         decode_delivered(
             self.rx.as_ref(),
