@@ -25,7 +25,7 @@ pub(crate) struct Outbox {
     /// How many replies `tx` holds (the connection counts them out of its in-flight table).
     pub(crate) answered: usize,
     /// Woken when a reply completes while the connection waits.
-    waker: Option<Waker>,
+    pub(crate) waker: Option<Waker>,
     /// The connection is gone: replies are dropped.
     closed: bool,
 }

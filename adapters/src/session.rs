@@ -283,6 +283,9 @@ impl Session {
     fn collect(&mut self) {
         let (answered, outbox) = {
             let mut ob = self.outbox.lock();
+            // The connection is running: a reply completed from now on (most often right away,
+            // inside `handle`) needs no wake; it registers again before it waits.
+            ob.waker = None;
             if ob.answered == 0 {
                 return;
             }
