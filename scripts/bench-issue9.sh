@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 9 benchmarks (deferred replies), interleaved in rounds so every figure of a round saw the
 # same machine:
+#   - the raw ping-pong, then the sync Produce round trip (fsync never), then the ping-pong again;
 #   - long-poll latency beside the sync Produce round trip (fsync never), with the consumer's
-#     fetch already waiting (gap 1ms) and racing the produce (gap 0ms), plus the raw ping-pong;
+#     fetch already waiting (gap 1ms) and racing the produce (gap 0ms);
 #   - `--fsync always`, 64 Produces in flight on one connection, 1 and 100 messages per request,
 #     msg/s and fsyncs/s (read from the broker's /metrics);
 #   - 50 connections × 64 requests in flight, HealthCheck and one-message Produce, requests/s;
@@ -83,6 +84,14 @@ fi
 
 for ((i = 1; i <= ROUNDS; i++)); do
     echo "== round $i"
+    "$B/streambus-bench" --duration "${SECS}s" pingpong
+    for rt in "${runtimes[@]}"; do
+        for who in new old; do
+            [[ $who == new || -n "$OLD" ]] || continue
+            echo -n "-- $rt $who: "
+            bench "$who-never-$rt" "$SECS" sync
+        done
+    done
     "$B/streambus-bench" --duration "${SECS}s" pingpong
     for rt in "${runtimes[@]}"; do
         for gap in 1ms 0ms; do
