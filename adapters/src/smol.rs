@@ -1,4 +1,4 @@
-//! The smol adapter (async-io reactor): the [`Runtime`](crate::server::runtime::Runtime) of the shared
+//! The smol adapter (async-io reactor): the `Runtime` of the shared
 //! loops on smol, one task per connection on smol's executor, and the client side.
 
 use std::future::Future;

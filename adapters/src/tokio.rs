@@ -1,4 +1,4 @@
-//! The tokio adapter: the [`Runtime`](crate::server::runtime::Runtime) of the shared loops on tokio,
+//! The tokio adapter: the `Runtime` of the shared loops on tokio,
 //! one task per connection, and the client side.
 
 use std::future::Future;
