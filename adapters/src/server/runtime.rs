@@ -305,7 +305,8 @@ async fn write_pending<R: Runtime, H: Handler>(
 /// it closes too (or [`CLOSE_DRAIN`] passes), so the close is never a reset.
 async fn close<R: Runtime>(mut socket: R::Socket) -> io::Result<()> {
     poll_fn(|cx| socket.poll_shutdown(cx)).await?;
-    let mut sink = [0u8; 4096];
+    // On the heap, and only now: an array here would be part of every connection's future.
+    let mut sink = vec![0u8; 4096];
     let mut timer = pin!(R::sleep(CLOSE_DRAIN));
     poll_fn(|cx| {
         loop {
