@@ -253,3 +253,44 @@ fn a_thousand_waiting_fetches_on_a_hundred_connections_use_no_cpu_and_all_return
         }
     }
 }
+
+#[test]
+fn an_idle_connection_costs_the_broker_a_few_kib() {
+    use std::io::{Read, Write};
+    let _alone = ALONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    const CONNS: usize = 2000;
+    // HealthCheck, id 1 (protocol-v1 §7).
+    const HEALTH: [u8; 20] = [
+        0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 1, 7, 1, 0, 0, 0xda, 0xa0, 0xbd, 0x51,
+    ];
+    for rt in [RuntimeKind::Tokio, RuntimeKind::Smol] {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = start(rt, dir.path());
+        let before = rss();
+        let conns: Vec<std::net::TcpStream> = (0..CONNS)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(broker.addr()).unwrap();
+                s.write_all(&HEALTH).unwrap();
+                let mut reply = [0u8; 0x22 + 4];
+                s.read_exact(&mut reply).unwrap();
+                s
+            })
+            .collect();
+        // Once the 2 ms linger has passed every connection has given its buffers back: wait
+        // (up to 5 s) for the resident size to come within 4 KiB per connection (measured: 2.4
+        // KiB on tokio and 1.5 KiB on smol in a debug build; 6.5 KiB when a 4 KiB array sat in
+        // the connection's future).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let each = loop {
+            let each = rss().saturating_sub(before) / CONNS;
+            if each <= 4096 || Instant::now() > deadline {
+                break each;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(each <= 4096, "{rt:?}: {each} bytes per idle connection");
+        drop(conns);
+    }
+}
