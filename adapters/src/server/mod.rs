@@ -224,14 +224,16 @@ impl Session {
     }
 
     /// Moves completed replies from the outbox to the transmit queue.
-    fn collect(&mut self) {
+    /// Moves completed replies from the outbox to the transmit queue; `false` if there were
+    /// none.
+    fn collect(&mut self) -> bool {
         let (answered, outbox) = {
             let mut ob = self.outbox.lock();
             // The connection is running: a reply completed from now on (most often right away,
             // inside `handle`) needs no wake; it registers again before it waits.
             ob.waker = None;
             if ob.answered == 0 {
-                return;
+                return false;
             }
             self.tx.take_from(&mut ob.tx);
             (std::mem::take(&mut ob.answered), ob.tx.capacity())
@@ -242,13 +244,23 @@ impl Session {
         for _ in 0..answered {
             self.conn.complete(0);
         }
+        true
     }
 
     /// Takes completed replies, then decodes and hands out every whole request in the receive
-    /// buffer, and says what the runtime must do next.
+    /// buffer, and says what the runtime must do next. Replies are taken from the outbox before
+    /// and after (one lock each), not per request: the core counts a reply completed inside
+    /// `handle` as in flight until then, which at worst stops the loop at `max_in_flight` for
+    /// one more collection.
     pub(crate) fn process<H: Handler + ?Sized>(&mut self, now: Instant, handler: &H) -> Next {
+        self.collect();
+        let next = self.process_requests(now, handler);
+        self.collect();
+        next
+    }
+
+    fn process_requests<H: Handler + ?Sized>(&mut self, now: Instant, handler: &H) -> Next {
         loop {
-            self.collect();
             if self.tx.waiting() > TX_HIGH_WATER {
                 return Next::Flush;
             }
@@ -299,7 +311,11 @@ impl Session {
                     rx.expect(frame_len.unwrap_or(0));
                     return Next::Read;
                 }
-                ServerEvent::Blocked => return Next::Wait,
+                ServerEvent::Blocked => {
+                    if !self.collect() {
+                        return Next::Wait;
+                    }
+                }
                 ServerEvent::Close { reply } => {
                     if let Some((request_id, error)) = reply {
                         tracing::debug!(request_id, %error, "closing after a fatal frame error");
