@@ -93,6 +93,23 @@ enum Mode {
         #[arg(long, default_value_t = 1)]
         sources: u8,
     },
+    /// Open N connections that each send the first bytes of a huge frame and never finish it
+    /// (a slow or hostile peer), as fast as the broker takes them, for `--duration`; report the
+    /// broker's RSS and whether a fresh connection is still answered, and how fast.
+    Trickle {
+        /// Connections to open.
+        #[arg(short, default_value_t = 2000)]
+        n: usize,
+        /// The Length each frame claims.
+        #[arg(long, default_value_t = 10 << 20)]
+        frame: u32,
+        /// Bytes of it each connection sends.
+        #[arg(long, default_value_t = 9 << 20)]
+        send: usize,
+        /// The broker's pid, to read its RSS from /proc.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
     /// Long-poll latency: a producer sends one 100-byte message at a time (waiting for each
     /// reply), a consumer on its own connection long-polls from the next offset; time from
     /// just before the send to the consumer holding the message. Rounds alternate with a sync
@@ -690,6 +707,73 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+fn trickle(
+    addr: SocketAddr,
+    duration: Duration,
+    n: usize,
+    frame: u32,
+    send: usize,
+    server_pid: Option<u32>,
+) {
+    let before = server_pid.and_then(rss_kib);
+    let mut head = vec![0u8; send];
+    if let Some(len) = head.get_mut(..4) {
+        len.copy_from_slice(&frame.to_be_bytes());
+    }
+    let mut peers = Vec::with_capacity(n);
+    for i in 0..n {
+        let sock = or_die(
+            TcpStream::connect(addr),
+            format_args!("connection {i} to {addr}"),
+        );
+        or_die(sock.set_nonblocking(true), "set_nonblocking");
+        peers.push((sock, 0usize));
+    }
+    let start = Instant::now();
+    let mut peak = before.unwrap_or(0);
+    while start.elapsed() < duration {
+        let mut progress = false;
+        for (sock, at) in &mut peers {
+            if let Some(rest) = head.get(*at..).filter(|r| !r.is_empty())
+                && let Ok(k) = sock.write(rest)
+            {
+                *at += k;
+                progress |= k > 0;
+            }
+        }
+        if let Some(r) = server_pid.and_then(rss_kib) {
+            peak = peak.max(r);
+        }
+        if !progress {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let sent: usize = peers.iter().map(|(_, at)| at).sum();
+    println!(
+        "trickle: {n} connections sent {:.1} MiB of {:.1} MiB-frames ({:.1} MiB each at most) in {:.1}s",
+        sent as f64 / (1 << 20) as f64,
+        f64::from(frame) / (1 << 20) as f64,
+        send as f64 / (1 << 20) as f64,
+        start.elapsed().as_secs_f64()
+    );
+    if let Some(b) = before {
+        println!(
+            "server RSS: {b} KiB before, peak {peak} KiB ({:.1} MiB more)",
+            peak.saturating_sub(b) as f64 / 1024.0
+        );
+    }
+    let t = Instant::now();
+    let mut c = RawClient::from_stream(or_die(TcpStream::connect(addr), "a fresh connection"));
+    or_die(
+        c.call(&Request::HealthCheck),
+        "HealthCheck on a fresh connection",
+    );
+    println!(
+        "a fresh connection's HealthCheck answered in {:.1} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+}
+
 fn connections(addr: SocketAddr, n: usize, server_pid: Option<u32>, sources: u8) {
     let before = server_pid.and_then(rss_kib);
     let mut held = Vec::with_capacity(n);
@@ -737,6 +821,12 @@ fn main() {
             server_pid,
             sources,
         } => connections(args.addr, n, server_pid, sources),
+        Mode::Trickle {
+            n,
+            frame,
+            send,
+            server_pid,
+        } => trickle(args.addr, args.duration, n, frame, send, server_pid),
         Mode::Longpoll {
             max_wait_ms,
             gap,
