@@ -398,3 +398,49 @@ pub fn fetch_all(
         offset = next;
     }
 }
+
+/// The settings of a test broker: 127.0.0.1 on port 0, data in `dir`, no metrics listener,
+/// `--fsync never`, the given runtime.
+pub fn broker_config(
+    dir: &std::path::Path,
+    runtime: streambus_server::RuntimeKind,
+) -> streambus_server::Config {
+    let mut c = streambus_server::Config::default();
+    c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    c.data_dir = dir.to_owned();
+    c.metrics_listen = None;
+    c.runtime = runtime;
+    c.fsync = streambus_server::FsyncMode::Never;
+    c
+}
+
+/// A broker started in this process with [`broker_config`].
+pub fn start_broker(
+    dir: &std::path::Path,
+    runtime: streambus_server::RuntimeKind,
+) -> streambus_server::Running {
+    streambus_server::start(broker_config(dir, runtime)).expect("broker starts")
+}
+
+/// Checks that every acknowledged `(offset, value)` is stored in `topic`/`partition` of the
+/// broker at `addr`; `what` names the case in the failure.
+pub fn assert_stored(
+    addr: SocketAddr,
+    topic: &str,
+    partition: u32,
+    acked: &[(i64, Vec<u8>)],
+    what: &str,
+) {
+    let mut c = RawClient::connect(addr).expect("connect");
+    let stored: std::collections::HashMap<i64, Vec<u8>> = fetch_all(&mut c, topic, partition, 0)
+        .expect("fetch everything")
+        .into_iter()
+        .collect();
+    for (off, v) in acked {
+        assert_eq!(
+            stored.get(off),
+            Some(v),
+            "{what}: acknowledged offset {off} lost"
+        );
+    }
+}

@@ -9,24 +9,13 @@ use streambus_core::{
     CreateTopicRequest, DeleteTopicRequest, ErrorCode, GetOffsetRequest, Request, RequestType,
     Response, Text, Topic,
 };
-use streambus_server::{Config, FsyncMode, Running, RuntimeKind};
+use streambus_server::{FsyncMode, RuntimeKind};
 use streambus_tests::{RawClient, fetch, fetch_all, produce};
 
 const RUNTIMES: [RuntimeKind; 3] = [RuntimeKind::Tokio, RuntimeKind::Smol, RuntimeKind::Blocking];
 
-fn config(dir: &std::path::Path, runtime: RuntimeKind) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.data_dir = dir.to_owned();
-    c.metrics_listen = None;
-    c.runtime = runtime;
-    c.fsync = FsyncMode::Never;
-    c
-}
-
-fn start(dir: &std::path::Path, runtime: RuntimeKind) -> Running {
-    streambus_server::start(config(dir, runtime)).expect("broker starts")
-}
+use streambus_tests::broker_config as config;
+use streambus_tests::start_broker as start;
 
 fn topic(s: &str) -> Topic<'_> {
     Topic::new(s).unwrap()
@@ -343,18 +332,7 @@ fn graceful_shutdown_with_producers_running_loses_no_acknowledged_message() {
         let acked = acked.lock().unwrap().clone();
         assert!(!acked.is_empty(), "{rt:?}: producers made progress");
         let broker = start(dir.path(), rt);
-        let mut c = RawClient::connect(broker.addr()).unwrap();
-        let stored: std::collections::HashMap<i64, Vec<u8>> = fetch_all(&mut c, "durable", 0, 0)
-            .unwrap()
-            .into_iter()
-            .collect();
-        for (off, v) in &acked {
-            assert_eq!(
-                stored.get(off),
-                Some(v),
-                "{rt:?}: acknowledged offset {off} lost"
-            );
-        }
+        streambus_tests::assert_stored(broker.addr(), "durable", 0, &acked, &format!("{rt:?}"));
     }
 }
 

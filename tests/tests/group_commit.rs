@@ -10,18 +10,15 @@ use std::process::{Command, Stdio};
 
 use streambus_core::{RequestType, Response};
 use streambus_server::{Config, FsyncMode, RuntimeKind};
-use streambus_tests::{RawClient, fetch_all};
+use streambus_tests::RawClient;
 
 const RUNTIMES: [RuntimeKind; 3] = [RuntimeKind::Tokio, RuntimeKind::Smol, RuntimeKind::Blocking];
 const PRODUCES: usize = 640;
 const WINDOW: usize = 64;
 
 fn config(dir: &str, runtime: RuntimeKind) -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.data_dir = dir.into();
+    let mut c = streambus_tests::broker_config(dir.as_ref(), runtime);
     c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-    c.runtime = runtime;
     c.fsync = FsyncMode::Always;
     c
 }
@@ -135,17 +132,6 @@ fn fsync_always_pipelined_produces_share_fsyncs_and_survive_sigkill() {
         let mut config = config(dir.path().to_str().unwrap(), rt);
         config.metrics_listen = None;
         let broker = streambus_server::start(config).unwrap();
-        let mut c = RawClient::connect(broker.addr()).unwrap();
-        let stored: std::collections::HashMap<i64, Vec<u8>> = fetch_all(&mut c, topic, 0, 0)
-            .unwrap()
-            .into_iter()
-            .collect();
-        for (off, v) in &acked {
-            assert_eq!(
-                stored.get(off),
-                Some(v),
-                "{name}: acknowledged offset {off} lost"
-            );
-        }
+        streambus_tests::assert_stored(broker.addr(), topic, 0, &acked, name);
     }
 }

@@ -8,20 +8,12 @@ use streambus_core::{
     DeleteTopicRequest, ErrorCode, FetchExtension, FetchRequest, LongPoll, Request, RequestType,
     Response, Topic,
 };
-use streambus_server::{Config, FsyncMode, Running, RuntimeKind};
+use streambus_server::RuntimeKind;
 use streambus_tests::{RawClient, produce};
 
 const RUNTIMES: [RuntimeKind; 3] = [RuntimeKind::Tokio, RuntimeKind::Smol, RuntimeKind::Blocking];
 
-fn start(dir: &std::path::Path, runtime: RuntimeKind) -> Running {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
-    c.data_dir = dir.to_owned();
-    c.metrics_listen = None;
-    c.runtime = runtime;
-    c.fsync = FsyncMode::Never;
-    streambus_server::start(c).expect("broker starts")
-}
+use streambus_tests::start_broker as start;
 
 fn long_poll(
     topic: &str,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use streambus_core::{
     FetchExtension, FetchRequest, LongPoll, Request, RequestType, Response, Topic,
 };
-use streambus_server::{Config, FsyncMode, RuntimeKind};
+use streambus_server::{Config, RuntimeKind};
 use streambus_tests::{RawClient, produce};
 
 const RUNTIMES: [RuntimeKind; 3] = [RuntimeKind::Tokio, RuntimeKind::Smol, RuntimeKind::Blocking];
@@ -25,12 +25,7 @@ fn start_with(
     dir: &std::path::Path,
     f: impl FnOnce(&mut Config),
 ) -> streambus_server::Running {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    config.data_dir = dir.to_owned();
-    config.metrics_listen = None;
-    config.runtime = rt;
-    config.fsync = FsyncMode::Never;
+    let mut config = streambus_tests::broker_config(dir, rt);
     f(&mut config);
     streambus_server::start(config).expect("broker starts")
 }
