@@ -164,20 +164,55 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn write_pending<H: Handler>(stream: &mut TcpStream, s: &mut Session, h: &H) -> io::Result<()> {
-    loop {
-        let n = match s.pending() {
-            Pending::None => return Ok(()),
-            Pending::Bytes(b) => {
-                stream.write_all(b)?;
-                b.len()
-            }
-            // The socket's write timeout bounds this too.
-            Pending::File(f) => send_file(stream.as_fd(), f)?,
+/// Writes everything pending. The write timeout runs from when the output started waiting for
+/// the socket, as on the async runtimes: one deadline for the whole write, however many calls
+/// it takes. (A blocking `send` returns early only when the socket's own timeout expires, with
+/// part of the bytes written; restarting that timeout at every call let a peer that reads a
+/// little now and then hold a connection for several timeouts.)
+fn write_pending<H: Handler>(
+    stream: &mut TcpStream,
+    s: &mut Session,
+    h: &H,
+    timeout: Duration,
+) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    // The socket's timeout was shortened to what is left of the deadline: restore it after.
+    let mut shortened = false;
+    let result = loop {
+        let r = match s.pending() {
+            Pending::None => break Ok(()),
+            Pending::Bytes(b) => stream.write(b),
+            Pending::File(f) => send_file(stream.as_fd(), f),
         };
-        s.sent(n);
-        h.on_event(ConnEvent::BytesOut(n));
+        match r {
+            Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                s.sent(n);
+                h.on_event(ConnEvent::BytesOut(n));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => break Err(e),
+        }
+        if matches!(s.pending(), Pending::None) {
+            continue;
+        }
+        // Short: the socket stalled. Go on only within the deadline.
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout"));
+        }
+        stream.set_write_timeout(Some(left))?;
+        shortened = true;
+    };
+    if shortened && result.is_ok() {
+        stream.set_write_timeout(Some(timeout))?;
     }
+    result
 }
 
 /// Wakes a connection thread blocked in `poll` when one of its replies completes.
@@ -216,15 +251,15 @@ fn connection<H: Handler>(
     loop {
         let reading = match s.process(now(), handler) {
             Next::Close => {
-                write_pending(&mut stream, &mut s, handler)?;
+                write_pending(&mut stream, &mut s, handler, options.write_timeout)?;
                 return close(&mut stream);
             }
             Next::Flush => {
-                write_pending(&mut stream, &mut s, handler)?;
+                write_pending(&mut stream, &mut s, handler, options.write_timeout)?;
                 continue;
             }
             Next::Offload(job) => {
-                write_pending(&mut stream, &mut s, handler)?;
+                write_pending(&mut stream, &mut s, handler, options.write_timeout)?;
                 // This thread may block: run it here, in order.
                 job.run(handler);
                 continue;
@@ -232,7 +267,7 @@ fn connection<H: Handler>(
             Next::Read => true,
             Next::Wait => false,
         };
-        write_pending(&mut stream, &mut s, handler)?;
+        write_pending(&mut stream, &mut s, handler, options.write_timeout)?;
         let stopping = stop.is_set();
         if (stopping || eof) && s.drained() {
             // Everything read has been answered and written.

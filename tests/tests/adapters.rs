@@ -226,6 +226,8 @@ fn shutdown_answers_what_was_read() {
 #[derive(Default)]
 struct Big {
     closed: AtomicUsize,
+    /// When the first connection closed.
+    closed_at: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Handler for Big {
@@ -239,6 +241,7 @@ impl Handler for Big {
 
     fn on_event(&self, event: ConnEvent) {
         if event == ConnEvent::Closed {
+            let _ = self.closed_at.set(std::time::Instant::now());
             self.closed.fetch_add(1, Ordering::SeqCst);
         }
     }
@@ -248,11 +251,8 @@ impl Handler for Big {
 fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
     each_runtime(|rt| {
         let big = Arc::new(Big::default());
-        let server = serve(
-            rt,
-            big.clone(),
-            options().write_timeout(Duration::from_millis(300)),
-        );
+        let timeout = Duration::from_secs(1);
+        let server = serve(rt, big.clone(), options().write_timeout(timeout));
         let mut c = RawClient::connect(server.addr).unwrap();
         // 64 requests = 64 MiB of replies, far beyond what socket buffers and the 4 MiB
         // transmit high-water mark hold; the client never reads.
@@ -260,8 +260,9 @@ fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
         for _ in 0..64 {
             burst.extend_from_slice(&c.encode(&Request::HealthCheck).1);
         }
+        let sent = std::time::Instant::now();
         c.send_raw(&burst).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let deadline = sent + Duration::from_secs(10);
         while big.closed.load(Ordering::SeqCst) == 0 {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -269,6 +270,13 @@ fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // One deadline for the stalled write, not one per write call: closed one timeout
+        // after the socket filled (a few ms after the burst), well before two.
+        let closed = big.closed_at.get().unwrap().duration_since(sent);
+        assert!(
+            closed >= timeout && closed < timeout + timeout / 2,
+            "{rt:?}: closed {closed:?} after the burst, write timeout {timeout:?}"
+        );
         // The server is still fine for others.
         let ping = RawClient::connect(server.addr);
         assert!(ping.is_ok());
