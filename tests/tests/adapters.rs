@@ -271,10 +271,11 @@ fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
             std::thread::sleep(Duration::from_millis(20));
         }
         // One deadline for the stalled write, not one per write call: closed one timeout
-        // after the socket filled (a few ms after the burst), well before two.
+        // after the socket filled (after the first replies are encoded: up to half a second in
+        // a debug build, whose CRC is slow), before two (one per call took 3.3 s on blocking).
         let closed = big.closed_at.get().unwrap().duration_since(sent);
         assert!(
-            closed >= timeout && closed < timeout + timeout / 2,
+            closed >= timeout && closed < 2 * timeout,
             "{rt:?}: closed {closed:?} after the burst, write timeout {timeout:?}"
         );
         // The server is still fine for others.
