@@ -1,0 +1,681 @@
+//! [`Producer`]: batching per partition, linger, retries.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Poll, ready};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use streambus_core::{Encode, Header, Headers, Message};
+use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::time::Instant;
+
+use crate::client::{Client, mismatch, validate_topic};
+use crate::conn::{Reply, Req};
+use crate::error::{Context, Error, ErrorCode, Result};
+use crate::partition::partition_for_key;
+use crate::types::{Record, RecordMetadata};
+
+/// What [`Producer::send`] does when the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BufferFull {
+    /// Wait for room up to this long, then fail with [`Error::TimedOut`].
+    Block(Duration),
+    /// Fail at once with [`Error::InvalidInput`] ("buffer full"), which is not retriable
+    /// by itself: slow down and send again.
+    FailFast,
+}
+
+/// Settings of a [`Producer`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProducerConfig {
+    /// How long a batch waits for more records before it is sent (default 5 ms). A batch
+    /// that fills up goes at once.
+    pub linger: Duration,
+    /// Record bytes per batch at most (default 1 MiB; the maximum frame caps it too).
+    pub batch_max_bytes: usize,
+    /// Records per batch at most (default 10 000).
+    pub batch_max_records: u32,
+    /// Record bytes buffered (batching, in flight or retrying) at most (default 32 MiB).
+    pub buffer_max_bytes: usize,
+    /// What `send` does when the buffer is full (default: block up to 60 s).
+    pub buffer_full: BufferFull,
+    /// From `send` to the record's acknowledgement or failure, retries included (default
+    /// 2 min).
+    pub delivery_timeout: Duration,
+    /// Attempts after the first for a batch that failed with a retriable error (default 10).
+    pub retries: usize,
+    /// First retry delay (default 100 ms); doubles up to 2 s, with jitter.
+    pub retry_backoff: Duration,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            linger: Duration::from_millis(5),
+            batch_max_bytes: 1 << 20,
+            batch_max_records: 10_000,
+            buffer_max_bytes: 32 << 20,
+            buffer_full: BufferFull::Block(Duration::from_secs(60)),
+            delivery_timeout: Duration::from_secs(120),
+            retries: 10,
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+impl ProducerConfig {
+    /// Sets [`linger`](Self::linger).
+    pub fn linger(mut self, d: Duration) -> Self {
+        self.linger = d;
+        self
+    }
+    /// Sets [`batch_max_bytes`](Self::batch_max_bytes).
+    pub fn batch_max_bytes(mut self, n: usize) -> Self {
+        self.batch_max_bytes = n;
+        self
+    }
+    /// Sets [`batch_max_records`](Self::batch_max_records).
+    pub fn batch_max_records(mut self, n: u32) -> Self {
+        self.batch_max_records = n;
+        self
+    }
+    /// Sets [`buffer_max_bytes`](Self::buffer_max_bytes).
+    pub fn buffer_max_bytes(mut self, n: usize) -> Self {
+        self.buffer_max_bytes = n;
+        self
+    }
+    /// Sets [`buffer_full`](Self::buffer_full).
+    pub fn buffer_full(mut self, b: BufferFull) -> Self {
+        self.buffer_full = b;
+        self
+    }
+    /// Sets [`delivery_timeout`](Self::delivery_timeout).
+    pub fn delivery_timeout(mut self, d: Duration) -> Self {
+        self.delivery_timeout = d;
+        self
+    }
+    /// Sets [`retries`](Self::retries).
+    pub fn retries(mut self, n: usize) -> Self {
+        self.retries = n;
+        self
+    }
+    /// Sets [`retry_backoff`](Self::retry_backoff).
+    pub fn retry_backoff(mut self, d: Duration) -> Self {
+        self.retry_backoff = d;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.batch_max_bytes == 0 || self.batch_max_records == 0 {
+            return Err(Error::config(
+                "batch_max_bytes",
+                "batches must hold a record",
+            ));
+        }
+        if self.buffer_max_bytes < self.batch_max_bytes {
+            return Err(Error::config(
+                "buffer_max_bytes",
+                "must be at least batch_max_bytes",
+            ));
+        }
+        if self.delivery_timeout.is_zero() {
+            return Err(Error::config(
+                "delivery_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if matches!(self.buffer_full, BufferFull::Block(d) if d.is_zero()) {
+            return Err(Error::config(
+                "buffer_full",
+                "a zero block timeout: use BufferFull::FailFast",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of one record: resolves to where it landed, or its error. Dropping it does not
+/// cancel the record (its failure is still reported by [`Producer::close`]).
+#[derive(Debug)]
+#[must_use = "a Delivery reports the record's error; await it or keep the producer's close() report"]
+pub struct Delivery {
+    rx: oneshot::Receiver<Result<RecordMetadata>>,
+    ctx: Context,
+}
+
+impl Delivery {
+    fn resolve(
+        ctx: &Context,
+        r: Result<Result<RecordMetadata>, oneshot::error::RecvError>,
+    ) -> Result<RecordMetadata> {
+        match r {
+            Ok(r) => r,
+            Err(_) => Err(Error::Closed {
+                context: ctx.clone(),
+                what: "producer",
+            }),
+        }
+    }
+
+    /// Blocks the thread until the outcome is known (not inside an async runtime).
+    pub fn wait(self) -> Result<RecordMetadata> {
+        Self::resolve(&self.ctx, self.rx.blocking_recv())
+    }
+}
+
+impl Future for Delivery {
+    type Output = Result<RecordMetadata>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let r = ready!(Pin::new(&mut self.rx).poll(cx));
+        Poll::Ready(Self::resolve(&self.ctx, r))
+    }
+}
+
+type Waiter = oneshot::Sender<Result<RecordMetadata>>;
+type Key = (Arc<str>, u32);
+
+#[derive(Debug)]
+struct Batch {
+    records: Vec<u8>,
+    count: u32,
+    waiters: Vec<Waiter>,
+    /// When the batch opened (linger counts from here).
+    opened: Instant,
+    /// The delivery deadline of its first record.
+    deadline: Instant,
+}
+
+#[derive(Debug, Default)]
+struct PartitionQueue {
+    open: Option<Batch>,
+    sealed: VecDeque<Batch>,
+    in_flight: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Partition count per topic and the round-robin cursor.
+    topics: HashMap<Arc<str>, (u32, u32)>,
+    queues: HashMap<Key, PartitionQueue>,
+    failures: Vec<Error>,
+    /// Flushes in progress: linger is zero meanwhile.
+    flushing: usize,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Client,
+    config: ProducerConfig,
+    state: Mutex<State>,
+    buffer: Semaphore,
+    outstanding: AtomicUsize,
+    idle: Notify,
+    wake_linger: Notify,
+    closed: AtomicBool,
+}
+
+/// A batching producer. Cheap to clone; clones share batches and buffer.
+///
+/// Records are grouped per topic-partition into batches, sent when a batch is full or its
+/// [`linger`](ProducerConfig::linger) has passed, one batch in flight per partition so
+/// records keep their order. Partitions: the record's explicit one, else the key hash
+/// ([`partition_for_key`]), else round robin; partition counts come from the topic list
+/// (a topic that does not exist yet counts as one partition, which is what the broker's
+/// auto-create makes) and are re-read after `PartitionNotFound`.
+///
+/// **Delivery is at-least-once.** A batch that fails with a retriable error (see
+/// [`Error::is_retriable`]) is sent again with exponential backoff and jitter, up to
+/// [`retries`](ProducerConfig::retries) times and within the
+/// [`delivery_timeout`](ProducerConfig::delivery_timeout). If the broker appended a batch
+/// but its answer was lost, the retry appends it again: duplicates are possible until
+/// idempotent produce (protocol §6.2) is used by this producer.
+///
+/// ```no_run
+/// # async fn demo(client: streambus_client::Client) -> Result<(), streambus_client::Error> {
+/// use streambus_client::{Producer, Record};
+/// let producer = Producer::new(&client);
+/// // One record, awaited:
+/// let at = producer.send(Record::new("orders", "a")).await?;
+/// // Many records, batched, awaited together:
+/// let mut pending = Vec::new();
+/// for i in 0..1000 {
+///     pending.push(producer.enqueue(Record::new("orders", format!("{i}"))).await?);
+/// }
+/// for d in pending {
+///     d.await?;
+/// }
+/// producer.close().await.map_err(|mut errors| errors.remove(0))?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+impl Producer {
+    /// A producer with the default settings.
+    pub fn new(client: &Client) -> Self {
+        match Self::with_config(client, ProducerConfig::default()) {
+            Ok(p) => p,
+            // The defaults are valid; keep a producer that reports the error on use anyway.
+            Err(_) => Self::build(client, ProducerConfig::default()),
+        }
+    }
+
+    /// A producer with `config`; invalid settings are [`Error::Config`].
+    pub fn with_config(client: &Client, config: ProducerConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self::build(client, config))
+    }
+
+    fn build(client: &Client, config: ProducerConfig) -> Self {
+        let inner = Arc::new(Inner {
+            client: client.clone(),
+            buffer: Semaphore::new(config.buffer_max_bytes),
+            config,
+            state: Mutex::new(State::default()),
+            outstanding: AtomicUsize::new(0),
+            idle: Notify::new(),
+            wake_linger: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
+        client
+            .inner
+            .pool
+            .runtime()
+            .spawn(linger_task(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// Sends `record` and waits for its acknowledgement: where it landed, or why it failed.
+    /// To have many records in flight (and batched), use [`enqueue`](Self::enqueue).
+    pub async fn send(&self, record: Record) -> Result<RecordMetadata> {
+        self.enqueue(record).await?.await
+    }
+
+    /// Adds `record` to its partition's batch and returns at once with a [`Delivery`] to
+    /// await. Waits only when the buffer is full (per [`BufferFull`]). Errors here mean the
+    /// record was not taken: invalid topic or partition, a record larger than the maximum
+    /// frame, a full buffer, or a closed producer.
+    pub async fn enqueue(&self, record: Record) -> Result<Delivery> {
+        let inner = &self.inner;
+        let ctx = Context::new("produce").topic(record.topic.as_str());
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed {
+                context: ctx,
+                what: "producer",
+            });
+        }
+        let topic = validate_topic(&record.topic, &ctx)?;
+        let headers: Vec<Header<'_>> = record
+            .headers
+            .iter()
+            .map(|(k, v)| Header { key: k, value: v })
+            .collect();
+        let message = Message {
+            offset: 0,
+            timestamp: record.timestamp.unwrap_or(0),
+            key: record.key.as_deref().unwrap_or_default(),
+            value: &record.value,
+            headers: Headers::from_slice(&headers),
+        };
+        let size = message.encoded_len();
+        let limit = self.batch_limit(&topic);
+        if size > limit {
+            return Err(Error::invalid(
+                ctx,
+                format!("a record of {size} bytes exceeds the {limit}-byte limit of one batch"),
+            ));
+        }
+        let partition = self.partition_of(&topic, &record, &ctx).await?;
+        let ctx = ctx.partition(partition);
+        let permits = u32::try_from(size).unwrap_or(u32::MAX);
+        let permit = match inner.config.buffer_full {
+            BufferFull::FailFast => inner
+                .buffer
+                .try_acquire_many(permits)
+                .map_err(|_| Error::invalid(ctx.clone(), "the producer's buffer is full"))?,
+            BufferFull::Block(d) => tokio::time::timeout(d, inner.buffer.acquire_many(permits))
+                .await
+                .map_err(|_| Error::TimedOut {
+                    context: ctx.clone(),
+                    waiting: "waiting for room in the producer's buffer",
+                    after: d,
+                })?
+                .map_err(|_| Error::Closed {
+                    context: ctx.clone(),
+                    what: "producer",
+                })?,
+        };
+        permit.forget();
+        let (tx, rx) = oneshot::channel();
+        let now = Instant::now();
+        let mut ship = false;
+        {
+            let mut st = inner.lock();
+            let key = (topic, partition);
+            let q = st.queues.entry(key.clone()).or_default();
+            let fits = q.open.as_ref().is_some_and(|b| {
+                b.records.len() + size <= limit && b.count < inner.config.batch_max_records
+            });
+            if !fits && let Some(full) = q.open.take() {
+                q.sealed.push_back(full);
+            }
+            let new_batch = q.open.is_none();
+            let batch = q.open.get_or_insert_with(|| Batch {
+                records: Vec::with_capacity(size.max(4096).min(limit)),
+                count: 0,
+                waiters: Vec::new(),
+                opened: now,
+                deadline: now + inner.config.delivery_timeout,
+            });
+            let at = batch.records.len();
+            batch.records.resize(at + size, 0);
+            let encoded = batch.records.get_mut(at..).map(|buf| message.encode(buf));
+            if !matches!(encoded, Some(Ok(n)) if n == size) {
+                batch.records.truncate(at);
+                drop(st);
+                inner.buffer.add_permits(size);
+                return Err(Error::invalid(ctx, "the record can't be encoded"));
+            }
+            batch.count += 1;
+            batch.waiters.push(tx);
+            if (batch.records.len() >= limit || batch.count >= inner.config.batch_max_records)
+                && let Some(full) = q.open.take()
+            {
+                q.sealed.push_back(full);
+            }
+            if !q.sealed.is_empty() && !q.in_flight {
+                ship = true;
+            }
+            inner.outstanding.fetch_add(1, Ordering::AcqRel);
+            if ship {
+                ship_next(inner, &mut st, &key);
+            } else if new_batch {
+                drop(st);
+                inner.wake_linger.notify_one();
+            }
+        }
+        Ok(Delivery { rx, ctx })
+    }
+
+    /// Record bytes one batch may hold for `topic`: the configured size, within what one
+    /// Produce frame can carry.
+    fn batch_limit(&self, topic: &str) -> usize {
+        // Request header (4 + 16) + topic (4 + name) + partition and count (8) + slack.
+        let frame = self.inner.client.config().max_frame_len as usize;
+        let room = frame.saturating_sub(64 + topic.len());
+        self.inner.config.batch_max_bytes.min(room)
+    }
+
+    async fn partition_of(&self, topic: &Arc<str>, record: &Record, ctx: &Context) -> Result<u32> {
+        let known = self.inner.lock().topics.get(topic).map(|t| t.0);
+        let count = match known {
+            Some(c) => c,
+            None => {
+                let c = self
+                    .inner
+                    .client
+                    .partition_count(topic)
+                    .await
+                    .map_err(|e| e.with_context(ctx))?
+                    // Auto-create makes one partition.
+                    .unwrap_or(1);
+                self.inner
+                    .lock()
+                    .topics
+                    .entry(topic.clone())
+                    .or_insert((c, 0))
+                    .0
+            }
+        };
+        if let Some(p) = record.partition {
+            if p >= count {
+                return Err(Error::invalid(
+                    ctx.clone().partition(p),
+                    format!("partition {p} is out of range: the topic has {count}"),
+                ));
+            }
+            return Ok(p);
+        }
+        match record.key.as_deref() {
+            Some(k) if !k.is_empty() => Ok(partition_for_key(k, count)),
+            _ => {
+                let mut st = self.inner.lock();
+                let entry = st.topics.entry(topic.clone()).or_insert((count, 0));
+                let p = entry.1 % count.max(1);
+                entry.1 = entry.1.wrapping_add(1);
+                Ok(p)
+            }
+        }
+    }
+
+    /// Sends every buffered record now (no linger) and waits until none is outstanding:
+    /// each is acknowledged or failed (records sent meanwhile are waited for too).
+    pub async fn flush(&self) {
+        let inner = &self.inner;
+        {
+            let mut st = inner.lock();
+            st.flushing += 1;
+            seal_due(inner, &mut st, Instant::now(), true);
+        }
+        loop {
+            let idle = inner.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if inner.outstanding.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            {
+                // Batches opened since: send them too.
+                let mut st = inner.lock();
+                seal_due(inner, &mut st, Instant::now(), true);
+            }
+            idle.await;
+        }
+        inner.lock().flushing -= 1;
+    }
+
+    /// Refuses new records, flushes, and returns every failure since the producer started
+    /// (or since the last `close`), one error per failed record, whether or not its
+    /// [`Delivery`] was awaited.
+    pub async fn close(&self) -> std::result::Result<(), Vec<Error>> {
+        self.inner.closed.store(true, Ordering::Release);
+        self.flush().await;
+        let failures = std::mem::take(&mut self.inner.lock().failures);
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures)
+        }
+    }
+
+    /// Records buffered or in flight, not yet acknowledged or failed.
+    pub fn outstanding(&self) -> usize {
+        self.inner.outstanding.load(Ordering::Acquire)
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Seals open batches whose linger passed (all of them with `all`) and ships where possible.
+fn seal_due(inner: &Arc<Inner>, st: &mut State, now: Instant, all: bool) -> Option<Instant> {
+    let linger = inner.config.linger;
+    let mut next: Option<Instant> = None;
+    let mut ready = Vec::new();
+    for (key, q) in st.queues.iter_mut() {
+        if let Some(b) = &q.open {
+            let due = b.opened + linger;
+            if all || due <= now {
+                if let Some(b) = q.open.take() {
+                    q.sealed.push_back(b);
+                }
+            } else {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        if !q.in_flight && !q.sealed.is_empty() {
+            ready.push(key.clone());
+        }
+    }
+    for key in ready {
+        ship_next(inner, st, &key);
+    }
+    next
+}
+
+/// Sends the partition's next sealed batch, if it has none in flight.
+fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
+    let Some(q) = st.queues.get_mut(key) else {
+        return;
+    };
+    if q.in_flight {
+        return;
+    }
+    let Some(batch) = q.sealed.pop_front() else {
+        return;
+    };
+    q.in_flight = true;
+    let inner2 = inner.clone();
+    let key = key.clone();
+    inner
+        .client
+        .inner
+        .pool
+        .runtime()
+        .spawn(async move { send_batch(inner2, key, batch).await });
+}
+
+async fn send_batch(inner: Arc<Inner>, key: Key, batch: Batch) {
+    let (topic, partition) = key.clone();
+    let ctx = Context::new("produce")
+        .topic(topic.clone())
+        .partition(partition);
+    let bytes = batch.records.len();
+    let count = batch.count;
+    let records = Arc::new(batch.records);
+    let config = &inner.config;
+    let mut backoff = ExponentialBuilder::default()
+        .with_min_delay(config.retry_backoff)
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .with_max_times(config.retries)
+        .build();
+    let request_timeout = inner.client.config().request_timeout;
+    let result = loop {
+        let now = Instant::now();
+        let remaining = batch.deadline.saturating_duration_since(now);
+        if remaining.is_zero() {
+            break Err(Error::TimedOut {
+                context: ctx.clone(),
+                waiting: "waiting for delivery",
+                after: config.delivery_timeout,
+            });
+        }
+        let req = Req::Produce {
+            topic: topic.clone(),
+            partition,
+            count,
+            records: records.clone(),
+        };
+        let attempt = inner
+            .client
+            .call(req, &ctx, request_timeout.min(remaining))
+            .await;
+        let e = match attempt {
+            Ok(Reply::Produce { base_offset, .. }) => break Ok(base_offset),
+            Ok(other) => break Err(mismatch(ctx.clone(), &other)),
+            Err(e) => e,
+        };
+        if e.code() == Some(ErrorCode::PARTITION_NOT_FOUND) {
+            inner.lock().topics.remove(&topic);
+        }
+        if !e.is_retriable() {
+            break Err(e);
+        }
+        match backoff.next() {
+            Some(d) if Instant::now() + d < batch.deadline => {
+                tracing::debug!(error = %e, ?d, "produce failed; retrying");
+                tokio::time::sleep(d).await;
+            }
+            _ => break Err(e),
+        }
+    };
+    let mut failed = Vec::new();
+    match result {
+        Ok(base) => {
+            for (i, w) in batch.waiters.into_iter().enumerate() {
+                let _ = w.send(Ok(RecordMetadata {
+                    topic: topic.clone(),
+                    partition,
+                    offset: base + i as i64,
+                }));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, count, "batch failed");
+            for w in batch.waiters {
+                failed.push(e.clone());
+                let _ = w.send(Err(e.clone()));
+            }
+        }
+    }
+    inner.buffer.add_permits(bytes);
+    {
+        let mut guard = inner.lock();
+        let st = &mut *guard;
+        st.failures.extend(failed);
+        let flushing = st.flushing > 0;
+        let now = Instant::now();
+        if let Some(q) = st.queues.get_mut(&key) {
+            q.in_flight = false;
+            if q.sealed.is_empty()
+                && q.open
+                    .as_ref()
+                    .is_some_and(|b| flushing || b.opened + inner.config.linger <= now)
+                && let Some(b) = q.open.take()
+            {
+                q.sealed.push_back(b);
+            }
+        }
+        ship_next(&inner, st, &key);
+    }
+    inner
+        .outstanding
+        .fetch_sub(count as usize, Ordering::AcqRel);
+    inner.idle.notify_waiters();
+}
+
+/// Seals batches whose linger passed; sleeps until the next one is due or a batch opens.
+async fn linger_task(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let wake = strong.wake_linger.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        let next = {
+            let mut st = strong.lock();
+            let all = st.flushing > 0;
+            seal_due(&strong, &mut st, Instant::now(), all)
+        };
+        let idle_check = Duration::from_millis(500);
+        let sleep_until = next.unwrap_or_else(|| Instant::now() + idle_check);
+        tokio::select! {
+            () = &mut wake => {}
+            () = tokio::time::sleep_until(sleep_until) => {}
+        }
+    }
+}

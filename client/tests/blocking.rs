@@ -1,0 +1,49 @@
+//! The blocking API against the real broker.
+
+use std::time::Duration;
+
+use streambus_client::blocking::{Client, Consumer, Producer};
+use streambus_client::{ErrorCode, Offset, Record};
+use streambus_server::{Config, FsyncMode, RuntimeKind};
+
+#[test]
+fn blocking_produce_consume_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.data_dir = dir.path().to_owned();
+    cfg.metrics_listen = None;
+    cfg.runtime = RuntimeKind::Blocking;
+    cfg.fsync = FsyncMode::Never;
+    let b = streambus_server::start(cfg).unwrap();
+    let c = Client::connect(b.addr().to_string()).unwrap();
+    assert!(c.create_topic("sync", 2).unwrap());
+    let p = Producer::new(&c);
+    let m = p.send(Record::new("sync", "one").partition(1)).unwrap();
+    assert_eq!((m.partition, m.offset), (1, 0));
+    let pending: Vec<_> = (0..1000)
+        .map(|i| {
+            p.enqueue(Record::new("sync", format!("{i}")).partition(1))
+                .unwrap()
+        })
+        .collect();
+    let offsets: Vec<i64> = pending
+        .into_iter()
+        .map(|d| d.wait().unwrap().offset)
+        .collect();
+    assert_eq!(offsets, (1..=1000).collect::<Vec<_>>());
+    p.close().unwrap();
+    assert_eq!(c.offsets("sync", 1).unwrap().end, 1001);
+    let mut consumer = Consumer::new(&c);
+    consumer.assign("sync", 1, Offset::Earliest).unwrap();
+    let mut n = 0;
+    while n < 1001 {
+        for r in consumer.poll(Duration::from_secs(5)).unwrap() {
+            assert_eq!(r.offset, n);
+            n += 1;
+        }
+    }
+    assert_eq!(consumer.position("sync", 1), Some(1001));
+    let e = c.delete_topic("nope").unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TOPIC_NOT_FOUND));
+}
