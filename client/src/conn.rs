@@ -301,6 +301,10 @@ pub(crate) async fn run(
         };
         match wake {
             Ok(Wake::Other(Some(job))) => {
+                if job.reply.is_closed() {
+                    // The caller gave up (timeout, cancel) before this was sent.
+                    continue;
+                }
                 let queued = request(&job.req).and_then(|r| {
                     driver
                         .queue(&r)
@@ -321,11 +325,17 @@ pub(crate) async fn run(
                     continue;
                 };
                 let result = if done.timed_out {
-                    Err(Error::TimedOut {
+                    // The deadline includes the longest long-poll wait: a broker this late
+                    // is stuck or the path is dead. Drop the connection (its slots would
+                    // stay taken until a late answer) and fail what it holds; the pool dials
+                    // a fresh one.
+                    let e = Error::TimedOut {
                         context: Context::default(),
                         waiting: "waiting for the broker's answer",
                         after: request_timeout,
-                    })
+                    };
+                    let _ = job.reply.send(Err(e.clone()));
+                    break Some(e);
                 } else {
                     match driver.response(done.request_type) {
                         Some(r) => reply(&job.req, r),

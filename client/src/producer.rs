@@ -190,6 +190,8 @@ struct Batch {
     opened: Instant,
     /// The delivery deadline of its first record.
     deadline: Instant,
+    /// A caller awaits a record of it: no linger.
+    urgent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -257,6 +259,20 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct Producer {
     inner: Arc<Inner>,
+    _last: Arc<LastHandle>,
+}
+
+/// Dropped with the last [`Producer`] handle: sends whatever is still batched, so dropping a
+/// producer without [`close`](Producer::close) loses no record that was taken (their
+/// [`Delivery`]s still resolve).
+#[derive(Debug)]
+struct LastHandle(Arc<Inner>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        seal_due(&self.0, &mut st, Instant::now(), true);
+    }
 }
 
 impl Producer {
@@ -291,13 +307,19 @@ impl Producer {
             .pool
             .runtime()
             .spawn(linger_task(Arc::downgrade(&inner)));
-        Self { inner }
+        Self {
+            _last: Arc::new(LastHandle(inner.clone())),
+            inner,
+        }
     }
 
     /// Sends `record` and waits for its acknowledgement: where it landed, or why it failed.
     /// To have many records in flight (and batched), use [`enqueue`](Self::enqueue).
+    ///
+    /// The record's batch does not linger (the caller is waiting): it goes as soon as its
+    /// partition has no batch in flight, with whatever other records joined it.
     pub async fn send(&self, record: Record) -> Result<RecordMetadata> {
-        self.enqueue(record).await?.await
+        self.take(record, true).await?.await
     }
 
     /// Adds `record` to its partition's batch and returns at once with a [`Delivery`] to
@@ -305,6 +327,10 @@ impl Producer {
     /// record was not taken: invalid topic or partition, a record larger than the maximum
     /// frame, a full buffer, or a closed producer.
     pub async fn enqueue(&self, record: Record) -> Result<Delivery> {
+        self.take(record, false).await
+    }
+
+    async fn take(&self, record: Record, urgent: bool) -> Result<Delivery> {
         let inner = &self.inner;
         let ctx = Context::new("produce").topic(record.topic.as_str());
         if inner.closed.load(Ordering::Acquire) {
@@ -375,7 +401,9 @@ impl Producer {
                 waiters: Vec::new(),
                 opened: now,
                 deadline: now + inner.config.delivery_timeout,
+                urgent: false,
             });
+            batch.urgent |= urgent;
             let at = batch.records.len();
             batch.records.resize(at + size, 0);
             let encoded = batch.records.get_mut(at..).map(|buf| message.encode(buf));
@@ -387,9 +415,10 @@ impl Producer {
             }
             batch.count += 1;
             batch.waiters.push(tx);
-            if (batch.records.len() >= limit || batch.count >= inner.config.batch_max_records)
-                && let Some(full) = q.open.take()
-            {
+            let full = batch.records.len() >= limit
+                || batch.count >= inner.config.batch_max_records
+                || (batch.urgent && !q.in_flight);
+            if full && let Some(full) = q.open.take() {
                 q.sealed.push_back(full);
             }
             if !q.sealed.is_empty() && !q.in_flight {
@@ -517,7 +546,7 @@ fn seal_due(inner: &Arc<Inner>, st: &mut State, now: Instant, all: bool) -> Opti
     for (key, q) in st.queues.iter_mut() {
         if let Some(b) = &q.open {
             let due = b.opened + linger;
-            if all || due <= now {
+            if all || b.urgent || due <= now {
                 if let Some(b) = q.open.take() {
                     q.sealed.push_back(b);
                 }
@@ -643,7 +672,7 @@ async fn send_batch(inner: Arc<Inner>, key: Key, batch: Batch) {
             if q.sealed.is_empty()
                 && q.open
                     .as_ref()
-                    .is_some_and(|b| flushing || b.opened + inner.config.linger <= now)
+                    .is_some_and(|b| flushing || b.urgent || b.opened + inner.config.linger <= now)
                 && let Some(b) = q.open.take()
             {
                 q.sealed.push_back(b);
