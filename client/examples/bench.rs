@@ -117,7 +117,7 @@ async fn main() -> Result<(), Error> {
             let end = start + duration;
             while Instant::now() < end {
                 for r in consumer.poll(Duration::from_secs(1)).await? {
-                    bytes += (28 + r.key.len() + r.value.len()) as u64;
+                    bytes += (28 + r.key().len() + r.value().len()) as u64;
                     records += 1;
                     if r.offset + 1 == end_offset {
                         consumer.seek(topic, 0, Offset::Earliest).await?;

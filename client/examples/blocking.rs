@@ -24,7 +24,7 @@ fn main() -> Result<(), streambus_client::Error> {
         Offset::At(first.offset),
     )?;
     for r in consumer.poll(Duration::from_secs(1))? {
-        println!("{}: {}", r.offset, String::from_utf8_lossy(&r.value));
+        println!("{}: {}", r.offset, String::from_utf8_lossy(r.value()));
     }
     println!("health: {:?}", client.health()?);
     Ok(())

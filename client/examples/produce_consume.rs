@@ -48,7 +48,7 @@ async fn main() -> Result<(), streambus_client::Error> {
                 r.topic,
                 r.partition,
                 r.offset,
-                String::from_utf8_lossy(&r.value)
+                String::from_utf8_lossy(r.value())
             );
         }
     }

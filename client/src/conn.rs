@@ -193,27 +193,44 @@ fn reply(req: &Req, response: Response<'_>) -> Result<Reply> {
                 topic, partition, ..
             },
             Response::Fetch(f),
-        ) => Reply::Fetch(Fetched {
-            high_water_mark: f.high_water_mark,
-            next_offset: f.trailer.map(|t| t.next_offset),
-            records: f
-                .messages
-                .iter()
-                .map(|m| ConsumerRecord {
-                    topic: topic.clone(),
-                    partition: *partition,
-                    offset: m.offset,
-                    timestamp: m.timestamp,
-                    key: m.key.to_vec(),
-                    value: m.value.to_vec(),
-                    headers: m
-                        .headers
-                        .iter()
-                        .map(|h| (h.key.to_vec(), h.value.to_vec()))
-                        .collect(),
-                })
-                .collect(),
-        }),
+        ) => {
+            // One copy of the records per fetch; records are views into it.
+            let base = f.messages.as_bytes();
+            let buf: Arc<[u8]> = Arc::from(base);
+            let at = |part: &[u8]| -> Result<std::ops::Range<usize>> {
+                let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+                let end = start.wrapping_add(part.len());
+                if part.is_empty() {
+                    Ok(0..0)
+                } else if start <= end && end <= base.len() {
+                    Ok(start..end)
+                } else {
+                    Err(unexpected("a record outside its message set".into()))
+                }
+            };
+            let mut records = Vec::with_capacity(f.messages.count() as usize);
+            for m in f.messages.iter() {
+                let mut headers = Vec::new();
+                for h in m.headers.iter() {
+                    headers.push((at(h.key)?, at(h.value)?));
+                }
+                records.push(ConsumerRecord::new(
+                    topic.clone(),
+                    *partition,
+                    m.offset,
+                    m.timestamp,
+                    buf.clone(),
+                    at(m.key)?,
+                    at(m.value)?,
+                    headers,
+                ));
+            }
+            Reply::Fetch(Fetched {
+                high_water_mark: f.high_water_mark,
+                next_offset: f.trailer.map(|t| t.next_offset),
+                records,
+            })
+        }
         (Req::GetOffset { partition, .. }, Response::GetOffset(g)) => {
             Reply::Offsets(PartitionOffsets {
                 partition: *partition,

@@ -129,7 +129,7 @@ struct Done {
 /// consumer.assign("orders", 0, Offset::Earliest).await?;
 /// loop {
 ///     for r in consumer.poll(Duration::from_secs(1)).await? {
-///         println!("{}/{}@{}: {:?}", r.topic, r.partition, r.offset, r.value);
+///         println!("{}/{}@{}: {:?}", r.topic, r.partition, r.offset, r.value());
 ///     }
 /// }
 /// # }

@@ -22,7 +22,7 @@
 //! let mut consumer = Consumer::new(&client);
 //! consumer.assign("orders", at.partition, Offset::Earliest).await?;
 //! for record in consumer.poll(std::time::Duration::from_secs(1)).await? {
-//!     println!("{} {:?}", record.offset, record.value);
+//!     println!("{} {:?}", record.offset, record.value());
 //! }
 //! # Ok(()) }
 //! ```

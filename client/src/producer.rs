@@ -146,26 +146,30 @@ impl ProducerConfig {
 #[must_use = "a Delivery reports the record's error; await it or keep the producer's close() report"]
 pub struct Delivery {
     rx: oneshot::Receiver<Result<RecordMetadata>>,
-    ctx: Context,
+    topic: Arc<str>,
+    partition: u32,
 }
 
 impl Delivery {
     fn resolve(
-        ctx: &Context,
+        topic: &Arc<str>,
+        partition: u32,
         r: Result<Result<RecordMetadata>, oneshot::error::RecvError>,
     ) -> Result<RecordMetadata> {
-        match r {
-            Ok(r) => r,
-            Err(_) => Err(Error::Closed {
-                context: ctx.clone(),
+        r.unwrap_or_else(|_| {
+            Err(Error::Closed {
+                context: Context::new("produce")
+                    .topic(topic.clone())
+                    .partition(partition),
                 what: "producer",
-            }),
-        }
+            })
+        })
     }
 
     /// Blocks the thread until the outcome is known (not inside an async runtime).
     pub fn wait(self) -> Result<RecordMetadata> {
-        Self::resolve(&self.ctx, self.rx.blocking_recv())
+        let r = self.rx.blocking_recv();
+        Self::resolve(&self.topic, self.partition, r)
     }
 }
 
@@ -174,7 +178,7 @@ impl Future for Delivery {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
         let r = ready!(Pin::new(&mut self.rx).poll(cx));
-        Poll::Ready(Self::resolve(&self.ctx, r))
+        Poll::Ready(Self::resolve(&self.topic, self.partition, r))
     }
 }
 
@@ -201,10 +205,19 @@ struct PartitionQueue {
     in_flight: bool,
 }
 
+#[derive(Debug)]
+struct TopicState {
+    /// The validated name, shared by every record of the topic.
+    name: Arc<str>,
+    partitions: u32,
+    /// The round-robin cursor for keyless records.
+    next: u32,
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Partition count per topic and the round-robin cursor.
-    topics: HashMap<Arc<str>, (u32, u32)>,
+    topics: HashMap<Arc<str>, TopicState>,
     queues: HashMap<Key, PartitionQueue>,
     failures: Vec<Error>,
     /// Flushes in progress: linger is zero meanwhile.
@@ -332,14 +345,19 @@ impl Producer {
 
     async fn take(&self, record: Record, urgent: bool) -> Result<Delivery> {
         let inner = &self.inner;
-        let ctx = Context::new("produce").topic(record.topic.as_str());
+        let ctx = || Context::new("produce").topic(record.topic.as_str());
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed {
-                context: ctx,
+                context: ctx(),
                 what: "producer",
             });
         }
-        let topic = validate_topic(&record.topic, &ctx)?;
+        let (topic, partition) = self.partition_of(&record).await?;
+        let ctx = || {
+            Context::new("produce")
+                .topic(topic.clone())
+                .partition(partition)
+        };
         let headers: Vec<Header<'_>> = record
             .headers
             .iter()
@@ -356,37 +374,40 @@ impl Producer {
         let limit = self.batch_limit(&topic);
         if size > limit {
             return Err(Error::invalid(
-                ctx,
+                ctx(),
                 format!("a record of {size} bytes exceeds the {limit}-byte limit of one batch"),
             ));
         }
-        let partition = self.partition_of(&topic, &record, &ctx).await?;
-        let ctx = ctx.partition(partition);
         let permits = u32::try_from(size).unwrap_or(u32::MAX);
-        let permit = match inner.config.buffer_full {
-            BufferFull::FailFast => inner
-                .buffer
-                .try_acquire_many(permits)
-                .map_err(|_| Error::invalid(ctx.clone(), "the producer's buffer is full"))?,
-            BufferFull::Block(d) => tokio::time::timeout(d, inner.buffer.acquire_many(permits))
-                .await
-                .map_err(|_| Error::TimedOut {
-                    context: ctx.clone(),
-                    waiting: "waiting for room in the producer's buffer",
-                    after: d,
-                })?
-                .map_err(|_| Error::Closed {
-                    context: ctx.clone(),
-                    what: "producer",
-                })?,
-        };
-        permit.forget();
+        match (
+            inner.buffer.try_acquire_many(permits),
+            inner.config.buffer_full,
+        ) {
+            (Ok(permit), _) => permit.forget(),
+            (Err(_), BufferFull::FailFast) => {
+                return Err(Error::invalid(ctx(), "the producer's buffer is full"));
+            }
+            (Err(_), BufferFull::Block(d)) => {
+                tokio::time::timeout(d, inner.buffer.acquire_many(permits))
+                    .await
+                    .map_err(|_| Error::TimedOut {
+                        context: ctx(),
+                        waiting: "waiting for room in the producer's buffer",
+                        after: d,
+                    })?
+                    .map_err(|_| Error::Closed {
+                        context: ctx(),
+                        what: "producer",
+                    })?
+                    .forget();
+            }
+        }
         let (tx, rx) = oneshot::channel();
         let now = Instant::now();
         let mut ship = false;
         {
             let mut st = inner.lock();
-            let key = (topic, partition);
+            let key = (topic.clone(), partition);
             let q = st.queues.entry(key.clone()).or_default();
             let fits = q.open.as_ref().is_some_and(|b| {
                 b.records.len() + size <= limit && b.count < inner.config.batch_max_records
@@ -411,7 +432,7 @@ impl Producer {
                 batch.records.truncate(at);
                 drop(st);
                 inner.buffer.add_permits(size);
-                return Err(Error::invalid(ctx, "the record can't be encoded"));
+                return Err(Error::invalid(ctx(), "the record can't be encoded"));
             }
             batch.count += 1;
             batch.waiters.push(tx);
@@ -432,7 +453,11 @@ impl Producer {
                 inner.wake_linger.notify_one();
             }
         }
-        Ok(Delivery { rx, ctx })
+        Ok(Delivery {
+            rx,
+            topic,
+            partition,
+        })
     }
 
     /// Record bytes one batch may hold for `topic`: the configured size, within what one
@@ -444,44 +469,45 @@ impl Producer {
         self.inner.config.batch_max_bytes.min(room)
     }
 
-    async fn partition_of(&self, topic: &Arc<str>, record: &Record, ctx: &Context) -> Result<u32> {
-        let known = self.inner.lock().topics.get(topic).map(|t| t.0);
-        let count = match known {
-            Some(c) => c,
+    /// The record's validated topic and partition: from the cache (one lock, no allocation)
+    /// or, the first time, from the broker's topic list.
+    async fn partition_of(&self, record: &Record) -> Result<(Arc<str>, u32)> {
+        let ctx = || Context::new("produce").topic(record.topic.as_str());
+        let known = {
+            let mut st = self.inner.lock();
+            st.topics
+                .get_mut(record.topic.as_str())
+                .map(|t| pick(t, record))
+        };
+        let (name, count, picked) = match known {
+            Some(k) => k,
             None => {
-                let c = self
+                let name = validate_topic(&record.topic, &ctx())?;
+                let count = self
                     .inner
                     .client
-                    .partition_count(topic)
+                    .partition_count(&name)
                     .await
-                    .map_err(|e| e.with_context(ctx))?
+                    .map_err(|e| e.with_context(&ctx()))?
                     // Auto-create makes one partition.
                     .unwrap_or(1);
-                self.inner
-                    .lock()
-                    .topics
-                    .entry(topic.clone())
-                    .or_insert((c, 0))
-                    .0
+                let mut st = self.inner.lock();
+                let t = st.topics.entry(name.clone()).or_insert_with(|| TopicState {
+                    name,
+                    partitions: count,
+                    next: 0,
+                });
+                pick(t, record)
             }
         };
-        if let Some(p) = record.partition {
-            if p >= count {
-                return Err(Error::invalid(
-                    ctx.clone().partition(p),
+        match picked {
+            Some(p) => Ok((name, p)),
+            None => {
+                let p = record.partition.unwrap_or_default();
+                Err(Error::invalid(
+                    ctx().partition(p),
                     format!("partition {p} is out of range: the topic has {count}"),
-                ));
-            }
-            return Ok(p);
-        }
-        match record.key.as_deref() {
-            Some(k) if !k.is_empty() => Ok(partition_for_key(k, count)),
-            _ => {
-                let mut st = self.inner.lock();
-                let entry = st.topics.entry(topic.clone()).or_insert((count, 0));
-                let p = entry.1 % count.max(1);
-                entry.1 = entry.1.wrapping_add(1);
-                Ok(p)
+                ))
             }
         }
     }
@@ -536,6 +562,22 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The partition of `record` in `t` (`None`: its explicit partition is out of range), with
+/// the topic's name and partition count.
+fn pick(t: &mut TopicState, record: &Record) -> (Arc<str>, u32, Option<u32>) {
+    let count = t.partitions.max(1);
+    let p = match (record.partition, record.key.as_deref()) {
+        (Some(p), _) => (p < count).then_some(p),
+        (None, Some(k)) if !k.is_empty() => Some(partition_for_key(k, count)),
+        (None, _) => {
+            let p = t.next % count;
+            t.next = t.next.wrapping_add(1);
+            Some(p)
+        }
+    };
+    (t.name.clone(), count, p)
 }
 
 /// Seals open batches whose linger passed (all of them with `all`) and ships where possible.

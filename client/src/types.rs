@@ -1,5 +1,7 @@
 //! Records and results: the values users build and get back.
 
+use std::fmt;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// A record to produce.
@@ -74,8 +76,11 @@ pub struct RecordMetadata {
 }
 
 /// A record read by a consumer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
+///
+/// Its key, value and headers are views into the fetch's bytes, shared by every record of
+/// that fetch (one copy per fetch, not per record): keeping one record keeps its fetch's
+/// buffer (up to the consumer's `max_bytes`) alive. Copy out with `to_vec()` to keep less.
+#[derive(Clone)]
 pub struct ConsumerRecord {
     /// The topic.
     pub topic: Arc<str>,
@@ -85,12 +90,85 @@ pub struct ConsumerRecord {
     pub offset: i64,
     /// Unix time in ns (the producer's, or the broker's append time).
     pub timestamp: i64,
+    buf: Arc<[u8]>,
+    key: Range<usize>,
+    value: Range<usize>,
+    headers: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl ConsumerRecord {
+    /// A record over `buf`; the ranges are checked by the caller.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        topic: Arc<str>,
+        partition: u32,
+        offset: i64,
+        timestamp: i64,
+        buf: Arc<[u8]>,
+        key: Range<usize>,
+        value: Range<usize>,
+        headers: Vec<(Range<usize>, Range<usize>)>,
+    ) -> Self {
+        Self {
+            topic,
+            partition,
+            offset,
+            timestamp,
+            buf,
+            key,
+            value,
+            headers,
+        }
+    }
+
+    fn slice(&self, r: &Range<usize>) -> &[u8] {
+        self.buf.get(r.clone()).unwrap_or_default()
+    }
+
     /// The key (empty when none was sent).
-    pub key: Vec<u8>,
+    pub fn key(&self) -> &[u8] {
+        self.slice(&self.key)
+    }
+
     /// The value.
-    pub value: Vec<u8>,
-    /// Headers, in the order sent.
-    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub fn value(&self) -> &[u8] {
+        self.slice(&self.value)
+    }
+
+    /// The headers, in the order sent, as `(key, value)`.
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = (&[u8], &[u8])> + '_ {
+        self.headers
+            .iter()
+            .map(|(k, v)| (self.slice(k), self.slice(v)))
+    }
+}
+
+impl PartialEq for ConsumerRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.topic == other.topic
+            && self.partition == other.partition
+            && self.offset == other.offset
+            && self.timestamp == other.timestamp
+            && self.key() == other.key()
+            && self.value() == other.value()
+            && self.headers().eq(other.headers())
+    }
+}
+
+impl Eq for ConsumerRecord {}
+
+impl fmt::Debug for ConsumerRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerRecord")
+            .field("topic", &self.topic)
+            .field("partition", &self.partition)
+            .field("offset", &self.offset)
+            .field("timestamp", &self.timestamp)
+            .field("key", &String::from_utf8_lossy(self.key()))
+            .field("value_len", &self.value().len())
+            .field("headers", &self.headers.len())
+            .finish()
+    }
 }
 
 /// A topic and its partition count, as listed by the broker.
