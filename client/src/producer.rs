@@ -4,13 +4,13 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Poll, ready};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use streambus_core::{Encode, Header, Headers, Message};
-use tokio::sync::{Notify, Semaphore, oneshot};
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::client::{Client, mismatch, validate_topic};
@@ -142,60 +142,120 @@ impl ProducerConfig {
 
 /// The outcome of one record: resolves to where it landed, or its error. Dropping it does not
 /// cancel the record (its failure is still reported by [`Producer::close`]).
+///
+/// Every record of a batch shares one outcome (no allocation per record).
 #[derive(Debug)]
 #[must_use = "a Delivery reports the record's error; await it or keep the producer's close() report"]
 pub struct Delivery {
-    rx: oneshot::Receiver<Result<RecordMetadata>>,
+    outcome: Arc<Outcome>,
+    /// The record's index in its batch.
+    index: u32,
     topic: Arc<str>,
     partition: u32,
 }
 
+/// A batch's result (its base offset, or its error), set once, awaited by its records.
+#[derive(Debug, Default)]
+struct Outcome {
+    state: Mutex<OutcomeState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct OutcomeState {
+    result: Option<Result<i64>>,
+    wakers: Vec<Waker>,
+}
+
+impl Outcome {
+    fn lock(&self) -> MutexGuard<'_, OutcomeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the result (the first one wins) and wakes every waiter.
+    fn set(&self, result: Result<i64>) {
+        let wakers = {
+            let mut st = self.lock();
+            if st.result.is_some() {
+                return;
+            }
+            st.result = Some(result);
+            std::mem::take(&mut st.wakers)
+        };
+        self.done.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
 impl Delivery {
-    fn resolve(
-        topic: &Arc<str>,
-        partition: u32,
-        r: Result<Result<RecordMetadata>, oneshot::error::RecvError>,
-    ) -> Result<RecordMetadata> {
-        r.unwrap_or_else(|_| {
-            Err(Error::Closed {
-                context: Context::new("produce")
-                    .topic(topic.clone())
-                    .partition(partition),
-                what: "producer",
-            })
-        })
+    fn resolve(&self, result: &Result<i64>) -> Result<RecordMetadata> {
+        match result {
+            Ok(base) => Ok(RecordMetadata {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                offset: base + i64::from(self.index),
+            }),
+            Err(e) => Err(e.clone()),
+        }
     }
 
     /// Blocks the thread until the outcome is known (not inside an async runtime).
     pub fn wait(self) -> Result<RecordMetadata> {
-        let r = self.rx.blocking_recv();
-        Self::resolve(&self.topic, self.partition, r)
+        let mut st = self.outcome.lock();
+        loop {
+            if let Some(r) = &st.result {
+                return self.resolve(r);
+            }
+            st = self
+                .outcome
+                .done
+                .wait(st)
+                .unwrap_or_else(|p| p.into_inner());
+        }
     }
 }
 
 impl Future for Delivery {
     type Output = Result<RecordMetadata>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let r = ready!(Pin::new(&mut self.rx).poll(cx));
-        Poll::Ready(Self::resolve(&self.topic, self.partition, r))
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let mut st = self.outcome.lock();
+        if let Some(r) = &st.result {
+            return Poll::Ready(self.resolve(r));
+        }
+        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            st.wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
     }
 }
 
-type Waiter = oneshot::Sender<Result<RecordMetadata>>;
 type Key = (Arc<str>, u32);
 
 #[derive(Debug)]
 struct Batch {
     records: Vec<u8>,
     count: u32,
-    waiters: Vec<Waiter>,
+    outcome: Arc<Outcome>,
     /// When the batch opened (linger counts from here).
     opened: Instant,
     /// The delivery deadline of its first record.
     deadline: Instant,
     /// A caller awaits a record of it: no linger.
     urgent: bool,
+}
+
+impl Drop for Batch {
+    /// A batch dropped unanswered (its runtime shut down) fails its records rather than
+    /// leave them waiting.
+    fn drop(&mut self) {
+        self.outcome.set(Err(Error::Closed {
+            context: Context::new("produce"),
+            what: "producer",
+        }));
+    }
 }
 
 #[derive(Debug, Default)]
@@ -220,6 +280,8 @@ struct State {
     topics: HashMap<Arc<str>, TopicState>,
     queues: HashMap<Key, PartitionQueue>,
     failures: Vec<Error>,
+    /// Batch buffers to reuse (their pages are already mapped).
+    spare: Vec<Vec<u8>>,
     /// Flushes in progress: linger is zero meanwhile.
     flushing: usize,
 }
@@ -402,13 +464,13 @@ impl Producer {
                     .forget();
             }
         }
-        let (tx, rx) = oneshot::channel();
-        let now = Instant::now();
         let mut ship = false;
+        let delivery;
         {
             let mut st = inner.lock();
             let key = (topic.clone(), partition);
-            let q = st.queues.entry(key.clone()).or_default();
+            let State { queues, spare, .. } = &mut *st;
+            let q = queues.entry(key.clone()).or_default();
             let fits = q.open.as_ref().is_some_and(|b| {
                 b.records.len() + size <= limit && b.count < inner.config.batch_max_records
             });
@@ -416,13 +478,18 @@ impl Producer {
                 q.sealed.push_back(full);
             }
             let new_batch = q.open.is_none();
-            let batch = q.open.get_or_insert_with(|| Batch {
-                records: Vec::with_capacity(size.max(4096).min(limit)),
-                count: 0,
-                waiters: Vec::new(),
-                opened: now,
-                deadline: now + inner.config.delivery_timeout,
-                urgent: false,
+            let batch = q.open.get_or_insert_with(|| {
+                let mut records = spare.pop().unwrap_or_default();
+                records.clear();
+                let now = Instant::now();
+                Batch {
+                    records,
+                    count: 0,
+                    outcome: Arc::default(),
+                    opened: now,
+                    deadline: now + inner.config.delivery_timeout,
+                    urgent: false,
+                }
             });
             batch.urgent |= urgent;
             let at = batch.records.len();
@@ -434,8 +501,13 @@ impl Producer {
                 inner.buffer.add_permits(size);
                 return Err(Error::invalid(ctx(), "the record can't be encoded"));
             }
+            delivery = Delivery {
+                outcome: batch.outcome.clone(),
+                index: batch.count,
+                topic,
+                partition,
+            };
             batch.count += 1;
-            batch.waiters.push(tx);
             let full = batch.records.len() >= limit
                 || batch.count >= inner.config.batch_max_records
                 || (batch.urgent && !q.in_flight);
@@ -453,11 +525,7 @@ impl Producer {
                 inner.wake_linger.notify_one();
             }
         }
-        Ok(Delivery {
-            rx,
-            topic,
-            partition,
-        })
+        Ok(delivery)
     }
 
     /// Record bytes one batch may hold for `topic`: the configured size, within what one
@@ -628,14 +696,14 @@ fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
         .spawn(async move { send_batch(inner2, key, batch).await });
 }
 
-async fn send_batch(inner: Arc<Inner>, key: Key, batch: Batch) {
+async fn send_batch(inner: Arc<Inner>, key: Key, mut batch: Batch) {
     let (topic, partition) = key.clone();
     let ctx = Context::new("produce")
         .topic(topic.clone())
         .partition(partition);
     let bytes = batch.records.len();
     let count = batch.count;
-    let records = Arc::new(batch.records);
+    let records = Arc::new(std::mem::take(&mut batch.records));
     let config = &inner.config;
     let mut backoff = ExponentialBuilder::default()
         .with_min_delay(config.retry_backoff)
@@ -684,29 +752,22 @@ async fn send_batch(inner: Arc<Inner>, key: Key, batch: Batch) {
         }
     };
     let mut failed = Vec::new();
-    match result {
-        Ok(base) => {
-            for (i, w) in batch.waiters.into_iter().enumerate() {
-                let _ = w.send(Ok(RecordMetadata {
-                    topic: topic.clone(),
-                    partition,
-                    offset: base + i as i64,
-                }));
-            }
-        }
-        Err(e) => {
-            tracing::debug!(error = %e, count, "batch failed");
-            for w in batch.waiters {
-                failed.push(e.clone());
-                let _ = w.send(Err(e.clone()));
-            }
-        }
+    if let Err(e) = &result {
+        tracing::debug!(error = %e, count, "batch failed");
+        failed = vec![e.clone(); count as usize];
     }
+    batch.outcome.set(result);
     inner.buffer.add_permits(bytes);
+    let spare = Arc::try_unwrap(records).ok();
     {
         let mut guard = inner.lock();
         let st = &mut *guard;
         st.failures.extend(failed);
+        if let Some(buf) = spare
+            && st.spare.len() < 4
+        {
+            st.spare.push(buf);
+        }
         let flushing = st.flushing > 0;
         let now = Instant::now();
         if let Some(q) = st.queues.get_mut(&key) {
