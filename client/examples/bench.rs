@@ -25,8 +25,27 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted.get(i).copied().unwrap_or_default()
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> Result<(), Error> {
+fn main() -> Result<(), Error> {
+    // BENCH_RT=current runs everything on one thread (no cross-thread wake-ups).
+    let current = std::env::var("BENCH_RT").is_ok_and(|v| v == "current");
+    let rt = if current {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    let rt = rt.map_err(|e| Error::Config {
+        setting: "runtime",
+        reason: e.to_string(),
+    })?;
+    rt.block_on(run())
+}
+
+async fn run() -> Result<(), Error> {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:9092".into());
     let mode = args.next().unwrap_or_else(|| "sync".into());

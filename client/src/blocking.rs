@@ -23,7 +23,8 @@ use crate::error::{Error, Result};
 use crate::types::{ConsumerRecord, Health, PartitionOffsets, Record, RecordMetadata, TopicInfo};
 use crate::{ClientBuilder, ConsumerConfig, Delivery, Offset, ProducerConfig};
 
-fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
+/// The private runtime of a blocking (or `smol`) client.
+pub(crate) fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("streambus-client")

@@ -46,6 +46,9 @@ mod consumer;
 mod error;
 mod partition;
 mod producer;
+#[cfg(feature = "smol")]
+#[cfg_attr(docsrs, doc(cfg(feature = "smol")))]
+pub mod smol;
 mod types;
 
 pub use client::{Client, ClientBuilder, ClientConfig};

@@ -26,6 +26,7 @@ fn examples_run_against_a_broker() {
     for (name, expect) in [
         ("produce_consume", "topic example (3 partitions)"),
         ("blocking", "1: world"),
+        ("smol", "9: m9"),
     ] {
         let path = example(name);
         if !path.exists() {
