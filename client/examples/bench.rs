@@ -42,11 +42,21 @@ fn main() -> Result<(), Error> {
         setting: "runtime",
         reason: e.to_string(),
     })?;
-    rt.block_on(run())
+    // The benchmark runs in a spawned task, as application code usually does (block_on's
+    // thread is not a worker: every wake-up to it crosses threads).
+    rt.block_on(async {
+        tokio::spawn(run()).await.unwrap_or_else(|e| {
+            Err(Error::Config {
+                setting: "task",
+                reason: e.to_string(),
+            })
+        })
+    })
 }
 
 async fn run() -> Result<(), Error> {
-    let mut args = std::env::args().skip(1);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = args.into_iter();
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:9092".into());
     let mode = args.next().unwrap_or_else(|| "sync".into());
     let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(5);

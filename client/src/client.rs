@@ -8,7 +8,7 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::conn::{self, Job, LoadGuard, MAX_IN_FLIGHT, Reply, Req};
+use crate::conn::{self, Callback, Job, LoadGuard, MAX_IN_FLIGHT, Reply, ReplyTo, Req};
 use crate::error::{Context, Error, Result};
 use crate::types::{Health, PartitionOffsets, TopicInfo};
 
@@ -221,7 +221,9 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         let mut job = Job {
             req,
-            reply: tx,
+            reply: ReplyTo::Caller(Some(tx)),
+            deadline,
+            timeout,
             _permit: permit,
             _load: LoadGuard(Arc::new(AtomicUsize::new(0))),
         };
@@ -238,6 +240,43 @@ impl Client {
             Err(_) => Err(timed_out("waiting for the broker's answer")),
             Ok(Err(_)) => Err(Error::closed_by_peer(ctx.clone())),
             Ok(Ok(r)) => r.map_err(|e| e.with_context(ctx)),
+        }
+    }
+
+    /// Sends one request now if a connection has room, without waiting; its result goes to
+    /// `callback`, run by the connection task (by `timeout` at the latest). When no connection
+    /// has room, returns the callback unused.
+    pub(crate) fn try_send(
+        &self,
+        req: Req,
+        timeout: Duration,
+        callback: Callback,
+    ) -> std::result::Result<(), Callback> {
+        let Ok(permit) = self.inner.capacity.clone().try_acquire_owned() else {
+            return Err(callback);
+        };
+        let Some((conn, load)) = self.inner.pool.try_get() else {
+            return Err(callback);
+        };
+        let job = Job {
+            req,
+            reply: ReplyTo::Callback(Some(callback)),
+            deadline: Instant::now() + timeout,
+            timeout,
+            _permit: permit,
+            _load: load,
+        };
+        match conn.send(job) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(mut job)) => {
+                // Disarmed first, so dropping the job doesn't run it.
+                let callback = match &mut job.reply {
+                    ReplyTo::Callback(f) => f.take(),
+                    ReplyTo::Caller(_) => None,
+                };
+                drop(job);
+                callback.map_or(Ok(()), Err)
+            }
         }
     }
 
@@ -438,6 +477,22 @@ impl Pool {
 
     fn notify(&self) {
         self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// A live connection with room for one more request, if there is one now.
+    pub(crate) fn try_get(&self) -> Option<(ConnTx, LoadGuard)> {
+        let st = self.lock();
+        st.slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Ready { tx, load } if !tx.is_closed() => {
+                    Some((load.load(Ordering::Relaxed), tx, load))
+                }
+                _ => None,
+            })
+            .filter(|(n, _, _)| *n < self.config.max_in_flight)
+            .min_by_key(|(n, _, _)| *n)
+            .map(|(_, tx, load)| (tx.clone(), LoadGuard::new(load.clone())))
     }
 
     /// A connection with room for one more request; dials one when none has room.

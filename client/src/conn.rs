@@ -15,6 +15,7 @@ use streambus_core::{
     GetOffsetRequest, LongPoll, MessageSet, ProduceRequest, Request, Response, Topic,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::Instant;
 
 use crate::error::{Context, Error, ProtocolError, Result};
 use crate::types::{ConsumerRecord, Health, PartitionOffsets, TopicInfo};
@@ -77,11 +78,74 @@ pub(crate) enum Reply {
     Health(Health),
 }
 
+/// A callback run by the connection task with a call's result: it must be quick and never
+/// block (it runs between two socket reads).
+pub(crate) type Callback = Box<dyn FnOnce(Result<Reply>) + Send>;
+
+/// Where a call's result goes.
+pub(crate) enum ReplyTo {
+    /// A caller awaiting it.
+    Caller(Option<oneshot::Sender<Result<Reply>>>),
+    /// A callback; if the job is dropped unanswered, it gets [`Error::Closed`].
+    Callback(Option<Callback>),
+}
+
+impl std::fmt::Debug for ReplyTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Caller(_) => "Caller",
+            Self::Callback(_) => "Callback",
+        })
+    }
+}
+
+impl ReplyTo {
+    pub(crate) fn send(mut self, result: Result<Reply>) {
+        match &mut self {
+            Self::Caller(tx) => {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(result);
+                }
+            }
+            Self::Callback(f) => {
+                if let Some(f) = f.take() {
+                    f(result);
+                }
+            }
+        }
+    }
+
+    /// Whether nobody waits for the result any more.
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::Caller(tx) => tx.as_ref().is_none_or(|t| t.is_closed()),
+            Self::Callback(f) => f.is_none(),
+        }
+    }
+}
+
+impl Drop for ReplyTo {
+    fn drop(&mut self) {
+        if let Self::Callback(f) = self
+            && let Some(f) = f.take()
+        {
+            f(Err(Error::Closed {
+                context: Context::default(),
+                what: "connection",
+            }));
+        }
+    }
+}
+
 /// One call waiting in a connection. Dropping it frees the caller's capacity.
 #[derive(Debug)]
 pub(crate) struct Job {
     pub(crate) req: Req,
-    pub(crate) reply: oneshot::Sender<Result<Reply>>,
+    pub(crate) reply: ReplyTo,
+    /// When the call fails with [`Error::TimedOut`] if unanswered.
+    pub(crate) deadline: Instant,
+    /// The timeout that set the deadline (for the error).
+    pub(crate) timeout: Duration,
     pub(crate) _permit: OwnedSemaphorePermit,
     pub(crate) _load: LoadGuard,
 }
@@ -301,8 +365,26 @@ fn driver_error(e: DriverError<std::io::Error>, request_timeout: Duration) -> Er
     }
 }
 
+enum Event {
+    Job(Option<Job>),
+    Deadline,
+}
+
+/// The earliest deadline of the calls in flight.
+fn earliest(pending: &HashMap<u64, Job>) -> Option<Instant> {
+    pending.values().map(|j| j.deadline).min()
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs one connection until it breaks or every sender is gone; then fails whatever it
-/// still holds (their callers get an error at once, not at their timeout).
+/// still holds (their callers get an error at once, not at their timeout). Each call's own
+/// deadline is enforced here too, so a call answered by callback times out like one awaited.
 pub(crate) async fn run(
     mut driver: Driver,
     mut jobs: mpsc::UnboundedReceiver<Job>,
@@ -311,13 +393,27 @@ pub(crate) async fn run(
 ) {
     let mut pending: HashMap<u64, Job> = HashMap::new();
     let failure = loop {
+        let deadline = earliest(&pending);
         let wake = if driver.connection().in_flight() < depth {
-            driver.next_completion_or(jobs.recv()).await
+            driver
+                .next_completion_or(async {
+                    tokio::select! {
+                        biased;
+                        j = jobs.recv() => Event::Job(j),
+                        () = sleep_until(deadline) => Event::Deadline,
+                    }
+                })
+                .await
         } else {
-            driver.next_completion().await.map(Wake::Completion)
+            driver
+                .next_completion_or(async {
+                    sleep_until(deadline).await;
+                    Event::Deadline
+                })
+                .await
         };
         match wake {
-            Ok(Wake::Other(Some(job))) => {
+            Ok(Wake::Other(Event::Job(Some(job)))) => {
                 if job.reply.is_closed() {
                     // The caller gave up (timeout, cancel) before this was sent.
                     continue;
@@ -331,17 +427,33 @@ pub(crate) async fn run(
                     Ok(id) => {
                         pending.insert(id, job);
                     }
-                    Err(e) => {
-                        let _ = job.reply.send(Err(e));
+                    Err(e) => job.reply.send(Err(e)),
+                }
+            }
+            Ok(Wake::Other(Event::Job(None))) => break None,
+            Ok(Wake::Other(Event::Deadline)) => {
+                let now = Instant::now();
+                let expired: Vec<u64> = pending
+                    .iter()
+                    .filter(|(_, j)| j.deadline <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in expired {
+                    if let Some(job) = pending.remove(&id) {
+                        // Its late answer, if any, is dropped (no pending entry).
+                        job.reply.send(Err(Error::TimedOut {
+                            context: Context::default(),
+                            waiting: "waiting for the broker's answer",
+                            after: job.timeout,
+                        }));
                     }
                 }
             }
-            Ok(Wake::Other(None)) => break None,
             Ok(Wake::Completion(done)) => {
                 let Some(job) = pending.remove(&done.request_id) else {
                     continue;
                 };
-                let result = if done.timed_out {
+                if done.timed_out {
                     // The deadline includes the longest long-poll wait: a broker this late
                     // is stuck or the path is dead. Drop the connection (its slots would
                     // stay taken until a late answer) and fail what it holds; the pool dials
@@ -351,15 +463,14 @@ pub(crate) async fn run(
                         waiting: "waiting for the broker's answer",
                         after: request_timeout,
                     };
-                    let _ = job.reply.send(Err(e.clone()));
+                    job.reply.send(Err(e.clone()));
                     break Some(e);
-                } else {
-                    match driver.response(done.request_type) {
-                        Some(r) => reply(&job.req, r),
-                        None => Err(unexpected("a completion without a response".into())),
-                    }
+                }
+                let result = match driver.response(done.request_type) {
+                    Some(r) => reply(&job.req, r),
+                    None => Err(unexpected("a completion without a response".into())),
                 };
-                let _ = job.reply.send(result);
+                job.reply.send(result);
             }
             Ok(_) => {}
             Err(e) => break Some(driver_error(e, request_timeout)),
@@ -372,9 +483,9 @@ pub(crate) async fn run(
         what: "client",
     });
     for (_, job) in pending.drain() {
-        let _ = job.reply.send(Err(err.clone()));
+        job.reply.send(Err(err.clone()));
     }
     while let Ok(job) = jobs.try_recv() {
-        let _ = job.reply.send(Err(err.clone()));
+        job.reply.send(Err(err.clone()));
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use crate::client::{Client, mismatch, validate_topic};
-use crate::conn::{Reply, Req};
+use crate::conn::{Callback, Reply, Req};
 use crate::error::{Context, Error, ErrorCode, Result};
 use crate::partition::partition_for_key;
 use crate::types::{Record, RecordMetadata};
@@ -262,7 +262,20 @@ impl Drop for Batch {
 struct PartitionQueue {
     open: Option<Batch>,
     sealed: VecDeque<Batch>,
-    in_flight: bool,
+    /// The batch being sent, with its records (shared with the request).
+    flight: Option<Flight>,
+}
+
+#[derive(Debug)]
+struct Flight {
+    batch: Batch,
+    records: Arc<Vec<u8>>,
+}
+
+impl PartitionQueue {
+    fn in_flight(&self) -> bool {
+        self.flight.is_some()
+    }
 }
 
 #[derive(Debug)]
@@ -510,11 +523,11 @@ impl Producer {
             batch.count += 1;
             let full = batch.records.len() >= limit
                 || batch.count >= inner.config.batch_max_records
-                || (batch.urgent && !q.in_flight);
+                || (batch.urgent && !q.in_flight());
             if full && let Some(full) = q.open.take() {
                 q.sealed.push_back(full);
             }
-            if !q.sealed.is_empty() && !q.in_flight {
+            if !q.sealed.is_empty() && !q.in_flight() {
                 ship = true;
             }
             inner.outstanding.fetch_add(1, Ordering::AcqRel);
@@ -664,7 +677,7 @@ fn seal_due(inner: &Arc<Inner>, st: &mut State, now: Instant, all: bool) -> Opti
                 next = Some(next.map_or(due, |n| n.min(due)));
             }
         }
-        if !q.in_flight && !q.sealed.is_empty() {
+        if !q.in_flight() && !q.sealed.is_empty() {
             ready.push(key.clone());
         }
     }
@@ -674,18 +687,40 @@ fn seal_due(inner: &Arc<Inner>, st: &mut State, now: Instant, all: bool) -> Opti
     next
 }
 
-/// Sends the partition's next sealed batch, if it has none in flight.
+/// Sends the partition's next sealed batch, if it has none in flight: straight onto a
+/// connection with room when there is one (its answer comes back by callback, without a task
+/// of its own), else through a task that waits for a connection.
 fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
     let Some(q) = st.queues.get_mut(key) else {
         return;
     };
-    if q.in_flight {
+    if q.in_flight() {
         return;
     }
-    let Some(batch) = q.sealed.pop_front() else {
+    let Some(mut batch) = q.sealed.pop_front() else {
         return;
     };
-    q.in_flight = true;
+    let records = Arc::new(std::mem::take(&mut batch.records));
+    let remaining = batch.deadline.saturating_duration_since(Instant::now());
+    let count = batch.count;
+    q.flight = Some(Flight {
+        batch,
+        records: records.clone(),
+    });
+    let timeout = inner.client.config().request_timeout.min(remaining);
+    if !timeout.is_zero() {
+        let req = Req::Produce {
+            topic: key.0.clone(),
+            partition: key.1,
+            count,
+            records,
+        };
+        let (inner2, key2) = (inner.clone(), key.clone());
+        let callback: Callback = Box::new(move |r| first_answer(inner2, key2, r));
+        if inner.client.try_send(req, timeout, callback).is_ok() {
+            return;
+        }
+    }
     let inner2 = inner.clone();
     let key = key.clone();
     inner
@@ -693,17 +728,47 @@ fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
         .inner
         .pool
         .runtime()
-        .spawn(async move { send_batch(inner2, key, batch).await });
+        .spawn(async move { send_batch(inner2, key, None).await });
 }
 
-async fn send_batch(inner: Arc<Inner>, key: Key, mut batch: Batch) {
-    let (topic, partition) = key.clone();
-    let ctx = Context::new("produce")
-        .topic(topic.clone())
-        .partition(partition);
-    let bytes = batch.records.len();
-    let count = batch.count;
-    let records = Arc::new(std::mem::take(&mut batch.records));
+fn produce_context(key: &Key) -> Context {
+    Context::new("produce")
+        .topic(key.0.clone())
+        .partition(key.1)
+}
+
+/// The answer to a batch's first attempt, sent by [`ship_next`].
+fn first_answer(inner: Arc<Inner>, key: Key, r: Result<Reply>) {
+    let ctx = produce_context(&key);
+    match r {
+        Ok(Reply::Produce { base_offset }) => finish(&inner, &key, Ok(base_offset)),
+        Ok(other) => finish(&inner, &key, Err(mismatch(ctx, &other))),
+        Err(e) => {
+            let e = e.with_context(&ctx);
+            if e.code() == Some(ErrorCode::PARTITION_NOT_FOUND) {
+                inner.lock().topics.remove(&key.0);
+            }
+            if e.is_retriable() && inner.config.retries > 0 {
+                let runtime = inner.client.inner.pool.runtime().clone();
+                runtime.spawn(async move { send_batch(inner, key, Some(e)).await });
+            } else {
+                finish(&inner, &key, Err(e));
+            }
+        }
+    }
+}
+
+/// Sends the partition's batch in flight (retrying after `failed`, its first attempt's
+/// error, when given) and finishes it.
+async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
+    let ctx = produce_context(&key);
+    let Some((records, count, deadline)) = inner.lock().queues.get(&key).and_then(|q| {
+        q.flight
+            .as_ref()
+            .map(|f| (f.records.clone(), f.batch.count, f.batch.deadline))
+    }) else {
+        return;
+    };
     let config = &inner.config;
     let mut backoff = ExponentialBuilder::default()
         .with_min_delay(config.retry_backoff)
@@ -712,9 +777,18 @@ async fn send_batch(inner: Arc<Inner>, key: Key, mut batch: Batch) {
         .with_max_times(config.retries)
         .build();
     let request_timeout = inner.client.config().request_timeout;
+    let mut last = failed;
     let result = loop {
-        let now = Instant::now();
-        let remaining = batch.deadline.saturating_duration_since(now);
+        if let Some(e) = last.take() {
+            match backoff.next() {
+                Some(d) if Instant::now() + d < deadline => {
+                    tracing::debug!(error = %e, ?d, "produce failed; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                _ => break Err(e),
+            }
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             break Err(Error::TimedOut {
                 context: ctx.clone(),
@@ -723,8 +797,8 @@ async fn send_batch(inner: Arc<Inner>, key: Key, mut batch: Batch) {
             });
         }
         let req = Req::Produce {
-            topic: topic.clone(),
-            partition,
+            topic: key.0.clone(),
+            partition: key.1,
             count,
             records: records.clone(),
         };
@@ -733,56 +807,59 @@ async fn send_batch(inner: Arc<Inner>, key: Key, mut batch: Batch) {
             .call(req, &ctx, request_timeout.min(remaining))
             .await;
         let e = match attempt {
-            Ok(Reply::Produce { base_offset, .. }) => break Ok(base_offset),
+            Ok(Reply::Produce { base_offset }) => break Ok(base_offset),
             Ok(other) => break Err(mismatch(ctx.clone(), &other)),
             Err(e) => e,
         };
         if e.code() == Some(ErrorCode::PARTITION_NOT_FOUND) {
-            inner.lock().topics.remove(&topic);
+            inner.lock().topics.remove(&key.0);
         }
         if !e.is_retriable() {
             break Err(e);
         }
-        match backoff.next() {
-            Some(d) if Instant::now() + d < batch.deadline => {
-                tracing::debug!(error = %e, ?d, "produce failed; retrying");
-                tokio::time::sleep(d).await;
-            }
-            _ => break Err(e),
-        }
+        last = Some(e);
     };
-    let mut failed = Vec::new();
+    drop(records);
+    finish(&inner, &key, result);
+}
+
+/// Ends the partition's batch in flight with `result`, then sends the next one.
+fn finish(inner: &Arc<Inner>, key: &Key, result: Result<i64>) {
+    let mut guard = inner.lock();
+    let st = &mut *guard;
+    let flushing = st.flushing > 0;
+    let now = Instant::now();
+    let Some(q) = st.queues.get_mut(key) else {
+        return;
+    };
+    let Some(Flight { batch, records }) = q.flight.take() else {
+        return;
+    };
+    if q.sealed.is_empty()
+        && q.open
+            .as_ref()
+            .is_some_and(|b| flushing || b.urgent || b.opened + inner.config.linger <= now)
+        && let Some(b) = q.open.take()
+    {
+        q.sealed.push_back(b);
+    }
+    let count = batch.count;
     if let Err(e) = &result {
         tracing::debug!(error = %e, count, "batch failed");
-        failed = vec![e.clone(); count as usize];
+        st.failures
+            .extend(std::iter::repeat_n(e.clone(), count as usize));
+    }
+    let bytes = records.len();
+    if let Ok(mut buf) = Arc::try_unwrap(records)
+        && st.spare.len() < 4
+    {
+        buf.clear();
+        st.spare.push(buf);
     }
     batch.outcome.set(result);
     inner.buffer.add_permits(bytes);
-    let spare = Arc::try_unwrap(records).ok();
-    {
-        let mut guard = inner.lock();
-        let st = &mut *guard;
-        st.failures.extend(failed);
-        if let Some(buf) = spare
-            && st.spare.len() < 4
-        {
-            st.spare.push(buf);
-        }
-        let flushing = st.flushing > 0;
-        let now = Instant::now();
-        if let Some(q) = st.queues.get_mut(&key) {
-            q.in_flight = false;
-            if q.sealed.is_empty()
-                && q.open
-                    .as_ref()
-                    .is_some_and(|b| flushing || b.urgent || b.opened + inner.config.linger <= now)
-                && let Some(b) = q.open.take()
-            {
-                q.sealed.push_back(b);
-            }
-        }
-        ship_next(&inner, st, &key);
-    }
+    ship_next(inner, st, key);
+    drop(guard);
     inner
         .outstanding
         .fetch_sub(count as usize, Ordering::AcqRel);

@@ -616,3 +616,23 @@ async fn futures_join(
     }
     out
 }
+
+/// The public futures can be spawned on a multi-threaded runtime.
+#[test]
+fn public_futures_are_send() {
+    fn send<T: Send>(_: T) {}
+    fn check(c: Client, p: Producer, mut consumer: Consumer) {
+        send(c.health());
+        send(c.create_topic("t", 1));
+        send(c.list_topics());
+        send(c.describe_topic("t"));
+        send(p.send(Record::new("t", "v")));
+        send(p.enqueue(Record::new("t", "v")));
+        send(p.flush());
+        send(p.close());
+        send(consumer.poll(Duration::from_secs(1)));
+        send(consumer.assign("t", 0, Offset::Earliest));
+        send(consumer.recv());
+    }
+    let _ = check;
+}
