@@ -61,7 +61,6 @@ pub(crate) enum Req {
 /// A fetch's answer.
 #[derive(Debug)]
 pub(crate) struct Fetched {
-    pub(crate) high_water_mark: i64,
     pub(crate) next_offset: Option<i64>,
     pub(crate) records: Vec<ConsumerRecord>,
 }
@@ -290,7 +289,6 @@ fn reply(req: &Req, response: Response<'_>) -> Result<Reply> {
                 ));
             }
             Reply::Fetch(Fetched {
-                high_water_mark: f.high_water_mark,
                 next_offset: f.trailer.map(|t| t.next_offset),
                 records,
             })

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use streambus_core::LongPoll;
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::client::{Client, mismatch, validate_topic};
@@ -91,15 +92,11 @@ type Key = (Arc<str>, u32);
 
 #[derive(Debug)]
 struct Assigned {
-    /// The next offset to fetch.
+    /// The offset after the last record handed out.
     position: i64,
-    /// Bumped by every seek; answers to older fetches are dropped.
+    /// This assignment's fetcher; answers of older ones are dropped.
     generation: u64,
-    in_flight: bool,
-    /// Empty answers in a row that came back at once (a broker without long poll).
-    empty_streak: u32,
-    /// Wait before the next fetch.
-    delay: Duration,
+    fetcher: AbortHandle,
 }
 
 enum Outcome {
@@ -108,18 +105,30 @@ enum Outcome {
     Reset(i64),
 }
 
+/// What a fetcher hands to the consumer: records (non-empty) or a new position, or an error.
 struct Done {
     key: Key,
     generation: u64,
-    offset: i64,
-    result: Result<Outcome>,
-    elapsed: Duration,
+    result: Result<(Vec<ConsumerRecord>, i64)>,
 }
 
-/// Reads assigned topic-partitions in order, with long-poll fetches kept in flight (one per
-/// partition), so a new record arrives within milliseconds of its append on a broker with
-/// long poll. A broker that answers an empty fetch at once (no long poll) is polled again
-/// after a short, growing pause (5 ms doubling to 50 ms), never in a hot loop.
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Done")
+            .field("key", &self.key)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fetches handed to the consumer ahead of its `poll`s (each up to `max_bytes`).
+const PREFETCH: usize = 2;
+
+/// Reads assigned topic-partitions in order. Each partition has a fetcher task that keeps a
+/// long-poll fetch in flight and hands records over ahead of [`poll`](Self::poll) (up to two
+/// fetches), so a new record arrives within milliseconds of its append on a broker with long
+/// poll. A broker that answers an empty fetch at once (no long poll) is polled again after a
+/// short, growing pause (5 ms doubling to 50 ms), never in a hot loop.
 ///
 /// ```no_run
 /// # async fn demo(client: streambus_client::Client) -> Result<(), streambus_client::Error> {
@@ -139,18 +148,25 @@ pub struct Consumer {
     client: Client,
     config: ConsumerConfig,
     parts: HashMap<Key, Assigned>,
-    fetches: JoinSet<Done>,
+    fetchers: JoinSet<()>,
+    tx: mpsc::Sender<Done>,
+    rx: mpsc::Receiver<Done>,
+    next_generation: u64,
     buffered: VecDeque<ConsumerRecord>,
 }
 
 impl Consumer {
     /// A consumer with the default settings.
     pub fn new(client: &Client) -> Self {
+        let (tx, rx) = mpsc::channel(PREFETCH);
         Self {
             client: client.clone(),
             config: ConsumerConfig::default(),
             parts: HashMap::new(),
-            fetches: JoinSet::new(),
+            fetchers: JoinSet::new(),
+            tx,
+            rx,
+            next_generation: 0,
             buffered: VecDeque::new(),
         }
     }
@@ -178,20 +194,28 @@ impl Consumer {
         let t = validate_topic(topic, &ctx)?;
         let position = self.resolve(topic, partition, from).await?;
         let key = (t, partition);
-        let generation = self.parts.get(&key).map_or(0, |p| p.generation + 1);
-        self.buffered
-            .retain(|r| !(*r.topic == *key.0 && r.partition == partition));
+        self.unassign(topic, partition);
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let fetcher = self.fetchers.spawn_on(
+            fetcher(
+                self.client.clone(),
+                self.config.clone(),
+                key.clone(),
+                generation,
+                position,
+                self.tx.clone(),
+            ),
+            self.client.inner.pool.runtime(),
+        );
         self.parts.insert(
-            key.clone(),
+            key,
             Assigned {
                 position,
                 generation,
-                in_flight: false,
-                empty_streak: 0,
-                delay: Duration::ZERO,
+                fetcher,
             },
         );
-        self.start(&key);
         Ok(())
     }
 
@@ -210,8 +234,13 @@ impl Consumer {
 
     /// Stops reading a partition.
     pub fn unassign(&mut self, topic: &str, partition: u32) {
-        self.parts
-            .retain(|(t, p), _| !(**t == *topic && *p == partition));
+        self.parts.retain(|(t, p), a| {
+            let this = **t == *topic && *p == partition;
+            if this {
+                a.fetcher.abort();
+            }
+            !this
+        });
         self.buffered
             .retain(|r| !(*r.topic == *topic && r.partition == partition));
     }
@@ -243,41 +272,11 @@ impl Consumer {
         }
     }
 
-    fn start(&mut self, key: &Key) {
-        let Some(a) = self.parts.get_mut(key) else {
-            return;
-        };
-        if a.in_flight {
-            return;
-        }
-        a.in_flight = true;
-        let client = self.client.clone();
-        let runtime = client.inner.pool.runtime().clone();
-        let config = self.config.clone();
-        let (key, generation, offset, delay) = (key.clone(), a.generation, a.position, a.delay);
-        self.fetches.spawn_on(
-            async move {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                let started = Instant::now();
-                let result = fetch(&client, &config, &key, offset).await;
-                Done {
-                    key,
-                    generation,
-                    offset,
-                    result,
-                    elapsed: started.elapsed(),
-                }
-            },
-            &runtime,
-        );
-    }
-
     /// Waits up to `timeout` for records of the assigned partitions; returns those of the
     /// first fetch that brings any (an empty `Vec` when none came). Records of one partition
-    /// come in offset order, without gaps or repeats. A fetch error is returned once; the
-    /// partition keeps its position and is fetched again by the next call.
+    /// come in offset order, without gaps or repeats. A fetch error is returned once; its
+    /// partition keeps its position and its fetcher tries again after a pause (100 ms for a
+    /// retriable error, 500 ms otherwise).
     pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
         if !self.buffered.is_empty() {
             return Ok(self.buffered.drain(..).collect());
@@ -288,21 +287,21 @@ impl Consumer {
                 "no partition is assigned",
             ));
         }
-        let keys: Vec<Key> = self.parts.keys().cloned().collect();
-        for k in &keys {
-            self.start(k);
-        }
         let deadline = Instant::now() + timeout;
         loop {
-            let done = match tokio::time::timeout_at(deadline, self.fetches.join_next()).await {
+            let done = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Err(_) | Ok(None) => return Ok(Vec::new()),
-                Ok(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "fetch task failed");
-                    continue;
-                }
-                Ok(Some(Ok(done))) => done,
+                Ok(Some(done)) => done,
             };
-            if let Some(records) = self.complete(done)? {
+            let Some(a) = self.parts.get_mut(&done.key) else {
+                continue;
+            };
+            if a.generation != done.generation {
+                continue;
+            }
+            let (records, next) = done.result?;
+            a.position = next;
+            if !records.is_empty() {
                 return Ok(records);
             }
         }
@@ -319,64 +318,78 @@ impl Consumer {
             self.buffered.extend(records);
         }
     }
+}
 
-    /// Takes one finished fetch; `Some` when it brought records.
-    fn complete(&mut self, done: Done) -> Result<Option<Vec<ConsumerRecord>>> {
-        let Some(a) = self.parts.get_mut(&done.key) else {
-            return Ok(None);
-        };
-        if a.generation != done.generation {
-            return Ok(None);
-        }
-        a.in_flight = false;
-        let outcome = match done.result {
-            Ok(o) => o,
+/// The pause before fetching again after an empty answer that came back at once (a broker
+/// without long poll): 10, 20, 40, 50, 50… ms, within `max_wait`.
+fn empty_pause(streak: u32, max_wait: Duration) -> Duration {
+    let ms = 5u64 << streak.clamp(1, 4);
+    Duration::from_millis(ms.min(50)).min(max_wait)
+}
+
+/// One partition's fetch loop: fetches from `offset` on, hands over what comes, follows the
+/// reset policy, pauses after errors and after instant empty answers.
+async fn fetcher(
+    client: Client,
+    config: ConsumerConfig,
+    key: Key,
+    generation: u64,
+    mut offset: i64,
+    tx: mpsc::Sender<Done>,
+) {
+    let mut streak = 0u32;
+    loop {
+        let started = Instant::now();
+        let (result, pause) = match fetch(&client, &config, &key, offset).await {
+            Ok(Outcome::Reset(to)) => {
+                tracing::info!(topic = %key.0, partition = key.1, from = offset, to, "offset out of range: position reset");
+                offset = to;
+                (Ok((Vec::new(), to)), Duration::ZERO)
+            }
+            Ok(Outcome::Records(f)) => {
+                let mut records = f.records;
+                records.retain(|r| r.offset >= offset);
+                let next = records
+                    .last()
+                    .map(|r| r.offset + 1)
+                    .or(f.next_offset)
+                    .unwrap_or(offset)
+                    .max(offset);
+                let moved = next != offset;
+                offset = next;
+                let pause = if !records.is_empty() || started.elapsed() >= config.max_wait / 2 {
+                    streak = 0;
+                    Duration::ZERO
+                } else {
+                    streak = streak.saturating_add(1);
+                    empty_pause(streak, config.max_wait)
+                };
+                if records.is_empty() && !moved {
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                (Ok((records, next)), pause)
+            }
             Err(e) => {
-                a.delay = if e.is_retriable() {
+                let pause = if e.is_retriable() {
                     Duration::from_millis(100)
                 } else {
                     Duration::from_millis(500)
                 };
-                return Err(e);
+                (Err(e), pause)
             }
         };
-        let fetched = match outcome {
-            Outcome::Reset(to) => {
-                tracing::info!(topic = %done.key.0, partition = done.key.1, from = done.offset, to, "offset out of range: position reset");
-                a.position = to;
-                a.delay = Duration::ZERO;
-                self.start(&done.key);
-                return Ok(None);
-            }
-            Outcome::Records(f) => f,
+        let done = Done {
+            key: key.clone(),
+            generation,
+            result,
         };
-        let mut records = fetched.records;
-        records.retain(|r| r.offset >= done.offset);
-        let next = records
-            .last()
-            .map(|r| r.offset + 1)
-            .or(fetched.next_offset)
-            .unwrap_or(done.offset)
-            .max(done.offset);
-        a.position = next;
-        if records.is_empty() {
-            // A broker without long poll answers at once: pause a little, growing.
-            let instant = done.elapsed < self.config.max_wait / 2;
-            if instant {
-                a.empty_streak = a.empty_streak.saturating_add(1);
-                let ms = 5u64 << a.empty_streak.min(4);
-                a.delay = Duration::from_millis(ms.min(50)).min(self.config.max_wait);
-            } else {
-                a.empty_streak = 0;
-                a.delay = Duration::ZERO;
-            }
-        } else {
-            a.empty_streak = 0;
-            a.delay = Duration::ZERO;
+        if tx.send(done).await.is_err() {
+            return;
         }
-        let _ = fetched.high_water_mark;
-        self.start(&done.key);
-        Ok((!records.is_empty()).then_some(records))
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
 }
 
