@@ -321,10 +321,15 @@ impl Consumer {
 }
 
 /// The pause before fetching again after an empty answer that came back at once (a broker
-/// without long poll): 10, 20, 40, 50, 50… ms, within `max_wait`.
-fn empty_pause(streak: u32, max_wait: Duration) -> Duration {
+/// without long poll, or `max_wait` zero): 10, 20, 40, 50, 50… ms.
+fn empty_pause(streak: u32) -> Duration {
     let ms = 5u64 << streak.clamp(1, 4);
-    Duration::from_millis(ms.min(50)).min(max_wait)
+    Duration::from_millis(ms.min(50))
+}
+
+/// Whether an empty answer came back "at once": well before the broker's wait was over.
+fn answered_at_once(elapsed: Duration, max_wait: Duration) -> bool {
+    elapsed < (max_wait / 2).max(Duration::from_millis(5))
 }
 
 /// One partition's fetch loop: fetches from `offset` on, hands over what comes, follows the
@@ -357,12 +362,14 @@ async fn fetcher(
                     .max(offset);
                 let moved = next != offset;
                 offset = next;
-                let pause = if !records.is_empty() || started.elapsed() >= config.max_wait / 2 {
+                let pause = if !records.is_empty()
+                    || !answered_at_once(started.elapsed(), config.max_wait)
+                {
                     streak = 0;
                     Duration::ZERO
                 } else {
                     streak = streak.saturating_add(1);
-                    empty_pause(streak, config.max_wait)
+                    empty_pause(streak)
                 };
                 if records.is_empty() && !moved {
                     tokio::time::sleep(pause).await;
@@ -427,5 +434,26 @@ async fn fetch(
             }
         }
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_answers_back_off_and_never_spin() {
+        let pauses: Vec<u64> = (1..7).map(|s| empty_pause(s).as_millis() as u64).collect();
+        assert_eq!(pauses, vec![10, 20, 40, 50, 50, 50]);
+        // max_wait 0 (no long poll asked): every empty answer counts as instant.
+        assert!(answered_at_once(Duration::from_micros(100), Duration::ZERO));
+        assert!(answered_at_once(
+            Duration::from_millis(1),
+            Duration::from_millis(500)
+        ));
+        assert!(!answered_at_once(
+            Duration::from_millis(400),
+            Duration::from_millis(500)
+        ));
     }
 }
