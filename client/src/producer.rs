@@ -285,6 +285,19 @@ struct TopicState {
     partitions: u32,
     /// The round-robin cursor for keyless records.
     next: u32,
+    /// When the partition count was read.
+    read_at: Instant,
+}
+
+/// How long a topic's partition count is trusted before it is read again.
+const TOPIC_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Broker codes after which the topic's partition count is read again.
+fn stale_topic(e: &Error) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::PARTITION_NOT_FOUND | ErrorCode::TOPIC_NOT_FOUND)
+    ) || e.code() == Some(ErrorCode(15))
 }
 
 #[derive(Debug, Default)]
@@ -318,7 +331,9 @@ struct Inner {
 /// records keep their order. Partitions: the record's explicit one, else the key hash
 /// ([`partition_for_key`]), else round robin; partition counts come from the topic list
 /// (a topic that does not exist yet counts as one partition, which is what the broker's
-/// auto-create makes) and are re-read after `PartitionNotFound`.
+/// auto-create makes) and are read again after `PartitionNotFound`, `TopicNotFound` or
+/// `NotLeader`, and at least every minute. (The broker has no Metadata request yet; the
+/// topic list is the single-broker stand-in.)
 ///
 /// **Delivery is at-least-once.** A batch that fails with a retriable error (see
 /// [`Error::is_retriable`]) is sent again with exponential backoff and jitter, up to
@@ -577,6 +592,7 @@ impl Producer {
                     name,
                     partitions: count,
                     next: 0,
+                    read_at: Instant::now(),
                 });
                 pick(t, record)
             }
@@ -745,7 +761,7 @@ fn first_answer(inner: Arc<Inner>, key: Key, r: Result<Reply>) {
         Ok(other) => finish(&inner, &key, Err(mismatch(ctx, &other))),
         Err(e) => {
             let e = e.with_context(&ctx);
-            if e.code() == Some(ErrorCode::PARTITION_NOT_FOUND) {
+            if stale_topic(&e) {
                 inner.lock().topics.remove(&key.0);
             }
             if e.is_retriable() && inner.config.retries > 0 {
@@ -811,7 +827,7 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
             Ok(other) => break Err(mismatch(ctx.clone(), &other)),
             Err(e) => e,
         };
-        if e.code() == Some(ErrorCode::PARTITION_NOT_FOUND) {
+        if stale_topic(&e) {
             inner.lock().topics.remove(&key.0);
         }
         if !e.is_retriable() {
@@ -878,7 +894,9 @@ async fn linger_task(inner: Weak<Inner>) {
         let next = {
             let mut st = strong.lock();
             let all = st.flushing > 0;
-            seal_due(&strong, &mut st, Instant::now(), all)
+            let now = Instant::now();
+            st.topics.retain(|_, t| now < t.read_at + TOPIC_MAX_AGE);
+            seal_due(&strong, &mut st, now, all)
         };
         let idle_check = Duration::from_millis(500);
         let sleep_until = next.unwrap_or_else(|| Instant::now() + idle_check);

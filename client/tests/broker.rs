@@ -636,3 +636,28 @@ fn public_futures_are_send() {
     }
     let _ = check;
 }
+
+/// With auto-create off, a record for a missing topic fails with TopicNotFound; once the
+/// topic exists with 3 partitions, keyed records land on their hashed partitions (the
+/// producer read the partition count again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_counts_are_read_again_after_topic_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "127.0.0.1:0".parse().unwrap());
+    cfg.auto_create_topics = false;
+    let b = streambus_server::start(cfg).unwrap();
+    let c = connect(&b).await;
+    let p = Producer::new(&c);
+    let e = p
+        .send(Record::new("later", "x").key("k"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TOPIC_NOT_FOUND), "{e}");
+    assert!(e.to_string().contains("topic \"later\" partition 0"), "{e}");
+    c.create_topic("later", 3).await.unwrap();
+    for k in ["a", "b", "c", "customer-42"] {
+        let m = p.send(Record::new("later", "x").key(k)).await.unwrap();
+        assert_eq!(m.partition, partition_for_key(k.as_bytes(), 3), "{k}");
+    }
+    assert_eq!(p.close().await.unwrap_err().len(), 1);
+}
