@@ -468,7 +468,11 @@ pub(crate) async fn run(
                     Some(r) => reply(&job.req, r),
                     None => Err(unexpected("a completion without a response".into())),
                 };
-                job.reply.send(result);
+                // Give back the request (its buffer can be reused), the capacity and the
+                // load before the result goes out: a callback may send the next request.
+                let Job { req, reply, .. } = job;
+                drop(req);
+                reply.send(result);
             }
             Ok(_) => {}
             Err(e) => break Some(driver_error(e, request_timeout)),
