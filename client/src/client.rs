@@ -205,35 +205,57 @@ impl Client {
     /// Sends one request and waits for its answer within `timeout` (waiting for a free
     /// connection included). A broken connection is replaced by the next call.
     pub(crate) async fn call(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
+        // A read-only request that meets a connection closed under it (the broker's idle
+        // timeout, a restart) is sent once more on a fresh connection, within its timeout.
+        let again = matches!(
+            req,
+            Req::Fetch { .. } | Req::GetOffset { .. } | Req::ListTopics | Req::Health
+        )
+        .then(|| req.clone());
+        let started = Instant::now();
+        match (self.call_once(req, ctx, timeout).await, again) {
+            (Err(Error::Io { .. }), Some(req)) if started.elapsed() < timeout => {
+                let left = timeout.saturating_sub(started.elapsed());
+                tracing::debug!(%ctx, "connection lost; sending the request again");
+                self.call_once(req, ctx, left).await
+            }
+            (result, _) => result,
+        }
+    }
+
+    async fn call_once(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
         let deadline = Instant::now() + timeout;
         let timed_out = |waiting| Error::TimedOut {
             context: ctx.clone(),
             waiting,
             after: timeout,
         };
-        let permit = tokio::time::timeout_at(deadline, self.inner.capacity.clone().acquire_owned())
-            .await
-            .map_err(|_| timed_out("waiting for a free connection slot"))?
-            .map_err(|_| Error::Closed {
-                context: ctx.clone(),
-                what: "client",
-            })?;
+        let mut permit =
+            tokio::time::timeout_at(deadline, self.inner.capacity.clone().acquire_owned())
+                .await
+                .map_err(|_| timed_out("waiting for a free connection slot"))?
+                .map_err(|_| Error::Closed {
+                    context: ctx.clone(),
+                    what: "client",
+                })?;
         let (tx, rx) = oneshot::channel();
-        let mut job = Job {
-            req,
-            reply: ReplyTo::Caller(Some(tx)),
-            deadline,
-            timeout,
-            _permit: permit,
-            _load: LoadGuard(Arc::new(AtomicUsize::new(0))),
-        };
+        let (mut req, mut reply) = (req, ReplyTo::Caller(Some(tx)));
         // A connection that died since it was picked refuses the job: pick again.
         loop {
             let (conn, load) = self.inner.pool.get(deadline, ctx).await?;
-            job._load = load;
+            let job = Job {
+                req,
+                reply,
+                deadline,
+                timeout,
+                _permit: permit,
+                _load: load,
+            };
             match conn.send(job) {
                 Ok(()) => break,
-                Err(mpsc::error::SendError(j)) => job = j,
+                Err(mpsc::error::SendError(j)) => {
+                    (req, reply, permit) = (j.req, j.reply, j._permit)
+                }
             }
         }
         match tokio::time::timeout_at(deadline, rx).await {
