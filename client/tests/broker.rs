@@ -661,3 +661,93 @@ async fn partition_counts_are_read_again_after_topic_not_found() {
     }
     assert_eq!(p.close().await.unwrap_err().len(), 1);
 }
+
+/// Eight tasks share one producer (round robin over 2 partitions) while another flushes:
+/// every record is acknowledged once, offsets per partition are contiguous, and the consumer
+/// reads exactly those records. Dropping the producer without `close` still sends what it
+/// had batched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_share_one_producer() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    c.create_topic("shared", 2).await.unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default().linger(Duration::from_millis(2)),
+    )
+    .unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in 0..5000 {
+                    let d = p
+                        .enqueue(Record::new("shared", format!("{t}-{i}")))
+                        .await
+                        .unwrap();
+                    out.push(d);
+                }
+                let mut acked = Vec::new();
+                for d in out {
+                    let m = d.await.unwrap();
+                    acked.push((m.partition, m.offset));
+                }
+                acked
+            })
+        })
+        .collect();
+    let flusher = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                p.flush().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    flusher.await.unwrap();
+    all.sort();
+    for part in 0..2 {
+        let offsets: Vec<i64> = all.iter().filter(|a| a.0 == part).map(|a| a.1).collect();
+        assert_eq!(
+            offsets,
+            (0..offsets.len() as i64).collect::<Vec<_>>(),
+            "partition {part}"
+        );
+        assert_eq!(offsets.len(), 20_000, "round robin splits evenly");
+    }
+    // Dropped without close: the last handle sends the batch.
+    let last = p
+        .enqueue(Record::new("shared", "last").partition(0))
+        .await
+        .unwrap();
+    drop(p);
+    assert_eq!(last.await.unwrap().offset, 20_000);
+    let mut consumer = Consumer::new(&c);
+    consumer
+        .assign("shared", 0, Offset::Earliest)
+        .await
+        .unwrap();
+    consumer
+        .assign("shared", 1, Offset::Earliest)
+        .await
+        .unwrap();
+    let mut n = 0;
+    while n < 40_001 {
+        n += consumer.poll(Duration::from_secs(5)).await.unwrap().len();
+    }
+    assert_eq!(n, 40_001);
+    assert!(
+        consumer
+            .poll(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
