@@ -308,6 +308,9 @@ impl Consumer {
     }
 
     /// The next record, waiting as long as it takes (records of a fetch are buffered).
+    ///
+    /// For a `futures::Stream` of records, wrap it:
+    /// `futures::stream::unfold(consumer, |mut c| async { Some((c.recv().await, c)) })`.
     pub async fn recv(&mut self) -> Result<ConsumerRecord> {
         loop {
             if let Some(r) = self.buffered.pop_front() {

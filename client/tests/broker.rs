@@ -751,3 +751,108 @@ async fn concurrent_senders_share_one_producer() {
             .is_empty()
     );
 }
+
+/// A fake broker that answers each HealthCheck 150 ms after reading it, one at a time
+/// (frames found with the core's decoder, answers encoded by the core).
+async fn slow_broker() -> SocketAddr {
+    use streambus_core::{
+        FrameDecoder, HealthCheckResponse, Response, Status, Text, encode_response,
+        peek_request_id, response_encoded_len,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Ok(Status::Complete(len)) = FrameDecoder::default().next_frame(&buf) {
+                        let id = peek_request_id(&buf).unwrap();
+                        buf.drain(..len);
+                        tokio::time::sleep(Duration::from_millis(150)).await;
+                        let r = Response::HealthCheck(HealthCheckResponse {
+                            status: Text::from("healthy"),
+                            uptime_secs: 1,
+                        });
+                        let mut out = vec![0; response_encoded_len(&r)];
+                        let n = encode_response(id, &r, &mut out).unwrap();
+                        if s.write_all(&out[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One connection, one request at a time, a broker taking 150 ms per answer: four
+/// concurrent calls wait their turn for capacity and all succeed (none fails fast).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_calls_wait_for_capacity_within_their_timeout() {
+    let addr = slow_broker().await;
+    let c = Client::builder()
+        .pool_size(1)
+        .max_in_flight(1)
+        .request_timeout(Duration::from_secs(3))
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.health().await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().status, "healthy");
+    }
+    // Served one after another.
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    // With a 250 ms timeout, the first of three calls is answered (150 ms); the two others,
+    // waiting behind it, time out within their timeout.
+    let c = Client::builder()
+        .pool_size(1)
+        .max_in_flight(1)
+        .request_timeout(Duration::from_millis(250))
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { (c.health().await, Instant::now()) })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for call in calls {
+        let (r, at) = call.await.unwrap();
+        assert!(
+            at - started < Duration::from_millis(450),
+            "{:?}",
+            at - started
+        );
+        outcomes.push(
+            r.map(|h| h.status)
+                .map_err(|e| matches!(e, Error::TimedOut { .. })),
+        );
+    }
+    outcomes.sort();
+    assert_eq!(outcomes, vec![Ok("healthy".into()), Err(true), Err(true)]);
+}
