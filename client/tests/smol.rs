@@ -20,7 +20,7 @@ fn broker(dir: &std::path::Path) -> streambus_server::Running {
 
 #[test]
 fn smol_produce_consume_in_order_with_keys() {
-    const N: usize = 20_000;
+    const N: usize = 100_000;
     let dir = tempfile::tempdir().unwrap();
     let b = broker(dir.path());
     smol::block_on(async {
