@@ -308,7 +308,7 @@ async fn pending_calls_fail_within_their_timeout_when_the_peer_dies() {
     }
     let took = started.elapsed();
     assert!(
-        took >= timeout && took < timeout + Duration::from_millis(400),
+        took >= timeout && took < timeout + Duration::from_millis(1000),
         "{took:?}"
     );
     // Hang up while 8 more calls wait: each fails at once with an I/O error.
@@ -379,7 +379,7 @@ async fn broker_stop_and_restart_mid_flight() {
             }
         }
         assert!(
-            at.elapsed() < delivery + Duration::from_millis(500),
+            at.elapsed() < delivery + Duration::from_secs(1),
             "{:?}",
             at.elapsed()
         );
@@ -538,7 +538,7 @@ async fn an_idle_consumer_wakes_soon_after_a_produce() {
     let lag = woke.saturating_duration_since(acked);
     eprintln!("consumer woke {lag:?} after the produce was acknowledged");
     assert_eq!(got[0].value(), b"wake");
-    assert!(lag < Duration::from_millis(250), "{lag:?}");
+    assert!(lag < Duration::from_millis(300), "{lag:?}");
 }
 
 /// Records sent while the broker is down are retried with backoff and delivered once it is
@@ -844,7 +844,7 @@ async fn saturated_calls_wait_for_capacity_within_their_timeout() {
     for call in calls {
         let (r, at) = call.await.unwrap();
         assert!(
-            at - started < Duration::from_millis(450),
+            at - started < Duration::from_millis(750),
             "{:?}",
             at - started
         );

@@ -83,7 +83,7 @@ fn smol_calls_to_a_silent_peer_time_out() {
         assert!(matches!(e, Error::TimedOut { .. }), "{e}");
         let took = started.elapsed();
         assert!(
-            took >= Duration::from_millis(300) && took < Duration::from_millis(800),
+            took >= Duration::from_millis(300) && took < Duration::from_millis(1300),
             "{took:?}"
         );
     });
