@@ -27,6 +27,7 @@ fn examples_run_against_a_broker() {
         ("produce_consume", "topic example (3 partitions)"),
         ("blocking", "1: world"),
         ("smol", "9: m9"),
+        ("admin", "partition 3: offsets 0..0"),
     ] {
         let path = example(name);
         if !path.exists() {
