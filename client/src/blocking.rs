@@ -23,21 +23,62 @@ use crate::error::{Error, Result};
 use crate::types::{ConsumerRecord, Health, PartitionOffsets, Record, RecordMetadata, TopicInfo};
 use crate::{ClientBuilder, ConsumerConfig, Delivery, Offset, ProducerConfig};
 
-/// The private runtime of a blocking (or `smol`) client.
-pub(crate) fn runtime() -> Result<Arc<tokio::runtime::Runtime>> {
+/// The private runtime of a blocking (or `smol`) client. Dropping it never blocks or
+/// panics, wherever the last handle goes (even inside another async runtime).
+#[derive(Debug)]
+pub(crate) struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Runtime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &tokio::runtime::Runtime {
+        // Some until dropped.
+        match &self.0 {
+            Some(rt) => rt,
+            None => unreachable_runtime(),
+        }
+    }
+}
+
+#[allow(clippy::panic)]
+fn unreachable_runtime() -> ! {
+    panic!("the client's runtime is used after being dropped")
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+pub(crate) fn runtime() -> Result<Arc<Runtime>> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("streambus-client")
         .enable_all()
         .build()
-        .map(Arc::new)
+        .map(|rt| Arc::new(Runtime(Some(rt))))
         .map_err(|e| Error::config("runtime", format!("can't start the client's runtime: {e}")))
+}
+
+/// Runs `fut` to completion on the client's runtime, refusing (instead of panicking) when
+/// called from inside an async runtime.
+fn run<T>(rt: &Runtime, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(Error::config(
+            "blocking",
+            "a blocking call inside an async runtime would stall it: use the async API there",
+        ));
+    }
+    rt.block_on(fut)
 }
 
 /// A blocking [`crate::Client`].
 #[derive(Debug, Clone)]
 pub struct Client {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<Runtime>,
     inner: crate::Client,
 }
 
@@ -51,7 +92,7 @@ impl Client {
     pub fn connect_with(builder: ClientBuilder, addr: impl Into<String>) -> Result<Self> {
         let rt = runtime()?;
         let addr = addr.into();
-        let inner = rt.block_on(builder.connect(addr))?;
+        let inner = run(&rt, builder.connect(addr))?;
         Ok(Self { rt, inner })
     }
 
@@ -62,27 +103,27 @@ impl Client {
 
     /// See [`crate::Client::create_topic`].
     pub fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool> {
-        self.rt.block_on(self.inner.create_topic(topic, partitions))
+        run(&self.rt, self.inner.create_topic(topic, partitions))
     }
     /// See [`crate::Client::delete_topic`].
     pub fn delete_topic(&self, topic: &str) -> Result<()> {
-        self.rt.block_on(self.inner.delete_topic(topic))
+        run(&self.rt, self.inner.delete_topic(topic))
     }
     /// See [`crate::Client::list_topics`].
     pub fn list_topics(&self) -> Result<Vec<TopicInfo>> {
-        self.rt.block_on(self.inner.list_topics())
+        run(&self.rt, self.inner.list_topics())
     }
     /// See [`crate::Client::offsets`].
     pub fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets> {
-        self.rt.block_on(self.inner.offsets(topic, partition))
+        run(&self.rt, self.inner.offsets(topic, partition))
     }
     /// See [`crate::Client::describe_topic`].
     pub fn describe_topic(&self, topic: &str) -> Result<Vec<PartitionOffsets>> {
-        self.rt.block_on(self.inner.describe_topic(topic))
+        run(&self.rt, self.inner.describe_topic(topic))
     }
     /// See [`crate::Client::health`].
     pub fn health(&self) -> Result<Health> {
-        self.rt.block_on(self.inner.health())
+        run(&self.rt, self.inner.health())
     }
 }
 
@@ -90,7 +131,7 @@ impl Client {
 /// [`wait`](Delivery::wait) blocks for the outcome.
 #[derive(Debug, Clone)]
 pub struct Producer {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<Runtime>,
     inner: crate::Producer,
 }
 
@@ -115,30 +156,36 @@ impl Producer {
 
     /// Sends one record and waits for its acknowledgement.
     pub fn send(&self, record: Record) -> Result<RecordMetadata> {
-        self.rt.block_on(self.inner.send(record))
+        run(&self.rt, self.inner.send(record))
     }
 
     /// Buffers one record (blocking only while the buffer is full); wait for the outcome with
     /// [`Delivery::wait`].
     pub fn enqueue(&self, record: Record) -> Result<Delivery> {
-        self.rt.block_on(self.inner.enqueue(record))
+        run(&self.rt, self.inner.enqueue(record))
     }
 
     /// See [`crate::Producer::flush`].
-    pub fn flush(&self) {
-        self.rt.block_on(self.inner.flush())
+    pub fn flush(&self) -> Result<()> {
+        run(&self.rt, async {
+            self.inner.flush().await;
+            Ok(())
+        })
     }
 
     /// See [`crate::Producer::close`].
     pub fn close(&self) -> std::result::Result<(), Vec<Error>> {
-        self.rt.block_on(self.inner.close())
+        match run(&self.rt, async { Ok(self.inner.close().await) }) {
+            Ok(r) => r,
+            Err(e) => Err(vec![e]),
+        }
     }
 }
 
 /// A blocking [`crate::Consumer`].
 #[derive(Debug)]
 pub struct Consumer {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<Runtime>,
     inner: crate::Consumer,
 }
 
@@ -161,11 +208,11 @@ impl Consumer {
 
     /// See [`crate::Consumer::assign`].
     pub fn assign(&mut self, topic: &str, partition: u32, from: Offset) -> Result<()> {
-        self.rt.block_on(self.inner.assign(topic, partition, from))
+        run(&self.rt, self.inner.assign(topic, partition, from))
     }
     /// See [`crate::Consumer::seek`].
     pub fn seek(&mut self, topic: &str, partition: u32, to: Offset) -> Result<()> {
-        self.rt.block_on(self.inner.seek(topic, partition, to))
+        run(&self.rt, self.inner.seek(topic, partition, to))
     }
     /// See [`crate::Consumer::position`].
     pub fn position(&self, topic: &str, partition: u32) -> Option<i64> {
@@ -173,10 +220,10 @@ impl Consumer {
     }
     /// See [`crate::Consumer::poll`].
     pub fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
-        self.rt.block_on(self.inner.poll(timeout))
+        run(&self.rt, self.inner.poll(timeout))
     }
     /// See [`crate::Consumer::recv`].
     pub fn recv(&mut self) -> Result<ConsumerRecord> {
-        self.rt.block_on(self.inner.recv())
+        run(&self.rt, self.inner.recv())
     }
 }

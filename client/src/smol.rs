@@ -31,7 +31,7 @@ use crate::{ClientBuilder, ConsumerConfig, Delivery, Offset, ProducerConfig};
 
 /// Runs `fut` on the client's runtime and awaits it from the caller's executor.
 async fn on<T: Send + 'static>(
-    rt: &tokio::runtime::Runtime,
+    rt: &crate::blocking::Runtime,
     fut: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
     rt.spawn(fut).await.unwrap_or_else(|e| {
@@ -49,7 +49,7 @@ async fn on<T: Send + 'static>(
 /// An async [`crate::Client`] for any executor.
 #[derive(Debug, Clone)]
 pub struct Client {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<crate::blocking::Runtime>,
     inner: crate::Client,
 }
 
@@ -106,7 +106,7 @@ impl Client {
 /// An async [`crate::Producer`] for any executor.
 #[derive(Debug, Clone)]
 pub struct Producer {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<crate::blocking::Runtime>,
     inner: crate::Producer,
 }
 
@@ -166,7 +166,7 @@ impl Producer {
 /// may drop the records it fetched: the position has moved past them.
 #[derive(Debug)]
 pub struct Consumer {
-    rt: Arc<tokio::runtime::Runtime>,
+    rt: Arc<crate::blocking::Runtime>,
     inner: Arc<tokio::sync::Mutex<crate::Consumer>>,
 }
 

@@ -99,3 +99,40 @@ fn blocking_hundred_thousand_keyed_records() {
         assert_eq!(offsets, (0..v.len() as i64).collect::<Vec<_>>());
     }
 }
+
+/// Blocking calls from inside an async runtime are refused with a clear error (not a panic),
+/// and dropping the blocking client there does not panic either.
+#[test]
+fn blocking_calls_inside_an_async_runtime_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.data_dir = dir.path().to_owned();
+    cfg.metrics_listen = None;
+    cfg.runtime = RuntimeKind::Blocking;
+    cfg.fsync = FsyncMode::Never;
+    let b = streambus_server::start(cfg).unwrap();
+    let c = Client::connect(b.addr().to_string()).unwrap();
+    let p = Producer::new(&c);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let e = c.health().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                streambus_client::Error::Config {
+                    setting: "blocking",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = p.send(Record::new("t", "v")).unwrap_err();
+        assert!(matches!(e, streambus_client::Error::Config { .. }), "{e}");
+        drop(p);
+        drop(c);
+    });
+}
