@@ -1,30 +1,44 @@
 //! The blocking adapter: std sockets, one thread per connection.
 
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Wake, Waker};
 use std::time::Duration;
 
-use std::os::fd::AsFd;
+use rustix::event::{PollFd, PollFlags, Timespec};
 
-use crate::session::{Next, Pending, Session};
-use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
+use crate::budget::Budget;
+use crate::session::{Next, Session};
+use crate::transmit::Pending;
+use crate::{CLOSE_DRAIN, ConnEvent, Handler, ServeOptions, now, send_file, until};
 
-/// How often a blocked read wakes to check for shutdown.
+/// How often a connection that the memory budget keeps from reading looks for room again; and
+/// how often a client socket's read returns so its driver can check deadlines.
 const POLL: Duration = Duration::from_millis(100);
+
+/// The most connections (threads) the blocking runtime serves at once, whatever
+/// [`ServeOptions::max_connections`] says; more are refused and counted. It is meant for a few
+/// hundred connections, not tens of thousands: use tokio or smol for those.
+pub const MAX_THREADS: usize = 2048;
 
 /// Stops a blocking [`serve`] from another thread.
 #[derive(Debug, Clone)]
 pub struct Shutdown {
     flag: Arc<AtomicBool>,
     addr: SocketAddr,
+    /// Readable once triggered (never read): every waiting connection sees it in its `poll`.
+    event: Arc<OwnedFd>,
 }
 
 impl Shutdown {
     /// Asks the server to stop: no new connections, open ones finish what they have read.
     pub fn trigger(&self) {
         self.flag.store(true, Ordering::SeqCst);
+        let _ = rustix::io::write(&*self.event, &1u64.to_ne_bytes());
         // Wake the accept call with a connection of our own (loopback, the listener's address).
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
     }
@@ -43,18 +57,34 @@ pub fn shutdown_handle(listener: &TcpListener) -> io::Result<Shutdown> {
     Ok(Shutdown {
         flag: Arc::new(AtomicBool::new(false)),
         addr,
+        event: Arc::new(rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?),
     })
 }
 
 /// Accepts and serves connections on the calling thread until `shutdown` is triggered, then
-/// waits up to [`ServeOptions::shutdown_grace`] for open connections to finish.
+/// answers what waits ([`Handler::shutdown`]) and waits up to [`ServeOptions::shutdown_grace`]
+/// for open connections to answer what they have read; connections still open then are shut
+/// and have stopped when this returns.
 pub fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     options: ServeOptions,
     shutdown: Shutdown,
 ) -> io::Result<()> {
-    let open = Arc::new(AtomicUsize::new(0));
+    let open: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
+    let mut next_id = 0u64;
+    let budget = Arc::new(Budget::new(options.max_buffered_bytes));
+    let cap = options.max_connections.min(MAX_THREADS);
+    if cap < options.max_connections {
+        tracing::warn!(
+            max_connections = options.max_connections,
+            cap,
+            "the blocking runtime runs one thread per connection: serving at most {cap} at once"
+        );
+    }
     for stream in listener.incoming() {
         if shutdown.is_set() {
             break;
@@ -67,33 +97,71 @@ pub fn serve<H: Handler>(
                 continue;
             }
         };
-        if open.load(Ordering::SeqCst) >= options.max_connections {
-            handler.on_event(ConnEvent::Refused);
-            continue;
+        let id = next_id;
+        next_id += 1;
+        {
+            let mut conns = lock(&open);
+            if conns.len() >= cap {
+                handler.on_event(ConnEvent::Refused);
+                continue;
+            }
+            // A second handle on the socket, to shut it if shutdown outlasts its grace.
+            match stream.try_clone() {
+                Ok(c) => conns.insert(id, c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not register a connection");
+                    continue;
+                }
+            };
         }
-        open.fetch_add(1, Ordering::SeqCst);
         handler.on_event(ConnEvent::Accepted);
-        let (h, o, stop) = (handler.clone(), open.clone(), shutdown.clone());
+        let (h, o, stop, b) = (
+            handler.clone(),
+            open.clone(),
+            shutdown.clone(),
+            budget.clone(),
+        );
         let spawned = std::thread::Builder::new()
             .name("streambus-conn".into())
+            .stack_size(256 * 1024)
             .spawn(move || {
-                if let Err(e) = connection(stream, &*h, &options, &stop) {
+                if let Err(e) = connection(stream, &*h, &options, &stop, b) {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                o.fetch_sub(1, Ordering::SeqCst);
+                lock(&o).remove(&id);
                 h.on_event(ConnEvent::Closed);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "could not start a connection thread");
-            open.fetch_sub(1, Ordering::SeqCst);
+            lock(&open).remove(&id);
             handler.on_event(ConnEvent::Closed);
         }
     }
+    drop(listener);
+    handler.shutdown();
     let deadline = std::time::Instant::now() + options.shutdown_grace;
-    while open.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+    while !lock(&open).is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
+    let left: Vec<TcpStream> = lock(&open).drain().map(|(_, s)| s).collect();
+    if !left.is_empty() {
+        tracing::warn!(
+            left = left.len(),
+            "shutdown deadline passed; closing remaining connections"
+        );
+        // Shut the sockets: each thread's next read or write fails and it returns.
+        for s in &left {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        while Arc::strong_count(&open) > 1 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn write_pending<H: Handler>(stream: &mut TcpStream, s: &mut Session, h: &H) -> io::Result<()> {
@@ -112,61 +180,148 @@ fn write_pending<H: Handler>(stream: &mut TcpStream, s: &mut Session, h: &H) -> 
     }
 }
 
+/// Wakes a connection thread blocked in `poll` when one of its replies completes.
+#[derive(Debug)]
+struct EventFd(OwnedFd);
+
+impl Wake for EventFd {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // A full counter (never, in practice) still leaves the fd readable: the wake is not lost.
+        let _ = rustix::io::write(&self.0, &1u64.to_ne_bytes());
+    }
+}
+
 fn connection<H: Handler>(
     mut stream: TcpStream,
     handler: &H,
     options: &ServeOptions,
     stop: &Shutdown,
+    budget: Arc<Budget>,
 ) -> io::Result<()> {
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(options.write_timeout))?;
-    let mut s = Session::new(options.connection, now());
-    // The read timeout last set: a syscall only when it changes (POLL while no deadline is near).
-    let mut read_timeout = None;
+    let wake = Arc::new(EventFd(rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )?));
+    let waker = Waker::from(Arc::clone(&wake));
+    let mut s = Session::new(options.connection, now(), budget);
+    let replies = s.replies();
+    // The peer sent FIN: it sends nothing more, but its replies are still owed.
+    let mut eof = false;
     loop {
-        match s.process(now(), handler) {
-            Next::Close => return write_pending(&mut stream, &mut s, handler),
+        let reading = match s.process(now(), handler) {
+            Next::Close => {
+                write_pending(&mut stream, &mut s, handler)?;
+                return close(&mut stream);
+            }
             Next::Flush => {
                 write_pending(&mut stream, &mut s, handler)?;
                 continue;
             }
-            Next::Read => write_pending(&mut stream, &mut s, handler)?,
-        }
-        if stop.is_set() {
-            return Ok(());
-        }
-        let wait = s
-            .deadline()
-            .map_or(POLL, |d| until(d).min(POLL))
-            .max(Duration::from_millis(1));
-        if read_timeout != Some(wait) {
-            stream.set_read_timeout(Some(wait))?;
-            read_timeout = Some(wait);
-        }
-        let buf = s.read_buf();
-        match stream.read(buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                s.filled(n);
-                handler.on_event(ConnEvent::BytesIn(n));
+            Next::Offload(job) => {
+                write_pending(&mut stream, &mut s, handler)?;
+                // This thread may block: run it here, in order.
+                job.run(handler);
+                continue;
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                s.filled(0);
-                // Quiet for a while: give the buffers back (a busy connection keeps them).
-                s.release_idle();
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => s.filled(0),
-            Err(e) => return Err(e),
+            Next::Read => true,
+            Next::Wait => false,
+        };
+        write_pending(&mut stream, &mut s, handler)?;
+        let stopping = stop.is_set();
+        if (stopping || eof) && s.drained() {
+            // Everything read has been answered and written.
+            return close(&mut stream);
         }
-        // After data too: bytes trickling in faster than the read timeout must not keep a
-        // connection past its idle deadline.
+        // Over the memory budget: read nothing now, look again within POLL.
+        let reading = reading && !stopping && !eof;
+        // A connection that gave its buffers back waits for bytes without taking them back;
+        // one the memory budget keeps from reading looks again within POLL.
+        let idle = s.holds_no_receive_buffer();
+        let can_read = reading && (idle || s.prepare_read());
+        if replies
+            .poll_ready(&mut Context::from_waker(&waker))
+            .is_ready()
+        {
+            continue;
+        }
+        let wait = s.wait_deadline(now()).map(until);
+        let wait = if reading && !can_read {
+            Some(wait.map_or(POLL, |w| w.min(POLL)))
+        } else {
+            wait
+        };
+        let timeout = wait.map(|w| Timespec {
+            tv_sec: i64::try_from(w.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(w.subsec_nanos()),
+        });
+        let (sock_ready, woken) = {
+            let sock_events = if can_read {
+                PollFlags::IN
+            } else {
+                PollFlags::empty()
+            };
+            let stop_events = if stopping {
+                PollFlags::empty()
+            } else {
+                PollFlags::IN
+            };
+            let mut fds = [
+                PollFd::new(&stream, sock_events),
+                PollFd::new(&wake.0, PollFlags::IN),
+                PollFd::new(&*stop.event, stop_events),
+            ];
+            match rustix::event::poll(&mut fds, timeout.as_ref()) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
+        };
+        if woken {
+            let mut counter = [0u8; 8];
+            let _ = rustix::io::read(&wake.0, &mut counter);
+        }
+        if sock_ready && (!idle || s.prepare_read()) {
+            // Readable, hung up or failed: the read says which, without blocking.
+            match stream.read(s.read_buf()) {
+                Ok(0) => eof = true,
+                Ok(n) => {
+                    s.filled(n);
+                    handler.on_event(ConnEvent::BytesIn(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => s.filled(0),
+                Err(e) => return Err(e),
+            }
+        }
+        // After data too: bytes trickling in faster than the wait must not keep a connection
+        // past its idle deadline. A quiet connection gives its buffers back here.
         if s.handle_timeout(now()) {
             return Ok(());
+        }
+    }
+}
+
+/// Sends FIN after the replies written, then reads and drops what the peer still sends until
+/// it closes too (or [`CLOSE_DRAIN`] passes), so the close is never a reset.
+fn close(stream: &mut TcpStream) -> io::Result<()> {
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let until = std::time::Instant::now() + CLOSE_DRAIN;
+    let mut sink = [0u8; 4096];
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => return Ok(()),
         }
     }
 }

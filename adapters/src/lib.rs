@@ -2,19 +2,35 @@
 //! sockets.
 //!
 //! An adapter opens sockets, moves bytes, supplies time and maps errors; it never parses. The
-//! runtime-independent part — buffers, the poll loop over the core connection, write
-//! coalescing and back-pressure — is written once in the private `session` module; each
-//! runtime module (`tokio`, `smol`, `blocking`, one feature each) only does I/O and timers.
+//! runtime-independent part — the receive buffer, the poll loop over the core connection, the
+//! transmit queue with its `sendfile` ranges, and the replies — is written once in private
+//! modules; each runtime module (`tokio`, `smol`, `blocking`, one feature each) only does I/O,
+//! timers and waiting.
 //!
-//! The broker plugs in through [`Handler`]: it gets each decoded request and answers it through
-//! a [`Responder`], synchronously.
+//! The broker plugs in through [`Handler`]: it gets each decoded request with an owned
+//! [`Reply`], which it may answer at once or keep and answer later from any thread or task (a
+//! long-poll fetch, a produce waiting for its fsync). A connection keeps up to
+//! [`ServerConfig::max_in_flight`] requests waiting for replies, writes each reply as it
+//! completes (out of order across requests, as the protocol allows) and stops reading while its
+//! table is full. Requests whose handling blocks ([`Handler::blocks`]) run where blocking is
+//! allowed, one at a time per connection, so requests on a connection keep their order.
+//!
+//! Shutdown is the same on every runtime: stop accepting, call [`Handler::shutdown`] (which
+//! answers whatever waits), let every connection answer and write everything it has read, then
+//! close; connections still open at [`ServeOptions::shutdown_grace`] are closed and have stopped
+//! running when `serve` returns, so nothing is acknowledged after it.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use streambus_core::{ErrorCode, Flags, Instant, Request, ServerConfig};
 
+mod budget;
+mod reply;
+#[cfg(any(feature = "tokio", feature = "smol"))]
+mod runtime;
 mod session;
+mod transmit;
 
 #[cfg(feature = "blocking")]
 pub mod blocking;
@@ -23,7 +39,7 @@ pub mod smol;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
-pub use session::Responder;
+pub use reply::Reply;
 
 /// A byte range of a file to send as part of a response, with `sendfile` (no copy through
 /// user space).
@@ -58,24 +74,24 @@ pub enum ConnEvent {
 
 /// The broker side: answers decoded requests.
 pub trait Handler: Send + Sync + 'static {
-    /// Answers one request through `reply` (exactly once; if it does not, the adapter answers
-    /// `StorageError` so the client is never left waiting).
-    fn handle(
-        &self,
-        request_id: u64,
-        flags: Flags,
-        request: &Request<'_>,
-        reply: &mut Responder<'_>,
-    );
+    /// Takes one request and its [`Reply`]. Answer at once, or keep the reply and answer later
+    /// from any thread; a reply dropped unanswered answers `StorageError`. Called on the
+    /// connection's task, so it must not block unless [`blocks`](Self::blocks) said so for this
+    /// request.
+    fn handle(&self, flags: Flags, request: &Request<'_>, reply: Reply);
 
-    /// Whether [`handle`](Self::handle) may block for long (it waits for an fsync, say). The
-    /// async adapters then run it where blocking is allowed — tokio's `block_in_place` on a
-    /// multi-threaded runtime, smol's blocking pool — so one slow request never stalls the
-    /// other connections, and concurrent requests can share the slow work (group commit).
-    /// The default is `false`: requests run inline, which is fastest when they don't block.
-    fn may_block(&self) -> bool {
+    /// Whether handling `request` may block (directory work, an fsync). Such a request runs
+    /// where blocking is allowed (tokio's and smol's blocking pools; inline on the blocking
+    /// runtime) and its connection waits for it before reading on, so its order with the next
+    /// requests is kept. The default is `false`.
+    fn blocks(&self, request: &Request<'_>) -> bool {
+        let _ = request;
         false
     }
+
+    /// The server is stopping: answer every reply that waits for something that may not come
+    /// (a long-poll fetch). Called once, after accepting stopped and before connections drain.
+    fn shutdown(&self) {}
 
     /// Observes connection events (metrics). The default does nothing.
     fn on_event(&self, event: ConnEvent) {
@@ -96,6 +112,10 @@ pub struct ServeOptions {
     pub write_timeout: Duration,
     /// How long graceful shutdown waits for open connections to finish.
     pub shutdown_grace: Duration,
+    /// Bytes all connections together may hold in receive buffers and queued output; over it,
+    /// connections stop reading instead of allocating (each may still hold 8 KiB, so small
+    /// requests always flow). Default 512 MiB.
+    pub max_buffered_bytes: usize,
 }
 
 impl Default for ServeOptions {
@@ -105,6 +125,7 @@ impl Default for ServeOptions {
             connection: ServerConfig::default(),
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            max_buffered_bytes: 512 << 20,
         }
     }
 }
@@ -128,12 +149,24 @@ impl ServeOptions {
         self
     }
 
+    /// Sets the memory budget of all connections' buffers.
+    pub fn max_buffered_bytes(mut self, n: usize) -> Self {
+        self.max_buffered_bytes = n;
+        self
+    }
+
     /// Sets the graceful-shutdown deadline.
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.shutdown_grace = d;
         self
     }
 }
+
+/// How long a connection closing after its last reply keeps reading (and dropping) what the
+/// peer still sends: closing a socket with unread bytes makes the kernel send a reset, which
+/// can destroy replies the peer has not read yet. Its FIN goes out first, so a peer that reads
+/// sees every reply, then the end of the stream.
+pub(crate) const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 
 /// The adapters' clock: microseconds since the first call, as the core's [`Instant`].
 pub fn now() -> Instant {

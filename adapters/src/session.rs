@@ -1,15 +1,19 @@
-//! The runtime-independent half of every server adapter: the connection's buffers and the poll
-//! loop over the core's [`ServerConnection`]. Runtimes only read into [`Session::read_buf`],
-//! write out [`Session::pending`], and run the timers.
+//! The runtime-independent half of every server adapter: the connection's receive buffer and
+//! the poll loop over the core's [`ServerConnection`]. Runtimes only read into
+//! [`Session::read_buf`], write out [`Session::pending`], wait for what [`Session::process`]
+//! asks, and run the timers.
 
-use std::fmt;
+use std::sync::Arc;
 
 use streambus_core::{
-    EncodeError, ErrorCode, FetchResponse, FetchTrailer, Instant, MAX_ERROR_MESSAGE_LEN, Response,
-    ServerConfig, ServerConnection, ServerEvent, response_encoded_len,
+    Flags, Instant, Request, RequestFrame, ServerConfig, ServerConnection, ServerEvent,
+    encode_fault_response,
 };
 
-use crate::{ConnEvent, FileChunk, Handler};
+use crate::budget::{ALLOWANCE, Budget};
+use crate::reply::{OutboxCell, Reply};
+use crate::transmit::{Pending, TxBuf};
+use crate::{ConnEvent, Handler};
 
 /// Bytes first offered to a read; doubled while reads fill what they are offered.
 const FIRST_CHUNK: usize = 4 * 1024;
@@ -22,24 +26,55 @@ const KEEP_CAPACITY: usize = 256 * 1024;
 const LINGER: core::time::Duration = core::time::Duration::from_millis(2);
 /// Stop reading new requests while this much output waits (a slow reader).
 const TX_HIGH_WATER: u64 = 4 * 1024 * 1024;
-/// Room for an error reply: header, message length, message, CRC.
-const ERROR_REPLY_LEN: usize = 15 + 4 + MAX_ERROR_MESSAGE_LEN + 4;
+/// The size a fault reply is first encoded into (the encoder asks for more if needed).
+const FAULT_GUESS: usize = 128;
 
 /// What the runtime must do after [`Session::process`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum Next {
-    /// Write what is pending, then wait for input (or the timer).
+    /// Write what is pending, then wait for input, a completed reply or the timer.
     Read,
-    /// Write what is pending before anything else (back-pressure), then process again.
+    /// Write what is pending, then wait for a completed reply or the timer, reading nothing:
+    /// [`ServerConfig::max_in_flight`] requests wait for their replies (back-pressure).
+    Wait,
+    /// Write what is pending before anything else (a slow reader), then process again.
     Flush,
+    /// Run this request where blocking is allowed and wait for it before the next one (so
+    /// requests on one connection keep their order), then process again.
+    Offload(Job),
     /// Write what is pending, then close.
     Close,
 }
 
+/// A request whose handling may block (topic creation, say), with its frame copied out so it
+/// can run on another thread.
+#[derive(Debug)]
+pub(crate) struct Job {
+    frame: Vec<u8>,
+    flags: Flags,
+    reply: Reply,
+}
+
+impl Job {
+    /// Decodes the request again from its copied frame and hands it to `handler`.
+    pub(crate) fn run<H: Handler + ?Sized>(self, handler: &H) {
+        let decoded = RequestFrame::new_checked(&self.frame[..])
+            .and_then(|frame| Request::parse(&frame).map(|r| (r, frame)));
+        match decoded {
+            Ok((request, _)) => handler.handle(self.flags, &request, self.reply),
+            // The connection decoded this very frame already: only a bug gets here.
+            Err(e) => self.reply.error(
+                streambus_core::ErrorCode::STORAGE_ERROR,
+                format_args!("the request could not be decoded again: {e}"),
+            ),
+        }
+    }
+}
+
 /// One connection's buffers and state.
 ///
-/// Both buffers keep their initialized length and track the live region with indices, so
-/// bytes are zeroed once when a buffer grows, never per read or per response.
+/// The receive buffer keeps its initialized length and tracks the live region with indices, so
+/// bytes are zeroed once when it grows, never per read.
 #[derive(Debug)]
 pub(crate) struct Session {
     conn: ServerConnection,
@@ -54,111 +89,26 @@ pub(crate) struct Session {
     want: usize,
     /// Output waiting to be written.
     tx: TxBuf,
+    /// Where [`Reply`]s put their frames.
+    outbox: Arc<OutboxCell>,
     /// When a quiet connection's buffers go back (set while it waits holding them).
     linger_until: Option<Instant>,
+    /// The server's memory budget, and what this connection holds of it (receive buffer;
+    /// transmit buffers).
+    budget: Arc<Budget>,
+    rx_charged: usize,
+    tx_charged: usize,
 }
 
-/// The transmit queue: `buf[start..end]` waits to be written, with file ranges spliced in
-/// at given positions of `buf` (sent with `sendfile`, never copied).
-#[derive(Debug, Default)]
-pub(crate) struct TxBuf {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    /// `(position in buf, range)`: the range goes out once `buf` is written up to the position.
-    files: std::collections::VecDeque<(usize, FileChunk)>,
-    file_bytes: u64,
-}
-
-/// What to write next.
-#[derive(Debug)]
-pub(crate) enum Pending<'a> {
-    /// Nothing.
-    None,
-    /// These bytes.
-    Bytes(&'a [u8]),
-    /// This file range.
-    File(&'a FileChunk),
-}
-
-impl TxBuf {
-    /// Bytes waiting, file ranges included.
-    fn waiting(&self) -> u64 {
-        (self.end - self.start) as u64 + self.file_bytes
-    }
-
-    fn push_bytes(&mut self, bytes: &[u8]) {
-        if self.buf.len() < self.end + bytes.len() {
-            self.buf.resize(self.end + bytes.len(), 0);
-        }
-        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
-        self.end += bytes.len();
-    }
-
-    fn push_file(&mut self, chunk: FileChunk) {
-        if chunk.len > 0 {
-            self.file_bytes += chunk.len;
-            self.files.push_back((self.end, chunk));
-        }
-    }
-
-    fn pending(&self) -> Pending<'_> {
-        match self.files.front() {
-            Some((at, chunk)) if *at == self.start => Pending::File(chunk),
-            Some((at, _)) => Pending::Bytes(&self.buf[self.start..*at]),
-            None if self.start < self.end => Pending::Bytes(&self.buf[self.start..self.end]),
-            None => Pending::None,
-        }
-    }
-
-    fn sent(&mut self, n: usize) {
-        match self.files.front_mut() {
-            Some((at, chunk)) if *at == self.start => {
-                let n = (n as u64).min(chunk.len);
-                chunk.offset += n;
-                chunk.len -= n;
-                self.file_bytes -= n;
-                if chunk.len == 0 {
-                    self.files.pop_front();
-                }
-            }
-            _ => self.start += n,
-        }
-        if self.start >= self.end && self.files.is_empty() {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Appends one encoded frame, growing the buffer to what the encoder says it needs.
-    fn append(
-        &mut self,
-        guess: usize,
-        mut encode: impl FnMut(&mut [u8]) -> Result<usize, EncodeError>,
-    ) -> bool {
-        let mut size = guess;
-        for _ in 0..2 {
-            if self.buf.len() < self.end + size {
-                self.buf.resize(self.end + size, 0);
-            }
-            match encode(&mut self.buf[self.end..]) {
-                Ok(n) => {
-                    self.end += n;
-                    return true;
-                }
-                Err(EncodeError::BufferTooSmall { required }) => size = required,
-                Err(e) => {
-                    tracing::error!(error = %e, "response could not be encoded");
-                    break;
-                }
-            }
-        }
-        false
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.outbox.close();
+        self.budget.give(self.rx_charged + self.tx_charged);
     }
 }
 
 impl Session {
-    pub(crate) fn new(config: ServerConfig, now: Instant) -> Self {
+    pub(crate) fn new(config: ServerConfig, now: Instant, budget: Arc<Budget>) -> Self {
         Self {
             conn: ServerConnection::new(config, now),
             rx: Vec::new(),
@@ -168,12 +118,18 @@ impl Session {
             chunk: FIRST_CHUNK,
             want: 0,
             tx: TxBuf::default(),
+            outbox: Arc::default(),
             linger_until: None,
+            budget,
+            rx_charged: 0,
+            tx_charged: 0,
         }
     }
 
-    /// Spare room at the end of the receive buffer to read into.
-    pub(crate) fn read_buf(&mut self) -> &mut [u8] {
+    /// Makes room at the end of the receive buffer to read into; `false` when there is none
+    /// because the server's memory budget is spent (or the allocation failed): then read
+    /// nothing, and try again when the budget has room.
+    pub(crate) fn prepare_read(&mut self) -> bool {
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
@@ -192,10 +148,34 @@ impl Session {
             .saturating_sub(unread)
             .min(unread.max(self.chunk))
             .max(self.chunk);
-        if self.rx.len() < self.rx_end + room {
-            self.rx.resize(self.rx_end + room, 0);
+        let len = self.rx_end + room;
+        if self.rx.len() < len {
+            let grow = len - self.rx.len();
+            let granted = if len <= ALLOWANCE {
+                self.budget.force_take(grow);
+                true
+            } else {
+                self.budget.try_take(grow)
+            };
+            if granted && self.rx.try_reserve_exact(grow).is_ok() {
+                self.rx.resize(len, 0);
+                self.rx_charged += grow;
+            } else {
+                if granted {
+                    tracing::warn!(bytes = grow, "receive buffer allocation failed");
+                    self.budget.give(grow);
+                }
+                // Read into what is there, if anything.
+                self.offered = self.rx.len() - self.rx_end;
+                return self.offered > 0;
+            }
         }
         self.offered = self.rx.len() - self.rx_end;
+        true
+    }
+
+    /// The room [`prepare_read`](Self::prepare_read) made (empty if it returned `false`).
+    pub(crate) fn read_buf(&mut self) -> &mut [u8] {
         &mut self.rx[self.rx_end..]
     }
 
@@ -228,10 +208,26 @@ impl Session {
             self.rx_start = 0;
             self.rx_end = 0;
             self.chunk = FIRST_CHUNK;
+            self.budget.give(std::mem::take(&mut self.rx_charged));
         }
-        if self.tx.waiting() == 0 && self.tx.buf.len() > KEEP_CAPACITY {
+        if self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY {
             self.tx = TxBuf::default();
         }
+        let outbox = {
+            let mut ob = self.outbox.lock();
+            if ob.tx.waiting() == 0 && ob.tx.capacity() > KEEP_CAPACITY {
+                ob.tx = TxBuf::default();
+            }
+            ob.tx.capacity()
+        };
+        self.budget
+            .recharge(&mut self.tx_charged, self.tx.capacity() + outbox);
+    }
+
+    /// The server's memory budget (to wait for room in it).
+    #[cfg_attr(not(any(feature = "tokio", feature = "smol")), allow(dead_code))]
+    pub(crate) fn budget(&self) -> &Arc<Budget> {
+        &self.budget
     }
 
     /// The core's next deadline.
@@ -239,9 +235,15 @@ impl Session {
         self.conn.poll_timeout()
     }
 
+    /// Whether the receive buffer was given back (or never taken): waiting for input then needs
+    /// no buffer.
+    pub(crate) fn holds_no_receive_buffer(&self) -> bool {
+        self.rx.capacity() == 0
+    }
+
     fn holds_idle_buffers(&self) -> bool {
         (self.rx_start == self.rx_end && self.rx.capacity() > 0)
-            || (self.tx.waiting() == 0 && self.tx.buf.len() > KEEP_CAPACITY)
+            || (self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY)
     }
 
     /// The deadline to wait for input until, for the async runtimes: the core's, or earlier
@@ -267,9 +269,39 @@ impl Session {
         self.deadline().is_some_and(|d| d <= now) && self.conn.handle_timeout(now)
     }
 
-    /// Decodes and answers every whole request in the receive buffer.
+    /// Whether everything read has been answered and written: a stopping connection may close.
+    pub(crate) fn drained(&self) -> bool {
+        self.conn.in_flight() == 0 && self.tx.waiting() == 0
+    }
+
+    /// A handle that polls for completed replies without borrowing the session.
+    pub(crate) fn replies(&self) -> Arc<OutboxCell> {
+        Arc::clone(&self.outbox)
+    }
+
+    /// Moves completed replies from the outbox to the transmit queue.
+    fn collect(&mut self) {
+        let (answered, outbox) = {
+            let mut ob = self.outbox.lock();
+            if ob.answered == 0 {
+                return;
+            }
+            self.tx.take_from(&mut ob.tx);
+            (std::mem::take(&mut ob.answered), ob.tx.capacity())
+        };
+        // Replies are owed whatever the budget says; what they take counts against reading.
+        self.budget
+            .recharge(&mut self.tx_charged, self.tx.capacity() + outbox);
+        for _ in 0..answered {
+            self.conn.complete(0);
+        }
+    }
+
+    /// Takes completed replies, then decodes and hands out every whole request in the receive
+    /// buffer, and says what the runtime must do next.
     pub(crate) fn process<H: Handler + ?Sized>(&mut self, now: Instant, handler: &H) -> Next {
         loop {
+            self.collect();
             if self.tx.waiting() > TX_HIGH_WATER {
                 return Next::Flush;
             }
@@ -280,6 +312,7 @@ impl Session {
                 rx_end,
                 want,
                 tx,
+                outbox,
                 ..
             } = self;
             let unread = &rx[*rx_start..*rx_end];
@@ -290,23 +323,18 @@ impl Session {
                     flags,
                     request,
                 } => {
-                    let mut reply = Responder {
-                        conn,
-                        tx,
-                        request_id,
-                        answered: false,
-                    };
-                    handler.handle(request_id, flags, &request, &mut reply);
-                    if !reply.answered {
-                        tracing::error!(
-                            request_id,
-                            "handler did not answer; replying StorageError"
-                        );
-                        reply.error(
-                            ErrorCode::STORAGE_ERROR,
-                            format_args!("the broker did not answer this request"),
-                        );
+                    let reply = Reply::new(request_id, Arc::clone(outbox));
+                    if handler.blocks(&request) {
+                        let frame = unread[..consumed].to_vec();
+                        *rx_start += consumed;
+                        *want = 0;
+                        return Next::Offload(Job {
+                            frame,
+                            flags,
+                            reply,
+                        });
                     }
+                    handler.handle(flags, &request, reply);
                     *rx_start += consumed;
                     *want = 0;
                 }
@@ -317,9 +345,12 @@ impl Session {
                 } => {
                     tracing::debug!(request_id, %error, "answering a bad frame");
                     handler.on_event(ConnEvent::Fault(error.error_code()));
-                    tx.append(ERROR_REPLY_LEN, |buf| {
-                        conn.respond_fault(request_id, &error, buf)
+                    let sent = tx.append(FAULT_GUESS, |buf| {
+                        encode_fault_response(request_id, &error, buf)
                     });
+                    if sent.is_ok() {
+                        conn.complete(request_id);
+                    }
                     *rx_start += consumed;
                     *want = 0;
                 }
@@ -327,13 +358,13 @@ impl Session {
                     *want = frame_len.unwrap_or(0);
                     return Next::Read;
                 }
-                ServerEvent::Blocked => return Next::Flush,
+                ServerEvent::Blocked => return Next::Wait,
                 ServerEvent::Close { reply } => {
                     if let Some((request_id, error)) = reply {
                         tracing::debug!(request_id, %error, "closing after a fatal frame error");
                         handler.on_event(ConnEvent::Fault(error.error_code()));
-                        tx.append(ERROR_REPLY_LEN, |buf| {
-                            conn.respond_fault(request_id, &error, buf)
+                        let _ = tx.append(FAULT_GUESS, |buf| {
+                            encode_fault_response(request_id, &error, buf)
                         });
                     }
                     return Next::Close;
@@ -344,134 +375,18 @@ impl Session {
     }
 }
 
-/// Answers one request: handed to [`Handler::handle`].
-pub struct Responder<'a> {
-    conn: &'a mut ServerConnection,
-    tx: &'a mut TxBuf,
-    request_id: u64,
-    answered: bool,
-}
-
-impl fmt::Debug for Responder<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Responder")
-            .field("request_id", &self.request_id)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Responder<'_> {
-    /// The RequestID being answered.
-    pub fn request_id(&self) -> u64 {
-        self.request_id
-    }
-
-    /// Sends a response (success or [`Response::Error`]).
-    pub fn respond(&mut self, response: &Response<'_>) {
-        if self.answered {
-            return;
-        }
-        let (conn, id) = (&mut *self.conn, self.request_id);
-        if self.tx.append(response_encoded_len(response), |buf| {
-            conn.respond(id, response, buf)
-        }) {
-            self.answered = true;
-        } else {
-            // Only a response over u32 lengths fails to encode; answer with an error instead.
-            self.error(
-                ErrorCode::MESSAGE_TOO_LARGE,
-                format_args!("the response is too large to encode"),
-            );
-        }
-    }
-
-    /// Sends a Fetch success whose records' CRC-32 is already known (combined from stored
-    /// batch CRCs), so the records aren't hashed again; see
-    /// [`streambus_core::encode_fetch_response`].
-    pub fn respond_fetch(&mut self, fetch: &FetchResponse<'_>, records_crc: u32) {
-        if self.answered {
-            return;
-        }
-        let (conn, id) = (&mut *self.conn, self.request_id);
-        let len = response_encoded_len(&Response::Fetch(*fetch));
-        if self
-            .tx
-            .append(len, |buf| conn.respond_fetch(id, fetch, records_crc, buf))
-        {
-            self.answered = true;
-        } else {
-            self.error(
-                ErrorCode::MESSAGE_TOO_LARGE,
-                format_args!("the response is too large to encode"),
-            );
-        }
-    }
-
-    /// Sends a Fetch success whose records are the file `ranges` (in order), sent with
-    /// `sendfile` instead of being copied; `records_crc` is their CRC-32 (combined from stored
-    /// batch CRCs).
-    pub fn respond_fetch_file(
-        &mut self,
-        high_water_mark: i64,
-        count: u32,
-        trailer: FetchTrailer,
-        records_crc: u32,
-        ranges: Vec<FileChunk>,
-    ) {
-        if self.answered {
-            return;
-        }
-        let len: u64 = ranges.iter().map(|r| r.len).sum();
-        let parts = usize::try_from(len)
-            .map_err(|_| EncodeError::TooLong { len: usize::MAX })
-            .and_then(|len| {
-                self.conn.respond_fetch_parts(
-                    self.request_id,
-                    high_water_mark,
-                    count,
-                    len,
-                    records_crc,
-                    trailer,
-                )
-            });
-        match parts {
-            Ok(parts) => {
-                self.tx.push_bytes(&parts.head);
-                for r in ranges {
-                    self.tx.push_file(r);
-                }
-                self.tx.push_bytes(&parts.tail);
-                self.answered = true;
-            }
-            Err(_) => self.error(
-                ErrorCode::MESSAGE_TOO_LARGE,
-                format_args!("the response is too large to encode"),
-            ),
-        }
-    }
-
-    /// Sends an error response with a formatted message (cut at 256 bytes).
-    pub fn error(&mut self, code: ErrorCode, message: fmt::Arguments<'_>) {
-        if self.answered {
-            return;
-        }
-        let (conn, id) = (&mut *self.conn, self.request_id);
-        self.answered = self.tx.append(ERROR_REPLY_LEN, |buf| {
-            conn.respond_error(id, code, message, buf)
-        });
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use streambus_core::{Flags, Request};
 
     struct Nobody;
 
     impl Handler for Nobody {
-        fn handle(&self, _: u64, _: Flags, _: &Request<'_>, reply: &mut Responder<'_>) {
-            reply.error(ErrorCode::INVALID_REQUEST, format_args!("no"));
+        fn handle(&self, _: Flags, _: &Request<'_>, reply: Reply) {
+            reply.error(
+                streambus_core::ErrorCode::INVALID_REQUEST,
+                format_args!("no"),
+            );
         }
     }
 
@@ -480,8 +395,13 @@ mod tests {
     #[test]
     fn buffers_linger_then_go_back() {
         let t0 = Instant::from_millis(0);
-        let mut s = Session::new(ServerConfig::default(), t0);
+        let mut s = Session::new(
+            ServerConfig::default(),
+            t0,
+            Arc::new(Budget::new(usize::MAX)),
+        );
         let idle = s.deadline().expect("the idle timer runs");
+        assert!(s.prepare_read());
         assert!(s.read_buf().len() >= FIRST_CHUNK);
         s.filled(0);
         let linger = t0.saturating_add(LINGER);
@@ -495,6 +415,7 @@ mod tests {
         assert_eq!(s.rx.capacity(), 0, "buffers kept past the linger");
         assert_eq!(s.wait_deadline(linger), Some(idle));
         // A buffer holding part of a frame is never given back: the core's timers rule.
+        assert!(s.prepare_read());
         s.read_buf()[0] = 0;
         s.filled(1);
         let t2 = Instant::from_millis(10);
@@ -525,10 +446,16 @@ mod tests {
         let mut frame = vec![0u8; request_encoded_len(&request)];
         encode_request(1, Flags::NONE, &request, &mut frame).unwrap();
         let t = Instant::from_millis(0);
-        let mut s = Session::new(ServerConfig::default(), t);
+        let mut s = Session::new(
+            ServerConfig::default(),
+            t,
+            Arc::new(Budget::new(usize::MAX)),
+        );
+        assert!(s.prepare_read());
         s.read_buf()[..16].copy_from_slice(&frame[..16]);
         s.filled(16);
-        assert_eq!(s.process(t, &Nobody), Next::Read);
+        assert!(matches!(s.process(t, &Nobody), Next::Read));
+        assert!(s.prepare_read());
         let first = s.read_buf().len();
         assert!(
             first <= 2 * FIRST_CHUNK,
@@ -537,18 +464,54 @@ mod tests {
         // As the body arrives, the offers grow with it.
         let mut received = 16;
         while received < 1 << 20 {
+            assert!(s.prepare_read());
             let buf = s.read_buf();
             let n = buf.len();
             buf.copy_from_slice(&frame[received..received + n]);
             received += n;
             s.filled(n);
-            assert_eq!(s.process(t, &Nobody), Next::Read);
+            assert!(matches!(s.process(t, &Nobody), Next::Read));
         }
+        assert!(s.prepare_read());
         assert!(s.read_buf().len() >= 1 << 20, "reads stay small");
         assert!(
             s.rx.len() <= 4 << 20,
             "buffer {} for {received} bytes",
             s.rx.len()
         );
+    }
+
+    /// A spent budget stops a connection growing its receive buffer (it reads no more), while
+    /// another connection's small requests still get their allowance; everything is given back
+    /// when the connections go.
+    #[test]
+    fn a_spent_budget_stops_growth_but_not_small_requests() {
+        let budget = Arc::new(Budget::new(64 * 1024));
+        let t = Instant::from_millis(0);
+        let mut big = Session::new(ServerConfig::default(), t, budget.clone());
+        // A 1 MiB frame arriving: the buffer grows with what arrives until the budget is spent.
+        let mut frame = vec![0u8; 1 << 20];
+        frame[..4].copy_from_slice(&((1u32 << 20) - 4).to_be_bytes());
+        let mut received = 0;
+        let mut starved = false;
+        for _ in 0..64 {
+            if !big.prepare_read() {
+                starved = true;
+                break;
+            }
+            let buf = big.read_buf();
+            let n = buf.len().min(frame.len() - received);
+            buf[..n].copy_from_slice(&frame[received..received + n]);
+            received += n;
+            big.filled(n);
+            assert!(matches!(big.process(t, &Nobody), Next::Read));
+        }
+        assert!(starved, "read {received} bytes past a 64 KiB budget");
+        assert!(budget.used() <= 64 * 1024, "{} bytes taken", budget.used());
+        let mut small = Session::new(ServerConfig::default(), t, budget.clone());
+        assert!(small.prepare_read(), "a new connection gets its allowance");
+        drop(big);
+        drop(small);
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -1,202 +1,123 @@
-//! The smol adapter (async-io reactor): one task per connection on smol's executor.
+//! The smol adapter (async-io reactor): the [`Runtime`](crate::runtime::Runtime) of the shared
+//! loops on smol, one task per connection on smol's executor, and the client side.
 
 use std::future::Future;
-use std::io;
-use std::net::{TcpListener, TcpStream};
+use std::io::{self, Read as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use smol::channel::{Receiver, bounded};
-use smol::future::FutureExt as _;
-use smol::io::AsyncWriteExt;
+use smol::io::AsyncWrite;
 use smol::{Async, Timer};
 
-use std::os::fd::AsFd;
-
-use crate::session::{Next, Pending, Session};
-use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
-
-/// What woke a connection or the accept loop.
-enum Wake<T> {
-    Stop,
-    Io(T),
-    Timer,
-}
+use crate::runtime::{self, Runtime, Socket};
+use crate::{FileChunk, Handler, ServeOptions, now, send_file, until};
 
 /// Accepts connections on `listener` and serves them with `handler` until `shutdown`
-/// completes; then stops accepting, lets every connection finish the requests it has read,
-/// and waits up to [`ServeOptions::shutdown_grace`] for them to close.
+/// completes; then stops accepting, answers what waits ([`Handler::shutdown`]), lets every
+/// connection answer and write what it has read, and waits up to
+/// [`ServeOptions::shutdown_grace`] for them to close; those still open are cancelled, and
+/// have stopped when this returns.
 pub async fn serve<H: Handler>(
     listener: Async<TcpListener>,
     handler: Arc<H>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let open = Arc::new(AtomicUsize::new(0));
-    // Dropping the sender closes the channel: every connection's receiver then wakes.
-    let (stop_tx, stop_rx) = bounded::<()>(1);
-    let mut shutdown = std::pin::pin!(async {
-        shutdown.await;
-        Wake::Stop
-    });
-    loop {
-        let accepted = async { Wake::Io(listener.accept().await) }
-            .or(shutdown.as_mut())
-            .await;
-        let (stream, peer) = match accepted {
-            Wake::Io(Ok(a)) => a,
-            Wake::Io(Err(e)) => {
-                tracing::warn!(error = %e, "accept failed");
-                Timer::after(Duration::from_millis(10)).await;
-                continue;
-            }
-            Wake::Stop | Wake::Timer => break,
-        };
-        if open.load(Ordering::SeqCst) >= options.max_connections {
-            handler.on_event(ConnEvent::Refused);
-            continue;
-        }
-        open.fetch_add(1, Ordering::SeqCst);
-        handler.on_event(ConnEvent::Accepted);
-        let (h, o, stop) = (handler.clone(), open.clone(), stop_rx.clone());
-        smol::spawn(async move {
-            if let Err(e) = connection(stream, h.clone(), &options, stop).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            o.fetch_sub(1, Ordering::SeqCst);
-            h.on_event(ConnEvent::Closed);
-        })
-        .detach();
-    }
-    drop(listener);
-    drop(stop_tx);
-    let deadline = std::time::Instant::now() + options.shutdown_grace;
-    while open.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
-        Timer::after(Duration::from_millis(5)).await;
-    }
-    Ok(())
+    runtime::serve::<Smol, H>(listener, handler, options, shutdown).await
 }
 
-async fn write_pending<H: Handler>(
-    stream: &mut Async<TcpStream>,
-    s: &mut Session,
-    h: &H,
-    o: &ServeOptions,
-) -> io::Result<()> {
-    let flush = async {
+/// smol as the shared loops' runtime.
+struct Smol;
+
+impl Runtime for Smol {
+    type Listener = Async<TcpListener>;
+    type Socket = Async<TcpStream>;
+    type Sleep = Timer;
+    type Task = smol::Task<()>;
+
+    fn poll_accept(
+        listener: &mut Async<TcpListener>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(Async<TcpStream>, SocketAddr)>> {
         loop {
-            let n = match s.pending() {
-                Pending::None => return Some(Ok(())),
-                Pending::Bytes(b) => match stream.write_all(b).await {
-                    Ok(()) => b.len(),
-                    Err(e) => return Some(Err(e)),
-                },
-                Pending::File(f) => {
-                    match stream.write_with(|sock| send_file(sock.as_fd(), f)).await {
-                        Ok(n) => n,
-                        Err(e) => return Some(Err(e)),
-                    }
+            match listener.get_ref().accept() {
+                Ok((stream, peer)) => {
+                    stream.set_nodelay(true)?;
+                    return Poll::Ready(Ok((Async::new(stream)?, peer)));
                 }
-            };
-            s.sent(n);
-            h.on_event(ConnEvent::BytesOut(n));
-        }
-    };
-    let timeout = async {
-        Timer::after(o.write_timeout).await;
-        None
-    };
-    match flush.or(timeout).await {
-        Some(r) => r,
-        None => Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout")),
-    }
-}
-
-async fn connection<H: Handler>(
-    mut stream: Async<TcpStream>,
-    shared: Arc<H>,
-    options: &ServeOptions,
-    stop: Receiver<()>,
-) -> io::Result<()> {
-    stream.get_ref().set_nodelay(true)?;
-    let handler = &*shared;
-    let mut s = Session::new(options.connection, now());
-    let mut timer_woke = false;
-    loop {
-        let next = if handler.may_block() {
-            // Run on smol's blocking pool; the session goes there and comes back.
-            let h = shared.clone();
-            let (back, next) = smol::unblock(move || {
-                let next = s.process(now(), &*h);
-                (s, next)
-            })
-            .await;
-            s = back;
-            next
-        } else {
-            s.process(now(), handler)
-        };
-        match next {
-            Next::Close => return write_pending(&mut stream, &mut s, handler, options).await,
-            Next::Flush => {
-                write_pending(&mut stream, &mut s, handler, options).await?;
-                continue;
-            }
-            Next::Read => write_pending(&mut stream, &mut s, handler, options).await?,
-        }
-        if stop.is_closed() {
-            return Ok(());
-        }
-        // Try the socket first: a busy connection skips a wake-up. Not after a timer: nothing
-        // came, and a read would take back the buffers that were just given back.
-        if !std::mem::take(&mut timer_woke) {
-            match stream.get_ref().read_nonblocking(s.read_buf()) {
-                Ok(0) => return Ok(()),
-                Ok(n) => {
-                    s.filled(n);
-                    handler.on_event(ConnEvent::BytesIn(n));
-                    continue;
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(listener.poll_readable(cx))?;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => s.filled(0),
-                Err(e) => return Err(e),
-            }
-        }
-        let deadline = s.wait_deadline(now());
-        let readable = async { Wake::Io(stream.readable().await) };
-        let stopped = async {
-            let _ = stop.recv().await;
-            Wake::Stop
-        };
-        let timer = async {
-            match deadline {
-                Some(d) => Timer::after(until(d)).await,
-                None => Timer::never().await,
-            };
-            Wake::Timer
-        };
-        match readable.or(stopped).or(timer).await {
-            Wake::Io(r) => r?,
-            Wake::Stop => {}
-            Wake::Timer => {
-                if s.handle_timeout(now()) {
-                    return Ok(());
-                }
-                timer_woke = true;
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
+
+    fn sleep(d: Duration) -> Timer {
+        Timer::after(d)
+    }
+
+    fn spawn(f: impl Future<Output = ()> + Send + 'static) -> Self::Task {
+        smol::spawn(f)
+    }
+
+    fn is_finished(task: &Self::Task) -> bool {
+        task.is_finished()
+    }
+
+    async fn cancel(task: Self::Task) {
+        let _ = task.cancel().await;
+    }
+
+    async fn unblock(f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+        smol::unblock(f).await;
+        Ok(())
+    }
 }
 
-/// Non-blocking read on a socket registered with async-io (which set it non-blocking).
-trait ReadNonBlocking {
-    fn read_nonblocking(&self, buf: &mut [u8]) -> io::Result<usize>;
-}
+impl Socket for Async<TcpStream> {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        // A plain read first: the reactor is asked only when the socket has nothing.
+        loop {
+            match self.get_ref().read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.poll_readable(cx))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
 
-impl ReadNonBlocking for TcpStream {
-    fn read_nonblocking(&self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::io::Read;
-        (&*self).read(buf)
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Async::poll_readable(self, cx)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(self), cx, buf)
+    }
+
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &FileChunk,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match send_file(self.as_fd(), chunk) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.poll_writable(cx))?;
+                }
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_shutdown(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.get_ref().shutdown(std::net::Shutdown::Write))
     }
 }
 

@@ -1,197 +1,111 @@
-//! The tokio adapter: one task per connection.
+//! The tokio adapter: the [`Runtime`](crate::runtime::Runtime) of the shared loops on tokio,
+//! one task per connection, and the client side.
 
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio::task::JoinSet;
-
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 
-use crate::session::{Next, Pending, Session};
-use crate::{ConnEvent, Handler, ServeOptions, now, send_file, until};
+use crate::runtime::{self, Runtime, Socket};
+use crate::{FileChunk, Handler, ServeOptions, now, send_file, until};
 
 /// Accepts connections on `listener` and serves them with `handler` until `shutdown`
-/// completes; then stops accepting, lets every connection finish the requests it has read,
-/// and waits up to [`ServeOptions::shutdown_grace`] for them to close.
+/// completes; then stops accepting, answers what waits ([`Handler::shutdown`]), lets every
+/// connection answer and write what it has read, and waits up to
+/// [`ServeOptions::shutdown_grace`] for them to close; those still open are aborted, and have
+/// stopped when this returns.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let open = Arc::new(AtomicUsize::new(0));
-    let mut tasks = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of fds and the like: log, back off briefly, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                if open.load(Ordering::Relaxed) >= options.max_connections {
-                    handler.on_event(ConnEvent::Refused);
-                    tracing::debug!(%peer, "connection refused: at the connection cap");
-                    drop(stream);
-                    continue;
-                }
-                open.fetch_add(1, Ordering::Relaxed);
-                handler.on_event(ConnEvent::Accepted);
-                let (h, o, stop) = (handler.clone(), open.clone(), stop_rx.clone());
-                tasks.spawn(async move {
-                    if let Err(e) = connection(stream, &*h, &options, stop).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                    o.fetch_sub(1, Ordering::Relaxed);
-                    h.on_event(ConnEvent::Closed);
-                });
-            }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
-    }
-    drop(listener);
-    let _ = stop_tx.send(true);
-    let drained = tokio::time::timeout(options.shutdown_grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!(
-            left = tasks.len(),
-            "shutdown deadline passed; closing remaining connections"
-        );
-        tasks.abort_all();
-    }
-    Ok(())
+    runtime::serve::<Tokio, H>(listener, handler, options, shutdown).await
 }
 
-async fn write_pending<H: Handler>(
-    stream: &mut TcpStream,
-    s: &mut Session,
-    h: &H,
-    o: &ServeOptions,
-) -> io::Result<()> {
-    let flush = async {
-        loop {
-            let n = match s.pending() {
-                Pending::None => return Ok(()),
-                Pending::Bytes(b) => {
-                    stream.write_all(b).await?;
-                    b.len()
-                }
-                Pending::File(f) => {
-                    stream.writable().await?;
-                    match stream.try_io(Interest::WRITABLE, || send_file(stream.as_fd(), f)) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
-            };
-            s.sent(n);
-            h.on_event(ConnEvent::BytesOut(n));
-        }
-    };
-    match tokio::time::timeout(o.write_timeout, flush).await {
-        Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timeout")),
+/// Tokio as the shared loops' runtime.
+struct Tokio;
+
+impl Runtime for Tokio {
+    type Listener = TcpListener;
+    type Socket = TcpStream;
+    type Sleep = tokio::time::Sleep;
+    type Task = tokio::task::JoinHandle<()>;
+
+    fn poll_accept(
+        listener: &mut TcpListener,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<(TcpStream, SocketAddr)>> {
+        let (stream, peer) = ready!(listener.poll_accept(cx))?;
+        stream.set_nodelay(true)?;
+        Poll::Ready(Ok((stream, peer)))
+    }
+
+    fn sleep(d: Duration) -> tokio::time::Sleep {
+        tokio::time::sleep(d)
+    }
+
+    fn spawn(f: impl Future<Output = ()> + Send + 'static) -> Self::Task {
+        tokio::spawn(f)
+    }
+
+    fn is_finished(task: &Self::Task) -> bool {
+        task.is_finished()
+    }
+
+    async fn cancel(task: Self::Task) {
+        task.abort();
+        let _ = task.await;
+    }
+
+    async fn unblock(f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(io::Error::other)
     }
 }
 
-async fn connection<H: Handler>(
-    mut stream: TcpStream,
-    handler: &H,
-    options: &ServeOptions,
-    mut stop: watch::Receiver<bool>,
-) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let blocking = handler.may_block()
-        && tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread;
-    let mut s = Session::new(options.connection, now());
-    let mut timer_woke = false;
-    loop {
-        let next = if blocking {
-            tokio::task::block_in_place(|| s.process(now(), handler))
-        } else {
-            s.process(now(), handler)
-        };
-        match next {
-            Next::Close => return write_pending(&mut stream, &mut s, handler, options).await,
-            Next::Flush => {
-                write_pending(&mut stream, &mut s, handler, options).await?;
-                continue;
-            }
-            Next::Read => write_pending(&mut stream, &mut s, handler, options).await?,
-        }
-        if *stop.borrow() {
-            // Everything read has been answered and written.
-            return Ok(());
-        }
-        // Try the socket first: a busy connection skips a wake-up. Not after a timer: nothing
-        // came, and a read would take back the buffers that were just given back.
-        if !std::mem::take(&mut timer_woke) {
-            match read_now(&mut stream, s.read_buf()).await {
-                Some(Ok(0)) => return Ok(()),
-                Some(Ok(n)) => {
-                    s.filled(n);
-                    handler.on_event(ConnEvent::BytesIn(n));
-                    continue;
-                }
-                None => s.filled(0),
-                Some(Err(e)) => return Err(e),
-            }
-        }
-        let deadline = s.wait_deadline(now());
-        tokio::select! {
-            ready = stream.readable() => ready?,
-            _ = stop.changed() => {}
-            () = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep(until(d)).await,
-                    None => std::future::pending().await,
-                }
-            } => {
-                if s.handle_timeout(now()) {
-                    tracing::debug!("connection timed out");
-                    return Ok(());
-                }
-                timer_woke = true;
-            }
-        }
-    }
-}
-
-/// One read attempt that never waits: `None` when the socket has nothing now. Unlike
-/// `try_read`, tokio's `poll_read` marks the socket not-ready after a short read, so a
-/// request/response connection skips the `recv` that would only say `EAGAIN`.
-async fn read_now(stream: &mut TcpStream, buf: &mut [u8]) -> Option<io::Result<usize>> {
-    use std::pin::Pin;
-    use std::task::Poll;
-    use tokio::io::{AsyncRead, ReadBuf};
-    std::future::poll_fn(|cx| {
+impl Socket for TcpStream {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        // Unlike `try_read`, `poll_read` marks the socket not-ready after a short read, so a
+        // request/response connection skips the `recv` that would only say `EAGAIN`.
         let mut rb = ReadBuf::new(buf);
-        let r = match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
-            Poll::Ready(r) => Some(r.map(|()| rb.filled().len())),
-            Poll::Pending => None,
-        };
-        Poll::Ready(r)
-    })
-    .await
+        ready!(Pin::new(self).poll_read(cx, &mut rb))?;
+        Poll::Ready(Ok(rb.filled().len()))
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(self).poll_write(cx, buf)
+    }
+
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &FileChunk,
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.poll_write_ready(cx))?;
+            match self.try_io(Interest::WRITABLE, || send_file(self.as_fd(), chunk)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self).poll_shutdown(cx)
+    }
 }
 
 /// The core's clock and sleep for its async driver, on tokio.

@@ -12,15 +12,19 @@
 //! "Decode" is what a broker does per frame: `FrameDecoder::next_frame`, `new_checked` (length
 //! and CRC) and `Request::parse` / `Response::parse` (which validates every message record);
 //! the `+iter` variants also walk every message and header, as a consumer would.
+//! `conn_decode/*` is the same through the connections the broker and the clients run.
 
 use std::hint::black_box;
+use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use streambus_core::checksum::checksum;
 use streambus_core::{
-    FetchResponse, FetchTrailer, Flags, FrameDecoder, Message, MessageSet, MessageSetBuilder,
-    ProduceRequest, Request, RequestFrame, RequestType, Response, ResponseFrame, Status, Topic,
-    encode_request, encode_response, request_encoded_len, response_encoded_len,
+    ClientConfig, ClientConnection, ClientEvent, FetchRequest, FetchResponse, FetchTrailer, Flags,
+    FrameDecoder, Instant, Message, MessageSet, MessageSetBuilder, ProduceRequest, ProduceResponse,
+    Request, RequestFrame, RequestType, Response, ResponseFrame, ServerConfig, ServerConnection,
+    ServerEvent, Status, Topic, encode_request, encode_response, request_encoded_len,
+    response_encoded_len,
 };
 
 /// A 10-character topic, as in the original benchmark.
@@ -204,6 +208,91 @@ fn bench_fetch_1mib(c: &mut Criterion) {
     g.finish();
 }
 
+/// The reader as the connections run it: a one-message Produce through
+/// `ServerConnection::poll_request` (answered, so the pipeline never fills), and a Fetch reply of
+/// 100 × 100 B records through `ClientConnection` (`handle_input` + `poll_event`, the reply
+/// decoded once).
+fn bench_connections(c: &mut Criterion) {
+    let messages = [Message::new(b"key", b"value")];
+    let mut set_buf = [0u8; 64];
+    let mut out = [0u8; 128];
+    let n = encode_produce(topic(), &messages, &mut set_buf, &mut out);
+    let request = out[..n].to_vec();
+
+    let value = [0x5au8; 100];
+    let mut records = vec![0u8; 100 * (28 + 100)];
+    let mut b = MessageSetBuilder::new(&mut records);
+    for i in 0..100 {
+        let mut m = Message::new(b"", &value);
+        m.offset = i;
+        b.push(&m).expect("fits");
+    }
+    let reply = Response::Fetch(FetchResponse {
+        high_water_mark: 100,
+        messages: b.finish(),
+        trailer: None,
+    });
+    let fetch = Request::Fetch(FetchRequest {
+        topic: topic(),
+        partition: 0,
+        offset: 0,
+        max_bytes: 1 << 20,
+        extension: None,
+    });
+    let mut reply_frame = vec![0u8; response_encoded_len(&reply)];
+
+    let mut g = c.benchmark_group("conn_decode");
+    g.throughput(Throughput::Elements(1));
+    let mut server = ServerConnection::new(ServerConfig::default(), Instant::ZERO);
+    let mut tx = [0u8; 64];
+    let ack = Response::Produce(ProduceResponse::default());
+    g.bench_function("server_produce_1msg", |b| {
+        b.iter(|| {
+            let ServerEvent::Request {
+                consumed,
+                request_id,
+                ..
+            } = server.poll_request(Instant::ZERO, black_box(&request))
+            else {
+                panic!("not a request")
+            };
+            server.respond(request_id, &ack, &mut tx).expect("fits");
+            consumed
+        })
+    });
+    let mut client: ClientConnection<Vec<u8>, 1> =
+        ClientConnection::new(ClientConfig::default(), vec![0; 256], vec![0; 16 * 1024]);
+    g.bench_function("client_fetch_100x100B", |b| {
+        // The request goes out and its reply is encoded outside the timed part (a timer read
+        // costs tens of ns against microseconds here).
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                let id = client
+                    .send_request(Instant::ZERO, &fetch)
+                    .expect("a free slot");
+                client.consume_transmit(usize::MAX);
+                let n = encode_response(id, &reply, &mut reply_frame).expect("fits");
+                let start = std::time::Instant::now();
+                client
+                    .handle_input(Instant::ZERO, black_box(&reply_frame[..n]))
+                    .expect("a valid reply");
+                let Some(ClientEvent::Response {
+                    response: Response::Fetch(f),
+                    ..
+                }) = client.poll_event()
+                else {
+                    panic!("not a fetch reply")
+                };
+                black_box(f.messages.count());
+                timed += start.elapsed();
+            }
+            timed
+        })
+    });
+    g.finish();
+}
+
 fn bench_crc(c: &mut Criterion) {
     let data: Vec<u8> = (0..64 * 1024).map(|i| (i * 31 + 7) as u8).collect();
     let mut g = c.benchmark_group("crc");
@@ -221,6 +310,7 @@ criterion_group!(
     bench_produce_one,
     bench_produce_hundred,
     bench_fetch_1mib,
+    bench_connections,
     bench_crc
 );
 criterion_main!(benches);

@@ -174,7 +174,8 @@ const fn mul_mod_p(a: u32, mut b: u32) -> u32 {
     loop {
         if a & m != 0 {
             p ^= b;
-            if a & (m - 1) == 0 {
+            // `m` is a power of two here, so this is the mask of the bits below it.
+            if a & m.wrapping_sub(1) == 0 {
                 break;
             }
         }
@@ -211,7 +212,8 @@ const fn x2n_mod_p(mut n: u64, mut k: usize) -> u32 {
             p = mul_mod_p(X2N[k & 31], p);
         }
         n >>= 1;
-        k += 1;
+        // At most 64 steps; only `k & 31` is used.
+        k = k.wrapping_add(1);
     }
     p
 }

@@ -11,8 +11,9 @@
 //!
 //! - [`checksum`]: the CRC-32 (ISO-HDLC) of the protocol, with incremental hashing and
 //!   [`checksum::combine`] for checksumming concatenations without re-reading bytes;
-//! - framing: [`FrameDecoder`] finds frame boundaries in a byte stream and enforces the maximum
-//!   frame length from the 4 length bytes alone; [`RequestFrame`] / [`ResponseFrame`] are
+//! - framing: one frame reader finds frame boundaries in a byte stream and enforces the maximum
+//!   frame length from the 4 length bytes alone, for [`FrameDecoder`], [`ServerConnection`] and
+//!   [`ClientConnection`] alike; [`RequestFrame`] / [`ResponseFrame`] are
 //!   zero-copy views validated once;
 //! - payload codecs for the seven request types ([`Request`], [`Response`]) and the message
 //!   record format ([`MessageSet`], [`MessageSetBuilder`]);
@@ -46,7 +47,8 @@
         clippy::expect_used,
         clippy::indexing_slicing,
         clippy::panic,
-        clippy::cast_possible_truncation
+        clippy::cast_possible_truncation,
+        clippy::arithmetic_side_effects
     )
 )]
 
@@ -72,15 +74,16 @@ pub use conn::server::{
 pub use conn::time::Instant;
 pub use error::{DecodeError, EncodeError, Malformed};
 pub use wire::frame::{
-    DEFAULT_MAX_FRAME_LEN, FETCH_HEAD_LEN, FETCH_TAIL_LEN, FetchFrameParts, FrameDecoder,
-    PROTOCOL_VERSION, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN, RequestFrame, RequestHeader,
-    ResponseFrame, ResponseHeader, Status, encode_fetch_frame_parts, encode_fetch_response,
-    encode_request, encode_response, peek_request_id, request_encoded_len, response_encoded_len,
+    FETCH_HEAD_LEN, FETCH_TAIL_LEN, FetchFrameParts, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
+    RESPONSE_HEADER_LEN, RequestFrame, RequestHeader, ResponseFrame, ResponseHeader,
+    encode_fetch_frame_parts, encode_fetch_response, encode_request, encode_response,
+    peek_request_id, request_encoded_len, response_encoded_len,
 };
 pub use wire::message::{
     Header, Headers, HeadersIter, MESSAGE_FIXED_LEN, Message, MessageSet, MessageSetBuilder,
     MessageSetIter, RecordIter, stamp_record,
 };
+pub use wire::reader::{DEFAULT_MAX_FRAME_LEN, FrameDecoder, Status};
 pub use wire::request::{
     CreateTopicRequest, DeleteTopicRequest, FetchExtension, FetchRequest, GetOffsetRequest,
     LongPoll, ProduceRequest, ProducerInfo, Request,

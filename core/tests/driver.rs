@@ -12,9 +12,9 @@ use streambus_core::embedded::{self, Error};
 use streambus_core::io::asynch::Timer;
 use streambus_core::io::{Clock, DriverError};
 use streambus_core::{
-    ClientConfig, ErrorCode, FetchResponse, GetOffsetResponse, HealthCheckResponse, Instant,
-    Message, MessageSetBuilder, ProduceResponse, Request, Response, ServerConfig, ServerConnection,
-    ServerEvent, Topic,
+    ClientConfig, CreateTopicResponse, ErrorCode, FetchResponse, GetOffsetResponse,
+    HealthCheckResponse, Instant, Message, MessageSetBuilder, ProduceResponse, Request, Response,
+    ServerConfig, ServerConnection, ServerEvent, Topic,
 };
 
 /// The broker end: a server connection, a one-partition log of values, and the bytes it
@@ -27,6 +27,10 @@ struct Loopback {
     chunk: usize,
     /// Answer nothing (a silent broker).
     silent: bool,
+    /// Bytes sent right after each reply, in the same reads (a broker gone wrong).
+    after_reply: Vec<u8>,
+    /// Answer a HealthCheck with a Produce body (an intact reply that fits no request).
+    misfit: bool,
 }
 
 impl Loopback {
@@ -38,6 +42,8 @@ impl Loopback {
             log: Vec::new(),
             chunk,
             silent: false,
+            after_reply: Vec::new(),
+            misfit: false,
         }
     }
 
@@ -94,6 +100,14 @@ impl Loopback {
                         });
                         self.server.respond(id, &resp, &mut tx).unwrap()
                     }
+                    Request::HealthCheck if self.misfit => {
+                        // Too short for a HealthCheck body (status, then 8 bytes of uptime).
+                        let resp = Response::CreateTopic(CreateTopicResponse {
+                            topic: topic(),
+                            created: true,
+                        });
+                        self.server.respond(id, &resp, &mut tx).unwrap()
+                    }
                     Request::HealthCheck => {
                         let resp = Response::HealthCheck(HealthCheckResponse {
                             status: "healthy".into(),
@@ -113,6 +127,7 @@ impl Loopback {
                 }
             };
             self.out.extend_from_slice(&tx[..n]);
+            self.out.extend_from_slice(&self.after_reply);
             self.rx.drain(..consumed);
         }
     }
@@ -329,4 +344,72 @@ fn async_driver_pipelines_queued_requests_and_races_another_future() {
         }
         assert_eq!(d.connection().in_flight(), 0);
     });
+}
+
+#[test]
+fn a_reply_before_a_fault_in_the_same_read_is_handed_out_then_the_error() {
+    use streambus_core::{ClientError, DecodeError, PeerError};
+    for chunk in [1, 5, 4096] {
+        let (mut tx, mut rx) = ([0u8; 64], [0u8; 128]);
+        let mut lb = Loopback::new(chunk);
+        // A Length below the minimum right behind the reply.
+        lb.after_reply = vec![0, 0, 0, 14];
+        let mut c = embedded::blocking::Client::new(
+            lb,
+            || Instant::ZERO,
+            ClientConfig::default(),
+            &mut tx[..],
+            &mut rx[..],
+        );
+        let h = c.health_check().unwrap();
+        assert_eq!(h.uptime_secs, 7, "chunk {chunk}");
+        let fault = DriverError::Client(ClientError::Peer(PeerError::Decode(
+            DecodeError::FrameTooShort {
+                length: 14,
+                min: 15,
+            },
+        )));
+        assert_eq!(
+            c.health_check().map(|_| ()),
+            Err(Error::Driver(fault)),
+            "chunk {chunk}"
+        );
+    }
+}
+
+#[test]
+fn a_reply_that_fits_no_request_is_a_peer_error_from_both_drivers() {
+    use streambus_core::{ClientError, PeerError};
+    let is_misfit = |e: &Error<core::convert::Infallible>| {
+        matches!(
+            e,
+            Error::Driver(DriverError::Client(ClientError::Peer(PeerError::Decode(_))))
+        )
+    };
+    let (mut tx, mut rx) = ([0u8; 64], [0u8; 128]);
+    let mut lb = Loopback::new(3);
+    lb.misfit = true;
+    let mut c = embedded::blocking::Client::new(
+        lb,
+        || Instant::ZERO,
+        ClientConfig::default(),
+        &mut tx[..],
+        &mut rx[..],
+    );
+    let e = c.health_check().map(|_| ()).unwrap_err();
+    assert!(is_misfit(&e), "{e:?}");
+    assert!(c.driver().connection().error().is_some(), "poisoned");
+
+    let (mut tx, mut rx) = ([0u8; 64], [0u8; 128]);
+    let mut lb = Loopback::new(3);
+    lb.misfit = true;
+    let mut c = embedded::asynch::Client::new(
+        lb,
+        VirtualClock::default(),
+        ClientConfig::default(),
+        &mut tx[..],
+        &mut rx[..],
+    );
+    let e = block_on(async { c.health_check().await.map(|_| ()) }).unwrap_err();
+    assert!(is_misfit(&e), "{e:?}");
 }

@@ -812,9 +812,16 @@ fn client_peer_faults_poison() {
             streambus_core::DecodeError::ChecksumMismatch { .. }
         )))
     ));
-    // A reply whose payload doesn't fit the request's type (health reply to a produce).
+    // A reply whose payload doesn't fit the request's type (health reply to a produce): the
+    // frame is intact, so it is found out where it is decoded (once), when handed out.
     let mut p = with_held(2);
     let r = health_reply(2);
+    assert_eq!(p.client.handle_input(p.now, &r), Ok(r.len()));
+    assert_eq!(p.client.poll_event(), None);
+    assert!(matches!(
+        p.client.error(),
+        Some(ClientError::Peer(PeerError::Decode(_)))
+    ));
     assert!(matches!(
         p.client.handle_input(p.now, &r),
         Err(ClientError::Peer(PeerError::Decode(_)))

@@ -71,6 +71,22 @@ fn request_then_need_more() {
             frame_len: Some(20)
         }
     );
+    // The Length was judged once: more body bytes only shrink what is missing.
+    assert_eq!(
+        c.poll_request(T0, &health(10)[..19]),
+        ServerEvent::NeedMore {
+            at_least: 1,
+            frame_len: Some(20)
+        }
+    );
+    assert!(matches!(
+        c.poll_request(T0, &health(10)),
+        ServerEvent::Request {
+            request_id: 10,
+            consumed: 20,
+            ..
+        }
+    ));
     assert_eq!(
         c.poll_request(T0, &[]),
         ServerEvent::NeedMore {

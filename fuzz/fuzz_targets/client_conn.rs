@@ -1,7 +1,8 @@
 //! Drives a `ClientConnection` with arbitrary requests, byte chunks (garbage, or real response
 //! frames for ids in flight, possibly damaged), time steps and partial writes. Asserts: no
 //! panic, at most `N` requests in flight, every request completes at most once, completions
-//! only name requests that were sent, and a poisoned connection stays poisoned.
+//! only name requests that were sent, and a poisoned connection stays poisoned (handing out
+//! only the replies that arrived intact before the fault).
 #![no_main]
 
 use std::collections::{HashMap, HashSet};
@@ -129,7 +130,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         }
         drain(&mut conn, &mut open, &mut done);
         assert!(conn.in_flight() <= N);
-        assert!(conn.in_flight() >= open.len());
+        // A reply that fits no request poisons the connection when it is handed out, after
+        // its slot was freed: its id stays in `open`.
+        if conn.error().is_none() {
+            assert!(conn.in_flight() >= open.len());
+        }
     }
     Ok(())
 }

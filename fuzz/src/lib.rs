@@ -11,13 +11,14 @@
 use arbitrary::{Arbitrary, Unstructured};
 use streambus_core::checksum::checksum;
 use streambus_core::{
-    CreateTopicRequest, CreateTopicResponse, DEFAULT_MAX_FRAME_LEN, DecodeError,
-    DeleteTopicRequest, DeleteTopicResponse, Encode, EncodeError, ErrorCode, ErrorResponse,
-    FetchExtension, FetchRequest, FetchResponse, FetchTrailer, Flags, FrameDecoder,
-    GetOffsetRequest, GetOffsetResponse, Header, Headers, HealthCheckResponse, ListTopicsResponse,
-    LongPoll, MAX_TOPIC_LEN, Message, MessageSet, MessageSetBuilder, PROTOCOL_VERSION,
-    ProduceRequest, ProduceResponse, ProducerInfo, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN,
-    Request, RequestFrame, RequestType, Response, ResponseFrame, ResponseStatus, Status, Text,
+    ClientConfig, ClientConnection, ClientError, CreateTopicRequest, CreateTopicResponse,
+    DEFAULT_MAX_FRAME_LEN, DecodeError, DeleteTopicRequest, DeleteTopicResponse, Encode,
+    EncodeError, ErrorCode, ErrorResponse, FetchExtension, FetchRequest, FetchResponse,
+    FetchTrailer, Flags, FrameDecoder, GetOffsetRequest, GetOffsetResponse, Header, Headers,
+    HealthCheckResponse, Instant, ListTopicsResponse, LongPoll, MAX_TOPIC_LEN, Message, MessageSet,
+    MessageSetBuilder, PROTOCOL_VERSION, ProduceRequest, ProduceResponse, ProducerInfo,
+    REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN, Request, RequestFrame, RequestType, Response,
+    ResponseFrame, ResponseStatus, ServerConfig, ServerConnection, ServerEvent, Status, Text,
     Topic, TopicInfo, TopicList, encode_request, encode_response, peek_request_id,
     request_encoded_len, response_encoded_len, stamp_record,
 };
@@ -200,6 +201,8 @@ pub fn check_stream(data: &[u8]) {
         .split_first()
         .map_or((0, data), |(b, r)| (usize::from(b & 0x0f), r));
     let (sizes, stream) = data.split_at(n_sizes.min(data.len()));
+    check_server_stream(&config, stream, sizes);
+    check_client_stream(&config, stream, sizes);
     for d in config.decoders() {
         let whole = frame_whole(&d, stream);
         let chunked = frame_chunked(&d, stream, sizes);
@@ -220,6 +223,142 @@ pub fn check_stream(data: &[u8]) {
             assert_eq!(joined, stream);
         }
     }
+}
+
+/// Chunk ends for `stream` from the chunk sizes of [`frame_chunked`].
+fn chunk_ends(len: usize, sizes: &[u8]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut at = 0;
+    let mut i = 0;
+    while at < len {
+        let size = sizes
+            .get(i % sizes.len().max(1))
+            .map_or(1, |s| usize::from(*s) + 1);
+        at = (at + size).min(len);
+        ends.push(at);
+        i += 1;
+    }
+    ends
+}
+
+/// Feeds `stream` to a `ServerConnection` in chunks ending at `ends`, answering every request
+/// and fault at once as a broker does; returns its events (`NeedMore` only as the last).
+fn serve_chunks(config: &Config, stream: &[u8], ends: &[usize]) -> Vec<String> {
+    let mut sc = ServerConfig::default();
+    sc.max_frame_len(config.max_frame_len).max_in_flight(1);
+    let mut conn = ServerConnection::new(sc, Instant::ZERO);
+    let mut rx: Vec<u8> = Vec::new();
+    let mut tx = vec![0u8; 512];
+    let mut events = Vec::new();
+    let mut from = 0;
+    for &to in ends {
+        rx.extend_from_slice(&stream[from..to]);
+        from = to;
+        loop {
+            let event = conn.poll_request(Instant::ZERO, &rx);
+            match event {
+                ServerEvent::Request {
+                    consumed,
+                    request_id,
+                    ..
+                } => {
+                    events.push(format!("{event:?}"));
+                    conn.respond_error(
+                        request_id,
+                        ErrorCode::STORAGE_ERROR,
+                        format_args!("-"),
+                        &mut tx,
+                    )
+                    .unwrap();
+                    rx.drain(..consumed);
+                }
+                ServerEvent::Reply {
+                    consumed,
+                    request_id,
+                    error,
+                } => {
+                    events.push(format!("{event:?}"));
+                    conn.respond_fault(request_id, &error, &mut tx).unwrap();
+                    rx.drain(..consumed);
+                }
+                ServerEvent::NeedMore { .. } => break,
+                ServerEvent::Close { .. } => {
+                    events.push(format!("{event:?}"));
+                    return events;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let last = conn.poll_request(Instant::ZERO, &rx);
+    events.push(format!("{last:?}"));
+    events
+}
+
+/// The stream read by a broker: in chunks, the same events as whole.
+pub fn check_server_stream(config: &Config, stream: &[u8], sizes: &[u8]) {
+    let whole = serve_chunks(config, stream, &[stream.len()]);
+    let chunked = serve_chunks(config, stream, &chunk_ends(stream.len(), sizes));
+    assert_eq!(chunked, whole);
+}
+
+/// Requests a client has in flight when the stream's responses arrive: ids 1 to 8.
+const CLIENT_IN_FLIGHT: usize = 8;
+
+/// Feeds `stream` to a `ClientConnection` (with HealthCheck requests 1..=8 in flight) in
+/// chunks ending at `ends`, the way the drivers do; returns its events and final error.
+fn receive_chunks(
+    config: &Config,
+    stream: &[u8],
+    ends: &[usize],
+) -> (Vec<String>, Option<ClientError>) {
+    let mut cc = ClientConfig::default();
+    cc.max_frame_len(config.max_frame_len);
+    let rx_len = (config.max_frame_len as usize + 4).min(4096);
+    let mut conn: ClientConnection<Vec<u8>, CLIENT_IN_FLIGHT> =
+        ClientConnection::new(cc, vec![0; 64], vec![0; rx_len]);
+    for _ in 0..CLIENT_IN_FLIGHT {
+        conn.send_request(Instant::ZERO, &Request::HealthCheck)
+            .unwrap();
+        conn.consume_transmit(usize::MAX);
+    }
+    let mut events = Vec::new();
+    let drain = |conn: &mut ClientConnection<Vec<u8>, CLIENT_IN_FLIGHT>,
+                 events: &mut Vec<String>| {
+        while let Some(ev) = conn.poll_event() {
+            events.push(format!("{ev:?}"));
+        }
+    };
+    let mut from = 0;
+    for &to in ends {
+        let mut chunk = &stream[from..to];
+        from = to;
+        while !chunk.is_empty() {
+            match conn.handle_input(Instant::ZERO, chunk) {
+                Ok(0) => {
+                    let before = events.len();
+                    drain(&mut conn, &mut events);
+                    // A full receive buffer holds a response (or one that fits no request,
+                    // which poisons the connection when it is handed out).
+                    assert!(events.len() > before || conn.error().is_some());
+                }
+                Ok(n) => chunk = &chunk[n..],
+                Err(e) => {
+                    assert_eq!(conn.error(), Some(e));
+                    break;
+                }
+            }
+        }
+        drain(&mut conn, &mut events);
+    }
+    (events, conn.error())
+}
+
+/// The stream read by a client: in chunks, the same responses and the same error as whole.
+pub fn check_client_stream(config: &Config, stream: &[u8], sizes: &[u8]) {
+    let whole = receive_chunks(config, stream, &[stream.len()]);
+    let chunked = receive_chunks(config, stream, &chunk_ends(stream.len(), sizes));
+    assert_eq!(chunked, whole);
 }
 
 /// Asserts the `decode_frame` properties on one raw input.

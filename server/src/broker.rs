@@ -1,19 +1,29 @@
 //! Request routing: the seven v1 requests against the storage engine, answered exactly as the
 //! protocol says, error codes and messages included.
+//!
+//! Most requests are answered before [`Handler::handle`] returns. Two kinds keep their
+//! [`Reply`] and answer later: a Produce under `--fsync always` (once the group-commit fsync
+//! covering it is done, see `syncer`) and a long-poll Fetch (once enough data came or its wait
+//! ran out, see `longpoll`). Requests that touch directories (CreateTopic, DeleteTopic, a
+//! Produce that auto-creates its topic) are marked as blocking, so the adapters run them off
+//! the async executors.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use streambus_adapters::{ConnEvent, FileChunk, Handler, Responder};
+use streambus_adapters::{ConnEvent, FileChunk, Handler, Reply};
 use streambus_core::{
-    CreateTopicResponse, DeleteTopicResponse, ErrorCode, FETCH_RESPONSE_FIXED_LEN, FetchResponse,
-    FetchTrailer, Flags, GetOffsetResponse, HealthCheckResponse, ListTopicsResponse, MessageSet,
-    ProduceResponse, RESPONSE_HEADER_LEN, Request, Response, Text, Topic, TopicInfo, TopicList,
-    response_encoded_len,
+    CreateTopicResponse, DeleteTopicResponse, ErrorCode, FETCH_RESPONSE_FIXED_LEN, FetchRequest,
+    FetchResponse, FetchTrailer, Flags, GetOffsetResponse, HealthCheckResponse, ListTopicsResponse,
+    MessageSet, ProduceRequest, ProduceResponse, RESPONSE_HEADER_LEN, Request, Response, Text,
+    Topic, TopicInfo, TopicList, response_encoded_len,
 };
 
+use crate::longpoll::{LongPolls, Registered, Waiter};
 use crate::metrics::Metrics;
-use crate::storage::{FetchPlan, Storage, StorageError, TopicConfig};
+use crate::storage::{AppendResult, FetchPlan, Storage, StorageError, TopicConfig};
+use crate::syncer::Syncer;
 
 /// Fetches at least this large are sent from the log files with `sendfile`; smaller ones are
 /// copied into the reply (one write instead of three).
@@ -40,22 +50,91 @@ pub const MAX_PARTITIONS: u32 = 1024;
 
 /// Routing settings.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct BrokerConfig {
     /// Create a missing topic (one partition) on Produce.
     pub auto_create_topics: bool,
     /// The maximum frame Length, which bounds message and fetch sizes.
     pub max_frame_len: u32,
-    /// Appends wait for an fsync (`--fsync always`): requests may block.
-    pub fsync_always: bool,
+    /// The longest a long-poll Fetch waits (a larger MaxWaitMs is cut to it).
+    pub max_fetch_wait: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            auto_create_topics: true,
+            max_frame_len: streambus_core::DEFAULT_MAX_FRAME_LEN,
+            max_fetch_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+impl BrokerConfig {
+    /// Sets [`auto_create_topics`](Self::auto_create_topics).
+    pub fn auto_create_topics(mut self, on: bool) -> Self {
+        self.auto_create_topics = on;
+        self
+    }
+
+    /// Sets [`max_frame_len`](Self::max_frame_len).
+    pub fn max_frame_len(mut self, max: u32) -> Self {
+        self.max_frame_len = max;
+        self
+    }
+
+    /// Sets [`max_fetch_wait`](Self::max_fetch_wait).
+    pub fn max_fetch_wait(mut self, max: Duration) -> Self {
+        self.max_fetch_wait = max;
+        self
+    }
 }
 
 /// The broker: a [`Handler`] over the storage engine.
 #[derive(Debug)]
 pub struct Broker {
+    inner: Arc<Inner>,
+    /// Replies of `--fsync always` produces waiting for their fsync.
+    syncer: Syncer,
+    /// Ends waits whose deadline passed; stops when the long-poll table closes.
+    timer: Option<JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Inner {
     storage: Arc<Storage>,
     config: BrokerConfig,
     started: Instant,
     metrics: Arc<Metrics>,
+    polls: LongPolls,
+}
+
+/// A reply with what its request's metrics need.
+#[derive(Debug)]
+struct Answer {
+    reply: Reply,
+    kind: &'static str,
+    started: Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl Answer {
+    fn respond(self, response: &Response<'_>) {
+        self.done("ok").respond(response);
+    }
+
+    fn fail(self, f: Failure) {
+        tracing::debug!(request_id = self.reply.request_id(), code = %f.code, message = %f.message, "request failed");
+        let status = f.code.name().unwrap_or("Unknown");
+        self.done(status)
+            .error(f.code, format_args!("{}", f.message));
+    }
+
+    fn done(self, status: &'static str) -> Reply {
+        self.metrics
+            .request(self.kind, status, self.started.elapsed());
+        self.reply
+    }
 }
 
 /// An error reply: code and message.
@@ -87,134 +166,292 @@ fn now_unix_ns() -> i64 {
 }
 
 impl Broker {
-    /// A broker over `storage`.
-    pub fn new(storage: Arc<Storage>, config: BrokerConfig, metrics: Arc<Metrics>) -> Self {
-        Self {
+    /// A broker over `storage`; starts its group-commit and long-poll timer threads.
+    pub fn new(
+        storage: Arc<Storage>,
+        config: BrokerConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Self> {
+        let inner = Arc::new(Inner {
             storage,
             config,
             started: Instant::now(),
             metrics,
-        }
+            polls: LongPolls::default(),
+        });
+        let syncer = Syncer::start()?;
+        let t = Arc::clone(&inner);
+        let timer = std::thread::Builder::new()
+            .name("streambus-longpoll".into())
+            .spawn(move || {
+                while let Some(expired) = t.polls.next_expired() {
+                    for w in expired {
+                        t.answer_waiter(w, None);
+                    }
+                }
+            })?;
+        Ok(Self {
+            inner,
+            syncer,
+            timer: Some(timer),
+        })
     }
 
     /// The storage engine.
     pub fn storage(&self) -> &Arc<Storage> {
-        &self.storage
+        &self.inner.storage
     }
 
+    /// Long-poll fetches waiting now.
+    pub fn waiting_fetches(&self) -> usize {
+        self.inner.polls.waiting()
+    }
+
+    fn route(&self, request: &Request<'_>, answer: Answer) {
+        let inner = &*self.inner;
+        match request {
+            Request::Produce(p) => match inner.produce(p) {
+                Ok((appended, None)) => {
+                    inner.wake_fetches(p.topic.as_str(), p.partition, appended.high_water_mark);
+                    answer.respond(&produced(appended));
+                }
+                Ok((appended, Some(pending))) => {
+                    // Fetches may see the batch now (as before group commit); the producer
+                    // hears back once it is on disk.
+                    inner.wake_fetches(p.topic.as_str(), p.partition, appended.high_water_mark);
+                    self.syncer.push(
+                        pending,
+                        Box::new(move |synced| match synced {
+                            Ok(()) => answer.respond(&produced(appended)),
+                            Err(e) => answer.fail(e.into()),
+                        }),
+                    );
+                }
+                Err(f) => answer.fail(f),
+            },
+            Request::Fetch(f) => inner.fetch(f, answer),
+            Request::ListTopics => inner.list_topics(answer),
+            _ => match inner.admin(request) {
+                Ok(Some(response)) => answer.respond(&response),
+                Ok(None) => unreachable_request(request, answer),
+                Err(f) => answer.fail(f),
+            },
+        }
+    }
+}
+
+fn unreachable_request(request: &Request<'_>, answer: Answer) {
+    answer.fail(fail(
+        ErrorCode::UNKNOWN_REQUEST,
+        format!("request type {:?} is not supported", request.request_type()),
+    ));
+}
+
+fn produced(a: AppendResult) -> Response<'static> {
+    Response::Produce(ProduceResponse {
+        base_offset: a.base_offset,
+        num_messages: a.count,
+        high_water_mark: a.high_water_mark,
+    })
+}
+
+impl Inner {
     /// The largest message record a Produce may carry: one message must fit a Fetch reply.
     fn max_record(&self) -> usize {
         (self.config.max_frame_len as usize)
             .saturating_sub(RESPONSE_HEADER_LEN - 4 + FETCH_RESPONSE_FIXED_LEN + 4)
     }
 
-    fn route(
+    fn produce(
         &self,
-        flags: Flags,
-        request: &Request<'_>,
-        reply: &mut Responder<'_>,
-    ) -> Result<(), Failure> {
-        let _ = flags; // Compressed Produce is refused by the connection layer; other bits are ignored.
-        match request {
-            Request::Produce(p) => {
-                let max = self.max_record();
-                if let Some((i, len)) = p
-                    .messages
-                    .records()
-                    .map(<[u8]>::len)
-                    .enumerate()
-                    .find(|&(_, len)| len > max)
-                {
-                    return Err(fail(
-                        ErrorCode::MESSAGE_TOO_LARGE,
-                        format!(
-                            "message #{i} is {len} bytes; the largest accepted is {max} (max frame minus 43)"
-                        ),
-                    ));
-                }
-                let topic = p.topic.as_str();
-                let now = now_unix_ns();
-                let appended = match self.storage.append(topic, p.partition, &p.messages, now) {
-                    Err(StorageError::TopicNotFound { .. }) if self.config.auto_create_topics => {
-                        match self.storage.create_topic(topic, 1, TopicConfig::default()) {
-                            Ok(true) => {
-                                tracing::info!(topic, "auto-created topic with 1 partition");
-                            }
-                            // Created meanwhile by another request, with any partition count:
-                            // the append below decides (PartitionNotFound if it lacks ours).
-                            Ok(false) | Err(StorageError::TopicExists { .. }) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                        self.storage.append(topic, p.partition, &p.messages, now)?
+        p: &ProduceRequest<'_>,
+    ) -> Result<(AppendResult, Option<crate::storage::PendingSync>), Failure> {
+        let max = self.max_record();
+        if let Some((i, len)) = p
+            .messages
+            .records()
+            .map(<[u8]>::len)
+            .enumerate()
+            .find(|&(_, len)| len > max)
+        {
+            return Err(fail(
+                ErrorCode::MESSAGE_TOO_LARGE,
+                format!(
+                    "message #{i} is {len} bytes; the largest accepted is {max} (max frame minus 43)"
+                ),
+            ));
+        }
+        let topic = p.topic.as_str();
+        let now = now_unix_ns();
+        let storage = &self.storage;
+        let appended = match storage.append_unsynced(topic, p.partition, &p.messages, now) {
+            Err(StorageError::TopicNotFound { .. }) if self.config.auto_create_topics => {
+                match storage.create_topic(topic, 1, TopicConfig::default()) {
+                    Ok(true) => {
+                        tracing::info!(topic, "auto-created topic with 1 partition");
                     }
-                    other => other?,
-                };
-                reply.respond(&Response::Produce(ProduceResponse {
-                    base_offset: appended.base_offset,
-                    num_messages: appended.count,
-                    high_water_mark: appended.high_water_mark,
-                }));
-            }
-            Request::Fetch(f) => {
-                let cap = u32::try_from(self.max_record()).unwrap_or(u32::MAX);
-                let plan = self.storage.fetch_plan(
-                    f.topic.as_str(),
-                    f.partition,
-                    f.offset,
-                    f.max_bytes,
-                    cap,
-                )?;
-                let trailer = FetchTrailer {
-                    last_stable_offset: plan.high_water_mark,
-                    next_offset: plan.next_offset,
-                };
-                // The storage engine validated these records when they were appended and
-                // checks their CRCs on recovery; the frame CRC is combined from the stored
-                // batch CRCs, so a bit flipped on disk since then fails the client's check.
-                if plan.len >= SENDFILE_MIN {
-                    let ranges = plan
-                        .ranges
-                        .into_iter()
-                        .map(|r| FileChunk {
-                            file: r.file,
-                            offset: r.offset,
-                            len: r.len,
-                        })
-                        .collect();
-                    reply.respond_fetch_file(
-                        plan.high_water_mark,
-                        plan.count,
-                        trailer,
-                        plan.crc,
-                        ranges,
-                    );
-                } else {
-                    let records = read_ranges(&plan).map_err(|e| {
-                        fail(
-                            ErrorCode::STORAGE_ERROR,
-                            format!("reading the log at offset {}: {e}", f.offset),
-                        )
-                    })?;
-                    let messages = MessageSet::new_unchecked(plan.count, &records);
-                    reply.respond_fetch(
-                        &FetchResponse {
-                            high_water_mark: plan.high_water_mark,
-                            messages,
-                            trailer: Some(trailer),
-                        },
-                        plan.crc,
-                    );
+                    // Created meanwhile by another request, with any partition count:
+                    // the append below decides (PartitionNotFound if it lacks ours).
+                    Ok(false) | Err(StorageError::TopicExists { .. }) => {}
+                    Err(e) => return Err(e.into()),
                 }
+                storage.append_unsynced(topic, p.partition, &p.messages, now)?
             }
+            other => other?,
+        };
+        Ok(appended)
+    }
+
+    /// What a fetch returns now, as file ranges.
+    fn plan(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+    ) -> Result<FetchPlan, StorageError> {
+        let cap = u32::try_from(self.max_record()).unwrap_or(u32::MAX);
+        self.storage
+            .fetch_plan(topic, partition, offset, max_bytes, cap)
+    }
+
+    fn fetch(&self, f: &FetchRequest<'_>, answer: Answer) {
+        let ext = f.extension.unwrap_or_default();
+        if !matches!(ext.isolation_level, 0 | 1) {
+            return answer.fail(fail(
+                ErrorCode::INVALID_REQUEST,
+                format!(
+                    "isolation level {} is not supported: want 0 or 1",
+                    ext.isolation_level
+                ),
+            ));
+        }
+        let (topic, partition, offset) = (f.topic.as_str(), f.partition, f.offset);
+        let plan = self.plan(topic, partition, offset, f.max_bytes);
+        let wait = ext
+            .long_poll
+            .filter(|lp| lp.max_wait_ms > 0 && lp.min_bytes > 0);
+        let Some(lp) = wait else {
+            return self.answer_plan(answer, offset, plan);
+        };
+        let min_bytes = u64::from(lp.min_bytes.min(f.max_bytes));
+        match plan {
+            Ok(p) if !Waiter::satisfied_by(&p, min_bytes) => {}
+            // Errors are answered at once, never after a wait; so is enough data.
+            done => return self.answer_plan(answer, offset, done),
+        }
+        let wait = Duration::from_millis(u64::from(lp.max_wait_ms)).min(self.config.max_fetch_wait);
+        let Answer {
+            reply,
+            kind,
+            started,
+            metrics,
+        } = answer;
+        let registered = self.polls.register(
+            topic,
+            partition,
+            reply,
+            started,
+            (offset, f.max_bytes, min_bytes),
+            started + wait,
+            || self.plan(topic, partition, offset, f.max_bytes),
+        );
+        if let Registered::Now(reply, plan) = registered {
+            let answer = Answer {
+                reply,
+                kind,
+                started,
+                metrics,
+            };
+            self.answer_plan(answer, offset, plan);
+        }
+    }
+
+    /// Answers the fetches on `topic`/`partition` that an append up to `end` satisfies.
+    fn wake_fetches(&self, topic: &str, partition: u32, end: i64) {
+        let ready = self.polls.appended(topic, partition, end, |w| {
+            self.plan(topic, partition, w.offset, w.max_bytes)
+        });
+        for (w, plan) in ready {
+            self.answer_waiter(w, Some(plan));
+        }
+    }
+
+    /// Answers a waiting fetch with `plan`, or with what exists now.
+    fn answer_waiter(&self, w: Waiter, plan: Option<Result<FetchPlan, StorageError>>) {
+        let plan = plan.unwrap_or_else(|| self.plan(&w.topic, w.partition, w.offset, w.max_bytes));
+        let answer = Answer {
+            reply: w.reply,
+            kind: "Fetch",
+            started: w.started,
+            metrics: Arc::clone(&self.metrics),
+        };
+        self.answer_plan(answer, w.offset, plan);
+    }
+
+    fn answer_plan(&self, answer: Answer, offset: i64, plan: Result<FetchPlan, StorageError>) {
+        let plan = match plan {
+            Ok(p) => p,
+            Err(e) => return answer.fail(e.into()),
+        };
+        let trailer = FetchTrailer {
+            last_stable_offset: plan.high_water_mark,
+            next_offset: plan.next_offset,
+        };
+        // The storage engine validated these records when they were appended and checks their
+        // CRCs on recovery; the frame CRC is combined from the stored batch CRCs, so a bit
+        // flipped on disk since then fails the client's check.
+        if plan.len >= SENDFILE_MIN {
+            let ranges = plan
+                .ranges
+                .into_iter()
+                .map(|r| FileChunk {
+                    file: r.file,
+                    offset: r.offset,
+                    len: r.len,
+                })
+                .collect();
+            answer.done("ok").respond_fetch_file(
+                plan.high_water_mark,
+                plan.count,
+                trailer,
+                plan.crc,
+                ranges,
+            );
+            return;
+        }
+        let records = match read_ranges(&plan) {
+            Ok(r) => r,
+            Err(e) => {
+                return answer.fail(fail(
+                    ErrorCode::STORAGE_ERROR,
+                    format!("reading the log at offset {offset}: {e}"),
+                ));
+            }
+        };
+        let messages = MessageSet::new_unchecked(plan.count, &records);
+        answer.done("ok").respond_fetch(
+            &FetchResponse {
+                high_water_mark: plan.high_water_mark,
+                messages,
+                trailer: Some(trailer),
+            },
+            plan.crc,
+        );
+    }
+
+    /// The requests answered at once (`None`: not one of them).
+    fn admin<'r>(&self, request: &Request<'r>) -> Result<Option<Response<'r>>, Failure> {
+        let response = match request {
             Request::GetOffset(g) => {
                 let (start, end) = self.storage.offsets(g.topic.as_str(), g.partition)?;
-                reply.respond(&Response::GetOffset(GetOffsetResponse {
+                Response::GetOffset(GetOffsetResponse {
                     topic: g.topic,
                     partition: g.partition,
                     start_offset: start,
                     end_offset: end,
                     high_water_mark: end,
-                }));
+                })
             }
             Request::CreateTopic(c) => {
                 if !(1..=MAX_PARTITIONS).contains(&c.num_partitions) {
@@ -240,90 +477,120 @@ impl Broker {
                     c.num_partitions,
                     TopicConfig::default(),
                 )?;
-                reply.respond(&Response::CreateTopic(CreateTopicResponse {
+                Response::CreateTopic(CreateTopicResponse {
                     topic: c.topic,
                     created,
-                }));
+                })
             }
             Request::DeleteTopic(d) => {
-                self.storage.delete_topic(d.topic.as_str())?;
-                reply.respond(&Response::DeleteTopic(DeleteTopicResponse {
+                let topic = d.topic.as_str();
+                self.storage.delete_topic(topic)?;
+                // Fetches waiting on it will never see data: answer them now.
+                for w in self.polls.remove_topic(topic) {
+                    self.answer_waiter(
+                        w,
+                        Some(Err(StorageError::TopicNotFound {
+                            topic: topic.to_owned(),
+                        })),
+                    );
+                }
+                Response::DeleteTopic(DeleteTopicResponse {
                     topic: d.topic,
                     deleted: true,
-                }));
-            }
-            Request::ListTopics => {
-                let list = self.storage.list_topics();
-                let topics: Vec<TopicInfo<'_>> = list
-                    .iter()
-                    .filter_map(|(name, n)| {
-                        Topic::new(name).ok().map(|name| TopicInfo {
-                            name,
-                            num_partitions: *n,
-                        })
-                    })
-                    .collect();
-                let response = Response::ListTopics(ListTopicsResponse {
-                    topics: TopicList::from_slice(&topics),
-                });
-                // The one reply that grows without bound: it must still fit a frame.
-                let length = response_encoded_len(&response).saturating_sub(4); // after Length
-                if length > self.config.max_frame_len as usize {
-                    return Err(fail(
-                        ErrorCode::MESSAGE_TOO_LARGE,
-                        format!(
-                            "the list of {} topics takes a {length}-byte frame, over the maximum of {}",
-                            topics.len(),
-                            self.config.max_frame_len
-                        ),
-                    ));
-                }
-                reply.respond(&response);
+                })
             }
             Request::HealthCheck => {
                 let uptime = i64::try_from(self.started.elapsed().as_secs()).unwrap_or(i64::MAX);
-                reply.respond(&Response::HealthCheck(HealthCheckResponse {
+                Response::HealthCheck(HealthCheckResponse {
                     status: Text(b"healthy"),
                     uptime_secs: uptime,
-                }));
+                })
             }
-            _ => {
-                return Err(fail(
-                    ErrorCode::UNKNOWN_REQUEST,
-                    format!("request type {:?} is not supported", request.request_type()),
-                ));
-            }
+            _ => return Ok(None),
+        };
+        Ok(Some(response))
+    }
+}
+
+impl Inner {
+    fn list_topics(&self, answer: Answer) {
+        let list = self.storage.list_topics();
+        let topics: Vec<TopicInfo<'_>> = list
+            .iter()
+            .filter_map(|(name, n)| {
+                Topic::new(name).ok().map(|name| TopicInfo {
+                    name,
+                    num_partitions: *n,
+                })
+            })
+            .collect();
+        let response = Response::ListTopics(ListTopicsResponse {
+            topics: TopicList::from_slice(&topics),
+        });
+        // The one reply that grows without bound: it must still fit a frame.
+        let length = response_encoded_len(&response).saturating_sub(4); // after Length
+        if length > self.config.max_frame_len as usize {
+            return answer.fail(fail(
+                ErrorCode::MESSAGE_TOO_LARGE,
+                format!(
+                    "the list of {} topics takes a {length}-byte frame, over the maximum of {}",
+                    topics.len(),
+                    self.config.max_frame_len
+                ),
+            ));
         }
-        Ok(())
+        answer.respond(&response);
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        for w in self.inner.polls.close() {
+            self.inner.answer_waiter(w, None);
+        }
+        if let Some(t) = self.timer.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the long-poll timer thread panicked");
+        }
     }
 }
 
 impl Handler for Broker {
-    fn handle(
-        &self,
-        request_id: u64,
-        flags: Flags,
-        request: &Request<'_>,
-        reply: &mut Responder<'_>,
-    ) {
-        let t0 = Instant::now();
-        let status = match self.route(flags, request, reply) {
-            Ok(()) => "ok",
-            Err(f) => {
-                tracing::debug!(request_id, code = %f.code, message = %f.message, "request failed");
-                reply.error(f.code, format_args!("{}", f.message));
-                f.code.name().unwrap_or("Unknown")
-            }
+    fn handle(&self, flags: Flags, request: &Request<'_>, reply: Reply) {
+        let _ = flags; // Compressed Produce is refused by the connection layer; other bits are ignored.
+        let answer = Answer {
+            reply,
+            kind: request.request_type().name(),
+            started: Instant::now(),
+            metrics: Arc::clone(&self.inner.metrics),
         };
-        self.metrics
-            .request(request.request_type().name(), status, t0.elapsed());
+        self.route(request, answer);
     }
 
-    fn may_block(&self) -> bool {
-        self.config.fsync_always
+    fn blocks(&self, request: &Request<'_>) -> bool {
+        match request {
+            Request::CreateTopic(_) | Request::DeleteTopic(_) => true,
+            // Auto-create makes directories and fsyncs them.
+            Request::Produce(p) => {
+                self.inner.config.auto_create_topics
+                    && self
+                        .inner
+                        .storage
+                        .partition_count(p.topic.as_str())
+                        .is_none()
+            }
+            _ => false,
+        }
+    }
+
+    fn shutdown(&self) {
+        for w in self.inner.polls.close() {
+            self.inner.answer_waiter(w, None);
+        }
     }
 
     fn on_event(&self, event: ConnEvent) {
-        self.metrics.connection_event(event);
+        self.inner.metrics.connection_event(event);
     }
 }

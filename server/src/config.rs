@@ -89,6 +89,13 @@ pub struct Cli {
     /// A connection with no frame for this long is closed [default: 10m].
     #[arg(long, env = "STREAMBUS_IDLE_TIMEOUT")]
     pub idle_timeout: Option<String>,
+    /// Bytes all connections together may hold in buffers; over it they stop reading
+    /// [default: 536870912].
+    #[arg(long, env = "STREAMBUS_MAX_BUFFERED_BYTES")]
+    pub max_buffered_bytes: Option<usize>,
+    /// The longest a long-poll Fetch waits; a larger MaxWaitMs is cut to it [default: 30s].
+    #[arg(long, env = "STREAMBUS_MAX_FETCH_WAIT")]
+    pub max_fetch_wait: Option<String>,
     /// Create a missing topic (one partition) on Produce [default: true].
     #[arg(long, env = "STREAMBUS_AUTO_CREATE_TOPICS")]
     pub auto_create_topics: Option<bool>,
@@ -113,6 +120,8 @@ struct FileConfig {
     read_timeout: Option<String>,
     write_timeout: Option<String>,
     idle_timeout: Option<String>,
+    max_fetch_wait: Option<String>,
+    max_buffered_bytes: Option<usize>,
     auto_create_topics: Option<bool>,
     metrics_listen: Option<String>,
     runtime: Option<RuntimeKind>,
@@ -140,6 +149,10 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Idle timeout.
     pub idle_timeout: Duration,
+    /// The longest a long-poll Fetch waits.
+    pub max_fetch_wait: Duration,
+    /// The memory budget of all connections' buffers.
+    pub max_buffered_bytes: usize,
     /// Auto-create topics on Produce.
     pub auto_create_topics: bool,
     /// Metrics listener; `None` = off.
@@ -160,6 +173,8 @@ impl Default for Config {
             read_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
+            max_fetch_wait: Duration::from_secs(30),
+            max_buffered_bytes: 512 << 20,
             auto_create_topics: true,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
             runtime: RuntimeKind::Tokio,
@@ -229,6 +244,20 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        let max_buffered_bytes = cli
+            .max_buffered_bytes
+            .or(file.max_buffered_bytes)
+            .unwrap_or(d.max_buffered_bytes);
+        // One frame of the largest size must fit, or it could never be received.
+        let one_frame = 2 * (max_frame_bytes as usize + 4);
+        if max_buffered_bytes < one_frame {
+            return Err(ConfigError::Invalid {
+                setting: "--max-buffered-bytes",
+                reason: format!(
+                    "{max_buffered_bytes} cannot hold a frame of --max-frame-bytes {max_frame_bytes}: want at least {one_frame}"
+                ),
+            });
+        }
         Ok(Self {
             listen,
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
@@ -259,6 +288,13 @@ impl Config {
                 file.idle_timeout,
                 d.idle_timeout,
             )?,
+            max_fetch_wait: dur(
+                "--max-fetch-wait",
+                cli.max_fetch_wait,
+                file.max_fetch_wait,
+                d.max_fetch_wait,
+            )?,
+            max_buffered_bytes,
             auto_create_topics: cli
                 .auto_create_topics
                 .or(file.auto_create_topics)

@@ -6,8 +6,10 @@
 
 pub mod broker;
 pub mod config;
+mod longpoll;
 pub mod metrics;
 pub mod storage;
+mod syncer;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -151,16 +153,19 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     let options = ServeOptions::default()
         .max_connections(config.max_connections)
         .connection(conn)
-        .write_timeout(config.write_timeout);
-    let broker = Arc::new(Broker::new(
-        storage.clone(),
-        BrokerConfig {
-            auto_create_topics: config.auto_create_topics,
-            max_frame_len: config.max_frame_bytes,
-            fsync_always: config.fsync == FsyncMode::Always,
-        },
-        metrics,
-    ));
+        .write_timeout(config.write_timeout)
+        .max_buffered_bytes(config.max_buffered_bytes);
+    let broker = Arc::new(
+        Broker::new(
+            storage.clone(),
+            BrokerConfig::default()
+                .auto_create_topics(config.auto_create_topics)
+                .max_frame_len(config.max_frame_bytes)
+                .max_fetch_wait(config.max_fetch_wait),
+            metrics,
+        )
+        .map_err(io_err("starting the broker's threads"))?,
+    );
     tracing::info!(%addr, runtime = ?config.runtime, data_dir = %config.data_dir.display(), "broker listening");
 
     let (stop, body): (Stop, Box<dyn FnOnce() -> Result<(), ServerError> + Send>) =

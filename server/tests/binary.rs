@@ -14,6 +14,11 @@ fn invalid_settings_exit_2_with_one_line_naming_the_setting() {
         (&["--listen", "nowhere"][..], "--listen"),
         (&["--fsync", "sometimes"][..], "--fsync"),
         (&["--max-connections", "0"][..], "--max-connections"),
+        (
+            &["--max-buffered-bytes", "1000000"][..],
+            "--max-buffered-bytes",
+        ),
+        (&["--max-fetch-wait", "forever"][..], "--max-fetch-wait"),
     ] {
         let out = Command::new(BIN)
             .args(args)

@@ -182,6 +182,13 @@ impl RawClient {
         Ok(reply)
     }
 
+    /// Shuts the write side (the server sees EOF after what was sent).
+    pub fn shutdown_write(&mut self) {
+        if let Ok(s) = self.stream() {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        }
+    }
+
     /// Whether the server closed the connection (EOF within the read timeout).
     pub fn is_closed_by_peer(&mut self) -> bool {
         let mut b = [0u8; 1];

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use streambus_adapters::{ConnEvent, Handler, Responder, ServeOptions};
+use streambus_adapters::{ConnEvent, Handler, Reply, ServeOptions};
 use streambus_core::{
     CreateTopicRequest, CreateTopicResponse, ErrorCode, Flags, HealthCheckResponse, Request,
     RequestType, Response, ServerConfig, Text, Topic,
@@ -19,7 +19,7 @@ struct Ping {
 }
 
 impl Handler for Ping {
-    fn handle(&self, _id: u64, _flags: Flags, request: &Request<'_>, reply: &mut Responder<'_>) {
+    fn handle(&self, _flags: Flags, request: &Request<'_>, reply: Reply) {
         match request {
             Request::HealthCheck => reply.respond(&Response::HealthCheck(HealthCheckResponse {
                 status: Text(b"healthy"),
@@ -229,7 +229,7 @@ struct Big {
 }
 
 impl Handler for Big {
-    fn handle(&self, _id: u64, _flags: Flags, _request: &Request<'_>, reply: &mut Responder<'_>) {
+    fn handle(&self, _flags: Flags, _request: &Request<'_>, reply: Reply) {
         static STATUS: [u8; 1 << 20] = [b'x'; 1 << 20];
         reply.respond(&Response::HealthCheck(HealthCheckResponse {
             status: Text(&STATUS),

@@ -4,16 +4,15 @@ use core::fmt;
 use core::time::Duration;
 
 use crate::conn::time::{Instant, earliest};
-use crate::error::{DecodeError, EncodeError, Malformed};
-use crate::wire::frame::{
-    DEFAULT_MAX_FRAME_LEN, RESPONSE_HEADER_LEN, ResponseFrame, encode_request, peek_request_id,
+use crate::error::{DecodeError, EncodeError};
+use crate::wire::frame::{ResponseFrame, encode_request, peek_request_id};
+use crate::wire::reader::{
+    DEFAULT_MAX_FRAME_LEN, FrameDecoder, FrameReader, LENGTH_LEN, MIN_RESPONSE_LENGTH, Status,
+    accepted_frame_len,
 };
 use crate::wire::request::Request;
 use crate::wire::response::Response;
-use crate::wire::types::{ErrorCode, Flags, RequestType, ResponseStatus};
-
-/// The smallest response Length field.
-const MIN_RESPONSE_LENGTH: u32 = 15;
+use crate::wire::types::{Flags, RequestType};
 
 /// Settings of a [`ClientConnection`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,7 +263,9 @@ impl Slot {
 ///    [`handle_timeout`](ClientConnection::handle_timeout), then drain events again.
 ///
 /// An error from `handle_*` poisons the connection: every later call returns it again, and
-/// the adapter closes the transport.
+/// the adapter closes the transport once it has drained the events: the responses that
+/// arrived intact before the fault are still handed out, so what completes never depends on
+/// how the bytes were split into reads.
 #[derive(Debug)]
 pub struct ClientConnection<B, const N: usize> {
     config: ClientConfig,
@@ -278,6 +279,8 @@ pub struct ClientConnection<B, const N: usize> {
     rx_start: usize,
     rx_checked: usize,
     rx_end: usize,
+    /// The frame being received at `rx_checked`.
+    reader: FrameReader,
     /// The frame at `rx_start` was handed out; drop it at the next call.
     delivered: usize,
     slots: [Slot; N],
@@ -297,6 +300,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             rx_start: 0,
             rx_checked: 0,
             rx_end: 0,
+            reader: FrameReader::new(FrameDecoder::new(MIN_RESPONSE_LENGTH, config.max_frame_len)),
             delivered: 0,
             slots: [Slot::FREE; N],
             next_id: 1,
@@ -355,7 +359,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         };
         if self.tx_start > 0 {
             shift_to_front(self.tx.as_mut(), self.tx_start, self.tx_end);
-            self.tx_end -= self.tx_start;
+            self.tx_end = self.tx_end.saturating_sub(self.tx_start);
             self.tx_start = 0;
         }
         let id = self.next_id;
@@ -367,12 +371,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         if let Some(slot) = self.slots.get_mut(free_slot) {
             *slot = Slot {
                 id,
-                deadline: now + self.config.request_timeout,
+                deadline: now.saturating_add(self.config.request_timeout),
                 ty: request.request_type(),
                 state: SlotState::Waiting,
             };
         }
-        self.tx_end += n;
+        self.tx_end = self.tx_end.saturating_add(n);
         self.next_id = id.wrapping_add(1).max(1);
         Ok(id)
     }
@@ -387,7 +391,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 
     /// Marks the first `n` bytes of [`poll_transmit`](Self::poll_transmit) as written.
     pub fn consume_transmit(&mut self, n: usize) {
-        self.tx_start = (self.tx_start + n).min(self.tx_end);
+        self.tx_start = self.tx_start.saturating_add(n).min(self.tx_end);
         if self.tx_start == self.tx_end {
             self.tx_start = 0;
             self.tx_end = 0;
@@ -396,7 +400,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 
     /// Drops the frame handed out by the last event.
     fn release(&mut self) {
-        self.rx_start += self.delivered;
+        self.rx_start = self.rx_start.saturating_add(self.delivered);
         self.delivered = 0;
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
@@ -412,8 +416,8 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         self.release();
         if self.rx_start > 0 && !self.current_frame_fits() {
             shift_to_front(self.rx.as_mut(), self.rx_start, self.rx_end);
-            self.rx_checked -= self.rx_start;
-            self.rx_end -= self.rx_start;
+            self.rx_checked = self.rx_checked.saturating_sub(self.rx_start);
+            self.rx_end = self.rx_end.saturating_sub(self.rx_start);
             self.rx_start = 0;
         }
         self.rx.as_mut().get_mut(self.rx_end..).unwrap_or_default()
@@ -422,22 +426,18 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// Whether the frame being received fits between its start and the buffer's end (so
     /// nothing needs to move).
     fn current_frame_fits(&self) -> bool {
-        let rx = self.rx.as_ref();
-        let at = self.rx_checked;
-        let need = rx
-            .get(at..self.rx_end)
-            .and_then(|b| b.first_chunk::<4>())
-            .map_or(4, |l| 4 + u32::from_be_bytes(*l) as usize);
-        at.saturating_add(need) <= rx.len()
+        let need = self.reader.frame_len().unwrap_or(LENGTH_LEN);
+        self.rx_checked.saturating_add(need) <= self.rx.as_ref().len()
     }
 
     /// Takes `n` bytes written into [`recv_buffer`](Self::recv_buffer) and checks every frame
-    /// they complete. Errors poison the connection.
+    /// they complete (Length, CRC, a request in flight; the payload is decoded when it is
+    /// handed out). Errors poison the connection.
     pub fn handle_received(&mut self, _now: Instant, n: usize) -> Result<(), ClientError> {
         self.check()?;
-        self.rx_end = (self.rx_end + n).min(self.rx.as_ref().len());
+        self.rx_end = self.rx_end.saturating_add(n).min(self.rx.as_ref().len());
         while let Some(len) = self.next_frame()? {
-            self.rx_checked += len;
+            self.rx_checked = self.rx_checked.saturating_add(len);
         }
         Ok(())
     }
@@ -461,36 +461,20 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         let rx = self.rx.as_ref();
         let capacity = rx.len();
         let buf = rx.get(self.rx_checked..self.rx_end).unwrap_or_default();
-        let Some(len_bytes) = buf.first_chunk::<4>() else {
-            return Ok(None);
+        let total = match self.reader.poll(buf) {
+            Ok(Status::Complete(total)) => total,
+            Ok(Status::Partial(_)) => match self.reader.frame_len() {
+                Some(frame_len) if frame_len > capacity => {
+                    return Err(self.poison(ClientError::ResponseTooLarge {
+                        frame_len,
+                        capacity,
+                    }));
+                }
+                _ => return Ok(None),
+            },
+            Err(e) => return Err(self.poison(PeerError::Decode(e).into())),
         };
-        let length = u32::from_be_bytes(*len_bytes);
-        let bad_len = if length < MIN_RESPONSE_LENGTH {
-            Some(DecodeError::FrameTooShort {
-                length,
-                min: MIN_RESPONSE_LENGTH,
-            })
-        } else if length > self.config.max_frame_len {
-            Some(DecodeError::FrameTooLarge {
-                length,
-                max: self.config.max_frame_len,
-            })
-        } else {
-            None
-        };
-        if let Some(e) = bad_len {
-            return Err(self.poison(PeerError::Decode(e).into()));
-        }
-        let total = 4 + length as usize;
-        if total > capacity {
-            return Err(self.poison(ClientError::ResponseTooLarge {
-                frame_len: total,
-                capacity,
-            }));
-        }
-        let Some(frame) = buf.get(..total) else {
-            return Ok(None);
-        };
+        let frame = buf.get(..total).unwrap_or_default();
         let outcome = check_response(frame, &mut self.slots);
         outcome.map_err(|e| self.poison(e.into()))?;
         Ok(Some(total))
@@ -501,14 +485,16 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// `handle_*` call until it returns `None`.
     pub fn poll_completion(&mut self) -> Option<Completion> {
         self.release();
-        if self.error.is_some() {
-            return None;
-        }
-        if let Some(i) = self
-            .slots
-            .iter()
-            .position(|s| matches!(s.state, SlotState::Expired { .. }))
-        {
+        // Once poisoned, only the replies that arrived intact before the fault (no timeouts):
+        // what completes must not depend on how the bytes were split into reads.
+        let expired = match self.error {
+            None => self
+                .slots
+                .iter()
+                .position(|s| matches!(s.state, SlotState::Expired { .. })),
+            Some(_) => None,
+        };
+        if let Some(i) = expired {
             let slot = self.slots.get_mut(i)?;
             let done = Completion {
                 request_id: slot.id,
@@ -524,9 +510,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         }
         while self.rx_start < self.rx_checked {
             let frame = self.rx.as_ref().get(self.rx_start..self.rx_checked)?;
-            let len = frame
-                .first_chunk::<4>()
-                .map_or(0, |l| 4 + u32::from_be_bytes(*l) as usize);
+            let len = accepted_frame_len(frame);
             let id = peek_request_id(frame)?;
             let answered = self
                 .slots
@@ -543,7 +527,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
                     });
                 }
                 // A late response to a timed-out request: drop it.
-                None => self.rx_start += len.max(1),
+                None => self.rx_start = self.rx_start.saturating_add(len.max(1)),
             }
         }
         None
@@ -551,16 +535,48 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 
     /// The response of the last [`Completion`] that was not a timeout, borrowed from the
     /// receive buffer until the next `poll_*`/`handle_*`/`recv_buffer` call.
+    ///
+    /// This is where a response is decoded (once). `None` also when its payload doesn't fit
+    /// the request's type: [`poll_event`](Self::poll_event) and the `io` drivers report
+    /// that as [`PeerError::Decode`] and poison the connection.
     pub fn response(&self, request_type: RequestType) -> Option<Response<'_>> {
-        let frame = self
-            .rx
-            .as_ref()
-            .get(self.rx_start..self.rx_start + self.delivered)
-            .filter(|f| !f.is_empty())?;
-        parse_response(frame, request_type).ok()
+        decode_delivered(
+            self.rx.as_ref(),
+            self.rx_start,
+            self.delivered,
+            request_type,
+        )?
+        .ok()
+    }
+
+    /// [`response`](Self::response), with a payload that doesn't fit its request reported
+    /// and poisoning the connection. `None` when no response was handed out.
+    pub(crate) fn take_response(
+        &mut self,
+        request_type: RequestType,
+    ) -> Option<Result<Response<'_>, ClientError>> {
+        let end = self.rx_start.saturating_add(self.delivered);
+        // Borrows only `rx`, so the error path can still poison.
+        let decoded = decode_delivered(
+            self.rx.as_ref(),
+            self.rx_start,
+            self.delivered,
+            request_type,
+        )?;
+        Some(decoded.map_err(|e| {
+            let e = ClientError::Peer(PeerError::Decode(e));
+            warn!("connection poisoned: {}", e);
+            self.error = Some(e);
+            // Nothing after the bad reply is handed out.
+            self.rx_checked = end;
+            self.rx_end = end;
+            e
+        }))
     }
 
     /// The next event, if any. Poll after every `handle_*` call until it returns `None`.
+    /// A response whose payload doesn't fit its request poisons the connection (see
+    /// [`error`](Self::error)) and ends the events.
     pub fn poll_event(&mut self) -> Option<ClientEvent<'_>> {
         let done = self.poll_completion()?;
         if done.timed_out {
@@ -569,7 +585,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
                 request_type: done.request_type,
             });
         }
-        let response = self.response(done.request_type)?;
+        let response = self.take_response(done.request_type)?.ok()?;
         Some(ClientEvent::Response {
             request_id: done.request_id,
             request_type: done.request_type,
@@ -595,27 +611,24 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     }
 }
 
-/// Decodes the body of a whole response frame whose CRC was checked, as an answer to `ty`.
-fn parse_response(frame: &[u8], ty: RequestType) -> Result<Response<'_>, DecodeError> {
-    let payload = frame
-        .get(RESPONSE_HEADER_LEN..frame.len().saturating_sub(4))
-        .unwrap_or_default();
-    let status = frame.get(12).copied().unwrap_or(u8::MAX);
-    let code = frame
-        .get(13..15)
-        .and_then(|b| b.try_into().ok())
-        .map_or(0, u16::from_be_bytes);
-    match ResponseStatus::from_u8(status) {
-        Some(ResponseStatus::Error) => Response::parse_error(ErrorCode(code), payload),
-        Some(_) => Response::parse_payload(ty, payload),
-        None => Err(Malformed::InvalidStatus { value: status }.into()),
-    }
+/// Decodes the frame of `len` bytes at `start` of `rx` (checked on arrival by
+/// [`check_response`]) as an answer to `ty`; `None` when `len` is 0 (nothing handed out).
+fn decode_delivered(
+    rx: &[u8],
+    start: usize,
+    len: usize,
+    ty: RequestType,
+) -> Option<Result<Response<'_>, DecodeError>> {
+    let frame = rx.get(start..)?.get(..len).filter(|f| !f.is_empty())?;
+    Some(Response::parse(&ResponseFrame::new_prechecked(frame), ty))
 }
 
-/// Checks one whole response frame (CRC, id, body) and marks its request's slot.
+/// Checks one whole response frame's framing and CRC, and marks its request's slot. The
+/// payload is decoded once, when it is handed out.
 fn check_response(frame: &[u8], slots: &mut [Slot]) -> Result<(), PeerError> {
-    ResponseFrame::new_checked(frame).map_err(PeerError::Decode)?;
-    let request_id = peek_request_id(frame).unwrap_or(0);
+    let request_id = ResponseFrame::new_checked(frame)
+        .map_err(PeerError::Decode)?
+        .request_id();
     let unknown = PeerError::UnknownResponse { request_id };
     let slot = slots
         .iter_mut()
@@ -627,7 +640,6 @@ fn check_response(frame: &[u8], slots: &mut [Slot]) -> Result<(), PeerError> {
                 )
         })
         .ok_or(unknown)?;
-    parse_response(frame, slot.ty).map_err(PeerError::Decode)?;
     slot.state = match slot.state {
         SlotState::Waiting => SlotState::Answered,
         SlotState::Expired { .. } => SlotState::Expired { late: true },
@@ -641,12 +653,16 @@ fn check_response(frame: &[u8], slots: &mut [Slot]) -> Result<(), PeerError> {
 fn shift_to_front(buf: &mut [u8], from: usize, end: usize) {
     let (mut dst, mut src) = (0, from);
     while src < end && dst < src {
-        let n = (end - src).min(src - dst);
+        // The loop condition keeps both differences positive.
+        let n = end.saturating_sub(src).min(src.saturating_sub(dst));
         let (head, tail) = buf.split_at_mut(src);
-        if let (Some(d), Some(s)) = (head.get_mut(dst..dst + n), tail.get(..n)) {
+        if let (Some(d), Some(s)) = (
+            head.get_mut(dst..).and_then(|h| h.get_mut(..n)),
+            tail.get(..n),
+        ) {
             d.copy_from_slice(s);
         }
-        dst += n;
-        src += n;
+        dst = dst.saturating_add(n);
+        src = src.saturating_add(n);
     }
 }

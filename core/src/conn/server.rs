@@ -8,8 +8,10 @@ use crate::error::{DecodeError, EncodeError};
 use crate::wire::Text;
 use crate::wire::frame::FetchFrameParts;
 use crate::wire::frame::{
-    DEFAULT_MAX_FRAME_LEN, PROTOCOL_VERSION, REQUEST_HEADER_LEN, RequestFrame, encode_response,
-    peek_request_id,
+    PROTOCOL_VERSION, REQUEST_ID_END, RequestFrame, encode_response, peek_request_id,
+};
+use crate::wire::reader::{
+    DEFAULT_MAX_FRAME_LEN, FrameDecoder, FrameReader, MIN_REQUEST_LENGTH, Status,
 };
 use crate::wire::request::Request;
 use crate::wire::response::{ErrorResponse, FetchResponse, FetchTrailer, Response};
@@ -18,9 +20,6 @@ use crate::wire::types::{ErrorCode, Flags, RequestType};
 /// The longest error message [`ServerConnection::respond_error`] writes, in bytes; longer
 /// messages are cut at a character boundary.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 256;
-
-/// The smallest request Length field.
-const MIN_REQUEST_LENGTH: u32 = 16;
 
 /// Settings of a [`ServerConnection`]: plain fields, `Default`, and chaining setters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +157,8 @@ pub enum ServerEvent<'a> {
 #[derive(Debug, Clone)]
 pub struct ServerConnection {
     config: ServerConfig,
+    /// The frame at the front of `rx`.
+    reader: FrameReader,
     in_flight: usize,
     checksum_faults: u8,
     closed: bool,
@@ -174,6 +175,7 @@ impl ServerConnection {
     pub fn new(config: ServerConfig, now: Instant) -> Self {
         Self {
             config,
+            reader: FrameReader::new(FrameDecoder::new(MIN_REQUEST_LENGTH, config.max_frame_len)),
             in_flight: 0,
             checksum_faults: 0,
             closed: false,
@@ -201,6 +203,10 @@ impl ServerConnection {
     /// Looks at the adapter's unconsumed received bytes `rx` (front = oldest) and returns the
     /// next event. Call it after every read and after every response, until it returns
     /// [`ServerEvent::NeedMore`] or [`ServerEvent::Blocked`].
+    ///
+    /// `rx` starts where the last event's `consumed` bytes ended (at the first byte for a new
+    /// connection): the connection remembers the Length of the frame it is receiving, so it
+    /// judges each Length once, on its 4 bytes, before the body is buffered.
     pub fn poll_request<'a>(&mut self, now: Instant, rx: &'a [u8]) -> ServerEvent<'a> {
         if self.closed {
             return ServerEvent::Close { reply: None };
@@ -211,36 +217,30 @@ impl ServerConnection {
             self.partial = None;
             return ServerEvent::Blocked;
         }
-        let Some(len_bytes) = rx.first_chunk::<4>() else {
-            return self.need_more(now, rx.len(), 4, None);
+        let total = match self.reader.poll(rx) {
+            Ok(Status::Complete(total)) => total,
+            Ok(Status::Partial(missing)) => {
+                return self.need_more(now, rx.len(), missing, self.reader.frame_len());
+            }
+            // Decided on the 4 Length bytes; the answer echoes the RequestID, so wait for it.
+            Err(error @ DecodeError::FrameTooLarge { .. }) => {
+                return match peek_request_id(rx) {
+                    Some(id) => self.close(Some((id, error))),
+                    None => {
+                        let missing = REQUEST_ID_END.saturating_sub(rx.len());
+                        self.need_more(now, rx.len(), missing, None)
+                    }
+                };
+            }
+            Err(error) => return self.close(Some((0, error))),
         };
-        let length = u32::from_be_bytes(*len_bytes);
-        if length < MIN_REQUEST_LENGTH {
-            return self.close(Some((
-                0,
-                DecodeError::FrameTooShort {
-                    length,
-                    min: MIN_REQUEST_LENGTH,
-                },
-            )));
-        }
-        if length > self.config.max_frame_len {
-            let error = DecodeError::FrameTooLarge {
-                length,
-                max: self.config.max_frame_len,
-            };
-            return match peek_request_id(rx) {
-                Some(id) => self.close(Some((id, error))),
-                None => self.need_more(now, rx.len(), 12, None),
-            };
-        }
-        let total = 4 + length as usize;
         let Some(frame) = rx.get(..total) else {
-            return self.need_more(now, rx.len(), total, Some(total));
+            // Unreachable: the reader counted these bytes.
+            return self.need_more(now, rx.len(), 1, None);
         };
         self.partial = None;
         self.idle_since = now;
-        self.in_flight += 1;
+        self.in_flight = self.in_flight.saturating_add(1);
         match self.decode(frame) {
             Ok((request_id, flags, request)) => ServerEvent::Request {
                 consumed: total,
@@ -252,7 +252,7 @@ impl ServerConnection {
                 if matches!(error, DecodeError::ChecksumMismatch { .. }) {
                     self.checksum_faults = self.checksum_faults.saturating_add(1);
                     if self.checksum_faults >= self.config.max_checksum_faults.max(1) {
-                        self.in_flight -= 1;
+                        self.in_flight = self.in_flight.saturating_sub(1);
                         return self.close(Some((request_id, error)));
                     }
                 }
@@ -295,18 +295,16 @@ impl ServerConnection {
                 flags: flags.0,
             }));
         }
-        let payload = frame
-            .get(REQUEST_HEADER_LEN..frame.len().saturating_sub(4))
-            .unwrap_or_default();
-        let request = Request::parse_payload(ty, payload).map_err(fail)?;
+        let request = Request::parse_payload(ty, checked.payload_slice()).map_err(fail)?;
         Ok((request_id, flags, request))
     }
 
+    /// `have` bytes of an incomplete frame are in `rx`, `missing` more are needed.
     fn need_more(
         &mut self,
         now: Instant,
         have: usize,
-        want: usize,
+        missing: usize,
         frame_len: Option<usize>,
     ) -> ServerEvent<'static> {
         self.partial = match self.partial {
@@ -315,7 +313,7 @@ impl ServerConnection {
             _ => Some((now, have)),
         };
         ServerEvent::NeedMore {
-            at_least: want.saturating_sub(have).max(1),
+            at_least: missing.max(1),
             frame_len,
         }
     }
@@ -339,6 +337,15 @@ impl ServerConnection {
         if self.in_flight == 0 {
             self.idle_restart = true;
         }
+    }
+
+    /// Records that the reply to the in-flight request `request_id` was encoded elsewhere (with
+    /// [`encode_response`](crate::encode_response) and its siblings, on another thread, say)
+    /// and queued for sending: the request is no longer in flight. Answering an id that is not
+    /// in flight only miscounts (never below zero).
+    pub fn complete(&mut self, request_id: u64) {
+        let _ = request_id;
+        self.answered();
     }
 
     /// Encodes the reply to an in-flight request into `tx` and returns its length; the request
@@ -435,8 +442,9 @@ impl ServerConnection {
         }
         let read = self
             .partial
-            .map(|(since, _)| since + self.config.read_timeout);
-        let idle = (self.in_flight == 0).then(|| self.idle_since + self.config.idle_timeout);
+            .map(|(since, _)| since.saturating_add(self.config.read_timeout));
+        let idle =
+            (self.in_flight == 0).then(|| self.idle_since.saturating_add(self.config.idle_timeout));
         earliest(read, idle)
     }
 
@@ -450,8 +458,9 @@ impl ServerConnection {
         self.restart_idle(now);
         let read_expired = self
             .partial
-            .is_some_and(|(since, _)| now >= since + self.config.read_timeout);
-        let idle_expired = self.in_flight == 0 && now >= self.idle_since + self.config.idle_timeout;
+            .is_some_and(|(since, _)| now >= since.saturating_add(self.config.read_timeout));
+        let idle_expired =
+            self.in_flight == 0 && now >= self.idle_since.saturating_add(self.config.idle_timeout);
         if read_expired || idle_expired {
             self.closed = true;
             self.partial = None;
@@ -507,17 +516,18 @@ impl fmt::Write for Truncating {
         if self.full {
             return Ok(());
         }
-        let room = MAX_ERROR_MESSAGE_LEN - self.len;
+        let room = MAX_ERROR_MESSAGE_LEN.saturating_sub(self.len);
         let mut take = s.len().min(room);
         while !s.is_char_boundary(take) {
-            take -= 1;
+            // Index 0 is a boundary: this stops.
+            take = take.saturating_sub(1);
         }
         if let (Some(dst), Some(src)) = (
-            self.buf.get_mut(self.len..self.len + take),
+            self.buf.get_mut(self.len..).and_then(|b| b.get_mut(..take)),
             s.as_bytes().get(..take),
         ) {
             dst.copy_from_slice(src);
-            self.len += take;
+            self.len = self.len.saturating_add(take);
         }
         self.full = take < s.len();
         Ok(())

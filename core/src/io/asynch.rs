@@ -160,7 +160,9 @@ where
                         return Err(DriverError::Closed);
                     }
                     let now = self.timer.now();
-                    self.conn.handle_received(now, n)?;
+                    // A fault poisons the connection; the loop still hands out the replies that
+                    // came intact before it, then returns the error.
+                    let _ = self.conn.handle_received(now, n);
                 }
                 // The loop's `handle_timeout` fires it.
                 Step::Deadline => {}
@@ -188,10 +190,10 @@ where
             if done.timed_out {
                 return Err(DriverError::TimedOut { request_id: id });
             }
-            return self
-                .conn
-                .response(done.request_type)
-                .ok_or(DriverError::Closed);
+            return match self.conn.take_response(done.request_type) {
+                Some(decoded) => decoded.map_err(DriverError::Client),
+                None => Err(DriverError::Closed),
+            };
         }
     }
 }

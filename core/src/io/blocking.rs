@@ -91,7 +91,9 @@ where
                 return Err(DriverError::Closed);
             }
             let now = self.clock.now();
-            self.conn.handle_received(now, n)?;
+            // A fault poisons the connection; the loop still hands out the replies that
+            // came intact before it, then returns the error.
+            let _ = self.conn.handle_received(now, n);
         }
     }
 
@@ -115,10 +117,10 @@ where
             if done.timed_out {
                 return Err(DriverError::TimedOut { request_id: id });
             }
-            return self
-                .conn
-                .response(done.request_type)
-                .ok_or(DriverError::Closed);
+            return match self.conn.take_response(done.request_type) {
+                Some(decoded) => decoded.map_err(DriverError::Client),
+                None => Err(DriverError::Closed),
+            };
         }
     }
 }

@@ -10,6 +10,7 @@
 
 use crate::checksum;
 use crate::error::{DecodeError, EncodeError, Malformed};
+use crate::wire::reader::{LENGTH_LEN, MIN_REQUEST_LENGTH, MIN_RESPONSE_LENGTH};
 use crate::wire::request::Request;
 use crate::wire::response::{FetchResponse, FetchTrailer, Response};
 use crate::wire::types::{ErrorCode, Flags, RequestType, ResponseStatus};
@@ -17,20 +18,19 @@ use crate::wire::{Encode, Writer, len_u32};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
-/// The default maximum Length field (10 MiB), in both directions.
-pub const DEFAULT_MAX_FRAME_LEN: u32 = 10 * 1024 * 1024;
 /// Bytes before a request's payload, the Length field included.
 pub const REQUEST_HEADER_LEN: usize = 16;
 /// Bytes before a response's payload, the Length field included.
 pub const RESPONSE_HEADER_LEN: usize = 15;
-/// The smallest request Length field: header after Length (12) plus the CRC.
-const MIN_REQUEST_LENGTH: u32 = 16;
-/// The smallest response Length field: header after Length (11) plus the CRC.
-const MIN_RESPONSE_LENGTH: u32 = 15;
 /// The CRC trailer.
-const CRC_LEN: usize = 4;
-/// The Length field.
-const LENGTH_LEN: usize = 4;
+pub(crate) const CRC_LEN: usize = 4;
+
+// The smallest Length is the header after the Length field plus the CRC.
+const _: () = assert!(MIN_REQUEST_LENGTH as usize == REQUEST_HEADER_LEN - LENGTH_LEN + CRC_LEN);
+const _: () = assert!(MIN_RESPONSE_LENGTH as usize == RESPONSE_HEADER_LEN - LENGTH_LEN + CRC_LEN);
+
+/// Bytes up to the end of the RequestID: what [`peek_request_id`] needs.
+pub(crate) const REQUEST_ID_END: usize = field::REQUEST_ID.end;
 
 /// Byte ranges of the header fields, frame-relative.
 mod field {
@@ -42,104 +42,6 @@ mod field {
     pub(super) const FLAGS: Range<usize> = 14..16;
     pub(super) const STATUS: usize = 12;
     pub(super) const ERROR_CODE: Range<usize> = 13..15;
-}
-
-/// The outcome of an incremental decode: done, or more bytes are needed.
-///
-/// "Need more" is not an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub enum Status<T> {
-    /// The value is complete.
-    Complete(T),
-    /// At least this many more bytes are needed.
-    Partial(usize),
-}
-
-/// Finds frame boundaries in a byte stream and enforces the maximum frame length.
-///
-/// Stateless over the caller's buffer: hand it the unconsumed bytes, it says how long the
-/// next frame is once all of it is there. The Length field is judged on its own 4 bytes, so
-/// a frame that is too large is refused before its body is buffered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct FrameDecoder {
-    min_len: u32,
-    max_len: u32,
-}
-
-impl Default for FrameDecoder {
-    /// A request decoder with the default maximum.
-    fn default() -> Self {
-        Self::requests()
-    }
-}
-
-impl FrameDecoder {
-    /// A decoder for request frames (as a server reads them), default maximum.
-    pub const fn requests() -> Self {
-        Self {
-            min_len: MIN_REQUEST_LENGTH,
-            max_len: DEFAULT_MAX_FRAME_LEN,
-        }
-    }
-
-    /// A decoder for response frames (as a client reads them), default maximum.
-    pub const fn responses() -> Self {
-        Self {
-            min_len: MIN_RESPONSE_LENGTH,
-            max_len: DEFAULT_MAX_FRAME_LEN,
-        }
-    }
-
-    /// Sets the largest accepted Length field (never below the minimum frame).
-    pub const fn with_max_frame_len(mut self, max: u32) -> Self {
-        self.max_len = if max < self.min_len {
-            self.min_len
-        } else {
-            max
-        };
-        self
-    }
-
-    /// The largest accepted Length field.
-    pub const fn max_frame_len(&self) -> u32 {
-        self.max_len
-    }
-
-    /// The smallest valid Length field.
-    pub const fn min_frame_len(&self) -> u32 {
-        self.min_len
-    }
-
-    /// The total size (Length field included) of the frame at the start of `buf`, once all of
-    /// it is in `buf`.
-    ///
-    /// Errors are fatal for the stream: [`DecodeError::FrameTooShort`] (it can't be framed)
-    /// and [`DecodeError::FrameTooLarge`] (it must not be buffered).
-    pub fn next_frame(&self, buf: &[u8]) -> Result<Status<usize>, DecodeError> {
-        let Some(len_bytes) = buf.first_chunk::<LENGTH_LEN>() else {
-            return Ok(Status::Partial(LENGTH_LEN - buf.len()));
-        };
-        let length = u32::from_be_bytes(*len_bytes);
-        if length < self.min_len {
-            return Err(DecodeError::FrameTooShort {
-                length,
-                min: self.min_len,
-            });
-        }
-        if length > self.max_len {
-            return Err(DecodeError::FrameTooLarge {
-                length,
-                max: self.max_len,
-            });
-        }
-        let total = LENGTH_LEN + length as usize;
-        if buf.len() < total {
-            return Ok(Status::Partial(total - buf.len()));
-        }
-        Ok(Status::Complete(total))
-    }
 }
 
 /// The RequestID of a frame whose first 12 bytes are in `buf`, before the frame is complete
@@ -168,31 +70,26 @@ fn be_u64(buf: &[u8], at: core::ops::Range<usize>) -> u64 {
 }
 
 /// Validates length consistency and the CRC of a whole frame with `header_len` bytes before
-/// its payload.
-fn check_frame(buf: &[u8], header_len: usize) -> Result<(), DecodeError> {
-    let min = if header_len == REQUEST_HEADER_LEN {
-        MIN_REQUEST_LENGTH
-    } else {
-        MIN_RESPONSE_LENGTH
-    };
-    if buf.len() < header_len + CRC_LEN {
-        let length = be_u32(buf, field::LENGTH);
+/// its payload and a Length of at least `min`.
+fn check_frame(buf: &[u8], header_len: usize, min: u32) -> Result<(), DecodeError> {
+    let length = be_u32(buf, field::LENGTH);
+    if buf.len() < header_len.saturating_add(CRC_LEN) {
         return Err(DecodeError::FrameTooShort { length, min });
     }
-    let length = be_u32(buf, field::LENGTH);
-    if length as usize != buf.len() - LENGTH_LEN {
+    let after_length = buf.len().saturating_sub(LENGTH_LEN);
+    let declared = usize::try_from(length).unwrap_or(usize::MAX);
+    if declared != after_length {
         return Err(DecodeError::Malformed {
-            reason: if (length as usize) < buf.len() - LENGTH_LEN {
-                Malformed::TrailingBytes {
-                    len: buf.len() - LENGTH_LEN - length as usize,
-                }
-            } else {
-                Malformed::Truncated { field: "frame" }
+            reason: match after_length.checked_sub(declared) {
+                Some(len) => Malformed::TrailingBytes { len },
+                None => Malformed::Truncated { field: "frame" },
             },
         });
     }
-    let (body, crc) = buf.split_at(buf.len() - CRC_LEN);
-    let expected = crc.try_into().map_or(0, u32::from_be_bytes);
+    let Some((body, crc)) = buf.split_last_chunk::<CRC_LEN>() else {
+        return Err(DecodeError::FrameTooShort { length, min });
+    };
+    let expected = u32::from_be_bytes(*crc);
     let actual = checksum::checksum(body.get(LENGTH_LEN..).unwrap_or_default());
     if expected != actual {
         return Err(DecodeError::ChecksumMismatch {
@@ -240,7 +137,7 @@ pub struct RequestFrame<T: AsRef<[u8]>> {
 impl<T: AsRef<[u8]>> RequestFrame<T> {
     /// Checks that `buf` holds exactly one request frame with a matching CRC.
     pub fn new_checked(buf: T) -> Result<Self, DecodeError> {
-        check_frame(buf.as_ref(), REQUEST_HEADER_LEN)?;
+        check_frame(buf.as_ref(), REQUEST_HEADER_LEN, MIN_REQUEST_LENGTH)?;
         Ok(Self { buf })
     }
 
@@ -315,8 +212,14 @@ pub struct ResponseFrame<T: AsRef<[u8]>> {
 impl<T: AsRef<[u8]>> ResponseFrame<T> {
     /// Checks that `buf` holds exactly one response frame with a matching CRC.
     pub fn new_checked(buf: T) -> Result<Self, DecodeError> {
-        check_frame(buf.as_ref(), RESPONSE_HEADER_LEN)?;
+        check_frame(buf.as_ref(), RESPONSE_HEADER_LEN, MIN_RESPONSE_LENGTH)?;
         Ok(Self { buf })
+    }
+
+    /// A view of bytes that passed [`new_checked`](Self::new_checked) before (the accessors
+    /// stay panic-free on any bytes; they just read garbage from unchecked ones).
+    pub(crate) fn new_prechecked(buf: T) -> Self {
+        Self { buf }
     }
 
     fn bytes(&self) -> &[u8] {
@@ -383,9 +286,11 @@ fn write_frame(
     buf: &mut [u8],
     crc_of: impl FnOnce(&[u8]) -> u32,
 ) -> Result<usize, EncodeError> {
-    let payload_len = payload.encoded_len();
-    let total = header_len + payload_len + CRC_LEN;
-    let length = len_u32(total - LENGTH_LEN)?;
+    // Saturated sums fail below: no buffer and no u32 Length is that large.
+    let total = header_len
+        .saturating_add(payload.encoded_len())
+        .saturating_add(CRC_LEN);
+    let length = len_u32(total.saturating_sub(LENGTH_LEN))?;
     let out = buf
         .get_mut(..total)
         .ok_or(EncodeError::BufferTooSmall { required: total })?;
@@ -394,22 +299,26 @@ fn write_frame(
     write_header(&mut w)?;
     payload.write(&mut w)?;
     let end = w.position();
-    let crc = crc_of(out.get(LENGTH_LEN..end).unwrap_or_default());
-    let tail = out
-        .get_mut(end..end + CRC_LEN)
-        .ok_or(EncodeError::BufferTooSmall { required: total })?;
-    tail.copy_from_slice(&crc.to_be_bytes());
+    let too_small = EncodeError::BufferTooSmall { required: total };
+    let (covered, tail) = out.split_at_mut_checked(end).ok_or(too_small)?;
+    let crc = crc_of(covered.get(LENGTH_LEN..).unwrap_or_default());
+    let tail = tail.first_chunk_mut::<CRC_LEN>().ok_or(too_small)?;
+    *tail = crc.to_be_bytes();
     Ok(total)
 }
 
 /// The exact size of a request frame carrying `request`.
 pub fn request_encoded_len(request: &Request<'_>) -> usize {
-    REQUEST_HEADER_LEN + request.encoded_len() + CRC_LEN
+    request
+        .encoded_len()
+        .saturating_add(REQUEST_HEADER_LEN + CRC_LEN)
 }
 
 /// The exact size of a response frame carrying `response`.
 pub fn response_encoded_len(response: &Response<'_>) -> usize {
-    RESPONSE_HEADER_LEN + response.encoded_len() + CRC_LEN
+    response
+        .encoded_len()
+        .saturating_add(RESPONSE_HEADER_LEN + CRC_LEN)
 }
 
 /// Encodes a whole request frame (version 1) into `buf`; returns its length.
@@ -488,7 +397,7 @@ pub fn encode_fetch_response(
     // records, the trailer.
     let head_len = RESPONSE_HEADER_LEN - LENGTH_LEN + 12;
     let crc_of = |covered: &[u8]| {
-        let tail_at = head_len + records_len;
+        let tail_at = head_len.saturating_add(records_len);
         let head = checksum::checksum(covered.get(..head_len).unwrap_or_default());
         let tail = covered.get(tail_at..).unwrap_or_default();
         let with_records = checksum::combine(head, records_crc, records_len as u64);
@@ -525,7 +434,7 @@ pub fn encode_fetch_frame_parts(
     records_crc: u32,
     trailer: FetchTrailer,
 ) -> Result<FetchFrameParts, EncodeError> {
-    let length = len_u32(FETCH_HEAD_LEN - LENGTH_LEN + records_len + FETCH_TAIL_LEN)?;
+    let length = len_u32(records_len.saturating_add(FETCH_HEAD_LEN - LENGTH_LEN + FETCH_TAIL_LEN))?;
     let mut head = [0u8; FETCH_HEAD_LEN];
     let mut w = Writer::new(&mut head);
     w.u32(length)?;
@@ -554,6 +463,7 @@ pub fn encode_fetch_frame_parts(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::reader::{FrameDecoder, Status};
 
     #[test]
     fn decoder_partial_until_complete() {

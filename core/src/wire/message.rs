@@ -77,13 +77,15 @@ impl<'a> Headers<'a> {
 
     /// Bytes of the encoding, the NumHeaders count included.
     pub fn encoded_len(&self) -> usize {
-        4 + match self.0 {
+        let headers = match self.0 {
             HeadersRepr::Wire { bytes, .. } => bytes.len(),
-            HeadersRepr::Slice(s) => s
-                .iter()
-                .map(|h| HEADER_FIXED_LEN + h.key.len() + h.value.len())
-                .sum(),
-        }
+            HeadersRepr::Slice(s) => s.iter().fold(0, |sum: usize, h| {
+                sum.saturating_add(HEADER_FIXED_LEN)
+                    .saturating_add(h.key.len())
+                    .saturating_add(h.value.len())
+            }),
+        };
+        headers.saturating_add(4)
     }
 
     fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -148,10 +150,7 @@ impl<'a> Iterator for HeadersIter<'a> {
         match &mut self.0 {
             IterRepr::Slice(it) => it.next().copied(),
             IterRepr::Wire { left, r } => {
-                if *left == 0 {
-                    return None;
-                }
-                *left -= 1;
+                *left = left.checked_sub(1)?;
                 // Validated at construction; a failure here would end the iteration early.
                 let key = r.bytes("header key").ok()?;
                 let value = r.bytes("header value").ok()?;
@@ -201,10 +200,7 @@ impl<'a> Message<'a> {
             r.bytes("header key")?;
             r.bytes("header value")?;
         }
-        let used = start.len() - r.remaining();
-        let bytes = start
-            .get(..used)
-            .ok_or(Malformed::Truncated { field: "headers" })?;
+        let bytes = r.read_since(start);
         Ok(Self {
             offset,
             timestamp,
@@ -217,7 +213,10 @@ impl<'a> Message<'a> {
 
 impl Encode for Message<'_> {
     fn encoded_len(&self) -> usize {
-        MESSAGE_FIXED_LEN - 4 + self.key.len() + self.value.len() + self.headers.encoded_len()
+        (MESSAGE_FIXED_LEN - 4)
+            .saturating_add(self.key.len())
+            .saturating_add(self.value.len())
+            .saturating_add(self.headers.encoded_len())
     }
 
     fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
@@ -277,8 +276,7 @@ impl<'a> MessageSet<'a> {
         for index in 0..count {
             Message::read(r).map_err(|reason| DecodeError::CorruptMessage { index, reason })?;
         }
-        let used = start.len() - r.remaining();
-        let bytes = start.get(..used).unwrap_or_default();
+        let bytes = r.read_since(start);
         Ok(Self { count, bytes })
     }
 
@@ -358,10 +356,7 @@ impl<'a> Iterator for MessageSetIter<'a> {
     type Item = Message<'a>;
 
     fn next(&mut self) -> Option<Message<'a>> {
-        if self.left == 0 {
-            return None;
-        }
-        self.left -= 1;
+        self.left = self.left.checked_sub(1)?;
         // The set was validated at construction, so this can't fail; if it did, the
         // iteration would simply end.
         Message::read(&mut self.r).ok()
@@ -384,7 +379,7 @@ impl<'a> Iterator for RecordIter<'a> {
     fn next(&mut self) -> Option<&'a [u8]> {
         let before = self.inner.r.rest();
         self.inner.next()?;
-        before.get(..before.len() - self.inner.r.remaining())
+        Some(self.inner.r.read_since(before))
     }
 }
 
@@ -429,13 +424,14 @@ impl<'b> MessageSetBuilder<'b> {
             .count
             .checked_add(1)
             .ok_or(EncodeError::TooLong { len: usize::MAX })?;
-        let required = self.len + need;
+        let required = self.len.saturating_add(need);
         let out = self
             .buf
-            .get_mut(self.len..required)
+            .get_mut(self.len..)
+            .and_then(|free| free.get_mut(..need))
             .ok_or(EncodeError::BufferTooSmall { required })?;
         let n = message.encode(out)?;
-        self.len += n;
+        self.len = self.len.saturating_add(n);
         self.count = count;
         Ok(())
     }
@@ -457,7 +453,7 @@ impl<'b> MessageSetBuilder<'b> {
 
     /// Bytes left in the buffer.
     pub fn remaining(&self) -> usize {
-        self.buf.len() - self.len
+        self.buf.len().saturating_sub(self.len)
     }
 
     /// The records written so far, as a set.

@@ -2,6 +2,7 @@
 
 pub(crate) mod frame;
 pub(crate) mod message;
+pub(crate) mod reader;
 pub(crate) mod request;
 pub(crate) mod response;
 pub(crate) mod types;
@@ -97,6 +98,12 @@ impl<'a> Reader<'a> {
         self.buf
     }
 
+    /// The bytes read since [`rest`](Self::rest) returned `start`.
+    pub(crate) fn read_since(&self, start: &'a [u8]) -> &'a [u8] {
+        let used = start.len().saturating_sub(self.buf.len());
+        start.get(..used).unwrap_or_default()
+    }
+
     pub(crate) fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], Malformed> {
         if n > self.buf.len() {
             return Err(Malformed::Truncated { field });
@@ -181,7 +188,7 @@ impl<'a> Writer<'a> {
     }
 
     pub(crate) fn put(&mut self, bytes: &[u8]) -> Result<(), EncodeError> {
-        let end = self.pos + bytes.len();
+        let end = self.pos.saturating_add(bytes.len());
         let dst = self
             .buf
             .get_mut(self.pos..end)

@@ -254,29 +254,38 @@ impl<'a> Request<'a> {
     }
 }
 
-fn topic_len(t: &Topic<'_>) -> usize {
-    4 + t.as_str().len()
-}
-
 impl Encode for Request<'_> {
     fn encoded_len(&self) -> usize {
         match self {
             Self::Produce(p) => {
-                topic_len(&p.topic)
-                    + 8
-                    + p.messages.encoded_len()
-                    + p.producer
-                        .map_or(0, |i| 10 + if i.base_sequence.is_some() { 4 } else { 0 })
+                // PartitionID, NumMessages, then the extension groups present.
+                let fixed = match p.producer {
+                    None => 8,
+                    Some(ProducerInfo {
+                        base_sequence: None,
+                        ..
+                    }) => 8 + 10,
+                    Some(_) => 8 + 14,
+                };
+                p.messages
+                    .encoded_len()
+                    .saturating_add(p.topic.encoded_len())
+                    .saturating_add(fixed)
             }
             Self::Fetch(f) => {
-                topic_len(&f.topic)
-                    + 16
-                    + f.extension
-                        .map_or(0, |e| 1 + if e.long_poll.is_some() { 8 } else { 0 })
+                // PartitionID, Offset, MaxBytes, then the extension groups present.
+                let fixed = match f.extension {
+                    None => 16,
+                    Some(FetchExtension {
+                        long_poll: None, ..
+                    }) => 16 + 1,
+                    Some(_) => 16 + 9,
+                };
+                f.topic.encoded_len().saturating_add(fixed)
             }
-            Self::GetOffset(g) => topic_len(&g.topic) + 4,
-            Self::CreateTopic(c) => topic_len(&c.topic) + 6,
-            Self::DeleteTopic(d) => topic_len(&d.topic),
+            Self::GetOffset(g) => g.topic.encoded_len().saturating_add(4),
+            Self::CreateTopic(c) => c.topic.encoded_len().saturating_add(6),
+            Self::DeleteTopic(d) => d.topic.encoded_len(),
             Self::ListTopics | Self::HealthCheck => 0,
         }
     }

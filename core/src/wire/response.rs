@@ -188,10 +188,7 @@ impl<'a> Iterator for TopicListIter<'a> {
         match &mut self.0 {
             ListIterRepr::Slice(it) => it.next().copied(),
             ListIterRepr::Wire { left, r } => {
-                if *left == 0 {
-                    return None;
-                }
-                *left -= 1;
+                *left = left.checked_sub(1)?;
                 TopicInfo::read(r).ok()
             }
         }
@@ -337,8 +334,7 @@ impl<'a> Response<'a> {
                 for _ in 0..count {
                     TopicInfo::read(&mut r)?;
                 }
-                let used = start.len() - r.remaining();
-                let bytes = start.get(..used).unwrap_or_default();
+                let bytes = r.read_since(start);
                 Self::ListTopics(ListTopicsResponse {
                     topics: TopicList(TopicListRepr::Wire { count, bytes }),
                 })
@@ -359,29 +355,23 @@ impl<'a> Response<'a> {
     }
 }
 
-fn topic_len(t: &Topic<'_>) -> usize {
-    4 + t.as_str().len()
-}
-
 impl Encode for Response<'_> {
     fn encoded_len(&self) -> usize {
         match self {
             Self::Produce(_) => 20,
             Self::Fetch(f) => {
-                12 + f.messages.encoded_len() + if f.trailer.is_some() { 16 } else { 0 }
+                // HighWaterMark, NumMessages, and the trailer when present.
+                let fixed = if f.trailer.is_some() { 12 + 16 } else { 12 };
+                f.messages.encoded_len().saturating_add(fixed)
             }
-            Self::GetOffset(g) => topic_len(&g.topic) + 28,
-            Self::CreateTopic(c) => topic_len(&c.topic) + 1,
-            Self::DeleteTopic(d) => topic_len(&d.topic) + 1,
-            Self::ListTopics(l) => {
-                4 + l
-                    .topics
-                    .iter()
-                    .map(|t| topic_len(&t.name) + 4)
-                    .sum::<usize>()
-            }
-            Self::HealthCheck(h) => 4 + h.status.0.len() + 8,
-            Self::Error(e) => 4 + e.message.0.len(),
+            Self::GetOffset(g) => g.topic.encoded_len().saturating_add(28),
+            Self::CreateTopic(c) => c.topic.encoded_len().saturating_add(1),
+            Self::DeleteTopic(d) => d.topic.encoded_len().saturating_add(1),
+            Self::ListTopics(l) => l.topics.iter().fold(4, |sum: usize, t| {
+                sum.saturating_add(t.name.encoded_len()).saturating_add(4)
+            }),
+            Self::HealthCheck(h) => h.status.0.len().saturating_add(4 + 8),
+            Self::Error(e) => e.message.0.len().saturating_add(4),
         }
     }
 

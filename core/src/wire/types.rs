@@ -244,6 +244,11 @@ impl<'a> Topic<'a> {
     pub fn as_str(&self) -> &'a str {
         self.0
     }
+
+    /// Bytes of its encoding: the u32 length prefix and the name (at most 253).
+    pub(crate) fn encoded_len(&self) -> usize {
+        self.0.len().saturating_add(4)
+    }
 }
 
 impl fmt::Debug for Topic<'_> {

@@ -99,6 +99,26 @@ pub struct FetchPlan {
     pub ranges: Vec<LogRange>,
 }
 
+/// An appended batch that is not yet known to be on disk: see [`Storage::append_unsynced`].
+#[derive(Debug)]
+pub struct PendingSync {
+    partition: Arc<Partition>,
+    upto: i64,
+}
+
+impl PendingSync {
+    /// Returns once the batch is on disk, fsyncing if no other thread's fsync covers it.
+    /// Blocks: call it where blocking is allowed.
+    pub fn wait(&self) -> Result<(), StorageError> {
+        self.partition.make_durable(self.upto)
+    }
+
+    /// The offset after the batch: every offset below it is on disk once `wait` returns.
+    pub fn upto(&self) -> i64 {
+        self.upto
+    }
+}
+
 /// Counters for metrics, since open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -414,6 +434,26 @@ impl Storage {
     ) -> Result<AppendResult, StorageError> {
         self.partition(topic, partition)?
             .append(messages, now_unix_ns)
+    }
+
+    /// [`append`](Self::append) that never waits for an fsync: under [`FsyncPolicy::Always`]
+    /// it also returns the [`PendingSync`] to [`wait`](PendingSync::wait) for (on a thread
+    /// that may block) before the batch may be acknowledged. Batches whose waits overlap share
+    /// one fsync (group commit).
+    pub fn append_unsynced(
+        &self,
+        topic: &str,
+        partition: u32,
+        messages: &MessageSet<'_>,
+        now_unix_ns: i64,
+    ) -> Result<(AppendResult, Option<PendingSync>), StorageError> {
+        let p = self.partition(topic, partition)?;
+        let appended = p.append_nowait(messages, now_unix_ns)?;
+        let pending = (p.fsync_always() && appended.count > 0).then(|| PendingSync {
+            partition: p,
+            upto: appended.high_water_mark,
+        });
+        Ok((appended, pending))
     }
 
     /// Reads whole messages from `offset` on, as many as fit in `max_bytes` of record bytes,

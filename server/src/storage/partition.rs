@@ -230,8 +230,27 @@ impl Partition {
         (st.log_start, st.active.end)
     }
 
-    /// Appends the messages as one batch, stamping offsets (and zero timestamps) in place.
+    /// Appends the messages as one batch, stamping offsets (and zero timestamps) in place;
+    /// under `Always`, returns once the batch is on disk.
     pub(crate) fn append(
+        &self,
+        set: &MessageSet<'_>,
+        now: i64,
+    ) -> Result<AppendResult, StorageError> {
+        let appended = self.append_nowait(set, now)?;
+        if self.fsync_always() && appended.count > 0 {
+            self.make_durable(appended.high_water_mark)?;
+        }
+        Ok(appended)
+    }
+
+    /// Whether acknowledging an append must wait for its fsync.
+    pub(crate) fn fsync_always(&self) -> bool {
+        self.settings.fsync == FsyncPolicy::Always
+    }
+
+    /// [`append`](Self::append) without waiting for the fsync, whatever the policy.
+    pub(crate) fn append_nowait(
         &self,
         set: &MessageSet<'_>,
         now: i64,
@@ -310,9 +329,6 @@ impl Partition {
         c.inc(&c.appends, 1);
         c.inc(&c.messages_appended, u64::from(count));
         c.inc(&c.bytes_appended, u64::from(len));
-        if self.settings.fsync == FsyncPolicy::Always {
-            self.make_durable(end)?;
-        }
         Ok(AppendResult {
             base_offset: base,
             count,
@@ -495,7 +511,7 @@ impl Partition {
     /// Returns once every offset below `upto` is on disk. Group commit: one thread fsyncs at a
     /// time and its fsync covers every batch written before it started; threads that arrive
     /// meanwhile wait and are usually covered by the next one.
-    fn make_durable(&self, upto: i64) -> Result<(), StorageError> {
+    pub(crate) fn make_durable(&self, upto: i64) -> Result<(), StorageError> {
         let mut s = lock(&self.sync);
         loop {
             if s.durable_end >= upto {
