@@ -2,9 +2,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -157,31 +158,27 @@ pub struct Delivery {
 /// A batch's result (its base offset, or its error), set once, awaited by its records.
 #[derive(Debug, Default)]
 struct Outcome {
-    state: Mutex<OutcomeState>,
+    /// Set once; read without a lock.
+    result: OnceLock<Result<i64>>,
+    /// Tasks waiting for it.
+    wakers: Mutex<Vec<Waker>>,
+    /// Threads waiting for it ([`Delivery::wait`]).
     done: Condvar,
 }
 
-#[derive(Debug, Default)]
-struct OutcomeState {
-    result: Option<Result<i64>>,
-    wakers: Vec<Waker>,
-}
-
 impl Outcome {
-    fn lock(&self) -> MutexGuard<'_, OutcomeState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn wakers(&self) -> MutexGuard<'_, Vec<Waker>> {
+        self.wakers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets the result (the first one wins) and wakes every waiter.
+    /// Sets the result (the first one wins) and wakes every waiter. The result is published
+    /// before the waiters' lock is taken, and waiters check it again under that lock, so
+    /// none is missed.
     fn set(&self, result: Result<i64>) {
-        let wakers = {
-            let mut st = self.lock();
-            if st.result.is_some() {
-                return;
-            }
-            st.result = Some(result);
-            std::mem::take(&mut st.wakers)
-        };
+        if self.result.set(result).is_err() {
+            return;
+        }
+        let wakers = std::mem::take(&mut *self.wakers());
         self.done.notify_all();
         for w in wakers {
             w.wake();
@@ -203,15 +200,15 @@ impl Delivery {
 
     /// Blocks the thread until the outcome is known (not inside an async runtime).
     pub fn wait(self) -> Result<RecordMetadata> {
-        let mut st = self.outcome.lock();
+        let mut guard = self.outcome.wakers();
         loop {
-            if let Some(r) = &st.result {
+            if let Some(r) = self.outcome.result.get() {
                 return self.resolve(r);
             }
-            st = self
+            guard = self
                 .outcome
                 .done
-                .wait(st)
+                .wait(guard)
                 .unwrap_or_else(|p| p.into_inner());
         }
     }
@@ -221,18 +218,73 @@ impl Future for Delivery {
     type Output = Result<RecordMetadata>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        let mut st = self.outcome.lock();
-        if let Some(r) = &st.result {
+        if let Some(r) = self.outcome.result.get() {
             return Poll::Ready(self.resolve(r));
         }
-        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            st.wakers.push(cx.waker().clone());
+        let mut wakers = self.outcome.wakers();
+        if let Some(r) = self.outcome.result.get() {
+            return Poll::Ready(self.resolve(r));
+        }
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
         }
         Poll::Pending
     }
 }
 
 type Key = (Arc<str>, u32);
+
+/// FxHash (rustc's hasher) for the producer's maps: keys are topic names the application
+/// chose, not peer input, so a fast non-keyed hash is fine (SipHash cost ~5% of a send).
+#[derive(Debug, Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            if let Some(dst) = w.get_mut(..rest.len()) {
+                dst.copy_from_slice(rest);
+            }
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxBuild = BuildHasherDefault<FxHasher>;
 
 #[derive(Debug)]
 struct Batch {
@@ -303,8 +355,8 @@ fn stale_topic(e: &Error) -> bool {
 #[derive(Debug, Default)]
 struct State {
     /// Partition count per topic and the round-robin cursor.
-    topics: HashMap<Arc<str>, TopicState>,
-    queues: HashMap<Key, PartitionQueue>,
+    topics: HashMap<Arc<str>, TopicState, FxBuild>,
+    queues: HashMap<Key, PartitionQueue, FxBuild>,
     failures: Vec<Error>,
     /// Batch buffers to reuse (their pages are already mapped).
     spare: Vec<Vec<u8>>,
