@@ -530,7 +530,8 @@ impl Producer {
                 return Err(Error::invalid(ctx(), "the producer's buffer is full"));
             }
             (Err(_), BufferFull::Block(d)) => {
-                tokio::time::timeout(d, inner.buffer.acquire_many(permits))
+                // Boxed: a rare path, kept out of `enqueue`'s future.
+                Box::pin(tokio::time::timeout(d, inner.buffer.acquire_many(permits)))
                     .await
                     .map_err(|_| Error::TimedOut {
                         context: ctx(),
@@ -620,45 +621,51 @@ impl Producer {
     /// The record's validated topic and partition: from the cache (one lock, no allocation)
     /// or, the first time, from the broker's topic list.
     async fn partition_of(&self, record: &Record) -> Result<(Arc<str>, u32)> {
-        let ctx = || Context::new("produce").topic(record.topic.as_str());
         let known = {
             let mut st = self.inner.lock();
             st.topics
                 .get_mut(record.topic.as_str())
                 .map(|t| pick(t, record))
         };
-        let (name, count, picked) = match known {
+        let picked = match known {
             Some(k) => k,
-            None => {
-                let name = validate_topic(&record.topic, &ctx())?;
-                let count = self
-                    .inner
-                    .client
-                    .partition_count(&name)
-                    .await
-                    .map_err(|e| e.with_context(&ctx()))?
-                    // Auto-create makes one partition.
-                    .unwrap_or(1);
-                let mut st = self.inner.lock();
-                let t = st.topics.entry(name.clone()).or_insert_with(|| TopicState {
-                    name,
-                    partitions: count,
-                    next: 0,
-                    read_at: Instant::now(),
-                });
-                pick(t, record)
-            }
+            // The first record of a topic: its own (boxed) future keeps `enqueue`'s small.
+            None => Box::pin(self.read_topic(record)).await?,
         };
         match picked {
-            Some(p) => Ok((name, p)),
-            None => {
+            (name, _, Some(p)) => Ok((name, p)),
+            (_, count, None) => {
                 let p = record.partition.unwrap_or_default();
                 Err(Error::invalid(
-                    ctx().partition(p),
+                    Context::new("produce")
+                        .topic(record.topic.as_str())
+                        .partition(p),
                     format!("partition {p} is out of range: the topic has {count}"),
                 ))
             }
         }
+    }
+
+    /// Reads the partition count of the record's topic from the broker and caches it.
+    async fn read_topic(&self, record: &Record) -> Result<(Arc<str>, u32, Option<u32>)> {
+        let ctx = || Context::new("produce").topic(record.topic.as_str());
+        let name = validate_topic(&record.topic, &ctx())?;
+        let count = self
+            .inner
+            .client
+            .partition_count(&name)
+            .await
+            .map_err(|e| e.with_context(&ctx()))?
+            // Auto-create makes one partition.
+            .unwrap_or(1);
+        let mut st = self.inner.lock();
+        let t = st.topics.entry(name.clone()).or_insert_with(|| TopicState {
+            name,
+            partitions: count,
+            next: 0,
+            read_at: Instant::now(),
+        });
+        Ok(pick(t, record))
     }
 
     /// Sends every buffered record now (no linger) and waits until none is outstanding:
