@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use streambus_core::LongPoll;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
@@ -127,7 +127,9 @@ const PREFETCH: usize = 2;
 /// Reads assigned topic-partitions in order. Each partition has a fetcher task that keeps a
 /// long-poll fetch in flight and hands records over ahead of [`poll`](Self::poll) (up to two
 /// fetches), so a new record arrives within milliseconds of its append on a broker with long
-/// poll. A broker that answers an empty fetch at once (no long poll) is polled again after a
+/// poll. A consumer keeps at most half its client's capacity (`pool_size × max_in_flight`)
+/// in fetches, so producers and admin calls sharing the client are not starved; give a
+/// consumer of very many partitions its own [`Client`] with a larger pool. A broker that answers an empty fetch at once (no long poll) is polled again after a
 /// short, growing pause (5 ms doubling to 50 ms), never in a hot loop.
 ///
 /// ```no_run
@@ -153,6 +155,9 @@ pub struct Consumer {
     rx: mpsc::Receiver<Done>,
     next_generation: u64,
     buffered: VecDeque<ConsumerRecord>,
+    /// Fetches in flight at once: half the client's capacity, so a consumer of many
+    /// partitions leaves room for producers and admin calls on the same client.
+    fetch_slots: Arc<Semaphore>,
 }
 
 impl Consumer {
@@ -168,6 +173,9 @@ impl Consumer {
             rx,
             next_generation: 0,
             buffered: VecDeque::new(),
+            fetch_slots: Arc::new(Semaphore::new(
+                (client.config().pool_size * client.config().max_in_flight / 2).max(1),
+            )),
         }
     }
 
@@ -205,6 +213,7 @@ impl Consumer {
                 generation,
                 position,
                 self.tx.clone(),
+                self.fetch_slots.clone(),
             ),
             self.client.inner.pool.runtime(),
         );
@@ -344,11 +353,17 @@ async fn fetcher(
     generation: u64,
     mut offset: i64,
     tx: mpsc::Sender<Done>,
+    slots: Arc<Semaphore>,
 ) {
     let mut streak = 0u32;
     loop {
+        let Ok(slot) = slots.acquire().await else {
+            return;
+        };
         let started = Instant::now();
-        let (result, pause) = match fetch(&client, &config, &key, offset).await {
+        let fetched = fetch(&client, &config, &key, offset).await;
+        drop(slot);
+        let (result, pause) = match fetched {
             Ok(Outcome::Reset(to)) => {
                 tracing::info!(topic = %key.0, partition = key.1, from = offset, to, "offset out of range: position reset");
                 offset = to;

@@ -858,3 +858,41 @@ async fn saturated_calls_wait_for_capacity_within_their_timeout() {
     outcomes.sort();
     assert_eq!(outcomes, vec![Ok("healthy".into()), Err(true), Err(true)]);
 }
+
+/// A consumer long-polling many idle partitions keeps at most half the client's capacity:
+/// an admin call on the same client is answered at once, not after the polls' wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_polling_consumer_leaves_room_for_other_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = Client::builder()
+        .pool_size(1)
+        .max_in_flight(4)
+        .connect(b.addr().to_string())
+        .await
+        .unwrap();
+    c.create_topic("quiet", 6).await.unwrap();
+    let mut consumer = Consumer::with_config(
+        &c,
+        ConsumerConfig::default().max_wait(Duration::from_secs(3)),
+    )
+    .unwrap();
+    for p in 0..6 {
+        consumer.assign("quiet", p, Offset::Latest).await.unwrap();
+    }
+    // Let the fetchers take their slots and wait in the broker.
+    assert!(
+        consumer
+            .poll(Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let started = Instant::now();
+    assert_eq!(c.health().await.unwrap().status, "healthy");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
