@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 
-use crate::budget::Budget;
-use crate::session::{Next, Session};
-use crate::transmit::Pending;
+use crate::server::budget::Budget;
+use crate::server::transmit::Pending;
+use crate::server::{Next, Session};
 use crate::{CLOSE_DRAIN, ConnEvent, Handler, ServeOptions, now, send_file, until};
 
 /// How often a connection that the memory budget keeps from reading looks for room again; and

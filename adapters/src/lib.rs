@@ -25,12 +25,7 @@ use std::time::Duration;
 
 use streambus_core::{ErrorCode, Flags, Instant, Request, ServerConfig};
 
-mod budget;
-mod reply;
-#[cfg(any(feature = "tokio", feature = "smol"))]
-mod runtime;
-mod session;
-mod transmit;
+mod server;
 
 #[cfg(feature = "blocking")]
 pub mod blocking;
@@ -39,7 +34,7 @@ pub mod smol;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
-pub use reply::Reply;
+pub use server::reply::Reply;
 
 /// A byte range of a file to send as part of a response, with `sendfile` (no copy through
 /// user space).

@@ -1,4 +1,4 @@
-//! The smol adapter (async-io reactor): the [`Runtime`](crate::runtime::Runtime) of the shared
+//! The smol adapter (async-io reactor): the `Runtime` of the shared
 //! loops on smol, one task per connection on smol's executor, and the client side.
 
 use std::future::Future;
@@ -13,7 +13,7 @@ use std::time::Duration;
 use smol::io::AsyncWrite;
 use smol::{Async, Timer};
 
-use crate::runtime::{self, Runtime, Socket};
+use crate::server::runtime::{self, Runtime, Socket};
 use crate::{FileChunk, Handler, ServeOptions, now, send_file, until};
 
 /// Accepts connections on `listener` and serves them with `handler` until `shutdown`

@@ -1,4 +1,4 @@
-//! The tokio adapter: the [`Runtime`](crate::runtime::Runtime) of the shared loops on tokio,
+//! The tokio adapter: the `Runtime` of the shared loops on tokio,
 //! one task per connection, and the client side.
 
 use std::future::Future;
@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::runtime::{self, Runtime, Socket};
+use crate::server::runtime::{self, Runtime, Socket};
 use crate::{FileChunk, Handler, ServeOptions, now, send_file, until};
 
 /// Accepts connections on `listener` and serves them with `handler` until `shutdown`

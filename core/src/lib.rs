@@ -67,21 +67,17 @@ mod wire;
 pub use conn::client::{
     ClientConfig, ClientConnection, ClientError, ClientEvent, Completion, PeerError,
 };
-pub use conn::server::{
-    MAX_ERROR_MESSAGE_LEN, ServerConfig, ServerConnection, ServerEvent, encode_error_response,
-    encode_fault_response,
-};
+pub use conn::server::{ServerConfig, ServerConnection, ServerEvent};
 pub use conn::time::Instant;
 pub use error::{DecodeError, EncodeError, Malformed};
 pub use wire::frame::{
-    FETCH_HEAD_LEN, FETCH_TAIL_LEN, FetchFrameParts, PROTOCOL_VERSION, REQUEST_HEADER_LEN,
-    RESPONSE_HEADER_LEN, RequestFrame, RequestHeader, ResponseFrame, ResponseHeader,
-    encode_fetch_frame_parts, encode_fetch_response, encode_request, encode_response,
-    peek_request_id, request_encoded_len, response_encoded_len,
+    PROTOCOL_VERSION, REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN, RequestFrame, RequestHeader,
+    ResponseFrame, ResponseHeader, encode_request, encode_response, request_encoded_len,
+    response_encoded_len,
 };
 pub use wire::message::{
     Header, Headers, HeadersIter, MESSAGE_FIXED_LEN, Message, MessageSet, MessageSetBuilder,
-    MessageSetIter, RecordIter, stamp_record,
+    MessageSetIter, RecordIter,
 };
 pub use wire::reader::{DEFAULT_MAX_FRAME_LEN, FrameDecoder, Status};
 pub use wire::request::{
@@ -95,3 +91,17 @@ pub use wire::response::{
 };
 pub use wire::types::{ErrorCode, Flags, MAX_TOPIC_LEN, RequestType, ResponseStatus, Topic};
 pub use wire::{Encode, Text};
+
+/// What a broker needs beyond the codec and its [`ServerConnection`]: replies encoded apart
+/// from the connection (on another thread, or around records sent from a file), error replies
+/// formatted without allocating, and the stamping of stored records. Clients never need these.
+pub mod broker {
+    pub use crate::conn::server::{
+        MAX_ERROR_MESSAGE_LEN, encode_error_response, encode_fault_response,
+    };
+    pub use crate::wire::frame::{
+        FETCH_HEAD_LEN, FETCH_TAIL_LEN, FetchFrameParts, encode_fetch_frame_parts,
+        encode_fetch_response, peek_request_id,
+    };
+    pub use crate::wire::message::stamp_record;
+}

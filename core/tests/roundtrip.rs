@@ -521,16 +521,16 @@ proptest! {
         encode_response(id, &resp, &mut want).unwrap();
         let crc = streambus_core::checksum::checksum(messages.as_bytes());
         let mut got = vec![0u8; len];
-        prop_assert_eq!(streambus_core::encode_fetch_response(id, &fetch, crc, &mut got[..len - 1]), Err(EncodeError::BufferTooSmall { required: len }));
-        prop_assert_eq!(streambus_core::encode_fetch_response(id, &fetch, crc, &mut got), Ok(len));
+        prop_assert_eq!(streambus_core::broker::encode_fetch_response(id, &fetch, crc, &mut got[..len - 1]), Err(EncodeError::BufferTooSmall { required: len }));
+        prop_assert_eq!(streambus_core::broker::encode_fetch_response(id, &fetch, crc, &mut got), Ok(len));
         prop_assert_eq!(&got, &want);
         if let Some(t) = fetch.trailer {
-            let parts = streambus_core::encode_fetch_frame_parts(id, hwm, messages.count(), messages.as_bytes().len(), crc, t).unwrap();
+            let parts = streambus_core::broker::encode_fetch_frame_parts(id, hwm, messages.count(), messages.as_bytes().len(), crc, t).unwrap();
             let joined = [&parts.head[..], messages.as_bytes(), &parts.tail[..]].concat();
             prop_assert_eq!(&joined, &want);
         }
         let bad = crc ^ (flip | 1);
-        streambus_core::encode_fetch_response(id, &fetch, bad, &mut got).unwrap();
+        streambus_core::broker::encode_fetch_response(id, &fetch, bad, &mut got).unwrap();
         let is_mismatch = matches!(ResponseFrame::new_checked(&got[..]), Err(streambus_core::DecodeError::ChecksumMismatch { .. }));
         prop_assert!(is_mismatch);
     }

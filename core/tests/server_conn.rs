@@ -419,7 +419,7 @@ fn buffer_too_small_writes_nothing_and_keeps_the_request_in_flight() {
 fn error_messages_are_capped_at_a_char_boundary() {
     let mut tx = vec![0u8; 1024];
     let long = "é".repeat(200); // 400 bytes
-    let n = streambus_core::encode_error_response(
+    let n = streambus_core::broker::encode_error_response(
         1,
         ErrorCode::INVALID_REQUEST,
         format_args!("x{long}tail"),

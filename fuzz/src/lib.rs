@@ -19,9 +19,10 @@ use streambus_core::{
     MessageSetBuilder, PROTOCOL_VERSION, ProduceRequest, ProduceResponse, ProducerInfo,
     REQUEST_HEADER_LEN, RESPONSE_HEADER_LEN, Request, RequestFrame, RequestType, Response,
     ResponseFrame, ResponseStatus, ServerConfig, ServerConnection, ServerEvent, Status, Text,
-    Topic, TopicInfo, TopicList, encode_request, encode_response, peek_request_id,
-    request_encoded_len, response_encoded_len, stamp_record,
+    Topic, TopicInfo, TopicList, encode_request, encode_response, request_encoded_len,
+    response_encoded_len,
 };
+use streambus_core::broker::{peek_request_id, stamp_record};
 
 /// The CRC trailer.
 const CRC_LEN: usize = 4;

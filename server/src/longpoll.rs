@@ -99,9 +99,16 @@ impl LongPolls {
             drop(st);
             return Registered::Now(reply, plan());
         }
+        // Counted before the check: an append that lands after the check sees a waiter and
+        // takes the lock (SeqCst here, a SeqCst fence in `appended`: one of the two sees the
+        // other).
+        self.waiting.fetch_add(1, Ordering::SeqCst);
         match plan() {
             Ok(p) if !Waiter::satisfied_by(&p, min_bytes) => {}
-            other => return Registered::Now(reply, other),
+            other => {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                return Registered::Now(reply, other);
+            }
         }
         let id = st.next_id;
         st.next_id += 1;
@@ -119,7 +126,6 @@ impl LongPolls {
             min_bytes,
             deadline,
         });
-        self.waiting.fetch_add(1, Ordering::Relaxed);
         drop(st);
         if earliest.is_none_or(|e| deadline < e) {
             self.timer.notify_one();
@@ -138,7 +144,9 @@ impl LongPolls {
         mut plan: impl FnMut(&Waiter) -> Result<FetchPlan, StorageError>,
     ) -> Vec<(Waiter, Result<FetchPlan, StorageError>)> {
         let mut ready = Vec::new();
-        if self.waiting() == 0 {
+        // The append is visible; now look for waiters (pairs with `register`).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) == 0 {
             return ready;
         }
         let mut st = self.lock();
@@ -147,10 +155,13 @@ impl LongPolls {
             return ready;
         };
         let mut i = 0;
+        let mut dropped = 0;
         while i < waiters.len() {
             let w = &waiters[i];
             if w.reply.is_closed() {
+                // Its connection is gone: nobody to answer.
                 waiters.swap_remove(i);
+                dropped += 1;
                 continue;
             }
             if w.offset >= end {
@@ -166,7 +177,8 @@ impl LongPolls {
             st.by_partition.remove(&key);
         }
         drop(st);
-        self.waiting.fetch_sub(ready.len(), Ordering::Relaxed);
+        self.waiting
+            .fetch_sub(ready.len() + dropped, Ordering::Relaxed);
         ready
     }
 

@@ -366,7 +366,7 @@ impl ServerConnection {
     }
 
     /// [`respond`](Self::respond) for a Fetch success whose records' CRC is already known:
-    /// see [`encode_fetch_response`](crate::encode_fetch_response). Same contract.
+    /// see [`encode_fetch_response`](crate::broker::encode_fetch_response). Same contract.
     pub fn respond_fetch(
         &mut self,
         request_id: u64,
@@ -380,7 +380,7 @@ impl ServerConnection {
     }
 
     /// The head and tail of a Fetch success frame whose records the adapter sends from
-    /// elsewhere (see [`encode_fetch_frame_parts`](crate::encode_fetch_frame_parts)); the
+    /// elsewhere (see [`encode_fetch_frame_parts`](crate::broker::encode_fetch_frame_parts)); the
     /// request is no longer in flight.
     pub fn respond_fetch_parts(
         &mut self,

@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use streambus_core::MessageSet;
+use streambus_core::broker::stamp_record;
 use streambus_core::checksum::{self, combine};
-use streambus_core::{MessageSet, stamp_record};
 
 use super::config::FsyncPolicy;
 use super::error::{IoContext, StorageError};

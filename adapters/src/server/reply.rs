@@ -5,13 +5,16 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
+use streambus_core::broker::{
+    encode_error_response, encode_fetch_frame_parts, encode_fetch_response,
+};
 use streambus_core::{
-    EncodeError, ErrorCode, FetchResponse, FetchTrailer, Response, encode_error_response,
-    encode_fetch_frame_parts, encode_fetch_response, encode_response, response_encoded_len,
+    EncodeError, ErrorCode, FetchResponse, FetchTrailer, Response, encode_response,
+    response_encoded_len,
 };
 
 use crate::FileChunk;
-use crate::transmit::TxBuf;
+use crate::server::transmit::TxBuf;
 
 /// The size an error reply is first encoded into; the encoder asks for more if the message is
 /// long (it is capped at 256 bytes).
@@ -25,7 +28,7 @@ pub(crate) struct Outbox {
     /// How many replies `tx` holds (the connection counts them out of its in-flight table).
     pub(crate) answered: usize,
     /// Woken when a reply completes while the connection waits.
-    waker: Option<Waker>,
+    pub(crate) waker: Option<Waker>,
     /// The connection is gone: replies are dropped.
     closed: bool,
 }
@@ -116,7 +119,7 @@ impl Reply {
 
     /// Sends a Fetch success whose records' CRC-32 is already known (combined from stored
     /// batch CRCs), so the records aren't hashed again; see
-    /// [`streambus_core::encode_fetch_response`].
+    /// [`streambus_core::broker::encode_fetch_response`].
     pub fn respond_fetch(mut self, fetch: &FetchResponse<'_>, records_crc: u32) {
         let id = self.request_id;
         let len = response_encoded_len(&Response::Fetch(*fetch));

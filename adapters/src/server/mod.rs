@@ -1,24 +1,37 @@
-//! The runtime-independent half of every server adapter: the connection's receive buffer and
-//! the poll loop over the core's [`ServerConnection`]. Runtimes only read into
-//! [`Session::read_buf`], write out [`Session::pending`], wait for what [`Session::process`]
-//! asks, and run the timers.
+//! The server driver: everything of a broker connection that is not I/O, written once for every
+//! runtime, split by concern:
+//!
+//! - this file: [`Session`], the poll loop over the core's [`ServerConnection`] — it hands out
+//!   requests, takes completed replies and tells the runtime what to do next ([`Next`]);
+//! - `receive`: the receive buffer's sizing;
+//! - `transmit`: the transmit queue, with file ranges sent by `sendfile`;
+//! - `reply`: the public [`Reply`] and the outbox it writes into;
+//! - `budget`: the memory budget all connections share;
+//! - `runtime`: the accept and connection loops over the small `Runtime` trait that tokio and smol
+//!   implement (the blocking runtime runs the same steps on a thread per connection).
+//!
+//! Runtimes only read into [`Session::read_buf`], write out [`Session::pending`], wait for what
+//! [`Session::process`] asks, and run the timers.
+
+pub(crate) mod budget;
+mod receive;
+pub(crate) mod reply;
+#[cfg(any(feature = "tokio", feature = "smol"))]
+pub(crate) mod runtime;
+pub(crate) mod transmit;
 
 use std::sync::Arc;
 
+use streambus_core::broker::encode_fault_response;
 use streambus_core::{
     Flags, Instant, Request, RequestFrame, ServerConfig, ServerConnection, ServerEvent,
-    encode_fault_response,
 };
 
-use crate::budget::{ALLOWANCE, Budget};
-use crate::reply::{OutboxCell, Reply};
-use crate::transmit::{Pending, TxBuf};
 use crate::{ConnEvent, Handler};
-
-/// Bytes first offered to a read; doubled while reads fill what they are offered.
-const FIRST_CHUNK: usize = 4 * 1024;
-/// The largest read offered when no frame size is known.
-const MAX_CHUNK: usize = 1024 * 1024;
+use budget::Budget;
+use receive::RxBuf;
+use reply::{OutboxCell, Reply};
+use transmit::{Pending, TxBuf};
 /// A transmit buffer above this is released once written out, so idle connections stay small.
 const KEEP_CAPACITY: usize = 256 * 1024;
 /// How long a quiet connection keeps its buffers before giving them back: long enough that a
@@ -72,38 +85,26 @@ impl Job {
 }
 
 /// One connection's buffers and state.
-///
-/// The receive buffer keeps its initialized length and tracks the live region with indices, so
-/// bytes are zeroed once when it grows, never per read.
 #[derive(Debug)]
 pub(crate) struct Session {
     conn: ServerConnection,
-    /// Received bytes: `rx[rx_start..rx_end]` is unconsumed.
-    rx: Vec<u8>,
-    rx_start: usize,
-    rx_end: usize,
-    /// What the last [`Session::read_buf`] offered, to grow the next offer.
-    offered: usize,
-    chunk: usize,
-    /// The frame size the core is waiting for, to read it in as few calls as possible.
-    want: usize,
+    /// Received bytes.
+    rx: RxBuf,
     /// Output waiting to be written.
     tx: TxBuf,
     /// Where [`Reply`]s put their frames.
     outbox: Arc<OutboxCell>,
     /// When a quiet connection's buffers go back (set while it waits holding them).
     linger_until: Option<Instant>,
-    /// The server's memory budget, and what this connection holds of it (receive buffer;
-    /// transmit buffers).
+    /// The server's memory budget, and what the transmit buffers hold of it.
     budget: Arc<Budget>,
-    rx_charged: usize,
     tx_charged: usize,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         self.outbox.close();
-        self.budget.give(self.rx_charged + self.tx_charged);
+        self.budget.give(self.rx.charged() + self.tx_charged);
     }
 }
 
@@ -111,17 +112,11 @@ impl Session {
     pub(crate) fn new(config: ServerConfig, now: Instant, budget: Arc<Budget>) -> Self {
         Self {
             conn: ServerConnection::new(config, now),
-            rx: Vec::new(),
-            rx_start: 0,
-            rx_end: 0,
-            offered: 0,
-            chunk: FIRST_CHUNK,
-            want: 0,
+            rx: RxBuf::default(),
             tx: TxBuf::default(),
             outbox: Arc::default(),
             linger_until: None,
             budget,
-            rx_charged: 0,
             tx_charged: 0,
         }
     }
@@ -130,53 +125,12 @@ impl Session {
     /// because the server's memory budget is spent (or the allocation failed): then read
     /// nothing, and try again when the budget has room.
     pub(crate) fn prepare_read(&mut self) -> bool {
-        if self.rx_start == self.rx_end {
-            self.rx_start = 0;
-            self.rx_end = 0;
-        } else if self.rx_start > 0
-            && (self.rx_start >= self.rx.len() / 2 || self.rx_end == self.rx.len())
-        {
-            self.rx.copy_within(self.rx_start..self.rx_end, 0);
-            self.rx_end -= self.rx_start;
-            self.rx_start = 0;
-        }
-        let unread = self.rx_end - self.rx_start;
-        // Toward the awaited frame, but at most doubling what has arrived: a Length alone
-        // (16 bytes claiming 10 MiB) must not buy a 10 MiB buffer.
-        let room = self
-            .want
-            .saturating_sub(unread)
-            .min(unread.max(self.chunk))
-            .max(self.chunk);
-        let len = self.rx_end + room;
-        if self.rx.len() < len {
-            let grow = len - self.rx.len();
-            let granted = if len <= ALLOWANCE {
-                self.budget.force_take(grow);
-                true
-            } else {
-                self.budget.try_take(grow)
-            };
-            if granted && self.rx.try_reserve_exact(grow).is_ok() {
-                self.rx.resize(len, 0);
-                self.rx_charged += grow;
-            } else {
-                if granted {
-                    tracing::warn!(bytes = grow, "receive buffer allocation failed");
-                    self.budget.give(grow);
-                }
-                // Read into what is there, if anything.
-                self.offered = self.rx.len() - self.rx_end;
-                return self.offered > 0;
-            }
-        }
-        self.offered = self.rx.len() - self.rx_end;
-        true
+        self.rx.prepare(&self.budget)
     }
 
     /// The room [`prepare_read`](Self::prepare_read) made (empty if it returned `false`).
     pub(crate) fn read_buf(&mut self) -> &mut [u8] {
-        &mut self.rx[self.rx_end..]
+        self.rx.spare()
     }
 
     /// Records that `n` bytes were read into the last [`read_buf`](Self::read_buf).
@@ -184,10 +138,7 @@ impl Session {
         if n > 0 {
             self.linger_until = None;
         }
-        self.rx_end += n;
-        if n > 0 && n == self.offered {
-            self.chunk = (self.chunk * 2).min(MAX_CHUNK);
-        }
+        self.rx.filled(n);
     }
 
     /// What to write next.
@@ -203,13 +154,7 @@ impl Session {
     /// Drops buffers that are empty, so an idle connection holds almost no memory. Call it
     /// before waiting for input.
     pub(crate) fn release_idle(&mut self) {
-        if self.rx_start == self.rx_end && self.rx.capacity() > 0 {
-            self.rx = Vec::new();
-            self.rx_start = 0;
-            self.rx_end = 0;
-            self.chunk = FIRST_CHUNK;
-            self.budget.give(std::mem::take(&mut self.rx_charged));
-        }
+        self.rx.release(&self.budget);
         if self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY {
             self.tx = TxBuf::default();
         }
@@ -238,12 +183,11 @@ impl Session {
     /// Whether the receive buffer was given back (or never taken): waiting for input then needs
     /// no buffer.
     pub(crate) fn holds_no_receive_buffer(&self) -> bool {
-        self.rx.capacity() == 0
+        self.rx.is_released()
     }
 
     fn holds_idle_buffers(&self) -> bool {
-        (self.rx_start == self.rx_end && self.rx.capacity() > 0)
-            || (self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY)
+        self.rx.is_idle() || (self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY)
     }
 
     /// The deadline to wait for input until, for the async runtimes: the core's, or earlier
@@ -283,6 +227,9 @@ impl Session {
     fn collect(&mut self) {
         let (answered, outbox) = {
             let mut ob = self.outbox.lock();
+            // The connection is running: a reply completed from now on (most often right away,
+            // inside `handle`) needs no wake; it registers again before it waits.
+            ob.waker = None;
             if ob.answered == 0 {
                 return;
             }
@@ -308,14 +255,11 @@ impl Session {
             let Self {
                 conn,
                 rx,
-                rx_start,
-                rx_end,
-                want,
                 tx,
                 outbox,
                 ..
             } = self;
-            let unread = &rx[*rx_start..*rx_end];
+            let unread = rx.unread();
             match conn.poll_request(now, unread) {
                 ServerEvent::Request {
                     consumed,
@@ -326,8 +270,7 @@ impl Session {
                     let reply = Reply::new(request_id, Arc::clone(outbox));
                     if handler.blocks(&request) {
                         let frame = unread[..consumed].to_vec();
-                        *rx_start += consumed;
-                        *want = 0;
+                        rx.consume(consumed);
                         return Next::Offload(Job {
                             frame,
                             flags,
@@ -335,8 +278,7 @@ impl Session {
                         });
                     }
                     handler.handle(flags, &request, reply);
-                    *rx_start += consumed;
-                    *want = 0;
+                    rx.consume(consumed);
                 }
                 ServerEvent::Reply {
                     consumed,
@@ -351,11 +293,10 @@ impl Session {
                     if sent.is_ok() {
                         conn.complete(request_id);
                     }
-                    *rx_start += consumed;
-                    *want = 0;
+                    rx.consume(consumed);
                 }
                 ServerEvent::NeedMore { frame_len, .. } => {
-                    *want = frame_len.unwrap_or(0);
+                    rx.expect(frame_len.unwrap_or(0));
                     return Next::Read;
                 }
                 ServerEvent::Blocked => return Next::Wait,
@@ -377,6 +318,7 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
+    use super::receive::FIRST_CHUNK;
     use super::*;
 
     struct Nobody;
@@ -410,9 +352,9 @@ mod tests {
         let t1 = Instant::from_micros(500);
         assert_eq!(s.wait_deadline(t1), Some(linger));
         assert!(!s.handle_timeout(t1));
-        assert!(s.rx.capacity() > 0, "released before the linger ran out");
+        assert!(!s.rx.is_released(), "released before the linger ran out");
         assert!(!s.handle_timeout(linger));
-        assert_eq!(s.rx.capacity(), 0, "buffers kept past the linger");
+        assert!(s.rx.is_released(), "buffers kept past the linger");
         assert_eq!(s.wait_deadline(linger), Some(idle));
         // A buffer holding part of a frame is never given back: the core's timers rule.
         assert!(s.prepare_read());
@@ -421,7 +363,7 @@ mod tests {
         let t2 = Instant::from_millis(10);
         assert_eq!(s.wait_deadline(t2), s.deadline());
         assert!(!s.handle_timeout(t2.saturating_add(LINGER)));
-        assert!(s.rx.capacity() > 0);
+        assert!(!s.rx.is_released());
     }
 
     /// A peer that sends only the first 16 bytes of a 10 MB frame gets a buffer sized by what

@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use futures_core::Stream;
 
-use crate::budget::Budget;
-use crate::session::{Next, Session};
-use crate::transmit::Pending;
+use crate::server::budget::Budget;
+use crate::server::transmit::Pending;
+use crate::server::{Next, Session};
 use crate::{CLOSE_DRAIN, ConnEvent, FileChunk, Handler, ServeOptions, now, until};
 
 /// A connected socket, as the connection loop needs it.
