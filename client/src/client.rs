@@ -543,6 +543,11 @@ impl Pool {
                     .map(|(tx, load)| (load.load(Ordering::Relaxed), tx, load))
                     .filter(|(n, _, _)| *n < self.config.max_in_flight)
                     .min_by_key(|(n, _, _)| *n);
+                let best_full = best.is_none()
+                    && st
+                        .slots
+                        .iter()
+                        .any(|s| matches!(s, Slot::Ready { tx, .. } if !tx.is_closed()));
                 let empty = st.slots.iter().position(|s| matches!(s, Slot::Empty));
                 let dialing = st.slots.iter().any(|s| matches!(s, Slot::Dialing));
                 let now = Instant::now();
@@ -569,6 +574,13 @@ impl Pool {
                         *s = Slot::Dialing;
                     }
                     Next::Dial(i)
+                } else if best_full {
+                    // Every connection is at its depth: room comes back as calls finish
+                    // (nothing to be notified of here), so look again shortly.
+                    Next::Wait(
+                        self.changed.subscribe(),
+                        Some(now + Duration::from_millis(1)),
+                    )
                 } else {
                     Next::Wait(self.changed.subscribe(), st.retry_at)
                 }

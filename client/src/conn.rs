@@ -145,8 +145,10 @@ pub(crate) struct Job {
     pub(crate) deadline: Instant,
     /// The timeout that set the deadline (for the error).
     pub(crate) timeout: Duration,
-    pub(crate) _permit: OwnedSemaphorePermit,
+    /// Declared before the permit, so it drops first: whoever gets the permit next finds
+    /// the connection's load already lowered.
     pub(crate) _load: LoadGuard,
+    pub(crate) _permit: OwnedSemaphorePermit,
 }
 
 /// Counts a call against its connection until dropped.
@@ -470,8 +472,14 @@ pub(crate) async fn run(
                 };
                 // Give back the request (its buffer can be reused), the capacity and the
                 // load before the result goes out: a callback may send the next request.
-                let Job { req, reply, .. } = job;
-                drop(req);
+                let Job {
+                    req,
+                    reply,
+                    _load,
+                    _permit,
+                    ..
+                } = job;
+                drop((req, _load, _permit));
                 reply.send(result);
             }
             Ok(_) => {}

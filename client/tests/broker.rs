@@ -757,9 +757,10 @@ async fn concurrent_senders_share_one_producer() {
 /// A fake broker that answers each HealthCheck 150 ms after reading it, one at a time
 /// (frames found with the core's decoder, answers encoded by the core).
 async fn slow_broker() -> SocketAddr {
+    use streambus_core::broker::peek_request_id;
     use streambus_core::{
         FrameDecoder, HealthCheckResponse, Response, Status, Text, encode_response,
-        peek_request_id, response_encoded_len,
+        response_encoded_len,
     };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
