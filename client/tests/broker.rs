@@ -355,21 +355,31 @@ async fn broker_stop_and_restart_mid_flight() {
     )
     .unwrap();
     c.create_topic("live", 1).await.unwrap();
+    p.send(Record::new("live", "first")).await.unwrap();
     let mut deliveries = Vec::new();
-    let stopper = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(30));
-        b.shutdown().unwrap();
-    });
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_millis(200) {
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = {
+        let stopped = stopped.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            b.shutdown().unwrap();
+            stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    // Records before, during and for 50 ms after the shutdown.
+    let mut after = None;
+    while after.is_none_or(|t: Instant| t.elapsed() < Duration::from_millis(50)) {
         match p.enqueue(Record::new("live", "x")).await {
             Ok(d) => deliveries.push((Instant::now(), d)),
             Err(e) => panic!("enqueue: {e}"),
         }
         tokio::time::sleep(Duration::from_micros(200)).await;
+        if after.is_none() && stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            after = Some(Instant::now());
+        }
     }
     stopper.join().unwrap();
-    let (mut ok, mut failed) = (0usize, 0usize);
+    let (mut ok, mut failed) = (1usize, 0usize);
     for (at, d) in deliveries {
         match d.await {
             Ok(_) => ok += 1,
