@@ -135,7 +135,17 @@ impl ClientBuilder {
     /// resolved again at every dial). Must run inside a tokio runtime.
     pub async fn connect(self, addr: impl Into<String>) -> Result<Client> {
         self.config.validate()?;
-        let client = Client::new(addr.into(), self.config)?;
+        let addr = addr.into();
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(Error::config(
+                "addr",
+                format!("{addr:?} is not host:port (like 127.0.0.1:9092)"),
+            ));
+        }
+        let client = Client::new(addr, self.config)?;
         let deadline = Instant::now() + client.inner.config.request_timeout;
         let (conn, _load) = client
             .inner

@@ -121,6 +121,19 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
         ),
         "{e}"
     );
+    for bad in ["", "localhost", "127.0.0.1:", ":9092", "127.0.0.1:99999"] {
+        let e = Client::connect(bad).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Config {
+                    setting: "addr",
+                    ..
+                }
+            ),
+            "{bad:?}: {e}"
+        );
+    }
     let c = connect(&b).await;
     for bad in ["", ".", "..", "a/b", &"x".repeat(250)] {
         let e = c.create_topic(bad, 1).await.unwrap_err();
