@@ -203,6 +203,8 @@ impl Consumer {
         let position = self.resolve(topic, partition, from).await?;
         let key = (t, partition);
         self.unassign(topic, partition);
+        // Forget fetchers that ended (aborted by earlier seeks).
+        while self.fetchers.try_join_next().is_some() {}
         self.next_generation += 1;
         let generation = self.next_generation;
         let fetcher = self.fetchers.spawn_on(
