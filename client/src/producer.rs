@@ -696,7 +696,8 @@ impl Producer {
 
     /// Refuses new records, flushes, and returns every failure since the producer started
     /// (or since the last `close`), one error per failed record, whether or not its
-    /// [`Delivery`] was awaited.
+    /// [`Delivery`] was awaited. (They are kept until then: a producer that runs for long
+    /// against a dead broker without ever closing holds one error per failed record.)
     pub async fn close(&self) -> std::result::Result<(), Vec<Error>> {
         self.inner.closed.store(true, Ordering::Release);
         self.flush().await;
