@@ -1,0 +1,165 @@
+//! SDK benchmarks against a running broker, to compare with `streambus-bench` (the raw load
+//! generator) in the same run:
+//!
+//! ```text
+//! streambus-server --fsync never --listen 127.0.0.1:9092 &
+//! cargo run --release -p streambus-client --example bench -- 127.0.0.1:9092 sync 5
+//! cargo run --release -p streambus-client --example bench -- 127.0.0.1:9092 produce 5
+//! cargo run --release -p streambus-client --example bench -- 127.0.0.1:9092 consume 5
+//! ```
+//!
+//! - `sync`: one 100-byte record at a time through `Producer::send` (compare with
+//!   `streambus-bench sync` and `pingpong`);
+//! - `produce`: the batching producer on one connection, 100-byte values (compare with
+//!   `streambus-bench pipelined --batch 100`);
+//! - `consume`: the consumer with 1 MiB fetches over 64 MiB of 1 KiB values (compare with
+//!   `streambus-bench fetch`).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use streambus_client::{Client, Consumer, ConsumerConfig, Error, Offset, Producer, Record};
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+fn main() -> Result<(), Error> {
+    // BENCH_RT=current runs everything on one thread (no cross-thread wake-ups).
+    let current = std::env::var("BENCH_RT").is_ok_and(|v| v == "current");
+    let rt = if current {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    };
+    let rt = rt.map_err(|e| Error::Config {
+        setting: "runtime",
+        reason: e.to_string(),
+    })?;
+    // The benchmark runs in a spawned task, as application code usually does (block_on's
+    // thread is not a worker: every wake-up to it crosses threads).
+    rt.block_on(async {
+        tokio::spawn(run()).await.unwrap_or_else(|e| {
+            Err(Error::Config {
+                setting: "task",
+                reason: e.to_string(),
+            })
+        })
+    })
+}
+
+async fn run() -> Result<(), Error> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args = args.into_iter();
+    let addr = args.next().unwrap_or_else(|| "127.0.0.1:9092".into());
+    let mode = args.next().unwrap_or_else(|| "sync".into());
+    let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let duration = Duration::from_secs(secs);
+    let client = Client::builder().pool_size(1).connect(addr).await?;
+    let value = vec![b'v'; 100];
+    match mode.as_str() {
+        "sync" => {
+            let producer = Producer::new(&client);
+            for _ in 0..100 {
+                producer
+                    .send(Record::new("bench-sdk-sync", value.clone()))
+                    .await?;
+            }
+            let mut lat = Vec::new();
+            let end = Instant::now() + duration;
+            while Instant::now() < end {
+                let t = Instant::now();
+                producer
+                    .send(Record::new("bench-sdk-sync", value.clone()))
+                    .await?;
+                lat.push(t.elapsed());
+            }
+            lat.sort();
+            println!(
+                "sdk sync produce (1 x 100 B): {} sends, p50 {:?} p99 {:?} p99.9 {:?} max {:?}",
+                lat.len(),
+                percentile(&lat, 0.5),
+                percentile(&lat, 0.99),
+                percentile(&lat, 0.999),
+                lat.last().copied().unwrap_or_default()
+            );
+        }
+        "produce" => {
+            let producer = Producer::new(&client);
+            producer
+                .send(Record::new("bench-sdk-pipe", value.clone()))
+                .await?;
+            let mut pending = VecDeque::new();
+            let mut acked = 0u64;
+            let start = Instant::now();
+            let end = start + duration;
+            while Instant::now() < end {
+                for _ in 0..1000 {
+                    pending.push_back(
+                        producer
+                            .enqueue(Record::new("bench-sdk-pipe", value.clone()))
+                            .await?,
+                    );
+                }
+                while pending.len() > 200_000 {
+                    if let Some(d) = pending.pop_front() {
+                        d.await?;
+                        acked += 1;
+                    }
+                }
+            }
+            for d in pending {
+                d.await?;
+                acked += 1;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "sdk batching produce: {acked} messages acknowledged in {secs:.2}s = {:.2} M msg/s",
+                acked as f64 / secs / 1e6
+            );
+        }
+        "consume" => {
+            let topic = "bench-sdk-fetch";
+            let _ = client.create_topic(topic, 1).await;
+            let kib = vec![b'v'; 1024];
+            let producer = Producer::new(&client);
+            let have = client.offsets(topic, 0).await?.end;
+            let mut pending = Vec::new();
+            for _ in have..64 * 1024 {
+                pending.push(producer.enqueue(Record::new(topic, kib.clone())).await?);
+            }
+            for d in pending {
+                d.await?;
+            }
+            let end_offset = client.offsets(topic, 0).await?.end;
+            let config = ConsumerConfig::default().max_bytes(1 << 20);
+            let mut consumer = Consumer::with_config(&client, config)?;
+            consumer.assign(topic, 0, Offset::Earliest).await?;
+            let (mut bytes, mut records) = (0u64, 0u64);
+            let start = Instant::now();
+            let end = start + duration;
+            while Instant::now() < end {
+                for r in consumer.poll(Duration::from_secs(1)).await? {
+                    bytes += (28 + r.key().len() + r.value().len()) as u64;
+                    records += 1;
+                    if r.offset + 1 == end_offset {
+                        consumer.seek(topic, 0, Offset::Earliest).await?;
+                    }
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "sdk consume: {:.2} GB/s of records ({records} records in {secs:.2}s)",
+                bytes as f64 / secs / 1e9
+            );
+        }
+        other => eprintln!("unknown mode {other}: sync, produce or consume"),
+    }
+    Ok(())
+}

@@ -1,0 +1,722 @@
+//! [`Client`]: the connection pool and the admin calls.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::conn::{self, Callback, Job, LoadGuard, MAX_IN_FLIGHT, Reply, ReplyTo, Req};
+use crate::error::{Context, Error, Result};
+use crate::types::{Health, PartitionOffsets, TopicInfo};
+
+/// Settings of a [`Client`]; build one with [`Client::builder`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// Connections to the broker at most (default 2). They are opened on demand.
+    pub pool_size: usize,
+    /// Requests in flight per connection at most (default 64, at most 128). When every
+    /// connection is this busy, a call waits for room up to its timeout.
+    pub max_in_flight: usize,
+    /// Time to open one TCP connection (default 10 s).
+    pub connect_timeout: Duration,
+    /// Time for one request, from the call to its answer, waiting for a connection included
+    /// (default 30 s). A long-poll fetch gets its wait on top.
+    pub request_timeout: Duration,
+    /// The largest frame sent or accepted (default 10 MiB, the broker's default). Each
+    /// connection reserves two buffers of this size (touched only as far as used).
+    pub max_frame_len: u32,
+    /// First delay before dialling again after a failed dial (default 50 ms); it doubles up to
+    /// [`reconnect_backoff_max`](Self::reconnect_backoff_max), with random jitter.
+    pub reconnect_backoff: Duration,
+    /// Largest delay between dials (default 5 s).
+    pub reconnect_backoff_max: Duration,
+    /// The longest long-poll wait a consumer may ask for (default 30 s, the broker's cap).
+    pub max_poll_wait: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            pool_size: 2,
+            max_in_flight: 64,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_frame_len: streambus_core::DEFAULT_MAX_FRAME_LEN,
+            reconnect_backoff: Duration::from_millis(50),
+            reconnect_backoff_max: Duration::from_secs(5),
+            max_poll_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ClientConfig {
+    fn validate(&self) -> Result<()> {
+        if self.pool_size == 0 {
+            return Err(Error::config("pool_size", "must be at least 1"));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_IN_FLIGHT {
+            return Err(Error::config(
+                "max_in_flight",
+                format!("must be 1..={MAX_IN_FLIGHT}, got {}", self.max_in_flight),
+            ));
+        }
+        for (name, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(Error::config(name, "must be greater than zero"));
+            }
+        }
+        if self.max_frame_len < 64 {
+            return Err(Error::config(
+                "max_frame_len",
+                format!("must be at least 64 bytes, got {}", self.max_frame_len),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Client`]: `Client::builder().pool_size(4).connect("host:9092").await`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientBuilder {
+    config: ClientConfig,
+}
+
+impl ClientBuilder {
+    /// Sets [`ClientConfig::pool_size`].
+    pub fn pool_size(mut self, n: usize) -> Self {
+        self.config.pool_size = n;
+        self
+    }
+    /// Sets [`ClientConfig::max_in_flight`].
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.config.max_in_flight = n;
+        self
+    }
+    /// Sets [`ClientConfig::connect_timeout`].
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.config.connect_timeout = d;
+        self
+    }
+    /// Sets [`ClientConfig::request_timeout`].
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.config.request_timeout = d;
+        self
+    }
+    /// Sets [`ClientConfig::max_frame_len`].
+    pub fn max_frame_len(mut self, n: u32) -> Self {
+        self.config.max_frame_len = n;
+        self
+    }
+    /// Sets [`ClientConfig::reconnect_backoff`] and
+    /// [`ClientConfig::reconnect_backoff_max`].
+    pub fn reconnect_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.config.reconnect_backoff = first;
+        self.config.reconnect_backoff_max = max;
+        self
+    }
+    /// Sets [`ClientConfig::max_poll_wait`].
+    pub fn max_poll_wait(mut self, d: Duration) -> Self {
+        self.config.max_poll_wait = d;
+        self
+    }
+    /// The settings so far.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Validates the settings and opens the first connection to `addr` (`host:port`;
+    /// resolved again at every dial). Must run inside a tokio runtime.
+    pub async fn connect(self, addr: impl Into<String>) -> Result<Client> {
+        self.config.validate()?;
+        let addr = addr.into();
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            return Err(Error::config(
+                "addr",
+                format!("{addr:?} is not host:port (like 127.0.0.1:9092)"),
+            ));
+        }
+        let client = Client::new(addr, self.config)?;
+        let deadline = Instant::now() + client.inner.config.request_timeout;
+        let (conn, _load) = client
+            .inner
+            .pool
+            .get(deadline, &Context::new("connect"))
+            .await?;
+        drop(conn);
+        Ok(client)
+    }
+}
+
+/// A handle to one broker: a pool of pipelined connections, and the admin calls. Cheap to
+/// clone; clones share the pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), streambus_client::Error> {
+/// use streambus_client::Client;
+/// let client = Client::connect("127.0.0.1:9092").await?;
+/// client.create_topic("orders", 3).await?;
+/// for t in client.list_topics().await? {
+///     println!("{} has {} partitions", t.name, t.partitions);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: ClientConfig,
+    pub(crate) pool: Arc<Pool>,
+    capacity: Arc<Semaphore>,
+}
+
+impl Client {
+    /// Connects with the default settings.
+    pub async fn connect(addr: impl Into<String>) -> Result<Self> {
+        Self::builder().connect(addr).await
+    }
+
+    /// A builder for custom settings.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    fn new(addr: String, config: ClientConfig) -> Result<Self> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| Error::config("runtime", format!("no tokio runtime: {e}")))?;
+        let pool = Arc::new(Pool::new(addr, config.clone(), runtime));
+        let capacity = Arc::new(Semaphore::new(config.pool_size * config.max_in_flight));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                pool,
+                capacity,
+            }),
+        })
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Sends one request and waits for its answer within `timeout` (waiting for a free
+    /// connection included). A broken connection is replaced by the next call.
+    pub(crate) async fn call(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
+        // A read-only request that meets a connection closed under it (the broker's idle
+        // timeout, a restart) is sent once more on a fresh connection, within its timeout.
+        let again = matches!(
+            req,
+            Req::Fetch { .. } | Req::GetOffset { .. } | Req::ListTopics | Req::Health
+        )
+        .then(|| req.clone());
+        let started = Instant::now();
+        match (self.call_once(req, ctx, timeout).await, again) {
+            (Err(Error::Io { .. }), Some(req)) if started.elapsed() < timeout => {
+                let left = timeout.saturating_sub(started.elapsed());
+                tracing::debug!(%ctx, "connection lost; sending the request again");
+                self.call_once(req, ctx, left).await
+            }
+            (result, _) => result,
+        }
+    }
+
+    async fn call_once(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
+        let deadline = Instant::now() + timeout;
+        let timed_out = |waiting| Error::TimedOut {
+            context: ctx.clone(),
+            waiting,
+            after: timeout,
+        };
+        let mut permit =
+            tokio::time::timeout_at(deadline, self.inner.capacity.clone().acquire_owned())
+                .await
+                .map_err(|_| timed_out("waiting for a free connection slot"))?
+                .map_err(|_| Error::Closed {
+                    context: ctx.clone(),
+                    what: "client",
+                })?;
+        let (tx, rx) = oneshot::channel();
+        let (mut req, mut reply) = (req, ReplyTo::Caller(Some(tx)));
+        // A connection that died since it was picked refuses the job: pick again.
+        loop {
+            let (conn, load) = self.inner.pool.get(deadline, ctx).await?;
+            let job = Job {
+                req,
+                reply,
+                deadline,
+                timeout,
+                _permit: permit,
+                _load: load,
+            };
+            match conn.send(job) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(j)) => {
+                    (req, reply, permit) = (j.req, j.reply, j._permit)
+                }
+            }
+        }
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(timed_out("waiting for the broker's answer")),
+            Ok(Err(_)) => Err(Error::closed_by_peer(ctx.clone())),
+            Ok(Ok(r)) => r.map_err(|e| e.with_context(ctx)),
+        }
+    }
+
+    /// Sends one request now if a connection has room, without waiting; its result goes to
+    /// `callback`, run by the connection task (by `timeout` at the latest). When no connection
+    /// has room, returns the callback unused.
+    pub(crate) fn try_send(
+        &self,
+        req: Req,
+        timeout: Duration,
+        callback: Callback,
+    ) -> std::result::Result<(), Callback> {
+        let Ok(permit) = self.inner.capacity.clone().try_acquire_owned() else {
+            return Err(callback);
+        };
+        let Some((conn, load)) = self.inner.pool.try_get() else {
+            return Err(callback);
+        };
+        let job = Job {
+            req,
+            reply: ReplyTo::Callback(Some(callback)),
+            deadline: Instant::now() + timeout,
+            timeout,
+            _permit: permit,
+            _load: load,
+        };
+        match conn.send(job) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(mut job)) => {
+                // Disarmed first, so dropping the job doesn't run it.
+                let callback = match &mut job.reply {
+                    ReplyTo::Callback(f) => f.take(),
+                    ReplyTo::Caller(_) => None,
+                };
+                drop(job);
+                callback.map_or(Ok(()), Err)
+            }
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.inner.config.request_timeout
+    }
+
+    /// Creates `topic` with `partitions` partitions (1..=1024). Returns `true` when created,
+    /// `false` when it already existed with that count; a different count is
+    /// [`Error::Broker`] with code TopicExists (9).
+    pub async fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool> {
+        let ctx = Context::new("create topic").topic(topic);
+        let t = validate_topic(topic, &ctx)?;
+        if !(1..=1024).contains(&partitions) {
+            return Err(Error::invalid(
+                ctx,
+                format!("partition count must be 1..=1024, got {partitions}"),
+            ));
+        }
+        match self
+            .call(
+                Req::CreateTopic {
+                    topic: t,
+                    partitions,
+                },
+                &ctx,
+                self.timeout(),
+            )
+            .await?
+        {
+            Reply::Created(c) => Ok(c),
+            other => Err(mismatch(ctx, &other)),
+        }
+    }
+
+    /// Deletes `topic`; a missing topic is [`Error::Broker`] with code TopicNotFound (8).
+    pub async fn delete_topic(&self, topic: &str) -> Result<()> {
+        let ctx = Context::new("delete topic").topic(topic);
+        let t = validate_topic(topic, &ctx)?;
+        match self
+            .call(Req::DeleteTopic { topic: t }, &ctx, self.timeout())
+            .await?
+        {
+            Reply::Deleted => Ok(()),
+            other => Err(mismatch(ctx, &other)),
+        }
+    }
+
+    /// Every topic with its partition count, sorted by name.
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+        let ctx = Context::new("list topics");
+        match self.call(Req::ListTopics, &ctx, self.timeout()).await? {
+            Reply::Topics(t) => Ok(t),
+            other => Err(mismatch(ctx, &other)),
+        }
+    }
+
+    /// One partition's start and end offsets.
+    pub async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets> {
+        let ctx = Context::new("get offsets")
+            .topic(topic)
+            .partition(partition);
+        let t = validate_topic(topic, &ctx)?;
+        let req = Req::GetOffset {
+            topic: t,
+            partition,
+        };
+        match self.call(req, &ctx, self.timeout()).await? {
+            Reply::Offsets(o) => Ok(o),
+            other => Err(mismatch(ctx, &other)),
+        }
+    }
+
+    /// Every partition's offsets of `topic` (its partition count from the topic list).
+    pub async fn describe_topic(&self, topic: &str) -> Result<Vec<PartitionOffsets>> {
+        let ctx = Context::new("describe topic").topic(topic);
+        validate_topic(topic, &ctx)?;
+        let count = self
+            .partition_count(topic)
+            .await?
+            .ok_or_else(|| Error::Broker {
+                context: ctx.clone(),
+                code: crate::ErrorCode::TOPIC_NOT_FOUND,
+                message: format!("topic {topic} is not in the topic list"),
+            })?;
+        let mut out = Vec::with_capacity(count as usize);
+        for p in 0..count {
+            out.push(self.offsets(topic, p).await?);
+        }
+        Ok(out)
+    }
+
+    /// The partition count of `topic`, `None` if it does not exist.
+    pub async fn partition_count(&self, topic: &str) -> Result<Option<u32>> {
+        Ok(self
+            .list_topics()
+            .await?
+            .into_iter()
+            .find(|t| t.name == topic)
+            .map(|t| t.partitions))
+    }
+
+    /// The broker's health check.
+    pub async fn health(&self) -> Result<Health> {
+        let ctx = Context::new("health check");
+        match self.call(Req::Health, &ctx, self.timeout()).await? {
+            Reply::Health(h) => Ok(h),
+            other => Err(mismatch(ctx, &other)),
+        }
+    }
+}
+
+pub(crate) fn mismatch(ctx: Context, reply: &Reply) -> Error {
+    Error::Protocol {
+        context: ctx,
+        source: crate::error::ProtocolError::Unexpected(format!("unexpected reply {reply:?}")),
+    }
+}
+
+/// Checks a topic name with the core's rules (1–249 bytes of `[A-Za-z0-9._-]`).
+pub(crate) fn validate_topic(topic: &str, ctx: &Context) -> Result<Arc<str>> {
+    streambus_core::Topic::new(topic)
+        .map_err(|_| {
+            Error::invalid(
+                ctx.clone(),
+                format!(
+                    "topic name {topic:?} is invalid: 1-249 bytes of [A-Za-z0-9._-], not . or .."
+                ),
+            )
+        })
+        .map(|t| Arc::from(t.as_str()))
+}
+
+type ConnTx = mpsc::UnboundedSender<Job>;
+
+#[derive(Debug)]
+enum Slot {
+    Empty,
+    Dialing,
+    Ready { tx: ConnTx, load: Arc<AtomicUsize> },
+}
+
+#[derive(Debug)]
+struct PoolState {
+    slots: Vec<Slot>,
+    backoff: Option<ExponentialBackoff>,
+    /// No dial before this (after a failure).
+    retry_at: Option<Instant>,
+    dial_failures: u64,
+    last_error: Option<Error>,
+}
+
+/// The connections to one broker. Dials run in their own task, never under the lock, and a
+/// dead connection (its task ended) is replaced on demand.
+#[derive(Debug)]
+pub(crate) struct Pool {
+    addr: String,
+    config: ClientConfig,
+    runtime: tokio::runtime::Handle,
+    state: Mutex<PoolState>,
+    changed: watch::Sender<u64>,
+}
+
+enum Next {
+    Use(ConnTx, LoadGuard),
+    Dial(usize),
+    Wait(watch::Receiver<u64>, Option<Instant>),
+}
+
+impl Pool {
+    fn new(addr: String, config: ClientConfig, runtime: tokio::runtime::Handle) -> Self {
+        let slots = (0..config.pool_size).map(|_| Slot::Empty).collect();
+        Self {
+            addr,
+            config,
+            runtime,
+            state: Mutex::new(PoolState {
+                slots,
+                backoff: None,
+                retry_at: None,
+                dial_failures: 0,
+                last_error: None,
+            }),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// The runtime the pool's tasks run on.
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        // A panic elsewhere can't leave the state inconsistent (each update is one
+        // assignment), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// A live connection with room for one more request, if there is one now.
+    pub(crate) fn try_get(&self) -> Option<(ConnTx, LoadGuard)> {
+        let st = self.lock();
+        st.slots
+            .iter()
+            .filter_map(|s| match s {
+                Slot::Ready { tx, load } if !tx.is_closed() => {
+                    Some((load.load(Ordering::Relaxed), tx, load))
+                }
+                _ => None,
+            })
+            .filter(|(n, _, _)| *n < self.config.max_in_flight)
+            .min_by_key(|(n, _, _)| *n)
+            .map(|(_, tx, load)| (tx.clone(), LoadGuard::new(load.clone())))
+    }
+
+    /// A connection with room for one more request; dials one when none has room.
+    pub(crate) async fn get(
+        self: &Arc<Self>,
+        deadline: Instant,
+        ctx: &Context,
+    ) -> Result<(ConnTx, LoadGuard)> {
+        let mut failures_seen = None;
+        loop {
+            let next = {
+                let mut st = self.lock();
+                let seen = *failures_seen.get_or_insert(st.dial_failures);
+                for s in st.slots.iter_mut() {
+                    if matches!(s, Slot::Ready { tx, .. } if tx.is_closed()) {
+                        *s = Slot::Empty;
+                    }
+                }
+                let best = st
+                    .slots
+                    .iter()
+                    .filter_map(|s| match s {
+                        Slot::Ready { tx, load } => Some((tx, load)),
+                        _ => None,
+                    })
+                    .map(|(tx, load)| (load.load(Ordering::Relaxed), tx, load))
+                    .filter(|(n, _, _)| *n < self.config.max_in_flight)
+                    .min_by_key(|(n, _, _)| *n);
+                let best_full = best.is_none()
+                    && st
+                        .slots
+                        .iter()
+                        .any(|s| matches!(s, Slot::Ready { tx, .. } if !tx.is_closed()));
+                let empty = st.slots.iter().position(|s| matches!(s, Slot::Empty));
+                let dialing = st.slots.iter().any(|s| matches!(s, Slot::Dialing));
+                let now = Instant::now();
+                let may_dial = empty.is_some() && !dialing && st.retry_at.is_none_or(|t| t <= now);
+                if let Some((n, tx, load)) = best {
+                    // Grow the pool in the background once a connection is half busy.
+                    let next = Next::Use(tx.clone(), LoadGuard::new(load.clone()));
+                    if may_dial
+                        && n >= self.config.max_in_flight.div_ceil(2)
+                        && let Some(i) = empty
+                        && let Some(s) = st.slots.get_mut(i)
+                    {
+                        *s = Slot::Dialing;
+                        let pool = self.clone();
+                        self.runtime.spawn(async move { pool.dial(i).await });
+                    }
+                    next
+                } else if st.dial_failures > seen
+                    && let Some(e) = st.last_error.clone()
+                {
+                    return Err(e.with_context(ctx));
+                } else if may_dial && let Some(i) = empty {
+                    if let Some(s) = st.slots.get_mut(i) {
+                        *s = Slot::Dialing;
+                    }
+                    Next::Dial(i)
+                } else if best_full {
+                    // Every connection is at its depth: room comes back as calls finish
+                    // (nothing to be notified of here), so look again shortly.
+                    Next::Wait(
+                        self.changed.subscribe(),
+                        Some(now + Duration::from_millis(1)),
+                    )
+                } else {
+                    Next::Wait(self.changed.subscribe(), st.retry_at)
+                }
+            };
+            match next {
+                Next::Use(tx, guard) => return Ok((tx, guard)),
+                Next::Dial(i) => {
+                    let rx = self.changed.subscribe();
+                    let pool = self.clone();
+                    self.runtime.spawn(async move { pool.dial(i).await });
+                    self.wait(rx, None, deadline, ctx).await?;
+                }
+                Next::Wait(rx, retry_at) => self.wait(rx, retry_at, deadline, ctx).await?,
+            }
+        }
+    }
+
+    async fn wait(
+        &self,
+        mut rx: watch::Receiver<u64>,
+        retry_at: Option<Instant>,
+        deadline: Instant,
+        ctx: &Context,
+    ) -> Result<()> {
+        let wake = match retry_at {
+            Some(t) if t < deadline => t,
+            _ => deadline,
+        };
+        tokio::select! {
+            _ = rx.changed() => Ok(()),
+            () = tokio::time::sleep_until(wake) => {
+                if wake >= deadline {
+                    Err(Error::TimedOut {
+                        context: ctx.clone(),
+                        waiting: "waiting for a connection to the broker",
+                        after: self.config.request_timeout,
+                    })
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    async fn dial(self: Arc<Self>, slot: usize) {
+        let result = self.open().await;
+        let mut st = self.lock();
+        match result {
+            Ok(driver) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let depth = self.config.max_in_flight;
+                let timeout = self.config.request_timeout + self.config.max_poll_wait;
+                self.runtime.spawn(conn::run(driver, rx, depth, timeout));
+                if let Some(s) = st.slots.get_mut(slot) {
+                    *s = Slot::Ready {
+                        tx,
+                        load: Arc::new(AtomicUsize::new(0)),
+                    };
+                }
+                st.backoff = None;
+                st.retry_at = None;
+                tracing::debug!(addr = %self.addr, slot, "connected");
+            }
+            Err(e) => {
+                if let Some(s) = st.slots.get_mut(slot) {
+                    *s = Slot::Empty;
+                }
+                let config = &self.config;
+                let delay = st
+                    .backoff
+                    .get_or_insert_with(|| {
+                        ExponentialBuilder::default()
+                            .with_min_delay(config.reconnect_backoff)
+                            .with_max_delay(config.reconnect_backoff_max)
+                            .with_jitter()
+                            .without_max_times()
+                            .build()
+                    })
+                    .next()
+                    .unwrap_or(config.reconnect_backoff_max);
+                st.retry_at = Some(Instant::now() + delay);
+                st.dial_failures += 1;
+                tracing::debug!(addr = %self.addr, error = %e, ?delay, "dial failed");
+                st.last_error = Some(e);
+            }
+        }
+        drop(st);
+        self.notify();
+    }
+
+    async fn open(&self) -> Result<conn::Driver> {
+        let ctx = Context::new("connect");
+        let timeout = self.config.connect_timeout;
+        let dial = async {
+            let addrs = tokio::net::lookup_host(&self.addr)
+                .await
+                .map_err(|e| Error::io(ctx.clone(), e))?;
+            let mut last = None;
+            let mut core = streambus_core::ClientConfig::default();
+            core.max_frame_len(self.config.max_frame_len)
+                .request_timeout(self.config.request_timeout + self.config.max_poll_wait);
+            let buffer = self.config.max_frame_len as usize + 4;
+            for a in addrs {
+                match streambus_adapters::tokio::connect::<MAX_IN_FLIGHT>(a, core, buffer).await {
+                    Ok(d) => return Ok(d),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(Error::io(
+                ctx.clone(),
+                last.unwrap_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("{} resolves to no address", self.addr),
+                    )
+                }),
+            ))
+        };
+        tokio::time::timeout(timeout, dial)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::TimedOut {
+                    context: ctx.clone(),
+                    waiting: "connecting",
+                    after: timeout,
+                })
+            })
+    }
+}

@@ -1,0 +1,501 @@
+//! One connection: a task owning the core's async driver, fed through a channel. Callers
+//! send owned [`Req`]s with a reply channel; the task queues them (pipelining up to the
+//! configured depth), matches completions by RequestID and answers each caller exactly once.
+//! No parsing happens here: requests are encoded and responses decoded by the core.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use streambus_core::io::DriverError;
+use streambus_core::io::asynch::Wake;
+use streambus_core::{
+    ClientError, CreateTopicRequest, DeleteTopicRequest, FetchExtension, FetchRequest,
+    GetOffsetRequest, LongPoll, MessageSet, ProduceRequest, Request, Response, Topic,
+};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::error::{Context, Error, ProtocolError, Result};
+use crate::types::{ConsumerRecord, Health, PartitionOffsets, TopicInfo};
+
+/// The pipelining depth the driver is built for; the configured depth is at most this.
+pub(crate) const MAX_IN_FLIGHT: usize = 128;
+
+/// The core driver over a tokio socket.
+pub(crate) type Driver = streambus_adapters::tokio::Client<MAX_IN_FLIGHT>;
+
+/// An owned request, turned into the core's borrowed [`Request`] inside the task.
+#[derive(Debug, Clone)]
+pub(crate) enum Req {
+    Produce {
+        topic: Arc<str>,
+        partition: u32,
+        count: u32,
+        /// Records encoded by the core's encoder.
+        records: Arc<Vec<u8>>,
+    },
+    Fetch {
+        topic: Arc<str>,
+        partition: u32,
+        offset: i64,
+        max_bytes: u32,
+        long_poll: Option<LongPoll>,
+    },
+    GetOffset {
+        topic: Arc<str>,
+        partition: u32,
+    },
+    CreateTopic {
+        topic: Arc<str>,
+        partitions: u32,
+    },
+    DeleteTopic {
+        topic: Arc<str>,
+    },
+    ListTopics,
+    Health,
+}
+
+/// A fetch's answer.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub(crate) next_offset: Option<i64>,
+    pub(crate) records: Vec<ConsumerRecord>,
+}
+
+/// An owned success reply.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Produce { base_offset: i64 },
+    Fetch(Fetched),
+    Offsets(PartitionOffsets),
+    Created(bool),
+    Deleted,
+    Topics(Vec<TopicInfo>),
+    Health(Health),
+}
+
+/// A callback run by the connection task with a call's result: it must be quick and never
+/// block (it runs between two socket reads).
+pub(crate) type Callback = Box<dyn FnOnce(Result<Reply>) + Send>;
+
+/// Where a call's result goes.
+pub(crate) enum ReplyTo {
+    /// A caller awaiting it.
+    Caller(Option<oneshot::Sender<Result<Reply>>>),
+    /// A callback; if the job is dropped unanswered, it gets [`Error::Closed`].
+    Callback(Option<Callback>),
+}
+
+impl std::fmt::Debug for ReplyTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Caller(_) => "Caller",
+            Self::Callback(_) => "Callback",
+        })
+    }
+}
+
+impl ReplyTo {
+    pub(crate) fn send(mut self, result: Result<Reply>) {
+        match &mut self {
+            Self::Caller(tx) => {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(result);
+                }
+            }
+            Self::Callback(f) => {
+                if let Some(f) = f.take() {
+                    f(result);
+                }
+            }
+        }
+    }
+
+    /// Whether nobody waits for the result any more.
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::Caller(tx) => tx.as_ref().is_none_or(|t| t.is_closed()),
+            Self::Callback(f) => f.is_none(),
+        }
+    }
+}
+
+impl Drop for ReplyTo {
+    fn drop(&mut self) {
+        if let Self::Callback(f) = self
+            && let Some(f) = f.take()
+        {
+            f(Err(Error::Closed {
+                context: Context::default(),
+                what: "connection",
+            }));
+        }
+    }
+}
+
+/// One call waiting in a connection. Dropping it frees the caller's capacity.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) req: Req,
+    pub(crate) reply: ReplyTo,
+    /// When the call fails with [`Error::TimedOut`] if unanswered.
+    pub(crate) deadline: Instant,
+    /// The timeout that set the deadline (for the error).
+    pub(crate) timeout: Duration,
+    /// Declared before the permit, so it drops first: whoever gets the permit next finds
+    /// the connection's load already lowered.
+    pub(crate) _load: LoadGuard,
+    pub(crate) _permit: OwnedSemaphorePermit,
+}
+
+/// Counts a call against its connection until dropped.
+#[derive(Debug)]
+pub(crate) struct LoadGuard(pub(crate) Arc<AtomicUsize>);
+
+impl LoadGuard {
+    pub(crate) fn new(load: Arc<AtomicUsize>) -> Self {
+        load.fetch_add(1, Ordering::Relaxed);
+        Self(load)
+    }
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn topic(t: &str) -> Result<Topic<'_>> {
+    Topic::new(t).map_err(|e| Error::invalid(Context::new("encode"), e.to_string()))
+}
+
+fn request(req: &Req) -> Result<Request<'_>> {
+    Ok(match req {
+        Req::Produce {
+            topic: t,
+            partition,
+            count,
+            records,
+        } => Request::Produce(ProduceRequest {
+            topic: topic(t)?,
+            partition: *partition,
+            // Encoded by the core's own encoder, record by record.
+            messages: MessageSet::new_unchecked(*count, records),
+            producer: None,
+        }),
+        Req::Fetch {
+            topic: t,
+            partition,
+            offset,
+            max_bytes,
+            long_poll,
+        } => Request::Fetch(FetchRequest {
+            topic: topic(t)?,
+            partition: *partition,
+            offset: *offset,
+            max_bytes: *max_bytes,
+            extension: Some(FetchExtension {
+                isolation_level: 0,
+                long_poll: *long_poll,
+            }),
+        }),
+        Req::GetOffset {
+            topic: t,
+            partition,
+        } => Request::GetOffset(GetOffsetRequest {
+            topic: topic(t)?,
+            partition: *partition,
+        }),
+        Req::CreateTopic {
+            topic: t,
+            partitions,
+        } => Request::CreateTopic(CreateTopicRequest {
+            topic: topic(t)?,
+            num_partitions: *partitions,
+            replication_factor: 1,
+        }),
+        Req::DeleteTopic { topic: t } => {
+            Request::DeleteTopic(DeleteTopicRequest { topic: topic(t)? })
+        }
+        Req::ListTopics => Request::ListTopics,
+        Req::Health => Request::HealthCheck,
+    })
+}
+
+fn unexpected(what: String) -> Error {
+    Error::Protocol {
+        context: Context::default(),
+        source: ProtocolError::Unexpected(what),
+    }
+}
+
+/// Copies the response out of the receive buffer.
+fn reply(req: &Req, response: Response<'_>) -> Result<Reply> {
+    Ok(match (req, response) {
+        (_, Response::Error(e)) => {
+            return Err(Error::Broker {
+                context: Context::default(),
+                code: e.code,
+                message: e.message.to_string(),
+            });
+        }
+        (Req::Produce { count, .. }, Response::Produce(p)) => {
+            if p.num_messages != *count {
+                return Err(unexpected(format!(
+                    "produce of {count} records acknowledged {}",
+                    p.num_messages
+                )));
+            }
+            Reply::Produce {
+                base_offset: p.base_offset,
+            }
+        }
+        (
+            Req::Fetch {
+                topic, partition, ..
+            },
+            Response::Fetch(f),
+        ) => {
+            // One copy of the records per fetch; records are views into it.
+            let base = f.messages.as_bytes();
+            let buf: Arc<[u8]> = Arc::from(base);
+            let at = |part: &[u8]| -> Result<std::ops::Range<usize>> {
+                let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+                let end = start.wrapping_add(part.len());
+                if part.is_empty() {
+                    Ok(0..0)
+                } else if start <= end && end <= base.len() {
+                    Ok(start..end)
+                } else {
+                    Err(unexpected("a record outside its message set".into()))
+                }
+            };
+            let mut records = Vec::with_capacity(f.messages.count() as usize);
+            for m in f.messages.iter() {
+                let mut headers = Vec::new();
+                for h in m.headers.iter() {
+                    headers.push((at(h.key)?, at(h.value)?));
+                }
+                records.push(ConsumerRecord::new(
+                    topic.clone(),
+                    *partition,
+                    m.offset,
+                    m.timestamp,
+                    buf.clone(),
+                    at(m.key)?,
+                    at(m.value)?,
+                    headers,
+                ));
+            }
+            Reply::Fetch(Fetched {
+                next_offset: f.trailer.map(|t| t.next_offset),
+                records,
+            })
+        }
+        (Req::GetOffset { partition, .. }, Response::GetOffset(g)) => {
+            Reply::Offsets(PartitionOffsets {
+                partition: *partition,
+                start: g.start_offset,
+                end: g.end_offset,
+                high_water_mark: g.high_water_mark,
+            })
+        }
+        (Req::CreateTopic { .. }, Response::CreateTopic(c)) => Reply::Created(c.created),
+        (Req::DeleteTopic { .. }, Response::DeleteTopic(_)) => Reply::Deleted,
+        (Req::ListTopics, Response::ListTopics(l)) => Reply::Topics(
+            l.topics
+                .iter()
+                .map(|t| TopicInfo {
+                    name: t.name.as_str().to_owned(),
+                    partitions: t.num_partitions,
+                })
+                .collect(),
+        ),
+        (Req::Health, Response::HealthCheck(h)) => Reply::Health(Health {
+            status: h.status.to_string(),
+            uptime_secs: h.uptime_secs,
+        }),
+        (req, other) => {
+            return Err(unexpected(format!(
+                "reply {other:?} does not answer {}",
+                request_name(req)
+            )));
+        }
+    })
+}
+
+fn request_name(req: &Req) -> &'static str {
+    match req {
+        Req::Produce { .. } => "produce",
+        Req::Fetch { .. } => "fetch",
+        Req::GetOffset { .. } => "get offset",
+        Req::CreateTopic { .. } => "create topic",
+        Req::DeleteTopic { .. } => "delete topic",
+        Req::ListTopics => "list topics",
+        Req::Health => "health check",
+    }
+}
+
+fn driver_error(e: DriverError<std::io::Error>, request_timeout: Duration) -> Error {
+    let context = Context::new("connection");
+    match e {
+        DriverError::Io(e) => Error::io(context, e),
+        DriverError::Closed => Error::closed_by_peer(context),
+        DriverError::Client(ClientError::BufferTooSmall { required }) => Error::invalid(
+            context,
+            format!("a request of {required} bytes exceeds the maximum frame"),
+        ),
+        DriverError::Client(ClientError::Encode(e)) => Error::invalid(context, e.to_string()),
+        DriverError::Client(e) => Error::Protocol {
+            context,
+            source: ProtocolError::Core(e),
+        },
+        DriverError::TimedOut { .. } => Error::TimedOut {
+            context,
+            waiting: "waiting for the broker's answer",
+            after: request_timeout,
+        },
+        other => Error::Protocol {
+            context,
+            source: ProtocolError::Unexpected(other.to_string()),
+        },
+    }
+}
+
+enum Event {
+    Job(Option<Job>),
+    Deadline,
+}
+
+/// The earliest deadline of the calls in flight.
+fn earliest(pending: &HashMap<u64, Job>) -> Option<Instant> {
+    pending.values().map(|j| j.deadline).min()
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs one connection until it breaks or every sender is gone; then fails whatever it
+/// still holds (their callers get an error at once, not at their timeout). Each call's own
+/// deadline is enforced here too, so a call answered by callback times out like one awaited.
+pub(crate) async fn run(
+    mut driver: Driver,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    depth: usize,
+    request_timeout: Duration,
+) {
+    let mut pending: HashMap<u64, Job> = HashMap::new();
+    let failure = loop {
+        let deadline = earliest(&pending);
+        let wake = if driver.connection().in_flight() < depth {
+            driver
+                .next_completion_or(async {
+                    tokio::select! {
+                        biased;
+                        j = jobs.recv() => Event::Job(j),
+                        () = sleep_until(deadline) => Event::Deadline,
+                    }
+                })
+                .await
+        } else {
+            driver
+                .next_completion_or(async {
+                    sleep_until(deadline).await;
+                    Event::Deadline
+                })
+                .await
+        };
+        match wake {
+            Ok(Wake::Other(Event::Job(Some(job)))) => {
+                if job.reply.is_closed() {
+                    // The caller gave up (timeout, cancel) before this was sent.
+                    continue;
+                }
+                let queued = request(&job.req).and_then(|r| {
+                    driver
+                        .queue(&r)
+                        .map_err(|e| driver_error(e, request_timeout))
+                });
+                match queued {
+                    Ok(id) => {
+                        pending.insert(id, job);
+                    }
+                    Err(e) => job.reply.send(Err(e)),
+                }
+            }
+            Ok(Wake::Other(Event::Job(None))) => break None,
+            Ok(Wake::Other(Event::Deadline)) => {
+                let now = Instant::now();
+                let expired: Vec<u64> = pending
+                    .iter()
+                    .filter(|(_, j)| j.deadline <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in expired {
+                    if let Some(job) = pending.remove(&id) {
+                        // Its late answer, if any, is dropped (no pending entry).
+                        job.reply.send(Err(Error::TimedOut {
+                            context: Context::default(),
+                            waiting: "waiting for the broker's answer",
+                            after: job.timeout,
+                        }));
+                    }
+                }
+            }
+            Ok(Wake::Completion(done)) => {
+                let Some(job) = pending.remove(&done.request_id) else {
+                    continue;
+                };
+                if done.timed_out {
+                    // The deadline includes the longest long-poll wait: a broker this late
+                    // is stuck or the path is dead. Drop the connection (its slots would
+                    // stay taken until a late answer) and fail what it holds; the pool dials
+                    // a fresh one.
+                    let e = Error::TimedOut {
+                        context: Context::default(),
+                        waiting: "waiting for the broker's answer",
+                        after: request_timeout,
+                    };
+                    job.reply.send(Err(e.clone()));
+                    break Some(e);
+                }
+                let result = match driver.response(done.request_type) {
+                    Some(r) => reply(&job.req, r),
+                    None => Err(unexpected("a completion without a response".into())),
+                };
+                // Give back the request (its buffer can be reused), the capacity and the
+                // load before the result goes out: a callback may send the next request.
+                let Job {
+                    req,
+                    reply,
+                    _load,
+                    _permit,
+                    ..
+                } = job;
+                drop((req, _load, _permit));
+                reply.send(result);
+            }
+            Ok(_) => {}
+            Err(e) => break Some(driver_error(e, request_timeout)),
+        }
+    };
+    tracing::debug!(error = ?failure, pending = pending.len(), "connection task ends");
+    jobs.close();
+    let err = failure.unwrap_or_else(|| Error::Closed {
+        context: Context::default(),
+        what: "client",
+    });
+    for (_, job) in pending.drain() {
+        job.reply.send(Err(err.clone()));
+    }
+    while let Ok(job) = jobs.try_recv() {
+        job.reply.send(Err(err.clone()));
+    }
+}

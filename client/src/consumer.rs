@@ -1,0 +1,479 @@
+//! [`Consumer`]: assigned partitions, long-poll fetches, position tracking.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use streambus_core::LongPoll;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+
+use crate::client::{Client, mismatch, validate_topic};
+use crate::conn::{Fetched, Reply, Req};
+use crate::error::{Context, Error, ErrorCode, Result};
+use crate::types::ConsumerRecord;
+
+/// Where to start reading a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Offset {
+    /// The first offset still stored.
+    Earliest,
+    /// The next offset to be written (only new records).
+    Latest,
+    /// This offset.
+    At(i64),
+}
+
+/// What a consumer does when its position is out of the partition's range (the broker's
+/// `OffsetOutOfRange`, e.g. after retention deleted the records there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ResetPolicy {
+    /// Jump to the first offset still stored (default).
+    Earliest,
+    /// Jump to the end.
+    Latest,
+    /// Return the broker's error from [`Consumer::poll`] and stay where it is.
+    Error,
+}
+
+/// Settings of a [`Consumer`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConsumerConfig {
+    /// How long the broker may hold a fetch that has nothing yet (long poll, protocol §6.1;
+    /// default 500 ms, capped by the client's `max_poll_wait`).
+    pub max_wait: Duration,
+    /// Bytes of records that end the broker's wait early (default 1: any record).
+    pub min_bytes: u32,
+    /// Record bytes per fetch (default 1 MiB; one record is always returned even if larger).
+    pub max_bytes: u32,
+    /// What to do on `OffsetOutOfRange` (default [`ResetPolicy::Earliest`]).
+    pub reset: ResetPolicy,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            max_wait: Duration::from_millis(500),
+            min_bytes: 1,
+            max_bytes: 1 << 20,
+            reset: ResetPolicy::Earliest,
+        }
+    }
+}
+
+impl ConsumerConfig {
+    /// Sets [`max_wait`](Self::max_wait).
+    pub fn max_wait(mut self, d: Duration) -> Self {
+        self.max_wait = d;
+        self
+    }
+    /// Sets [`min_bytes`](Self::min_bytes).
+    pub fn min_bytes(mut self, n: u32) -> Self {
+        self.min_bytes = n;
+        self
+    }
+    /// Sets [`max_bytes`](Self::max_bytes).
+    pub fn max_bytes(mut self, n: u32) -> Self {
+        self.max_bytes = n;
+        self
+    }
+    /// Sets [`reset`](Self::reset).
+    pub fn reset(mut self, r: ResetPolicy) -> Self {
+        self.reset = r;
+        self
+    }
+}
+
+type Key = (Arc<str>, u32);
+
+#[derive(Debug)]
+struct Assigned {
+    /// The offset after the last record handed out.
+    position: i64,
+    /// This assignment's fetcher; answers of older ones are dropped.
+    generation: u64,
+    fetcher: AbortHandle,
+}
+
+enum Outcome {
+    Records(Fetched),
+    /// The position was reset (policy) to this offset.
+    Reset(i64),
+}
+
+/// What a fetcher hands to the consumer: records (non-empty) or a new position, or an error.
+struct Done {
+    key: Key,
+    generation: u64,
+    result: Result<(Vec<ConsumerRecord>, i64)>,
+}
+
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Done")
+            .field("key", &self.key)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Fetches handed to the consumer ahead of its `poll`s (each up to `max_bytes`).
+const PREFETCH: usize = 2;
+
+/// Reads assigned topic-partitions in order. Each partition has a fetcher task that keeps a
+/// long-poll fetch in flight and hands records over ahead of [`poll`](Self::poll) (up to two
+/// fetches), so a new record arrives within milliseconds of its append on a broker with long
+/// poll. A consumer keeps at most half its client's capacity (`pool_size × max_in_flight`)
+/// in fetches, so producers and admin calls sharing the client are not starved; give a
+/// consumer of very many partitions its own [`Client`] with a larger pool. A broker that answers an empty fetch at once (no long poll) is polled again after a
+/// short, growing pause (5 ms doubling to 50 ms), never in a hot loop.
+///
+/// ```no_run
+/// # async fn demo(client: streambus_client::Client) -> Result<(), streambus_client::Error> {
+/// use std::time::Duration;
+/// use streambus_client::{Consumer, Offset};
+/// let mut consumer = Consumer::new(&client);
+/// consumer.assign("orders", 0, Offset::Earliest).await?;
+/// loop {
+///     for r in consumer.poll(Duration::from_secs(1)).await? {
+///         println!("{}/{}@{}: {:?}", r.topic, r.partition, r.offset, r.value());
+///     }
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Consumer {
+    client: Client,
+    config: ConsumerConfig,
+    parts: HashMap<Key, Assigned>,
+    fetchers: JoinSet<()>,
+    tx: mpsc::Sender<Done>,
+    rx: mpsc::Receiver<Done>,
+    next_generation: u64,
+    buffered: VecDeque<ConsumerRecord>,
+    /// Fetches in flight at once: half the client's capacity, so a consumer of many
+    /// partitions leaves room for producers and admin calls on the same client.
+    fetch_slots: Arc<Semaphore>,
+}
+
+impl Consumer {
+    /// A consumer with the default settings.
+    pub fn new(client: &Client) -> Self {
+        let (tx, rx) = mpsc::channel(PREFETCH);
+        Self {
+            client: client.clone(),
+            config: ConsumerConfig::default(),
+            parts: HashMap::new(),
+            fetchers: JoinSet::new(),
+            tx,
+            rx,
+            next_generation: 0,
+            buffered: VecDeque::new(),
+            fetch_slots: Arc::new(Semaphore::new(
+                (client.config().pool_size * client.config().max_in_flight / 2).max(1),
+            )),
+        }
+    }
+
+    /// A consumer with `config`.
+    pub fn with_config(client: &Client, config: ConsumerConfig) -> Result<Self> {
+        if config.max_wait > client.config().max_poll_wait {
+            return Err(Error::config(
+                "max_wait",
+                format!(
+                    "{:?} exceeds the client's max_poll_wait {:?}",
+                    config.max_wait,
+                    client.config().max_poll_wait
+                ),
+            ));
+        }
+        let mut c = Self::new(client);
+        c.config = config;
+        Ok(c)
+    }
+
+    /// Reads `partition` of `topic` from `from`. Assigning an assigned partition seeks it.
+    pub async fn assign(&mut self, topic: &str, partition: u32, from: Offset) -> Result<()> {
+        let ctx = Context::new("assign").topic(topic).partition(partition);
+        let t = validate_topic(topic, &ctx)?;
+        let position = self.resolve(topic, partition, from).await?;
+        let key = (t, partition);
+        self.unassign(topic, partition);
+        // Forget fetchers that ended (aborted by earlier seeks).
+        while self.fetchers.try_join_next().is_some() {}
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let fetcher = self.fetchers.spawn_on(
+            fetcher(
+                self.client.clone(),
+                self.config.clone(),
+                key.clone(),
+                generation,
+                position,
+                self.tx.clone(),
+                self.fetch_slots.clone(),
+            ),
+            self.client.inner.pool.runtime(),
+        );
+        self.parts.insert(
+            key,
+            Assigned {
+                position,
+                generation,
+                fetcher,
+            },
+        );
+        Ok(())
+    }
+
+    /// Moves an assigned partition to `to`; records buffered from before are dropped.
+    pub async fn seek(&mut self, topic: &str, partition: u32, to: Offset) -> Result<()> {
+        let ctx = Context::new("seek").topic(topic).partition(partition);
+        if !self
+            .parts
+            .keys()
+            .any(|(t, p)| **t == *topic && *p == partition)
+        {
+            return Err(Error::invalid(ctx, "the partition is not assigned"));
+        }
+        self.assign(topic, partition, to).await
+    }
+
+    /// Stops reading a partition.
+    pub fn unassign(&mut self, topic: &str, partition: u32) {
+        self.parts.retain(|(t, p), a| {
+            let this = **t == *topic && *p == partition;
+            if this {
+                a.fetcher.abort();
+            }
+            !this
+        });
+        self.buffered
+            .retain(|r| !(*r.topic == *topic && r.partition == partition));
+    }
+
+    /// The next offset [`poll`](Self::poll) will return for an assigned partition.
+    pub fn position(&self, topic: &str, partition: u32) -> Option<i64> {
+        if let Some(r) = self
+            .buffered
+            .iter()
+            .find(|r| *r.topic == *topic && r.partition == partition)
+        {
+            return Some(r.offset);
+        }
+        self.parts
+            .iter()
+            .find(|((t, p), _)| **t == *topic && *p == partition)
+            .map(|(_, a)| a.position)
+    }
+
+    async fn resolve(&self, topic: &str, partition: u32, from: Offset) -> Result<i64> {
+        match from {
+            Offset::At(o) if o >= 0 => Ok(o),
+            Offset::At(o) => Err(Error::invalid(
+                Context::new("assign").topic(topic).partition(partition),
+                format!("offset {o} is negative"),
+            )),
+            Offset::Earliest => Ok(self.client.offsets(topic, partition).await?.start),
+            Offset::Latest => Ok(self.client.offsets(topic, partition).await?.end),
+        }
+    }
+
+    /// Waits up to `timeout` for records of the assigned partitions; returns those of the
+    /// first fetch that brings any (an empty `Vec` when none came). Records of one partition
+    /// come in offset order, without gaps or repeats. A fetch error is returned once; its
+    /// partition keeps its position and its fetcher tries again after a pause (100 ms for a
+    /// retriable error, 500 ms otherwise).
+    pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
+        if !self.buffered.is_empty() {
+            return Ok(self.buffered.drain(..).collect());
+        }
+        if self.parts.is_empty() {
+            return Err(Error::invalid(
+                Context::new("poll"),
+                "no partition is assigned",
+            ));
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let done = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Err(_) | Ok(None) => return Ok(Vec::new()),
+                Ok(Some(done)) => done,
+            };
+            let Some(a) = self.parts.get_mut(&done.key) else {
+                continue;
+            };
+            if a.generation != done.generation {
+                continue;
+            }
+            let (records, next) = done.result?;
+            a.position = next;
+            if !records.is_empty() {
+                return Ok(records);
+            }
+        }
+    }
+
+    /// The next record, waiting as long as it takes (records of a fetch are buffered).
+    ///
+    /// For a `futures::Stream` of records, wrap it:
+    /// `futures::stream::unfold(consumer, |mut c| async { Some((c.recv().await, c)) })`.
+    pub async fn recv(&mut self) -> Result<ConsumerRecord> {
+        loop {
+            if let Some(r) = self.buffered.pop_front() {
+                return Ok(r);
+            }
+            let wait = self.config.max_wait.max(Duration::from_millis(100));
+            let records = self.poll(wait).await?;
+            self.buffered.extend(records);
+        }
+    }
+}
+
+/// The pause before fetching again after an empty answer that came back at once (a broker
+/// without long poll, or `max_wait` zero): 10, 20, 40, 50, 50… ms.
+fn empty_pause(streak: u32) -> Duration {
+    let ms = 5u64 << streak.clamp(1, 4);
+    Duration::from_millis(ms.min(50))
+}
+
+/// Whether an empty answer came back "at once": well before the broker's wait was over.
+fn answered_at_once(elapsed: Duration, max_wait: Duration) -> bool {
+    elapsed < (max_wait / 2).max(Duration::from_millis(5))
+}
+
+/// One partition's fetch loop: fetches from `offset` on, hands over what comes, follows the
+/// reset policy, pauses after errors and after instant empty answers.
+async fn fetcher(
+    client: Client,
+    config: ConsumerConfig,
+    key: Key,
+    generation: u64,
+    mut offset: i64,
+    tx: mpsc::Sender<Done>,
+    slots: Arc<Semaphore>,
+) {
+    let mut streak = 0u32;
+    loop {
+        let Ok(slot) = slots.acquire().await else {
+            return;
+        };
+        let started = Instant::now();
+        let fetched = fetch(&client, &config, &key, offset).await;
+        drop(slot);
+        let (result, pause) = match fetched {
+            Ok(Outcome::Reset(to)) => {
+                tracing::info!(topic = %key.0, partition = key.1, from = offset, to, "offset out of range: position reset");
+                offset = to;
+                (Ok((Vec::new(), to)), Duration::ZERO)
+            }
+            Ok(Outcome::Records(f)) => {
+                let mut records = f.records;
+                records.retain(|r| r.offset >= offset);
+                let next = records
+                    .last()
+                    .map(|r| r.offset + 1)
+                    .or(f.next_offset)
+                    .unwrap_or(offset)
+                    .max(offset);
+                let moved = next != offset;
+                offset = next;
+                let pause = if !records.is_empty()
+                    || !answered_at_once(started.elapsed(), config.max_wait)
+                {
+                    streak = 0;
+                    Duration::ZERO
+                } else {
+                    streak = streak.saturating_add(1);
+                    empty_pause(streak)
+                };
+                if records.is_empty() && !moved {
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                (Ok((records, next)), pause)
+            }
+            Err(e) => {
+                let pause = if e.is_retriable() {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_millis(500)
+                };
+                (Err(e), pause)
+            }
+        };
+        let done = Done {
+            key: key.clone(),
+            generation,
+            result,
+        };
+        if tx.send(done).await.is_err() {
+            return;
+        }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+async fn fetch(
+    client: &Client,
+    config: &ConsumerConfig,
+    key: &Key,
+    offset: i64,
+) -> Result<Outcome> {
+    let (topic, partition) = key;
+    let ctx = Context::new("fetch")
+        .topic(topic.clone())
+        .partition(*partition);
+    let max_wait_ms = u32::try_from(config.max_wait.as_millis()).unwrap_or(u32::MAX);
+    let req = Req::Fetch {
+        topic: topic.clone(),
+        partition: *partition,
+        offset,
+        max_bytes: config.max_bytes,
+        long_poll: Some(LongPoll {
+            max_wait_ms,
+            min_bytes: config.min_bytes,
+        }),
+    };
+    let timeout = client.config().request_timeout + config.max_wait;
+    match client.call(req, &ctx, timeout).await {
+        Ok(Reply::Fetch(f)) => Ok(Outcome::Records(f)),
+        Ok(other) => Err(mismatch(ctx, &other)),
+        Err(e) if e.code() == Some(ErrorCode::OFFSET_OUT_OF_RANGE) => {
+            let o = client.offsets(topic, *partition).await?;
+            match config.reset {
+                ResetPolicy::Error => Err(e),
+                ResetPolicy::Earliest => Ok(Outcome::Reset(o.start)),
+                ResetPolicy::Latest => Ok(Outcome::Reset(o.end)),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_answers_back_off_and_never_spin() {
+        let pauses: Vec<u64> = (1..7).map(|s| empty_pause(s).as_millis() as u64).collect();
+        assert_eq!(pauses, vec![10, 20, 40, 50, 50, 50]);
+        // max_wait 0 (no long poll asked): every empty answer counts as instant.
+        assert!(answered_at_once(Duration::from_micros(100), Duration::ZERO));
+        assert!(answered_at_once(
+            Duration::from_millis(1),
+            Duration::from_millis(500)
+        ));
+        assert!(!answered_at_once(
+            Duration::from_millis(400),
+            Duration::from_millis(500)
+        ));
+    }
+}

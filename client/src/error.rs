@@ -1,0 +1,295 @@
+//! The one error type of the SDK.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use streambus_core::ErrorCode;
+
+/// What a failed call was doing, and to which topic and partition: printed by [`Error`]'s
+/// `Display`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Context {
+    /// The operation (`"produce"`, `"fetch"`, `"create topic"`, `"connect"`, …).
+    pub operation: &'static str,
+    /// The topic, when the operation names one.
+    pub topic: Option<Arc<str>>,
+    /// The partition, when the operation names one.
+    pub partition: Option<u32>,
+}
+
+impl Context {
+    pub(crate) fn new(operation: &'static str) -> Self {
+        Self {
+            operation,
+            topic: None,
+            partition: None,
+        }
+    }
+
+    pub(crate) fn topic(mut self, topic: impl Into<Arc<str>>) -> Self {
+        self.topic = Some(topic.into());
+        self
+    }
+
+    pub(crate) fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.operation.is_empty() {
+            "request"
+        } else {
+            self.operation
+        })?;
+        match (&self.topic, self.partition) {
+            (Some(t), Some(p)) => write!(f, " on topic {t:?} partition {p}"),
+            (Some(t), None) => write!(f, " on topic {t:?}"),
+            (None, _) => Ok(()),
+        }
+    }
+}
+
+/// Everything a call of this crate can fail with.
+///
+/// Split by who is at fault: the network ([`Io`](Self::Io), [`TimedOut`](Self::TimedOut)),
+/// the broker's answer ([`Broker`](Self::Broker)), a broker breaking the protocol
+/// ([`Protocol`](Self::Protocol)), or the caller ([`Config`](Self::Config),
+/// [`InvalidInput`](Self::InvalidInput), [`Closed`](Self::Closed)). A broker's error reply is
+/// always an `Err`, never a successful value. [`is_retriable`](Self::is_retriable) says which
+/// are safe to try again.
+///
+/// `Error` is `Clone` (one failed batch fails each of its records with the same error); the
+/// I/O source is shared behind an `Arc`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The connection failed: dialling, reading, writing, or the broker closed it.
+    #[error("{context}: I/O error: {source}")]
+    Io {
+        /// What was being done.
+        context: Context,
+        /// The transport's error.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// No answer within the timeout (connect, request, delivery or waiting for capacity).
+    #[error("{context}: timed out after {after:?} {waiting}")]
+    TimedOut {
+        /// What was being done.
+        context: Context,
+        /// Which timeout ran out.
+        waiting: &'static str,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The broker answered with an error code.
+    #[error("{context}: the broker answered {} ({}): {message}", code_name(*.code), .code.0)]
+    Broker {
+        /// What was being done.
+        context: Context,
+        /// The broker's error code (protocol §5).
+        code: ErrorCode,
+        /// The broker's message.
+        message: String,
+    },
+    /// The broker broke the protocol (bad frame, CRC, unexpected reply); the connection was
+    /// dropped.
+    #[error("{context}: protocol violation by the broker: {source}")]
+    Protocol {
+        /// What was being done.
+        context: Context,
+        /// The core's description.
+        #[source]
+        source: ProtocolError,
+    },
+    /// A setting is invalid; nothing was sent.
+    #[error("invalid setting {setting}: {reason}")]
+    Config {
+        /// The setting.
+        setting: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// An argument is invalid (empty or bad topic name, partition out of range, a record too
+    /// large); nothing was sent.
+    #[error("{context}: invalid input: {reason}")]
+    InvalidInput {
+        /// What was being done.
+        context: Context,
+        /// Why.
+        reason: String,
+    },
+    /// The client, producer or consumer was closed.
+    #[error("{context}: the {what} is closed")]
+    Closed {
+        /// What was being done.
+        context: Context,
+        /// What is closed.
+        what: &'static str,
+    },
+}
+
+/// A protocol violation by the broker, as the core saw it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The core's connection refused the broker's bytes.
+    #[error(transparent)]
+    Core(#[from] streambus_core::ClientError),
+    /// A reply that does not fit the request (wrong type, wrong count).
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+fn code_name(code: ErrorCode) -> &'static str {
+    match code.0 {
+        13 => "OutOfOrderSequence",
+        14 => "UnknownProducer",
+        15 => "NotLeader",
+        30 => "InvalidProducerEpoch",
+        40 => "AuthenticationFailed",
+        41 => "AuthorizationFailed",
+        _ => code.name().unwrap_or("unknown error code"),
+    }
+}
+
+/// Broker codes that a retry may cure: RequestTimeout, StorageError, ChecksumMismatch (the
+/// frame was damaged in transit) and NotLeader.
+const RETRIABLE_CODES: [u16; 4] = [6, 7, 10, 15];
+
+impl Error {
+    /// Whether trying the same call again may succeed: I/O errors, timeouts, and the broker
+    /// codes RequestTimeout (6), StorageError (7), ChecksumMismatch (10) and NotLeader (15).
+    ///
+    /// A retried produce may append twice (the first attempt may have landed before its
+    /// answer was lost): produce retries are at-least-once.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Self::Io { .. } | Self::TimedOut { .. } => true,
+            Self::Broker { code, .. } => RETRIABLE_CODES.contains(&code.0),
+            _ => false,
+        }
+    }
+
+    /// The broker's error code, when the broker answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Broker { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// What the failed call was doing (absent for [`Config`](Self::Config)).
+    pub fn context(&self) -> Option<&Context> {
+        match self {
+            Self::Io { context, .. }
+            | Self::TimedOut { context, .. }
+            | Self::Broker { context, .. }
+            | Self::Protocol { context, .. }
+            | Self::InvalidInput { context, .. }
+            | Self::Closed { context, .. } => Some(context),
+            Self::Config { .. } => None,
+        }
+    }
+
+    pub(crate) fn io(context: Context, e: std::io::Error) -> Self {
+        Self::Io {
+            context,
+            source: Arc::new(e),
+        }
+    }
+
+    pub(crate) fn closed_by_peer(context: Context) -> Self {
+        Self::io(
+            context,
+            std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the connection to the broker closed",
+            ),
+        )
+    }
+
+    pub(crate) fn invalid(context: Context, reason: impl Into<String>) -> Self {
+        Self::InvalidInput {
+            context,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn config(setting: &'static str, reason: impl Into<String>) -> Self {
+        Self::Config {
+            setting,
+            reason: reason.into(),
+        }
+    }
+
+    /// The same error for another operation (the connection layer knows no topic; the caller
+    /// adds it).
+    pub(crate) fn with_context(mut self, new: &Context) -> Self {
+        match &mut self {
+            Self::Io { context, .. }
+            | Self::TimedOut { context, .. }
+            | Self::Broker { context, .. }
+            | Self::Protocol { context, .. }
+            | Self::InvalidInput { context, .. }
+            | Self::Closed { context, .. } => *context = new.clone(),
+            Self::Config { .. } => {}
+        }
+        self
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_the_operation_topic_partition_and_code() {
+        let e = Error::Broker {
+            context: Context::new("produce").topic("orders").partition(3),
+            code: ErrorCode::TOPIC_NOT_FOUND,
+            message: "topic orders does not exist".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "produce on topic \"orders\" partition 3: the broker answered TopicNotFound (8): \
+             topic orders does not exist"
+        );
+        assert!(!e.is_retriable());
+        assert_eq!(e.code(), Some(ErrorCode::TOPIC_NOT_FOUND));
+    }
+
+    #[test]
+    fn io_errors_chain_their_source_and_are_retriable() {
+        use std::error::Error as _;
+        let e = Error::io(
+            Context::new("fetch").topic("t"),
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"),
+        );
+        assert!(e.is_retriable());
+        assert_eq!(e.source().map(|s| s.to_string()).as_deref(), Some("reset"));
+        assert_eq!(e.to_string(), "fetch on topic \"t\": I/O error: reset");
+    }
+
+    #[test]
+    fn retriable_broker_codes() {
+        let mk = |c| Error::Broker {
+            context: Context::new("produce"),
+            code: ErrorCode(c),
+            message: String::new(),
+        };
+        let retriable: Vec<u16> = (0..50).filter(|&c| mk(c).is_retriable()).collect();
+        assert_eq!(retriable, vec![6, 7, 10, 15]);
+        assert_eq!(
+            mk(15).to_string(),
+            "produce: the broker answered NotLeader (15): "
+        );
+    }
+}

@@ -1,0 +1,968 @@
+//! [`Producer`]: batching per partition, linger, retries.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use streambus_core::{Encode, Header, Headers, Message};
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
+
+use crate::client::{Client, mismatch, validate_topic};
+use crate::conn::{Callback, Reply, Req};
+use crate::error::{Context, Error, ErrorCode, Result};
+use crate::partition::partition_for_key;
+use crate::types::{Record, RecordMetadata};
+
+/// What [`Producer::send`] does when the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BufferFull {
+    /// Wait for room up to this long, then fail with [`Error::TimedOut`].
+    Block(Duration),
+    /// Fail at once with [`Error::InvalidInput`] ("buffer full"), which is not retriable
+    /// by itself: slow down and send again.
+    FailFast,
+}
+
+/// Settings of a [`Producer`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProducerConfig {
+    /// How long a batch waits for more records before it is sent (default 5 ms). A batch
+    /// that fills up goes at once.
+    pub linger: Duration,
+    /// Record bytes per batch at most (default 1 MiB; the maximum frame caps it too).
+    pub batch_max_bytes: usize,
+    /// Records per batch at most (default 10 000).
+    pub batch_max_records: u32,
+    /// Record bytes buffered (batching, in flight or retrying) at most (default 32 MiB).
+    pub buffer_max_bytes: usize,
+    /// What `send` does when the buffer is full (default: block up to 60 s).
+    pub buffer_full: BufferFull,
+    /// From `send` to the record's acknowledgement or failure, retries included (default
+    /// 2 min).
+    pub delivery_timeout: Duration,
+    /// Attempts after the first for a batch that failed with a retriable error (default 10).
+    pub retries: usize,
+    /// First retry delay (default 100 ms); doubles up to 2 s, with jitter.
+    pub retry_backoff: Duration,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        Self {
+            linger: Duration::from_millis(5),
+            batch_max_bytes: 1 << 20,
+            batch_max_records: 10_000,
+            buffer_max_bytes: 32 << 20,
+            buffer_full: BufferFull::Block(Duration::from_secs(60)),
+            delivery_timeout: Duration::from_secs(120),
+            retries: 10,
+            retry_backoff: Duration::from_millis(100),
+        }
+    }
+}
+
+impl ProducerConfig {
+    /// Sets [`linger`](Self::linger).
+    pub fn linger(mut self, d: Duration) -> Self {
+        self.linger = d;
+        self
+    }
+    /// Sets [`batch_max_bytes`](Self::batch_max_bytes).
+    pub fn batch_max_bytes(mut self, n: usize) -> Self {
+        self.batch_max_bytes = n;
+        self
+    }
+    /// Sets [`batch_max_records`](Self::batch_max_records).
+    pub fn batch_max_records(mut self, n: u32) -> Self {
+        self.batch_max_records = n;
+        self
+    }
+    /// Sets [`buffer_max_bytes`](Self::buffer_max_bytes).
+    pub fn buffer_max_bytes(mut self, n: usize) -> Self {
+        self.buffer_max_bytes = n;
+        self
+    }
+    /// Sets [`buffer_full`](Self::buffer_full).
+    pub fn buffer_full(mut self, b: BufferFull) -> Self {
+        self.buffer_full = b;
+        self
+    }
+    /// Sets [`delivery_timeout`](Self::delivery_timeout).
+    pub fn delivery_timeout(mut self, d: Duration) -> Self {
+        self.delivery_timeout = d;
+        self
+    }
+    /// Sets [`retries`](Self::retries).
+    pub fn retries(mut self, n: usize) -> Self {
+        self.retries = n;
+        self
+    }
+    /// Sets [`retry_backoff`](Self::retry_backoff).
+    pub fn retry_backoff(mut self, d: Duration) -> Self {
+        self.retry_backoff = d;
+        self
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.batch_max_bytes == 0 || self.batch_max_records == 0 {
+            return Err(Error::config(
+                "batch_max_bytes",
+                "batches must hold a record",
+            ));
+        }
+        if self.buffer_max_bytes < self.batch_max_bytes {
+            return Err(Error::config(
+                "buffer_max_bytes",
+                "must be at least batch_max_bytes",
+            ));
+        }
+        if self.delivery_timeout.is_zero() {
+            return Err(Error::config(
+                "delivery_timeout",
+                "must be greater than zero",
+            ));
+        }
+        if matches!(self.buffer_full, BufferFull::Block(d) if d.is_zero()) {
+            return Err(Error::config(
+                "buffer_full",
+                "a zero block timeout: use BufferFull::FailFast",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of one record: resolves to where it landed, or its error. Dropping it does not
+/// cancel the record (its failure is still reported by [`Producer::close`]).
+///
+/// Every record of a batch shares one outcome (no allocation per record).
+#[derive(Debug)]
+#[must_use = "a Delivery reports the record's error; await it or keep the producer's close() report"]
+pub struct Delivery {
+    outcome: Arc<Outcome>,
+    /// The record's index in its batch.
+    index: u32,
+    topic: Arc<str>,
+    partition: u32,
+}
+
+/// A batch's result (its base offset, or its error), set once, awaited by its records.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// Set once; read without a lock.
+    result: OnceLock<Result<i64>>,
+    /// Tasks waiting for it.
+    wakers: Mutex<Vec<Waker>>,
+    /// Threads waiting for it ([`Delivery::wait`]).
+    done: Condvar,
+}
+
+impl Outcome {
+    fn wakers(&self) -> MutexGuard<'_, Vec<Waker>> {
+        self.wakers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets the result (the first one wins) and wakes every waiter. The result is published
+    /// before the waiters' lock is taken, and waiters check it again under that lock, so
+    /// none is missed.
+    fn set(&self, result: Result<i64>) {
+        if self.result.set(result).is_err() {
+            return;
+        }
+        let wakers = std::mem::take(&mut *self.wakers());
+        self.done.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+}
+
+impl Delivery {
+    fn resolve(&self, result: &Result<i64>) -> Result<RecordMetadata> {
+        match result {
+            Ok(base) => Ok(RecordMetadata {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                offset: base + i64::from(self.index),
+            }),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
+    /// Blocks the thread until the outcome is known (not inside an async runtime).
+    pub fn wait(self) -> Result<RecordMetadata> {
+        let mut guard = self.outcome.wakers();
+        loop {
+            if let Some(r) = self.outcome.result.get() {
+                return self.resolve(r);
+            }
+            guard = self
+                .outcome
+                .done
+                .wait(guard)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+impl Future for Delivery {
+    type Output = Result<RecordMetadata>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        if let Some(r) = self.outcome.result.get() {
+            return Poll::Ready(self.resolve(r));
+        }
+        let mut wakers = self.outcome.wakers();
+        if let Some(r) = self.outcome.result.get() {
+            return Poll::Ready(self.resolve(r));
+        }
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+type Key = (Arc<str>, u32);
+
+/// FxHash (rustc's hasher) for the producer's maps: keys are topic names the application
+/// chose, not peer input, so a fast non-keyed hash is fine (SipHash cost ~5% of a send).
+#[derive(Debug, Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.add(u64::from_le_bytes(w));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            if let Some(dst) = w.get_mut(..rest.len()) {
+                dst.copy_from_slice(rest);
+            }
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxBuild = BuildHasherDefault<FxHasher>;
+
+#[derive(Debug)]
+struct Batch {
+    records: Vec<u8>,
+    count: u32,
+    outcome: Arc<Outcome>,
+    /// When the batch opened (linger counts from here).
+    opened: Instant,
+    /// The delivery deadline of its first record.
+    deadline: Instant,
+    /// A caller awaits a record of it: no linger.
+    urgent: bool,
+}
+
+impl Drop for Batch {
+    /// A batch dropped unanswered (its runtime shut down) fails its records rather than
+    /// leave them waiting.
+    fn drop(&mut self) {
+        self.outcome.set(Err(Error::Closed {
+            context: Context::new("produce"),
+            what: "producer",
+        }));
+    }
+}
+
+#[derive(Debug, Default)]
+struct PartitionQueue {
+    open: Option<Batch>,
+    sealed: VecDeque<Batch>,
+    /// The batch being sent, with its records (shared with the request).
+    flight: Option<Flight>,
+}
+
+#[derive(Debug)]
+struct Flight {
+    batch: Batch,
+    records: Arc<Vec<u8>>,
+}
+
+impl PartitionQueue {
+    fn in_flight(&self) -> bool {
+        self.flight.is_some()
+    }
+}
+
+#[derive(Debug)]
+struct TopicState {
+    /// The validated name, shared by every record of the topic.
+    name: Arc<str>,
+    partitions: u32,
+    /// The round-robin cursor for keyless records.
+    next: u32,
+    /// When the partition count was read.
+    read_at: Instant,
+}
+
+/// How long a topic's partition count is trusted before it is read again.
+const TOPIC_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Broker codes after which the topic's partition count is read again.
+fn stale_topic(e: &Error) -> bool {
+    matches!(
+        e.code(),
+        Some(ErrorCode::PARTITION_NOT_FOUND | ErrorCode::TOPIC_NOT_FOUND)
+    ) || e.code() == Some(ErrorCode(15))
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Partition count per topic and the round-robin cursor.
+    topics: HashMap<Arc<str>, TopicState, FxBuild>,
+    queues: HashMap<Key, PartitionQueue, FxBuild>,
+    failures: Vec<Error>,
+    /// Batch buffers to reuse (their pages are already mapped).
+    spare: Vec<Vec<u8>>,
+    /// Flushes in progress: linger is zero meanwhile.
+    flushing: usize,
+}
+
+#[derive(Debug)]
+struct Inner {
+    client: Client,
+    config: ProducerConfig,
+    state: Mutex<State>,
+    buffer: Semaphore,
+    outstanding: AtomicUsize,
+    idle: Notify,
+    wake_linger: Notify,
+    closed: AtomicBool,
+}
+
+/// A batching producer. Cheap to clone; clones share batches and buffer.
+///
+/// Records are grouped per topic-partition into batches, sent when a batch is full or its
+/// [`linger`](ProducerConfig::linger) has passed, one batch in flight per partition so
+/// records keep their order. Partitions: the record's explicit one, else the key hash
+/// ([`partition_for_key`]), else round robin; partition counts come from the topic list
+/// (a topic that does not exist yet counts as one partition, which is what the broker's
+/// auto-create makes) and are read again after `PartitionNotFound`, `TopicNotFound` or
+/// `NotLeader`, and at least every minute. (The broker has no Metadata request yet; the
+/// topic list is the single-broker stand-in.)
+///
+/// **Delivery is at-least-once.** A batch that fails with a retriable error (see
+/// [`Error::is_retriable`]) is sent again with exponential backoff and jitter, up to
+/// [`retries`](ProducerConfig::retries) times and within the
+/// [`delivery_timeout`](ProducerConfig::delivery_timeout). If the broker appended a batch
+/// but its answer was lost, the retry appends it again: duplicates are possible until
+/// idempotent produce (protocol §6.2) is used by this producer.
+///
+/// ```no_run
+/// # async fn demo(client: streambus_client::Client) -> Result<(), streambus_client::Error> {
+/// use streambus_client::{Producer, Record};
+/// let producer = Producer::new(&client);
+/// // One record, awaited:
+/// let at = producer.send(Record::new("orders", "a")).await?;
+/// // Many records, batched, awaited together:
+/// let mut pending = Vec::new();
+/// for i in 0..1000 {
+///     pending.push(producer.enqueue(Record::new("orders", format!("{i}"))).await?);
+/// }
+/// for d in pending {
+///     d.await?;
+/// }
+/// producer.close().await.map_err(|mut errors| errors.remove(0))?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Producer {
+    inner: Arc<Inner>,
+    _last: Arc<LastHandle>,
+}
+
+/// Dropped with the last [`Producer`] handle: sends whatever is still batched, so dropping a
+/// producer without [`close`](Producer::close) loses no record that was taken (their
+/// [`Delivery`]s still resolve).
+#[derive(Debug)]
+struct LastHandle(Arc<Inner>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        seal_due(&self.0, &mut st, Instant::now(), true);
+    }
+}
+
+impl Producer {
+    /// A producer with the default settings.
+    pub fn new(client: &Client) -> Self {
+        match Self::with_config(client, ProducerConfig::default()) {
+            Ok(p) => p,
+            // The defaults are valid; keep a producer that reports the error on use anyway.
+            Err(_) => Self::build(client, ProducerConfig::default()),
+        }
+    }
+
+    /// A producer with `config`; invalid settings are [`Error::Config`].
+    pub fn with_config(client: &Client, config: ProducerConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self::build(client, config))
+    }
+
+    fn build(client: &Client, config: ProducerConfig) -> Self {
+        let inner = Arc::new(Inner {
+            client: client.clone(),
+            buffer: Semaphore::new(config.buffer_max_bytes),
+            config,
+            state: Mutex::new(State::default()),
+            outstanding: AtomicUsize::new(0),
+            idle: Notify::new(),
+            wake_linger: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
+        client
+            .inner
+            .pool
+            .runtime()
+            .spawn(linger_task(Arc::downgrade(&inner)));
+        Self {
+            _last: Arc::new(LastHandle(inner.clone())),
+            inner,
+        }
+    }
+
+    /// Sends `record` and waits for its acknowledgement: where it landed, or why it failed.
+    /// To have many records in flight (and batched), use [`enqueue`](Self::enqueue).
+    ///
+    /// The record's batch does not linger (the caller is waiting): it goes as soon as its
+    /// partition has no batch in flight, with whatever other records joined it.
+    pub async fn send(&self, record: Record) -> Result<RecordMetadata> {
+        self.take(record, true).await?.await
+    }
+
+    /// Adds `record` to its partition's batch and returns at once with a [`Delivery`] to
+    /// await. Waits only when the buffer is full (per [`BufferFull`]). Errors here mean the
+    /// record was not taken: invalid topic or partition, a record larger than the maximum
+    /// frame, a full buffer, or a closed producer.
+    pub async fn enqueue(&self, record: Record) -> Result<Delivery> {
+        self.take(record, false).await
+    }
+
+    async fn take(&self, record: Record, urgent: bool) -> Result<Delivery> {
+        let inner = &self.inner;
+        let ctx = || Context::new("produce").topic(record.topic.as_str());
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed {
+                context: ctx(),
+                what: "producer",
+            });
+        }
+        let (topic, partition) = self.partition_of(&record).await?;
+        let ctx = || {
+            Context::new("produce")
+                .topic(topic.clone())
+                .partition(partition)
+        };
+        let headers: Vec<Header<'_>> = record
+            .headers
+            .iter()
+            .map(|(k, v)| Header { key: k, value: v })
+            .collect();
+        let message = Message {
+            offset: 0,
+            timestamp: record.timestamp.unwrap_or(0),
+            key: record.key.as_deref().unwrap_or_default(),
+            value: &record.value,
+            headers: Headers::from_slice(&headers),
+        };
+        let size = message.encoded_len();
+        let limit = self.batch_limit(&topic);
+        if size > limit {
+            return Err(Error::invalid(
+                ctx(),
+                format!("a record of {size} bytes exceeds the {limit}-byte limit of one batch"),
+            ));
+        }
+        let permits = u32::try_from(size).unwrap_or(u32::MAX);
+        match (
+            inner.buffer.try_acquire_many(permits),
+            inner.config.buffer_full,
+        ) {
+            (Ok(permit), _) => permit.forget(),
+            (Err(_), BufferFull::FailFast) => {
+                return Err(Error::invalid(ctx(), "the producer's buffer is full"));
+            }
+            (Err(_), BufferFull::Block(d)) => {
+                // Boxed: a rare path, kept out of `enqueue`'s future.
+                Box::pin(tokio::time::timeout(d, inner.buffer.acquire_many(permits)))
+                    .await
+                    .map_err(|_| Error::TimedOut {
+                        context: ctx(),
+                        waiting: "waiting for room in the producer's buffer",
+                        after: d,
+                    })?
+                    .map_err(|_| Error::Closed {
+                        context: ctx(),
+                        what: "producer",
+                    })?
+                    .forget();
+            }
+        }
+        let mut ship = false;
+        let delivery;
+        {
+            let mut st = inner.lock();
+            let key = (topic.clone(), partition);
+            let State { queues, spare, .. } = &mut *st;
+            let q = queues.entry(key.clone()).or_default();
+            let fits = q.open.as_ref().is_some_and(|b| {
+                b.records.len() + size <= limit && b.count < inner.config.batch_max_records
+            });
+            if !fits && let Some(full) = q.open.take() {
+                q.sealed.push_back(full);
+            }
+            let new_batch = q.open.is_none();
+            let batch = q.open.get_or_insert_with(|| {
+                let mut records = spare.pop().unwrap_or_default();
+                records.clear();
+                let now = Instant::now();
+                Batch {
+                    records,
+                    count: 0,
+                    outcome: Arc::default(),
+                    opened: now,
+                    deadline: now + inner.config.delivery_timeout,
+                    urgent: false,
+                }
+            });
+            batch.urgent |= urgent;
+            let at = batch.records.len();
+            batch.records.resize(at + size, 0);
+            let encoded = batch.records.get_mut(at..).map(|buf| message.encode(buf));
+            if !matches!(encoded, Some(Ok(n)) if n == size) {
+                batch.records.truncate(at);
+                drop(st);
+                inner.buffer.add_permits(size);
+                return Err(Error::invalid(ctx(), "the record can't be encoded"));
+            }
+            delivery = Delivery {
+                outcome: batch.outcome.clone(),
+                index: batch.count,
+                topic,
+                partition,
+            };
+            batch.count += 1;
+            let full = batch.records.len() >= limit
+                || batch.count >= inner.config.batch_max_records
+                || (batch.urgent && !q.in_flight());
+            if full && let Some(full) = q.open.take() {
+                q.sealed.push_back(full);
+            }
+            if !q.sealed.is_empty() && !q.in_flight() {
+                ship = true;
+            }
+            inner.outstanding.fetch_add(1, Ordering::AcqRel);
+            if ship {
+                ship_next(inner, &mut st, &key);
+            } else if new_batch {
+                drop(st);
+                inner.wake_linger.notify_one();
+            }
+        }
+        Ok(delivery)
+    }
+
+    /// Record bytes one batch may hold for `topic`: the configured size, within what one
+    /// Produce frame can carry.
+    fn batch_limit(&self, topic: &str) -> usize {
+        // Request header (4 + 16) + topic (4 + name) + partition and count (8) + slack.
+        let frame = self.inner.client.config().max_frame_len as usize;
+        let room = frame.saturating_sub(64 + topic.len());
+        self.inner.config.batch_max_bytes.min(room)
+    }
+
+    /// The record's validated topic and partition: from the cache (one lock, no allocation)
+    /// or, the first time, from the broker's topic list.
+    async fn partition_of(&self, record: &Record) -> Result<(Arc<str>, u32)> {
+        let known = {
+            let mut st = self.inner.lock();
+            st.topics
+                .get_mut(record.topic.as_str())
+                .map(|t| pick(t, record))
+        };
+        let picked = match known {
+            Some(k) => k,
+            // The first record of a topic: its own (boxed) future keeps `enqueue`'s small.
+            None => Box::pin(self.read_topic(record)).await?,
+        };
+        match picked {
+            (name, _, Some(p)) => Ok((name, p)),
+            (_, count, None) => {
+                let p = record.partition.unwrap_or_default();
+                Err(Error::invalid(
+                    Context::new("produce")
+                        .topic(record.topic.as_str())
+                        .partition(p),
+                    format!("partition {p} is out of range: the topic has {count}"),
+                ))
+            }
+        }
+    }
+
+    /// Reads the partition count of the record's topic from the broker and caches it.
+    async fn read_topic(&self, record: &Record) -> Result<(Arc<str>, u32, Option<u32>)> {
+        let ctx = || Context::new("produce").topic(record.topic.as_str());
+        let name = validate_topic(&record.topic, &ctx())?;
+        let count = self
+            .inner
+            .client
+            .partition_count(&name)
+            .await
+            .map_err(|e| e.with_context(&ctx()))?
+            // Auto-create makes one partition.
+            .unwrap_or(1);
+        let mut st = self.inner.lock();
+        let t = st.topics.entry(name.clone()).or_insert_with(|| TopicState {
+            name,
+            partitions: count,
+            next: 0,
+            read_at: Instant::now(),
+        });
+        Ok(pick(t, record))
+    }
+
+    /// Sends every buffered record now (no linger) and waits until none is outstanding:
+    /// each is acknowledged or failed (records sent meanwhile are waited for too).
+    pub async fn flush(&self) {
+        let inner = &self.inner;
+        {
+            let mut st = inner.lock();
+            st.flushing += 1;
+            seal_due(inner, &mut st, Instant::now(), true);
+        }
+        loop {
+            let idle = inner.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if inner.outstanding.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            {
+                // Batches opened since: send them too.
+                let mut st = inner.lock();
+                seal_due(inner, &mut st, Instant::now(), true);
+            }
+            idle.await;
+        }
+        inner.lock().flushing -= 1;
+    }
+
+    /// Refuses new records, flushes, and returns every failure since the producer started
+    /// (or since the last `close`), one error per failed record, whether or not its
+    /// [`Delivery`] was awaited. (They are kept until then: a producer that runs for long
+    /// against a dead broker without ever closing holds one error per failed record.)
+    pub async fn close(&self) -> std::result::Result<(), Vec<Error>> {
+        self.inner.closed.store(true, Ordering::Release);
+        self.flush().await;
+        let failures = std::mem::take(&mut self.inner.lock().failures);
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures)
+        }
+    }
+
+    /// Records buffered or in flight, not yet acknowledged or failed.
+    pub fn outstanding(&self) -> usize {
+        self.inner.outstanding.load(Ordering::Acquire)
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The partition of `record` in `t` (`None`: its explicit partition is out of range), with
+/// the topic's name and partition count.
+fn pick(t: &mut TopicState, record: &Record) -> (Arc<str>, u32, Option<u32>) {
+    let count = t.partitions.max(1);
+    let p = match (record.partition, record.key.as_deref()) {
+        (Some(p), _) => (p < count).then_some(p),
+        (None, Some(k)) if !k.is_empty() => Some(partition_for_key(k, count)),
+        (None, _) => {
+            let p = t.next % count;
+            t.next = t.next.wrapping_add(1);
+            Some(p)
+        }
+    };
+    (t.name.clone(), count, p)
+}
+
+/// Seals open batches whose linger passed (all of them with `all`) and ships where possible.
+fn seal_due(inner: &Arc<Inner>, st: &mut State, now: Instant, all: bool) -> Option<Instant> {
+    let linger = inner.config.linger;
+    let mut next: Option<Instant> = None;
+    let mut ready = Vec::new();
+    for (key, q) in st.queues.iter_mut() {
+        if let Some(b) = &q.open {
+            let due = b.opened + linger;
+            if all || b.urgent || due <= now {
+                if let Some(b) = q.open.take() {
+                    q.sealed.push_back(b);
+                }
+            } else {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        if !q.in_flight() && !q.sealed.is_empty() {
+            ready.push(key.clone());
+        }
+    }
+    for key in ready {
+        ship_next(inner, st, &key);
+    }
+    next
+}
+
+/// Sends the partition's next sealed batch, if it has none in flight: straight onto a
+/// connection with room when there is one (its answer comes back by callback, without a task
+/// of its own), else through a task that waits for a connection.
+fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
+    let Some(q) = st.queues.get_mut(key) else {
+        return;
+    };
+    if q.in_flight() {
+        return;
+    }
+    let Some(mut batch) = q.sealed.pop_front() else {
+        return;
+    };
+    let records = Arc::new(std::mem::take(&mut batch.records));
+    let remaining = batch.deadline.saturating_duration_since(Instant::now());
+    let count = batch.count;
+    q.flight = Some(Flight {
+        batch,
+        records: records.clone(),
+    });
+    let timeout = inner.client.config().request_timeout.min(remaining);
+    if !timeout.is_zero() {
+        let req = Req::Produce {
+            topic: key.0.clone(),
+            partition: key.1,
+            count,
+            records,
+        };
+        let (inner2, key2) = (inner.clone(), key.clone());
+        let callback: Callback = Box::new(move |r| first_answer(inner2, key2, r));
+        if inner.client.try_send(req, timeout, callback).is_ok() {
+            return;
+        }
+    }
+    let inner2 = inner.clone();
+    let key = key.clone();
+    inner
+        .client
+        .inner
+        .pool
+        .runtime()
+        .spawn(async move { send_batch(inner2, key, None).await });
+}
+
+fn produce_context(key: &Key) -> Context {
+    Context::new("produce")
+        .topic(key.0.clone())
+        .partition(key.1)
+}
+
+/// The answer to a batch's first attempt, sent by [`ship_next`].
+fn first_answer(inner: Arc<Inner>, key: Key, r: Result<Reply>) {
+    let ctx = produce_context(&key);
+    match r {
+        Ok(Reply::Produce { base_offset }) => finish(&inner, &key, Ok(base_offset)),
+        Ok(other) => finish(&inner, &key, Err(mismatch(ctx, &other))),
+        Err(e) => {
+            let e = e.with_context(&ctx);
+            if stale_topic(&e) {
+                inner.lock().topics.remove(&key.0);
+            }
+            if e.is_retriable() && inner.config.retries > 0 {
+                let runtime = inner.client.inner.pool.runtime().clone();
+                runtime.spawn(async move { send_batch(inner, key, Some(e)).await });
+            } else {
+                finish(&inner, &key, Err(e));
+            }
+        }
+    }
+}
+
+/// Sends the partition's batch in flight (retrying after `failed`, its first attempt's
+/// error, when given) and finishes it.
+async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
+    let ctx = produce_context(&key);
+    let Some((records, count, deadline)) = inner.lock().queues.get(&key).and_then(|q| {
+        q.flight
+            .as_ref()
+            .map(|f| (f.records.clone(), f.batch.count, f.batch.deadline))
+    }) else {
+        return;
+    };
+    let config = &inner.config;
+    let mut backoff = ExponentialBuilder::default()
+        .with_min_delay(config.retry_backoff)
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .with_max_times(config.retries)
+        .build();
+    let request_timeout = inner.client.config().request_timeout;
+    let mut last = failed;
+    let result = loop {
+        if let Some(e) = last.take() {
+            match backoff.next() {
+                Some(d) if Instant::now() + d < deadline => {
+                    tracing::debug!(error = %e, ?d, "produce failed; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                _ => break Err(e),
+            }
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break Err(Error::TimedOut {
+                context: ctx.clone(),
+                waiting: "waiting for delivery",
+                after: config.delivery_timeout,
+            });
+        }
+        let req = Req::Produce {
+            topic: key.0.clone(),
+            partition: key.1,
+            count,
+            records: records.clone(),
+        };
+        let attempt = inner
+            .client
+            .call(req, &ctx, request_timeout.min(remaining))
+            .await;
+        let e = match attempt {
+            Ok(Reply::Produce { base_offset }) => break Ok(base_offset),
+            Ok(other) => break Err(mismatch(ctx.clone(), &other)),
+            Err(e) => e,
+        };
+        if stale_topic(&e) {
+            inner.lock().topics.remove(&key.0);
+        }
+        if !e.is_retriable() {
+            break Err(e);
+        }
+        last = Some(e);
+    };
+    drop(records);
+    finish(&inner, &key, result);
+}
+
+/// Ends the partition's batch in flight with `result`, then sends the next one.
+fn finish(inner: &Arc<Inner>, key: &Key, result: Result<i64>) {
+    let mut guard = inner.lock();
+    let st = &mut *guard;
+    let flushing = st.flushing > 0;
+    let now = Instant::now();
+    let Some(q) = st.queues.get_mut(key) else {
+        return;
+    };
+    let Some(Flight { batch, records }) = q.flight.take() else {
+        return;
+    };
+    if q.sealed.is_empty()
+        && q.open
+            .as_ref()
+            .is_some_and(|b| flushing || b.urgent || b.opened + inner.config.linger <= now)
+        && let Some(b) = q.open.take()
+    {
+        q.sealed.push_back(b);
+    }
+    let count = batch.count;
+    if let Err(e) = &result {
+        tracing::debug!(error = %e, count, "batch failed");
+        st.failures
+            .extend(std::iter::repeat_n(e.clone(), count as usize));
+    }
+    let bytes = records.len();
+    if let Ok(mut buf) = Arc::try_unwrap(records)
+        && st.spare.len() < 4
+    {
+        buf.clear();
+        st.spare.push(buf);
+    }
+    batch.outcome.set(result);
+    inner.buffer.add_permits(bytes);
+    ship_next(inner, st, key);
+    drop(guard);
+    inner
+        .outstanding
+        .fetch_sub(count as usize, Ordering::AcqRel);
+    inner.idle.notify_waiters();
+}
+
+/// Seals batches whose linger passed; sleeps until the next one is due or a batch opens.
+async fn linger_task(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let wake = strong.wake_linger.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        let next = {
+            let mut st = strong.lock();
+            let all = st.flushing > 0;
+            let now = Instant::now();
+            st.topics.retain(|_, t| now < t.read_at + TOPIC_MAX_AGE);
+            seal_due(&strong, &mut st, now, all)
+        };
+        let idle_check = Duration::from_millis(500);
+        let sleep_until = next.unwrap_or_else(|| Instant::now() + idle_check);
+        tokio::select! {
+            () = &mut wake => {}
+            () = tokio::time::sleep_until(sleep_until) => {}
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The async API for any executor — smol, async-std, futures' — without a tokio runtime of
+//! your own (feature `smol`).
+//!
+//! The client's connection tasks and timers run on a private two-thread tokio runtime owned
+//! by the [`Client`]; each call is spawned there and awaited through its join handle, which
+//! any executor can poll. [`Delivery`] is executor-independent already. A call costs one
+//! extra task hop compared with [`crate::Client`] on tokio.
+//!
+//! ```no_run
+//! use streambus_client::smol::{Client, Producer};
+//! use streambus_client::Record;
+//!
+//! # fn demo() -> Result<(), streambus_client::Error> {
+//! smol::block_on(async {
+//!     let client = Client::connect("127.0.0.1:9092").await?;
+//!     let producer = Producer::new(&client);
+//!     let at = producer.send(Record::new("orders", "hello")).await?;
+//!     println!("stored at {}/{}", at.partition, at.offset);
+//!     Ok(())
+//! })
+//! # }
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Context, Error, Result};
+use crate::types::{ConsumerRecord, Health, PartitionOffsets, Record, RecordMetadata, TopicInfo};
+use crate::{ClientBuilder, ConsumerConfig, Delivery, Offset, ProducerConfig};
+
+/// Runs `fut` on the client's runtime and awaits it from the caller's executor.
+async fn on<T: Send + 'static>(
+    rt: &crate::blocking::Runtime,
+    fut: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    rt.spawn(fut).await.unwrap_or_else(|e| {
+        Err(Error::Closed {
+            context: Context::new(if e.is_panic() {
+                "panicked call"
+            } else {
+                "call"
+            }),
+            what: "client runtime",
+        })
+    })
+}
+
+/// An async [`crate::Client`] for any executor.
+#[derive(Debug, Clone)]
+pub struct Client {
+    rt: Arc<crate::blocking::Runtime>,
+    inner: crate::Client,
+}
+
+impl Client {
+    /// Connects with the default settings.
+    pub async fn connect(addr: impl Into<String>) -> Result<Self> {
+        Self::connect_with(crate::Client::builder(), addr).await
+    }
+
+    /// Connects with the builder's settings.
+    pub async fn connect_with(builder: ClientBuilder, addr: impl Into<String>) -> Result<Self> {
+        let rt = crate::blocking::runtime()?;
+        let addr = addr.into();
+        let inner = on(&rt, builder.connect(addr)).await?;
+        Ok(Self { rt, inner })
+    }
+
+    /// See [`crate::Client::create_topic`].
+    pub async fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool> {
+        let (c, t) = (self.inner.clone(), topic.to_owned());
+        on(
+            &self.rt,
+            async move { c.create_topic(&t, partitions).await },
+        )
+        .await
+    }
+    /// See [`crate::Client::delete_topic`].
+    pub async fn delete_topic(&self, topic: &str) -> Result<()> {
+        let (c, t) = (self.inner.clone(), topic.to_owned());
+        on(&self.rt, async move { c.delete_topic(&t).await }).await
+    }
+    /// See [`crate::Client::list_topics`].
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
+        let c = self.inner.clone();
+        on(&self.rt, async move { c.list_topics().await }).await
+    }
+    /// See [`crate::Client::offsets`].
+    pub async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets> {
+        let (c, t) = (self.inner.clone(), topic.to_owned());
+        on(&self.rt, async move { c.offsets(&t, partition).await }).await
+    }
+    /// See [`crate::Client::describe_topic`].
+    pub async fn describe_topic(&self, topic: &str) -> Result<Vec<PartitionOffsets>> {
+        let (c, t) = (self.inner.clone(), topic.to_owned());
+        on(&self.rt, async move { c.describe_topic(&t).await }).await
+    }
+    /// See [`crate::Client::health`].
+    pub async fn health(&self) -> Result<Health> {
+        let c = self.inner.clone();
+        on(&self.rt, async move { c.health().await }).await
+    }
+}
+
+/// An async [`crate::Producer`] for any executor.
+#[derive(Debug, Clone)]
+pub struct Producer {
+    rt: Arc<crate::blocking::Runtime>,
+    inner: crate::Producer,
+}
+
+impl Producer {
+    /// A producer with the default settings.
+    pub fn new(client: &Client) -> Self {
+        Self {
+            rt: client.rt.clone(),
+            inner: crate::Producer::new(&client.inner),
+        }
+    }
+
+    /// A producer with `config`.
+    pub fn with_config(client: &Client, config: ProducerConfig) -> Result<Self> {
+        Ok(Self {
+            rt: client.rt.clone(),
+            inner: crate::Producer::with_config(&client.inner, config)?,
+        })
+    }
+
+    /// See [`crate::Producer::send`].
+    pub async fn send(&self, record: Record) -> Result<RecordMetadata> {
+        let p = self.inner.clone();
+        on(&self.rt, async move { p.send(record).await }).await
+    }
+
+    /// See [`crate::Producer::enqueue`]; the [`Delivery`] can be awaited on any executor.
+    pub async fn enqueue(&self, record: Record) -> Result<Delivery> {
+        let p = self.inner.clone();
+        on(&self.rt, async move { p.enqueue(record).await }).await
+    }
+
+    /// See [`crate::Producer::flush`].
+    pub async fn flush(&self) {
+        let p = self.inner.clone();
+        let _ = on(&self.rt, async move {
+            p.flush().await;
+            Ok(())
+        })
+        .await;
+    }
+
+    /// See [`crate::Producer::close`].
+    pub async fn close(&self) -> std::result::Result<(), Vec<Error>> {
+        let p = self.inner.clone();
+        match self.rt.spawn(async move { p.close().await }).await {
+            Ok(r) => r,
+            Err(_) => Err(vec![Error::Closed {
+                context: Context::new("close"),
+                what: "client runtime",
+            }]),
+        }
+    }
+}
+
+/// An async [`crate::Consumer`] for any executor. Cancelling a `poll` (dropping its future)
+/// may drop the records it fetched: the position has moved past them.
+#[derive(Debug)]
+pub struct Consumer {
+    rt: Arc<crate::blocking::Runtime>,
+    inner: Arc<tokio::sync::Mutex<crate::Consumer>>,
+}
+
+impl Consumer {
+    /// A consumer with the default settings.
+    pub fn new(client: &Client) -> Self {
+        Self {
+            rt: client.rt.clone(),
+            inner: Arc::new(tokio::sync::Mutex::new(crate::Consumer::new(&client.inner))),
+        }
+    }
+
+    /// A consumer with `config`.
+    pub fn with_config(client: &Client, config: ConsumerConfig) -> Result<Self> {
+        Ok(Self {
+            rt: client.rt.clone(),
+            inner: Arc::new(tokio::sync::Mutex::new(crate::Consumer::with_config(
+                &client.inner,
+                config,
+            )?)),
+        })
+    }
+
+    /// See [`crate::Consumer::assign`].
+    pub async fn assign(&mut self, topic: &str, partition: u32, from: Offset) -> Result<()> {
+        let (c, t) = (self.inner.clone(), topic.to_owned());
+        on(&self.rt, async move {
+            c.lock().await.assign(&t, partition, from).await
+        })
+        .await
+    }
+    /// See [`crate::Consumer::seek`].
+    pub async fn seek(&mut self, topic: &str, partition: u32, to: Offset) -> Result<()> {
+        let (c, t) = (self.inner.clone(), topic.to_owned());
+        on(&self.rt, async move {
+            c.lock().await.seek(&t, partition, to).await
+        })
+        .await
+    }
+    /// See [`crate::Consumer::position`].
+    pub async fn position(&self, topic: &str, partition: u32) -> Option<i64> {
+        let (c, t) = (self.inner.clone(), topic.to_owned());
+        on(&self.rt, async move {
+            Ok(c.lock().await.position(&t, partition))
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+    /// See [`crate::Consumer::poll`].
+    pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
+        let c = self.inner.clone();
+        on(&self.rt, async move { c.lock().await.poll(timeout).await }).await
+    }
+    /// See [`crate::Consumer::recv`].
+    pub async fn recv(&mut self) -> Result<ConsumerRecord> {
+        let c = self.inner.clone();
+        on(&self.rt, async move { c.lock().await.recv().await }).await
+    }
+}

@@ -1,0 +1,922 @@
+//! The SDK against the real broker, started in-process on 127.0.0.1:0, and against fake
+//! peers that go silent or hang up.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use streambus_client::{
+    BufferFull, Client, Consumer, ConsumerConfig, Error, ErrorCode, Offset, Producer,
+    ProducerConfig, Record, ResetPolicy, partition_for_key,
+};
+use streambus_server::{Config, FsyncMode, Running, RuntimeKind};
+
+fn config(dir: &std::path::Path, listen: SocketAddr) -> Config {
+    let mut c = Config::default();
+    c.listen = listen;
+    c.data_dir = dir.to_owned();
+    c.metrics_listen = None;
+    c.runtime = RuntimeKind::Tokio;
+    c.fsync = FsyncMode::Never;
+    c
+}
+
+fn broker(dir: &std::path::Path) -> Running {
+    streambus_server::start(config(dir, "127.0.0.1:0".parse().unwrap())).unwrap()
+}
+
+async fn connect(b: &Running) -> Client {
+    Client::connect(b.addr().to_string()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_calls_and_broker_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    assert_eq!(c.health().await.unwrap().status, "healthy");
+    assert!(c.create_topic("orders", 3).await.unwrap());
+    assert!(!c.create_topic("orders", 3).await.unwrap());
+    let e = c.create_topic("orders", 2).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TOPIC_EXISTS), "{e}");
+    assert!(!e.is_retriable());
+    assert!(c.create_topic("aaa", 1).await.unwrap());
+    let names: Vec<(String, u32)> = c
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.name, t.partitions))
+        .collect();
+    assert_eq!(names, vec![("aaa".into(), 1), ("orders".into(), 3)]);
+    let d = c.describe_topic("orders").await.unwrap();
+    assert_eq!(d.len(), 3);
+    assert!(
+        d.iter()
+            .enumerate()
+            .all(|(i, p)| p.partition == i as u32 && p.start == 0 && p.end == 0)
+    );
+    let e = c.offsets("orders", 7).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PARTITION_NOT_FOUND), "{e}");
+    assert!(
+        e.to_string().starts_with(
+            "get offsets on topic \"orders\" partition 7: the broker answered PartitionNotFound (5)"
+        ),
+        "{e}"
+    );
+    c.delete_topic("aaa").await.unwrap();
+    let e = c.delete_topic("aaa").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TOPIC_NOT_FOUND), "{e}");
+    assert!(matches!(e, Error::Broker { .. }));
+    assert_eq!(c.partition_count("aaa").await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_usage_is_a_clear_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let addr = b.addr().to_string();
+    let e = Client::builder()
+        .request_timeout(Duration::ZERO)
+        .connect(&addr)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Config {
+                setting: "request_timeout",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = Client::builder()
+        .pool_size(0)
+        .connect(&addr)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Config {
+                setting: "pool_size",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = Client::builder()
+        .max_in_flight(1000)
+        .connect(&addr)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Config {
+                setting: "max_in_flight",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    for bad in ["", "localhost", "127.0.0.1:", ":9092", "127.0.0.1:99999"] {
+        let e = Client::connect(bad).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Config {
+                    setting: "addr",
+                    ..
+                }
+            ),
+            "{bad:?}: {e}"
+        );
+    }
+    let c = connect(&b).await;
+    for bad in ["", ".", "..", "a/b", &"x".repeat(250)] {
+        let e = c.create_topic(bad, 1).await.unwrap_err();
+        assert!(matches!(e, Error::InvalidInput { .. }), "{bad:?}: {e}");
+    }
+    let e = c.create_topic("t", 0).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    c.create_topic("t", 2).await.unwrap();
+    let p = Producer::new(&c);
+    let e = p
+        .send(Record::new("t", "v").partition(2))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("partition 2 is out of range: the topic has 2"),
+        "{e}"
+    );
+    let e = p.send(Record::new("", "v")).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    let e = p
+        .send(Record::new("t", vec![0u8; 11 << 20]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    let e = Producer::with_config(
+        &c,
+        ProducerConfig::default().delivery_timeout(Duration::ZERO),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Config { .. }), "{e}");
+    let mut consumer = Consumer::new(&c);
+    let e = consumer.poll(Duration::from_millis(10)).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    let e = consumer.assign("t", 0, Offset::At(-1)).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    let e = consumer.seek("t", 1, Offset::Earliest).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    let e = consumer
+        .assign("missing", 0, Offset::Earliest)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TOPIC_NOT_FOUND), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_returns_consecutive_offsets_and_auto_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    let p = Producer::new(&c);
+    for i in 0..5 {
+        let m = p
+            .send(Record::new("fresh", format!("v{i}")).header("h", "x"))
+            .await
+            .unwrap();
+        assert_eq!((&*m.topic, m.partition, m.offset), ("fresh", 0, i));
+    }
+    let mut consumer = Consumer::new(&c);
+    consumer.assign("fresh", 0, Offset::At(2)).await.unwrap();
+    let got = consumer.poll(Duration::from_secs(5)).await.unwrap();
+    let offsets: Vec<i64> = got.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, vec![2, 3, 4]);
+    assert_eq!(got[0].value(), b"v2");
+    assert_eq!(
+        got[0].headers().collect::<Vec<_>>(),
+        vec![(&b"h"[..], &b"x"[..])]
+    );
+    assert_eq!(consumer.position("fresh", 0), Some(5));
+    p.close().await.unwrap();
+}
+
+/// Many records, batched, over 4 partitions: every record acknowledged, on its key's
+/// partition, and consumed back in order per partition, no gap, no duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_produce_then_consume_everything_in_order() {
+    const N: usize = 100_000;
+    const PARTS: u32 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    c.create_topic("bulk", PARTS).await.unwrap();
+    let p = Producer::new(&c);
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(N);
+    for i in 0..N {
+        let key = format!("key-{}", i % 1000);
+        let r = Record::new("bulk", format!("{i:0100}")).key(key);
+        deliveries.push((i, p.enqueue(r).await.unwrap()));
+    }
+    let mut by_partition: HashMap<u32, Vec<(i64, usize)>> = HashMap::new();
+    for (i, d) in deliveries {
+        let m = d.await.unwrap();
+        let key = format!("key-{}", i % 1000);
+        assert_eq!(m.partition, partition_for_key(key.as_bytes(), PARTS));
+        by_partition
+            .entry(m.partition)
+            .or_default()
+            .push((m.offset, i));
+    }
+    let produced = started.elapsed();
+    p.close().await.unwrap();
+    for (part, v) in &by_partition {
+        let offsets: Vec<i64> = v.iter().map(|x| x.0).collect();
+        assert_eq!(
+            offsets,
+            (0..v.len() as i64).collect::<Vec<_>>(),
+            "partition {part}"
+        );
+    }
+    let started = Instant::now();
+    let mut consumer = Consumer::new(&c);
+    for part in 0..PARTS {
+        consumer
+            .assign("bulk", part, Offset::Earliest)
+            .await
+            .unwrap();
+    }
+    let mut seen: HashMap<u32, Vec<(i64, usize)>> = HashMap::new();
+    let mut total = 0;
+    while total < N {
+        let batch = consumer.poll(Duration::from_secs(10)).await.unwrap();
+        assert!(!batch.is_empty(), "stalled at {total}");
+        for r in batch {
+            let i: usize = std::str::from_utf8(r.value()).unwrap().parse().unwrap();
+            assert_eq!(r.key(), format!("key-{}", i % 1000).into_bytes());
+            seen.entry(r.partition).or_default().push((r.offset, i));
+            total += 1;
+        }
+    }
+    assert_eq!(total, N);
+    assert_eq!(seen, by_partition);
+    eprintln!(
+        "{N} records: produced in {produced:?}, consumed in {:?}",
+        started.elapsed()
+    );
+}
+
+/// A peer that reads requests and never answers: each call fails with TimedOut within its
+/// timeout; one that hangs up: each pending call fails at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_calls_fail_within_their_timeout_when_the_peer_dies() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (hang_up_tx, hang_up_rx) = tokio::sync::oneshot::channel::<()>();
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0;
+        tokio::select! {
+            _ = async {
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 { break; }
+                    total += n;
+                    let _ = got_tx.send(total);
+                }
+            } => {}
+            _ = hang_up_rx => {}
+        }
+        drop(s);
+    });
+    let timeout = Duration::from_millis(800);
+    let c = Client::builder()
+        .pool_size(1)
+        .request_timeout(timeout)
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    // Silent: every call times out, within its timeout (plus scheduling slack).
+    let started = Instant::now();
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.health().await })
+        })
+        .collect();
+    for call in calls {
+        let e = call.await.unwrap().unwrap_err();
+        assert!(matches!(e, Error::TimedOut { .. }), "{e}");
+        assert!(e.is_retriable());
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(1000),
+        "{took:?}"
+    );
+    // Hang up while 8 more calls wait: each fails at once with an I/O error.
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.list_topics().await })
+        })
+        .collect();
+    // 8 HealthChecks (20 bytes each) then 8 ListTopics.
+    while got_rx.recv().await.unwrap() < 16 * 20 {}
+    let started = Instant::now();
+    hang_up_tx.send(()).unwrap();
+    for call in calls {
+        let e = call.await.unwrap().unwrap_err();
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+    }
+    assert!(started.elapsed() < timeout, "{:?}", started.elapsed());
+    // Nobody listens any more: the next call fails (connection refused), not hangs.
+    let e = c.health().await.unwrap_err();
+    assert!(e.is_retriable(), "{e}");
+}
+
+/// The broker stops while records are in flight: every delivery resolves (acknowledged or
+/// an error) within the delivery timeout, `close()` reports each failure, and after a
+/// restart on the same address the same client carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_stop_and_restart_mid_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let addr = b.addr();
+    let c = Client::builder()
+        .request_timeout(Duration::from_millis(500))
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let delivery = Duration::from_secs(2);
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default()
+            .delivery_timeout(delivery)
+            .retry_backoff(Duration::from_millis(50)),
+    )
+    .unwrap();
+    c.create_topic("live", 1).await.unwrap();
+    p.send(Record::new("live", "first")).await.unwrap();
+    let mut deliveries = Vec::new();
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = {
+        let stopped = stopped.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            b.shutdown().unwrap();
+            stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    // Records before, during and for 50 ms after the shutdown.
+    let mut after = None;
+    while after.is_none_or(|t: Instant| t.elapsed() < Duration::from_millis(50)) {
+        match p.enqueue(Record::new("live", "x")).await {
+            Ok(d) => deliveries.push((Instant::now(), d)),
+            Err(e) => panic!("enqueue: {e}"),
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+        if after.is_none() && stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            after = Some(Instant::now());
+        }
+    }
+    stopper.join().unwrap();
+    let (mut ok, mut failed) = (1usize, 0usize);
+    for (at, d) in deliveries {
+        match d.await {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert!(e.is_retriable(), "{e}");
+                failed += 1;
+            }
+        }
+        assert!(
+            at.elapsed() < delivery + Duration::from_secs(1),
+            "{:?}",
+            at.elapsed()
+        );
+    }
+    assert!(ok > 0 && failed > 0, "ok {ok} failed {failed}");
+    let reported = p.close().await.unwrap_err();
+    assert_eq!(reported.len(), failed);
+    // Restart on the same address: the client reconnects.
+    let b = streambus_server::start(config(dir.path(), addr)).unwrap();
+    let p = Producer::new(&c);
+    let m = p.send(Record::new("live", "after")).await.unwrap();
+    assert_eq!(m.offset, ok as i64);
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_pool_waits_rather_than_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = Client::builder()
+        .pool_size(1)
+        .max_in_flight(1)
+        .connect(b.addr().to_string())
+        .await
+        .unwrap();
+    let calls: Vec<_> = (0..64)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.health().await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().status, "healthy");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_fails_fast_or_blocks_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    let small = ProducerConfig::default()
+        .linger(Duration::from_secs(2))
+        .batch_max_bytes(1000)
+        .buffer_max_bytes(1000);
+    let p = Producer::with_config(&c, small.clone().buffer_full(BufferFull::FailFast)).unwrap();
+    let value = vec![7u8; 300];
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(p.enqueue(Record::new("buf", value.clone())).await.unwrap());
+    }
+    let e = p
+        .enqueue(Record::new("buf", value.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidInput { .. }) && e.to_string().contains("buffer is full"),
+        "{e}"
+    );
+    p.flush().await;
+    for (i, d) in held.drain(..).enumerate() {
+        assert_eq!(d.await.unwrap().offset, i as i64);
+    }
+    let p = Producer::with_config(
+        &c,
+        small.buffer_full(BufferFull::Block(Duration::from_millis(100))),
+    )
+    .unwrap();
+    for _ in 0..3 {
+        held.push(p.enqueue(Record::new("buf", value.clone())).await.unwrap());
+    }
+    let started = Instant::now();
+    let e = p
+        .enqueue(Record::new("buf", value.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::TimedOut { .. }), "{e}");
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    // Room frees up once the batch is delivered: a blocked send then goes through.
+    let p2 = p.clone();
+    let blocked = tokio::spawn(async move { p2.send(Record::new("buf", vec![1u8; 300])).await });
+    p.flush().await;
+    assert_eq!(blocked.await.unwrap().unwrap().offset, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_out_of_range_follows_the_reset_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    let p = Producer::new(&c);
+    for i in 0..3 {
+        p.send(Record::new("r", format!("{i}"))).await.unwrap();
+    }
+    let mut earliest = Consumer::new(&c);
+    earliest.assign("r", 0, Offset::At(1000)).await.unwrap();
+    let got = earliest.poll(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        got.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+
+    let cfg = ConsumerConfig::default().reset(ResetPolicy::Error);
+    let mut strict = Consumer::with_config(&c, cfg).unwrap();
+    strict.assign("r", 0, Offset::At(1000)).await.unwrap();
+    let e = strict.poll(Duration::from_secs(5)).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::OFFSET_OUT_OF_RANGE), "{e}");
+    assert_eq!(strict.position("r", 0), Some(1000));
+
+    let cfg = ConsumerConfig::default().reset(ResetPolicy::Latest);
+    let mut latest = Consumer::with_config(&c, cfg).unwrap();
+    latest.assign("r", 0, Offset::At(1000)).await.unwrap();
+    assert!(
+        latest
+            .poll(Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(latest.position("r", 0), Some(3));
+    p.send(Record::new("r", "3")).await.unwrap();
+    let got = latest.poll(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![3]);
+}
+
+/// A consumer long-polling an idle partition gets a new record within milliseconds of its
+/// append: the broker holds the fetch and answers it on the append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_consumer_wakes_soon_after_a_produce() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    c.create_topic("idle", 1).await.unwrap();
+    let mut consumer = Consumer::with_config(
+        &c,
+        ConsumerConfig::default().max_wait(Duration::from_secs(2)),
+    )
+    .unwrap();
+    consumer.assign("idle", 0, Offset::Latest).await.unwrap();
+    let c2 = c.clone();
+    let produced = tokio::spawn(async move {
+        let p = Producer::new(&c2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sent = Instant::now();
+        p.send(Record::new("idle", "wake")).await.unwrap();
+        (sent, Instant::now())
+    });
+    let mut got = Vec::new();
+    while got.is_empty() {
+        got = consumer.poll(Duration::from_secs(5)).await.unwrap();
+    }
+    let woke = Instant::now();
+    let (sent, acked) = produced.await.unwrap();
+    let lag = woke.saturating_duration_since(sent);
+    eprintln!(
+        "consumer woke {lag:?} after the produce was sent ({:?} after its ack)",
+        woke.saturating_duration_since(acked)
+    );
+    assert_eq!(got[0].value(), b"wake");
+    // The broker holds the fetch (long poll) and answers on the append.
+    assert!(lag < Duration::from_millis(100), "{lag:?}");
+}
+
+/// Records sent while the broker is down are retried with backoff and delivered once it is
+/// back within the delivery timeout; a consumer polling meanwhile gets errors (never a hang)
+/// and then resumes where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_sent_while_the_broker_is_down_arrive_after_it_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let addr = b.addr();
+    let c = Client::builder()
+        .request_timeout(Duration::from_millis(500))
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default()
+            .delivery_timeout(Duration::from_secs(10))
+            .retry_backoff(Duration::from_millis(20)),
+    )
+    .unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            p.send(Record::new("back", format!("{i}")))
+                .await
+                .unwrap()
+                .offset,
+            i
+        );
+    }
+    let mut consumer = Consumer::new(&c);
+    consumer.assign("back", 0, Offset::Earliest).await.unwrap();
+    let got = consumer.poll(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 3);
+    b.shutdown().unwrap();
+    let deliveries: Vec<_> = futures_join(&p, 3..13).await;
+    let started = Instant::now();
+    let e = consumer.poll(Duration::from_secs(5)).await.unwrap_err();
+    assert!(e.is_retriable(), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    let b = streambus_server::start(config(dir.path(), addr)).unwrap();
+    for (i, d) in deliveries {
+        assert_eq!(d.await.unwrap().offset, i);
+    }
+    let mut offsets = Vec::new();
+    while offsets.len() < 10 {
+        match consumer.poll(Duration::from_secs(5)).await {
+            Ok(records) => offsets.extend(records.iter().map(|r| r.offset)),
+            Err(e) => assert!(e.is_retriable(), "{e}"),
+        }
+    }
+    assert_eq!(offsets, (3..13).collect::<Vec<i64>>());
+    p.close().await.unwrap();
+    drop(b);
+}
+
+async fn futures_join(
+    p: &Producer,
+    range: std::ops::Range<i64>,
+) -> Vec<(i64, streambus_client::Delivery)> {
+    let mut out = Vec::new();
+    for i in range {
+        out.push((
+            i,
+            p.enqueue(Record::new("back", format!("{i}")))
+                .await
+                .unwrap(),
+        ));
+    }
+    out
+}
+
+/// The public futures can be spawned on a multi-threaded runtime.
+#[test]
+fn public_futures_are_send() {
+    fn send<T: Send>(_: T) {}
+    fn check(c: Client, p: Producer, mut consumer: Consumer) {
+        send(c.health());
+        send(c.create_topic("t", 1));
+        send(c.list_topics());
+        send(c.describe_topic("t"));
+        send(p.send(Record::new("t", "v")));
+        send(p.enqueue(Record::new("t", "v")));
+        send(p.flush());
+        send(p.close());
+        send(consumer.poll(Duration::from_secs(1)));
+        send(consumer.assign("t", 0, Offset::Earliest));
+        send(consumer.recv());
+    }
+    let _ = check;
+}
+
+/// With auto-create off, a record for a missing topic fails with TopicNotFound; once the
+/// topic exists with 3 partitions, keyed records land on their hashed partitions (the
+/// producer read the partition count again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_counts_are_read_again_after_topic_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "127.0.0.1:0".parse().unwrap());
+    cfg.auto_create_topics = false;
+    let b = streambus_server::start(cfg).unwrap();
+    let c = connect(&b).await;
+    let p = Producer::new(&c);
+    let e = p
+        .send(Record::new("later", "x").key("k"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::TOPIC_NOT_FOUND), "{e}");
+    assert!(e.to_string().contains("topic \"later\" partition 0"), "{e}");
+    c.create_topic("later", 3).await.unwrap();
+    for k in ["a", "b", "c", "customer-42"] {
+        let m = p.send(Record::new("later", "x").key(k)).await.unwrap();
+        assert_eq!(m.partition, partition_for_key(k.as_bytes(), 3), "{k}");
+    }
+    assert_eq!(p.close().await.unwrap_err().len(), 1);
+}
+
+/// Eight tasks share one producer (round robin over 2 partitions) while another flushes:
+/// every record is acknowledged once, offsets per partition are contiguous, and the consumer
+/// reads exactly those records. Dropping the producer without `close` still sends what it
+/// had batched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_senders_share_one_producer() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    c.create_topic("shared", 2).await.unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default().linger(Duration::from_millis(2)),
+    )
+    .unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in 0..5000 {
+                    let d = p
+                        .enqueue(Record::new("shared", format!("{t}-{i}")))
+                        .await
+                        .unwrap();
+                    out.push(d);
+                }
+                let mut acked = Vec::new();
+                for d in out {
+                    let m = d.await.unwrap();
+                    acked.push((m.partition, m.offset));
+                }
+                acked
+            })
+        })
+        .collect();
+    let flusher = {
+        let p = p.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                p.flush().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    flusher.await.unwrap();
+    all.sort();
+    for part in 0..2 {
+        let offsets: Vec<i64> = all.iter().filter(|a| a.0 == part).map(|a| a.1).collect();
+        assert_eq!(
+            offsets,
+            (0..offsets.len() as i64).collect::<Vec<_>>(),
+            "partition {part}"
+        );
+        assert_eq!(offsets.len(), 20_000, "round robin splits evenly");
+    }
+    // Dropped without close: the last handle sends the batch.
+    let last = p
+        .enqueue(Record::new("shared", "last").partition(0))
+        .await
+        .unwrap();
+    drop(p);
+    assert_eq!(last.await.unwrap().offset, 20_000);
+    let mut consumer = Consumer::new(&c);
+    consumer
+        .assign("shared", 0, Offset::Earliest)
+        .await
+        .unwrap();
+    consumer
+        .assign("shared", 1, Offset::Earliest)
+        .await
+        .unwrap();
+    let mut n = 0;
+    while n < 40_001 {
+        n += consumer.poll(Duration::from_secs(5)).await.unwrap().len();
+    }
+    assert_eq!(n, 40_001);
+    assert!(
+        consumer
+            .poll(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A fake broker that answers each HealthCheck 150 ms after reading it, one at a time
+/// (frames found with the core's decoder, answers encoded by the core).
+async fn slow_broker() -> SocketAddr {
+    use streambus_core::broker::peek_request_id;
+    use streambus_core::{
+        FrameDecoder, HealthCheckResponse, Response, Status, Text, encode_response,
+        response_encoded_len,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Ok(Status::Complete(len)) = FrameDecoder::default().next_frame(&buf) {
+                        let id = peek_request_id(&buf).unwrap();
+                        buf.drain(..len);
+                        tokio::time::sleep(Duration::from_millis(150)).await;
+                        let r = Response::HealthCheck(HealthCheckResponse {
+                            status: Text::from("healthy"),
+                            uptime_secs: 1,
+                        });
+                        let mut out = vec![0; response_encoded_len(&r)];
+                        let n = encode_response(id, &r, &mut out).unwrap();
+                        if s.write_all(&out[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One connection, one request at a time, a broker taking 150 ms per answer: four
+/// concurrent calls wait their turn for capacity and all succeed (none fails fast).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_calls_wait_for_capacity_within_their_timeout() {
+    let addr = slow_broker().await;
+    let c = Client::builder()
+        .pool_size(1)
+        .max_in_flight(1)
+        .request_timeout(Duration::from_secs(3))
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.health().await })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().status, "healthy");
+    }
+    // Served one after another.
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    // With a 250 ms timeout, the first of three calls is answered (150 ms); the two others,
+    // waiting behind it, time out within their timeout.
+    let c = Client::builder()
+        .pool_size(1)
+        .max_in_flight(1)
+        .request_timeout(Duration::from_millis(250))
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { (c.health().await, Instant::now()) })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for call in calls {
+        let (r, at) = call.await.unwrap();
+        assert!(
+            at - started < Duration::from_millis(750),
+            "{:?}",
+            at - started
+        );
+        outcomes.push(
+            r.map(|h| h.status)
+                .map_err(|e| matches!(e, Error::TimedOut { .. })),
+        );
+    }
+    outcomes.sort();
+    assert_eq!(outcomes, vec![Ok("healthy".into()), Err(true), Err(true)]);
+}
+
+/// A consumer long-polling many idle partitions keeps at most half the client's capacity:
+/// an admin call on the same client is answered at once, not after the polls' wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_polling_consumer_leaves_room_for_other_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = Client::builder()
+        .pool_size(1)
+        .max_in_flight(4)
+        .connect(b.addr().to_string())
+        .await
+        .unwrap();
+    c.create_topic("quiet", 6).await.unwrap();
+    let mut consumer = Consumer::with_config(
+        &c,
+        ConsumerConfig::default().max_wait(Duration::from_secs(3)),
+    )
+    .unwrap();
+    for p in 0..6 {
+        consumer.assign("quiet", p, Offset::Latest).await.unwrap();
+    }
+    // Let the fetchers take their slots and wait in the broker.
+    assert!(
+        consumer
+            .poll(Duration::from_millis(200))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let started = Instant::now();
+    assert_eq!(c.health().await.unwrap().status, "healthy");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
