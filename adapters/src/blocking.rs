@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags, Timespec};
 
+use crate::server::accept::AcceptErrors;
 use crate::server::budget::Budget;
 use crate::server::transmit::Pending;
 use crate::server::{Next, Session};
@@ -77,6 +78,7 @@ pub fn serve<H: Handler>(
     let open: Arc<Mutex<HashMap<u64, TcpStream>>> = Arc::default();
     let mut next_id = 0u64;
     let budget = Arc::new(Budget::new(options.max_buffered_bytes));
+    let mut accept_errors = AcceptErrors::default();
     let cap = options.max_connections.min(MAX_THREADS);
     if cap < options.max_connections {
         tracing::warn!(
@@ -90,10 +92,13 @@ pub fn serve<H: Handler>(
             break;
         }
         let stream = match stream {
-            Ok(s) => s,
+            Ok(s) => {
+                accept_errors.succeeded();
+                s
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                std::thread::sleep(Duration::from_millis(10));
+                // Out of fds and the like: back off, keep serving.
+                std::thread::sleep(accept_errors.failed(&e));
                 continue;
             }
         };

@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod config;
+mod fds;
 mod longpoll;
 pub mod metrics;
 pub mod storage;
@@ -114,6 +115,8 @@ impl Drop for Running {
 
 /// Opens the storage, binds the listeners and starts serving in a background thread.
 pub fn start(config: Config) -> Result<Running, ServerError> {
+    // Before the logs are opened: a data directory with many segments needs descriptors too.
+    let fd_limit = fds::raise_limit();
     let fsync = match config.fsync {
         FsyncMode::Always => FsyncPolicy::Always,
         FsyncMode::Interval => FsyncPolicy::Interval(config.fsync_interval),
@@ -146,12 +149,28 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         None => None,
     };
 
+    // Connections may never take the descriptors storage needs.
+    let plan = fds::plan(config.max_connections, fd_limit, fds::in_use()).map_err(|reason| {
+        ServerError::Io {
+            what: "--max-connections".into(),
+            source: std::io::Error::other(reason),
+        }
+    })?;
+    if plan.connections < config.max_connections {
+        tracing::warn!(
+            "serving at most {} connections, not --max-connections {}: the open-file limit is {} and {} descriptors are open or kept for storage",
+            plan.connections,
+            config.max_connections,
+            plan.limit,
+            plan.in_use + plan.reserve
+        );
+    }
     let mut conn = ServerConfig::default();
     conn.max_frame_len(config.max_frame_bytes)
         .read_timeout(config.read_timeout)
         .idle_timeout(config.idle_timeout);
     let options = ServeOptions::default()
-        .max_connections(config.max_connections)
+        .max_connections(plan.connections)
         .connection(conn)
         .write_timeout(config.write_timeout)
         .max_buffered_bytes(config.max_buffered_bytes);
@@ -166,7 +185,8 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         )
         .map_err(io_err("starting the broker's threads"))?,
     );
-    tracing::info!(%addr, runtime = ?config.runtime, data_dir = %config.data_dir.display(), "broker listening");
+    let metrics_at = metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(%addr, metrics = %metrics_at, runtime = ?config.runtime, data_dir = %config.data_dir.display(), "broker listening");
 
     let (stop, body): (Stop, Box<dyn FnOnce() -> Result<(), ServerError> + Send>) =
         match config.runtime {

@@ -90,3 +90,174 @@ fn sigterm_stops_the_broker_cleanly() {
     }
     drop(lines);
 }
+
+/// The value after `key=` in a log line (up to the next space).
+fn field(line: &str, key: &str) -> Option<String> {
+    let rest = line.split(&format!("{key}=")).nth(1)?;
+    Some(
+        rest.chars()
+            .take_while(|c| !c.is_whitespace())
+            .filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect(),
+    )
+}
+
+/// A HealthCheck answered on a fresh connection (`false`: closed without an answer).
+fn healthy(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let hc = [
+        0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 1, 7, 1, 0, 0, 0xda, 0xa0, 0xbd, 0x51,
+    ];
+    let mut head = [0u8; 4];
+    s.write_all(&hc).is_ok() && s.read_exact(&mut head).is_ok() && u32::from_be_bytes(head) == 0x22
+}
+
+fn metric(addr: &str, name: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn under_a_low_descriptor_limit_connections_are_capped_and_counted_and_storage_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    // soft = hard = 256: nothing to raise; the broker keeps 64 for storage.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 256 && exec {BIN} --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir {}",
+            dir.path().display()
+        ))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut cap = None;
+    let (addr, metrics) = loop {
+        let line = lines.next().expect("broker exited early").unwrap();
+        if let Some(n) = line.split("serving at most ").nth(1) {
+            cap = n.split(' ').next().and_then(|n| n.parse::<usize>().ok());
+        }
+        if line.contains("broker listening") {
+            break (
+                field(&line, "addr").unwrap(),
+                field(&line, "metrics").unwrap(),
+            );
+        }
+    };
+    let cap = cap.expect("one line at start says the connection count is capped");
+    assert!((100..256).contains(&cap), "cap {cap}");
+    // Hold `cap` connections, each answered; every one beyond is closed at once and counted.
+    let mut held: Vec<std::net::TcpStream> = Vec::new();
+    for _ in 0..cap {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(&[
+            0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 1, 7, 1, 0, 0, 0xda, 0xa0, 0xbd, 0x51,
+        ])
+        .unwrap();
+        let mut head = [0u8; 4];
+        s.read_exact(&mut head).unwrap();
+        let mut rest = vec![0u8; u32::from_be_bytes(head) as usize];
+        s.read_exact(&mut rest).unwrap();
+        held.push(s);
+    }
+    for _ in 0..20 {
+        assert!(!healthy(&addr), "a connection over the cap was answered");
+    }
+    assert_eq!(metric(&metrics, "streambus_connections_refused_total"), 20);
+    // Storage still has its descriptors: free one connection, then create a topic with eight
+    // partitions (16 segment files and their directory work) and produce to it.
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !healthy(&addr) {
+        assert!(Instant::now() < deadline, "the freed slot never came back");
+    }
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    let topic = streambus_core::Topic::new("fd").unwrap();
+    let created = call(
+        &mut c,
+        &streambus_core::Request::CreateTopic(streambus_core::CreateTopicRequest {
+            topic,
+            num_partitions: 8,
+            replication_factor: 1,
+        }),
+    );
+    assert!(
+        matches!(created, Ok(streambus_core::Response::CreateTopic(t)) if t.created),
+        "{created:?}"
+    );
+    for partition in 0..8 {
+        let (count, set) = one_message(b"still stored");
+        let produced = call(
+            &mut c,
+            &streambus_core::Request::Produce(streambus_core::ProduceRequest {
+                topic,
+                partition,
+                messages: streambus_core::MessageSet::new_checked(count, &set).unwrap(),
+                producer: None,
+            }),
+        );
+        assert!(
+            matches!(produced, Ok(streambus_core::Response::Produce(p)) if p.base_offset == 0),
+            "partition {partition}: {produced:?}"
+        );
+    }
+    drop(held);
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// One message with `value`, encoded by the core.
+fn one_message(value: &[u8]) -> (u32, Vec<u8>) {
+    use streambus_core::{Encode, Message, MessageSetBuilder};
+    let m = Message::new(b"", value);
+    let mut buf = vec![0u8; m.encoded_len()];
+    let mut b = MessageSetBuilder::new(&mut buf);
+    b.push(&m).unwrap();
+    (b.count(), buf)
+}
+
+/// Sends `request` and decodes its reply with the core: the success response, or the error's
+/// code.
+fn call(
+    s: &mut std::net::TcpStream,
+    request: &streambus_core::Request<'_>,
+) -> Result<streambus_core::Response<'static>, u16> {
+    use std::io::{Read, Write};
+    use streambus_core::{Flags, ResponseFrame, encode_request, request_encoded_len};
+    let mut frame = vec![0u8; request_encoded_len(request)];
+    encode_request(7, Flags::NONE, request, &mut frame).unwrap();
+    s.write_all(&frame).unwrap();
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).unwrap();
+    let mut reply = head.to_vec();
+    reply.resize(4 + u32::from_be_bytes(head) as usize, 0);
+    s.read_exact(&mut reply[4..]).unwrap();
+    let reply: &'static [u8] = Box::leak(reply.into_boxed_slice());
+    let frame = ResponseFrame::new_checked(reply).unwrap();
+    match streambus_core::Response::parse(&frame, request.request_type()) {
+        Ok(streambus_core::Response::Error(e)) => Err(e.code.0),
+        Ok(r) => Ok(r),
+        Err(e) => panic!("undecodable reply: {e}"),
+    }
+}

@@ -13,6 +13,7 @@
 //! Runtimes only read into [`Session::read_buf`], write out [`Session::pending`], wait for what
 //! [`Session::process`] asks, and run the timers.
 
+pub(crate) mod accept;
 pub(crate) mod budget;
 mod receive;
 pub(crate) mod reply;

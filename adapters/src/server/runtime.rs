@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures_core::Stream;
 
+use crate::server::accept::AcceptErrors;
 use crate::server::budget::Budget;
 use crate::server::transmit::Pending;
 use crate::server::{Next, Session};
@@ -90,6 +91,7 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
     let mut shutdown = pin!(shutdown);
     let mut tasks: Vec<R::Task> = Vec::new();
     let budget = Arc::new(Budget::new(options.max_buffered_bytes));
+    let mut accept_errors = AcceptErrors::default();
     loop {
         let step = poll_fn(|cx| {
             if shutdown.as_mut().poll(cx).is_ready() {
@@ -100,11 +102,13 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
         .await;
         let (socket, peer) = match step {
             Step::Stop => break,
-            Step::Accepted(Ok(a)) => a,
+            Step::Accepted(Ok(a)) => {
+                accept_errors.succeeded();
+                a
+            }
             Step::Accepted(Err(e)) => {
-                // Out of fds and the like: log, back off briefly, keep serving.
-                tracing::warn!(error = %e, "accept failed");
-                R::sleep(Duration::from_millis(10)).await;
+                // Out of fds and the like: back off, keep serving.
+                R::sleep(accept_errors.failed(&e)).await;
                 continue;
             }
         };
