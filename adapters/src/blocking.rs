@@ -251,13 +251,15 @@ fn connection<H: Handler>(
     let waker = Waker::from(Arc::clone(&wake));
     let mut s = Session::new(options.connection, now(), budget);
     let replies = s.replies();
-    // The peer sent FIN: it sends nothing more, but its replies are still owed.
+    // The peer sent FIN, or a fatal frame ended the stream: nothing more is read, but the
+    // replies of what was read are still owed.
     let mut eof = false;
     loop {
         let reading = match s.process(now(), handler) {
+            // A fatal frame: read no more, but answer what is in flight before closing.
             Next::Close => {
-                write_pending(&mut stream, &mut s, handler, options.write_timeout)?;
-                return close(&mut stream);
+                eof = true;
+                false
             }
             Next::Flush => {
                 write_pending(&mut stream, &mut s, handler, options.write_timeout)?;
@@ -321,7 +323,15 @@ fn connection<H: Handler>(
                 Err(rustix::io::Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
-            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
+            let sock = fds[0].revents();
+            if !can_read && sock.intersects(PollFlags::HUP | PollFlags::ERR) {
+                // Reported whatever was asked: the peer is gone and nothing more can be sent.
+                return match stream.take_error()? {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
+            }
+            (can_read && !sock.is_empty(), !fds[1].revents().is_empty())
         };
         if woken {
             let mut counter = [0u8; 8];

@@ -61,6 +61,8 @@ pub struct Running {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     storage: Arc<Storage>,
+    /// Weak: the broker goes with the server thread, before the final fsync.
+    broker: std::sync::Weak<Broker>,
     stop: Stop,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -74,6 +76,11 @@ impl Running {
     /// The storage engine's counters (appends, fsyncs, recovery truncations, …).
     pub fn storage_stats(&self) -> storage::StorageStats {
         self.storage.stats()
+    }
+
+    /// Long-poll fetches waiting now (0 once the broker has stopped).
+    pub fn waiting_fetches(&self) -> usize {
+        self.broker.upgrade().map_or(0, |b| b.waiting_fetches())
     }
 
     /// The metrics listener's address, if on.
@@ -188,6 +195,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     let metrics_at = metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     tracing::info!(%addr, metrics = %metrics_at, runtime = ?config.runtime, data_dir = %config.data_dir.display(), "broker listening");
 
+    let weak_broker = Arc::downgrade(&broker);
     let (stop, body): (Stop, Box<dyn FnOnce() -> Result<(), ServerError> + Send>) =
         match config.runtime {
             RuntimeKind::Tokio => {
@@ -246,6 +254,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         addr,
         metrics_addr,
         storage,
+        broker: weak_broker,
         stop,
         thread: Some(thread),
     })

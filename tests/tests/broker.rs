@@ -712,3 +712,56 @@ fn shutdown_under_pipelining_producers_answers_all_it_stored_and_never_resets() 
         assert_eq!(stored, acked, "{rt:?}");
     }
 }
+
+#[test]
+fn a_fatal_frame_behind_a_deferred_produce_closes_only_after_answering_it() {
+    use streambus_core::{MessageSet, ProduceRequest};
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), rt);
+        // The produce's reply waits for its fsync: deferred.
+        cfg.fsync = FsyncMode::Always;
+        let broker = streambus_server::start(cfg).unwrap();
+        let mut c = RawClient::connect(broker.addr()).unwrap();
+        // The topic first, so the next produce is not the auto-creating (offloaded) one.
+        assert_eq!(
+            produce(&mut c, "t", 0, &[b"first"]).unwrap().error_code(),
+            0
+        );
+        let (count, bytes) = streambus_tests::message_set(&[b"second"]);
+        let (id, mut wire) = c.encode(&Request::Produce(ProduceRequest {
+            topic: topic("t"),
+            partition: 0,
+            messages: MessageSet::new_checked(count, &bytes).unwrap(),
+            producer: None,
+        }));
+        // Then a Length of 8 (< 16): answered InvalidProtocol, and the stream ends.
+        wire.extend_from_slice(&8u32.to_be_bytes());
+        wire.extend_from_slice(&[0u8; 8]);
+        c.send_raw(&wire).unwrap();
+        let mut replies = std::collections::BTreeMap::new();
+        let end = loop {
+            match c.recv() {
+                Ok(r) => {
+                    let outcome = match r.parse(RequestType::Produce) {
+                        Ok(Response::Produce(p)) => Ok(p.base_offset),
+                        _ => Err(r.error_code()),
+                    };
+                    replies.insert(r.request_id(), outcome);
+                }
+                Err(e) => break e.kind(),
+            }
+        };
+        assert_eq!(
+            replies,
+            [(0, Err(ErrorCode::INVALID_PROTOCOL.0)), (id, Ok(1))].into(),
+            "{rt:?}"
+        );
+        assert_eq!(
+            end,
+            std::io::ErrorKind::UnexpectedEof,
+            "{rt:?}: closed with FIN"
+        );
+        broker.shutdown().unwrap();
+    }
+}

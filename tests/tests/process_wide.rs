@@ -289,3 +289,52 @@ fn an_idle_connection_costs_the_broker_a_few_kib() {
         drop(conns);
     }
 }
+
+#[test]
+fn a_peer_that_resets_a_connection_with_a_full_table_costs_no_cpu() {
+    use std::io::Write;
+    use streambus_core::FetchExtension;
+    let _alone = ALONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = start(rt, dir.path());
+        let mut c = RawClient::connect(broker.addr()).unwrap();
+        let end = produced(&mut c, b"x");
+        // A HealthCheck, then 300 long-polls: 128 wait at the broker, which stops reading.
+        let poll = Request::Fetch(FetchRequest {
+            topic: Topic::new("fan").unwrap(),
+            partition: 0,
+            offset: end,
+            max_bytes: 1 << 20,
+            extension: Some(FetchExtension {
+                isolation_level: 0,
+                long_poll: Some(LongPoll {
+                    max_wait_ms: 6000,
+                    min_bytes: 1,
+                }),
+            }),
+        });
+        let mut wire = c.encode(&Request::HealthCheck).1;
+        for _ in 0..300 {
+            wire.extend(c.encode(&poll).1);
+        }
+        let s = std::net::TcpStream::connect(broker.addr()).unwrap();
+        (&s).write_all(&wire).unwrap();
+        // Until the broker holds the 128 fetches it can: its in-flight table is full.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while broker.waiting_fetches() < 128 {
+            assert!(
+                Instant::now() < deadline,
+                "{rt:?}: {} waiting",
+                broker.waiting_fetches()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Closed with the HealthCheck's reply unread: the kernel sends a reset.
+        drop(s);
+        let used = ticks_over_half_a_second();
+        assert!(used <= 10, "{rt:?}: {used} ticks after the peer reset");
+    }
+}

@@ -30,14 +30,13 @@ impl Budget {
 
     /// Takes `n` bytes if they fit.
     pub(crate) fn try_take(&self, n: usize) -> bool {
-        let before = self.used.fetch_add(n, Ordering::AcqRel);
-        if before.saturating_add(n) <= self.max {
-            return true;
-        }
-        // Undone without waking anyone: nothing was given back that wasn't there before (waking
-        // the starved here would make them all retry, fail and wake each other, forever).
-        self.used.fetch_sub(n, Ordering::AcqRel);
-        false
+        // Never adds and takes back: a failing take leaves `used` alone, so it can neither make
+        // a concurrent take that fits fail nor owe anyone a wake.
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&u| u <= self.max)
+            })
+            .is_ok()
     }
 
     /// Takes `n` bytes whether they fit or not (memory already allocated: replies owed).
@@ -75,5 +74,30 @@ impl Budget {
             self.give(*charged - now);
         }
         *charged = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A take that fits always succeeds, however many oversized takes fail beside it.
+    #[test]
+    fn a_failing_take_never_makes_a_fitting_one_fail() {
+        let b = std::sync::Arc::new(Budget::new(100));
+        let big = {
+            let b = b.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200_000 {
+                    assert!(!b.try_take(1000));
+                }
+            })
+        };
+        for _ in 0..200_000 {
+            assert!(b.try_take(10));
+            b.give(10);
+        }
+        big.join().unwrap();
+        assert_eq!(b.used(), 0);
     }
 }

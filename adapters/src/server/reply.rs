@@ -203,6 +203,14 @@ impl Reply {
 impl Drop for Reply {
     fn drop(&mut self) {
         if self.outbox.is_some() {
+            if self.is_closed() {
+                // The connection is gone (a long-poll whose client left): nobody to answer.
+                tracing::debug!(
+                    request_id = self.request_id,
+                    "reply dropped: connection closed"
+                );
+                return;
+            }
             tracing::error!(
                 request_id = self.request_id,
                 "a request was dropped without an answer; replying StorageError"

@@ -179,7 +179,8 @@ async fn connection<R: Runtime, H: Handler>(
     let handler = &**shared;
     let mut s = Session::new(options.connection, now(), budget);
     let replies = s.replies();
-    // The peer sent FIN: it sends nothing more, but its replies are still owed.
+    // The peer sent FIN, or a fatal frame ended the stream: nothing more is read, but the
+    // replies of what was read are still owed.
     let mut eof = false;
     // The socket said it has bytes: the next wait reads them (taking a buffer).
     let mut readable = false;
@@ -187,7 +188,11 @@ async fn connection<R: Runtime, H: Handler>(
         let next = s.process(now(), handler);
         write_pending::<R, H>(&mut socket, &mut s, handler, options).await?;
         let reading = match next {
-            Next::Close => return close::<R>(socket).await,
+            // A fatal frame: read no more, but answer what is in flight before closing.
+            Next::Close => {
+                eof = true;
+                false
+            }
             Next::Flush => continue,
             Next::Offload(job) => {
                 let h = Arc::clone(shared);
