@@ -338,3 +338,54 @@ fn a_peer_that_resets_a_connection_with_a_full_table_costs_no_cpu() {
         assert!(used <= 10, "{rt:?}: {used} ticks after the peer reset");
     }
 }
+
+#[test]
+fn peers_that_never_read_their_replies_keep_the_broker_within_the_budget() {
+    use std::io::Write;
+    let _alone = ALONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    const BUDGET: usize = 8 << 20;
+    const PEERS: usize = 32;
+    for rt in RUNTIMES {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = start_with(rt, dir.path(), |c| c.max_buffered_bytes = BUDGET);
+        let mut c = RawClient::connect(broker.addr()).unwrap();
+        // One 60 kB record: each fetch of it is a copied reply of about 60 kB (below the
+        // sendfile threshold), and 128 such requests fit in a connection's 8 KiB allowance.
+        let r = streambus_tests::produce(&mut c, "big", 0, &[&[7u8; 60_000]]).unwrap();
+        assert_eq!(r.error_code(), 0);
+        let fetch = Request::Fetch(FetchRequest {
+            topic: Topic::new("big").unwrap(),
+            partition: 0,
+            offset: 0,
+            max_bytes: 65_000,
+            extension: None,
+        });
+        let mut wire = Vec::new();
+        for _ in 0..128 {
+            wire.extend(c.encode(&fetch).1);
+        }
+        let before = rss();
+        let peers: Vec<std::net::TcpStream> = (0..PEERS)
+            .map(|_| {
+                let s = std::net::TcpStream::connect(broker.addr()).unwrap();
+                (&s).write_all(&wire).unwrap();
+                s
+            })
+            .collect();
+        // The peak over two seconds: 7.5 MiB of replies asked for per peer, 240 MiB in all.
+        let mut peak = 0;
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            peak = peak.max(rss().saturating_sub(before));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let limit = BUDGET + PEERS * (8 << 10) + PEERS * 128 * 1024 + (16 << 20);
+        assert!(
+            peak <= limit,
+            "{rt:?}: RSS grew {peak} bytes (limit {limit})"
+        );
+        drop(peers);
+    }
+}

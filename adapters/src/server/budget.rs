@@ -39,6 +39,11 @@ impl Budget {
             .is_ok()
     }
 
+    /// Whether every byte is taken (or more: replies owed are taken whatever the budget).
+    pub(crate) fn is_spent(&self) -> bool {
+        self.used.load(Ordering::Acquire) >= self.max
+    }
+
     /// Takes `n` bytes whether they fit or not (memory already allocated: replies owed).
     pub(crate) fn force_take(&self, n: usize) {
         self.used.fetch_add(n, Ordering::AcqRel);

@@ -29,7 +29,7 @@ use streambus_core::{
 };
 
 use crate::{ConnEvent, Handler};
-use budget::Budget;
+use budget::{ALLOWANCE, Budget};
 use receive::RxBuf;
 use reply::{OutboxCell, Reply};
 use transmit::{Pending, TxBuf};
@@ -97,7 +97,8 @@ pub(crate) struct Session {
     outbox: Arc<OutboxCell>,
     /// When a quiet connection's buffers go back (set while it waits holding them).
     linger_until: Option<Instant>,
-    /// The server's memory budget, and what the transmit buffers hold of it.
+    /// The server's memory budget, and what the transmit queue's buffer holds of it (the
+    /// outbox's is charged by the outbox).
     budget: Arc<Budget>,
     tx_charged: usize,
 }
@@ -115,7 +116,7 @@ impl Session {
             conn: ServerConnection::new(config, now),
             rx: RxBuf::default(),
             tx: TxBuf::default(),
-            outbox: Arc::default(),
+            outbox: Arc::new(OutboxCell::new(Arc::clone(&budget))),
             linger_until: None,
             budget,
             tx_charged: 0,
@@ -159,15 +160,15 @@ impl Session {
         if self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY {
             self.tx = TxBuf::default();
         }
-        let outbox = {
+        {
             let mut ob = self.outbox.lock();
             if ob.tx.waiting() == 0 && ob.tx.capacity() > KEEP_CAPACITY {
                 ob.tx = TxBuf::default();
+                self.outbox.note_queued(&mut ob);
             }
-            ob.tx.capacity()
-        };
+        }
         self.budget
-            .recharge(&mut self.tx_charged, self.tx.capacity() + outbox);
+            .recharge(&mut self.tx_charged, self.tx.capacity());
     }
 
     /// The server's memory budget (to wait for room in it).
@@ -228,7 +229,7 @@ impl Session {
     /// Moves completed replies from the outbox to the transmit queue; `false` if there were
     /// none.
     fn collect(&mut self) -> bool {
-        let (answered, outbox) = {
+        let answered = {
             let mut ob = self.outbox.lock();
             // The connection is running: a reply completed from now on (most often right away,
             // inside `handle`) needs no wake; it registers again before it waits.
@@ -237,11 +238,12 @@ impl Session {
                 return false;
             }
             self.tx.take_from(&mut ob.tx);
-            (std::mem::take(&mut ob.answered), ob.tx.capacity())
+            self.outbox.note_queued(&mut ob);
+            std::mem::take(&mut ob.answered)
         };
         // Replies are owed whatever the budget says; what they take counts against reading.
         self.budget
-            .recharge(&mut self.tx_charged, self.tx.capacity() + outbox);
+            .recharge(&mut self.tx_charged, self.tx.capacity());
         for _ in 0..answered {
             self.conn.complete(0);
         }
@@ -262,7 +264,16 @@ impl Session {
 
     fn process_requests<H: Handler + ?Sized>(&mut self, now: Instant, handler: &H) -> Next {
         loop {
-            if self.tx.waiting() > TX_HIGH_WATER {
+            // Output waits: write it before taking more requests, past 4 MiB a connection, or
+            // past its 8 KiB allowance once the server's memory budget is spent (replies are
+            // owed whatever the budget says, so they bound what a connection may start).
+            let cap = if self.budget.is_spent() {
+                ALLOWANCE as u64
+            } else {
+                TX_HIGH_WATER
+            };
+            if self.tx.waiting() + self.outbox.queued() > cap {
+                self.collect();
                 return Next::Flush;
             }
             let Self {

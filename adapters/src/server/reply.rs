@@ -2,6 +2,7 @@
 //! outbox it writes into.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -14,6 +15,7 @@ use streambus_core::{
 };
 
 use crate::FileChunk;
+use crate::server::budget::Budget;
 use crate::server::transmit::TxBuf;
 
 /// The size an error reply is first encoded into; the encoder asks for more if the message is
@@ -31,16 +33,46 @@ pub(crate) struct Outbox {
     pub(crate) waker: Option<Waker>,
     /// The connection is gone: replies are dropped.
     closed: bool,
+    /// What `tx`'s buffer holds of the memory budget (charged as replies are delivered, so the
+    /// budget sees output the moment it exists).
+    charged: usize,
 }
 
 /// One connection's outbox, shared with every [`Reply`] it handed out.
-#[derive(Debug, Default)]
-pub(crate) struct OutboxCell(Mutex<Outbox>);
+#[derive(Debug)]
+pub(crate) struct OutboxCell {
+    outbox: Mutex<Outbox>,
+    budget: Arc<Budget>,
+    /// Bytes waiting in the outbox, readable without the lock (the connection stops handing out
+    /// requests while its queued output is over its share of the memory budget).
+    queued: AtomicU64,
+}
 
 impl OutboxCell {
+    pub(crate) fn new(budget: Arc<Budget>) -> Self {
+        Self {
+            outbox: Mutex::default(),
+            budget,
+            queued: AtomicU64::new(0),
+        }
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Outbox> {
         // Every critical section leaves the outbox consistent before anything that can panic.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Bytes waiting in the outbox (as of the last change).
+    pub(crate) fn queued(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Records what the outbox holds now, in bytes waiting and in budget (called with its
+    /// lock held, after every change to its buffer).
+    pub(crate) fn note_queued(&self, ob: &mut Outbox) {
+        self.queued.store(ob.tx.waiting(), Ordering::Relaxed);
+        let capacity = ob.tx.capacity();
+        self.budget.recharge(&mut ob.charged, capacity);
     }
 
     /// Ready when a reply waits to be taken; otherwise `cx` is woken when one completes.
@@ -62,6 +94,7 @@ impl OutboxCell {
         ob.closed = true;
         ob.tx = TxBuf::default();
         ob.waker = None;
+        self.note_queued(&mut ob);
     }
 }
 
@@ -192,6 +225,7 @@ impl Reply {
             }
         }
         ob.answered += 1;
+        cell.note_queued(&mut ob);
         let waker = ob.waker.take();
         drop(ob);
         if let Some(w) = waker {
