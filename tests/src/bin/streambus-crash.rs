@@ -308,6 +308,7 @@ struct ProducerLog {
 fn producer(
     addr: SocketAddr,
     seed: u64,
+    round_seed: u64,
     round: u32,
     conn: u16,
     partition: u32,
@@ -319,7 +320,7 @@ fn producer(
     let Ok(mut c) = RawClient::connect(addr) else {
         return log;
     };
-    let mut rng = seed ^ (u64::from(round) << 20) ^ u64::from(conn);
+    let mut rng = round_seed ^ u64::from(conn);
     let mut pending: HashMap<u64, (MsgId, u32)> = HashMap::new();
     let mut send_one = |c: &mut RawClient,
                         log: &mut ProducerLog,
@@ -596,7 +597,8 @@ fn campaign(
                 std::thread::spawn(move || {
                     producer(
                         addr,
-                        seed ^ round_seed,
+                        seed,
+                        round_seed,
                         round,
                         conn,
                         partition,
@@ -653,7 +655,7 @@ fn campaign(
             &combo.fsync,
         );
         let mut problems = Vec::new();
-        let mut k = verify(broker.addr, seed ^ round_seed, combo, &acked, &mut problems);
+        let mut k = verify(broker.addr, seed, combo, &acked, &mut problems);
         broker.kill();
         k.errors += errors.len() as u64 + bad;
         if hang {
