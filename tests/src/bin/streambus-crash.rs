@@ -72,6 +72,12 @@ enum Mode {
         /// success).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Checks the checker: after the kill of this round (1-based), cut the last byte off
+        /// partition 0's newest `.log`, as a lost write would. Under `interval` and `never` the
+        /// round then fails with lost messages; under `always` the cut batch may be one whose
+        /// fsync (and reply) had not come, which is no violation.
+        #[arg(long)]
+        tamper_round: Option<u32>,
     },
     /// The broker on a small filesystem: produce until it is full, check the error replies,
     /// fetch and HealthCheck, free space by deleting a topic, produce again, restart, check.
@@ -466,13 +472,15 @@ fn verify(
             if seq >= combo.sent.get(&(r, conn)).copied().unwrap_or(0) {
                 k.unsent += 1;
                 problems.push(format!(
-                    "partition {p} offset {off}: round {r} connection {conn} seq {seq} was never sent"
+                    "partition {p} offset {off}: round {} connection {conn} seq {seq} was never sent",
+                    r + 1
                 ));
             }
             if !seen.insert(id) {
                 k.duplicated += 1;
                 problems.push(format!(
-                    "partition {p} offset {off}: round {r} connection {conn} seq {seq} stored twice"
+                    "partition {p} offset {off}: round {} connection {conn} seq {seq} stored twice",
+                    r + 1
                 ));
             }
             at.insert((p, *off), id);
@@ -502,7 +510,8 @@ fn verify(
                     if k.lost <= 5 {
                         let (r, conn, seq) = id_parts(id);
                         problems.push(format!(
-                            "acknowledged round {r} connection {conn} seq {seq} missing at partition {p} offset {}",
+                            "acknowledged round {} connection {conn} seq {seq} missing at partition {p} offset {}",
+                            r + 1,
                             base + i64::from(i)
                         ));
                     }
@@ -525,6 +534,7 @@ fn campaign(
     max_requests: u64,
     seed: Option<u64>,
     dir: Option<PathBuf>,
+    tamper_round: Option<u32>,
 ) -> bool {
     let t0 = Instant::now();
     let seed = seed.unwrap_or_else(|| {
@@ -646,6 +656,9 @@ fn campaign(
             errors.extend(l.errors);
             bad += l.bad_replies;
         }
+        if tamper_round == Some(round + 1) {
+            tamper(&combo.dir.join("topics/crash/0"));
+        }
         // Restart on the same directory (recovery) and check.
         let broker = Broker::start(
             server,
@@ -716,6 +729,23 @@ fn campaign(
     }
     println!("crash-campaign {verdict}");
     ok
+}
+
+/// Cuts the last byte off the newest `.log` in `partition_dir`.
+fn tamper(partition_dir: &Path) {
+    let newest = std::fs::read_dir(partition_dir)
+        .unwrap_or_else(|e| die(format_args!("{}: {e}", partition_dir.display())))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .max()
+        .unwrap_or_else(|| die("no segment to tamper with"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap_or_else(|e| die(e));
+    let len = f.metadata().unwrap_or_else(|e| die(e)).len();
+    f.set_len(len.saturating_sub(1)).unwrap_or_else(|e| die(e));
+    println!("    tampered: cut the last byte of {}", newest.display());
 }
 
 /// On failure the temporary directory must outlive the process: copy its path out.
@@ -936,6 +966,7 @@ fn main() {
             max_requests,
             seed,
             dir,
+            tamper_round,
         } => campaign(
             &args.server,
             rounds,
@@ -947,6 +978,7 @@ fn main() {
             max_requests,
             seed,
             dir,
+            tamper_round,
         ),
         Mode::DiskFull { dir, runtime } => disk_full(&args.server, &dir, &runtime),
     };
