@@ -8,6 +8,7 @@
 //! streambus-bench pipelined           # many Produces of 100 × 100 B in flight on one connection
 //! streambus-bench fetch               # 1 MiB fetches on one connection
 //! streambus-bench connections -n 1000 --server-pid PID   # hold N connections, report RSS/conn
+//! streambus-bench health -n 20        # fresh connection + one HealthCheck, N times
 //! streambus-bench longpoll            # produce → long-polling consumer latency, beside sync
 //! streambus-bench requests --kind health   # 50 connections × 64 requests in flight
 //! ```
@@ -89,9 +90,24 @@ enum Mode {
         /// The broker's pid, to read its RSS from /proc.
         #[arg(long)]
         server_pid: Option<u32>,
-        /// Source addresses to spread connections over (127.0.0.x), for more than ~20 000.
+        /// Source addresses to spread connections over: 127.0.0.FIRST to
+        /// 127.0.0.(FIRST + SOURCES - 1), each connection bound to one before connecting (one
+        /// source address and port range reach ~28 000 connections to one listener).
         #[arg(long, default_value_t = 1)]
         sources: u8,
+        /// The first source address's last byte (see `--sources`).
+        #[arg(long, default_value_t = 1)]
+        first_source: u8,
+        /// After reporting, hold the connections this long (until killed, for a script that
+        /// measures the broker meanwhile); "ready" is printed once every one is open.
+        #[arg(long, default_value = "0s", value_parser = humantime_secs)]
+        hold: Duration,
+    },
+    /// Fresh connections, one HealthCheck each: connect + round trip, N times in sequence.
+    Health {
+        /// Connections (one request each).
+        #[arg(short, default_value_t = 20)]
+        n: usize,
     },
     /// Open N connections that each send the first bytes of a huge frame and never finish it
     /// (a slow or hostile peer), as fast as the broker takes them, for `--duration`; report the
@@ -774,21 +790,75 @@ fn trickle(
     );
 }
 
-fn connections(addr: SocketAddr, n: usize, server_pid: Option<u32>, sources: u8) {
+/// Connects to `addr` from `src` (port chosen by the kernel).
+fn connect_from(src: std::net::Ipv4Addr, addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.bind(&SocketAddr::from((src, 0)).into())?;
+    sock.connect(&addr.into())?;
+    Ok(sock.into())
+}
+
+/// One HealthCheck on a bare socket with a small buffer (a [`RawClient`] reserves 64 KiB to
+/// read, too much for 20 000 held connections per process).
+fn health_check(s: &mut TcpStream) -> io::Result<()> {
+    let (_, frame) = RawClient::connect_lazy().encode(&Request::HealthCheck);
+    s.write_all(&frame)?;
+    let decoder = FrameDecoder::responses();
+    let mut buf = [0u8; 512];
+    let mut have = 0;
+    loop {
+        let n = s.read(&mut buf[have..])?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        have += n;
+        match decoder.next_frame(&buf[..have]) {
+            Ok(Status::Complete(len)) => {
+                return match error_code(&buf[..len]) {
+                    0 => Ok(()),
+                    code => Err(io::Error::other(format!(
+                        "HealthCheck failed with code {code}"
+                    ))),
+                };
+            }
+            Ok(Status::Partial(_)) if have < buf.len() => {}
+            Ok(Status::Partial(_)) => return Err(io::Error::other("HealthCheck reply too long")),
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        }
+    }
+}
+
+fn connections(
+    addr: SocketAddr,
+    n: usize,
+    server_pid: Option<u32>,
+    sources: u8,
+    first_source: u8,
+    hold: Duration,
+) {
     let before = server_pid.and_then(rss_kib);
     let mut held = Vec::with_capacity(n);
     let start = Instant::now();
+    let bind = sources > 1 || first_source != 1;
     for i in 0..n {
-        let src = std::net::Ipv4Addr::new(127, 0, 0, 1 + (i % usize::from(sources.max(1))) as u8);
-        let sock = std::net::TcpStream::connect(addr)
-            .or_else(|_| std::net::TcpStream::connect((src, addr.port())));
-        let sock = or_die(sock, format_args!("connection {i} to {addr}"));
-        let mut c = RawClient::from_stream(sock);
-        or_die(c.call(&Request::HealthCheck), "HealthCheck");
-        held.push(c);
+        let last = usize::from(first_source) + i % usize::from(sources.max(1));
+        let src = std::net::Ipv4Addr::new(127, 0, 0, last.min(255) as u8);
+        let sock = if bind {
+            connect_from(src, addr)
+        } else {
+            TcpStream::connect(addr)
+        };
+        let what = format_args!("connection {i} to {addr} from {src}");
+        let mut sock = or_die(sock, what);
+        or_die(sock.set_read_timeout(Some(Duration::from_secs(30))), what);
+        or_die(health_check(&mut sock), what);
+        held.push(sock);
     }
     let opened = start.elapsed();
-    std::thread::sleep(Duration::from_millis(500));
+    if server_pid.is_some() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let after = server_pid.and_then(rss_kib);
     println!(
         "connections: {n} open, each made one request, in {:.2}s",
@@ -801,7 +871,31 @@ fn connections(addr: SocketAddr, n: usize, server_pid: Option<u32>, sources: u8)
             (a.saturating_sub(b)) as f64 * 1024.0 / n as f64
         );
     }
+    if !hold.is_zero() {
+        println!(
+            "ready: holding {n} connections for up to {}s",
+            hold.as_secs()
+        );
+        let _ = io::stdout().flush();
+        std::thread::sleep(hold);
+    }
     drop(held);
+}
+
+fn health(addr: SocketAddr, n: usize) {
+    let mut h = Histogram::<u64>::new(3).expect("hist");
+    for i in 0..n.max(1) {
+        let t = Instant::now();
+        let mut s = or_die(
+            TcpStream::connect(addr),
+            format_args!("fresh connection {i}"),
+        );
+        or_die(s.set_nodelay(true), "nodelay");
+        or_die(s.set_read_timeout(Some(Duration::from_secs(10))), "timeout");
+        or_die(health_check(&mut s), format_args!("HealthCheck {i}"));
+        h.record(t.elapsed().as_nanos() as u64).expect("record");
+    }
+    print_hist("fresh connection + HealthCheck", &h);
 }
 
 fn main() {
@@ -820,7 +914,10 @@ fn main() {
             n,
             server_pid,
             sources,
-        } => connections(args.addr, n, server_pid, sources),
+            first_source,
+            hold,
+        } => connections(args.addr, n, server_pid, sources, first_source, hold),
+        Mode::Health { n } => health(args.addr, n),
         Mode::Trickle {
             n,
             frame,
