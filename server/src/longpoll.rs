@@ -71,6 +71,22 @@ pub(crate) struct LongPolls {
     waiting: AtomicUsize,
 }
 
+impl State {
+    /// Drops the deadline entries of waiters that were answered early, once they outnumber the
+    /// live ones: otherwise every long-poll answered by an append would leave its entry (and a
+    /// copy of its topic name) until its deadline, and the timer thread would wake for it.
+    fn compact(&mut self) {
+        let live: usize = self.by_partition.values().map(Vec::len).sum();
+        if self.deadlines.len() <= 2 * live + 64 {
+            return;
+        }
+        let ids: std::collections::HashSet<u64> =
+            self.by_partition.values().flatten().map(|w| w.id).collect();
+        self.deadlines
+            .retain(|Reverse((_, id, _))| ids.contains(id));
+    }
+}
+
 impl LongPolls {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -176,6 +192,9 @@ impl LongPolls {
         if waiters.is_empty() {
             st.by_partition.remove(&key);
         }
+        if !ready.is_empty() || dropped > 0 {
+            st.compact();
+        }
         drop(st);
         self.waiting
             .fetch_sub(ready.len() + dropped, Ordering::Relaxed);
@@ -196,6 +215,7 @@ impl LongPolls {
             .filter_map(|k| st.by_partition.remove(k))
             .flatten()
             .collect();
+        st.compact();
         drop(st);
         self.waiting.fetch_sub(out.len(), Ordering::Relaxed);
         out
@@ -256,5 +276,28 @@ impl LongPolls {
                 None => self.timer.wait(st).unwrap_or_else(PoisonError::into_inner),
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waiters answered early leave no pile of deadline entries behind.
+    #[test]
+    fn deadlines_of_waiters_answered_early_are_dropped() {
+        let mut st = State::default();
+        let later = Instant::now() + std::time::Duration::from_secs(30);
+        for id in 0..1000 {
+            st.deadlines.push(Reverse((later, id, ("t".to_owned(), 0))));
+        }
+        // None of them waits any more (answered by appends): compaction empties the heap.
+        st.compact();
+        assert_eq!(st.deadlines.len(), 0);
+        // A few stale entries beside live ones are left for their deadline.
+        st.deadlines
+            .push(Reverse((later, 5000, ("t".to_owned(), 0))));
+        st.compact();
+        assert_eq!(st.deadlines.len(), 1);
     }
 }

@@ -92,6 +92,8 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
     let mut tasks: Vec<R::Task> = Vec::new();
     let budget = Arc::new(Budget::new(options.max_buffered_bytes));
     let mut accept_errors = AcceptErrors::default();
+    // Offloaded requests running: a cancelled connection does not stop its job.
+    let jobs = Arc::new(AtomicUsize::new(0));
     loop {
         let step = poll_fn(|cx| {
             if shutdown.as_mut().poll(cx).is_ready() {
@@ -123,14 +125,15 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
         if tasks.len() >= 64 && tasks.len().is_power_of_two() {
             tasks.retain(|t| !R::is_finished(t));
         }
-        let (h, o, stop, b) = (
+        let (h, o, stop, b, j) = (
             handler.clone(),
             open.clone(),
             stop_rx.clone(),
             budget.clone(),
+            jobs.clone(),
         );
         tasks.push(R::spawn(async move {
-            if let Err(e) = connection::<R, H>(socket, &h, &options, stop, b).await {
+            if let Err(e) = connection::<R, H>(socket, &h, &options, stop, b, &j).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             o.fetch_sub(1, Ordering::SeqCst);
@@ -151,11 +154,31 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
             "shutdown deadline passed; closing remaining connections"
         );
     }
-    // Wait until each cancelled task has stopped: none may acknowledge anything afterwards.
+    // Wait until each cancelled task has stopped, and every job it offloaded has returned:
+    // nothing may touch the broker after this returns (its logs get their final fsync then).
     for t in left {
         R::cancel(t).await;
     }
+    while jobs.load(Ordering::SeqCst) > 0 {
+        R::sleep(Duration::from_millis(5)).await;
+    }
     Ok(())
+}
+
+/// One offloaded job counted as running until it is dropped (returned or unwound).
+struct JobCount(Arc<AtomicUsize>);
+
+impl JobCount {
+    fn start(jobs: &Arc<AtomicUsize>) -> Self {
+        jobs.fetch_add(1, Ordering::SeqCst);
+        Self(Arc::clone(jobs))
+    }
+}
+
+impl Drop for JobCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What ended a connection's wait.
@@ -174,6 +197,7 @@ async fn connection<R: Runtime, H: Handler>(
     options: &ServeOptions,
     stop: async_channel::Receiver<()>,
     budget: Arc<Budget>,
+    jobs: &Arc<AtomicUsize>,
 ) -> io::Result<()> {
     let mut stop = pin!(stop);
     let handler = &**shared;
@@ -196,7 +220,12 @@ async fn connection<R: Runtime, H: Handler>(
             Next::Flush => continue,
             Next::Offload(job) => {
                 let h = Arc::clone(shared);
-                R::unblock(move || job.run(&*h)).await?;
+                let running = JobCount::start(jobs);
+                R::unblock(move || {
+                    let _running = running;
+                    job.run(&*h);
+                })
+                .await?;
                 continue;
             }
             Next::Read => true,

@@ -112,6 +112,23 @@ pub enum StorageError {
         /// What is wrong.
         reason: String,
     },
+    /// An fsync covering this batch failed earlier: it was written, but may not be on disk, and
+    /// a later fsync succeeding proves nothing about it (the kernel reports a writeback error
+    /// once).
+    #[error(
+        "storage I/O error: an fsync of {} covering offsets {from}..{to} failed ({reason}); this batch may not be on disk",
+        dir.display()
+    )]
+    SyncFailed {
+        /// The partition's directory.
+        dir: PathBuf,
+        /// The first offset the failed fsync covered.
+        from: i64,
+        /// The offset after the last one it covered.
+        to: i64,
+        /// The failure.
+        reason: String,
+    },
     /// Another process holds the data directory's lock.
     #[error("data directory {} is in use by another process", path.display())]
     DataDirLocked {
@@ -137,6 +154,7 @@ impl StorageError {
             Self::OffsetOverflow { .. }
             | Self::Io { .. }
             | Self::Corrupt { .. }
+            | Self::SyncFailed { .. }
             | Self::DataDirLocked { .. } => ErrorCode::STORAGE_ERROR,
         }
     }

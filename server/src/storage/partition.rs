@@ -88,6 +88,9 @@ struct SyncState {
     /// A thread is fsyncing; the others wait on `synced`.
     syncing: bool,
     last_sync: Instant,
+    /// Offsets `from..to` that a failed fsync covered, and why it failed: every wait for them
+    /// fails, even once a later fsync succeeds (merged over failures).
+    failed: Option<(i64, i64, String)>,
 }
 
 /// The largest append buffer a partition keeps between appends.
@@ -217,6 +220,7 @@ impl Partition {
             // cost a device flush each, whether or not anything is dirty.
             sync: Mutex::new(SyncState {
                 durable_end: end,
+                failed: None,
                 syncing: false,
                 last_sync: Instant::now(),
             }),
@@ -515,6 +519,17 @@ impl Partition {
     pub(crate) fn make_durable(&self, upto: i64) -> Result<(), StorageError> {
         let mut s = lock(&self.sync);
         loop {
+            if let Some((from, to, reason)) = &s.failed
+                && upto > *from
+                && upto <= *to
+            {
+                return Err(StorageError::SyncFailed {
+                    dir: self.dir.clone(),
+                    from: *from,
+                    to: *to,
+                    reason: reason.clone(),
+                });
+            }
             if s.durable_end >= upto {
                 return Ok(());
             }
@@ -532,14 +547,25 @@ impl Partition {
             s.syncing = false;
             s.last_sync = Instant::now();
             self.synced.notify_all();
-            let synced_end = r?;
-            s.durable_end = s.durable_end.max(synced_end);
+            match r {
+                Ok(synced_end) => s.durable_end = s.durable_end.max(synced_end),
+                Err((end, e)) => {
+                    // Everything this fsync covered is in doubt: every waiter for it fails (the
+                    // loop above), this one included.
+                    let from = s.durable_end;
+                    s.failed = Some(match s.failed.take() {
+                        Some((f, t, _)) => (f.min(from), t.max(end), e.to_string()),
+                        None => (from, end, e.to_string()),
+                    });
+                    tracing::error!(dir = %self.dir.display(), from, end, error = %e, "fsync failed");
+                }
+            }
         }
     }
 
     /// Fsyncs the sealed segments not yet synced, the active segment and, when it changed,
-    /// the directory. Returns the end offset the fsync covers.
-    fn sync_now(&self) -> Result<i64, StorageError> {
+    /// the directory. Returns the end offset the fsync covers (with the error, when it fails).
+    fn sync_now(&self) -> Result<i64, (i64, StorageError)> {
         let (unsynced, active, end, dir_dirty) = {
             let mut st = write(&self.state);
             (
@@ -563,7 +589,7 @@ impl Partition {
             let mut st = write(&self.state);
             st.unsynced.extend(unsynced);
             st.dir_dirty |= dir_dirty;
-            return Err(e);
+            return Err((end, e));
         }
         self.counters.inc(&self.counters.fsyncs, 1);
         Ok(end)
