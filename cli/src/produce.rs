@@ -142,13 +142,16 @@ pub(crate) async fn run(ctx: &Ctx, args: Produce) -> Outcome {
             plural(acks.offsets.len() as u64, "partition")
         );
     }
-    eprintln!("{summary}");
     match stopped {
+        // One line: what stopped it, and what was produced before.
         Some(mut f) => {
-            f.message = format!("{} ({} before it)", f.message, plural(acks.ok, "record"));
+            f.message = format!("{} ({summary} before it)", f.message);
             Err(f)
         }
-        None => Ok(()),
+        None => {
+            eprintln!("{summary}");
+            Ok(())
+        }
     }
 }
 
