@@ -14,6 +14,7 @@ Examples:
   streambus consume orders --from earliest --format '{partition}/{offset} {key} {value}'
   streambus consume orders --from latest --follow --json
   streambus offsets orders
+  streambus bench produce --messages 100000 --size 100
 
 Exit status: 0 success, 1 a runtime error (one line on stderr naming what failed),
 2 a usage error.";
@@ -74,6 +75,15 @@ object per line; a key, value or header that is not UTF-8 is base64 in a field n
     Offsets(Offsets),
     /// Check the broker's health (exit status 1 when unhealthy or unreachable)
     Health(Health),
+    /// Measure produce or consume throughput and latency through the SDK
+    #[command(after_help = "\
+produce: the SDK's batching producer sends --messages records of --size bytes (or for
+--duration); latency is from enqueue to acknowledgement.
+consume: the SDK's consumer reads --messages records from the topic's start (by default all
+it holds); latency is that of each poll that returned records.
+A progress bar is drawn on a terminal only. At the end: messages/s, MB/s (10^6 bytes of
+record values) and latency p50/p90/p99/p99.9/max; --json prints them as one JSON object.")]
+    Bench(Bench),
 }
 
 /// `streambus topics …`.
@@ -175,6 +185,47 @@ pub(crate) struct Offsets {
     pub(crate) json: bool,
 }
 
+/// `streambus bench`.
+#[derive(Debug, Args)]
+pub(crate) struct Bench {
+    /// What to measure
+    #[arg(value_enum)]
+    pub(crate) mode: BenchMode,
+    /// The topic (created if missing)
+    #[arg(long, short, default_value = "bench")]
+    pub(crate) topic: String,
+    /// Partitions of the topic when it is created
+    #[arg(long, short, default_value_t = 1, value_name = "N")]
+    pub(crate) partitions: u32,
+    /// Records to produce or consume (default: 1000000 to produce, all stored to consume)
+    #[arg(long, short = 'n', value_name = "N", value_parser = parse_count)]
+    pub(crate) messages: Option<u64>,
+    /// Stop after this long instead (like 10s)
+    #[arg(long, short, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) duration: Option<Duration>,
+    /// Bytes of each record's value
+    #[arg(long, short, default_value_t = 100, value_name = "BYTES")]
+    pub(crate) size: usize,
+    /// How long a producer batch waits for more records
+    #[arg(long, default_value = "5ms", value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) linger: Duration,
+    /// Record bytes per producer batch at most
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    pub(crate) batch_bytes: usize,
+    /// Print the results as one JSON object
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// What `bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum BenchMode {
+    /// The SDK's batching producer
+    Produce,
+    /// The SDK's consumer, from the topic's start
+    Consume,
+}
+
 /// `streambus health`.
 #[derive(Debug, Args)]
 pub(crate) struct Health {
@@ -220,7 +271,7 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 }
 
 /// `500ms`, `10s`, `2m`, or a number of seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
         Some(i) => s.split_at(i),
         None => (s, "s"),

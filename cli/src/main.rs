@@ -10,6 +10,7 @@
 
 mod admin;
 mod args;
+mod bench;
 mod consume;
 mod format;
 mod produce;
@@ -78,10 +79,18 @@ fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread is plenty for a command; a benchmark gets two workers.
+    let runtime = if matches!(cli.command, Command::Bench(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => return fail(&Failure::runtime(format!("starting the runtime: {e}"))),
     };
@@ -115,6 +124,7 @@ async fn run(cli: Cli) -> Outcome {
         Command::Health(h) => admin::health(&ctx, h).await,
         Command::Produce(p) => produce::run(&ctx, p).await,
         Command::Consume(c) => consume::run(&ctx, c).await,
+        Command::Bench(b) => bench::run(&ctx, b).await,
     }
 }
 

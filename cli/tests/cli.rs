@@ -79,6 +79,7 @@ fn help_lists_the_commands_and_exits_0() {
         "consume",
         "offsets",
         "health",
+        "bench",
         "STREAMBUS_BROKER",
         "127.0.0.1:9092",
         "Exit status",
@@ -628,4 +629,86 @@ fn consume_follow_with_count_exits_after_that_many() {
     assert_eq!(lines.recv_timeout(wait).expect("line"), "two");
     assert_eq!(wait_exit(&mut child, wait).code(), Some(0));
     assert!(lines.recv_timeout(wait).is_err(), "a third line");
+}
+
+#[test]
+fn bench_json_counts_match_what_was_sent() {
+    let b = Broker::start();
+    let json = |args: &[&str]| -> Value {
+        let a = b.cli().args(args).assert().success();
+        assert_eq!(stderr(&a), "", "no progress bar when not on a terminal");
+        serde_json::from_str(&stdout(&a)).expect("one JSON object")
+    };
+    let p = json(&["bench", "produce", "-n", "2000", "--size", "50", "--json"]);
+    assert_eq!(p["mode"], "produce");
+    assert_eq!(p["topic"], "bench");
+    assert_eq!(p["messages"], 2000);
+    assert_eq!(p["bytes"], 100_000);
+    assert_eq!(p["latency_samples"], 2000);
+    assert!(p["messages_per_sec"].as_f64().is_some_and(|r| r > 0.0));
+    let lat = &p["latency_ns"];
+    let at = |k: &str| {
+        lat[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("latency_ns.{k}: {lat}"))
+    };
+    assert!(at("p50") > 0 && at("p50") <= at("p90") && at("p90") <= at("p99"));
+    assert!(at("p99") <= at("p99_9") && at("p99_9") <= at("max"));
+    b.cli()
+        .args(["offsets", "bench"])
+        .assert()
+        .success()
+        .stdout("PARTITION  START  END\n0          0      2000\n");
+
+    let c = json(&["bench", "consume", "--json"]);
+    assert_eq!(c["mode"], "consume");
+    assert_eq!(c["messages"], 2000);
+    assert_eq!(c["bytes"], 100_000);
+    let c = json(&["bench", "consume", "-n", "500", "--json"]);
+    assert_eq!(c["messages"], 500);
+    assert_eq!(c["bytes"], 25_000);
+
+    // Text: two lines.
+    let a = b
+        .cli()
+        .args(["bench", "produce", "-t", "text", "-p", "2", "-n", "100"])
+        .assert()
+        .success();
+    let out = stdout(&a);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("produce: 100 messages in "), "{out}");
+    assert!(lines[0].ends_with(" MB/s"), "{out}");
+    assert!(
+        lines[1].starts_with("latency (enqueue to acknowledgement, 100 samples): p50 "),
+        "{out}"
+    );
+    let a = b
+        .cli()
+        .args(["topics", "describe", "text"])
+        .assert()
+        .success();
+    assert!(
+        stdout(&a).starts_with("topic text: 2 partitions, 100 records stored\n"),
+        "{}",
+        stdout(&a)
+    );
+
+    b.cli()
+        .args(["topics", "create", "empty"])
+        .assert()
+        .success();
+    fails_with(
+        &mut b.cli(),
+        &["bench", "consume", "-t", "empty"],
+        1,
+        "error: topic empty holds no records: run `streambus bench produce` first",
+    );
+    fails_with(
+        &mut b.cli(),
+        &["bench", "fetch"],
+        2,
+        "error: invalid value 'fetch' for '<MODE>'\n  [possible values: produce, consume]\n\n\
+         For more information, try '--help'.",
+    );
 }
