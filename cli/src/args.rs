@@ -207,7 +207,7 @@ pub(crate) struct Bench {
     #[arg(long, short, default_value_t = 100, value_name = "BYTES")]
     pub(crate) size: usize,
     /// How long a producer batch waits for more records
-    #[arg(long, default_value = "5ms", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "5ms", value_name = "DURATION", value_parser = parse_linger)]
     pub(crate) linger: Duration,
     /// Record bytes per producer batch at most
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
@@ -270,6 +270,16 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A duration that may be zero.
+fn parse_linger(s: &str) -> Result<Duration, String> {
+    match parse_duration(s) {
+        Err(e) if e == ZERO => Ok(Duration::ZERO),
+        other => other,
+    }
+}
+
+const ZERO: &str = "must be greater than zero";
+
 /// `500ms`, `10s`, `2m`, or a number of seconds.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -287,7 +297,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     };
     match Duration::try_from_secs_f64(secs) {
         Ok(d) if !d.is_zero() => Ok(d),
-        _ => Err("must be greater than zero".into()),
+        _ => Err(ZERO.into()),
     }
 }
 
@@ -310,6 +320,8 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("x").is_err());
+        assert_eq!(parse_linger("0ms"), Ok(Duration::ZERO));
+        assert!(parse_linger("-1ms").is_err());
     }
 
     #[test]

@@ -94,7 +94,11 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&Failure::runtime(format!("starting the runtime: {e}"))),
     };
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // Don't wait for a blocking read of stdin that will never finish (produce stopped by
+    // Ctrl-C with its input still open): the process is ending anyway.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // A reader that went away (`| head`) is not an error.
         Err(f) if f.code == 0 => ExitCode::SUCCESS,

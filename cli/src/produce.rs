@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::io::IsTerminal as _;
 
 use streambus_client::{Delivery, Error, Producer, ProducerConfig, Record};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
@@ -30,10 +31,18 @@ pub(crate) async fn run(ctx: &Ctx, args: Produce) -> Outcome {
                 .map_err(|e| Failure::runtime(format!("cannot open {}: {e}", path.display())))?;
             (path.display().to_string(), Box::new(BufReader::new(file)))
         }
-        None => (
-            "standard input".to_owned(),
-            Box::new(BufReader::new(tokio::io::stdin())),
-        ),
+        None => {
+            if std::io::stdin().is_terminal() {
+                eprintln!(
+                    "reading records for {}, one per line; Ctrl-D ends, Ctrl-C stops",
+                    args.topic
+                );
+            }
+            (
+                "standard input".to_owned(),
+                Box::new(BufReader::new(tokio::io::stdin())),
+            )
+        }
     };
     // Records may retry within three request timeouts.
     let config =

@@ -712,3 +712,77 @@ fn bench_json_counts_match_what_was_sent() {
          For more information, try '--help'.",
     );
 }
+
+#[test]
+fn produce_stops_on_sigint_and_reports_what_it_sent() {
+    let b = Broker::start();
+    let mut child = std::process::Command::new(cargo_bin!("streambus"))
+        .args(["--broker", &b.addr(), "produce", "typed"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn streambus");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    std::io::Write::write_all(&mut stdin, b"a\nb\n").expect("write");
+    std::io::Write::flush(&mut stdin).expect("flush");
+    // Batches go after their linger, before the end of the input: wait until both are stored.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = b
+            .cli()
+            .args(["offsets", "typed"])
+            .output()
+            .expect("offsets");
+        if String::from_utf8_lossy(&out.stdout).ends_with("0      2\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the two records never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(kill.success());
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    drop(stdin);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(
+        err,
+        "produced 2 records to typed (partition 0: offsets 0-1)\n"
+    );
+}
+
+#[test]
+fn a_reader_that_goes_away_is_not_an_error() {
+    let b = Broker::start();
+    // More than a pipe holds, so the writer meets the closed pipe.
+    let input: String = (0..20_000)
+        .map(|i| format!("record number {i}\n"))
+        .collect();
+    b.cli()
+        .args(["produce", "many"])
+        .write_stdin(input)
+        .assert()
+        .success();
+    let mut child = std::process::Command::new(cargo_bin!("streambus"))
+        .args(["--broker", &b.addr(), "consume", "many"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn streambus");
+    let lines = lines_of(&mut child);
+    let wait = Duration::from_secs(30);
+    assert_eq!(lines.recv_timeout(wait).expect("a line"), "record number 0");
+    drop(lines); // the reader thread ends at its next line and closes the pipe
+    let status = wait_exit(&mut child, wait);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(err, "");
+}
