@@ -75,10 +75,12 @@ object per line; a key, value or header that is not UTF-8 is base64 in a field n
     Offsets(Offsets),
     /// Check the broker's health (exit status 1 when unhealthy or unreachable)
     Health(Health),
-    /// Measure produce or consume throughput and latency through the SDK
+    /// Measure produce, round-trip or consume throughput and latency through the SDK
     #[command(after_help = "\
 produce: the SDK's batching producer sends --messages records of --size bytes (or for
 --duration); latency is from enqueue to acknowledgement.
+roundtrip: the same with one record in flight per client (Producer::send, awaited); latency is
+that of each send.
 consume: the SDK's consumer reads --messages records from the topic's start (by default all
 it holds); latency is that of each poll that returned records.
 A progress bar is drawn on a terminal only. At the end: messages/s, MB/s (10^6 bytes of
@@ -189,7 +191,7 @@ pub(crate) struct Offsets {
 #[derive(Debug, Args)]
 pub(crate) struct Bench {
     /// What to measure
-    #[arg(value_enum)]
+    #[arg(value_enum, value_name = "MODE")]
     pub(crate) mode: BenchMode,
     /// The topic (created if missing)
     #[arg(long, short, default_value = "bench")]
@@ -197,7 +199,8 @@ pub(crate) struct Bench {
     /// Partitions of the topic when it is created
     #[arg(long, short, default_value_t = 1, value_name = "N")]
     pub(crate) partitions: u32,
-    /// Records to produce or consume (default: 1000000 to produce, all stored to consume)
+    /// Records to send or read (default: 1000000 to produce, 100000 round trips, all stored
+    /// to consume)
     #[arg(long, short = 'n', value_name = "N", value_parser = parse_count)]
     pub(crate) messages: Option<u64>,
     /// Stop after this long instead (like 10s)
@@ -212,17 +215,22 @@ pub(crate) struct Bench {
     /// Record bytes per producer batch at most
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     pub(crate) batch_bytes: usize,
+    /// Clients (each with its own connections and producer) sharing the records to send
+    #[arg(long, short, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) clients: u32,
     /// Print the results as one JSON object
     #[arg(long)]
     pub(crate) json: bool,
 }
 
-/// What `bench` measures.
+/// What `bench` measures (explained in `bench --help`'s text).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum BenchMode {
-    /// The SDK's batching producer
+    // The SDK's batching producer.
     Produce,
-    /// The SDK's consumer, from the topic's start
+    // One record in flight per client.
+    Roundtrip,
+    // The SDK's consumer, from the topic's start.
     Consume,
 }
 

@@ -8,8 +8,11 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use streambus_client::{Consumer, Delivery, Error, Offset, Producer, ProducerConfig, Record};
+use streambus_client::{
+    Client, Consumer, Delivery, Error, Offset, Producer, ProducerConfig, Record,
+};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::admin::{partitions, plural};
@@ -18,6 +21,8 @@ use crate::{Ctx, Failure, Interrupt, Outcome, write_out};
 
 /// Records produced when neither `--messages` nor `--duration` is given.
 const DEFAULT_MESSAGES: u64 = 1_000_000;
+/// Records sent one at a time when neither `--messages` nor `--duration` is given.
+const DEFAULT_ROUNDTRIPS: u64 = 100_000;
 
 /// What one run measured.
 #[derive(Debug)]
@@ -44,12 +49,14 @@ pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
         flag.store(true, Ordering::Relaxed);
     });
     let report = match args.mode {
-        BenchMode::Produce => produce(ctx, &args, &stop).await?,
+        BenchMode::Produce => produce(ctx, &args, &stop, false).await?,
+        BenchMode::Roundtrip => produce(ctx, &args, &stop, true).await?,
         BenchMode::Consume => consume(ctx, &args, &stop).await?,
     };
     write_out(render(&report, &args).as_bytes())
 }
 
+/// Latencies from 1 ns to an hour, 3 significant digits.
 fn histogram() -> Result<Histogram<u64>, Failure> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
         .map_err(|e| Failure::runtime(format!("creating the latency histogram: {e}")))
@@ -64,7 +71,7 @@ fn progress(total: Option<u64>, what: &str) -> ProgressBar {
         Some(n) => (
             ProgressBar::new(n),
             format!(
-                "{{elapsed_precise}} [{{bar:40}}] {{human_pos}}/{{human_len}} {what} {{per_sec}}"
+                "{{elapsed_precise}} [{{bar:40}}] {{human_pos}}/{{human_len}} {what}, eta {{eta}}"
             ),
         ),
         None => (
@@ -79,7 +86,46 @@ fn progress(total: Option<u64>, what: &str) -> ProgressBar {
     bar
 }
 
-async fn produce(ctx: &Ctx, args: &Bench, stop: &AtomicBool) -> Result<Report, Failure> {
+/// One producing client's counts.
+#[derive(Debug)]
+struct Tally {
+    latency: Histogram<u64>,
+    ok: u64,
+    failed: u64,
+    first_error: Option<Error>,
+}
+
+/// What each producing client does.
+#[derive(Debug, Clone)]
+struct Job {
+    topic: String,
+    value: Vec<u8>,
+    config: ProducerConfig,
+    /// Records to send at most.
+    limit: u64,
+    deadline: Option<Instant>,
+    stop: Arc<AtomicBool>,
+    bar: ProgressBar,
+    /// An empty histogram to fill.
+    latency: Histogram<u64>,
+}
+
+impl Job {
+    fn go_on(&self, sent: u64) -> bool {
+        sent < self.limit
+            && !self.stop.load(Ordering::Relaxed)
+            && self.deadline.is_none_or(|d| Instant::now() < d)
+    }
+}
+
+/// `produce` (batching, `one_at_a_time` false) and `roundtrip` (each record awaited before
+/// the next), over `--clients` clients.
+async fn produce(
+    ctx: &Ctx,
+    args: &Bench,
+    stop: &Arc<AtomicBool>,
+    one_at_a_time: bool,
+) -> Result<Report, Failure> {
     let client = &ctx.client;
     let topic = args.topic.as_str();
     if client
@@ -93,53 +139,137 @@ async fn produce(ctx: &Ctx, args: &Bench, stop: &AtomicBool) -> Result<Report, F
             .await
             .map_err(|e| ctx.err(e))?;
     }
+    let limit = match (args.messages, args.duration) {
+        (Some(n), _) => n,
+        (None, Some(_)) => u64::MAX,
+        (None, None) if one_at_a_time => DEFAULT_ROUNDTRIPS,
+        (None, None) => DEFAULT_MESSAGES,
+    };
+    let bar = progress((limit != u64::MAX).then_some(limit), "acked");
     let config = ProducerConfig::default()
         .linger(args.linger)
         .batch_max_bytes(args.batch_bytes)
         .buffer_max_bytes(args.batch_bytes.saturating_mul(4).max(32 << 20));
-    let producer = Producer::with_config(client, config).map_err(|e| ctx.err(e))?;
-    let limit = match (args.messages, args.duration) {
-        (Some(n), _) => n,
-        (None, Some(_)) => u64::MAX,
-        (None, None) => DEFAULT_MESSAGES,
+    let clients = u64::from(args.clients);
+    // Every client connects before the clock starts.
+    let mut jobs = Vec::new();
+    for i in 0..clients {
+        let c = if i == 0 {
+            client.clone()
+        } else {
+            let cfg = client.config();
+            Client::builder()
+                .connect_timeout(cfg.connect_timeout)
+                .request_timeout(cfg.request_timeout)
+                .connect(ctx.broker.as_str())
+                .await
+                .map_err(|e| ctx.err(e))?
+        };
+        let share = if limit == u64::MAX {
+            limit
+        } else {
+            limit / clients + u64::from(i < limit % clients)
+        };
+        jobs.push((c, share));
+    }
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for (c, share) in jobs {
+        let job = Job {
+            topic: args.topic.clone(),
+            value: vec![b'x'; args.size],
+            config: config.clone(),
+            limit: share,
+            deadline: args.duration.map(|d| start + d),
+            stop: stop.clone(),
+            bar: bar.clone(),
+            latency: histogram()?,
+        };
+        if one_at_a_time {
+            tasks.spawn(roundtrips(c, job));
+        } else {
+            tasks.spawn(batching(c, job));
+        }
+    }
+    let mut total = Tally {
+        latency: histogram()?,
+        ok: 0,
+        failed: 0,
+        first_error: None,
     };
-    let bar = progress((limit != u64::MAX).then_some(limit), "acked");
-    let mut latency = histogram()?;
+    while let Some(t) = tasks.join_next().await {
+        let t = t
+            .map_err(|e| Failure::runtime(format!("a producing task failed: {e}")))?
+            .map_err(|e| ctx.err(e))?;
+        let _ = total.latency.add(&t.latency);
+        total.ok += t.ok;
+        total.failed += t.failed;
+        if total.first_error.is_none() {
+            total.first_error = t.first_error;
+        }
+    }
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    if let Some(e) = total.first_error {
+        return Err(Failure::runtime(format!(
+            "{} of {} failed; the first: {}",
+            total.failed,
+            plural(total.failed + total.ok, "record"),
+            ctx.err(e).message
+        )));
+    }
+    Ok(Report {
+        mode: if one_at_a_time {
+            "roundtrip"
+        } else {
+            "produce"
+        },
+        latency_of: if one_at_a_time {
+            "send to acknowledgement, one in flight per client"
+        } else {
+            "enqueue to acknowledgement"
+        },
+        messages: total.ok,
+        bytes: total.ok * args.size as u64,
+        elapsed,
+        latency: total.latency,
+    })
+}
 
-    // Acknowledgements are awaited in order by their own task.
+/// Enqueues records as fast as the producer takes them; a task awaits the deliveries in
+/// order and times each from its enqueue.
+async fn batching(client: Client, job: Job) -> Result<Tally, Error> {
+    let producer = Producer::with_config(&client, job.config.clone())?;
     let (tx, mut rx) = mpsc::channel::<(Instant, Delivery)>(1 << 16);
-    let acks_bar = bar.clone();
+    let mut tally = Tally {
+        latency: job.latency.clone(),
+        ok: 0,
+        failed: 0,
+        first_error: None,
+    };
+    let bar = job.bar.clone();
     let acks = tokio::spawn(async move {
-        let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None::<Error>);
         while let Some((sent, d)) = rx.recv().await {
             match d.await {
                 Ok(_) => {
-                    latency.saturating_record(nanos(sent.elapsed()));
-                    ok += 1;
-                    acks_bar.inc(1);
+                    tally.latency.saturating_record(nanos(sent.elapsed()));
+                    tally.ok += 1;
+                    bar.inc(1);
                 }
                 Err(e) => {
-                    failed += 1;
-                    first_error.get_or_insert(e);
+                    tally.failed += 1;
+                    tally.first_error.get_or_insert(e);
                 }
             }
         }
-        (latency, ok, failed, first_error)
+        tally
     });
-
-    let value = vec![b'x'; args.size];
-    let start = Instant::now();
-    let deadline = args.duration.map(|d| start + d);
     let mut sent = 0u64;
-    while sent < limit && !stop.load(Ordering::Relaxed) {
+    while job.go_on(sent) {
         let now = Instant::now();
-        if deadline.is_some_and(|d| now >= d) {
-            break;
-        }
         let d = producer
-            .enqueue(Record::new(topic, value.clone()))
-            .await
-            .map_err(|e| ctx.err(e))?;
+            .enqueue(Record::new(job.topic.as_str(), job.value.clone()))
+            .await?;
         if tx.send((now, d)).await.is_err() {
             break;
         }
@@ -147,26 +277,33 @@ async fn produce(ctx: &Ctx, args: &Bench, stop: &AtomicBool) -> Result<Report, F
     }
     drop(tx);
     let _ = producer.close().await;
-    let (latency, ok, failed, first_error) = acks
-        .await
-        .map_err(|e| Failure::runtime(format!("collecting acknowledgements: {e}")))?;
-    let elapsed = start.elapsed();
-    bar.finish_and_clear();
-    if let Some(e) = first_error {
-        return Err(Failure::runtime(format!(
-            "{failed} of {} failed; the first: {}",
-            plural(failed + ok, "record"),
-            ctx.err(e).message
-        )));
-    }
-    Ok(Report {
-        mode: "produce",
-        latency_of: "enqueue to acknowledgement",
-        messages: ok,
-        bytes: ok * args.size as u64,
-        elapsed,
-        latency,
+    // The task only ends when its channel closes: an error here is a bug.
+    acks.await.map_err(|_| Error::Closed {
+        context: streambus_client::Context::default(),
+        what: "acknowledgement task",
     })
+}
+
+/// Sends one record at a time and times each from send to acknowledgement.
+async fn roundtrips(client: Client, job: Job) -> Result<Tally, Error> {
+    let producer = Producer::with_config(&client, job.config.clone())?;
+    let mut tally = Tally {
+        latency: job.latency.clone(),
+        ok: 0,
+        failed: 0,
+        first_error: None,
+    };
+    while job.go_on(tally.ok) {
+        let t = Instant::now();
+        producer
+            .send(Record::new(job.topic.as_str(), job.value.clone()))
+            .await?;
+        tally.latency.saturating_record(nanos(t.elapsed()));
+        tally.ok += 1;
+        job.bar.inc(1);
+    }
+    let _ = producer.close().await;
+    Ok(tally)
 }
 
 async fn consume(ctx: &Ctx, args: &Bench, stop: &AtomicBool) -> Result<Report, Failure> {

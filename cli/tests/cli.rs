@@ -708,7 +708,7 @@ fn bench_json_counts_match_what_was_sent() {
         &mut b.cli(),
         &["bench", "fetch"],
         2,
-        "error: invalid value 'fetch' for '<MODE>'\n  [possible values: produce, consume]\n\n\
+        "error: invalid value 'fetch' for '<MODE>'\n  [possible values: produce, roundtrip, consume]\n\n\
          For more information, try '--help'.",
     );
 }
@@ -785,4 +785,68 @@ fn a_reader_that_goes_away_is_not_an_error() {
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
         .expect("stderr");
     assert_eq!(err, "");
+}
+
+#[test]
+fn bench_roundtrip_clients_and_duration() {
+    let b = Broker::start();
+    let json = |args: &[&str]| -> Value {
+        let a = b.cli().args(args).assert().success();
+        serde_json::from_str(&stdout(&a)).expect("one JSON object")
+    };
+    let r = json(&[
+        "bench",
+        "roundtrip",
+        "-n",
+        "300",
+        "--clients",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(r["mode"], "roundtrip");
+    assert_eq!(r["messages"], 300);
+    assert_eq!(r["latency_samples"], 300);
+    assert_eq!(r["bytes"], 30_000);
+
+    // Three clients share 3001 records over three partitions.
+    let p = json(&[
+        "bench", "produce", "-t", "wide", "-p", "3", "-c", "3", "-n", "3001", "--json",
+    ]);
+    assert_eq!(p["messages"], 3001);
+    let a = b
+        .cli()
+        .args(["offsets", "wide", "--json"])
+        .assert()
+        .success();
+    let offsets: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    let stored: i64 = offsets
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|o| o["end"].as_i64().expect("end") - o["start"].as_i64().expect("start"))
+        .sum();
+    assert_eq!(stored, 3001);
+    assert_eq!(
+        json(&["bench", "consume", "-t", "wide", "--json"])["messages"],
+        3001
+    );
+
+    // For a duration: as many as fit, all acknowledged.
+    let d = json(&[
+        "bench",
+        "produce",
+        "-t",
+        "timed",
+        "--duration",
+        "300ms",
+        "--json",
+    ]);
+    let sent = d["messages"].as_u64().expect("messages");
+    assert!(sent > 0, "{d}");
+    assert!(d["seconds"].as_f64().is_some_and(|s| s >= 0.3), "{d}");
+    let a = b.cli().args(["offsets", "timed"]).assert().success();
+    assert_eq!(
+        stdout(&a),
+        format!("PARTITION  START  END\n0          0      {sent}\n")
+    );
 }
