@@ -36,6 +36,7 @@ pub(crate) struct Cli {
         short = 'b',
         global = true,
         env = "STREAMBUS_BROKER",
+        hide_env_values = true,
         value_name = "HOST:PORT",
         default_value = "127.0.0.1:9092"
     )]

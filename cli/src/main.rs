@@ -18,7 +18,8 @@ mod produce;
 use std::io::{self, Write};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 use streambus_client::{Client, Error};
 
 use crate::args::{Cli, Command};
@@ -71,13 +72,22 @@ fn main() -> ExitCode {
         eprintln!("{line}");
         std::process::exit(1);
     }));
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             // Help and version go to stdout with status 0; errors to stderr with 2.
             let _ = e.print();
             return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
+    };
+    // Where the broker's address came from, to name it when it is invalid.
+    let broker_source = match matches.value_source("broker") {
+        Some(ValueSource::EnvVariable) => "STREAMBUS_BROKER",
+        Some(ValueSource::DefaultValue) => "default broker address",
+        _ => "--broker",
     };
     // One thread is plenty for a command; a benchmark gets two workers.
     let runtime = if matches!(cli.command, Command::Bench(_)) {
@@ -94,7 +104,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&Failure::runtime(format!("starting the runtime: {e}"))),
     };
-    let result = runtime.block_on(run(cli));
+    let result = runtime.block_on(run(cli, broker_source));
     // Don't wait for a blocking read of stdin that will never finish (produce stopped by
     // Ctrl-C with its input still open): the process is ending anyway.
     runtime.shutdown_background();
@@ -113,14 +123,23 @@ fn fail(f: &Failure) -> ExitCode {
     ExitCode::from(f.code)
 }
 
-async fn run(cli: Cli) -> Outcome {
+async fn run(cli: Cli, broker_source: &str) -> Outcome {
     let broker = cli.broker.clone();
     let client = Client::builder()
         .connect_timeout(cli.timeout)
         .request_timeout(cli.timeout)
         .connect(broker.clone())
         .await
-        .map_err(|e| Failure::sdk(&broker, &e))?;
+        .map_err(|e| match e {
+            Error::Config {
+                setting: "addr",
+                reason,
+            } => Failure {
+                code: 2,
+                message: format!("invalid {broker_source}: {reason}"),
+            },
+            e => Failure::sdk(&broker, &e),
+        })?;
     let ctx = Ctx { client, broker };
     match cli.command {
         Command::Topics(t) => admin::topics(&ctx, t).await,

@@ -499,7 +499,19 @@ fn bad_arguments_are_usage_errors_exit_2() {
         &mut cli_at("nohost"),
         &["health"],
         2,
-        "error: invalid setting addr: \"nohost\" is not host:port (like 127.0.0.1:9092)",
+        "error: invalid STREAMBUS_BROKER: \"nohost\" is not host:port (like 127.0.0.1:9092)",
+    );
+    fails_with(
+        &mut cli_at(&addr),
+        &["health", "--broker", "host:port"],
+        2,
+        "error: invalid --broker: \"host:port\" is not host:port (like 127.0.0.1:9092)",
+    );
+    fails_with(
+        &mut cli_at(""),
+        &["topics", "list"],
+        2,
+        "error: invalid STREAMBUS_BROKER: \"\" is not host:port (like 127.0.0.1:9092)",
     );
 
     // Refused by the SDK before sending: also usage errors.
