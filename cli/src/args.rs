@@ -76,7 +76,7 @@ object per line; a key, value or header that is not UTF-8 is base64 in a field n
     Offsets(Offsets),
     /// Check the broker's health (exit status 1 when unhealthy or unreachable)
     Health(Health),
-    /// Measure produce, round-trip or consume throughput and latency through the SDK
+    /// Measure produce, round-trip, consume or request throughput and latency through the SDK
     #[command(after_help = "\
 produce: the SDK's batching producer sends --messages records of --size bytes (or for
 --duration); latency is from enqueue to acknowledgement.
@@ -84,6 +84,8 @@ roundtrip: the same with one record in flight per client (Producer::send, awaite
 that of each send.
 consume: the SDK's consumer reads --messages records from the topic's start (by default all
 it holds); latency is that of each poll that returned records.
+requests: HealthCheck requests over --connections connections with --in-flight each (the
+broker's request rate without storage; --messages counts requests).
 A progress bar is drawn on a terminal only. At the end: messages/s, MB/s (10^6 bytes of
 record values) and latency p50/p90/p99/p99.9/max; --json prints them as one JSON object.")]
     Bench(Bench),
@@ -219,6 +221,12 @@ pub(crate) struct Bench {
     /// Clients (each with its own connections and producer) sharing the records to send
     #[arg(long, short, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub(crate) clients: u32,
+    /// requests: connections to the broker
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) connections: u32,
+    /// requests: requests in flight per connection (1-128)
+    #[arg(long, default_value_t = 64, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub(crate) in_flight: u32,
     /// Print the results as one JSON object
     #[arg(long)]
     pub(crate) json: bool,
@@ -233,6 +241,8 @@ pub(crate) enum BenchMode {
     Roundtrip,
     // The SDK's consumer, from the topic's start.
     Consume,
+    // Health checks, many in flight.
+    Requests,
 }
 
 /// `streambus health`.

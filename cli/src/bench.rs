@@ -28,6 +28,8 @@ const DEFAULT_ROUNDTRIPS: u64 = 100_000;
 #[derive(Debug)]
 struct Report {
     mode: &'static str,
+    /// What is counted (`message`, `request`).
+    unit: &'static str,
     /// What the latency is of.
     latency_of: &'static str,
     messages: u64,
@@ -52,6 +54,7 @@ pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
         BenchMode::Produce => produce(ctx, &args, &stop, false).await?,
         BenchMode::Roundtrip => produce(ctx, &args, &stop, true).await?,
         BenchMode::Consume => consume(ctx, &args, &stop).await?,
+        BenchMode::Requests => requests(ctx, &args, &stop).await?,
     };
     write_out(render(&report, &args).as_bytes())
 }
@@ -224,6 +227,7 @@ async fn produce(
         } else {
             "produce"
         },
+        unit: "message",
         latency_of: if one_at_a_time {
             "send to acknowledgement, one in flight per client"
         } else {
@@ -355,9 +359,82 @@ async fn consume(ctx: &Ctx, args: &Bench, stop: &AtomicBool) -> Result<Report, F
     bar.finish_and_clear();
     Ok(Report {
         mode: "consume",
+        unit: "message",
         latency_of: "each poll",
         messages: got,
         bytes,
+        elapsed,
+        latency,
+    })
+}
+
+/// Health checks over `--connections` connections with `--in-flight` requests each: the
+/// broker's request rate without storage.
+async fn requests(ctx: &Ctx, args: &Bench, stop: &Arc<AtomicBool>) -> Result<Report, Failure> {
+    let cfg = ctx.client.config();
+    let client = Client::builder()
+        .pool_size(args.connections as usize)
+        .max_in_flight(args.in_flight as usize)
+        .connect_timeout(cfg.connect_timeout)
+        .request_timeout(cfg.request_timeout)
+        .connect(ctx.broker.as_str())
+        .await
+        .map_err(|e| ctx.err(e))?;
+    let limit = match (args.messages, args.duration) {
+        (Some(n), _) => n,
+        (None, Some(_)) => u64::MAX,
+        (None, None) => DEFAULT_MESSAGES,
+    };
+    let bar = progress((limit != u64::MAX).then_some(limit), "answered");
+    let workers = u64::from(args.connections) * u64::from(args.in_flight);
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for i in 0..workers {
+        let share = if limit == u64::MAX {
+            limit
+        } else {
+            limit / workers + u64::from(i < limit % workers)
+        };
+        let job = Job {
+            topic: String::new(),
+            value: Vec::new(),
+            config: ProducerConfig::default(),
+            limit: share,
+            deadline: args.duration.map(|d| start + d),
+            stop: stop.clone(),
+            bar: bar.clone(),
+            latency: histogram()?,
+        };
+        let client = client.clone();
+        tasks.spawn(async move {
+            let mut latency = job.latency.clone();
+            let mut done = 0u64;
+            while job.go_on(done) {
+                let t = Instant::now();
+                client.health().await?;
+                latency.saturating_record(nanos(t.elapsed()));
+                done += 1;
+                job.bar.inc(1);
+            }
+            Ok::<_, Error>((latency, done))
+        });
+    }
+    let (mut latency, mut done) = (histogram()?, 0u64);
+    while let Some(t) = tasks.join_next().await {
+        let (h, n) = t
+            .map_err(|e| Failure::runtime(format!("a requesting task failed: {e}")))?
+            .map_err(|e| ctx.err(e))?;
+        let _ = latency.add(&h);
+        done += n;
+    }
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    Ok(Report {
+        mode: "requests",
+        unit: "request",
+        latency_of: "each health check",
+        messages: done,
+        bytes: 0,
         elapsed,
         latency,
     })
@@ -408,9 +485,10 @@ fn render(r: &Report, args: &Bench) -> String {
         .collect();
     pcts.push(format!("max {}", human(h.max())));
     format!(
-        "{}: {} in {secs:.2} s: {rate:.0} msg/s, {mb:.1} MB/s\nlatency ({}, {} samples): {}\n",
+        "{}: {} in {secs:.2} s: {rate:.0} {}/s, {mb:.1} MB/s\nlatency ({}, {} samples): {}\n",
         r.mode,
-        plural(r.messages, "message"),
+        plural(r.messages, r.unit),
+        if r.unit == "request" { "req" } else { "msg" },
         r.latency_of,
         h.len(),
         pcts.join(", ")

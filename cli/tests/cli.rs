@@ -720,7 +720,7 @@ fn bench_json_counts_match_what_was_sent() {
         &mut b.cli(),
         &["bench", "fetch"],
         2,
-        "error: invalid value 'fetch' for '<MODE>'\n  [possible values: produce, roundtrip, consume]\n\n\
+        "error: invalid value 'fetch' for '<MODE>'\n  [possible values: produce, roundtrip, consume, requests]\n\n\
          For more information, try '--help'.",
     );
 }
@@ -860,5 +860,47 @@ fn bench_roundtrip_clients_and_duration() {
     assert_eq!(
         stdout(&a),
         format!("PARTITION  START  END\n0          0      {sent}\n")
+    );
+}
+
+#[test]
+fn bench_requests_over_connections() {
+    let b = Broker::start();
+    let a = b
+        .cli()
+        .args([
+            "bench",
+            "requests",
+            "-n",
+            "1000",
+            "--connections",
+            "2",
+            "--in-flight",
+            "8",
+            "--json",
+        ])
+        .assert()
+        .success();
+    let r: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    assert_eq!(r["mode"], "requests");
+    assert_eq!(r["messages"], 1000);
+    assert_eq!(r["latency_samples"], 1000);
+    let a = b
+        .cli()
+        .args(["bench", "requests", "-n", "10"])
+        .assert()
+        .success();
+    assert!(
+        stdout(&a).starts_with("requests: 10 requests in "),
+        "{}",
+        stdout(&a)
+    );
+    assert!(stdout(&a).contains(" req/s, "), "{}", stdout(&a));
+    fails_with(
+        &mut b.cli(),
+        &["bench", "requests", "--in-flight", "129"],
+        2,
+        "error: invalid value '129' for '--in-flight <M>': 129 is not in 1..=128\n\n\
+         For more information, try '--help'.",
     );
 }
