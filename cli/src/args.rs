@@ -1,0 +1,356 @@
+//! The command line: every subcommand, flag and its help text (clap derive).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::format::Template;
+
+const EXAMPLES: &str = "\
+Examples:
+  streambus topics create orders --partitions 3
+  printf 'hello\\nworld\\n' | streambus produce orders --key customer-7
+  streambus consume orders --from earliest --format '{partition}/{offset} {key} {value}'
+  streambus consume orders --from latest --follow --json
+  streambus offsets orders
+  streambus bench produce --messages 100000 --size 100
+
+Exit status: 0 success, 1 a runtime error (one line on stderr naming what failed),
+2 a usage error.";
+
+/// The StreamBus command-line tool: manage topics, produce and consume records, check a
+/// broker.
+#[derive(Debug, Parser)]
+#[command(
+    name = "streambus",
+    version,
+    after_help = EXAMPLES,
+    propagate_version = true,
+    max_term_width = 100
+)]
+pub(crate) struct Cli {
+    /// The broker's address
+    #[arg(
+        long,
+        short = 'b',
+        global = true,
+        env = "STREAMBUS_BROKER",
+        hide_env_values = true,
+        value_name = "HOST:PORT",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub(crate) broker: String,
+
+    /// Time allowed to connect and for each request (like 500ms, 10s, 2m)
+    #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) timeout: Duration,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create, delete, list and describe topics
+    #[command(subcommand)]
+    Topics(Topics),
+    /// Send records: one per line of standard input (or of --file)
+    #[command(after_help = "\
+Each line (without its line ending) is one record's value; the bytes are sent as they are.
+Records are batched; a summary goes to stderr when all are acknowledged, and with --verbose
+each record's `PARTITION OFFSET` to stdout, in input order. Ctrl-C stops reading and sends
+what was read.")]
+    Produce(Produce),
+    /// Print a topic's records; with --follow, wait for new ones until Ctrl-C
+    #[command(after_help = "\
+Without --follow, prints the records stored when it starts (from --from) and exits.
+Template fields: {topic} {partition} {offset} {timestamp} (Unix ns) {key} {value}
+{headers} (k=v,k=v); `{{` and `}}` are literal braces, \\t and \\n a tab and a newline.
+Keys, values and headers are written as raw bytes. With --json, each record is one JSON
+object per line; a key, value or header that is not UTF-8 is base64 in a field named
+`key_base64`, `value_base64` (the field's name with `_base64`).")]
+    Consume(Consume),
+    /// Show each partition's start and end offsets
+    Offsets(Offsets),
+    /// Check the broker's health (exit status 1 when unhealthy or unreachable)
+    Health(Health),
+    /// Measure produce, round-trip, consume or request throughput and latency through the SDK
+    #[command(after_help = "\
+produce: the SDK's batching producer sends --messages records of --size bytes (or for
+--duration); latency is from enqueue to acknowledgement.
+roundtrip: the same with one record in flight per client (Producer::send, awaited); latency is
+that of each send.
+consume: the SDK's consumer reads --messages records from the topic's start (by default all
+it holds); latency is that of each poll that returned records.
+requests: HealthCheck requests over --connections connections with --in-flight each (the
+broker's request rate without storage; --messages counts requests).
+A progress bar is drawn on a terminal only. At the end: messages/s, MB/s (10^6 bytes of
+record values) and latency p50/p90/p99/p99.9/max; --json prints them as one JSON object.")]
+    Bench(Bench),
+}
+
+/// `streambus topics …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Topics {
+    /// Create a topic (succeeds if it exists with the same partition count)
+    Create {
+        /// The topic's name: 1-249 bytes of [A-Za-z0-9._-]
+        name: String,
+        /// Its partition count (1-1024)
+        #[arg(long, short, default_value_t = 1, value_name = "N")]
+        partitions: u32,
+    },
+    /// Delete a topic and its records
+    Delete {
+        /// The topic's name
+        name: String,
+    },
+    /// List the topics with their partition counts
+    List {
+        /// Print a JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a topic's partitions with their start and end offsets
+    Describe {
+        /// The topic's name
+        name: String,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `streambus produce …`.
+#[derive(Debug, Args)]
+pub(crate) struct Produce {
+    /// The topic (created with one partition if missing and the broker auto-creates topics)
+    pub(crate) topic: String,
+    /// Read the records from this file instead of standard input
+    #[arg(long, short, value_name = "PATH")]
+    pub(crate) file: Option<PathBuf>,
+    /// The key of every record (records with one key go to one partition)
+    #[arg(long, short)]
+    pub(crate) key: Option<String>,
+    /// A header of every record, as KEY=VALUE; repeat for more
+    #[arg(long = "header", short = 'H', value_name = "KEY=VALUE", value_parser = parse_header)]
+    pub(crate) headers: Vec<(String, String)>,
+    /// Send every record to this partition (default: by key hash, or round robin)
+    #[arg(long, short, value_name = "N")]
+    pub(crate) partition: Option<u32>,
+    /// Print each record's partition and offset
+    #[arg(long, short)]
+    pub(crate) verbose: bool,
+}
+
+/// `streambus consume …`.
+#[derive(Debug, Args)]
+pub(crate) struct Consume {
+    /// The topic
+    pub(crate) topic: String,
+    /// Where to start: earliest, latest or an offset (with several partitions, each starts
+    /// as near that offset as it can)
+    #[arg(
+        long,
+        default_value = "earliest",
+        value_name = "earliest|latest|OFFSET",
+        value_parser = parse_from,
+        allow_negative_numbers = true
+    )]
+    pub(crate) from: From,
+    /// Read only this partition (default: all)
+    #[arg(long, short, value_name = "N")]
+    pub(crate) partition: Option<u32>,
+    /// Stop after this many records
+    #[arg(long, short = 'n', value_name = "N", value_parser = parse_count)]
+    pub(crate) count: Option<u64>,
+    /// Keep waiting for new records (long poll) until Ctrl-C or --count
+    #[arg(long, short)]
+    pub(crate) follow: bool,
+    /// Output template for each record
+    #[arg(long, default_value = "{value}", value_name = "TEMPLATE", value_parser = Template::parse, conflicts_with = "json")]
+    pub(crate) format: Template,
+    /// Print each record as a JSON object on its own line
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// `streambus offsets …`.
+#[derive(Debug, Args)]
+pub(crate) struct Offsets {
+    /// The topic
+    pub(crate) topic: String,
+    /// Only this partition
+    #[arg(long, short, value_name = "N")]
+    pub(crate) partition: Option<u32>,
+    /// Print a JSON array instead of a table
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// `streambus bench`.
+#[derive(Debug, Args)]
+pub(crate) struct Bench {
+    /// What to measure
+    #[arg(value_enum, value_name = "MODE")]
+    pub(crate) mode: BenchMode,
+    /// The topic (created if missing)
+    #[arg(long, short, default_value = "bench")]
+    pub(crate) topic: String,
+    /// Partitions of the topic when it is created
+    #[arg(long, short, default_value_t = 1, value_name = "N")]
+    pub(crate) partitions: u32,
+    /// Records to send or read (default: 1000000 to produce, 100000 round trips, all stored
+    /// to consume)
+    #[arg(long, short = 'n', value_name = "N", value_parser = parse_count)]
+    pub(crate) messages: Option<u64>,
+    /// Stop after this long instead (like 10s)
+    #[arg(long, short, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) duration: Option<Duration>,
+    /// Bytes of each record's value
+    #[arg(long, short, default_value_t = 100, value_name = "BYTES")]
+    pub(crate) size: usize,
+    /// How long a producer batch waits for more records
+    #[arg(long, default_value = "5ms", value_name = "DURATION", value_parser = parse_linger)]
+    pub(crate) linger: Duration,
+    /// Record bytes per producer batch at most
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    pub(crate) batch_bytes: usize,
+    /// Clients (each with its own connections and producer) sharing the records to send
+    #[arg(long, short, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) clients: u32,
+    /// requests: connections to the broker
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) connections: u32,
+    /// requests: requests in flight per connection (1-128)
+    #[arg(long, default_value_t = 64, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub(crate) in_flight: u32,
+    /// Print the results as one JSON object
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// What `bench` measures (explained in `bench --help`'s text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum BenchMode {
+    // The SDK's batching producer.
+    Produce,
+    // One record in flight per client.
+    Roundtrip,
+    // The SDK's consumer, from the topic's start.
+    Consume,
+    // Health checks, many in flight.
+    Requests,
+}
+
+/// `streambus health`.
+#[derive(Debug, Args)]
+pub(crate) struct Health {
+    /// Print JSON instead of a sentence
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Where `consume` starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum From {
+    /// The first stored offset.
+    Earliest,
+    /// The end: only records produced from now on.
+    Latest,
+    /// This offset.
+    At(i64),
+}
+
+fn parse_from(s: &str) -> Result<From, String> {
+    match s {
+        "earliest" => Ok(From::Earliest),
+        "latest" => Ok(From::Latest),
+        _ => match s.parse::<i64>() {
+            Ok(n) if n >= 0 => Ok(From::At(n)),
+            _ => Err("expected earliest, latest or an offset (0 or more)".into()),
+        },
+    }
+}
+
+fn parse_count(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("expected a count of 1 or more".into()),
+    }
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err("expected KEY=VALUE with a non-empty KEY".into()),
+    }
+}
+
+/// A duration that may be zero.
+fn parse_linger(s: &str) -> Result<Duration, String> {
+    match parse_duration(s) {
+        Err(e) if e == ZERO => Ok(Duration::ZERO),
+        other => other,
+    }
+}
+
+const ZERO: &str = "must be greater than zero";
+
+/// `500ms`, `10s`, `2m`, or a number of seconds.
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("expected a duration like 500ms, 10s or 2m, got {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("unknown unit {unit:?}: use ms, s or m")),
+    };
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(ZERO.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("x").is_err());
+        assert_eq!(parse_linger("0ms"), Ok(Duration::ZERO));
+        assert!(parse_linger("-1ms").is_err());
+    }
+
+    #[test]
+    fn from_and_headers() {
+        assert_eq!(parse_from("latest"), Ok(From::Latest));
+        assert_eq!(parse_from("42"), Ok(From::At(42)));
+        assert!(parse_from("-1").is_err());
+        assert_eq!(parse_header("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_header("a="), Ok(("a".into(), String::new())));
+        assert!(parse_header("=b").is_err());
+        assert!(parse_header("ab").is_err());
+    }
+}

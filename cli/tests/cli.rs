@@ -1,0 +1,906 @@
+//! The `streambus` binary against a broker started in this process: every subcommand's
+//! output, exit status and error line.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use assert_cmd::Command;
+use assert_cmd::cargo::cargo_bin;
+use serde_json::Value;
+
+/// A broker on a free port with its own data directory, stopped when dropped.
+struct Broker {
+    running: streambus_server::Running,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut c = streambus_server::Config::default();
+        c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.data_dir = dir.path().to_owned();
+        c.metrics_listen = None;
+        c.fsync = streambus_server::FsyncMode::Never;
+        let running = streambus_server::start(c).expect("broker starts");
+        Self { running, _dir: dir }
+    }
+
+    fn addr(&self) -> String {
+        self.running.addr().to_string()
+    }
+
+    /// `streambus` pointed at this broker through `STREAMBUS_BROKER`.
+    fn cli(&self) -> Command {
+        cli_at(&self.addr())
+    }
+}
+
+fn cli_at(addr: &str) -> Command {
+    let mut c = Command::new(cargo_bin!("streambus"));
+    c.env("STREAMBUS_BROKER", addr)
+        .timeout(Duration::from_secs(60));
+    c
+}
+
+/// An address nobody listens on.
+fn dead_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("addr");
+    drop(l);
+    a.to_string()
+}
+
+fn stdout(a: &assert_cmd::assert::Assert) -> String {
+    String::from_utf8(a.get_output().stdout.clone()).expect("UTF-8 stdout")
+}
+
+fn stderr(a: &assert_cmd::assert::Assert) -> String {
+    String::from_utf8(a.get_output().stderr.clone()).expect("UTF-8 stderr")
+}
+
+/// Runs `args`, expects `code` and, on stderr, exactly `line` (one line).
+fn fails_with(cmd: &mut Command, args: &[&str], code: i32, line: &str) {
+    let a = cmd.args(args).assert().code(code).stdout("");
+    assert_eq!(stderr(&a), format!("{line}\n"), "streambus {args:?}");
+}
+
+#[test]
+fn help_lists_the_commands_and_exits_0() {
+    let a = cli_at("127.0.0.1:9").arg("--help").assert().success();
+    let out = stdout(&a);
+    for word in [
+        "Usage: streambus [OPTIONS] <COMMAND>",
+        "topics",
+        "produce",
+        "consume",
+        "offsets",
+        "health",
+        "bench",
+        "STREAMBUS_BROKER",
+        "127.0.0.1:9092",
+        "Exit status",
+    ] {
+        assert!(out.contains(word), "--help lacks {word:?}:\n{out}");
+    }
+    let a = cli_at("127.0.0.1:9")
+        .args(["consume", "--help"])
+        .assert()
+        .success();
+    assert!(stdout(&a).contains("--follow"));
+    assert!(stdout(&a).contains("value_base64"));
+    cli_at("127.0.0.1:9")
+        .args(["topics", "create", "--help"])
+        .assert()
+        .success();
+    let a = cli_at("127.0.0.1:9").arg("--version").assert().success();
+    assert!(stdout(&a).starts_with("streambus "));
+}
+
+#[test]
+fn topics_create_list_describe_delete() {
+    let b = Broker::start();
+    b.cli()
+        .args(["topics", "list"])
+        .assert()
+        .success()
+        .stdout("TOPIC  PARTITIONS\n");
+    b.cli()
+        .args(["topics", "create", "orders", "--partitions", "3"])
+        .assert()
+        .success()
+        .stdout("created topic orders with 3 partitions\n");
+    b.cli()
+        .args(["topics", "create", "orders", "-p", "3"])
+        .assert()
+        .success()
+        .stdout("topic orders already exists with 3 partitions\n");
+    fails_with(
+        &mut b.cli(),
+        &["topics", "create", "orders", "--partitions", "2"],
+        1,
+        "error: create topic on topic \"orders\": the broker answered TopicExists (9): \
+         topic orders already exists with 3 partitions",
+    );
+    b.cli()
+        .args(["topics", "create", "a.log"])
+        .assert()
+        .success()
+        .stdout("created topic a.log with 1 partition\n");
+    b.cli()
+        .args(["topics", "list"])
+        .assert()
+        .success()
+        .stdout("TOPIC   PARTITIONS\na.log   1\norders  3\n");
+    let a = b
+        .cli()
+        .args(["topics", "list", "--json"])
+        .assert()
+        .success();
+    let v: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    assert_eq!(
+        v,
+        serde_json::json!([
+            { "name": "a.log", "partitions": 1 },
+            { "name": "orders", "partitions": 3 }
+        ])
+    );
+
+    b.cli()
+        .args(["produce", "orders", "--partition", "1"])
+        .write_stdin("x\ny\n")
+        .assert()
+        .success();
+    b.cli()
+        .args(["topics", "describe", "orders"])
+        .assert()
+        .success()
+        .stdout(
+            "topic orders: 3 partitions, 2 records stored\n\
+             PARTITION  START  END  RECORDS\n\
+             0          0      0    0\n\
+             1          0      2    2\n\
+             2          0      0    0\n",
+        );
+    let a = b
+        .cli()
+        .args(["topics", "describe", "orders", "--json"])
+        .assert()
+        .success();
+    let v: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    assert_eq!(v["name"], "orders");
+    assert_eq!(
+        v["partitions"][1],
+        serde_json::json!({"partition": 1, "start": 0, "end": 2})
+    );
+
+    b.cli()
+        .args(["topics", "delete", "orders"])
+        .assert()
+        .success()
+        .stdout("deleted topic orders\n");
+    fails_with(
+        &mut b.cli(),
+        &["topics", "delete", "orders"],
+        1,
+        "error: delete topic on topic \"orders\": the broker answered TopicNotFound (8): \
+         topic orders does not exist",
+    );
+    b.cli()
+        .args(["topics", "list"])
+        .assert()
+        .success()
+        .stdout("TOPIC  PARTITIONS\na.log  1\n");
+}
+
+#[test]
+fn produced_records_read_back_equal_with_keys_and_headers() {
+    let b = Broker::start();
+    b.cli()
+        .args(["topics", "create", "events"])
+        .assert()
+        .success();
+    let mut input = b"first\nsecond line\r\n\n".to_vec();
+    input.extend_from_slice(b"\xff\xfe binary\n");
+    input.extend_from_slice(b"no newline at the end");
+    let a = b
+        .cli()
+        .args([
+            "produce",
+            "events",
+            "--key",
+            "customer-7",
+            "--header",
+            "trace=abc",
+            "-H",
+            "eq=a=b",
+            "--verbose",
+        ])
+        .write_stdin(input)
+        .assert()
+        .success()
+        .stdout("0 0\n0 1\n0 2\n0 3\n0 4\n");
+    assert_eq!(
+        stderr(&a),
+        "produced 5 records to events (partition 0: offsets 0-4)\n"
+    );
+
+    let a = b
+        .cli()
+        .args(["consume", "events", "--count", "5", "--json"])
+        .assert()
+        .success();
+    let lines: Vec<Value> = stdout(&a)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 5);
+    let headers = serde_json::json!([
+        { "key": "trace", "value": "abc" },
+        { "key": "eq", "value": "a=b" }
+    ]);
+    for (i, (line, value)) in lines
+        .iter()
+        .zip(["first", "second line", "", "", "no newline at the end"])
+        .enumerate()
+    {
+        assert_eq!(line["topic"], "events");
+        assert_eq!(line["partition"], 0);
+        assert_eq!(line["offset"], i);
+        assert!(line["timestamp"].as_i64().is_some_and(|t| t > 0));
+        assert_eq!(line["key"], "customer-7");
+        assert_eq!(line["headers"], headers);
+        if i == 3 {
+            assert!(line.get("value").is_none(), "{line}");
+            assert_eq!(line["value_base64"], "//4gYmluYXJ5");
+        } else {
+            assert_eq!(line["value"], value, "{line}");
+        }
+    }
+
+    // The text template writes raw bytes.
+    let a = b
+        .cli()
+        .args([
+            "consume",
+            "events",
+            "--format",
+            "{topic}/{partition}/{offset} {key} [{headers}] {{{value}}}",
+        ])
+        .assert()
+        .success();
+    let mut want = b"events/0/0 customer-7 [trace=abc,eq=a=b] {first}\n\
+        events/0/1 customer-7 [trace=abc,eq=a=b] {second line}\n\
+        events/0/2 customer-7 [trace=abc,eq=a=b] {}\n"
+        .to_vec();
+    want.extend_from_slice(b"events/0/3 customer-7 [trace=abc,eq=a=b] {\xff\xfe binary}\n");
+    want.extend_from_slice(b"events/0/4 customer-7 [trace=abc,eq=a=b] {no newline at the end}\n");
+    assert_eq!(a.get_output().stdout, want);
+}
+
+#[test]
+fn produce_from_a_file_to_a_partition_and_consume_positions() {
+    let b = Broker::start();
+    b.cli()
+        .args(["topics", "create", "t", "--partitions", "2"])
+        .assert()
+        .success();
+    let dir = tempfile::tempdir().expect("dir");
+    let file = dir.path().join("records.txt");
+    std::fs::write(&file, "r0\nr1\nr2\nr3\nr4\n").expect("write");
+    let a = b
+        .cli()
+        .args(["produce", "t", "--partition", "1", "--file"])
+        .arg(&file)
+        .assert()
+        .success()
+        .stdout("");
+    assert_eq!(
+        stderr(&a),
+        "produced 5 records to t (partition 1: offsets 0-4)\n"
+    );
+
+    let fmt = ["--format", "{partition}:{offset}:{value}"];
+    b.cli()
+        .args(["consume", "t"])
+        .args(fmt)
+        .assert()
+        .success()
+        .stdout("1:0:r0\n1:1:r1\n1:2:r2\n1:3:r3\n1:4:r4\n");
+    b.cli()
+        .args(["consume", "t", "-p", "1", "--from", "3"])
+        .args(fmt)
+        .assert()
+        .success()
+        .stdout("1:3:r3\n1:4:r4\n");
+    b.cli()
+        .args(["consume", "t", "--count", "2"])
+        .args(fmt)
+        .assert()
+        .success()
+        .stdout("1:0:r0\n1:1:r1\n");
+    b.cli()
+        .args(["consume", "t", "--from", "latest"])
+        .assert()
+        .success()
+        .stdout("");
+    b.cli()
+        .args(["consume", "t", "-p", "0"])
+        .assert()
+        .success()
+        .stdout("");
+    fails_with(
+        &mut b.cli(),
+        &["consume", "t", "-p", "1", "--from", "9"],
+        1,
+        "error: offset 9 is out of range for partition 1 of t: it holds offsets 0 to 4",
+    );
+    fails_with(
+        &mut b.cli(),
+        &["consume", "t", "-p", "0", "--from", "1"],
+        1,
+        "error: offset 1 is out of range for partition 0 of t: it is empty, its next offset is 0",
+    );
+    fails_with(
+        &mut b.cli(),
+        &["produce", "t", "--file", "/nonexistent/records.txt"],
+        1,
+        "error: cannot open /nonexistent/records.txt: No such file or directory (os error 2)",
+    );
+
+    b.cli()
+        .args(["offsets", "t"])
+        .assert()
+        .success()
+        .stdout("PARTITION  START  END\n0          0      0\n1          0      5\n");
+    b.cli()
+        .args(["offsets", "t", "-p", "1"])
+        .assert()
+        .success()
+        .stdout("PARTITION  START  END\n1          0      5\n");
+    let a = b.cli().args(["offsets", "t", "--json"]).assert().success();
+    let v: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    assert_eq!(
+        v,
+        serde_json::json!([
+            { "partition": 0, "start": 0, "end": 0 },
+            { "partition": 1, "start": 0, "end": 5 }
+        ])
+    );
+}
+
+#[test]
+fn health_of_a_live_broker() {
+    let b = Broker::start();
+    let a = b.cli().arg("health").assert().success();
+    let out = stdout(&a);
+    assert!(
+        out.starts_with(&format!("broker {} is healthy (up ", b.addr())) && out.ends_with("s)\n"),
+        "{out}"
+    );
+    let a = b.cli().args(["health", "--json"]).assert().success();
+    let v: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    assert_eq!(v["healthy"], true);
+    assert_eq!(v["status"], "healthy");
+    assert_eq!(v["broker"], b.addr());
+}
+
+#[test]
+fn the_broker_flag_wins_over_the_environment() {
+    let b = Broker::start();
+    cli_at(&dead_addr())
+        .args(["--broker", &b.addr(), "topics", "list"])
+        .assert()
+        .success();
+    cli_at(&dead_addr())
+        .args(["topics", "list", "-b", &b.addr()])
+        .assert()
+        .success();
+}
+
+#[test]
+fn a_broker_that_is_down_is_one_line_and_exit_1() {
+    let addr = dead_addr();
+    let commands: [&[&str]; 9] = [
+        &["topics", "create", "t"],
+        &["topics", "delete", "t"],
+        &["topics", "list"],
+        &["topics", "describe", "t"],
+        &["produce", "t"],
+        &["consume", "t"],
+        &["consume", "t", "--follow"],
+        &["offsets", "t"],
+        &["health"],
+    ];
+    for args in commands {
+        let a = cli_at(&addr)
+            .args(args)
+            .write_stdin("a record\n")
+            .assert()
+            .code(1)
+            .stdout("");
+        let err = stderr(&a);
+        assert!(
+            err.starts_with(&format!("error: broker {addr}: connect: I/O error: ")),
+            "streambus {args:?}: {err}"
+        );
+        assert_eq!(err.lines().count(), 1, "streambus {args:?}: {err}");
+        assert!(err.ends_with('\n'));
+    }
+}
+
+#[test]
+fn unknown_topics_and_partitions_are_exit_1() {
+    let b = Broker::start();
+    for args in [
+        &["topics", "describe", "nope"][..],
+        &["consume", "nope"],
+        &["consume", "nope", "--follow"],
+        &["offsets", "nope"],
+    ] {
+        fails_with(&mut b.cli(), args, 1, "error: topic nope does not exist");
+    }
+    b.cli()
+        .args(["topics", "create", "two", "-p", "2"])
+        .assert()
+        .success();
+    for args in [
+        &["consume", "two", "-p", "2"][..],
+        &["offsets", "two", "--partition", "7"],
+    ] {
+        let p = args[args.len() - 1];
+        fails_with(
+            &mut b.cli(),
+            args,
+            1,
+            &format!("error: topic two has no partition {p} (it has 2 partitions)"),
+        );
+    }
+}
+
+#[test]
+fn bad_arguments_are_usage_errors_exit_2() {
+    // Refused by the command line (clap): nothing is sent, the broker isn't needed.
+    let addr = dead_addr();
+    for args in [
+        &[][..],
+        &["bogus"],
+        &["topics"],
+        &["topics", "create"],
+        &["topics", "create", "t", "--partitions", "many"],
+        &["consume", "t", "--from", "-1"],
+        &["consume", "t", "--from", "soon"],
+        &["consume", "t", "--count", "0"],
+        &["consume", "t", "--format", "{nope}"],
+        &["consume", "t", "--format", "{value"],
+        &["consume", "t", "--json", "--format", "{value}"],
+        &["produce", "t", "--header", "novalue"],
+        &["produce", "t", "--partition", "-1"],
+        &["health", "--timeout", "0s"],
+        &["health", "--nope"],
+    ] {
+        let a = cli_at(&addr).args(args).assert().code(2).stdout("");
+        let err = stderr(&a);
+        assert!(err.starts_with("error: "), "streambus {args:?}: {err}");
+        assert!(!err.contains("panicked"), "streambus {args:?}: {err}");
+    }
+    fails_with(
+        &mut cli_at(&addr),
+        &["consume", "t", "--format", "{nope}"],
+        2,
+        "error: invalid value '{nope}' for '--format <TEMPLATE>': unknown field {nope}: use \
+         {topic} {partition} {offset} {timestamp} {key} {value} {headers}\n\n\
+         For more information, try '--help'.",
+    );
+    fails_with(
+        &mut cli_at("nohost"),
+        &["health"],
+        2,
+        "error: invalid STREAMBUS_BROKER: \"nohost\" is not host:port (like 127.0.0.1:9092)",
+    );
+    fails_with(
+        &mut cli_at(&addr),
+        &["health", "--broker", "host:port"],
+        2,
+        "error: invalid --broker: \"host:port\" is not host:port (like 127.0.0.1:9092)",
+    );
+    fails_with(
+        &mut cli_at(""),
+        &["topics", "list"],
+        2,
+        "error: invalid STREAMBUS_BROKER: \"\" is not host:port (like 127.0.0.1:9092)",
+    );
+
+    // Refused by the SDK before sending: also usage errors.
+    let b = Broker::start();
+    fails_with(
+        &mut b.cli(),
+        &["topics", "create", "bad name"],
+        2,
+        "error: create topic on topic \"bad name\": invalid input: topic name \"bad name\" is \
+         invalid: 1-249 bytes of [A-Za-z0-9._-], not . or ..",
+    );
+    fails_with(
+        &mut b.cli(),
+        &["topics", "create", "t", "--partitions", "0"],
+        2,
+        "error: create topic on topic \"t\": invalid input: partition count must be 1..=1024, got 0",
+    );
+    let a = b
+        .cli()
+        .args(["produce", "t", "--partition", "3"])
+        .write_stdin("a\n")
+        .assert()
+        .code(2)
+        .stdout("");
+    assert_eq!(
+        stderr(&a),
+        "error: line 1: produce on topic \"t\" partition 3: invalid input: partition 3 is out \
+         of range: the topic has 1 (produced 0 records to t before it)\n"
+    );
+}
+
+/// Reads `child`'s stdout lines into a channel.
+fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("streambus did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn consume_follow_prints_new_records_and_exits_0_on_sigint() {
+    let b = Broker::start();
+    b.cli()
+        .args(["produce", "live"])
+        .write_stdin("before\n")
+        .assert()
+        .success();
+    let mut child = std::process::Command::new(cargo_bin!("streambus"))
+        .args(["--broker", &b.addr(), "consume", "live", "--follow"])
+        .args(["--format", "{offset} {key} {value}"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn streambus");
+    let lines = lines_of(&mut child);
+    let wait = Duration::from_secs(30);
+    // The record stored before: the consumer is assigned and waiting now.
+    assert_eq!(lines.recv_timeout(wait).expect("first line"), "0  before");
+    b.cli()
+        .args(["produce", "live", "--key", "k"])
+        .write_stdin("after\n")
+        .assert()
+        .success();
+    assert_eq!(lines.recv_timeout(wait).expect("second line"), "1 k after");
+    // Still following, not exited.
+    assert!(child.try_wait().expect("try_wait").is_none());
+
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(kill.success());
+    let status = wait_exit(&mut child, wait);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(err, "");
+}
+
+#[test]
+fn consume_follow_with_count_exits_after_that_many() {
+    let b = Broker::start();
+    b.cli().args(["topics", "create", "c"]).assert().success();
+    let mut child = std::process::Command::new(cargo_bin!("streambus"))
+        .args([
+            "--broker",
+            &b.addr(),
+            "consume",
+            "c",
+            "--follow",
+            "--count",
+            "2",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn streambus");
+    let lines = lines_of(&mut child);
+    b.cli()
+        .args(["produce", "c"])
+        .write_stdin("one\ntwo\nthree\n")
+        .assert()
+        .success();
+    let wait = Duration::from_secs(30);
+    assert_eq!(lines.recv_timeout(wait).expect("line"), "one");
+    assert_eq!(lines.recv_timeout(wait).expect("line"), "two");
+    assert_eq!(wait_exit(&mut child, wait).code(), Some(0));
+    assert!(lines.recv_timeout(wait).is_err(), "a third line");
+}
+
+#[test]
+fn bench_json_counts_match_what_was_sent() {
+    let b = Broker::start();
+    let json = |args: &[&str]| -> Value {
+        let a = b.cli().args(args).assert().success();
+        assert_eq!(stderr(&a), "", "no progress bar when not on a terminal");
+        serde_json::from_str(&stdout(&a)).expect("one JSON object")
+    };
+    let p = json(&["bench", "produce", "-n", "2000", "--size", "50", "--json"]);
+    assert_eq!(p["mode"], "produce");
+    assert_eq!(p["topic"], "bench");
+    assert_eq!(p["messages"], 2000);
+    assert_eq!(p["bytes"], 100_000);
+    assert_eq!(p["latency_samples"], 2000);
+    assert!(p["messages_per_sec"].as_f64().is_some_and(|r| r > 0.0));
+    let lat = &p["latency_ns"];
+    let at = |k: &str| {
+        lat[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("latency_ns.{k}: {lat}"))
+    };
+    assert!(at("p50") > 0 && at("p50") <= at("p90") && at("p90") <= at("p99"));
+    assert!(at("p99") <= at("p99_9") && at("p99_9") <= at("max"));
+    b.cli()
+        .args(["offsets", "bench"])
+        .assert()
+        .success()
+        .stdout("PARTITION  START  END\n0          0      2000\n");
+
+    let c = json(&["bench", "consume", "--json"]);
+    assert_eq!(c["mode"], "consume");
+    assert_eq!(c["messages"], 2000);
+    assert_eq!(c["bytes"], 100_000);
+    let c = json(&["bench", "consume", "-n", "500", "--json"]);
+    assert_eq!(c["messages"], 500);
+    assert_eq!(c["bytes"], 25_000);
+
+    // Text: two lines.
+    let a = b
+        .cli()
+        .args(["bench", "produce", "-t", "text", "-p", "2", "-n", "100"])
+        .assert()
+        .success();
+    let out = stdout(&a);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with("produce: 100 messages in "), "{out}");
+    assert!(lines[0].ends_with(" MB/s"), "{out}");
+    assert!(
+        lines[1].starts_with("latency (enqueue to acknowledgement, 100 samples): p50 "),
+        "{out}"
+    );
+    let a = b
+        .cli()
+        .args(["topics", "describe", "text"])
+        .assert()
+        .success();
+    assert!(
+        stdout(&a).starts_with("topic text: 2 partitions, 100 records stored\n"),
+        "{}",
+        stdout(&a)
+    );
+
+    b.cli()
+        .args(["topics", "create", "empty"])
+        .assert()
+        .success();
+    fails_with(
+        &mut b.cli(),
+        &["bench", "consume", "-t", "empty"],
+        1,
+        "error: topic empty holds no records: run `streambus bench produce` first",
+    );
+    fails_with(
+        &mut b.cli(),
+        &["bench", "fetch"],
+        2,
+        "error: invalid value 'fetch' for '<MODE>'\n  [possible values: produce, roundtrip, consume, requests]\n\n\
+         For more information, try '--help'.",
+    );
+}
+
+#[test]
+fn produce_stops_on_sigint_and_reports_what_it_sent() {
+    let b = Broker::start();
+    let mut child = std::process::Command::new(cargo_bin!("streambus"))
+        .args(["--broker", &b.addr(), "produce", "typed"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn streambus");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    std::io::Write::write_all(&mut stdin, b"a\nb\n").expect("write");
+    std::io::Write::flush(&mut stdin).expect("flush");
+    // Batches go after their linger, before the end of the input: wait until both are stored.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = b
+            .cli()
+            .args(["offsets", "typed"])
+            .output()
+            .expect("offsets");
+        if String::from_utf8_lossy(&out.stdout).ends_with("0      2\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the two records never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(kill.success());
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    drop(stdin);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(
+        err,
+        "produced 2 records to typed (partition 0: offsets 0-1)\n"
+    );
+}
+
+#[test]
+fn a_reader_that_goes_away_is_not_an_error() {
+    let b = Broker::start();
+    // More than a pipe holds, so the writer meets the closed pipe.
+    let input: String = (0..20_000)
+        .map(|i| format!("record number {i}\n"))
+        .collect();
+    b.cli()
+        .args(["produce", "many"])
+        .write_stdin(input)
+        .assert()
+        .success();
+    let mut child = std::process::Command::new(cargo_bin!("streambus"))
+        .args(["--broker", &b.addr(), "consume", "many"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn streambus");
+    let lines = lines_of(&mut child);
+    let wait = Duration::from_secs(30);
+    assert_eq!(lines.recv_timeout(wait).expect("a line"), "record number 0");
+    drop(lines); // the reader thread ends at its next line and closes the pipe
+    let status = wait_exit(&mut child, wait);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(err, "");
+}
+
+#[test]
+fn bench_roundtrip_clients_and_duration() {
+    let b = Broker::start();
+    let json = |args: &[&str]| -> Value {
+        let a = b.cli().args(args).assert().success();
+        serde_json::from_str(&stdout(&a)).expect("one JSON object")
+    };
+    let r = json(&[
+        "bench",
+        "roundtrip",
+        "-n",
+        "300",
+        "--clients",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(r["mode"], "roundtrip");
+    assert_eq!(r["messages"], 300);
+    assert_eq!(r["latency_samples"], 300);
+    assert_eq!(r["bytes"], 30_000);
+
+    // Three clients share 3001 records over three partitions.
+    let p = json(&[
+        "bench", "produce", "-t", "wide", "-p", "3", "-c", "3", "-n", "3001", "--json",
+    ]);
+    assert_eq!(p["messages"], 3001);
+    let a = b
+        .cli()
+        .args(["offsets", "wide", "--json"])
+        .assert()
+        .success();
+    let offsets: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    let stored: i64 = offsets
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|o| o["end"].as_i64().expect("end") - o["start"].as_i64().expect("start"))
+        .sum();
+    assert_eq!(stored, 3001);
+    assert_eq!(
+        json(&["bench", "consume", "-t", "wide", "--json"])["messages"],
+        3001
+    );
+
+    // For a duration: as many as fit, all acknowledged.
+    let d = json(&[
+        "bench",
+        "produce",
+        "-t",
+        "timed",
+        "--duration",
+        "300ms",
+        "--json",
+    ]);
+    let sent = d["messages"].as_u64().expect("messages");
+    assert!(sent > 0, "{d}");
+    assert!(d["seconds"].as_f64().is_some_and(|s| s >= 0.3), "{d}");
+    let a = b.cli().args(["offsets", "timed"]).assert().success();
+    assert_eq!(
+        stdout(&a),
+        format!("PARTITION  START  END\n0          0      {sent}\n")
+    );
+}
+
+#[test]
+fn bench_requests_over_connections() {
+    let b = Broker::start();
+    let a = b
+        .cli()
+        .args([
+            "bench",
+            "requests",
+            "-n",
+            "1000",
+            "--connections",
+            "2",
+            "--in-flight",
+            "8",
+            "--json",
+        ])
+        .assert()
+        .success();
+    let r: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    assert_eq!(r["mode"], "requests");
+    assert_eq!(r["messages"], 1000);
+    assert_eq!(r["latency_samples"], 1000);
+    let a = b
+        .cli()
+        .args(["bench", "requests", "-n", "10"])
+        .assert()
+        .success();
+    assert!(
+        stdout(&a).starts_with("requests: 10 requests in "),
+        "{}",
+        stdout(&a)
+    );
+    assert!(stdout(&a).contains(" req/s, "), "{}", stdout(&a));
+    fails_with(
+        &mut b.cli(),
+        &["bench", "requests", "--in-flight", "129"],
+        2,
+        "error: invalid value '129' for '--in-flight <M>': 129 is not in 1..=128\n\n\
+         For more information, try '--help'.",
+    );
+}
