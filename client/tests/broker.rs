@@ -76,51 +76,22 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let b = broker(dir.path());
     let addr = b.addr().to_string();
-    let e = Client::builder()
-        .request_timeout(Duration::ZERO)
-        .connect(&addr)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Config {
-                setting: "request_timeout",
-                ..
-            }
+    // Each bad setting is refused before dialling, naming the setting.
+    let bad_settings: [(&str, streambus_client::ClientBuilder); 3] = [
+        (
+            "request_timeout",
+            Client::builder().request_timeout(Duration::ZERO),
         ),
-        "{e}"
-    );
-    let e = Client::builder()
-        .pool_size(0)
-        .connect(&addr)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Config {
-                setting: "pool_size",
-                ..
-            }
-        ),
-        "{e}"
-    );
-    let e = Client::builder()
-        .max_in_flight(1000)
-        .connect(&addr)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Config {
-                setting: "max_in_flight",
-                ..
-            }
-        ),
-        "{e}"
-    );
+        ("pool_size", Client::builder().pool_size(0)),
+        ("max_in_flight", Client::builder().max_in_flight(1000)),
+    ];
+    for (name, builder) in bad_settings {
+        let e = builder.connect(&addr).await.unwrap_err();
+        assert!(
+            matches!(e, Error::Config { setting, .. } if setting == name),
+            "{name}: {e}"
+        );
+    }
     for bad in ["", "localhost", "127.0.0.1:", ":9092", "127.0.0.1:99999"] {
         let e = Client::connect(bad).await.unwrap_err();
         assert!(
