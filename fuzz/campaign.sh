@@ -43,8 +43,8 @@ if ! cargo +nightly fuzz build >"$logs/build.log" 2>&1; then
     exit 2
 fi
 
-corpus_size() { # files and bytes of a corpus directory
-    printf '%s files, %s' "$(find "$1" -type f | wc -l)" "$(du -sh "$1" | cut -f1)"
+corpus_size() { # files and bytes (their contents, not disk blocks) of a corpus directory
+    printf '%s files, %s bytes' "$(find "$1" -type f | wc -l)" "$(find "$1" -type f -printf '%s\n' | awk '{ s += $1 } END { print s + 0 }')"
 }
 
 declare -A before grown
