@@ -17,7 +17,8 @@
 //!   every message served at an offset that was written is the one written there.
 //!
 //! In both modes, after `open` succeeds: a fetch of everything from the log start to the
-//! high-water mark always progresses, serves records whose CRC-32 is the `crc` it reports,
+//! high-water mark always progresses, serves records whose CRC-32 is the `crc` it reports
+//! (and `fetch_plan`, the broker's `sendfile` path, plans the same bytes, CRC and offsets),
 //! never reports a message beyond the high-water mark; a second `open` finds nothing to
 //! truncate and serves the same; and an append after recovery is served and survives a
 //! reopen.
@@ -33,6 +34,7 @@
 //! reports (computed from the index) exposes it.
 
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -40,7 +42,7 @@ use std::time::Duration;
 use arbitrary::Unstructured;
 use streambus_core::checksum::checksum;
 use streambus_core::{Encode, MESSAGE_FIXED_LEN, Message, MessageSet, MessageSetBuilder};
-use streambus_server::storage::{FsyncPolicy, Storage, StorageConfig, StorageError};
+use streambus_server::storage::{FetchResult, FsyncPolicy, Storage, StorageConfig, StorageError};
 
 const TOPIC: &str = "t";
 /// Bytes of one index entry.
@@ -239,6 +241,7 @@ fn fetch_all(s: &Storage, limits: &[u32]) -> (Vec<Served>, i64, i64) {
             f.records.len()
         );
         assert_eq!(f.count == 0, f.records.is_empty(), "fetch at {offset}");
+        check_plan(s, offset, max_bytes, &f);
         out.push(Served {
             first,
             count: f.count,
@@ -247,6 +250,45 @@ fn fetch_all(s: &Storage, limits: &[u32]) -> (Vec<Served>, i64, i64) {
         offset = f.next_offset;
     }
     (out, start, end)
+}
+
+/// The same fetch as file ranges (what the broker sends with `sendfile`) reads the same
+/// bytes, with the same CRC and offsets.
+fn check_plan(s: &Storage, offset: i64, max_bytes: u32, f: &FetchResult) {
+    let p = match s.fetch_plan(TOPIC, 0, offset, max_bytes, MAX_TOTAL) {
+        Ok(p) => p,
+        Err(e) => panic!("fetch_plan at {offset} failed where fetch did not: {e}"),
+    };
+    assert_eq!(
+        (
+            p.count,
+            p.next_offset,
+            p.crc,
+            p.high_water_mark,
+            p.log_start
+        ),
+        (
+            f.count,
+            f.next_offset,
+            f.crc,
+            f.high_water_mark,
+            f.log_start
+        ),
+        "fetch_plan at {offset} differs from fetch"
+    );
+    let mut bytes = Vec::with_capacity(f.records.len());
+    for r in &p.ranges {
+        let at = bytes.len();
+        bytes.resize(at + usize::try_from(r.len).expect("range length"), 0);
+        r.file
+            .read_exact_at(&mut bytes[at..], r.offset)
+            .expect("read a planned range");
+    }
+    assert_eq!(p.len, bytes.len() as u64, "fetch_plan at {offset}: len");
+    assert!(
+        bytes == f.records,
+        "fetch_plan at {offset} reads other bytes than fetch"
+    );
 }
 
 /// After a successful open: the state survives a second open untouched, and an append is
