@@ -8,6 +8,8 @@
 #   FUZZ_TARGETS="a b"   targets to run (default: every target, `cargo fuzz list`)
 #   FUZZ_PARALLEL=N      targets run at the same time (default 1)
 #   FUZZ_CMIN=0          skip the minimisation
+#   FUZZ_SANITIZER=none  build without AddressSanitizer (about twice the executions; our crates
+#                        have no unsafe code), in fuzz/target/sanitizer-none (default: address)
 #   FUZZ_LOG_DIR=dir     where the logs go (default: a new temporary directory)
 # Run it at low priority on a shared machine: `nice -n 19 fuzz/campaign.sh 600`.
 #
@@ -23,6 +25,12 @@ if ! [[ "$seconds" =~ ^[1-9][0-9]*$ ]]; then
     exit 2
 fi
 parallel="${FUZZ_PARALLEL:-1}"
+sanitizer="${FUZZ_SANITIZER:-address}"
+build_args=(-s "$sanitizer")
+if [[ "$sanitizer" != address ]]; then
+    # Its own target directory, so the default (ASan) build stays as it is.
+    build_args+=(--target-dir "target/sanitizer-$sanitizer")
+fi
 logs="${FUZZ_LOG_DIR:-$(mktemp -d -t streambus-fuzz-campaign.XXXXXX)}"
 mkdir -p "$logs"
 
@@ -36,8 +44,8 @@ if [[ ${#targets[@]} -eq 0 ]]; then
     exit 2
 fi
 
-echo "campaign: ${#targets[@]} targets x ${seconds}s (${parallel} at a time), logs in $logs"
-if ! cargo +nightly fuzz build >"$logs/build.log" 2>&1; then
+echo "campaign: ${#targets[@]} targets x ${seconds}s (${parallel} at a time, sanitizer $sanitizer), logs in $logs"
+if ! cargo +nightly fuzz build "${build_args[@]}" >"$logs/build.log" 2>&1; then
     tail -n 40 "$logs/build.log"
     echo "campaign: FAILED: build (see $logs/build.log)" >&2
     exit 2
@@ -52,7 +60,7 @@ run_target() {
     local t="$1"
     # -timeout: one input taking longer is a hang (reported like a crash).
     timeout --kill-after=30 "$((seconds + 300))" \
-        cargo +nightly fuzz run "$t" "corpus/$t" -- \
+        cargo +nightly fuzz run "${build_args[@]}" "$t" "corpus/$t" -- \
         -max_total_time="$seconds" -print_final_stats=1 -timeout=30 \
         >"$logs/$t.log" 2>&1
     echo $? >"$logs/$t.rc"
@@ -99,7 +107,7 @@ if [[ "${FUZZ_CMIN:-1}" != 0 ]]; then
         keep="$logs/$t.golden"
         mkdir -p "$keep"
         find "corpus/$t" -maxdepth 1 -type f -name 'golden_*' -exec cp {} "$keep/" \;
-        if ! timeout --kill-after=30 3600 cargo +nightly fuzz cmin "$t" "corpus/$t" >"$logs/$t.cmin.log" 2>&1; then
+        if ! timeout --kill-after=30 3600 cargo +nightly fuzz cmin "${build_args[@]}" "$t" "corpus/$t" >"$logs/$t.cmin.log" 2>&1; then
             echo "campaign: cmin of $t failed (log: $logs/$t.cmin.log)" >&2
             failed+=("$t(cmin)")
         fi
