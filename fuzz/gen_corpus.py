@@ -6,7 +6,14 @@ decode_frame and decode_stream inputs start with a config byte (0 = default maxi
 CRC not repaired; see src/lib.rs); decode_stream's next byte is the number of chunk-size bytes
 that follow. roundtrip inputs are `arbitrary` bytes, so the golden frames there are only a
 starting point of varied bytes for the mutator, not encodings of requests.
+
+storage_recovery seeds (not golden vectors of the spec, but inputs in its layout, see
+src/storage.rs): raw mode (first byte even) segments built per docs/storage.md, intact, torn,
+with garbage, at another base offset and with a partition.toml; prefix mode (first byte odd)
+inputs are `arbitrary` bytes.
 """
+import struct
+import zlib
 from pathlib import Path
 
 ERROR_MESSAGE = b"topic missing-topic-raw does not exist"
@@ -34,6 +41,63 @@ def frame(hex_fields: str) -> bytes:
     return b
 
 
+def record(offset: int, key: bytes, value: bytes, ts: int = 1_000) -> bytes:
+    """One message record (protocol section 3), without headers."""
+    return (
+        struct.pack(">qqI", offset, ts, len(key)) + key
+        + struct.pack(">I", len(value)) + value + struct.pack(">I", 0)
+    )
+
+
+def segment(base: int, batches: list[list[bytes]]) -> tuple[bytes, bytes]:
+    """A segment's .idx and .log (docs/storage.md, On-disk format) holding the batches."""
+    idx, log, offset = b"", b"", base
+    for i, values in enumerate(batches):
+        records = b"".join(record(offset + k, b"k", v) for k, v in enumerate(values))
+        entry = struct.pack(
+            ">qqqIII", offset, len(log), 1_000 + i, len(values), len(records),
+            zlib.crc32(records),
+        )
+        idx += entry + struct.pack(">I", zlib.crc32(entry))
+        log += records
+        offset += len(values)
+    return idx, log
+
+
+def storage_raw(idx: bytes, log: bytes, base: int | None = None, toml: bytes | None = None,
+                log_start: int | None = None) -> bytes:
+    """A raw-mode storage_recovery input (layout in fuzz/src/storage.rs, check_raw)."""
+    mode = (0b10 if base is not None else 0) | (0b100 if toml or log_start is not None else 0)
+    mode |= 0b1000 if log_start is not None else 0
+    out = bytes([mode])
+    if base is not None:
+        out += struct.pack(">Q", base)
+    out += struct.pack(">H", len(idx)) + idx
+    if log_start is not None:
+        out += struct.pack(">q", log_start)
+    elif toml is not None:
+        out += struct.pack(">H", len(toml)) + toml
+    return out + log
+
+
+def storage_seeds() -> dict[str, bytes]:
+    batches = [[b"a"], [b"bb", b"ccc"], [b"", b"dddd", b"e" * 40], [b"f" * 7]]
+    idx, log = segment(0, batches)
+    idx5, log5 = segment(5, batches)
+    return {
+        "storage_raw_intact": storage_raw(idx, log),
+        "storage_raw_torn_log": storage_raw(idx, log[:-3]),
+        "storage_raw_torn_idx": storage_raw(idx[:-7], log),
+        "storage_raw_garbage": storage_raw(idx + b"\xff" * 17, log + b"garbage"),
+        "storage_raw_flipped": storage_raw(idx, log[:40] + b"\x80" + log[41:]),
+        "storage_raw_base5": storage_raw(idx5, log5, base=5),
+        "storage_raw_log_start": storage_raw(idx5, log5, base=5, log_start=7),
+        "storage_raw_toml": storage_raw(idx, log, toml=b"format = 1\nlog_start = 2\n"),
+        "storage_prefix_small": b"\x01" + bytes(range(64)),
+        "storage_prefix_large": b"\x01" + bytes((i * 37) % 256 for i in range(600)),
+    }
+
+
 def main() -> None:
     root = Path(__file__).resolve().parent / "corpus"
     requests = {k: frame(v) for k, v in REQUESTS.items()}
@@ -58,6 +122,7 @@ def main() -> None:
             "requests_max32": b"\x04\x01\x07" + request_stream,
         },
         "roundtrip": {name: f for name, f in frames.items()},
+        "storage_recovery": storage_seeds(),
     }
     for target, files in seeds.items():
         d = root / target

@@ -14,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 use streambus_core::{
     ClientConfig, ClientConnection, ClientError, ClientEvent, ErrorCode, ErrorResponse,
     FetchRequest, FetchResponse, HealthCheckResponse, Instant, MessageSet, ProduceResponse,
-    Request, RequestType, Response, Text, Topic, encode_response,
+    Request, RequestType, Response, Text, Topic, encode_response, response_encoded_len,
 };
 
 const N: usize = 4;
@@ -106,9 +106,14 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                         uptime_secs: 1,
                     }),
                 };
-                let mut frame = vec![0u8; 2048];
+                // Sized by the response: an arbitrary message can take it past any fixed size.
+                let mut frame = vec![0u8; response_encoded_len(&response)];
                 let n = encode_response(id, &response, &mut frame).unwrap();
-                frame.truncate(n);
+                assert_eq!(
+                    n,
+                    frame.len(),
+                    "encode_response writes response_encoded_len bytes"
+                );
                 if u.ratio(1u8, 8)? {
                     let i = u.choose_index(frame.len())?;
                     frame[i] ^= u.int_in_range(1u8..=255)?;

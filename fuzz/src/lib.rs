@@ -8,7 +8,10 @@
 //! `8 × value`), bit 7 asks `decode_frame` to repair each frame's CRC so that mutated payloads
 //! get past [`RequestFrame::new_checked`] and reach the payload parsers through the frame.
 
+pub mod storage;
+
 use arbitrary::{Arbitrary, Unstructured};
+use streambus_core::broker::{peek_request_id, stamp_record};
 use streambus_core::checksum::checksum;
 use streambus_core::{
     ClientConfig, ClientConnection, ClientError, CreateTopicRequest, CreateTopicResponse,
@@ -22,7 +25,6 @@ use streambus_core::{
     Topic, TopicInfo, TopicList, encode_request, encode_response, request_encoded_len,
     response_encoded_len,
 };
-use streambus_core::broker::{peek_request_id, stamp_record};
 
 /// The CRC trailer.
 const CRC_LEN: usize = 4;
