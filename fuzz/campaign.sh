@@ -8,7 +8,7 @@
 #   FUZZ_TARGETS="a b"   targets to run (default: every target, `cargo fuzz list`)
 #   FUZZ_PARALLEL=N      targets run at the same time (default 1)
 #   FUZZ_CMIN=0          skip the minimisation
-#   FUZZ_SANITIZER=none  build without AddressSanitizer (about twice the executions; our crates
+#   FUZZ_SANITIZER=none  build without AddressSanitizer (5-10 times the executions; our crates
 #                        have no unsafe code), in fuzz/target/sanitizer-none (default: address)
 #   FUZZ_LOG_DIR=dir     where the logs go (default: a new temporary directory)
 # Run it at low priority on a shared machine: `nice -n 19 fuzz/campaign.sh 600`.
