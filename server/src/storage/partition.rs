@@ -202,6 +202,9 @@ impl Partition {
                 "persisted log start is past the recovered end; moving it back"
             );
             log_start = active.end;
+            // On disk too: otherwise appends acknowledged from here would sit below the old
+            // start after the next open and be hidden (found by the storage_recovery fuzz target).
+            meta::write_partition(&dir, log_start)?;
         }
         let end = active.end;
         Ok(Self {
@@ -295,7 +298,9 @@ impl Partition {
         buf.clear();
         buf.extend_from_slice(bytes);
         let mut at = 0;
-        for (offset, rec) in (base..).zip(set.records()) {
+        // `base..end`, not `base..`: an open range steps past its last value, which overflows
+        // when a batch ends at i64::MAX (found by the storage_recovery fuzz target).
+        for (offset, rec) in (base..end).zip(set.records()) {
             let next = at + rec.len();
             if let Some(r) = buf.get_mut(at..next) {
                 stamp_record(r, offset, now);
