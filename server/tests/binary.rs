@@ -102,18 +102,24 @@ fn field(line: &str, key: &str) -> Option<String> {
     )
 }
 
-/// A HealthCheck answered on a fresh connection (`false`: closed without an answer).
-fn healthy(addr: &str) -> bool {
+/// A fresh connection whose HealthCheck was answered (`None`: closed without an answer).
+fn answered(addr: &str) -> Option<std::net::TcpStream> {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return false;
-    };
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let hc = [
         0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 1, 7, 1, 0, 0, 0xda, 0xa0, 0xbd, 0x51,
     ];
-    let mut head = [0u8; 4];
-    s.write_all(&hc).is_ok() && s.read_exact(&mut head).is_ok() && u32::from_be_bytes(head) == 0x22
+    let mut reply = [0u8; 4 + 0x22];
+    (s.write_all(&hc).is_ok()
+        && s.read_exact(&mut reply).is_ok()
+        && reply[..4] == 0x22u32.to_be_bytes())
+    .then_some(s)
+}
+
+/// Whether a fresh connection's HealthCheck is answered.
+fn healthy(addr: &str) -> bool {
+    answered(addr).is_some()
 }
 
 fn metric(addr: &str, name: &str) -> u64 {
@@ -184,11 +190,15 @@ fn under_a_low_descriptor_limit_connections_are_capped_and_counted_and_storage_k
     // Storage still has its descriptors: free one connection, then create a topic with eight
     // partitions (16 segment files and their directory work) and produce to it.
     drop(held.pop());
+    // The broker frees the slot once it sees the close: the first connection answered then
+    // holds it (others may be refused meanwhile, and are counted).
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !healthy(&addr) {
+    let mut c = loop {
+        if let Some(c) = answered(&addr) {
+            break c;
+        }
         assert!(Instant::now() < deadline, "the freed slot never came back");
-    }
-    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    };
     let topic = streambus_core::Topic::new("fd").unwrap();
     let created = call(
         &mut c,
