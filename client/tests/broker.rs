@@ -342,10 +342,16 @@ async fn broker_stop_and_restart_mid_flight() {
     p.send(Record::new("live", "first")).await.unwrap();
     let mut deliveries = Vec::new();
     let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The broker stops once the producer is well under way (20 records enqueued).
+    let enqueued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let stopper = {
-        let stopped = stopped.clone();
+        let (stopped, enqueued) = (stopped.clone(), enqueued.clone());
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(30));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while enqueued.load(std::sync::atomic::Ordering::SeqCst) < 20 {
+                assert!(Instant::now() < deadline, "the producer never got going");
+                std::thread::yield_now();
+            }
             b.shutdown().unwrap();
             stopped.store(true, std::sync::atomic::Ordering::SeqCst);
         })
@@ -354,7 +360,10 @@ async fn broker_stop_and_restart_mid_flight() {
     let mut after = None;
     while after.is_none_or(|t: Instant| t.elapsed() < Duration::from_millis(50)) {
         match p.enqueue(Record::new("live", "x")).await {
-            Ok(d) => deliveries.push((Instant::now(), d)),
+            Ok(d) => {
+                deliveries.push((Instant::now(), d));
+                enqueued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             Err(e) => panic!("enqueue: {e}"),
         }
         tokio::time::sleep(Duration::from_micros(200)).await;
@@ -504,7 +513,7 @@ async fn offset_out_of_range_follows_the_reset_policy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_consumer_wakes_soon_after_a_produce() {
     let dir = tempfile::tempdir().unwrap();
-    let b = broker(dir.path());
+    let b = std::sync::Arc::new(broker(dir.path()));
     let c = connect(&b).await;
     c.create_topic("idle", 1).await.unwrap();
     let mut consumer = Consumer::with_config(
@@ -513,10 +522,15 @@ async fn an_idle_consumer_wakes_soon_after_a_produce() {
     )
     .unwrap();
     consumer.assign("idle", 0, Offset::Latest).await.unwrap();
-    let c2 = c.clone();
+    let (c2, b2) = (c.clone(), b.clone());
     let produced = tokio::spawn(async move {
         let p = Producer::new(&c2);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Produce once the consumer's fetch waits at the broker (it is idle, long-polling).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while b2.waiting_fetches() == 0 {
+            assert!(Instant::now() < deadline, "the consumer never long-polled");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let sent = Instant::now();
         p.send(Record::new("idle", "wake")).await.unwrap();
         (sent, Instant::now())

@@ -362,6 +362,28 @@ mod tests {
 
     /// A quiet connection keeps its buffers for [`LINGER`], then gives them back and waits
     /// for the core's deadline alone.
+    /// A Produce frame of one message of `value_len` bytes, encoded by the core.
+    fn produce_frame(value_len: usize) -> Vec<u8> {
+        use streambus_core::{
+            Encode, Message, MessageSetBuilder, ProduceRequest, Topic, encode_request,
+            request_encoded_len,
+        };
+        let value = vec![7u8; value_len];
+        let message = Message::new(b"", &value);
+        let mut set = vec![0u8; message.encoded_len()];
+        let mut b = MessageSetBuilder::new(&mut set);
+        b.push(&message).unwrap();
+        let request = Request::Produce(ProduceRequest {
+            topic: Topic::new("t").unwrap(),
+            partition: 0,
+            messages: b.finish(),
+            producer: None,
+        });
+        let mut frame = vec![0u8; request_encoded_len(&request)];
+        encode_request(1, Flags::NONE, &request, &mut frame).unwrap();
+        frame
+    }
+
     #[test]
     fn buffers_linger_then_go_back() {
         let t0 = Instant::from_millis(0);
@@ -398,23 +420,7 @@ mod tests {
     /// it sent, not by what the Length claims; real bytes grow it.
     #[test]
     fn a_length_alone_does_not_buy_its_frame_buffer() {
-        use streambus_core::{
-            Encode, Message, MessageSetBuilder, ProduceRequest, Topic, encode_request,
-            request_encoded_len,
-        };
-        let value = vec![7u8; 9_999_000];
-        let message = Message::new(b"", &value);
-        let mut set = vec![0u8; message.encoded_len()];
-        let mut b = MessageSetBuilder::new(&mut set);
-        b.push(&message).unwrap();
-        let request = Request::Produce(ProduceRequest {
-            topic: Topic::new("t").unwrap(),
-            partition: 0,
-            messages: b.finish(),
-            producer: None,
-        });
-        let mut frame = vec![0u8; request_encoded_len(&request)];
-        encode_request(1, Flags::NONE, &request, &mut frame).unwrap();
+        let frame = produce_frame(9_999_000);
         let t = Instant::from_millis(0);
         let mut s = Session::new(
             ServerConfig::default(),
@@ -460,8 +466,7 @@ mod tests {
         let t = Instant::from_millis(0);
         let mut big = Session::new(ServerConfig::default(), t, budget.clone());
         // A 1 MiB frame arriving: the buffer grows with what arrives until the budget is spent.
-        let mut frame = vec![0u8; 1 << 20];
-        frame[..4].copy_from_slice(&((1u32 << 20) - 4).to_be_bytes());
+        let frame = produce_frame(1 << 20);
         let mut received = 0;
         let mut starved = false;
         for _ in 0..64 {
