@@ -146,15 +146,7 @@ pub enum ProtocolError {
 }
 
 fn code_name(code: ErrorCode) -> &'static str {
-    match code.0 {
-        13 => "OutOfOrderSequence",
-        14 => "UnknownProducer",
-        15 => "NotLeader",
-        30 => "InvalidProducerEpoch",
-        40 => "AuthenticationFailed",
-        41 => "AuthorizationFailed",
-        _ => code.name().unwrap_or("unknown error code"),
-    }
+    code.name().unwrap_or("unknown error code")
 }
 
 /// Broker codes that a retry may cure: RequestTimeout, StorageError, ChecksumMismatch (the

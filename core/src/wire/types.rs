@@ -135,6 +135,18 @@ impl ErrorCode {
     pub const INVALID_PROTOCOL: ErrorCode = ErrorCode(11);
     /// 12: the frame or a message is too large.
     pub const MESSAGE_TOO_LARGE: ErrorCode = ErrorCode(12);
+    /// 13: an idempotent produce's BaseSequence is not the next expected one (§6.2).
+    pub const OUT_OF_ORDER_SEQUENCE: ErrorCode = ErrorCode(13);
+    /// 14: an idempotent producer the partition has no state for sent BaseSequence ≠ 0 (§6.2).
+    pub const UNKNOWN_PRODUCER: ErrorCode = ErrorCode(14);
+    /// 15: this broker does not lead the partition (§6.4).
+    pub const NOT_LEADER: ErrorCode = ErrorCode(15);
+    /// 30: an idempotent produce's ProducerEpoch is below the known epoch (§6.2).
+    pub const INVALID_PRODUCER_EPOCH: ErrorCode = ErrorCode(30);
+    /// 40: authentication is required, or the credential was refused (§6.3).
+    pub const AUTHENTICATION_FAILED: ErrorCode = ErrorCode(40);
+    /// 41: the principal may not make this request (§6.3).
+    pub const AUTHORIZATION_FAILED: ErrorCode = ErrorCode(41);
 
     /// The v1 name of a known code.
     pub fn name(self) -> Option<&'static str> {
@@ -152,6 +164,12 @@ impl ErrorCode {
             10 => "ChecksumMismatch",
             11 => "InvalidProtocol",
             12 => "MessageTooLarge",
+            13 => "OutOfOrderSequence",
+            14 => "UnknownProducer",
+            15 => "NotLeader",
+            30 => "InvalidProducerEpoch",
+            40 => "AuthenticationFailed",
+            41 => "AuthorizationFailed",
             _ => return None,
         })
     }
