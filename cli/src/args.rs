@@ -230,6 +230,9 @@ pub(crate) struct Bench {
     /// Print the results as one JSON object
     #[arg(long)]
     pub(crate) json: bool,
+    /// Also draw the latency by percentile into this chart (.svg or .png)
+    #[arg(long, value_name = "FILE", value_parser = crate::plot::parse_path)]
+    pub(crate) plot: Option<PathBuf>,
 }
 
 /// What `bench` measures (explained in `bench --help`'s text).

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::admin::{partitions, plural};
 use crate::args::{Bench, BenchMode};
-use crate::{Ctx, Failure, Interrupt, Outcome, write_out};
+use crate::{Ctx, Failure, Interrupt, Outcome, plot, write_out};
 
 /// Records produced when neither `--messages` nor `--duration` is given.
 const DEFAULT_MESSAGES: u64 = 1_000_000;
@@ -56,6 +56,14 @@ pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
         BenchMode::Consume => consume(ctx, &args, &stop).await?,
         BenchMode::Requests => requests(ctx, &args, &stop).await?,
     };
+    if let Some(path) = &args.plot {
+        let chart = plot::Chart {
+            title: format!("streambus bench {}", report.mode),
+            latency_of: report.latency_of,
+            latency: &report.latency,
+        };
+        plot::write(path, &chart)?;
+    }
     write_out(render(&report, &args).as_bytes())
 }
 

@@ -13,6 +13,7 @@ mod args;
 mod bench;
 mod consume;
 mod format;
+mod plot;
 mod produce;
 
 use std::io::{self, Write};

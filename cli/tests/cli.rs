@@ -726,6 +726,42 @@ fn bench_json_counts_match_what_was_sent() {
 }
 
 #[test]
+fn bench_plot_writes_a_latency_chart_and_refuses_other_formats() {
+    let b = Broker::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg = dir.path().join("latency.svg");
+    let png = dir.path().join("latency.png");
+    for (mode, path) in [("roundtrip", &svg), ("produce", &png)] {
+        b.cli()
+            .args(["bench", mode, "-n", "300", "--plot"])
+            .arg(path)
+            .assert()
+            .success();
+    }
+    let text = std::fs::read_to_string(&svg).expect("the SVG chart");
+    assert!(text.starts_with("<svg"), "{text:.60}");
+    assert!(
+        text.contains("streambus bench roundtrip: p50 "),
+        "the title"
+    );
+    assert!(text.contains("(300 samples)"), "the sample count");
+    assert!(text.contains("99%"), "percentile labels");
+    assert!(text.contains("<polyline"), "the curve");
+    let bytes = std::fs::read(&png).expect("the PNG chart");
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG file");
+    assert!(bytes.len() > 1000, "{} bytes", bytes.len());
+
+    fails_with(
+        &mut b.cli(),
+        &["bench", "produce", "--plot", "chart.jpg"],
+        2,
+        "error: invalid value 'chart.jpg' for '--plot <FILE>': chart.jpg must end in .svg or .png (the chart's format)\n\n\
+         For more information, try '--help'.",
+    );
+    assert!(!std::path::Path::new("chart.jpg").exists());
+}
+
+#[test]
 fn produce_stops_on_sigint_and_reports_what_it_sent() {
     let b = Broker::start();
     let mut child = std::process::Command::new(cargo_bin!("streambus"))
