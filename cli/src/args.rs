@@ -76,7 +76,7 @@ object per line; a key, value or header that is not UTF-8 is base64 in a field n
     Offsets(Offsets),
     /// Check the broker's health (exit status 1 when unhealthy or unreachable)
     Health(Health),
-    /// Measure produce, round-trip, consume or request throughput and latency through the SDK
+    /// Measure throughput and latency: through the SDK, or raw against the broker
     #[command(after_help = "\
 produce: the SDK's batching producer sends --messages records of --size bytes (or for
 --duration); latency is from enqueue to acknowledgement.
@@ -86,6 +86,16 @@ consume: the SDK's consumer reads --messages records from the topic's start (by 
 it holds); latency is that of each poll that returned records.
 requests: HealthCheck requests over --connections connections with --in-flight each (the
 broker's request rate without storage; --messages counts requests).
+Raw modes (the protocol through the core's driver, no SDK):
+pingpong: TCP round trips of a one-record Produce's and its reply's sizes between two tasks of
+this process, no broker: the floor under roundtrip.
+pipeline: Produce requests of --batch records, --in-flight at a time on each of --connections
+connections (--messages rounded up to whole requests); latency is that of each request.
+fetch: Fetches of --max-bytes from partition 0, start to end and around again (64 MiB of
+--size records are stored first when it is empty; 5 s unless --duration or --messages).
+connections: opens --connections connections, each answering one HealthCheck; with
+--server-pid, the broker's resident memory per connection; --hold keeps them open.
+--plot FILE.svg|FILE.png draws the latency by percentile.
 A progress bar is drawn on a terminal only. At the end: messages/s, MB/s (10^6 bytes of
 record values) and latency p50/p90/p99/p99.9/max; --json prints them as one JSON object.")]
     Bench(Bench),
@@ -221,10 +231,22 @@ pub(crate) struct Bench {
     /// Clients (each with its own connections and producer) sharing the records to send
     #[arg(long, short, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub(crate) clients: u32,
-    /// requests: connections to the broker
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// requests, pipeline, connections: connections to the broker
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub(crate) connections: u32,
-    /// requests: requests in flight per connection (1-128)
+    /// pipeline: messages per Produce request
+    #[arg(long, default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) batch: u32,
+    /// fetch: MaxBytes of each Fetch
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    pub(crate) max_bytes: u32,
+    /// connections: the broker's process id, to report its memory per connection
+    #[arg(long, value_name = "PID")]
+    pub(crate) server_pid: Option<u32>,
+    /// connections: keep them open this long after measuring (like 30s)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) hold: Option<Duration>,
+    /// requests, pipeline: requests in flight per connection (1-128)
     #[arg(long, default_value_t = 64, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=128))]
     pub(crate) in_flight: u32,
     /// Print the results as one JSON object
@@ -246,6 +268,14 @@ pub(crate) enum BenchMode {
     Consume,
     // Health checks, many in flight.
     Requests,
+    // Raw TCP round trips of a Produce's size inside this process: the floor.
+    Pingpong,
+    // Raw Produce requests, many in flight.
+    Pipeline,
+    // Raw Fetch requests, one in flight.
+    Fetch,
+    // Open and hold connections.
+    Connections,
 }
 
 /// `streambus health`.

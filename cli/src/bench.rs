@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::admin::{partitions, plural};
 use crate::args::{Bench, BenchMode};
-use crate::{Ctx, Failure, Interrupt, Outcome, plot, write_out};
+use crate::{Ctx, Failure, Interrupt, Outcome, plot, raw, write_out};
 
 /// Records produced when neither `--messages` nor `--duration` is given.
 const DEFAULT_MESSAGES: u64 = 1_000_000;
@@ -26,18 +26,34 @@ const DEFAULT_ROUNDTRIPS: u64 = 100_000;
 
 /// What one run measured.
 #[derive(Debug)]
-struct Report {
-    mode: &'static str,
+pub(crate) struct Report {
+    pub(crate) mode: &'static str,
     /// What is counted (`message`, `request`).
-    unit: &'static str,
+    pub(crate) unit: &'static str,
     /// What the latency is of.
-    latency_of: &'static str,
-    messages: u64,
+    pub(crate) latency_of: &'static str,
+    pub(crate) messages: u64,
     /// Bytes of record values.
-    bytes: u64,
-    elapsed: Duration,
+    pub(crate) bytes: u64,
+    pub(crate) elapsed: Duration,
     /// Latencies in ns.
-    latency: Histogram<u64>,
+    pub(crate) latency: Histogram<u64>,
+    /// What else the mode measured.
+    pub(crate) notes: Vec<Note>,
+}
+
+/// One more figure of a run: a JSON field and a line of text.
+#[derive(Debug)]
+pub(crate) struct Note {
+    key: &'static str,
+    value: serde_json::Value,
+    text: String,
+}
+
+impl Note {
+    pub(crate) fn new(key: &'static str, value: serde_json::Value, text: String) -> Self {
+        Self { key, value, text }
+    }
 }
 
 /// Runs `bench`.
@@ -55,6 +71,10 @@ pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
         BenchMode::Roundtrip => produce(ctx, &args, &stop, true).await?,
         BenchMode::Consume => consume(ctx, &args, &stop).await?,
         BenchMode::Requests => requests(ctx, &args, &stop).await?,
+        BenchMode::Pingpong => raw::pingpong(&args, &stop).await?,
+        BenchMode::Pipeline => raw::pipeline(ctx, &args, &stop).await?,
+        BenchMode::Fetch => raw::fetch(ctx, &args, &stop).await?,
+        BenchMode::Connections => raw::connections(ctx, &args, &stop).await?,
     };
     if let Some(path) = &args.plot {
         let chart = plot::Chart {
@@ -68,13 +88,13 @@ pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
 }
 
 /// Latencies from 1 ns to an hour, 3 significant digits.
-fn histogram() -> Result<Histogram<u64>, Failure> {
+pub(crate) fn histogram() -> Result<Histogram<u64>, Failure> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
         .map_err(|e| Failure::runtime(format!("creating the latency histogram: {e}")))
 }
 
 /// A bar on a terminal (stderr), nothing otherwise.
-fn progress(total: Option<u64>, what: &str) -> ProgressBar {
+pub(crate) fn progress(total: Option<u64>, what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -245,6 +265,7 @@ async fn produce(
         bytes: total.ok * args.size as u64,
         elapsed,
         latency: total.latency,
+        notes: Vec::new(),
     })
 }
 
@@ -373,6 +394,7 @@ async fn consume(ctx: &Ctx, args: &Bench, stop: &AtomicBool) -> Result<Report, F
         bytes,
         elapsed,
         latency,
+        notes: Vec::new(),
     })
 }
 
@@ -445,10 +467,11 @@ async fn requests(ctx: &Ctx, args: &Bench, stop: &Arc<AtomicBool>) -> Result<Rep
         bytes: 0,
         elapsed,
         latency,
+        notes: Vec::new(),
     })
 }
 
-fn nanos(d: Duration) -> u64 {
+pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -471,36 +494,48 @@ fn render(r: &Report, args: &Bench) -> String {
             lat.insert(name.into(), json!(h.value_at_percentile(q)));
         }
         lat.insert("max".into(), json!(h.max()));
-        return format!(
-            "{}\n",
-            json!({
-                "mode": r.mode,
-                "topic": args.topic,
-                "messages": r.messages,
-                "bytes": r.bytes,
-                "seconds": secs,
-                "messages_per_sec": rate,
-                "mb_per_sec": mb,
-                "latency_of": r.latency_of,
-                "latency_samples": h.len(),
-                "latency_ns": lat,
-            })
-        );
+        let mut v = json!({
+            "mode": r.mode,
+            "topic": args.topic,
+            "messages": r.messages,
+            "bytes": r.bytes,
+            "seconds": secs,
+            "messages_per_sec": rate,
+            "mb_per_sec": mb,
+            "latency_of": r.latency_of,
+            "latency_samples": h.len(),
+            "latency_ns": lat,
+        });
+        if let Some(obj) = v.as_object_mut() {
+            for n in &r.notes {
+                obj.insert(n.key.into(), n.value.clone());
+            }
+        }
+        return format!("{v}\n");
     }
     let mut pcts: Vec<String> = PERCENTILES
         .iter()
         .map(|(label, _, q)| format!("{label} {}", human(h.value_at_percentile(*q))))
         .collect();
     pcts.push(format!("max {}", human(h.max())));
-    format!(
+    let mut out = format!(
         "{}: {} in {secs:.2} s: {rate:.0} {}/s, {mb:.1} MB/s\nlatency ({}, {} samples): {}\n",
         r.mode,
         plural(r.messages, r.unit),
-        if r.unit == "request" { "req" } else { "msg" },
+        match r.unit {
+            "message" => "msg",
+            "request" => "req",
+            other => other,
+        },
         r.latency_of,
         h.len(),
         pcts.join(", ")
-    )
+    );
+    for n in &r.notes {
+        out.push_str(&n.text);
+        out.push('\n');
+    }
+    out
 }
 
 /// `850 ns`, `4.1 µs`, `4.1 ms`, `1.20 s`.

@@ -15,6 +15,7 @@ mod consume;
 mod format;
 mod plot;
 mod produce;
+mod raw;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -37,6 +38,14 @@ impl Failure {
     pub(crate) fn runtime(message: impl Into<String>) -> Self {
         Self {
             code: 1,
+            message: message.into(),
+        }
+    }
+
+    /// A usage error (exit status 2): a bad argument found after parsing.
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
             message: message.into(),
         }
     }

@@ -718,9 +718,9 @@ fn bench_json_counts_match_what_was_sent() {
     );
     fails_with(
         &mut b.cli(),
-        &["bench", "fetch"],
+        &["bench", "replay"],
         2,
-        "error: invalid value 'fetch' for '<MODE>'\n  [possible values: produce, roundtrip, consume, requests]\n\n\
+        "error: invalid value 'replay' for '<MODE>'\n  [possible values: produce, roundtrip, consume, requests, pingpong, pipeline, fetch, connections]\n\n\
          For more information, try '--help'.",
     );
 }
@@ -896,6 +896,94 @@ fn bench_roundtrip_clients_and_duration() {
     assert_eq!(
         stdout(&a),
         format!("PARTITION  START  END\n0          0      {sent}\n")
+    );
+}
+
+#[test]
+fn bench_raw_modes_count_exactly_what_they_did() {
+    let b = Broker::start();
+    let json = |args: &[&str]| -> Value {
+        let a = b.cli().args(args).assert().success();
+        serde_json::from_str(&stdout(&a)).expect("one JSON object")
+    };
+    // pingpong needs no broker: the floor.
+    let p = json(&["bench", "pingpong", "-n", "500", "--json"]);
+    assert_eq!(p["mode"], "pingpong");
+    assert_eq!(p["messages"], 500);
+    assert_eq!(p["latency_samples"], 500);
+    assert_eq!(p["frame_bytes"]["reply"], 35);
+
+    // pipeline: 3 connections × 4 in flight of 10-record Produces; 1000 records land.
+    let p = json(&[
+        "bench",
+        "pipeline",
+        "-t",
+        "pipe",
+        "-n",
+        "1000",
+        "--batch",
+        "10",
+        "--connections",
+        "3",
+        "--in-flight",
+        "4",
+        "--size",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(p["messages"], 1000);
+    assert_eq!(p["bytes"], 20_000);
+    assert_eq!(p["latency_samples"], 100, "one sample per request");
+    assert_eq!(
+        p["shape"],
+        serde_json::json!({"batch": 10, "in_flight": 4, "connections": 3})
+    );
+    let a = b.cli().args(["offsets", "pipe"]).assert().success();
+    assert_eq!(
+        stdout(&a),
+        "PARTITION  START  END\n0          0      1000\n"
+    );
+
+    // fetch reads the pipeline's records back, 300 of them exactly.
+    let f = json(&[
+        "bench",
+        "fetch",
+        "-t",
+        "pipe",
+        "-n",
+        "300",
+        "--max-bytes",
+        "4096",
+        "--json",
+    ]);
+    assert_eq!(f["messages"], 300);
+    assert_eq!(f["bytes"], 6_000);
+    assert_eq!(f["max_bytes"], 4096);
+
+    // connections: the broker runs in this process, so its memory is this process's.
+    let pid = std::process::id().to_string();
+    let c = json(&[
+        "bench",
+        "connections",
+        "--connections",
+        "50",
+        "--server-pid",
+        &pid,
+        "--json",
+    ]);
+    assert_eq!(c["messages"], 50);
+    assert_eq!(c["latency_samples"], 50);
+    assert!(
+        c["server_rss"]["before_kib"]
+            .as_u64()
+            .is_some_and(|k| k > 0),
+        "{c}"
+    );
+    fails_with(
+        &mut b.cli(),
+        &["bench", "connections", "--server-pid", "4000000000"],
+        2,
+        "error: --server-pid 4000000000: no such process (its /proc/4000000000/status cannot be read)",
     );
 }
 

@@ -1,0 +1,454 @@
+//! The raw `bench` modes: `pingpong`, `pipeline`, `fetch` and `connections` speak the
+//! protocol through the core's client driver on tokio (`streambus_adapters::tokio::connect`),
+//! with no SDK in between, so they measure the broker (and the floor under it) rather than
+//! the client.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use streambus_adapters::tokio::{Client as Driver, connect};
+use streambus_core::{
+    ClientConfig, FetchRequest, Message, MessageSetBuilder, ProduceRequest, Request, RequestType,
+    Response, Topic, encode_request, request_encoded_len,
+};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+
+use crate::admin::partitions;
+use crate::args::Bench;
+use crate::bench::{Note, Report, histogram, nanos, progress};
+use crate::{Ctx, Failure};
+
+/// Requests in flight on one raw connection at most (the broker's default window).
+const WINDOW: usize = 128;
+/// Bytes the `fetch` mode stores before measuring when the partition is empty.
+const FETCH_FILL: usize = 64 << 20;
+/// The length of a Produce reply (35 bytes of header and payload, plus the CRC).
+const PRODUCE_REPLY_LEN: usize = 35;
+
+/// The broker's address, resolved.
+async fn resolve(ctx: &Ctx) -> Result<SocketAddr, Failure> {
+    tokio::net::lookup_host(ctx.broker.as_str())
+        .await
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| Failure::runtime(format!("broker {}: no such address", ctx.broker)))
+}
+
+fn failed(ctx: &Ctx, what: &str, e: impl std::fmt::Display) -> Failure {
+    Failure::runtime(format!("broker {}: {what}: {e}", ctx.broker))
+}
+
+/// An encoded message set: its count and bytes.
+struct Set {
+    count: u32,
+    bytes: Vec<u8>,
+}
+
+/// A message set of `count` messages with `size`-byte values.
+fn message_set(count: usize, size: usize) -> Result<Set, Failure> {
+    let bad = |e: &dyn std::fmt::Display| Failure::runtime(format!("building a message set: {e}"));
+    let value = vec![b'x'; size];
+    let message = Message::new(b"", &value);
+    let len = streambus_core::Encode::encoded_len(&message).saturating_mul(count);
+    let mut bytes = vec![0u8; len];
+    let mut set = MessageSetBuilder::new(&mut bytes);
+    for _ in 0..count {
+        set.push(&message).map_err(|e| bad(&e))?;
+    }
+    let (count, used) = (set.count(), set.len());
+    bytes.truncate(used);
+    Ok(Set { count, bytes })
+}
+
+fn produce_request<'a>(topic: Topic<'a>, set: &'a Set) -> Result<Request<'a>, Failure> {
+    let messages = streambus_core::MessageSet::new_checked(set.count, &set.bytes)
+        .map_err(|e| Failure::runtime(format!("building a message set: {e}")))?;
+    Ok(Request::Produce(ProduceRequest {
+        topic,
+        partition: 0,
+        messages,
+        producer: None,
+    }))
+}
+
+fn topic(args: &Bench) -> Result<Topic<'_>, Failure> {
+    Topic::new(&args.topic)
+        .map_err(|e| Failure::usage(format!("invalid topic name {:?}: {e}", args.topic)))
+}
+
+/// Checks a completed request's response: an error response is a runtime error.
+fn check(ctx: &Ctx, what: &str, r: Option<Response<'_>>) -> Result<(), Failure> {
+    match r {
+        Some(Response::Error(e)) => Err(failed(ctx, what, format!("{} ({})", e.message, e.code))),
+        Some(_) => Ok(()),
+        None => Err(failed(ctx, what, "the reply could not be decoded")),
+    }
+}
+
+/// Creates the topic (one partition) unless it exists.
+async fn ensure_topic(ctx: &Ctx, args: &Bench) -> Result<(), Failure> {
+    ctx.client
+        .create_topic(&args.topic, args.partitions)
+        .await
+        .map(|_| ())
+        .map_err(|e| ctx.err(e))
+}
+
+/// `pingpong`: a TCP echo between two tasks of this process with the byte sizes of a
+/// one-message Produce and its reply: the floor under `roundtrip`.
+pub(crate) async fn pingpong(args: &Bench, stop: &Arc<AtomicBool>) -> Result<Report, Failure> {
+    let set = message_set(1, args.size)?;
+    let request = produce_request(topic(args)?, &set)?;
+    let req_len = request_encoded_len(&request);
+    let io = |e: std::io::Error| Failure::runtime(format!("pingpong on 127.0.0.1: {e}"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.map_err(io)?;
+    let addr = listener.local_addr().map_err(io)?;
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; req_len];
+        let reply = [0u8; PRODUCE_REPLY_LEN];
+        while s.read_exact(&mut buf).await.is_ok() {
+            s.write_all(&reply).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut c = TcpStream::connect(addr).await.map_err(io)?;
+    c.set_nodelay(true).map_err(io)?;
+    let mut frame = vec![0u8; req_len];
+    encode_request(1, streambus_core::Flags::REQUIRE_ACK, &request, &mut frame)
+        .map_err(|e| Failure::runtime(format!("encoding a Produce: {e}")))?;
+    let mut reply = [0u8; PRODUCE_REPLY_LEN];
+    let limit = args.messages.unwrap_or(100_000);
+    let bar = progress(Some(limit), "round trips");
+    let mut latency = histogram()?;
+    let start = Instant::now();
+    let deadline = args.duration.map(|d| start + d);
+    let mut done = 0u64;
+    while done < limit
+        && !stop.load(Ordering::Relaxed)
+        && deadline.is_none_or(|d| Instant::now() < d)
+    {
+        let t = Instant::now();
+        c.write_all(&frame).await.map_err(io)?;
+        c.read_exact(&mut reply).await.map_err(io)?;
+        latency.saturating_record(nanos(t.elapsed()));
+        done += 1;
+        bar.inc(1);
+    }
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    drop(c);
+    let _ = server.await;
+    Ok(Report {
+        mode: "pingpong",
+        unit: "round trip",
+        latency_of: "each TCP round trip of a Produce's and its reply's sizes",
+        messages: done,
+        bytes: done * args.size as u64,
+        elapsed,
+        latency,
+        notes: vec![Note::new(
+            "frame_bytes",
+            serde_json::json!({"request": req_len, "reply": PRODUCE_REPLY_LEN}),
+            format!("frames: {req_len} B out, {PRODUCE_REPLY_LEN} B back"),
+        )],
+    })
+}
+
+/// `pipeline`: Produces of `--batch` messages on each of `--connections` connections,
+/// `--in-flight` at a time.
+pub(crate) async fn pipeline(
+    ctx: &Ctx,
+    args: &Bench,
+    stop: &Arc<AtomicBool>,
+) -> Result<Report, Failure> {
+    ensure_topic(ctx, args).await?;
+    let addr = resolve(ctx).await?;
+    let set = Arc::new(message_set(args.batch as usize, args.size)?);
+    let frame_len = request_encoded_len(&produce_request(topic(args)?, &set)?);
+    let window = (args.in_flight as usize).min(WINDOW);
+    let batch = u64::from(args.batch);
+    // Whole requests: --messages rounded up to a multiple of --batch.
+    let requests = args.messages.unwrap_or(10_000_000).div_ceil(batch);
+    let bar = progress(Some(requests * batch), "acked");
+    let connections = u64::from(args.connections);
+    let mut drivers = Vec::new();
+    for _ in 0..connections {
+        let d = connect::<WINDOW>(addr, ClientConfig::default(), frame_len * window + 4096)
+            .await
+            .map_err(|e| failed(ctx, "connect", e))?;
+        drivers.push(d);
+    }
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, mut d) in drivers.into_iter().enumerate() {
+        let share = requests / connections + u64::from((i as u64) < requests % connections);
+        let (set, args_topic, stop, bar) =
+            (set.clone(), args.topic.clone(), stop.clone(), bar.clone());
+        let deadline = args.duration.map(|t| start + t);
+        let mut latency = histogram()?;
+        tasks.spawn(async move {
+            let topic = Topic::new(&args_topic).map_err(|e| e.to_string())?;
+            let request = produce_request(topic, &set).map_err(|e| e.message)?;
+            let mut sent_at: HashMap<u64, Instant> = HashMap::with_capacity(window);
+            let (mut sent, mut acked) = (0u64, 0u64);
+            let go_on = |sent: u64| {
+                sent < share
+                    && !stop.load(Ordering::Relaxed)
+                    && deadline.is_none_or(|d| Instant::now() < d)
+            };
+            loop {
+                while sent_at.len() < window && go_on(sent) {
+                    let id = d
+                        .queue(&request)
+                        .map_err(|e| format!("sending a Produce: {e}"))?;
+                    sent_at.insert(id, Instant::now());
+                    sent += 1;
+                }
+                if sent_at.is_empty() {
+                    break;
+                }
+                let done = d
+                    .next_completion()
+                    .await
+                    .map_err(|e| format!("reading a Produce reply: {e}"))?;
+                if done.timed_out {
+                    return Err("a Produce timed out".to_string());
+                }
+                if let Some(t) = sent_at.remove(&done.request_id) {
+                    latency.saturating_record(nanos(t.elapsed()));
+                }
+                match d.response(RequestType::Produce) {
+                    Some(Response::Produce(_)) => {}
+                    Some(Response::Error(e)) => {
+                        return Err(format!("Produce failed: {} ({})", e.message, e.code));
+                    }
+                    _ => return Err("a Produce reply could not be decoded".to_string()),
+                }
+                acked += batch;
+                bar.inc(batch);
+            }
+            Ok::<_, String>((latency, acked))
+        });
+    }
+    let mut latency = histogram()?;
+    let mut acked = 0u64;
+    while let Some(t) = tasks.join_next().await {
+        let (h, n) = t
+            .map_err(|e| Failure::runtime(format!("a pipeline task failed: {e}")))?
+            .map_err(|e| failed(ctx, "pipeline", e))?;
+        let _ = latency.add(&h);
+        acked += n;
+    }
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    Ok(Report {
+        mode: "pipeline",
+        unit: "message",
+        latency_of: "each Produce request, send to reply",
+        messages: acked,
+        bytes: acked * args.size as u64,
+        elapsed,
+        latency,
+        notes: vec![Note::new(
+            "shape",
+            serde_json::json!({"batch": args.batch, "in_flight": window, "connections": connections}),
+            format!(
+                "{} messages per Produce, {window} in flight on each of {connections} connection(s)",
+                args.batch
+            ),
+        )],
+    })
+}
+
+/// `fetch`: Fetches of `--max-bytes` from partition 0, one at a time, from its start to its
+/// end and around again (64 MiB of `--size` values are stored first if it is empty).
+pub(crate) async fn fetch(
+    ctx: &Ctx,
+    args: &Bench,
+    stop: &Arc<AtomicBool>,
+) -> Result<Report, Failure> {
+    ensure_topic(ctx, args).await?;
+    let addr = resolve(ctx).await?;
+    let max_bytes = args.max_bytes;
+    let buffer = usize::try_from(max_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(64 << 10)
+        .max(1 << 20);
+    let mut d: Driver<1> = connect(addr, ClientConfig::default(), buffer)
+        .await
+        .map_err(|e| failed(ctx, "connect", e))?;
+    let topic = topic(args)?;
+    let mut range = partitions(ctx, &args.topic, Some(0)).await?;
+    let first = range
+        .pop()
+        .ok_or_else(|| failed(ctx, "fetch", "partition 0 is missing"))?;
+    if first.end == first.start {
+        // Fill in batches of about 256 KiB.
+        let per = (256usize << 10) / args.size.max(1) + 1;
+        let set = message_set(per, args.size)?;
+        let request = produce_request(topic, &set)?;
+        for _ in 0..FETCH_FILL.div_ceil(per * args.size.max(1)) {
+            let r = d
+                .request(&request)
+                .await
+                .map_err(|e| failed(ctx, "filling the topic", e))?;
+            check(ctx, "filling the topic", Some(r))?;
+        }
+    }
+    let start_offset = ctx
+        .client
+        .offsets(&args.topic, 0)
+        .await
+        .map_err(|e| ctx.err(e))?
+        .start;
+    let limit = args.messages.unwrap_or(u64::MAX);
+    let bar = progress((limit != u64::MAX).then_some(limit), "messages read");
+    let mut latency = histogram()?;
+    let (mut messages, mut bytes, mut offset) = (0u64, 0u64, start_offset);
+    let start = Instant::now();
+    let deadline = match (args.messages, args.duration) {
+        (_, Some(d)) => Some(start + d),
+        (Some(_), None) => None,
+        (None, None) => Some(start + Duration::from_secs(5)),
+    };
+    while messages < limit
+        && !stop.load(Ordering::Relaxed)
+        && deadline.is_none_or(|d| Instant::now() < d)
+    {
+        let t = Instant::now();
+        let r = d
+            .request(&Request::Fetch(FetchRequest {
+                topic,
+                partition: 0,
+                offset,
+                max_bytes,
+                extension: None,
+            }))
+            .await
+            .map_err(|e| failed(ctx, "fetch", e))?;
+        latency.saturating_record(nanos(t.elapsed()));
+        match r {
+            Response::Fetch(f) => {
+                // Counted up to --messages exactly.
+                let mut n = 0u64;
+                let take = usize::try_from(limit - messages).unwrap_or(usize::MAX);
+                for m in f.messages.iter().take(take) {
+                    n += 1;
+                    bytes += m.value.len() as u64;
+                }
+                messages += n;
+                bar.inc(n);
+                let next = f.trailer.map_or(offset, |t| t.next_offset);
+                offset = if next >= f.high_water_mark || n == 0 {
+                    start_offset
+                } else {
+                    next
+                };
+            }
+            other => check(ctx, "fetch", Some(other))?,
+        }
+    }
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    Ok(Report {
+        mode: "fetch",
+        unit: "message",
+        latency_of: "each Fetch, one in flight",
+        messages,
+        bytes,
+        elapsed,
+        latency,
+        notes: vec![Note::new(
+            "max_bytes",
+            serde_json::json!(max_bytes),
+            format!("Fetch MaxBytes {max_bytes}"),
+        )],
+    })
+}
+
+/// The resident set of process `pid` in KiB (Linux `/proc`).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `connections`: opens `--connections` connections, each answering one HealthCheck, and
+/// holds them; with `--server-pid` reports the broker's RSS per connection.
+pub(crate) async fn connections(
+    ctx: &Ctx,
+    args: &Bench,
+    stop: &Arc<AtomicBool>,
+) -> Result<Report, Failure> {
+    let addr = resolve(ctx).await?;
+    let n = u64::from(args.connections);
+    if let Some(pid) = args.server_pid
+        && rss_kib(pid).is_none()
+    {
+        return Err(Failure::usage(format!(
+            "--server-pid {pid}: no such process (its /proc/{pid}/status cannot be read)"
+        )));
+    }
+    let before = args.server_pid.and_then(rss_kib);
+    let bar = progress(Some(n), "connections");
+    let mut latency = histogram()?;
+    let mut held: Vec<Driver<1>> = Vec::with_capacity(args.connections as usize);
+    let start = Instant::now();
+    for i in 0..n {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let t = Instant::now();
+        // A HealthCheck reply is small: 512-byte buffers keep many connections cheap here.
+        let mut d = connect::<1>(addr, ClientConfig::default(), 512)
+            .await
+            .map_err(|e| failed(ctx, &format!("connection {}", i + 1), e))?;
+        let r = d
+            .request(&Request::HealthCheck)
+            .await
+            .map_err(|e| failed(ctx, &format!("HealthCheck on connection {}", i + 1), e))?;
+        check(ctx, "HealthCheck", Some(r))?;
+        latency.saturating_record(nanos(t.elapsed()));
+        held.push(d);
+        bar.inc(1);
+    }
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    let opened = held.len() as u64;
+    let mut notes = Vec::new();
+    if let (Some(b), Some(pid)) = (before, args.server_pid) {
+        // The broker's allocations settle once every connection has been answered.
+        let after = rss_kib(pid).unwrap_or(b);
+        #[allow(clippy::cast_precision_loss)]
+        let per = after.saturating_sub(b) as f64 * 1024.0 / opened.max(1) as f64;
+        notes.push(Note::new(
+            "server_rss",
+            serde_json::json!({"before_kib": b, "after_kib": after, "bytes_per_connection": per}),
+            format!("server RSS: {b} KiB before, {after} KiB with {opened} connections: {per:.0} B per connection"),
+        ));
+    }
+    if let Some(hold) = args.hold {
+        let until = Instant::now() + hold;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    drop(held);
+    Ok(Report {
+        mode: "connections",
+        unit: "connection",
+        latency_of: "connect + one HealthCheck",
+        messages: opened,
+        bytes: 0,
+        elapsed,
+        latency,
+        notes,
+    })
+}
