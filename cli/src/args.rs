@@ -84,9 +84,10 @@ roundtrip: the same with one record in flight per client (Producer::send, awaite
 that of each send.
 consume: the SDK's consumer reads --messages records from the topic's start (by default all
 it holds); latency is that of each poll that returned records.
-requests: HealthCheck requests over --connections connections with --in-flight each (the
-broker's request rate without storage; --messages counts requests).
 Raw modes (the protocol through the core's driver, no SDK):
+requests: --request health (HealthCheck: the broker's request rate without storage) or produce
+(one --size record each), --in-flight at a time on each of --connections connections;
+--messages counts requests.
 pingpong: TCP round trips of a one-record Produce's and its reply's sizes between two tasks of
 this process, no broker: the floor under roundtrip.
 pipeline: Produce requests of --batch records, --in-flight at a time on each of --connections
@@ -234,6 +235,9 @@ pub(crate) struct Bench {
     /// requests, pipeline, connections: connections to the broker
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub(crate) connections: u32,
+    /// requests: what each request is
+    #[arg(long, value_enum, default_value_t = RequestKind::Health, value_name = "KIND")]
+    pub(crate) request: RequestKind,
     /// pipeline: messages per Produce request
     #[arg(long, default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub(crate) batch: u32,
@@ -276,6 +280,15 @@ pub(crate) enum BenchMode {
     Fetch,
     // Open and hold connections.
     Connections,
+}
+
+/// The request `bench requests` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum RequestKind {
+    /// HealthCheck: the broker's request path without storage.
+    Health,
+    /// A Produce of one --size record.
+    Produce,
 }
 
 /// `streambus health`.

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::admin::{partitions, plural};
-use crate::args::{Bench, BenchMode};
+use crate::args::{Bench, BenchMode, RequestKind};
 use crate::{Ctx, Failure, Interrupt, Outcome, plot, raw, write_out};
 
 /// Records produced when neither `--messages` nor `--duration` is given.
@@ -70,9 +70,18 @@ pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
         BenchMode::Produce => produce(ctx, &args, &stop, false).await?,
         BenchMode::Roundtrip => produce(ctx, &args, &stop, true).await?,
         BenchMode::Consume => consume(ctx, &args, &stop).await?,
-        BenchMode::Requests => requests(ctx, &args, &stop).await?,
+        BenchMode::Requests => {
+            let load = match args.request {
+                RequestKind::Health => raw::Load::Health,
+                RequestKind::Produce => raw::Load::Produce { batch: 1 },
+            };
+            raw::pipelined(ctx, &args, &stop, load).await?
+        }
         BenchMode::Pingpong => raw::pingpong(&args, &stop).await?,
-        BenchMode::Pipeline => raw::pipeline(ctx, &args, &stop).await?,
+        BenchMode::Pipeline => {
+            let load = raw::Load::Produce { batch: args.batch };
+            raw::pipelined(ctx, &args, &stop, load).await?
+        }
         BenchMode::Fetch => raw::fetch(ctx, &args, &stop).await?,
         BenchMode::Connections => raw::connections(ctx, &args, &stop).await?,
     };
@@ -392,79 +401,6 @@ async fn consume(ctx: &Ctx, args: &Bench, stop: &AtomicBool) -> Result<Report, F
         latency_of: "each poll",
         messages: got,
         bytes,
-        elapsed,
-        latency,
-        notes: Vec::new(),
-    })
-}
-
-/// Health checks over `--connections` connections with `--in-flight` requests each: the
-/// broker's request rate without storage.
-async fn requests(ctx: &Ctx, args: &Bench, stop: &Arc<AtomicBool>) -> Result<Report, Failure> {
-    let cfg = ctx.client.config();
-    let client = Client::builder()
-        .pool_size(args.connections as usize)
-        .max_in_flight(args.in_flight as usize)
-        .connect_timeout(cfg.connect_timeout)
-        .request_timeout(cfg.request_timeout)
-        .connect(ctx.broker.as_str())
-        .await
-        .map_err(|e| ctx.err(e))?;
-    let limit = match (args.messages, args.duration) {
-        (Some(n), _) => n,
-        (None, Some(_)) => u64::MAX,
-        (None, None) => DEFAULT_MESSAGES,
-    };
-    let bar = progress((limit != u64::MAX).then_some(limit), "answered");
-    let workers = u64::from(args.connections) * u64::from(args.in_flight);
-    let start = Instant::now();
-    let mut tasks = JoinSet::new();
-    for i in 0..workers {
-        let share = if limit == u64::MAX {
-            limit
-        } else {
-            limit / workers + u64::from(i < limit % workers)
-        };
-        let job = Job {
-            topic: String::new(),
-            value: Vec::new(),
-            config: ProducerConfig::default(),
-            limit: share,
-            deadline: args.duration.map(|d| start + d),
-            stop: stop.clone(),
-            bar: bar.clone(),
-            latency: histogram()?,
-        };
-        let client = client.clone();
-        tasks.spawn(async move {
-            let mut latency = job.latency.clone();
-            let mut done = 0u64;
-            while job.go_on(done) {
-                let t = Instant::now();
-                client.health().await?;
-                latency.saturating_record(nanos(t.elapsed()));
-                done += 1;
-                job.bar.inc(1);
-            }
-            Ok::<_, Error>((latency, done))
-        });
-    }
-    let (mut latency, mut done) = (histogram()?, 0u64);
-    while let Some(t) = tasks.join_next().await {
-        let (h, n) = t
-            .map_err(|e| Failure::runtime(format!("a requesting task failed: {e}")))?
-            .map_err(|e| ctx.err(e))?;
-        let _ = latency.add(&h);
-        done += n;
-    }
-    let elapsed = start.elapsed();
-    bar.finish_and_clear();
-    Ok(Report {
-        mode: "requests",
-        unit: "request",
-        latency_of: "each health check",
-        messages: done,
-        bytes: 0,
         elapsed,
         latency,
         notes: Vec::new(),

@@ -3,16 +3,16 @@
 //! with no SDK in between, so they measure the broker (and the floor under it) rather than
 //! the client.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use nohash_hasher::IntMap;
 use streambus_adapters::tokio::{Client as Driver, connect};
 use streambus_core::{
-    ClientConfig, FetchRequest, Message, MessageSetBuilder, ProduceRequest, Request, RequestType,
-    Response, Topic, encode_request, request_encoded_len,
+    ClientConfig, FetchRequest, Message, MessageSetBuilder, ProduceRequest, Request, Response,
+    Topic, encode_request, request_encoded_len,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -161,78 +161,126 @@ pub(crate) async fn pingpong(args: &Bench, stop: &Arc<AtomicBool>) -> Result<Rep
     })
 }
 
-/// `pipeline`: Produces of `--batch` messages on each of `--connections` connections,
-/// `--in-flight` at a time.
-pub(crate) async fn pipeline(
+/// What `pipeline` and `requests` keep in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Load {
+    /// Produce requests of `--batch` records of `--size` bytes (`pipeline`), or of one record
+    /// (`requests --request produce`).
+    Produce { batch: u32 },
+    /// HealthCheck requests (`requests`).
+    Health,
+}
+
+/// `pipeline` and `requests`: `--in-flight` requests at a time on each of `--connections`
+/// connections, one task each.
+pub(crate) async fn pipelined(
     ctx: &Ctx,
     args: &Bench,
     stop: &Arc<AtomicBool>,
+    load: Load,
 ) -> Result<Report, Failure> {
-    ensure_topic(ctx, args).await?;
     let addr = resolve(ctx).await?;
-    let set = Arc::new(message_set(args.batch as usize, args.size)?);
-    let frame_len = request_encoded_len(&produce_request(topic(args)?, &set)?);
+    let (batch, what) = match load {
+        Load::Produce { batch } => {
+            ensure_topic(ctx, args).await?;
+            (batch, "Produce")
+        }
+        Load::Health => (1, "HealthCheck"),
+    };
+    let set = Arc::new(message_set(batch as usize, args.size)?);
+    let frame_len = match load {
+        Load::Produce { .. } => request_encoded_len(&produce_request(topic(args)?, &set)?),
+        Load::Health => request_encoded_len(&Request::HealthCheck),
+    };
     let window = (args.in_flight as usize).min(WINDOW);
-    let batch = u64::from(args.batch);
+    let per_request = u64::from(batch);
     // Whole requests: --messages rounded up to a multiple of --batch.
-    let requests = args.messages.unwrap_or(10_000_000).div_ceil(batch);
-    let bar = progress(Some(requests * batch), "acked");
+    let requests = args
+        .messages
+        .unwrap_or(if args.duration.is_some() {
+            u64::MAX
+        } else {
+            10_000_000
+        })
+        .div_ceil(per_request);
+    let total = (requests != u64::MAX).then(|| requests * per_request);
+    let bar = progress(total, "acknowledged");
     let connections = u64::from(args.connections);
     let mut drivers = Vec::new();
-    for _ in 0..connections {
+    for i in 0..connections {
         let d = connect::<WINDOW>(addr, ClientConfig::default(), frame_len * window + 4096)
             .await
-            .map_err(|e| failed(ctx, "connect", e))?;
+            .map_err(|e| failed(ctx, &format!("connection {}", i + 1), e))?;
         drivers.push(d);
     }
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (i, mut d) in drivers.into_iter().enumerate() {
-        let share = requests / connections + u64::from((i as u64) < requests % connections);
+        let share = if requests == u64::MAX {
+            requests
+        } else {
+            requests / connections + u64::from((i as u64) < requests % connections)
+        };
         let (set, args_topic, stop, bar) =
             (set.clone(), args.topic.clone(), stop.clone(), bar.clone());
         let deadline = args.duration.map(|t| start + t);
         let mut latency = histogram()?;
         tasks.spawn(async move {
-            let topic = Topic::new(&args_topic).map_err(|e| e.to_string())?;
-            let request = produce_request(topic, &set).map_err(|e| e.message)?;
-            let mut sent_at: HashMap<u64, Instant> = HashMap::with_capacity(window);
-            let (mut sent, mut acked) = (0u64, 0u64);
-            let go_on = |sent: u64| {
-                sent < share
-                    && !stop.load(Ordering::Relaxed)
-                    && deadline.is_none_or(|d| Instant::now() < d)
+            let request = match load {
+                Load::Produce { .. } => {
+                    let topic = Topic::new(&args_topic).map_err(|e| e.to_string())?;
+                    produce_request(topic, &set).map_err(|e| e.message)?
+                }
+                Load::Health => Request::HealthCheck,
             };
+            let ty = request.request_type();
+            // Request ids are small consecutive integers: no need to hash them.
+            let mut sent_at: IntMap<u64, Instant> = IntMap::default();
+            sent_at.reserve(window);
+            let (mut sent, mut acked) = (0u64, 0u64);
             loop {
-                while sent_at.len() < window && go_on(sent) {
+                // One clock reading per refill and one per wake-up: reading the clock per
+                // request costs more than the rest of this loop.
+                let now = Instant::now();
+                let more = !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| now < d);
+                while more && sent < share && sent_at.len() < window {
                     let id = d
                         .queue(&request)
-                        .map_err(|e| format!("sending a Produce: {e}"))?;
-                    sent_at.insert(id, Instant::now());
+                        .map_err(|e| format!("sending a {what}: {e}"))?;
+                    sent_at.insert(id, now);
                     sent += 1;
                 }
                 if sent_at.is_empty() {
                     break;
                 }
-                let done = d
-                    .next_completion()
-                    .await
-                    .map_err(|e| format!("reading a Produce reply: {e}"))?;
-                if done.timed_out {
-                    return Err("a Produce timed out".to_string());
-                }
-                if let Some(t) = sent_at.remove(&done.request_id) {
-                    latency.saturating_record(nanos(t.elapsed()));
-                }
-                match d.response(RequestType::Produce) {
-                    Some(Response::Produce(_)) => {}
-                    Some(Response::Error(e)) => {
-                        return Err(format!("Produce failed: {} ({})", e.message, e.code));
+                // Wait for one reply, then take every reply already received before
+                // queueing more: the next wait writes the new requests in one go.
+                let mut done = Some(
+                    d.next_completion()
+                        .await
+                        .map_err(|e| format!("reading a {what} reply: {e}"))?,
+                );
+                let now = Instant::now();
+                let mut replies = 0u64;
+                while let Some(c) = done {
+                    if c.timed_out {
+                        return Err(format!("a {what} timed out"));
                     }
-                    _ => return Err("a Produce reply could not be decoded".to_string()),
+                    if let Some(t) = sent_at.remove(&c.request_id) {
+                        latency.saturating_record(nanos(now.saturating_duration_since(t)));
+                    }
+                    match d.response(ty) {
+                        Some(Response::Error(e)) => {
+                            return Err(format!("{what} failed: {} ({})", e.message, e.code));
+                        }
+                        Some(_) => {}
+                        None => return Err(format!("a {what} reply could not be decoded")),
+                    }
+                    replies += per_request;
+                    done = d.poll_completion();
                 }
-                acked += batch;
-                bar.inc(batch);
+                acked += replies;
+                bar.inc(replies);
             }
             Ok::<_, String>((latency, acked))
         });
@@ -241,29 +289,51 @@ pub(crate) async fn pipeline(
     let mut acked = 0u64;
     while let Some(t) = tasks.join_next().await {
         let (h, n) = t
-            .map_err(|e| Failure::runtime(format!("a pipeline task failed: {e}")))?
-            .map_err(|e| failed(ctx, "pipeline", e))?;
+            .map_err(|e| Failure::runtime(format!("a connection's task failed: {e}")))?
+            .map_err(|e| failed(ctx, what, e))?;
         let _ = latency.add(&h);
         acked += n;
     }
     let elapsed = start.elapsed();
     bar.finish_and_clear();
+    let shape =
+        serde_json::json!({"batch": batch, "in_flight": window, "connections": connections});
+    let (mode, unit, latency_of, text) = match load {
+        Load::Produce { .. } if args.mode == crate::args::BenchMode::Pipeline => (
+            "pipeline",
+            "message",
+            "each Produce request, send to reply",
+            format!(
+                "{batch} messages per Produce, {window} in flight on each of {connections} connection(s)"
+            ),
+        ),
+        Load::Produce { .. } => (
+            "requests",
+            "request",
+            "each one-record Produce, send to reply",
+            format!(
+                "one-record Produces, {window} in flight on each of {connections} connection(s)"
+            ),
+        ),
+        Load::Health => (
+            "requests",
+            "request",
+            "each HealthCheck, send to reply",
+            format!("HealthChecks, {window} in flight on each of {connections} connection(s)"),
+        ),
+    };
     Ok(Report {
-        mode: "pipeline",
-        unit: "message",
-        latency_of: "each Produce request, send to reply",
+        mode,
+        unit,
+        latency_of,
         messages: acked,
-        bytes: acked * args.size as u64,
+        bytes: match load {
+            Load::Produce { .. } => acked * args.size as u64,
+            Load::Health => 0,
+        },
         elapsed,
         latency,
-        notes: vec![Note::new(
-            "shape",
-            serde_json::json!({"batch": args.batch, "in_flight": window, "connections": connections}),
-            format!(
-                "{} messages per Produce, {window} in flight on each of {connections} connection(s)",
-                args.batch
-            ),
-        )],
+        notes: vec![Note::new("shape", shape, text)],
     })
 }
 

@@ -170,6 +170,13 @@ where
         }
     }
 
+    /// The next completion among the replies already received, without reading or writing:
+    /// a pipelining host drains these before queueing more requests, so the next wait writes
+    /// them all at once.
+    pub fn poll_completion(&mut self) -> Option<Completion> {
+        self.conn.poll_completion()
+    }
+
     /// The response of the last completion, borrowed from the receive buffer.
     pub fn response(&self, request_type: RequestType) -> Option<Response<'_>> {
         self.conn.response(request_type)
