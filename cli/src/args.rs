@@ -96,6 +96,11 @@ fetch: Fetches of --max-bytes from partition 0, start to end and around again (6
 --size records are stored first when it is empty; 5 s unless --duration or --messages).
 connections: opens --connections connections, each answering one HealthCheck; with
 --server-pid, the broker's resident memory per connection; --hold keeps them open.
+longpoll: a consumer long-polls (--max-wait-ms, MinBytes 1) while a producer sends one --size
+record at a time after a --gap; latency from the send to the consumer holding the record; sync
+Produce phases in the same --rounds give the ratio.
+trickle: --connections connections each send --send-bytes of a --frame-bytes Produce and stall;
+reports the broker's peak RSS (--server-pid) and a fresh connection's HealthCheck time.
 --plot FILE.svg|FILE.png draws the latency by percentile.
 A progress bar is drawn on a terminal only. At the end: messages/s, MB/s (10^6 bytes of
 record values) and latency p50/p90/p99/p99.9/max; --json prints them as one JSON object.")]
@@ -247,9 +252,32 @@ pub(crate) struct Bench {
     /// connections: the broker's process id, to report its memory per connection
     #[arg(long, value_name = "PID")]
     pub(crate) server_pid: Option<u32>,
-    /// connections: keep them open this long after measuring (like 30s)
+    /// connections: spread them over this many source addresses, 127.0.0.FIRST onwards (one
+    /// source address reaches about 28 000 connections to one listener)
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub(crate) sources: u8,
+    /// connections: the last byte of the first source address (see --sources)
+    #[arg(long, default_value_t = 1, value_name = "BYTE")]
+    pub(crate) first_source: u8,
+    /// connections: keep them open this long after the report, which ends with a line
+    /// "ready: holding …" (like 30s)
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub(crate) hold: Option<Duration>,
+    /// longpoll: MaxWaitMs of each Fetch (MinBytes is 1)
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub(crate) max_wait_ms: u32,
+    /// longpoll: pause between the Fetch and the Produce, so the Fetch waits at the broker
+    #[arg(long, default_value = "1ms", value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) gap: Duration,
+    /// longpoll: rounds of (sync phase, long-poll phase) sharing --duration (6 s)
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub(crate) rounds: u32,
+    /// trickle: the size of the Produce frame each connection starts
+    #[arg(long, default_value_t = 10 << 20, value_name = "BYTES")]
+    pub(crate) frame_bytes: usize,
+    /// trickle: the bytes of it each connection sends
+    #[arg(long, default_value_t = 9 << 20, value_name = "BYTES")]
+    pub(crate) send_bytes: usize,
     /// requests, pipeline: requests in flight per connection (1-128)
     #[arg(long, default_value_t = 64, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=128))]
     pub(crate) in_flight: u32,
@@ -280,6 +308,10 @@ pub(crate) enum BenchMode {
     Fetch,
     // Open and hold connections.
     Connections,
+    // Produce to long-polling consumer latency.
+    Longpoll,
+    // Connections that send part of a large frame and stall.
+    Trickle,
 }
 
 /// The request `bench requests` sends.

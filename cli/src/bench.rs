@@ -40,6 +40,26 @@ pub(crate) struct Report {
     pub(crate) latency: Histogram<u64>,
     /// What else the mode measured.
     pub(crate) notes: Vec<Note>,
+    /// What to keep open after the report (`connections --hold`).
+    pub(crate) hold: Option<Hold>,
+}
+
+/// Something held open for a while after the report is printed.
+pub(crate) struct Hold {
+    pub(crate) how_long: Duration,
+    /// What is held, for the "ready" line.
+    pub(crate) what: String,
+    /// Dropped when the time is up (or on Ctrl-C).
+    pub(crate) guard: Box<dyn Send>,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("how_long", &self.how_long)
+            .field("what", &self.what)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One more figure of a run: a JSON field and a line of text.
@@ -84,6 +104,8 @@ pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
         }
         BenchMode::Fetch => raw::fetch(ctx, &args, &stop).await?,
         BenchMode::Connections => raw::connections(ctx, &args, &stop).await?,
+        BenchMode::Longpoll => raw::longpoll(ctx, &args, &stop).await?,
+        BenchMode::Trickle => raw::trickle(ctx, &args, &stop).await?,
     };
     if let Some(path) = &args.plot {
         let chart = plot::Chart {
@@ -93,7 +115,20 @@ pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
         };
         plot::write(path, &chart)?;
     }
-    write_out(render(&report, &args).as_bytes())
+    write_out(render(&report, &args).as_bytes())?;
+    if let Some(hold) = report.hold {
+        // A script waiting for this line measures the broker while the connections stay.
+        write_out(format!("ready: holding {} for {:?}\n", hold.what, hold.how_long).as_bytes())?;
+        let until = Instant::now() + hold.how_long;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(
+                Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())),
+            )
+            .await;
+        }
+        drop(hold.guard);
+    }
+    Ok(())
 }
 
 /// Latencies from 1 ns to an hour, 3 significant digits.
@@ -275,6 +310,7 @@ async fn produce(
         elapsed,
         latency: total.latency,
         notes: Vec::new(),
+        hold: None,
     })
 }
 
@@ -404,6 +440,7 @@ async fn consume(ctx: &Ctx, args: &Bench, stop: &AtomicBool) -> Result<Report, F
         elapsed,
         latency,
         notes: Vec::new(),
+        hold: None,
     })
 }
 

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::admin::partitions;
 use crate::args::Bench;
-use crate::bench::{Note, Report, histogram, nanos, progress};
+use crate::bench::{Hold, Note, Report, histogram, nanos, progress};
 use crate::{Ctx, Failure};
 
 /// Requests in flight on one raw connection at most (the broker's default window).
@@ -153,6 +153,7 @@ pub(crate) async fn pingpong(args: &Bench, stop: &Arc<AtomicBool>) -> Result<Rep
         bytes: done * args.size as u64,
         elapsed,
         latency,
+        hold: None,
         notes: vec![Note::new(
             "frame_bytes",
             serde_json::json!({"request": req_len, "reply": PRODUCE_REPLY_LEN}),
@@ -334,6 +335,7 @@ pub(crate) async fn pipelined(
         elapsed,
         latency,
         notes: vec![Note::new("shape", shape, text)],
+        hold: None,
     })
 }
 
@@ -435,6 +437,7 @@ pub(crate) async fn fetch(
         bytes,
         elapsed,
         latency,
+        hold: None,
         notes: vec![Note::new(
             "max_bytes",
             serde_json::json!(max_bytes),
@@ -450,8 +453,38 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// `connections`: opens `--connections` connections, each answering one HealthCheck, and
-/// holds them; with `--server-pid` reports the broker's RSS per connection.
+/// Connects to `addr`, from `source` (port chosen by the kernel) when given, and wraps the
+/// socket in the core's driver with `buffer_len`-byte buffers.
+async fn connect_from<const N: usize>(
+    addr: SocketAddr,
+    source: Option<std::net::IpAddr>,
+    buffer_len: usize,
+) -> std::io::Result<Driver<N>> {
+    let Some(source) = source else {
+        return connect::<N>(addr, ClientConfig::default(), buffer_len).await;
+    };
+    let socket = match source {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let conn = streambus_core::ClientConnection::new(
+        ClientConfig::default(),
+        vec![0; buffer_len],
+        vec![0; buffer_len],
+    );
+    Ok(Driver::new(
+        embedded_io_adapters::tokio_1::FromTokio::new(stream),
+        streambus_adapters::tokio::TokioTimer,
+        conn,
+    ))
+}
+
+/// `connections`: opens `--connections` connections (spread over `--sources` source
+/// addresses), each answering one HealthCheck; with `--server-pid` reports the broker's RSS per
+/// connection; with `--hold` keeps them open after the report.
 pub(crate) async fn connections(
     ctx: &Ctx,
     args: &Bench,
@@ -466,6 +499,15 @@ pub(crate) async fn connections(
             "--server-pid {pid}: no such process (its /proc/{pid}/status cannot be read)"
         )));
     }
+    let sources: Vec<std::net::IpAddr> = match args.sources {
+        0 | 1 if args.first_source == 1 => Vec::new(),
+        k => (0..k.max(1))
+            .map(|i| {
+                let last = args.first_source.saturating_add(i);
+                std::net::IpAddr::from([127, 0, 0, last])
+            })
+            .collect(),
+    };
     let before = args.server_pid.and_then(rss_kib);
     let bar = progress(Some(n), "connections");
     let mut latency = histogram()?;
@@ -475,15 +517,22 @@ pub(crate) async fn connections(
         if stop.load(Ordering::Relaxed) {
             break;
         }
+        let source = sources
+            .get(usize::try_from(i).unwrap_or(0) % sources.len().max(1))
+            .copied();
+        let which = || match source {
+            Some(s) => format!("connection {} from {s}", i + 1),
+            None => format!("connection {}", i + 1),
+        };
         let t = Instant::now();
         // A HealthCheck reply is small: 512-byte buffers keep many connections cheap here.
-        let mut d = connect::<1>(addr, ClientConfig::default(), 512)
+        let mut d = connect_from::<1>(addr, source, 512)
             .await
-            .map_err(|e| failed(ctx, &format!("connection {}", i + 1), e))?;
+            .map_err(|e| failed(ctx, &which(), e))?;
         let r = d
             .request(&Request::HealthCheck)
             .await
-            .map_err(|e| failed(ctx, &format!("HealthCheck on connection {}", i + 1), e))?;
+            .map_err(|e| failed(ctx, &format!("HealthCheck on {}", which()), e))?;
         check(ctx, "HealthCheck", Some(r))?;
         latency.saturating_record(nanos(t.elapsed()));
         held.push(d);
@@ -494,7 +543,7 @@ pub(crate) async fn connections(
     let opened = held.len() as u64;
     let mut notes = Vec::new();
     if let (Some(b), Some(pid)) = (before, args.server_pid) {
-        // The broker's allocations settle once every connection has been answered.
+        // Every connection has been answered: the broker holds its state for each.
         let after = rss_kib(pid).unwrap_or(b);
         #[allow(clippy::cast_precision_loss)]
         let per = after.saturating_sub(b) as f64 * 1024.0 / opened.max(1) as f64;
@@ -504,13 +553,6 @@ pub(crate) async fn connections(
             format!("server RSS: {b} KiB before, {after} KiB with {opened} connections: {per:.0} B per connection"),
         ));
     }
-    if let Some(hold) = args.hold {
-        let until = Instant::now() + hold;
-        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    drop(held);
     Ok(Report {
         mode: "connections",
         unit: "connection",
@@ -520,5 +562,289 @@ pub(crate) async fn connections(
         elapsed,
         latency,
         notes,
+        hold: args.hold.map(|d| Hold {
+            how_long: d,
+            what: format!("{opened} connections"),
+            guard: Box::new(held),
+        }),
     })
+}
+
+/// The `--size`-byte Produce of one record to `topic`, as one frame.
+fn produce_frame(args: &Bench, size: usize) -> Result<Vec<u8>, Failure> {
+    let set = message_set(1, size)?;
+    let request = produce_request(topic(args)?, &set)?;
+    let mut frame = vec![0u8; request_encoded_len(&request)];
+    encode_request(1, streambus_core::Flags::REQUIRE_ACK, &request, &mut frame)
+        .map_err(|e| Failure::runtime(format!("encoding a Produce: {e}")))?;
+    Ok(frame)
+}
+
+/// One sync Produce of a `--size` record on `d`; returns its round trip and the high-water
+/// mark after it.
+async fn produce_one<const N: usize>(
+    ctx: &Ctx,
+    d: &mut Driver<N>,
+    request: &Request<'_>,
+) -> Result<(Duration, i64), Failure> {
+    let t = Instant::now();
+    let r = d
+        .request(request)
+        .await
+        .map_err(|e| failed(ctx, "Produce", e))?;
+    let took = t.elapsed();
+    match r {
+        Response::Produce(p) => Ok((took, p.high_water_mark)),
+        other => Err(check(ctx, "Produce", Some(other))
+            .err()
+            .unwrap_or_else(|| failed(ctx, "Produce", "an unexpected reply"))),
+    }
+}
+
+/// `longpoll`: a consumer long-polls from the end of partition 0 while a producer on another
+/// connection sends one `--size` record at a time; the latency is from just before the send to
+/// the consumer holding the record. Rounds alternate with sync Produce phases on a third
+/// connection (back to back, and after the same `--gap` pause), for the ratio in one run.
+pub(crate) async fn longpoll(
+    ctx: &Ctx,
+    args: &Bench,
+    stop: &Arc<AtomicBool>,
+) -> Result<Report, Failure> {
+    ensure_topic(ctx, args).await?;
+    let addr = resolve(ctx).await?;
+    let set = message_set(1, args.size)?;
+    let produce = produce_request(topic(args)?, &set)?;
+    let buffer = request_encoded_len(&produce) + (64 << 10);
+    let open = |what: &'static str| async move {
+        connect::<2>(addr, ClientConfig::default(), buffer)
+            .await
+            .map_err(|e| failed(ctx, what, e))
+    };
+    let (mut sync, mut producer, mut consumer) = (
+        open("the sync producer's connection").await?,
+        open("the producer's connection").await?,
+        open("the consumer's connection").await?,
+    );
+    let (_, mut next) = produce_one(ctx, &mut producer, &produce).await?;
+    let max_wait_ms = args.max_wait_ms;
+    let gap = args.gap;
+    let duration = args.duration.unwrap_or(Duration::from_secs(6));
+    let rounds = args.rounds.max(1);
+    let slice = duration / (4 * rounds);
+    let (mut hs, mut hp, mut hl) = (histogram()?, histogram()?, histogram()?);
+    let (mut empty, mut late) = (0u64, 0u64);
+    let bar = progress(None, "records");
+    let start = Instant::now();
+    for _ in 0..rounds {
+        for (h, pause) in [(&mut hs, Duration::ZERO), (&mut hp, gap)] {
+            let end = Instant::now() + slice;
+            while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+                let (took, end) = produce_one(ctx, &mut sync, &produce).await?;
+                h.saturating_record(nanos(took));
+                // The consumer starts after the sync producer's records.
+                next = end;
+            }
+        }
+        let end = Instant::now() + 2 * slice;
+        while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+            let fetch = Request::Fetch(FetchRequest {
+                topic: topic(args)?,
+                partition: 0,
+                offset: next,
+                max_bytes: 64 << 10,
+                extension: Some(streambus_core::FetchExtension {
+                    isolation_level: 0,
+                    long_poll: Some(streambus_core::LongPoll {
+                        max_wait_ms,
+                        min_bytes: 1,
+                    }),
+                }),
+            });
+            consumer
+                .send(&fetch)
+                .await
+                .map_err(|e| failed(ctx, "sending a Fetch", e))?;
+            // The benchmark's design: the fetch is waiting at the broker when the record comes.
+            tokio::time::sleep(gap).await;
+            let t = Instant::now();
+            producer
+                .send(&produce)
+                .await
+                .map_err(|e| failed(ctx, "sending a Produce", e))?;
+            let done = consumer
+                .next_completion()
+                .await
+                .map_err(|e| failed(ctx, "reading a Fetch reply", e))?;
+            let held = t.elapsed();
+            let got = match (
+                done.timed_out,
+                consumer.response(streambus_core::RequestType::Fetch),
+            ) {
+                (false, Some(Response::Fetch(f))) => f.messages.count(),
+                (true, _) => return Err(failed(ctx, "Fetch", "timed out")),
+                (false, other) => {
+                    check(ctx, "Fetch", other)?;
+                    0
+                }
+            };
+            let done = producer
+                .next_completion()
+                .await
+                .map_err(|e| failed(ctx, "reading a Produce reply", e))?;
+            match (
+                done.timed_out,
+                producer.response(streambus_core::RequestType::Produce),
+            ) {
+                (false, Some(Response::Produce(p))) => next = p.high_water_mark,
+                (true, _) => return Err(failed(ctx, "Produce", "timed out")),
+                (false, other) => check(ctx, "Produce", other)?,
+            }
+            if got == 0 {
+                empty += 1;
+                continue;
+            }
+            if held.as_millis() >= u128::from(max_wait_ms / 2) {
+                late += 1;
+            }
+            hl.saturating_record(nanos(held));
+            bar.inc(1);
+        }
+    }
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    #[allow(clippy::cast_precision_loss)]
+    let p50 = |h: &hdrhistogram::Histogram<u64>| h.value_at_quantile(0.5) as f64 / 1e3;
+    let (sync_p50, paused_p50, lp_p50) = (p50(&hs), p50(&hp), p50(&hl));
+    let messages = hl.len();
+    Ok(Report {
+        mode: "longpoll",
+        unit: "message",
+        latency_of: "send to the long-polling consumer holding the record",
+        messages,
+        bytes: messages * args.size as u64,
+        elapsed,
+        latency: hl,
+        notes: vec![Note::new(
+            "sync_produce",
+            serde_json::json!({
+                "p50_us": sync_p50,
+                "after_pause_p50_us": paused_p50,
+                "longpoll_ratio": lp_p50 / sync_p50.max(1e-9),
+                "longpoll_ratio_after_pause": lp_p50 / paused_p50.max(1e-9),
+                "empty_fetches": empty,
+                "late_fetches": late,
+            }),
+            format!(
+                "sync Produce p50 {sync_p50:.1} µs ({paused_p50:.1} µs after a {gap:?} pause): long-poll p50 ÷ sync p50 = {:.2} ({:.2} after the pause); {empty} fetches came back empty, {late} were answered after half of MaxWaitMs {max_wait_ms}",
+                lp_p50 / sync_p50.max(1e-9),
+                lp_p50 / paused_p50.max(1e-9)
+            ),
+        )],
+        hold: None,
+    })
+}
+
+/// `trickle`: `--connections` connections each send the first `--send-bytes` of a
+/// `--frame-bytes` Produce frame and never finish it (a slow or hostile peer), as fast as the
+/// broker takes them, for `--duration` (10 s); then reports the broker's peak RSS (with
+/// `--server-pid`) and times a fresh connection's HealthCheck (the latency).
+pub(crate) async fn trickle(
+    ctx: &Ctx,
+    args: &Bench,
+    stop: &Arc<AtomicBool>,
+) -> Result<Report, Failure> {
+    let addr = resolve(ctx).await?;
+    let overhead = produce_frame(args, 0)?.len();
+    let frame = Arc::new(produce_frame(
+        args,
+        args.frame_bytes.saturating_sub(overhead),
+    )?);
+    let send = args.send_bytes.min(frame.len());
+    let before = args.server_pid.and_then(rss_kib);
+    let mut peak = before.unwrap_or(0);
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.connections {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .map_err(|e| failed(ctx, &format!("connection {}", i + 1), e))?;
+        let (frame, sent) = (frame.clone(), sent.clone());
+        tasks.spawn(async move {
+            let mut at = 0;
+            while let Some(rest) = frame.get(at..send).filter(|r| !r.is_empty()) {
+                match s.write(rest).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => {
+                        at += k;
+                        sent.fetch_add(k as u64, Ordering::Relaxed);
+                    }
+                }
+            }
+            // Holds the half-sent frame until the broker closes or the run ends.
+            let mut b = [0u8; 64];
+            while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+        });
+    }
+    let start = Instant::now();
+    let end = start + args.duration.unwrap_or(Duration::from_secs(10));
+    while Instant::now() < end && !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if let Some(r) = args.server_pid.and_then(rss_kib) {
+            peak = peak.max(r);
+        }
+    }
+    let elapsed = start.elapsed();
+    let mut latency = histogram()?;
+    let t = Instant::now();
+    let mut fresh: Driver<1> = connect(addr, ClientConfig::default(), 512)
+        .await
+        .map_err(|e| failed(ctx, "a fresh connection", e))?;
+    let r = fresh
+        .request(&Request::HealthCheck)
+        .await
+        .map_err(|e| failed(ctx, "HealthCheck on a fresh connection", e))?;
+    check(ctx, "HealthCheck on a fresh connection", Some(r))?;
+    latency.saturating_record(nanos(t.elapsed()));
+    tasks.abort_all();
+    let sent = sent.load(Ordering::Relaxed);
+    let mut notes = vec![Note::new(
+        "trickle",
+        serde_json::json!({"bytes_sent": sent, "frame_bytes": frame.len(), "send_bytes": send}),
+        format!(
+            "{} connections sent {:.1} MiB of {:.1} MiB frames ({:.1} MiB each at most)",
+            args.connections,
+            mib(sent),
+            mib(frame.len() as u64),
+            mib(send as u64)
+        ),
+    )];
+    if let Some(b) = before {
+        notes.push(Note::new(
+            "server_rss",
+            serde_json::json!({"before_kib": b, "peak_kib": peak}),
+            format!(
+                "server RSS: {b} KiB before, peak {peak} KiB ({:.1} MiB more)",
+                mib(peak.saturating_sub(b) * 1024)
+            ),
+        ));
+    }
+    Ok(Report {
+        mode: "trickle",
+        unit: "connection",
+        latency_of: "a fresh connection's connect + HealthCheck afterwards",
+        messages: u64::from(args.connections),
+        bytes: 0,
+        elapsed,
+        latency,
+        notes,
+        hold: None,
+    })
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 20)
 }

@@ -720,7 +720,7 @@ fn bench_json_counts_match_what_was_sent() {
         &mut b.cli(),
         &["bench", "replay"],
         2,
-        "error: invalid value 'replay' for '<MODE>'\n  [possible values: produce, roundtrip, consume, requests, pingpong, pipeline, fetch, connections]\n\n\
+        "error: invalid value 'replay' for '<MODE>'\n  [possible values: produce, roundtrip, consume, requests, pingpong, pipeline, fetch, connections, longpoll, trickle]\n\n\
          For more information, try '--help'.",
     );
 }
@@ -979,6 +979,59 @@ fn bench_raw_modes_count_exactly_what_they_did() {
             .is_some_and(|k| k > 0),
         "{c}"
     );
+    // From two source addresses, held after the report.
+    let a = b
+        .cli()
+        .args([
+            "bench",
+            "connections",
+            "--connections",
+            "6",
+            "--sources",
+            "2",
+            "--first-source",
+            "2",
+            "--hold",
+            "1ms",
+        ])
+        .assert()
+        .success();
+    let out = stdout(&a);
+    assert!(out.starts_with("connections: 6 connections in "), "{out}");
+    assert!(
+        out.ends_with("ready: holding 6 connections for 1ms\n"),
+        "{out}"
+    );
+
+    // longpoll: every fetch brings its record.
+    let l = json(&[
+        "bench", "longpoll", "-t", "lp", "-d", "400ms", "--rounds", "1", "--json",
+    ]);
+    assert_eq!(l["mode"], "longpoll");
+    assert!(l["messages"].as_u64().is_some_and(|n| n > 0), "{l}");
+    assert_eq!(l["messages"], l["latency_samples"]);
+    assert_eq!(l["sync_produce"]["empty_fetches"], 0, "{l}");
+
+    // trickle: three stalled half-frames, then a fresh connection is still answered.
+    let t = json(&[
+        "bench",
+        "trickle",
+        "-t",
+        "tr",
+        "--connections",
+        "3",
+        "--frame-bytes",
+        "100000",
+        "--send-bytes",
+        "40000",
+        "-d",
+        "100ms",
+        "--json",
+    ]);
+    assert_eq!(t["messages"], 3);
+    assert_eq!(t["latency_samples"], 1);
+    assert_eq!(t["trickle"]["send_bytes"], 40_000);
+    assert_eq!(t["trickle"]["frame_bytes"], 100_000);
     fails_with(
         &mut b.cli(),
         &["bench", "connections", "--server-pid", "4000000000"],
