@@ -240,6 +240,10 @@ pub(crate) struct Bench {
     /// requests, pipeline, connections: connections to the broker
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub(crate) connections: u32,
+    /// pipeline, requests: the broker's metrics address (its --metrics-listen), to report
+    /// the fsyncs it did meanwhile
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) metrics: Option<String>,
     /// requests: what each request is
     #[arg(long, value_enum, default_value_t = RequestKind::Health, value_name = "KIND")]
     pub(crate) request: RequestKind,

@@ -209,94 +209,90 @@ pub(crate) async fn pipelined(
     let connections = u64::from(args.connections);
     let mut drivers = Vec::new();
     for i in 0..connections {
-        let d = connect::<WINDOW>(addr, ClientConfig::default(), frame_len * window + 4096)
-            .await
-            .map_err(|e| failed(ctx, &format!("connection {}", i + 1), e))?;
+        // A blocking socket per connection, driven by its own thread: the load generator
+        // must not be what limits the broker's figure (a tokio task per connection reached
+        // about half of it on 2 cores).
+        let d = tokio::task::spawn_blocking(move || {
+            streambus_adapters::blocking::connect::<WINDOW>(
+                addr,
+                ClientConfig::default(),
+                frame_len * window + 4096,
+            )
+        })
+        .await
+        .map_err(|e| Failure::runtime(format!("a connecting thread failed: {e}")))?
+        .map_err(|e| failed(ctx, &format!("connection {}", i + 1), e))?;
         drivers.push(d);
     }
+    let fsyncs_before = match &args.metrics {
+        Some(m) => Some(scrape_counter(m, FSYNCS).await?),
+        None => None,
+    };
     let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, mut d) in drivers.into_iter().enumerate() {
+    let deadline = args.duration.map(|t| start + t).map(Instant::into_std);
+    let mut threads = Vec::new();
+    for (i, d) in drivers.into_iter().enumerate() {
         let share = if requests == u64::MAX {
             requests
         } else {
             requests / connections + u64::from((i as u64) < requests % connections)
         };
-        let (set, args_topic, stop, bar) =
-            (set.clone(), args.topic.clone(), stop.clone(), bar.clone());
-        let deadline = args.duration.map(|t| start + t);
-        let mut latency = histogram()?;
-        tasks.spawn(async move {
-            let request = match load {
-                Load::Produce { .. } => {
-                    let topic = Topic::new(&args_topic).map_err(|e| e.to_string())?;
-                    produce_request(topic, &set).map_err(|e| e.message)?
-                }
-                Load::Health => Request::HealthCheck,
-            };
-            let ty = request.request_type();
-            // Request ids are small consecutive integers: no need to hash them.
-            let mut sent_at: IntMap<u64, Instant> = IntMap::default();
-            sent_at.reserve(window);
-            let (mut sent, mut acked) = (0u64, 0u64);
-            loop {
-                // One clock reading per refill and one per wake-up: reading the clock per
-                // request costs more than the rest of this loop.
-                let now = Instant::now();
-                let more = !stop.load(Ordering::Relaxed) && deadline.is_none_or(|d| now < d);
-                while more && sent < share && sent_at.len() < window {
-                    let id = d
-                        .queue(&request)
-                        .map_err(|e| format!("sending a {what}: {e}"))?;
-                    sent_at.insert(id, now);
-                    sent += 1;
-                }
-                if sent_at.is_empty() {
-                    break;
-                }
-                // Wait for one reply, then take every reply already received before
-                // queueing more: the next wait writes the new requests in one go.
-                let mut done = Some(
-                    d.next_completion()
-                        .await
-                        .map_err(|e| format!("reading a {what} reply: {e}"))?,
-                );
-                let now = Instant::now();
-                let mut replies = 0u64;
-                while let Some(c) = done {
-                    if c.timed_out {
-                        return Err(format!("a {what} timed out"));
-                    }
-                    if let Some(t) = sent_at.remove(&c.request_id) {
-                        latency.saturating_record(nanos(now.saturating_duration_since(t)));
-                    }
-                    match d.response(ty) {
-                        Some(Response::Error(e)) => {
-                            return Err(format!("{what} failed: {} ({})", e.message, e.code));
-                        }
-                        Some(_) => {}
-                        None => return Err(format!("a {what} reply could not be decoded")),
-                    }
-                    replies += per_request;
-                    done = d.poll_completion();
-                }
-                acked += replies;
-                bar.inc(replies);
-            }
-            Ok::<_, String>((latency, acked))
-        });
+        let job = Pipelined {
+            set: set.clone(),
+            topic: args.topic.clone(),
+            stop: stop.clone(),
+            bar: bar.clone(),
+            deadline,
+            share,
+            window,
+            per_request,
+            load,
+            what,
+            latency: histogram()?,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("bench-conn-{i}"))
+            .spawn(move || job.run(d))
+            .map_err(|e| Failure::runtime(format!("starting a connection's thread: {e}")))?;
+        threads.push(thread);
     }
+    let results = tokio::task::spawn_blocking(move || {
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .map_err(|_| "a connection's thread panicked".to_string())
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| Failure::runtime(format!("waiting for the connections' threads: {e}")))?;
     let mut latency = histogram()?;
     let mut acked = 0u64;
-    while let Some(t) = tasks.join_next().await {
-        let (h, n) = t
-            .map_err(|e| Failure::runtime(format!("a connection's task failed: {e}")))?
+    for r in results {
+        let (h, n) = r
+            .map_err(Failure::runtime)?
             .map_err(|e| failed(ctx, what, e))?;
         let _ = latency.add(&h);
         acked += n;
     }
     let elapsed = start.elapsed();
     bar.finish_and_clear();
+    let mut notes = Vec::new();
+    if let (Some(m), Some(before)) = (&args.metrics, fsyncs_before) {
+        let n = scrape_counter(m, FSYNCS).await?.saturating_sub(before);
+        let reqs = acked / per_request;
+        #[allow(clippy::cast_precision_loss)]
+        let (rate, per) = (
+            n as f64 / elapsed.as_secs_f64().max(1e-9),
+            reqs as f64 / n.max(1) as f64,
+        );
+        notes.push(Note::new(
+            "fsyncs",
+            serde_json::json!({"count": n, "per_sec": rate, "requests_per_fsync": per}),
+            format!("broker fsyncs: {n} ({rate:.0}/s, {per:.1} requests per fsync)"),
+        ));
+    }
     let shape =
         serde_json::json!({"batch": batch, "in_flight": window, "connections": connections});
     let (mode, unit, latency_of, text) = match load {
@@ -334,9 +330,98 @@ pub(crate) async fn pipelined(
         },
         elapsed,
         latency,
-        notes: vec![Note::new("shape", shape, text)],
+        notes: {
+            notes.insert(0, Note::new("shape", shape, text));
+            notes
+        },
         hold: None,
     })
+}
+
+/// One connection's share of `pipeline` or `requests`, run on its own thread.
+struct Pipelined {
+    set: Arc<Set>,
+    topic: String,
+    stop: Arc<AtomicBool>,
+    bar: indicatif::ProgressBar,
+    deadline: Option<std::time::Instant>,
+    /// Requests to send.
+    share: u64,
+    window: usize,
+    /// Records per request.
+    per_request: u64,
+    load: Load,
+    what: &'static str,
+    latency: hdrhistogram::Histogram<u64>,
+}
+
+impl Pipelined {
+    /// Keeps `window` requests in flight until the share is sent (or the deadline or Ctrl-C);
+    /// returns the latencies and the records acknowledged.
+    fn run(
+        mut self,
+        mut d: streambus_adapters::blocking::Client<WINDOW>,
+    ) -> Result<(hdrhistogram::Histogram<u64>, u64), String> {
+        let what = self.what;
+        let request = match self.load {
+            Load::Produce { .. } => {
+                let topic = Topic::new(&self.topic).map_err(|e| e.to_string())?;
+                produce_request(topic, &self.set).map_err(|e| e.message)?
+            }
+            Load::Health => Request::HealthCheck,
+        };
+        let ty = request.request_type();
+        // Request ids are small consecutive integers: no need to hash them.
+        let mut sent_at: IntMap<u64, std::time::Instant> = IntMap::default();
+        sent_at.reserve(self.window);
+        let (mut sent, mut acked) = (0u64, 0u64);
+        loop {
+            // One clock reading per refill and one per wake-up: reading the clock per
+            // request costs more than the rest of this loop.
+            let now = std::time::Instant::now();
+            let more = !self.stop.load(Ordering::Relaxed) && self.deadline.is_none_or(|d| now < d);
+            while more && sent < self.share && sent_at.len() < self.window {
+                let id = d
+                    .queue(&request)
+                    .map_err(|e| format!("sending a {what}: {e}"))?;
+                sent_at.insert(id, now);
+                sent += 1;
+            }
+            if sent_at.is_empty() {
+                break;
+            }
+            d.flush().map_err(|e| format!("sending a {what}: {e}"))?;
+            // Wait for one reply, then take every reply already received before queueing
+            // more: the next flush writes the new requests in one go.
+            let mut done = Some(
+                d.next_completion()
+                    .map_err(|e| format!("reading a {what} reply: {e}"))?,
+            );
+            let now = std::time::Instant::now();
+            let mut replies = 0u64;
+            while let Some(c) = done {
+                if c.timed_out {
+                    return Err(format!("a {what} timed out"));
+                }
+                if let Some(t) = sent_at.remove(&c.request_id) {
+                    self.latency
+                        .saturating_record(nanos(now.saturating_duration_since(t)));
+                }
+                match d.response(ty) {
+                    Some(Response::Error(e)) => {
+                        return Err(format!("{what} failed: {} ({})", e.message, e.code));
+                    }
+                    Some(_) => {}
+                    None => return Err(format!("a {what} reply could not be decoded")),
+                }
+                replies += self.per_request;
+                done = d.poll_completion();
+            }
+            acked += replies;
+            self.bar.inc(replies);
+        }
+        Ok((self.latency, acked))
+    }
 }
 
 /// `fetch`: Fetches of `--max-bytes` from partition 0, one at a time, from its start to its
@@ -847,4 +932,30 @@ pub(crate) async fn trickle(
 #[allow(clippy::cast_precision_loss)]
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1u32 << 20)
+}
+
+/// The broker's fsync counter on its metrics endpoint.
+const FSYNCS: &str = "streambus_storage_fsyncs_total";
+
+/// Reads one counter from the broker's Prometheus text at `GET http://ADDR/metrics`.
+async fn scrape_counter(addr: &str, name: &str) -> Result<u64, Failure> {
+    let fail = |e: &dyn std::fmt::Display| Failure::runtime(format!("--metrics {addr}: {e}"));
+    let read = async {
+        let mut s = TcpStream::connect(addr).await?;
+        // HTTP/1.0: no chunking, and the server closes after the body.
+        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await?;
+        Ok::<_, std::io::Error>(text)
+    };
+    let text = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|e| fail(&e))?
+        .map_err(|e| fail(&e))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .ok_or_else(|| fail(&format!("no {name} in its /metrics")))
 }

@@ -19,12 +19,18 @@ struct Broker {
 
 impl Broker {
     fn start() -> Self {
+        Self::with(|_| {})
+    }
+
+    /// A broker with settings changed by `f`.
+    fn with(f: impl FnOnce(&mut streambus_server::Config)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut c = streambus_server::Config::default();
         c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         c.data_dir = dir.path().to_owned();
         c.metrics_listen = None;
         c.fsync = streambus_server::FsyncMode::Never;
+        f(&mut c);
         let running = streambus_server::start(c).expect("broker starts");
         Self { running, _dir: dir }
     }
@@ -1037,6 +1043,46 @@ fn bench_raw_modes_count_exactly_what_they_did() {
         &["bench", "connections", "--server-pid", "4000000000"],
         2,
         "error: --server-pid 4000000000: no such process (its /proc/4000000000/status cannot be read)",
+    );
+}
+
+#[test]
+fn bench_pipeline_reports_the_brokers_fsyncs_from_its_metrics() {
+    let b = Broker::with(|c| {
+        c.fsync = streambus_server::FsyncMode::Always;
+        c.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    });
+    let metrics = b
+        .running
+        .metrics_addr()
+        .expect("metrics listener")
+        .to_string();
+    let a = b
+        .cli()
+        .args([
+            "bench",
+            "pipeline",
+            "-n",
+            "500",
+            "--batch",
+            "5",
+            "--in-flight",
+            "1",
+        ])
+        .args(["--metrics", &metrics, "--json"])
+        .assert()
+        .success();
+    let p: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    assert_eq!(p["messages"], 500);
+    // One request in flight under --fsync always: each of the 100 waits for its own fsync.
+    assert_eq!(p["fsyncs"]["count"], 100, "{p}");
+    assert_eq!(p["fsyncs"]["requests_per_fsync"], 1.0, "{p}");
+    let dead = dead_addr();
+    fails_with(
+        &mut b.cli(),
+        &["bench", "pipeline", "--metrics", &dead],
+        1,
+        &format!("error: --metrics {dead}: Connection refused (os error 111)"),
     );
 }
 

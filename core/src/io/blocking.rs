@@ -50,6 +50,20 @@ where
         Ok(id)
     }
 
+    /// Queues `request` without writing it (the next [`flush`](Self::flush) or
+    /// [`send`](Self::send) writes it); returns its RequestID.
+    pub fn queue(&mut self, request: &Request<'_>) -> Result<u64, DriverError<T::Error>> {
+        let now = self.clock.now();
+        Ok(self.conn.send_request(now, request)?)
+    }
+
+    /// The next completion among the replies already received, without reading or writing:
+    /// a pipelining host drains these before queueing more requests, then writes them all at
+    /// once.
+    pub fn poll_completion(&mut self) -> Option<Completion> {
+        self.conn.poll_completion()
+    }
+
     /// Writes every queued byte and flushes the transport.
     pub fn flush(&mut self) -> Result<(), DriverError<T::Error>> {
         while let Some(bytes) = self.conn.poll_transmit() {
