@@ -229,7 +229,7 @@ pub(crate) struct Bench {
     #[arg(long, short, default_value_t = 100, value_name = "BYTES")]
     pub(crate) size: usize,
     /// How long a producer batch waits for more records
-    #[arg(long, default_value = "5ms", value_name = "DURATION", value_parser = parse_linger)]
+    #[arg(long, default_value = "5ms", value_name = "DURATION", value_parser = parse_duration_or_zero)]
     pub(crate) linger: Duration,
     /// Record bytes per producer batch at most
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
@@ -271,7 +271,7 @@ pub(crate) struct Bench {
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub(crate) max_wait_ms: u32,
     /// longpoll: pause between the Fetch and the Produce, so the Fetch waits at the broker
-    #[arg(long, default_value = "1ms", value_name = "DURATION", value_parser = parse_duration)]
+    #[arg(long, default_value = "1ms", value_name = "DURATION", value_parser = parse_duration_or_zero)]
     pub(crate) gap: Duration,
     /// longpoll: rounds of (sync phase, long-poll phase) sharing --duration (6 s)
     #[arg(long, default_value_t = 3, value_name = "N")]
@@ -372,7 +372,7 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 }
 
 /// A duration that may be zero.
-fn parse_linger(s: &str) -> Result<Duration, String> {
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     match parse_duration(s) {
         Err(e) if e == ZERO => Ok(Duration::ZERO),
         other => other,
@@ -421,8 +421,8 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("x").is_err());
-        assert_eq!(parse_linger("0ms"), Ok(Duration::ZERO));
-        assert!(parse_linger("-1ms").is_err());
+        assert_eq!(parse_duration_or_zero("0ms"), Ok(Duration::ZERO));
+        assert!(parse_duration_or_zero("-1ms").is_err());
     }
 
     #[test]
