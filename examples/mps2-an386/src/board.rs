@@ -7,8 +7,8 @@ use core::ptr;
 use core::sync::atomic::{AtomicU32, Ordering};
 use core::task::{Context, Poll, Waker};
 
-use cortex_m::peripheral::SYST;
 use cortex_m::peripheral::syst::SystClkSource;
+use cortex_m::peripheral::{SCB, SYST};
 use cortex_m_rt::exception;
 use embedded_io::ErrorKind;
 use streambus_core::Instant;
@@ -16,27 +16,48 @@ use streambus_core::io::asynch::Timer;
 
 /// The core clock of QEMU's MPS2 boards (SYSCLK, 25 MHz), which SysTick counts.
 const CORE_HZ: u32 = 25_000_000;
+/// SysTick's reload value: the longest period (2^24 cycles, 671 ms). The time is read from
+/// the counter itself, so a late SysTick exception (an emulator on a busy host delivers them
+/// late, and a 1 ms tick then loses most of its ticks) costs nothing.
+const RELOAD: u32 = 0x00FF_FFFF;
 
-/// Milliseconds since [`start_clock`], advanced by the SysTick exception.
-static MILLIS: AtomicU32 = AtomicU32::new(0);
+/// SysTick periods since [`start_clock`].
+static WRAPS: AtomicU32 = AtomicU32::new(0);
 
 #[exception]
 fn SysTick() {
-    MILLIS.fetch_add(1, Ordering::Relaxed);
+    WRAPS.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Starts the 1 ms SysTick interrupt.
+/// Starts SysTick on the core clock.
 pub fn start_clock(mut syst: SYST) {
     syst.set_clock_source(SystClkSource::Core);
-    syst.set_reload(CORE_HZ / 1_000 - 1);
+    syst.set_reload(RELOAD);
     syst.clear_current();
     syst.enable_counter();
     syst.enable_interrupt();
 }
 
+/// Core clock cycles since the clock started.
+fn cycles() -> u64 {
+    loop {
+        let wraps = WRAPS.load(Ordering::Acquire);
+        let mut current = SYST::get_current();
+        // A wrap whose exception has not run yet: count it, with the counter read after it.
+        let pending = SCB::is_pendst_pending();
+        if pending {
+            current = SYST::get_current();
+        }
+        if WRAPS.load(Ordering::Acquire) == wraps {
+            let periods = u64::from(wraps) + u64::from(pending);
+            return periods * (u64::from(RELOAD) + 1) + u64::from(RELOAD - current.min(RELOAD));
+        }
+    }
+}
+
 /// Milliseconds since the clock started (wraps after 49 days).
 pub fn millis() -> u32 {
-    MILLIS.load(Ordering::Relaxed)
+    (cycles() / u64::from(CORE_HZ / 1_000)) as u32
 }
 
 /// The client's clock.
