@@ -1,6 +1,6 @@
 //! A small client for `no_std` firmware: produce, fetch, get-offset, create-topic and
-//! health-check, one
-//! request at a time, over the [`io`](crate::io) drivers and two caller buffers.
+//! health-check, one request at a time, over the [`io`](crate::io) drivers and two caller
+//! buffers.
 //!
 //! ```text
 //! let mut client = blocking::Client::new(uart, clock, ClientConfig::default(), &mut tx[..], &mut rx[..]);
@@ -15,12 +15,14 @@
 
 use core::fmt;
 
-use crate::io::DriverError;
+use crate::io::{Call, DriverError};
+use crate::wire::Payload;
 use crate::wire::message::MessageSet;
 use crate::wire::request::{CreateTopicRequest, FetchRequest, GetOffsetRequest, ProduceRequest};
 use crate::wire::response::{
-    CreateTopicResponse, FetchResponse, GetOffsetResponse, HealthCheckResponse, ProduceResponse,
-    Response, parse_create_topic, parse_fetch, parse_get_offset, parse_health_check, parse_produce,
+    CreateTopicResponse, FetchResponse, GetOffsetResponse, HealthCheckResponse, PayloadParser,
+    ProduceResponse, Response, parse_create_topic, parse_fetch, parse_get_offset,
+    parse_health_check, parse_produce,
 };
 use crate::wire::types::{ErrorCode, RequestType, Topic};
 
@@ -69,15 +71,11 @@ fn pick<'a, T, E>(
     }
 }
 
-/// The call of one request type: its payload and its reply's decoder, named here (not
-/// dispatched on a [`RequestType`](crate::RequestType)) so that a firmware links the codecs of
+/// The call of one request type: its payload and its reply's decoder, named by each method
+/// (not dispatched on the [`RequestType`] at run time) so that a firmware links the codecs of
 /// the calls it makes and no others.
-fn call<'r>(
-    request_type: crate::RequestType,
-    payload: &'r dyn crate::wire::Payload,
-    parse: crate::wire::response::PayloadParser,
-) -> crate::io::Call<'r> {
-    crate::io::Call {
+fn call<'r>(request_type: RequestType, payload: &'r dyn Payload, parse: PayloadParser) -> Call<'r> {
+    Call {
         request_type,
         payload,
         parse,

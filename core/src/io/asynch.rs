@@ -182,7 +182,7 @@ where
         self.conn.response(request_type)
     }
 
-    /// Sends `request` and waits until its own response. Meant for one request at a time:
+    /// Sends `request` and waits for its own response. Meant for one request at a time:
     /// completions of other requests arriving meanwhile are dropped.
     pub async fn request(
         &mut self,
