@@ -23,7 +23,7 @@ use streambus_tests::start_broker;
 /// QEMU runs under `timeout` with this bound: a device that hangs fails the test.
 const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
 /// The firmware's request timeout (`REQUEST_TIMEOUT` in examples/mps2-an386/src/main.rs).
-const DEVICE_REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+const DEVICE_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The firmware's record sizes (`SIZES`), and the 1 KiB record it sends in between.
 const SIZES: [usize; 5] = [1, 100, 1000, 2048, 4000];
 const SMALL: usize = 1024;

@@ -36,7 +36,7 @@ const SIZES: [usize; 5] = [1, 100, 1000, 2048, 4000];
 /// The round of the 1 KiB record sent with the smallest buffers.
 const SMALL_ROUND: u8 = b'm';
 /// A request's deadline.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a blocking UART read waits for a first byte (then the client checks deadlines).
 const QUIET_MS: u32 = 20;
 /// Transmit and receive buffers: the largest Produce (a 4000-byte value) and Fetch reply.
