@@ -257,80 +257,123 @@ impl<'a> Request<'a> {
 impl Encode for Request<'_> {
     fn encoded_len(&self) -> usize {
         match self {
-            Self::Produce(p) => {
-                // PartitionID, NumMessages, then the extension groups present.
-                let fixed = match p.producer {
-                    None => 8,
-                    Some(ProducerInfo {
-                        base_sequence: None,
-                        ..
-                    }) => 8 + 10,
-                    Some(_) => 8 + 14,
-                };
-                p.messages
-                    .encoded_len()
-                    .saturating_add(p.topic.encoded_len())
-                    .saturating_add(fixed)
-            }
-            Self::Fetch(f) => {
-                // PartitionID, Offset, MaxBytes, then the extension groups present.
-                let fixed = match f.extension {
-                    None => 16,
-                    Some(FetchExtension {
-                        long_poll: None, ..
-                    }) => 16 + 1,
-                    Some(_) => 16 + 9,
-                };
-                f.topic.encoded_len().saturating_add(fixed)
-            }
-            Self::GetOffset(g) => g.topic.encoded_len().saturating_add(4),
-            Self::CreateTopic(c) => c.topic.encoded_len().saturating_add(6),
-            Self::DeleteTopic(d) => d.topic.encoded_len(),
+            Self::Produce(p) => p.encoded_len(),
+            Self::Fetch(f) => f.encoded_len(),
+            Self::GetOffset(g) => g.encoded_len(),
+            Self::CreateTopic(c) => c.encoded_len(),
+            Self::DeleteTopic(d) => d.encoded_len(),
             Self::ListTopics | Self::HealthCheck => 0,
         }
     }
 
     fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
         match self {
-            Self::Produce(p) => {
-                w.bytes(p.topic.as_str().as_bytes())?;
-                w.u32(p.partition)?;
-                w.u32(p.messages.count())?;
-                p.messages.write(w)?;
-                if let Some(info) = p.producer {
-                    w.i64(info.producer_id)?;
-                    w.i16(info.producer_epoch)?;
-                    if let Some(seq) = info.base_sequence {
-                        w.i32(seq)?;
-                    }
-                }
-                Ok(())
-            }
-            Self::Fetch(f) => {
-                w.bytes(f.topic.as_str().as_bytes())?;
-                w.u32(f.partition)?;
-                w.i64(f.offset)?;
-                w.u32(f.max_bytes)?;
-                if let Some(e) = f.extension {
-                    w.put(&e.isolation_level.to_be_bytes())?;
-                    if let Some(lp) = e.long_poll {
-                        w.u32(lp.max_wait_ms)?;
-                        w.u32(lp.min_bytes)?;
-                    }
-                }
-                Ok(())
-            }
-            Self::GetOffset(g) => {
-                w.bytes(g.topic.as_str().as_bytes())?;
-                w.u32(g.partition)
-            }
-            Self::CreateTopic(c) => {
-                w.bytes(c.topic.as_str().as_bytes())?;
-                w.u32(c.num_partitions)?;
-                w.u16(c.replication_factor)
-            }
-            Self::DeleteTopic(d) => w.bytes(d.topic.as_str().as_bytes()),
+            Self::Produce(p) => p.write(w),
+            Self::Fetch(f) => f.write(w),
+            Self::GetOffset(g) => g.write(w),
+            Self::CreateTopic(c) => c.write(w),
+            Self::DeleteTopic(d) => d.write(w),
             Self::ListTopics | Self::HealthCheck => Ok(()),
         }
+    }
+}
+
+/// The payload of a Produce request.
+impl Encode for ProduceRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        // PartitionID, NumMessages, then the extension groups present.
+        let fixed = match self.producer {
+            None => 8,
+            Some(ProducerInfo {
+                base_sequence: None,
+                ..
+            }) => 8 + 10,
+            Some(_) => 8 + 14,
+        };
+        self.messages
+            .encoded_len()
+            .saturating_add(self.topic.encoded_len())
+            .saturating_add(fixed)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.topic.as_str().as_bytes())?;
+        w.u32(self.partition)?;
+        w.u32(self.messages.count())?;
+        self.messages.write(w)?;
+        if let Some(info) = self.producer {
+            w.i64(info.producer_id)?;
+            w.i16(info.producer_epoch)?;
+            if let Some(seq) = info.base_sequence {
+                w.i32(seq)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The payload of a Fetch request.
+impl Encode for FetchRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        // PartitionID, Offset, MaxBytes, then the extension groups present.
+        let fixed = match self.extension {
+            None => 16,
+            Some(FetchExtension {
+                long_poll: None, ..
+            }) => 16 + 1,
+            Some(_) => 16 + 9,
+        };
+        self.topic.encoded_len().saturating_add(fixed)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.topic.as_str().as_bytes())?;
+        w.u32(self.partition)?;
+        w.i64(self.offset)?;
+        w.u32(self.max_bytes)?;
+        if let Some(e) = self.extension {
+            w.put(&e.isolation_level.to_be_bytes())?;
+            if let Some(lp) = e.long_poll {
+                w.u32(lp.max_wait_ms)?;
+                w.u32(lp.min_bytes)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The payload of a GetOffset request.
+impl Encode for GetOffsetRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        self.topic.encoded_len().saturating_add(4)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.topic.as_str().as_bytes())?;
+        w.u32(self.partition)
+    }
+}
+
+/// The payload of a CreateTopic request.
+impl Encode for CreateTopicRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        self.topic.encoded_len().saturating_add(6)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.topic.as_str().as_bytes())?;
+        w.u32(self.num_partitions)?;
+        w.u16(self.replication_factor)
+    }
+}
+
+/// The payload of a DeleteTopic request.
+impl Encode for DeleteTopicRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        self.topic.encoded_len()
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.topic.as_str().as_bytes())
     }
 }
