@@ -5,6 +5,8 @@ use core::fmt;
 use crate::error::{DecodeError, EncodeError, Malformed};
 use crate::wire::frame::ResponseFrame;
 use crate::wire::message::{MESSAGE_FIXED_LEN, MessageSet};
+#[cfg(feature = "metadata")]
+use crate::wire::metadata::MetadataResponse;
 use crate::wire::types::{ErrorCode, RequestType, ResponseStatus, Topic};
 use crate::wire::{Encode, Reader, Text, Writer, len_u32};
 
@@ -242,6 +244,9 @@ pub enum Response<'a> {
     ListTopics(ListTopicsResponse<'a>),
     /// Reply to 0x07.
     HealthCheck(HealthCheckResponse<'a>),
+    /// Reply to 0x11 (§6.4).
+    #[cfg(feature = "metadata")]
+    Metadata(MetadataResponse<'a>),
     /// An error reply to any request.
     Error(ErrorResponse<'a>),
 }
@@ -343,6 +348,8 @@ impl<'a> Response<'a> {
                 status: Text(r.bytes("status")?),
                 uptime_secs: r.i64("uptime")?,
             }),
+            #[cfg(feature = "metadata")]
+            RequestType::Metadata => Self::Metadata(MetadataResponse::read(&mut r)?),
         })
     }
 
@@ -372,6 +379,8 @@ impl Encode for Response<'_> {
             }),
             Self::HealthCheck(h) => h.status.0.len().saturating_add(4 + 8),
             Self::Error(e) => e.message.0.len().saturating_add(4),
+            #[cfg(feature = "metadata")]
+            Self::Metadata(m) => m.encoded_len(),
         }
     }
 
@@ -419,6 +428,8 @@ impl Encode for Response<'_> {
                 w.i64(h.uptime_secs)
             }
             Self::Error(e) => w.bytes(e.message.0),
+            #[cfg(feature = "metadata")]
+            Self::Metadata(m) => m.write(w),
         }
     }
 }
