@@ -94,4 +94,7 @@ pub use consumer::{Consumer, ConsumerConfig, Offset, ResetPolicy};
 pub use error::{Context, Error, ErrorCode, ProtocolError, Result};
 pub use partition::{fnv1a32, partition_for_key};
 pub use producer::{BufferFull, Delivery, Producer, ProducerConfig};
-pub use types::{ConsumerRecord, Health, PartitionOffsets, Record, RecordMetadata, TopicInfo};
+pub use types::{
+    BrokerMetadata, ConsumerRecord, Health, Metadata, PartitionMetadata, PartitionOffsets, Record,
+    RecordMetadata, TopicInfo, TopicMetadata,
+};

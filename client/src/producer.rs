@@ -301,7 +301,7 @@ fn stale_topic(e: &Error) -> bool {
     matches!(
         e.code(),
         Some(ErrorCode::PARTITION_NOT_FOUND | ErrorCode::TOPIC_NOT_FOUND)
-    ) || e.code() == Some(ErrorCode(15))
+    ) || e.code() == Some(ErrorCode::NOT_LEADER)
 }
 
 #[derive(Debug, Default)]
@@ -333,11 +333,12 @@ struct Inner {
 /// Records are grouped per topic-partition into batches, sent when a batch is full or its
 /// [`linger`](ProducerConfig::linger) has passed, one batch in flight per partition so
 /// records keep their order. Partitions: the record's explicit one, else the key hash
-/// ([`partition_for_key`]), else round robin; partition counts come from the topic list
-/// (a topic that does not exist yet counts as one partition, which is what the broker's
-/// auto-create makes) and are read again after `PartitionNotFound`, `TopicNotFound` or
-/// `NotLeader`, and at least every minute. (The broker has no Metadata request yet; the
-/// topic list is the single-broker stand-in.)
+/// ([`partition_for_key`]), else round robin; partition counts come from the broker's
+/// [`Metadata`](Client::metadata) (a topic that does not exist yet counts as one partition,
+/// which is what the broker's auto-create makes) and are read again after
+/// `PartitionNotFound`, `TopicNotFound` or `NotLeader`, and at least every minute. A batch
+/// refused with `NotLeader` (a cluster's leadership moved) reads the metadata again before it
+/// is retried.
 ///
 /// **Delivery is at-least-once.** A batch that fails with a retriable error (see
 /// [`Error::is_retriable`]) is sent again with exponential backoff and jitter, up to
@@ -602,22 +603,18 @@ impl Producer {
     async fn read_topic(&self, record: &Record) -> Result<(Arc<str>, u32, Option<u32>)> {
         let ctx = || Context::new("produce").topic(record.topic.as_str());
         let name = validate_topic(&record.topic, &ctx())?;
-        let count = self
-            .inner
-            .client
-            .partition_count(&name)
+        read_partition_count(&self.inner, &name)
             .await
-            .map_err(|e| e.with_context(&ctx()))?
-            // Auto-create makes one partition.
-            .unwrap_or(1);
+            .map_err(|e| e.with_context(&ctx()))?;
         let mut st = self.inner.lock();
-        let t = st.topics.entry(name.clone()).or_insert_with(|| TopicState {
-            name,
-            partitions: count,
-            next: 0,
-            read_at: Instant::now(),
-        });
-        Ok(pick(t, record))
+        match st.topics.get_mut(&name) {
+            Some(t) => Ok(pick(t, record)),
+            // Expired between the read and here: the count just read is still the latest.
+            None => Err(Error::invalid(
+                ctx(),
+                "the topic's partition count was dropped",
+            )),
+        }
     }
 
     /// Sends every buffered record now (no linger) and waits until none is outstanding:
@@ -671,6 +668,30 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Reads `topic`'s partition count from the broker's metadata (a missing topic counts as
+/// one partition: what auto-create makes) and caches it, keeping the round-robin cursor.
+async fn read_partition_count(inner: &Inner, topic: &Arc<str>) -> Result<u32> {
+    let count = inner
+        .client
+        .partition_count(topic)
+        .await?
+        // Auto-create makes one partition.
+        .unwrap_or(1);
+    let mut st = inner.lock();
+    let t = st
+        .topics
+        .entry(topic.clone())
+        .or_insert_with(|| TopicState {
+            name: topic.clone(),
+            partitions: count,
+            next: 0,
+            read_at: Instant::now(),
+        });
+    t.partitions = count;
+    t.read_at = Instant::now();
+    Ok(count)
 }
 
 /// The partition of `record` in `t` (`None`: its explicit partition is out of range), with
@@ -808,12 +829,20 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
     let mut last = failed;
     let result = loop {
         if let Some(e) = last.take() {
+            let not_leader = e.code() == Some(ErrorCode::NOT_LEADER);
             match backoff.next() {
                 Some(d) if Instant::now() + d < deadline => {
                     tracing::debug!(error = %e, ?d, "produce failed; retrying");
                     tokio::time::sleep(d).await;
                 }
                 _ => break Err(e),
+            }
+            if not_leader {
+                // Leadership moved: learn where it went before the retry. A failed read
+                // leaves the retry to report its own error.
+                if let Err(e) = read_partition_count(&inner, &key.0).await {
+                    tracing::debug!(error = %e, "metadata refresh after NotLeader failed");
+                }
             }
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
