@@ -389,7 +389,7 @@ impl Client {
     /// The brokers, and the partitions of `topics` with their leaders and replicas (protocol
     /// §6.4); no topics asks for every topic. Each topic asked for is listed once, sorted by
     /// name; one that does not exist has [`ErrorCode::TOPIC_NOT_FOUND`](crate::ErrorCode)
-    /// and no partitions (the call still succeeds). An invalid name is [`Error::Invalid`]
+    /// and no partitions (the call still succeeds). An invalid name is [`Error::InvalidInput`]
     /// before anything is sent.
     ///
     /// ```no_run
