@@ -159,15 +159,23 @@ pub struct Delivery {
 struct Outcome {
     /// Set once; read without a lock.
     result: OnceLock<Result<i64>>,
-    /// Tasks waiting for it.
-    wakers: Mutex<Vec<Waker>>,
+    /// Tasks and threads waiting for it.
+    waiters: Mutex<Waiters>,
     /// Threads waiting for it ([`Delivery::wait`]).
     done: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct Waiters {
+    tasks: Vec<Waker>,
+    /// Threads blocked in [`Delivery::wait`]: the condvar is signalled only when there are
+    /// some (a notify is a futex syscall even with nobody waiting, about 1 µs a batch).
+    threads: usize,
+}
+
 impl Outcome {
-    fn wakers(&self) -> MutexGuard<'_, Vec<Waker>> {
-        self.wakers.lock().unwrap_or_else(|p| p.into_inner())
+    fn waiters(&self) -> MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sets the result (the first one wins) and wakes every waiter. The result is published
@@ -177,9 +185,14 @@ impl Outcome {
         if self.result.set(result).is_err() {
             return;
         }
-        let wakers = std::mem::take(&mut *self.wakers());
-        self.done.notify_all();
-        for w in wakers {
+        let (tasks, threads) = {
+            let mut w = self.waiters();
+            (std::mem::take(&mut w.tasks), w.threads)
+        };
+        if threads > 0 {
+            self.done.notify_all();
+        }
+        for w in tasks {
             w.wake();
         }
     }
@@ -199,9 +212,11 @@ impl Delivery {
 
     /// Blocks the thread until the outcome is known (not inside an async runtime).
     pub fn wait(self) -> Result<RecordMetadata> {
-        let mut guard = self.outcome.wakers();
+        let mut guard = self.outcome.waiters();
+        guard.threads += 1;
         loop {
             if let Some(r) = self.outcome.result.get() {
+                guard.threads -= 1;
                 return self.resolve(r);
             }
             guard = self
@@ -220,12 +235,12 @@ impl Future for Delivery {
         if let Some(r) = self.outcome.result.get() {
             return Poll::Ready(self.resolve(r));
         }
-        let mut wakers = self.outcome.wakers();
+        let mut waiters = self.outcome.waiters();
         if let Some(r) = self.outcome.result.get() {
             return Poll::Ready(self.resolve(r));
         }
-        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            wakers.push(cx.waker().clone());
+        if !waiters.tasks.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.tasks.push(cx.waker().clone());
         }
         Poll::Pending
     }
