@@ -129,7 +129,7 @@ pub(crate) enum Topics {
         #[arg(long)]
         json: bool,
     },
-    /// Show a topic's partitions with their start and end offsets
+    /// Show a topic's partitions with their start and end offsets, leaders and replicas
     Describe {
         /// The topic's name
         name: String,

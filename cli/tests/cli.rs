@@ -164,13 +164,15 @@ fn topics_create_list_describe_delete() {
         .args(["topics", "describe", "orders"])
         .assert()
         .success()
-        .stdout(
+        .stdout(format!(
             "topic orders: 3 partitions, 2 records stored\n\
-             PARTITION  START  END  RECORDS\n\
-             0          0      0    0\n\
-             1          0      2    2\n\
-             2          0      0    0\n",
-        );
+             PARTITION  START  END  RECORDS  LEADER  REPLICAS\n\
+             0          0      0    0        0       0\n\
+             1          0      2    2        0       0\n\
+             2          0      0    0        0       0\n\
+             broker 0 at {}\n",
+            b.addr()
+        ));
     let a = b
         .cli()
         .args(["topics", "describe", "orders", "--json"])
@@ -180,7 +182,11 @@ fn topics_create_list_describe_delete() {
     assert_eq!(v["name"], "orders");
     assert_eq!(
         v["partitions"][1],
-        serde_json::json!({"partition": 1, "start": 0, "end": 2})
+        serde_json::json!({"partition": 1, "start": 0, "end": 2, "leader": 0, "replicas": [0]})
+    );
+    assert_eq!(
+        v["brokers"],
+        serde_json::json!([{"node_id": 0, "address": b.addr()}])
     );
 
     b.cli()

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::conn::{self, Callback, Job, LoadGuard, MAX_IN_FLIGHT, Reply, ReplyTo, Req};
 use crate::error::{Context, Error, Result};
-use crate::types::{Health, PartitionOffsets, TopicInfo};
+use crate::types::{Health, Metadata, PartitionOffsets, TopicInfo};
 
 /// Settings of a [`Client`]; build one with [`Client::builder`].
 #[derive(Debug, Clone)]
@@ -219,7 +219,11 @@ impl Client {
         // timeout, a restart) is sent once more on a fresh connection, within its timeout.
         let again = matches!(
             req,
-            Req::Fetch { .. } | Req::GetOffset { .. } | Req::ListTopics | Req::Health
+            Req::Fetch { .. }
+                | Req::GetOffset { .. }
+                | Req::ListTopics
+                | Req::Health
+                | Req::Metadata { .. }
         )
         .then(|| req.clone());
         let started = Instant::now();
@@ -382,7 +386,45 @@ impl Client {
         }
     }
 
-    /// Every partition's offsets of `topic` (its partition count from the topic list).
+    /// The brokers, and the partitions of `topics` with their leaders and replicas (protocol
+    /// §6.4); no topics asks for every topic. Each topic asked for is listed once, sorted by
+    /// name; one that does not exist has [`ErrorCode::TOPIC_NOT_FOUND`](crate::ErrorCode)
+    /// and no partitions (the call still succeeds). An invalid name is [`Error::InvalidInput`]
+    /// before anything is sent.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: streambus_client::Client) -> Result<(), streambus_client::Error> {
+    /// let m = client.metadata(["orders"]).await?;
+    /// for p in &m.topic("orders").expect("asked for").partitions {
+    ///     let leader = p.leader.and_then(|id| m.broker(id)).map(|b| b.address());
+    ///     println!("partition {} led by {leader:?}, replicas {:?}", p.partition, p.replicas);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn metadata<I, S>(&self, topics: I) -> Result<Metadata>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut ctx = Context::new("metadata");
+        let mut names = Vec::new();
+        for t in topics {
+            let t = t.as_ref();
+            names.push(validate_topic(t, &ctx.clone().topic(t))?);
+        }
+        if let [one] = &names[..] {
+            ctx = ctx.topic(one.clone());
+        }
+        let req = Req::Metadata {
+            topics: names.into(),
+        };
+        match self.call(req, &ctx, self.timeout()).await? {
+            Reply::Metadata(m) => Ok(m),
+            other => Err(mismatch(ctx, &other)),
+        }
+    }
+
+    /// Every partition's offsets of `topic` (its partition count from [`metadata`](Self::metadata)).
     pub async fn describe_topic(&self, topic: &str) -> Result<Vec<PartitionOffsets>> {
         let ctx = Context::new("describe topic").topic(topic);
         validate_topic(topic, &ctx)?;
@@ -392,7 +434,7 @@ impl Client {
             .ok_or_else(|| Error::Broker {
                 context: ctx.clone(),
                 code: crate::ErrorCode::TOPIC_NOT_FOUND,
-                message: format!("topic {topic} is not in the topic list"),
+                message: format!("topic {topic} does not exist"),
             })?;
         let mut out = Vec::with_capacity(count as usize);
         for p in 0..count {
@@ -401,14 +443,13 @@ impl Client {
         Ok(out)
     }
 
-    /// The partition count of `topic`, `None` if it does not exist.
+    /// The partition count of `topic` (from [`metadata`](Self::metadata)), `None` if it does
+    /// not exist.
     pub async fn partition_count(&self, topic: &str) -> Result<Option<u32>> {
-        Ok(self
-            .list_topics()
-            .await?
-            .into_iter()
-            .find(|t| t.name == topic)
-            .map(|t| t.partitions))
+        let m = self.metadata([topic]).await?;
+        Ok(m.topic(topic)
+            .filter(|t| t.exists())
+            .and_then(|t| u32::try_from(t.partitions.len()).ok()))
     }
 
     /// The broker's health check.

@@ -183,7 +183,7 @@ fn produce_with_bad_record() -> Vec<u8> {
 
 #[test]
 fn intact_but_bad_frames_get_their_codes_and_the_connection_stays_open() {
-    let cases: [(Vec<u8>, ErrorCode); 5] = [
+    let cases: [(Vec<u8>, ErrorCode); 7] = [
         (with_header(1, 0x09, 1, 0, &[]), ErrorCode::UNKNOWN_REQUEST),
         (with_header(2, 0x07, 2, 0, &[]), ErrorCode::INVALID_PROTOCOL),
         // GetOffset with a truncated payload.
@@ -200,6 +200,22 @@ fn intact_but_bad_frames_get_their_codes_and_the_connection_stays_open() {
         (
             with_header(5, 0x01, 1, 0, &produce_with_bad_record()),
             ErrorCode::CORRUPT_MESSAGE,
+        ),
+        // Metadata for a valid topic and `..`: the whole request is refused (§6.4).
+        (
+            with_header(
+                6,
+                0x11,
+                1,
+                0,
+                &[0, 0, 0, 2, 0, 0, 0, 1, b'a', 0, 0, 0, 2, b'.', b'.'],
+            ),
+            ErrorCode::INVALID_REQUEST,
+        ),
+        // Metadata claiming more topics than its bytes hold.
+        (
+            with_header(7, 0x11, 1, 0, &[0, 0, 0, 9, 0, 0, 0, 1, b'a']),
+            ErrorCode::INVALID_REQUEST,
         ),
     ];
     let mut c = conn();

@@ -14,6 +14,10 @@ use arbitrary::{Arbitrary, Unstructured};
 use streambus_core::broker::{peek_request_id, stamp_record};
 use streambus_core::checksum::checksum;
 use streambus_core::{
+    BrokerInfo, BrokerList, MetadataRequest, MetadataResponse, PartitionList, PartitionMetadata,
+    ReplicaList, TopicMetadata, TopicMetadataList, TopicNames,
+};
+use streambus_core::{
     ClientConfig, ClientConnection, ClientError, CreateTopicRequest, CreateTopicResponse,
     DEFAULT_MAX_FRAME_LEN, DecodeError, DeleteTopicRequest, DeleteTopicResponse, Encode,
     EncodeError, ErrorCode, ErrorResponse, FetchExtension, FetchRequest, FetchResponse,
@@ -601,6 +605,14 @@ fn walk_request(request: &Request<'_>) {
     if let Request::Produce(p) = request {
         walk_messages(&p.messages);
     }
+    if let Request::Metadata(m) = request {
+        let mut n = 0;
+        for topic in m.topics.iter() {
+            walk_topic(topic);
+            n += 1;
+        }
+        assert_eq!(n, m.topics.len());
+    }
     let _ = format!("{request:?}");
 }
 
@@ -621,6 +633,7 @@ fn walk_response(response: &Response<'_>) {
         Response::HealthCheck(h) => {
             let _ = h.status.to_string();
         }
+        Response::Metadata(m) => walk_metadata(m),
         Response::Error(e) => {
             let _ = e.message.to_string();
             let _ = e.message.as_str();
@@ -628,6 +641,27 @@ fn walk_response(response: &Response<'_>) {
         _ => {}
     }
     let _ = format!("{response:?}");
+}
+
+/// Iterates every level of a decoded Metadata reply and checks each list yields its count.
+fn walk_metadata(m: &MetadataResponse<'_>) {
+    assert_eq!(m.brokers.iter().count(), m.brokers.len());
+    for b in m.brokers.iter() {
+        let _ = b.host.to_string();
+    }
+    assert_eq!(m.topics.iter().len(), m.topics.len());
+    let mut topics = 0;
+    for t in m.topics.iter() {
+        topics += 1;
+        walk_topic(t.name);
+        let mut partitions = 0;
+        for p in t.partitions.iter() {
+            partitions += 1;
+            assert_eq!(p.replicas.iter().count(), p.replicas.len());
+        }
+        assert_eq!(partitions, t.partitions.len());
+    }
+    assert_eq!(topics, m.topics.len());
 }
 
 /// Iterates a decoded message set: every message and header, every record, and checks that
@@ -739,6 +773,7 @@ pub enum OwnedRequest {
     },
     ListTopics,
     HealthCheck,
+    Metadata(Vec<TopicName>),
 }
 
 /// A response to encode.
@@ -780,6 +815,15 @@ pub enum OwnedResponse {
         code: u16,
         message: Vec<u8>,
     },
+    Metadata(OwnedMetadata),
+}
+
+/// A Metadata reply to encode: brokers (node, host, port), then topics with their partitions
+/// (id, leader, epoch, replicas).
+#[derive(Debug, Clone, Arbitrary)]
+pub struct OwnedMetadata {
+    brokers: Vec<(u32, Vec<u8>, u16)>,
+    topics: Vec<(TopicName, u16, Vec<(u32, i32, i32, Vec<u32>)>)>,
 }
 
 /// The `roundtrip` target's input.
@@ -892,6 +936,14 @@ fn check_too_small(
 /// Asserts `decode(encode(x)) == x` for one arbitrary request or response.
 pub fn check_roundtrip(input: &RoundtripInput) {
     match &input.item {
+        Item::Request(OwnedRequest::Metadata(names)) => {
+            let names: Vec<Topic<'_>> = names.iter().map(TopicName::topic).collect();
+            let request = Request::Metadata(MetadataRequest {
+                topics: TopicNames::from_slice(&names),
+            });
+            roundtrip_request(input, &request);
+        }
+        Item::Response(OwnedResponse::Metadata(m)) => check_metadata_roundtrip(input, m),
         Item::Request(r) => {
             let messages: &[OwnedMessage] = match r {
                 OwnedRequest::Produce { messages, .. } => messages,
@@ -981,7 +1033,52 @@ fn borrow_request<'a>(r: &'a OwnedRequest, messages: MessageSet<'a>) -> Request<
         }),
         OwnedRequest::ListTopics => Request::ListTopics,
         OwnedRequest::HealthCheck => Request::HealthCheck,
+        OwnedRequest::Metadata(_) => unreachable!("borrowed in check_roundtrip"),
     }
+}
+
+/// Borrows an arbitrary Metadata reply into the core's slices and round-trips it.
+fn check_metadata_roundtrip(input: &RoundtripInput, m: &OwnedMetadata) {
+    let brokers: Vec<BrokerInfo<'_>> = m
+        .brokers
+        .iter()
+        .map(|(node_id, host, port)| BrokerInfo {
+            node_id: *node_id,
+            host: Text(host),
+            port: *port,
+        })
+        .collect();
+    let partitions: Vec<Vec<PartitionMetadata<'_>>> = m
+        .topics
+        .iter()
+        .map(|(_, _, ps)| {
+            ps.iter()
+                .map(
+                    |(partition, leader, leader_epoch, replicas)| PartitionMetadata {
+                        partition: *partition,
+                        leader: *leader,
+                        leader_epoch: *leader_epoch,
+                        replicas: ReplicaList::from_slice(replicas),
+                    },
+                )
+                .collect()
+        })
+        .collect();
+    let topics: Vec<TopicMetadata<'_>> = m
+        .topics
+        .iter()
+        .zip(&partitions)
+        .map(|((name, code, _), ps)| TopicMetadata {
+            name: name.topic(),
+            error_code: ErrorCode(*code),
+            partitions: PartitionList::from_slice(ps),
+        })
+        .collect();
+    let response = Response::Metadata(MetadataResponse {
+        brokers: BrokerList::from_slice(&brokers),
+        topics: TopicMetadataList::from_slice(&topics),
+    });
+    roundtrip_response(input, &response, RequestType::Metadata);
 }
 
 fn borrow_response<'a>(
@@ -1074,6 +1171,7 @@ fn borrow_response<'a>(
             }),
             RequestType::ALL[usize::from(*answers) % RequestType::ALL.len()],
         ),
+        OwnedResponse::Metadata(_) => unreachable!("borrowed in check_roundtrip"),
     }
 }
 
@@ -1163,5 +1261,8 @@ fn roundtrip_response(input: &RoundtripInput, response: &Response<'_>, ty: Reque
     }
     if let (Response::ListTopics(a), Response::ListTopics(b)) = (&decoded, response) {
         assert!(a.topics.iter().eq(b.topics.iter()));
+    }
+    if let Response::Metadata(m) = &decoded {
+        walk_metadata(m);
     }
 }

@@ -1,4 +1,4 @@
-//! Request routing: the seven v1 requests against the storage engine, answered exactly as the
+//! Request routing: the seven v1 requests and Metadata (§6.4) against the storage engine, answered exactly as the
 //! protocol says, error codes and messages included.
 //!
 //! Most requests are answered before [`Handler::handle`] returns. Two kinds keep their
@@ -14,12 +14,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use streambus_adapters::{ConnEvent, FileChunk, Handler, Reply};
 use streambus_core::{
+    BrokerInfo, BrokerList, MetadataRequest, MetadataResponse, PartitionList, PartitionMetadata,
+    ReplicaList, TopicMetadata, TopicMetadataList,
+};
+use streambus_core::{
     CreateTopicResponse, DeleteTopicResponse, ErrorCode, FETCH_RESPONSE_FIXED_LEN, FetchRequest,
     FetchResponse, FetchTrailer, Flags, GetOffsetResponse, HealthCheckResponse, ListTopicsResponse,
     MessageSet, ProduceRequest, ProduceResponse, RESPONSE_HEADER_LEN, Request, Response, Text,
     Topic, TopicInfo, TopicList, response_encoded_len,
 };
 
+use crate::config::Advertised;
 use crate::longpoll::{LongPolls, Registered, Waiter};
 use crate::metrics::Metrics;
 use crate::storage::{AppendResult, FetchPlan, Storage, StorageError, TopicConfig};
@@ -49,9 +54,14 @@ fn read_ranges(plan: &FetchPlan) -> std::io::Result<Vec<u8>> {
 pub const MAX_PARTITIONS: u32 = 1024;
 
 /// Routing settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct BrokerConfig {
+    /// This broker's node id in Metadata replies (at most `i32::MAX`: it is also the
+    /// LeaderID).
+    pub node_id: u32,
+    /// The address Metadata replies tell clients to connect to.
+    pub advertise: Advertised,
     /// Create a missing topic (one partition) on Produce.
     pub auto_create_topics: bool,
     /// The maximum frame Length, which bounds message and fetch sizes.
@@ -63,6 +73,11 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
+            node_id: 0,
+            advertise: Advertised {
+                host: "127.0.0.1".into(),
+                port: 9092,
+            },
             auto_create_topics: true,
             max_frame_len: streambus_core::DEFAULT_MAX_FRAME_LEN,
             max_fetch_wait: Duration::from_secs(30),
@@ -80,6 +95,18 @@ impl BrokerConfig {
     /// Sets [`max_frame_len`](Self::max_frame_len).
     pub fn max_frame_len(mut self, max: u32) -> Self {
         self.max_frame_len = max;
+        self
+    }
+
+    /// Sets [`node_id`](Self::node_id).
+    pub fn node_id(mut self, id: u32) -> Self {
+        self.node_id = id;
+        self
+    }
+
+    /// Sets [`advertise`](Self::advertise).
+    pub fn advertise(mut self, address: Advertised) -> Self {
+        self.advertise = address;
         self
     }
 
@@ -231,6 +258,7 @@ impl Broker {
             },
             Request::Fetch(f) => inner.fetch(f, answer),
             Request::ListTopics => inner.list_topics(answer),
+            Request::Metadata(m) => inner.metadata(m, answer),
             _ => match inner.admin(request) {
                 Ok(Some(response)) => answer.respond(&response),
                 Ok(None) => unreachable_request(request, answer),
@@ -535,6 +563,86 @@ impl Inner {
                 format!(
                     "the list of {} topics takes a {length}-byte frame, over the maximum of {}",
                     topics.len(),
+                    self.config.max_frame_len
+                ),
+            ));
+        }
+        answer.respond(&response);
+    }
+}
+
+impl Inner {
+    /// Metadata (§6.4) of a single broker: itself at its advertised address, leader (epoch 0)
+    /// and only replica of every partition; topics once each in byte order of their names, a
+    /// missing one with TopicNotFound and no partitions.
+    fn metadata(&self, m: &MetadataRequest<'_>, answer: Answer) {
+        let topics: Vec<(String, Option<u32>)> = if m.topics.is_empty() {
+            self.storage
+                .list_topics()
+                .into_iter()
+                .map(|(name, n)| (name, Some(n)))
+                .collect()
+        } else {
+            m.topics
+                .iter()
+                .map(|t| {
+                    let name = t.as_str();
+                    (name.to_owned(), self.storage.partition_count(name))
+                })
+                .collect()
+        };
+        let mut topics = topics;
+        topics.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        topics.dedup_by(|a, b| a.0 == b.0);
+
+        let node = self.config.node_id;
+        let leader = i32::try_from(node).unwrap_or(i32::MAX);
+        let replicas = [node];
+        let partitions: Vec<Vec<PartitionMetadata<'_>>> = topics
+            .iter()
+            .map(|(_, count)| {
+                (0..count.unwrap_or(0))
+                    .map(|partition| PartitionMetadata {
+                        partition,
+                        leader,
+                        leader_epoch: 0,
+                        replicas: ReplicaList::from_slice(&replicas),
+                    })
+                    .collect()
+            })
+            .collect();
+        let entries: Vec<TopicMetadata<'_>> = topics
+            .iter()
+            .zip(&partitions)
+            .filter_map(|((name, count), parts)| {
+                Some(TopicMetadata {
+                    name: Topic::new(name).ok()?,
+                    error_code: if count.is_some() {
+                        ErrorCode::NONE
+                    } else {
+                        ErrorCode::TOPIC_NOT_FOUND
+                    },
+                    partitions: PartitionList::from_slice(parts),
+                })
+            })
+            .collect();
+        let brokers = [BrokerInfo {
+            node_id: node,
+            host: Text(self.config.advertise.host.as_bytes()),
+            port: self.config.advertise.port,
+        }];
+        let response = Response::Metadata(MetadataResponse {
+            brokers: BrokerList::from_slice(&brokers),
+            topics: TopicMetadataList::from_slice(&entries),
+        });
+        // Grows with the topics and partitions: it must still fit a frame.
+        let length = response_encoded_len(&response).saturating_sub(4); // after Length
+        if length > self.config.max_frame_len as usize {
+            return answer.fail(fail(
+                ErrorCode::MESSAGE_TOO_LARGE,
+                format!(
+                    "the metadata of {} topics takes a {length}-byte frame, over the maximum of {}",
+                    entries.len(),
                     self.config.max_frame_len
                 ),
             ));

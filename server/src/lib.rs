@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use broker::{Broker, BrokerConfig};
-pub use config::{Cli, Config, ConfigError, FsyncMode, RuntimeKind};
+pub use config::{Advertised, Cli, Config, ConfigError, FsyncMode, RuntimeKind};
 use metrics::Metrics;
 use storage::{FsyncPolicy, Storage, StorageConfig};
 use streambus_adapters::ServeOptions;
@@ -181,10 +181,24 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         .connection(conn)
         .write_timeout(config.write_timeout)
         .max_buffered_bytes(config.max_buffered_bytes);
+    let advertise = match &config.advertise {
+        Some(a) => a.clone(),
+        None => {
+            let (a, unspecified) = Advertised::for_listener(addr);
+            if unspecified {
+                tracing::warn!(
+                    "listening on {addr} without --advertise: Metadata replies advertise {a}, which only clients on this host can reach"
+                );
+            }
+            a
+        }
+    };
     let broker = Arc::new(
         Broker::new(
             storage.clone(),
             BrokerConfig::default()
+                .node_id(config.node_id)
+                .advertise(advertise.clone())
                 .auto_create_topics(config.auto_create_topics)
                 .max_frame_len(config.max_frame_bytes)
                 .max_fetch_wait(config.max_fetch_wait),
@@ -193,7 +207,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         .map_err(io_err("starting the broker's threads"))?,
     );
     let metrics_at = metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
-    tracing::info!(%addr, metrics = %metrics_at, runtime = ?config.runtime, data_dir = %config.data_dir.display(), "broker listening");
+    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, runtime = ?config.runtime, data_dir = %config.data_dir.display(), "broker listening");
 
     let weak_broker = Arc::downgrade(&broker);
     let (stop, body): (Stop, Box<dyn FnOnce() -> Result<(), ServerError> + Send>) =

@@ -285,6 +285,9 @@ pub struct ClientConnection<B, const N: usize> {
     /// The frame at `rx_start` was handed out; drop it at the next call.
     delivered: usize,
     slots: [Slot; N],
+    /// Every slot in use is below this index (slots are taken lowest first), so scans stop
+    /// there: a connection with one request in flight looks at one slot, not `N`.
+    hi: usize,
     next_id: u64,
     error: Option<ClientError>,
 }
@@ -304,6 +307,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             reader: FrameReader::new(FrameDecoder::new(MIN_RESPONSE_LENGTH, config.max_frame_len)),
             delivered: 0,
             slots: [Slot::FREE; N],
+            hi: 0,
             next_id: 1,
             error: None,
         }
@@ -317,7 +321,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// Requests sent whose completion was not yet handed out (timed-out requests whose late
     /// response has not arrived included).
     pub fn in_flight(&self) -> usize {
-        self.slots
+        self.active()
             .iter()
             .filter(|s| s.state != SlotState::Free)
             .count()
@@ -326,6 +330,25 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// The error that poisoned the connection, if any.
     pub fn error(&self) -> Option<ClientError> {
         self.error
+    }
+
+    /// The slots that may be in use.
+    fn active(&self) -> &[Slot] {
+        self.slots.get(..self.hi).unwrap_or(&self.slots)
+    }
+
+    fn active_mut(&mut self) -> &mut [Slot] {
+        let hi = self.hi.min(self.slots.len());
+        self.slots.get_mut(..hi).unwrap_or_default()
+    }
+
+    /// Lowers [`hi`](Self::hi) past the free slots at the top.
+    fn shrink(&mut self) {
+        while let Some(i) = self.hi.checked_sub(1)
+            && self.slots.get(i).is_none_or(|s| s.state == SlotState::Free)
+        {
+            self.hi = i;
+        }
     }
 
     fn check(&self) -> Result<(), ClientError> {
@@ -392,6 +415,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
                 ty: request_type,
                 state: SlotState::Waiting,
             };
+            self.hi = self.hi.max(free_slot.saturating_add(1));
         }
         self.tx_end = self.tx_end.saturating_add(n);
         self.next_id = id.wrapping_add(1).max(1);
@@ -492,8 +516,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             Err(e) => return Err(self.poison(PeerError::Decode(e).into())),
         };
         let frame = buf.get(..total).unwrap_or_default();
-        let outcome = check_response(frame, &mut self.slots);
+        let hi = self.hi.min(self.slots.len());
+        let outcome = check_response(frame, self.slots.get_mut(..hi).unwrap_or_default());
         outcome.map_err(|e| self.poison(e.into()))?;
+        self.shrink();
         Ok(Some(total))
     }
 
@@ -506,7 +532,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         // what completes must not depend on how the bytes were split into reads.
         let expired = match self.error {
             None => self
-                .slots
+                .active()
                 .iter()
                 .position(|s| matches!(s.state, SlotState::Expired { .. })),
             Some(_) => None,
@@ -523,6 +549,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             } else {
                 SlotState::Abandoned
             };
+            self.shrink();
             return Some(done);
         }
         while self.rx_start < self.rx_checked {
@@ -530,16 +557,18 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             let len = accepted_frame_len(frame);
             let id = peek_request_id(frame)?;
             let answered = self
-                .slots
+                .active_mut()
                 .iter_mut()
                 .find(|s| s.id == id && s.state == SlotState::Answered);
             match answered {
                 Some(slot) => {
                     slot.state = SlotState::Free;
+                    let request_type = slot.ty;
                     self.delivered = len;
+                    self.shrink();
                     return Some(Completion {
                         request_id: id,
-                        request_type: slot.ty,
+                        request_type,
                         timed_out: false,
                     });
                 }
@@ -610,7 +639,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 
     /// The earliest deadline of a request still waiting, if any.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.slots
+        self.active()
             .iter()
             .filter(|s| s.state == SlotState::Waiting)
             .fold(None, |t, s| earliest(t, Some(s.deadline)))
@@ -618,7 +647,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 
     /// Expires every request whose deadline is at or before `now`; poll events afterwards.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for s in self.slots.iter_mut() {
+        for s in self.active_mut() {
             if s.state == SlotState::Waiting && s.deadline <= now {
                 s.state = SlotState::Expired { late: false };
             }

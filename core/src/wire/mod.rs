@@ -2,6 +2,8 @@
 
 pub(crate) mod frame;
 pub(crate) mod message;
+#[cfg(feature = "metadata")]
+pub(crate) mod metadata;
 pub(crate) mod reader;
 pub(crate) mod request;
 pub(crate) mod response;

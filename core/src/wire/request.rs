@@ -3,6 +3,8 @@
 use crate::error::{DecodeError, EncodeError};
 use crate::wire::frame::{PROTOCOL_VERSION, RequestFrame};
 use crate::wire::message::MessageSet;
+#[cfg(feature = "metadata")]
+use crate::wire::metadata::MetadataRequest;
 use crate::wire::types::{RequestType, Topic};
 use crate::wire::{Encode, Reader, Writer};
 
@@ -117,6 +119,9 @@ pub enum Request<'a> {
     ListTopics,
     /// 0x07 (empty payload).
     HealthCheck,
+    /// 0x11 (§6.4).
+    #[cfg(feature = "metadata")]
+    Metadata(MetadataRequest<'a>),
 }
 
 fn topic<'a>(r: &mut Reader<'a>) -> Result<Topic<'a>, DecodeError> {
@@ -134,6 +139,8 @@ impl<'a> Request<'a> {
             Self::DeleteTopic(_) => RequestType::DeleteTopic,
             Self::ListTopics => RequestType::ListTopics,
             Self::HealthCheck => RequestType::HealthCheck,
+            #[cfg(feature = "metadata")]
+            Self::Metadata(_) => RequestType::Metadata,
         }
     }
 
@@ -146,6 +153,8 @@ impl<'a> Request<'a> {
             Self::CreateTopic(c) => Some(c.topic),
             Self::DeleteTopic(d) => Some(d.topic),
             Self::ListTopics | Self::HealthCheck => None,
+            #[cfg(feature = "metadata")]
+            Self::Metadata(_) => None,
         }
     }
 
@@ -250,6 +259,8 @@ impl<'a> Request<'a> {
             }),
             RequestType::ListTopics => Self::ListTopics,
             RequestType::HealthCheck => Self::HealthCheck,
+            #[cfg(feature = "metadata")]
+            RequestType::Metadata => Self::Metadata(MetadataRequest::read(&mut r)?),
         })
     }
 }
@@ -263,6 +274,8 @@ impl Encode for Request<'_> {
             Self::CreateTopic(c) => c.encoded_len(),
             Self::DeleteTopic(d) => d.encoded_len(),
             Self::ListTopics | Self::HealthCheck => 0,
+            #[cfg(feature = "metadata")]
+            Self::Metadata(m) => m.encoded_len(),
         }
     }
 
@@ -274,6 +287,8 @@ impl Encode for Request<'_> {
             Self::CreateTopic(c) => c.write(w),
             Self::DeleteTopic(d) => d.write(w),
             Self::ListTopics | Self::HealthCheck => Ok(()),
+            #[cfg(feature = "metadata")]
+            Self::Metadata(m) => m.write(w),
         }
     }
 }

@@ -5,6 +5,8 @@ use core::fmt;
 use crate::error::{DecodeError, EncodeError, Malformed};
 use crate::wire::frame::ResponseFrame;
 use crate::wire::message::{MESSAGE_FIXED_LEN, MessageSet};
+#[cfg(feature = "metadata")]
+use crate::wire::metadata::MetadataResponse;
 use crate::wire::types::{ErrorCode, RequestType, ResponseStatus, Topic};
 use crate::wire::{Encode, Reader, Text, Writer, len_u32};
 
@@ -242,6 +244,9 @@ pub enum Response<'a> {
     ListTopics(ListTopicsResponse<'a>),
     /// Reply to 0x07.
     HealthCheck(HealthCheckResponse<'a>),
+    /// Reply to 0x11 (§6.4).
+    #[cfg(feature = "metadata")]
+    Metadata(MetadataResponse<'a>),
     /// An error reply to any request.
     Error(ErrorResponse<'a>),
 }
@@ -322,7 +327,15 @@ pub(crate) fn payload_parser(ty: RequestType) -> PayloadParser {
         RequestType::DeleteTopic => parse_delete_topic,
         RequestType::ListTopics => parse_list_topics,
         RequestType::HealthCheck => parse_health_check,
+        #[cfg(feature = "metadata")]
+        RequestType::Metadata => parse_metadata,
     }
+}
+
+#[cfg(feature = "metadata")]
+fn parse_metadata(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    Ok(Response::Metadata(MetadataResponse::read(&mut r)?))
 }
 
 pub(crate) fn parse_produce(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
@@ -420,6 +433,8 @@ impl Encode for Response<'_> {
             }),
             Self::HealthCheck(h) => h.status.0.len().saturating_add(4 + 8),
             Self::Error(e) => e.message.0.len().saturating_add(4),
+            #[cfg(feature = "metadata")]
+            Self::Metadata(m) => m.encoded_len(),
         }
     }
 
@@ -467,6 +482,8 @@ impl Encode for Response<'_> {
                 w.i64(h.uptime_secs)
             }
             Self::Error(e) => w.bytes(e.message.0),
+            #[cfg(feature = "metadata")]
+            Self::Metadata(m) => m.write(w),
         }
     }
 }
