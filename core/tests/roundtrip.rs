@@ -4,13 +4,13 @@
 
 use proptest::prelude::*;
 use streambus_core::{
-    CreateTopicRequest, CreateTopicResponse, DeleteTopicRequest, DeleteTopicResponse, Encode,
-    EncodeError, ErrorCode, ErrorResponse, FetchExtension, FetchRequest, FetchResponse,
-    FetchTrailer, Flags, FrameDecoder, GetOffsetRequest, GetOffsetResponse, Header, Headers,
-    HealthCheckResponse, ListTopicsResponse, LongPoll, Message, MessageSet, MessageSetBuilder,
-    ProduceRequest, ProduceResponse, ProducerInfo, Request, RequestFrame, Response, ResponseFrame,
-    Status, Text, Topic, TopicInfo, TopicList, encode_request, encode_response,
-    request_encoded_len, response_encoded_len,
+    AuthenticateRequest, AuthenticateResponse, CreateTopicRequest, CreateTopicResponse,
+    DeleteTopicRequest, DeleteTopicResponse, Encode, EncodeError, ErrorCode, ErrorResponse,
+    FetchExtension, FetchRequest, FetchResponse, FetchTrailer, Flags, FrameDecoder,
+    GetOffsetRequest, GetOffsetResponse, Header, Headers, HealthCheckResponse, ListTopicsResponse,
+    LongPoll, Message, MessageSet, MessageSetBuilder, ProduceRequest, ProduceResponse,
+    ProducerInfo, Request, RequestFrame, Response, ResponseFrame, Status, Text, Topic, TopicInfo,
+    TopicList, encode_request, encode_response, request_encoded_len, response_encoded_len,
 };
 
 #[derive(Debug, Clone)]
@@ -117,6 +117,10 @@ enum OwnedReq {
     },
     List,
     Health,
+    Authenticate {
+        mechanism: Vec<u8>,
+        credential: Vec<u8>,
+    },
 }
 
 fn producer() -> impl Strategy<Value = Option<ProducerInfo>> {
@@ -187,6 +191,10 @@ fn owned_req() -> impl Strategy<Value = OwnedReq> {
         topic_name().prop_map(|topic| OwnedReq::Delete { topic }),
         Just(OwnedReq::List),
         Just(OwnedReq::Health),
+        (bytes(20), bytes(64)).prop_map(|(mechanism, credential)| OwnedReq::Authenticate {
+            mechanism,
+            credential
+        }),
     ]
 }
 
@@ -239,6 +247,13 @@ fn encode_owned_req(r: &OwnedReq, id: u64, flags: Flags) -> Vec<u8> {
         OwnedReq::Delete { topic } => Request::DeleteTopic(DeleteTopicRequest { topic: t(topic) }),
         OwnedReq::List => Request::ListTopics,
         OwnedReq::Health => Request::HealthCheck,
+        OwnedReq::Authenticate {
+            mechanism,
+            credential,
+        } => Request::Authenticate(AuthenticateRequest {
+            mechanism: Text(mechanism),
+            credential,
+        }),
     };
     let len = request_encoded_len(&req);
     // Too small by one: refused, nothing written.
@@ -292,6 +307,9 @@ enum OwnedResp {
         status: Vec<u8>,
         uptime: i64,
     },
+    Authenticate {
+        principal: Vec<u8>,
+    },
     Error {
         code: u16,
         message: Vec<u8>,
@@ -342,6 +360,7 @@ fn owned_resp() -> impl Strategy<Value = OwnedResp> {
             .prop_map(|(topic, deleted)| OwnedResp::Delete { topic, deleted }),
         prop::collection::vec((topic_name(), any::<u32>()), 0..8).prop_map(OwnedResp::List),
         (bytes(20), any::<i64>()).prop_map(|(status, uptime)| OwnedResp::Health { status, uptime }),
+        bytes(40).prop_map(|principal| OwnedResp::Authenticate { principal }),
         (1u16..=u16::MAX, bytes(100))
             .prop_map(|(code, message)| OwnedResp::Error { code, message }),
     ]
@@ -416,6 +435,12 @@ fn check_resp(r: &OwnedResp, id: u64) -> Vec<u8> {
                 uptime_secs: *uptime,
             }),
             streambus_core::RequestType::HealthCheck,
+        ),
+        OwnedResp::Authenticate { principal } => (
+            Response::Authenticate(AuthenticateResponse {
+                principal: Text(principal),
+            }),
+            streambus_core::RequestType::Authenticate,
         ),
         OwnedResp::Error { code, message } => (
             Response::Error(ErrorResponse {

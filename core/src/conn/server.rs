@@ -39,6 +39,10 @@ pub struct ServerConfig {
     pub read_timeout: Duration,
     /// How long a connection with nothing in flight may stay without a frame (default 10 min).
     pub idle_timeout: Duration,
+    /// The broker requires authentication (§6.3): a connection not marked
+    /// [`authenticated`](ServerConnection::authenticated) within
+    /// [`read_timeout`](Self::read_timeout) of being accepted is closed (default off).
+    pub require_authentication: bool,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +53,7 @@ impl Default for ServerConfig {
             max_checksum_faults: 3,
             read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
+            require_authentication: false,
         }
     }
 }
@@ -77,6 +82,11 @@ impl ServerConfig {
     /// Sets [`idle_timeout`](Self::idle_timeout).
     pub fn idle_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.idle_timeout = timeout;
+        self
+    }
+    /// Sets [`require_authentication`](Self::require_authentication).
+    pub fn require_authentication(&mut self, on: bool) -> &mut Self {
+        self.require_authentication = on;
         self
     }
 }
@@ -168,6 +178,9 @@ pub struct ServerConnection {
     idle_restart: bool,
     /// The read timer: when `rx` last grew while holding an incomplete frame, and its length.
     partial: Option<(Instant, usize)>,
+    /// With [`ServerConfig::require_authentication`], the connection is closed at this time
+    /// unless it authenticates first (`None`: no deadline, or authenticated).
+    authenticate_by: Option<Instant>,
 }
 
 impl ServerConnection {
@@ -182,7 +195,17 @@ impl ServerConnection {
             idle_since: now,
             idle_restart: false,
             partial: None,
+            authenticate_by: config
+                .require_authentication
+                .then(|| now.saturating_add(config.read_timeout)),
         }
+    }
+
+    /// Records that the connection authenticated (§6.3): the authentication deadline of
+    /// [`ServerConfig::require_authentication`] no longer applies. Poll
+    /// [`poll_timeout`](Self::poll_timeout) again after it.
+    pub fn authenticated(&mut self) {
+        self.authenticate_by = None;
     }
 
     /// The settings.
@@ -445,12 +468,12 @@ impl ServerConnection {
             .map(|(since, _)| since.saturating_add(self.config.read_timeout));
         let idle =
             (self.in_flight == 0).then(|| self.idle_since.saturating_add(self.config.idle_timeout));
-        earliest(read, idle)
+        earliest(earliest(read, idle), self.authenticate_by)
     }
 
     /// Fires the timers due at `now`; returns `true` when the connection must be closed: an
-    /// incomplete frame got no new bytes for the read timeout, or nothing happened for the
-    /// idle timeout.
+    /// incomplete frame got no new bytes for the read timeout, nothing happened for the idle
+    /// timeout, or authentication is required and did not happen within the read timeout.
     pub fn handle_timeout(&mut self, now: Instant) -> bool {
         if self.closed {
             return true;
@@ -461,7 +484,8 @@ impl ServerConnection {
             .is_some_and(|(since, _)| now >= since.saturating_add(self.config.read_timeout));
         let idle_expired =
             self.in_flight == 0 && now >= self.idle_since.saturating_add(self.config.idle_timeout);
-        if read_expired || idle_expired {
+        let unauthenticated = self.authenticate_by.is_some_and(|by| now >= by);
+        if read_expired || idle_expired || unauthenticated {
             self.closed = true;
             self.partial = None;
         }

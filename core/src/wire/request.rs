@@ -1,10 +1,11 @@
-//! Request payloads of the seven v1 request types, with the optional trailing extensions.
+//! Request payloads of the seven v1 request types, with the optional trailing extensions, and
+//! the §6 request types.
 
 use crate::error::{DecodeError, EncodeError};
 use crate::wire::frame::{PROTOCOL_VERSION, RequestFrame};
 use crate::wire::message::MessageSet;
 use crate::wire::types::{RequestType, Topic};
-use crate::wire::{Encode, Reader, Writer};
+use crate::wire::{Encode, Reader, Text, Writer};
 
 /// Idempotent-produce fields, trailing a Produce request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -98,6 +99,74 @@ pub struct DeleteTopicRequest<'a> {
     pub topic: Topic<'a>,
 }
 
+/// The mechanism name of token authentication (§6.3): the credential is the token's bytes.
+pub const MECHANISM_TOKEN: &str = "token";
+
+/// 0x10 Authenticate (§6.3): prove who the connection speaks for.
+///
+/// `Debug` (and `defmt`) show the credential's length only, never its bytes, so a logged
+/// request cannot leak it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct AuthenticateRequest<'a> {
+    /// The mechanism, e.g. [`MECHANISM_TOKEN`].
+    pub mechanism: Text<'a>,
+    /// The secret: for `token`, the token's bytes.
+    pub credential: &'a [u8],
+}
+
+impl<'a> AuthenticateRequest<'a> {
+    /// A `token` authentication.
+    pub fn token(token: &'a [u8]) -> Self {
+        Self {
+            mechanism: Text(MECHANISM_TOKEN.as_bytes()),
+            credential: token,
+        }
+    }
+
+    fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        let mechanism = Text(r.bytes("mechanism")?);
+        let credential = r.bytes("credential")?;
+        Ok(Self {
+            mechanism,
+            credential,
+        })
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.mechanism
+            .0
+            .len()
+            .saturating_add(self.credential.len())
+            .saturating_add(8)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.mechanism.0)?;
+        w.bytes(self.credential)
+    }
+}
+
+impl core::fmt::Debug for AuthenticateRequest<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("AuthenticateRequest")
+            .field("mechanism", &self.mechanism)
+            .field("credential_len", &self.credential.len())
+            .finish()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for AuthenticateRequest<'_> {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "AuthenticateRequest {{ mechanism: {}, credential: {=usize} bytes }}",
+            self.mechanism,
+            self.credential.len()
+        )
+    }
+}
+
 /// A decoded request payload, borrowing the frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -117,6 +186,8 @@ pub enum Request<'a> {
     ListTopics,
     /// 0x07 (empty payload).
     HealthCheck,
+    /// 0x10 (§6.3).
+    Authenticate(AuthenticateRequest<'a>),
 }
 
 fn topic<'a>(r: &mut Reader<'a>) -> Result<Topic<'a>, DecodeError> {
@@ -134,6 +205,7 @@ impl<'a> Request<'a> {
             Self::DeleteTopic(_) => RequestType::DeleteTopic,
             Self::ListTopics => RequestType::ListTopics,
             Self::HealthCheck => RequestType::HealthCheck,
+            Self::Authenticate(_) => RequestType::Authenticate,
         }
     }
 
@@ -145,7 +217,7 @@ impl<'a> Request<'a> {
             Self::GetOffset(g) => Some(g.topic),
             Self::CreateTopic(c) => Some(c.topic),
             Self::DeleteTopic(d) => Some(d.topic),
-            Self::ListTopics | Self::HealthCheck => None,
+            Self::ListTopics | Self::HealthCheck | Self::Authenticate(_) => None,
         }
     }
 
@@ -250,6 +322,7 @@ impl<'a> Request<'a> {
             }),
             RequestType::ListTopics => Self::ListTopics,
             RequestType::HealthCheck => Self::HealthCheck,
+            RequestType::Authenticate => Self::Authenticate(AuthenticateRequest::read(&mut r)?),
         })
     }
 }
@@ -287,6 +360,7 @@ impl Encode for Request<'_> {
             Self::CreateTopic(c) => c.topic.encoded_len().saturating_add(6),
             Self::DeleteTopic(d) => d.topic.encoded_len(),
             Self::ListTopics | Self::HealthCheck => 0,
+            Self::Authenticate(a) => a.encoded_len(),
         }
     }
 
@@ -331,6 +405,7 @@ impl Encode for Request<'_> {
             }
             Self::DeleteTopic(d) => w.bytes(d.topic.as_str().as_bytes()),
             Self::ListTopics | Self::HealthCheck => Ok(()),
+            Self::Authenticate(a) => a.write(w),
         }
     }
 }

@@ -213,6 +213,30 @@ pub struct HealthCheckResponse<'a> {
     pub uptime_secs: i64,
 }
 
+/// Authenticate success (§6.3): the principal the connection now speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct AuthenticateResponse<'a> {
+    /// The principal's name.
+    pub principal: Text<'a>,
+}
+
+impl<'a> AuthenticateResponse<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self, Malformed> {
+        Ok(Self {
+            principal: Text(r.bytes("principal")?),
+        })
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.principal.0.len().saturating_add(4)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.principal.0)
+    }
+}
+
 /// The error payload (Status 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -242,6 +266,8 @@ pub enum Response<'a> {
     ListTopics(ListTopicsResponse<'a>),
     /// Reply to 0x07.
     HealthCheck(HealthCheckResponse<'a>),
+    /// Reply to 0x10 (§6.3).
+    Authenticate(AuthenticateResponse<'a>),
     /// An error reply to any request.
     Error(ErrorResponse<'a>),
 }
@@ -343,6 +369,7 @@ impl<'a> Response<'a> {
                 status: Text(r.bytes("status")?),
                 uptime_secs: r.i64("uptime")?,
             }),
+            RequestType::Authenticate => Self::Authenticate(AuthenticateResponse::read(&mut r)?),
         })
     }
 
@@ -371,6 +398,7 @@ impl Encode for Response<'_> {
                 sum.saturating_add(t.name.encoded_len()).saturating_add(4)
             }),
             Self::HealthCheck(h) => h.status.0.len().saturating_add(4 + 8),
+            Self::Authenticate(a) => a.encoded_len(),
             Self::Error(e) => e.message.0.len().saturating_add(4),
         }
     }
@@ -418,6 +446,7 @@ impl Encode for Response<'_> {
                 w.bytes(h.status.0)?;
                 w.i64(h.uptime_secs)
             }
+            Self::Authenticate(a) => a.write(w),
             Self::Error(e) => w.bytes(e.message.0),
         }
     }
