@@ -1,5 +1,6 @@
 //! Request routing: the seven v1 requests against the storage engine, answered exactly as the
-//! protocol says, error codes and messages included.
+//! protocol says, error codes and messages included; with `--auth-file`, each request is first
+//! checked against the connection's principal (§6.3, see `auth`).
 //!
 //! Most requests are answered before [`Handler::handle`] returns. Two kinds keep their
 //! [`Reply`] and answer later: a Produce under `--fsync always` (once the group-commit fsync
@@ -14,12 +15,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use streambus_adapters::{ConnEvent, FileChunk, Handler, Reply};
 use streambus_core::{
-    CreateTopicResponse, DeleteTopicResponse, ErrorCode, FETCH_RESPONSE_FIXED_LEN, FetchRequest,
-    FetchResponse, FetchTrailer, Flags, GetOffsetResponse, HealthCheckResponse, ListTopicsResponse,
-    MessageSet, ProduceRequest, ProduceResponse, RESPONSE_HEADER_LEN, Request, Response, Text,
-    Topic, TopicInfo, TopicList, response_encoded_len,
+    AuthenticateRequest, AuthenticateResponse, CreateTopicResponse, DeleteTopicResponse, ErrorCode,
+    FETCH_RESPONSE_FIXED_LEN, FetchRequest, FetchResponse, FetchTrailer, Flags, GetOffsetResponse,
+    HealthCheckResponse, ListTopicsResponse, MECHANISM_TOKEN, MessageSet, ProduceRequest,
+    ProduceResponse, RESPONSE_HEADER_LEN, Request, Response, Text, Topic, TopicInfo, TopicList,
+    response_encoded_len,
 };
 
+use crate::auth::{Access, Auth, Refusal};
 use crate::longpoll::{LongPolls, Registered, Waiter};
 use crate::metrics::Metrics;
 use crate::storage::{AppendResult, FetchPlan, Storage, StorageError, TopicConfig};
@@ -44,6 +47,9 @@ fn read_ranges(plan: &FetchPlan) -> std::io::Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// Failed `Authenticate` requests in a row after which the connection closes (§6.3).
+pub const MAX_AUTH_FAILURES: u8 = 3;
 
 /// Largest partition count a topic may have.
 pub const MAX_PARTITIONS: u32 = 1024;
@@ -107,6 +113,8 @@ struct Inner {
     started: Instant,
     metrics: Arc<Metrics>,
     polls: LongPolls,
+    /// `--auth-file`: who may do what; `None` lets everyone do everything.
+    auth: Option<Arc<Auth>>,
 }
 
 /// A reply with what its request's metrics need.
@@ -172,12 +180,24 @@ impl Broker {
         config: BrokerConfig,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
+        Self::with_auth(storage, config, metrics, None)
+    }
+
+    /// [`new`](Self::new), requiring authentication and checking permissions with `auth`
+    /// (§6.3) when it is set.
+    pub fn with_auth(
+        storage: Arc<Storage>,
+        config: BrokerConfig,
+        metrics: Arc<Metrics>,
+        auth: Option<Arc<Auth>>,
+    ) -> std::io::Result<Self> {
         let inner = Arc::new(Inner {
             storage,
             config,
             started: Instant::now(),
             metrics,
             polls: LongPolls::default(),
+            auth,
         });
         let syncer = Syncer::start()?;
         let t = Arc::clone(&inner);
@@ -207,7 +227,7 @@ impl Broker {
         self.inner.polls.waiting()
     }
 
-    fn route(&self, request: &Request<'_>, answer: Answer) {
+    fn route(&self, request: &Request<'_>, answer: Answer, access: &Access) {
         let inner = &*self.inner;
         match request {
             Request::Produce(p) => match inner.produce(p) {
@@ -230,7 +250,8 @@ impl Broker {
                 Err(f) => answer.fail(f),
             },
             Request::Fetch(f) => inner.fetch(f, answer),
-            Request::ListTopics => inner.list_topics(answer),
+            Request::ListTopics => inner.list_topics(answer, access),
+            Request::Authenticate(a) => inner.authenticate(a, answer),
             _ => match inner.admin(request) {
                 Ok(Some(response)) => answer.respond(&response),
                 Ok(None) => unreachable_request(request, answer),
@@ -513,10 +534,11 @@ impl Inner {
 }
 
 impl Inner {
-    fn list_topics(&self, answer: Answer) {
+    fn list_topics(&self, answer: Answer, access: &Access) {
         let list = self.storage.list_topics();
         let topics: Vec<TopicInfo<'_>> = list
             .iter()
+            .filter(|(name, _)| access.sees(name))
             .filter_map(|(name, n)| {
                 Topic::new(name).ok().map(|name| TopicInfo {
                     name,
@@ -543,6 +565,104 @@ impl Inner {
     }
 }
 
+/// Authentication and authorization (§6.3).
+impl Inner {
+    /// Whether the connection's principal may make `request`; without `--auth-file`, anyone
+    /// may make any request.
+    fn authorize(
+        &self,
+        request: &Request<'_>,
+        connection: &streambus_adapters::Connection,
+    ) -> Result<Access, Failure> {
+        let Some(auth) = &self.auth else {
+            return Ok(Access::All);
+        };
+        auth.check(request, connection.principal().as_ref())
+            .map_err(|refusal| match refusal {
+                Refusal::Unauthenticated => {
+                    self.metrics.authentication_failed("required");
+                    fail(
+                        ErrorCode::AUTHENTICATION_FAILED,
+                        format!(
+                            "authentication required: send Authenticate (mechanisms: {}) first",
+                            Auth::MECHANISMS
+                        ),
+                    )
+                }
+                Refusal::UnknownPrincipal(principal) => {
+                    self.metrics.authentication_failed("unknown_principal");
+                    fail(
+                        ErrorCode::AUTHENTICATION_FAILED,
+                        format!(
+                            "principal {principal:?} is no longer in the auth file: authenticate again"
+                        ),
+                    )
+                }
+                Refusal::Denied {
+                    principal,
+                    permission,
+                    topic,
+                } => {
+                    self.metrics.authorization_denied(permission.name());
+                    let what = request.request_type().name();
+                    fail(
+                        ErrorCode::AUTHORIZATION_FAILED,
+                        format!(
+                            "principal {principal:?} may not {what} on topic {topic:?}: it lacks the {} permission",
+                            permission.name()
+                        ),
+                    )
+                }
+            })
+    }
+
+    /// Answers an Authenticate: the principal on success; 40 otherwise, closing the connection
+    /// after the third failure in a row. Never says anything of the credential.
+    fn authenticate(&self, a: &AuthenticateRequest<'_>, answer: Answer) {
+        let Some(auth) = &self.auth else {
+            self.metrics.authentication_failed("not_enabled");
+            return answer.fail(fail(
+                ErrorCode::AUTHENTICATION_FAILED,
+                "authentication is not enabled on this broker".to_owned(),
+            ));
+        };
+        let connection = answer.reply.connection();
+        let (reason, what) = if a.mechanism.as_bytes() != MECHANISM_TOKEN.as_bytes() {
+            ("unknown_mechanism", "the mechanism is not supported")
+        } else if let Some(principal) = auth.policy().authenticate(a.credential) {
+            connection.set_principal(Arc::clone(&principal));
+            tracing::debug!(%principal, "connection authenticated");
+            return answer.respond(&Response::Authenticate(AuthenticateResponse {
+                principal: Text(principal.as_bytes()),
+            }));
+        } else {
+            ("bad_credential", "the token is not valid")
+        };
+        self.metrics.authentication_failed(reason);
+        let failures = connection.authentication_failed();
+        let mechanisms = Auth::MECHANISMS;
+        if failures >= MAX_AUTH_FAILURES {
+            tracing::info!(
+                failures,
+                reason,
+                "closing a connection after failed authentications"
+            );
+            connection.close();
+            answer.fail(fail(
+                ErrorCode::AUTHENTICATION_FAILED,
+                format!(
+                    "authentication failed: {what} (supported mechanisms: {mechanisms}); {failures} failures in a row: closing the connection"
+                ),
+            ));
+        } else {
+            answer.fail(fail(
+                ErrorCode::AUTHENTICATION_FAILED,
+                format!("authentication failed: {what} (supported mechanisms: {mechanisms})"),
+            ));
+        }
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         for w in self.inner.polls.close() {
@@ -565,7 +685,10 @@ impl Handler for Broker {
             started: Instant::now(),
             metrics: Arc::clone(&self.inner.metrics),
         };
-        self.route(request, answer);
+        match self.inner.authorize(request, answer.reply.connection()) {
+            Ok(access) => self.route(request, answer, &access),
+            Err(f) => answer.fail(f),
+        }
     }
 
     fn blocks(&self, request: &Request<'_>) -> bool {

@@ -105,6 +105,10 @@ pub struct Cli {
     /// Connection runtime [default: tokio].
     #[arg(long, env = "STREAMBUS_RUNTIME")]
     pub runtime: Option<RuntimeKind>,
+    /// Require token authentication, with the principals and per-topic permissions of this
+    /// TOML file (reloaded on SIGHUP) [default: off].
+    #[arg(long, env = "STREAMBUS_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -125,6 +129,7 @@ struct FileConfig {
     auto_create_topics: Option<bool>,
     metrics_listen: Option<String>,
     runtime: Option<RuntimeKind>,
+    auth_file: Option<PathBuf>,
 }
 
 /// The resolved settings.
@@ -159,6 +164,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Connection runtime.
     pub runtime: RuntimeKind,
+    /// The auth file (principals, token hashes, permissions); `None`: no authentication.
+    pub auth_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -178,6 +185,7 @@ impl Default for Config {
             auto_create_topics: true,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
             runtime: RuntimeKind::Tokio,
+            auth_file: None,
         }
     }
 }
@@ -258,6 +266,14 @@ impl Config {
                 ),
             });
         }
+        let auth_file = cli.auth_file.or(file.auth_file);
+        if let Some(path) = &auth_file {
+            // Checked now, so a broken file stops the start with one line (exit 2).
+            crate::auth::Policy::load(path).map_err(|e| ConfigError::Invalid {
+                setting: "--auth-file",
+                reason: e.to_string(),
+            })?;
+        }
         Ok(Self {
             listen,
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
@@ -301,6 +317,7 @@ impl Config {
                 .unwrap_or(d.auto_create_topics),
             metrics_listen,
             runtime: cli.runtime.or(file.runtime).unwrap_or(d.runtime),
+            auth_file,
         })
     }
 }

@@ -201,6 +201,14 @@ impl ServerConnection {
         }
     }
 
+    /// Closes the connection at the broker's request (the third failed `Authenticate` in a
+    /// row, §6.3): no further request is handed out ([`poll_request`](Self::poll_request)
+    /// returns `Close { reply: None }`); replies to the requests in flight may still be sent.
+    pub fn close_after_replies(&mut self) {
+        self.closed = true;
+        self.partial = None;
+    }
+
     /// Records that the connection authenticated (§6.3): the authentication deadline of
     /// [`ServerConfig::require_authentication`] no longer applies. Poll
     /// [`poll_timeout`](Self::poll_timeout) again after it.
