@@ -12,8 +12,9 @@
 //! ops    = { token_sha256 = "fd61a03a…", admin = ["*"], consume = ["*"] }
 //! ```
 //!
-//! Tokens are 256 bits from the OS's random source ([`new_token`]); a presented token is
-//! hashed and compared with every principal's hash in constant time. The file is read at
+//! Tokens are 256 bits from the OS's random source (`streambus auth new-token PRINCIPAL` makes
+//! one and prints its line for this file); a presented token is hashed and compared with every
+//! principal's hash in constant time. The file is read at
 //! start (an invalid file stops the broker) and again on SIGHUP ([`Auth::reload`]: an invalid
 //! file keeps the rules in force). No token, hash or credential ever reaches a log line, a
 //! metric or an error message.
@@ -26,9 +27,6 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use streambus_core::{MECHANISM_TOKEN, Request, Topic};
 use subtle::ConstantTimeEq;
-
-/// The bytes of a token [`new_token`] makes.
-pub const TOKEN_BYTES: usize = 32;
 
 /// Why an auth file can't be used. Never carries a token or a hash.
 #[derive(Debug, thiserror::Error)]
@@ -175,35 +173,6 @@ pub struct Policy {
 /// The SHA-256 of a token, as the file holds it (lowercase hex).
 pub fn token_sha256_hex(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-/// A fresh token: 256 bits from the OS's random source, as 64 lowercase hex digits.
-pub fn new_token() -> std::io::Result<String> {
-    let mut bytes = [0u8; TOKEN_BYTES];
-    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
-    Ok(hex::encode(bytes))
-}
-
-/// The line [`new_token`]'s caller puts under `[principals]` for `principal` with `token`.
-pub fn file_line(principal: &str, token: &str) -> String {
-    format!(
-        "{} = {{ token_sha256 = \"{}\", produce = [], consume = [], admin = [] }}",
-        toml_key(principal),
-        token_sha256_hex(token)
-    )
-}
-
-/// A TOML key for `name`: bare when it can be, quoted otherwise.
-fn toml_key(name: &str) -> String {
-    let bare = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
-    if bare {
-        name.to_owned()
-    } else {
-        toml::Value::String(name.to_owned()).to_string()
-    }
 }
 
 impl Policy {
@@ -417,20 +386,17 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_256_bit_hex_and_hash_to_the_file_line() {
-        let t = new_token().unwrap();
-        assert_eq!(t.len(), 64);
-        assert!(t.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_ne!(t, new_token().unwrap());
-        let line = file_line("ingest", &t);
-        let p = policy(&format!("[principals]\n{line}\n")).unwrap();
-        assert_eq!(p.authenticate(t.as_bytes()).as_deref(), Some("ingest"));
-        assert_eq!(p.authenticate(b"wrong"), None);
-        assert!(!line.contains(&t), "the line holds the token itself");
-        // A name that is not a bare key is quoted.
-        let line = file_line("CN=app one", &t);
-        let p = policy(&format!("[principals]\n{line}\n")).unwrap();
-        assert_eq!(p.authenticate(t.as_bytes()).as_deref(), Some("CN=app one"));
+    fn a_token_authenticates_its_principal_only() {
+        let text = format!(
+            "[principals]\n\"CN=app one\" = {{ token_sha256 = \"{}\" }}\nb = {{ token_sha256 = \"{}\" }}\n",
+            token_sha256_hex("t1"),
+            token_sha256_hex("t2")
+        );
+        let p = policy(&text).unwrap();
+        assert_eq!(p.authenticate(b"t1").as_deref(), Some("CN=app one"));
+        assert_eq!(p.authenticate(b"t2").as_deref(), Some("b"));
+        assert_eq!(p.authenticate(b"t3"), None);
+        assert_eq!(p.len(), 2);
     }
 
     #[test]
