@@ -1,5 +1,6 @@
-//! A small client for `no_std` firmware: produce, fetch, get-offset and health-check, one
-//! request at a time, over the [`io`](crate::io) drivers and two caller buffers.
+//! A small client for `no_std` firmware: authenticate with a token, produce, fetch, get-offset
+//! and health-check, one request at a time, over the [`io`](crate::io) drivers and two caller
+//! buffers.
 //!
 //! ```text
 //! let mut client = blocking::Client::new(uart, clock, ClientConfig::default(), &mut tx[..], &mut rx[..]);
@@ -9,16 +10,23 @@
 //! let ack = client.produce(Topic::new("sensors")?, 0, set.finish())?;
 //! ```
 //!
-//! `tx` must hold the largest request (a Produce: 16 + 4 + topic + 8 + records + 4 bytes);
+//! A broker with authentication on wants `client.authenticate(token)?` first (no TLS on the
+//! MCU: the link must be trusted).
+//!
+//! `tx` must hold the largest request (a Produce: 16 + 4 + topic + 8 + records + 4 bytes; an
+//! Authenticate: 33 + the token's length);
 //! `rx` the largest response (a Fetch: 47 bytes + up to `max_bytes` of records).
 
 use core::fmt;
 
 use crate::io::DriverError;
 use crate::wire::message::MessageSet;
-use crate::wire::request::{FetchRequest, GetOffsetRequest, ProduceRequest, Request};
+use crate::wire::request::{
+    AuthenticateRequest, FetchRequest, GetOffsetRequest, ProduceRequest, Request,
+};
 use crate::wire::response::{
-    FetchResponse, GetOffsetResponse, HealthCheckResponse, ProduceResponse, Response,
+    AuthenticateResponse, FetchResponse, GetOffsetResponse, HealthCheckResponse, ProduceResponse,
+    Response,
 };
 use crate::wire::types::{ErrorCode, Topic};
 
@@ -133,6 +141,21 @@ macro_rules! client_methods {
             let r = self.driver.request(&get_offset_request(topic, partition)) $(.$await)??;
             pick(r, |r| match r {
                 Response::GetOffset(g) => Some(g),
+                _ => None,
+            })
+        }
+
+        /// Authenticates the connection with `token` (§6.3, mechanism `token`); the reply names
+        /// the principal. A refused token is [`Error::Broker`] with code 40
+        /// (AuthenticationFailed); the third refusal in a row closes the connection.
+        pub $($async)? fn authenticate(
+            &mut self,
+            token: &[u8],
+        ) -> Result<AuthenticateResponse<'_>, Error<T::Error>> {
+            let req = Request::Authenticate(AuthenticateRequest::token(token));
+            let r = self.driver.request(&req) $(.$await)??;
+            pick(r, |r| match r {
+                Response::Authenticate(a) => Some(a),
                 _ => None,
             })
         }

@@ -1,5 +1,5 @@
-//! Example firmware: produce one message and fetch it back through streambus-core's embedded
-//! client, over a transport that plays a canned broker. Nothing here touches hardware, so it
+//! Example firmware: authenticate with a token, produce one message and fetch it back through
+//! streambus-core's embedded client, over a transport that plays a canned broker. Nothing here touches hardware, so it
 //! links for `thumbv7em-none-eabihf` without a board crate; `scripts/footprint.sh` measures it.
 //!
 //! With the `baseline` feature the same image is built without the client (the transport
@@ -12,21 +12,30 @@ use core::sync::atomic::{AtomicU32, Ordering};
 /// A millisecond tick counter, as a SysTick handler would advance it.
 static TICKS: AtomicU32 = AtomicU32::new(0);
 
-/// The outcome, for a debugger to read: 1 = produce and fetch round-tripped, 2+ = a failure.
+/// The outcome, for a debugger to read: 1 = authenticated, then produce and fetch
+/// round-tripped; 2+ = a failure.
 #[cfg_attr(test, allow(dead_code))]
 static RESULT: AtomicU32 = AtomicU32::new(0);
 
-/// The broker's replies to request 1 (Produce: base offset 0, 1 message, high-water mark 1)
-/// and request 2 (Fetch: the message "temp" = "21.5" at offset 0), encoded by
-/// `streambus_core::encode_response`.
+/// The device's token (`streambus auth new-token sensor`; flash it per device).
+#[cfg(not(feature = "baseline"))]
+const TOKEN: &[u8; 64] = b"0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0";
+
+/// The broker's replies to request 1 (Authenticate: principal "sensor"), request 2 (Produce:
+/// base offset 0, 1 message, high-water mark 1) and request 3 (Fetch: the message "temp" =
+/// "21.5" at offset 0), encoded by `streambus_core::encode_response`.
+const AUTHENTICATE_REPLY: [u8; 29] = [
+    0, 0, 0, 25, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 6, 115, 101, 110, 115, 111, 114, 178,
+    159, 167, 212,
+];
 const PRODUCE_REPLY: [u8; 39] = [
-    0, 0, 0, 35, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0,
-    0, 0, 0, 1, 136, 80, 237, 66,
+    0, 0, 0, 35, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0,
+    0, 0, 0, 1, 208, 78, 68, 106,
 ];
 const FETCH_REPLY: [u8; 83] = [
-    0, 0, 0, 79, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0,
+    0, 0, 0, 79, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0,
     0, 0, 0, 0, 23, 151, 156, 254, 54, 42, 0, 0, 0, 0, 0, 4, 116, 101, 109, 112, 0, 0, 0, 4, 50,
-    49, 46, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 202, 18, 110, 144,
+    49, 46, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 175, 47, 246, 178,
 ];
 
 /// A transport that plays a canned broker: after each written request frame it serves the
@@ -37,7 +46,7 @@ struct CannedBroker {
     /// Length bytes of the current request seen so far.
     header: [u8; 4],
     header_len: usize,
-    replies: [&'static [u8]; 2],
+    replies: [&'static [u8]; 3],
     next: usize,
     /// The reply being served and the bytes of it already read.
     serving: &'static [u8],
@@ -49,7 +58,7 @@ impl CannedBroker {
             request_left: 0,
             header: [0; 4],
             header_len: 0,
-            replies: [&PRODUCE_REPLY, &FETCH_REPLY],
+            replies: [&AUTHENTICATE_REPLY, &PRODUCE_REPLY, &FETCH_REPLY],
             next: 0,
             serving: &[],
         }
@@ -128,6 +137,10 @@ fn run(tx: &mut [u8], rx: &mut [u8]) -> u32 {
     let Ok(topic) = Topic::new("sensors") else {
         return 2;
     };
+    match client.authenticate(TOKEN) {
+        Ok(a) if a.principal.as_bytes() == b"sensor" => {}
+        _ => return 7,
+    }
     let mut records = [0u8; 48];
     let mut set = MessageSetBuilder::new(&mut records);
     if set.push(&Message::new(b"temp", b"21.5")).is_err() {
@@ -152,7 +165,7 @@ fn run(tx: &mut [u8], rx: &mut [u8]) -> u32 {
     use embedded_io::{Read, Write};
     let mut io = CannedBroker::new();
     let mut sum = 0u32;
-    for _ in 0..2 {
+    for _ in 0..3 {
         let frame = core::hint::black_box(&mut *tx);
         let _ = io.write(frame);
         while let Ok(n) = io.read(rx) {
@@ -166,7 +179,7 @@ fn run(tx: &mut [u8], rx: &mut [u8]) -> u32 {
 #[unsafe(no_mangle)]
 pub extern "C" fn _start() -> ! {
     // The buffers live on the stack: they are the caller's, not the client's static RAM.
-    let mut tx = [0u8; 96];
+    let mut tx = [0u8; 128];
     let mut rx = [0u8; 128];
     RESULT.store(run(&mut tx, &mut rx), Ordering::Relaxed);
     loop {
@@ -185,8 +198,8 @@ fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn produce_and_fetch_round_trip_through_the_canned_broker() {
-        let (mut tx, mut rx) = ([0u8; 96], [0u8; 128]);
+    fn authenticate_produce_and_fetch_round_trip_through_the_canned_broker() {
+        let (mut tx, mut rx) = ([0u8; 128], [0u8; 128]);
         assert_eq!(super::run(&mut tx, &mut rx), 1);
     }
 }
