@@ -108,7 +108,7 @@ record values) and latency p50/p90/p99/p99.9/max; --json prints them as one JSON
 /// `streambus auth …`.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Auth {
-    /// Print a fresh 256-bit token (line 1) and its line for the auth file's [principals]
+    /// Print a fresh 256-bit token (line 1) and its line for the auth file's principals
     /// table (line 2, holding the token's SHA-256, never the token)
     NewToken {
         /// The principal the token is for
