@@ -448,3 +448,48 @@ fn sighup_applies_a_changed_auth_file_to_new_requests_and_keeps_an_invalid_one_o
     assert!(status.success());
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// Listening beyond loopback without `--auth-file` logs a warning at start; with it, none.
+#[test]
+fn a_non_loopback_listener_without_auth_warns_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        auth_file("ops", "ops-token-1234567890", "admin = [\"*\"]"),
+    )
+    .unwrap();
+    for with_auth in [false, true] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--listen", "0.0.0.0:0", "--metrics-listen", "off"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if with_auth {
+            cmd.arg("--auth-file").arg(&auth);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut warned = false;
+        for line in lines.by_ref().map(Result::unwrap) {
+            if line.contains("broker listening") {
+                break;
+            }
+        }
+        // The warning is logged at start, before the broker waits for signals: every line
+        // up to the end of the output after SIGTERM includes it, if it came.
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        for line in lines.map(Result::unwrap) {
+            warned |= line.contains("without authentication");
+        }
+        assert_eq!(warned, !with_auth, "with auth: {with_auth}");
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+    }
+}
