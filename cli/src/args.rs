@@ -15,6 +15,7 @@ Examples:
   streambus consume orders --from latest --follow --json
   streambus offsets orders
   streambus bench produce --messages 100000 --size 100
+  streambus auth new-token ingest
 
 Exit status: 0 success, 1 a runtime error (one line on stderr naming what failed),
 2 a usage error.";
@@ -41,6 +42,16 @@ pub(crate) struct Cli {
         default_value = "127.0.0.1:9092"
     )]
     pub(crate) broker: String,
+
+    /// The token to authenticate with, when the broker requires one
+    #[arg(
+        long,
+        global = true,
+        env = "STREAMBUS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub(crate) token: Option<String>,
 
     /// Time allowed to connect and for each request (like 500ms, 10s, 2m)
     #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
@@ -105,6 +116,20 @@ reports the broker's peak RSS (--server-pid) and a fresh connection's HealthChec
 A progress bar is drawn on a terminal only. At the end: messages/s, MB/s (10^6 bytes of
 record values) and latency p50/p90/p99/p99.9/max; --json prints them as one JSON object.")]
     Bench(Bench),
+    /// Make tokens for the broker's --auth-file (no broker needed)
+    #[command(subcommand)]
+    Auth(Auth),
+}
+
+/// `streambus auth …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Auth {
+    /// Print a fresh 256-bit token (line 1) and its line for the auth file's principals
+    /// table (line 2, holding the token's SHA-256, never the token)
+    NewToken {
+        /// The principal the token is for
+        principal: String,
+    },
 }
 
 /// `streambus topics …`.

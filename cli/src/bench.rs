@@ -233,12 +233,15 @@ async fn produce(
             client.clone()
         } else {
             let cfg = client.config();
-            Client::builder()
-                .connect_timeout(cfg.connect_timeout)
-                .request_timeout(cfg.request_timeout)
-                .connect(ctx.broker.as_str())
-                .await
-                .map_err(|e| ctx.err(e))?
+            same_token(
+                Client::builder()
+                    .connect_timeout(cfg.connect_timeout)
+                    .request_timeout(cfg.request_timeout),
+                cfg,
+            )
+            .connect(ctx.broker.as_str())
+            .await
+            .map_err(|e| ctx.err(e))?
         };
         let share = if limit == u64::MAX {
             limit
@@ -520,5 +523,16 @@ fn human(ns: u64) -> String {
         1_000..1_000_000 => format!("{:.1} µs", f / 1e3),
         1_000_000..1_000_000_000 => format!("{:.1} ms", f / 1e6),
         _ => format!("{:.2} s", f / 1e9),
+    }
+}
+
+/// `builder` with the token of the command's client, if it has one.
+fn same_token(
+    builder: streambus_client::ClientBuilder,
+    config: &streambus_client::ClientConfig,
+) -> streambus_client::ClientBuilder {
+    match &config.token {
+        Some(t) => builder.token(t.expose()),
+        None => builder,
     }
 }

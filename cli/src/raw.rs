@@ -43,6 +43,31 @@ fn failed(ctx: &Ctx, what: &str, e: impl std::fmt::Display) -> Failure {
     Failure::runtime(format!("broker {}: {what}: {e}", ctx.broker))
 }
 
+/// The token of the command's client (`--token`), if any: raw connections authenticate with it.
+fn token(ctx: &Ctx) -> Option<String> {
+    ctx.client
+        .config()
+        .token
+        .as_ref()
+        .map(|t| t.expose().to_owned())
+}
+
+/// Authenticates a raw async connection with `token` (§6.3).
+async fn authenticate<const N: usize>(
+    ctx: &Ctx,
+    d: &mut Driver<N>,
+    token: Option<&str>,
+) -> Result<(), Failure> {
+    let Some(token) = token else { return Ok(()) };
+    let request =
+        Request::Authenticate(streambus_core::AuthenticateRequest::token(token.as_bytes()));
+    let r = d
+        .request(&request)
+        .await
+        .map_err(|e| failed(ctx, "Authenticate", e))?;
+    check(ctx, "Authenticate", Some(r))
+}
+
 /// An encoded message set: its count and bytes.
 struct Set {
     count: u32,
@@ -212,12 +237,28 @@ pub(crate) async fn pipelined(
         // A blocking socket per connection, driven by its own thread: the load generator
         // must not be what limits the broker's figure (a tokio task per connection reached
         // about half of it on 2 cores).
+        let token = token(ctx);
         let d = tokio::task::spawn_blocking(move || {
-            streambus_adapters::blocking::connect::<WINDOW>(
+            let mut d = streambus_adapters::blocking::connect::<WINDOW>(
                 addr,
                 ClientConfig::default(),
-                frame_len * window + 4096,
+                (frame_len * window + 4096).max(1024),
             )
+            .map_err(|e| e.to_string())?;
+            if let Some(token) = token {
+                let request = Request::Authenticate(streambus_core::AuthenticateRequest::token(
+                    token.as_bytes(),
+                ));
+                match d.request(&request) {
+                    Ok(Response::Authenticate(_)) => {}
+                    Ok(Response::Error(e)) => {
+                        return Err(format!("Authenticate: {} ({})", e.message, e.code));
+                    }
+                    Ok(_) => return Err("Authenticate: an unexpected reply".to_string()),
+                    Err(e) => return Err(format!("Authenticate: {e}")),
+                }
+            }
+            Ok(d)
         })
         .await
         .map_err(|e| Failure::runtime(format!("a connecting thread failed: {e}")))?
@@ -441,6 +482,7 @@ pub(crate) async fn fetch(
     let mut d: Driver<1> = connect(addr, ClientConfig::default(), buffer)
         .await
         .map_err(|e| failed(ctx, "connect", e))?;
+    authenticate(ctx, &mut d, token(ctx).as_deref()).await?;
     let topic = topic(args)?;
     let mut range = partitions(ctx, &args.topic, Some(0)).await?;
     let first = range
@@ -700,10 +742,16 @@ pub(crate) async fn longpoll(
     let set = message_set(1, args.size)?;
     let produce = produce_request(topic(args)?, &set)?;
     let buffer = request_encoded_len(&produce) + (64 << 10);
-    let open = |what: &'static str| async move {
-        connect::<2>(addr, ClientConfig::default(), buffer)
-            .await
-            .map_err(|e| failed(ctx, what, e))
+    let token = token(ctx);
+    let open = |what: &'static str| {
+        let token = token.clone();
+        async move {
+            let mut d = connect::<2>(addr, ClientConfig::default(), buffer)
+                .await
+                .map_err(|e| failed(ctx, what, e))?;
+            authenticate(ctx, &mut d, token.as_deref()).await?;
+            Ok::<_, Failure>(d)
+        }
     };
     let (mut sync, mut producer, mut consumer) = (
         open("the sync producer's connection").await?,

@@ -19,15 +19,25 @@ struct Broker {
 
 impl Broker {
     fn start() -> Self {
-        Self::with(|_| {})
+        Self::with(None, |_| {})
     }
 
-    /// A broker with settings changed by `f`.
-    fn with(f: impl FnOnce(&mut streambus_server::Config)) -> Self {
+    /// A broker requiring authentication with the auth file `text`.
+    fn start_with_auth(text: Option<&str>) -> Self {
+        Self::with(text, |_| {})
+    }
+
+    /// A broker with the auth file `text` (if any) and settings changed by `f`.
+    fn with(text: Option<&str>, f: impl FnOnce(&mut streambus_server::Config)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut c = streambus_server::Config::default();
+        if let Some(text) = text {
+            let path = dir.path().join("auth.toml");
+            std::fs::write(&path, text).expect("write the auth file");
+            c.auth_file = Some(path);
+        }
         c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        c.data_dir = dir.path().to_owned();
+        c.data_dir = dir.path().join("data");
         c.metrics_listen = None;
         c.fsync = streambus_server::FsyncMode::Never;
         f(&mut c);
@@ -1054,7 +1064,7 @@ fn bench_raw_modes_count_exactly_what_they_did() {
 
 #[test]
 fn bench_pipeline_reports_the_brokers_fsyncs_from_its_metrics() {
-    let b = Broker::with(|c| {
+    let b = Broker::with(None, |c| {
         c.fsync = streambus_server::FsyncMode::Always;
         c.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     });
@@ -1131,5 +1141,56 @@ fn bench_requests_over_connections() {
         2,
         "error: invalid value '129' for '--in-flight <M>': 129 is not in 1..=128\n\n\
          For more information, try '--help'.",
+    );
+}
+
+/// `auth new-token` prints a fresh token and its auth-file line; a broker with that line
+/// takes the token from `--token` or `STREAMBUS_TOKEN` and refuses a client without it.
+#[test]
+fn auth_new_token_makes_a_token_the_broker_accepts() {
+    let a = cli_at("127.0.0.1:9")
+        .args(["auth", "new-token", "ops"])
+        .assert()
+        .success();
+    let out = stdout(&a);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let (token, line) = (lines[0], lines[1]);
+    assert_eq!(token.len(), 64, "{token}");
+    assert!(line.starts_with("ops = { token_sha256 = \""), "{line}");
+    assert!(!line.contains(token));
+    assert!(stderr(&a).contains("SIGHUP"));
+    // Give it permissions and start a broker with it.
+    let line = line.replace("admin = []", "admin = [\"*\"]");
+    let b = Broker::start_with_auth(Some(&format!("[principals]\n{line}\n")));
+    b.cli()
+        .args(["--token", token, "topics", "create", "secured"])
+        .assert()
+        .success();
+    b.cli()
+        .env("STREAMBUS_TOKEN", token)
+        .args(["topics", "list"])
+        .assert()
+        .success()
+        .stdout("TOPIC    PARTITIONS\nsecured  1\n");
+    let a = b.cli().args(["topics", "list"]).assert().code(1).stdout("");
+    let err = stderr(&a);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("AuthenticationFailed (40)"), "{err}");
+    let a = b
+        .cli()
+        .args(["--token", "wrong-token", "topics", "list"])
+        .assert()
+        .code(1)
+        .stdout("");
+    let err = stderr(&a);
+    assert!(err.contains("AuthenticationFailed (40)"), "{err}");
+    assert!(!err.contains("wrong-token"), "{err}");
+    // A principal name the command line can't use is a usage error.
+    fails_with(
+        &mut cli_at("127.0.0.1:9"),
+        &["auth", "new-token", ""],
+        2,
+        "error: invalid PRINCIPAL \"\": 1 to 255 bytes without control characters",
     );
 }

@@ -387,7 +387,7 @@ fn request_name(req: &Req) -> &'static str {
     }
 }
 
-fn driver_error(e: DriverError<std::io::Error>, request_timeout: Duration) -> Error {
+pub(crate) fn driver_error(e: DriverError<std::io::Error>, request_timeout: Duration) -> Error {
     let context = Context::new("connection");
     match e {
         DriverError::Io(e) => Error::io(context, e),

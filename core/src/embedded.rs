@@ -1,5 +1,6 @@
-//! A small client for `no_std` firmware: produce, fetch, get-offset, create-topic and
-//! health-check, one request at a time, over the [`io`](crate::io) drivers and two caller
+//! A small client for `no_std` firmware: authenticate with a token, produce, fetch,
+//! get-offset, create-topic and health-check, one request at a time, over the
+//! [`io`](crate::io) drivers and two caller
 //! buffers.
 //!
 //! ```text
@@ -10,7 +11,11 @@
 //! let ack = client.produce(Topic::new("sensors")?, 0, set.finish())?;
 //! ```
 //!
-//! `tx` must hold the largest request (a Produce: 16 + 4 + topic + 8 + records + 4 bytes);
+//! A broker with authentication on wants `client.authenticate(token)?` first (no TLS on the
+//! MCU: the link must be trusted).
+//!
+//! `tx` must hold the largest request (a Produce: 16 + 4 + topic + 8 + records + 4 bytes; an
+//! Authenticate: 33 + the token's length);
 //! `rx` the largest response (a Fetch: 47 bytes + up to `max_bytes` of records).
 
 use core::fmt;
@@ -18,11 +23,13 @@ use core::fmt;
 use crate::io::{Call, DriverError};
 use crate::wire::Payload;
 use crate::wire::message::MessageSet;
-use crate::wire::request::{CreateTopicRequest, FetchRequest, GetOffsetRequest, ProduceRequest};
+use crate::wire::request::{
+    AuthenticateRequest, CreateTopicRequest, FetchRequest, GetOffsetRequest, ProduceRequest,
+};
 use crate::wire::response::{
-    CreateTopicResponse, FetchResponse, GetOffsetResponse, HealthCheckResponse, PayloadParser,
-    ProduceResponse, Response, parse_create_topic, parse_fetch, parse_get_offset,
-    parse_health_check, parse_produce,
+    AuthenticateResponse, CreateTopicResponse, FetchResponse, GetOffsetResponse,
+    HealthCheckResponse, PayloadParser, ProduceResponse, Response, parse_authenticate,
+    parse_create_topic, parse_fetch, parse_get_offset, parse_health_check, parse_produce,
 };
 use crate::wire::types::{ErrorCode, RequestType, Topic};
 
@@ -162,6 +169,22 @@ macro_rules! client_methods {
             let r = self.driver.call(call) $(.$await)??;
             pick(r, |r| match r {
                 Response::CreateTopic(c) => Some(c),
+                _ => None,
+            })
+        }
+
+        /// Authenticates the connection with `token` (§6.3, mechanism `token`); the reply names
+        /// the principal. A refused token is [`Error::Broker`] with code 40
+        /// (AuthenticationFailed); the third refusal in a row closes the connection.
+        pub $($async)? fn authenticate(
+            &mut self,
+            token: &[u8],
+        ) -> Result<AuthenticateResponse<'_>, Error<T::Error>> {
+            let req = AuthenticateRequest::token(token);
+            let call = call(RequestType::Authenticate, &req, parse_authenticate);
+            let r = self.driver.call(call) $(.$await)??;
+            pick(r, |r| match r {
+                Response::Authenticate(a) => Some(a),
                 _ => None,
             })
         }

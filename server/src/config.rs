@@ -112,6 +112,10 @@ pub struct Cli {
     /// This broker's node id in Metadata replies, 0 to 2147483647 [default: 0].
     #[arg(long, env = "STREAMBUS_NODE_ID")]
     pub node_id: Option<u32>,
+    /// Require token authentication, with the principals and per-topic permissions of this
+    /// TOML file (reloaded on SIGHUP) [default: off].
+    #[arg(long, env = "STREAMBUS_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -134,6 +138,7 @@ struct FileConfig {
     runtime: Option<RuntimeKind>,
     advertise: Option<String>,
     node_id: Option<u32>,
+    auth_file: Option<PathBuf>,
 }
 
 /// The resolved settings.
@@ -173,6 +178,8 @@ pub struct Config {
     pub advertise: Option<Advertised>,
     /// This broker's node id (fits an i32: it is also the LeaderID).
     pub node_id: u32,
+    /// The auth file (principals, token hashes, permissions); `None`: no authentication.
+    pub auth_file: Option<PathBuf>,
 }
 
 /// The address a broker advertises to clients (§6.4): a host name or IP, and a port.
@@ -262,6 +269,7 @@ impl Default for Config {
             runtime: RuntimeKind::Tokio,
             advertise: None,
             node_id: 0,
+            auth_file: None,
         }
     }
 }
@@ -353,6 +361,14 @@ impl Config {
                 reason: format!("{node_id} is above the largest node id, 2147483647"),
             });
         }
+        let auth_file = cli.auth_file.or(file.auth_file);
+        if let Some(path) = &auth_file {
+            // Checked now, so a broken file stops the start with one line (exit 2).
+            crate::auth::Policy::load(path).map_err(|e| ConfigError::Invalid {
+                setting: "--auth-file",
+                reason: e.to_string(),
+            })?;
+        }
         Ok(Self {
             listen,
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
@@ -398,6 +414,7 @@ impl Config {
             runtime: cli.runtime.or(file.runtime).unwrap_or(d.runtime),
             advertise,
             node_id,
+            auth_file,
         })
     }
 }

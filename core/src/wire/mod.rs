@@ -39,8 +39,9 @@ pub trait Encode {
 
 /// [`Encode`]'s two required methods, what a frame encoder calls through `&dyn Payload`: an
 /// encoder that names one request type links that type's codec and no other (the embedded
-/// client's footprint depends on it), and `Encode::encode` never enters a vtable.
-pub(crate) trait Payload {
+/// client's footprint depends on it), and `Encode::encode` never enters a vtable. `Sync`, so a
+/// driver's future holding one is `Send` (the host SDK spawns it).
+pub(crate) trait Payload: Sync {
     /// [`Encode::encoded_len`].
     fn payload_len(&self) -> usize;
     /// [`Encode::write`].
@@ -57,7 +58,7 @@ impl Payload for () {
     }
 }
 
-impl<T: Encode + ?Sized> Payload for T {
+impl<T: Encode + Sync + ?Sized> Payload for T {
     fn payload_len(&self) -> usize {
         self.encoded_len()
     }

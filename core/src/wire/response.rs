@@ -215,6 +215,30 @@ pub struct HealthCheckResponse<'a> {
     pub uptime_secs: i64,
 }
 
+/// Authenticate success (§6.3): the principal the connection now speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct AuthenticateResponse<'a> {
+    /// The principal's name.
+    pub principal: Text<'a>,
+}
+
+impl<'a> AuthenticateResponse<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self, Malformed> {
+        Ok(Self {
+            principal: Text(r.bytes("principal")?),
+        })
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.principal.0.len().saturating_add(4)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.principal.0)
+    }
+}
+
 /// The error payload (Status 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -247,6 +271,8 @@ pub enum Response<'a> {
     /// Reply to 0x11 (§6.4).
     #[cfg(feature = "metadata")]
     Metadata(MetadataResponse<'a>),
+    /// Reply to 0x10 (§6.3).
+    Authenticate(AuthenticateResponse<'a>),
     /// An error reply to any request.
     Error(ErrorResponse<'a>),
 }
@@ -327,9 +353,15 @@ pub(crate) fn payload_parser(ty: RequestType) -> PayloadParser {
         RequestType::DeleteTopic => parse_delete_topic,
         RequestType::ListTopics => parse_list_topics,
         RequestType::HealthCheck => parse_health_check,
+        RequestType::Authenticate => parse_authenticate,
         #[cfg(feature = "metadata")]
         RequestType::Metadata => parse_metadata,
     }
+}
+
+pub(crate) fn parse_authenticate(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    Ok(Response::Authenticate(AuthenticateResponse::read(&mut r)?))
 }
 
 #[cfg(feature = "metadata")]
@@ -432,6 +464,7 @@ impl Encode for Response<'_> {
                 sum.saturating_add(t.name.encoded_len()).saturating_add(4)
             }),
             Self::HealthCheck(h) => h.status.0.len().saturating_add(4 + 8),
+            Self::Authenticate(a) => a.encoded_len(),
             Self::Error(e) => e.message.0.len().saturating_add(4),
             #[cfg(feature = "metadata")]
             Self::Metadata(m) => m.encoded_len(),
@@ -481,6 +514,7 @@ impl Encode for Response<'_> {
                 w.bytes(h.status.0)?;
                 w.i64(h.uptime_secs)
             }
+            Self::Authenticate(a) => a.write(w),
             Self::Error(e) => w.bytes(e.message.0),
             #[cfg(feature = "metadata")]
             Self::Metadata(m) => m.write(w),
