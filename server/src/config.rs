@@ -2,6 +2,7 @@
 //! environment variables, then command-line flags — each overriding the one before.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -105,6 +106,10 @@ pub struct Cli {
     /// Connection runtime [default: tokio].
     #[arg(long, env = "STREAMBUS_RUNTIME")]
     pub runtime: Option<RuntimeKind>,
+    /// Idempotent producers whose state each partition keeps; past it the least recently used
+    /// is forgotten [default: 10000].
+    #[arg(long, env = "STREAMBUS_MAX_PRODUCERS_PER_PARTITION")]
+    pub max_producers_per_partition: Option<usize>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -125,6 +130,7 @@ struct FileConfig {
     auto_create_topics: Option<bool>,
     metrics_listen: Option<String>,
     runtime: Option<RuntimeKind>,
+    max_producers_per_partition: Option<usize>,
 }
 
 /// The resolved settings.
@@ -159,6 +165,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Connection runtime.
     pub runtime: RuntimeKind,
+    /// Idempotent producers kept per partition (least recently used forgotten past it).
+    pub max_producers_per_partition: NonZeroUsize,
 }
 
 impl Default for Config {
@@ -178,6 +186,7 @@ impl Default for Config {
             auto_create_topics: true,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
             runtime: RuntimeKind::Tokio,
+            max_producers_per_partition: crate::storage::DEFAULT_MAX_PRODUCERS_PER_PARTITION,
         }
     }
 }
@@ -258,6 +267,16 @@ impl Config {
                 ),
             });
         }
+        let max_producers_per_partition = match cli
+            .max_producers_per_partition
+            .or(file.max_producers_per_partition)
+        {
+            Some(n) => NonZeroUsize::new(n).ok_or_else(|| ConfigError::Invalid {
+                setting: "--max-producers-per-partition",
+                reason: "must be at least 1".into(),
+            })?,
+            None => d.max_producers_per_partition,
+        };
         Ok(Self {
             listen,
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
@@ -301,6 +320,7 @@ impl Config {
                 .unwrap_or(d.auto_create_topics),
             metrics_listen,
             runtime: cli.runtime.or(file.runtime).unwrap_or(d.runtime),
+            max_producers_per_partition,
         })
     }
 }
@@ -366,6 +386,28 @@ mod tests {
         assert!(e.contains("--listen"), "{e}");
         let e = parse(&["--max-frame-bytes", "10"]).unwrap_err().to_string();
         assert!(e.contains("--max-frame-bytes"), "{e}");
+        let e = parse(&["--max-producers-per-partition", "0"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid setting --max-producers-per-partition: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn max_producers_per_partition_from_flag_and_file() {
+        assert_eq!(
+            parse(&[]).unwrap().max_producers_per_partition.get(),
+            10_000
+        );
+        let c = parse(&["--max-producers-per-partition", "7"]).unwrap();
+        assert_eq!(c.max_producers_per_partition.get(), 7);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sb.toml");
+        std::fs::write(&path, "max_producers_per_partition = 3\n").unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.max_producers_per_partition.get(), 3);
     }
 
     #[test]

@@ -8,11 +8,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use streambus_core::checksum;
 
 use super::error::{IoContext, StorageError};
+use super::producers::{PIDX_ENTRY_LEN, PidxEntry};
 
 /// Bytes of one index entry.
 pub(crate) const ENTRY_LEN: usize = 40;
@@ -107,6 +108,10 @@ pub(crate) struct Segment {
     pub(crate) idx: File,
     pub(crate) log_path: PathBuf,
     pub(crate) idx_path: PathBuf,
+    /// The producer index (idempotent batches only), opened or created on first use: a
+    /// segment without idempotent batches has no `.pidx` file.
+    pidx: OnceLock<File>,
+    pub(crate) pidx_path: PathBuf,
 }
 
 /// What recovery found in a segment.
@@ -147,6 +152,7 @@ impl Segment {
     pub(crate) fn open(dir: &Path, base: i64, truncate: bool) -> Result<Self, StorageError> {
         let log_path = dir.join(file_name(base, "log"));
         let idx_path = dir.join(file_name(base, "idx"));
+        let pidx_path = dir.join(file_name(base, "pidx"));
         let open = |p: &Path| {
             OpenOptions::new()
                 .read(true)
@@ -156,28 +162,119 @@ impl Segment {
                 .open(p)
                 .ctx("open segment", p)
         };
+        let pidx = OnceLock::new();
+        if truncate {
+            // A new segment: a producer index left by an earlier one of the same base (cut
+            // by recovery, say) must not describe it.
+            match fs::remove_file(&pidx_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).ctx("remove", &pidx_path);
+                }
+                _ => {}
+            }
+        } else if pidx_path.exists() {
+            let _ = pidx.set(open(&pidx_path)?);
+        }
         Ok(Self {
             base,
             log: Arc::new(open(&log_path)?),
             idx: open(&idx_path)?,
             log_path,
             idx_path,
+            pidx,
+            pidx_path,
         })
     }
 
-    /// Flushes both files' data to disk.
+    /// Flushes the files' data to disk: the producer index before the index, so an index
+    /// entry on disk has its producer entry there too.
     pub(crate) fn sync(&self) -> Result<(), StorageError> {
         self.log.sync_data().ctx("fsync", &self.log_path)?;
+        if let Some(p) = self.pidx.get() {
+            p.sync_data().ctx("fsync", &self.pidx_path)?;
+        }
         self.idx.sync_data().ctx("fsync", &self.idx_path)
     }
 
-    /// Removes both files (readers holding the segment keep reading the unlinked files).
+    /// Removes the files (readers holding the segment keep reading the unlinked files).
     pub(crate) fn remove_files(&self) {
         for p in [&self.log_path, &self.idx_path] {
             if let Err(e) = fs::remove_file(p) {
                 tracing::warn!(path = %p.display(), error = %e, "could not remove segment file");
             }
         }
+        if let Err(e) = fs::remove_file(&self.pidx_path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.pidx_path.display(), error = %e, "could not remove segment file");
+        }
+    }
+
+    /// Writes producer entry number `n` of this segment. Returns whether the `.pidx` file was
+    /// created (its directory entry then needs an fsync). Called with the writer lock held.
+    pub(crate) fn write_pidx(&self, n: u64, e: &PidxEntry) -> Result<bool, StorageError> {
+        let (file, created) = match self.pidx.get() {
+            Some(f) => (f, false),
+            None => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&self.pidx_path)
+                    .ctx("open segment", &self.pidx_path)?;
+                let _ = self.pidx.set(f);
+                let f = self.pidx.get().ok_or_else(|| StorageError::Corrupt {
+                    path: self.pidx_path.clone(),
+                    reason: "producer index not open".into(),
+                })?;
+                (f, true)
+            }
+        };
+        file.write_all_at(&e.encode(), n * PIDX_ENTRY_LEN as u64)
+            .ctx("write", &self.pidx_path)?;
+        Ok(created)
+    }
+
+    /// Reads the producer index: the entries of batches below `end` (the recovered end of the
+    /// segment), in order; cuts the file after them (a torn entry, or one of a batch that
+    /// recovery cut). No `.pidx` file: none.
+    pub(crate) fn recover_pidx(&self, end: i64) -> Result<Vec<PidxEntry>, StorageError> {
+        let Some(file) = self.pidx.get() else {
+            return Ok(Vec::new());
+        };
+        let len = file.metadata().ctx("stat", &self.pidx_path)?.len();
+        let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        file.read_exact_at(&mut bytes, 0)
+            .ctx("read producer index", &self.pidx_path)?;
+        let mut out: Vec<PidxEntry> = Vec::new();
+        let mut next = self.base;
+        for chunk in bytes.chunks_exact(PIDX_ENTRY_LEN) {
+            let arr: &[u8; PIDX_ENTRY_LEN] = chunk.try_into().unwrap_or(&[0; PIDX_ENTRY_LEN]);
+            let Some(e) = PidxEntry::decode(arr) else {
+                break;
+            };
+            let Some(e_end) = e.base_offset.checked_add(i64::from(e.count)) else {
+                break;
+            };
+            if e.base_offset < next || e_end > end {
+                break;
+            }
+            next = e_end;
+            out.push(e);
+        }
+        let good = (out.len() * PIDX_ENTRY_LEN) as u64;
+        if good != len {
+            tracing::warn!(
+                segment = %self.pidx_path.display(),
+                kept_entries = out.len(),
+                bytes_cut = len - good,
+                "truncating a producer index after its last entry of a kept batch"
+            );
+            file.set_len(good).ctx("truncate", &self.pidx_path)?;
+            file.sync_data().ctx("fsync", &self.pidx_path)?;
+        }
+        Ok(out)
     }
 
     /// Reads `n` committed index entries starting at entry `first`.
