@@ -143,9 +143,11 @@ pub(crate) enum Decision {
     },
 }
 
-/// Approximate heap bytes of one producer's entry: the state and its key in the LRU list node
-/// (two links), plus the hash table's slot (two pointers and a control byte, at most 7/8 full).
-pub const BYTES_PER_PRODUCER: u64 = (size_of::<(i64, ProducerState)>() + 2 * 8 + 17 * 8 / 7) as u64;
+/// Approximate heap bytes of one producer's entry (147): the state and its key in the LRU
+/// list node (two links, 16 bytes of allocator overhead), plus the hash table's slot (two
+/// pointers and a control byte, at most 7/8 full).
+pub const BYTES_PER_PRODUCER: u64 =
+    (size_of::<(i64, ProducerState)>() + 2 * 8 + 16 + 17 * 8 / 7) as u64;
 
 /// The producers of one partition.
 #[derive(Debug)]
@@ -374,6 +376,11 @@ mod tests {
             NonZeroUsize::new(max).unwrap(),
             Arc::new(Counters::default()),
         )
+    }
+
+    #[test]
+    fn bytes_per_producer_is_what_the_docs_say() {
+        assert_eq!(BYTES_PER_PRODUCER, 147);
     }
 
     #[test]
