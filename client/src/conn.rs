@@ -12,7 +12,7 @@ use streambus_core::io::DriverError;
 use streambus_core::io::asynch::Wake;
 use streambus_core::{
     ClientError, CreateTopicRequest, DeleteTopicRequest, FetchExtension, FetchRequest,
-    GetOffsetRequest, LongPoll, MessageSet, ProduceRequest, Request, Response, Topic,
+    GetOffsetRequest, LongPoll, MessageSet, ProduceRequest, ProducerInfo, Request, Response, Topic,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
@@ -35,6 +35,8 @@ pub(crate) enum Req {
         count: u32,
         /// Records encoded by the core's encoder.
         records: Arc<Vec<u8>>,
+        /// Idempotent produce: the producer's id, epoch and the batch's base sequence.
+        producer: Option<ProducerInfo>,
     },
     Fetch {
         topic: Arc<str>,
@@ -179,12 +181,13 @@ fn request(req: &Req) -> Result<Request<'_>> {
             partition,
             count,
             records,
+            producer,
         } => Request::Produce(ProduceRequest {
             topic: topic(t)?,
             partition: *partition,
             // Encoded by the core's own encoder, record by record.
             messages: MessageSet::new_unchecked(*count, records),
-            producer: None,
+            producer: *producer,
         }),
         Req::Fetch {
             topic: t,
