@@ -334,3 +334,88 @@ fn producer_state_survives_sigkill_under_fsync_always() {
         assert_eq!(stored, want, "{name}");
     }
 }
+
+/// The embedded client's idempotent produce against the real broker: a retry with the same
+/// sequence (its reply lost) gets the original offsets; a forgotten producer gets
+/// UnknownProducer and continues in a new epoch.
+#[test]
+fn embedded_client_retries_get_the_original_offsets() {
+    use streambus_core::embedded::{Error, Sequence, blocking::Client};
+    use streambus_core::{ClientConfig, ErrorCode, Instant, Message, MessageSetBuilder, Topic};
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker =
+        streambus_server::start(config(dir.path(), RuntimeKind::Blocking, FsyncMode::Never))
+            .unwrap();
+    let stream = std::net::TcpStream::connect(broker.addr()).unwrap();
+    let started = std::time::Instant::now();
+    let clock = move || Instant::from_micros(started.elapsed().as_micros() as u64);
+    let (mut tx, mut rx) = ([0u8; 256], [0u8; 256]);
+    let mut client = Client::new(
+        embedded_io_adapters::std::FromStd::new(stream),
+        clock,
+        ClientConfig::default(),
+        &mut tx[..],
+        &mut rx[..],
+    );
+    let topic = Topic::new(TOPIC).unwrap();
+    let mut records = [0u8; 96];
+    let mut set = MessageSetBuilder::new(&mut records);
+    set.push(&Message::new(b"", b"one")).unwrap();
+    set.push(&Message::new(b"", b"two")).unwrap();
+    let batch = set.finish();
+
+    let mut seq = Sequence::new(77, 3);
+    let before = seq;
+    let ack = client
+        .produce_idempotent(&mut seq, topic, 0, batch)
+        .unwrap();
+    assert_eq!(
+        (ack.base_offset, ack.num_messages, ack.high_water_mark),
+        (0, 2, 2)
+    );
+    assert_eq!(seq, Sequence { next: 2, ..before });
+    // The reply was lost, say: the device sends the same batch with the same sequence.
+    let mut retry = before;
+    let ack = client
+        .produce_idempotent(&mut retry, topic, 0, batch)
+        .unwrap();
+    assert_eq!(
+        (ack.base_offset, ack.num_messages, ack.high_water_mark),
+        (0, 2, 2)
+    );
+    assert_eq!(retry, seq);
+    let ack = client
+        .produce_idempotent(&mut seq, topic, 0, batch)
+        .unwrap();
+    assert_eq!(ack.base_offset, 2);
+    assert_eq!(seq.next, 4);
+
+    let mut unknown = Sequence {
+        next: 5,
+        ..Sequence::new(78, 0)
+    };
+    let e = client
+        .produce_idempotent(&mut unknown, topic, 0, batch)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Broker {
+                code: ErrorCode::UNKNOWN_PRODUCER
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(unknown, Sequence::new(78, 1));
+    let ack = client
+        .produce_idempotent(&mut unknown, topic, 0, batch)
+        .unwrap();
+    assert_eq!(ack.base_offset, 4);
+    drop(client);
+    let stored: Vec<Vec<u8>> = values(&broker).into_iter().map(|(_, v)| v).collect();
+    assert_eq!(
+        stored,
+        [&b"one"[..], b"two", b"one", b"two", b"one", b"two"]
+    );
+}

@@ -1,5 +1,5 @@
-//! Example firmware: produce one message and fetch it back through streambus-core's embedded
-//! client, over a transport that plays a canned broker. Nothing here touches hardware, so it
+//! Example firmware: produce one message (idempotently) and fetch it back through
+//! streambus-core's embedded client, over a transport that plays a canned broker. Nothing here touches hardware, so it
 //! links for `thumbv7em-none-eabihf` without a board crate; `scripts/footprint.sh` measures it.
 //!
 //! With the `baseline` feature the same image is built without the client (the transport
@@ -133,7 +133,9 @@ fn run(tx: &mut [u8], rx: &mut [u8]) -> u32 {
     if set.push(&Message::new(b"temp", b"21.5")).is_err() {
         return 3;
     }
-    match client.produce(topic, 0, set.finish()) {
+    // Idempotent: a device serial as the producer id, a boot counter as the epoch.
+    let mut seq = streambus_core::embedded::Sequence::new(0x5e7_1a1, 1);
+    match client.produce_idempotent(&mut seq, topic, 0, set.finish()) {
         Ok(ack) if ack.num_messages == 1 => {}
         _ => return 4,
     }
