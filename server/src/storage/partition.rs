@@ -164,7 +164,7 @@ impl Partition {
         let mut segs: Vec<SegState> = Vec::with_capacity(bases.len());
         let mut producers = Producers::new(settings.max_producers, Arc::clone(&counters));
         for (i, &base) in bases.iter().enumerate() {
-            let seg = Segment::open(&dir, base, false)?;
+            let mut seg = Segment::open(&dir, base, false)?;
             if let Some(prev) = segs.last()
                 && base < prev.end
             {
@@ -189,7 +189,7 @@ impl Partition {
                 counters.inc(&counters.recovery_truncated_bytes, rec.truncated_bytes);
             }
             // Replayed in append order: the most recent producers are the ones kept.
-            let pidx = seg.recover_pidx(rec.end_offset)?;
+            let pidx = seg.recover_pidx(rec.end_offset, i == last)?;
             for e in &pidx {
                 producers.record(&e.producer, e.count, e.base_offset);
             }

@@ -238,20 +238,27 @@ impl Segment {
 
     /// Reads the producer index: the entries of batches below `end` (the recovered end of the
     /// segment), in order; cuts the file after them (a torn entry, or one of a batch that
-    /// recovery cut). No `.pidx` file: none.
-    pub(crate) fn recover_pidx(&self, end: i64) -> Result<Vec<PidxEntry>, StorageError> {
-        let Some(file) = self.pidx.get() else {
+    /// recovery cut). No `.pidx` file: none. With `keep_open` false the file is closed after
+    /// (a sealed segment's is never written again). Called before the segment is shared.
+    pub(crate) fn recover_pidx(
+        &mut self,
+        end: i64,
+        keep_open: bool,
+    ) -> Result<Vec<PidxEntry>, StorageError> {
+        let Some(file) = self.pidx.take() else {
             return Ok(Vec::new());
         };
         let len = file.metadata().ctx("stat", &self.pidx_path)?.len();
-        let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
-        file.read_exact_at(&mut bytes, 0)
-            .ctx("read producer index", &self.pidx_path)?;
+        (&file).rewind().ctx("seek", &self.pidx_path)?;
+        let mut reader = BufReader::with_capacity(64 * 1024, &file);
         let mut out: Vec<PidxEntry> = Vec::new();
         let mut next = self.base;
-        for chunk in bytes.chunks_exact(PIDX_ENTRY_LEN) {
-            let arr: &[u8; PIDX_ENTRY_LEN] = chunk.try_into().unwrap_or(&[0; PIDX_ENTRY_LEN]);
-            let Some(e) = PidxEntry::decode(arr) else {
+        let mut entry = [0u8; PIDX_ENTRY_LEN];
+        for _ in 0..len / PIDX_ENTRY_LEN as u64 {
+            reader
+                .read_exact(&mut entry)
+                .ctx("read producer index", &self.pidx_path)?;
+            let Some(e) = PidxEntry::decode(&entry) else {
                 break;
             };
             let Some(e_end) = e.base_offset.checked_add(i64::from(e.count)) else {
@@ -263,6 +270,7 @@ impl Segment {
             next = e_end;
             out.push(e);
         }
+        drop(reader);
         let good = (out.len() * PIDX_ENTRY_LEN) as u64;
         if good != len {
             tracing::warn!(
@@ -273,6 +281,9 @@ impl Segment {
             );
             file.set_len(good).ctx("truncate", &self.pidx_path)?;
             file.sync_data().ctx("fsync", &self.pidx_path)?;
+        }
+        if keep_open {
+            let _ = self.pidx.set(file);
         }
         Ok(out)
     }

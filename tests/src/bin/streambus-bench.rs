@@ -11,6 +11,7 @@
 //! streambus-bench health -n 20        # fresh connection + one HealthCheck, N times
 //! streambus-bench longpoll            # produce → long-polling consumer latency, beside sync
 //! streambus-bench requests --kind health   # 50 connections × 64 requests in flight
+//! streambus-bench producers -n 1000000 --server-pid PID  # N idempotent producers, broker RSS
 //! ```
 //!
 //! A broker that is down or fails a request ends the run with one line on stderr and exit
@@ -102,6 +103,20 @@ enum Mode {
         /// measures the broker meanwhile); "ready" is printed once every one is open.
         #[arg(long, default_value = "0s", value_parser = humantime_secs)]
         hold: Duration,
+    },
+    /// N distinct idempotent producers (ids 1..=N), each sending one 1-message batch to one
+    /// partition, pipelined on one connection: the broker's memory must stay bounded by
+    /// `--max-producers-per-partition`, whatever N.
+    Producers {
+        /// Producers.
+        #[arg(short, default_value_t = 1_000_000)]
+        n: u64,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// The broker's pid, to read its RSS from /proc.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// Fresh connections, one HealthCheck each: connect + round trip, N times in sequence.
     Health {
@@ -717,6 +732,59 @@ fn requests(addr: SocketAddr, duration: Duration, connections: usize, window: us
     }
 }
 
+fn producers(addr: SocketAddr, n: u64, window: usize, server_pid: Option<u32>) {
+    let mut c = connect(addr);
+    let (count, bytes) = message_set(&[&VALUE]);
+    let frame = |c: &mut RawClient, id: u64| {
+        let req = Request::Produce(ProduceRequest {
+            topic: Topic::new("bench-producers").expect("topic"),
+            partition: 0,
+            messages: MessageSet::new_checked(count, &bytes).expect("set"),
+            producer: Some(streambus_core::ProducerInfo {
+                producer_id: i64::try_from(id).unwrap_or(i64::MAX),
+                producer_epoch: 0,
+                base_sequence: Some(0),
+            }),
+        });
+        c.encode(&req).1
+    };
+    let first = frame(&mut c, 1);
+    or_die(c.send_raw(&first), "sending a Produce");
+    check_ok(or_die(c.recv_frame(), "reading a Produce reply"), "produce");
+    let before = server_pid.and_then(rss_kib);
+    let start = Instant::now();
+    let (mut next, mut in_flight, mut done) = (2u64, 0usize, 1u64);
+    let mut report_at = 100_000;
+    while done < n {
+        let mut burst = Vec::new();
+        while in_flight < window && next <= n {
+            burst.extend_from_slice(&frame(&mut c, next));
+            next += 1;
+            in_flight += 1;
+        }
+        or_die(c.send_raw(&burst), "sending Produces");
+        let r = or_die(c.recv_frame(), "reading a Produce reply");
+        check_ok(r, "produce");
+        in_flight -= 1;
+        done += 1;
+        if done >= report_at {
+            report_at += 100_000;
+            let rss = server_pid
+                .and_then(rss_kib)
+                .map_or("?".into(), |k| k.to_string());
+            println!("{done} producers: broker RSS {rss} KiB");
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let after = server_pid.and_then(rss_kib);
+    println!(
+        "{n} distinct producers on one partition in {secs:.1} s ({}/s); broker RSS {} -> {} KiB",
+        si((n - 1) as f64 / secs),
+        before.map_or("?".into(), |k| k.to_string()),
+        after.map_or("?".into(), |k| k.to_string()),
+    );
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -918,6 +986,11 @@ fn main() {
             hold,
         } => connections(args.addr, n, server_pid, sources, first_source, hold),
         Mode::Health { n } => health(args.addr, n),
+        Mode::Producers {
+            n,
+            window,
+            server_pid,
+        } => producers(args.addr, n, window, server_pid),
         Mode::Trickle {
             n,
             frame,
