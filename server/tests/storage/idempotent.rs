@@ -220,3 +220,29 @@ fn retention_that_deletes_a_producers_batches_forgets_it_at_the_next_open() {
         "{e:?}"
     );
 }
+
+/// However many producers come, a partition keeps the most recent `max_producers_per_partition`
+/// (the memory bound), in memory and after a restart.
+#[test]
+fn many_producers_keep_only_the_most_recent_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.max_producers_per_partition = std::num::NonZeroUsize::new(100).unwrap();
+    let s = Storage::open(cfg.clone()).unwrap();
+    s.create_topic("t", 1, TopicConfig::default()).unwrap();
+    for id in 1..=20_000 {
+        append(&s, &[b"v"], pb(id, 0, 0)).unwrap();
+    }
+    assert_eq!(s.stats().producers, 100);
+    assert_eq!(s.stats().producer_state_bytes, 100 * 147);
+    drop(s);
+    let s = Storage::open(cfg).unwrap();
+    assert_eq!(s.stats().producers, 100);
+    // The newest are known (a retry is a duplicate), the older forgotten.
+    let dup = append(&s, &[b"v"], pb(20_000, 0, 0)).unwrap();
+    assert_eq!((dup.base_offset, dup.high_water_mark), (19_999, 20_000));
+    let dup = append(&s, &[b"v"], pb(19_901, 0, 0)).unwrap();
+    assert_eq!(dup.base_offset, 19_900);
+    let e = append(&s, &[b"v"], pb(19_900, 0, 1)).unwrap_err();
+    assert!(matches!(e, StorageError::UnknownProducer { .. }), "{e:?}");
+}

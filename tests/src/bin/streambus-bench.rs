@@ -73,6 +73,14 @@ enum Mode {
         /// Requests in flight.
         #[arg(long, default_value_t = 64)]
         window: usize,
+        /// Idempotent produce (protocol §6.2): one producer, consecutive sequences. Implies
+        /// `--encode-each`.
+        #[arg(long)]
+        idempotent: bool,
+        /// Encode every request anew (as `--idempotent` must), for a plain baseline with the
+        /// same client cost.
+        #[arg(long)]
+        encode_each: bool,
     },
     /// Fetch on one connection (fills the topic first with 64 MiB of 1 KiB values).
     Fetch {
@@ -335,16 +343,57 @@ fn sync(addr: SocketAddr, duration: Duration) {
     print_hist("sync produce (1 × 100 B)", &h);
 }
 
+/// How `pipelined` makes its Produce frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encode {
+    /// One frame, sent again and again.
+    Once,
+    /// Each frame encoded anew, plain.
+    Each,
+    /// Each frame encoded anew, idempotent (one producer, consecutive sequences).
+    Idempotent,
+}
+
 fn pipelined(
     addr: SocketAddr,
     metrics: SocketAddr,
     duration: Duration,
     batch: usize,
     window: usize,
+    encode: Encode,
 ) {
     let mut c = connect(addr);
     let values: Vec<&[u8]> = vec![&VALUE; batch];
-    let frame = produce_frame(&mut c, "bench-pipe", &values);
+    let (count, bytes) = message_set(&values);
+    // A producer id of this run (ids need only differ between runs).
+    let producer_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| i64::try_from(d.as_nanos() >> 1).unwrap_or(1));
+    let mut sequence = 0i32;
+    let topic = if encode == Encode::Idempotent {
+        "bench-pipe-idem"
+    } else {
+        "bench-pipe"
+    };
+    let mut next_frame = |c: &mut RawClient| {
+        let producer = (encode == Encode::Idempotent).then(|| {
+            let s = sequence;
+            sequence = ((i64::from(s) + i64::from(count)) % (1 << 31)) as i32;
+            streambus_core::ProducerInfo {
+                producer_id: producer_id.max(1),
+                producer_epoch: 0,
+                base_sequence: Some(s),
+            }
+        });
+        let req = Request::Produce(ProduceRequest {
+            topic: Topic::new(topic).expect("topic"),
+            partition: 0,
+            messages: MessageSet::new_checked(count, &bytes).expect("set"),
+            producer,
+        });
+        c.encode(&req).1
+    };
+    let mut frame = next_frame(&mut c);
     or_die(c.send_raw(&frame), "sending a Produce");
     check_ok(or_die(c.recv_frame(), "reading a Produce reply"), "produce");
     let fsyncs_before = scrape_counter(metrics, FSYNCS);
@@ -354,6 +403,9 @@ fn pipelined(
     let end = start + duration;
     let mut burst = Vec::new();
     for _ in 0..window {
+        if encode != Encode::Once {
+            frame = next_frame(&mut c);
+        }
         burst.extend_from_slice(&frame);
     }
     or_die(c.send_raw(&burst), "sending Produces");
@@ -364,6 +416,9 @@ fn pipelined(
         acked += batch as u64;
         in_flight -= 1;
         if Instant::now() < end {
+            if encode != Encode::Once {
+                frame = next_frame(&mut c);
+            }
             or_die(c.send_raw(&frame), "sending a Produce");
             in_flight += 1;
         }
@@ -386,7 +441,7 @@ fn pipelined(
         (Err(e), _) | (_, Err(e)) => format!("; fsyncs/s unknown ({e})"),
     };
     println!(
-        "pipelined produce: {acked} messages acknowledged in {secs:.2}s = {} msg/s ({:.0} MB/s of values), batch {batch}, window {window}{fsyncs}",
+        "pipelined produce ({encode:?}): {acked} messages acknowledged in {secs:.2}s = {} msg/s ({:.0} MB/s of values), batch {batch}, window {window}{fsyncs}",
         si(acked as f64 / secs),
         acked as f64 * 100.0 / secs / 1e6
     );
@@ -971,8 +1026,18 @@ fn main() {
     match args.mode {
         Mode::Pingpong => pingpong(args.duration),
         Mode::Sync => sync(args.addr, args.duration),
-        Mode::Pipelined { batch, window } => {
-            pipelined(args.addr, args.metrics, args.duration, batch, window);
+        Mode::Pipelined {
+            batch,
+            window,
+            idempotent,
+            encode_each,
+        } => {
+            let each = match (idempotent, encode_each) {
+                (true, _) => Encode::Idempotent,
+                (false, true) => Encode::Each,
+                (false, false) => Encode::Once,
+            };
+            pipelined(args.addr, args.metrics, args.duration, batch, window, each);
         }
         Mode::Fetch {
             max_bytes,
