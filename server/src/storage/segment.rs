@@ -15,6 +15,9 @@ use streambus_core::checksum;
 use super::error::{IoContext, StorageError};
 use super::producers::{PIDX_ENTRY_LEN, PidxEntry};
 
+/// The `.pidx` file is extended by this many (zero-filled) entries at a time: 64 KiB.
+const PIDX_GROW_ENTRIES: u64 = 2048;
+
 /// Bytes of one index entry.
 pub(crate) const ENTRY_LEN: usize = 40;
 /// The smallest message record (offset, timestamp and three empty lengths).
@@ -231,6 +234,13 @@ impl Segment {
                 (f, true)
             }
         };
+        // The file grows by a zero-filled chunk at a time: a write that extends a file costs
+        // about as much again as one inside it (measured: +0.7 µs per one-message append).
+        // Recovery cuts the zeros.
+        if n.is_multiple_of(PIDX_GROW_ENTRIES) {
+            file.set_len((n + PIDX_GROW_ENTRIES) * PIDX_ENTRY_LEN as u64)
+                .ctx("extend", &self.pidx_path)?;
+        }
         file.write_all_at(&e.encode(), n * PIDX_ENTRY_LEN as u64)
             .ctx("write", &self.pidx_path)?;
         Ok(created)
@@ -254,31 +264,41 @@ impl Segment {
         let mut out: Vec<PidxEntry> = Vec::new();
         let mut next = self.base;
         let mut entry = [0u8; PIDX_ENTRY_LEN];
+        let mut stopped = false;
         for _ in 0..len / PIDX_ENTRY_LEN as u64 {
             reader
                 .read_exact(&mut entry)
                 .ctx("read producer index", &self.pidx_path)?;
-            let Some(e) = PidxEntry::decode(&entry) else {
+            let e = PidxEntry::decode(&entry).filter(|e| {
+                e.base_offset
+                    .checked_add(i64::from(e.count))
+                    .is_some_and(|e_end| e.base_offset >= next && e_end <= end)
+            });
+            let Some(e) = e else {
+                stopped = true;
                 break;
             };
-            let Some(e_end) = e.base_offset.checked_add(i64::from(e.count)) else {
-                break;
-            };
-            if e.base_offset < next || e_end > end {
-                break;
-            }
-            next = e_end;
+            next = e.base_offset.saturating_add(i64::from(e.count));
             out.push(e);
         }
+        // After the entries: the zeros of the last growth step (nothing to report), or what a
+        // crash left.
+        let mut rest = Vec::new();
+        reader
+            .read_to_end(&mut rest)
+            .ctx("read producer index", &self.pidx_path)?;
         drop(reader);
+        let zeros = (!stopped || entry.iter().all(|&b| b == 0)) && rest.iter().all(|&b| b == 0);
         let good = (out.len() * PIDX_ENTRY_LEN) as u64;
-        if good != len {
+        if good != len && !zeros {
             tracing::warn!(
                 segment = %self.pidx_path.display(),
                 kept_entries = out.len(),
                 bytes_cut = len - good,
                 "truncating a producer index after its last entry of a kept batch"
             );
+        }
+        if good != len {
             file.set_len(good).ctx("truncate", &self.pidx_path)?;
             file.sync_data().ctx("fsync", &self.pidx_path)?;
         }

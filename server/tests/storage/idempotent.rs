@@ -58,8 +58,12 @@ fn a_directory_without_producer_indexes_opens_and_then_keeps_producer_state() {
     assert_eq!(append(&s, &[b"b"], pb(3, 0, 1)).unwrap().base_offset, 3);
     assert_eq!(s.stats().producers, 1);
     drop(s);
-    assert_eq!(files(dir.path(), "pidx").len(), 1);
+    let pidx = files(dir.path(), "pidx");
+    assert_eq!(pidx.len(), 1);
+    // Grown 64 KiB at a time (zeros after the two entries), cut back at open.
+    assert_eq!(fs::metadata(&pidx[0]).unwrap().len(), 64 * 1024);
     let s = Storage::open(config(dir.path())).unwrap();
+    assert_eq!(fs::metadata(&pidx[0]).unwrap().len(), 2 * 32);
     assert_eq!(s.stats().producers, 1);
     let dup = append(&s, &[b"a"], pb(3, 0, 0)).unwrap();
     assert_eq!((dup.base_offset, dup.count, dup.high_water_mark), (2, 1, 4));

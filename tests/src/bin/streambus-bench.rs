@@ -64,7 +64,16 @@ enum Mode {
     /// one-message Produce and its reply: the floor for `sync`.
     Pingpong,
     /// Produce one 100-byte message at a time, one request in flight.
-    Sync,
+    Sync {
+        /// Idempotent produce (one producer, consecutive sequences; each request encoded
+        /// anew, outside the timed round trip).
+        #[arg(long)]
+        idempotent: bool,
+        /// Encode every request anew (outside the timed round trip), plain: the baseline
+        /// for `--idempotent`.
+        #[arg(long)]
+        encode_each: bool,
+    },
     /// Pipelined Produce on one connection.
     Pipelined {
         /// Messages per request.
@@ -301,6 +310,10 @@ fn pingpong(duration: Duration) {
 struct SyncProducer {
     c: RawClient,
     frame: Vec<u8>,
+    /// How each request's frame is made (`Once`: the same frame every time).
+    encode: Encode,
+    producer_id: i64,
+    sequence: i32,
 }
 
 impl SyncProducer {
@@ -308,7 +321,16 @@ impl SyncProducer {
     fn new(addr: SocketAddr) -> Self {
         let mut c = connect(addr);
         let frame = produce_frame(&mut c, "bench-sync", &[&VALUE]);
-        let mut p = Self { c, frame };
+        let producer_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| i64::try_from(d.as_nanos() >> 1).unwrap_or(1));
+        let mut p = Self {
+            c,
+            frame,
+            encode: Encode::Once,
+            producer_id,
+            sequence: 0,
+        };
         for _ in 0..100 {
             p.round_trip();
         }
@@ -316,6 +338,25 @@ impl SyncProducer {
     }
 
     fn round_trip(&mut self) -> Duration {
+        if self.encode != Encode::Once {
+            let (count, bytes) = message_set(&[&VALUE]);
+            let producer = (self.encode == Encode::Idempotent).then(|| {
+                let s = self.sequence;
+                self.sequence = (s + 1) & i32::MAX;
+                streambus_core::ProducerInfo {
+                    producer_id: self.producer_id,
+                    producer_epoch: 0,
+                    base_sequence: Some(s),
+                }
+            });
+            let req = Request::Produce(ProduceRequest {
+                topic: Topic::new("bench-sync").expect("topic"),
+                partition: 0,
+                messages: MessageSet::new_checked(count, &bytes).expect("set"),
+                producer,
+            });
+            self.frame = self.c.encode(&req).1;
+        }
         let t = Instant::now();
         or_die(self.c.send_raw(&self.frame), "sending a Produce");
         let r = or_die(self.c.recv_frame(), "reading a Produce reply");
@@ -336,11 +377,12 @@ impl SyncProducer {
     }
 }
 
-fn sync(addr: SocketAddr, duration: Duration) {
+fn sync(addr: SocketAddr, duration: Duration, encode: Encode) {
     let mut p = SyncProducer::new(addr);
+    p.encode = encode;
     let mut h = Histogram::<u64>::new(3).expect("hist");
     p.run_until(Instant::now() + duration, Duration::ZERO, &mut h);
-    print_hist("sync produce (1 × 100 B)", &h);
+    print_hist(&format!("sync produce (1 × 100 B, {encode:?})"), &h);
 }
 
 /// How `pipelined` makes its Produce frames.
@@ -1025,7 +1067,17 @@ fn main() {
     let args = Args::parse();
     match args.mode {
         Mode::Pingpong => pingpong(args.duration),
-        Mode::Sync => sync(args.addr, args.duration),
+        Mode::Sync {
+            idempotent,
+            encode_each,
+        } => {
+            let encode = match (idempotent, encode_each) {
+                (true, _) => Encode::Idempotent,
+                (false, true) => Encode::Each,
+                (false, false) => Encode::Once,
+            };
+            sync(args.addr, args.duration, encode);
+        }
         Mode::Pipelined {
             batch,
             window,
