@@ -9,26 +9,73 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 
-/// An invalid setting: names it and says why. The binary prints it on one line and exits 2.
+/// An invalid setting: names it, where its value came from, and why. The binary prints it on
+/// one line and exits 2.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// A setting has a value that can't be used.
-    #[error("invalid setting {setting}: {reason}")]
+    #[error("invalid setting {setting}{origin}: {reason}")]
     Invalid {
         /// The setting's name (as a flag).
         setting: &'static str,
+        /// Where the value came from.
+        origin: Origin,
         /// What is wrong.
         reason: String,
     },
     /// The config file can't be read or parsed.
-    #[error("config file {path}: {reason}")]
+    #[error("config file {path}{at}: {reason}")]
     File {
         /// The file.
         path: PathBuf,
+        /// ` line N (key)` when the problem is on a line, else empty.
+        at: String,
         /// What is wrong.
         reason: String,
     },
+}
+
+impl ConfigError {
+    fn invalid(setting: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            setting,
+            origin: Origin::Flag,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Where a setting's value came from, as an error message names it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Origin {
+    /// A flag on the command line.
+    #[default]
+    Flag,
+    /// An environment variable (its name).
+    Env(String),
+    /// A line of the `--config` file.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The line (from 1).
+        line: usize,
+        /// The key on it.
+        key: String,
+    },
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Flag => Ok(()),
+            Self::Env(var) => write!(f, " (from {var})"),
+            Self::File { path, line, key } => {
+                write!(f, " (from {} line {line}, {key})", path.display())
+            }
+        }
+    }
 }
 
 /// Durability policy names, as given on the command line.
@@ -58,7 +105,12 @@ pub enum RuntimeKind {
 /// The `streambus-server` command line. Every flag can also come from the environment
 /// (`STREAMBUS_LISTEN`, …) or the `--config` TOML file (same names, `_` for `-`).
 #[derive(Debug, Default, Parser)]
-#[command(name = "streambus-server", version, about = "The StreamBus broker")]
+#[command(
+    name = "streambus-server",
+    version,
+    about = "The StreamBus broker",
+    allow_negative_numbers = true
+)]
 pub struct Cli {
     /// TOML config file.
     #[arg(long, env = "STREAMBUS_CONFIG")]
@@ -121,6 +173,18 @@ pub struct Cli {
     /// is forgotten [default: 10000].
     #[arg(long, env = "STREAMBUS_MAX_PRODUCERS_PER_PARTITION")]
     pub max_producers_per_partition: Option<usize>,
+    /// A partition's segment file is rolled past this size, 1 MiB to 1 TiB
+    /// [default: 268435456].
+    #[arg(long, env = "STREAMBUS_SEGMENT_BYTES")]
+    pub segment_bytes: Option<u64>,
+    /// Sealed segments older than this are deleted (like 7d or 12h); `off` keeps them
+    /// [default: 7d].
+    #[arg(long, env = "STREAMBUS_RETENTION_TIME")]
+    pub retention_time: Option<String>,
+    /// A partition keeps at most this many bytes, deleting its oldest sealed segments; `off`
+    /// keeps all [default: off].
+    #[arg(long, env = "STREAMBUS_RETENTION_BYTES")]
+    pub retention_bytes: Option<String>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -145,6 +209,9 @@ struct FileConfig {
     node_id: Option<u32>,
     auth_file: Option<PathBuf>,
     max_producers_per_partition: Option<usize>,
+    segment_bytes: Option<u64>,
+    retention_time: Option<String>,
+    retention_bytes: Option<String>,
 }
 
 /// The resolved settings.
@@ -188,6 +255,14 @@ pub struct Config {
     pub auth_file: Option<PathBuf>,
     /// Idempotent producers kept per partition (least recently used forgotten past it).
     pub max_producers_per_partition: NonZeroUsize,
+    /// A partition's segment file is rolled past this size.
+    pub segment_bytes: u64,
+    /// Sealed segments older than this are deleted; `None` keeps them.
+    pub retention_time: Option<Duration>,
+    /// Bytes a partition keeps at most (oldest sealed segments deleted); `None` keeps all.
+    pub retention_bytes: Option<u64>,
+    /// The `--config` file the settings were read from, if any.
+    pub config_file: Option<PathBuf>,
 }
 
 /// The address a broker advertises to clients (§6.4): a host name or IP, and a port.
@@ -202,9 +277,11 @@ pub struct Advertised {
 impl Advertised {
     /// Parses `HOST:PORT` (`[v6]:PORT` for an IPv6 address).
     pub fn parse(setting: &'static str, v: &str) -> Result<Self, ConfigError> {
-        let bad = |why: &str| ConfigError::Invalid {
-            setting,
-            reason: format!("{v:?} is not an address like broker1.example.com:9092 ({why})"),
+        let bad = |why: &str| {
+            ConfigError::invalid(
+                setting,
+                format!("{v:?} is not an address like broker1.example.com:9092 ({why})"),
+            )
         };
         let (host, port) = v.rsplit_once(':').ok_or_else(|| bad("no :PORT"))?;
         let port: u16 = port
@@ -279,175 +356,361 @@ impl Default for Config {
             node_id: 0,
             auth_file: None,
             max_producers_per_partition: crate::storage::DEFAULT_MAX_PRODUCERS_PER_PARTITION,
+            segment_bytes: 256 << 20,
+            retention_time: Some(Duration::from_secs(7 * 24 * 3600)),
+            retention_bytes: None,
+            config_file: None,
         }
     }
 }
 
 fn duration(setting: &'static str, v: &str) -> Result<Duration, ConfigError> {
-    let d = humantime::parse_duration(v.trim()).map_err(|e| ConfigError::Invalid {
-        setting,
-        reason: format!("{v:?} is not a duration like 500ms, 30s or 10m ({e})"),
+    let d = humantime::parse_duration(v.trim()).map_err(|e| {
+        ConfigError::invalid(
+            setting,
+            format!("{v:?} is not a duration like 500ms, 30s or 10m ({e})"),
+        )
     })?;
     if d.is_zero() {
-        return Err(ConfigError::Invalid {
-            setting,
-            reason: "must be greater than zero".into(),
-        });
+        return Err(ConfigError::invalid(setting, "must be greater than zero"));
     }
     Ok(d)
 }
 
 fn addr(setting: &'static str, v: &str) -> Result<SocketAddr, ConfigError> {
-    v.parse().map_err(|_| ConfigError::Invalid {
-        setting,
-        reason: format!("{v:?} is not an address like 127.0.0.1:9092"),
+    v.parse().map_err(|_| {
+        ConfigError::invalid(
+            setting,
+            format!("{v:?} is not an address like 127.0.0.1:9092"),
+        )
     })
 }
 
-impl Config {
-    /// Resolves the command line (with its environment) and the config file it names.
-    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
-        let file = match &cli.config {
-            Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+/// The smallest `--max-frame-bytes`.
+const MIN_FRAME_BYTES: u32 = 1024;
+/// The largest `--max-frame-bytes`: 1 GiB (a frame is held in memory whole).
+const MAX_FRAME_BYTES: u32 = 1 << 30;
+/// The smallest `--segment-bytes`: 1 MiB.
+const MIN_SEGMENT_BYTES: u64 = 1 << 20;
+/// The largest `--segment-bytes`: 1 TiB.
+const MAX_SEGMENT_BYTES: u64 = 1 << 40;
+
+/// Where each setting's value was taken from, so an error can name it: a flag, its
+/// `STREAMBUS_*` variable, or a line of the config file.
+struct Origins<'a> {
+    /// The environment variable a command-line value came from, by setting id.
+    env_of: &'a dyn Fn(&str) -> Option<String>,
+    file: Option<(&'a Path, &'a str)>,
+    picked: Vec<(&'static str, Origin)>,
+}
+
+impl Origins<'_> {
+    /// The value of setting `id` (the flag's name with `_`): the command line's (flag or
+    /// environment) if given, else the file's; remembers which.
+    fn pick<T>(&mut self, id: &'static str, cli: Option<T>, file: Option<T>) -> Option<T> {
+        let origin = if cli.is_some() {
+            (self.env_of)(id).map_or(Origin::Flag, Origin::Env)
+        } else if file.is_some() {
+            match self.file {
+                Some((path, text)) => Origin::File {
+                    path: path.to_owned(),
+                    line: key_line(text, id).unwrap_or(0),
+                    key: id.to_owned(),
+                },
+                None => Origin::Flag,
+            }
+        } else {
+            return None;
         };
+        self.picked.push((id, origin));
+        cli.or(file)
+    }
+
+    /// `e` naming where its setting's value came from.
+    fn attach(&self, e: ConfigError) -> ConfigError {
+        match e {
+            ConfigError::Invalid {
+                setting, reason, ..
+            } => {
+                let id = setting.trim_start_matches('-').replace('-', "_");
+                let origin = self
+                    .picked
+                    .iter()
+                    .find(|(k, _)| *k == id)
+                    .map_or(Origin::Flag, |(_, o)| o.clone());
+                ConfigError::Invalid {
+                    setting,
+                    origin,
+                    reason,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// The line (from 1) of the config file that sets `key` at the top level.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+impl Config {
+    /// Resolves the command line (with its environment) and the config file it names. Errors
+    /// name the config file's line for a value from it, and otherwise the flag (see
+    /// [`from_matches`](Self::from_matches) to name environment variables too).
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        Self::resolve(cli, &|_| None)
+    }
+
+    /// Resolves the command line `matches` (parsed by [`Cli`]'s command); an error names the
+    /// `STREAMBUS_*` variable a bad value came from.
+    pub fn from_matches(matches: &clap::ArgMatches) -> Result<Self, ConfigError> {
+        use clap::{CommandFactory, FromArgMatches};
+        let cli = Cli::from_arg_matches(matches)
+            .map_err(|e| ConfigError::invalid("the command line", e.to_string()))?;
+        let command = Cli::command();
+        let env_of = |id: &str| -> Option<String> {
+            if matches.value_source(id) != Some(clap::parser::ValueSource::EnvVariable) {
+                return None;
+            }
+            command
+                .get_arguments()
+                .find(|a| a.get_id().as_str() == id)
+                .and_then(|a| a.get_env())
+                .map(|v| v.to_string_lossy().into_owned())
+        };
+        Self::resolve(cli, &env_of)
+    }
+
+    fn resolve(cli: Cli, env_of: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let (file, text) = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => (FileConfig::default(), String::new()),
+        };
+        let config_file = cli.config.clone();
+        let mut o = Origins {
+            env_of,
+            file: config_file.as_deref().map(|p| (p, text.as_str())),
+            picked: Vec::new(),
+        };
+        Self::resolve_with(cli, file, &mut o, config_file.clone()).map_err(|e| o.attach(e))
+    }
+
+    fn resolve_with(
+        cli: Cli,
+        file: FileConfig,
+        o: &mut Origins<'_>,
+        config_file: Option<PathBuf>,
+    ) -> Result<Self, ConfigError> {
         let d = Config::default();
-        let listen = match cli.listen.or(file.listen) {
+        let listen = match o.pick("listen", cli.listen, file.listen) {
             Some(v) => addr("--listen", &v)?,
             None => d.listen,
         };
-        let metrics_listen = match cli.metrics_listen.or(file.metrics_listen) {
+        let metrics_listen = match o.pick("metrics_listen", cli.metrics_listen, file.metrics_listen)
+        {
             Some(v) if v.eq_ignore_ascii_case("off") => None,
             Some(v) => Some(addr("--metrics-listen", &v)?),
             None => d.metrics_listen,
         };
-        let dur = |setting, a: Option<String>, b: Option<String>, default| match a.or(b) {
+        let dur = |setting, v: Option<String>, default| match v {
             Some(v) => duration(setting, &v),
             None => Ok(default),
         };
-        let max_frame_bytes = cli
-            .max_frame_bytes
-            .or(file.max_frame_bytes)
+        let max_frame_bytes = o
+            .pick("max_frame_bytes", cli.max_frame_bytes, file.max_frame_bytes)
             .unwrap_or(d.max_frame_bytes);
-        if max_frame_bytes < 1024 {
-            return Err(ConfigError::Invalid {
-                setting: "--max-frame-bytes",
-                reason: format!("{max_frame_bytes} is below the minimum of 1024"),
-            });
+        if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&max_frame_bytes) {
+            return Err(ConfigError::invalid(
+                "--max-frame-bytes",
+                format!(
+                    "{max_frame_bytes} is outside {MIN_FRAME_BYTES} to {MAX_FRAME_BYTES} (1 GiB)"
+                ),
+            ));
         }
-        let max_connections = cli
-            .max_connections
-            .or(file.max_connections)
+        let max_connections = o
+            .pick("max_connections", cli.max_connections, file.max_connections)
             .unwrap_or(d.max_connections);
         if max_connections == 0 {
-            return Err(ConfigError::Invalid {
-                setting: "--max-connections",
-                reason: "must be at least 1".into(),
-            });
+            return Err(ConfigError::invalid(
+                "--max-connections",
+                "must be at least 1",
+            ));
         }
-        let max_buffered_bytes = cli
-            .max_buffered_bytes
-            .or(file.max_buffered_bytes)
+        let max_buffered_bytes = o
+            .pick(
+                "max_buffered_bytes",
+                cli.max_buffered_bytes,
+                file.max_buffered_bytes,
+            )
             .unwrap_or(d.max_buffered_bytes);
         // One frame of the largest size must fit, or it could never be received.
         let one_frame = 2 * (max_frame_bytes as usize + 4);
         if max_buffered_bytes < one_frame {
-            return Err(ConfigError::Invalid {
-                setting: "--max-buffered-bytes",
-                reason: format!(
+            return Err(ConfigError::invalid(
+                "--max-buffered-bytes",
+                format!(
                     "{max_buffered_bytes} cannot hold a frame of --max-frame-bytes {max_frame_bytes}: want at least {one_frame}"
                 ),
-            });
+            ));
         }
-        let advertise = match cli.advertise.or(file.advertise) {
+        let advertise = match o.pick("advertise", cli.advertise, file.advertise) {
             Some(v) => Some(Advertised::parse("--advertise", &v)?),
             None => None,
         };
-        let node_id = cli.node_id.or(file.node_id).unwrap_or(d.node_id);
+        let node_id = o
+            .pick("node_id", cli.node_id, file.node_id)
+            .unwrap_or(d.node_id);
         if i32::try_from(node_id).is_err() {
-            return Err(ConfigError::Invalid {
-                setting: "--node-id",
-                reason: format!("{node_id} is above the largest node id, 2147483647"),
-            });
+            return Err(ConfigError::invalid(
+                "--node-id",
+                format!("{node_id} is above the largest node id, 2147483647"),
+            ));
         }
-        let auth_file = cli.auth_file.or(file.auth_file);
+        let auth_file = o.pick("auth_file", cli.auth_file, file.auth_file);
         if let Some(path) = &auth_file {
             // Checked now, so a broken file stops the start with one line (exit 2).
-            crate::auth::Policy::load(path).map_err(|e| ConfigError::Invalid {
-                setting: "--auth-file",
-                reason: e.to_string(),
-            })?;
+            crate::auth::Policy::load(path)
+                .map_err(|e| ConfigError::invalid("--auth-file", e.to_string()))?;
         }
-        let max_producers_per_partition = match cli
-            .max_producers_per_partition
-            .or(file.max_producers_per_partition)
-        {
-            Some(n) => NonZeroUsize::new(n).ok_or_else(|| ConfigError::Invalid {
-                setting: "--max-producers-per-partition",
-                reason: "must be at least 1".into(),
+        let max_producers_per_partition = match o.pick(
+            "max_producers_per_partition",
+            cli.max_producers_per_partition,
+            file.max_producers_per_partition,
+        ) {
+            Some(n) => NonZeroUsize::new(n).ok_or_else(|| {
+                ConfigError::invalid("--max-producers-per-partition", "must be at least 1")
             })?,
             None => d.max_producers_per_partition,
         };
+        let segment_bytes = o
+            .pick("segment_bytes", cli.segment_bytes, file.segment_bytes)
+            .unwrap_or(d.segment_bytes);
+        if !(MIN_SEGMENT_BYTES..=MAX_SEGMENT_BYTES).contains(&segment_bytes) {
+            return Err(ConfigError::invalid(
+                "--segment-bytes",
+                format!(
+                    "{segment_bytes} is outside {MIN_SEGMENT_BYTES} (1 MiB) to {MAX_SEGMENT_BYTES} (1 TiB)"
+                ),
+            ));
+        }
+        let retention_time = match o.pick("retention_time", cli.retention_time, file.retention_time)
+        {
+            Some(v) if v.trim().eq_ignore_ascii_case("off") => None,
+            Some(v) => Some(duration("--retention-time", &v)?),
+            None => d.retention_time,
+        };
+        let retention_bytes =
+            match o.pick("retention_bytes", cli.retention_bytes, file.retention_bytes) {
+                Some(v) if v.trim().eq_ignore_ascii_case("off") => None,
+                Some(v) => match v.trim().parse::<u64>() {
+                    Ok(n) if n > 0 => Some(n),
+                    _ => {
+                        return Err(ConfigError::invalid(
+                            "--retention-bytes",
+                            format!("{v:?} is not a byte count above 0 or `off`"),
+                        ));
+                    }
+                },
+                None => d.retention_bytes,
+            };
         Ok(Self {
             listen,
-            data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
-            fsync: cli.fsync.or(file.fsync).unwrap_or(d.fsync),
+            data_dir: o
+                .pick("data_dir", cli.data_dir, file.data_dir)
+                .unwrap_or(d.data_dir),
+            fsync: o.pick("fsync", cli.fsync, file.fsync).unwrap_or(d.fsync),
             fsync_interval: dur(
                 "--fsync-interval",
-                cli.fsync_interval,
-                file.fsync_interval,
+                o.pick("fsync_interval", cli.fsync_interval, file.fsync_interval),
                 d.fsync_interval,
             )?,
             max_connections,
             max_frame_bytes,
             read_timeout: dur(
                 "--read-timeout",
-                cli.read_timeout,
-                file.read_timeout,
+                o.pick("read_timeout", cli.read_timeout, file.read_timeout),
                 d.read_timeout,
             )?,
             write_timeout: dur(
                 "--write-timeout",
-                cli.write_timeout,
-                file.write_timeout,
+                o.pick("write_timeout", cli.write_timeout, file.write_timeout),
                 d.write_timeout,
             )?,
             idle_timeout: dur(
                 "--idle-timeout",
-                cli.idle_timeout,
-                file.idle_timeout,
+                o.pick("idle_timeout", cli.idle_timeout, file.idle_timeout),
                 d.idle_timeout,
             )?,
             max_fetch_wait: dur(
                 "--max-fetch-wait",
-                cli.max_fetch_wait,
-                file.max_fetch_wait,
+                o.pick("max_fetch_wait", cli.max_fetch_wait, file.max_fetch_wait),
                 d.max_fetch_wait,
             )?,
             max_buffered_bytes,
-            auto_create_topics: cli
-                .auto_create_topics
-                .or(file.auto_create_topics)
+            auto_create_topics: o
+                .pick(
+                    "auto_create_topics",
+                    cli.auto_create_topics,
+                    file.auto_create_topics,
+                )
                 .unwrap_or(d.auto_create_topics),
             metrics_listen,
-            runtime: cli.runtime.or(file.runtime).unwrap_or(d.runtime),
+            runtime: o
+                .pick("runtime", cli.runtime, file.runtime)
+                .unwrap_or(d.runtime),
             advertise,
             node_id,
             auth_file,
             max_producers_per_partition,
+            segment_bytes,
+            retention_time,
+            retention_bytes,
+            config_file,
         })
     }
 }
 
-fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+/// Reads the config file: its settings and its text (for line numbers in errors).
+fn read_file(path: &Path) -> Result<(FileConfig, String), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
         path: path.to_owned(),
+        at: String::new(),
         reason: e.to_string(),
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::File {
-        path: path.to_owned(),
-        reason: e.message().to_owned(),
-    })
+    let file = toml::from_str(&text).map_err(|e| {
+        let at = e
+            .span()
+            .map(|span| {
+                let line = text
+                    .get(..span.start)
+                    .map_or(0, |b| b.matches('\n').count())
+                    + 1;
+                let key = text
+                    .lines()
+                    .nth(line - 1)
+                    .and_then(|l| l.split_once('='))
+                    .map(|(k, _)| k.trim().to_owned())
+                    .filter(|k| !k.is_empty());
+                match key {
+                    Some(k) => format!(" line {line} ({k})"),
+                    None => format!(" line {line}"),
+                }
+            })
+            .unwrap_or_default();
+        ConfigError::File {
+            path: path.to_owned(),
+            at,
+            reason: e.message().to_owned(),
+        }
+    })?;
+    Ok((file, text))
 }
 
 #[cfg(test)]
@@ -458,6 +721,32 @@ mod tests {
         let mut all = vec!["streambus-server"];
         all.extend_from_slice(args);
         Config::from_cli(Cli::try_parse_from(all).unwrap())
+    }
+
+    #[test]
+    fn retention_and_segment_settings() {
+        let c = parse(&[
+            "--retention-time",
+            "12h",
+            "--retention-bytes",
+            "1000000",
+            "--segment-bytes",
+            "1048576",
+        ])
+        .unwrap();
+        assert_eq!(c.retention_time, Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(c.retention_bytes, Some(1_000_000));
+        assert_eq!(c.segment_bytes, 1 << 20);
+        let c = parse(&["--retention-time", "off", "--retention-bytes", "OFF"]).unwrap();
+        assert_eq!((c.retention_time, c.retention_bytes), (None, None));
+        let d = parse(&[]).unwrap();
+        assert_eq!(d.retention_time, Some(Duration::from_secs(7 * 24 * 3600)));
+        assert_eq!((d.retention_bytes, d.segment_bytes), (None, 256 << 20));
+        let e = parse(&["--retention-bytes", "0"]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid setting --retention-bytes: \"0\" is not a byte count above 0 or `off`"
+        );
     }
 
     #[test]

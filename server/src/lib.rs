@@ -160,19 +160,28 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     };
     let mut storage_config = StorageConfig::new(&config.data_dir);
     storage_config.fsync = fsync;
+    storage_config.segment_bytes = config.segment_bytes;
+    storage_config.retention_age = config.retention_time;
+    storage_config.retention_bytes = config.retention_bytes;
     let auth = match &config.auth_file {
         Some(path) => Some(Arc::new(auth::Auth::load(path)?)),
         None => None,
     };
     storage_config.max_producers_per_partition = config.max_producers_per_partition;
-    let storage = Arc::new(Storage::open(storage_config)?);
-    let metrics = Arc::new(Metrics::default());
-
+    if config.data_dir.exists() && !config.data_dir.is_dir() {
+        return Err(ServerError::Io {
+            what: format!("data directory {}", config.data_dir.display()),
+            source: std::io::Error::other("it is a file, not a directory (--data-dir)"),
+        });
+    }
+    // The port first: a broker that cannot listen leaves no data directory behind.
     let listener =
         TcpListener::bind(config.listen).map_err(io_err(format!("binding {}", config.listen)))?;
     let addr = listener
         .local_addr()
         .map_err(io_err("reading the listen address"))?;
+    let storage = Arc::new(Storage::open(storage_config)?);
+    let metrics = Arc::new(Metrics::default());
     let metrics_addr = match config.metrics_listen {
         Some(a) => {
             let (m, s) = (metrics.clone(), storage.clone());
@@ -244,7 +253,11 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         .map_err(io_err("starting the broker's threads"))?,
     );
     let metrics_at = metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
-    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, runtime = ?config.runtime, data_dir = %config.data_dir.display(), auth = auth.is_some(), "broker listening");
+    let config_file = config
+        .config_file
+        .as_ref()
+        .map_or_else(|| "none".to_owned(), |p| p.display().to_string());
+    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, runtime = ?config.runtime, data_dir = %config.data_dir.display(), fsync = ?config.fsync, config = %config_file, auth = auth.is_some(), "broker listening");
     if auth.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,

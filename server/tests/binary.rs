@@ -32,6 +32,132 @@ fn invalid_settings_exit_2_with_one_line_naming_the_setting() {
     }
 }
 
+/// Runs the binary with `args` and `env`; its exit code and stderr.
+fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut c = Command::new(BIN);
+    c.args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_bad_setting_names_where_it_came_from_and_what_is_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = run(&["--fsync", "sometimes"], &[]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        "error: invalid value 'sometimes' for '--fsync <FSYNC>' (allowed: always, interval, never)\n"
+    );
+    let (code, err) = run(&[], &[("STREAMBUS_FSYNC", "sometimes")]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        "error: invalid value 'sometimes' for '--fsync <FSYNC>' (allowed: always, interval, never) (from STREAMBUS_FSYNC)\n"
+    );
+    let (code, err) = run(&[], &[("STREAMBUS_READ_TIMEOUT", "soon")]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.starts_with("error: invalid setting --read-timeout (from STREAMBUS_READ_TIMEOUT): \"soon\" is not a duration"),
+        "{err}"
+    );
+    // A negative number is a bad value of the setting, not an unknown flag.
+    let (code, err) = run(&["--max-frame-bytes", "-1"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.starts_with("error: invalid value '-1' for '--max-frame-bytes <MAX_FRAME_BYTES>'"),
+        "{err}"
+    );
+    let (code, err) = run(&["--max-frame-bytes", "4000000000"], &[]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        "error: invalid setting --max-frame-bytes: 4000000000 is outside 1024 to 1073741824 (1 GiB)\n"
+    );
+    // From the config file: its path, line and key.
+    let file = dir.path().join("broker.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:0\"\nretention_time = \"soon\"\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let (code, err) = run(&["--config", f], &[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.starts_with(&format!(
+            "error: invalid setting --retention-time (from {f} line 2, retention_time): \"soon\""
+        )),
+        "{err}"
+    );
+    std::fs::write(&file, "# broker\nfsync = \"sometimes\"\n").unwrap();
+    let (code, err) = run(&["--config", f], &[]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        format!(
+            "error: config file {f} line 2 (fsync): unknown variant `sometimes`, expected one of `always`, `interval`, `never`\n"
+        )
+    );
+    let (code, err) = run(&["--segment-bytes", "10"], &[]);
+    assert_eq!(code, Some(2));
+    assert_eq!(
+        err,
+        "error: invalid setting --segment-bytes: 10 is outside 1048576 (1 MiB) to 1099511627776 (1 TiB)\n"
+    );
+}
+
+#[test]
+fn a_failed_start_leaves_no_data_directory_and_a_file_is_not_one() {
+    let dir = tempfile::tempdir().unwrap();
+    // The port is taken: the broker fails before it creates anything.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let data = dir.path().join("data");
+    let (code, err) = run(
+        &[
+            "--listen",
+            &port,
+            "--metrics-listen",
+            "off",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("binding {port}: Address already in use")),
+        "{err}"
+    );
+    assert!(!data.exists(), "the data directory was created");
+    // A data directory that is a file says so.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let (code, err) = run(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "off",
+            "--data-dir",
+            file.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.ends_with("it is a file, not a directory (--data-dir)\n"),
+        "{err}"
+    );
+}
+
 #[test]
 fn sigterm_stops_the_broker_cleanly() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,15 +171,26 @@ fn sigterm_stops_the_broker_cleanly() {
         ])
         .arg(dir.path())
         .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // The log line "broker listening addr=127.0.0.1:PORT" tells where it is.
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
         let line = lines.next().expect("broker exited early").unwrap();
+        if line.contains("broker listening") {
+            // On stderr, plain text when not a terminal, with the effective settings.
+            assert!(!line.contains('\x1b'), "colour codes in {line:?}");
+            for field in [
+                "fsync=Interval",
+                "config=none",
+                "runtime=Tokio",
+                "data_dir=",
+            ] {
+                assert!(line.contains(field), "no {field} in {line:?}");
+            }
+        }
         if let Some(rest) = line.split("addr=").nth(1) {
             let addr: String = rest
                 .chars()
@@ -150,11 +287,11 @@ fn under_a_low_descriptor_limit_connections_are_capped_and_counted_and_storage_k
         ))
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut cap = None;
     let (addr, metrics) = loop {
         let line = lines.next().expect("broker exited early").unwrap();
@@ -366,13 +503,13 @@ fn sighup_applies_a_changed_auth_file_to_new_requests_and_keeps_an_invalid_one_o
         .arg(dir.path().join("data"))
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // The log lines, read on a thread so a missing line fails the test instead of hanging it.
     let (tx, logs) = std::sync::mpsc::channel::<String>();
-    let stdout = child.stdout.take().unwrap();
+    let stdout = child.stderr.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
@@ -466,13 +603,13 @@ fn a_non_loopback_listener_without_auth_warns_at_start() {
             .arg(dir.path().join("data"))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         if with_auth {
             cmd.arg("--auth-file").arg(&auth);
         }
         let mut child = cmd.spawn().unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let mut warned = false;
         for line in lines.by_ref().map(Result::unwrap) {
             if line.contains("broker listening") {

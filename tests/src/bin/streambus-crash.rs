@@ -132,11 +132,12 @@ impl Broker {
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log.try_clone().unwrap_or_else(|e| die(e)))
+            .stdout(log.try_clone().unwrap_or_else(|e| die(e)))
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| die(format_args!("starting {}: {e}", server.display())));
-        let stdout = child.stdout.take().expect("piped");
+        // The broker logs to stderr.
+        let stdout = child.stderr.take().expect("piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut log = log;
