@@ -109,8 +109,15 @@ impl Socket for TcpStream {
 }
 
 /// The core's clock and sleep for its async driver, on tokio.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TokioTimer;
+///
+/// One timer is kept and moved to each new deadline: the driver waits on the earliest
+/// request deadline at every step, and a later deadline moves a registered tokio timer without
+/// taking the timer wheel's lock, where a fresh `sleep` per step registered and removed an
+/// entry each time.
+#[derive(Debug, Default)]
+pub struct TokioTimer {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
 
 impl streambus_core::io::Clock for TokioTimer {
     fn now(&mut self) -> streambus_core::Instant {
@@ -120,7 +127,14 @@ impl streambus_core::io::Clock for TokioTimer {
 
 impl streambus_core::io::asynch::Timer for TokioTimer {
     fn sleep_until(&mut self, deadline: streambus_core::Instant) -> impl Future<Output = ()> {
-        tokio::time::sleep(until(deadline))
+        let at = tokio::time::Instant::now() + until(deadline);
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if sleep.deadline() != at {
+            sleep.as_mut().reset(at);
+        }
+        sleep.as_mut()
     }
 }
 
@@ -147,7 +161,7 @@ pub async fn connect<const N: usize>(
         streambus_core::ClientConnection::new(config, vec![0; buffer_len], vec![0; buffer_len]);
     Ok(Client::new(
         embedded_io_adapters::tokio_1::FromTokio::new(stream),
-        TokioTimer,
+        TokioTimer::default(),
         conn,
     ))
 }
