@@ -147,18 +147,16 @@ pub type Client<const N: usize = 64> = streambus_core::io::asynch::Driver<
     N,
 >;
 
-/// Connects a [`Client`] to `addr`. `buffer_len` sizes each of its two buffers: the largest
-/// request frame it can send and response frame it can receive (47 bytes plus a fetch's
-/// records; `max_frame_len + 4` accepts anything).
+/// Connects a [`Client`] to `addr` with buffers of `buffers` bytes (a `usize` for both, or
+/// [`Buffers`](crate::Buffers) for separate transmit and receive sizes).
 pub async fn connect<const N: usize>(
     addr: std::net::SocketAddr,
     config: streambus_core::ClientConfig,
-    buffer_len: usize,
+    buffers: impl Into<crate::Buffers>,
 ) -> io::Result<Client<N>> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let conn =
-        streambus_core::ClientConnection::new(config, vec![0; buffer_len], vec![0; buffer_len]);
+    let conn = buffers.into().connection(config);
     Ok(Client::new(
         embedded_io_adapters::tokio_1::FromTokio::new(stream),
         TokioTimer::default(),
