@@ -376,6 +376,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         flags: Flags,
         request: &Request<'_>,
     ) -> Result<u64, ClientError> {
+        self.send_request_with_timeout(now, flags, self.config.request_timeout, request)
+    }
+
+    /// Queues `request` with `flags` and its own `timeout` in place of the configured
+    /// [`request_timeout`](ClientConfig::request_timeout) (a long-poll fetch waits longer
+    /// than an admin call); returns its RequestID. On error nothing changes.
+    pub fn send_request_with_timeout(
+        &mut self,
+        now: Instant,
+        flags: Flags,
+        timeout: Duration,
+        request: &Request<'_>,
+    ) -> Result<u64, ClientError> {
         self.check()?;
         let Some(free_slot) = self.slots.iter().position(|s| s.state == SlotState::Free) else {
             return Err(ClientError::Busy);
@@ -394,7 +407,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         if let Some(slot) = self.slots.get_mut(free_slot) {
             *slot = Slot {
                 id,
-                deadline: now.saturating_add(self.config.request_timeout),
+                deadline: now.saturating_add(timeout),
                 ty: request.request_type(),
                 state: SlotState::Waiting,
             };
