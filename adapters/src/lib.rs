@@ -165,9 +165,23 @@ pub(crate) const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 
 /// The adapters' clock: microseconds since the first call, as the core's [`Instant`].
 pub fn now() -> Instant {
+    Instant::from_micros(u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The moment [`now`] counts from.
+fn epoch() -> std::time::Instant {
     static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
-    Instant::from_micros(u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX))
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+/// The std instant of a core [`Instant`] of [`now`]'s clock: the same deadline always gives
+/// the same instant (no clock read).
+#[cfg(feature = "tokio")]
+pub(crate) fn std_instant(at: Instant) -> std::time::Instant {
+    let since = Duration::from_micros(at.as_micros());
+    epoch()
+        .checked_add(since)
+        .unwrap_or_else(|| epoch() + Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// The sizes of a client connection's two buffers: `tx` bounds the largest request frame it

@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::server::runtime::{self, Runtime, Socket};
-use crate::{FileChunk, Handler, ServeOptions, now, send_file, until};
+use crate::{FileChunk, Handler, ServeOptions, now, send_file};
 
 /// Accepts connections on `listener` and serves them with `handler` until `shutdown`
 /// completes; then stops accepting, answers what waits ([`Handler::shutdown`]), lets every
@@ -127,7 +127,8 @@ impl streambus_core::io::Clock for TokioTimer {
 
 impl streambus_core::io::asynch::Timer for TokioTimer {
     fn sleep_until(&mut self, deadline: streambus_core::Instant) -> impl Future<Output = ()> {
-        let at = tokio::time::Instant::now() + until(deadline);
+        // Derived from the deadline alone: an unchanged deadline leaves the timer as it is.
+        let at = tokio::time::Instant::from_std(crate::std_instant(deadline));
         let sleep = self
             .sleep
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
