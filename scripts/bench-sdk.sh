@@ -18,7 +18,9 @@ ROUNDS="${ROUNDS:-3}"; SECS="${SECS:-3}"
 base=/dev/shm; [[ -d $base && -w $base ]] || base="${TMPDIR:-/tmp}"
 port=19192
 PID=0; dir=""
-trap 'kill "$PID" 2>/dev/null || true; [[ -n $dir ]] && rm -rf "$dir"' EXIT
+# `fresh` runs in command substitutions (subshells): each stops its broker and removes its data
+# itself; this only covers an interrupt of the shell's own state.
+trap 'if ((PID > 0)); then kill "$PID" 2>/dev/null || true; fi; if [[ -n $dir ]]; then rm -rf "$dir"; fi' EXIT
 
 # Runs "$@" against a fresh broker on $port; the broker is stopped and its data removed after.
 fresh() {
