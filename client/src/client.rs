@@ -36,6 +36,33 @@ pub struct ClientConfig {
     pub reconnect_backoff_max: Duration,
     /// The longest long-poll wait a consumer may ask for (default 30 s, the broker's cap).
     pub max_poll_wait: Duration,
+    /// The token each connection authenticates with right after it is opened, and again after
+    /// every reconnect (protocol §6.3; default none). A refused token fails the call that
+    /// needed the connection with [`Error::Broker`] code AuthenticationFailed (40), which is not
+    /// retriable.
+    pub token: Option<Token>,
+}
+
+/// A secret token for [`ClientConfig::token`]. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(Arc<str>);
+
+impl Token {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(Arc::from(token.into()))
+    }
+
+    /// The token itself (to send it).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 impl Default for ClientConfig {
@@ -49,6 +76,7 @@ impl Default for ClientConfig {
             reconnect_backoff: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(5),
             max_poll_wait: Duration::from_secs(30),
+            token: None,
         }
     }
 }
@@ -71,6 +99,9 @@ impl ClientConfig {
             if d.is_zero() {
                 return Err(Error::config(name, "must be greater than zero"));
             }
+        }
+        if self.token.as_ref().is_some_and(|t| t.expose().is_empty()) {
+            return Err(Error::config("token", "must not be empty"));
         }
         if self.max_frame_len < 64 {
             return Err(Error::config(
@@ -124,6 +155,11 @@ impl ClientBuilder {
     /// Sets [`ClientConfig::max_poll_wait`].
     pub fn max_poll_wait(mut self, d: Duration) -> Self {
         self.config.max_poll_wait = d;
+        self
+    }
+    /// Sets [`ClientConfig::token`]: every connection authenticates with it (§6.3).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.config.token = Some(Token::new(token));
         self
     }
     /// The settings so far.
@@ -736,7 +772,12 @@ impl Pool {
             let buffer = self.config.max_frame_len as usize + 4;
             for a in addrs {
                 match streambus_adapters::tokio::connect::<MAX_IN_FLIGHT>(a, core, buffer).await {
-                    Ok(d) => return Ok(d),
+                    Ok(mut d) => {
+                        if let Some(token) = &self.config.token {
+                            authenticate(&mut d, token, self.config.request_timeout).await?;
+                        }
+                        return Ok(d);
+                    }
                     Err(e) => last = Some(e),
                 }
             }
@@ -759,5 +800,35 @@ impl Pool {
                     after: timeout,
                 })
             })
+    }
+}
+
+/// Authenticates a fresh connection with `token` before it joins the pool: a refusal is the
+/// broker's error (AuthenticationFailed, 40), never a retriable one.
+async fn authenticate(
+    driver: &mut conn::Driver,
+    token: &Token,
+    request_timeout: Duration,
+) -> Result<()> {
+    use streambus_core::{AuthenticateRequest, Request, Response};
+    let ctx = Context::new("authenticate");
+    let request = Request::Authenticate(AuthenticateRequest::token(token.expose().as_bytes()));
+    match driver.request(&request).await {
+        Ok(Response::Authenticate(a)) => {
+            tracing::debug!(principal = %a.principal, "authenticated");
+            Ok(())
+        }
+        Ok(Response::Error(e)) => Err(Error::Broker {
+            context: ctx,
+            code: e.code,
+            message: e.message.to_string(),
+        }),
+        Ok(other) => Err(Error::Protocol {
+            context: ctx,
+            source: crate::error::ProtocolError::Unexpected(format!(
+                "reply {other:?} does not answer authenticate"
+            )),
+        }),
+        Err(e) => Err(conn::driver_error(e, request_timeout).with_context(&ctx)),
     }
 }

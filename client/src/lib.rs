@@ -95,7 +95,7 @@ mod producer;
 pub mod smol;
 mod types;
 
-pub use client::{Client, ClientBuilder, ClientConfig};
+pub use client::{Client, ClientBuilder, ClientConfig, Token};
 pub use consumer::{Consumer, ConsumerConfig, Offset, ResetPolicy};
 pub use error::{Context, Error, ErrorCode, ProtocolError, Result};
 pub use partition::{fnv1a32, partition_for_key};

@@ -87,13 +87,13 @@ pub use wire::metadata::{
 };
 pub use wire::reader::{DEFAULT_MAX_FRAME_LEN, FrameDecoder, Status};
 pub use wire::request::{
-    CreateTopicRequest, DeleteTopicRequest, FetchExtension, FetchRequest, GetOffsetRequest,
-    LongPoll, ProduceRequest, ProducerInfo, Request,
+    AuthenticateRequest, CreateTopicRequest, DeleteTopicRequest, FetchExtension, FetchRequest,
+    GetOffsetRequest, LongPoll, MECHANISM_TOKEN, ProduceRequest, ProducerInfo, Request,
 };
 pub use wire::response::{
-    CreateTopicResponse, DeleteTopicResponse, ErrorResponse, FETCH_RESPONSE_FIXED_LEN,
-    FetchResponse, FetchTrailer, GetOffsetResponse, HealthCheckResponse, ListTopicsResponse,
-    ProduceResponse, Response, TopicInfo, TopicList, TopicListIter,
+    AuthenticateResponse, CreateTopicResponse, DeleteTopicResponse, ErrorResponse,
+    FETCH_RESPONSE_FIXED_LEN, FetchResponse, FetchTrailer, GetOffsetResponse, HealthCheckResponse,
+    ListTopicsResponse, ProduceResponse, Response, TopicInfo, TopicList, TopicListIter,
 };
 pub use wire::types::{ErrorCode, Flags, MAX_TOPIC_LEN, RequestType, ResponseStatus, Topic};
 pub use wire::{Encode, Text};

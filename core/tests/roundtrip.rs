@@ -4,17 +4,18 @@
 
 use proptest::prelude::*;
 use streambus_core::{
-    BrokerInfo, BrokerList, PartitionList, PartitionMetadata, ReplicaList, TopicMetadata,
-    TopicMetadataList,
+    AuthenticateRequest, AuthenticateResponse, CreateTopicRequest, CreateTopicResponse,
+    DeleteTopicRequest, DeleteTopicResponse, Encode, EncodeError, ErrorCode, ErrorResponse,
+    FetchExtension, FetchRequest, FetchResponse, FetchTrailer, Flags, FrameDecoder,
+    GetOffsetRequest, GetOffsetResponse, Header, Headers, HealthCheckResponse, ListTopicsResponse,
+    LongPoll, Message, MessageSet, MessageSetBuilder, MetadataRequest, MetadataResponse,
+    ProduceRequest, ProduceResponse, ProducerInfo, Request, RequestFrame, Response, ResponseFrame,
+    Status, Text, Topic, TopicInfo, TopicList, TopicNames, encode_request, encode_response,
+    request_encoded_len, response_encoded_len,
 };
 use streambus_core::{
-    CreateTopicRequest, CreateTopicResponse, DeleteTopicRequest, DeleteTopicResponse, Encode,
-    EncodeError, ErrorCode, ErrorResponse, FetchExtension, FetchRequest, FetchResponse,
-    FetchTrailer, Flags, FrameDecoder, GetOffsetRequest, GetOffsetResponse, Header, Headers,
-    HealthCheckResponse, ListTopicsResponse, LongPoll, Message, MessageSet, MessageSetBuilder,
-    MetadataRequest, MetadataResponse, ProduceRequest, ProduceResponse, ProducerInfo, Request,
-    RequestFrame, Response, ResponseFrame, Status, Text, Topic, TopicInfo, TopicList, TopicNames,
-    encode_request, encode_response, request_encoded_len, response_encoded_len,
+    BrokerInfo, BrokerList, PartitionList, PartitionMetadata, ReplicaList, TopicMetadata,
+    TopicMetadataList,
 };
 
 #[derive(Debug, Clone)]
@@ -122,6 +123,10 @@ enum OwnedReq {
     List,
     Health,
     Metadata(Vec<String>),
+    Authenticate {
+        mechanism: Vec<u8>,
+        credential: Vec<u8>,
+    },
 }
 
 fn producer() -> impl Strategy<Value = Option<ProducerInfo>> {
@@ -193,6 +198,10 @@ fn owned_req() -> impl Strategy<Value = OwnedReq> {
         Just(OwnedReq::List),
         Just(OwnedReq::Health),
         prop::collection::vec(topic_name(), 0..6).prop_map(OwnedReq::Metadata),
+        (bytes(20), bytes(64)).prop_map(|(mechanism, credential)| OwnedReq::Authenticate {
+            mechanism,
+            credential
+        }),
     ]
 }
 
@@ -252,6 +261,13 @@ fn encode_owned_req(r: &OwnedReq, id: u64, flags: Flags) -> Vec<u8> {
                 topics: TopicNames::from_slice(&names),
             })
         }
+        OwnedReq::Authenticate {
+            mechanism,
+            credential,
+        } => Request::Authenticate(AuthenticateRequest {
+            mechanism: Text(mechanism),
+            credential,
+        }),
     };
     let len = request_encoded_len(&req);
     // Too small by one: refused, nothing written.
@@ -304,6 +320,9 @@ enum OwnedResp {
     Health {
         status: Vec<u8>,
         uptime: i64,
+    },
+    Authenticate {
+        principal: Vec<u8>,
     },
     Error {
         code: u16,
@@ -381,6 +400,7 @@ fn owned_resp() -> impl Strategy<Value = OwnedResp> {
             .prop_map(|(topic, deleted)| OwnedResp::Delete { topic, deleted }),
         prop::collection::vec((topic_name(), any::<u32>()), 0..8).prop_map(OwnedResp::List),
         (bytes(20), any::<i64>()).prop_map(|(status, uptime)| OwnedResp::Health { status, uptime }),
+        bytes(40).prop_map(|principal| OwnedResp::Authenticate { principal }),
         (1u16..=u16::MAX, bytes(100))
             .prop_map(|(code, message)| OwnedResp::Error { code, message }),
         owned_metadata(),
@@ -460,6 +480,12 @@ fn check_resp(r: &OwnedResp, id: u64) -> Vec<u8> {
                 uptime_secs: *uptime,
             }),
             streambus_core::RequestType::HealthCheck,
+        ),
+        OwnedResp::Authenticate { principal } => (
+            Response::Authenticate(AuthenticateResponse {
+                principal: Text(principal),
+            }),
+            streambus_core::RequestType::Authenticate,
         ),
         OwnedResp::Error { code, message } => (
             Response::Error(ErrorResponse {

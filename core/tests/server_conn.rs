@@ -446,3 +446,37 @@ fn error_messages_are_capped_at_a_char_boundary() {
     assert_eq!(msg.len(), 255, "1 + 127 two-byte chars");
     assert!(msg.starts_with("xé") && !msg.contains("tail"));
 }
+
+/// With authentication required, a connection that has not authenticated within the read
+/// timeout of being accepted is closed, busy or not; once authenticated, only the usual
+/// timers run. Without the setting there is no such deadline.
+#[test]
+fn unauthenticated_connection_closes_at_the_read_timeout() {
+    let mut config = ServerConfig::default();
+    config
+        .read_timeout(Duration::from_secs(5))
+        .require_authentication(true);
+    let mut c = ServerConnection::new(config, T0);
+    assert_eq!(c.poll_timeout(), Some(ms(5_000)));
+    // Requests that do not authenticate (a HealthCheck) do not move the deadline.
+    assert!(matches!(
+        c.poll_request(ms(4_000), &health(1)),
+        ServerEvent::Request { .. }
+    ));
+    assert_eq!(c.poll_timeout(), Some(ms(5_000)));
+    assert!(!c.handle_timeout(ms(4_999)));
+    assert!(c.handle_timeout(ms(5_000)));
+    assert!(c.is_closed());
+
+    let mut c = ServerConnection::new(config, T0);
+    c.authenticated();
+    assert_eq!(
+        c.poll_timeout(),
+        Some(ms(600_000)),
+        "only the idle timer is left"
+    );
+    assert!(!c.handle_timeout(ms(5_000)));
+
+    let c = conn();
+    assert_eq!(c.poll_timeout(), Some(ms(600_000)));
+}

@@ -18,7 +18,8 @@ use streambus_core::{
     ReplicaList, TopicMetadata, TopicMetadataList, TopicNames,
 };
 use streambus_core::{
-    ClientConfig, ClientConnection, ClientError, CreateTopicRequest, CreateTopicResponse,
+    AuthenticateRequest, AuthenticateResponse, ClientConfig, ClientConnection, ClientError,
+    CreateTopicRequest, CreateTopicResponse,
     DEFAULT_MAX_FRAME_LEN, DecodeError, DeleteTopicRequest, DeleteTopicResponse, Encode,
     EncodeError, ErrorCode, ErrorResponse, FetchExtension, FetchRequest, FetchResponse,
     FetchTrailer, Flags, FrameDecoder, GetOffsetRequest, GetOffsetResponse, Header, Headers,
@@ -613,7 +614,66 @@ fn walk_request(request: &Request<'_>) {
         }
         assert_eq!(n, m.topics.len());
     }
-    let _ = format!("{request:?}");
+    let debug = format!("{request:?}");
+    if let Request::Authenticate(a) = request {
+        check_credential_hidden(a, &debug);
+    }
+}
+
+/// The `Debug` text of an Authenticate request names the credential's length, never its bytes.
+fn check_credential_hidden(a: &AuthenticateRequest<'_>, debug: &str) {
+    assert!(debug.contains(&format!("credential_len: {}", a.credential.len())));
+    // A credential long enough not to occur by chance in the rest of the text.
+    let hidden = a.credential.len() >= 12
+        && !a
+            .mechanism
+            .as_bytes()
+            .windows(a.credential.len())
+            .any(|w| w == a.credential);
+    if let (true, Ok(secret)) = (hidden, std::str::from_utf8(a.credential)) {
+        assert!(!debug.contains(secret), "credential in {debug}");
+    }
+}
+
+/// The `decode_authenticate` target: any payload parsed as an Authenticate request is either
+/// `InvalidRequest` (malformed, naming the field and never the credential) or a request that
+/// re-encodes to the bytes it was read from (bytes after the credential are ignored) and never
+/// shows its credential in `Debug`; the same payload as an Authenticate reply re-encodes too.
+pub fn check_authenticate(payload: &[u8]) {
+    match Request::parse_payload(RequestType::Authenticate, payload) {
+        Ok(Request::Authenticate(a)) => {
+            let request = Request::Authenticate(a);
+            let len = request.encoded_len();
+            assert_eq!(len, 8 + a.mechanism.as_bytes().len() + a.credential.len());
+            assert!(len <= payload.len());
+            let mut buf = vec![0u8; len];
+            assert_eq!(request.encode(&mut buf), Ok(len));
+            assert_eq!(&buf[..], &payload[..len]);
+            check_credential_hidden(&a, &format!("{request:?}"));
+            let mut frame = vec![0u8; request_encoded_len(&request)];
+            assert_eq!(
+                encode_request(9, Flags::NONE, &request, &mut frame),
+                Ok(frame.len())
+            );
+            let checked = RequestFrame::new_checked(&frame[..]).expect("an encoded frame");
+            assert_eq!(Request::parse(&checked), Ok(request));
+        }
+        Ok(other) => panic!("an Authenticate payload parsed as {other:?}"),
+        Err(e) => {
+            assert!(matches!(e, DecodeError::Malformed { .. }), "{e:?}");
+            assert_eq!(e.error_code(), ErrorCode::INVALID_REQUEST);
+            assert!(!e.is_fatal());
+        }
+    }
+    if let Ok(response) = Response::parse_payload(RequestType::Authenticate, payload) {
+        let Response::Authenticate(r) = response else {
+            panic!("an Authenticate reply parsed as {response:?}");
+        };
+        let mut buf = vec![0u8; response.encoded_len()];
+        assert_eq!(response.encode(&mut buf), Ok(buf.len()));
+        assert_eq!(buf.len(), 4 + r.principal.as_bytes().len());
+        assert_eq!(&buf[..], &payload[..buf.len()]);
+    }
 }
 
 fn walk_response(response: &Response<'_>) {
@@ -774,6 +834,10 @@ pub enum OwnedRequest {
     ListTopics,
     HealthCheck,
     Metadata(Vec<TopicName>),
+    Authenticate {
+        mechanism: Vec<u8>,
+        credential: Vec<u8>,
+    },
 }
 
 /// A response to encode.
@@ -808,6 +872,9 @@ pub enum OwnedResponse {
     HealthCheck {
         status: Vec<u8>,
         uptime_secs: i64,
+    },
+    Authenticate {
+        principal: Vec<u8>,
     },
     Error {
         /// Picks the request type the error answers.
@@ -1034,6 +1101,13 @@ fn borrow_request<'a>(r: &'a OwnedRequest, messages: MessageSet<'a>) -> Request<
         OwnedRequest::ListTopics => Request::ListTopics,
         OwnedRequest::HealthCheck => Request::HealthCheck,
         OwnedRequest::Metadata(_) => unreachable!("borrowed in check_roundtrip"),
+        OwnedRequest::Authenticate {
+            mechanism,
+            credential,
+        } => Request::Authenticate(AuthenticateRequest {
+            mechanism: Text(mechanism),
+            credential,
+        }),
     }
 }
 
@@ -1159,6 +1233,12 @@ fn borrow_response<'a>(
                 uptime_secs: *uptime_secs,
             }),
             RequestType::HealthCheck,
+        ),
+        OwnedResponse::Authenticate { principal } => (
+            Response::Authenticate(AuthenticateResponse {
+                principal: Text(principal),
+            }),
+            RequestType::Authenticate,
         ),
         OwnedResponse::Error {
             answers,

@@ -1,5 +1,7 @@
-//! Request routing: the seven v1 requests and Metadata (§6.4) against the storage engine, answered exactly as the
-//! protocol says, error codes and messages included.
+//! Request routing: the seven v1 requests and Metadata (§6.4) against the storage engine,
+//! answered exactly as the protocol says, error codes and messages included; with
+//! `--auth-file`, each request is first checked against the connection's principal (§6.3, see
+//! `auth`).
 //!
 //! Most requests are answered before [`Handler::handle`] returns. Two kinds keep their
 //! [`Reply`] and answer later: a Produce under `--fsync always` (once the group-commit fsync
@@ -14,20 +16,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use streambus_adapters::{ConnEvent, FileChunk, Handler, Reply};
 use streambus_core::{
+    AuthenticateRequest, AuthenticateResponse, CreateTopicResponse, DeleteTopicResponse, ErrorCode,
+    FETCH_RESPONSE_FIXED_LEN, FetchRequest, FetchResponse, FetchTrailer, Flags, GetOffsetResponse,
+    HealthCheckResponse, ListTopicsResponse, MECHANISM_TOKEN, MessageSet, ProduceRequest,
+    ProduceResponse, RESPONSE_HEADER_LEN, Request, Response, Text, Topic, TopicInfo, TopicList,
+    response_encoded_len,
+};
+use streambus_core::{
     BrokerInfo, BrokerList, MetadataRequest, MetadataResponse, PartitionList, PartitionMetadata,
     ReplicaList, TopicMetadata, TopicMetadataList,
 };
-use streambus_core::{
-    CreateTopicResponse, DeleteTopicResponse, ErrorCode, FETCH_RESPONSE_FIXED_LEN, FetchRequest,
-    FetchResponse, FetchTrailer, Flags, GetOffsetResponse, HealthCheckResponse, ListTopicsResponse,
-    MessageSet, ProduceRequest, ProduceResponse, RESPONSE_HEADER_LEN, Request, Response, Text,
-    Topic, TopicInfo, TopicList, response_encoded_len,
-};
 
+use crate::auth::{Access, Auth, Refusal};
 use crate::config::Advertised;
 use crate::longpoll::{LongPolls, Registered, Waiter};
 use crate::metrics::Metrics;
-use crate::storage::{AppendResult, FetchPlan, Storage, StorageError, TopicConfig};
+use crate::storage::{AppendResult, FetchPlan, ProducerBatch, Storage, StorageError, TopicConfig};
 use crate::syncer::Syncer;
 
 /// Fetches at least this large are sent from the log files with `sendfile`; smaller ones are
@@ -49,6 +53,9 @@ fn read_ranges(plan: &FetchPlan) -> std::io::Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// Failed `Authenticate` requests in a row after which the connection closes (§6.3).
+pub const MAX_AUTH_FAILURES: u8 = 3;
 
 /// Largest partition count a topic may have.
 pub const MAX_PARTITIONS: u32 = 1024;
@@ -134,6 +141,8 @@ struct Inner {
     started: Instant,
     metrics: Arc<Metrics>,
     polls: LongPolls,
+    /// `--auth-file`: who may do what; `None` lets everyone do everything.
+    auth: Option<Arc<Auth>>,
 }
 
 /// A reply with what its request's metrics need.
@@ -199,12 +208,24 @@ impl Broker {
         config: BrokerConfig,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
+        Self::with_auth(storage, config, metrics, None)
+    }
+
+    /// [`new`](Self::new), requiring authentication and checking permissions with `auth`
+    /// (§6.3) when it is set.
+    pub fn with_auth(
+        storage: Arc<Storage>,
+        config: BrokerConfig,
+        metrics: Arc<Metrics>,
+        auth: Option<Arc<Auth>>,
+    ) -> std::io::Result<Self> {
         let inner = Arc::new(Inner {
             storage,
             config,
             started: Instant::now(),
             metrics,
             polls: LongPolls::default(),
+            auth,
         });
         let syncer = Syncer::start()?;
         let t = Arc::clone(&inner);
@@ -234,7 +255,7 @@ impl Broker {
         self.inner.polls.waiting()
     }
 
-    fn route(&self, request: &Request<'_>, answer: Answer) {
+    fn route(&self, request: &Request<'_>, answer: Answer, access: &Access) {
         let inner = &*self.inner;
         match request {
             Request::Produce(p) => match inner.produce(p) {
@@ -257,8 +278,9 @@ impl Broker {
                 Err(f) => answer.fail(f),
             },
             Request::Fetch(f) => inner.fetch(f, answer),
-            Request::ListTopics => inner.list_topics(answer),
-            Request::Metadata(m) => inner.metadata(m, answer),
+            Request::ListTopics => inner.list_topics(answer, access),
+            Request::Metadata(m) => inner.metadata(m, answer, access),
+            Request::Authenticate(a) => inner.authenticate(a, answer),
             _ => match inner.admin(request) {
                 Ok(Some(response)) => answer.respond(&response),
                 Ok(None) => unreachable_request(request, answer),
@@ -309,10 +331,20 @@ impl Inner {
                 ),
             ));
         }
+        // §6.2: zero messages is a plain produce whatever the producer fields hold.
+        let producer = match p.producer {
+            Some(info) if p.messages.count() > 0 => {
+                ProducerBatch::from_wire(info.producer_id, info.producer_epoch, info.base_sequence)
+                    .map_err(|reason| fail(ErrorCode::INVALID_REQUEST, reason))?
+            }
+            _ => None,
+        };
         let topic = p.topic.as_str();
         let now = now_unix_ns();
         let storage = &self.storage;
-        let appended = match storage.append_unsynced(topic, p.partition, &p.messages, now) {
+        let append =
+            || storage.append_unsynced_idempotent(topic, p.partition, &p.messages, now, producer);
+        let appended = match append() {
             Err(StorageError::TopicNotFound { .. }) if self.config.auto_create_topics => {
                 match storage.create_topic(topic, 1, TopicConfig::default()) {
                     Ok(true) => {
@@ -323,7 +355,7 @@ impl Inner {
                     Ok(false) | Err(StorageError::TopicExists { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
-                storage.append_unsynced(topic, p.partition, &p.messages, now)?
+                append()?
             }
             other => other?,
         };
@@ -541,10 +573,11 @@ impl Inner {
 }
 
 impl Inner {
-    fn list_topics(&self, answer: Answer) {
+    fn list_topics(&self, answer: Answer, access: &Access) {
         let list = self.storage.list_topics();
         let topics: Vec<TopicInfo<'_>> = list
             .iter()
+            .filter(|(name, _)| access.sees(name))
             .filter_map(|(name, n)| {
                 Topic::new(name).ok().map(|name| TopicInfo {
                     name,
@@ -575,19 +608,31 @@ impl Inner {
     /// Metadata (§6.4) of a single broker: itself at its advertised address, leader (epoch 0)
     /// and only replica of every partition; topics once each in byte order of their names, a
     /// missing one with TopicNotFound and no partitions.
-    fn metadata(&self, m: &MetadataRequest<'_>, answer: Answer) {
-        let topics: Vec<(String, Option<u32>)> = if m.topics.is_empty() {
+    ///
+    /// With `--auth-file`, "every topic" lists only the topics the principal may see (as
+    /// ListTopics does), and a topic asked for by name that it may not see has
+    /// AuthorizationFailed (41) and no partitions.
+    fn metadata(&self, m: &MetadataRequest<'_>, answer: Answer, access: &Access) {
+        let topics: Vec<(String, Result<u32, ErrorCode>)> = if m.topics.is_empty() {
             self.storage
                 .list_topics()
                 .into_iter()
-                .map(|(name, n)| (name, Some(n)))
+                .filter(|(name, _)| access.sees(name))
+                .map(|(name, n)| (name, Ok(n)))
                 .collect()
         } else {
             m.topics
                 .iter()
                 .map(|t| {
                     let name = t.as_str();
-                    (name.to_owned(), self.storage.partition_count(name))
+                    let count = if !access.sees(name) {
+                        Err(ErrorCode::AUTHORIZATION_FAILED)
+                    } else {
+                        self.storage
+                            .partition_count(name)
+                            .ok_or(ErrorCode::TOPIC_NOT_FOUND)
+                    };
+                    (name.to_owned(), count)
                 })
                 .collect()
         };
@@ -601,7 +646,7 @@ impl Inner {
         let partitions: Vec<Vec<PartitionMetadata<'_>>> = topics
             .iter()
             .map(|(_, count)| {
-                (0..count.unwrap_or(0))
+                (0..*count.as_ref().unwrap_or(&0))
                     .map(|partition| PartitionMetadata {
                         partition,
                         leader,
@@ -617,11 +662,7 @@ impl Inner {
             .filter_map(|((name, count), parts)| {
                 Some(TopicMetadata {
                     name: Topic::new(name).ok()?,
-                    error_code: if count.is_some() {
-                        ErrorCode::NONE
-                    } else {
-                        ErrorCode::TOPIC_NOT_FOUND
-                    },
+                    error_code: count.err().unwrap_or(ErrorCode::NONE),
                     partitions: PartitionList::from_slice(parts),
                 })
             })
@@ -651,6 +692,104 @@ impl Inner {
     }
 }
 
+/// Authentication and authorization (§6.3).
+impl Inner {
+    /// Whether the connection's principal may make `request`; without `--auth-file`, anyone
+    /// may make any request.
+    fn authorize(
+        &self,
+        request: &Request<'_>,
+        connection: &streambus_adapters::Connection,
+    ) -> Result<Access, Failure> {
+        let Some(auth) = &self.auth else {
+            return Ok(Access::All);
+        };
+        auth.check(request, connection.principal().as_ref())
+            .map_err(|refusal| match refusal {
+                Refusal::Unauthenticated => {
+                    self.metrics.authentication_failed("required");
+                    fail(
+                        ErrorCode::AUTHENTICATION_FAILED,
+                        format!(
+                            "authentication required: send Authenticate (mechanisms: {}) first",
+                            Auth::MECHANISMS
+                        ),
+                    )
+                }
+                Refusal::UnknownPrincipal(principal) => {
+                    self.metrics.authentication_failed("unknown_principal");
+                    fail(
+                        ErrorCode::AUTHENTICATION_FAILED,
+                        format!(
+                            "principal {principal:?} is no longer in the auth file: authenticate again"
+                        ),
+                    )
+                }
+                Refusal::Denied {
+                    principal,
+                    permission,
+                    topic,
+                } => {
+                    self.metrics.authorization_denied(permission.name());
+                    let what = request.request_type().name();
+                    fail(
+                        ErrorCode::AUTHORIZATION_FAILED,
+                        format!(
+                            "principal {principal:?} may not {what} on topic {topic:?}: it lacks the {} permission",
+                            permission.name()
+                        ),
+                    )
+                }
+            })
+    }
+
+    /// Answers an Authenticate: the principal on success; 40 otherwise, closing the connection
+    /// after the third failure in a row. Never says anything of the credential.
+    fn authenticate(&self, a: &AuthenticateRequest<'_>, answer: Answer) {
+        let Some(auth) = &self.auth else {
+            self.metrics.authentication_failed("not_enabled");
+            return answer.fail(fail(
+                ErrorCode::AUTHENTICATION_FAILED,
+                "authentication is not enabled on this broker".to_owned(),
+            ));
+        };
+        let connection = answer.reply.connection();
+        let (reason, what) = if a.mechanism.as_bytes() != MECHANISM_TOKEN.as_bytes() {
+            ("unknown_mechanism", "the mechanism is not supported")
+        } else if let Some(principal) = auth.policy().authenticate(a.credential) {
+            connection.set_principal(Arc::clone(&principal));
+            tracing::debug!(%principal, "connection authenticated");
+            return answer.respond(&Response::Authenticate(AuthenticateResponse {
+                principal: Text(principal.as_bytes()),
+            }));
+        } else {
+            ("bad_credential", "the token is not valid")
+        };
+        self.metrics.authentication_failed(reason);
+        let failures = connection.authentication_failed();
+        let mechanisms = Auth::MECHANISMS;
+        if failures >= MAX_AUTH_FAILURES {
+            tracing::info!(
+                failures,
+                reason,
+                "closing a connection after failed authentications"
+            );
+            connection.close();
+            answer.fail(fail(
+                ErrorCode::AUTHENTICATION_FAILED,
+                format!(
+                    "authentication failed: {what} (supported mechanisms: {mechanisms}); {failures} failures in a row: closing the connection"
+                ),
+            ));
+        } else {
+            answer.fail(fail(
+                ErrorCode::AUTHENTICATION_FAILED,
+                format!("authentication failed: {what} (supported mechanisms: {mechanisms})"),
+            ));
+        }
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         for w in self.inner.polls.close() {
@@ -673,7 +812,10 @@ impl Handler for Broker {
             started: Instant::now(),
             metrics: Arc::clone(&self.inner.metrics),
         };
-        self.route(request, answer);
+        match self.inner.authorize(request, answer.reply.connection()) {
+            Ok(access) => self.route(request, answer, &access),
+            Err(f) => answer.fail(f),
+        }
     }
 
     fn blocks(&self, request: &Request<'_>) -> bool {

@@ -2,6 +2,7 @@
 //! environment variables, then command-line flags — each overriding the one before.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -112,6 +113,14 @@ pub struct Cli {
     /// This broker's node id in Metadata replies, 0 to 2147483647 [default: 0].
     #[arg(long, env = "STREAMBUS_NODE_ID")]
     pub node_id: Option<u32>,
+    /// Require token authentication, with the principals and per-topic permissions of this
+    /// TOML file (reloaded on SIGHUP) [default: off].
+    #[arg(long, env = "STREAMBUS_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// Idempotent producers whose state each partition keeps; past it the least recently used
+    /// is forgotten [default: 10000].
+    #[arg(long, env = "STREAMBUS_MAX_PRODUCERS_PER_PARTITION")]
+    pub max_producers_per_partition: Option<usize>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -134,6 +143,8 @@ struct FileConfig {
     runtime: Option<RuntimeKind>,
     advertise: Option<String>,
     node_id: Option<u32>,
+    auth_file: Option<PathBuf>,
+    max_producers_per_partition: Option<usize>,
 }
 
 /// The resolved settings.
@@ -173,6 +184,10 @@ pub struct Config {
     pub advertise: Option<Advertised>,
     /// This broker's node id (fits an i32: it is also the LeaderID).
     pub node_id: u32,
+    /// The auth file (principals, token hashes, permissions); `None`: no authentication.
+    pub auth_file: Option<PathBuf>,
+    /// Idempotent producers kept per partition (least recently used forgotten past it).
+    pub max_producers_per_partition: NonZeroUsize,
 }
 
 /// The address a broker advertises to clients (§6.4): a host name or IP, and a port.
@@ -262,6 +277,8 @@ impl Default for Config {
             runtime: RuntimeKind::Tokio,
             advertise: None,
             node_id: 0,
+            auth_file: None,
+            max_producers_per_partition: crate::storage::DEFAULT_MAX_PRODUCERS_PER_PARTITION,
         }
     }
 }
@@ -353,6 +370,24 @@ impl Config {
                 reason: format!("{node_id} is above the largest node id, 2147483647"),
             });
         }
+        let auth_file = cli.auth_file.or(file.auth_file);
+        if let Some(path) = &auth_file {
+            // Checked now, so a broken file stops the start with one line (exit 2).
+            crate::auth::Policy::load(path).map_err(|e| ConfigError::Invalid {
+                setting: "--auth-file",
+                reason: e.to_string(),
+            })?;
+        }
+        let max_producers_per_partition = match cli
+            .max_producers_per_partition
+            .or(file.max_producers_per_partition)
+        {
+            Some(n) => NonZeroUsize::new(n).ok_or_else(|| ConfigError::Invalid {
+                setting: "--max-producers-per-partition",
+                reason: "must be at least 1".into(),
+            })?,
+            None => d.max_producers_per_partition,
+        };
         Ok(Self {
             listen,
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
@@ -398,6 +433,8 @@ impl Config {
             runtime: cli.runtime.or(file.runtime).unwrap_or(d.runtime),
             advertise,
             node_id,
+            auth_file,
+            max_producers_per_partition,
         })
     }
 }
@@ -463,6 +500,28 @@ mod tests {
         assert!(e.contains("--listen"), "{e}");
         let e = parse(&["--max-frame-bytes", "10"]).unwrap_err().to_string();
         assert!(e.contains("--max-frame-bytes"), "{e}");
+        let e = parse(&["--max-producers-per-partition", "0"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid setting --max-producers-per-partition: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn max_producers_per_partition_from_flag_and_file() {
+        assert_eq!(
+            parse(&[]).unwrap().max_producers_per_partition.get(),
+            10_000
+        );
+        let c = parse(&["--max-producers-per-partition", "7"]).unwrap();
+        assert_eq!(c.max_producers_per_partition.get(), 7);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sb.toml");
+        std::fs::write(&path, "max_producers_per_partition = 3\n").unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.max_producers_per_partition.get(), 3);
     }
 
     #[test]

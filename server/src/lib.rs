@@ -4,6 +4,7 @@
 //! log [`storage`] engine, and [`start`] serves it on the runtime the [`Config`] names
 //! (tokio, smol or blocking, through `streambus-adapters`).
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 mod fds;
@@ -41,6 +42,9 @@ pub enum ServerError {
     /// The server thread panicked.
     #[error("the server thread panicked")]
     Panicked,
+    /// The auth file could not be used.
+    #[error("{0}")]
+    Auth(#[from] auth::AuthError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -63,6 +67,9 @@ pub struct Running {
     storage: Arc<Storage>,
     /// Weak: the broker goes with the server thread, before the final fsync.
     broker: std::sync::Weak<Broker>,
+    /// `--auth-file`, reloaded by [`Running::reload_auth`].
+    auth: Option<Arc<auth::Auth>>,
+    metrics: Arc<Metrics>,
     stop: Stop,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -86,6 +93,28 @@ impl Running {
     /// The metrics listener's address, if on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Reads the auth file again (on SIGHUP): a valid file applies to every request from now
+    /// on; an invalid one keeps the rules in force and logs one line saying why. Returns
+    /// `Ok(None)` when the broker runs without authentication.
+    pub fn reload_auth(&self) -> Result<Option<usize>, auth::AuthError> {
+        let Some(auth) = &self.auth else {
+            tracing::info!("no --auth-file: nothing to reload");
+            return Ok(None);
+        };
+        match auth.reload() {
+            Ok(n) => {
+                self.metrics.auth_reload("ok");
+                tracing::info!(principals = n, file = %auth.path().display(), "auth file reloaded");
+                Ok(Some(n))
+            }
+            Err(e) => {
+                self.metrics.auth_reload("invalid");
+                tracing::error!("auth file not reloaded, the previous rules stay in force: {e}");
+                Err(e)
+            }
+        }
     }
 
     /// Graceful shutdown: stop accepting, let open connections finish what they have read,
@@ -131,6 +160,11 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     };
     let mut storage_config = StorageConfig::new(&config.data_dir);
     storage_config.fsync = fsync;
+    let auth = match &config.auth_file {
+        Some(path) => Some(Arc::new(auth::Auth::load(path)?)),
+        None => None,
+    };
+    storage_config.max_producers_per_partition = config.max_producers_per_partition;
     let storage = Arc::new(Storage::open(storage_config)?);
     let metrics = Arc::new(Metrics::default());
 
@@ -147,6 +181,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
                 Metrics::set_counter(&m.storage_appends, st.appends);
                 Metrics::set_counter(&m.storage_fsyncs, st.fsyncs);
                 Metrics::set_counter(&m.storage_truncations, st.recovery_truncations);
+                m.set_producers(st.producers, st.producer_state_bytes);
             };
             Some(
                 metrics::serve(a, metrics.clone(), refresh)
@@ -175,7 +210,8 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     let mut conn = ServerConfig::default();
     conn.max_frame_len(config.max_frame_bytes)
         .read_timeout(config.read_timeout)
-        .idle_timeout(config.idle_timeout);
+        .idle_timeout(config.idle_timeout)
+        .require_authentication(auth.is_some());
     let options = ServeOptions::default()
         .max_connections(plan.connections)
         .connection(conn)
@@ -194,7 +230,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         }
     };
     let broker = Arc::new(
-        Broker::new(
+        Broker::with_auth(
             storage.clone(),
             BrokerConfig::default()
                 .node_id(config.node_id)
@@ -202,14 +238,22 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
                 .auto_create_topics(config.auto_create_topics)
                 .max_frame_len(config.max_frame_bytes)
                 .max_fetch_wait(config.max_fetch_wait),
-            metrics,
+            metrics.clone(),
+            auth.clone(),
         )
         .map_err(io_err("starting the broker's threads"))?,
     );
     let metrics_at = metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
-    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, runtime = ?config.runtime, data_dir = %config.data_dir.display(), "broker listening");
+    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, runtime = ?config.runtime, data_dir = %config.data_dir.display(), auth = auth.is_some(), "broker listening");
+    if auth.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "listening on a non-loopback address without authentication: anyone who can reach it may read, write and delete every topic; set --auth-file"
+        );
+    }
 
     let weak_broker = Arc::downgrade(&broker);
+    let metrics_handle = metrics;
     let (stop, body): (Stop, Box<dyn FnOnce() -> Result<(), ServerError> + Send>) =
         match config.runtime {
             RuntimeKind::Tokio => {
@@ -269,6 +313,8 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         metrics_addr,
         storage,
         broker: weak_broker,
+        auth,
+        metrics: metrics_handle,
         stop,
         thread: Some(thread),
     })

@@ -22,6 +22,15 @@ pub struct RequestLabels {
     pub status: &'static str,
 }
 
+/// Labels of the security counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why: `required`, `bad_credential`, `unknown_mechanism`, `not_enabled`,
+    /// `unknown_principal` (authentication); the missing permission (authorization); `ok` or
+    /// `invalid` (auth file reloads).
+    pub reason: &'static str,
+}
+
 /// Every metric the broker exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -34,10 +43,16 @@ pub struct Metrics {
     frame_faults: Family<RequestLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     latency: Histogram,
+    authentications_failed: Family<ReasonLabels, Counter>,
+    authorizations_denied: Family<ReasonLabels, Counter>,
+    auth_reloads: Family<ReasonLabels, Counter>,
     /// Storage counters, updated from the engine's stats on each scrape.
     pub(crate) storage_appends: Counter,
     pub(crate) storage_fsyncs: Counter,
     pub(crate) storage_truncations: Counter,
+    /// Idempotent producer state, updated on each scrape.
+    producers: Gauge,
+    producer_state_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -53,9 +68,14 @@ impl Default for Metrics {
             requests: Family::default(),
             // 10 µs .. ~5 s
             latency: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
+            authentications_failed: Family::default(),
+            authorizations_denied: Family::default(),
+            auth_reloads: Family::default(),
             storage_appends: Counter::default(),
             storage_fsyncs: Counter::default(),
             storage_truncations: Counter::default(),
+            producers: Gauge::default(),
+            producer_state_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -91,6 +111,21 @@ impl Default for Metrics {
             m.latency.clone(),
         );
         registry.register(
+            "authentications_failed",
+            "Requests answered AuthenticationFailed (40), by reason",
+            m.authentications_failed.clone(),
+        );
+        registry.register(
+            "authorizations_denied",
+            "Requests answered AuthorizationFailed (41), by the permission missing",
+            m.authorizations_denied.clone(),
+        );
+        registry.register(
+            "auth_reloads",
+            "Auth file reloads (SIGHUP), by result: ok or invalid (the old rules kept)",
+            m.auth_reloads.clone(),
+        );
+        registry.register(
             "storage_appends",
             "Batches appended",
             m.storage_appends.clone(),
@@ -100,6 +135,16 @@ impl Default for Metrics {
             "storage_recovery_truncations",
             "Torn or corrupt log tails truncated on recovery",
             m.storage_truncations.clone(),
+        );
+        registry.register(
+            "idempotent_producers",
+            "Idempotent producers whose state the partitions keep",
+            m.producers.clone(),
+        );
+        registry.register(
+            "idempotent_producer_state_bytes",
+            "Approximate memory of the idempotent producers' state",
+            m.producer_state_bytes.clone(),
         );
         Self { registry, ..m }
     }
@@ -145,12 +190,41 @@ impl Metrics {
         self.latency.observe(took.as_secs_f64());
     }
 
+    /// Records a request answered AuthenticationFailed (40).
+    pub fn authentication_failed(&self, reason: &'static str) {
+        self.authentications_failed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Records a request answered AuthorizationFailed (41) for lack of `permission`.
+    pub fn authorization_denied(&self, permission: &'static str) {
+        self.authorizations_denied
+            .get_or_create(&ReasonLabels { reason: permission })
+            .inc();
+    }
+
+    /// Records an auth file reload: `ok` or `invalid`.
+    pub fn auth_reload(&self, result: &'static str) {
+        self.auth_reloads
+            .get_or_create(&ReasonLabels { reason: result })
+            .inc();
+    }
+
     /// Brings a monotonic counter up to `value`.
     pub(crate) fn set_counter(c: &Counter, value: u64) {
         let now = c.get();
         if value > now {
             c.inc_by(value - now);
         }
+    }
+
+    /// Sets the idempotent producer gauges.
+    pub(crate) fn set_producers(&self, producers: u64, bytes: u64) {
+        self.producers
+            .set(i64::try_from(producers).unwrap_or(i64::MAX));
+        self.producer_state_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The text exposition.

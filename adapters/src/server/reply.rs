@@ -16,6 +16,7 @@ use streambus_core::{
 
 use crate::FileChunk;
 use crate::server::budget::Budget;
+use crate::server::connection::Connection;
 use crate::server::transmit::TxBuf;
 
 /// The size an error reply is first encoded into; the encoder asks for more if the message is
@@ -46,6 +47,8 @@ pub(crate) struct OutboxCell {
     /// Bytes waiting in the outbox, readable without the lock (the connection stops handing out
     /// requests while its queued output is over its share of the memory budget).
     queued: AtomicU64,
+    /// What the handler keeps for the connection and asks of it.
+    pub(crate) connection: Connection,
 }
 
 impl OutboxCell {
@@ -54,6 +57,7 @@ impl OutboxCell {
             outbox: Mutex::default(),
             budget,
             queued: AtomicU64::new(0),
+            connection: Connection::new(),
         }
     }
 
@@ -132,6 +136,12 @@ impl Reply {
     /// The RequestID being answered.
     pub fn request_id(&self) -> u64 {
         self.request_id
+    }
+
+    /// The connection the request came on: its principal, and what the handler may ask of it.
+    pub fn connection(&self) -> &Connection {
+        static ANSWERED: Connection = Connection::new();
+        self.outbox.as_ref().map_or(&ANSWERED, |o| &o.connection)
     }
 
     /// Whether the connection has closed, so an answer would be dropped (a handler holding

@@ -5,13 +5,14 @@ use core::time::Duration;
 
 use crate::conn::time::{Instant, earliest};
 use crate::error::{DecodeError, EncodeError};
-use crate::wire::frame::{ResponseFrame, encode_request, peek_request_id};
+use crate::wire::Payload;
+use crate::wire::frame::{ResponseFrame, encode_request_payload, peek_request_id};
 use crate::wire::reader::{
     DEFAULT_MAX_FRAME_LEN, FrameDecoder, FrameReader, LENGTH_LEN, MIN_RESPONSE_LENGTH, Status,
     accepted_frame_len,
 };
 use crate::wire::request::Request;
-use crate::wire::response::Response;
+use crate::wire::response::{PayloadParser, Response, payload_parser};
 use crate::wire::types::{Flags, RequestType};
 
 /// Settings of a [`ClientConnection`].
@@ -389,6 +390,31 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         timeout: Duration,
         request: &Request<'_>,
     ) -> Result<u64, ClientError> {
+        self.send_payload_with_timeout(now, flags, timeout, request.request_type(), request)
+    }
+
+    /// [`send_request_with_flags`](Self::send_request_with_flags) for a request given as its
+    /// type and payload.
+    pub(crate) fn send_payload(
+        &mut self,
+        now: Instant,
+        flags: Flags,
+        request_type: RequestType,
+        payload: &dyn Payload,
+    ) -> Result<u64, ClientError> {
+        let timeout = self.config.request_timeout;
+        self.send_payload_with_timeout(now, flags, timeout, request_type, payload)
+    }
+
+    /// [`send_payload`](Self::send_payload) with the request's own timeout.
+    fn send_payload_with_timeout(
+        &mut self,
+        now: Instant,
+        flags: Flags,
+        timeout: Duration,
+        request_type: RequestType,
+        payload: &dyn Payload,
+    ) -> Result<u64, ClientError> {
         self.check()?;
         let Some(free_slot) = self.slots.iter().position(|s| s.state == SlotState::Free) else {
             return Err(ClientError::Busy);
@@ -400,15 +426,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         }
         let id = self.next_id;
         let free = self.tx.as_mut().get_mut(self.tx_end..).unwrap_or_default();
-        let n = encode_request(id, flags, request, free).map_err(|e| match e {
-            EncodeError::BufferTooSmall { required } => ClientError::BufferTooSmall { required },
-            e => ClientError::Encode(e),
-        })?;
+        let n = encode_request_payload(id, flags, request_type, payload, free).map_err(
+            |e| match e {
+                EncodeError::BufferTooSmall { required } => {
+                    ClientError::BufferTooSmall { required }
+                }
+                e => ClientError::Encode(e),
+            },
+        )?;
         if let Some(slot) = self.slots.get_mut(free_slot) {
             *slot = Slot {
                 id,
                 deadline: now.saturating_add(timeout),
-                ty: request.request_type(),
+                ty: request_type,
                 state: SlotState::Waiting,
             };
             self.hi = self.hi.max(free_slot.saturating_add(1));
@@ -586,25 +616,21 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             self.rx.as_ref(),
             self.rx_start,
             self.delivered,
-            request_type,
+            payload_parser(request_type),
         )?
         .ok()
     }
 
-    /// [`response`](Self::response), with a payload that doesn't fit its request reported
-    /// and poisoning the connection. `None` when no response was handed out.
+    /// [`response`](Self::response), with a payload that doesn't fit its request (as `parse`
+    /// decodes it) reported and poisoning the connection. `None` when no response was handed
+    /// out.
     pub(crate) fn take_response(
         &mut self,
-        request_type: RequestType,
+        parse: PayloadParser,
     ) -> Option<Result<Response<'_>, ClientError>> {
         let end = self.rx_start.saturating_add(self.delivered);
         // Borrows only `rx`, so the error path can still poison.
-        let decoded = decode_delivered(
-            self.rx.as_ref(),
-            self.rx_start,
-            self.delivered,
-            request_type,
-        )?;
+        let decoded = decode_delivered(self.rx.as_ref(), self.rx_start, self.delivered, parse)?;
         Some(decoded.map_err(|e| {
             let e = ClientError::Peer(PeerError::Decode(e));
             warn!("connection poisoned: {}", e);
@@ -627,7 +653,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
                 request_type: done.request_type,
             });
         }
-        let response = self.take_response(done.request_type)?.ok()?;
+        let response = self
+            .take_response(payload_parser(done.request_type))?
+            .ok()?;
         Some(ClientEvent::Response {
             request_id: done.request_id,
             request_type: done.request_type,
@@ -654,15 +682,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 }
 
 /// Decodes the frame of `len` bytes at `start` of `rx` (checked on arrival by
-/// [`check_response`]) as an answer to `ty`; `None` when `len` is 0 (nothing handed out).
+/// [`check_response`]), its success payload decoded by `parse`; `None` when `len` is 0
+/// (nothing handed out).
 fn decode_delivered(
     rx: &[u8],
     start: usize,
     len: usize,
-    ty: RequestType,
+    parse: PayloadParser,
 ) -> Option<Result<Response<'_>, DecodeError>> {
     let frame = rx.get(start..)?.get(..len).filter(|f| !f.is_empty())?;
-    Some(Response::parse(&ResponseFrame::new_prechecked(frame), ty))
+    Some(Response::parse_with(
+        &ResponseFrame::new_prechecked(frame),
+        parse,
+    ))
 }
 
 /// Checks one whole response frame's framing and CRC, and marks its request's slot. The

@@ -24,6 +24,8 @@ pub enum RequestType {
     ListTopics = 0x06,
     /// 0x07: broker liveness.
     HealthCheck = 0x07,
+    /// 0x10: authenticate the connection (§6.3).
+    Authenticate = 0x10,
     /// 0x11: brokers, topics, partitions and their leaders (§6.4; feature `metadata`).
     #[cfg(feature = "metadata")]
     Metadata = 0x11,
@@ -32,18 +34,6 @@ pub enum RequestType {
 impl RequestType {
     /// All request types, in wire order.
     #[cfg(not(feature = "metadata"))]
-    pub const ALL: [RequestType; 7] = [
-        Self::Produce,
-        Self::Fetch,
-        Self::GetOffset,
-        Self::CreateTopic,
-        Self::DeleteTopic,
-        Self::ListTopics,
-        Self::HealthCheck,
-    ];
-
-    /// All request types, in wire order.
-    #[cfg(feature = "metadata")]
     pub const ALL: [RequestType; 8] = [
         Self::Produce,
         Self::Fetch,
@@ -52,6 +42,20 @@ impl RequestType {
         Self::DeleteTopic,
         Self::ListTopics,
         Self::HealthCheck,
+        Self::Authenticate,
+    ];
+
+    /// All request types, in wire order.
+    #[cfg(feature = "metadata")]
+    pub const ALL: [RequestType; 9] = [
+        Self::Produce,
+        Self::Fetch,
+        Self::GetOffset,
+        Self::CreateTopic,
+        Self::DeleteTopic,
+        Self::ListTopics,
+        Self::HealthCheck,
+        Self::Authenticate,
         Self::Metadata,
     ];
 
@@ -65,6 +69,7 @@ impl RequestType {
             0x05 => Self::DeleteTopic,
             0x06 => Self::ListTopics,
             0x07 => Self::HealthCheck,
+            0x10 => Self::Authenticate,
             #[cfg(feature = "metadata")]
             0x11 => Self::Metadata,
             _ => return None,
@@ -88,6 +93,7 @@ impl RequestType {
             Self::HealthCheck => "health_check",
             #[cfg(feature = "metadata")]
             Self::Metadata => "metadata",
+            Self::Authenticate => "authenticate",
         }
     }
 }
