@@ -409,18 +409,17 @@ pub type Client<const N: usize = 64> = streambus_core::io::blocking::Driver<
     N,
 >;
 
-/// Connects a [`Client`] to `addr`; `buffer_len` as in the tokio adapter's `connect`. The
+/// Connects a [`Client`] to `addr`; `buffers` as in the tokio adapter's `connect`. The
 /// socket gets a short read timeout so the driver can check request deadlines while waiting.
 pub fn connect<const N: usize>(
     addr: SocketAddr,
     config: streambus_core::ClientConfig,
-    buffer_len: usize,
+    buffers: impl Into<crate::Buffers>,
 ) -> io::Result<Client<N>> {
     let stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(POLL))?;
-    let conn =
-        streambus_core::ClientConnection::new(config, vec![0; buffer_len], vec![0; buffer_len]);
+    let conn = buffers.into().connection(config);
     Ok(Client::new(
         embedded_io_adapters::std::FromStd::new(ClientSocket(stream)),
         now as fn() -> _,

@@ -170,9 +170,60 @@ pub(crate) const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 
 /// The adapters' clock: microseconds since the first call, as the core's [`Instant`].
 pub fn now() -> Instant {
+    Instant::from_micros(u64::try_from(epoch().elapsed().as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The moment [`now`] counts from.
+fn epoch() -> std::time::Instant {
     static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
-    Instant::from_micros(u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX))
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+/// The std instant of a core [`Instant`] of [`now`]'s clock: the same deadline always gives
+/// the same instant (no clock read).
+#[cfg(feature = "tokio")]
+pub(crate) fn std_instant(at: Instant) -> std::time::Instant {
+    let since = Duration::from_micros(at.as_micros());
+    epoch()
+        .checked_add(since)
+        .unwrap_or_else(|| epoch() + Duration::from_secs(86_400 * 365 * 30))
+}
+
+/// The sizes of a client connection's two buffers: `tx` bounds the largest request frame it
+/// can send, `rx` the largest response frame it can receive (47 bytes plus a fetch's records;
+/// `max_frame_len + 4` accepts anything). A `usize` gives both the same size.
+///
+/// ```
+/// use streambus_adapters::Buffers;
+/// // A consumer sends small requests and receives 1 MiB fetches.
+/// let b = Buffers { tx: 4 << 10, rx: (1 << 20) + 64 };
+/// assert_eq!(Buffers::from(4096), Buffers { tx: 4096, rx: 4096 });
+/// # let _ = b;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Buffers {
+    /// Bytes of the transmit buffer.
+    pub tx: usize,
+    /// Bytes of the receive buffer.
+    pub rx: usize,
+}
+
+impl From<usize> for Buffers {
+    fn from(len: usize) -> Self {
+        Self { tx: len, rx: len }
+    }
+}
+
+impl Buffers {
+    /// A core connection over two zero-filled buffers of these sizes (pages are mapped as
+    /// they are first written).
+    #[cfg(any(feature = "tokio", feature = "smol", feature = "blocking"))]
+    pub(crate) fn connection<const N: usize>(
+        self,
+        config: streambus_core::ClientConfig,
+    ) -> streambus_core::ClientConnection<Vec<u8>, N> {
+        streambus_core::ClientConnection::new(config, vec![0; self.tx], vec![0; self.rx])
+    }
 }
 
 /// The time from `now()` until `deadline` (zero if past).

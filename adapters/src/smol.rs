@@ -149,16 +149,15 @@ pub type Client<const N: usize = 64> = streambus_core::io::asynch::Driver<
     N,
 >;
 
-/// Connects a [`Client`] to `addr`; `buffer_len` as in the tokio adapter's `connect`.
+/// Connects a [`Client`] to `addr`; `buffers` as in the tokio adapter's `connect`.
 pub async fn connect<const N: usize>(
     addr: std::net::SocketAddr,
     config: streambus_core::ClientConfig,
-    buffer_len: usize,
+    buffers: impl Into<crate::Buffers>,
 ) -> io::Result<Client<N>> {
     let stream = Async::<TcpStream>::connect(addr).await?;
     stream.get_ref().set_nodelay(true)?;
-    let conn =
-        streambus_core::ClientConnection::new(config, vec![0; buffer_len], vec![0; buffer_len]);
+    let conn = buffers.into().connection(config);
     Ok(Client::new(
         embedded_io_adapters::futures_03::FromFutures::new(stream),
         SmolTimer,

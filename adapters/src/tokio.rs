@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::server::runtime::{self, Runtime, Socket};
-use crate::{FileChunk, Handler, ServeOptions, now, send_file, until};
+use crate::{FileChunk, Handler, ServeOptions, now, send_file};
 
 /// Accepts connections on `listener` and serves them with `handler` until `shutdown`
 /// completes; then stops accepting, answers what waits ([`Handler::shutdown`]), lets every
@@ -109,8 +109,15 @@ impl Socket for TcpStream {
 }
 
 /// The core's clock and sleep for its async driver, on tokio.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TokioTimer;
+///
+/// One timer is kept and moved to each new deadline: the driver waits on the earliest
+/// request deadline at every step, and a later deadline moves a registered tokio timer without
+/// taking the timer wheel's lock, where a fresh `sleep` per step registered and removed an
+/// entry each time.
+#[derive(Debug, Default)]
+pub struct TokioTimer {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
 
 impl streambus_core::io::Clock for TokioTimer {
     fn now(&mut self) -> streambus_core::Instant {
@@ -120,7 +127,15 @@ impl streambus_core::io::Clock for TokioTimer {
 
 impl streambus_core::io::asynch::Timer for TokioTimer {
     fn sleep_until(&mut self, deadline: streambus_core::Instant) -> impl Future<Output = ()> {
-        tokio::time::sleep(until(deadline))
+        // Derived from the deadline alone: an unchanged deadline leaves the timer as it is.
+        let at = tokio::time::Instant::from_std(crate::std_instant(deadline));
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if sleep.deadline() != at {
+            sleep.as_mut().reset(at);
+        }
+        sleep.as_mut()
     }
 }
 
@@ -133,21 +148,19 @@ pub type Client<const N: usize = 64> = streambus_core::io::asynch::Driver<
     N,
 >;
 
-/// Connects a [`Client`] to `addr`. `buffer_len` sizes each of its two buffers: the largest
-/// request frame it can send and response frame it can receive (47 bytes plus a fetch's
-/// records; `max_frame_len + 4` accepts anything).
+/// Connects a [`Client`] to `addr` with buffers of `buffers` bytes (a `usize` for both, or
+/// [`Buffers`](crate::Buffers) for separate transmit and receive sizes).
 pub async fn connect<const N: usize>(
     addr: std::net::SocketAddr,
     config: streambus_core::ClientConfig,
-    buffer_len: usize,
+    buffers: impl Into<crate::Buffers>,
 ) -> io::Result<Client<N>> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let conn =
-        streambus_core::ClientConnection::new(config, vec![0; buffer_len], vec![0; buffer_len]);
+    let conn = buffers.into().connection(config);
     Ok(Client::new(
         embedded_io_adapters::tokio_1::FromTokio::new(stream),
-        TokioTimer,
+        TokioTimer::default(),
         conn,
     ))
 }

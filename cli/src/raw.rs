@@ -604,7 +604,7 @@ async fn connect_from<const N: usize>(
     );
     Ok(Driver::new(
         embedded_io_adapters::tokio_1::FromTokio::new(stream),
-        streambus_adapters::tokio::TokioTimer,
+        streambus_adapters::tokio::TokioTimer::default(),
         conn,
     ))
 }

@@ -4,6 +4,7 @@
 //! No parsing happens here: requests are encoded and responses decoded by the core.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -426,9 +427,17 @@ fn earliest(pending: &HashMap<u64, Job>) -> Option<Instant> {
     pending.values().map(|j| j.deadline).min()
 }
 
-async fn sleep_until(at: Option<Instant>) {
+/// Waits for `at` on `timer` (moved there first; a later deadline moves a registered tokio
+/// timer without the timer wheel's lock), or forever when there is none.
+async fn sleep_until(timer: Pin<&mut tokio::time::Sleep>, at: Option<Instant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(at).await,
+        Some(at) => {
+            let mut timer = timer;
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
+            }
+            timer.await
+        }
         None => std::future::pending().await,
     }
 }
@@ -443,6 +452,9 @@ pub(crate) async fn run(
     request_timeout: Duration,
 ) {
     let mut pending: HashMap<u64, Job> = HashMap::new();
+    // One timer for the earliest call deadline, moved as it changes.
+    let timer = tokio::time::sleep(request_timeout);
+    tokio::pin!(timer);
     let failure = loop {
         let deadline = earliest(&pending);
         let wake = if driver.connection().in_flight() < depth {
@@ -451,14 +463,14 @@ pub(crate) async fn run(
                     tokio::select! {
                         biased;
                         j = jobs.recv() => Event::Job(j),
-                        () = sleep_until(deadline) => Event::Deadline,
+                        () = sleep_until(timer.as_mut(), deadline) => Event::Deadline,
                     }
                 })
                 .await
         } else {
             driver
                 .next_completion_or(async {
-                    sleep_until(deadline).await;
+                    sleep_until(timer.as_mut(), deadline).await;
                     Event::Deadline
                 })
                 .await

@@ -7,9 +7,9 @@ use std::collections::VecDeque;
 use proptest::prelude::*;
 use streambus_core::{
     ClientConfig, ClientConnection, ClientError, ClientEvent, ErrorCode, FetchRequest,
-    FetchResponse, GetOffsetRequest, GetOffsetResponse, HealthCheckResponse, Instant, Message,
-    MessageSetBuilder, PeerError, ProduceRequest, ProduceResponse, Request, Response, ServerConfig,
-    ServerConnection, ServerEvent, Topic, encode_response,
+    FetchResponse, Flags, GetOffsetRequest, GetOffsetResponse, HealthCheckResponse, Instant,
+    Message, MessageSetBuilder, PeerError, ProduceRequest, ProduceResponse, Request, Response,
+    ServerConfig, ServerConnection, ServerEvent, Topic, encode_response,
 };
 
 const N: usize = 8;
@@ -590,6 +590,30 @@ fn later_requests_keep_their_own_deadlines() {
         T0 + Duration::from_secs(2) + TIMEOUT
     );
     assert_eq!(p.completed_ids(), [1, 2]);
+}
+
+#[test]
+fn a_request_with_its_own_timeout_expires_at_it_and_the_others_at_theirs() {
+    let mut p = idle();
+    p.policy = Policy::Hold;
+    p.send(&Request::HealthCheck);
+    let short = Duration::from_millis(250);
+    let id = p
+        .client
+        .send_request_with_timeout(p.now, Flags::NONE, short, &Request::HealthCheck)
+        .unwrap();
+    assert_eq!(id, 2);
+    let long = Duration::from_secs(60);
+    p.client
+        .send_request_with_timeout(p.now, Flags::NONE, long, &Request::HealthCheck)
+        .unwrap();
+    p.drive();
+    assert_eq!(p.client.poll_timeout(), Some(T0 + short));
+    assert_eq!(p.advance_to_next_timeout(), T0 + short);
+    assert_eq!(p.outcomes, [Outcome::TimedOut { id: 2 }]);
+    assert_eq!(p.advance_to_next_timeout(), T0 + TIMEOUT);
+    assert_eq!(p.advance_to_next_timeout(), T0 + long);
+    assert_eq!(p.completed_ids(), [2, 1, 3]);
 }
 
 #[test]

@@ -170,3 +170,37 @@ fn blocking_client() {
     assert!(started.elapsed() >= Duration::from_millis(200));
     t.join().unwrap();
 }
+
+/// Separate buffer sizes: a 256-byte transmit buffer sends small requests and receives a
+/// 64 KiB fetch into its 1 MiB receive buffer; a request larger than the transmit buffer is
+/// refused with the size it needs, and the connection goes on.
+#[test]
+fn separate_transmit_and_receive_buffers() {
+    use streambus_adapters::Buffers;
+    use streambus_core::ClientError;
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let big = vec![b'x'; 64 << 10];
+    let set = message_set(&[&big]);
+    let mut loader =
+        streambus_adapters::blocking::connect::<8>(b.addr(), config(5_000), BUF).unwrap();
+    assert!(matches!(
+        loader.request(&produce_req("split", &set)).unwrap(),
+        Response::Produce(_)
+    ));
+
+    let bufs = Buffers { tx: 256, rx: BUF };
+    let mut c = streambus_adapters::blocking::connect::<8>(b.addr(), config(5_000), bufs).unwrap();
+    let r = c.request(&fetch_req("split")).unwrap();
+    assert_eq!(values(&r), vec![big.clone()]);
+    let too_big = c.request(&produce_req("split", &set)).unwrap_err();
+    let need = streambus_core::request_encoded_len(&produce_req("split", &set));
+    assert!(
+        matches!(too_big, DriverError::Client(ClientError::BufferTooSmall { required }) if required == need),
+        "{too_big:?}"
+    );
+    assert!(matches!(
+        c.request(&Request::HealthCheck).unwrap(),
+        Response::HealthCheck(_)
+    ));
+}

@@ -377,7 +377,20 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         flags: Flags,
         request: &Request<'_>,
     ) -> Result<u64, ClientError> {
-        self.send_payload(now, flags, request.request_type(), request)
+        self.send_request_with_timeout(now, flags, self.config.request_timeout, request)
+    }
+
+    /// Queues `request` with `flags` and its own `timeout` in place of the configured
+    /// [`request_timeout`](ClientConfig::request_timeout) (a long-poll fetch waits longer
+    /// than an admin call); returns its RequestID. On error nothing changes.
+    pub fn send_request_with_timeout(
+        &mut self,
+        now: Instant,
+        flags: Flags,
+        timeout: Duration,
+        request: &Request<'_>,
+    ) -> Result<u64, ClientError> {
+        self.send_payload_with_timeout(now, flags, timeout, request.request_type(), request)
     }
 
     /// [`send_request_with_flags`](Self::send_request_with_flags) for a request given as its
@@ -386,6 +399,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         &mut self,
         now: Instant,
         flags: Flags,
+        request_type: RequestType,
+        payload: &dyn Payload,
+    ) -> Result<u64, ClientError> {
+        let timeout = self.config.request_timeout;
+        self.send_payload_with_timeout(now, flags, timeout, request_type, payload)
+    }
+
+    /// [`send_payload`](Self::send_payload) with the request's own timeout.
+    fn send_payload_with_timeout(
+        &mut self,
+        now: Instant,
+        flags: Flags,
+        timeout: Duration,
         request_type: RequestType,
         payload: &dyn Payload,
     ) -> Result<u64, ClientError> {
@@ -411,7 +437,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         if let Some(slot) = self.slots.get_mut(free_slot) {
             *slot = Slot {
                 id,
-                deadline: now.saturating_add(self.config.request_timeout),
+                deadline: now.saturating_add(timeout),
                 ty: request_type,
                 state: SlotState::Waiting,
             };

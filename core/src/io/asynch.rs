@@ -104,6 +104,20 @@ where
         Ok(self.conn.send_request(now, request)?)
     }
 
+    /// [`queue`](Self::queue) with the request's own `timeout` in place of the configured
+    /// one (see [`ClientConnection::send_request_with_timeout`]).
+    pub fn queue_with_timeout(
+        &mut self,
+        request: &Request<'_>,
+        timeout: core::time::Duration,
+    ) -> Result<u64, DriverError<T::Error>> {
+        let now = self.timer.now();
+        let flags = self.conn.config().flags;
+        Ok(self
+            .conn
+            .send_request_with_timeout(now, flags, timeout, request)?)
+    }
+
     /// Waits for the next request to complete (a response or a timeout); read a response's
     /// body with [`response`](Self::response).
     pub async fn next_completion(&mut self) -> Result<Completion, DriverError<T::Error>> {

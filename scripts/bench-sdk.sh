@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The client SDK against the raw load generator in the same run (issue 10's ratios): each mode
+# gets a fresh `streambus-server --fsync never` (data on /dev/shm when there is one, removed
+# after: the pipelined modes write gigabytes), and the modes alternate round by round so both
+# sides see the same machine state.
+#
+#   scripts/bench-sdk.sh               # env: ROUNDS=3 SECS=3 BENCH_RT=current (SDK on one thread)
+#
+# Per round: raw TCP ping-pong p50, raw sync Produce p50 and the SDK's sync produce p50
+# (`Producer::send`, one record awaited at a time); then raw `pipelined --batch 100` and the
+# SDK's batching producer on one connection, in messages/s acknowledged; and the ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build -q --release -p streambus-server -p streambus-tests --bin streambus-server --bin streambus-bench
+cargo build -q --release -p streambus-client --example bench
+B="$PWD/target/release"
+ROUNDS="${ROUNDS:-3}"; SECS="${SECS:-3}"
+base=/dev/shm; [[ -d $base && -w $base ]] || base="${TMPDIR:-/tmp}"
+port=19192
+PID=0; dir=""
+# `fresh` runs in command substitutions (subshells): each stops its broker and removes its data
+# itself; this only covers an interrupt of the shell's own state.
+trap 'if ((PID > 0)); then kill "$PID" 2>/dev/null || true; fi; if [[ -n $dir ]]; then rm -rf "$dir"; fi' EXIT
+
+# Runs "$@" against a fresh broker on $port; the broker is stopped and its data removed after.
+fresh() {
+    dir="$(mktemp -d -p "$base")"
+    "$B/streambus-server" --listen "127.0.0.1:$port" --data-dir "$dir" --fsync never \
+        --metrics-listen off >"$dir.log" 2>&1 &
+    PID=$!
+    for _ in $(seq 50); do
+        "$B/streambus-bench" --addr "127.0.0.1:$port" health -n 1 >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    "$@" || true
+    kill "$PID"; wait "$PID" 2>/dev/null || true
+    rm -rf "$dir" "$dir.log"; dir=""
+}
+raw() { fresh "$B/streambus-bench" --addr "127.0.0.1:$port" --duration "${SECS}s" "$@"; }
+sdk() { fresh "$B/examples/bench" "127.0.0.1:$port" "$1" "$SECS"; }
+
+echo "machine: $(nproc) vCPU, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
+for ((i = 1; i <= ROUNDS; i++)); do
+    pp=$(raw pingpong | sed -nE 's/.*p50=([0-9.]+)µs.*/\1/p')
+    sy=$(raw sync | sed -nE 's/.*p50=([0-9.]+)µs.*/\1/p')
+    sdk_sy=$(sdk sync | sed -nE 's/.* p50 ([0-9.]+)µs.*/\1/p')
+    pipe=$(raw pipelined --batch 100 | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
+    sdk_pipe=$(sdk produce | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
+    awk -v r="$i" -v pp="$pp" -v sy="$sy" -v s="$sdk_sy" -v p="$pipe" -v sp="$sdk_pipe" 'BEGIN {
+        printf "round %d: ping-pong %.1f µs, raw sync %.1f µs, SDK sync %.1f µs (%.2f× ping-pong, %.2f× raw sync); raw pipelined %.2f M msg/s, SDK batching %.2f M msg/s (%.2f×)\n",
+            r, pp, sy, s, s / pp, s / sy, p, sp, sp / p }'
+done
