@@ -335,7 +335,7 @@ impl Inner {
         let producer = match p.producer {
             Some(info) if p.messages.count() > 0 => {
                 ProducerBatch::from_wire(info.producer_id, info.producer_epoch, info.base_sequence)
-                    .map_err(|reason| fail(ErrorCode::INVALID_REQUEST, reason))?
+                    .map_err(|e| fail(ErrorCode::INVALID_REQUEST, e.to_string()))?
             }
             _ => None,
         };

@@ -419,3 +419,35 @@ fn embedded_client_retries_get_the_original_offsets() {
         [&b"one"[..], b"two", b"one", b"two", b"one", b"two"]
     );
 }
+
+/// `/metrics` shows how many producers the partitions keep and their memory.
+#[test]
+fn metrics_count_the_producers_kept_and_their_memory() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), RuntimeKind::Tokio, FsyncMode::Never);
+    c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let broker = streambus_server::start(c).unwrap();
+    let mut client = RawClient::connect(broker.addr()).unwrap();
+    for id in [5, 6] {
+        offsets(&call(&mut client, &[b"v"], producer(id, 0, 0)));
+    }
+    offsets(&call(&mut client, &[b"v"], producer(5, 0, 1)));
+    let mut s = std::net::TcpStream::connect(broker.metrics_addr().unwrap()).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let gauge = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(gauge("streambus_idempotent_producers"), "2");
+    assert_eq!(
+        gauge("streambus_idempotent_producer_state_bytes"),
+        (2 * streambus_server::storage::BYTES_PER_PRODUCER).to_string()
+    );
+}

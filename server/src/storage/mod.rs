@@ -34,7 +34,7 @@ use streambus_core::{MessageSet, Topic};
 
 pub use config::{DEFAULT_MAX_PRODUCERS_PER_PARTITION, FsyncPolicy, StorageConfig, TopicConfig};
 pub use error::StorageError;
-pub use producers::{BYTES_PER_PRODUCER, KEPT_BATCHES, ProducerBatch};
+pub use producers::{BYTES_PER_PRODUCER, InvalidProducer, KEPT_BATCHES, ProducerBatch};
 
 use error::IoContext;
 use partition::{Partition, Settings};

@@ -32,6 +32,22 @@ pub struct ProducerBatch {
     pub base_sequence: i32,
 }
 
+/// Idempotence fields a Produce may not carry (protocol §6.2: `InvalidRequest`); the client's
+/// fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidProducer {
+    /// ProducerID < 0.
+    #[error("producer id {0} is negative: want > 0")]
+    NegativeId(i64),
+    /// ProducerEpoch < 0.
+    #[error("producer epoch {0} is negative: want >= 0")]
+    NegativeEpoch(i16),
+    /// BaseSequence < 0.
+    #[error("base sequence {0} is negative: want >= 0")]
+    NegativeSequence(i32),
+}
+
 impl ProducerBatch {
     /// The idempotence fields as they came on the wire: `Ok(None)` for a plain produce (no
     /// BaseSequence, or ProducerID 0); an error naming the field when one is negative.
@@ -39,7 +55,7 @@ impl ProducerBatch {
         producer_id: i64,
         epoch: i16,
         base_sequence: Option<i32>,
-    ) -> Result<Option<Self>, String> {
+    ) -> Result<Option<Self>, InvalidProducer> {
         let Some(base_sequence) = base_sequence else {
             return Ok(None);
         };
@@ -47,15 +63,13 @@ impl ProducerBatch {
             return Ok(None);
         }
         if producer_id < 0 {
-            return Err(format!("producer id {producer_id} is negative: want > 0"));
+            return Err(InvalidProducer::NegativeId(producer_id));
         }
         if epoch < 0 {
-            return Err(format!("producer epoch {epoch} is negative: want >= 0"));
+            return Err(InvalidProducer::NegativeEpoch(epoch));
         }
         if base_sequence < 0 {
-            return Err(format!(
-                "base sequence {base_sequence} is negative: want >= 0"
-            ));
+            return Err(InvalidProducer::NegativeSequence(base_sequence));
         }
         Ok(Some(Self {
             producer_id,
@@ -399,14 +413,16 @@ mod tests {
             ProducerBatch::from_wire(5, 1, Some(2)),
             Ok(Some(batch(5, 1, 2)))
         );
-        for (id, epoch, seq, field) in [
-            (-1, 0, 0, "producer id"),
-            (1, -1, 0, "epoch"),
-            (1, 0, -3, "sequence"),
-        ] {
-            let e = ProducerBatch::from_wire(id, epoch, Some(seq)).unwrap_err();
-            assert!(e.contains(field), "{e}");
-        }
+        assert_eq!(
+            ProducerBatch::from_wire(-1, 0, Some(0)),
+            Err(InvalidProducer::NegativeId(-1))
+        );
+        assert_eq!(
+            ProducerBatch::from_wire(1, -1, Some(0)),
+            Err(InvalidProducer::NegativeEpoch(-1))
+        );
+        let e = ProducerBatch::from_wire(1, 0, Some(-3)).unwrap_err();
+        assert_eq!(e.to_string(), "base sequence -3 is negative: want >= 0");
     }
 
     #[test]
