@@ -105,6 +105,16 @@ pub struct Cli {
     /// Connection runtime [default: tokio].
     #[arg(long, env = "STREAMBUS_RUNTIME")]
     pub runtime: Option<RuntimeKind>,
+    /// Serve TLS with this certificate chain (PEM, the server's certificate first); needs
+    /// --tls-key.
+    #[arg(long, env = "STREAMBUS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "STREAMBUS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "STREAMBUS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -125,6 +135,9 @@ struct FileConfig {
     auto_create_topics: Option<bool>,
     metrics_listen: Option<String>,
     runtime: Option<RuntimeKind>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// The resolved settings.
@@ -159,6 +172,55 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Connection runtime.
     pub runtime: RuntimeKind,
+    /// TLS files; `None` = plaintext.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files of the broker's TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsFiles {
+    /// Certificate chain (`--tls-cert`).
+    pub cert: PathBuf,
+    /// Private key (`--tls-key`).
+    pub key: PathBuf,
+    /// CA of the client certificates required (`--tls-client-ca`); `None` = no client
+    /// certificates.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Certificate and key, no client certificates.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        Self {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: None,
+        }
+    }
+
+    /// Requires client certificates signed by `ca`.
+    pub fn client_ca(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.client_ca = Some(ca.into());
+        self
+    }
+
+    /// Loads the files into a rustls configuration; the error names the setting at fault.
+    pub fn load(
+        &self,
+    ) -> Result<std::sync::Arc<streambus_adapters::tls::rustls::ServerConfig>, ConfigError> {
+        use streambus_adapters::tls::{ServerFile, server_config};
+        server_config(&self.cert, &self.key, self.client_ca.as_deref()).map_err(|(file, e)| {
+            ConfigError::Invalid {
+                setting: match file {
+                    ServerFile::Key => "--tls-key",
+                    ServerFile::ClientCa => "--tls-client-ca",
+                    _ => "--tls-cert",
+                },
+                reason: e.to_string(),
+            }
+        })
+    }
 }
 
 impl Default for Config {
@@ -178,6 +240,7 @@ impl Default for Config {
             auto_create_topics: true,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
             runtime: RuntimeKind::Tokio,
+            tls: None,
         }
     }
 }
@@ -258,7 +321,37 @@ impl Config {
                 ),
             });
         }
+        let tls = match (
+            cli.tls_cert.or(file.tls_cert),
+            cli.tls_key.or(file.tls_key),
+            cli.tls_client_ca.or(file.tls_client_ca),
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), client_ca) => {
+                let files = TlsFiles {
+                    cert,
+                    key,
+                    client_ca,
+                };
+                // Refused now, with the setting named, rather than at the first connection.
+                files.load()?;
+                Some(files)
+            }
+            (None, _, _) => {
+                return Err(ConfigError::Invalid {
+                    setting: "--tls-cert",
+                    reason: "missing: --tls-key and --tls-client-ca need a certificate".into(),
+                });
+            }
+            (Some(_), None, _) => {
+                return Err(ConfigError::Invalid {
+                    setting: "--tls-key",
+                    reason: "missing: --tls-cert needs its private key".into(),
+                });
+            }
+        };
         Ok(Self {
+            tls,
             listen,
             data_dir: cli.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
             fsync: cli.fsync.or(file.fsync).unwrap_or(d.fsync),

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use broker::{Broker, BrokerConfig};
-pub use config::{Cli, Config, ConfigError, FsyncMode, RuntimeKind};
+pub use config::{Cli, Config, ConfigError, FsyncMode, RuntimeKind, TlsFiles};
 use metrics::Metrics;
 use storage::{FsyncPolicy, Storage, StorageConfig};
 use streambus_adapters::ServeOptions;
@@ -38,6 +38,9 @@ pub enum ServerError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The TLS files could not be loaded.
+    #[error(transparent)]
+    Tls(ConfigError),
     /// The server thread panicked.
     #[error("the server thread panicked")]
     Panicked,
@@ -60,6 +63,7 @@ enum Stop {
 pub struct Running {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
     storage: Arc<Storage>,
     /// Weak: the broker goes with the server thread, before the final fsync.
     broker: std::sync::Weak<Broker>,
@@ -81,6 +85,11 @@ impl Running {
     /// Long-poll fetches waiting now (0 once the broker has stopped).
     pub fn waiting_fetches(&self) -> usize {
         self.broker.upgrade().map_or(0, |b| b.waiting_fetches())
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The metrics listener's address, if on.
@@ -176,11 +185,19 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     conn.max_frame_len(config.max_frame_bytes)
         .read_timeout(config.read_timeout)
         .idle_timeout(config.idle_timeout);
-    let options = ServeOptions::default()
+    let mut options = ServeOptions::default()
         .max_connections(plan.connections)
         .connection(conn)
         .write_timeout(config.write_timeout)
         .max_buffered_bytes(config.max_buffered_bytes);
+    if let Some(files) = &config.tls {
+        options = options.tls(files.load().map_err(ServerError::Tls)?);
+    } else if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "listening on a non-loopback address without TLS: clients' data and credentials cross the network in plaintext (set --tls-cert and --tls-key)"
+        );
+    }
     let broker = Arc::new(
         Broker::new(
             storage.clone(),
@@ -188,14 +205,20 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
                 .auto_create_topics(config.auto_create_topics)
                 .max_frame_len(config.max_frame_bytes)
                 .max_fetch_wait(config.max_fetch_wait),
-            metrics,
+            metrics.clone(),
         )
         .map_err(io_err("starting the broker's threads"))?,
     );
     let metrics_at = metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
-    tracing::info!(%addr, metrics = %metrics_at, runtime = ?config.runtime, data_dir = %config.data_dir.display(), "broker listening");
+    let tls = match &config.tls {
+        None => "off",
+        Some(f) if f.client_ca.is_some() => "on, client certificates required",
+        Some(_) => "on",
+    };
+    tracing::info!(%addr, metrics = %metrics_at, runtime = ?config.runtime, tls, data_dir = %config.data_dir.display(), "broker listening");
 
     let weak_broker = Arc::downgrade(&broker);
+    let metrics_handle = metrics;
     let (stop, body): (Stop, Box<dyn FnOnce() -> Result<(), ServerError> + Send>) =
         match config.runtime {
             RuntimeKind::Tokio => {
@@ -253,6 +276,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     Ok(Running {
         addr,
         metrics_addr,
+        metrics: metrics_handle,
         storage,
         broker: weak_broker,
         stop,

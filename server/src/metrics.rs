@@ -22,6 +22,13 @@ pub struct RequestLabels {
     pub status: &'static str,
 }
 
+/// Labels of the TLS handshake failures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// Why it failed: `timeout`, `not_tls`, `no_client_certificate`, `bad_certificate`, …
+    pub reason: &'static str,
+}
+
 /// Every metric the broker exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -32,6 +39,7 @@ pub struct Metrics {
     bytes_in: Counter,
     bytes_out: Counter,
     frame_faults: Family<RequestLabels, Counter>,
+    tls_handshake_failures: Family<HandshakeLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     latency: Histogram,
     /// Storage counters, updated from the engine's stats on each scrape.
@@ -50,6 +58,7 @@ impl Default for Metrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             frame_faults: Family::default(),
+            tls_handshake_failures: Family::default(),
             requests: Family::default(),
             // 10 µs .. ~5 s
             latency: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
@@ -79,6 +88,11 @@ impl Default for Metrics {
             "frame_faults",
             "Frames answered with an error by the connection layer",
             m.frame_faults.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes failed, by reason",
+            m.tls_handshake_failures.clone(),
         );
         registry.register(
             "requests",
@@ -133,8 +147,24 @@ impl Metrics {
                     })
                     .inc();
             }
+            ConnEvent::TlsHandshakeFailed(reason) => {
+                self.tls_handshake_failures
+                    .get_or_create(&HandshakeLabels {
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+            }
             _ => {}
         }
+    }
+
+    /// TLS handshakes failed for `reason` so far.
+    pub fn tls_handshake_failures(&self, reason: streambus_adapters::HandshakeFailure) -> u64 {
+        self.tls_handshake_failures
+            .get_or_create(&HandshakeLabels {
+                reason: reason.as_str(),
+            })
+            .get()
     }
 
     /// Records one answered request.

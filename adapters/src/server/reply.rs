@@ -14,9 +14,9 @@ use streambus_core::{
     response_encoded_len,
 };
 
-use crate::FileChunk;
 use crate::server::budget::Budget;
 use crate::server::transmit::TxBuf;
+use crate::{FileChunk, Peer};
 
 /// The size an error reply is first encoded into; the encoder asks for more if the message is
 /// long (it is capped at 256 bytes).
@@ -42,6 +42,8 @@ pub(crate) struct Outbox {
 #[derive(Debug)]
 pub(crate) struct OutboxCell {
     outbox: Mutex<Outbox>,
+    /// Who the connection is with.
+    peer: Peer,
     budget: Arc<Budget>,
     /// Bytes waiting in the outbox, readable without the lock (the connection stops handing out
     /// requests while its queued output is over its share of the memory budget).
@@ -49,9 +51,10 @@ pub(crate) struct OutboxCell {
 }
 
 impl OutboxCell {
-    pub(crate) fn new(budget: Arc<Budget>) -> Self {
+    pub(crate) fn new(budget: Arc<Budget>, peer: Peer) -> Self {
         Self {
             outbox: Mutex::default(),
+            peer,
             budget,
             queued: AtomicU64::new(0),
         }
@@ -132,6 +135,12 @@ impl Reply {
     /// The RequestID being answered.
     pub fn request_id(&self) -> u64 {
         self.request_id
+    }
+
+    /// Who sent the request: the peer's address and, over mTLS, its client certificate's
+    /// subject. `None` only once the reply was sent.
+    pub fn peer(&self) -> Option<&Peer> {
+        self.outbox.as_deref().map(|o| &o.peer)
     }
 
     /// Whether the connection has closed, so an answer would be dropped (a handler holding
