@@ -462,6 +462,39 @@ mod tests {
     }
 
     #[test]
+    fn tls_files_that_cannot_be_used_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let junk = junk.to_str().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let missing = missing.to_str().unwrap();
+        let e = parse(&["--tls-cert", junk]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid setting --tls-key: missing: --tls-cert needs its private key"
+        );
+        let e = parse(&["--tls-key", junk]).unwrap_err().to_string();
+        assert!(e.starts_with("invalid setting --tls-cert: missing"), "{e}");
+        let e = parse(&["--tls-cert", missing, "--tls-key", junk])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("invalid setting --tls-cert: {missing}: ")),
+            "{e}"
+        );
+        let e = parse(&["--tls-cert", junk, "--tls-key", junk])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "invalid setting --tls-cert: {junk}: no certificate in the file (want a PEM \"BEGIN CERTIFICATE\" block)"
+            )
+        );
+    }
+
+    #[test]
     fn file_then_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sb.toml");
