@@ -160,10 +160,7 @@ async fn produce(
         let c = if i == 0 {
             client.clone()
         } else {
-            let cfg = client.config();
-            Client::builder()
-                .connect_timeout(cfg.connect_timeout)
-                .request_timeout(cfg.request_timeout)
+            ctx.builder()
                 .connect(ctx.broker.as_str())
                 .await
                 .map_err(|e| ctx.err(e))?
@@ -371,12 +368,10 @@ async fn consume(ctx: &Ctx, args: &Bench, stop: &AtomicBool) -> Result<Report, F
 /// Health checks over `--connections` connections with `--in-flight` requests each: the
 /// broker's request rate without storage.
 async fn requests(ctx: &Ctx, args: &Bench, stop: &Arc<AtomicBool>) -> Result<Report, Failure> {
-    let cfg = ctx.client.config();
-    let client = Client::builder()
+    let client = ctx
+        .builder()
         .pool_size(args.connections as usize)
         .max_in_flight(args.in_flight as usize)
-        .connect_timeout(cfg.connect_timeout)
-        .request_timeout(cfg.request_timeout)
         .connect(ctx.broker.as_str())
         .await
         .map_err(|e| ctx.err(e))?;

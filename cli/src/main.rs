@@ -48,7 +48,7 @@ impl Failure {
                 code: 2,
                 message: e.to_string(),
             },
-            Error::Io { .. } | Error::TimedOut { .. } => {
+            Error::Io { .. } | Error::TimedOut { .. } | Error::Tls { .. } => {
                 Self::runtime(format!("broker {broker}: {e}"))
             }
             _ => Self::runtime(e.to_string()),
@@ -126,6 +126,7 @@ fn fail(f: &Failure) -> ExitCode {
 async fn run(cli: Cli, broker_source: &str) -> Outcome {
     let broker = cli.broker.clone();
     let client = Client::builder()
+        .tls_options(cli.tls())
         .connect_timeout(cli.timeout)
         .request_timeout(cli.timeout)
         .connect(broker.clone())
@@ -148,6 +149,17 @@ async fn run(cli: Cli, broker_source: &str) -> Outcome {
         Command::Produce(p) => produce::run(&ctx, p).await,
         Command::Consume(c) => consume::run(&ctx, c).await,
         Command::Bench(b) => bench::run(&ctx, b).await,
+    }
+}
+
+impl Ctx {
+    /// A builder with the settings of the command line (timeouts, TLS), for more clients.
+    pub(crate) fn builder(&self) -> streambus_client::ClientBuilder {
+        let cfg = self.client.config();
+        Client::builder()
+            .tls_options(cfg.tls.clone())
+            .connect_timeout(cfg.connect_timeout)
+            .request_timeout(cfg.request_timeout)
     }
 }
 

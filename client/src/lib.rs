@@ -89,9 +89,12 @@ mod producer;
 pub mod smol;
 mod types;
 
-pub use client::{Client, ClientBuilder, ClientConfig};
+pub use client::{Client, ClientBuilder, ClientConfig, TlsOptions};
 pub use consumer::{Consumer, ConsumerConfig, Offset, ResetPolicy};
 pub use error::{Context, Error, ErrorCode, ProtocolError, Result};
 pub use partition::{fnv1a32, partition_for_key};
 pub use producer::{BufferFull, Delivery, Producer, ProducerConfig};
+/// The rustls this crate speaks TLS with (to match [`Error::Tls`]'s source, or build a
+/// configuration for [`ClientBuilder::tls_config`]).
+pub use streambus_adapters::tls::rustls;
 pub use types::{ConsumerRecord, Health, PartitionOffsets, Record, RecordMetadata, TopicInfo};
