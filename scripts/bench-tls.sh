@@ -44,7 +44,7 @@ for rt in "${runtimes[@]}"; do
         b=$("$B/streambus-bench" $T fetch | sed -n 's/^fetch: \([0-9.]*\) GB.*/\1/p')
         awk -v r="$i" -v a="$a" -v b="$b" 'BEGIN { printf "round %d: fetch 1 MiB plaintext (sendfile) %.2f GB/s, TLS %.2f GB/s, ratio %.2f\n", r, a, b, b / a }'
     done
-    "$B/streambus-bench" $P handshakes --threads 2 --server-pid "$pp" | head -n 1
-    "$B/streambus-bench" $T handshakes --threads 2 --server-pid "$tp" | head -n 1
+    "$B/streambus-bench" $P handshakes --threads 2 --server-pid "$pp" | sed -n 1p
+    "$B/streambus-bench" $T handshakes --threads 2 --server-pid "$tp" | sed -n 1p
     kill "$pp" "$tp"; wait "$pp" "$tp" || true
 done

@@ -68,9 +68,21 @@ pub enum TlsConfigError {
     },
 }
 
-/// The crypto provider every configuration here uses (*ring*).
+/// The crypto provider every configuration here uses: *ring*, with the AES-128-GCM suites
+/// preferred to AES-256-GCM (equally sound for TLS, and four fewer AES rounds per block on the
+/// bulk path of large fetches); the other suites follow in *ring*'s order.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::CipherSuite as C;
+    let mut p = rustls::crypto::ring::default_provider();
+    p.cipher_suites.sort_by_key(|s| {
+        !matches!(
+            s.suite(),
+            C::TLS13_AES_128_GCM_SHA256
+                | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    Arc::new(p)
 }
 
 fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> TlsConfigError {
