@@ -209,6 +209,8 @@ trait Stream: Read + Write {
     fn buffered(&self) -> bool {
         false
     }
+    /// The connection went quiet and gave its buffers back: give back the stream's too.
+    fn release_idle(&mut self) {}
     /// Ends the write side after what was written.
     fn shutdown_write(&mut self) -> io::Result<()> {
         self.tcp().shutdown(std::net::Shutdown::Write)
@@ -437,6 +439,9 @@ fn connection<H: Handler, S: Stream>(
         // past its idle deadline. A quiet connection gives its buffers back here.
         if s.handle_timeout(now()) {
             return Ok(());
+        }
+        if s.holds_no_receive_buffer() {
+            stream.release_idle();
         }
     }
 }
@@ -708,6 +713,10 @@ mod tls {
 
         fn buffered(&self) -> bool {
             !self.conn.wants_read()
+        }
+
+        fn release_idle(&mut self) {
+            self.file.release();
         }
 
         fn shutdown_write(&mut self) -> io::Result<()> {

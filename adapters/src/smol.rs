@@ -141,6 +141,10 @@ impl Socket for TlsSocket {
         Poll::Ready(Ok(n))
     }
 
+    fn release_idle(&mut self) {
+        self.file.release();
+    }
+
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         AsyncWrite::poll_flush(Pin::new(&mut self.stream), cx)
     }

@@ -9,7 +9,7 @@
 //! [`ServeOptions::tls`](crate::ServeOptions::tls); each accepted connection runs its handshake
 //! on its own task (thread, on the blocking runtime) with the read timeout as its deadline, and
 //! a failed handshake is reported as [`ConnEvent::TlsHandshakeFailed`](crate::ConnEvent) with
-//! its [`HandshakeFailure`](crate::HandshakeFailure). A verified client certificate's subject
+//! its [`HandshakeFailure`]. A verified client certificate's subject
 //! reaches the handler as [`Peer::tls_client_subject`](crate::Peer::tls_client_subject).
 //!
 //! File ranges of a fetch can't go out with `sendfile` through TLS: they are read into one
@@ -320,9 +320,62 @@ impl FileReader {
         Ok(&self.buf[self.start..end])
     }
 
+    /// Gives the buffer back (a quiet connection); the next range reads anew.
+    pub(crate) fn release(&mut self) {
+        if self.buf.capacity() > 0 {
+            *self = Self::default();
+        }
+    }
+
     /// Records that `n` bytes of what [`bytes`](Self::bytes) gave were written.
     pub(crate) fn consumed(&mut self, n: usize) {
         self.start = (self.start + n).min(self.end);
         self.offset += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A range longer than a piece comes out whole and in order however little each write
+    /// takes, the buffer serving each piece until it is written; a released buffer reads anew.
+    #[test]
+    fn file_reader_hands_out_a_range_in_pieces() {
+        use std::io::Write as _;
+        let path =
+            std::env::temp_dir().join(format!("streambus-filereader-{}", std::process::id()));
+        let data: Vec<u8> = (0..FILE_PIECE * 2 + 1000)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&data)
+            .unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        let mut chunk = FileChunk {
+            file,
+            offset: 10,
+            len: (data.len() - 20) as u64,
+        };
+        let mut r = FileReader::default();
+        let mut out = Vec::new();
+        let mut writes = 0;
+        while chunk.len > 0 {
+            let bytes = r.bytes(&chunk).unwrap();
+            assert!(!bytes.is_empty() && bytes.len() <= FILE_PIECE);
+            // Take an odd amount each time, as a socket might.
+            let n = bytes.len().min(100_000 + writes);
+            out.extend_from_slice(&bytes[..n]);
+            r.consumed(n);
+            chunk.offset += n as u64;
+            chunk.len -= n as u64;
+            writes += 1;
+            if writes == 3 {
+                r.release();
+            }
+        }
+        assert_eq!(out, data[10..data.len() - 10]);
     }
 }

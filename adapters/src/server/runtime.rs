@@ -47,6 +47,8 @@ pub(crate) trait Socket: Send + 'static {
     }
     /// Shuts the write side (FIN after what was written).
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// The connection went quiet and gave its buffers back: give back the socket's too.
+    fn release_idle(&mut self) {}
 }
 
 /// What the loops need of an async runtime.
@@ -154,22 +156,27 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
             #[cfg(feature = "tls")]
             let ended = match options.tls.clone() {
                 None => connection::<R, H, _>(socket, who, &h, &options, stop, b, &j).await,
+                // On the heap: a TLS session is kilobytes, which a plaintext connection's task
+                // must not carry (the task is as large as its largest state).
                 Some(config) => {
-                    let deadline = options.connection.read_timeout;
-                    match handshake::<R>(config, socket, deadline).await {
-                        Ok((socket, subject)) => {
-                            let who = Peer {
-                                tls_client_subject: subject,
-                                ..who
-                            };
-                            connection::<R, H, _>(socket, who, &h, &options, stop, b, &j).await
+                    Box::pin(async {
+                        let deadline = options.connection.read_timeout;
+                        match handshake::<R>(config, socket, deadline).await {
+                            Ok((socket, subject)) => {
+                                let who = Peer {
+                                    tls_client_subject: subject,
+                                    ..who
+                                };
+                                connection::<R, H, _>(socket, who, &h, &options, stop, b, &j).await
+                            }
+                            Err(reason) => {
+                                tracing::debug!(%peer, %reason, "TLS handshake failed");
+                                h.on_event(ConnEvent::TlsHandshakeFailed(reason));
+                                Ok(())
+                            }
                         }
-                        Err(reason) => {
-                            tracing::debug!(%peer, %reason, "TLS handshake failed");
-                            h.on_event(ConnEvent::TlsHandshakeFailed(reason));
-                            Ok(())
-                        }
-                    }
+                    })
+                    .await
                 }
             };
             #[cfg(not(feature = "tls"))]
@@ -356,6 +363,9 @@ async fn connection<R: Runtime, H: Handler, S: Socket>(
                 if s.handle_timeout(now()) {
                     tracing::debug!("connection timed out");
                     return Ok(());
+                }
+                if s.holds_no_receive_buffer() {
+                    socket.release_idle();
                 }
             }
         }
