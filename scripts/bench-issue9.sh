@@ -18,7 +18,7 @@
 #   PIPE_RUNTIMES="tokio" limits the fsync-always runs (all runtimes by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q --release -p streambus-server -p streambus-tests
+cargo build -q --release -p streambus-server -p streambus-cli
 B="$PWD/target/release"
 OLD=""
 if [[ -n "${BEFORE:-}" ]]; then
@@ -56,11 +56,17 @@ start() {
     PORT[$name]=$port
     wait_port "$port"
 }
-bench() { # NAME SECONDS ARGS...: streambus-bench against broker NAME
+bench() { # NAME SECONDS MODE ARGS...: `streambus bench MODE` against broker NAME
     local name=$1 secs=$2; shift 2
-    "$B/streambus-bench" --addr "127.0.0.1:${PORT[$name]}" \
-        --metrics "127.0.0.1:$((PORT[$name] + 1))" --duration "${secs}s" "$@"
+    "$B/streambus" --broker "127.0.0.1:${PORT[$name]}" bench "$@" --duration "${secs}s"
 }
+# `streambus bench pipeline` with the broker's fsyncs (from its /metrics).
+pipelined() { # NAME SECONDS ARGS...
+    local name=$1 secs=$2; shift 2
+    bench "$name" "$secs" pipeline --metrics "127.0.0.1:$((PORT[$name] + 1))" "$@"
+}
+sync_rt() { bench "$1" "$2" pipeline -t bench-sync --batch 1 --in-flight 1 | head -n 2; }
+pingpong() { "$B/streambus" bench pingpong --duration "${SECS}s" | head -n 2; }
 
 echo "machine: $(nproc) vCPU, $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "after: $(git rev-parse --short HEAD)${OLD:+, before: $(git -C "$BEFORE" rev-parse --short HEAD)}"
@@ -84,19 +90,19 @@ fi
 
 for ((i = 1; i <= ROUNDS; i++)); do
     echo "== round $i"
-    "$B/streambus-bench" --duration "${SECS}s" pingpong
+    pingpong
     for rt in "${runtimes[@]}"; do
         for who in new old; do
             [[ $who == new || -n "$OLD" ]] || continue
             echo -n "-- $rt $who: "
-            bench "$who-never-$rt" "$SECS" sync
+            sync_rt "$who-never-$rt" "$SECS"
         done
     done
-    "$B/streambus-bench" --duration "${SECS}s" pingpong
+    pingpong
     for rt in "${runtimes[@]}"; do
         for gap in 1ms 0ms; do
             echo "-- $rt: longpoll, gap $gap"
-            bench "new-never-$rt" "$((SECS + 1))" longpoll --rounds 1 --gap "$gap" | tail -n 4
+            bench "new-never-$rt" "$((SECS + 1))" longpoll -t bench-longpoll --rounds 1 --gap "$gap"
         done
     done
     for rt in "${pipe_runtimes[@]}"; do
@@ -104,7 +110,7 @@ for ((i = 1; i <= ROUNDS; i++)); do
             for who in new old; do
                 [[ $who == new || -n "$OLD" ]] || continue
                 echo -n "-- $rt $who fsync always: "
-                bench "$who-always-$rt" "$SECS" pipelined --window 64 --batch "$batch"
+                pipelined "$who-always-$rt" "$SECS" -t bench-pipe --in-flight 64 --batch "$batch"
             done
         done
     done
@@ -117,7 +123,7 @@ for ((i = 1; i <= ROUNDS; i++)); do
             for who in new old; do
                 [[ $who == new || -n "$OLD" ]] || continue
                 echo -n "-- $rt $who: "
-                bench "$who-never-$rt" "$SECS" requests --kind "$kind"
+                bench "$who-never-$rt" "$SECS" requests -t bench-requests --connections 50 --in-flight 64 --request "$kind"
             done
         done
     done

@@ -3,7 +3,10 @@
 # feature crc-small-table) with and without the embedded client, and prints the sizes.
 #
 #   scripts/footprint.sh            # table on stdout
-#   MAX_CLIENT_TEXT=6144 scripts/footprint.sh   # also fail if the client's own .text is larger
+#   MAX_CLIENT_TEXT=5632 scripts/footprint.sh   # also fail if the client's own .text is larger
+#
+# The last lines give the client's own .text with both calls, and with produce or fetch alone
+# (features only-produce, only-fetch); the gate applies to both calls.
 #
 # "client" = image with the client minus the baseline image (same canned transport, no client).
 # "client, own code" leaves out compiler-builtins' memcpy/memset (libc routines every firmware
@@ -24,6 +27,8 @@ target=thumbv7em-none-eabihf
 cargo test --quiet --target "$(rustc -vV | sed -n 's/^host: //p')" >/dev/null
 cargo build --quiet --release --target "$target"
 cargo build --quiet --release --target "$target" --features baseline --target-dir target/baseline
+cargo build --quiet --release --target "$target" --features only-produce --target-dir target/only-produce
+cargo build --quiet --release --target "$target" --features only-fetch --target-dir target/only-fetch
 full="target/$target/release/streambus-firmware-example"
 base="target/baseline/$target/release/streambus-firmware-example"
 
@@ -43,6 +48,12 @@ bt=$(sec "$base" .text); br=$(sec "$base" .rodata); bd=$(( $(sec "$base" .data) 
 fb=$(builtins "$full"); bb=$(builtins "$base")
 ct=$(( ft - bt )); cr=$(( fr - br )); cd=$(( fd - bd ))
 own=$(( (ft - fb) - (bt - bb) ))
+# own .text of the client in the image built with feature $1
+own_of() {
+    local elf="target/$1/$target/release/streambus-firmware-example"
+    echo $(( ($(sec "$elf" .text) - $(builtins "$elf")) - (bt - bb) ))
+}
+own_produce=$(own_of only-produce); own_fetch=$(own_of only-fetch)
 
 printf '%-36s %8s %8s %12s\n' "image ($target, opt z, LTO)" .text .rodata ".data+.bss"
 printf '%-36s %8d %8d %12d\n' "whole firmware" "$ft" "$fr" "$fd"
@@ -50,6 +61,8 @@ printf '%-36s %8d %8d %12d\n' "baseline (transport, no client)" "$bt" "$br" "$bd
 printf '%-36s %8d %8d %12d\n' "client (difference)" "$ct" "$cr" "$cd"
 printf '%-36s %8d %8s %12s\n' "client, own code (no memcpy/memset)" "$own" "" ""
 printf 'client rodata includes the 1 KiB CRC table (feature crc-small-table)\n'
+printf '\n%-36s %8s\n' "client's own .text by calls" .text
+printf '%-36s %8d\n' "produce + fetch" "$own" "produce only" "$own_produce" "fetch only" "$own_fetch"
 
 if [[ -n "${MAX_CLIENT_TEXT:-}" && "$own" -gt "$MAX_CLIENT_TEXT" ]]; then
     echo "client .text $own > $MAX_CLIENT_TEXT" >&2

@@ -15,6 +15,10 @@
 //! table is full. Requests whose handling blocks ([`Handler::blocks`]) run where blocking is
 //! allowed, one at a time per connection, so requests on a connection keep their order.
 //!
+//! Per-connection state (the principal a connection authenticated as, §6.3) lives in the
+//! [`Connection`] every [`Reply`] of that connection reaches ([`Reply::connection`]); through it
+//! a handler also asks a connection to close after its reply.
+//!
 //! Shutdown is the same on every runtime: stop accepting, call [`Handler::shutdown`] (which
 //! answers whatever waits), let every connection answer and write everything it has read, then
 //! close; connections still open at [`ServeOptions::shutdown_grace`] are closed and have stopped
@@ -36,6 +40,7 @@ pub mod tls;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
+pub use server::connection::Connection;
 pub use server::reply::Reply;
 
 /// A byte range of a file to send as part of a response, with `sendfile` (no copy through

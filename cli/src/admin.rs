@@ -47,10 +47,37 @@ pub(crate) async fn topics(ctx: &Ctx, cmd: Topics) -> Outcome {
         }
         Topics::Describe { name, json } => {
             let parts = partitions(ctx, &name, None).await?;
+            let meta = client
+                .metadata([name.as_str()])
+                .await
+                .map_err(|e| ctx.err(e))?;
+            let placement = |p: u32| {
+                meta.topic(&name)
+                    .and_then(|t| t.partitions.iter().find(|m| m.partition == p))
+            };
+            let leader = |p: u32| placement(p).and_then(|m| m.leader);
+            let replicas = |p: u32| placement(p).map(|m| m.replicas.clone()).unwrap_or_default();
             let out = if json {
+                let list: Vec<Value> = parts
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "partition": p.partition,
+                            "start": p.start,
+                            "end": p.end,
+                            "leader": leader(p.partition),
+                            "replicas": replicas(p.partition),
+                        })
+                    })
+                    .collect();
+                let brokers: Vec<Value> = meta
+                    .brokers
+                    .iter()
+                    .map(|b| json!({ "node_id": b.node_id, "address": b.address() }))
+                    .collect();
                 format!(
                     "{}\n",
-                    json!({ "name": name, "partitions": offsets_json(&parts) })
+                    json!({ "name": name, "partitions": list, "brokers": brokers })
                 )
             } else {
                 let records: i64 = parts.iter().map(|p| p.end - p.start).sum();
@@ -62,15 +89,25 @@ pub(crate) async fn topics(ctx: &Ctx, cmd: Topics) -> Outcome {
                 let rows: Vec<Vec<String>> = parts
                     .iter()
                     .map(|p| {
+                        let replicas: Vec<String> =
+                            replicas(p.partition).iter().map(u32::to_string).collect();
                         vec![
                             p.partition.to_string(),
                             p.start.to_string(),
                             p.end.to_string(),
                             (p.end - p.start).to_string(),
+                            leader(p.partition).map_or_else(|| "none".into(), |l| l.to_string()),
+                            replicas.join(","),
                         ]
                     })
                     .collect();
-                out.push_str(&table(&["PARTITION", "START", "END", "RECORDS"], &rows));
+                out.push_str(&table(
+                    &["PARTITION", "START", "END", "RECORDS", "LEADER", "REPLICAS"],
+                    &rows,
+                ));
+                for b in &meta.brokers {
+                    out.push_str(&format!("broker {} at {}\n", b.node_id, b.address()));
+                }
                 out
             };
             write_out(out.as_bytes())

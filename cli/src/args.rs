@@ -15,6 +15,7 @@ Examples:
   streambus consume orders --from latest --follow --json
   streambus offsets orders
   streambus bench produce --messages 100000 --size 100
+  streambus auth new-token ingest
 
 Exit status: 0 success, 1 a runtime error (one line on stderr naming what failed),
 2 a usage error.";
@@ -41,6 +42,16 @@ pub(crate) struct Cli {
         default_value = "127.0.0.1:9092"
     )]
     pub(crate) broker: String,
+
+    /// The token to authenticate with, when the broker requires one
+    #[arg(
+        long,
+        global = true,
+        env = "STREAMBUS_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub(crate) token: Option<String>,
 
     /// Time allowed to connect and for each request (like 500ms, 10s, 2m)
     #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
@@ -118,7 +129,7 @@ object per line; a key, value or header that is not UTF-8 is base64 in a field n
     Offsets(Offsets),
     /// Check the broker's health (exit status 1 when unhealthy or unreachable)
     Health(Health),
-    /// Measure produce, round-trip, consume or request throughput and latency through the SDK
+    /// Measure throughput and latency: through the SDK, or raw against the broker
     #[command(after_help = "\
 produce: the SDK's batching producer sends --messages records of --size bytes (or for
 --duration); latency is from enqueue to acknowledgement.
@@ -126,11 +137,41 @@ roundtrip: the same with one record in flight per client (Producer::send, awaite
 that of each send.
 consume: the SDK's consumer reads --messages records from the topic's start (by default all
 it holds); latency is that of each poll that returned records.
-requests: HealthCheck requests over --connections connections with --in-flight each (the
-broker's request rate without storage; --messages counts requests).
+Raw modes (the protocol through the core's driver, no SDK):
+requests: --request health (HealthCheck: the broker's request rate without storage) or produce
+(one --size record each), --in-flight at a time on each of --connections connections;
+--messages counts requests.
+pingpong: TCP round trips of a one-record Produce's and its reply's sizes between two tasks of
+this process, no broker: the floor under roundtrip.
+pipeline: Produce requests of --batch records, --in-flight at a time on each of --connections
+connections (--messages rounded up to whole requests); latency is that of each request.
+fetch: Fetches of --max-bytes from partition 0, start to end and around again (64 MiB of
+--size records are stored first when it is empty; 5 s unless --duration or --messages).
+connections: opens --connections connections, each answering one HealthCheck; with
+--server-pid, the broker's resident memory per connection; --hold keeps them open.
+longpoll: a consumer long-polls (--max-wait-ms, MinBytes 1) while a producer sends one --size
+record at a time after a --gap; latency from the send to the consumer holding the record; sync
+Produce phases in the same --rounds give the ratio.
+trickle: --connections connections each send --send-bytes of a --frame-bytes Produce and stall;
+reports the broker's peak RSS (--server-pid) and a fresh connection's HealthCheck time.
+--plot FILE.svg|FILE.png draws the latency by percentile.
 A progress bar is drawn on a terminal only. At the end: messages/s, MB/s (10^6 bytes of
 record values) and latency p50/p90/p99/p99.9/max; --json prints them as one JSON object.")]
     Bench(Bench),
+    /// Make tokens for the broker's --auth-file (no broker needed)
+    #[command(subcommand)]
+    Auth(Auth),
+}
+
+/// `streambus auth …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Auth {
+    /// Print a fresh 256-bit token (line 1) and its line for the auth file's principals
+    /// table (line 2, holding the token's SHA-256, never the token)
+    NewToken {
+        /// The principal the token is for
+        principal: String,
+    },
 }
 
 /// `streambus topics …`.
@@ -155,7 +196,7 @@ pub(crate) enum Topics {
         #[arg(long)]
         json: bool,
     },
-    /// Show a topic's partitions with their start and end offsets
+    /// Show a topic's partitions with their start and end offsets, leaders and replicas
     Describe {
         /// The topic's name
         name: String,
@@ -255,7 +296,7 @@ pub(crate) struct Bench {
     #[arg(long, short, default_value_t = 100, value_name = "BYTES")]
     pub(crate) size: usize,
     /// How long a producer batch waits for more records
-    #[arg(long, default_value = "5ms", value_name = "DURATION", value_parser = parse_linger)]
+    #[arg(long, default_value = "5ms", value_name = "DURATION", value_parser = parse_duration_or_zero)]
     pub(crate) linger: Duration,
     /// Record bytes per producer batch at most
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
@@ -263,15 +304,60 @@ pub(crate) struct Bench {
     /// Clients (each with its own connections and producer) sharing the records to send
     #[arg(long, short, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub(crate) clients: u32,
-    /// requests: connections to the broker
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// requests, pipeline, connections: connections to the broker
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub(crate) connections: u32,
-    /// requests: requests in flight per connection (1-128)
+    /// pipeline, requests: the broker's metrics address (its --metrics-listen), to report
+    /// the fsyncs it did meanwhile
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) metrics: Option<String>,
+    /// requests: what each request is
+    #[arg(long, value_enum, default_value_t = RequestKind::Health, value_name = "KIND")]
+    pub(crate) request: RequestKind,
+    /// pipeline: messages per Produce request
+    #[arg(long, default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) batch: u32,
+    /// fetch: MaxBytes of each Fetch
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
+    pub(crate) max_bytes: u32,
+    /// connections: the broker's process id, to report its memory per connection
+    #[arg(long, value_name = "PID")]
+    pub(crate) server_pid: Option<u32>,
+    /// connections: spread them over this many source addresses, 127.0.0.FIRST onwards (one
+    /// source address reaches about 28 000 connections to one listener)
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub(crate) sources: u8,
+    /// connections: the last byte of the first source address (see --sources)
+    #[arg(long, default_value_t = 1, value_name = "BYTE")]
+    pub(crate) first_source: u8,
+    /// connections: keep them open this long after the report, which ends with a line
+    /// "ready: holding …" (like 30s)
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) hold: Option<Duration>,
+    /// longpoll: MaxWaitMs of each Fetch (MinBytes is 1)
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub(crate) max_wait_ms: u32,
+    /// longpoll: pause between the Fetch and the Produce, so the Fetch waits at the broker
+    #[arg(long, default_value = "1ms", value_name = "DURATION", value_parser = parse_duration_or_zero)]
+    pub(crate) gap: Duration,
+    /// longpoll: rounds of (sync phase, long-poll phase) sharing --duration (6 s)
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub(crate) rounds: u32,
+    /// trickle: the size of the Produce frame each connection starts
+    #[arg(long, default_value_t = 10 << 20, value_name = "BYTES")]
+    pub(crate) frame_bytes: usize,
+    /// trickle: the bytes of it each connection sends
+    #[arg(long, default_value_t = 9 << 20, value_name = "BYTES")]
+    pub(crate) send_bytes: usize,
+    /// requests, pipeline: requests in flight per connection (1-128)
     #[arg(long, default_value_t = 64, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=128))]
     pub(crate) in_flight: u32,
     /// Print the results as one JSON object
     #[arg(long)]
     pub(crate) json: bool,
+    /// Also draw the latency by percentile into this chart (.svg or .png)
+    #[arg(long, value_name = "FILE", value_parser = crate::plot::parse_path)]
+    pub(crate) plot: Option<PathBuf>,
 }
 
 /// What `bench` measures (explained in `bench --help`'s text).
@@ -285,6 +371,27 @@ pub(crate) enum BenchMode {
     Consume,
     // Health checks, many in flight.
     Requests,
+    // Raw TCP round trips of a Produce's size inside this process: the floor.
+    Pingpong,
+    // Raw Produce requests, many in flight.
+    Pipeline,
+    // Raw Fetch requests, one in flight.
+    Fetch,
+    // Open and hold connections.
+    Connections,
+    // Produce to long-polling consumer latency.
+    Longpoll,
+    // Connections that send part of a large frame and stall.
+    Trickle,
+}
+
+/// The request `bench requests` sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum RequestKind {
+    /// HealthCheck: the broker's request path without storage.
+    Health,
+    /// A Produce of one --size record.
+    Produce,
 }
 
 /// `streambus health`.
@@ -332,7 +439,7 @@ fn parse_header(s: &str) -> Result<(String, String), String> {
 }
 
 /// A duration that may be zero.
-fn parse_linger(s: &str) -> Result<Duration, String> {
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
     match parse_duration(s) {
         Err(e) if e == ZERO => Ok(Duration::ZERO),
         other => other,
@@ -381,8 +488,8 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("x").is_err());
-        assert_eq!(parse_linger("0ms"), Ok(Duration::ZERO));
-        assert!(parse_linger("-1ms").is_err());
+        assert_eq!(parse_duration_or_zero("0ms"), Ok(Duration::ZERO));
+        assert!(parse_duration_or_zero("-1ms").is_err());
     }
 
     #[test]

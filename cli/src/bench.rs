@@ -16,8 +16,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::admin::{partitions, plural};
-use crate::args::{Bench, BenchMode};
-use crate::{Ctx, Failure, Interrupt, Outcome, write_out};
+use crate::args::{Bench, BenchMode, RequestKind};
+use crate::{Ctx, Failure, Interrupt, Outcome, plot, raw, write_out};
 
 /// Records produced when neither `--messages` nor `--duration` is given.
 const DEFAULT_MESSAGES: u64 = 1_000_000;
@@ -26,18 +26,54 @@ const DEFAULT_ROUNDTRIPS: u64 = 100_000;
 
 /// What one run measured.
 #[derive(Debug)]
-struct Report {
-    mode: &'static str,
+pub(crate) struct Report {
+    pub(crate) mode: &'static str,
     /// What is counted (`message`, `request`).
-    unit: &'static str,
+    pub(crate) unit: &'static str,
     /// What the latency is of.
-    latency_of: &'static str,
-    messages: u64,
+    pub(crate) latency_of: &'static str,
+    pub(crate) messages: u64,
     /// Bytes of record values.
-    bytes: u64,
-    elapsed: Duration,
+    pub(crate) bytes: u64,
+    pub(crate) elapsed: Duration,
     /// Latencies in ns.
-    latency: Histogram<u64>,
+    pub(crate) latency: Histogram<u64>,
+    /// What else the mode measured.
+    pub(crate) notes: Vec<Note>,
+    /// What to keep open after the report (`connections --hold`).
+    pub(crate) hold: Option<Hold>,
+}
+
+/// Something held open for a while after the report is printed.
+pub(crate) struct Hold {
+    pub(crate) how_long: Duration,
+    /// What is held, for the "ready" line.
+    pub(crate) what: String,
+    /// Dropped when the time is up (or on Ctrl-C).
+    pub(crate) guard: Box<dyn Send>,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("how_long", &self.how_long)
+            .field("what", &self.what)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One more figure of a run: a JSON field and a line of text.
+#[derive(Debug)]
+pub(crate) struct Note {
+    key: &'static str,
+    value: serde_json::Value,
+    text: String,
+}
+
+impl Note {
+    pub(crate) fn new(key: &'static str, value: serde_json::Value, text: String) -> Self {
+        Self { key, value, text }
+    }
 }
 
 /// Runs `bench`.
@@ -54,19 +90,55 @@ pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
         BenchMode::Produce => produce(ctx, &args, &stop, false).await?,
         BenchMode::Roundtrip => produce(ctx, &args, &stop, true).await?,
         BenchMode::Consume => consume(ctx, &args, &stop).await?,
-        BenchMode::Requests => requests(ctx, &args, &stop).await?,
+        BenchMode::Requests => {
+            let load = match args.request {
+                RequestKind::Health => raw::Load::Health,
+                RequestKind::Produce => raw::Load::Produce { batch: 1 },
+            };
+            raw::pipelined(ctx, &args, &stop, load).await?
+        }
+        BenchMode::Pingpong => raw::pingpong(&args, &stop).await?,
+        BenchMode::Pipeline => {
+            let load = raw::Load::Produce { batch: args.batch };
+            raw::pipelined(ctx, &args, &stop, load).await?
+        }
+        BenchMode::Fetch => raw::fetch(ctx, &args, &stop).await?,
+        BenchMode::Connections => raw::connections(ctx, &args, &stop).await?,
+        BenchMode::Longpoll => raw::longpoll(ctx, &args, &stop).await?,
+        BenchMode::Trickle => raw::trickle(ctx, &args, &stop).await?,
     };
-    write_out(render(&report, &args).as_bytes())
+    if let Some(path) = &args.plot {
+        let chart = plot::Chart {
+            title: format!("streambus bench {}", report.mode),
+            latency_of: report.latency_of,
+            latency: &report.latency,
+        };
+        plot::write(path, &chart)?;
+    }
+    write_out(render(&report, &args).as_bytes())?;
+    if let Some(hold) = report.hold {
+        // A script waiting for this line measures the broker while the connections stay.
+        write_out(format!("ready: holding {} for {:?}\n", hold.what, hold.how_long).as_bytes())?;
+        let until = Instant::now() + hold.how_long;
+        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(
+                Duration::from_millis(100).min(until.saturating_duration_since(Instant::now())),
+            )
+            .await;
+        }
+        drop(hold.guard);
+    }
+    Ok(())
 }
 
 /// Latencies from 1 ns to an hour, 3 significant digits.
-fn histogram() -> Result<Histogram<u64>, Failure> {
+pub(crate) fn histogram() -> Result<Histogram<u64>, Failure> {
     Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
         .map_err(|e| Failure::runtime(format!("creating the latency histogram: {e}")))
 }
 
 /// A bar on a terminal (stderr), nothing otherwise.
-fn progress(total: Option<u64>, what: &str) -> ProgressBar {
+pub(crate) fn progress(total: Option<u64>, what: &str) -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -160,7 +232,8 @@ async fn produce(
         let c = if i == 0 {
             client.clone()
         } else {
-            ctx.builder()
+            let cfg = client.config();
+            same_token(ctx.builder(), cfg)
                 .connect(ctx.broker.as_str())
                 .await
                 .map_err(|e| ctx.err(e))?
@@ -234,6 +307,8 @@ async fn produce(
         bytes: total.ok * args.size as u64,
         elapsed,
         latency: total.latency,
+        notes: Vec::new(),
+        hold: None,
     })
 }
 
@@ -362,80 +437,12 @@ async fn consume(ctx: &Ctx, args: &Bench, stop: &AtomicBool) -> Result<Report, F
         bytes,
         elapsed,
         latency,
+        notes: Vec::new(),
+        hold: None,
     })
 }
 
-/// Health checks over `--connections` connections with `--in-flight` requests each: the
-/// broker's request rate without storage.
-async fn requests(ctx: &Ctx, args: &Bench, stop: &Arc<AtomicBool>) -> Result<Report, Failure> {
-    let client = ctx
-        .builder()
-        .pool_size(args.connections as usize)
-        .max_in_flight(args.in_flight as usize)
-        .connect(ctx.broker.as_str())
-        .await
-        .map_err(|e| ctx.err(e))?;
-    let limit = match (args.messages, args.duration) {
-        (Some(n), _) => n,
-        (None, Some(_)) => u64::MAX,
-        (None, None) => DEFAULT_MESSAGES,
-    };
-    let bar = progress((limit != u64::MAX).then_some(limit), "answered");
-    let workers = u64::from(args.connections) * u64::from(args.in_flight);
-    let start = Instant::now();
-    let mut tasks = JoinSet::new();
-    for i in 0..workers {
-        let share = if limit == u64::MAX {
-            limit
-        } else {
-            limit / workers + u64::from(i < limit % workers)
-        };
-        let job = Job {
-            topic: String::new(),
-            value: Vec::new(),
-            config: ProducerConfig::default(),
-            limit: share,
-            deadline: args.duration.map(|d| start + d),
-            stop: stop.clone(),
-            bar: bar.clone(),
-            latency: histogram()?,
-        };
-        let client = client.clone();
-        tasks.spawn(async move {
-            let mut latency = job.latency.clone();
-            let mut done = 0u64;
-            while job.go_on(done) {
-                let t = Instant::now();
-                client.health().await?;
-                latency.saturating_record(nanos(t.elapsed()));
-                done += 1;
-                job.bar.inc(1);
-            }
-            Ok::<_, Error>((latency, done))
-        });
-    }
-    let (mut latency, mut done) = (histogram()?, 0u64);
-    while let Some(t) = tasks.join_next().await {
-        let (h, n) = t
-            .map_err(|e| Failure::runtime(format!("a requesting task failed: {e}")))?
-            .map_err(|e| ctx.err(e))?;
-        let _ = latency.add(&h);
-        done += n;
-    }
-    let elapsed = start.elapsed();
-    bar.finish_and_clear();
-    Ok(Report {
-        mode: "requests",
-        unit: "request",
-        latency_of: "each health check",
-        messages: done,
-        bytes: 0,
-        elapsed,
-        latency,
-    })
-}
-
-fn nanos(d: Duration) -> u64 {
+pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
@@ -458,36 +465,48 @@ fn render(r: &Report, args: &Bench) -> String {
             lat.insert(name.into(), json!(h.value_at_percentile(q)));
         }
         lat.insert("max".into(), json!(h.max()));
-        return format!(
-            "{}\n",
-            json!({
-                "mode": r.mode,
-                "topic": args.topic,
-                "messages": r.messages,
-                "bytes": r.bytes,
-                "seconds": secs,
-                "messages_per_sec": rate,
-                "mb_per_sec": mb,
-                "latency_of": r.latency_of,
-                "latency_samples": h.len(),
-                "latency_ns": lat,
-            })
-        );
+        let mut v = json!({
+            "mode": r.mode,
+            "topic": args.topic,
+            "messages": r.messages,
+            "bytes": r.bytes,
+            "seconds": secs,
+            "messages_per_sec": rate,
+            "mb_per_sec": mb,
+            "latency_of": r.latency_of,
+            "latency_samples": h.len(),
+            "latency_ns": lat,
+        });
+        if let Some(obj) = v.as_object_mut() {
+            for n in &r.notes {
+                obj.insert(n.key.into(), n.value.clone());
+            }
+        }
+        return format!("{v}\n");
     }
     let mut pcts: Vec<String> = PERCENTILES
         .iter()
         .map(|(label, _, q)| format!("{label} {}", human(h.value_at_percentile(*q))))
         .collect();
     pcts.push(format!("max {}", human(h.max())));
-    format!(
+    let mut out = format!(
         "{}: {} in {secs:.2} s: {rate:.0} {}/s, {mb:.1} MB/s\nlatency ({}, {} samples): {}\n",
         r.mode,
         plural(r.messages, r.unit),
-        if r.unit == "request" { "req" } else { "msg" },
+        match r.unit {
+            "message" => "msg",
+            "request" => "req",
+            other => other,
+        },
         r.latency_of,
         h.len(),
         pcts.join(", ")
-    )
+    );
+    for n in &r.notes {
+        out.push_str(&n.text);
+        out.push('\n');
+    }
+    out
 }
 
 /// `850 ns`, `4.1 µs`, `4.1 ms`, `1.20 s`.
@@ -499,5 +518,16 @@ fn human(ns: u64) -> String {
         1_000..1_000_000 => format!("{:.1} µs", f / 1e3),
         1_000_000..1_000_000_000 => format!("{:.1} ms", f / 1e6),
         _ => format!("{:.2} s", f / 1e9),
+    }
+}
+
+/// `builder` with the token of the command's client, if it has one.
+fn same_token(
+    builder: streambus_client::ClientBuilder,
+    config: &streambus_client::ClientConfig,
+) -> streambus_client::ClientBuilder {
+    match &config.token {
+        Some(t) => builder.token(t.expose()),
+        None => builder,
     }
 }

@@ -10,10 +10,13 @@
 
 mod admin;
 mod args;
+mod auth;
 mod bench;
 mod consume;
 mod format;
+mod plot;
 mod produce;
+mod raw;
 
 use std::io::{self, Write};
 use std::process::ExitCode;
@@ -36,6 +39,14 @@ impl Failure {
     pub(crate) fn runtime(message: impl Into<String>) -> Self {
         Self {
             code: 1,
+            message: message.into(),
+        }
+    }
+
+    /// A usage error (exit status 2): a bad argument found after parsing.
+    pub(crate) fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
             message: message.into(),
         }
     }
@@ -124,23 +135,27 @@ fn fail(f: &Failure) -> ExitCode {
 }
 
 async fn run(cli: Cli, broker_source: &str) -> Outcome {
+    if let Command::Auth(args::Auth::NewToken { principal }) = &cli.command {
+        return auth::new_token_for(principal);
+    }
     let broker = cli.broker.clone();
-    let client = Client::builder()
+    let mut builder = Client::builder()
         .tls_options(cli.tls())
         .connect_timeout(cli.timeout)
-        .request_timeout(cli.timeout)
-        .connect(broker.clone())
-        .await
-        .map_err(|e| match e {
-            Error::Config {
-                setting: "addr",
-                reason,
-            } => Failure {
-                code: 2,
-                message: format!("invalid {broker_source}: {reason}"),
-            },
-            e => Failure::sdk(&broker, &e),
-        })?;
+        .request_timeout(cli.timeout);
+    if let Some(token) = cli.token {
+        builder = builder.token(token);
+    }
+    let client = builder.connect(broker.clone()).await.map_err(|e| match e {
+        Error::Config {
+            setting: "addr",
+            reason,
+        } => Failure {
+            code: 2,
+            message: format!("invalid {broker_source}: {reason}"),
+        },
+        e => Failure::sdk(&broker, &e),
+    })?;
     let ctx = Ctx { client, broker };
     match cli.command {
         Command::Topics(t) => admin::topics(&ctx, t).await,
@@ -149,6 +164,7 @@ async fn run(cli: Cli, broker_source: &str) -> Outcome {
         Command::Produce(p) => produce::run(&ctx, p).await,
         Command::Consume(c) => consume::run(&ctx, c).await,
         Command::Bench(b) => bench::run(&ctx, b).await,
+        Command::Auth(_) => Ok(()),
     }
 }
 

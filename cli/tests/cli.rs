@@ -19,12 +19,28 @@ struct Broker {
 
 impl Broker {
     fn start() -> Self {
+        Self::with(None, |_| {})
+    }
+
+    /// A broker requiring authentication with the auth file `text`.
+    fn start_with_auth(text: Option<&str>) -> Self {
+        Self::with(text, |_| {})
+    }
+
+    /// A broker with the auth file `text` (if any) and settings changed by `f`.
+    fn with(text: Option<&str>, f: impl FnOnce(&mut streambus_server::Config)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut c = streambus_server::Config::default();
+        if let Some(text) = text {
+            let path = dir.path().join("auth.toml");
+            std::fs::write(&path, text).expect("write the auth file");
+            c.auth_file = Some(path);
+        }
         c.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        c.data_dir = dir.path().to_owned();
+        c.data_dir = dir.path().join("data");
         c.metrics_listen = None;
         c.fsync = streambus_server::FsyncMode::Never;
+        f(&mut c);
         let running = streambus_server::start(c).expect("broker starts");
         Self { running, _dir: dir }
     }
@@ -158,13 +174,15 @@ fn topics_create_list_describe_delete() {
         .args(["topics", "describe", "orders"])
         .assert()
         .success()
-        .stdout(
+        .stdout(format!(
             "topic orders: 3 partitions, 2 records stored\n\
-             PARTITION  START  END  RECORDS\n\
-             0          0      0    0\n\
-             1          0      2    2\n\
-             2          0      0    0\n",
-        );
+             PARTITION  START  END  RECORDS  LEADER  REPLICAS\n\
+             0          0      0    0        0       0\n\
+             1          0      2    2        0       0\n\
+             2          0      0    0        0       0\n\
+             broker 0 at {}\n",
+            b.addr()
+        ));
     let a = b
         .cli()
         .args(["topics", "describe", "orders", "--json"])
@@ -174,7 +192,11 @@ fn topics_create_list_describe_delete() {
     assert_eq!(v["name"], "orders");
     assert_eq!(
         v["partitions"][1],
-        serde_json::json!({"partition": 1, "start": 0, "end": 2})
+        serde_json::json!({"partition": 1, "start": 0, "end": 2, "leader": 0, "replicas": [0]})
+    );
+    assert_eq!(
+        v["brokers"],
+        serde_json::json!([{"node_id": 0, "address": b.addr()}])
     );
 
     b.cli()
@@ -771,11 +793,47 @@ fn bench_json_counts_match_what_was_sent() {
     );
     fails_with(
         &mut b.cli(),
-        &["bench", "fetch"],
+        &["bench", "replay"],
         2,
-        "error: invalid value 'fetch' for '<MODE>'\n  [possible values: produce, roundtrip, consume, requests]\n\n\
+        "error: invalid value 'replay' for '<MODE>'\n  [possible values: produce, roundtrip, consume, requests, pingpong, pipeline, fetch, connections, longpoll, trickle]\n\n\
          For more information, try '--help'.",
     );
+}
+
+#[test]
+fn bench_plot_writes_a_latency_chart_and_refuses_other_formats() {
+    let b = Broker::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let svg = dir.path().join("latency.svg");
+    let png = dir.path().join("latency.png");
+    for (mode, path) in [("roundtrip", &svg), ("produce", &png)] {
+        b.cli()
+            .args(["bench", mode, "-n", "300", "--plot"])
+            .arg(path)
+            .assert()
+            .success();
+    }
+    let text = std::fs::read_to_string(&svg).expect("the SVG chart");
+    assert!(text.starts_with("<svg"), "{text:.60}");
+    assert!(
+        text.contains("streambus bench roundtrip: p50 "),
+        "the title"
+    );
+    assert!(text.contains("(300 samples)"), "the sample count");
+    assert!(text.contains("99%"), "percentile labels");
+    assert!(text.contains("<polyline"), "the curve");
+    let bytes = std::fs::read(&png).expect("the PNG chart");
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG file");
+    assert!(bytes.len() > 1000, "{} bytes", bytes.len());
+
+    fails_with(
+        &mut b.cli(),
+        &["bench", "produce", "--plot", "chart.jpg"],
+        2,
+        "error: invalid value 'chart.jpg' for '--plot <FILE>': chart.jpg must end in .svg or .png (the chart's format)\n\n\
+         For more information, try '--help'.",
+    );
+    assert!(!std::path::Path::new("chart.jpg").exists());
 }
 
 #[test]
@@ -917,6 +975,187 @@ fn bench_roundtrip_clients_and_duration() {
 }
 
 #[test]
+fn bench_raw_modes_count_exactly_what_they_did() {
+    let b = Broker::start();
+    let json = |args: &[&str]| -> Value {
+        let a = b.cli().args(args).assert().success();
+        serde_json::from_str(&stdout(&a)).expect("one JSON object")
+    };
+    // pingpong needs no broker: the floor.
+    let p = json(&["bench", "pingpong", "-n", "500", "--json"]);
+    assert_eq!(p["mode"], "pingpong");
+    assert_eq!(p["messages"], 500);
+    assert_eq!(p["latency_samples"], 500);
+    assert_eq!(p["frame_bytes"]["reply"], 35);
+
+    // pipeline: 3 connections × 4 in flight of 10-record Produces; 1000 records land.
+    let p = json(&[
+        "bench",
+        "pipeline",
+        "-t",
+        "pipe",
+        "-n",
+        "1000",
+        "--batch",
+        "10",
+        "--connections",
+        "3",
+        "--in-flight",
+        "4",
+        "--size",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(p["messages"], 1000);
+    assert_eq!(p["bytes"], 20_000);
+    assert_eq!(p["latency_samples"], 100, "one sample per request");
+    assert_eq!(
+        p["shape"],
+        serde_json::json!({"batch": 10, "in_flight": 4, "connections": 3})
+    );
+    let a = b.cli().args(["offsets", "pipe"]).assert().success();
+    assert_eq!(
+        stdout(&a),
+        "PARTITION  START  END\n0          0      1000\n"
+    );
+
+    // fetch reads the pipeline's records back, 300 of them exactly.
+    let f = json(&[
+        "bench",
+        "fetch",
+        "-t",
+        "pipe",
+        "-n",
+        "300",
+        "--max-bytes",
+        "4096",
+        "--json",
+    ]);
+    assert_eq!(f["messages"], 300);
+    assert_eq!(f["bytes"], 6_000);
+    assert_eq!(f["max_bytes"], 4096);
+
+    // connections: the broker runs in this process, so its memory is this process's.
+    let pid = std::process::id().to_string();
+    let c = json(&[
+        "bench",
+        "connections",
+        "--connections",
+        "50",
+        "--server-pid",
+        &pid,
+        "--json",
+    ]);
+    assert_eq!(c["messages"], 50);
+    assert_eq!(c["latency_samples"], 50);
+    assert!(
+        c["server_rss"]["before_kib"]
+            .as_u64()
+            .is_some_and(|k| k > 0),
+        "{c}"
+    );
+    // From two source addresses, held after the report.
+    let a = b
+        .cli()
+        .args([
+            "bench",
+            "connections",
+            "--connections",
+            "6",
+            "--sources",
+            "2",
+            "--first-source",
+            "2",
+            "--hold",
+            "1ms",
+        ])
+        .assert()
+        .success();
+    let out = stdout(&a);
+    assert!(out.starts_with("connections: 6 connections in "), "{out}");
+    assert!(
+        out.ends_with("ready: holding 6 connections for 1ms\n"),
+        "{out}"
+    );
+
+    // longpoll: every fetch brings its record.
+    let l = json(&[
+        "bench", "longpoll", "-t", "lp", "-d", "400ms", "--rounds", "1", "--json",
+    ]);
+    assert_eq!(l["mode"], "longpoll");
+    assert!(l["messages"].as_u64().is_some_and(|n| n > 0), "{l}");
+    assert_eq!(l["messages"], l["latency_samples"]);
+    assert_eq!(l["sync_produce"]["empty_fetches"], 0, "{l}");
+
+    // trickle: three stalled half-frames, then a fresh connection is still answered.
+    let t = json(&[
+        "bench",
+        "trickle",
+        "-t",
+        "tr",
+        "--connections",
+        "3",
+        "--frame-bytes",
+        "100000",
+        "--send-bytes",
+        "40000",
+        "-d",
+        "100ms",
+        "--json",
+    ]);
+    assert_eq!(t["messages"], 3);
+    assert_eq!(t["latency_samples"], 1);
+    assert_eq!(t["trickle"]["send_bytes"], 40_000);
+    assert_eq!(t["trickle"]["frame_bytes"], 100_000);
+    fails_with(
+        &mut b.cli(),
+        &["bench", "connections", "--server-pid", "4000000000"],
+        2,
+        "error: --server-pid 4000000000: no such process (its /proc/4000000000/status cannot be read)",
+    );
+}
+
+#[test]
+fn bench_pipeline_reports_the_brokers_fsyncs_from_its_metrics() {
+    let b = Broker::with(None, |c| {
+        c.fsync = streambus_server::FsyncMode::Always;
+        c.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    });
+    let metrics = b
+        .running
+        .metrics_addr()
+        .expect("metrics listener")
+        .to_string();
+    let a = b
+        .cli()
+        .args([
+            "bench",
+            "pipeline",
+            "-n",
+            "500",
+            "--batch",
+            "5",
+            "--in-flight",
+            "1",
+        ])
+        .args(["--metrics", &metrics, "--json"])
+        .assert()
+        .success();
+    let p: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    assert_eq!(p["messages"], 500);
+    // One request in flight under --fsync always: each of the 100 waits for its own fsync.
+    assert_eq!(p["fsyncs"]["count"], 100, "{p}");
+    assert_eq!(p["fsyncs"]["requests_per_fsync"], 1.0, "{p}");
+    let dead = dead_addr();
+    fails_with(
+        &mut b.cli(),
+        &["bench", "pipeline", "--metrics", &dead],
+        1,
+        &format!("error: --metrics {dead}: Connection refused (os error 111)"),
+    );
+}
+
+#[test]
 fn bench_requests_over_connections() {
     let b = Broker::start();
     let a = b
@@ -955,5 +1194,56 @@ fn bench_requests_over_connections() {
         2,
         "error: invalid value '129' for '--in-flight <M>': 129 is not in 1..=128\n\n\
          For more information, try '--help'.",
+    );
+}
+
+/// `auth new-token` prints a fresh token and its auth-file line; a broker with that line
+/// takes the token from `--token` or `STREAMBUS_TOKEN` and refuses a client without it.
+#[test]
+fn auth_new_token_makes_a_token_the_broker_accepts() {
+    let a = cli_at("127.0.0.1:9")
+        .args(["auth", "new-token", "ops"])
+        .assert()
+        .success();
+    let out = stdout(&a);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let (token, line) = (lines[0], lines[1]);
+    assert_eq!(token.len(), 64, "{token}");
+    assert!(line.starts_with("ops = { token_sha256 = \""), "{line}");
+    assert!(!line.contains(token));
+    assert!(stderr(&a).contains("SIGHUP"));
+    // Give it permissions and start a broker with it.
+    let line = line.replace("admin = []", "admin = [\"*\"]");
+    let b = Broker::start_with_auth(Some(&format!("[principals]\n{line}\n")));
+    b.cli()
+        .args(["--token", token, "topics", "create", "secured"])
+        .assert()
+        .success();
+    b.cli()
+        .env("STREAMBUS_TOKEN", token)
+        .args(["topics", "list"])
+        .assert()
+        .success()
+        .stdout("TOPIC    PARTITIONS\nsecured  1\n");
+    let a = b.cli().args(["topics", "list"]).assert().code(1).stdout("");
+    let err = stderr(&a);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("AuthenticationFailed (40)"), "{err}");
+    let a = b
+        .cli()
+        .args(["--token", "wrong-token", "topics", "list"])
+        .assert()
+        .code(1)
+        .stdout("");
+    let err = stderr(&a);
+    assert!(err.contains("AuthenticationFailed (40)"), "{err}");
+    assert!(!err.contains("wrong-token"), "{err}");
+    // A principal name the command line can't use is a usage error.
+    fails_with(
+        &mut cli_at("127.0.0.1:9"),
+        &["auth", "new-token", ""],
+        2,
+        "error: invalid PRINCIPAL \"\": 1 to 255 bytes without control characters",
     );
 }

@@ -20,7 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::types::{ConsumerRecord, Health, PartitionOffsets, Record, RecordMetadata, TopicInfo};
+use crate::types::{
+    ConsumerRecord, Health, Metadata, PartitionOffsets, Record, RecordMetadata, TopicInfo,
+};
 use crate::{ClientBuilder, ConsumerConfig, Delivery, Offset, ProducerConfig};
 
 /// The private runtime of a blocking (or `smol`) client. Dropping it never blocks or
@@ -112,6 +114,14 @@ impl Client {
     /// See [`crate::Client::list_topics`].
     pub fn list_topics(&self) -> Result<Vec<TopicInfo>> {
         run(&self.rt, self.inner.list_topics())
+    }
+    /// See [`crate::Client::metadata`].
+    pub fn metadata<I, S>(&self, topics: I) -> Result<Metadata>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        run(&self.rt, self.inner.metadata(topics))
     }
     /// See [`crate::Client::offsets`].
     pub fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets> {

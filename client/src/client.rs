@@ -13,7 +13,7 @@ use streambus_adapters::tls::{self, ClientTls, rustls};
 
 use crate::conn::{self, Callback, Job, LoadGuard, MAX_IN_FLIGHT, Reply, ReplyTo, Req};
 use crate::error::{Context, Error, Result};
-use crate::types::{Health, PartitionOffsets, TopicInfo};
+use crate::types::{Health, Metadata, PartitionOffsets, TopicInfo};
 
 /// Settings of a [`Client`]; build one with [`Client::builder`].
 #[derive(Debug, Clone)]
@@ -41,6 +41,11 @@ pub struct ClientConfig {
     pub max_poll_wait: Duration,
     /// Connect over TLS with these settings (default `None`: plaintext).
     pub tls: Option<TlsOptions>,
+    /// The token each connection authenticates with right after it is opened, and again after
+    /// every reconnect (protocol §6.3; default none). A refused token fails the call that
+    /// needed the connection with [`Error::Broker`] code AuthenticationFailed (40), which is not
+    /// retriable.
+    pub token: Option<Token>,
 }
 
 /// The TLS settings of a [`Client`]: whom to trust, what to present, and the name to check.
@@ -84,6 +89,28 @@ impl TlsOptions {
     }
 }
 
+/// A secret token for [`ClientConfig::token`]. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(Arc<str>);
+
+impl Token {
+    /// Wraps a token.
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(Arc::from(token.into()))
+    }
+
+    /// The token itself (to send it).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
 impl Default for ClientConfig {
     fn default() -> Self {
         Self {
@@ -96,6 +123,7 @@ impl Default for ClientConfig {
             reconnect_backoff_max: Duration::from_secs(5),
             max_poll_wait: Duration::from_secs(30),
             tls: None,
+            token: None,
         }
     }
 }
@@ -118,6 +146,9 @@ impl ClientConfig {
             if d.is_zero() {
                 return Err(Error::config(name, "must be greater than zero"));
             }
+        }
+        if self.token.as_ref().is_some_and(|t| t.expose().is_empty()) {
+            return Err(Error::config("token", "must not be empty"));
         }
         if self.max_frame_len < 64 {
             return Err(Error::config(
@@ -205,6 +236,11 @@ impl ClientBuilder {
     /// [`streambus_client::rustls`](crate::rustls) and a crypto provider).
     pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
         self.config.tls.get_or_insert_default().config = Some(config);
+        self
+    }
+    /// Sets [`ClientConfig::token`]: every connection authenticates with it (§6.3).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.config.token = Some(Token::new(token));
         self
     }
     /// The settings so far.
@@ -304,7 +340,11 @@ impl Client {
         // timeout, a restart) is sent once more on a fresh connection, within its timeout.
         let again = matches!(
             req,
-            Req::Fetch { .. } | Req::GetOffset { .. } | Req::ListTopics | Req::Health
+            Req::Fetch { .. }
+                | Req::GetOffset { .. }
+                | Req::ListTopics
+                | Req::Health
+                | Req::Metadata { .. }
         )
         .then(|| req.clone());
         let started = Instant::now();
@@ -467,7 +507,45 @@ impl Client {
         }
     }
 
-    /// Every partition's offsets of `topic` (its partition count from the topic list).
+    /// The brokers, and the partitions of `topics` with their leaders and replicas (protocol
+    /// §6.4); no topics asks for every topic. Each topic asked for is listed once, sorted by
+    /// name; one that does not exist has [`ErrorCode::TOPIC_NOT_FOUND`](crate::ErrorCode)
+    /// and no partitions (the call still succeeds). An invalid name is [`Error::InvalidInput`]
+    /// before anything is sent.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: streambus_client::Client) -> Result<(), streambus_client::Error> {
+    /// let m = client.metadata(["orders"]).await?;
+    /// for p in &m.topic("orders").expect("asked for").partitions {
+    ///     let leader = p.leader.and_then(|id| m.broker(id)).map(|b| b.address());
+    ///     println!("partition {} led by {leader:?}, replicas {:?}", p.partition, p.replicas);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn metadata<I, S>(&self, topics: I) -> Result<Metadata>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut ctx = Context::new("metadata");
+        let mut names = Vec::new();
+        for t in topics {
+            let t = t.as_ref();
+            names.push(validate_topic(t, &ctx.clone().topic(t))?);
+        }
+        if let [one] = &names[..] {
+            ctx = ctx.topic(one.clone());
+        }
+        let req = Req::Metadata {
+            topics: names.into(),
+        };
+        match self.call(req, &ctx, self.timeout()).await? {
+            Reply::Metadata(m) => Ok(m),
+            other => Err(mismatch(ctx, &other)),
+        }
+    }
+
+    /// Every partition's offsets of `topic` (its partition count from [`metadata`](Self::metadata)).
     pub async fn describe_topic(&self, topic: &str) -> Result<Vec<PartitionOffsets>> {
         let ctx = Context::new("describe topic").topic(topic);
         validate_topic(topic, &ctx)?;
@@ -477,7 +555,7 @@ impl Client {
             .ok_or_else(|| Error::Broker {
                 context: ctx.clone(),
                 code: crate::ErrorCode::TOPIC_NOT_FOUND,
-                message: format!("topic {topic} is not in the topic list"),
+                message: format!("topic {topic} does not exist"),
             })?;
         let mut out = Vec::with_capacity(count as usize);
         for p in 0..count {
@@ -486,14 +564,13 @@ impl Client {
         Ok(out)
     }
 
-    /// The partition count of `topic`, `None` if it does not exist.
+    /// The partition count of `topic` (from [`metadata`](Self::metadata)), `None` if it does
+    /// not exist.
     pub async fn partition_count(&self, topic: &str) -> Result<Option<u32>> {
-        Ok(self
-            .list_topics()
-            .await?
-            .into_iter()
-            .find(|t| t.name == topic)
-            .map(|t| t.partitions))
+        let m = self.metadata([topic]).await?;
+        Ok(m.topic(topic)
+            .filter(|t| t.exists())
+            .and_then(|t| u32::try_from(t.partitions.len()).ok()))
     }
 
     /// The broker's health check.
@@ -798,7 +875,12 @@ impl Pool {
                     }
                 };
                 match dialled {
-                    Ok(d) => return Ok(d),
+                    Ok(mut d) => {
+                        if let Some(token) = &self.config.token {
+                            authenticate(&mut d, token, self.config.request_timeout).await?;
+                        }
+                        return Ok(d);
+                    }
                     // A certificate refused: another address of the name won't do better.
                     Err(e) if Error::is_tls(&e) => return Err(Error::io(ctx.clone(), e)),
                     Err(e) => last = Some(e),
@@ -823,5 +905,35 @@ impl Pool {
                     after: timeout,
                 })
             })
+    }
+}
+
+/// Authenticates a fresh connection with `token` before it joins the pool: a refusal is the
+/// broker's error (AuthenticationFailed, 40), never a retriable one.
+async fn authenticate(
+    driver: &mut conn::Driver,
+    token: &Token,
+    request_timeout: Duration,
+) -> Result<()> {
+    use streambus_core::{AuthenticateRequest, Request, Response};
+    let ctx = Context::new("authenticate");
+    let request = Request::Authenticate(AuthenticateRequest::token(token.expose().as_bytes()));
+    match driver.request(&request).await {
+        Ok(Response::Authenticate(a)) => {
+            tracing::debug!(principal = %a.principal, "authenticated");
+            Ok(())
+        }
+        Ok(Response::Error(e)) => Err(Error::Broker {
+            context: ctx,
+            code: e.code,
+            message: e.message.to_string(),
+        }),
+        Ok(other) => Err(Error::Protocol {
+            context: ctx,
+            source: crate::error::ProtocolError::Unexpected(format!(
+                "reply {other:?} does not answer authenticate"
+            )),
+        }),
+        Err(e) => Err(conn::driver_error(e, request_timeout).with_context(&ctx)),
     }
 }

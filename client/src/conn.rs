@@ -12,13 +12,17 @@ use streambus_core::io::DriverError;
 use streambus_core::io::asynch::Wake;
 use streambus_core::{
     ClientError, CreateTopicRequest, DeleteTopicRequest, FetchExtension, FetchRequest,
-    GetOffsetRequest, LongPoll, MessageSet, ProduceRequest, Request, Response, Topic,
+    GetOffsetRequest, LongPoll, MessageSet, MetadataRequest, ProduceRequest, Request, Response,
+    Topic, TopicNames,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::error::{Context, Error, ProtocolError, Result};
-use crate::types::{ConsumerRecord, Health, PartitionOffsets, TopicInfo};
+use crate::types::{
+    BrokerMetadata, ConsumerRecord, Health, Metadata, PartitionMetadata, PartitionOffsets,
+    TopicInfo, TopicMetadata,
+};
 
 /// The pipelining depth the driver is built for; the configured depth is at most this.
 pub(crate) const MAX_IN_FLIGHT: usize = 128;
@@ -56,6 +60,10 @@ pub(crate) enum Req {
     },
     ListTopics,
     Health,
+    /// Metadata of these topics (empty: every topic).
+    Metadata {
+        topics: Arc<[Arc<str>]>,
+    },
 }
 
 /// A fetch's answer.
@@ -75,6 +83,7 @@ pub(crate) enum Reply {
     Deleted,
     Topics(Vec<TopicInfo>),
     Health(Health),
+    Metadata(Metadata),
 }
 
 /// A callback run by the connection task with a call's result: it must be quick and never
@@ -172,7 +181,8 @@ fn topic(t: &str) -> Result<Topic<'_>> {
     Topic::new(t).map_err(|e| Error::invalid(Context::new("encode"), e.to_string()))
 }
 
-fn request(req: &Req) -> Result<Request<'_>> {
+/// The core's request for `req`; `names` holds a Metadata request's topic names.
+fn request<'a>(req: &'a Req, names: &'a mut Vec<Topic<'a>>) -> Result<Request<'a>> {
     Ok(match req {
         Req::Produce {
             topic: t,
@@ -222,6 +232,14 @@ fn request(req: &Req) -> Result<Request<'_>> {
         }
         Req::ListTopics => Request::ListTopics,
         Req::Health => Request::HealthCheck,
+        Req::Metadata { topics } => {
+            for t in topics.iter() {
+                names.push(topic(t)?);
+            }
+            Request::Metadata(MetadataRequest {
+                topics: TopicNames::from_slice(names),
+            })
+        }
     })
 }
 
@@ -318,6 +336,35 @@ fn reply(req: &Req, response: Response<'_>) -> Result<Reply> {
             status: h.status.to_string(),
             uptime_secs: h.uptime_secs,
         }),
+        (Req::Metadata { .. }, Response::Metadata(m)) => Reply::Metadata(Metadata {
+            brokers: m
+                .brokers
+                .iter()
+                .map(|b| BrokerMetadata {
+                    node_id: b.node_id,
+                    host: b.host.to_string(),
+                    port: b.port,
+                })
+                .collect(),
+            topics: m
+                .topics
+                .iter()
+                .map(|t| TopicMetadata {
+                    name: t.name.as_str().to_owned(),
+                    error_code: t.error_code,
+                    partitions: t
+                        .partitions
+                        .iter()
+                        .map(|p| PartitionMetadata {
+                            partition: p.partition,
+                            leader: u32::try_from(p.leader).ok(),
+                            leader_epoch: p.leader_epoch,
+                            replicas: p.replicas.iter().collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }),
         (req, other) => {
             return Err(unexpected(format!(
                 "reply {other:?} does not answer {}",
@@ -336,10 +383,11 @@ fn request_name(req: &Req) -> &'static str {
         Req::DeleteTopic { .. } => "delete topic",
         Req::ListTopics => "list topics",
         Req::Health => "health check",
+        Req::Metadata { .. } => "metadata",
     }
 }
 
-fn driver_error(e: DriverError<std::io::Error>, request_timeout: Duration) -> Error {
+pub(crate) fn driver_error(e: DriverError<std::io::Error>, request_timeout: Duration) -> Error {
     let context = Context::new("connection");
     match e {
         DriverError::Io(e) => Error::io(context, e),
@@ -418,7 +466,8 @@ pub(crate) async fn run(
                     // The caller gave up (timeout, cancel) before this was sent.
                     continue;
                 }
-                let queued = request(&job.req).and_then(|r| {
+                let mut names = Vec::new();
+                let queued = request(&job.req, &mut names).and_then(|r| {
                     driver
                         .queue(&r)
                         .map_err(|e| driver_error(e, request_timeout))

@@ -1,8 +1,12 @@
 //! [`Consumer`]: assigned partitions, long-poll fetches, position tracking.
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
+
+use futures_core::Stream;
 
 use streambus_core::LongPoll;
 use tokio::sync::{Semaphore, mpsc};
@@ -144,6 +148,26 @@ const PREFETCH: usize = 2;
 ///     }
 /// }
 /// # }
+/// ```
+///
+/// A consumer is also a [`Stream`] of records (as `async-nats` subscribers and `rdkafka`
+/// stream consumers are): each item is the next record, in order per partition, or a fetch
+/// error (returned once; the stream goes on after it). The stream never ends by itself;
+/// with no partition assigned every item is an error. Combinators such as `take`,
+/// `take_while` or `timeout` come from `futures::StreamExt` or `tokio_stream::StreamExt`.
+///
+/// ```no_run
+/// # async fn demo(client: streambus_client::Client) -> Result<(), streambus_client::Error> {
+/// use futures_util::StreamExt; // or futures::StreamExt
+/// use streambus_client::{Consumer, Offset};
+/// let mut consumer = Consumer::new(&client);
+/// consumer.assign("orders", 0, Offset::Earliest).await?;
+/// let mut records = consumer.take(100);
+/// while let Some(record) = records.next().await {
+///     let record = record?;
+///     println!("{}@{}: {:?}", record.partition, record.offset, record.value());
+/// }
+/// # Ok(()) }
 /// ```
 #[derive(Debug)]
 pub struct Consumer {
@@ -304,24 +328,30 @@ impl Consumer {
                 Err(_) | Ok(None) => return Ok(Vec::new()),
                 Ok(Some(done)) => done,
             };
-            let Some(a) = self.parts.get_mut(&done.key) else {
-                continue;
-            };
-            if a.generation != done.generation {
-                continue;
-            }
-            let (records, next) = done.result?;
-            a.position = next;
-            if !records.is_empty() {
-                return Ok(records);
+            if let Some(records) = self.accept(done) {
+                return records;
             }
         }
     }
 
-    /// The next record, waiting as long as it takes (records of a fetch are buffered).
-    ///
-    /// For a `futures::Stream` of records, wrap it:
-    /// `futures::stream::unfold(consumer, |mut c| async { Some((c.recv().await, c)) })`.
+    /// Takes a fetcher's hand-over: `None` when it brings nothing to return (an old
+    /// assignment's, or only a new position), else its records (non-empty) or its error.
+    fn accept(&mut self, done: Done) -> Option<Result<Vec<ConsumerRecord>>> {
+        let a = self.parts.get_mut(&done.key)?;
+        if a.generation != done.generation {
+            return None;
+        }
+        match done.result {
+            Err(e) => Some(Err(e)),
+            Ok((records, next)) => {
+                a.position = next;
+                (!records.is_empty()).then_some(Ok(records))
+            }
+        }
+    }
+
+    /// The next record, waiting as long as it takes (records of a fetch are buffered). The
+    /// consumer is also a [`Stream`] of the same items.
     pub async fn recv(&mut self) -> Result<ConsumerRecord> {
         loop {
             if let Some(r) = self.buffered.pop_front() {
@@ -331,6 +361,43 @@ impl Consumer {
             let records = self.poll(wait).await?;
             self.buffered.extend(records);
         }
+    }
+}
+
+impl Stream for Consumer {
+    type Item = Result<ConsumerRecord>;
+
+    /// The next record, or a fetch error; `Pending` until a fetcher hands something over
+    /// (no timer: the fetchers' long polls do the waiting).
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(r) = this.buffered.pop_front() {
+                return Poll::Ready(Some(Ok(r)));
+            }
+            if this.parts.is_empty() {
+                return Poll::Ready(Some(Err(Error::invalid(
+                    Context::new("stream"),
+                    "no partition is assigned",
+                ))));
+            }
+            let Some(done) = std::task::ready!(this.rx.poll_recv(cx)) else {
+                // The consumer holds a sender: not reached.
+                return Poll::Ready(None);
+            };
+            match this.accept(done) {
+                None => {}
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Ok(records)) => this.buffered.extend(records),
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.buffered.len(), None)
     }
 }
 

@@ -58,7 +58,13 @@
 //! [`Producer::close`] returns every failure.
 //!
 //! The [`Consumer`] reads assigned partitions from an explicit position (no consumer groups
-//! or committed offsets yet), in order, with long-poll fetches (protocol §6.1).
+//! or committed offsets yet), in order, with long-poll fetches (protocol §6.1), through
+//! [`Consumer::poll`], [`Consumer::recv`] or as a `futures` [`Stream`](futures_core::Stream)
+//! of records.
+//!
+//! [`Client::metadata`] describes the brokers and each partition's leader and replicas
+//! (protocol §6.4); the producer learns partition counts from it and reads it again when a
+//! broker answers `NotLeader`.
 //!
 //! ## Runtimes
 //!
@@ -89,7 +95,7 @@ mod producer;
 pub mod smol;
 mod types;
 
-pub use client::{Client, ClientBuilder, ClientConfig, TlsOptions};
+pub use client::{Client, ClientBuilder, ClientConfig, TlsOptions, Token};
 pub use consumer::{Consumer, ConsumerConfig, Offset, ResetPolicy};
 pub use error::{Context, Error, ErrorCode, ProtocolError, Result};
 pub use partition::{fnv1a32, partition_for_key};
@@ -97,4 +103,7 @@ pub use producer::{BufferFull, Delivery, Producer, ProducerConfig};
 /// The rustls this crate speaks TLS with (to match [`Error::Tls`]'s source, or build a
 /// configuration for [`ClientBuilder::tls_config`]).
 pub use streambus_adapters::tls::rustls;
-pub use types::{ConsumerRecord, Health, PartitionOffsets, Record, RecordMetadata, TopicInfo};
+pub use types::{
+    BrokerMetadata, ConsumerRecord, Health, Metadata, PartitionMetadata, PartitionOffsets, Record,
+    RecordMetadata, TopicInfo, TopicMetadata,
+};

@@ -159,15 +159,23 @@ pub struct Delivery {
 struct Outcome {
     /// Set once; read without a lock.
     result: OnceLock<Result<i64>>,
-    /// Tasks waiting for it.
-    wakers: Mutex<Vec<Waker>>,
+    /// Tasks and threads waiting for it.
+    waiters: Mutex<Waiters>,
     /// Threads waiting for it ([`Delivery::wait`]).
     done: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct Waiters {
+    tasks: Vec<Waker>,
+    /// Threads blocked in [`Delivery::wait`]: the condvar is signalled only when there are
+    /// some (a notify is a futex syscall even with nobody waiting, about 1 µs a batch).
+    threads: usize,
+}
+
 impl Outcome {
-    fn wakers(&self) -> MutexGuard<'_, Vec<Waker>> {
-        self.wakers.lock().unwrap_or_else(|p| p.into_inner())
+    fn waiters(&self) -> MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sets the result (the first one wins) and wakes every waiter. The result is published
@@ -177,9 +185,14 @@ impl Outcome {
         if self.result.set(result).is_err() {
             return;
         }
-        let wakers = std::mem::take(&mut *self.wakers());
-        self.done.notify_all();
-        for w in wakers {
+        let (tasks, threads) = {
+            let mut w = self.waiters();
+            (std::mem::take(&mut w.tasks), w.threads)
+        };
+        if threads > 0 {
+            self.done.notify_all();
+        }
+        for w in tasks {
             w.wake();
         }
     }
@@ -199,9 +212,11 @@ impl Delivery {
 
     /// Blocks the thread until the outcome is known (not inside an async runtime).
     pub fn wait(self) -> Result<RecordMetadata> {
-        let mut guard = self.outcome.wakers();
+        let mut guard = self.outcome.waiters();
+        guard.threads += 1;
         loop {
             if let Some(r) = self.outcome.result.get() {
+                guard.threads -= 1;
                 return self.resolve(r);
             }
             guard = self
@@ -220,12 +235,12 @@ impl Future for Delivery {
         if let Some(r) = self.outcome.result.get() {
             return Poll::Ready(self.resolve(r));
         }
-        let mut wakers = self.outcome.wakers();
+        let mut waiters = self.outcome.waiters();
         if let Some(r) = self.outcome.result.get() {
             return Poll::Ready(self.resolve(r));
         }
-        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            wakers.push(cx.waker().clone());
+        if !waiters.tasks.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.tasks.push(cx.waker().clone());
         }
         Poll::Pending
     }
@@ -301,7 +316,7 @@ fn stale_topic(e: &Error) -> bool {
     matches!(
         e.code(),
         Some(ErrorCode::PARTITION_NOT_FOUND | ErrorCode::TOPIC_NOT_FOUND)
-    ) || e.code() == Some(ErrorCode(15))
+    ) || e.code() == Some(ErrorCode::NOT_LEADER)
 }
 
 #[derive(Debug, Default)]
@@ -333,11 +348,12 @@ struct Inner {
 /// Records are grouped per topic-partition into batches, sent when a batch is full or its
 /// [`linger`](ProducerConfig::linger) has passed, one batch in flight per partition so
 /// records keep their order. Partitions: the record's explicit one, else the key hash
-/// ([`partition_for_key`]), else round robin; partition counts come from the topic list
-/// (a topic that does not exist yet counts as one partition, which is what the broker's
-/// auto-create makes) and are read again after `PartitionNotFound`, `TopicNotFound` or
-/// `NotLeader`, and at least every minute. (The broker has no Metadata request yet; the
-/// topic list is the single-broker stand-in.)
+/// ([`partition_for_key`]), else round robin; partition counts come from the broker's
+/// [`Metadata`](Client::metadata) (a topic that does not exist yet counts as one partition,
+/// which is what the broker's auto-create makes) and are read again after
+/// `PartitionNotFound`, `TopicNotFound` or `NotLeader`, and at least every minute. A batch
+/// refused with `NotLeader` (a cluster's leadership moved) reads the metadata again before it
+/// is retried.
 ///
 /// **Delivery is at-least-once.** A batch that fails with a retriable error (see
 /// [`Error::is_retriable`]) is sent again with exponential backoff and jitter, up to
@@ -602,22 +618,18 @@ impl Producer {
     async fn read_topic(&self, record: &Record) -> Result<(Arc<str>, u32, Option<u32>)> {
         let ctx = || Context::new("produce").topic(record.topic.as_str());
         let name = validate_topic(&record.topic, &ctx())?;
-        let count = self
-            .inner
-            .client
-            .partition_count(&name)
+        read_partition_count(&self.inner, &name)
             .await
-            .map_err(|e| e.with_context(&ctx()))?
-            // Auto-create makes one partition.
-            .unwrap_or(1);
+            .map_err(|e| e.with_context(&ctx()))?;
         let mut st = self.inner.lock();
-        let t = st.topics.entry(name.clone()).or_insert_with(|| TopicState {
-            name,
-            partitions: count,
-            next: 0,
-            read_at: Instant::now(),
-        });
-        Ok(pick(t, record))
+        match st.topics.get_mut(&name) {
+            Some(t) => Ok(pick(t, record)),
+            // Expired between the read and here: the count just read is still the latest.
+            None => Err(Error::invalid(
+                ctx(),
+                "the topic's partition count was dropped",
+            )),
+        }
     }
 
     /// Sends every buffered record now (no linger) and waits until none is outstanding:
@@ -671,6 +683,30 @@ impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Reads `topic`'s partition count from the broker's metadata (a missing topic counts as
+/// one partition: what auto-create makes) and caches it, keeping the round-robin cursor.
+async fn read_partition_count(inner: &Inner, topic: &Arc<str>) -> Result<u32> {
+    let count = inner
+        .client
+        .partition_count(topic)
+        .await?
+        // Auto-create makes one partition.
+        .unwrap_or(1);
+    let mut st = inner.lock();
+    let t = st
+        .topics
+        .entry(topic.clone())
+        .or_insert_with(|| TopicState {
+            name: topic.clone(),
+            partitions: count,
+            next: 0,
+            read_at: Instant::now(),
+        });
+    t.partitions = count;
+    t.read_at = Instant::now();
+    Ok(count)
 }
 
 /// The partition of `record` in `t` (`None`: its explicit partition is out of range), with
@@ -808,12 +844,20 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
     let mut last = failed;
     let result = loop {
         if let Some(e) = last.take() {
+            let not_leader = e.code() == Some(ErrorCode::NOT_LEADER);
             match backoff.next() {
                 Some(d) if Instant::now() + d < deadline => {
                     tracing::debug!(error = %e, ?d, "produce failed; retrying");
                     tokio::time::sleep(d).await;
                 }
                 _ => break Err(e),
+            }
+            if not_leader {
+                // Leadership moved: learn where it went before the retry. A failed read
+                // leaves the retry to report its own error.
+                if let Err(e) = read_partition_count(&inner, &key.0).await {
+                    tracing::debug!(error = %e, "metadata refresh after NotLeader failed");
+                }
             }
         }
         let remaining = deadline.saturating_duration_since(Instant::now());

@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Context, Error, Result};
-use crate::types::{ConsumerRecord, Health, PartitionOffsets, Record, RecordMetadata, TopicInfo};
+use crate::types::{
+    ConsumerRecord, Health, Metadata, PartitionOffsets, Record, RecordMetadata, TopicInfo,
+};
 use crate::{ClientBuilder, ConsumerConfig, Delivery, Offset, ProducerConfig};
 
 /// Runs `fut` on the client's runtime and awaits it from the caller's executor.
@@ -85,6 +87,21 @@ impl Client {
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
         let c = self.inner.clone();
         on(&self.rt, async move { c.list_topics().await }).await
+    }
+    /// See [`crate::Client::metadata`].
+    pub async fn metadata<I, S>(&self, topics: I) -> Result<Metadata>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let (c, topics) = (
+            self.inner.clone(),
+            topics
+                .into_iter()
+                .map(|t| t.as_ref().to_owned())
+                .collect::<Vec<_>>(),
+        );
+        on(&self.rt, async move { c.metadata(topics).await }).await
     }
     /// See [`crate::Client::offsets`].
     pub async fn offsets(&self, topic: &str, partition: u32) -> Result<PartitionOffsets> {

@@ -201,3 +201,84 @@ pub struct Health {
     /// Seconds since the broker started.
     pub uptime_secs: i64,
 }
+
+/// The cluster as a broker describes it ([`Client::metadata`](crate::Client::metadata),
+/// protocol §6.4).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Metadata {
+    /// The brokers.
+    pub brokers: Vec<BrokerMetadata>,
+    /// The topics, once each, sorted by name.
+    pub topics: Vec<TopicMetadata>,
+}
+
+impl Metadata {
+    /// The topic named `name`, if the reply lists it.
+    pub fn topic(&self, name: &str) -> Option<&TopicMetadata> {
+        self.topics.iter().find(|t| t.name == name)
+    }
+
+    /// The broker with node id `node_id`, if listed.
+    pub fn broker(&self, node_id: u32) -> Option<&BrokerMetadata> {
+        self.brokers.iter().find(|b| b.node_id == node_id)
+    }
+}
+
+/// One broker of a [`Metadata`] reply.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct BrokerMetadata {
+    /// Its node id.
+    pub node_id: u32,
+    /// The host clients connect to.
+    pub host: String,
+    /// The port clients connect to.
+    pub port: u16,
+}
+
+impl BrokerMetadata {
+    /// `host:port`, with an IPv6 host in brackets.
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One topic of a [`Metadata`] reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TopicMetadata {
+    /// The name.
+    pub name: String,
+    /// [`ErrorCode::NONE`](crate::ErrorCode::NONE), or
+    /// [`ErrorCode::TOPIC_NOT_FOUND`](crate::ErrorCode::TOPIC_NOT_FOUND) for a topic asked for
+    /// that does not exist (then `partitions` is empty).
+    pub error_code: crate::ErrorCode,
+    /// Its partitions, by increasing id.
+    pub partitions: Vec<PartitionMetadata>,
+}
+
+impl TopicMetadata {
+    /// Whether the topic exists.
+    pub fn exists(&self) -> bool {
+        self.error_code == crate::ErrorCode::NONE
+    }
+}
+
+/// One partition of a [`TopicMetadata`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct PartitionMetadata {
+    /// The partition.
+    pub partition: u32,
+    /// The leader's node id; `None` when the partition has no leader now.
+    pub leader: Option<u32>,
+    /// The leader's epoch.
+    pub leader_epoch: i32,
+    /// The node ids holding replicas.
+    pub replicas: Vec<u32>,
+}

@@ -18,6 +18,9 @@ fn blocking_produce_consume_admin() {
     let b = streambus_server::start(cfg).unwrap();
     let c = Client::connect(b.addr().to_string()).unwrap();
     assert!(c.create_topic("sync", 2).unwrap());
+    let meta = c.metadata(["sync"]).unwrap();
+    let leaders: Vec<Option<u32>> = meta.topics[0].partitions.iter().map(|p| p.leader).collect();
+    assert_eq!(leaders, [Some(0), Some(0)]);
     let p = Producer::new(&c);
     let m = p.send(Record::new("sync", "one").partition(1)).unwrap();
     assert_eq!((m.partition, m.offset), (1, 0));

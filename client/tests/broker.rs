@@ -905,3 +905,161 @@ async fn a_long_polling_consumer_leaves_room_for_other_calls() {
         started.elapsed()
     );
 }
+
+/// The consumer as a `Stream`: 60 records over two partitions come out in order per
+/// partition, no gap, no repeat; a record produced while the stream waits is its next item;
+/// with nothing assigned the item is an error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_is_a_stream_of_records_in_order_per_partition() {
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    c.create_topic("flow", 2).await.unwrap();
+    let p = Producer::new(&c);
+    let mut pending = Vec::new();
+    for i in 0..60u32 {
+        let r = Record::new("flow", format!("{i}")).partition(i % 2);
+        pending.push(p.enqueue(r).await.unwrap());
+    }
+    for d in pending {
+        d.await.unwrap();
+    }
+
+    let mut empty = Consumer::new(&c);
+    let e = empty.next().await.unwrap().unwrap_err();
+    assert!(e.to_string().contains("no partition is assigned"), "{e}");
+
+    let mut consumer = Consumer::new(&c);
+    consumer.assign("flow", 0, Offset::Earliest).await.unwrap();
+    consumer.assign("flow", 1, Offset::Earliest).await.unwrap();
+    let got: Vec<_> = tokio::time::timeout(
+        Duration::from_secs(10),
+        consumer.by_ref().take(60).collect::<Vec<_>>(),
+    )
+    .await
+    .expect("60 records within 10 s");
+    let mut seen: HashMap<u32, Vec<(i64, u32)>> = HashMap::new();
+    for r in got {
+        let r = r.unwrap();
+        let i: u32 = std::str::from_utf8(r.value()).unwrap().parse().unwrap();
+        seen.entry(r.partition).or_default().push((r.offset, i));
+    }
+    for part in 0..2u32 {
+        let want: Vec<(i64, u32)> = (0..30).map(|n| (n as i64, n * 2 + part)).collect();
+        assert_eq!(seen[&part], want, "partition {part}");
+    }
+    assert_eq!(consumer.position("flow", 1), Some(30));
+
+    // Waiting at the tail: the next item is the record produced meanwhile.
+    let next = tokio::spawn(async move {
+        let r = consumer.next().await.unwrap().unwrap();
+        (r.partition, r.offset, r.value().to_vec())
+    });
+    p.send(Record::new("flow", "late").partition(1))
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), next)
+        .await
+        .expect("the stream yields the new record")
+        .unwrap();
+    assert_eq!(got, (1, 30, b"late".to_vec()));
+}
+
+/// A broker with an auth file: `writer` may do everything on `app.*`, `reader` may only
+/// consume it.
+fn secured_broker(dir: &std::path::Path, listen: SocketAddr) -> Running {
+    use streambus_server::auth::token_sha256_hex;
+    let path = dir.join("auth.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[principals]\n\
+             writer = {{ token_sha256 = \"{}\", produce = [\"app.*\"], consume = [\"app.*\"], admin = [\"app.*\"] }}\n\
+             reader = {{ token_sha256 = \"{}\", consume = [\"app.*\"] }}\n",
+            token_sha256_hex("writer-token"),
+            token_sha256_hex("reader-token"),
+        ),
+    )
+    .unwrap();
+    let mut c = config(&dir.join("data"), listen);
+    c.auth_file = Some(path);
+    streambus_server::start(c).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_authenticates_every_connection_and_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = secured_broker(dir.path(), "127.0.0.1:0".parse().unwrap());
+    let addr = b.addr().to_string();
+    let fast = || {
+        Client::builder()
+            .request_timeout(Duration::from_secs(2))
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+    };
+
+    // No token: connected (HealthCheck needs none), but every other call is 40, not retriable.
+    let anonymous = fast().connect(&addr).await.unwrap();
+    assert!(anonymous.health().await.is_ok());
+    let e = anonymous.create_topic("app.x", 1).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AUTHENTICATION_FAILED), "{e}");
+    assert!(!e.is_retriable());
+
+    // A wrong token: the first connection is refused, 40, not retriable, and the token is in
+    // no message.
+    let e = fast()
+        .token("not-the-token")
+        .connect(&addr)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AUTHENTICATION_FAILED), "{e}");
+    assert!(!e.is_retriable());
+    assert!(!e.to_string().contains("not-the-token"), "{e}");
+    assert!(!format!("{:?}", fast().token("not-the-token").config()).contains("not-the-token"));
+
+    // The writer: both pooled connections authenticate.
+    let writer = fast()
+        .pool_size(2)
+        .token("writer-token")
+        .connect(&addr)
+        .await
+        .unwrap();
+    assert!(writer.create_topic("app.x", 1).await.unwrap());
+    let e = writer.create_topic("other", 1).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AUTHORIZATION_FAILED), "{e}");
+    assert!(!e.is_retriable());
+    let p = Producer::new(&writer);
+    let mut deliveries = Vec::new();
+    for i in 0..200 {
+        let record = Record::new("app.x", format!("{i}"));
+        deliveries.push(p.enqueue(record).await.unwrap());
+    }
+    for (i, d) in deliveries.into_iter().enumerate() {
+        assert_eq!(d.await.unwrap().offset, i as i64);
+    }
+    let names: Vec<String> = writer
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    assert_eq!(names, ["app.x"]);
+
+    // The reader may consume but not produce: 41 at once, not retried.
+    let reader = fast().token("reader-token").connect(&addr).await.unwrap();
+    let e = Producer::new(&reader)
+        .send(Record::new("app.x", "no"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::AUTHORIZATION_FAILED), "{e}");
+    assert_eq!(reader.offsets("app.x", 0).await.unwrap().end, 200);
+
+    // A restart on the same address: the writer's new connections authenticate again.
+    let listen = b.addr();
+    b.shutdown().unwrap();
+    let b = secured_broker(dir.path(), listen);
+    let m = p.send(Record::new("app.x", "after")).await.unwrap();
+    assert_eq!(m.offset, 200);
+    drop(b);
+}

@@ -15,7 +15,7 @@
 //!   frame length from the 4 length bytes alone, for [`FrameDecoder`], [`ServerConnection`] and
 //!   [`ClientConnection`] alike; [`RequestFrame`] / [`ResponseFrame`] are
 //!   zero-copy views validated once;
-//! - payload codecs for the seven request types ([`Request`], [`Response`]) and the message
+//! - payload codecs for the seven request types and the Metadata extension (§6.4) ([`Request`], [`Response`]) and the message
 //!   record format ([`MessageSet`], [`MessageSetBuilder`]);
 //! - errors split by who is at fault: [`DecodeError`] (the peer's bytes), [`EncodeError`]
 //!   (the caller's buffer or values).
@@ -79,15 +79,21 @@ pub use wire::message::{
     Header, Headers, HeadersIter, MESSAGE_FIXED_LEN, Message, MessageSet, MessageSetBuilder,
     MessageSetIter, RecordIter,
 };
+#[cfg(feature = "metadata")]
+pub use wire::metadata::{
+    BrokerInfo, BrokerList, BrokerListIter, MetadataRequest, MetadataResponse, PartitionList,
+    PartitionListIter, PartitionMetadata, ReplicaList, ReplicaListIter, TopicMetadata,
+    TopicMetadataList, TopicMetadataListIter, TopicNames, TopicNamesIter,
+};
 pub use wire::reader::{DEFAULT_MAX_FRAME_LEN, FrameDecoder, Status};
 pub use wire::request::{
-    CreateTopicRequest, DeleteTopicRequest, FetchExtension, FetchRequest, GetOffsetRequest,
-    LongPoll, ProduceRequest, ProducerInfo, Request,
+    AuthenticateRequest, CreateTopicRequest, DeleteTopicRequest, FetchExtension, FetchRequest,
+    GetOffsetRequest, LongPoll, MECHANISM_TOKEN, ProduceRequest, ProducerInfo, Request,
 };
 pub use wire::response::{
-    CreateTopicResponse, DeleteTopicResponse, ErrorResponse, FETCH_RESPONSE_FIXED_LEN,
-    FetchResponse, FetchTrailer, GetOffsetResponse, HealthCheckResponse, ListTopicsResponse,
-    ProduceResponse, Response, TopicInfo, TopicList, TopicListIter,
+    AuthenticateResponse, CreateTopicResponse, DeleteTopicResponse, ErrorResponse,
+    FETCH_RESPONSE_FIXED_LEN, FetchResponse, FetchTrailer, GetOffsetResponse, HealthCheckResponse,
+    ListTopicsResponse, ProduceResponse, Response, TopicInfo, TopicList, TopicListIter,
 };
 pub use wire::types::{ErrorCode, Flags, MAX_TOPIC_LEN, RequestType, ResponseStatus, Topic};
 pub use wire::{Encode, Text};

@@ -100,6 +100,13 @@ impl Loopback {
                         });
                         self.server.respond(id, &resp, &mut tx).unwrap()
                     }
+                    Request::CreateTopic(c) => {
+                        let resp = Response::CreateTopic(CreateTopicResponse {
+                            topic: c.topic,
+                            created: c.num_partitions == 1 && c.replication_factor == 1,
+                        });
+                        self.server.respond(id, &resp, &mut tx).unwrap()
+                    }
                     Request::HealthCheck if self.misfit => {
                         // Too short for a HealthCheck body (status, then 8 bytes of uptime).
                         let resp = Response::CreateTopic(CreateTopicResponse {
@@ -214,7 +221,7 @@ fn topic() -> Topic<'static> {
 }
 
 #[test]
-fn blocking_client_produces_fetches_and_checks_health() {
+fn blocking_client_creates_produces_fetches_and_checks_health() {
     for chunk in [1, 3, 7, 4096] {
         let (mut tx, mut rx) = ([0u8; 256], [0u8; 512]);
         let clock = || Instant::ZERO;
@@ -225,6 +232,9 @@ fn blocking_client_produces_fetches_and_checks_health() {
             &mut tx[..],
             &mut rx[..],
         );
+        let created = c.create_topic(topic(), 1).unwrap();
+        assert_eq!((created.topic, created.created), (topic(), true));
+
         let mut records = [0u8; 128];
         let mut set = MessageSetBuilder::new(&mut records);
         set.push(&Message::new(b"k", b"one")).unwrap();
@@ -284,6 +294,8 @@ fn async_client_round_trip() {
         &mut rx[..],
     );
     block_on(async {
+        let created = c.create_topic(topic(), 1).await.unwrap();
+        assert_eq!((created.topic, created.created), (topic(), true));
         let mut records = [0u8; 64];
         let mut set = MessageSetBuilder::new(&mut records);
         set.push(&Message::new(b"", b"hello")).unwrap();

@@ -163,6 +163,48 @@ fn truncated_payloads() {
     }
 }
 
+/// A malformed Authenticate (0x10) payload is `InvalidRequest` naming the field cut short, and
+/// the error text never carries the credential's bytes.
+#[test]
+fn malformed_authenticate_is_invalid_request() {
+    let secret = b"s3cr3t-t0ken-never-shown";
+    let mut cut_credential = str_field(b"token");
+    cut_credential.extend_from_slice(&40u32.to_be_bytes());
+    cut_credential.extend_from_slice(secret);
+    for (payload, field) in [
+        (Vec::new(), "mechanism"),
+        (vec![0, 0, 0, 9, b't'], "mechanism"),
+        (str_field(b"token"), "credential"),
+        (cut_credential, "credential"),
+    ] {
+        let err = parse(&frame(3, 0x10, 1, &payload)).unwrap_err();
+        assert_eq!(
+            err,
+            DecodeError::Malformed {
+                reason: Malformed::Truncated { field }
+            }
+        );
+        assert_eq!(err.error_code(), ErrorCode::INVALID_REQUEST);
+        assert!(!err.is_fatal());
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+    }
+    // Whole, with trailing bytes: accepted, the trailing bytes ignored.
+    let mut p = str_field(b"token");
+    p.extend_from_slice(&str_field(secret));
+    p.extend_from_slice(&[1, 2]);
+    let f = frame(4, 0x10, 1, &p);
+    let Ok(Request::Authenticate(a)) = parse(&f) else {
+        panic!("a whole Authenticate was refused");
+    };
+    assert_eq!(
+        (a.mechanism.as_str(), a.credential),
+        (Some("token"), &secret[..])
+    );
+    let debug = format!("{a:?}");
+    assert!(!debug.contains("s3cr3t"), "{debug}");
+    assert!(debug.contains("credential_len: 24"), "{debug}");
+}
+
 #[test]
 fn counts_beyond_the_bytes_present() {
     // A Produce claiming a million messages in a few bytes: refused before any loop.

@@ -896,6 +896,42 @@ fn client_state_is_small() {
     assert!(size <= 128, "ServerConnection is {size} bytes");
 }
 
+/// The client sends an Authenticate (§6.3) through its connection; the server reads the same
+/// mechanism and credential, and the client decodes the principal it answers.
+#[test]
+fn authenticate_round_trips_between_client_and_server() {
+    use streambus_core::{AuthenticateRequest, AuthenticateResponse, Text};
+    let mut p = Pair::new();
+    let token = [0x5a_u8; 32];
+    let id = p.send(&Request::Authenticate(AuthenticateRequest::token(&token)));
+    let bytes = p.client.poll_transmit().unwrap().to_vec();
+    p.client.consume_transmit(bytes.len());
+    let ServerEvent::Request {
+        request_id,
+        request: Request::Authenticate(a),
+        ..
+    } = p.server.poll_request(p.now, &bytes)
+    else {
+        panic!("not an Authenticate");
+    };
+    assert_eq!(request_id, id);
+    assert_eq!((a.mechanism, a.credential), (Text(b"token"), &token[..]));
+    let mut tx = [0u8; 64];
+    let reply = Response::Authenticate(AuthenticateResponse {
+        principal: Text(b"sensor-7"),
+    });
+    let n = p.server.respond(id, &reply, &mut tx).unwrap();
+    assert_eq!(p.client.handle_input(p.now, &tx[..n]), Ok(n));
+    match p.client.poll_event() {
+        Some(ClientEvent::Response {
+            request_id,
+            response: Response::Authenticate(r),
+            ..
+        }) => assert_eq!((request_id, r.principal), (id, Text(b"sensor-7"))),
+        other => panic!("{other:?}"),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 

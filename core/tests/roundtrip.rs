@@ -4,13 +4,18 @@
 
 use proptest::prelude::*;
 use streambus_core::{
-    CreateTopicRequest, CreateTopicResponse, DeleteTopicRequest, DeleteTopicResponse, Encode,
-    EncodeError, ErrorCode, ErrorResponse, FetchExtension, FetchRequest, FetchResponse,
-    FetchTrailer, Flags, FrameDecoder, GetOffsetRequest, GetOffsetResponse, Header, Headers,
-    HealthCheckResponse, ListTopicsResponse, LongPoll, Message, MessageSet, MessageSetBuilder,
+    AuthenticateRequest, AuthenticateResponse, CreateTopicRequest, CreateTopicResponse,
+    DeleteTopicRequest, DeleteTopicResponse, Encode, EncodeError, ErrorCode, ErrorResponse,
+    FetchExtension, FetchRequest, FetchResponse, FetchTrailer, Flags, FrameDecoder,
+    GetOffsetRequest, GetOffsetResponse, Header, Headers, HealthCheckResponse, ListTopicsResponse,
+    LongPoll, Message, MessageSet, MessageSetBuilder, MetadataRequest, MetadataResponse,
     ProduceRequest, ProduceResponse, ProducerInfo, Request, RequestFrame, Response, ResponseFrame,
-    Status, Text, Topic, TopicInfo, TopicList, encode_request, encode_response,
+    Status, Text, Topic, TopicInfo, TopicList, TopicNames, encode_request, encode_response,
     request_encoded_len, response_encoded_len,
+};
+use streambus_core::{
+    BrokerInfo, BrokerList, PartitionList, PartitionMetadata, ReplicaList, TopicMetadata,
+    TopicMetadataList,
 };
 
 #[derive(Debug, Clone)]
@@ -117,6 +122,11 @@ enum OwnedReq {
     },
     List,
     Health,
+    Metadata(Vec<String>),
+    Authenticate {
+        mechanism: Vec<u8>,
+        credential: Vec<u8>,
+    },
 }
 
 fn producer() -> impl Strategy<Value = Option<ProducerInfo>> {
@@ -187,6 +197,11 @@ fn owned_req() -> impl Strategy<Value = OwnedReq> {
         topic_name().prop_map(|topic| OwnedReq::Delete { topic }),
         Just(OwnedReq::List),
         Just(OwnedReq::Health),
+        prop::collection::vec(topic_name(), 0..6).prop_map(OwnedReq::Metadata),
+        (bytes(20), bytes(64)).prop_map(|(mechanism, credential)| OwnedReq::Authenticate {
+            mechanism,
+            credential
+        }),
     ]
 }
 
@@ -194,6 +209,7 @@ fn owned_req() -> impl Strategy<Value = OwnedReq> {
 fn encode_owned_req(r: &OwnedReq, id: u64, flags: Flags) -> Vec<u8> {
     let mut mbuf = Vec::new();
     let hdrs: Vec<Vec<Header<'_>>>;
+    let names: Vec<Topic<'_>>;
     let req = match r {
         OwnedReq::Produce {
             topic,
@@ -239,6 +255,19 @@ fn encode_owned_req(r: &OwnedReq, id: u64, flags: Flags) -> Vec<u8> {
         OwnedReq::Delete { topic } => Request::DeleteTopic(DeleteTopicRequest { topic: t(topic) }),
         OwnedReq::List => Request::ListTopics,
         OwnedReq::Health => Request::HealthCheck,
+        OwnedReq::Metadata(topics) => {
+            names = topics.iter().map(|n| t(n)).collect();
+            Request::Metadata(MetadataRequest {
+                topics: TopicNames::from_slice(&names),
+            })
+        }
+        OwnedReq::Authenticate {
+            mechanism,
+            credential,
+        } => Request::Authenticate(AuthenticateRequest {
+            mechanism: Text(mechanism),
+            credential,
+        }),
     };
     let len = request_encoded_len(&req);
     // Too small by one: refused, nothing written.
@@ -292,10 +321,39 @@ enum OwnedResp {
         status: Vec<u8>,
         uptime: i64,
     },
+    Authenticate {
+        principal: Vec<u8>,
+    },
     Error {
         code: u16,
         message: Vec<u8>,
     },
+    Metadata {
+        brokers: Vec<(u32, Vec<u8>, u16)>,
+        topics: Vec<OwnedTopicMeta>,
+    },
+}
+
+type OwnedPartitionMeta = (u32, i32, i32, Vec<u32>);
+type OwnedTopicMeta = (String, u16, Vec<OwnedPartitionMeta>);
+
+fn owned_metadata() -> impl Strategy<Value = OwnedResp> {
+    let partition = (
+        any::<u32>(),
+        any::<i32>(),
+        any::<i32>(),
+        prop::collection::vec(any::<u32>(), 0..4),
+    );
+    let topic = (
+        topic_name(),
+        any::<u16>(),
+        prop::collection::vec(partition, 0..5),
+    );
+    (
+        prop::collection::vec((any::<u32>(), bytes(30), any::<u16>()), 0..4),
+        prop::collection::vec(topic, 0..5),
+    )
+        .prop_map(|(brokers, topics)| OwnedResp::Metadata { brokers, topics })
 }
 
 fn owned_resp() -> impl Strategy<Value = OwnedResp> {
@@ -342,8 +400,10 @@ fn owned_resp() -> impl Strategy<Value = OwnedResp> {
             .prop_map(|(topic, deleted)| OwnedResp::Delete { topic, deleted }),
         prop::collection::vec((topic_name(), any::<u32>()), 0..8).prop_map(OwnedResp::List),
         (bytes(20), any::<i64>()).prop_map(|(status, uptime)| OwnedResp::Health { status, uptime }),
+        bytes(40).prop_map(|principal| OwnedResp::Authenticate { principal }),
         (1u16..=u16::MAX, bytes(100))
             .prop_map(|(code, message)| OwnedResp::Error { code, message }),
+        owned_metadata(),
     ]
 }
 
@@ -351,6 +411,10 @@ fn check_resp(r: &OwnedResp, id: u64) -> Vec<u8> {
     let mut mbuf = Vec::new();
     let hdrs: Vec<Vec<Header<'_>>>;
     let topics: Vec<TopicInfo<'_>>;
+    let meta_brokers: Vec<BrokerInfo<'_>>;
+    let meta_replicas: Vec<Vec<Vec<u32>>>;
+    let meta_partitions: Vec<Vec<PartitionMetadata<'_>>>;
+    let meta_topics: Vec<TopicMetadata<'_>>;
     let (resp, ty) = match r {
         OwnedResp::Produce(p) => (Response::Produce(*p), streambus_core::RequestType::Produce),
         OwnedResp::Fetch { hwm, msgs, trailer } => {
@@ -417,6 +481,12 @@ fn check_resp(r: &OwnedResp, id: u64) -> Vec<u8> {
             }),
             streambus_core::RequestType::HealthCheck,
         ),
+        OwnedResp::Authenticate { principal } => (
+            Response::Authenticate(AuthenticateResponse {
+                principal: Text(principal),
+            }),
+            streambus_core::RequestType::Authenticate,
+        ),
         OwnedResp::Error { code, message } => (
             Response::Error(ErrorResponse {
                 code: ErrorCode(*code),
@@ -424,6 +494,54 @@ fn check_resp(r: &OwnedResp, id: u64) -> Vec<u8> {
             }),
             streambus_core::RequestType::Fetch,
         ),
+        OwnedResp::Metadata {
+            brokers,
+            topics: owned_topics,
+        } => {
+            meta_brokers = brokers
+                .iter()
+                .map(|(node_id, host, port)| BrokerInfo {
+                    node_id: *node_id,
+                    host: Text(host),
+                    port: *port,
+                })
+                .collect();
+            meta_replicas = owned_topics
+                .iter()
+                .map(|(_, _, ps)| ps.iter().map(|p| p.3.clone()).collect())
+                .collect();
+            meta_partitions = owned_topics
+                .iter()
+                .zip(&meta_replicas)
+                .map(|((_, _, ps), reps)| {
+                    ps.iter()
+                        .zip(reps)
+                        .map(|(p, r)| PartitionMetadata {
+                            partition: p.0,
+                            leader: p.1,
+                            leader_epoch: p.2,
+                            replicas: ReplicaList::from_slice(r),
+                        })
+                        .collect()
+                })
+                .collect();
+            meta_topics = owned_topics
+                .iter()
+                .zip(&meta_partitions)
+                .map(|((name, code, _), ps)| TopicMetadata {
+                    name: t(name),
+                    error_code: ErrorCode(*code),
+                    partitions: PartitionList::from_slice(ps),
+                })
+                .collect();
+            (
+                Response::Metadata(MetadataResponse {
+                    brokers: BrokerList::from_slice(&meta_brokers),
+                    topics: TopicMetadataList::from_slice(&meta_topics),
+                }),
+                streambus_core::RequestType::Metadata,
+            )
+        }
     };
     let len = response_encoded_len(&resp);
     let mut small = vec![0x5Au8; len - 1];
@@ -436,7 +554,12 @@ fn check_resp(r: &OwnedResp, id: u64) -> Vec<u8> {
     assert_eq!(encode_response(id, &resp, &mut buf).unwrap(), len);
     let frame = ResponseFrame::new_checked(&buf[..]).unwrap();
     assert_eq!(frame.request_id(), id);
-    assert_eq!(Response::parse(&frame, ty).unwrap(), resp);
+    let back = Response::parse(&frame, ty).unwrap();
+    assert_eq!(back, resp);
+    // A decoded reply re-encodes to the same bytes (the wire-borrowed lists write themselves).
+    let mut again = vec![0u8; response_encoded_len(&back)];
+    assert_eq!(encode_response(id, &back, &mut again).unwrap(), len);
+    assert_eq!(again, buf);
     buf
 }
 

@@ -183,7 +183,7 @@ fn produce_with_bad_record() -> Vec<u8> {
 
 #[test]
 fn intact_but_bad_frames_get_their_codes_and_the_connection_stays_open() {
-    let cases: [(Vec<u8>, ErrorCode); 5] = [
+    let cases: [(Vec<u8>, ErrorCode); 7] = [
         (with_header(1, 0x09, 1, 0, &[]), ErrorCode::UNKNOWN_REQUEST),
         (with_header(2, 0x07, 2, 0, &[]), ErrorCode::INVALID_PROTOCOL),
         // GetOffset with a truncated payload.
@@ -200,6 +200,22 @@ fn intact_but_bad_frames_get_their_codes_and_the_connection_stays_open() {
         (
             with_header(5, 0x01, 1, 0, &produce_with_bad_record()),
             ErrorCode::CORRUPT_MESSAGE,
+        ),
+        // Metadata for a valid topic and `..`: the whole request is refused (§6.4).
+        (
+            with_header(
+                6,
+                0x11,
+                1,
+                0,
+                &[0, 0, 0, 2, 0, 0, 0, 1, b'a', 0, 0, 0, 2, b'.', b'.'],
+            ),
+            ErrorCode::INVALID_REQUEST,
+        ),
+        // Metadata claiming more topics than its bytes hold.
+        (
+            with_header(7, 0x11, 1, 0, &[0, 0, 0, 9, 0, 0, 0, 1, b'a']),
+            ErrorCode::INVALID_REQUEST,
         ),
     ];
     let mut c = conn();
@@ -429,4 +445,38 @@ fn error_messages_are_capped_at_a_char_boundary() {
     let (_, _, msg) = error_reply(&tx[..n]);
     assert_eq!(msg.len(), 255, "1 + 127 two-byte chars");
     assert!(msg.starts_with("xé") && !msg.contains("tail"));
+}
+
+/// With authentication required, a connection that has not authenticated within the read
+/// timeout of being accepted is closed, busy or not; once authenticated, only the usual
+/// timers run. Without the setting there is no such deadline.
+#[test]
+fn unauthenticated_connection_closes_at_the_read_timeout() {
+    let mut config = ServerConfig::default();
+    config
+        .read_timeout(Duration::from_secs(5))
+        .require_authentication(true);
+    let mut c = ServerConnection::new(config, T0);
+    assert_eq!(c.poll_timeout(), Some(ms(5_000)));
+    // Requests that do not authenticate (a HealthCheck) do not move the deadline.
+    assert!(matches!(
+        c.poll_request(ms(4_000), &health(1)),
+        ServerEvent::Request { .. }
+    ));
+    assert_eq!(c.poll_timeout(), Some(ms(5_000)));
+    assert!(!c.handle_timeout(ms(4_999)));
+    assert!(c.handle_timeout(ms(5_000)));
+    assert!(c.is_closed());
+
+    let mut c = ServerConnection::new(config, T0);
+    c.authenticated();
+    assert_eq!(
+        c.poll_timeout(),
+        Some(ms(600_000)),
+        "only the idle timer is left"
+    );
+    assert!(!c.handle_timeout(ms(5_000)));
+
+    let c = conn();
+    assert_eq!(c.poll_timeout(), Some(ms(600_000)));
 }

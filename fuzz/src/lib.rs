@@ -14,7 +14,12 @@ use arbitrary::{Arbitrary, Unstructured};
 use streambus_core::broker::{peek_request_id, stamp_record};
 use streambus_core::checksum::checksum;
 use streambus_core::{
-    ClientConfig, ClientConnection, ClientError, CreateTopicRequest, CreateTopicResponse,
+    BrokerInfo, BrokerList, MetadataRequest, MetadataResponse, PartitionList, PartitionMetadata,
+    ReplicaList, TopicMetadata, TopicMetadataList, TopicNames,
+};
+use streambus_core::{
+    AuthenticateRequest, AuthenticateResponse, ClientConfig, ClientConnection, ClientError,
+    CreateTopicRequest, CreateTopicResponse,
     DEFAULT_MAX_FRAME_LEN, DecodeError, DeleteTopicRequest, DeleteTopicResponse, Encode,
     EncodeError, ErrorCode, ErrorResponse, FetchExtension, FetchRequest, FetchResponse,
     FetchTrailer, Flags, FrameDecoder, GetOffsetRequest, GetOffsetResponse, Header, Headers,
@@ -601,7 +606,74 @@ fn walk_request(request: &Request<'_>) {
     if let Request::Produce(p) = request {
         walk_messages(&p.messages);
     }
-    let _ = format!("{request:?}");
+    if let Request::Metadata(m) = request {
+        let mut n = 0;
+        for topic in m.topics.iter() {
+            walk_topic(topic);
+            n += 1;
+        }
+        assert_eq!(n, m.topics.len());
+    }
+    let debug = format!("{request:?}");
+    if let Request::Authenticate(a) = request {
+        check_credential_hidden(a, &debug);
+    }
+}
+
+/// The `Debug` text of an Authenticate request names the credential's length, never its bytes.
+fn check_credential_hidden(a: &AuthenticateRequest<'_>, debug: &str) {
+    assert!(debug.contains(&format!("credential_len: {}", a.credential.len())));
+    // A credential long enough not to occur by chance in the rest of the text.
+    let hidden = a.credential.len() >= 12
+        && !a
+            .mechanism
+            .as_bytes()
+            .windows(a.credential.len())
+            .any(|w| w == a.credential);
+    if let (true, Ok(secret)) = (hidden, std::str::from_utf8(a.credential)) {
+        assert!(!debug.contains(secret), "credential in {debug}");
+    }
+}
+
+/// The `decode_authenticate` target: any payload parsed as an Authenticate request is either
+/// `InvalidRequest` (malformed, naming the field and never the credential) or a request that
+/// re-encodes to the bytes it was read from (bytes after the credential are ignored) and never
+/// shows its credential in `Debug`; the same payload as an Authenticate reply re-encodes too.
+pub fn check_authenticate(payload: &[u8]) {
+    match Request::parse_payload(RequestType::Authenticate, payload) {
+        Ok(Request::Authenticate(a)) => {
+            let request = Request::Authenticate(a);
+            let len = request.encoded_len();
+            assert_eq!(len, 8 + a.mechanism.as_bytes().len() + a.credential.len());
+            assert!(len <= payload.len());
+            let mut buf = vec![0u8; len];
+            assert_eq!(request.encode(&mut buf), Ok(len));
+            assert_eq!(&buf[..], &payload[..len]);
+            check_credential_hidden(&a, &format!("{request:?}"));
+            let mut frame = vec![0u8; request_encoded_len(&request)];
+            assert_eq!(
+                encode_request(9, Flags::NONE, &request, &mut frame),
+                Ok(frame.len())
+            );
+            let checked = RequestFrame::new_checked(&frame[..]).expect("an encoded frame");
+            assert_eq!(Request::parse(&checked), Ok(request));
+        }
+        Ok(other) => panic!("an Authenticate payload parsed as {other:?}"),
+        Err(e) => {
+            assert!(matches!(e, DecodeError::Malformed { .. }), "{e:?}");
+            assert_eq!(e.error_code(), ErrorCode::INVALID_REQUEST);
+            assert!(!e.is_fatal());
+        }
+    }
+    if let Ok(response) = Response::parse_payload(RequestType::Authenticate, payload) {
+        let Response::Authenticate(r) = response else {
+            panic!("an Authenticate reply parsed as {response:?}");
+        };
+        let mut buf = vec![0u8; response.encoded_len()];
+        assert_eq!(response.encode(&mut buf), Ok(buf.len()));
+        assert_eq!(buf.len(), 4 + r.principal.as_bytes().len());
+        assert_eq!(&buf[..], &payload[..buf.len()]);
+    }
 }
 
 fn walk_response(response: &Response<'_>) {
@@ -621,6 +693,7 @@ fn walk_response(response: &Response<'_>) {
         Response::HealthCheck(h) => {
             let _ = h.status.to_string();
         }
+        Response::Metadata(m) => walk_metadata(m),
         Response::Error(e) => {
             let _ = e.message.to_string();
             let _ = e.message.as_str();
@@ -628,6 +701,27 @@ fn walk_response(response: &Response<'_>) {
         _ => {}
     }
     let _ = format!("{response:?}");
+}
+
+/// Iterates every level of a decoded Metadata reply and checks each list yields its count.
+fn walk_metadata(m: &MetadataResponse<'_>) {
+    assert_eq!(m.brokers.iter().count(), m.brokers.len());
+    for b in m.brokers.iter() {
+        let _ = b.host.to_string();
+    }
+    assert_eq!(m.topics.iter().len(), m.topics.len());
+    let mut topics = 0;
+    for t in m.topics.iter() {
+        topics += 1;
+        walk_topic(t.name);
+        let mut partitions = 0;
+        for p in t.partitions.iter() {
+            partitions += 1;
+            assert_eq!(p.replicas.iter().count(), p.replicas.len());
+        }
+        assert_eq!(partitions, t.partitions.len());
+    }
+    assert_eq!(topics, m.topics.len());
 }
 
 /// Iterates a decoded message set: every message and header, every record, and checks that
@@ -739,6 +833,11 @@ pub enum OwnedRequest {
     },
     ListTopics,
     HealthCheck,
+    Metadata(Vec<TopicName>),
+    Authenticate {
+        mechanism: Vec<u8>,
+        credential: Vec<u8>,
+    },
 }
 
 /// A response to encode.
@@ -774,12 +873,24 @@ pub enum OwnedResponse {
         status: Vec<u8>,
         uptime_secs: i64,
     },
+    Authenticate {
+        principal: Vec<u8>,
+    },
     Error {
         /// Picks the request type the error answers.
         answers: u8,
         code: u16,
         message: Vec<u8>,
     },
+    Metadata(OwnedMetadata),
+}
+
+/// A Metadata reply to encode: brokers (node, host, port), then topics with their partitions
+/// (id, leader, epoch, replicas).
+#[derive(Debug, Clone, Arbitrary)]
+pub struct OwnedMetadata {
+    brokers: Vec<(u32, Vec<u8>, u16)>,
+    topics: Vec<(TopicName, u16, Vec<(u32, i32, i32, Vec<u32>)>)>,
 }
 
 /// The `roundtrip` target's input.
@@ -892,6 +1003,14 @@ fn check_too_small(
 /// Asserts `decode(encode(x)) == x` for one arbitrary request or response.
 pub fn check_roundtrip(input: &RoundtripInput) {
     match &input.item {
+        Item::Request(OwnedRequest::Metadata(names)) => {
+            let names: Vec<Topic<'_>> = names.iter().map(TopicName::topic).collect();
+            let request = Request::Metadata(MetadataRequest {
+                topics: TopicNames::from_slice(&names),
+            });
+            roundtrip_request(input, &request);
+        }
+        Item::Response(OwnedResponse::Metadata(m)) => check_metadata_roundtrip(input, m),
         Item::Request(r) => {
             let messages: &[OwnedMessage] = match r {
                 OwnedRequest::Produce { messages, .. } => messages,
@@ -981,7 +1100,59 @@ fn borrow_request<'a>(r: &'a OwnedRequest, messages: MessageSet<'a>) -> Request<
         }),
         OwnedRequest::ListTopics => Request::ListTopics,
         OwnedRequest::HealthCheck => Request::HealthCheck,
+        OwnedRequest::Metadata(_) => unreachable!("borrowed in check_roundtrip"),
+        OwnedRequest::Authenticate {
+            mechanism,
+            credential,
+        } => Request::Authenticate(AuthenticateRequest {
+            mechanism: Text(mechanism),
+            credential,
+        }),
     }
+}
+
+/// Borrows an arbitrary Metadata reply into the core's slices and round-trips it.
+fn check_metadata_roundtrip(input: &RoundtripInput, m: &OwnedMetadata) {
+    let brokers: Vec<BrokerInfo<'_>> = m
+        .brokers
+        .iter()
+        .map(|(node_id, host, port)| BrokerInfo {
+            node_id: *node_id,
+            host: Text(host),
+            port: *port,
+        })
+        .collect();
+    let partitions: Vec<Vec<PartitionMetadata<'_>>> = m
+        .topics
+        .iter()
+        .map(|(_, _, ps)| {
+            ps.iter()
+                .map(
+                    |(partition, leader, leader_epoch, replicas)| PartitionMetadata {
+                        partition: *partition,
+                        leader: *leader,
+                        leader_epoch: *leader_epoch,
+                        replicas: ReplicaList::from_slice(replicas),
+                    },
+                )
+                .collect()
+        })
+        .collect();
+    let topics: Vec<TopicMetadata<'_>> = m
+        .topics
+        .iter()
+        .zip(&partitions)
+        .map(|((name, code, _), ps)| TopicMetadata {
+            name: name.topic(),
+            error_code: ErrorCode(*code),
+            partitions: PartitionList::from_slice(ps),
+        })
+        .collect();
+    let response = Response::Metadata(MetadataResponse {
+        brokers: BrokerList::from_slice(&brokers),
+        topics: TopicMetadataList::from_slice(&topics),
+    });
+    roundtrip_response(input, &response, RequestType::Metadata);
 }
 
 fn borrow_response<'a>(
@@ -1063,6 +1234,12 @@ fn borrow_response<'a>(
             }),
             RequestType::HealthCheck,
         ),
+        OwnedResponse::Authenticate { principal } => (
+            Response::Authenticate(AuthenticateResponse {
+                principal: Text(principal),
+            }),
+            RequestType::Authenticate,
+        ),
         OwnedResponse::Error {
             answers,
             code,
@@ -1074,6 +1251,7 @@ fn borrow_response<'a>(
             }),
             RequestType::ALL[usize::from(*answers) % RequestType::ALL.len()],
         ),
+        OwnedResponse::Metadata(_) => unreachable!("borrowed in check_roundtrip"),
     }
 }
 
@@ -1163,5 +1341,8 @@ fn roundtrip_response(input: &RoundtripInput, response: &Response<'_>, ty: Reque
     }
     if let (Response::ListTopics(a), Response::ListTopics(b)) = (&decoded, response) {
         assert!(a.topics.iter().eq(b.topics.iter()));
+    }
+    if let Response::Metadata(m) = &decoded {
+        walk_metadata(m);
     }
 }

@@ -17,3 +17,15 @@ fn storage_recovery_corpus() {
     }
     assert!(n > 0, "no inputs in {}", dir.display());
 }
+
+#[test]
+fn decode_authenticate_corpus() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/decode_authenticate");
+    let mut n = 0;
+    for ent in fs::read_dir(&dir).expect("the decode_authenticate corpus") {
+        let data = fs::read(ent.expect("a corpus entry").path()).expect("read a corpus file");
+        streambus_fuzz::check_authenticate(&data);
+        n += 1;
+    }
+    assert!(n > 0, "no inputs in {}", dir.display());
+}

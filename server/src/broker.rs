@@ -1,5 +1,7 @@
-//! Request routing: the seven v1 requests against the storage engine, answered exactly as the
-//! protocol says, error codes and messages included.
+//! Request routing: the seven v1 requests and Metadata (§6.4) against the storage engine,
+//! answered exactly as the protocol says, error codes and messages included; with
+//! `--auth-file`, each request is first checked against the connection's principal (§6.3, see
+//! `auth`).
 //!
 //! Most requests are answered before [`Handler::handle`] returns. Two kinds keep their
 //! [`Reply`] and answer later: a Produce under `--fsync always` (once the group-commit fsync
@@ -14,12 +16,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use streambus_adapters::{ConnEvent, FileChunk, Handler, Reply};
 use streambus_core::{
-    CreateTopicResponse, DeleteTopicResponse, ErrorCode, FETCH_RESPONSE_FIXED_LEN, FetchRequest,
-    FetchResponse, FetchTrailer, Flags, GetOffsetResponse, HealthCheckResponse, ListTopicsResponse,
-    MessageSet, ProduceRequest, ProduceResponse, RESPONSE_HEADER_LEN, Request, Response, Text,
-    Topic, TopicInfo, TopicList, response_encoded_len,
+    AuthenticateRequest, AuthenticateResponse, CreateTopicResponse, DeleteTopicResponse, ErrorCode,
+    FETCH_RESPONSE_FIXED_LEN, FetchRequest, FetchResponse, FetchTrailer, Flags, GetOffsetResponse,
+    HealthCheckResponse, ListTopicsResponse, MECHANISM_TOKEN, MessageSet, ProduceRequest,
+    ProduceResponse, RESPONSE_HEADER_LEN, Request, Response, Text, Topic, TopicInfo, TopicList,
+    response_encoded_len,
+};
+use streambus_core::{
+    BrokerInfo, BrokerList, MetadataRequest, MetadataResponse, PartitionList, PartitionMetadata,
+    ReplicaList, TopicMetadata, TopicMetadataList,
 };
 
+use crate::auth::{Access, Auth, Refusal};
+use crate::config::Advertised;
 use crate::longpoll::{LongPolls, Registered, Waiter};
 use crate::metrics::Metrics;
 use crate::storage::{AppendResult, FetchPlan, Storage, StorageError, TopicConfig};
@@ -45,13 +54,21 @@ fn read_ranges(plan: &FetchPlan) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Failed `Authenticate` requests in a row after which the connection closes (§6.3).
+pub const MAX_AUTH_FAILURES: u8 = 3;
+
 /// Largest partition count a topic may have.
 pub const MAX_PARTITIONS: u32 = 1024;
 
 /// Routing settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct BrokerConfig {
+    /// This broker's node id in Metadata replies (at most `i32::MAX`: it is also the
+    /// LeaderID).
+    pub node_id: u32,
+    /// The address Metadata replies tell clients to connect to.
+    pub advertise: Advertised,
     /// Create a missing topic (one partition) on Produce.
     pub auto_create_topics: bool,
     /// The maximum frame Length, which bounds message and fetch sizes.
@@ -63,6 +80,11 @@ pub struct BrokerConfig {
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
+            node_id: 0,
+            advertise: Advertised {
+                host: "127.0.0.1".into(),
+                port: 9092,
+            },
             auto_create_topics: true,
             max_frame_len: streambus_core::DEFAULT_MAX_FRAME_LEN,
             max_fetch_wait: Duration::from_secs(30),
@@ -80,6 +102,18 @@ impl BrokerConfig {
     /// Sets [`max_frame_len`](Self::max_frame_len).
     pub fn max_frame_len(mut self, max: u32) -> Self {
         self.max_frame_len = max;
+        self
+    }
+
+    /// Sets [`node_id`](Self::node_id).
+    pub fn node_id(mut self, id: u32) -> Self {
+        self.node_id = id;
+        self
+    }
+
+    /// Sets [`advertise`](Self::advertise).
+    pub fn advertise(mut self, address: Advertised) -> Self {
+        self.advertise = address;
         self
     }
 
@@ -107,6 +141,8 @@ struct Inner {
     started: Instant,
     metrics: Arc<Metrics>,
     polls: LongPolls,
+    /// `--auth-file`: who may do what; `None` lets everyone do everything.
+    auth: Option<Arc<Auth>>,
 }
 
 /// A reply with what its request's metrics need.
@@ -172,12 +208,24 @@ impl Broker {
         config: BrokerConfig,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
+        Self::with_auth(storage, config, metrics, None)
+    }
+
+    /// [`new`](Self::new), requiring authentication and checking permissions with `auth`
+    /// (§6.3) when it is set.
+    pub fn with_auth(
+        storage: Arc<Storage>,
+        config: BrokerConfig,
+        metrics: Arc<Metrics>,
+        auth: Option<Arc<Auth>>,
+    ) -> std::io::Result<Self> {
         let inner = Arc::new(Inner {
             storage,
             config,
             started: Instant::now(),
             metrics,
             polls: LongPolls::default(),
+            auth,
         });
         let syncer = Syncer::start()?;
         let t = Arc::clone(&inner);
@@ -207,7 +255,7 @@ impl Broker {
         self.inner.polls.waiting()
     }
 
-    fn route(&self, request: &Request<'_>, answer: Answer) {
+    fn route(&self, request: &Request<'_>, answer: Answer, access: &Access) {
         let inner = &*self.inner;
         match request {
             Request::Produce(p) => match inner.produce(p) {
@@ -230,7 +278,9 @@ impl Broker {
                 Err(f) => answer.fail(f),
             },
             Request::Fetch(f) => inner.fetch(f, answer),
-            Request::ListTopics => inner.list_topics(answer),
+            Request::ListTopics => inner.list_topics(answer, access),
+            Request::Metadata(m) => inner.metadata(m, answer, access),
+            Request::Authenticate(a) => inner.authenticate(a, answer),
             _ => match inner.admin(request) {
                 Ok(Some(response)) => answer.respond(&response),
                 Ok(None) => unreachable_request(request, answer),
@@ -513,10 +563,11 @@ impl Inner {
 }
 
 impl Inner {
-    fn list_topics(&self, answer: Answer) {
+    fn list_topics(&self, answer: Answer, access: &Access) {
         let list = self.storage.list_topics();
         let topics: Vec<TopicInfo<'_>> = list
             .iter()
+            .filter(|(name, _)| access.sees(name))
             .filter_map(|(name, n)| {
                 Topic::new(name).ok().map(|name| TopicInfo {
                     name,
@@ -543,6 +594,192 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Metadata (§6.4) of a single broker: itself at its advertised address, leader (epoch 0)
+    /// and only replica of every partition; topics once each in byte order of their names, a
+    /// missing one with TopicNotFound and no partitions.
+    ///
+    /// With `--auth-file`, "every topic" lists only the topics the principal may see (as
+    /// ListTopics does), and a topic asked for by name that it may not see has
+    /// AuthorizationFailed (41) and no partitions.
+    fn metadata(&self, m: &MetadataRequest<'_>, answer: Answer, access: &Access) {
+        let topics: Vec<(String, Result<u32, ErrorCode>)> = if m.topics.is_empty() {
+            self.storage
+                .list_topics()
+                .into_iter()
+                .filter(|(name, _)| access.sees(name))
+                .map(|(name, n)| (name, Ok(n)))
+                .collect()
+        } else {
+            m.topics
+                .iter()
+                .map(|t| {
+                    let name = t.as_str();
+                    let count = if !access.sees(name) {
+                        Err(ErrorCode::AUTHORIZATION_FAILED)
+                    } else {
+                        self.storage
+                            .partition_count(name)
+                            .ok_or(ErrorCode::TOPIC_NOT_FOUND)
+                    };
+                    (name.to_owned(), count)
+                })
+                .collect()
+        };
+        let mut topics = topics;
+        topics.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        topics.dedup_by(|a, b| a.0 == b.0);
+
+        let node = self.config.node_id;
+        let leader = i32::try_from(node).unwrap_or(i32::MAX);
+        let replicas = [node];
+        let partitions: Vec<Vec<PartitionMetadata<'_>>> = topics
+            .iter()
+            .map(|(_, count)| {
+                (0..*count.as_ref().unwrap_or(&0))
+                    .map(|partition| PartitionMetadata {
+                        partition,
+                        leader,
+                        leader_epoch: 0,
+                        replicas: ReplicaList::from_slice(&replicas),
+                    })
+                    .collect()
+            })
+            .collect();
+        let entries: Vec<TopicMetadata<'_>> = topics
+            .iter()
+            .zip(&partitions)
+            .filter_map(|((name, count), parts)| {
+                Some(TopicMetadata {
+                    name: Topic::new(name).ok()?,
+                    error_code: count.err().unwrap_or(ErrorCode::NONE),
+                    partitions: PartitionList::from_slice(parts),
+                })
+            })
+            .collect();
+        let brokers = [BrokerInfo {
+            node_id: node,
+            host: Text(self.config.advertise.host.as_bytes()),
+            port: self.config.advertise.port,
+        }];
+        let response = Response::Metadata(MetadataResponse {
+            brokers: BrokerList::from_slice(&brokers),
+            topics: TopicMetadataList::from_slice(&entries),
+        });
+        // Grows with the topics and partitions: it must still fit a frame.
+        let length = response_encoded_len(&response).saturating_sub(4); // after Length
+        if length > self.config.max_frame_len as usize {
+            return answer.fail(fail(
+                ErrorCode::MESSAGE_TOO_LARGE,
+                format!(
+                    "the metadata of {} topics takes a {length}-byte frame, over the maximum of {}",
+                    entries.len(),
+                    self.config.max_frame_len
+                ),
+            ));
+        }
+        answer.respond(&response);
+    }
+}
+
+/// Authentication and authorization (§6.3).
+impl Inner {
+    /// Whether the connection's principal may make `request`; without `--auth-file`, anyone
+    /// may make any request.
+    fn authorize(
+        &self,
+        request: &Request<'_>,
+        connection: &streambus_adapters::Connection,
+    ) -> Result<Access, Failure> {
+        let Some(auth) = &self.auth else {
+            return Ok(Access::All);
+        };
+        auth.check(request, connection.principal().as_ref())
+            .map_err(|refusal| match refusal {
+                Refusal::Unauthenticated => {
+                    self.metrics.authentication_failed("required");
+                    fail(
+                        ErrorCode::AUTHENTICATION_FAILED,
+                        format!(
+                            "authentication required: send Authenticate (mechanisms: {}) first",
+                            Auth::MECHANISMS
+                        ),
+                    )
+                }
+                Refusal::UnknownPrincipal(principal) => {
+                    self.metrics.authentication_failed("unknown_principal");
+                    fail(
+                        ErrorCode::AUTHENTICATION_FAILED,
+                        format!(
+                            "principal {principal:?} is no longer in the auth file: authenticate again"
+                        ),
+                    )
+                }
+                Refusal::Denied {
+                    principal,
+                    permission,
+                    topic,
+                } => {
+                    self.metrics.authorization_denied(permission.name());
+                    let what = request.request_type().name();
+                    fail(
+                        ErrorCode::AUTHORIZATION_FAILED,
+                        format!(
+                            "principal {principal:?} may not {what} on topic {topic:?}: it lacks the {} permission",
+                            permission.name()
+                        ),
+                    )
+                }
+            })
+    }
+
+    /// Answers an Authenticate: the principal on success; 40 otherwise, closing the connection
+    /// after the third failure in a row. Never says anything of the credential.
+    fn authenticate(&self, a: &AuthenticateRequest<'_>, answer: Answer) {
+        let Some(auth) = &self.auth else {
+            self.metrics.authentication_failed("not_enabled");
+            return answer.fail(fail(
+                ErrorCode::AUTHENTICATION_FAILED,
+                "authentication is not enabled on this broker".to_owned(),
+            ));
+        };
+        let connection = answer.reply.connection();
+        let (reason, what) = if a.mechanism.as_bytes() != MECHANISM_TOKEN.as_bytes() {
+            ("unknown_mechanism", "the mechanism is not supported")
+        } else if let Some(principal) = auth.policy().authenticate(a.credential) {
+            connection.set_principal(Arc::clone(&principal));
+            tracing::debug!(%principal, "connection authenticated");
+            return answer.respond(&Response::Authenticate(AuthenticateResponse {
+                principal: Text(principal.as_bytes()),
+            }));
+        } else {
+            ("bad_credential", "the token is not valid")
+        };
+        self.metrics.authentication_failed(reason);
+        let failures = connection.authentication_failed();
+        let mechanisms = Auth::MECHANISMS;
+        if failures >= MAX_AUTH_FAILURES {
+            tracing::info!(
+                failures,
+                reason,
+                "closing a connection after failed authentications"
+            );
+            connection.close();
+            answer.fail(fail(
+                ErrorCode::AUTHENTICATION_FAILED,
+                format!(
+                    "authentication failed: {what} (supported mechanisms: {mechanisms}); {failures} failures in a row: closing the connection"
+                ),
+            ));
+        } else {
+            answer.fail(fail(
+                ErrorCode::AUTHENTICATION_FAILED,
+                format!("authentication failed: {what} (supported mechanisms: {mechanisms})"),
+            ));
+        }
+    }
+}
+
 impl Drop for Broker {
     fn drop(&mut self) {
         for w in self.inner.polls.close() {
@@ -565,7 +802,10 @@ impl Handler for Broker {
             started: Instant::now(),
             metrics: Arc::clone(&self.inner.metrics),
         };
-        self.route(request, answer);
+        match self.inner.authorize(request, answer.reply.connection()) {
+            Ok(access) => self.route(request, answer, &access),
+            Err(f) => answer.fail(f),
+        }
     }
 
     fn blocks(&self, request: &Request<'_>) -> bool {

@@ -115,6 +115,17 @@ pub struct Cli {
     /// Require client certificates signed by this CA (PEM): mutual TLS.
     #[arg(long, env = "STREAMBUS_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// HOST:PORT clients are told to connect to in Metadata replies [default: the listen
+    /// address; 127.0.0.1 with its port when listening on 0.0.0.0 or ::].
+    #[arg(long, env = "STREAMBUS_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// This broker's node id in Metadata replies, 0 to 2147483647 [default: 0].
+    #[arg(long, env = "STREAMBUS_NODE_ID")]
+    pub node_id: Option<u32>,
+    /// Require token authentication, with the principals and per-topic permissions of this
+    /// TOML file (reloaded on SIGHUP) [default: off].
+    #[arg(long, env = "STREAMBUS_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -138,6 +149,9 @@ struct FileConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_client_ca: Option<PathBuf>,
+    advertise: Option<String>,
+    node_id: Option<u32>,
+    auth_file: Option<PathBuf>,
 }
 
 /// The resolved settings.
@@ -174,6 +188,13 @@ pub struct Config {
     pub runtime: RuntimeKind,
     /// TLS files; `None` = plaintext.
     pub tls: Option<TlsFiles>,
+    /// The address advertised in Metadata replies; `None` = derived from the listen address
+    /// once bound (see [`Advertised::for_listener`]).
+    pub advertise: Option<Advertised>,
+    /// This broker's node id (fits an i32: it is also the LeaderID).
+    pub node_id: u32,
+    /// The auth file (principals, token hashes, permissions); `None`: no authentication.
+    pub auth_file: Option<PathBuf>,
 }
 
 /// The PEM files of the broker's TLS.
@@ -223,6 +244,74 @@ impl TlsFiles {
     }
 }
 
+/// The address a broker advertises to clients (§6.4): a host name or IP, and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advertised {
+    /// Host name or IP address (an IPv6 address without brackets).
+    pub host: String,
+    /// Port, never 0.
+    pub port: u16,
+}
+
+impl Advertised {
+    /// Parses `HOST:PORT` (`[v6]:PORT` for an IPv6 address).
+    pub fn parse(setting: &'static str, v: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Invalid {
+            setting,
+            reason: format!("{v:?} is not an address like broker1.example.com:9092 ({why})"),
+        };
+        let (host, port) = v.rsplit_once(':').ok_or_else(|| bad("no :PORT"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad("the port is not a number from 1 to 65535"))?;
+        if port == 0 {
+            return Err(bad("port 0 cannot be connected to"));
+        }
+        let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+            Some(_) => return Err(bad("the bracketed host is not an IPv6 address")),
+            None if host.contains(':') => return Err(bad("an IPv6 address needs [brackets]")),
+            None => host,
+        };
+        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad("the host is empty or has spaces"));
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// What a broker bound to `bound` advertises without a setting: that address, or
+    /// 127.0.0.1 with its port when it is unspecified (0.0.0.0 or ::). The flag is `true` in
+    /// that second case, for the warning at start.
+    pub fn for_listener(bound: SocketAddr) -> (Self, bool) {
+        let unspecified = bound.ip().is_unspecified();
+        let host = if unspecified {
+            "127.0.0.1".to_owned()
+        } else {
+            bound.ip().to_string()
+        };
+        (
+            Self {
+                host,
+                port: bound.port(),
+            },
+            unspecified,
+        )
+    }
+}
+
+impl std::fmt::Display for Advertised {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -241,6 +330,9 @@ impl Default for Config {
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
             runtime: RuntimeKind::Tokio,
             tls: None,
+            advertise: None,
+            node_id: 0,
+            auth_file: None,
         }
     }
 }
@@ -350,6 +442,25 @@ impl Config {
                 });
             }
         };
+        let advertise = match cli.advertise.or(file.advertise) {
+            Some(v) => Some(Advertised::parse("--advertise", &v)?),
+            None => None,
+        };
+        let node_id = cli.node_id.or(file.node_id).unwrap_or(d.node_id);
+        if i32::try_from(node_id).is_err() {
+            return Err(ConfigError::Invalid {
+                setting: "--node-id",
+                reason: format!("{node_id} is above the largest node id, 2147483647"),
+            });
+        }
+        let auth_file = cli.auth_file.or(file.auth_file);
+        if let Some(path) = &auth_file {
+            // Checked now, so a broken file stops the start with one line (exit 2).
+            crate::auth::Policy::load(path).map_err(|e| ConfigError::Invalid {
+                setting: "--auth-file",
+                reason: e.to_string(),
+            })?;
+        }
         Ok(Self {
             tls,
             listen,
@@ -394,6 +505,9 @@ impl Config {
                 .unwrap_or(d.auto_create_topics),
             metrics_listen,
             runtime: cli.runtime.or(file.runtime).unwrap_or(d.runtime),
+            advertise,
+            node_id,
+            auth_file,
         })
     }
 }
@@ -495,12 +609,47 @@ mod tests {
     }
 
     #[test]
+    fn advertise_and_node_id() {
+        let c = parse(&["--advertise", "broker1.example.com:9093", "--node-id", "7"]).unwrap();
+        assert_eq!(
+            c.advertise,
+            Some(Advertised {
+                host: "broker1.example.com".into(),
+                port: 9093
+            })
+        );
+        assert_eq!(c.node_id, 7);
+        let c = parse(&["--advertise", "[::1]:9092"]).unwrap();
+        let a = c.advertise.unwrap();
+        assert_eq!((a.host.as_str(), a.port), ("::1", 9092));
+        assert_eq!(a.to_string(), "[::1]:9092");
+        for bad in [
+            "nohost", ":9092", "h:0", "h:65536", "::1:9092", "[x]:1", "a b:1",
+        ] {
+            let e = parse(&["--advertise", bad]).unwrap_err().to_string();
+            assert!(e.starts_with("invalid setting --advertise:"), "{bad}: {e}");
+        }
+        let e = parse(&["--node-id", "2147483648"]).unwrap_err().to_string();
+        assert!(e.starts_with("invalid setting --node-id:"), "{e}");
+    }
+
+    #[test]
+    fn unspecified_listen_advertises_loopback() {
+        let (a, warn) = Advertised::for_listener("0.0.0.0:7000".parse().unwrap());
+        assert_eq!((a.host.as_str(), a.port, warn), ("127.0.0.1", 7000, true));
+        let (a, warn) = Advertised::for_listener("[::]:7001".parse().unwrap());
+        assert_eq!((a.host.as_str(), a.port, warn), ("127.0.0.1", 7001, true));
+        let (a, warn) = Advertised::for_listener("10.1.2.3:7002".parse().unwrap());
+        assert_eq!((a.to_string(), warn), ("10.1.2.3:7002".to_owned(), false));
+    }
+
+    #[test]
     fn file_then_flags() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sb.toml");
         std::fs::write(
             &path,
-            "listen = \"127.0.0.1:7000\"\nfsync = \"always\"\nidle_timeout = \"1m\"\n",
+            "listen = \"127.0.0.1:7000\"\nfsync = \"always\"\nidle_timeout = \"1m\"\nadvertise = \"b.example:7000\"\nnode_id = 3\n",
         )
         .unwrap();
         let p = path.to_str().unwrap();
@@ -508,6 +657,10 @@ mod tests {
         assert_eq!(
             (c.listen.port(), c.fsync, c.idle_timeout),
             (7000, FsyncMode::Always, Duration::from_secs(60))
+        );
+        assert_eq!(
+            (c.advertise.map(|a| a.to_string()), c.node_id),
+            (Some("b.example:7000".to_owned()), 3)
         );
         let c = parse(&["--config", p, "--listen", "127.0.0.1:7001"]).unwrap();
         assert_eq!(c.listen.port(), 7001);

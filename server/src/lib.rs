@@ -4,6 +4,7 @@
 //! log [`storage`] engine, and [`start`] serves it on the runtime the [`Config`] names
 //! (tokio, smol or blocking, through `streambus-adapters`).
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 mod fds;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use broker::{Broker, BrokerConfig};
-pub use config::{Cli, Config, ConfigError, FsyncMode, RuntimeKind, TlsFiles};
+pub use config::{Advertised, Cli, Config, ConfigError, FsyncMode, RuntimeKind, TlsFiles};
 use metrics::Metrics;
 use storage::{FsyncPolicy, Storage, StorageConfig};
 use streambus_adapters::ServeOptions;
@@ -44,6 +45,9 @@ pub enum ServerError {
     /// The server thread panicked.
     #[error("the server thread panicked")]
     Panicked,
+    /// The auth file could not be used.
+    #[error("{0}")]
+    Auth(#[from] auth::AuthError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -63,10 +67,12 @@ enum Stop {
 pub struct Running {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
-    metrics: Arc<Metrics>,
     storage: Arc<Storage>,
     /// Weak: the broker goes with the server thread, before the final fsync.
     broker: std::sync::Weak<Broker>,
+    /// `--auth-file`, reloaded by [`Running::reload_auth`].
+    auth: Option<Arc<auth::Auth>>,
+    metrics: Arc<Metrics>,
     stop: Stop,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -95,6 +101,28 @@ impl Running {
     /// The metrics listener's address, if on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Reads the auth file again (on SIGHUP): a valid file applies to every request from now
+    /// on; an invalid one keeps the rules in force and logs one line saying why. Returns
+    /// `Ok(None)` when the broker runs without authentication.
+    pub fn reload_auth(&self) -> Result<Option<usize>, auth::AuthError> {
+        let Some(auth) = &self.auth else {
+            tracing::info!("no --auth-file: nothing to reload");
+            return Ok(None);
+        };
+        match auth.reload() {
+            Ok(n) => {
+                self.metrics.auth_reload("ok");
+                tracing::info!(principals = n, file = %auth.path().display(), "auth file reloaded");
+                Ok(Some(n))
+            }
+            Err(e) => {
+                self.metrics.auth_reload("invalid");
+                tracing::error!("auth file not reloaded, the previous rules stay in force: {e}");
+                Err(e)
+            }
+        }
     }
 
     /// Graceful shutdown: stop accepting, let open connections finish what they have read,
@@ -140,6 +168,10 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     };
     let mut storage_config = StorageConfig::new(&config.data_dir);
     storage_config.fsync = fsync;
+    let auth = match &config.auth_file {
+        Some(path) => Some(Arc::new(auth::Auth::load(path)?)),
+        None => None,
+    };
     let storage = Arc::new(Storage::open(storage_config)?);
     let metrics = Arc::new(Metrics::default());
 
@@ -184,7 +216,8 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     let mut conn = ServerConfig::default();
     conn.max_frame_len(config.max_frame_bytes)
         .read_timeout(config.read_timeout)
-        .idle_timeout(config.idle_timeout);
+        .idle_timeout(config.idle_timeout)
+        .require_authentication(auth.is_some());
     let mut options = ServeOptions::default()
         .max_connections(plan.connections)
         .connection(conn)
@@ -198,14 +231,29 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
             "listening on a non-loopback address without TLS: clients' data and credentials cross the network in plaintext (set --tls-cert and --tls-key)"
         );
     }
+    let advertise = match &config.advertise {
+        Some(a) => a.clone(),
+        None => {
+            let (a, unspecified) = Advertised::for_listener(addr);
+            if unspecified {
+                tracing::warn!(
+                    "listening on {addr} without --advertise: Metadata replies advertise {a}, which only clients on this host can reach"
+                );
+            }
+            a
+        }
+    };
     let broker = Arc::new(
-        Broker::new(
+        Broker::with_auth(
             storage.clone(),
             BrokerConfig::default()
+                .node_id(config.node_id)
+                .advertise(advertise.clone())
                 .auto_create_topics(config.auto_create_topics)
                 .max_frame_len(config.max_frame_bytes)
                 .max_fetch_wait(config.max_fetch_wait),
             metrics.clone(),
+            auth.clone(),
         )
         .map_err(io_err("starting the broker's threads"))?,
     );
@@ -215,7 +263,13 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         Some(f) if f.client_ca.is_some() => "on, client certificates required",
         Some(_) => "on",
     };
-    tracing::info!(%addr, metrics = %metrics_at, runtime = ?config.runtime, tls, data_dir = %config.data_dir.display(), "broker listening");
+    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, runtime = ?config.runtime, tls, data_dir = %config.data_dir.display(), auth = auth.is_some(), "broker listening");
+    if auth.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "listening on a non-loopback address without authentication: anyone who can reach it may read, write and delete every topic; set --auth-file"
+        );
+    }
 
     let weak_broker = Arc::downgrade(&broker);
     let metrics_handle = metrics;
@@ -276,9 +330,10 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     Ok(Running {
         addr,
         metrics_addr,
-        metrics: metrics_handle,
         storage,
         broker: weak_broker,
+        auth,
+        metrics: metrics_handle,
         stop,
         thread: Some(thread),
     })

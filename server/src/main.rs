@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use streambus_server::{Cli, Config};
 
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let mut signals = match Signals::new([SIGINT, SIGTERM]) {
+    let mut signals = match Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: installing signal handlers: {e}");
@@ -48,8 +48,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Some(sig) = signals.forever().next() {
+    for sig in signals.forever() {
+        if sig == SIGHUP {
+            // Logged (and counted) by `reload_auth`; an invalid file keeps the old rules.
+            let _ = running.reload_auth();
+            continue;
+        }
         tracing::info!(signal = sig, "shutting down");
+        break;
     }
     match running.shutdown() {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,10 +22,13 @@ pub struct RequestLabels {
     pub status: &'static str,
 }
 
-/// Labels of the TLS handshake failures.
+/// Labels of the security counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    /// Why it failed: `timeout`, `not_tls`, `no_client_certificate`, `bad_certificate`, …
+pub struct ReasonLabels {
+    /// Why: `required`, `bad_credential`, `unknown_mechanism`, `not_enabled`,
+    /// `unknown_principal` (authentication); the missing permission (authorization); `ok` or
+    /// `invalid` (auth file reloads); `timeout`, `not_tls`, `no_client_certificate`,
+    /// `bad_certificate`, … (TLS handshakes).
     pub reason: &'static str,
 }
 
@@ -39,9 +42,12 @@ pub struct Metrics {
     bytes_in: Counter,
     bytes_out: Counter,
     frame_faults: Family<RequestLabels, Counter>,
-    tls_handshake_failures: Family<HandshakeLabels, Counter>,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     latency: Histogram,
+    authentications_failed: Family<ReasonLabels, Counter>,
+    authorizations_denied: Family<ReasonLabels, Counter>,
+    auth_reloads: Family<ReasonLabels, Counter>,
     /// Storage counters, updated from the engine's stats on each scrape.
     pub(crate) storage_appends: Counter,
     pub(crate) storage_fsyncs: Counter,
@@ -62,6 +68,9 @@ impl Default for Metrics {
             requests: Family::default(),
             // 10 µs .. ~5 s
             latency: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
+            authentications_failed: Family::default(),
+            authorizations_denied: Family::default(),
+            auth_reloads: Family::default(),
             storage_appends: Counter::default(),
             storage_fsyncs: Counter::default(),
             storage_truncations: Counter::default(),
@@ -103,6 +112,21 @@ impl Default for Metrics {
             "request_latency_seconds",
             "Time to execute a request",
             m.latency.clone(),
+        );
+        registry.register(
+            "authentications_failed",
+            "Requests answered AuthenticationFailed (40), by reason",
+            m.authentications_failed.clone(),
+        );
+        registry.register(
+            "authorizations_denied",
+            "Requests answered AuthorizationFailed (41), by the permission missing",
+            m.authorizations_denied.clone(),
+        );
+        registry.register(
+            "auth_reloads",
+            "Auth file reloads (SIGHUP), by result: ok or invalid (the old rules kept)",
+            m.auth_reloads.clone(),
         );
         registry.register(
             "storage_appends",
@@ -149,7 +173,7 @@ impl Metrics {
             }
             ConnEvent::TlsHandshakeFailed(reason) => {
                 self.tls_handshake_failures
-                    .get_or_create(&HandshakeLabels {
+                    .get_or_create(&ReasonLabels {
                         reason: reason.as_str(),
                     })
                     .inc();
@@ -161,7 +185,7 @@ impl Metrics {
     /// TLS handshakes failed for `reason` so far.
     pub fn tls_handshake_failures(&self, reason: streambus_adapters::HandshakeFailure) -> u64 {
         self.tls_handshake_failures
-            .get_or_create(&HandshakeLabels {
+            .get_or_create(&ReasonLabels {
                 reason: reason.as_str(),
             })
             .get()
@@ -173,6 +197,27 @@ impl Metrics {
             .get_or_create(&RequestLabels { r#type, status })
             .inc();
         self.latency.observe(took.as_secs_f64());
+    }
+
+    /// Records a request answered AuthenticationFailed (40).
+    pub fn authentication_failed(&self, reason: &'static str) {
+        self.authentications_failed
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Records a request answered AuthorizationFailed (41) for lack of `permission`.
+    pub fn authorization_denied(&self, permission: &'static str) {
+        self.authorizations_denied
+            .get_or_create(&ReasonLabels { reason: permission })
+            .inc();
+    }
+
+    /// Records an auth file reload: `ok` or `invalid`.
+    pub fn auth_reload(&self, result: &'static str) {
+        self.auth_reloads
+            .get_or_create(&ReasonLabels { reason: result })
+            .inc();
     }
 
     /// Brings a monotonic counter up to `value`.

@@ -1,5 +1,5 @@
 //! The `streambus-server` binary: invalid settings exit 2 with one line; SIGTERM stops it
-//! cleanly (exit 0) after it served a request.
+//! cleanly (exit 0) after it served a request; SIGHUP reloads the auth file.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -123,6 +123,11 @@ fn healthy(addr: &str) -> bool {
 }
 
 fn metric(addr: &str, name: &str) -> u64 {
+    metric_if_any(addr, name).unwrap_or_else(|| panic!("no {name} in the metrics"))
+}
+
+/// A metric's value, `None` while it has never been recorded (a labelled counter).
+fn metric_if_any(addr: &str, name: &str) -> Option<u64> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
@@ -130,10 +135,7 @@ fn metric(addr: &str, name: &str) -> u64 {
     s.read_to_string(&mut body).unwrap();
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in {body}"))
-        .trim()
-        .parse()
-        .unwrap()
+        .map(|v| v.trim().parse().unwrap())
 }
 
 #[test]
@@ -269,5 +271,225 @@ fn call(
         Ok(streambus_core::Response::Error(e)) => Err(e.code.0),
         Ok(r) => Ok(r),
         Err(e) => panic!("undecodable reply: {e}"),
+    }
+}
+
+/// An auth file naming `principal` with `token` and the given permission lists.
+fn auth_file(principal: &str, token: &str, permissions: &str) -> String {
+    format!(
+        "[principals]\n{principal} = {{ token_sha256 = \"{}\", {permissions} }}\n",
+        streambus_server::auth::token_sha256_hex(token)
+    )
+}
+
+fn authenticate(s: &mut std::net::TcpStream, token: &str) -> Result<String, u16> {
+    let request = streambus_core::Request::Authenticate(
+        streambus_core::AuthenticateRequest::token(token.as_bytes()),
+    );
+    match call(s, &request)? {
+        streambus_core::Response::Authenticate(a) => Ok(a.principal.to_string()),
+        other => panic!("not an Authenticate reply: {other:?}"),
+    }
+}
+
+fn produce_one(s: &mut std::net::TcpStream, topic: &str) -> Result<(), u16> {
+    let (count, set) = one_message(b"v");
+    call(
+        s,
+        &streambus_core::Request::Produce(streambus_core::ProduceRequest {
+            topic: streambus_core::Topic::new(topic).unwrap(),
+            partition: 0,
+            messages: streambus_core::MessageSet::new_checked(count, &set).unwrap(),
+            producer: None,
+        }),
+    )
+    .map(|_| ())
+}
+
+#[test]
+fn an_invalid_auth_file_is_refused_at_start_with_exit_2_and_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let hash = streambus_server::auth::token_sha256_hex("tok");
+    let cases = [
+        ("missing.toml", None, "No such file"),
+        ("syntax.toml", Some("[principals\n".to_owned()), "auth file"),
+        (
+            "hash.toml",
+            Some("[principals]\na = { token_sha256 = \"abc\" }\n".to_owned()),
+            "64 hex digits",
+        ),
+        (
+            "topic.toml",
+            Some(format!(
+                "[principals]\na = {{ token_sha256 = \"{hash}\", consume = [\"a b\"] }}\n"
+            )),
+            "consume",
+        ),
+    ];
+    for (name, text, needle) in cases {
+        let path = dir.path().join(name);
+        if let Some(t) = text {
+            std::fs::write(&path, t).unwrap();
+        }
+        let out = Command::new(BIN)
+            .arg("--auth-file")
+            .arg(&path)
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "off"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{name}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "{name}: {err}");
+        assert!(err.contains("--auth-file"), "{name}: {err}");
+        assert!(err.contains(needle), "{name}: {err}");
+        assert!(!err.contains(&hash), "{name}: the hash is printed: {err}");
+    }
+}
+
+#[test]
+fn sighup_applies_a_changed_auth_file_to_new_requests_and_keeps_an_invalid_one_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("auth.toml");
+    let (old, new) = (
+        "old-token-of-alice-1234567890",
+        "new-token-of-alice-0987654321",
+    );
+    std::fs::write(&path, auth_file("alice", old, "produce = [\"t\"]")).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--auth-file")
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The log lines, read on a thread so a missing line fails the test instead of hanging it.
+    let (tx, logs) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = |what: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = logs
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no log line {what:?}"));
+            if line.contains(what) {
+                return line;
+            }
+        }
+    };
+    let started = next_line("broker listening");
+    let (addr, metrics) = (
+        field(&started, "addr").unwrap(),
+        field(&started, "metrics").unwrap(),
+    );
+    let hup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let reloads = |result: &str| {
+        let name = format!("streambus_auth_reloads_total{{reason=\"{result}\"}}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(n) = metric_if_any(&metrics, &name) {
+                return n;
+            }
+            assert!(Instant::now() < deadline, "no {name} after SIGHUP");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+
+    let mut alice = std::net::TcpStream::connect(&addr).unwrap();
+    assert_eq!(authenticate(&mut alice, old), Ok("alice".to_owned()));
+    assert_eq!(produce_one(&mut alice, "t"), Ok(()));
+
+    // A new token, and alice may now consume "t" but no longer produce to it.
+    std::fs::write(&path, auth_file("alice", new, "consume = [\"t\"]")).unwrap();
+    hup();
+    assert_eq!(reloads("ok"), 1);
+    // The open connection keeps its principal; its next request follows the new rules.
+    assert_eq!(produce_one(&mut alice, "t"), Err(41));
+    let mut fresh = std::net::TcpStream::connect(&addr).unwrap();
+    assert_eq!(authenticate(&mut fresh, old), Err(40));
+    assert_eq!(authenticate(&mut fresh, new), Ok("alice".to_owned()));
+
+    // An invalid file is kept out, with one log line saying why; the rules stay.
+    std::fs::write(&path, "[principals]\nalice = { token_sha256 = \"nope\" }\n").unwrap();
+    hup();
+    assert_eq!(reloads("invalid"), 1);
+    let line = next_line("auth file not reloaded");
+    assert!(line.contains("64 hex digits"), "{line}");
+    assert!(!line.contains(new) && !line.contains(old), "{line}");
+    let mut again = std::net::TcpStream::connect(&addr).unwrap();
+    assert_eq!(authenticate(&mut again, new), Ok("alice".to_owned()));
+    assert_eq!(produce_one(&mut again, "t"), Err(41));
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// Listening beyond loopback without `--auth-file` logs a warning at start; with it, none.
+#[test]
+fn a_non_loopback_listener_without_auth_warns_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        auth_file("ops", "ops-token-1234567890", "admin = [\"*\"]"),
+    )
+    .unwrap();
+    for with_auth in [false, true] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["--listen", "0.0.0.0:0", "--metrics-listen", "off"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if with_auth {
+            cmd.arg("--auth-file").arg(&auth);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut warned = false;
+        for line in lines.by_ref().map(Result::unwrap) {
+            if line.contains("broker listening") {
+                break;
+            }
+        }
+        // The warning is logged at start, before the broker waits for signals: every line
+        // up to the end of the output after SIGTERM includes it, if it came.
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        for line in lines.map(Result::unwrap) {
+            warned |= line.contains("without authentication");
+        }
+        assert_eq!(warned, !with_auth, "with auth: {with_auth}");
+        assert_eq!(child.wait().unwrap().code(), Some(0));
     }
 }

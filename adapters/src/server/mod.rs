@@ -15,6 +15,7 @@
 
 pub(crate) mod accept;
 pub(crate) mod budget;
+pub(crate) mod connection;
 mod receive;
 pub(crate) mod reply;
 #[cfg(any(feature = "tokio", feature = "smol"))]
@@ -101,6 +102,8 @@ pub(crate) struct Session {
     /// outbox's is charged by the outbox).
     budget: Arc<Budget>,
     tx_charged: usize,
+    /// The core has been told the connection authenticated.
+    authenticated: bool,
 }
 
 impl Drop for Session {
@@ -120,6 +123,22 @@ impl Session {
             linger_until: None,
             budget,
             tx_charged: 0,
+            authenticated: false,
+        }
+    }
+
+    /// Passes on what the handler asked of the connection ([`crate::Connection`]): it
+    /// authenticated (the core's authentication deadline ends), or it must close (the core
+    /// hands out no further request).
+    fn follow_handler(&mut self) {
+        let asked = &self.outbox.connection;
+        if !self.authenticated && asked.is_authenticated() {
+            self.authenticated = true;
+            self.conn.authenticated();
+        }
+        if asked.close_requested() && !self.conn.is_closed() {
+            tracing::debug!("closing the connection at the handler's request");
+            self.conn.close_after_replies();
         }
     }
 
@@ -264,6 +283,7 @@ impl Session {
 
     fn process_requests<H: Handler + ?Sized>(&mut self, now: Instant, handler: &H) -> Next {
         loop {
+            self.follow_handler();
             // Output waits: write it before taking more requests, past 4 MiB a connection, or
             // past its 8 KiB allowance once the server's memory budget is spent (replies are
             // owed whatever the budget says, so they bound what a connection may start).

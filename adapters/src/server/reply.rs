@@ -15,6 +15,7 @@ use streambus_core::{
 };
 
 use crate::server::budget::Budget;
+use crate::server::connection::Connection;
 use crate::server::transmit::TxBuf;
 use crate::{FileChunk, Peer};
 
@@ -48,6 +49,8 @@ pub(crate) struct OutboxCell {
     /// Bytes waiting in the outbox, readable without the lock (the connection stops handing out
     /// requests while its queued output is over its share of the memory budget).
     queued: AtomicU64,
+    /// What the handler keeps for the connection and asks of it.
+    pub(crate) connection: Connection,
 }
 
 impl OutboxCell {
@@ -57,6 +60,7 @@ impl OutboxCell {
             peer,
             budget,
             queued: AtomicU64::new(0),
+            connection: Connection::new(),
         }
     }
 
@@ -141,6 +145,12 @@ impl Reply {
     /// subject. `None` only once the reply was sent.
     pub fn peer(&self) -> Option<&Peer> {
         self.outbox.as_deref().map(|o| &o.peer)
+    }
+
+    /// The connection the request came on: its principal, and what the handler may ask of it.
+    pub fn connection(&self) -> &Connection {
+        static ANSWERED: Connection = Connection::new();
+        self.outbox.as_ref().map_or(&ANSWERED, |o| &o.connection)
     }
 
     /// Whether the connection has closed, so an answer would be dropped (a handler holding

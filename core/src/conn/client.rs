@@ -5,13 +5,14 @@ use core::time::Duration;
 
 use crate::conn::time::{Instant, earliest};
 use crate::error::{DecodeError, EncodeError};
-use crate::wire::frame::{ResponseFrame, encode_request, peek_request_id};
+use crate::wire::Payload;
+use crate::wire::frame::{ResponseFrame, encode_request_payload, peek_request_id};
 use crate::wire::reader::{
     DEFAULT_MAX_FRAME_LEN, FrameDecoder, FrameReader, LENGTH_LEN, MIN_RESPONSE_LENGTH, Status,
     accepted_frame_len,
 };
 use crate::wire::request::Request;
-use crate::wire::response::Response;
+use crate::wire::response::{PayloadParser, Response, payload_parser};
 use crate::wire::types::{Flags, RequestType};
 
 /// Settings of a [`ClientConnection`].
@@ -284,6 +285,9 @@ pub struct ClientConnection<B, const N: usize> {
     /// The frame at `rx_start` was handed out; drop it at the next call.
     delivered: usize,
     slots: [Slot; N],
+    /// Every slot in use is below this index (slots are taken lowest first), so scans stop
+    /// there: a connection with one request in flight looks at one slot, not `N`.
+    hi: usize,
     next_id: u64,
     error: Option<ClientError>,
 }
@@ -303,6 +307,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             reader: FrameReader::new(FrameDecoder::new(MIN_RESPONSE_LENGTH, config.max_frame_len)),
             delivered: 0,
             slots: [Slot::FREE; N],
+            hi: 0,
             next_id: 1,
             error: None,
         }
@@ -316,7 +321,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// Requests sent whose completion was not yet handed out (timed-out requests whose late
     /// response has not arrived included).
     pub fn in_flight(&self) -> usize {
-        self.slots
+        self.active()
             .iter()
             .filter(|s| s.state != SlotState::Free)
             .count()
@@ -325,6 +330,25 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
     /// The error that poisoned the connection, if any.
     pub fn error(&self) -> Option<ClientError> {
         self.error
+    }
+
+    /// The slots that may be in use.
+    fn active(&self) -> &[Slot] {
+        self.slots.get(..self.hi).unwrap_or(&self.slots)
+    }
+
+    fn active_mut(&mut self) -> &mut [Slot] {
+        let hi = self.hi.min(self.slots.len());
+        self.slots.get_mut(..hi).unwrap_or_default()
+    }
+
+    /// Lowers [`hi`](Self::hi) past the free slots at the top.
+    fn shrink(&mut self) {
+        while let Some(i) = self.hi.checked_sub(1)
+            && self.slots.get(i).is_none_or(|s| s.state == SlotState::Free)
+        {
+            self.hi = i;
+        }
     }
 
     fn check(&self) -> Result<(), ClientError> {
@@ -353,6 +377,18 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         flags: Flags,
         request: &Request<'_>,
     ) -> Result<u64, ClientError> {
+        self.send_payload(now, flags, request.request_type(), request)
+    }
+
+    /// [`send_request_with_flags`](Self::send_request_with_flags) for a request given as its
+    /// type and payload.
+    pub(crate) fn send_payload(
+        &mut self,
+        now: Instant,
+        flags: Flags,
+        request_type: RequestType,
+        payload: &dyn Payload,
+    ) -> Result<u64, ClientError> {
         self.check()?;
         let Some(free_slot) = self.slots.iter().position(|s| s.state == SlotState::Free) else {
             return Err(ClientError::Busy);
@@ -364,17 +400,22 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         }
         let id = self.next_id;
         let free = self.tx.as_mut().get_mut(self.tx_end..).unwrap_or_default();
-        let n = encode_request(id, flags, request, free).map_err(|e| match e {
-            EncodeError::BufferTooSmall { required } => ClientError::BufferTooSmall { required },
-            e => ClientError::Encode(e),
-        })?;
+        let n = encode_request_payload(id, flags, request_type, payload, free).map_err(
+            |e| match e {
+                EncodeError::BufferTooSmall { required } => {
+                    ClientError::BufferTooSmall { required }
+                }
+                e => ClientError::Encode(e),
+            },
+        )?;
         if let Some(slot) = self.slots.get_mut(free_slot) {
             *slot = Slot {
                 id,
                 deadline: now.saturating_add(self.config.request_timeout),
-                ty: request.request_type(),
+                ty: request_type,
                 state: SlotState::Waiting,
             };
+            self.hi = self.hi.max(free_slot.saturating_add(1));
         }
         self.tx_end = self.tx_end.saturating_add(n);
         self.next_id = id.wrapping_add(1).max(1);
@@ -475,8 +516,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             Err(e) => return Err(self.poison(PeerError::Decode(e).into())),
         };
         let frame = buf.get(..total).unwrap_or_default();
-        let outcome = check_response(frame, &mut self.slots);
+        let hi = self.hi.min(self.slots.len());
+        let outcome = check_response(frame, self.slots.get_mut(..hi).unwrap_or_default());
         outcome.map_err(|e| self.poison(e.into()))?;
+        self.shrink();
         Ok(Some(total))
     }
 
@@ -489,7 +532,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
         // what completes must not depend on how the bytes were split into reads.
         let expired = match self.error {
             None => self
-                .slots
+                .active()
                 .iter()
                 .position(|s| matches!(s.state, SlotState::Expired { .. })),
             Some(_) => None,
@@ -506,6 +549,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             } else {
                 SlotState::Abandoned
             };
+            self.shrink();
             return Some(done);
         }
         while self.rx_start < self.rx_checked {
@@ -513,16 +557,18 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             let len = accepted_frame_len(frame);
             let id = peek_request_id(frame)?;
             let answered = self
-                .slots
+                .active_mut()
                 .iter_mut()
                 .find(|s| s.id == id && s.state == SlotState::Answered);
             match answered {
                 Some(slot) => {
                     slot.state = SlotState::Free;
+                    let request_type = slot.ty;
                     self.delivered = len;
+                    self.shrink();
                     return Some(Completion {
                         request_id: id,
-                        request_type: slot.ty,
+                        request_type,
                         timed_out: false,
                     });
                 }
@@ -544,25 +590,21 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
             self.rx.as_ref(),
             self.rx_start,
             self.delivered,
-            request_type,
+            payload_parser(request_type),
         )?
         .ok()
     }
 
-    /// [`response`](Self::response), with a payload that doesn't fit its request reported
-    /// and poisoning the connection. `None` when no response was handed out.
+    /// [`response`](Self::response), with a payload that doesn't fit its request (as `parse`
+    /// decodes it) reported and poisoning the connection. `None` when no response was handed
+    /// out.
     pub(crate) fn take_response(
         &mut self,
-        request_type: RequestType,
+        parse: PayloadParser,
     ) -> Option<Result<Response<'_>, ClientError>> {
         let end = self.rx_start.saturating_add(self.delivered);
         // Borrows only `rx`, so the error path can still poison.
-        let decoded = decode_delivered(
-            self.rx.as_ref(),
-            self.rx_start,
-            self.delivered,
-            request_type,
-        )?;
+        let decoded = decode_delivered(self.rx.as_ref(), self.rx_start, self.delivered, parse)?;
         Some(decoded.map_err(|e| {
             let e = ClientError::Peer(PeerError::Decode(e));
             warn!("connection poisoned: {}", e);
@@ -585,7 +627,9 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
                 request_type: done.request_type,
             });
         }
-        let response = self.take_response(done.request_type)?.ok()?;
+        let response = self
+            .take_response(payload_parser(done.request_type))?
+            .ok()?;
         Some(ClientEvent::Response {
             request_id: done.request_id,
             request_type: done.request_type,
@@ -595,7 +639,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 
     /// The earliest deadline of a request still waiting, if any.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.slots
+        self.active()
             .iter()
             .filter(|s| s.state == SlotState::Waiting)
             .fold(None, |t, s| earliest(t, Some(s.deadline)))
@@ -603,7 +647,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 
     /// Expires every request whose deadline is at or before `now`; poll events afterwards.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for s in self.slots.iter_mut() {
+        for s in self.active_mut() {
             if s.state == SlotState::Waiting && s.deadline <= now {
                 s.state = SlotState::Expired { late: false };
             }
@@ -612,15 +656,19 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>, const N: usize> ClientConnection<B, N> {
 }
 
 /// Decodes the frame of `len` bytes at `start` of `rx` (checked on arrival by
-/// [`check_response`]) as an answer to `ty`; `None` when `len` is 0 (nothing handed out).
+/// [`check_response`]), its success payload decoded by `parse`; `None` when `len` is 0
+/// (nothing handed out).
 fn decode_delivered(
     rx: &[u8],
     start: usize,
     len: usize,
-    ty: RequestType,
+    parse: PayloadParser,
 ) -> Option<Result<Response<'_>, DecodeError>> {
     let frame = rx.get(start..)?.get(..len).filter(|f| !f.is_empty())?;
-    Some(Response::parse(&ResponseFrame::new_prechecked(frame), ty))
+    Some(Response::parse_with(
+        &ResponseFrame::new_prechecked(frame),
+        parse,
+    ))
 }
 
 /// Checks one whole response frame's framing and CRC, and marks its request's slot. The

@@ -39,6 +39,10 @@ pub struct ServerConfig {
     pub read_timeout: Duration,
     /// How long a connection with nothing in flight may stay without a frame (default 10 min).
     pub idle_timeout: Duration,
+    /// The broker requires authentication (§6.3): a connection not marked
+    /// [`authenticated`](ServerConnection::authenticated) within
+    /// [`read_timeout`](Self::read_timeout) of being accepted is closed (default off).
+    pub require_authentication: bool,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +53,7 @@ impl Default for ServerConfig {
             max_checksum_faults: 3,
             read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(600),
+            require_authentication: false,
         }
     }
 }
@@ -77,6 +82,11 @@ impl ServerConfig {
     /// Sets [`idle_timeout`](Self::idle_timeout).
     pub fn idle_timeout(&mut self, timeout: Duration) -> &mut Self {
         self.idle_timeout = timeout;
+        self
+    }
+    /// Sets [`require_authentication`](Self::require_authentication).
+    pub fn require_authentication(&mut self, on: bool) -> &mut Self {
+        self.require_authentication = on;
         self
     }
 }
@@ -168,6 +178,11 @@ pub struct ServerConnection {
     idle_restart: bool,
     /// The read timer: when `rx` last grew while holding an incomplete frame, and its length.
     partial: Option<(Instant, usize)>,
+    /// With [`ServerConfig::require_authentication`], the connection is closed at
+    /// `authenticate_by` while `awaiting_authentication` (kept as two fields: an `Option` would
+    /// cost 8 more bytes per connection).
+    authenticate_by: Instant,
+    awaiting_authentication: bool,
 }
 
 impl ServerConnection {
@@ -182,7 +197,29 @@ impl ServerConnection {
             idle_since: now,
             idle_restart: false,
             partial: None,
+            authenticate_by: now.saturating_add(config.read_timeout),
+            awaiting_authentication: config.require_authentication,
         }
+    }
+
+    /// Closes the connection at the broker's request (the third failed `Authenticate` in a
+    /// row, §6.3): no further request is handed out ([`poll_request`](Self::poll_request)
+    /// returns `Close { reply: None }`); replies to the requests in flight may still be sent.
+    pub fn close_after_replies(&mut self) {
+        self.closed = true;
+        self.partial = None;
+    }
+
+    /// Records that the connection authenticated (§6.3): the authentication deadline of
+    /// [`ServerConfig::require_authentication`] no longer applies. Poll
+    /// [`poll_timeout`](Self::poll_timeout) again after it.
+    pub fn authenticated(&mut self) {
+        self.awaiting_authentication = false;
+    }
+
+    /// The authentication deadline, while it applies.
+    fn authentication_deadline(&self) -> Option<Instant> {
+        self.awaiting_authentication.then_some(self.authenticate_by)
     }
 
     /// The settings.
@@ -445,12 +482,12 @@ impl ServerConnection {
             .map(|(since, _)| since.saturating_add(self.config.read_timeout));
         let idle =
             (self.in_flight == 0).then(|| self.idle_since.saturating_add(self.config.idle_timeout));
-        earliest(read, idle)
+        earliest(earliest(read, idle), self.authentication_deadline())
     }
 
     /// Fires the timers due at `now`; returns `true` when the connection must be closed: an
-    /// incomplete frame got no new bytes for the read timeout, or nothing happened for the
-    /// idle timeout.
+    /// incomplete frame got no new bytes for the read timeout, nothing happened for the idle
+    /// timeout, or authentication is required and did not happen within the read timeout.
     pub fn handle_timeout(&mut self, now: Instant) -> bool {
         if self.closed {
             return true;
@@ -461,7 +498,8 @@ impl ServerConnection {
             .is_some_and(|(since, _)| now >= since.saturating_add(self.config.read_timeout));
         let idle_expired =
             self.in_flight == 0 && now >= self.idle_since.saturating_add(self.config.idle_timeout);
-        if read_expired || idle_expired {
+        let unauthenticated = self.authentication_deadline().is_some_and(|by| now >= by);
+        if read_expired || idle_expired || unauthenticated {
             self.closed = true;
             self.partial = None;
         }

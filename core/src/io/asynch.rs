@@ -10,7 +10,7 @@ use embedded_io_async::{Read, Write};
 
 use crate::conn::client::{ClientConnection, Completion};
 use crate::conn::time::Instant;
-use crate::io::{Clock, DriverError};
+use crate::io::{Call, Clock, DriverError};
 use crate::wire::request::Request;
 use crate::wire::response::Response;
 use crate::wire::types::RequestType;
@@ -72,8 +72,15 @@ where
 
     /// Queues `request` and writes it out; returns its RequestID.
     pub async fn send(&mut self, request: &Request<'_>) -> Result<u64, DriverError<T::Error>> {
+        self.send_call(Call::of(request)).await
+    }
+
+    async fn send_call(&mut self, call: Call<'_>) -> Result<u64, DriverError<T::Error>> {
         let now = self.timer.now();
-        let id = self.conn.send_request(now, request)?;
+        let flags = self.conn.config().flags;
+        let id = self
+            .conn
+            .send_payload(now, flags, call.request_type, call.payload)?;
         self.flush().await?;
         Ok(id)
     }
@@ -170,6 +177,13 @@ where
         }
     }
 
+    /// The next completion among the replies already received, without reading or writing:
+    /// a pipelining host drains these before queueing more requests, so the next wait writes
+    /// them all at once.
+    pub fn poll_completion(&mut self) -> Option<Completion> {
+        self.conn.poll_completion()
+    }
+
     /// The response of the last completion, borrowed from the receive buffer.
     pub fn response(&self, request_type: RequestType) -> Option<Response<'_>> {
         self.conn.response(request_type)
@@ -181,7 +195,15 @@ where
         &mut self,
         request: &Request<'_>,
     ) -> Result<Response<'_>, DriverError<T::Error>> {
-        let id = self.send(request).await?;
+        self.call(Call::of(request)).await
+    }
+
+    /// [`request`](Self::request) for a [`Call`].
+    pub(crate) async fn call(
+        &mut self,
+        call: Call<'_>,
+    ) -> Result<Response<'_>, DriverError<T::Error>> {
+        let id = self.send_call(call).await?;
         loop {
             let done = self.next_completion().await?;
             if done.request_id != id {
@@ -190,7 +212,7 @@ where
             if done.timed_out {
                 return Err(DriverError::TimedOut { request_id: id });
             }
-            return match self.conn.take_response(done.request_type) {
+            return match self.conn.take_response(call.parse) {
                 Some(decoded) => decoded.map_err(DriverError::Client),
                 None => Err(DriverError::Closed),
             };

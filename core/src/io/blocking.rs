@@ -3,7 +3,7 @@
 use embedded_io::{Error as _, ErrorKind, Read, Write};
 
 use crate::conn::client::{ClientConnection, Completion};
-use crate::io::{Clock, DriverError};
+use crate::io::{Call, Clock, DriverError};
 use crate::wire::request::Request;
 use crate::wire::response::Response;
 use crate::wire::types::RequestType;
@@ -44,10 +44,31 @@ where
 
     /// Queues `request` and writes it out; returns its RequestID.
     pub fn send(&mut self, request: &Request<'_>) -> Result<u64, DriverError<T::Error>> {
+        self.send_call(Call::of(request))
+    }
+
+    fn send_call(&mut self, call: Call<'_>) -> Result<u64, DriverError<T::Error>> {
         let now = self.clock.now();
-        let id = self.conn.send_request(now, request)?;
+        let flags = self.conn.config().flags;
+        let id = self
+            .conn
+            .send_payload(now, flags, call.request_type, call.payload)?;
         self.flush()?;
         Ok(id)
+    }
+
+    /// Queues `request` without writing it (the next [`flush`](Self::flush) or
+    /// [`send`](Self::send) writes it); returns its RequestID.
+    pub fn queue(&mut self, request: &Request<'_>) -> Result<u64, DriverError<T::Error>> {
+        let now = self.clock.now();
+        Ok(self.conn.send_request(now, request)?)
+    }
+
+    /// The next completion among the replies already received, without reading or writing:
+    /// a pipelining host drains these before queueing more requests, then writes them all at
+    /// once.
+    pub fn poll_completion(&mut self) -> Option<Completion> {
+        self.conn.poll_completion()
     }
 
     /// Writes every queued byte and flushes the transport.
@@ -108,7 +129,12 @@ where
         &mut self,
         request: &Request<'_>,
     ) -> Result<Response<'_>, DriverError<T::Error>> {
-        let id = self.send(request)?;
+        self.call(Call::of(request))
+    }
+
+    /// [`request`](Self::request) for a [`Call`].
+    pub(crate) fn call(&mut self, call: Call<'_>) -> Result<Response<'_>, DriverError<T::Error>> {
+        let id = self.send_call(call)?;
         loop {
             let done = self.next_completion()?;
             if done.request_id != id {
@@ -117,7 +143,7 @@ where
             if done.timed_out {
                 return Err(DriverError::TimedOut { request_id: id });
             }
-            return match self.conn.take_response(done.request_type) {
+            return match self.conn.take_response(call.parse) {
                 Some(decoded) => decoded.map_err(DriverError::Client),
                 None => Err(DriverError::Closed),
             };

@@ -9,11 +9,37 @@ use core::fmt;
 
 use crate::conn::client::ClientError;
 use crate::conn::time::Instant;
+use crate::wire::Payload;
+use crate::wire::request::Request;
+use crate::wire::response::{PayloadParser, payload_parser};
+use crate::wire::types::RequestType;
 
 #[cfg(feature = "embedded-io-async")]
 pub mod asynch;
 #[cfg(feature = "embedded-io")]
 pub mod blocking;
+
+/// One request as a driver sends it: its type, its payload and the decoder of its reply's
+/// payload. From a [`Request`] ([`Call::of`]), or from one request type's struct and parser,
+/// as the embedded client builds it: then only that type's codecs are linked.
+#[derive(Clone, Copy)]
+pub(crate) struct Call<'r> {
+    pub(crate) request_type: RequestType,
+    pub(crate) payload: &'r dyn Payload,
+    pub(crate) parse: PayloadParser,
+}
+
+impl<'r> Call<'r> {
+    /// The call sending `request`.
+    pub(crate) fn of(request: &'r Request<'_>) -> Self {
+        let request_type = request.request_type();
+        Self {
+            request_type,
+            payload: request,
+            parse: payload_parser(request_type),
+        }
+    }
+}
 
 /// A monotonic clock: a closure `FnMut() -> Instant` is one.
 pub trait Clock {

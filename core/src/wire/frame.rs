@@ -14,7 +14,7 @@ use crate::wire::reader::{LENGTH_LEN, MIN_REQUEST_LENGTH, MIN_RESPONSE_LENGTH};
 use crate::wire::request::Request;
 use crate::wire::response::{FetchResponse, FetchTrailer, Response};
 use crate::wire::types::{ErrorCode, Flags, RequestType, ResponseStatus};
-use crate::wire::{Encode, Writer, len_u32};
+use crate::wire::{Encode, Payload, Writer, len_u32};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -282,13 +282,13 @@ impl<'a> ResponseFrame<&'a [u8]> {
 fn write_frame(
     header_len: usize,
     write_header: impl FnOnce(&mut Writer<'_>) -> Result<(), EncodeError>,
-    payload: &(impl Encode + ?Sized),
+    payload: &(impl Payload + ?Sized),
     buf: &mut [u8],
     crc_of: impl FnOnce(&[u8]) -> u32,
 ) -> Result<usize, EncodeError> {
     // Saturated sums fail below: no buffer and no u32 Length is that large.
     let total = header_len
-        .saturating_add(payload.encoded_len())
+        .saturating_add(payload.payload_len())
         .saturating_add(CRC_LEN);
     let length = len_u32(total.saturating_sub(LENGTH_LEN))?;
     let out = buf
@@ -297,7 +297,7 @@ fn write_frame(
     let mut w = Writer::new(out);
     w.u32(length)?;
     write_header(&mut w)?;
-    payload.write(&mut w)?;
+    payload.write_payload(&mut w)?;
     let end = w.position();
     let too_small = EncodeError::BufferTooSmall { required: total };
     let (covered, tail) = out.split_at_mut_checked(end).ok_or(too_small)?;
@@ -330,15 +330,27 @@ pub fn encode_request(
     request: &Request<'_>,
     buf: &mut [u8],
 ) -> Result<usize, EncodeError> {
+    encode_request_payload(request_id, flags, request.request_type(), request, buf)
+}
+
+/// [`encode_request`] for a request given as its type and payload (a [`Request`] or one
+/// variant's struct).
+pub(crate) fn encode_request_payload(
+    request_id: u64,
+    flags: Flags,
+    request_type: RequestType,
+    payload: &dyn Payload,
+    buf: &mut [u8],
+) -> Result<usize, EncodeError> {
     write_frame(
         REQUEST_HEADER_LEN,
         |w| {
             w.u64(request_id)?;
-            w.u8(request.request_type().as_u8())?;
+            w.u8(request_type.as_u8())?;
             w.u8(PROTOCOL_VERSION)?;
             w.u16(flags.0)
         },
-        request,
+        payload,
         buf,
         checksum::checksum,
     )

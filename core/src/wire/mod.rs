@@ -2,6 +2,8 @@
 
 pub(crate) mod frame;
 pub(crate) mod message;
+#[cfg(feature = "metadata")]
+pub(crate) mod metadata;
 pub(crate) mod reader;
 pub(crate) mod request;
 pub(crate) mod response;
@@ -33,6 +35,36 @@ pub trait Encode {
     /// Writes the encoding through `w`; `w` has room for [`Encode::encoded_len`] bytes.
     #[doc(hidden)]
     fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError>;
+}
+
+/// [`Encode`]'s two required methods, what a frame encoder calls through `&dyn Payload`: an
+/// encoder that names one request type links that type's codec and no other (the embedded
+/// client's footprint depends on it), and `Encode::encode` never enters a vtable. `Sync`, so a
+/// driver's future holding one is `Send` (the host SDK spawns it).
+pub(crate) trait Payload: Sync {
+    /// [`Encode::encoded_len`].
+    fn payload_len(&self) -> usize;
+    /// [`Encode::write`].
+    fn write_payload(&self, w: &mut Writer<'_>) -> Result<(), EncodeError>;
+}
+
+/// The empty payload (ListTopics, HealthCheck).
+impl Payload for () {
+    fn payload_len(&self) -> usize {
+        0
+    }
+    fn write_payload(&self, _: &mut Writer<'_>) -> Result<(), EncodeError> {
+        Ok(())
+    }
+}
+
+impl<T: Encode + Sync + ?Sized> Payload for T {
+    fn payload_len(&self) -> usize {
+        self.encoded_len()
+    }
+    fn write_payload(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        self.write(w)
+    }
 }
 
 /// Peer-supplied text (an error message, a health status): bytes that should be UTF-8.

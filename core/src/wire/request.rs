@@ -1,10 +1,13 @@
-//! Request payloads of the seven v1 request types, with the optional trailing extensions.
+//! Request payloads of the seven v1 request types, with the optional trailing extensions, and
+//! the §6 request types.
 
 use crate::error::{DecodeError, EncodeError};
 use crate::wire::frame::{PROTOCOL_VERSION, RequestFrame};
 use crate::wire::message::MessageSet;
+#[cfg(feature = "metadata")]
+use crate::wire::metadata::MetadataRequest;
 use crate::wire::types::{RequestType, Topic};
-use crate::wire::{Encode, Reader, Writer};
+use crate::wire::{Encode, Reader, Text, Writer};
 
 /// Idempotent-produce fields, trailing a Produce request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -98,6 +101,77 @@ pub struct DeleteTopicRequest<'a> {
     pub topic: Topic<'a>,
 }
 
+/// The mechanism name of token authentication (§6.3): the credential is the token's bytes.
+pub const MECHANISM_TOKEN: &str = "token";
+
+/// 0x10 Authenticate (§6.3): prove who the connection speaks for.
+///
+/// `Debug` (and `defmt`) show the credential's length only, never its bytes, so a logged
+/// request cannot leak it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct AuthenticateRequest<'a> {
+    /// The mechanism, e.g. [`MECHANISM_TOKEN`].
+    pub mechanism: Text<'a>,
+    /// The secret: for `token`, the token's bytes.
+    pub credential: &'a [u8],
+}
+
+impl<'a> AuthenticateRequest<'a> {
+    /// A `token` authentication.
+    pub fn token(token: &'a [u8]) -> Self {
+        Self {
+            mechanism: Text(MECHANISM_TOKEN.as_bytes()),
+            credential: token,
+        }
+    }
+
+    fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        let mechanism = Text(r.bytes("mechanism")?);
+        let credential = r.bytes("credential")?;
+        Ok(Self {
+            mechanism,
+            credential,
+        })
+    }
+}
+
+/// The payload of an Authenticate request.
+impl Encode for AuthenticateRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        self.mechanism
+            .0
+            .len()
+            .saturating_add(self.credential.len())
+            .saturating_add(8)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.mechanism.0)?;
+        w.bytes(self.credential)
+    }
+}
+
+impl core::fmt::Debug for AuthenticateRequest<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("AuthenticateRequest")
+            .field("mechanism", &self.mechanism)
+            .field("credential_len", &self.credential.len())
+            .finish()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for AuthenticateRequest<'_> {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(
+            f,
+            "AuthenticateRequest {{ mechanism: {}, credential: {=usize} bytes }}",
+            self.mechanism,
+            self.credential.len()
+        )
+    }
+}
+
 /// A decoded request payload, borrowing the frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -117,6 +191,11 @@ pub enum Request<'a> {
     ListTopics,
     /// 0x07 (empty payload).
     HealthCheck,
+    /// 0x11 (§6.4).
+    #[cfg(feature = "metadata")]
+    Metadata(MetadataRequest<'a>),
+    /// 0x10 (§6.3).
+    Authenticate(AuthenticateRequest<'a>),
 }
 
 fn topic<'a>(r: &mut Reader<'a>) -> Result<Topic<'a>, DecodeError> {
@@ -134,6 +213,9 @@ impl<'a> Request<'a> {
             Self::DeleteTopic(_) => RequestType::DeleteTopic,
             Self::ListTopics => RequestType::ListTopics,
             Self::HealthCheck => RequestType::HealthCheck,
+            #[cfg(feature = "metadata")]
+            Self::Metadata(_) => RequestType::Metadata,
+            Self::Authenticate(_) => RequestType::Authenticate,
         }
     }
 
@@ -145,7 +227,9 @@ impl<'a> Request<'a> {
             Self::GetOffset(g) => Some(g.topic),
             Self::CreateTopic(c) => Some(c.topic),
             Self::DeleteTopic(d) => Some(d.topic),
-            Self::ListTopics | Self::HealthCheck => None,
+            Self::ListTopics | Self::HealthCheck | Self::Authenticate(_) => None,
+            #[cfg(feature = "metadata")]
+            Self::Metadata(_) => None,
         }
     }
 
@@ -250,6 +334,9 @@ impl<'a> Request<'a> {
             }),
             RequestType::ListTopics => Self::ListTopics,
             RequestType::HealthCheck => Self::HealthCheck,
+            #[cfg(feature = "metadata")]
+            RequestType::Metadata => Self::Metadata(MetadataRequest::read(&mut r)?),
+            RequestType::Authenticate => Self::Authenticate(AuthenticateRequest::read(&mut r)?),
         })
     }
 }
@@ -257,80 +344,129 @@ impl<'a> Request<'a> {
 impl Encode for Request<'_> {
     fn encoded_len(&self) -> usize {
         match self {
-            Self::Produce(p) => {
-                // PartitionID, NumMessages, then the extension groups present.
-                let fixed = match p.producer {
-                    None => 8,
-                    Some(ProducerInfo {
-                        base_sequence: None,
-                        ..
-                    }) => 8 + 10,
-                    Some(_) => 8 + 14,
-                };
-                p.messages
-                    .encoded_len()
-                    .saturating_add(p.topic.encoded_len())
-                    .saturating_add(fixed)
-            }
-            Self::Fetch(f) => {
-                // PartitionID, Offset, MaxBytes, then the extension groups present.
-                let fixed = match f.extension {
-                    None => 16,
-                    Some(FetchExtension {
-                        long_poll: None, ..
-                    }) => 16 + 1,
-                    Some(_) => 16 + 9,
-                };
-                f.topic.encoded_len().saturating_add(fixed)
-            }
-            Self::GetOffset(g) => g.topic.encoded_len().saturating_add(4),
-            Self::CreateTopic(c) => c.topic.encoded_len().saturating_add(6),
-            Self::DeleteTopic(d) => d.topic.encoded_len(),
+            Self::Produce(p) => p.encoded_len(),
+            Self::Fetch(f) => f.encoded_len(),
+            Self::GetOffset(g) => g.encoded_len(),
+            Self::CreateTopic(c) => c.encoded_len(),
+            Self::DeleteTopic(d) => d.encoded_len(),
             Self::ListTopics | Self::HealthCheck => 0,
+            #[cfg(feature = "metadata")]
+            Self::Metadata(m) => m.encoded_len(),
+            Self::Authenticate(a) => a.encoded_len(),
         }
     }
 
     fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
         match self {
-            Self::Produce(p) => {
-                w.bytes(p.topic.as_str().as_bytes())?;
-                w.u32(p.partition)?;
-                w.u32(p.messages.count())?;
-                p.messages.write(w)?;
-                if let Some(info) = p.producer {
-                    w.i64(info.producer_id)?;
-                    w.i16(info.producer_epoch)?;
-                    if let Some(seq) = info.base_sequence {
-                        w.i32(seq)?;
-                    }
-                }
-                Ok(())
-            }
-            Self::Fetch(f) => {
-                w.bytes(f.topic.as_str().as_bytes())?;
-                w.u32(f.partition)?;
-                w.i64(f.offset)?;
-                w.u32(f.max_bytes)?;
-                if let Some(e) = f.extension {
-                    w.put(&e.isolation_level.to_be_bytes())?;
-                    if let Some(lp) = e.long_poll {
-                        w.u32(lp.max_wait_ms)?;
-                        w.u32(lp.min_bytes)?;
-                    }
-                }
-                Ok(())
-            }
-            Self::GetOffset(g) => {
-                w.bytes(g.topic.as_str().as_bytes())?;
-                w.u32(g.partition)
-            }
-            Self::CreateTopic(c) => {
-                w.bytes(c.topic.as_str().as_bytes())?;
-                w.u32(c.num_partitions)?;
-                w.u16(c.replication_factor)
-            }
-            Self::DeleteTopic(d) => w.bytes(d.topic.as_str().as_bytes()),
+            Self::Produce(p) => p.write(w),
+            Self::Fetch(f) => f.write(w),
+            Self::GetOffset(g) => g.write(w),
+            Self::CreateTopic(c) => c.write(w),
+            Self::DeleteTopic(d) => d.write(w),
             Self::ListTopics | Self::HealthCheck => Ok(()),
+            #[cfg(feature = "metadata")]
+            Self::Metadata(m) => m.write(w),
+            Self::Authenticate(a) => a.write(w),
         }
+    }
+}
+
+/// The payload of a Produce request.
+impl Encode for ProduceRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        // PartitionID, NumMessages, then the extension groups present.
+        let fixed = match self.producer {
+            None => 8,
+            Some(ProducerInfo {
+                base_sequence: None,
+                ..
+            }) => 8 + 10,
+            Some(_) => 8 + 14,
+        };
+        self.messages
+            .encoded_len()
+            .saturating_add(self.topic.encoded_len())
+            .saturating_add(fixed)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.topic.as_str().as_bytes())?;
+        w.u32(self.partition)?;
+        w.u32(self.messages.count())?;
+        self.messages.write(w)?;
+        if let Some(info) = self.producer {
+            w.i64(info.producer_id)?;
+            w.i16(info.producer_epoch)?;
+            if let Some(seq) = info.base_sequence {
+                w.i32(seq)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The payload of a Fetch request.
+impl Encode for FetchRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        // PartitionID, Offset, MaxBytes, then the extension groups present.
+        let fixed = match self.extension {
+            None => 16,
+            Some(FetchExtension {
+                long_poll: None, ..
+            }) => 16 + 1,
+            Some(_) => 16 + 9,
+        };
+        self.topic.encoded_len().saturating_add(fixed)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.topic.as_str().as_bytes())?;
+        w.u32(self.partition)?;
+        w.i64(self.offset)?;
+        w.u32(self.max_bytes)?;
+        if let Some(e) = self.extension {
+            w.put(&e.isolation_level.to_be_bytes())?;
+            if let Some(lp) = e.long_poll {
+                w.u32(lp.max_wait_ms)?;
+                w.u32(lp.min_bytes)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The payload of a GetOffset request.
+impl Encode for GetOffsetRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        self.topic.encoded_len().saturating_add(4)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.topic.as_str().as_bytes())?;
+        w.u32(self.partition)
+    }
+}
+
+/// The payload of a CreateTopic request.
+impl Encode for CreateTopicRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        self.topic.encoded_len().saturating_add(6)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.topic.as_str().as_bytes())?;
+        w.u32(self.num_partitions)?;
+        w.u16(self.replication_factor)
+    }
+}
+
+/// The payload of a DeleteTopic request.
+impl Encode for DeleteTopicRequest<'_> {
+    fn encoded_len(&self) -> usize {
+        self.topic.encoded_len()
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.topic.as_str().as_bytes())
     }
 }

@@ -5,6 +5,8 @@ use core::fmt;
 use crate::error::{DecodeError, EncodeError, Malformed};
 use crate::wire::frame::ResponseFrame;
 use crate::wire::message::{MESSAGE_FIXED_LEN, MessageSet};
+#[cfg(feature = "metadata")]
+use crate::wire::metadata::MetadataResponse;
 use crate::wire::types::{ErrorCode, RequestType, ResponseStatus, Topic};
 use crate::wire::{Encode, Reader, Text, Writer, len_u32};
 
@@ -213,6 +215,30 @@ pub struct HealthCheckResponse<'a> {
     pub uptime_secs: i64,
 }
 
+/// Authenticate success (§6.3): the principal the connection now speaks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct AuthenticateResponse<'a> {
+    /// The principal's name.
+    pub principal: Text<'a>,
+}
+
+impl<'a> AuthenticateResponse<'a> {
+    fn read(r: &mut Reader<'a>) -> Result<Self, Malformed> {
+        Ok(Self {
+            principal: Text(r.bytes("principal")?),
+        })
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.principal.0.len().saturating_add(4)
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.bytes(self.principal.0)
+    }
+}
+
 /// The error payload (Status 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -242,6 +268,11 @@ pub enum Response<'a> {
     ListTopics(ListTopicsResponse<'a>),
     /// Reply to 0x07.
     HealthCheck(HealthCheckResponse<'a>),
+    /// Reply to 0x11 (§6.4).
+    #[cfg(feature = "metadata")]
+    Metadata(MetadataResponse<'a>),
+    /// Reply to 0x10 (§6.3).
+    Authenticate(AuthenticateResponse<'a>),
     /// An error reply to any request.
     Error(ErrorResponse<'a>),
 }
@@ -258,11 +289,19 @@ impl<'a> Response<'a> {
         frame: &ResponseFrame<&'a [u8]>,
         request_type: RequestType,
     ) -> Result<Self, DecodeError> {
+        Self::parse_with(frame, payload_parser(request_type))
+    }
+
+    /// [`parse`](Self::parse) with the success payload decoded by `parse`.
+    pub(crate) fn parse_with(
+        frame: &ResponseFrame<&'a [u8]>,
+        parse: PayloadParser,
+    ) -> Result<Self, DecodeError> {
         match frame.status() {
             Some(ResponseStatus::Error) => {
                 Self::parse_error(frame.error_code(), frame.payload_slice())
             }
-            Some(_) => Self::parse_payload(request_type, frame.payload_slice()),
+            Some(_) => parse(frame.payload_slice()),
             None => Err(Malformed::InvalidStatus {
                 value: frame.status_byte(),
             }
@@ -287,63 +326,7 @@ impl<'a> Response<'a> {
 
     /// Decodes the success payload of a reply to `ty`. Trailing bytes are ignored.
     pub fn parse_payload(ty: RequestType, payload: &'a [u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader::new(payload);
-        Ok(match ty {
-            RequestType::Produce => Self::Produce(ProduceResponse {
-                base_offset: r.i64("base offset")?,
-                num_messages: r.u32("message count")?,
-                high_water_mark: r.i64("high-water mark")?,
-            }),
-            RequestType::Fetch => {
-                let high_water_mark = r.i64("high-water mark")?;
-                let count = r.u32("message count")?;
-                let messages = MessageSet::read(&mut r, count)?;
-                let trailer = if r.remaining() >= 16 {
-                    Some(FetchTrailer {
-                        last_stable_offset: r.i64("last stable offset")?,
-                        next_offset: r.i64("next offset")?,
-                    })
-                } else {
-                    None
-                };
-                Self::Fetch(FetchResponse {
-                    high_water_mark,
-                    messages,
-                    trailer,
-                })
-            }
-            RequestType::GetOffset => Self::GetOffset(GetOffsetResponse {
-                topic: read_topic(&mut r)?,
-                partition: r.u32("partition")?,
-                start_offset: r.i64("start offset")?,
-                end_offset: r.i64("end offset")?,
-                high_water_mark: r.i64("high-water mark")?,
-            }),
-            RequestType::CreateTopic => Self::CreateTopic(CreateTopicResponse {
-                topic: read_topic(&mut r)?,
-                created: r.bool("created")?,
-            }),
-            RequestType::DeleteTopic => Self::DeleteTopic(DeleteTopicResponse {
-                topic: read_topic(&mut r)?,
-                deleted: r.bool("deleted")?,
-            }),
-            RequestType::ListTopics => {
-                // Each entry: a u32 name length, at least one name byte, a u32 count.
-                let count = r.count("topic count", 9)?;
-                let start = r.rest();
-                for _ in 0..count {
-                    TopicInfo::read(&mut r)?;
-                }
-                let bytes = r.read_since(start);
-                Self::ListTopics(ListTopicsResponse {
-                    topics: TopicList(TopicListRepr::Wire { count, bytes }),
-                })
-            }
-            RequestType::HealthCheck => Self::HealthCheck(HealthCheckResponse {
-                status: Text(r.bytes("status")?),
-                uptime_secs: r.i64("uptime")?,
-            }),
-        })
+        payload_parser(ty)(payload)
     }
 
     /// The status byte this response is sent with.
@@ -353,6 +336,116 @@ impl<'a> Response<'a> {
             _ => ResponseStatus::Ok,
         }
     }
+}
+
+/// Decodes the success payload of a reply to one request type. Naming one parser (rather
+/// than dispatching on a [`RequestType`] at run time) links only that type's decoder: the
+/// embedded client's footprint depends on it.
+pub(crate) type PayloadParser = for<'a> fn(&'a [u8]) -> Result<Response<'a>, DecodeError>;
+
+/// The decoder of the success payload of a reply to `ty`.
+pub(crate) fn payload_parser(ty: RequestType) -> PayloadParser {
+    match ty {
+        RequestType::Produce => parse_produce,
+        RequestType::Fetch => parse_fetch,
+        RequestType::GetOffset => parse_get_offset,
+        RequestType::CreateTopic => parse_create_topic,
+        RequestType::DeleteTopic => parse_delete_topic,
+        RequestType::ListTopics => parse_list_topics,
+        RequestType::HealthCheck => parse_health_check,
+        RequestType::Authenticate => parse_authenticate,
+        #[cfg(feature = "metadata")]
+        RequestType::Metadata => parse_metadata,
+    }
+}
+
+pub(crate) fn parse_authenticate(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    Ok(Response::Authenticate(AuthenticateResponse::read(&mut r)?))
+}
+
+#[cfg(feature = "metadata")]
+fn parse_metadata(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    Ok(Response::Metadata(MetadataResponse::read(&mut r)?))
+}
+
+pub(crate) fn parse_produce(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    Ok(Response::Produce(ProduceResponse {
+        base_offset: r.i64("base offset")?,
+        num_messages: r.u32("message count")?,
+        high_water_mark: r.i64("high-water mark")?,
+    }))
+}
+
+pub(crate) fn parse_fetch(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    let high_water_mark = r.i64("high-water mark")?;
+    let count = r.u32("message count")?;
+    let messages = MessageSet::read(&mut r, count)?;
+    let trailer = if r.remaining() >= 16 {
+        Some(FetchTrailer {
+            last_stable_offset: r.i64("last stable offset")?,
+            next_offset: r.i64("next offset")?,
+        })
+    } else {
+        None
+    };
+    Ok(Response::Fetch(FetchResponse {
+        high_water_mark,
+        messages,
+        trailer,
+    }))
+}
+
+pub(crate) fn parse_get_offset(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    Ok(Response::GetOffset(GetOffsetResponse {
+        topic: read_topic(&mut r)?,
+        partition: r.u32("partition")?,
+        start_offset: r.i64("start offset")?,
+        end_offset: r.i64("end offset")?,
+        high_water_mark: r.i64("high-water mark")?,
+    }))
+}
+
+pub(crate) fn parse_create_topic(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    Ok(Response::CreateTopic(CreateTopicResponse {
+        topic: read_topic(&mut r)?,
+        created: r.bool("created")?,
+    }))
+}
+
+fn parse_delete_topic(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    Ok(Response::DeleteTopic(DeleteTopicResponse {
+        topic: read_topic(&mut r)?,
+        deleted: r.bool("deleted")?,
+    }))
+}
+
+fn parse_list_topics(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    // Each entry: a u32 name length, at least one name byte, a u32 count.
+    let count = r.count("topic count", 9)?;
+    let start = r.rest();
+    for _ in 0..count {
+        TopicInfo::read(&mut r)?;
+    }
+    let bytes = r.read_since(start);
+    Ok(Response::ListTopics(ListTopicsResponse {
+        topics: TopicList(TopicListRepr::Wire { count, bytes }),
+    }))
+}
+
+pub(crate) fn parse_health_check(payload: &[u8]) -> Result<Response<'_>, DecodeError> {
+    let mut r = Reader::new(payload);
+    Ok(Response::HealthCheck(HealthCheckResponse {
+        status: Text(r.bytes("status")?),
+        uptime_secs: r.i64("uptime")?,
+    }))
 }
 
 impl Encode for Response<'_> {
@@ -371,7 +464,10 @@ impl Encode for Response<'_> {
                 sum.saturating_add(t.name.encoded_len()).saturating_add(4)
             }),
             Self::HealthCheck(h) => h.status.0.len().saturating_add(4 + 8),
+            Self::Authenticate(a) => a.encoded_len(),
             Self::Error(e) => e.message.0.len().saturating_add(4),
+            #[cfg(feature = "metadata")]
+            Self::Metadata(m) => m.encoded_len(),
         }
     }
 
@@ -418,7 +514,10 @@ impl Encode for Response<'_> {
                 w.bytes(h.status.0)?;
                 w.i64(h.uptime_secs)
             }
+            Self::Authenticate(a) => a.write(w),
             Self::Error(e) => w.bytes(e.message.0),
+            #[cfg(feature = "metadata")]
+            Self::Metadata(m) => m.write(w),
         }
     }
 }

@@ -4,7 +4,7 @@ use core::fmt;
 
 use crate::error::Malformed;
 
-/// The seven v1 request types.
+/// The seven v1 request types and the §6 extensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
@@ -24,11 +24,17 @@ pub enum RequestType {
     ListTopics = 0x06,
     /// 0x07: broker liveness.
     HealthCheck = 0x07,
+    /// 0x10: authenticate the connection (§6.3).
+    Authenticate = 0x10,
+    /// 0x11: brokers, topics, partitions and their leaders (§6.4; feature `metadata`).
+    #[cfg(feature = "metadata")]
+    Metadata = 0x11,
 }
 
 impl RequestType {
     /// All request types, in wire order.
-    pub const ALL: [RequestType; 7] = [
+    #[cfg(not(feature = "metadata"))]
+    pub const ALL: [RequestType; 8] = [
         Self::Produce,
         Self::Fetch,
         Self::GetOffset,
@@ -36,6 +42,21 @@ impl RequestType {
         Self::DeleteTopic,
         Self::ListTopics,
         Self::HealthCheck,
+        Self::Authenticate,
+    ];
+
+    /// All request types, in wire order.
+    #[cfg(feature = "metadata")]
+    pub const ALL: [RequestType; 9] = [
+        Self::Produce,
+        Self::Fetch,
+        Self::GetOffset,
+        Self::CreateTopic,
+        Self::DeleteTopic,
+        Self::ListTopics,
+        Self::HealthCheck,
+        Self::Authenticate,
+        Self::Metadata,
     ];
 
     /// The type for a wire byte, if it names one.
@@ -48,6 +69,9 @@ impl RequestType {
             0x05 => Self::DeleteTopic,
             0x06 => Self::ListTopics,
             0x07 => Self::HealthCheck,
+            0x10 => Self::Authenticate,
+            #[cfg(feature = "metadata")]
+            0x11 => Self::Metadata,
             _ => return None,
         })
     }
@@ -67,6 +91,9 @@ impl RequestType {
             Self::DeleteTopic => "delete_topic",
             Self::ListTopics => "list_topics",
             Self::HealthCheck => "health_check",
+            #[cfg(feature = "metadata")]
+            Self::Metadata => "metadata",
+            Self::Authenticate => "authenticate",
         }
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! With the `baseline` feature the same image is built without the client (the transport
 //! still moves the same bytes), so the difference between the two is the client's share.
+//! `only-produce` and `only-fetch` build the client with one of the two calls.
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(test), no_main)]
 
@@ -19,15 +20,30 @@ static RESULT: AtomicU32 = AtomicU32::new(0);
 /// The broker's replies to request 1 (Produce: base offset 0, 1 message, high-water mark 1)
 /// and request 2 (Fetch: the message "temp" = "21.5" at offset 0), encoded by
 /// `streambus_core::encode_response`.
+#[cfg_attr(feature = "only-fetch", allow(dead_code))]
 const PRODUCE_REPLY: [u8; 39] = [
     0, 0, 0, 35, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0,
     0, 0, 0, 1, 136, 80, 237, 66,
 ];
+#[cfg_attr(feature = "only-fetch", allow(dead_code))]
 const FETCH_REPLY: [u8; 83] = [
     0, 0, 0, 79, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0,
     0, 0, 0, 0, 23, 151, 156, 254, 54, 42, 0, 0, 0, 0, 0, 4, 116, 101, 109, 112, 0, 0, 0, 4, 50,
     49, 46, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 202, 18, 110, 144,
 ];
+/// The same Fetch reply answering request 1 (the `only-fetch` image's first request).
+#[cfg_attr(not(feature = "only-fetch"), allow(dead_code))]
+const FETCH_REPLY_FIRST: [u8; 83] = [
+    0, 0, 0, 79, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0,
+    0, 0, 0, 0, 23, 151, 156, 254, 54, 42, 0, 0, 0, 0, 0, 4, 116, 101, 109, 112, 0, 0, 0, 4, 50,
+    49, 46, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 101, 84, 198, 246,
+];
+
+/// The replies, in request order.
+#[cfg(not(feature = "only-fetch"))]
+const REPLIES: [&[u8]; 2] = [&PRODUCE_REPLY, &FETCH_REPLY];
+#[cfg(feature = "only-fetch")]
+const REPLIES: [&[u8]; 2] = [&FETCH_REPLY_FIRST, &[]];
 
 /// A transport that plays a canned broker: after each written request frame it serves the
 /// next canned reply, a few bytes per read (like a UART FIFO).
@@ -49,7 +65,7 @@ impl CannedBroker {
             request_left: 0,
             header: [0; 4],
             header_len: 0,
-            replies: [&PRODUCE_REPLY, &FETCH_REPLY],
+            replies: REPLIES,
             next: 0,
             serving: &[],
         }
@@ -128,14 +144,19 @@ fn run(tx: &mut [u8], rx: &mut [u8]) -> u32 {
     let Ok(topic) = Topic::new("sensors") else {
         return 2;
     };
-    let mut records = [0u8; 48];
-    let mut set = MessageSetBuilder::new(&mut records);
-    if set.push(&Message::new(b"temp", b"21.5")).is_err() {
-        return 3;
+    if !cfg!(feature = "only-fetch") {
+        let mut records = [0u8; 48];
+        let mut set = MessageSetBuilder::new(&mut records);
+        if set.push(&Message::new(b"temp", b"21.5")).is_err() {
+            return 3;
+        }
+        match client.produce(topic, 0, set.finish()) {
+            Ok(ack) if ack.num_messages == 1 => {}
+            _ => return 4,
+        }
     }
-    match client.produce(topic, 0, set.finish()) {
-        Ok(ack) if ack.num_messages == 1 => {}
-        _ => return 4,
+    if cfg!(feature = "only-produce") {
+        return 1;
     }
     match client.fetch(topic, 0, 0, 1024) {
         Ok(f) => match f.messages.iter().next() {
@@ -184,9 +205,28 @@ fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
 /// The same code on the host: `cargo test --target x86_64-unknown-linux-gnu`.
 #[cfg(test)]
 mod tests {
+    use streambus_core::{RequestType, Response, ResponseFrame, encode_response};
+
     #[test]
     fn produce_and_fetch_round_trip_through_the_canned_broker() {
         let (mut tx, mut rx) = ([0u8; 96], [0u8; 128]);
         assert_eq!(super::run(&mut tx, &mut rx), 1);
+    }
+
+    /// The canned replies are what the core's encoder writes for their responses.
+    #[test]
+    fn the_canned_replies_are_the_cores_encodings() {
+        let mut buf = [0u8; 128];
+        for (id, ty, reply) in [
+            (1, RequestType::Produce, &super::PRODUCE_REPLY[..]),
+            (2, RequestType::Fetch, &super::FETCH_REPLY[..]),
+            (1, RequestType::Fetch, &super::FETCH_REPLY_FIRST[..]),
+        ] {
+            let frame = ResponseFrame::new_checked(reply).expect("a whole frame");
+            assert_eq!(frame.request_id(), id);
+            let response = Response::parse(&frame, ty).expect("decodes");
+            let n = encode_response(id, &response, &mut buf).expect("fits");
+            assert_eq!(&buf[..n], reply);
+        }
     }
 }
