@@ -78,6 +78,17 @@ impl Note {
 
 /// Runs `bench`.
 pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
+    let sdk_mode = matches!(
+        args.mode,
+        BenchMode::Produce | BenchMode::Roundtrip | BenchMode::Consume
+    );
+    if !sdk_mode && ctx.client.config().tls.is_some() {
+        let name = clap::ValueEnum::to_possible_value(&args.mode)
+            .map_or_else(String::new, |v| v.get_name().to_owned());
+        return Err(Failure::usage(format!(
+            "bench {name} opens raw plaintext connections: with TLS use produce, roundtrip or consume (or streambus-bench --tls-ca)"
+        )));
+    }
     // Ctrl-C ends the measurement early; the results so far are still printed.
     let stop = Arc::new(AtomicBool::new(false));
     let mut interrupt = Interrupt::new()?;

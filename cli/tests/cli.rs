@@ -461,6 +461,12 @@ fn tls_flags_reach_a_tls_broker() {
         "{}",
         stderr(&a)
     );
+    fails_with(
+        &mut cli_at(&addr),
+        &["--tls-ca", &ca, "bench", "pingpong"],
+        2,
+        "error: bench pingpong opens raw plaintext connections: with TLS use produce, roundtrip or consume (or streambus-bench --tls-ca)",
+    );
 }
 
 #[test]
