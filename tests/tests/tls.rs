@@ -273,3 +273,36 @@ fn the_adapters_clients_speak_tls_on_every_runtime() {
         );
     });
 }
+
+/// With `--auth-file` and mTLS, a client certificate whose subject is a principal's name in the
+/// file authenticates the connection as that principal (its permissions apply: 41 outside
+/// them); a certificate naming no principal leaves the connection unauthenticated (40).
+#[test]
+fn a_client_certificate_subject_names_its_principal() {
+    use streambus_server::auth::token_sha256_hex;
+    let pki = Pki::new();
+    for (name, produce_code, other_code) in [
+        ("O=StreamBus tests,CN=alice", 0, 41),
+        ("CN=somebody else", 40, 40),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = dir.path().join("auth.toml");
+        std::fs::write(
+            &auth,
+            format!(
+                "[principals]\n{name:?} = {{ token_sha256 = \"{}\", produce = [\"secure\"] }}\n",
+                token_sha256_hex("an unused token")
+            ),
+        )
+        .unwrap();
+        let mut c = broker_config(&dir.path().join("data"), RuntimeKind::Tokio);
+        c.tls = Some(pki.broker_files(true));
+        c.auth_file = Some(auth);
+        let b = streambus_server::start(c).unwrap();
+        let mut c = RawClient::connect_tls(b.addr(), pki.client_config("ca.pem", true)).unwrap();
+        let r = produce(&mut c, "secure", 0, &[b"v"]).unwrap();
+        assert_eq!(r.error_code(), produce_code, "{name}: produce to secure");
+        let r = produce(&mut c, "other", 0, &[b"v"]).unwrap();
+        assert_eq!(r.error_code(), other_code, "{name}: produce to other");
+    }
+}
