@@ -352,6 +352,9 @@ pub(crate) struct Bench {
     /// requests, pipeline: requests in flight per connection (1-128)
     #[arg(long, default_value_t = 64, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=128))]
     pub(crate) in_flight: u32,
+    /// produce, roundtrip: idempotent produce (the SDK's default); `false` for plain produce
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub(crate) idempotence: bool,
     /// Print the results as one JSON object
     #[arg(long)]
     pub(crate) json: bool,

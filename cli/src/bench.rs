@@ -235,6 +235,7 @@ async fn produce(
     let config = ProducerConfig::default()
         .linger(args.linger)
         .batch_max_bytes(args.batch_bytes)
+        .idempotence(args.idempotence)
         .buffer_max_bytes(args.batch_bytes.saturating_mul(4).max(32 << 20));
     let clients = u64::from(args.clients);
     // Every client connects before the clock starts.

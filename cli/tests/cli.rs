@@ -760,6 +760,19 @@ fn bench_json_counts_match_what_was_sent() {
     let c = json(&["bench", "consume", "-n", "500", "--json"]);
     assert_eq!(c["messages"], 500);
     assert_eq!(c["bytes"], 25_000);
+    // Plain (not idempotent) produce, for comparison runs.
+    let p = json(&[
+        "bench",
+        "produce",
+        "-t",
+        "plain",
+        "-n",
+        "300",
+        "--idempotence",
+        "false",
+        "--json",
+    ]);
+    assert_eq!(p["messages"], 300);
 
     // Text: two lines.
     let a = b

@@ -12,8 +12,8 @@ use streambus_core::io::DriverError;
 use streambus_core::io::asynch::Wake;
 use streambus_core::{
     ClientError, CreateTopicRequest, DeleteTopicRequest, FetchExtension, FetchRequest,
-    GetOffsetRequest, LongPoll, MessageSet, MetadataRequest, ProduceRequest, Request, Response,
-    Topic, TopicNames,
+    GetOffsetRequest, LongPoll, MessageSet, MetadataRequest, ProduceRequest, ProducerInfo, Request,
+    Response, Topic, TopicNames,
 };
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
@@ -39,6 +39,8 @@ pub(crate) enum Req {
         count: u32,
         /// Records encoded by the core's encoder.
         records: Arc<Vec<u8>>,
+        /// Idempotent produce: the producer's id, epoch and the batch's base sequence.
+        producer: Option<ProducerInfo>,
     },
     Fetch {
         topic: Arc<str>,
@@ -189,12 +191,13 @@ fn request<'a>(req: &'a Req, names: &'a mut Vec<Topic<'a>>) -> Result<Request<'a
             partition,
             count,
             records,
+            producer,
         } => Request::Produce(ProduceRequest {
             topic: topic(t)?,
             partition: *partition,
             // Encoded by the core's own encoder, record by record.
             messages: MessageSet::new_unchecked(*count, records),
-            producer: None,
+            producer: *producer,
         }),
         Req::Fetch {
             topic: t,

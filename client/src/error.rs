@@ -169,8 +169,9 @@ impl Error {
     /// Whether trying the same call again may succeed: I/O errors, timeouts, and the broker
     /// codes RequestTimeout (6), StorageError (7), ChecksumMismatch (10) and NotLeader (15).
     ///
-    /// A retried produce may append twice (the first attempt may have landed before its
-    /// answer was lost): produce retries are at-least-once.
+    /// A retried plain produce may append twice (the first attempt may have landed before its
+    /// answer was lost); the [`Producer`](crate::Producer) is idempotent by default, so its
+    /// retries land once.
     pub fn is_retriable(&self) -> bool {
         match self {
             Self::Io { .. } | Self::TimedOut { .. } => true,

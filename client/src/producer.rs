@@ -9,7 +9,7 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use streambus_core::{Encode, Header, Headers, Message};
+use streambus_core::{Encode, Header, Headers, Message, ProducerInfo};
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
@@ -52,6 +52,9 @@ pub struct ProducerConfig {
     pub retries: usize,
     /// First retry delay (default 100 ms); doubles up to 2 s, with jitter.
     pub retry_backoff: Duration,
+    /// Idempotent produce (protocol §6.2, default on): the broker appends a retried batch
+    /// once and answers its retry with the original offsets. Off: retries may duplicate.
+    pub idempotence: bool,
 }
 
 impl Default for ProducerConfig {
@@ -65,6 +68,7 @@ impl Default for ProducerConfig {
             delivery_timeout: Duration::from_secs(120),
             retries: 10,
             retry_backoff: Duration::from_millis(100),
+            idempotence: true,
         }
     }
 }
@@ -108,6 +112,11 @@ impl ProducerConfig {
     /// Sets [`retry_backoff`](Self::retry_backoff).
     pub fn retry_backoff(mut self, d: Duration) -> Self {
         self.retry_backoff = d;
+        self
+    }
+    /// Sets [`idempotence`](Self::idempotence).
+    pub fn idempotence(mut self, on: bool) -> Self {
+        self.idempotence = on;
         self
     }
 
@@ -283,12 +292,61 @@ struct PartitionQueue {
     sealed: VecDeque<Batch>,
     /// The batch being sent, with its records (shared with the request).
     flight: Option<Flight>,
+    /// Idempotence: the (producer id, epoch) that `next_sequence` counts for.
+    sequence_of: (i64, i16),
+    /// Idempotence: the next batch's base sequence.
+    next_sequence: i32,
 }
 
 #[derive(Debug)]
 struct Flight {
     batch: Batch,
     records: Arc<Vec<u8>>,
+    /// Idempotence: the batch's producer fields, the same on every attempt.
+    producer: Option<ProducerInfo>,
+}
+
+/// An idempotent producer's identity (protocol §6.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Identity {
+    /// Random, non-zero, 63 bits.
+    producer_id: i64,
+    epoch: i16,
+}
+
+impl Identity {
+    fn new() -> Self {
+        Self {
+            producer_id: random_producer_id(),
+            epoch: 0,
+        }
+    }
+
+    /// A new epoch (a new id once the epochs run out): every partition's sequence restarts
+    /// at 0.
+    fn bump(&mut self) {
+        match self.epoch.checked_add(1) {
+            Some(e) => self.epoch = e,
+            None => *self = Self::new(),
+        }
+    }
+}
+
+/// A random producer id in `1..=i64::MAX`.
+fn random_producer_id() -> i64 {
+    // Should the OS have no entropy to give, the time's nanoseconds still make collisions
+    // between producers unlikely.
+    let r = getrandom::u64().unwrap_or_else(|_| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    i64::try_from(r >> 1).unwrap_or(i64::MAX).max(1)
+}
+
+/// The sequence after a batch of `count` records from `seq` (after `i32::MAX` comes 0).
+fn next_sequence(seq: i32, count: u32) -> i32 {
+    i32::try_from((i64::from(seq) + i64::from(count)) % (1 << 31)).unwrap_or(0)
 }
 
 impl PartitionQueue {
@@ -329,6 +387,8 @@ struct State {
     spare: Vec<Vec<u8>>,
     /// Flushes in progress: linger is zero meanwhile.
     flushing: usize,
+    /// The producer's identity, when idempotent.
+    identity: Option<Identity>,
 }
 
 #[derive(Debug)]
@@ -355,12 +415,21 @@ struct Inner {
 /// refused with `NotLeader` (a cluster's leadership moved) reads the metadata again before it
 /// is retried.
 ///
-/// **Delivery is at-least-once.** A batch that fails with a retriable error (see
-/// [`Error::is_retriable`]) is sent again with exponential backoff and jitter, up to
-/// [`retries`](ProducerConfig::retries) times and within the
-/// [`delivery_timeout`](ProducerConfig::delivery_timeout). If the broker appended a batch
-/// but its answer was lost, the retry appends it again: duplicates are possible until
-/// idempotent produce (protocol §6.2) is used by this producer.
+/// **Retries.** A batch that fails with a retriable error (see [`Error::is_retriable`]) is sent
+/// again with exponential backoff and jitter, up to [`retries`](ProducerConfig::retries) times
+/// and within the [`delivery_timeout`](ProducerConfig::delivery_timeout).
+///
+/// **Idempotence** ([`ProducerConfig::idempotence`], on by default; protocol §6.2): the
+/// producer has a random 63-bit producer id and an epoch (0 at first), and numbers each
+/// partition's records; a retry carries the same numbers, so a batch that the broker appended
+/// but whose answer was lost is appended once, and its retry is answered with the original
+/// offsets. Each record lands once, in order per partition, as long as the broker keeps the
+/// producer's state (see the broker's `--max-producers-per-partition`). A batch that fails
+/// for good (the broker answered `OutOfOrderSequence` or `UnknownProducer`, or the retries or
+/// the delivery timeout ran out) fails its records with that error, whether or not an
+/// earlier attempt landed: such a failure is never silent. The producer then starts a new
+/// epoch, sequences from 0. With idempotence off, delivery is at-least-once: a retry may
+/// append a batch twice.
 ///
 /// ```no_run
 /// # async fn demo(client: streambus_client::Client) -> Result<(), streambus_client::Error> {
@@ -418,8 +487,11 @@ impl Producer {
         let inner = Arc::new(Inner {
             client: client.clone(),
             buffer: Semaphore::new(config.buffer_max_bytes),
+            state: Mutex::new(State {
+                identity: config.idempotence.then(Identity::new),
+                ..State::default()
+            }),
             config,
-            state: Mutex::new(State::default()),
             outstanding: AtomicUsize::new(0),
             idle: Notify::new(),
             wake_linger: Notify::new(),
@@ -767,9 +839,24 @@ fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
     let records = Arc::new(std::mem::take(&mut batch.records));
     let remaining = batch.deadline.saturating_duration_since(Instant::now());
     let count = batch.count;
+    // The batch's sequence is taken once, here: its retries carry the same one.
+    let producer = st.identity.map(|id| {
+        if q.sequence_of != (id.producer_id, id.epoch) {
+            q.sequence_of = (id.producer_id, id.epoch);
+            q.next_sequence = 0;
+        }
+        let base_sequence = q.next_sequence;
+        q.next_sequence = next_sequence(base_sequence, count);
+        ProducerInfo {
+            producer_id: id.producer_id,
+            producer_epoch: id.epoch,
+            base_sequence: Some(base_sequence),
+        }
+    });
     q.flight = Some(Flight {
         batch,
         records: records.clone(),
+        producer,
     });
     let timeout = inner.client.config().request_timeout.min(remaining);
     if !timeout.is_zero() {
@@ -778,6 +865,7 @@ fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
             partition: key.1,
             count,
             records,
+            producer,
         };
         let (inner2, key2) = (inner.clone(), key.clone());
         let callback: Callback = Box::new(move |r| first_answer(inner2, key2, r));
@@ -826,10 +914,15 @@ fn first_answer(inner: Arc<Inner>, key: Key, r: Result<Reply>) {
 /// error, when given) and finishes it.
 async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
     let ctx = produce_context(&key);
-    let Some((records, count, deadline)) = inner.lock().queues.get(&key).and_then(|q| {
-        q.flight
-            .as_ref()
-            .map(|f| (f.records.clone(), f.batch.count, f.batch.deadline))
+    let Some((records, count, deadline, producer)) = inner.lock().queues.get(&key).and_then(|q| {
+        q.flight.as_ref().map(|f| {
+            (
+                f.records.clone(),
+                f.batch.count,
+                f.batch.deadline,
+                f.producer,
+            )
+        })
     }) else {
         return;
     };
@@ -873,6 +966,7 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
             partition: key.1,
             count,
             records: records.clone(),
+            producer,
         };
         let attempt = inner
             .client
@@ -904,7 +998,7 @@ fn finish(inner: &Arc<Inner>, key: &Key, result: Result<i64>) {
     let Some(q) = st.queues.get_mut(key) else {
         return;
     };
-    let Some(Flight { batch, records }) = q.flight.take() else {
+    let Some(Flight { batch, records, .. }) = q.flight.take() else {
         return;
     };
     if q.sealed.is_empty()
@@ -920,6 +1014,13 @@ fn finish(inner: &Arc<Inner>, key: &Key, result: Result<i64>) {
         tracing::debug!(error = %e, count, "batch failed");
         st.failures
             .extend(std::iter::repeat_n(e.clone(), count as usize));
+        // Whether the broker appended a failed batch is unknown (it may have, on an attempt
+        // whose answer was lost), and its sequence may have left a gap or been taken: a new
+        // epoch starts every partition again at sequence 0 (protocol §6.2: after
+        // OutOfOrderSequence or UnknownProducer, and after any other failure too).
+        if let Some(id) = &mut st.identity {
+            id.bump();
+        }
     }
     let bytes = records.len();
     if let Ok(mut buf) = Arc::try_unwrap(records)

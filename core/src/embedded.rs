@@ -25,6 +25,7 @@ use crate::wire::Payload;
 use crate::wire::message::MessageSet;
 use crate::wire::request::{
     AuthenticateRequest, CreateTopicRequest, FetchRequest, GetOffsetRequest, ProduceRequest,
+    ProducerInfo,
 };
 use crate::wire::response::{
     AuthenticateResponse, CreateTopicResponse, FetchResponse, GetOffsetResponse,
@@ -63,6 +64,68 @@ impl<E: fmt::Debug> fmt::Display for Error<E> {
 }
 
 impl<E: fmt::Debug> core::error::Error for Error<E> {}
+
+/// Idempotent produce (protocol §6.2) to one partition: the producer id and epoch the caller
+/// gives (a device serial and a boot counter kept across restarts, say) and the sequence of the
+/// next batch, which [`produce_idempotent`](blocking::Client::produce_idempotent) advances.
+///
+/// Nothing of a batch is kept: to retry one whose outcome is unknown (a transport error or a
+/// timeout), call `produce_idempotent` again with the same state and the same records, still
+/// in the caller's buffer; the broker appends it once and answers the retry with the original
+/// offsets. Keep one `Sequence` per partition written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Sequence {
+    /// The producer id, > 0.
+    pub producer_id: i64,
+    /// The epoch, ≥ 0; a restarted device must use a higher one (or another id).
+    pub epoch: i16,
+    /// The next batch's base sequence (0 in a new epoch).
+    pub next: i32,
+}
+
+impl Sequence {
+    /// A producer's state at the start of `epoch`.
+    pub const fn new(producer_id: i64, epoch: i16) -> Self {
+        Self {
+            producer_id,
+            epoch,
+            next: 0,
+        }
+    }
+
+    /// After a reply to a batch of `count` messages: on success the sequence moves past the
+    /// batch; after `OutOfOrderSequence` or `UnknownProducer` a new epoch starts at 0 (the
+    /// batches whose reply was lost before are then of unknown fate).
+    fn answered<T, E>(&mut self, count: u32, r: &Result<T, Error<E>>) {
+        match r {
+            // Sequences wrap after i32::MAX to 0: 2^32 is a multiple of 2^31.
+            Ok(_) => self.next = ((self.next as u32).wrapping_add(count) & 0x7fff_ffff) as i32,
+            Err(Error::Broker {
+                code: ErrorCode::OUT_OF_ORDER_SEQUENCE | ErrorCode::UNKNOWN_PRODUCER,
+            }) => *self = Self::new(self.producer_id, self.epoch.saturating_add(1)),
+            Err(_) => {}
+        }
+    }
+}
+
+fn idempotent_request<'a>(
+    seq: &Sequence,
+    topic: Topic<'a>,
+    partition: u32,
+    messages: MessageSet<'a>,
+) -> ProduceRequest<'a> {
+    ProduceRequest {
+        topic,
+        partition,
+        messages,
+        producer: Some(ProducerInfo {
+            producer_id: seq.producer_id,
+            producer_epoch: seq.epoch,
+            base_sequence: Some(seq.next),
+        }),
+    }
+}
 
 /// Picks the expected variant; a broker error reply becomes [`Error::Broker`]. The connection
 /// decodes a response by its request's type, so no other variant can arrive.
@@ -113,6 +176,29 @@ macro_rules! client_methods {
                 Response::Produce(p) => Some(p),
                 _ => None,
             })
+        }
+
+        /// [`produce`](Self::produce) with idempotence (protocol §6.2): sends `seq`'s producer
+        /// id, epoch and next sequence, and advances `seq` by the reply (see [`Sequence`]).
+        /// A retry of a batch whose reply was lost gets the original offsets.
+        pub $($async)? fn produce_idempotent(
+            &mut self,
+            seq: &mut Sequence,
+            topic: Topic<'_>,
+            partition: u32,
+            messages: MessageSet<'_>,
+        ) -> Result<ProduceResponse, Error<T::Error>> {
+            let count = messages.count();
+            let req = idempotent_request(seq, topic, partition, messages);
+            let r = match self.driver.call(call(RequestType::Produce, &req, parse_produce)) $(.$await)? {
+                Ok(r) => pick(r, |r| match r {
+                    Response::Produce(p) => Some(p),
+                    _ => None,
+                }),
+                Err(e) => Err(e.into()),
+            };
+            seq.answered(count, &r);
+            r
         }
 
         /// Reads messages from `offset` on, about `max_bytes` of them; borrowed from the

@@ -5,7 +5,9 @@
 //! ```
 //!
 //! - `append/100x100B`: one partition, batches of 100 messages with 100-byte values, fsync
-//!   `never` (target ≥ 5 M messages/s);
+//!   `never` (target ≥ 5 M messages/s); `append/100x100B-idempotent` the same from one
+//!   idempotent producer (protocol §6.2), and `append/1x100B(-idempotent)` with one message a
+//!   batch, where the producer check and its `.pidx` write weigh the most;
 //! - `fetch/1MiB`: 1 MiB fetches of such data from the page cache (target ≥ 3 GB/s).
 //!
 //! Group commit under `always` with 16 appenders is measured by
@@ -16,16 +18,20 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use streambus_core::{Encode, Message, MessageSet, MessageSetBuilder};
-use streambus_server::storage::{FsyncPolicy, Storage, StorageConfig, TopicConfig};
+use streambus_server::storage::{FsyncPolicy, ProducerBatch, Storage, StorageConfig, TopicConfig};
 
 const BATCH: usize = 100;
 const VALUE: [u8; 100] = [0x42; 100];
 
 fn batch_bytes() -> Vec<u8> {
+    batch_of(BATCH)
+}
+
+fn batch_of(n: usize) -> Vec<u8> {
     let m = Message::new(b"", &VALUE);
-    let mut buf = vec![0u8; m.encoded_len() * BATCH];
+    let mut buf = vec![0u8; m.encoded_len() * n];
     let mut b = MessageSetBuilder::new(&mut buf);
-    for _ in 0..BATCH {
+    for _ in 0..n {
         b.push(&m).unwrap();
     }
     buf
@@ -43,29 +49,47 @@ fn open(dir: &std::path::Path) -> Storage {
 fn append(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    s.create_topic("bench", 1, TopicConfig::default()).unwrap();
-    let bytes = batch_bytes();
-    let set = MessageSet::new_checked(BATCH as u32, &bytes).unwrap();
-    let mut written = 0usize;
     let mut g = c.benchmark_group("append");
-    g.throughput(Throughput::Elements(BATCH as u64));
-    g.bench_function("100x100B", |b| {
-        b.iter_custom(|iters| {
-            // Keep the data set (and dirty page cache) bounded: start over every 256 MiB,
-            // outside the timed part.
-            if written > 256 << 20 {
-                s.delete_topic("bench").unwrap();
-                s.create_topic("bench", 1, TopicConfig::default()).unwrap();
-                written = 0;
-            }
-            let t = Instant::now();
-            for _ in 0..iters {
-                black_box(s.append("bench", 0, &set, 1).unwrap());
-            }
-            written += bytes.len() * iters as usize;
-            t.elapsed()
-        });
-    });
+    for n in [BATCH, 1] {
+        let bytes = batch_of(n);
+        let set = MessageSet::new_checked(n as u32, &bytes).unwrap();
+        g.throughput(Throughput::Elements(n as u64));
+        for idempotent in [false, true] {
+            let name = format!("{n}x100B{}", if idempotent { "-idempotent" } else { "" });
+            // A fresh topic (so a fresh producer) per benchmark.
+            let _ = s.delete_topic("bench");
+            s.create_topic("bench", 1, TopicConfig::default()).unwrap();
+            let mut written = 0usize;
+            let mut sequence = 0i32;
+            g.bench_function(name, |b| {
+                b.iter_custom(|iters| {
+                    // Keep the data set (and dirty page cache) bounded: start over every
+                    // 256 MiB, outside the timed part (a new topic: the producer starts again).
+                    if written > 256 << 20 {
+                        s.delete_topic("bench").unwrap();
+                        s.create_topic("bench", 1, TopicConfig::default()).unwrap();
+                        written = 0;
+                        sequence = 0;
+                    }
+                    let t = Instant::now();
+                    for _ in 0..iters {
+                        let producer = idempotent.then(|| {
+                            let seq = sequence;
+                            sequence = (seq + n as i32) & i32::MAX;
+                            ProducerBatch {
+                                producer_id: 1,
+                                epoch: 0,
+                                base_sequence: seq,
+                            }
+                        });
+                        black_box(s.append_idempotent("bench", 0, &set, 1, producer).unwrap());
+                    }
+                    written += bytes.len() * iters as usize;
+                    t.elapsed()
+                });
+            });
+        }
+    }
     g.finish();
 }
 

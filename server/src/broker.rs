@@ -31,7 +31,7 @@ use crate::auth::{Access, Auth, Refusal};
 use crate::config::Advertised;
 use crate::longpoll::{LongPolls, Registered, Waiter};
 use crate::metrics::Metrics;
-use crate::storage::{AppendResult, FetchPlan, Storage, StorageError, TopicConfig};
+use crate::storage::{AppendResult, FetchPlan, ProducerBatch, Storage, StorageError, TopicConfig};
 use crate::syncer::Syncer;
 
 /// Fetches at least this large are sent from the log files with `sendfile`; smaller ones are
@@ -331,10 +331,20 @@ impl Inner {
                 ),
             ));
         }
+        // §6.2: zero messages is a plain produce whatever the producer fields hold.
+        let producer = match p.producer {
+            Some(info) if p.messages.count() > 0 => {
+                ProducerBatch::from_wire(info.producer_id, info.producer_epoch, info.base_sequence)
+                    .map_err(|reason| fail(ErrorCode::INVALID_REQUEST, reason))?
+            }
+            _ => None,
+        };
         let topic = p.topic.as_str();
         let now = now_unix_ns();
         let storage = &self.storage;
-        let appended = match storage.append_unsynced(topic, p.partition, &p.messages, now) {
+        let append =
+            || storage.append_unsynced_idempotent(topic, p.partition, &p.messages, now, producer);
+        let appended = match append() {
             Err(StorageError::TopicNotFound { .. }) if self.config.auto_create_topics => {
                 match storage.create_topic(topic, 1, TopicConfig::default()) {
                     Ok(true) => {
@@ -345,7 +355,7 @@ impl Inner {
                     Ok(false) | Err(StorageError::TopicExists { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
-                storage.append_unsynced(topic, p.partition, &p.messages, now)?
+                append()?
             }
             other => other?,
         };

@@ -2,6 +2,7 @@
 //! environment variables, then command-line flags — each overriding the one before.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -126,6 +127,10 @@ pub struct Cli {
     /// TOML file (reloaded on SIGHUP) [default: off].
     #[arg(long, env = "STREAMBUS_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
+    /// Idempotent producers whose state each partition keeps; past it the least recently used
+    /// is forgotten [default: 10000].
+    #[arg(long, env = "STREAMBUS_MAX_PRODUCERS_PER_PARTITION")]
+    pub max_producers_per_partition: Option<usize>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -152,6 +157,7 @@ struct FileConfig {
     advertise: Option<String>,
     node_id: Option<u32>,
     auth_file: Option<PathBuf>,
+    max_producers_per_partition: Option<usize>,
 }
 
 /// The resolved settings.
@@ -195,6 +201,8 @@ pub struct Config {
     pub node_id: u32,
     /// The auth file (principals, token hashes, permissions); `None`: no authentication.
     pub auth_file: Option<PathBuf>,
+    /// Idempotent producers kept per partition (least recently used forgotten past it).
+    pub max_producers_per_partition: NonZeroUsize,
 }
 
 /// The PEM files of the broker's TLS.
@@ -333,6 +341,7 @@ impl Default for Config {
             advertise: None,
             node_id: 0,
             auth_file: None,
+            max_producers_per_partition: crate::storage::DEFAULT_MAX_PRODUCERS_PER_PARTITION,
         }
     }
 }
@@ -461,6 +470,16 @@ impl Config {
                 reason: e.to_string(),
             })?;
         }
+        let max_producers_per_partition = match cli
+            .max_producers_per_partition
+            .or(file.max_producers_per_partition)
+        {
+            Some(n) => NonZeroUsize::new(n).ok_or_else(|| ConfigError::Invalid {
+                setting: "--max-producers-per-partition",
+                reason: "must be at least 1".into(),
+            })?,
+            None => d.max_producers_per_partition,
+        };
         Ok(Self {
             tls,
             listen,
@@ -508,6 +527,7 @@ impl Config {
             advertise,
             node_id,
             auth_file,
+            max_producers_per_partition,
         })
     }
 }
@@ -573,6 +593,28 @@ mod tests {
         assert!(e.contains("--listen"), "{e}");
         let e = parse(&["--max-frame-bytes", "10"]).unwrap_err().to_string();
         assert!(e.contains("--max-frame-bytes"), "{e}");
+        let e = parse(&["--max-producers-per-partition", "0"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid setting --max-producers-per-partition: must be at least 1"
+        );
+    }
+
+    #[test]
+    fn max_producers_per_partition_from_flag_and_file() {
+        assert_eq!(
+            parse(&[]).unwrap().max_producers_per_partition.get(),
+            10_000
+        );
+        let c = parse(&["--max-producers-per-partition", "7"]).unwrap();
+        assert_eq!(c.max_producers_per_partition.get(), 7);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sb.toml");
+        std::fs::write(&path, "max_producers_per_partition = 3\n").unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.max_producers_per_partition.get(), 3);
     }
 
     #[test]

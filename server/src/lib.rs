@@ -172,6 +172,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         Some(path) => Some(Arc::new(auth::Auth::load(path)?)),
         None => None,
     };
+    storage_config.max_producers_per_partition = config.max_producers_per_partition;
     let storage = Arc::new(Storage::open(storage_config)?);
     let metrics = Arc::new(Metrics::default());
 
@@ -188,6 +189,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
                 Metrics::set_counter(&m.storage_appends, st.appends);
                 Metrics::set_counter(&m.storage_fsyncs, st.fsyncs);
                 Metrics::set_counter(&m.storage_truncations, st.recovery_truncations);
+                m.set_producers(st.producers, st.producer_state_bytes);
             };
             Some(
                 metrics::serve(a, metrics.clone(), refresh)

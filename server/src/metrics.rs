@@ -52,6 +52,9 @@ pub struct Metrics {
     pub(crate) storage_appends: Counter,
     pub(crate) storage_fsyncs: Counter,
     pub(crate) storage_truncations: Counter,
+    /// Idempotent producer state, updated on each scrape.
+    producers: Gauge,
+    producer_state_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -74,6 +77,8 @@ impl Default for Metrics {
             storage_appends: Counter::default(),
             storage_fsyncs: Counter::default(),
             storage_truncations: Counter::default(),
+            producers: Gauge::default(),
+            producer_state_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -138,6 +143,16 @@ impl Default for Metrics {
             "storage_recovery_truncations",
             "Torn or corrupt log tails truncated on recovery",
             m.storage_truncations.clone(),
+        );
+        registry.register(
+            "idempotent_producers",
+            "Idempotent producers whose state the partitions keep",
+            m.producers.clone(),
+        );
+        registry.register(
+            "idempotent_producer_state_bytes",
+            "Approximate memory of the idempotent producers' state",
+            m.producer_state_bytes.clone(),
         );
         Self { registry, ..m }
     }
@@ -226,6 +241,14 @@ impl Metrics {
         if value > now {
             c.inc_by(value - now);
         }
+    }
+
+    /// Sets the idempotent producer gauges.
+    pub(crate) fn set_producers(&self, producers: u64, bytes: u64) {
+        self.producers
+            .set(i64::try_from(producers).unwrap_or(i64::MAX));
+        self.producer_state_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The text exposition.

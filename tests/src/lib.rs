@@ -371,6 +371,35 @@ pub fn produce(
     c.call(&req)
 }
 
+/// Encodes an idempotent Produce (protocol §6.2) of `values` with the given producer fields.
+pub fn idempotent_produce(
+    c: &mut RawClient,
+    topic: &str,
+    partition: u32,
+    values: &[&[u8]],
+    producer: streambus_core::ProducerInfo,
+) -> (u64, Vec<u8>) {
+    use streambus_core::{MessageSet, ProduceRequest, Topic};
+    let (count, bytes) = message_set(values);
+    let messages = MessageSet::new_checked(count, &bytes).expect("valid set");
+    let req = Request::Produce(ProduceRequest {
+        topic: Topic::new(topic).expect("valid topic"),
+        partition,
+        messages,
+        producer: Some(producer),
+    });
+    c.encode(&req)
+}
+
+/// The producer fields of an idempotent Produce.
+pub fn producer(id: i64, epoch: i16, base_sequence: i32) -> streambus_core::ProducerInfo {
+    streambus_core::ProducerInfo {
+        producer_id: id,
+        producer_epoch: epoch,
+        base_sequence: Some(base_sequence),
+    }
+}
+
 /// Fetch from `offset`; returns the reply.
 pub fn fetch(
     c: &mut RawClient,

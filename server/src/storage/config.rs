@@ -1,5 +1,6 @@
 //! Storage settings: broker-wide [`StorageConfig`] and per-topic [`TopicConfig`] overrides.
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -42,6 +43,9 @@ pub struct TopicConfig {
     pub retention_age: Option<Duration>,
 }
 
+/// The default of [`StorageConfig::max_producers_per_partition`]: 10 000.
+pub const DEFAULT_MAX_PRODUCERS_PER_PARTITION: NonZeroUsize = NonZeroUsize::new(10_000).unwrap();
+
 /// Broker-wide storage settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageConfig {
@@ -58,11 +62,14 @@ pub struct StorageConfig {
     /// How often the background thread applies retention; `Duration::ZERO` turns background
     /// retention off (call [`Storage::enforce_retention`](super::Storage::enforce_retention)).
     pub retention_check_interval: Duration,
+    /// Idempotent producers whose state a partition keeps; past it the least recently used
+    /// is forgotten (protocol §6.2).
+    pub max_producers_per_partition: NonZeroUsize,
 }
 
 impl StorageConfig {
     /// The defaults for a data directory: 256 MiB segments, `Interval(1 s)`, retention
-    /// 7 days and unlimited size, checked every minute.
+    /// 7 days and unlimited size, checked every minute, 10 000 producers per partition.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
@@ -71,6 +78,7 @@ impl StorageConfig {
             retention_bytes: None,
             retention_age: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_check_interval: Duration::from_secs(60),
+            max_producers_per_partition: DEFAULT_MAX_PRODUCERS_PER_PARTITION,
         }
     }
 }

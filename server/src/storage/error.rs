@@ -129,6 +129,42 @@ pub enum StorageError {
         /// The failure.
         reason: String,
     },
+    /// Idempotent produce: the batch's sequence is not the next one expected from its producer
+    /// (nor a retry of one of its last batches).
+    #[error(
+        "out of order sequence from producer {producer_id} epoch {epoch}: expected base sequence {expected}, received {received}"
+    )]
+    OutOfOrderSequence {
+        /// The producer.
+        producer_id: i64,
+        /// The epoch the batch came with.
+        epoch: i16,
+        /// The sequence expected (0 for a new epoch).
+        expected: i32,
+        /// The batch's base sequence.
+        received: i32,
+    },
+    /// Idempotent produce: no state for this producer (new, or forgotten) and the batch does
+    /// not start at sequence 0.
+    #[error(
+        "unknown producer {producer_id}: no state on this partition, so its first batch must have base sequence 0, not {sequence}"
+    )]
+    UnknownProducer {
+        /// The producer.
+        producer_id: i64,
+        /// The batch's base sequence.
+        sequence: i32,
+    },
+    /// Idempotent produce: the batch's epoch is older than the producer's current one.
+    #[error("producer {producer_id} epoch {epoch} is fenced: the current epoch is {current}")]
+    InvalidProducerEpoch {
+        /// The producer.
+        producer_id: i64,
+        /// The epoch the batch came with.
+        epoch: i16,
+        /// The producer's current epoch on this partition.
+        current: i16,
+    },
     /// Another process holds the data directory's lock.
     #[error("data directory {} is in use by another process", path.display())]
     DataDirLocked {
@@ -148,6 +184,9 @@ impl StorageError {
             Self::InvalidTopic { .. } | Self::InvalidPartitionCount { .. } => {
                 ErrorCode::INVALID_REQUEST
             }
+            Self::OutOfOrderSequence { .. } => ErrorCode::OUT_OF_ORDER_SEQUENCE,
+            Self::UnknownProducer { .. } => ErrorCode::UNKNOWN_PRODUCER,
+            Self::InvalidProducerEpoch { .. } => ErrorCode::INVALID_PRODUCER_EPOCH,
             Self::BatchTooLarge { .. } | Self::MessageTooLarge { .. } => {
                 ErrorCode::MESSAGE_TOO_LARGE
             }

@@ -6,6 +6,7 @@
 //! <data_dir>/topics/<topic>/<p>/partition.toml  the log start offset (once retention moved it)
 //! <data_dir>/topics/<topic>/<p>/<base>.log      records in wire encoding, offsets stamped
 //! <data_dir>/topics/<topic>/<p>/<base>.idx      one 40-byte entry per batch, with CRCs
+//! <data_dir>/topics/<topic>/<p>/<base>.pidx     one 32-byte entry per idempotent batch
 //! <data_dir>/tmp/, <data_dir>/trash/            staging for create, leftovers of delete
 //! ```
 //!
@@ -17,6 +18,7 @@ mod config;
 mod error;
 mod meta;
 mod partition;
+mod producers;
 mod segment;
 
 use std::collections::BTreeMap;
@@ -30,8 +32,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use streambus_core::{MessageSet, Topic};
 
-pub use config::{FsyncPolicy, StorageConfig, TopicConfig};
+pub use config::{DEFAULT_MAX_PRODUCERS_PER_PARTITION, FsyncPolicy, StorageConfig, TopicConfig};
 pub use error::StorageError;
+pub use producers::{BYTES_PER_PRODUCER, KEPT_BATCHES, ProducerBatch};
 
 use error::IoContext;
 use partition::{Partition, Settings};
@@ -137,6 +140,10 @@ pub struct StorageStats {
     pub recovery_truncated_bytes: u64,
     /// Segments deleted by retention.
     pub segments_deleted: u64,
+    /// Idempotent producers whose state is kept now, over all partitions.
+    pub producers: u64,
+    /// Approximate memory of that state: `producers` × [`BYTES_PER_PRODUCER`].
+    pub producer_state_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -148,6 +155,8 @@ pub(crate) struct Counters {
     recovery_truncations: AtomicU64,
     recovery_truncated_bytes: AtomicU64,
     segments_deleted: AtomicU64,
+    /// A gauge: producers kept (see `producers::Producers`).
+    pub(crate) producers: AtomicU64,
 }
 
 impl Counters {
@@ -165,6 +174,8 @@ impl Counters {
             recovery_truncations: g(&self.recovery_truncations),
             recovery_truncated_bytes: g(&self.recovery_truncated_bytes),
             segments_deleted: g(&self.segments_deleted),
+            producers: g(&self.producers),
+            producer_state_bytes: g(&self.producers).saturating_mul(BYTES_PER_PRODUCER),
         }
     }
 }
@@ -447,13 +458,54 @@ impl Storage {
         messages: &MessageSet<'_>,
         now_unix_ns: i64,
     ) -> Result<(AppendResult, Option<PendingSync>), StorageError> {
+        self.append_unsynced_idempotent(topic, partition, messages, now_unix_ns, None)
+    }
+
+    /// [`append_unsynced`](Self::append_unsynced) for an idempotent producer (protocol §6.2):
+    /// the batch is checked against `producer`'s state on the partition and the check and the
+    /// append are one atomic step. A retry of one of the producer's last batches appends
+    /// nothing and returns that batch's `base_offset` and `count` with the current
+    /// `high_water_mark`; under [`FsyncPolicy::Always`] with the [`PendingSync`] covering that
+    /// batch, so a retry is never acknowledged before the original is on disk. Out of order:
+    /// [`StorageError::OutOfOrderSequence`], [`StorageError::UnknownProducer`] or
+    /// [`StorageError::InvalidProducerEpoch`]. `None` (or zero messages) is a plain append.
+    pub fn append_unsynced_idempotent(
+        &self,
+        topic: &str,
+        partition: u32,
+        messages: &MessageSet<'_>,
+        now_unix_ns: i64,
+        producer: Option<ProducerBatch>,
+    ) -> Result<(AppendResult, Option<PendingSync>), StorageError> {
         let p = self.partition(topic, partition)?;
-        let appended = p.append_nowait(messages, now_unix_ns)?;
-        let pending = (p.fsync_always() && appended.count > 0).then(|| PendingSync {
-            partition: p,
-            upto: appended.high_water_mark,
-        });
+        let appended = p.append_nowait(messages, now_unix_ns, producer.as_ref())?;
+        // The batch's end: the high-water mark for an append, the original's end for a retry.
+        let upto = appended
+            .base_offset
+            .saturating_add(i64::from(appended.count));
+        let pending =
+            (p.fsync_always() && appended.count > 0).then(|| PendingSync { partition: p, upto });
         Ok((appended, pending))
+    }
+
+    /// [`append`](Self::append) for an idempotent producer: see
+    /// [`append_unsynced_idempotent`](Self::append_unsynced_idempotent). Under
+    /// [`FsyncPolicy::Always`] it returns once the batch (or the original of a retry) is on
+    /// disk.
+    pub fn append_idempotent(
+        &self,
+        topic: &str,
+        partition: u32,
+        messages: &MessageSet<'_>,
+        now_unix_ns: i64,
+        producer: Option<ProducerBatch>,
+    ) -> Result<AppendResult, StorageError> {
+        let (appended, pending) =
+            self.append_unsynced_idempotent(topic, partition, messages, now_unix_ns, producer)?;
+        if let Some(p) = pending {
+            p.wait()?;
+        }
+        Ok(appended)
     }
 
     /// Reads whole messages from `offset` on, as many as fit in `max_bytes` of record bytes,
@@ -574,6 +626,7 @@ fn open_topic(
         segment_bytes: config.segment_bytes.max(1),
         retention_bytes: cfg.retention_bytes.or(config.retention_bytes),
         retention_age: cfg.retention_age.or(config.retention_age),
+        max_producers: config.max_producers_per_partition,
     };
     let partitions = (0..count)
         .map(|p| {

@@ -8,6 +8,7 @@
 //! partition lock either: `sync` only tracks who is fsyncing (group commit).
 
 use std::fs;
+use std::num::NonZeroUsize;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,7 @@ use streambus_core::checksum::{self, combine};
 
 use super::config::FsyncPolicy;
 use super::error::{IoContext, StorageError};
+use super::producers::{Decision, PidxEntry, ProducerBatch, Producers};
 use super::segment::{self, ENTRY_LEN, IndexEntry, SAMPLE_EVERY, Segment};
 use super::{AppendResult, Counters, FetchPlan, FetchResult, LogRange, lock, meta, read, write};
 
@@ -30,6 +32,7 @@ pub(crate) struct Settings {
     pub(crate) segment_bytes: u64,
     pub(crate) retention_bytes: Option<u64>,
     pub(crate) retention_age: Option<Duration>,
+    pub(crate) max_producers: NonZeroUsize,
 }
 
 #[derive(Debug)]
@@ -37,6 +40,8 @@ struct SegState {
     seg: Arc<Segment>,
     /// Committed index entries (batches).
     entries: u64,
+    /// Committed producer index entries (idempotent batches).
+    pidx_entries: u64,
     /// Committed `.log` bytes.
     log_len: u64,
     /// The offset after the last committed message.
@@ -53,6 +58,7 @@ impl SegState {
             end: seg.base,
             seg,
             entries: 0,
+            pidx_entries: 0,
             log_len: 0,
             last_append: None,
             samples: Vec::new(),
@@ -96,9 +102,11 @@ struct SyncState {
 /// The largest append buffer a partition keeps between appends.
 const SCRATCH_KEEP: usize = 1 << 20;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Writer {
     scratch: Vec<u8>,
+    /// Idempotent producers' state: checked and updated with the append it decides.
+    producers: Producers,
 }
 
 /// One partition of a topic.
@@ -154,8 +162,9 @@ impl Partition {
         }
         let last = bases.len() - 1;
         let mut segs: Vec<SegState> = Vec::with_capacity(bases.len());
+        let mut producers = Producers::new(settings.max_producers, Arc::clone(&counters));
         for (i, &base) in bases.iter().enumerate() {
-            let seg = Segment::open(&dir, base, false)?;
+            let mut seg = Segment::open(&dir, base, false)?;
             if let Some(prev) = segs.last()
                 && base < prev.end
             {
@@ -179,9 +188,15 @@ impl Partition {
                 counters.inc(&counters.recovery_truncations, 1);
                 counters.inc(&counters.recovery_truncated_bytes, rec.truncated_bytes);
             }
+            // Replayed in append order: the most recent producers are the ones kept.
+            let pidx = seg.recover_pidx(rec.end_offset, i == last)?;
+            for e in &pidx {
+                producers.record(&e.producer, e.count, e.base_offset);
+            }
             segs.push(SegState {
                 seg: Arc::new(seg),
                 entries: rec.entries,
+                pidx_entries: pidx.len() as u64,
                 log_len: rec.log_len,
                 end: rec.end_offset,
                 last_append: rec.last_append,
@@ -210,7 +225,10 @@ impl Partition {
         Ok(Self {
             dir,
             settings,
-            writer: Mutex::new(Writer::default()),
+            writer: Mutex::new(Writer {
+                scratch: Vec::new(),
+                producers,
+            }),
             removed: AtomicBool::new(false),
             state: RwLock::new(State {
                 log_start,
@@ -245,7 +263,7 @@ impl Partition {
         set: &MessageSet<'_>,
         now: i64,
     ) -> Result<AppendResult, StorageError> {
-        let appended = self.append_nowait(set, now)?;
+        let appended = self.append_nowait(set, now, None)?;
         if self.fsync_always() && appended.count > 0 {
             self.make_durable(appended.high_water_mark)?;
         }
@@ -258,10 +276,16 @@ impl Partition {
     }
 
     /// [`append`](Self::append) without waiting for the fsync, whatever the policy.
+    ///
+    /// With `producer`, the batch is first checked against that producer's state (protocol
+    /// §6.2) under the writer lock: a retry of one of its last batches returns that batch's
+    /// offsets and count (and the current end) without appending; an out-of-order one is an
+    /// error. The offsets up to `base_offset + count` must be durable before either answer.
     pub(crate) fn append_nowait(
         &self,
         set: &MessageSet<'_>,
         now: i64,
+        producer: Option<&ProducerBatch>,
     ) -> Result<AppendResult, StorageError> {
         let count = set.count();
         if count == 0 {
@@ -281,10 +305,26 @@ impl Partition {
         if self.removed.load(Ordering::Relaxed) {
             return Err(self.gone());
         }
-        let (mut seg, mut pos, mut entries, base) = {
+        let Writer { scratch, producers } = &mut *w;
+        if let Some(pb) = producer
+            && let Decision::Duplicate { base_offset, count } = producers.check(pb, count)?
+        {
+            return Ok(AppendResult {
+                base_offset,
+                count,
+                high_water_mark: read(&self.state).active.end,
+            });
+        }
+        let (mut seg, mut pos, mut entries, mut pidx_entries, base) = {
             let st = read(&self.state);
             let a = &st.active;
-            (Arc::clone(&a.seg), a.log_len, a.entries, a.end)
+            (
+                Arc::clone(&a.seg),
+                a.log_len,
+                a.entries,
+                a.pidx_entries,
+                a.end,
+            )
         };
         let end = base
             .checked_add(i64::from(count))
@@ -293,8 +333,9 @@ impl Partition {
             seg = self.roll(base)?;
             pos = 0;
             entries = 0;
+            pidx_entries = 0;
         }
-        let buf = &mut w.scratch;
+        let buf = scratch;
         buf.clear();
         buf.extend_from_slice(bytes);
         let mut at = 0;
@@ -316,6 +357,16 @@ impl Partition {
             crc: checksum::checksum(buf),
         };
         seg.log.write_all_at(buf, pos).ctx("write", &seg.log_path)?;
+        // The producer entry before the index entry: see `PidxEntry`.
+        let mut pidx_created = false;
+        if let Some(pb) = producer {
+            let e = PidxEntry {
+                base_offset: base,
+                count,
+                producer: *pb,
+            };
+            pidx_created = seg.write_pidx(pidx_entries, &e)?;
+        }
         seg.idx
             .write_all_at(&entry.encode(), entries * ENTRY_LEN as u64)
             .ctx("write", &seg.idx_path)?;
@@ -326,9 +377,16 @@ impl Partition {
                 a.samples.push(base);
             }
             a.entries += 1;
+            if producer.is_some() {
+                a.pidx_entries += 1;
+            }
             a.log_len = entry.end_pos();
             a.end = end;
             a.last_append = Some(now);
+            st.dir_dirty |= pidx_created;
+        }
+        if let Some(pb) = producer {
+            producers.record(pb, count, base);
         }
         if w.scratch.capacity() > SCRATCH_KEEP {
             // Don't keep a rare large batch's buffer for every partition.

@@ -8,11 +8,15 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{BufReader, Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use streambus_core::checksum;
 
 use super::error::{IoContext, StorageError};
+use super::producers::{PIDX_ENTRY_LEN, PidxEntry};
+
+/// The `.pidx` file is extended by this many (zero-filled) entries at a time: 64 KiB.
+const PIDX_GROW_ENTRIES: u64 = 2048;
 
 /// Bytes of one index entry.
 pub(crate) const ENTRY_LEN: usize = 40;
@@ -107,6 +111,10 @@ pub(crate) struct Segment {
     pub(crate) idx: File,
     pub(crate) log_path: PathBuf,
     pub(crate) idx_path: PathBuf,
+    /// The producer index (idempotent batches only), opened or created on first use: a
+    /// segment without idempotent batches has no `.pidx` file.
+    pidx: OnceLock<File>,
+    pub(crate) pidx_path: PathBuf,
 }
 
 /// What recovery found in a segment.
@@ -147,6 +155,7 @@ impl Segment {
     pub(crate) fn open(dir: &Path, base: i64, truncate: bool) -> Result<Self, StorageError> {
         let log_path = dir.join(file_name(base, "log"));
         let idx_path = dir.join(file_name(base, "idx"));
+        let pidx_path = dir.join(file_name(base, "pidx"));
         let open = |p: &Path| {
             OpenOptions::new()
                 .read(true)
@@ -156,28 +165,147 @@ impl Segment {
                 .open(p)
                 .ctx("open segment", p)
         };
+        let pidx = OnceLock::new();
+        if truncate {
+            // A new segment: a producer index left by an earlier one of the same base (cut
+            // by recovery, say) must not describe it.
+            match fs::remove_file(&pidx_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).ctx("remove", &pidx_path);
+                }
+                _ => {}
+            }
+        } else if pidx_path.exists() {
+            let _ = pidx.set(open(&pidx_path)?);
+        }
         Ok(Self {
             base,
             log: Arc::new(open(&log_path)?),
             idx: open(&idx_path)?,
             log_path,
             idx_path,
+            pidx,
+            pidx_path,
         })
     }
 
-    /// Flushes both files' data to disk.
+    /// Flushes the files' data to disk: the producer index before the index, so an index
+    /// entry on disk has its producer entry there too.
     pub(crate) fn sync(&self) -> Result<(), StorageError> {
         self.log.sync_data().ctx("fsync", &self.log_path)?;
+        if let Some(p) = self.pidx.get() {
+            p.sync_data().ctx("fsync", &self.pidx_path)?;
+        }
         self.idx.sync_data().ctx("fsync", &self.idx_path)
     }
 
-    /// Removes both files (readers holding the segment keep reading the unlinked files).
+    /// Removes the files (readers holding the segment keep reading the unlinked files).
     pub(crate) fn remove_files(&self) {
         for p in [&self.log_path, &self.idx_path] {
             if let Err(e) = fs::remove_file(p) {
                 tracing::warn!(path = %p.display(), error = %e, "could not remove segment file");
             }
         }
+        if let Err(e) = fs::remove_file(&self.pidx_path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.pidx_path.display(), error = %e, "could not remove segment file");
+        }
+    }
+
+    /// Writes producer entry number `n` of this segment. Returns whether the `.pidx` file was
+    /// created (its directory entry then needs an fsync). Called with the writer lock held.
+    pub(crate) fn write_pidx(&self, n: u64, e: &PidxEntry) -> Result<bool, StorageError> {
+        let (file, created) = match self.pidx.get() {
+            Some(f) => (f, false),
+            None => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&self.pidx_path)
+                    .ctx("open segment", &self.pidx_path)?;
+                let _ = self.pidx.set(f);
+                let f = self.pidx.get().ok_or_else(|| StorageError::Corrupt {
+                    path: self.pidx_path.clone(),
+                    reason: "producer index not open".into(),
+                })?;
+                (f, true)
+            }
+        };
+        // The file grows by a zero-filled chunk at a time: a write that extends a file costs
+        // about as much again as one inside it (measured: +0.7 µs per one-message append).
+        // Recovery cuts the zeros.
+        if n.is_multiple_of(PIDX_GROW_ENTRIES) {
+            file.set_len((n + PIDX_GROW_ENTRIES) * PIDX_ENTRY_LEN as u64)
+                .ctx("extend", &self.pidx_path)?;
+        }
+        file.write_all_at(&e.encode(), n * PIDX_ENTRY_LEN as u64)
+            .ctx("write", &self.pidx_path)?;
+        Ok(created)
+    }
+
+    /// Reads the producer index: the entries of batches below `end` (the recovered end of the
+    /// segment), in order; cuts the file after them (a torn entry, or one of a batch that
+    /// recovery cut). No `.pidx` file: none. With `keep_open` false the file is closed after
+    /// (a sealed segment's is never written again). Called before the segment is shared.
+    pub(crate) fn recover_pidx(
+        &mut self,
+        end: i64,
+        keep_open: bool,
+    ) -> Result<Vec<PidxEntry>, StorageError> {
+        let Some(file) = self.pidx.take() else {
+            return Ok(Vec::new());
+        };
+        let len = file.metadata().ctx("stat", &self.pidx_path)?.len();
+        (&file).rewind().ctx("seek", &self.pidx_path)?;
+        let mut reader = BufReader::with_capacity(64 * 1024, &file);
+        let mut out: Vec<PidxEntry> = Vec::new();
+        let mut next = self.base;
+        let mut entry = [0u8; PIDX_ENTRY_LEN];
+        let mut stopped = false;
+        for _ in 0..len / PIDX_ENTRY_LEN as u64 {
+            reader
+                .read_exact(&mut entry)
+                .ctx("read producer index", &self.pidx_path)?;
+            let e = PidxEntry::decode(&entry).filter(|e| {
+                e.base_offset
+                    .checked_add(i64::from(e.count))
+                    .is_some_and(|e_end| e.base_offset >= next && e_end <= end)
+            });
+            let Some(e) = e else {
+                stopped = true;
+                break;
+            };
+            next = e.base_offset.saturating_add(i64::from(e.count));
+            out.push(e);
+        }
+        // After the entries: the zeros of the last growth step (nothing to report), or what a
+        // crash left.
+        let mut rest = Vec::new();
+        reader
+            .read_to_end(&mut rest)
+            .ctx("read producer index", &self.pidx_path)?;
+        drop(reader);
+        let zeros = (!stopped || entry.iter().all(|&b| b == 0)) && rest.iter().all(|&b| b == 0);
+        let good = (out.len() * PIDX_ENTRY_LEN) as u64;
+        if good != len && !zeros {
+            tracing::warn!(
+                segment = %self.pidx_path.display(),
+                kept_entries = out.len(),
+                bytes_cut = len - good,
+                "truncating a producer index after its last entry of a kept batch"
+            );
+        }
+        if good != len {
+            file.set_len(good).ctx("truncate", &self.pidx_path)?;
+            file.sync_data().ctx("fsync", &self.pidx_path)?;
+        }
+        if keep_open {
+            let _ = self.pidx.set(file);
+        }
+        Ok(out)
     }
 
     /// Reads `n` committed index entries starting at entry `first`.

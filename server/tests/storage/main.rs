@@ -2,5 +2,6 @@
 
 mod basic;
 mod crash;
+mod idempotent;
 mod model;
 mod support;

@@ -13,6 +13,7 @@
 //! streambus-bench requests --kind health   # 50 connections × 64 requests in flight
 //! streambus-bench handshakes --threads 2    # fresh connections (full TLS handshakes with
 //!                                           # --tls-ca) + one HealthCheck each, per second
+//! streambus-bench producers -n 1000000 --server-pid PID  # N idempotent producers, broker RSS
 //! ```
 //!
 //! With `--tls-ca FILE` (the CA of a broker serving TLS, whose certificate names `localhost`),
@@ -73,7 +74,16 @@ enum Mode {
     /// one-message Produce and its reply: the floor for `sync`.
     Pingpong,
     /// Produce one 100-byte message at a time, one request in flight.
-    Sync,
+    Sync {
+        /// Idempotent produce (one producer, consecutive sequences; each request encoded
+        /// anew, outside the timed round trip).
+        #[arg(long)]
+        idempotent: bool,
+        /// Encode every request anew (outside the timed round trip), plain: the baseline
+        /// for `--idempotent`.
+        #[arg(long)]
+        encode_each: bool,
+    },
     /// Pipelined Produce on one connection.
     Pipelined {
         /// Messages per request.
@@ -82,6 +92,14 @@ enum Mode {
         /// Requests in flight.
         #[arg(long, default_value_t = 64)]
         window: usize,
+        /// Idempotent produce (protocol §6.2): one producer, consecutive sequences. Implies
+        /// `--encode-each`.
+        #[arg(long)]
+        idempotent: bool,
+        /// Encode every request anew (as `--idempotent` must), for a plain baseline with the
+        /// same client cost.
+        #[arg(long)]
+        encode_each: bool,
     },
     /// Fetch on one connection (fills the topic first with 64 MiB of 1 KiB values).
     Fetch {
@@ -122,6 +140,20 @@ enum Mode {
         threads: usize,
         /// The broker's pid: also report connections per second of the broker's CPU time
         /// (user + system, from /proc), i.e. on one core.
+        #[arg(long)]
+        server_pid: Option<u32>,
+    },
+    /// N distinct idempotent producers (ids 1..=N), each sending one 1-message batch to one
+    /// partition, pipelined on one connection: the broker's memory must stay bounded by
+    /// `--max-producers-per-partition`, whatever N.
+    Producers {
+        /// Producers.
+        #[arg(short, default_value_t = 1_000_000)]
+        n: u64,
+        /// Requests in flight.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// The broker's pid, to read its RSS from /proc.
         #[arg(long)]
         server_pid: Option<u32>,
     },
@@ -380,6 +412,10 @@ fn pingpong(duration: Duration) {
 struct SyncProducer {
     c: RawClient,
     frame: Vec<u8>,
+    /// How each request's frame is made (`Once`: the same frame every time).
+    encode: Encode,
+    producer_id: i64,
+    sequence: i32,
 }
 
 impl SyncProducer {
@@ -387,7 +423,16 @@ impl SyncProducer {
     fn new(addr: SocketAddr) -> Self {
         let mut c = connect(addr);
         let frame = produce_frame(&mut c, "bench-sync", &[&VALUE]);
-        let mut p = Self { c, frame };
+        let producer_id = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| i64::try_from(d.as_nanos() >> 1).unwrap_or(1));
+        let mut p = Self {
+            c,
+            frame,
+            encode: Encode::Once,
+            producer_id,
+            sequence: 0,
+        };
         for _ in 0..100 {
             p.round_trip();
         }
@@ -395,6 +440,25 @@ impl SyncProducer {
     }
 
     fn round_trip(&mut self) -> Duration {
+        if self.encode != Encode::Once {
+            let (count, bytes) = message_set(&[&VALUE]);
+            let producer = (self.encode == Encode::Idempotent).then(|| {
+                let s = self.sequence;
+                self.sequence = (s + 1) & i32::MAX;
+                streambus_core::ProducerInfo {
+                    producer_id: self.producer_id,
+                    producer_epoch: 0,
+                    base_sequence: Some(s),
+                }
+            });
+            let req = Request::Produce(ProduceRequest {
+                topic: Topic::new("bench-sync").expect("topic"),
+                partition: 0,
+                messages: MessageSet::new_checked(count, &bytes).expect("set"),
+                producer,
+            });
+            self.frame = self.c.encode(&req).1;
+        }
         let t = Instant::now();
         or_die(self.c.send_raw(&self.frame), "sending a Produce");
         let r = or_die(self.c.recv_frame(), "reading a Produce reply");
@@ -415,11 +479,23 @@ impl SyncProducer {
     }
 }
 
-fn sync(addr: SocketAddr, duration: Duration) {
+fn sync(addr: SocketAddr, duration: Duration, encode: Encode) {
     let mut p = SyncProducer::new(addr);
+    p.encode = encode;
     let mut h = Histogram::<u64>::new(3).expect("hist");
     p.run_until(Instant::now() + duration, Duration::ZERO, &mut h);
-    print_hist("sync produce (1 × 100 B)", &h);
+    print_hist(&format!("sync produce (1 × 100 B, {encode:?})"), &h);
+}
+
+/// How `pipelined` makes its Produce frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encode {
+    /// One frame, sent again and again.
+    Once,
+    /// Each frame encoded anew, plain.
+    Each,
+    /// Each frame encoded anew, idempotent (one producer, consecutive sequences).
+    Idempotent,
 }
 
 fn pipelined(
@@ -428,10 +504,40 @@ fn pipelined(
     duration: Duration,
     batch: usize,
     window: usize,
+    encode: Encode,
 ) {
     let mut c = connect(addr);
     let values: Vec<&[u8]> = vec![&VALUE; batch];
-    let frame = produce_frame(&mut c, "bench-pipe", &values);
+    let (count, bytes) = message_set(&values);
+    // A producer id of this run (ids need only differ between runs).
+    let producer_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| i64::try_from(d.as_nanos() >> 1).unwrap_or(1));
+    let mut sequence = 0i32;
+    let topic = if encode == Encode::Idempotent {
+        "bench-pipe-idem"
+    } else {
+        "bench-pipe"
+    };
+    let mut next_frame = |c: &mut RawClient| {
+        let producer = (encode == Encode::Idempotent).then(|| {
+            let s = sequence;
+            sequence = ((i64::from(s) + i64::from(count)) % (1 << 31)) as i32;
+            streambus_core::ProducerInfo {
+                producer_id: producer_id.max(1),
+                producer_epoch: 0,
+                base_sequence: Some(s),
+            }
+        });
+        let req = Request::Produce(ProduceRequest {
+            topic: Topic::new(topic).expect("topic"),
+            partition: 0,
+            messages: MessageSet::new_checked(count, &bytes).expect("set"),
+            producer,
+        });
+        c.encode(&req).1
+    };
+    let mut frame = next_frame(&mut c);
     or_die(c.send_raw(&frame), "sending a Produce");
     check_ok(or_die(c.recv_frame(), "reading a Produce reply"), "produce");
     let fsyncs_before = scrape_counter(metrics, FSYNCS);
@@ -441,6 +547,9 @@ fn pipelined(
     let end = start + duration;
     let mut burst = Vec::new();
     for _ in 0..window {
+        if encode != Encode::Once {
+            frame = next_frame(&mut c);
+        }
         burst.extend_from_slice(&frame);
     }
     or_die(c.send_raw(&burst), "sending Produces");
@@ -451,6 +560,9 @@ fn pipelined(
         acked += batch as u64;
         in_flight -= 1;
         if Instant::now() < end {
+            if encode != Encode::Once {
+                frame = next_frame(&mut c);
+            }
             or_die(c.send_raw(&frame), "sending a Produce");
             in_flight += 1;
         }
@@ -473,7 +585,7 @@ fn pipelined(
         (Err(e), _) | (_, Err(e)) => format!("; fsyncs/s unknown ({e})"),
     };
     println!(
-        "pipelined produce: {acked} messages acknowledged in {secs:.2}s = {} msg/s ({:.0} MB/s of values), batch {batch}, window {window}{fsyncs}",
+        "pipelined produce ({encode:?}): {acked} messages acknowledged in {secs:.2}s = {} msg/s ({:.0} MB/s of values), batch {batch}, window {window}{fsyncs}",
         si(acked as f64 / secs),
         acked as f64 * 100.0 / secs / 1e6
     );
@@ -819,6 +931,59 @@ fn requests(addr: SocketAddr, duration: Duration, connections: usize, window: us
     }
 }
 
+fn producers(addr: SocketAddr, n: u64, window: usize, server_pid: Option<u32>) {
+    let mut c = connect(addr);
+    let (count, bytes) = message_set(&[&VALUE]);
+    let frame = |c: &mut RawClient, id: u64| {
+        let req = Request::Produce(ProduceRequest {
+            topic: Topic::new("bench-producers").expect("topic"),
+            partition: 0,
+            messages: MessageSet::new_checked(count, &bytes).expect("set"),
+            producer: Some(streambus_core::ProducerInfo {
+                producer_id: i64::try_from(id).unwrap_or(i64::MAX),
+                producer_epoch: 0,
+                base_sequence: Some(0),
+            }),
+        });
+        c.encode(&req).1
+    };
+    let first = frame(&mut c, 1);
+    or_die(c.send_raw(&first), "sending a Produce");
+    check_ok(or_die(c.recv_frame(), "reading a Produce reply"), "produce");
+    let before = server_pid.and_then(rss_kib);
+    let start = Instant::now();
+    let (mut next, mut in_flight, mut done) = (2u64, 0usize, 1u64);
+    let mut report_at = 100_000;
+    while done < n {
+        let mut burst = Vec::new();
+        while in_flight < window && next <= n {
+            burst.extend_from_slice(&frame(&mut c, next));
+            next += 1;
+            in_flight += 1;
+        }
+        or_die(c.send_raw(&burst), "sending Produces");
+        let r = or_die(c.recv_frame(), "reading a Produce reply");
+        check_ok(r, "produce");
+        in_flight -= 1;
+        done += 1;
+        if done >= report_at {
+            report_at += 100_000;
+            let rss = server_pid
+                .and_then(rss_kib)
+                .map_or("?".into(), |k| k.to_string());
+            println!("{done} producers: broker RSS {rss} KiB");
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let after = server_pid.and_then(rss_kib);
+    println!(
+        "{n} distinct producers on one partition in {secs:.1} s ({}/s); broker RSS {} -> {} KiB",
+        si((n - 1) as f64 / secs),
+        before.map_or("?".into(), |k| k.to_string()),
+        after.map_or("?".into(), |k| k.to_string()),
+    );
+}
+
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -1015,9 +1180,29 @@ fn main() {
             server_pid,
         } => handshakes(args.addr, args.duration, threads, server_pid),
         Mode::Pingpong => pingpong(args.duration),
-        Mode::Sync => sync(args.addr, args.duration),
-        Mode::Pipelined { batch, window } => {
-            pipelined(args.addr, args.metrics, args.duration, batch, window);
+        Mode::Sync {
+            idempotent,
+            encode_each,
+        } => {
+            let encode = match (idempotent, encode_each) {
+                (true, _) => Encode::Idempotent,
+                (false, true) => Encode::Each,
+                (false, false) => Encode::Once,
+            };
+            sync(args.addr, args.duration, encode);
+        }
+        Mode::Pipelined {
+            batch,
+            window,
+            idempotent,
+            encode_each,
+        } => {
+            let each = match (idempotent, encode_each) {
+                (true, _) => Encode::Idempotent,
+                (false, true) => Encode::Each,
+                (false, false) => Encode::Once,
+            };
+            pipelined(args.addr, args.metrics, args.duration, batch, window, each);
         }
         Mode::Fetch {
             max_bytes,
@@ -1031,6 +1216,11 @@ fn main() {
             hold,
         } => connections(args.addr, n, server_pid, sources, first_source, hold),
         Mode::Health { n } => health(args.addr, n),
+        Mode::Producers {
+            n,
+            window,
+            server_pid,
+        } => producers(args.addr, n, window, server_pid),
         Mode::Trickle {
             n,
             frame,
