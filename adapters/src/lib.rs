@@ -35,6 +35,8 @@ mod server;
 pub mod blocking;
 #[cfg(feature = "smol")]
 pub mod smol;
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
@@ -70,6 +72,75 @@ pub enum ConnEvent {
     /// A frame was answered with an error by the connection layer (CRC, type, version,
     /// malformed payload, frame too large or too short).
     Fault(ErrorCode),
+    /// A TLS handshake failed; the connection closes (a [`Closed`](Self::Closed) follows).
+    TlsHandshakeFailed(HandshakeFailure),
+}
+
+/// Why a TLS handshake failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HandshakeFailure {
+    /// It did not complete within the read timeout.
+    Timeout,
+    /// The peer's bytes are not TLS (a plaintext client on the TLS port, say).
+    NotTls,
+    /// Client certificates are required and the client presented none.
+    NoClientCertificate,
+    /// A certificate was refused (unknown issuer, expired, not for this use).
+    BadCertificate,
+    /// No protocol version, cipher suite or key exchange in common.
+    Incompatible,
+    /// The peer ended the handshake with an alert (it refused our certificate, say).
+    AlertReceived,
+    /// The connection failed or closed during the handshake.
+    Io,
+    /// Another protocol error.
+    Other,
+}
+
+impl HandshakeFailure {
+    /// A short name, for metrics labels and logs (`timeout`, `not_tls`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::NotTls => "not_tls",
+            Self::NoClientCertificate => "no_client_certificate",
+            Self::BadCertificate => "bad_certificate",
+            Self::Incompatible => "incompatible",
+            Self::AlertReceived => "alert_received",
+            Self::Io => "io",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for HandshakeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who is at the other end of a connection, as the adapter knows it; a handler reads it with
+/// [`Reply::peer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Peer {
+    /// The peer's address.
+    pub addr: std::net::SocketAddr,
+    /// The subject of the client certificate the peer presented and the server verified
+    /// (mTLS), as RFC 4514 text (`CN=alice,O=Example`); `None` without TLS or without a client
+    /// certificate.
+    pub tls_client_subject: Option<String>,
+}
+
+impl Peer {
+    /// A peer at `addr`, with no client certificate.
+    pub fn new(addr: std::net::SocketAddr) -> Self {
+        Self {
+            addr,
+            tls_client_subject: None,
+        }
+    }
 }
 
 /// The broker side: answers decoded requests.
@@ -100,7 +171,7 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Settings shared by every runtime.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServeOptions {
     /// Connections open at once; more are closed at once.
@@ -116,6 +187,11 @@ pub struct ServeOptions {
     /// connections stop reading instead of allocating (each may still hold 8 KiB, so small
     /// requests always flow). Default 512 MiB.
     pub max_buffered_bytes: usize,
+    /// Serve TLS with this configuration (feature `tls`): each connection's handshake runs on
+    /// its own task with [`ServerConfig::read_timeout`] as its deadline. `None` (the default):
+    /// plaintext.
+    #[cfg(feature = "tls")]
+    pub tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServeOptions {
@@ -126,6 +202,8 @@ impl Default for ServeOptions {
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             max_buffered_bytes: 512 << 20,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -158,6 +236,13 @@ impl ServeOptions {
     /// Sets the graceful-shutdown deadline.
     pub fn shutdown_grace(mut self, d: Duration) -> Self {
         self.shutdown_grace = d;
+        self
+    }
+
+    /// Serves TLS with `config` (see [`tls::server_config`]).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: std::sync::Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
         self
     }
 }

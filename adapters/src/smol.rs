@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use smol::io::AsyncWrite;
+use smol::io::{AsyncRead, AsyncWrite};
 use smol::{Async, Timer};
 
 use crate::server::runtime::{self, Runtime, Socket};
@@ -77,6 +77,81 @@ impl Runtime for Smol {
         smol::unblock(f).await;
         Ok(())
     }
+
+    #[cfg(feature = "tls")]
+    type TlsSocket = TlsSocket;
+
+    #[cfg(feature = "tls")]
+    async fn tls_accept(
+        config: Arc<rustls::ServerConfig>,
+        socket: Async<TcpStream>,
+    ) -> io::Result<(TlsSocket, Option<String>)> {
+        let stream = futures_rustls::TlsAcceptor::from(config)
+            .accept(socket)
+            .await?;
+        let subject = crate::tls::client_subject(stream.get_ref().1);
+        Ok((
+            TlsSocket {
+                stream,
+                file: crate::tls::FileReader::default(),
+            },
+            subject,
+        ))
+    }
+}
+
+/// A server connection over TLS: file ranges are read into a buffer and written through it.
+#[cfg(feature = "tls")]
+struct TlsSocket {
+    stream: futures_rustls::server::TlsStream<Async<TcpStream>>,
+    file: crate::tls::FileReader,
+}
+
+#[cfg(feature = "tls")]
+impl Socket for TlsSocket {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        smol::io::AsyncRead::poll_read(Pin::new(&mut self.stream), cx, buf)
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (tcp, tls) = self.stream.get_ref();
+        if !tls.wants_read() {
+            // Plaintext waits in rustls (or the peer closed): a read would not wait.
+            return Poll::Ready(Ok(()));
+        }
+        tcp.poll_readable(cx)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.stream), cx, buf)
+    }
+
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &FileChunk,
+    ) -> Poll<io::Result<usize>> {
+        let bytes = self.file.bytes(chunk)?;
+        let n = ready!(AsyncWrite::poll_write(
+            Pin::new(&mut self.stream),
+            cx,
+            bytes
+        ))?;
+        self.file.consumed(n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn release_idle(&mut self) {
+        self.file.release();
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.stream), cx)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        AsyncWrite::poll_close(Pin::new(&mut self.stream), cx)
+    }
 }
 
 impl Socket for Async<TcpStream> {
@@ -140,14 +215,82 @@ impl streambus_core::io::asynch::Timer for SmolTimer {
     }
 }
 
+/// A client's socket: plaintext, or TLS (feature `tls`).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ClientStream {
+    /// Plaintext.
+    Plain(Async<TcpStream>),
+    /// TLS over TCP.
+    #[cfg(feature = "tls")]
+    Tls(Box<futures_rustls::client::TlsStream<Async<TcpStream>>>),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(feature = "tls")]
+            Self::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(feature = "tls")]
+            Self::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(feature = "tls")]
+            Self::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_close(cx),
+            #[cfg(feature = "tls")]
+            Self::Tls(s) => Pin::new(&mut **s).poll_close(cx),
+        }
+    }
+}
+
 /// A client connection on smol: the core's one async driver over an async-io socket, with up
 /// to `N` requests in flight.
 pub type Client<const N: usize = 64> = streambus_core::io::asynch::Driver<
-    embedded_io_adapters::futures_03::FromFutures<Async<TcpStream>>,
+    embedded_io_adapters::futures_03::FromFutures<ClientStream>,
     SmolTimer,
     Vec<u8>,
     N,
 >;
+
+fn client<const N: usize>(
+    stream: ClientStream,
+    config: streambus_core::ClientConfig,
+    buffers: crate::Buffers,
+) -> Client<N> {
+    let conn = buffers.connection(config);
+    Client::new(
+        embedded_io_adapters::futures_03::FromFutures::new(stream),
+        SmolTimer,
+        conn,
+    )
+}
 
 /// Connects a [`Client`] to `addr`; `buffers` as in the tokio adapter's `connect`.
 pub async fn connect<const N: usize>(
@@ -157,10 +300,26 @@ pub async fn connect<const N: usize>(
 ) -> io::Result<Client<N>> {
     let stream = Async::<TcpStream>::connect(addr).await?;
     stream.get_ref().set_nodelay(true)?;
-    let conn = buffers.into().connection(config);
-    Ok(Client::new(
-        embedded_io_adapters::futures_03::FromFutures::new(stream),
-        SmolTimer,
-        conn,
+    Ok(client(ClientStream::Plain(stream), config, buffers.into()))
+}
+
+/// Connects a [`Client`] to `addr` over TLS (feature `tls`) and completes the handshake; a
+/// refused certificate is an [`io::Error`] whose inner error is the [`rustls::Error`].
+#[cfg(feature = "tls")]
+pub async fn connect_tls<const N: usize>(
+    addr: std::net::SocketAddr,
+    tls: &crate::tls::ClientTls,
+    config: streambus_core::ClientConfig,
+    buffers: impl Into<crate::Buffers>,
+) -> io::Result<Client<N>> {
+    let stream = Async::<TcpStream>::connect(addr).await?;
+    stream.get_ref().set_nodelay(true)?;
+    let stream = futures_rustls::TlsConnector::from(Arc::clone(&tls.config))
+        .connect(tls.server_name.clone(), stream)
+        .await?;
+    Ok(client(
+        ClientStream::Tls(Box::new(stream)),
+        config,
+        buffers.into(),
     ))
 }

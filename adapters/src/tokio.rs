@@ -70,6 +70,79 @@ impl Runtime for Tokio {
             .await
             .map_err(io::Error::other)
     }
+
+    #[cfg(feature = "tls")]
+    type TlsSocket = TlsSocket;
+
+    #[cfg(feature = "tls")]
+    async fn tls_accept(
+        config: Arc<rustls::ServerConfig>,
+        socket: TcpStream,
+    ) -> io::Result<(TlsSocket, Option<String>)> {
+        let stream = tokio_rustls::TlsAcceptor::from(config)
+            .accept(socket)
+            .await?;
+        let subject = crate::tls::client_subject(stream.get_ref().1);
+        Ok((
+            TlsSocket {
+                stream,
+                file: crate::tls::FileReader::default(),
+            },
+            subject,
+        ))
+    }
+}
+
+/// A server connection over TLS: file ranges are read into a buffer and written through it.
+#[cfg(feature = "tls")]
+struct TlsSocket {
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    file: crate::tls::FileReader,
+}
+
+#[cfg(feature = "tls")]
+impl Socket for TlsSocket {
+    fn poll_read(&mut self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut rb = ReadBuf::new(buf);
+        ready!(Pin::new(&mut self.stream).poll_read(cx, &mut rb))?;
+        Poll::Ready(Ok(rb.filled().len()))
+    }
+
+    fn poll_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (tcp, tls) = self.stream.get_ref();
+        if !tls.wants_read() {
+            // Plaintext waits in rustls (or the peer closed): a read would not wait.
+            return Poll::Ready(Ok(()));
+        }
+        tcp.poll_read_ready(cx)
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_send_file(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunk: &FileChunk,
+    ) -> Poll<io::Result<usize>> {
+        let bytes = self.file.bytes(chunk)?;
+        let n = ready!(Pin::new(&mut self.stream).poll_write(cx, bytes))?;
+        self.file.consumed(n);
+        Poll::Ready(Ok(n))
+    }
+
+    fn release_idle(&mut self) {
+        self.file.release();
+    }
+
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 impl Socket for TcpStream {
@@ -139,14 +212,82 @@ impl streambus_core::io::asynch::Timer for TokioTimer {
     }
 }
 
+/// A client's socket: plaintext, or TLS (feature `tls`).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ClientStream {
+    /// Plaintext.
+    Plain(TcpStream),
+    /// TLS over TCP.
+    #[cfg(feature = "tls")]
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(feature = "tls")]
+            Self::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(feature = "tls")]
+            Self::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(feature = "tls")]
+            Self::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(feature = "tls")]
+            Self::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// A client connection on tokio: the core's one async driver over a tokio socket, with up to
 /// `N` requests in flight.
 pub type Client<const N: usize = 64> = streambus_core::io::asynch::Driver<
-    embedded_io_adapters::tokio_1::FromTokio<TcpStream>,
+    embedded_io_adapters::tokio_1::FromTokio<ClientStream>,
     TokioTimer,
     Vec<u8>,
     N,
 >;
+
+fn client<const N: usize>(
+    stream: ClientStream,
+    config: streambus_core::ClientConfig,
+    buffers: crate::Buffers,
+) -> Client<N> {
+    let conn = buffers.connection(config);
+    Client::new(
+        embedded_io_adapters::tokio_1::FromTokio::new(stream),
+        TokioTimer::default(),
+        conn,
+    )
+}
 
 /// Connects a [`Client`] to `addr` with buffers of `buffers` bytes (a `usize` for both, or
 /// [`Buffers`](crate::Buffers) for separate transmit and receive sizes).
@@ -157,10 +298,27 @@ pub async fn connect<const N: usize>(
 ) -> io::Result<Client<N>> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let conn = buffers.into().connection(config);
-    Ok(Client::new(
-        embedded_io_adapters::tokio_1::FromTokio::new(stream),
-        TokioTimer::default(),
-        conn,
+    Ok(client(ClientStream::Plain(stream), config, buffers.into()))
+}
+
+/// Connects a [`Client`] to `addr` over TLS (feature `tls`) and completes the handshake; a
+/// refused certificate is an [`io::Error`] whose inner error is the [`rustls::Error`].
+/// `buffers` as in [`connect`].
+#[cfg(feature = "tls")]
+pub async fn connect_tls<const N: usize>(
+    addr: std::net::SocketAddr,
+    tls: &crate::tls::ClientTls,
+    config: streambus_core::ClientConfig,
+    buffers: impl Into<crate::Buffers>,
+) -> io::Result<Client<N>> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
+        .connect(tls.server_name.clone(), stream)
+        .await?;
+    Ok(client(
+        ClientStream::Tls(Box::new(stream)),
+        config,
+        buffers.into(),
     ))
 }

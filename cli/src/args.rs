@@ -57,8 +57,50 @@ pub(crate) struct Cli {
     #[arg(long, global = true, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) timeout: Duration,
 
+    /// Connect over TLS, trusting the system's CA certificates unless --tls-ca names others
+    #[arg(long, global = true, env = "STREAMBUS_TLS")]
+    pub(crate) tls: bool,
+
+    /// Trust the CA certificates in this PEM file (implies --tls)
+    #[arg(long, global = true, env = "STREAMBUS_TLS_CA", value_name = "FILE")]
+    pub(crate) tls_ca: Option<PathBuf>,
+
+    /// Present this client certificate chain (PEM), for a broker that requires one (implies
+    /// --tls; needs --tls-key)
+    #[arg(
+        long,
+        global = true,
+        env = "STREAMBUS_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub(crate) tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM)
+    #[arg(
+        long,
+        global = true,
+        env = "STREAMBUS_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub(crate) tls_key: Option<PathBuf>,
+
     #[command(subcommand)]
     pub(crate) command: Command,
+}
+
+impl Cli {
+    /// The TLS settings the flags ask for (`None`: plaintext).
+    pub(crate) fn tls(&self) -> Option<streambus_client::TlsOptions> {
+        if !self.tls && self.tls_ca.is_none() && self.tls_cert.is_none() {
+            return None;
+        }
+        let mut o = streambus_client::TlsOptions::default();
+        o.ca_file.clone_from(&self.tls_ca);
+        o.client_cert = self.tls_cert.clone().zip(self.tls_key.clone());
+        Some(o)
+    }
 }
 
 /// The subcommands.

@@ -78,6 +78,17 @@ impl Note {
 
 /// Runs `bench`.
 pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
+    let sdk_mode = matches!(
+        args.mode,
+        BenchMode::Produce | BenchMode::Roundtrip | BenchMode::Consume
+    );
+    if !sdk_mode && ctx.client.config().tls.is_some() {
+        let name = clap::ValueEnum::to_possible_value(&args.mode)
+            .map_or_else(String::new, |v| v.get_name().to_owned());
+        return Err(Failure::usage(format!(
+            "bench {name} opens raw plaintext connections: with TLS use produce, roundtrip or consume (or streambus-bench --tls-ca)"
+        )));
+    }
     // Ctrl-C ends the measurement early; the results so far are still printed.
     let stop = Arc::new(AtomicBool::new(false));
     let mut interrupt = Interrupt::new()?;
@@ -234,15 +245,10 @@ async fn produce(
             client.clone()
         } else {
             let cfg = client.config();
-            same_token(
-                Client::builder()
-                    .connect_timeout(cfg.connect_timeout)
-                    .request_timeout(cfg.request_timeout),
-                cfg,
-            )
-            .connect(ctx.broker.as_str())
-            .await
-            .map_err(|e| ctx.err(e))?
+            same_token(ctx.builder(), cfg)
+                .connect(ctx.broker.as_str())
+                .await
+                .map_err(|e| ctx.err(e))?
         };
         let share = if limit == u64::MAX {
             limit

@@ -59,7 +59,7 @@ impl Failure {
                 code: 2,
                 message: e.to_string(),
             },
-            Error::Io { .. } | Error::TimedOut { .. } => {
+            Error::Io { .. } | Error::TimedOut { .. } | Error::Tls { .. } => {
                 Self::runtime(format!("broker {broker}: {e}"))
             }
             _ => Self::runtime(e.to_string()),
@@ -140,6 +140,7 @@ async fn run(cli: Cli, broker_source: &str) -> Outcome {
     }
     let broker = cli.broker.clone();
     let mut builder = Client::builder()
+        .tls_options(cli.tls())
         .connect_timeout(cli.timeout)
         .request_timeout(cli.timeout);
     if let Some(token) = cli.token {
@@ -164,6 +165,17 @@ async fn run(cli: Cli, broker_source: &str) -> Outcome {
         Command::Consume(c) => consume::run(&ctx, c).await,
         Command::Bench(b) => bench::run(&ctx, b).await,
         Command::Auth(_) => Ok(()),
+    }
+}
+
+impl Ctx {
+    /// A builder with the settings of the command line (timeouts, TLS), for more clients.
+    pub(crate) fn builder(&self) -> streambus_client::ClientBuilder {
+        let cfg = self.client.config();
+        Client::builder()
+            .tls_options(cfg.tls.clone())
+            .connect_timeout(cfg.connect_timeout)
+            .request_timeout(cfg.request_timeout)
     }
 }
 

@@ -603,7 +603,9 @@ async fn connect_from<const N: usize>(
         vec![0; buffer_len],
     );
     Ok(Driver::new(
-        embedded_io_adapters::tokio_1::FromTokio::new(stream),
+        embedded_io_adapters::tokio_1::FromTokio::new(
+            streambus_adapters::tokio::ClientStream::Plain(stream),
+        ),
         streambus_adapters::tokio::TokioTimer::default(),
         conn,
     ))

@@ -410,6 +410,65 @@ fn health_of_a_live_broker() {
     assert_eq!(v["broker"], b.addr());
 }
 
+/// `--tls-ca` (and `--tls-cert`/`--tls-key` for mTLS) against a TLS broker; a CA file that
+/// can't be read is a usage error naming it; a plaintext CLI against the TLS port fails.
+#[test]
+fn tls_flags_reach_a_tls_broker() {
+    let pki = streambus_tests::tls::Pki::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut c = streambus_tests::broker_config(dir.path(), streambus_server::RuntimeKind::Tokio);
+    c.tls = Some(pki.broker_files(true));
+    let b = streambus_server::start(c).expect("broker starts");
+    let addr = format!("localhost:{}", b.addr().port());
+    let path = |n: &str| pki.path(n).to_str().expect("UTF-8 path").to_owned();
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client-key.pem"));
+    let a = cli_at(&addr)
+        .args([
+            "--tls-ca",
+            &ca,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "health",
+        ])
+        .assert()
+        .success();
+    assert!(
+        stdout(&a).starts_with(&format!("broker {addr} is healthy")),
+        "{}",
+        stdout(&a)
+    );
+    cli_at(&addr)
+        .env("STREAMBUS_TLS_CA", &ca)
+        .env("STREAMBUS_TLS_CERT", &cert)
+        .env("STREAMBUS_TLS_KEY", &key)
+        .args(["topics", "list"])
+        .assert()
+        .success();
+    fails_with(
+        &mut cli_at(&addr),
+        &["--tls-ca", "/nonexistent/ca.pem", "health"],
+        2,
+        "error: invalid setting tls: /nonexistent/ca.pem: No such file or directory (os error 2)",
+    );
+    let a = cli_at(&addr)
+        .args(["--tls-ca", &path("other-ca.pem"), "health"])
+        .assert()
+        .code(1);
+    assert!(
+        stderr(&a).contains("TLS: invalid peer certificate: UnknownIssuer"),
+        "{}",
+        stderr(&a)
+    );
+    fails_with(
+        &mut cli_at(&addr),
+        &["--tls-ca", &ca, "bench", "pingpong"],
+        2,
+        "error: bench pingpong opens raw plaintext connections: with TLS use produce, roundtrip or consume (or streambus-bench --tls-ca)",
+    );
+}
+
 #[test]
 fn the_broker_flag_wins_over_the_environment() {
     let b = Broker::start();

@@ -1,5 +1,6 @@
 //! [`Client`]: the connection pool and the admin calls.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -7,6 +8,8 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
+
+use streambus_adapters::tls::{self, ClientTls, rustls};
 
 use crate::conn::{self, Callback, Job, LoadGuard, MAX_IN_FLIGHT, Reply, ReplyTo, Req};
 use crate::error::{Context, Error, Result};
@@ -36,11 +39,54 @@ pub struct ClientConfig {
     pub reconnect_backoff_max: Duration,
     /// The longest long-poll wait a consumer may ask for (default 30 s, the broker's cap).
     pub max_poll_wait: Duration,
+    /// Connect over TLS with these settings (default `None`: plaintext).
+    pub tls: Option<TlsOptions>,
     /// The token each connection authenticates with right after it is opened, and again after
     /// every reconnect (protocol §6.3; default none). A refused token fails the call that
     /// needed the connection with [`Error::Broker`] code AuthenticationFailed (40), which is not
     /// retriable.
     pub token: Option<Token>,
+}
+
+/// The TLS settings of a [`Client`]: whom to trust, what to present, and the name to check.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct TlsOptions {
+    /// A PEM file of the CA certificates to trust; `None`: the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate chain and its private key (PEM files), for a broker that requires
+    /// client certificates (mTLS).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The name the broker's certificate must carry; `None`: the host of the broker address.
+    pub server_name: Option<String>,
+    /// A rustls configuration of your own, used instead of `ca_file` and `client_cert`.
+    pub config: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl TlsOptions {
+    /// What a dial needs: the configuration (files loaded) and the server name.
+    fn resolve(&self, addr: &str) -> Result<ClientTls> {
+        let config = match &self.config {
+            Some(c) => Arc::clone(c),
+            None => tls::client_config(
+                self.ca_file.as_deref(),
+                self.client_cert
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path())),
+            )
+            .map_err(|e| Error::config("tls", e.to_string()))?,
+        };
+        let host = match &self.server_name {
+            Some(name) => name.as_str(),
+            None => addr.rsplit_once(':').map_or(addr, |(host, _)| host),
+        };
+        let server_name =
+            tls::server_name(host).map_err(|e| Error::config("tls_server_name", e.to_string()))?;
+        Ok(ClientTls {
+            config,
+            server_name,
+        })
+    }
 }
 
 /// A secret token for [`ClientConfig::token`]. Its `Debug` never shows it.
@@ -76,6 +122,7 @@ impl Default for ClientConfig {
             reconnect_backoff: Duration::from_millis(50),
             reconnect_backoff_max: Duration::from_secs(5),
             max_poll_wait: Duration::from_secs(30),
+            tls: None,
             token: None,
         }
     }
@@ -157,6 +204,40 @@ impl ClientBuilder {
         self.config.max_poll_wait = d;
         self
     }
+    /// Connects over TLS, trusting the system's trust store unless
+    /// [`tls_ca_file`](Self::tls_ca_file) says otherwise.
+    pub fn tls(mut self) -> Self {
+        self.config.tls.get_or_insert_default();
+        self
+    }
+    /// Connects over TLS, trusting the CA certificates in `path` (PEM).
+    pub fn tls_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.tls.get_or_insert_default().ca_file = Some(path.into());
+        self
+    }
+    /// Connects over TLS presenting this client certificate chain and key (PEM files), for a
+    /// broker that requires client certificates.
+    pub fn tls_client_cert(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.config.tls.get_or_insert_default().client_cert = Some((cert.into(), key.into()));
+        self
+    }
+    /// Connects over TLS checking the broker's certificate against `name` instead of the host
+    /// of the broker address.
+    pub fn tls_server_name(mut self, name: impl Into<String>) -> Self {
+        self.config.tls.get_or_insert_default().server_name = Some(name.into());
+        self
+    }
+    /// Sets every TLS setting at once (`None`: plaintext).
+    pub fn tls_options(mut self, options: Option<TlsOptions>) -> Self {
+        self.config.tls = options;
+        self
+    }
+    /// Connects over TLS with a rustls configuration of your own (built with
+    /// [`streambus_client::rustls`](crate::rustls) and a crypto provider).
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.config.tls.get_or_insert_default().config = Some(config);
+        self
+    }
     /// Sets [`ClientConfig::token`]: every connection authenticates with it (§6.3).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.config.token = Some(Token::new(token));
@@ -232,7 +313,11 @@ impl Client {
     fn new(addr: String, config: ClientConfig) -> Result<Self> {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| Error::config("runtime", format!("no tokio runtime: {e}")))?;
-        let pool = Arc::new(Pool::new(addr, config.clone(), runtime));
+        let tls = match &config.tls {
+            Some(t) => Some(t.resolve(&addr)?),
+            None => None,
+        };
+        let pool = Arc::new(Pool::new(addr, config.clone(), tls, runtime));
         let capacity = Arc::new(Semaphore::new(config.pool_size * config.max_in_flight));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -544,6 +629,7 @@ struct PoolState {
 pub(crate) struct Pool {
     addr: String,
     config: ClientConfig,
+    tls: Option<ClientTls>,
     runtime: tokio::runtime::Handle,
     state: Mutex<PoolState>,
     changed: watch::Sender<u64>,
@@ -556,11 +642,17 @@ enum Next {
 }
 
 impl Pool {
-    fn new(addr: String, config: ClientConfig, runtime: tokio::runtime::Handle) -> Self {
+    fn new(
+        addr: String,
+        config: ClientConfig,
+        tls: Option<ClientTls>,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
         let slots = (0..config.pool_size).map(|_| Slot::Empty).collect();
         Self {
             addr,
             config,
+            tls,
             runtime,
             state: Mutex::new(PoolState {
                 slots,
@@ -771,13 +863,26 @@ impl Pool {
                 .request_timeout(self.config.request_timeout + self.config.max_poll_wait);
             let buffer = self.config.max_frame_len as usize + 4;
             for a in addrs {
-                match streambus_adapters::tokio::connect::<MAX_IN_FLIGHT>(a, core, buffer).await {
+                let dialled = match &self.tls {
+                    None => {
+                        streambus_adapters::tokio::connect::<MAX_IN_FLIGHT>(a, core, buffer).await
+                    }
+                    Some(tls) => {
+                        streambus_adapters::tokio::connect_tls::<MAX_IN_FLIGHT>(
+                            a, tls, core, buffer,
+                        )
+                        .await
+                    }
+                };
+                match dialled {
                     Ok(mut d) => {
                         if let Some(token) = &self.config.token {
                             authenticate(&mut d, token, self.config.request_timeout).await?;
                         }
                         return Ok(d);
                     }
+                    // A certificate refused: another address of the name won't do better.
+                    Err(e) if Error::is_tls(&e) => return Err(Error::io(ctx.clone(), e)),
                     Err(e) => last = Some(e),
                 }
             }

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use streambus_adapters::tls::rustls;
 pub use streambus_core::ErrorCode;
 
 /// What a failed call was doing, and to which topic and partition: printed by [`Error`]'s
@@ -106,6 +107,17 @@ pub enum Error {
         #[source]
         source: ProtocolError,
     },
+    /// TLS failed: the handshake (a broker certificate not trusted or not for this name), or
+    /// the broker refused ours (an alert: no client certificate where one is required, one it
+    /// does not trust). Not retriable: the same settings fail the same way.
+    #[error("{context}: TLS: {source}")]
+    Tls {
+        /// What was being done.
+        context: Context,
+        /// rustls's description.
+        #[source]
+        source: rustls::Error,
+    },
     /// A setting is invalid; nothing was sent.
     #[error("invalid setting {setting}: {reason}")]
     Config {
@@ -183,17 +195,33 @@ impl Error {
             | Self::TimedOut { context, .. }
             | Self::Broker { context, .. }
             | Self::Protocol { context, .. }
+            | Self::Tls { context, .. }
             | Self::InvalidInput { context, .. }
             | Self::Closed { context, .. } => Some(context),
             Self::Config { .. } => None,
         }
     }
 
+    /// An I/O error, or [`Tls`](Self::Tls) when rustls is what failed.
     pub(crate) fn io(context: Context, e: std::io::Error) -> Self {
+        if let Some(source) = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Self::Tls {
+                context,
+                source: source.clone(),
+            };
+        }
         Self::Io {
             context,
             source: Arc::new(e),
         }
+    }
+
+    /// Whether `e` is rustls refusing the connection.
+    pub(crate) fn is_tls(e: &std::io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>())
     }
 
     pub(crate) fn closed_by_peer(context: Context) -> Self {
@@ -228,6 +256,7 @@ impl Error {
             | Self::TimedOut { context, .. }
             | Self::Broker { context, .. }
             | Self::Protocol { context, .. }
+            | Self::Tls { context, .. }
             | Self::InvalidInput { context, .. }
             | Self::Closed { context, .. } => *context = new.clone(),
             Self::Config { .. } => {}

@@ -95,11 +95,14 @@ mod producer;
 pub mod smol;
 mod types;
 
-pub use client::{Client, ClientBuilder, ClientConfig, Token};
+pub use client::{Client, ClientBuilder, ClientConfig, TlsOptions, Token};
 pub use consumer::{Consumer, ConsumerConfig, Offset, ResetPolicy};
 pub use error::{Context, Error, ErrorCode, ProtocolError, Result};
 pub use partition::{fnv1a32, partition_for_key};
 pub use producer::{BufferFull, Delivery, Producer, ProducerConfig};
+/// The rustls this crate speaks TLS with (to match [`Error::Tls`]'s source, or build a
+/// configuration for [`ClientBuilder::tls_config`]).
+pub use streambus_adapters::tls::rustls;
 pub use types::{
     BrokerMetadata, ConsumerRecord, Health, Metadata, PartitionMetadata, PartitionOffsets, Record,
     RecordMetadata, TopicInfo, TopicMetadata,

@@ -255,6 +255,12 @@ impl Policy {
         found
     }
 
+    /// The principal of this name, if the file lists it (a verified TLS client certificate's
+    /// subject names its principal this way).
+    pub fn principal_named(&self, name: &str) -> Option<Arc<str>> {
+        self.principal(name).map(|p| Arc::clone(&p.name))
+    }
+
     fn principal(&self, name: &str) -> Option<&Principal> {
         self.principals.iter().find(|p| &*p.name == name)
     }

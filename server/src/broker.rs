@@ -743,6 +743,25 @@ impl Inner {
             })
     }
 
+    /// With `--auth-file` and mTLS: a connection not yet authenticated whose verified client
+    /// certificate's subject (RFC 4514, like `O=Example,CN=alice`) is a principal's name in the
+    /// file speaks for that principal, without an Authenticate (which may still replace it).
+    fn certificate_principal(&self, reply: &Reply) {
+        let (Some(auth), Some(peer)) = (&self.auth, reply.peer()) else {
+            return;
+        };
+        let connection = reply.connection();
+        if connection.is_authenticated() {
+            return;
+        }
+        if let Some(subject) = &peer.tls_client_subject
+            && let Some(principal) = auth.policy().principal_named(subject)
+        {
+            tracing::debug!(%principal, "connection authenticated by its client certificate");
+            connection.set_principal(principal);
+        }
+    }
+
     /// Answers an Authenticate: the principal on success; 40 otherwise, closing the connection
     /// after the third failure in a row. Never says anything of the credential.
     fn authenticate(&self, a: &AuthenticateRequest<'_>, answer: Answer) {
@@ -812,6 +831,7 @@ impl Handler for Broker {
             started: Instant::now(),
             metrics: Arc::clone(&self.inner.metrics),
         };
+        self.inner.certificate_principal(&answer.reply);
         match self.inner.authorize(request, answer.reply.connection()) {
             Ok(access) => self.route(request, answer, &access),
             Err(f) => answer.fail(f),

@@ -158,6 +158,16 @@ pub struct Cli {
     /// Connection runtime [default: tokio].
     #[arg(long, env = "STREAMBUS_RUNTIME")]
     pub runtime: Option<RuntimeKind>,
+    /// Serve TLS with this certificate chain (PEM, the server's certificate first); needs
+    /// --tls-key.
+    #[arg(long, env = "STREAMBUS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "STREAMBUS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "STREAMBUS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
     /// HOST:PORT clients are told to connect to in Metadata replies [default: the listen
     /// address; 127.0.0.1 with its port when listening on 0.0.0.0 or ::].
     #[arg(long, env = "STREAMBUS_ADVERTISE")]
@@ -205,6 +215,9 @@ struct FileConfig {
     auto_create_topics: Option<bool>,
     metrics_listen: Option<String>,
     runtime: Option<RuntimeKind>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     advertise: Option<String>,
     node_id: Option<u32>,
     auth_file: Option<PathBuf>,
@@ -246,6 +259,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Connection runtime.
     pub runtime: RuntimeKind,
+    /// TLS files; `None` = plaintext.
+    pub tls: Option<TlsFiles>,
     /// The address advertised in Metadata replies; `None` = derived from the listen address
     /// once bound (see [`Advertised::for_listener`]).
     pub advertise: Option<Advertised>,
@@ -263,6 +278,53 @@ pub struct Config {
     pub retention_bytes: Option<u64>,
     /// The `--config` file the settings were read from, if any.
     pub config_file: Option<PathBuf>,
+}
+
+/// The PEM files of the broker's TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TlsFiles {
+    /// Certificate chain (`--tls-cert`).
+    pub cert: PathBuf,
+    /// Private key (`--tls-key`).
+    pub key: PathBuf,
+    /// CA of the client certificates required (`--tls-client-ca`); `None` = no client
+    /// certificates.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// Certificate and key, no client certificates.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        Self {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: None,
+        }
+    }
+
+    /// Requires client certificates signed by `ca`.
+    pub fn client_ca(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.client_ca = Some(ca.into());
+        self
+    }
+
+    /// Loads the files into a rustls configuration; the error names the setting at fault.
+    pub fn load(
+        &self,
+    ) -> Result<std::sync::Arc<streambus_adapters::tls::rustls::ServerConfig>, ConfigError> {
+        use streambus_adapters::tls::{ServerFile, server_config};
+        server_config(&self.cert, &self.key, self.client_ca.as_deref()).map_err(|(file, e)| {
+            ConfigError::invalid(
+                match file {
+                    ServerFile::Key => "--tls-key",
+                    ServerFile::ClientCa => "--tls-client-ca",
+                    _ => "--tls-cert",
+                },
+                e.to_string(),
+            )
+        })
+    }
 }
 
 /// The address a broker advertises to clients (§6.4): a host name or IP, and a port.
@@ -352,6 +414,7 @@ impl Default for Config {
             auto_create_topics: true,
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9100))),
             runtime: RuntimeKind::Tokio,
+            tls: None,
             advertise: None,
             node_id: 0,
             auth_file: None,
@@ -560,6 +623,29 @@ impl Config {
                 ),
             ));
         }
+        let tls = match (
+            o.pick("tls_cert", cli.tls_cert, file.tls_cert),
+            o.pick("tls_key", cli.tls_key, file.tls_key),
+            o.pick("tls_client_ca", cli.tls_client_ca, file.tls_client_ca),
+        ) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), client_ca) => {
+                let files = TlsFiles {
+                    cert,
+                    key,
+                    client_ca,
+                };
+                // Refused now, with the setting named, rather than at the first connection.
+                files.load()?;
+                Some(files)
+            }
+            (None, _, _) => {
+                return Err(ConfigError::invalid("--tls-cert", "missing: --tls-key and --tls-client-ca need a certificate"));
+            }
+            (Some(_), None, _) => {
+                return Err(ConfigError::invalid("--tls-key", "missing: --tls-cert needs its private key"));
+            }
+        };
         let advertise = match o.pick("advertise", cli.advertise, file.advertise) {
             Some(v) => Some(Advertised::parse("--advertise", &v)?),
             None => None,
@@ -621,6 +707,7 @@ impl Config {
                 None => d.retention_bytes,
             };
         Ok(Self {
+            tls,
             listen,
             data_dir: o
                 .pick("data_dir", cli.data_dir, file.data_dir)
@@ -811,6 +898,39 @@ mod tests {
         std::fs::write(&path, "max_producers_per_partition = 3\n").unwrap();
         let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
         assert_eq!(c.max_producers_per_partition.get(), 3);
+    }
+
+    #[test]
+    fn tls_files_that_cannot_be_used_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let junk = junk.to_str().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let missing = missing.to_str().unwrap();
+        let e = parse(&["--tls-cert", junk]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid setting --tls-key: missing: --tls-cert needs its private key"
+        );
+        let e = parse(&["--tls-key", junk]).unwrap_err().to_string();
+        assert!(e.starts_with("invalid setting --tls-cert: missing"), "{e}");
+        let e = parse(&["--tls-cert", missing, "--tls-key", junk])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(&format!("invalid setting --tls-cert: {missing}: ")),
+            "{e}"
+        );
+        let e = parse(&["--tls-cert", junk, "--tls-key", junk])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "invalid setting --tls-cert: {junk}: no certificate in the file (want a PEM \"BEGIN CERTIFICATE\" block)"
+            )
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use broker::{Broker, BrokerConfig};
-pub use config::{Advertised, Cli, Config, ConfigError, FsyncMode, RuntimeKind};
+pub use config::{Advertised, Cli, Config, ConfigError, FsyncMode, RuntimeKind, TlsFiles};
 use metrics::Metrics;
 use storage::{FsyncPolicy, Storage, StorageConfig};
 use streambus_adapters::ServeOptions;
@@ -39,6 +39,9 @@ pub enum ServerError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The TLS files could not be loaded.
+    #[error(transparent)]
+    Tls(ConfigError),
     /// The server thread panicked.
     #[error("the server thread panicked")]
     Panicked,
@@ -88,6 +91,11 @@ impl Running {
     /// Long-poll fetches waiting now (0 once the broker has stopped).
     pub fn waiting_fetches(&self) -> usize {
         self.broker.upgrade().map_or(0, |b| b.waiting_fetches())
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The metrics listener's address, if on.
@@ -221,11 +229,19 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         .read_timeout(config.read_timeout)
         .idle_timeout(config.idle_timeout)
         .require_authentication(auth.is_some());
-    let options = ServeOptions::default()
+    let mut options = ServeOptions::default()
         .max_connections(plan.connections)
         .connection(conn)
         .write_timeout(config.write_timeout)
         .max_buffered_bytes(config.max_buffered_bytes);
+    if let Some(files) = &config.tls {
+        options = options.tls(files.load().map_err(ServerError::Tls)?);
+    } else if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "listening on a non-loopback address without TLS: clients' data and credentials cross the network in plaintext (set --tls-cert and --tls-key)"
+        );
+    }
     let advertise = match &config.advertise {
         Some(a) => a.clone(),
         None => {
@@ -257,7 +273,12 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         .config_file
         .as_ref()
         .map_or_else(|| "none".to_owned(), |p| p.display().to_string());
-    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, runtime = ?config.runtime, data_dir = %config.data_dir.display(), fsync = ?config.fsync, config = %config_file, auth = auth.is_some(), "broker listening");
+    let tls = match &config.tls {
+        None => "off",
+        Some(f) if f.client_ca.is_some() => "on, client certificates required",
+        Some(_) => "on",
+    };
+    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, runtime = ?config.runtime, tls, data_dir = %config.data_dir.display(), fsync = ?config.fsync, config = %config_file, auth = auth.is_some(), "broker listening");
     if auth.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,

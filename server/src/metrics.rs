@@ -27,7 +27,8 @@ pub struct RequestLabels {
 pub struct ReasonLabels {
     /// Why: `required`, `bad_credential`, `unknown_mechanism`, `not_enabled`,
     /// `unknown_principal` (authentication); the missing permission (authorization); `ok` or
-    /// `invalid` (auth file reloads).
+    /// `invalid` (auth file reloads); `timeout`, `not_tls`, `no_client_certificate`,
+    /// `bad_certificate`, … (TLS handshakes).
     pub reason: &'static str,
 }
 
@@ -41,6 +42,7 @@ pub struct Metrics {
     bytes_in: Counter,
     bytes_out: Counter,
     frame_faults: Family<RequestLabels, Counter>,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
     requests: Family<RequestLabels, Counter>,
     latency: Histogram,
     authentications_failed: Family<ReasonLabels, Counter>,
@@ -65,6 +67,7 @@ impl Default for Metrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             frame_faults: Family::default(),
+            tls_handshake_failures: Family::default(),
             requests: Family::default(),
             // 10 µs .. ~5 s
             latency: Histogram::new(exponential_buckets(1e-5, 2.0, 20)),
@@ -99,6 +102,11 @@ impl Default for Metrics {
             "frame_faults",
             "Frames answered with an error by the connection layer",
             m.frame_faults.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes failed, by reason",
+            m.tls_handshake_failures.clone(),
         );
         registry.register(
             "requests",
@@ -178,8 +186,24 @@ impl Metrics {
                     })
                     .inc();
             }
+            ConnEvent::TlsHandshakeFailed(reason) => {
+                self.tls_handshake_failures
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+            }
             _ => {}
         }
+    }
+
+    /// TLS handshakes failed for `reason` so far.
+    pub fn tls_handshake_failures(&self, reason: streambus_adapters::HandshakeFailure) -> u64 {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels {
+                reason: reason.as_str(),
+            })
+            .get()
     }
 
     /// Records one answered request.

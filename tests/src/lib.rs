@@ -6,6 +6,10 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+pub mod tls;
+
+use tls::Conn;
+
 use streambus_core::{
     DecodeError, Flags, FrameDecoder, Request, RequestType, Response, ResponseFrame, Status,
     encode_request, request_encoded_len,
@@ -54,7 +58,7 @@ impl Reply {
 /// A blocking v1 client that speaks raw frames.
 #[derive(Debug)]
 pub struct RawClient {
-    stream: Option<TcpStream>,
+    stream: Option<Conn>,
     /// Receive buffer: `buf[start..end]` holds bytes received and not yet handed out. It is
     /// zero-filled only when it grows, so a reply costs no allocation and no memset.
     buf: Vec<u8>,
@@ -70,7 +74,25 @@ impl RawClient {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.set_nodelay(true)?;
         Ok(Self {
-            stream: Some(stream),
+            stream: Some(Conn::Plain(stream)),
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+            next_id: 1,
+        })
+    }
+
+    /// Connects over TLS with `config` (to a server named `localhost`) and completes the
+    /// handshake, with a 10 s read timeout.
+    pub fn connect_tls(
+        addr: SocketAddr,
+        config: std::sync::Arc<streambus_adapters::tls::rustls::ClientConfig>,
+    ) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream: Some(Conn::tls(stream, config)?),
             buf: Vec::new(),
             start: 0,
             end: 0,
@@ -83,7 +105,7 @@ impl RawClient {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
         let _ = stream.set_nodelay(true);
         Self {
-            stream: Some(stream),
+            stream: Some(Conn::Plain(stream)),
             buf: Vec::new(),
             start: 0,
             end: 0,
@@ -102,7 +124,7 @@ impl RawClient {
         }
     }
 
-    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+    fn stream(&mut self) -> io::Result<&mut Conn> {
         self.stream
             .as_mut()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "no stream"))
@@ -185,7 +207,7 @@ impl RawClient {
     /// Shuts the write side (the server sees EOF after what was sent).
     pub fn shutdown_write(&mut self) {
         if let Ok(s) = self.stream() {
-            let _ = s.shutdown(std::net::Shutdown::Write);
+            let _ = s.tcp().shutdown(std::net::Shutdown::Write);
         }
     }
 

@@ -29,7 +29,7 @@ use streambus_core::{
     Flags, Instant, Request, RequestFrame, ServerConfig, ServerConnection, ServerEvent,
 };
 
-use crate::{ConnEvent, Handler};
+use crate::{ConnEvent, Handler, Peer};
 use budget::{ALLOWANCE, Budget};
 use receive::RxBuf;
 use reply::{OutboxCell, Reply};
@@ -114,12 +114,12 @@ impl Drop for Session {
 }
 
 impl Session {
-    pub(crate) fn new(config: ServerConfig, now: Instant, budget: Arc<Budget>) -> Self {
+    pub(crate) fn new(config: ServerConfig, now: Instant, budget: Arc<Budget>, peer: Peer) -> Self {
         Self {
             conn: ServerConnection::new(config, now),
             rx: RxBuf::default(),
             tx: TxBuf::default(),
-            outbox: Arc::new(OutboxCell::new(Arc::clone(&budget))),
+            outbox: Arc::new(OutboxCell::new(Arc::clone(&budget), peer)),
             linger_until: None,
             budget,
             tx_charged: 0,
@@ -404,6 +404,10 @@ mod tests {
         frame
     }
 
+    fn peer() -> Peer {
+        Peer::new(std::net::SocketAddr::from(([127, 0, 0, 1], 1)))
+    }
+
     #[test]
     fn buffers_linger_then_go_back() {
         let t0 = Instant::from_millis(0);
@@ -411,6 +415,7 @@ mod tests {
             ServerConfig::default(),
             t0,
             Arc::new(Budget::new(usize::MAX)),
+            peer(),
         );
         let idle = s.deadline().expect("the idle timer runs");
         assert!(s.prepare_read());
@@ -446,6 +451,7 @@ mod tests {
             ServerConfig::default(),
             t,
             Arc::new(Budget::new(usize::MAX)),
+            peer(),
         );
         assert!(s.prepare_read());
         s.read_buf()[..16].copy_from_slice(&frame[..16]);
@@ -484,7 +490,7 @@ mod tests {
     fn a_spent_budget_stops_growth_but_not_small_requests() {
         let budget = Arc::new(Budget::new(64 * 1024));
         let t = Instant::from_millis(0);
-        let mut big = Session::new(ServerConfig::default(), t, budget.clone());
+        let mut big = Session::new(ServerConfig::default(), t, budget.clone(), peer());
         // A 1 MiB frame arriving: the buffer grows with what arrives until the budget is spent.
         let frame = produce_frame(1 << 20);
         let mut received = 0;
@@ -503,7 +509,7 @@ mod tests {
         }
         assert!(starved, "read {received} bytes past a 64 KiB budget");
         assert!(budget.used() <= 64 * 1024, "{} bytes taken", budget.used());
-        let mut small = Session::new(ServerConfig::default(), t, budget.clone());
+        let mut small = Session::new(ServerConfig::default(), t, budget.clone(), peer());
         assert!(small.prepare_read(), "a new connection gets its allowance");
         drop(big);
         drop(small);

@@ -14,10 +14,10 @@ use streambus_core::{
     response_encoded_len,
 };
 
-use crate::FileChunk;
 use crate::server::budget::Budget;
 use crate::server::connection::Connection;
 use crate::server::transmit::TxBuf;
+use crate::{FileChunk, Peer};
 
 /// The size an error reply is first encoded into; the encoder asks for more if the message is
 /// long (it is capped at 256 bytes).
@@ -43,6 +43,8 @@ pub(crate) struct Outbox {
 #[derive(Debug)]
 pub(crate) struct OutboxCell {
     outbox: Mutex<Outbox>,
+    /// Who the connection is with.
+    peer: Peer,
     budget: Arc<Budget>,
     /// Bytes waiting in the outbox, readable without the lock (the connection stops handing out
     /// requests while its queued output is over its share of the memory budget).
@@ -52,9 +54,10 @@ pub(crate) struct OutboxCell {
 }
 
 impl OutboxCell {
-    pub(crate) fn new(budget: Arc<Budget>) -> Self {
+    pub(crate) fn new(budget: Arc<Budget>, peer: Peer) -> Self {
         Self {
             outbox: Mutex::default(),
+            peer,
             budget,
             queued: AtomicU64::new(0),
             connection: Connection::new(),
@@ -136,6 +139,12 @@ impl Reply {
     /// The RequestID being answered.
     pub fn request_id(&self) -> u64 {
         self.request_id
+    }
+
+    /// Who sent the request: the peer's address and, over mTLS, its client certificate's
+    /// subject. `None` only once the reply was sent.
+    pub fn peer(&self) -> Option<&Peer> {
+        self.outbox.as_deref().map(|o| &o.peer)
     }
 
     /// The connection the request came on: its principal, and what the handler may ask of it.

@@ -24,7 +24,7 @@ use crate::server::accept::AcceptErrors;
 use crate::server::budget::Budget;
 use crate::server::transmit::Pending;
 use crate::server::{Next, Session};
-use crate::{CLOSE_DRAIN, ConnEvent, FileChunk, Handler, ServeOptions, now, until};
+use crate::{CLOSE_DRAIN, ConnEvent, FileChunk, Handler, Peer, ServeOptions, now, until};
 
 /// A connected socket, as the connection loop needs it.
 pub(crate) trait Socket: Send + 'static {
@@ -40,8 +40,15 @@ pub(crate) trait Socket: Send + 'static {
         cx: &mut Context<'_>,
         chunk: &FileChunk,
     ) -> Poll<io::Result<usize>>;
+    /// Pushes out what a layer above the socket still buffers (TLS records).
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let _ = cx;
+        Poll::Ready(Ok(()))
+    }
     /// Shuts the write side (FIN after what was written).
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// The connection went quiet and gave its buffers back: give back the socket's too.
+    fn release_idle(&mut self) {}
 }
 
 /// What the loops need of an async runtime.
@@ -70,6 +77,17 @@ pub(crate) trait Runtime: 'static {
     fn cancel(task: Self::Task) -> impl Future<Output = ()> + Send;
     /// Runs `f` where blocking is allowed and completes when it returns.
     fn unblock(f: impl FnOnce() + Send + 'static) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// A TLS connection over [`Self::Socket`].
+    #[cfg(feature = "tls")]
+    type TlsSocket: Socket;
+    /// Runs the server side of a TLS handshake on `socket`; gives the connection and the
+    /// verified client certificate's subject, if any.
+    #[cfg(feature = "tls")]
+    fn tls_accept(
+        config: Arc<rustls::ServerConfig>,
+        socket: Self::Socket,
+    ) -> impl Future<Output = io::Result<(Self::TlsSocket, Option<String>)>> + Send;
 }
 
 /// Accepts connections on `listener` and serves them until `shutdown` completes; then stops
@@ -132,8 +150,38 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
             budget.clone(),
             jobs.clone(),
         );
+        let options = options.clone();
         tasks.push(R::spawn(async move {
-            if let Err(e) = connection::<R, H>(socket, &h, &options, stop, b, &j).await {
+            let who = Peer::new(peer);
+            #[cfg(feature = "tls")]
+            let ended = match options.tls.clone() {
+                None => connection::<R, H, _>(socket, who, &h, &options, stop, b, &j).await,
+                // On the heap: a TLS session is kilobytes, which a plaintext connection's task
+                // must not carry (the task is as large as its largest state).
+                Some(config) => {
+                    Box::pin(async {
+                        let deadline = options.connection.read_timeout;
+                        match handshake::<R>(config, socket, deadline).await {
+                            Ok((socket, subject)) => {
+                                let who = Peer {
+                                    tls_client_subject: subject,
+                                    ..who
+                                };
+                                connection::<R, H, _>(socket, who, &h, &options, stop, b, &j).await
+                            }
+                            Err(reason) => {
+                                tracing::debug!(%peer, %reason, "TLS handshake failed");
+                                h.on_event(ConnEvent::TlsHandshakeFailed(reason));
+                                Ok(())
+                            }
+                        }
+                    })
+                    .await
+                }
+            };
+            #[cfg(not(feature = "tls"))]
+            let ended = connection::<R, H, _>(socket, who, &h, &options, stop, b, &j).await;
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
             o.fetch_sub(1, Ordering::SeqCst);
@@ -165,6 +213,27 @@ pub(crate) async fn serve<R: Runtime, H: Handler>(
     Ok(())
 }
 
+/// The server side of a TLS handshake, within `deadline`.
+#[cfg(feature = "tls")]
+async fn handshake<R: Runtime>(
+    config: Arc<rustls::ServerConfig>,
+    socket: R::Socket,
+    deadline: Duration,
+) -> Result<(R::TlsSocket, Option<String>), crate::HandshakeFailure> {
+    let mut accept = pin!(R::tls_accept(config, socket));
+    let mut timer = pin!(R::sleep(deadline));
+    poll_fn(|cx| {
+        if let Poll::Ready(r) = accept.as_mut().poll(cx) {
+            return Poll::Ready(r.map_err(|e| crate::tls::classify(&e)));
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(_) => Poll::Ready(Err(crate::HandshakeFailure::Timeout)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
 /// One offloaded job counted as running until it is dropped (returned or unwound).
 struct JobCount(Arc<AtomicUsize>);
 
@@ -191,8 +260,9 @@ enum Woke {
     Timer,
 }
 
-async fn connection<R: Runtime, H: Handler>(
-    mut socket: R::Socket,
+async fn connection<R: Runtime, H: Handler, S: Socket>(
+    mut socket: S,
+    peer: Peer,
     shared: &Arc<H>,
     options: &ServeOptions,
     stop: async_channel::Receiver<()>,
@@ -201,7 +271,7 @@ async fn connection<R: Runtime, H: Handler>(
 ) -> io::Result<()> {
     let mut stop = pin!(stop);
     let handler = &**shared;
-    let mut s = Session::new(options.connection, now(), budget);
+    let mut s = Session::new(options.connection, now(), budget, peer);
     let replies = s.replies();
     // The peer sent FIN, or a fatal frame ended the stream: nothing more is read, but the
     // replies of what was read are still owed.
@@ -210,7 +280,7 @@ async fn connection<R: Runtime, H: Handler>(
     let mut readable = false;
     loop {
         let next = s.process(now(), handler);
-        write_pending::<R, H>(&mut socket, &mut s, handler, options).await?;
+        write_pending::<R, H, S>(&mut socket, &mut s, handler, options).await?;
         let reading = match next {
             // A fatal frame: read no more, but answer what is in flight before closing.
             Next::Close => {
@@ -234,7 +304,7 @@ async fn connection<R: Runtime, H: Handler>(
         let stopping = stop.is_closed();
         if (stopping || eof) && s.drained() {
             // Everything read has been answered and written.
-            return close::<R>(socket).await;
+            return close::<R, S>(socket).await;
         }
         let reading = reading && !stopping && !eof;
         let mut timer = pin!(s.wait_deadline(now()).map(|d| R::sleep(until(d))));
@@ -294,14 +364,17 @@ async fn connection<R: Runtime, H: Handler>(
                     tracing::debug!("connection timed out");
                     return Ok(());
                 }
+                if s.holds_no_receive_buffer() {
+                    socket.release_idle();
+                }
             }
         }
     }
 }
 
 /// Writes everything pending; a write that makes no progress for the write timeout fails.
-async fn write_pending<R: Runtime, H: Handler>(
-    socket: &mut R::Socket,
+async fn write_pending<R: Runtime, H: Handler, S: Socket>(
+    socket: &mut S,
     s: &mut Session,
     h: &H,
     o: &ServeOptions,
@@ -313,7 +386,10 @@ async fn write_pending<R: Runtime, H: Handler>(
     poll_fn(|cx| {
         loop {
             let r = match s.pending() {
-                Pending::None => return Poll::Ready(Ok(())),
+                Pending::None => match socket.poll_flush(cx) {
+                    Poll::Ready(r) => return Poll::Ready(r),
+                    Poll::Pending => Poll::Pending,
+                },
                 Pending::Bytes(b) => socket.poll_write(cx, b),
                 Pending::File(f) => socket.poll_send_file(cx, f),
             };
@@ -341,7 +417,7 @@ async fn write_pending<R: Runtime, H: Handler>(
 
 /// Sends FIN after the replies written, then reads and drops what the peer still sends until
 /// it closes too (or [`CLOSE_DRAIN`] passes), so the close is never a reset.
-async fn close<R: Runtime>(mut socket: R::Socket) -> io::Result<()> {
+async fn close<R: Runtime, S: Socket>(mut socket: S) -> io::Result<()> {
     poll_fn(|cx| socket.poll_shutdown(cx)).await?;
     // On the heap, and only now: an array here would be part of every connection's future.
     let mut sink = vec![0u8; 4096];

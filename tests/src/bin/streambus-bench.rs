@@ -11,8 +11,13 @@
 //! streambus-bench health -n 20        # fresh connection + one HealthCheck, N times
 //! streambus-bench longpoll            # produce → long-polling consumer latency, beside sync
 //! streambus-bench requests --kind health   # 50 connections × 64 requests in flight
+//! streambus-bench handshakes --threads 2    # fresh connections (full TLS handshakes with
+//!                                           # --tls-ca) + one HealthCheck each, per second
 //! streambus-bench producers -n 1000000 --server-pid PID  # N idempotent producers, broker RSS
 //! ```
+//!
+//! With `--tls-ca FILE` (the CA of a broker serving TLS, whose certificate names `localhost`),
+//! `sync`, `pipelined`, `fetch`, `longpoll` and `handshakes` connect over TLS.
 //!
 //! A broker that is down or fails a request ends the run with one line on stderr and exit
 //! status 1, not a panic.
@@ -25,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
+use streambus_adapters::tls::rustls;
 use streambus_core::{
     CreateTopicRequest, FetchExtension, FetchRequest, FrameDecoder, LongPoll, MessageSet,
     ProduceRequest, Request, RequestType, Response, ResponseFrame, Status, Topic,
@@ -43,6 +49,10 @@ struct Args {
     /// The broker's metrics endpoint (`--metrics-listen`), read by `pipelined` for fsyncs/s.
     #[arg(long, default_value = "127.0.0.1:9100", global = true)]
     metrics: SocketAddr,
+    /// Connect over TLS, trusting this CA (PEM); the broker's certificate must name
+    /// `localhost`.
+    #[arg(long, global = true)]
+    tls_ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -120,6 +130,18 @@ enum Mode {
         /// measures the broker meanwhile); "ready" is printed once every one is open.
         #[arg(long, default_value = "0s", value_parser = humantime_secs)]
         hold: Duration,
+    },
+    /// Fresh connections, each with one HealthCheck, from `--threads` threads for
+    /// `--duration`: connections (with `--tls-ca`, full TLS handshakes: no resumption) per
+    /// second.
+    Handshakes {
+        /// Threads opening connections.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// The broker's pid: also report connections per second of the broker's CPU time
+        /// (user + system, from /proc), i.e. on one core.
+        #[arg(long)]
+        server_pid: Option<u32>,
     },
     /// N distinct idempotent producers (ids 1..=N), each sending one 1-message batch to one
     /// partition, pipelined on one connection: the broker's memory must stay bounded by
@@ -211,11 +233,91 @@ fn or_die<T, E: Display>(r: Result<T, E>, what: impl Display) -> T {
     r.unwrap_or_else(|e| die(format_args!("{what}: {e}")))
 }
 
+/// CPU time (user + system) process `pid` has used, in seconds (`/proc/PID/stat` counts in
+/// USER_HZ = 100 ticks per second).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// The TLS configuration of `--tls-ca`, if given.
+static TLS: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>> = std::sync::OnceLock::new();
+
 fn connect(addr: SocketAddr) -> RawClient {
-    or_die(
-        RawClient::connect(addr),
-        format_args!("connecting to the broker at {addr}"),
-    )
+    let client = match TLS.get().cloned().flatten() {
+        Some(config) => RawClient::connect_tls(addr, config),
+        None => RawClient::connect(addr),
+    };
+    or_die(client, format_args!("connecting to the broker at {addr}"))
+}
+
+/// Fresh connections (full TLS handshakes with `--tls-ca`), one HealthCheck each, from
+/// `threads` threads until `duration` has passed.
+fn handshakes(addr: SocketAddr, duration: Duration, threads: usize, server_pid: Option<u32>) {
+    let cpu_before = server_pid.and_then(cpu_secs);
+    // No resumption: every connection pays a full handshake.
+    let tls = TLS.get().cloned().flatten().map(|c| {
+        let mut c = (*c).clone();
+        c.resumption = rustls::client::Resumption::disabled();
+        Arc::new(c)
+    });
+    let end = Instant::now() + duration;
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads.max(1))
+        .map(|_| {
+            let tls = tls.clone();
+            std::thread::spawn(move || {
+                let mut h = Histogram::<u64>::new(3).expect("hist");
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let c = match &tls {
+                        Some(config) => RawClient::connect_tls(addr, Arc::clone(config)),
+                        None => RawClient::connect(addr),
+                    };
+                    let mut c = or_die(c, "a fresh connection");
+                    let r = or_die(c.call(&Request::HealthCheck), "a HealthCheck");
+                    if r.error_code() != 0 {
+                        die(format_args!(
+                            "HealthCheck failed with code {}",
+                            r.error_code()
+                        ));
+                    }
+                    h.record(t.elapsed().as_nanos() as u64).expect("record");
+                }
+                h
+            })
+        })
+        .collect();
+    let mut h = Histogram::<u64>::new(3).expect("hist");
+    for w in workers {
+        h.add(w.join().unwrap_or_else(|_| die("a worker panicked")))
+            .expect("add");
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let per_core = match (cpu_before, server_pid.and_then(cpu_secs)) {
+        (Some(b), Some(a)) if a > b => format!(
+            "; the broker used {:.2} CPU-s: {}/s per core",
+            a - b,
+            si(h.len() as f64 / (a - b))
+        ),
+        _ => String::new(),
+    };
+    println!(
+        "{}: {} connections in {secs:.2}s = {}/s from {threads} threads{per_core}",
+        if tls.is_some() {
+            "TLS handshakes"
+        } else {
+            "plaintext connections"
+        },
+        h.len(),
+        si(h.len() as f64 / secs)
+    );
+    print_hist("connect + handshake + HealthCheck", &h);
 }
 
 /// A rate with a K/M suffix.
@@ -1065,7 +1167,18 @@ fn health(addr: SocketAddr, n: usize) {
 
 fn main() {
     let args = Args::parse();
+    let tls = args.tls_ca.as_ref().map(|ca| {
+        or_die(
+            streambus_adapters::tls::client_config(Some(ca), None),
+            "--tls-ca",
+        )
+    });
+    let _ = TLS.set(tls);
     match args.mode {
+        Mode::Handshakes {
+            threads,
+            server_pid,
+        } => handshakes(args.addr, args.duration, threads, server_pid),
         Mode::Pingpong => pingpong(args.duration),
         Mode::Sync {
             idempotent,
