@@ -188,12 +188,14 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     let addr = listener
         .local_addr()
         .map_err(io_err("reading the listen address"))?;
-    let storage = Arc::new(Storage::open(storage_config)?);
+    // The metrics port too, before storage: it reads the storage once that is open.
     let metrics = Arc::new(Metrics::default());
+    let opened: Arc<std::sync::OnceLock<Arc<Storage>>> = Arc::default();
     let metrics_addr = match config.metrics_listen {
         Some(a) => {
-            let (m, s) = (metrics.clone(), storage.clone());
+            let (m, s) = (metrics.clone(), opened.clone());
             let refresh = move || {
+                let Some(s) = s.get() else { return };
                 let st = s.stats();
                 Metrics::set_counter(&m.storage_appends, st.appends);
                 Metrics::set_counter(&m.storage_fsyncs, st.fsyncs);
@@ -207,6 +209,8 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         }
         None => None,
     };
+    let storage = Arc::new(Storage::open(storage_config)?);
+    let _ = opened.set(storage.clone());
 
     // Connections may never take the descriptors storage needs.
     let plan = fds::plan(config.max_connections, fd_limit, fds::in_use()).map_err(|reason| {

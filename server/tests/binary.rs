@@ -137,6 +137,21 @@ fn a_failed_start_leaves_no_data_directory_and_a_file_is_not_one() {
         "{err}"
     );
     assert!(!data.exists(), "the data directory was created");
+    // The same when the metrics port is taken.
+    let (code, err) = run(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            &port,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(&format!("binding metrics on {port}")), "{err}");
+    assert!(!data.exists(), "the data directory was created");
     // A data directory that is a file says so.
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
