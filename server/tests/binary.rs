@@ -216,15 +216,9 @@ fn sigterm_stops_the_broker_cleanly() {
         }
     };
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    use std::io::{Read, Write};
-    // HealthCheck, id 1 (protocol-v1 §7).
-    s.write_all(&[
-        0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 1, 7, 1, 0, 0, 0xda, 0xa0, 0xbd, 0x51,
-    ])
-    .unwrap();
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).unwrap();
-    assert_eq!(u32::from_be_bytes(head), 0x22);
+    use std::io::Write;
+    s.write_all(&health_check_frame()).unwrap();
+    assert!(is_health_reply(&read_frame(&mut s).unwrap()));
     drop(s);
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -256,17 +250,53 @@ fn field(line: &str, key: &str) -> Option<String> {
 
 /// A fresh connection whose HealthCheck was answered (`None`: closed without an answer).
 fn answered(addr: &str) -> Option<std::net::TcpStream> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let hc = [
-        0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 1, 7, 1, 0, 0, 0xda, 0xa0, 0xbd, 0x51,
-    ];
-    let mut reply = [0u8; 4 + 0x22];
-    (s.write_all(&hc).is_ok()
-        && s.read_exact(&mut reply).is_ok()
-        && reply[..4] == 0x22u32.to_be_bytes())
+    (s.write_all(&health_check_frame()).is_ok()
+        && read_frame(&mut s).is_ok_and(|r| is_health_reply(&r)))
     .then_some(s)
+}
+
+/// A HealthCheck request frame, encoded by the core.
+fn health_check_frame() -> Vec<u8> {
+    use streambus_core::{Flags, Request, encode_request, request_encoded_len};
+    let mut frame = vec![0u8; request_encoded_len(&Request::HealthCheck)];
+    encode_request(1, Flags::REQUIRE_ACK, &Request::HealthCheck, &mut frame).unwrap();
+    frame
+}
+
+/// Reads one response frame (its Length field included), its end found by the core's decoder.
+fn read_frame(s: &mut std::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use streambus_core::{FrameDecoder, Status};
+    let decoder = FrameDecoder::responses();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match decoder.next_frame(&buf) {
+            Ok(Status::Complete(n)) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Ok(Status::Partial(_)) => {}
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        }
+        let k = s.read(&mut chunk)?;
+        if k == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..k]);
+    }
+}
+
+/// Whether `frame` is a successful HealthCheck reply.
+fn is_health_reply(frame: &[u8]) -> bool {
+    use streambus_core::{RequestType, Response, ResponseFrame};
+    ResponseFrame::new_checked(frame)
+        .ok()
+        .and_then(|f| Response::parse(&f, RequestType::HealthCheck).ok())
+        .is_some_and(|r| matches!(r, Response::HealthCheck(_)))
 }
 
 /// Whether a fresh connection's HealthCheck is answered.
@@ -325,16 +355,10 @@ fn under_a_low_descriptor_limit_connections_are_capped_and_counted_and_storage_k
     // Hold `cap` connections, each answered; every one beyond is closed at once and counted.
     let mut held: Vec<std::net::TcpStream> = Vec::new();
     for _ in 0..cap {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        s.write_all(&[
-            0, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 1, 7, 1, 0, 0, 0xda, 0xa0, 0xbd, 0x51,
-        ])
-        .unwrap();
-        let mut head = [0u8; 4];
-        s.read_exact(&mut head).unwrap();
-        let mut rest = vec![0u8; u32::from_be_bytes(head) as usize];
-        s.read_exact(&mut rest).unwrap();
+        s.write_all(&health_check_frame()).unwrap();
+        assert!(is_health_reply(&read_frame(&mut s).unwrap()));
         held.push(s);
     }
     for _ in 0..20 {
@@ -407,16 +431,12 @@ fn call(
     s: &mut std::net::TcpStream,
     request: &streambus_core::Request<'_>,
 ) -> Result<streambus_core::Response<'static>, u16> {
-    use std::io::{Read, Write};
+    use std::io::Write;
     use streambus_core::{Flags, ResponseFrame, encode_request, request_encoded_len};
     let mut frame = vec![0u8; request_encoded_len(request)];
     encode_request(7, Flags::NONE, request, &mut frame).unwrap();
     s.write_all(&frame).unwrap();
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).unwrap();
-    let mut reply = head.to_vec();
-    reply.resize(4 + u32::from_be_bytes(head) as usize, 0);
-    s.read_exact(&mut reply[4..]).unwrap();
+    let reply = read_frame(s).unwrap();
     let reply: &'static [u8] = Box::leak(reply.into_boxed_slice());
     let frame = ResponseFrame::new_checked(reply).unwrap();
     match streambus_core::Response::parse(&frame, request.request_type()) {
