@@ -573,7 +573,11 @@ pub fn connect_tls<const N: usize>(
     }
     stream.set_read_timeout(Some(POLL))?;
     let tls = rustls::StreamOwned::new(conn, stream);
-    Ok(client(ClientStream::Tls(Box::new(tls)), config, buffers.into()))
+    Ok(client(
+        ClientStream::Tls(Box::new(tls)),
+        config,
+        buffers.into(),
+    ))
 }
 
 /// TLS on the blocking runtime: rustls driven by hand over the std socket, so a read after

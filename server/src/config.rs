@@ -640,10 +640,16 @@ impl Config {
                 Some(files)
             }
             (None, _, _) => {
-                return Err(ConfigError::invalid("--tls-cert", "missing: --tls-key and --tls-client-ca need a certificate"));
+                return Err(ConfigError::invalid(
+                    "--tls-cert",
+                    "missing: --tls-key and --tls-client-ca need a certificate",
+                ));
             }
             (Some(_), None, _) => {
-                return Err(ConfigError::invalid("--tls-key", "missing: --tls-cert needs its private key"));
+                return Err(ConfigError::invalid(
+                    "--tls-key",
+                    "missing: --tls-cert needs its private key",
+                ));
             }
         };
         let advertise = match o.pick("advertise", cli.advertise, file.advertise) {
