@@ -5,8 +5,9 @@
 #   scripts/footprint.sh            # table on stdout
 #   MAX_CLIENT_TEXT=5632 scripts/footprint.sh   # also fail if the client's own .text is larger
 #
-# The last lines give the client's own .text with both calls, and with produce or fetch alone
-# (features only-produce, only-fetch); the gate applies to both calls.
+# The last lines give the client's own .text with both calls, with produce or fetch alone
+# (features only-produce, only-fetch), and with authenticate and idempotent produce added
+# (feature auth-idempotent); the gate applies to produce + fetch.
 #
 # "client" = image with the client minus the baseline image (same canned transport, no client).
 # "client, own code" leaves out compiler-builtins' memcpy/memset (libc routines every firmware
@@ -24,11 +25,14 @@ fi
 
 target=thumbv7em-none-eabihf
 # The firmware's produce/fetch round trip, run on the host first: the image measured works.
-cargo test --quiet --target "$(rustc -vV | sed -n 's/^host: //p')" >/dev/null
+host="$(rustc -vV | sed -n 's/^host: //p')"
+cargo test --quiet --target "$host" >/dev/null
+cargo test --quiet --target "$host" --features auth-idempotent >/dev/null
 cargo build --quiet --release --target "$target"
 cargo build --quiet --release --target "$target" --features baseline --target-dir target/baseline
 cargo build --quiet --release --target "$target" --features only-produce --target-dir target/only-produce
 cargo build --quiet --release --target "$target" --features only-fetch --target-dir target/only-fetch
+cargo build --quiet --release --target "$target" --features auth-idempotent --target-dir target/auth-idempotent
 full="target/$target/release/streambus-firmware-example"
 base="target/baseline/$target/release/streambus-firmware-example"
 
@@ -54,6 +58,7 @@ own_of() {
     echo $(( ($(sec "$elf" .text) - $(builtins "$elf")) - (bt - bb) ))
 }
 own_produce=$(own_of only-produce); own_fetch=$(own_of only-fetch)
+own_auth_idem=$(own_of auth-idempotent)
 
 printf '%-36s %8s %8s %12s\n' "image ($target, opt z, LTO)" .text .rodata ".data+.bss"
 printf '%-36s %8d %8d %12d\n' "whole firmware" "$ft" "$fr" "$fd"
@@ -61,8 +66,9 @@ printf '%-36s %8d %8d %12d\n' "baseline (transport, no client)" "$bt" "$br" "$bd
 printf '%-36s %8d %8d %12d\n' "client (difference)" "$ct" "$cr" "$cd"
 printf '%-36s %8d %8s %12s\n' "client, own code (no memcpy/memset)" "$own" "" ""
 printf 'client rodata includes the 1 KiB CRC table (feature crc-small-table)\n'
-printf '\n%-36s %8s\n' "client's own .text by calls" .text
-printf '%-36s %8d\n' "produce + fetch" "$own" "produce only" "$own_produce" "fetch only" "$own_fetch"
+printf '\n%-52s %8s\n' "client's own .text by calls" .text
+printf '%-52s %8d\n' "produce + fetch" "$own" "produce only" "$own_produce" "fetch only" "$own_fetch"
+printf '%-52s %8d\n' "produce + fetch + authenticate + idempotent produce" "$own_auth_idem"
 
 if [[ -n "${MAX_CLIENT_TEXT:-}" && "$own" -gt "$MAX_CLIENT_TEXT" ]]; then
     echo "client .text $own > $MAX_CLIENT_TEXT" >&2

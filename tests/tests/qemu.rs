@@ -1,6 +1,7 @@
 //! The embedded client on an emulated Cortex-M4: `examples/mps2-an386` in QEMU, its UART
-//! connected to the real broker (or to a peer that fails), the device's records read back
-//! with the host SDK.
+//! connected to the real broker with `--auth-file` (or to a peer that fails); the device
+//! authenticates, produces (once idempotently, with a retry) and fetches; its records are read
+//! back with the host SDK.
 //!
 //! Ignored by default: it needs `qemu-system-arm` and the `thumbv7em-none-eabihf` target.
 //! `.ci/run` installs both and runs `cargo test -p streambus-tests --test qemu -- --ignored`.
@@ -12,13 +13,16 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use streambus_client::Offset;
 use streambus_client::blocking::{Client, Consumer};
+use streambus_client::{ClientBuilder, Offset};
 use streambus_core::{
-    CreateTopicResponse, FrameDecoder, RequestFrame, Response, Status, Topic, encode_response,
+    AuthenticateResponse, FetchResponse, FetchTrailer, FrameDecoder, Message, MessageSetBuilder,
+    ProduceRequest, Request, RequestFrame, Response, Status, Text, Topic, encode_response,
+    request_encoded_len, response_encoded_len,
 };
 use streambus_server::RuntimeKind;
-use streambus_tests::start_broker;
+use streambus_server::auth::token_sha256_hex;
+use streambus_tests::broker_config;
 
 /// QEMU runs under `timeout` with this bound: a device that hangs fails the test.
 const QEMU_TIMEOUT: Duration = Duration::from_secs(60);
@@ -27,6 +31,11 @@ const DEVICE_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The firmware's record sizes (`SIZES`), and the 1 KiB record it sends in between.
 const SIZES: [usize; 5] = [1, 100, 1000, 2048, 4000];
 const SMALL: usize = 1024;
+/// The firmware's idempotent batch (`BATCH`): one produce, sent twice.
+const BATCH: [usize; 3] = [10, 300, 1500];
+/// The firmware's token (`TOKEN`) and the principal the broker's auth file gives it.
+const TOKEN: &str = "mps2-an386-device-token";
+const PRINCIPAL: &str = "device";
 
 /// Byte `i` of record `k`'s value in round `round`, as the firmware writes it.
 fn value_byte(round: u8, k: usize, i: usize) -> u8 {
@@ -34,7 +43,8 @@ fn value_byte(round: u8, k: usize, i: usize) -> u8 {
 }
 
 /// The (key, value) of every record the firmware writes, in order: round `b` (blocking
-/// client), the 1 KiB record `m`, round `a` (async client).
+/// client), the 1 KiB record `m`, the idempotent batch `i` (once, though sent twice), round
+/// `a` (async client).
 fn expected_records() -> Vec<(Vec<u8>, Vec<u8>)> {
     let round = |r: u8, sizes: &[usize]| -> Vec<(Vec<u8>, Vec<u8>)> {
         sizes
@@ -48,6 +58,7 @@ fn expected_records() -> Vec<(Vec<u8>, Vec<u8>)> {
     };
     let mut all = round(b'b', &SIZES);
     all.extend(round(b'm', &[SMALL]));
+    all.extend(round(b'i', &BATCH));
     all.extend(round(b'a', &SIZES));
     all
 }
@@ -113,16 +124,105 @@ fn run_device(addr: SocketAddr) -> Run {
     run
 }
 
+/// The device's line for the 1 KiB record at `offset`: the smallest buffers that carry it,
+/// as the core's encoders size them.
+fn small_record_line(offset: i64) -> String {
+    let key = [b'm', b'0'];
+    let value: Vec<u8> = (0..SMALL).map(|i| value_byte(b'm', 0, i)).collect();
+    let mut set = vec![0u8; 2 * SMALL];
+    let mut builder = MessageSetBuilder::new(&mut set);
+    builder.push(&Message::new(&key, &value)).unwrap();
+    let messages = builder.finish();
+    let topic = Topic::new("mcu").unwrap();
+    let tx = request_encoded_len(&Request::Produce(ProduceRequest {
+        topic,
+        partition: 0,
+        messages,
+        producer: None,
+    }));
+    let rx = response_encoded_len(&Response::Fetch(FetchResponse {
+        high_water_mark: 0,
+        messages,
+        trailer: Some(FetchTrailer::default()),
+    }));
+    format!("1 KiB record with tx {tx} B, rx {rx} B: produced at {offset}, fetched back, equal")
+}
+
+/// The device's lines on stdout, in order, for a broker whose log was empty: offsets follow
+/// from [`SIZES`], [`SMALL`] and [`BATCH`].
+fn expected_lines() -> Vec<String> {
+    let n = SIZES.len() as i64;
+    let b_offsets: Vec<i64> = (0..n).collect();
+    let idem = n + 1;
+    let end_idem = idem + BATCH.len() as i64;
+    let a_offsets: Vec<i64> = (end_idem..end_idem + n).collect();
+    vec![
+        format!("authenticate: principal {PRINCIPAL}"),
+        format!("create_topic mcu: created true"),
+        format!("blocking: produced {SIZES:?} B at offsets {b_offsets:?}"),
+        format!("blocking: fetched {} records back, equal", SIZES.len()),
+        format!("blocking: mcu/0 offsets start 0 end {n}"),
+        small_record_line(n),
+        format!(
+            "idempotent: batch of {} at offset {idem}, sequence 0 -> {}",
+            BATCH.len(),
+            BATCH.len()
+        ),
+        format!("idempotent: retry got offset {idem}, mcu/0 end {end_idem}: appended once"),
+        format!("async: produced {SIZES:?} B at offsets {a_offsets:?}"),
+        format!("async: fetched {} records back, equal", SIZES.len()),
+        format!("async: mcu/0 offsets start 0 end {}", end_idem + n),
+    ]
+}
+
 #[test]
 #[ignore = "needs qemu-system-arm and the thumbv7em-none-eabihf target (.ci/run runs it)"]
-fn the_device_produces_into_the_real_broker_and_its_records_read_back_byte_for_byte() {
+fn the_device_authenticates_produces_idempotently_and_its_records_read_back_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = start_broker(dir.path(), RuntimeKind::Tokio);
+    let auth = dir.path().join("auth.toml");
+    std::fs::write(
+        &auth,
+        format!(
+            "[principals]\n{PRINCIPAL} = {{ token_sha256 = \"{}\", produce = [\"mcu\"], \
+             consume = [\"mcu\"], admin = [\"mcu\"] }}\n",
+            token_sha256_hex(TOKEN)
+        ),
+    )
+    .unwrap();
+    let mut config = broker_config(&dir.path().join("data"), RuntimeKind::Tokio);
+    config.auth_file = Some(auth);
+    let broker = streambus_server::start(config).expect("broker starts");
     let run = run_device(broker.addr());
     assert_eq!(run.code, Some(0), "the device reported a failure");
-    assert!(run.stdout.contains("\nok in "), "{}", run.stdout);
 
-    let client = Client::connect(broker.addr().to_string()).unwrap();
+    // The exact report: the first line (client sizes) and the last (time) vary by build and run.
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert!(
+        lines
+            .first()
+            .is_some_and(|l| l.starts_with("streambus on mps2-an386: client state ")),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.starts_with("ok in ") && l.ends_with(" ms")),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        lines[1..lines.len() - 1],
+        expected_lines(),
+        "{}",
+        run.stdout
+    );
+
+    let client = Client::connect_with(
+        ClientBuilder::default().token(TOKEN),
+        broker.addr().to_string(),
+    )
+    .unwrap();
     let mut consumer = Consumer::new(&client);
     consumer.assign("mcu", 0, Offset::Earliest).unwrap();
     let expected = expected_records();
@@ -137,6 +237,7 @@ fn the_device_produces_into_the_real_broker_and_its_records_read_back_byte_for_b
         assert_eq!(record.key(), &key[..], "key at offset {i}");
         assert!(record.value() == &value[..], "value at offset {i} differs");
     }
+    // The retried batch is there once: nothing after the last record.
     assert_eq!(client.offsets("mcu", 0).unwrap().end, expected.len() as i64);
 }
 
@@ -165,12 +266,11 @@ fn fake_broker(answer: impl FnOnce(TcpStream, &[u8]) + Send + 'static) -> Socket
     addr
 }
 
-/// The whole reply to the device's first request (a CreateTopic).
-fn create_topic_reply(request: &[u8]) -> Vec<u8> {
+/// The whole reply to the device's first request (an Authenticate).
+fn authenticate_reply(request: &[u8]) -> Vec<u8> {
     let id = RequestFrame::new_checked(request).unwrap().request_id();
-    let reply = Response::CreateTopic(CreateTopicResponse {
-        topic: Topic::new("mcu").unwrap(),
-        created: true,
+    let reply = Response::Authenticate(AuthenticateResponse {
+        principal: Text(PRINCIPAL.as_bytes()),
     });
     let mut buf = vec![0u8; 64];
     let n = encode_response(id, &reply, &mut buf).unwrap();
@@ -188,7 +288,7 @@ fn wait_for_close(mut s: TcpStream) {
 #[ignore = "needs qemu-system-arm and the thumbv7em-none-eabihf target (.ci/run runs it)"]
 fn the_device_reports_a_broker_that_closes_mid_reply_at_its_request_timeout() {
     let addr = fake_broker(|mut s, request| {
-        let reply = create_topic_reply(request);
+        let reply = authenticate_reply(request);
         s.write_all(&reply[..reply.len() / 2]).unwrap();
         // Dropping `s` closes the connection; the UART can't tell, so the deadline must.
     });
@@ -196,7 +296,7 @@ fn the_device_reports_a_broker_that_closes_mid_reply_at_its_request_timeout() {
     assert_eq!(run.code, Some(1), "the device reports the failure");
     assert!(
         run.stdout
-            .contains("error: create_topic: request 1 timed out"),
+            .contains("error: authenticate: request 1 timed out"),
         "{}",
         run.stdout
     );
@@ -219,13 +319,13 @@ fn the_device_reports_a_broker_answering_garbage_as_a_protocol_violation() {
     });
     let run = run_device(addr);
     assert_eq!(run.code, Some(1), "the device reports the failure");
-    let want = "error: create_topic: protocol violation by the broker: bad response: \
+    let want = "error: authenticate: protocol violation by the broker: bad response: \
                 frame length 1213486160 exceeds the maximum 10485760";
     assert!(run.stdout.contains(want), "{}", run.stdout);
 
     // A reply whose last CRC byte is damaged.
     let addr = fake_broker(|mut s, request| {
-        let mut reply = create_topic_reply(request);
+        let mut reply = authenticate_reply(request);
         if let Some(b) = reply.last_mut() {
             *b ^= 0xff;
         }
@@ -234,7 +334,7 @@ fn the_device_reports_a_broker_answering_garbage_as_a_protocol_violation() {
     });
     let run = run_device(addr);
     assert_eq!(run.code, Some(1), "the device reports the failure");
-    let want = "error: create_topic: protocol violation by the broker: bad response: \
+    let want = "error: authenticate: protocol violation by the broker: bad response: \
                 CRC mismatch in request 1";
     assert!(run.stdout.contains(want), "{}", run.stdout);
 }

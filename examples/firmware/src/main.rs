@@ -4,7 +4,8 @@
 //!
 //! With the `baseline` feature the same image is built without the client (the transport
 //! still moves the same bytes), so the difference between the two is the client's share.
-//! `only-produce` and `only-fetch` build the client with one of the two calls.
+//! `only-produce` and `only-fetch` build the client with one of the two calls;
+//! `auth-idempotent` adds `authenticate` (first) and an idempotent produce (after the produce).
 #![cfg_attr(not(test), no_std)]
 #![cfg_attr(not(test), no_main)]
 
@@ -20,12 +21,18 @@ static RESULT: AtomicU32 = AtomicU32::new(0);
 /// The broker's replies to request 1 (Produce: base offset 0, 1 message, high-water mark 1)
 /// and request 2 (Fetch: the message "temp" = "21.5" at offset 0), encoded by
 /// `streambus_core::encode_response`.
-#[cfg_attr(feature = "only-fetch", allow(dead_code))]
+#[cfg_attr(
+    any(feature = "only-fetch", feature = "auth-idempotent"),
+    allow(dead_code)
+)]
 const PRODUCE_REPLY: [u8; 39] = [
     0, 0, 0, 35, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0,
     0, 0, 0, 1, 136, 80, 237, 66,
 ];
-#[cfg_attr(feature = "only-fetch", allow(dead_code))]
+#[cfg_attr(
+    any(feature = "only-fetch", feature = "auth-idempotent"),
+    allow(dead_code)
+)]
 const FETCH_REPLY: [u8; 83] = [
     0, 0, 0, 79, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0,
     0, 0, 0, 0, 23, 151, 156, 254, 54, 42, 0, 0, 0, 0, 0, 4, 116, 101, 109, 112, 0, 0, 0, 4, 50,
@@ -39,11 +46,50 @@ const FETCH_REPLY_FIRST: [u8; 83] = [
     49, 46, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 101, 84, 198, 246,
 ];
 
+/// For `auth-idempotent`: request 1 (Authenticate: principal "dev"), request 2 (Produce as
+/// [`PRODUCE_REPLY`]), request 3 (the idempotent Produce: base offset 1, 1 message,
+/// high-water mark 2), request 4 (Fetch as [`FETCH_REPLY`]).
+#[cfg_attr(not(feature = "auth-idempotent"), allow(dead_code))]
+const AUTH_REPLY_FIRST: [u8; 26] = [
+    0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 3, 100, 101, 118, 90, 18, 151, 116,
+];
+#[cfg_attr(not(feature = "auth-idempotent"), allow(dead_code))]
+const PRODUCE_REPLY_SECOND: [u8; 39] = [
+    0, 0, 0, 35, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0,
+    0, 0, 0, 1, 208, 78, 68, 106,
+];
+#[cfg_attr(not(feature = "auth-idempotent"), allow(dead_code))]
+const PRODUCE_REPLY_THIRD: [u8; 39] = [
+    0, 0, 0, 35, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0,
+    0, 0, 0, 2, 21, 244, 169, 114,
+];
+#[cfg_attr(not(feature = "auth-idempotent"), allow(dead_code))]
+const FETCH_REPLY_FOURTH: [u8; 83] = [
+    0, 0, 0, 79, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0,
+    0, 0, 0, 0, 23, 151, 156, 254, 54, 42, 0, 0, 0, 0, 0, 4, 116, 101, 109, 112, 0, 0, 0, 4, 50,
+    49, 46, 53, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 79, 238, 56, 29,
+];
+
+/// How many replies the canned broker holds (2 unless `auth-idempotent`: an array of 2 keeps
+/// the other images, baseline included, as they were measured before).
+const NUM_REPLIES: usize = if cfg!(feature = "auth-idempotent") {
+    4
+} else {
+    2
+};
+
 /// The replies, in request order.
-#[cfg(not(feature = "only-fetch"))]
-const REPLIES: [&[u8]; 2] = [&PRODUCE_REPLY, &FETCH_REPLY];
+#[cfg(not(any(feature = "only-fetch", feature = "auth-idempotent")))]
+const REPLIES: [&[u8]; NUM_REPLIES] = [&PRODUCE_REPLY, &FETCH_REPLY];
 #[cfg(feature = "only-fetch")]
-const REPLIES: [&[u8]; 2] = [&FETCH_REPLY_FIRST, &[]];
+const REPLIES: [&[u8]; NUM_REPLIES] = [&FETCH_REPLY_FIRST, &[]];
+#[cfg(all(feature = "auth-idempotent", not(feature = "only-fetch")))]
+const REPLIES: [&[u8]; NUM_REPLIES] = [
+    &AUTH_REPLY_FIRST,
+    &PRODUCE_REPLY_SECOND,
+    &PRODUCE_REPLY_THIRD,
+    &FETCH_REPLY_FOURTH,
+];
 
 /// A transport that plays a canned broker: after each written request frame it serves the
 /// next canned reply, a few bytes per read (like a UART FIFO).
@@ -53,7 +99,7 @@ struct CannedBroker {
     /// Length bytes of the current request seen so far.
     header: [u8; 4],
     header_len: usize,
-    replies: [&'static [u8]; 2],
+    replies: [&'static [u8]; NUM_REPLIES],
     next: usize,
     /// The reply being served and the bytes of it already read.
     serving: &'static [u8],
@@ -144,15 +190,28 @@ fn run(tx: &mut [u8], rx: &mut [u8]) -> u32 {
     let Ok(topic) = Topic::new("sensors") else {
         return 2;
     };
+    #[cfg(feature = "auth-idempotent")]
+    if client.authenticate(b"device-token").is_err() {
+        return 7;
+    }
     if !cfg!(feature = "only-fetch") {
         let mut records = [0u8; 48];
         let mut set = MessageSetBuilder::new(&mut records);
         if set.push(&Message::new(b"temp", b"21.5")).is_err() {
             return 3;
         }
-        match client.produce(topic, 0, set.finish()) {
+        let messages = set.finish();
+        match client.produce(topic, 0, messages) {
             Ok(ack) if ack.num_messages == 1 => {}
             _ => return 4,
+        }
+        #[cfg(feature = "auth-idempotent")]
+        {
+            let mut seq = streambus_core::embedded::Sequence::new(1, 0);
+            match client.produce_idempotent(&mut seq, topic, 0, messages) {
+                Ok(ack) if ack.base_offset == 1 && seq.next == 1 => {}
+                _ => return 8,
+            }
         }
     }
     if cfg!(feature = "only-produce") {
@@ -221,6 +280,10 @@ mod tests {
             (1, RequestType::Produce, &super::PRODUCE_REPLY[..]),
             (2, RequestType::Fetch, &super::FETCH_REPLY[..]),
             (1, RequestType::Fetch, &super::FETCH_REPLY_FIRST[..]),
+            (1, RequestType::Authenticate, &super::AUTH_REPLY_FIRST[..]),
+            (2, RequestType::Produce, &super::PRODUCE_REPLY_SECOND[..]),
+            (3, RequestType::Produce, &super::PRODUCE_REPLY_THIRD[..]),
+            (4, RequestType::Fetch, &super::FETCH_REPLY_FOURTH[..]),
         ] {
             let frame = ResponseFrame::new_checked(reply).expect("a whole frame");
             assert_eq!(frame.request_id(), id);

@@ -2,15 +2,19 @@
 //! a broker's TCP port (`-serial tcp:127.0.0.1:PORT`), so the UART's byte stream is the
 //! StreamBus connection.
 //!
-//! The program creates topic `mcu`, then with the blocking client produces records of several
+//! The program authenticates with [`TOKEN`] (the test gives the broker an `--auth-file` with its
+//! SHA-256), creates topic `mcu`, then with the blocking client produces records of several
 //! sizes (up to 4000 bytes), one per request, fetches each back from the offset its produce
 //! returned and compares it, and reads the partition's offsets; produces and fetches a 1 KiB
-//! record through a client whose buffers are the smallest that carry it; then does the same
+//! record through a client whose buffers are the smallest that carry it; sends a batch of
+//! [`BATCH`] records with idempotent produce, then the same batch again with the same sequence
+//! state (a retry), which must get the same offsets and append nothing; then does the same
 //! as the first round with the async client. It reports through semihosting and exits with
 //! status 0 (all done) or 1 (the first failure, printed as `error: ...`).
 //!
 //! Record `k` of round `r` has key `[r, b'0' + k]` and a value of `SIZES[k]` bytes,
-//! byte `i` = `(7 i + 31 k + 101 r) mod 251` (`tests/tests/qemu.rs` checks them the same way).
+//! byte `i` = `(7 i + 31 k + 101 r) mod 251` (`tests/tests/qemu.rs` checks them the same way);
+//! the idempotent batch is round `i` with value sizes [`BATCH`].
 #![no_std]
 #![no_main]
 
@@ -21,7 +25,7 @@ use core::time::Duration;
 
 use cortex_m_rt::entry;
 use cortex_m_semihosting::{debug, hprintln};
-use streambus_core::embedded::{asynch, blocking};
+use streambus_core::embedded::{Sequence, asynch, blocking};
 use streambus_core::{
     ClientConfig, FetchResponse, FetchTrailer, Instant, Message, MessageSet, MessageSetBuilder,
     ProduceRequest, Request, Response, Topic, request_encoded_len, response_encoded_len,
@@ -35,6 +39,15 @@ const TOPIC: &str = "mcu";
 const SIZES: [usize; 5] = [1, 100, 1000, 2048, 4000];
 /// The round of the 1 KiB record sent with the smallest buffers.
 const SMALL_ROUND: u8 = b'm';
+/// The token the device authenticates with (`tests/tests/qemu.rs` writes its SHA-256 into the
+/// broker's `--auth-file`).
+const TOKEN: &[u8] = b"mps2-an386-device-token";
+/// The round of the idempotent batch, and its records' value sizes (one batch).
+const BATCH_ROUND: u8 = b'i';
+const BATCH: [usize; 3] = [10, 300, 1500];
+/// The idempotent producer: id and epoch (a device serial and a boot counter, say).
+const PRODUCER_ID: i64 = 386;
+const EPOCH: i16 = 0;
 /// A request's deadline.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a blocking UART read waits for a first byte (then the client checks deadlines).
@@ -127,6 +140,8 @@ fn main() -> ! {
 
     let clock: Clock = board::now;
     let mut client = BlockingClient::new(&mut uart, clock, config, &mut tx[..], &mut rx[..]);
+    let auth = check("authenticate", client.authenticate(TOKEN));
+    hprintln!("authenticate: principal {}", auth.principal);
     let created = check("create_topic", client.create_topic(topic, 1));
     hprintln!("create_topic {}: created {}", TOPIC, created.created);
     blocking_round(&mut client, topic, &mut scratch);
@@ -163,6 +178,9 @@ fn main() -> ! {
         ack.base_offset
     );
 
+    let mut client = BlockingClient::new(&mut uart, clock, config, &mut tx[..], &mut rx[..]);
+    idempotent_batch(&mut client, topic, &mut scratch);
+
     // The async client, on the same connection.
     let mut client = AsyncClient::new(&mut uart, SysTickTimer, config, &mut tx[..], &mut rx[..]);
     board::block_on(async_round(&mut client, topic, &mut scratch));
@@ -174,6 +192,62 @@ fn main() -> ! {
 struct Scratch {
     value: [u8; BUF],
     set: [u8; BUF],
+}
+
+/// Writes the records of `round` with value sizes `sizes` as one message set.
+fn batch<'s>(round: u8, sizes: &[usize], scratch: &'s mut Scratch) -> MessageSet<'s> {
+    let mut builder = MessageSetBuilder::new(&mut scratch.set);
+    for (k, &len) in sizes.iter().enumerate() {
+        let value = &mut scratch.value[..len];
+        for (i, b) in value.iter_mut().enumerate() {
+            *b = value_byte(round, k, i);
+        }
+        let key = key(round, k);
+        check("build batch", builder.push(&Message::new(&key, value)));
+    }
+    builder.finish()
+}
+
+/// Sends round `i` as one batch with idempotent produce, then again with the sequence state
+/// of the first send (a retry whose reply was lost): the retry gets the same offsets, and
+/// the partition's end offset shows the batch appended once.
+fn idempotent_batch(client: &mut BlockingClient<'_>, topic: Topic<'_>, scratch: &mut Scratch) {
+    let records = batch(BATCH_ROUND, &BATCH, scratch);
+    let mut seq = Sequence::new(PRODUCER_ID, EPOCH);
+    let before = seq;
+    let ack = check(
+        "produce_idempotent",
+        client.produce_idempotent(&mut seq, topic, 0, records),
+    );
+    expect("produce_idempotent", ack.num_messages == BATCH.len() as u32);
+    hprintln!(
+        "idempotent: batch of {} at offset {}, sequence {} -> {}",
+        ack.num_messages,
+        ack.base_offset,
+        before.next,
+        seq.next
+    );
+    let mut retry = before;
+    let again = check(
+        "produce_idempotent retry",
+        client.produce_idempotent(&mut retry, topic, 0, records),
+    );
+    expect(
+        "produce_idempotent retry",
+        again.base_offset == ack.base_offset && again.num_messages == ack.num_messages,
+    );
+    expect("produce_idempotent retry", retry == seq);
+    let o = check("get_offset", client.get_offset(topic, 0));
+    expect(
+        "idempotent get_offset",
+        o.end_offset == ack.base_offset + i64::from(ack.num_messages),
+    );
+    hprintln!(
+        "idempotent: retry got offset {}, {}/0 end {}: appended once",
+        again.base_offset,
+        TOPIC,
+        o.end_offset
+    );
 }
 
 /// Produces round `b` (one record per request), fetches each record back from the offset its
