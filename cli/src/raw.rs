@@ -127,9 +127,8 @@ async fn ensure_topic(ctx: &Ctx, args: &Bench) -> Result<(), Failure> {
 /// `pingpong`: a TCP echo between two tasks of this process with the byte sizes of a
 /// one-message Produce and its reply: the floor under `roundtrip`.
 pub(crate) async fn pingpong(args: &Bench, stop: &Arc<AtomicBool>) -> Result<Report, Failure> {
-    let set = message_set(1, args.size)?;
-    let request = produce_request(topic(args)?, &set)?;
-    let req_len = request_encoded_len(&request);
+    let frame = produce_frame(args, args.size)?;
+    let req_len = frame.len();
     let io = |e: std::io::Error| Failure::runtime(format!("pingpong on 127.0.0.1: {e}"));
     let listener = TcpListener::bind("127.0.0.1:0").await.map_err(io)?;
     let addr = listener.local_addr().map_err(io)?;
@@ -145,9 +144,6 @@ pub(crate) async fn pingpong(args: &Bench, stop: &Arc<AtomicBool>) -> Result<Rep
     });
     let mut c = TcpStream::connect(addr).await.map_err(io)?;
     c.set_nodelay(true).map_err(io)?;
-    let mut frame = vec![0u8; req_len];
-    encode_request(1, streambus_core::Flags::REQUIRE_ACK, &request, &mut frame)
-        .map_err(|e| Failure::runtime(format!("encoding a Produce: {e}")))?;
     let mut reply = [0u8; PRODUCE_REPLY_LEN];
     let limit = args.messages.unwrap_or(100_000);
     let bar = progress(Some(limit), "round trips");

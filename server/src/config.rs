@@ -562,15 +562,10 @@ impl Config {
             file: config_file.as_deref().map(|p| (p, text.as_str())),
             picked: Vec::new(),
         };
-        Self::resolve_with(cli, file, &mut o, config_file.clone()).map_err(|e| o.attach(e))
+        Self::resolve_with(cli, file, &mut o).map_err(|e| o.attach(e))
     }
 
-    fn resolve_with(
-        cli: Cli,
-        file: FileConfig,
-        o: &mut Origins<'_>,
-        config_file: Option<PathBuf>,
-    ) -> Result<Self, ConfigError> {
+    fn resolve_with(cli: Cli, file: FileConfig, o: &mut Origins<'_>) -> Result<Self, ConfigError> {
         let d = Config::default();
         let listen = match o.pick("listen", cli.listen, file.listen) {
             Some(v) => addr("--listen", &v)?,
@@ -765,7 +760,7 @@ impl Config {
             segment_bytes,
             retention_time,
             retention_bytes,
-            config_file,
+            config_file: cli.config,
         })
     }
 }

@@ -20,13 +20,8 @@ fn invalid_settings_exit_2_with_one_line_naming_the_setting() {
         ),
         (&["--max-fetch-wait", "forever"][..], "--max-fetch-wait"),
     ] {
-        let out = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let (code, err) = run(args, &[]);
+        assert_eq!(code, Some(2), "{args:?}");
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
@@ -120,17 +115,21 @@ fn a_failed_start_leaves_no_data_directory_and_a_file_is_not_one() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().to_string();
     let data = dir.path().join("data");
-    let (code, err) = run(
-        &[
-            "--listen",
-            &port,
-            "--metrics-listen",
-            "off",
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let start = |listen: &str, metrics: &str, data: &std::path::Path| {
+        let data = data.to_str().unwrap();
+        run(
+            &[
+                "--listen",
+                listen,
+                "--metrics-listen",
+                metrics,
+                "--data-dir",
+                data,
+            ],
+            &[],
+        )
+    };
+    let (code, err) = start(&port, "off", &data);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains(&format!("binding {port}: Address already in use")),
@@ -138,34 +137,14 @@ fn a_failed_start_leaves_no_data_directory_and_a_file_is_not_one() {
     );
     assert!(!data.exists(), "the data directory was created");
     // The same when the metrics port is taken.
-    let (code, err) = run(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            &port,
-            "--data-dir",
-            data.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (code, err) = start("127.0.0.1:0", &port, &data);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains(&format!("binding metrics on {port}")), "{err}");
     assert!(!data.exists(), "the data directory was created");
     // A data directory that is a file says so.
     let file = dir.path().join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let (code, err) = run(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-            "--data-dir",
-            file.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (code, err) = start("127.0.0.1:0", "off", &file);
     assert_eq!(code, Some(1), "{err}");
     assert!(
         err.ends_with("it is a file, not a directory (--data-dir)\n"),
