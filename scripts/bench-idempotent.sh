@@ -5,13 +5,13 @@
 #
 #   scripts/bench-idempotent.sh          # env: ROUNDS=6 SECS=3
 #
-# Per round: the sync round trip (one 1-message Produce in flight, p50; both variants encode
-# each request outside the timed part), pipelined Produce of 100 x 100 B with 64 in flight
+# Per round (`streambus bench`): the sync round trip (one 1-message Produce in flight, p50; both
+# variants encode every request), pipelined Produce of 100 x 100 B with 64 in flight
 # (messages/s and the broker's CPU seconds per million messages, from /proc), and the SDK's
 # batching producer (`streambus bench produce`, messages/s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q --release -p streambus-server -p streambus-tests -p streambus-cli
+cargo build -q --release -p streambus-server -p streambus-cli
 B="$PWD/target/release"
 ROUNDS="${ROUNDS:-6}"; SECS="${SECS:-3}"
 port=19192
@@ -25,14 +25,15 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for _ in $(seq 100); do "$B/streambus" -b "127.0.0.1:$port" health >/dev/null 2>&1 && break; sleep 0.05; done
     order=(plain idempotent); ((r % 2)) || order=(idempotent plain)
     for v in "${order[@]}"; do
-        if [[ $v == idempotent ]]; then raw=--idempotent; sdk=true; else raw=--encode-each; sdk=false; fi
-        a="--addr 127.0.0.1:$port --metrics 127.0.0.1:$((port + 1)) --duration ${SECS}s"
-        sync=$("$B/streambus-bench" $a sync $raw | sed -E 's/.*p50=([0-9.]+)µs.*/\1/')
+        if [[ $v == idempotent ]]; then idem=true; else idem=false; fi
+        a=(-b "127.0.0.1:$port" bench -t "raw-$v" --duration "${SECS}s" --idempotence "$idem" --json)
+        sync=$("$B/streambus" "${a[@]}" pipeline --batch 1 --in-flight 1 \
+            | sed -E 's/.*"latency_ns":\{"p50":([0-9]+).*/\1/' | awk '{ print $1 / 1000 }')
         c0=$(cpu "$PID")
-        n=$("$B/streambus-bench" $a pipelined $raw | sed -E 's/.*: ([0-9]+) messages acknowledged.*/\1/')
+        n=$("$B/streambus" "${a[@]}" pipeline --batch 100 --in-flight 64 | sed -E 's/.*"messages":([0-9]+).*/\1/')
         c1=$(cpu "$PID")
         sdk_rate=$("$B/streambus" -b "127.0.0.1:$port" bench produce -t "sdk-$v" --duration "${SECS}s" \
-            --idempotence "$sdk" --json | sed -E 's/.*"messages_per_sec":([0-9.]+).*/\1/')
+            --idempotence "$idem" --json | sed -E 's/.*"messages_per_sec":([0-9.]+).*/\1/')
         awk -v r="$r" -v v="$v" -v s="$sync" -v n="$n" -v c="$((c1 - c0))" -v secs="$SECS" -v k="$sdk_rate" 'BEGIN {
             printf "round %d %-10s sync p50 %5.1f us | pipelined %6.3f M msg/s, broker %.3f CPU s per M msgs | sdk produce %6.3f M msg/s\n",
                 r, v, s, n / secs / 1e6, c / 100 / (n / 1e6), k / 1e6 }'

@@ -7,11 +7,11 @@
 #   scripts/bench-sdk.sh               # env: ROUNDS=3 SECS=3 BENCH_RT=current (SDK on one thread)
 #
 # Per round: raw TCP ping-pong p50, raw sync Produce p50 and the SDK's sync produce p50
-# (`Producer::send`, one record awaited at a time); then raw `pipelined --batch 100` and the
+# (`Producer::send`, one record awaited at a time); then raw `pipeline --batch 100` and the
 # SDK's batching producer on one connection, in messages/s acknowledged; and the ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build -q --release -p streambus-server -p streambus-tests --bin streambus-server --bin streambus-bench
+cargo build -q --release -p streambus-server -p streambus-cli
 cargo build -q --release -p streambus-client --example bench
 B="$PWD/target/release"
 ROUNDS="${ROUNDS:-3}"; SECS="${SECS:-3}"
@@ -29,22 +29,25 @@ fresh() {
         --metrics-listen off >"$dir.log" 2>&1 &
     PID=$!
     for _ in $(seq 50); do
-        "$B/streambus-bench" --addr "127.0.0.1:$port" health -n 1 >/dev/null 2>&1 && break
+        "$B/streambus" -b "127.0.0.1:$port" health >/dev/null 2>&1 && break
         sleep 0.1
     done
     "$@" || true
     kill "$PID"; wait "$PID" 2>/dev/null || true
     rm -rf "$dir" "$dir.log"; dir=""
 }
-raw() { fresh "$B/streambus-bench" --addr "127.0.0.1:$port" --duration "${SECS}s" "$@"; }
+raw() { fresh "$B/streambus" -b "127.0.0.1:$port" bench --duration "${SECS}s" --json "$@"; }
+# The p50 latency in µs and the messages/s of a `streambus bench --json` line.
+p50() { sed -nE 's/.*"latency_ns":\{"p50":([0-9]+).*/\1/p' | awk '{ print $1 / 1000 }'; }
+rate() { sed -nE 's/.*"messages_per_sec":([0-9.e+]+).*/\1/p' | awk '{ print $1 / 1e6 }'; }
 sdk() { fresh "$B/examples/bench" "127.0.0.1:$port" "$1" "$SECS"; }
 
 echo "machine: $(nproc) vCPU, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
 for ((i = 1; i <= ROUNDS; i++)); do
-    pp=$(raw pingpong | sed -nE 's/.*p50=([0-9.]+)µs.*/\1/p')
-    sy=$(raw sync | sed -nE 's/.*p50=([0-9.]+)µs.*/\1/p')
+    pp=$(raw pingpong | p50)
+    sy=$(raw pipeline --batch 1 --in-flight 1 | p50)
     sdk_sy=$(sdk sync | sed -nE 's/.* p50 ([0-9.]+)µs.*/\1/p')
-    pipe=$(raw pipelined --batch 100 | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
+    pipe=$(raw pipeline --batch 100 | rate)
     sdk_pipe=$(sdk produce | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
     awk -v r="$i" -v pp="$pp" -v sy="$sy" -v s="$sdk_sy" -v p="$pipe" -v sp="$sdk_pipe" 'BEGIN {
         printf "round %d: ping-pong %.1f µs, raw sync %.1f µs, SDK sync %.1f µs (%.2f× ping-pong, %.2f× raw sync); raw pipelined %.2f M msg/s, SDK batching %.2f M msg/s (%.2f×)\n",

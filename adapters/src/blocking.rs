@@ -539,7 +539,16 @@ pub fn connect<const N: usize>(
     config: streambus_core::ClientConfig,
     buffers: impl Into<crate::Buffers>,
 ) -> io::Result<Client<N>> {
-    let stream = TcpStream::connect(addr)?;
+    connect_stream(TcpStream::connect(addr)?, config, buffers)
+}
+
+/// Wraps a socket already connected (say, bound to a chosen source address first) in a
+/// [`Client`]; as [`connect`] otherwise.
+pub fn connect_stream<const N: usize>(
+    stream: TcpStream,
+    config: streambus_core::ClientConfig,
+    buffers: impl Into<crate::Buffers>,
+) -> io::Result<Client<N>> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(POLL))?;
     Ok(client(ClientStream::Plain(stream), config, buffers.into()))
@@ -555,7 +564,18 @@ pub fn connect_tls<const N: usize>(
     config: streambus_core::ClientConfig,
     buffers: impl Into<crate::Buffers>,
 ) -> io::Result<Client<N>> {
-    let mut stream = TcpStream::connect(addr)?;
+    connect_stream_tls(TcpStream::connect(addr)?, tls, config, buffers)
+}
+
+/// [`connect_stream`] over TLS (feature `tls`): the handshake runs on `stream`, already
+/// connected; as [`connect_tls`] otherwise.
+#[cfg(feature = "tls")]
+pub fn connect_stream_tls<const N: usize>(
+    mut stream: TcpStream,
+    tls: &crate::tls::ClientTls,
+    config: streambus_core::ClientConfig,
+    buffers: impl Into<crate::Buffers>,
+) -> io::Result<Client<N>> {
     stream.set_nodelay(true)?;
     let mut conn = rustls::ClientConnection::new(Arc::clone(&tls.config), tls.server_name.clone())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;

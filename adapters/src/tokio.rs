@@ -296,7 +296,16 @@ pub async fn connect<const N: usize>(
     config: streambus_core::ClientConfig,
     buffers: impl Into<crate::Buffers>,
 ) -> io::Result<Client<N>> {
-    let stream = TcpStream::connect(addr).await?;
+    connect_stream(TcpStream::connect(addr).await?, config, buffers)
+}
+
+/// Wraps a socket already connected (say, bound to a chosen source address first) in a
+/// [`Client`]; `buffers` as in [`connect`].
+pub fn connect_stream<const N: usize>(
+    stream: TcpStream,
+    config: streambus_core::ClientConfig,
+    buffers: impl Into<crate::Buffers>,
+) -> io::Result<Client<N>> {
     stream.set_nodelay(true)?;
     Ok(client(ClientStream::Plain(stream), config, buffers.into()))
 }
@@ -311,7 +320,18 @@ pub async fn connect_tls<const N: usize>(
     config: streambus_core::ClientConfig,
     buffers: impl Into<crate::Buffers>,
 ) -> io::Result<Client<N>> {
-    let stream = TcpStream::connect(addr).await?;
+    connect_stream_tls(TcpStream::connect(addr).await?, tls, config, buffers).await
+}
+
+/// [`connect_stream`] over TLS (feature `tls`): the handshake runs on `stream`, already
+/// connected; errors as in [`connect_tls`].
+#[cfg(feature = "tls")]
+pub async fn connect_stream_tls<const N: usize>(
+    stream: TcpStream,
+    tls: &crate::tls::ClientTls,
+    config: streambus_core::ClientConfig,
+    buffers: impl Into<crate::Buffers>,
+) -> io::Result<Client<N>> {
     stream.set_nodelay(true)?;
     let stream = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config))
         .connect(tls.server_name.clone(), stream)

@@ -153,7 +153,16 @@ longpoll: a consumer long-polls (--max-wait-ms, MinBytes 1) while a producer sen
 record at a time after a --gap; latency from the send to the consumer holding the record; sync
 Produce phases in the same --rounds give the ratio.
 trickle: --connections connections each send --send-bytes of a --frame-bytes Produce and stall;
-reports the broker's peak RSS (--server-pid) and a fresh connection's HealthCheck time.
+reports the broker's peak RSS (--server-pid) and a fresh connection's HealthCheck time
+(plaintext only).
+handshakes: fresh connections, one HealthCheck each, from --connections threads for --duration
+(5 s): connections per second (with --tls*: full TLS handshakes, no resumption); with
+--server-pid, per second of the broker's CPU time.
+producers: --messages distinct idempotent producers each send one one-record batch to
+partition 0, --in-flight at a time on one connection; with --server-pid, the broker's
+resident memory before and after (it keeps --max-producers-per-partition of them).
+With --idempotence true, pipeline and requests --request produce send as one idempotent
+producer per connection. Raw modes use --tls* and --token as the other commands do.
 --plot FILE.svg|FILE.png draws the latency by percentile.
 A progress bar is drawn on a terminal only. At the end: messages/s, MB/s (10^6 bytes of
 record values) and latency p50/p90/p99/p99.9/max; --json prints them as one JSON object.")]
@@ -304,7 +313,8 @@ pub(crate) struct Bench {
     /// Clients (each with its own connections and producer) sharing the records to send
     #[arg(long, short, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub(crate) clients: u32,
-    /// requests, pipeline, connections: connections to the broker
+    /// requests, pipeline, connections, trickle: connections to the broker; handshakes:
+    /// threads opening them
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub(crate) connections: u32,
     /// pipeline, requests: the broker's metrics address (its --metrics-listen), to report
@@ -320,7 +330,8 @@ pub(crate) struct Bench {
     /// fetch: MaxBytes of each Fetch
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     pub(crate) max_bytes: u32,
-    /// connections: the broker's process id, to report its memory per connection
+    /// connections, trickle, producers: the broker's process id, to report its memory;
+    /// handshakes: its CPU time
     #[arg(long, value_name = "PID")]
     pub(crate) server_pid: Option<u32>,
     /// connections: spread them over this many source addresses, 127.0.0.FIRST onwards (one
@@ -349,12 +360,14 @@ pub(crate) struct Bench {
     /// trickle: the bytes of it each connection sends
     #[arg(long, default_value_t = 9 << 20, value_name = "BYTES")]
     pub(crate) send_bytes: usize,
-    /// requests, pipeline: requests in flight per connection (1-128)
+    /// requests, pipeline, producers: requests in flight per connection (1-128)
     #[arg(long, default_value_t = 64, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=128))]
     pub(crate) in_flight: u32,
-    /// produce, roundtrip: idempotent produce (the SDK's default); `false` for plain produce
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
-    pub(crate) idempotence: bool,
+    /// Idempotent produce (protocol §6.2): on by default for produce and roundtrip (the SDK's
+    /// default), off by default for pipeline and requests --request produce (one producer per
+    /// connection, consecutive sequences)
+    #[arg(long, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub(crate) idempotence: Option<bool>,
     /// Print the results as one JSON object
     #[arg(long)]
     pub(crate) json: bool,
@@ -386,6 +399,10 @@ pub(crate) enum BenchMode {
     Longpoll,
     // Connections that send part of a large frame and stall.
     Trickle,
+    // Fresh connections (TLS: full handshakes), one HealthCheck each.
+    Handshakes,
+    // Many distinct idempotent producers, one batch each.
+    Producers,
 }
 
 /// The request `bench requests` sends.

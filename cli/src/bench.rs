@@ -78,16 +78,10 @@ impl Note {
 
 /// Runs `bench`.
 pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
-    let sdk_mode = matches!(
-        args.mode,
-        BenchMode::Produce | BenchMode::Roundtrip | BenchMode::Consume
-    );
-    if !sdk_mode && ctx.client.config().tls.is_some() {
-        let name = clap::ValueEnum::to_possible_value(&args.mode)
-            .map_or_else(String::new, |v| v.get_name().to_owned());
-        return Err(Failure::usage(format!(
-            "bench {name} opens raw plaintext connections: with TLS use produce, roundtrip or consume (or streambus-bench --tls-ca)"
-        )));
+    if args.mode == BenchMode::Trickle && ctx.client.config().tls.is_some() {
+        return Err(Failure::usage(
+            "bench trickle writes raw bytes on plaintext connections: it does not take --tls",
+        ));
     }
     // Ctrl-C ends the measurement early; the results so far are still printed.
     let stop = Arc::new(AtomicBool::new(false));
@@ -104,15 +98,23 @@ pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
         BenchMode::Requests => {
             let load = match args.request {
                 RequestKind::Health => raw::Load::Health,
-                RequestKind::Produce => raw::Load::Produce { batch: 1 },
+                RequestKind::Produce => raw::Load::Produce {
+                    batch: 1,
+                    idempotent: args.idempotence.unwrap_or(false),
+                },
             };
             raw::pipelined(ctx, &args, &stop, load).await?
         }
         BenchMode::Pingpong => raw::pingpong(&args, &stop).await?,
         BenchMode::Pipeline => {
-            let load = raw::Load::Produce { batch: args.batch };
+            let load = raw::Load::Produce {
+                batch: args.batch,
+                idempotent: args.idempotence.unwrap_or(false),
+            };
             raw::pipelined(ctx, &args, &stop, load).await?
         }
+        BenchMode::Producers => raw::pipelined(ctx, &args, &stop, raw::Load::Producers).await?,
+        BenchMode::Handshakes => raw::handshakes(ctx, &args, &stop).await?,
         BenchMode::Fetch => raw::fetch(ctx, &args, &stop).await?,
         BenchMode::Connections => raw::connections(ctx, &args, &stop).await?,
         BenchMode::Longpoll => raw::longpoll(ctx, &args, &stop).await?,
@@ -235,7 +237,7 @@ async fn produce(
     let config = ProducerConfig::default()
         .linger(args.linger)
         .batch_max_bytes(args.batch_bytes)
-        .idempotence(args.idempotence)
+        .idempotence(args.idempotence.unwrap_or(true))
         .buffer_max_bytes(args.batch_bytes.saturating_mul(4).max(32 << 20));
     let clients = u64::from(args.clients);
     // Every client connects before the clock starts.

@@ -1,7 +1,7 @@
-//! The raw `bench` modes: `pingpong`, `pipeline`, `fetch` and `connections` speak the
-//! protocol through the core's client driver on tokio (`streambus_adapters::tokio::connect`),
-//! with no SDK in between, so they measure the broker (and the floor under it) rather than
-//! the client.
+//! The raw `bench` modes speak the protocol through the core's client drivers (tokio, or a
+//! thread per connection on the blocking one), with no SDK in between, so they measure the
+//! broker (and the floor under it) rather than the client. They connect as the other commands
+//! do: over TLS with `--tls*`, authenticated with `--token`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nohash_hasher::IntMap;
-use streambus_adapters::tokio::{Client as Driver, connect};
+use streambus_adapters::tls::{ClientTls, rustls};
+use streambus_adapters::tokio::Client as Driver;
 use streambus_core::{
-    ClientConfig, FetchRequest, Message, MessageSetBuilder, ProduceRequest, Request, Response,
-    Topic, encode_request, request_encoded_len,
+    ClientConfig, FetchRequest, Message, MessageSetBuilder, ProduceRequest, ProducerInfo, Request,
+    Response, Topic, encode_request, request_encoded_len,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
@@ -30,42 +31,116 @@ const FETCH_FILL: usize = 64 << 20;
 /// The length of a Produce reply (35 bytes of header and payload, plus the CRC).
 const PRODUCE_REPLY_LEN: usize = 35;
 
-/// The broker's address, resolved.
-async fn resolve(ctx: &Ctx) -> Result<SocketAddr, Failure> {
-    tokio::net::lookup_host(ctx.broker.as_str())
-        .await
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| Failure::runtime(format!("broker {}: no such address", ctx.broker)))
-}
-
 fn failed(ctx: &Ctx, what: &str, e: impl std::fmt::Display) -> Failure {
     Failure::runtime(format!("broker {}: {what}: {e}", ctx.broker))
 }
 
-/// The token of the command's client (`--token`), if any: raw connections authenticate with it.
-fn token(ctx: &Ctx) -> Option<String> {
-    ctx.client
-        .config()
-        .token
-        .as_ref()
-        .map(|t| t.expose().to_owned())
+/// How the raw modes reach the broker: its address, TLS as the command's `--tls*` options say,
+/// and the `--token` each connection authenticates with.
+#[derive(Clone)]
+struct Dial {
+    addr: SocketAddr,
+    tls: Option<ClientTls>,
+    token: Option<String>,
 }
 
-/// Authenticates a raw async connection with `token` (§6.3).
-async fn authenticate<const N: usize>(
-    ctx: &Ctx,
-    d: &mut Driver<N>,
-    token: Option<&str>,
-) -> Result<(), Failure> {
-    let Some(token) = token else { return Ok(()) };
-    let request =
-        Request::Authenticate(streambus_core::AuthenticateRequest::token(token.as_bytes()));
-    let r = d
-        .request(&request)
-        .await
-        .map_err(|e| failed(ctx, "Authenticate", e))?;
-    check(ctx, "Authenticate", Some(r))
+impl Dial {
+    async fn new(ctx: &Ctx) -> Result<Self, Failure> {
+        let addr = tokio::net::lookup_host(ctx.broker.as_str())
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| Failure::runtime(format!("broker {}: no such address", ctx.broker)))?;
+        let config = ctx.client.config();
+        let tls = match &config.tls {
+            Some(options) => Some(options.client_tls(&ctx.broker).map_err(|e| ctx.err(e))?),
+            None => None,
+        };
+        let token = config.token.as_ref().map(|t| t.expose().to_owned());
+        Ok(Self { addr, tls, token })
+    }
+
+    /// `handshakes`: every TLS connection pays a full handshake.
+    fn without_resumption(mut self) -> Self {
+        if let Some(tls) = &mut self.tls {
+            let mut config = (*tls.config).clone();
+            config.resumption = rustls::client::Resumption::disabled();
+            tls.config = Arc::new(config);
+        }
+        self
+    }
+
+    /// A connection on tokio with `buffer_len`-byte buffers, from `source` (port chosen by the
+    /// kernel) when given, authenticated.
+    async fn open<const N: usize>(
+        &self,
+        ctx: &Ctx,
+        what: &str,
+        source: Option<std::net::IpAddr>,
+        buffer_len: usize,
+    ) -> Result<Driver<N>, Failure> {
+        let io = |e: std::io::Error| failed(ctx, what, e);
+        let stream = match source {
+            None => TcpStream::connect(self.addr).await.map_err(io)?,
+            Some(source) => {
+                let socket = match source {
+                    std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+                    std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+                }
+                .map_err(io)?;
+                socket.bind(SocketAddr::new(source, 0)).map_err(io)?;
+                socket.connect(self.addr).await.map_err(io)?
+            }
+        };
+        let config = ClientConfig::default();
+        let mut d = match &self.tls {
+            None => streambus_adapters::tokio::connect_stream(stream, config, buffer_len),
+            Some(tls) => {
+                streambus_adapters::tokio::connect_stream_tls(stream, tls, config, buffer_len).await
+            }
+        }
+        .map_err(io)?;
+        if let Some(token) = &self.token {
+            let request =
+                Request::Authenticate(streambus_core::AuthenticateRequest::token(token.as_bytes()));
+            let r = d
+                .request(&request)
+                .await
+                .map_err(|e| failed(ctx, "Authenticate", e))?;
+            check(ctx, "Authenticate", Some(r))?;
+        }
+        Ok(d)
+    }
+
+    /// A connection on the blocking driver (for a thread of its own), authenticated; the error
+    /// says what failed, for the caller to name the broker.
+    fn open_blocking<const N: usize>(
+        &self,
+        buffer_len: usize,
+    ) -> Result<streambus_adapters::blocking::Client<N>, String> {
+        let stream = std::net::TcpStream::connect(self.addr).map_err(|e| e.to_string())?;
+        let config = ClientConfig::default();
+        let mut d = match &self.tls {
+            None => streambus_adapters::blocking::connect_stream(stream, config, buffer_len),
+            Some(tls) => {
+                streambus_adapters::blocking::connect_stream_tls(stream, tls, config, buffer_len)
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        if let Some(token) = &self.token {
+            let request =
+                Request::Authenticate(streambus_core::AuthenticateRequest::token(token.as_bytes()));
+            match d.request(&request) {
+                Ok(Response::Authenticate(_)) => {}
+                Ok(Response::Error(e)) => {
+                    return Err(format!("Authenticate: {} ({})", e.message, e.code));
+                }
+                Ok(_) => return Err("Authenticate: an unexpected reply".to_string()),
+                Err(e) => return Err(format!("Authenticate: {e}")),
+            }
+        }
+        Ok(d)
+    }
 }
 
 /// An encoded message set: its count and bytes.
@@ -183,14 +258,76 @@ pub(crate) async fn pingpong(args: &Bench, stop: &Arc<AtomicBool>) -> Result<Rep
     })
 }
 
-/// What `pipeline` and `requests` keep in flight.
+/// What `pipeline`, `requests` and `producers` keep in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Load {
     /// Produce requests of `--batch` records of `--size` bytes (`pipeline`), or of one record
-    /// (`requests --request produce`).
-    Produce { batch: u32 },
+    /// (`requests --request produce`); idempotent: one producer per connection.
+    Produce { batch: u32, idempotent: bool },
     /// HealthCheck requests (`requests`).
     Health,
+    /// One one-record idempotent batch from each of many producers (`producers`).
+    Producers,
+}
+
+/// Producers of `producers` when `--messages` is not given.
+const DEFAULT_PRODUCERS: u64 = 1_000_000;
+
+/// The idempotent-produce fields (protocol §6.2) each request of one connection carries.
+#[derive(Debug)]
+enum Producing {
+    /// Plain produce (and HealthCheck).
+    Plain,
+    /// One producer: consecutive sequences; a new random producer when they would pass
+    /// `i32::MAX`.
+    One { id: i64, sequence: i32 },
+    /// A new producer per request (sequence 0): `next`, then `next + step`, ….
+    Each { next: i64, step: i64 },
+}
+
+impl Producing {
+    /// The fields of the next request of `count` records.
+    fn next(&mut self, count: i32) -> Option<ProducerInfo> {
+        match self {
+            Self::Plain => None,
+            Self::One { id, sequence } => {
+                let base = match sequence.checked_add(count) {
+                    Some(end) => std::mem::replace(sequence, end),
+                    None => {
+                        *id = random_producer_id();
+                        *sequence = count;
+                        0
+                    }
+                };
+                Some(ProducerInfo {
+                    producer_id: *id,
+                    producer_epoch: 0,
+                    base_sequence: Some(base),
+                })
+            }
+            Self::Each { next, step } => {
+                let id = *next;
+                *next = next.wrapping_add(*step).max(1);
+                Some(ProducerInfo {
+                    producer_id: id,
+                    producer_epoch: 0,
+                    base_sequence: Some(0),
+                })
+            }
+        }
+    }
+}
+
+/// A random producer id in `1..2^62`: runs against the same broker do not meet each other's
+/// producers (and ids spaced by connection count stay positive).
+fn random_producer_id() -> i64 {
+    let r = getrandom::u64().unwrap_or_else(|_| {
+        // No OS randomness: the clock is still unlikely to repeat between runs.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    i64::try_from(r >> 2).unwrap_or(1).max(1)
 }
 
 /// `pipeline` and `requests`: `--in-flight` requests at a time on each of `--connections`
@@ -201,25 +338,45 @@ pub(crate) async fn pipelined(
     stop: &Arc<AtomicBool>,
     load: Load,
 ) -> Result<Report, Failure> {
-    let addr = resolve(ctx).await?;
+    let dial = Dial::new(ctx).await?;
     let (batch, what) = match load {
-        Load::Produce { batch } => {
+        Load::Produce { batch, .. } => {
             ensure_topic(ctx, args).await?;
             (batch, "Produce")
+        }
+        Load::Producers => {
+            ensure_topic(ctx, args).await?;
+            (1, "Produce")
         }
         Load::Health => (1, "HealthCheck"),
     };
     let set = Arc::new(message_set(batch as usize, args.size)?);
     let frame_len = match load {
-        Load::Produce { .. } => request_encoded_len(&produce_request(topic(args)?, &set)?),
+        Load::Produce { .. } | Load::Producers => {
+            let mut request = produce_request(topic(args)?, &set)?;
+            if let Request::Produce(p) = &mut request {
+                // The longest form: with the idempotent fields.
+                p.producer = Some(ProducerInfo::default());
+            }
+            request_encoded_len(&request)
+        }
         Load::Health => request_encoded_len(&Request::HealthCheck),
     };
+    if load == Load::Producers
+        && let Some(pid) = args.server_pid
+        && rss_kib(pid).is_none()
+    {
+        return Err(no_such_process(pid));
+    }
+    let rss_before = args.server_pid.and_then(rss_kib);
     let window = (args.in_flight as usize).min(WINDOW);
     let per_request = u64::from(batch);
     // Whole requests: --messages rounded up to a multiple of --batch.
     let requests = args
         .messages
-        .unwrap_or(if args.duration.is_some() {
+        .unwrap_or(if load == Load::Producers {
+            DEFAULT_PRODUCERS
+        } else if args.duration.is_some() {
             u64::MAX
         } else {
             10_000_000
@@ -233,34 +390,17 @@ pub(crate) async fn pipelined(
         // A blocking socket per connection, driven by its own thread: the load generator
         // must not be what limits the broker's figure (a tokio task per connection reached
         // about half of it on 2 cores).
-        let token = token(ctx);
+        let dial = dial.clone();
         let d = tokio::task::spawn_blocking(move || {
-            let mut d = streambus_adapters::blocking::connect::<WINDOW>(
-                addr,
-                ClientConfig::default(),
-                (frame_len * window + 4096).max(1024),
-            )
-            .map_err(|e| e.to_string())?;
-            if let Some(token) = token {
-                let request = Request::Authenticate(streambus_core::AuthenticateRequest::token(
-                    token.as_bytes(),
-                ));
-                match d.request(&request) {
-                    Ok(Response::Authenticate(_)) => {}
-                    Ok(Response::Error(e)) => {
-                        return Err(format!("Authenticate: {} ({})", e.message, e.code));
-                    }
-                    Ok(_) => return Err("Authenticate: an unexpected reply".to_string()),
-                    Err(e) => return Err(format!("Authenticate: {e}")),
-                }
-            }
-            Ok(d)
+            dial.open_blocking::<WINDOW>((frame_len * window + 4096).max(1024))
         })
         .await
         .map_err(|e| Failure::runtime(format!("a connecting thread failed: {e}")))?
         .map_err(|e| failed(ctx, &format!("connection {}", i + 1), e))?;
         drivers.push(d);
     }
+    // Producer ids of `producers`: connection i sends first + i, first + i + connections, ….
+    let first_producer = random_producer_id() >> 1;
     let fsyncs_before = match &args.metrics {
         Some(m) => Some(scrape_counter(m, FSYNCS).await?),
         None => None,
@@ -274,7 +414,21 @@ pub(crate) async fn pipelined(
         } else {
             requests / connections + u64::from((i as u64) < requests % connections)
         };
+        let producing = match load {
+            Load::Produce {
+                idempotent: true, ..
+            } => Producing::One {
+                id: random_producer_id(),
+                sequence: 0,
+            },
+            Load::Producers => Producing::Each {
+                next: first_producer.saturating_add(i as i64),
+                step: connections as i64,
+            },
+            Load::Produce { .. } | Load::Health => Producing::Plain,
+        };
         let job = Pipelined {
+            producing,
             set: set.clone(),
             topic: args.topic.clone(),
             stop: stop.clone(),
@@ -330,15 +484,39 @@ pub(crate) async fn pipelined(
             format!("broker fsyncs: {n} ({rate:.0}/s, {per:.1} requests per fsync)"),
         ));
     }
-    let shape =
-        serde_json::json!({"batch": batch, "in_flight": window, "connections": connections});
+    if load == Load::Producers
+        && let (Some(b), Some(pid)) = (rss_before, args.server_pid)
+    {
+        let after = rss_kib(pid).unwrap_or(b);
+        notes.push(Note::new(
+            "server_rss",
+            serde_json::json!({"before_kib": b, "after_kib": after}),
+            format!(
+                "server RSS: {b} KiB before, {after} KiB after {acked} producers ({:.1} MiB more)",
+                mib(after.saturating_sub(b) * 1024)
+            ),
+        ));
+    }
+    let idempotent = matches!(
+        load,
+        Load::Produce {
+            idempotent: true,
+            ..
+        } | Load::Producers
+    );
+    let shape = serde_json::json!({"batch": batch, "in_flight": window, "connections": connections, "idempotent": idempotent});
+    let how = if idempotent && load != Load::Producers {
+        " idempotent"
+    } else {
+        ""
+    };
     let (mode, unit, latency_of, text) = match load {
         Load::Produce { .. } if args.mode == crate::args::BenchMode::Pipeline => (
             "pipeline",
             "message",
             "each Produce request, send to reply",
             format!(
-                "{batch} messages per Produce, {window} in flight on each of {connections} connection(s)"
+                "{batch} messages per{how} Produce, {window} in flight on each of {connections} connection(s)"
             ),
         ),
         Load::Produce { .. } => (
@@ -346,7 +524,15 @@ pub(crate) async fn pipelined(
             "request",
             "each one-record Produce, send to reply",
             format!(
-                "one-record Produces, {window} in flight on each of {connections} connection(s)"
+                "one-record{how} Produces, {window} in flight on each of {connections} connection(s)"
+            ),
+        ),
+        Load::Producers => (
+            "producers",
+            "producer",
+            "each producer's one-record batch, send to reply",
+            format!(
+                "one batch from each of {acked} distinct idempotent producers, {window} in flight on each of {connections} connection(s)"
             ),
         ),
         Load::Health => (
@@ -362,7 +548,7 @@ pub(crate) async fn pipelined(
         latency_of,
         messages: acked,
         bytes: match load {
-            Load::Produce { .. } => acked * args.size as u64,
+            Load::Produce { .. } | Load::Producers => acked * args.size as u64,
             Load::Health => 0,
         },
         elapsed,
@@ -377,6 +563,8 @@ pub(crate) async fn pipelined(
 
 /// One connection's share of `pipeline` or `requests`, run on its own thread.
 struct Pipelined {
+    /// The idempotent-produce fields of each request.
+    producing: Producing,
     set: Arc<Set>,
     topic: String,
     stop: Arc<AtomicBool>,
@@ -400,14 +588,15 @@ impl Pipelined {
         mut d: streambus_adapters::blocking::Client<WINDOW>,
     ) -> Result<(hdrhistogram::Histogram<u64>, u64), String> {
         let what = self.what;
-        let request = match self.load {
-            Load::Produce { .. } => {
+        let mut request = match self.load {
+            Load::Produce { .. } | Load::Producers => {
                 let topic = Topic::new(&self.topic).map_err(|e| e.to_string())?;
                 produce_request(topic, &self.set).map_err(|e| e.message)?
             }
             Load::Health => Request::HealthCheck,
         };
         let ty = request.request_type();
+        let count = i32::try_from(self.per_request).unwrap_or(i32::MAX);
         // Request ids are small consecutive integers: no need to hash them.
         let mut sent_at: IntMap<u64, std::time::Instant> = IntMap::default();
         sent_at.reserve(self.window);
@@ -418,6 +607,9 @@ impl Pipelined {
             let now = std::time::Instant::now();
             let more = !self.stop.load(Ordering::Relaxed) && self.deadline.is_none_or(|d| now < d);
             while more && sent < self.share && sent_at.len() < self.window {
+                if let Request::Produce(p) = &mut request {
+                    p.producer = self.producing.next(count);
+                }
                 let id = d
                     .queue(&request)
                     .map_err(|e| format!("sending a {what}: {e}"))?;
@@ -469,16 +661,13 @@ pub(crate) async fn fetch(
     stop: &Arc<AtomicBool>,
 ) -> Result<Report, Failure> {
     ensure_topic(ctx, args).await?;
-    let addr = resolve(ctx).await?;
+    let dial = Dial::new(ctx).await?;
     let max_bytes = args.max_bytes;
     let buffer = usize::try_from(max_bytes)
         .unwrap_or(usize::MAX)
         .saturating_add(64 << 10)
         .max(1 << 20);
-    let mut d: Driver<1> = connect(addr, ClientConfig::default(), buffer)
-        .await
-        .map_err(|e| failed(ctx, "connect", e))?;
-    authenticate(ctx, &mut d, token(ctx).as_deref()).await?;
+    let mut d: Driver<1> = dial.open(ctx, "connect", None, buffer).await?;
     let topic = topic(args)?;
     let mut range = partitions(ctx, &args.topic, Some(0)).await?;
     let first = range
@@ -576,34 +765,9 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Connects to `addr`, from `source` (port chosen by the kernel) when given, and wraps the
-/// socket in the core's driver with `buffer_len`-byte buffers.
-async fn connect_from<const N: usize>(
-    addr: SocketAddr,
-    source: Option<std::net::IpAddr>,
-    buffer_len: usize,
-) -> std::io::Result<Driver<N>> {
-    let Some(source) = source else {
-        return connect::<N>(addr, ClientConfig::default(), buffer_len).await;
-    };
-    let socket = match source {
-        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.bind(SocketAddr::new(source, 0))?;
-    let stream = socket.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let conn = streambus_core::ClientConnection::new(
-        ClientConfig::default(),
-        vec![0; buffer_len],
-        vec![0; buffer_len],
-    );
-    Ok(Driver::new(
-        embedded_io_adapters::tokio_1::FromTokio::new(
-            streambus_adapters::tokio::ClientStream::Plain(stream),
-        ),
-        streambus_adapters::tokio::TokioTimer::default(),
-        conn,
+fn no_such_process(pid: u32) -> Failure {
+    Failure::usage(format!(
+        "--server-pid {pid}: no such process (its /proc/{pid}/status cannot be read)"
     ))
 }
 
@@ -615,14 +779,12 @@ pub(crate) async fn connections(
     args: &Bench,
     stop: &Arc<AtomicBool>,
 ) -> Result<Report, Failure> {
-    let addr = resolve(ctx).await?;
+    let dial = Dial::new(ctx).await?;
     let n = u64::from(args.connections);
     if let Some(pid) = args.server_pid
         && rss_kib(pid).is_none()
     {
-        return Err(Failure::usage(format!(
-            "--server-pid {pid}: no such process (its /proc/{pid}/status cannot be read)"
-        )));
+        return Err(no_such_process(pid));
     }
     let sources: Vec<std::net::IpAddr> = match args.sources {
         0 | 1 if args.first_source == 1 => Vec::new(),
@@ -651,9 +813,7 @@ pub(crate) async fn connections(
         };
         let t = Instant::now();
         // A HealthCheck reply is small: 512-byte buffers keep many connections cheap here.
-        let mut d = connect_from::<1>(addr, source, 512)
-            .await
-            .map_err(|e| failed(ctx, &which(), e))?;
+        let mut d = dial.open::<1>(ctx, &which(), source, 512).await?;
         let r = d
             .request(&Request::HealthCheck)
             .await
@@ -736,25 +896,17 @@ pub(crate) async fn longpoll(
     stop: &Arc<AtomicBool>,
 ) -> Result<Report, Failure> {
     ensure_topic(ctx, args).await?;
-    let addr = resolve(ctx).await?;
+    let dial = Dial::new(ctx).await?;
     let set = message_set(1, args.size)?;
     let produce = produce_request(topic(args)?, &set)?;
     let buffer = request_encoded_len(&produce) + (64 << 10);
-    let token = token(ctx);
-    let open = |what: &'static str| {
-        let token = token.clone();
-        async move {
-            let mut d = connect::<2>(addr, ClientConfig::default(), buffer)
-                .await
-                .map_err(|e| failed(ctx, what, e))?;
-            authenticate(ctx, &mut d, token.as_deref()).await?;
-            Ok::<_, Failure>(d)
-        }
-    };
     let (mut sync, mut producer, mut consumer) = (
-        open("the sync producer's connection").await?,
-        open("the producer's connection").await?,
-        open("the consumer's connection").await?,
+        dial.open::<2>(ctx, "the sync producer's connection", None, buffer)
+            .await?,
+        dial.open::<2>(ctx, "the producer's connection", None, buffer)
+            .await?,
+        dial.open::<2>(ctx, "the consumer's connection", None, buffer)
+            .await?,
     );
     let (_, mut next) = produce_one(ctx, &mut producer, &produce).await?;
     let max_wait_ms = args.max_wait_ms;
@@ -887,7 +1039,8 @@ pub(crate) async fn trickle(
     args: &Bench,
     stop: &Arc<AtomicBool>,
 ) -> Result<Report, Failure> {
-    let addr = resolve(ctx).await?;
+    let dial = Dial::new(ctx).await?;
+    let addr = dial.addr;
     let overhead = produce_frame(args, 0)?.len();
     let frame = Arc::new(produce_frame(
         args,
@@ -930,9 +1083,7 @@ pub(crate) async fn trickle(
     let elapsed = start.elapsed();
     let mut latency = histogram()?;
     let t = Instant::now();
-    let mut fresh: Driver<1> = connect(addr, ClientConfig::default(), 512)
-        .await
-        .map_err(|e| failed(ctx, "a fresh connection", e))?;
+    let mut fresh: Driver<1> = dial.open(ctx, "a fresh connection", None, 512).await?;
     let r = fresh
         .request(&Request::HealthCheck)
         .await
@@ -967,6 +1118,128 @@ pub(crate) async fn trickle(
         unit: "connection",
         latency_of: "a fresh connection's connect + HealthCheck afterwards",
         messages: u64::from(args.connections),
+        bytes: 0,
+        elapsed,
+        latency,
+        notes,
+        hold: None,
+    })
+}
+
+/// CPU time (user + system) process `pid` has used, in seconds (`/proc/PID/stat` counts in
+/// USER_HZ = 100 ticks per second).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which may hold spaces, in parentheses.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    #[allow(clippy::cast_precision_loss)]
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// `handshakes`: fresh connections, one HealthCheck each, from `--connections` threads for
+/// `--duration` (5 s) or `--messages` connections; over TLS every one is a full handshake (no
+/// resumption). With `--server-pid`, also connections per second of the broker's CPU time.
+pub(crate) async fn handshakes(
+    ctx: &Ctx,
+    args: &Bench,
+    stop: &Arc<AtomicBool>,
+) -> Result<Report, Failure> {
+    let dial = Dial::new(ctx).await?.without_resumption();
+    if let Some(pid) = args.server_pid
+        && cpu_secs(pid).is_none()
+    {
+        return Err(no_such_process(pid));
+    }
+    let threads = args.connections;
+    let limit = args.messages.unwrap_or(u64::MAX);
+    let bar = progress((limit != u64::MAX).then_some(limit), "connections");
+    let cpu_before = args.server_pid.and_then(cpu_secs);
+    let start = Instant::now();
+    let end = start.into_std()
+        + match (args.messages, args.duration) {
+            (_, Some(d)) => d,
+            (Some(_), None) => Duration::MAX / 4,
+            (None, None) => Duration::from_secs(5),
+        };
+    let opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for i in 0..threads {
+        let (dial, stop, bar, opened) = (dial.clone(), stop.clone(), bar.clone(), opened.clone());
+        let mut latency = histogram()?;
+        let worker = std::thread::Builder::new()
+            .name(format!("bench-handshakes-{i}"))
+            .spawn(move || {
+                while std::time::Instant::now() < end
+                    && !stop.load(Ordering::Relaxed)
+                    && opened.fetch_add(1, Ordering::Relaxed) < limit
+                {
+                    let t = std::time::Instant::now();
+                    let mut d = dial.open_blocking::<1>(512)?;
+                    match d.request(&Request::HealthCheck) {
+                        Ok(Response::HealthCheck(_)) => {}
+                        Ok(Response::Error(e)) => {
+                            return Err(format!("HealthCheck: {} ({})", e.message, e.code));
+                        }
+                        Ok(_) => return Err("HealthCheck: an unexpected reply".to_string()),
+                        Err(e) => return Err(format!("HealthCheck: {e}")),
+                    }
+                    latency.saturating_record(nanos(t.elapsed()));
+                    bar.inc(1);
+                }
+                Ok(latency)
+            })
+            .map_err(|e| Failure::runtime(format!("starting a thread: {e}")))?;
+        workers.push(worker);
+    }
+    let results = tokio::task::spawn_blocking(move || {
+        workers
+            .into_iter()
+            .map(|t| t.join().map_err(|_| "a thread panicked".to_string()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| Failure::runtime(format!("waiting for the threads: {e}")))?;
+    let elapsed = start.elapsed();
+    bar.finish_and_clear();
+    let mut latency = histogram()?;
+    for r in results {
+        let h = r
+            .map_err(Failure::runtime)?
+            .map_err(|e| failed(ctx, "a fresh connection", e))?;
+        let _ = latency.add(&h);
+    }
+    let n = latency.len();
+    let tls = dial.tls.is_some();
+    let mut notes = vec![Note::new(
+        "tls",
+        serde_json::json!(tls),
+        format!(
+            "{threads} thread(s) opening {}",
+            if tls {
+                "TLS connections, a full handshake each (no resumption)"
+            } else {
+                "plaintext connections"
+            }
+        ),
+    )];
+    if let (Some(b), Some(a)) = (cpu_before, args.server_pid.and_then(cpu_secs)) {
+        let used = a - b;
+        #[allow(clippy::cast_precision_loss)]
+        let per_core = if used > 0.0 { n as f64 / used } else { 0.0 };
+        notes.push(Note::new(
+            "server_cpu",
+            serde_json::json!({"cpu_secs": used, "connections_per_cpu_sec": per_core}),
+            format!("the broker used {used:.2} CPU-s: {per_core:.0} connections per CPU-second"),
+        ));
+    }
+    Ok(Report {
+        mode: "handshakes",
+        unit: "connection",
+        latency_of: "connect + handshake + one HealthCheck",
+        messages: n,
         bytes: 0,
         elapsed,
         latency,

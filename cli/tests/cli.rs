@@ -461,12 +461,111 @@ fn tls_flags_reach_a_tls_broker() {
         "{}",
         stderr(&a)
     );
+    // The raw modes connect over TLS too (mTLS here): a pipeline's records all land, and
+    // every `handshakes` connection is answered.
+    let tls = ["--tls-ca", &ca, "--tls-cert", &cert, "--tls-key", &key];
+    let json = |args: &[&str]| -> Value {
+        let a = cli_at(&addr).args(tls).args(args).assert().success();
+        serde_json::from_str(&stdout(&a)).expect("one JSON object")
+    };
+    let p = json(&[
+        "bench", "pipeline", "-t", "tls", "-n", "200", "--batch", "10", "--json",
+    ]);
+    assert_eq!(p["messages"], 200);
+    let a = cli_at(&addr)
+        .args(tls)
+        .args(["offsets", "tls"])
+        .assert()
+        .success();
+    assert_eq!(stdout(&a), "PARTITION  START  END\n0          0      200\n");
+    let h = json(&[
+        "bench",
+        "handshakes",
+        "-n",
+        "5",
+        "--connections",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(h["messages"], 5);
+    assert_eq!(h["latency_samples"], 5);
+    assert_eq!(h["tls"], true);
     fails_with(
         &mut cli_at(&addr),
-        &["--tls-ca", &ca, "bench", "pingpong"],
+        &["--tls-ca", &ca, "bench", "trickle"],
         2,
-        "error: bench pingpong opens raw plaintext connections: with TLS use produce, roundtrip or consume (or streambus-bench --tls-ca)",
+        "error: bench trickle writes raw bytes on plaintext connections: it does not take --tls",
     );
+}
+
+/// `pipeline --idempotence true` sends as one idempotent producer per connection, and
+/// `producers` as one producer per request: the broker's producer gauge counts exactly them,
+/// and every record lands once.
+#[test]
+fn bench_idempotent_modes_send_as_the_producers_they_say() {
+    let b = Broker::with(None, |c| {
+        c.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    });
+    let metrics = b.running.metrics_addr().expect("metrics listener");
+    let producers = || {
+        streambus_tests::metric(metrics, "streambus_idempotent_producers")
+            .expect("the producer gauge")
+    };
+    let json = |args: &[&str]| -> Value {
+        let a = b.cli().args(args).assert().success();
+        serde_json::from_str(&stdout(&a)).expect("one JSON object")
+    };
+    let plain = json(&[
+        "bench", "pipeline", "-t", "plain", "-n", "100", "--batch", "10", "--json",
+    ]);
+    assert_eq!(plain["shape"]["idempotent"], false);
+    assert_eq!(producers(), "0");
+    let idem = [
+        "bench",
+        "pipeline",
+        "-t",
+        "idem",
+        "-n",
+        "1000",
+        "--batch",
+        "10",
+        "--connections",
+        "2",
+        "--in-flight",
+        "8",
+        "--idempotence",
+        "true",
+        "--json",
+    ];
+    let p = json(&idem);
+    assert_eq!(p["messages"], 1000);
+    assert_eq!(p["shape"]["idempotent"], true);
+    assert_eq!(producers(), "2");
+    // A second run is two new producers, not retries of the first run's: 1000 more land.
+    json(&idem);
+    assert_eq!(producers(), "4");
+    let a = b.cli().args(["offsets", "idem"]).assert().success();
+    assert_eq!(
+        stdout(&a),
+        "PARTITION  START  END\n0          0      2000\n"
+    );
+
+    let p = json(&[
+        "bench",
+        "producers",
+        "-t",
+        "many",
+        "-n",
+        "300",
+        "--in-flight",
+        "8",
+        "--json",
+    ]);
+    assert_eq!(p["mode"], "producers");
+    assert_eq!(p["messages"], 300);
+    assert_eq!(producers(), "304");
+    let a = b.cli().args(["offsets", "many"]).assert().success();
+    assert_eq!(stdout(&a), "PARTITION  START  END\n0          0      300\n");
 }
 
 #[test]
@@ -1030,7 +1129,7 @@ fn bench_raw_modes_count_exactly_what_they_did() {
     assert_eq!(p["latency_samples"], 100, "one sample per request");
     assert_eq!(
         p["shape"],
-        serde_json::json!({"batch": 10, "in_flight": 4, "connections": 3})
+        serde_json::json!({"batch": 10, "in_flight": 4, "connections": 3, "idempotent": false})
     );
     let a = b.cli().args(["offsets", "pipe"]).assert().success();
     assert_eq!(

@@ -64,8 +64,14 @@ pub struct TlsOptions {
 }
 
 impl TlsOptions {
-    /// What a dial needs: the configuration (files loaded) and the server name.
-    fn resolve(&self, addr: &str) -> Result<ClientTls> {
+    /// What a TLS dial to `addr` (`host:port`) needs: the rustls configuration (its files
+    /// loaded) and the name the broker's certificate must carry. The client does this once;
+    /// it is public for tools that open connections of their own with the adapters' drivers.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when a file cannot be read or the name is not a valid server name.
+    pub fn client_tls(&self, addr: &str) -> Result<ClientTls> {
         let config = match &self.config {
             Some(c) => Arc::clone(c),
             None => tls::client_config(
@@ -314,7 +320,7 @@ impl Client {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|e| Error::config("runtime", format!("no tokio runtime: {e}")))?;
         let tls = match &config.tls {
-            Some(t) => Some(t.resolve(&addr)?),
+            Some(t) => Some(t.client_tls(&addr)?),
             None => None,
         };
         let pool = Arc::new(Pool::new(addr, config.clone(), tls, runtime));

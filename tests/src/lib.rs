@@ -495,3 +495,26 @@ pub fn assert_stored(
         );
     }
 }
+
+/// The broker's Prometheus text from its metrics listener (`GET /metrics`, HTTP/1.0 so the
+/// body ends when the broker closes).
+///
+/// # Panics
+///
+/// When the listener cannot be reached or read: a test failure.
+pub fn metrics_text(addr: impl std::net::ToSocketAddrs) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics listener");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .expect("send GET /metrics");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("read /metrics");
+    body
+}
+
+/// The value of the unlabelled metric `name` in the broker's metrics, as written (`None`
+/// when it is not there).
+pub fn metric(addr: impl std::net::ToSocketAddrs, name: &str) -> Option<String> {
+    metrics_text(addr)
+        .lines()
+        .find_map(|l| Some(l.strip_prefix(name)?.strip_prefix(' ')?.trim().to_owned()))
+}

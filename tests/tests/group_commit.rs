@@ -5,7 +5,7 @@
 //! The broker runs in a child process: this test binary started again in `child_broker`, which
 //! serves until it is killed.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
 use streambus_core::{RequestType, Response};
@@ -43,15 +43,8 @@ fn child_broker() {
 }
 
 fn fsyncs(metrics: &str) -> u64 {
-    let mut s = std::net::TcpStream::connect(metrics).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix("streambus_storage_fsyncs_total "))
-        .unwrap_or_else(|| panic!("no fsync counter in {body}"))
-        .trim()
+    streambus_tests::metric(metrics, "streambus_storage_fsyncs_total")
+        .expect("the fsync counter in /metrics")
         .parse()
         .unwrap()
 }

@@ -423,7 +423,6 @@ fn embedded_client_retries_get_the_original_offsets() {
 /// `/metrics` shows how many producers the partitions keep and their memory.
 #[test]
 fn metrics_count_the_producers_kept_and_their_memory() {
-    use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path(), RuntimeKind::Tokio, FsyncMode::Never);
     c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
@@ -433,17 +432,9 @@ fn metrics_count_the_producers_kept_and_their_memory() {
         offsets(&call(&mut client, &[b"v"], producer(id, 0, 0)));
     }
     offsets(&call(&mut client, &[b"v"], producer(5, 0, 1)));
-    let mut s = std::net::TcpStream::connect(broker.metrics_addr().unwrap()).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
+    let metrics = broker.metrics_addr().unwrap();
     let gauge = |name: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no {name} in {body}"))
-            .trim()
-            .to_owned()
+        streambus_tests::metric(metrics, name).unwrap_or_else(|| panic!("no {name} in /metrics"))
     };
     assert_eq!(gauge("streambus_idempotent_producers"), "2");
     assert_eq!(
