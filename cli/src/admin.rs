@@ -61,13 +61,10 @@ pub(crate) async fn topics(ctx: &Ctx, cmd: Topics) -> Outcome {
                 let list: Vec<Value> = parts
                     .iter()
                     .map(|p| {
-                        json!({
-                            "partition": p.partition,
-                            "start": p.start,
-                            "end": p.end,
-                            "leader": leader(p.partition),
-                            "replicas": replicas(p.partition),
-                        })
+                        let mut fields = offset_fields(p);
+                        fields.insert("leader".into(), json!(leader(p.partition)));
+                        fields.insert("replicas".into(), json!(replicas(p.partition)));
+                        Value::Object(fields)
                     })
                     .collect();
                 let brokers: Vec<Value> = meta
@@ -91,18 +88,17 @@ pub(crate) async fn topics(ctx: &Ctx, cmd: Topics) -> Outcome {
                     .map(|p| {
                         let replicas: Vec<String> =
                             replicas(p.partition).iter().map(u32::to_string).collect();
-                        vec![
-                            p.partition.to_string(),
-                            p.start.to_string(),
-                            p.end.to_string(),
+                        let mut row = offset_cells(p);
+                        row.extend([
                             (p.end - p.start).to_string(),
                             leader(p.partition).map_or_else(|| "none".into(), |l| l.to_string()),
                             replicas.join(","),
-                        ]
+                        ]);
+                        row
                     })
                     .collect();
                 out.push_str(&table(
-                    &["PARTITION", "START", "END", "RECORDS", "LEADER", "REPLICAS"],
+                    &[&OFFSET_COLUMNS[..], &["RECORDS", "LEADER", "REPLICAS"]].concat(),
                     &rows,
                 ));
                 for b in &meta.brokers {
@@ -121,17 +117,8 @@ pub(crate) async fn offsets(ctx: &Ctx, args: Offsets) -> Outcome {
     let out = if args.json {
         format!("{}\n", offsets_json(&parts))
     } else {
-        let rows: Vec<Vec<String>> = parts
-            .iter()
-            .map(|p| {
-                vec![
-                    p.partition.to_string(),
-                    p.start.to_string(),
-                    p.end.to_string(),
-                ]
-            })
-            .collect();
-        table(&["PARTITION", "START", "END"], &rows)
+        let rows: Vec<Vec<String>> = parts.iter().map(offset_cells).collect();
+        table(&OFFSET_COLUMNS, &rows)
     };
     write_out(out.as_bytes())
 }
@@ -204,8 +191,30 @@ pub(crate) async fn partitions(
 fn offsets_json(parts: &[PartitionOffsets]) -> Value {
     parts
         .iter()
-        .map(|p| json!({ "partition": p.partition, "start": p.start, "end": p.end }))
+        .map(|p| Value::Object(offset_fields(p)))
         .collect()
+}
+
+/// The columns of [`offset_cells`], first in `offsets` and `topics describe`.
+const OFFSET_COLUMNS: [&str; 3] = ["PARTITION", "START", "END"];
+
+/// A partition's cells under [`OFFSET_COLUMNS`].
+fn offset_cells(p: &PartitionOffsets) -> Vec<String> {
+    vec![
+        p.partition.to_string(),
+        p.start.to_string(),
+        p.end.to_string(),
+    ]
+}
+
+/// A partition's offsets as JSON fields, first in `offsets --json` and `topics describe
+/// --json`.
+fn offset_fields(p: &PartitionOffsets) -> serde_json::Map<String, Value> {
+    let mut fields = serde_json::Map::new();
+    fields.insert("partition".into(), json!(p.partition));
+    fields.insert("start".into(), json!(p.start));
+    fields.insert("end".into(), json!(p.end));
+    fields
 }
 
 /// `1 partition`, `3 partitions`.

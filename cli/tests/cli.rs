@@ -913,7 +913,7 @@ fn bench_json_counts_match_what_was_sent() {
         &mut b.cli(),
         &["bench", "replay"],
         2,
-        "error: invalid value 'replay' for '<MODE>'\n  [possible values: produce, roundtrip, consume, requests, pingpong, pipeline, fetch, connections, longpoll, trickle]\n\n\
+        "error: invalid value 'replay' for '<MODE>'\n  [possible values: produce, roundtrip, consume, requests, pingpong, pipeline, fetch, connections, longpoll, trickle, handshakes, producers]\n\n\
          For more information, try '--help'.",
     );
 }

@@ -228,6 +228,14 @@ impl Consumer {
     pub fn position(&self, topic: &str, partition: u32) -> Option<i64> {
         self.inner.position(topic, partition)
     }
+    /// See [`crate::Consumer::lag`].
+    pub fn lag(&self, topic: &str, partition: u32) -> Option<i64> {
+        self.inner.lag(topic, partition)
+    }
+    /// See [`crate::Consumer::caught_up`].
+    pub fn caught_up(&self) -> bool {
+        self.inner.caught_up()
+    }
     /// See [`crate::Consumer::poll`].
     pub fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
         run(&self.rt, self.inner.poll(timeout))

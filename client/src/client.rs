@@ -596,6 +596,26 @@ pub(crate) fn mismatch(ctx: Context, reply: &Reply) -> Error {
     }
 }
 
+/// Checks a topic name before any call uses it: 1 to 249 bytes of `[A-Za-z0-9._-]`, and not
+/// `.` or `..` (the protocol's rule, which the broker applies too). Every call checks its topic the same way; this
+/// is for checking input early, say a name typed by a user.
+///
+/// ```
+/// assert!(streambus_client::check_topic_name("orders.eu-1").is_ok());
+/// let e = streambus_client::check_topic_name("orders/eu").unwrap_err();
+/// assert_eq!(
+///     e.to_string(),
+///     "check topic name: invalid input: topic name \"orders/eu\" is invalid: 1-249 bytes of [A-Za-z0-9._-], not . or .."
+/// );
+/// ```
+///
+/// # Errors
+///
+/// [`Error::InvalidInput`] saying what the rule is.
+pub fn check_topic_name(topic: &str) -> Result<()> {
+    validate_topic(topic, &Context::new("check topic name")).map(|_| ())
+}
+
 /// Checks a topic name with the core's rules (1–249 bytes of `[A-Za-z0-9._-]`).
 pub(crate) fn validate_topic(topic: &str, ctx: &Context) -> Result<Arc<str>> {
     streambus_core::Topic::new(topic)

@@ -73,6 +73,8 @@ pub(crate) enum Req {
 #[derive(Debug)]
 pub(crate) struct Fetched {
     pub(crate) next_offset: Option<i64>,
+    /// The partition's high-water mark when the broker answered.
+    pub(crate) high_water_mark: i64,
     pub(crate) records: Vec<ConsumerRecord>,
 }
 
@@ -314,6 +316,7 @@ fn reply(req: &Req, response: Response<'_>) -> Result<Reply> {
             }
             Reply::Fetch(Fetched {
                 next_offset: f.trailer.map(|t| t.next_offset),
+                high_water_mark: f.high_water_mark,
                 records,
             })
         }

@@ -98,6 +98,8 @@ type Key = (Arc<str>, u32);
 struct Assigned {
     /// The offset after the last record handed out.
     position: i64,
+    /// The high-water mark of the partition's latest fetch answer (`None` before the first).
+    high_water_mark: Option<i64>,
     /// This assignment's fetcher; answers of older ones are dropped.
     generation: u64,
     fetcher: AbortHandle,
@@ -109,11 +111,19 @@ enum Outcome {
     Reset(i64),
 }
 
-/// What a fetcher hands to the consumer: records (non-empty) or a new position, or an error.
+/// What a fetcher hands to the consumer: records or a new position (with the high-water
+/// mark the broker reported, when it answered a fetch), or an error.
 struct Done {
     key: Key,
     generation: u64,
-    result: Result<(Vec<ConsumerRecord>, i64)>,
+    result: Result<Handed>,
+}
+
+/// A fetcher's records and where the partition stands after them.
+struct Handed {
+    records: Vec<ConsumerRecord>,
+    next: i64,
+    high_water_mark: Option<i64>,
 }
 
 impl std::fmt::Debug for Done {
@@ -247,6 +257,7 @@ impl Consumer {
             key,
             Assigned {
                 position,
+                high_water_mark: None,
                 generation,
                 fetcher,
             },
@@ -295,6 +306,39 @@ impl Consumer {
             .map(|(_, a)| a.position)
     }
 
+    /// How many records an assigned partition holds past [`position`](Self::position), as of
+    /// the broker's latest fetch answer for it: `Some(0)` when this consumer has caught up
+    /// (until more are produced), `None` before the partition's first answer (or for a
+    /// partition not assigned). Answers come without waiting for `poll`, so this is current
+    /// within one long poll (`max_wait`).
+    pub fn lag(&self, topic: &str, partition: u32) -> Option<i64> {
+        let (_, a) = self
+            .parts
+            .iter()
+            .find(|((t, p), _)| **t == *topic && *p == partition)?;
+        let position = self.position(topic, partition)?;
+        Some(a.high_water_mark?.saturating_sub(position).max(0))
+    }
+
+    /// Whether every assigned partition has caught up: each has been answered and
+    /// [`lag`](Self::lag) is 0 for each. For "read what is there, then stop".
+    ///
+    /// ```no_run
+    /// # async fn demo(client: streambus_client::Client) -> Result<(), streambus_client::Error> {
+    /// use std::time::Duration;
+    /// use streambus_client::{Consumer, Offset};
+    /// let mut consumer = Consumer::new(&client);
+    /// consumer.assign("orders", 0, Offset::Earliest).await?;
+    /// let mut all = Vec::new();
+    /// while !consumer.caught_up() {
+    ///     all.extend(consumer.poll(Duration::from_secs(1)).await?);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn caught_up(&self) -> bool {
+        !self.parts.is_empty() && self.parts.keys().all(|(t, p)| self.lag(t, *p) == Some(0))
+    }
+
     async fn resolve(&self, topic: &str, partition: u32, from: Offset) -> Result<i64> {
         match from {
             Offset::At(o) if o >= 0 => Ok(o),
@@ -308,7 +352,8 @@ impl Consumer {
     }
 
     /// Waits up to `timeout` for records of the assigned partitions; returns those of the
-    /// first fetch that brings any (an empty `Vec` when none came). Records of one partition
+    /// first fetch that brings any (an empty `Vec` when none came, or at once when the
+    /// consumer has just [caught up](Self::caught_up)). Records of one partition
     /// come in offset order, without gaps or repeats. A fetch error is returned once; its
     /// partition keeps its position and its fetcher tries again after a pause (100 ms for a
     /// retriable error, 500 ms otherwise).
@@ -331,6 +376,10 @@ impl Consumer {
             if let Some(records) = self.accept(done) {
                 return records;
             }
+            if self.caught_up() {
+                // Nothing more is stored: say so now rather than at the timeout.
+                return Ok(Vec::new());
+            }
         }
     }
 
@@ -343,9 +392,12 @@ impl Consumer {
         }
         match done.result {
             Err(e) => Some(Err(e)),
-            Ok((records, next)) => {
-                a.position = next;
-                (!records.is_empty()).then_some(Ok(records))
+            Ok(h) => {
+                a.position = h.next;
+                if h.high_water_mark.is_some() {
+                    a.high_water_mark = h.high_water_mark;
+                }
+                (!h.records.is_empty()).then_some(Ok(h.records))
             }
         }
     }
@@ -425,6 +477,7 @@ async fn fetcher(
     slots: Arc<Semaphore>,
 ) {
     let mut streak = 0u32;
+    let mut seen_hwm = None;
     loop {
         let Ok(slot) = slots.acquire().await else {
             return;
@@ -436,7 +489,12 @@ async fn fetcher(
             Ok(Outcome::Reset(to)) => {
                 tracing::info!(topic = %key.0, partition = key.1, from = offset, to, "offset out of range: position reset");
                 offset = to;
-                (Ok((Vec::new(), to)), Duration::ZERO)
+                let handed = Handed {
+                    records: Vec::new(),
+                    next: to,
+                    high_water_mark: None,
+                };
+                (Ok(handed), Duration::ZERO)
             }
             Ok(Outcome::Records(f)) => {
                 let mut records = f.records;
@@ -458,11 +516,20 @@ async fn fetcher(
                     streak = streak.saturating_add(1);
                     empty_pause(streak)
                 };
-                if records.is_empty() && !moved {
+                // An empty answer that moves nothing is handed over only when it tells the
+                // consumer something new: the first high-water mark, or one that changed.
+                let news = seen_hwm != Some(f.high_water_mark);
+                seen_hwm = Some(f.high_water_mark);
+                if records.is_empty() && !moved && !news {
                     tokio::time::sleep(pause).await;
                     continue;
                 }
-                (Ok((records, next)), pause)
+                let handed = Handed {
+                    records,
+                    next,
+                    high_water_mark: Some(f.high_water_mark),
+                };
+                (Ok(handed), pause)
             }
             Err(e) => {
                 let pause = if e.is_retriable() {

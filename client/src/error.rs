@@ -150,11 +150,20 @@ pub enum Error {
 #[non_exhaustive]
 pub enum ProtocolError {
     /// The core's connection refused the broker's bytes.
-    #[error(transparent)]
+    #[error("{}", core_detail(.0))]
     Core(#[from] streambus_core::ClientError),
     /// A reply that does not fit the request (wrong type, wrong count).
     #[error("{0}")]
     Unexpected(String),
+}
+
+/// What the core said, without its own "protocol violation by the broker" prefix: the
+/// [`Error::Protocol`] around it says so already.
+fn core_detail(e: &streambus_core::ClientError) -> String {
+    match e {
+        streambus_core::ClientError::Peer(p) => p.to_string(),
+        other => other.to_string(),
+    }
 }
 
 fn code_name(code: ErrorCode) -> &'static str {
@@ -298,6 +307,28 @@ mod tests {
         assert!(e.is_retriable());
         assert_eq!(e.source().map(|s| s.to_string()).as_deref(), Some("reset"));
         assert_eq!(e.to_string(), "fetch on topic \"t\": I/O error: reset");
+    }
+
+    #[test]
+    fn a_protocol_violation_is_said_once_and_chains_the_cores_error() {
+        use std::error::Error as _;
+        let core = streambus_core::ClientError::Peer(streambus_core::PeerError::UnknownResponse {
+            request_id: 7,
+        });
+        let e = Error::Protocol {
+            context: Context::new("fetch").topic("t"),
+            source: ProtocolError::Core(core),
+        };
+        assert_eq!(
+            e.to_string(),
+            "fetch on topic \"t\": protocol violation by the broker: response to request 7, \
+             which is not in flight"
+        );
+        let source = e.source().and_then(|s| s.source()).map(ToString::to_string);
+        assert_eq!(
+            source.as_deref(),
+            Some("protocol violation by the broker: response to request 7, which is not in flight")
+        );
     }
 
     #[test]

@@ -60,7 +60,8 @@
 //! The [`Consumer`] reads assigned partitions from an explicit position (no consumer groups
 //! or committed offsets yet), in order, with long-poll fetches (protocol §6.1), through
 //! [`Consumer::poll`], [`Consumer::recv`] or as a `futures` [`Stream`](futures_core::Stream)
-//! of records.
+//! of records. [`Consumer::lag`] and [`Consumer::caught_up`] say how far it is from each
+//! partition's end, for "read what is there, then stop".
 //!
 //! [`Client::metadata`] describes the brokers and each partition's leader and replicas
 //! (protocol §6.4); the producer learns partition counts from it and reads it again when a
@@ -95,7 +96,7 @@ mod producer;
 pub mod smol;
 mod types;
 
-pub use client::{Client, ClientBuilder, ClientConfig, TlsOptions, Token};
+pub use client::{Client, ClientBuilder, ClientConfig, TlsOptions, Token, check_topic_name};
 pub use consumer::{Consumer, ConsumerConfig, Offset, ResetPolicy};
 pub use error::{Context, Error, ErrorCode, ProtocolError, Result};
 pub use partition::{fnv1a32, partition_for_key};

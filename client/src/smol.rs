@@ -233,6 +233,24 @@ impl Consumer {
         .ok()
         .flatten()
     }
+    /// See [`crate::Consumer::lag`].
+    pub async fn lag(&self, topic: &str, partition: u32) -> Option<i64> {
+        let (c, t) = (self.inner.clone(), topic.to_owned());
+        on(
+            &self.rt,
+            async move { Ok(c.lock().await.lag(&t, partition)) },
+        )
+        .await
+        .ok()
+        .flatten()
+    }
+    /// See [`crate::Consumer::caught_up`].
+    pub async fn caught_up(&self) -> bool {
+        let c = self.inner.clone();
+        on(&self.rt, async move { Ok(c.lock().await.caught_up()) })
+            .await
+            .unwrap_or(false)
+    }
     /// See [`crate::Consumer::poll`].
     pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
         let c = self.inner.clone();

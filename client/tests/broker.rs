@@ -178,6 +178,68 @@ async fn send_returns_consecutive_offsets_and_auto_creates() {
     p.close().await.unwrap();
 }
 
+/// `lag` and `caught_up` follow the broker's high-water marks: unknown before the first
+/// answer, the records left while reading, 0 at the end; a poll returns at once (empty) when
+/// the consumer has just caught up; records produced after are read up to the end again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_knows_when_it_has_caught_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    assert!(c.create_topic("lag", 2).await.unwrap());
+    let p = Producer::new(&c);
+    for i in 0..10u32 {
+        p.send(Record::new("lag", format!("v{i}")).partition(i % 2))
+            .await
+            .unwrap();
+    }
+    // Small fetches: several answers per partition before the end.
+    let mut consumer = Consumer::with_config(&c, ConsumerConfig::default().max_bytes(1)).unwrap();
+    assert!(!consumer.caught_up(), "nothing assigned");
+    consumer.assign("lag", 0, Offset::Earliest).await.unwrap();
+    consumer.assign("lag", 1, Offset::At(3)).await.unwrap();
+    assert_eq!(consumer.lag("lag", 0), None, "before any answer");
+    assert_eq!(consumer.lag("nope", 0), None, "not assigned");
+    let mut got: Vec<(u32, i64)> = Vec::new();
+    // Each poll has a long timeout: the loop ends because the consumer catches up, and a
+    // poll made when it just has returns at once (bounded here by the outer timeout).
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !consumer.caught_up() {
+            for r in consumer.poll(Duration::from_secs(600)).await.unwrap() {
+                got.push((r.partition, r.offset));
+            }
+        }
+    })
+    .await
+    .expect("the consumer catches up");
+    got.sort_unstable();
+    assert_eq!(
+        got,
+        vec![(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 3), (1, 4)]
+    );
+    assert_eq!(consumer.lag("lag", 0), Some(0));
+    assert_eq!(consumer.lag("lag", 1), Some(0));
+    for i in 0..3 {
+        p.send(Record::new("lag", format!("w{i}")).partition(1))
+            .await
+            .unwrap();
+    }
+    let mut more = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while more.len() < 3 {
+            for r in consumer.poll(Duration::from_secs(600)).await.unwrap() {
+                more.push((r.partition, r.offset));
+            }
+        }
+    })
+    .await
+    .expect("the new records arrive");
+    assert_eq!(more, vec![(1, 5), (1, 6), (1, 7)]);
+    assert_eq!(consumer.lag("lag", 1), Some(0));
+    assert!(consumer.caught_up());
+    p.close().await.unwrap();
+}
+
 /// Many records, batched, over 4 partitions: every record acknowledged, on its key's
 /// partition, and consumed back in order per partition, no gap, no duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
