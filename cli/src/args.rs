@@ -148,7 +148,8 @@ connections (--messages rounded up to whole requests); latency is that of each r
 fetch: Fetches of --max-bytes from partition 0, start to end and around again (64 MiB of
 --size records are stored first when it is empty; 5 s unless --duration or --messages).
 connections: opens --connections connections, each answering one HealthCheck; with
---server-pid, the broker's resident memory per connection; --hold keeps them open.
+--server-pid (or --metrics), the broker's resident memory per connection; --hold keeps them
+open.
 longpoll: a consumer long-polls (--max-wait-ms, MinBytes 1) while a producer sends one --size
 record at a time after a --gap; latency from the send to the consumer holding the record; sync
 Produce phases in the same --rounds give the ratio.
@@ -317,8 +318,9 @@ pub(crate) struct Bench {
     /// threads opening them
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub(crate) connections: u32,
-    /// pipeline, requests: the broker's metrics address (its --metrics-listen), to report
-    /// the fsyncs it did meanwhile
+    /// The broker's metrics address (its --metrics-listen): pipeline and requests report the
+    /// fsyncs it did meanwhile; connections, trickle and producers read its memory there when
+    /// --server-pid is not given
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) metrics: Option<String>,
     /// requests: what each request is

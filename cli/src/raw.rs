@@ -368,7 +368,10 @@ pub(crate) async fn pipelined(
     {
         return Err(no_such_process(pid));
     }
-    let rss_before = args.server_pid.and_then(rss_kib);
+    let rss_before = match load {
+        Load::Producers => server_rss_kib(args).await?,
+        _ => None,
+    };
     let window = (args.in_flight as usize).min(WINDOW);
     let per_request = u64::from(batch);
     // Whole requests: --messages rounded up to a multiple of --batch.
@@ -484,10 +487,8 @@ pub(crate) async fn pipelined(
             format!("broker fsyncs: {n} ({rate:.0}/s, {per:.1} requests per fsync)"),
         ));
     }
-    if load == Load::Producers
-        && let (Some(b), Some(pid)) = (rss_before, args.server_pid)
-    {
-        let after = rss_kib(pid).unwrap_or(b);
+    if let Some(b) = rss_before {
+        let after = server_rss_kib(args).await?.unwrap_or(b);
         notes.push(Note::new(
             "server_rss",
             serde_json::json!({"before_kib": b, "after_kib": after}),
@@ -765,6 +766,19 @@ fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The broker's resident memory in KiB: from `/proc` with `--server-pid`, else from its
+/// metrics endpoint (`--metrics`, `process_resident_memory_bytes`), else `None`.
+async fn server_rss_kib(args: &Bench) -> Result<Option<u64>, Failure> {
+    match (args.server_pid, &args.metrics) {
+        (Some(pid), _) => Ok(rss_kib(pid)),
+        (None, Some(m)) => Ok(Some(scrape_counter(m, RSS_BYTES).await? / 1024)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// The broker's resident memory on its metrics endpoint (Prometheus' standard name).
+const RSS_BYTES: &str = "process_resident_memory_bytes";
+
 fn no_such_process(pid: u32) -> Failure {
     Failure::usage(format!(
         "--server-pid {pid}: no such process (its /proc/{pid}/status cannot be read)"
@@ -795,7 +809,7 @@ pub(crate) async fn connections(
             })
             .collect(),
     };
-    let before = args.server_pid.and_then(rss_kib);
+    let before = server_rss_kib(args).await?;
     let bar = progress(Some(n), "connections");
     let mut latency = histogram()?;
     let mut held: Vec<Driver<1>> = Vec::with_capacity(args.connections as usize);
@@ -827,9 +841,9 @@ pub(crate) async fn connections(
     bar.finish_and_clear();
     let opened = held.len() as u64;
     let mut notes = Vec::new();
-    if let (Some(b), Some(pid)) = (before, args.server_pid) {
+    if let Some(b) = before {
         // Every connection has been answered: the broker holds its state for each.
-        let after = rss_kib(pid).unwrap_or(b);
+        let after = server_rss_kib(args).await?.unwrap_or(b);
         #[allow(clippy::cast_precision_loss)]
         let per = after.saturating_sub(b) as f64 * 1024.0 / opened.max(1) as f64;
         notes.push(Note::new(
@@ -1047,7 +1061,7 @@ pub(crate) async fn trickle(
         args.frame_bytes.saturating_sub(overhead),
     )?);
     let send = args.send_bytes.min(frame.len());
-    let before = args.server_pid.and_then(rss_kib);
+    let before = server_rss_kib(args).await?;
     let mut peak = before.unwrap_or(0);
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -1076,7 +1090,7 @@ pub(crate) async fn trickle(
     let end = start + args.duration.unwrap_or(Duration::from_secs(10));
     while Instant::now() < end && !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if let Some(r) = args.server_pid.and_then(rss_kib) {
+        if let Some(r) = server_rss_kib(args).await? {
             peak = peak.max(r);
         }
     }

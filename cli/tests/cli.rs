@@ -1234,7 +1234,7 @@ fn bench_raw_modes_count_exactly_what_they_did() {
 }
 
 #[test]
-fn bench_pipeline_reports_the_brokers_fsyncs_from_its_metrics() {
+fn bench_reads_the_brokers_fsyncs_and_memory_from_its_metrics() {
     let b = Broker::with(None, |c| {
         c.fsync = streambus_server::FsyncMode::Always;
         c.metrics_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -1264,6 +1264,19 @@ fn bench_pipeline_reports_the_brokers_fsyncs_from_its_metrics() {
     // One request in flight under --fsync always: each of the 100 waits for its own fsync.
     assert_eq!(p["fsyncs"]["count"], 100, "{p}");
     assert_eq!(p["fsyncs"]["requests_per_fsync"], 1.0, "{p}");
+    // Without --server-pid, connections reads the broker's memory from its metrics (this
+    // process's, where the broker runs).
+    let a = b
+        .cli()
+        .args(["bench", "connections", "--connections", "20"])
+        .args(["--metrics", &metrics, "--json"])
+        .assert()
+        .success();
+    let c: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    assert_eq!(c["messages"], 20);
+    let before = c["server_rss"]["before_kib"].as_u64().expect("RSS before");
+    assert!(before > 1024, "{c}");
+    assert!(c["server_rss"]["bytes_per_connection"].is_number(), "{c}");
     let dead = dead_addr();
     fails_with(
         &mut b.cli(),

@@ -195,6 +195,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         Some(a) => {
             let (m, s) = (metrics.clone(), opened.clone());
             let refresh = move || {
+                m.refresh_process();
                 let Some(s) = s.get() else { return };
                 let st = s.stats();
                 Metrics::set_counter(&m.storage_appends, st.appends);

@@ -55,11 +55,14 @@ pub struct Metrics {
     /// Idempotent producer state, updated on each scrape.
     producers: Gauge,
     producer_state_bytes: Gauge,
+    /// The process (Prometheus' standard names, unprefixed), read from `/proc` on each scrape.
+    resident_memory: Gauge,
+    open_fds: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("streambus");
+        let mut root = Registry::default();
         let m = Self {
             connections_open: Gauge::default(),
             connections_accepted: Counter::default(),
@@ -79,8 +82,21 @@ impl Default for Metrics {
             storage_truncations: Counter::default(),
             producers: Gauge::default(),
             producer_state_bytes: Gauge::default(),
+            resident_memory: Gauge::default(),
+            open_fds: Gauge::default(),
             registry: Registry::default(),
         };
+        root.register(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes (Linux: VmRSS)",
+            m.resident_memory.clone(),
+        );
+        root.register(
+            "process_open_fds",
+            "Open file descriptors (Linux)",
+            m.open_fds.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("streambus");
         registry.register(
             "connections_open",
             "Client connections open",
@@ -154,7 +170,10 @@ impl Default for Metrics {
             "Approximate memory of the idempotent producers' state",
             m.producer_state_bytes.clone(),
         );
-        Self { registry, ..m }
+        Self {
+            registry: root,
+            ..m
+        }
     }
 }
 
@@ -249,6 +268,25 @@ impl Metrics {
             .set(i64::try_from(producers).unwrap_or(i64::MAX));
         self.producer_state_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Reads the process's resident memory and open descriptors from `/proc/self` (left as
+    /// they were where `/proc` cannot be read).
+    pub(crate) fn refresh_process(&self) {
+        let rss_kib = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse::<i64>().ok()
+            });
+        if let Some(kib) = rss_kib {
+            self.resident_memory.set(kib.saturating_mul(1024));
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            // The directory's own descriptor is one of the entries.
+            let n = fds.count().saturating_sub(1);
+            self.open_fds.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     /// The text exposition.

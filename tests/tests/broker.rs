@@ -464,7 +464,6 @@ fn auto_create_racing_create_topic_still_appends() {
 
 #[test]
 fn metrics_are_served_in_prometheus_text_format() {
-    use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), RuntimeKind::Tokio);
     cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
@@ -472,11 +471,7 @@ fn metrics_are_served_in_prometheus_text_format() {
     let mut c = RawClient::connect(broker.addr()).unwrap();
     produce(&mut c, "m", 0, &[b"x"]).unwrap();
     fetch(&mut c, "nope", 0, 0, 10).unwrap();
-    let mut http = std::net::TcpStream::connect(broker.metrics_addr().unwrap()).unwrap();
-    http.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    http.read_to_string(&mut body).unwrap();
+    let body = streambus_tests::metrics_text(broker.metrics_addr().unwrap());
     assert!(
         body.starts_with("HTTP/1.1 200") || body.starts_with("HTTP/1.0 200"),
         "{body}"
@@ -492,6 +487,17 @@ fn metrics_are_served_in_prometheus_text_format() {
     ] {
         assert!(body.contains(needle), "missing {needle:?} in\n{body}");
     }
+    // The process metrics under their standard names: this test process's own memory and
+    // descriptors (the broker runs in it), read from /proc at the scrape.
+    let value = |name: &str| -> i64 {
+        let v = streambus_tests::metric(broker.metrics_addr().unwrap(), name)
+            .unwrap_or_else(|| panic!("no {name} in /metrics"));
+        v.parse().unwrap()
+    };
+    let rss = value("process_resident_memory_bytes");
+    assert!(rss > 1 << 20 && rss % 1024 == 0, "{rss}");
+    // At least the listener, the metrics listener, the client connection and stdio.
+    assert!(value("process_open_fds") >= 5);
 }
 
 #[test]
