@@ -11,9 +11,13 @@ use crate::{Ctx, Failure, Outcome, write_out};
 pub(crate) async fn topics(ctx: &Ctx, cmd: Topics) -> Outcome {
     let client = &ctx.client;
     match cmd {
-        Topics::Create { name, partitions } => {
+        Topics::Create {
+            name,
+            partitions,
+            replication_factor,
+        } => {
             let created = client
-                .create_topic(&name, partitions)
+                .create_topic_replicated(&name, partitions, replication_factor)
                 .await
                 .map_err(|e| ctx.err(e))?;
             let s = plural(partitions, "partition");

@@ -194,6 +194,10 @@ pub(crate) enum Topics {
         /// Its partition count (1-1024)
         #[arg(long, short, default_value_t = 1, value_name = "N")]
         partitions: u32,
+        /// Copies of each partition on distinct brokers of a cluster (0: the broker's
+        /// default; a single broker takes 0 or 1)
+        #[arg(long, short, default_value_t = 0, value_name = "R")]
+        replication_factor: u16,
     },
     /// Delete a topic and its records
     Delete {

@@ -142,10 +142,18 @@ fn topics_create_list_describe_delete() {
          topic orders already exists with 3 partitions",
     );
     b.cli()
-        .args(["topics", "create", "a.log"])
+        .args(["topics", "create", "a.log", "--replication-factor", "1"])
         .assert()
         .success()
         .stdout("created topic a.log with 1 partition\n");
+    // A single broker keeps one copy: more is the broker's InvalidRequest, and nothing is made.
+    fails_with(
+        &mut b.cli(),
+        &["topics", "create", "copies", "-r", "3"],
+        1,
+        "error: create topic on topic \"copies\": the broker answered InvalidRequest (2): \
+         replication factor 3 is not supported: want 0 or 1",
+    );
     b.cli()
         .args(["topics", "list"])
         .assert()

@@ -107,6 +107,19 @@ impl Client {
     pub fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool> {
         run(&self.rt, self.inner.create_topic(topic, partitions))
     }
+    /// See [`crate::Client::create_topic_replicated`].
+    pub fn create_topic_replicated(
+        &self,
+        topic: &str,
+        partitions: u32,
+        replication_factor: u16,
+    ) -> Result<bool> {
+        run(
+            &self.rt,
+            self.inner
+                .create_topic_replicated(topic, partitions, replication_factor),
+        )
+    }
     /// See [`crate::Client::delete_topic`].
     pub fn delete_topic(&self, topic: &str) -> Result<()> {
         run(&self.rt, self.inner.delete_topic(topic))

@@ -451,6 +451,18 @@ impl Client {
     /// `false` when it already existed with that count; a different count is
     /// [`Error::Broker`] with code TopicExists (9).
     pub async fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool> {
+        self.create_topic_replicated(topic, partitions, 0).await
+    }
+
+    /// [`create_topic`](Self::create_topic) with `replication_factor` copies of each partition
+    /// on distinct brokers of a cluster; 0 is the broker's default. A single broker takes 0 or 1
+    /// and answers anything more with InvalidRequest (2).
+    pub async fn create_topic_replicated(
+        &self,
+        topic: &str,
+        partitions: u32,
+        replication_factor: u16,
+    ) -> Result<bool> {
         let ctx = Context::new("create topic").topic(topic);
         let t = validate_topic(topic, &ctx)?;
         if !(1..=1024).contains(&partitions) {
@@ -464,6 +476,7 @@ impl Client {
                 Req::CreateTopic {
                     topic: t,
                     partitions,
+                    replication_factor,
                 },
                 &ctx,
                 self.timeout(),

@@ -57,6 +57,7 @@ pub(crate) enum Req {
     CreateTopic {
         topic: Arc<str>,
         partitions: u32,
+        replication_factor: u16,
     },
     DeleteTopic {
         topic: Arc<str>,
@@ -228,10 +229,11 @@ fn request<'a>(req: &'a Req, names: &'a mut Vec<Topic<'a>>) -> Result<Request<'a
         Req::CreateTopic {
             topic: t,
             partitions,
+            replication_factor,
         } => Request::CreateTopic(CreateTopicRequest {
             topic: topic(t)?,
             num_partitions: *partitions,
-            replication_factor: 1,
+            replication_factor: *replication_factor,
         }),
         Req::DeleteTopic { topic: t } => {
             Request::DeleteTopic(DeleteTopicRequest { topic: topic(t)? })

@@ -71,11 +71,20 @@ impl Client {
 
     /// See [`crate::Client::create_topic`].
     pub async fn create_topic(&self, topic: &str, partitions: u32) -> Result<bool> {
+        self.create_topic_replicated(topic, partitions, 0).await
+    }
+    /// See [`crate::Client::create_topic_replicated`].
+    pub async fn create_topic_replicated(
+        &self,
+        topic: &str,
+        partitions: u32,
+        replication_factor: u16,
+    ) -> Result<bool> {
         let (c, t) = (self.inner.clone(), topic.to_owned());
-        on(
-            &self.rt,
-            async move { c.create_topic(&t, partitions).await },
-        )
+        on(&self.rt, async move {
+            c.create_topic_replicated(&t, partitions, replication_factor)
+                .await
+        })
         .await
     }
     /// See [`crate::Client::delete_topic`].
