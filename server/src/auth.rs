@@ -1,7 +1,8 @@
 //! Token authentication and per-topic permissions (§6.3 of the protocol): the `--auth-file`.
 //!
 //! The file is TOML with one `[principals]` table; each principal has the SHA-256 of its token
-//! (never the token) and the topics it may `produce` to, `consume` from, or `admin`ister
+//! (never the token; a principal reached only by a TLS client certificate whose subject is its
+//! name may have none) and the topics it may `produce` to, `consume` from, or `admin`ister
 //! (create, delete, describe), each a list of patterns: an exact topic name, a prefix ending in
 //! `*` (`logs.*`), or `*` for every topic:
 //!
@@ -122,7 +123,8 @@ impl Pattern {
 #[derive(Debug)]
 struct Principal {
     name: Arc<str>,
-    token_sha256: [u8; 32],
+    /// `None`: reached only by a client certificate naming it.
+    token_sha256: Option<[u8; 32]>,
     produce: Vec<Pattern>,
     consume: Vec<Pattern>,
     admin: Vec<Pattern>,
@@ -155,7 +157,8 @@ struct FileShape {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EntryShape {
-    token_sha256: String,
+    #[serde(default)]
+    token_sha256: Option<String>,
     #[serde(default)]
     produce: Vec<String>,
     #[serde(default)]
@@ -194,19 +197,25 @@ impl Policy {
                     "a principal's name is 1 to 255 bytes without control characters".into(),
                 ));
             }
-            let mut hash = [0u8; 32];
-            hex::decode_to_slice(entry.token_sha256.trim(), &mut hash).map_err(|_| {
-                bad("token_sha256 is not 64 hex digits (the SHA-256 of the token; see `streambus auth new-token`)".into())
-            })?;
-            if let Some(other) = principals
-                .iter()
-                .find(|p| bool::from(p.token_sha256.ct_eq(&hash)))
-            {
-                return Err(bad(format!(
-                    "has the same token as principal {:?}: every principal needs its own",
-                    other.name
-                )));
-            }
+            let hash = match entry.token_sha256 {
+                None => None,
+                Some(text) => {
+                    let mut hash = [0u8; 32];
+                    hex::decode_to_slice(text.trim(), &mut hash).map_err(|_| {
+                        bad("token_sha256 is not 64 hex digits (the SHA-256 of the token; see `streambus auth new-token`)".into())
+                    })?;
+                    if let Some(other) = principals
+                        .iter()
+                        .find(|p| p.token_sha256.is_some_and(|h| bool::from(h.ct_eq(&hash))))
+                    {
+                        return Err(bad(format!(
+                            "has the same token as principal {:?}: every principal needs its own",
+                            other.name
+                        )));
+                    }
+                    Some(hash)
+                }
+            };
             let patterns = |list: Vec<String>, permission: &str| {
                 list.iter()
                     .map(|p| Pattern::parse(p).map_err(|e| bad(format!("{permission}: {e}"))))
@@ -244,11 +253,14 @@ impl Policy {
 
     /// The principal whose token is `token`. Hashes it, then compares with every principal's
     /// hash in constant time, so the time taken says nothing about which one (if any) matched.
+    /// A principal without a token (certificate only) never matches.
     pub fn authenticate(&self, token: &[u8]) -> Option<Arc<str>> {
         let presented: [u8; 32] = Sha256::digest(token).into();
         let mut found = None;
         for p in &self.principals {
-            if bool::from(p.token_sha256.ct_eq(&presented)) {
+            if p.token_sha256
+                .is_some_and(|h| bool::from(h.ct_eq(&presented)))
+            {
                 found = Some(Arc::clone(&p.name));
             }
         }
@@ -402,6 +414,20 @@ mod tests {
         assert_eq!(p.authenticate(b"t1").as_deref(), Some("CN=app one"));
         assert_eq!(p.authenticate(b"t2").as_deref(), Some("b"));
         assert_eq!(p.authenticate(b"t3"), None);
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn a_principal_without_a_token_is_reached_by_name_only() {
+        let text = format!(
+            "[principals]\n\"CN=device\" = {{ consume = [\"*\"] }}\nb = {{ token_sha256 = \"{}\" }}\n",
+            token_sha256_hex("t2")
+        );
+        let p = policy(&text).unwrap();
+        assert_eq!(p.principal_named("CN=device").as_deref(), Some("CN=device"));
+        // No token reaches it, not even an empty one.
+        assert_eq!(p.authenticate(b""), None);
+        assert_eq!(p.authenticate(b"t2").as_deref(), Some("b"));
         assert_eq!(p.len(), 2);
     }
 

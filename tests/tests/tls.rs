@@ -276,23 +276,26 @@ fn the_adapters_clients_speak_tls_on_every_runtime() {
 
 /// With `--auth-file` and mTLS, a client certificate whose subject is a principal's name in the
 /// file authenticates the connection as that principal (its permissions apply: 41 outside
-/// them); a certificate naming no principal leaves the connection unauthenticated (40).
+/// them), whether the entry has a token too or not; a certificate naming no principal leaves
+/// the connection unauthenticated (40).
 #[test]
 fn a_client_certificate_subject_names_its_principal() {
     use streambus_server::auth::token_sha256_hex;
     let pki = Pki::new();
-    for (name, produce_code, other_code) in [
-        ("O=StreamBus tests,CN=alice", 0, 41),
-        ("CN=somebody else", 40, 40),
+    let token = format!(
+        "token_sha256 = \"{}\", ",
+        token_sha256_hex("an unused token")
+    );
+    for (name, token, produce_code, other_code) in [
+        ("O=StreamBus tests,CN=alice", token.as_str(), 0, 41),
+        ("O=StreamBus tests,CN=alice", "", 0, 41),
+        ("CN=somebody else", token.as_str(), 40, 40),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let auth = dir.path().join("auth.toml");
         std::fs::write(
             &auth,
-            format!(
-                "[principals]\n{name:?} = {{ token_sha256 = \"{}\", produce = [\"secure\"] }}\n",
-                token_sha256_hex("an unused token")
-            ),
+            format!("[principals]\n{name:?} = {{ {token}produce = [\"secure\"] }}\n"),
         )
         .unwrap();
         let mut c = broker_config(&dir.path().join("data"), RuntimeKind::Tokio);
