@@ -13,7 +13,10 @@
 //! - `produce`: the batching producer on one connection, 100-byte values (compare with
 //!   `streambus-bench pipelined --batch 100`);
 //! - `consume`: the consumer with 1 MiB fetches over 64 MiB of 1 KiB values (compare with
-//!   `streambus-bench fetch`).
+//!   `streambus-bench fetch`);
+//! - `health`: 3 200 tasks calling `Client::health` on one client with `pool_size(50)` and
+//!   `max_in_flight(64)` (compare with `streambus bench requests --connections 50
+//!   --in-flight 64`).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -61,7 +64,15 @@ async fn run() -> Result<(), Error> {
     let mode = args.next().unwrap_or_else(|| "sync".into());
     let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(5);
     let duration = Duration::from_secs(secs);
-    let client = Client::builder().pool_size(1).connect(addr).await?;
+    let client = if mode == "health" {
+        Client::builder()
+            .pool_size(50)
+            .max_in_flight(64)
+            .connect(addr)
+            .await?
+    } else {
+        Client::builder().pool_size(1).connect(addr).await?
+    };
     let value = vec![b'v'; 100];
     match mode.as_str() {
         "sync" => {
@@ -159,7 +170,37 @@ async fn run() -> Result<(), Error> {
                 bytes as f64 / secs / 1e9
             );
         }
-        other => eprintln!("unknown mode {other}: sync, produce or consume"),
+        "health" => {
+            client.health().await?;
+            let start = Instant::now();
+            let end = start + duration;
+            let tasks: Vec<_> = (0..3200)
+                .map(|_| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let mut n = 0u64;
+                        while Instant::now() < end {
+                            client.health().await?;
+                            n += 1;
+                        }
+                        Ok::<u64, Error>(n)
+                    })
+                })
+                .collect();
+            let mut total = 0u64;
+            for t in tasks {
+                total += t.await.map_err(|e| Error::Config {
+                    setting: "task",
+                    reason: e.to_string(),
+                })??;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "sdk health: {total} requests in {secs:.2}s = {:.3} M req/s (3200 tasks, 50 connections x 64)",
+                total as f64 / secs / 1e6
+            );
+        }
+        other => eprintln!("unknown mode {other}: sync, produce, consume or health"),
     }
     Ok(())
 }
