@@ -172,6 +172,16 @@ impl LoadGuard {
         load.fetch_add(1, Ordering::Relaxed);
         Self(load)
     }
+
+    /// Counts a call against `load` if it is under `limit` (checked and counted at once, so
+    /// racing callers never push it past the limit).
+    pub(crate) fn try_new(load: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
+        load.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(load.clone()))
+    }
 }
 
 impl Drop for LoadGuard {
@@ -425,7 +435,8 @@ enum Event {
 /// The calls in flight by RequestID, with their deadlines in order (no scan per wake-up).
 #[derive(Default)]
 struct Pending {
-    jobs: HashMap<u64, Job>,
+    /// FxHash: the keys are our own RequestIDs, not peer input.
+    jobs: HashMap<u64, Job, rustc_hash::FxBuildHasher>,
     deadlines: BTreeSet<(Instant, u64)>,
 }
 
