@@ -95,6 +95,8 @@ mod producer;
 pub mod smol;
 mod types;
 
+/// The shared byte buffer of a [`Record`]'s key, value and headers (from the `bytes` crate).
+pub use bytes::Bytes;
 pub use client::{Client, ClientBuilder, ClientConfig, TlsOptions, Token};
 pub use consumer::{Consumer, ConsumerConfig, Offset, ResetPolicy};
 pub use error::{Context, Error, ErrorCode, ProtocolError, Result};

@@ -159,13 +159,15 @@ pub struct Delivery {
     outcome: Arc<Outcome>,
     /// The record's index in its batch.
     index: u32,
-    topic: Arc<str>,
-    partition: u32,
 }
 
 /// A batch's result (its base offset, or its error), set once, awaited by its records.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Outcome {
+    /// The batch's topic and partition, for its records' [`RecordMetadata`] (kept here once
+    /// rather than in each [`Delivery`]).
+    topic: Arc<str>,
+    partition: u32,
     /// Set once; read without a lock.
     result: OnceLock<Result<i64>>,
     /// Tasks and threads waiting for it.
@@ -183,6 +185,16 @@ struct Waiters {
 }
 
 impl Outcome {
+    fn new(topic: Arc<str>, partition: u32) -> Self {
+        Self {
+            topic,
+            partition,
+            result: OnceLock::new(),
+            waiters: Mutex::default(),
+            done: Condvar::new(),
+        }
+    }
+
     fn waiters(&self) -> MutexGuard<'_, Waiters> {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -211,8 +223,8 @@ impl Delivery {
     fn resolve(&self, result: &Result<i64>) -> Result<RecordMetadata> {
         match result {
             Ok(base) => Ok(RecordMetadata {
-                topic: self.topic.clone(),
-                partition: self.partition,
+                topic: self.outcome.topic.clone(),
+                partition: self.outcome.partition,
                 offset: base + i64::from(self.index),
             }),
             Err(e) => Err(e.clone()),
@@ -527,19 +539,12 @@ impl Producer {
 
     async fn take(&self, record: Record, urgent: bool) -> Result<Delivery> {
         let inner = &self.inner;
-        let ctx = || Context::new("produce").topic(record.topic.as_str());
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed {
-                context: ctx(),
+                context: Context::new("produce").topic(record.topic.clone()),
                 what: "producer",
             });
         }
-        let (topic, partition) = self.partition_of(&record).await?;
-        let ctx = || {
-            Context::new("produce")
-                .topic(topic.clone())
-                .partition(partition)
-        };
         let headers: Vec<Header<'_>> = record
             .headers
             .iter()
@@ -553,45 +558,113 @@ impl Producer {
             headers: Headers::from_slice(&headers),
         };
         let size = message.encoded_len();
-        let limit = self.batch_limit(&topic);
+        // One lock per record in the common case (a known topic, room in the buffer): the
+        // partition is picked and the record encoded into its batch under it.
+        let mut picked = None;
+        let mut reserved = false;
+        loop {
+            match self.try_take(&message, &record, size, picked.take(), reserved, urgent) {
+                Take::Done(result) => return result,
+                Take::UnknownTopic => {
+                    // The first record of a topic: its own (boxed) future keeps `enqueue`'s
+                    // small.
+                    picked = Some(Box::pin(self.partition_of(&record)).await?);
+                }
+                Take::BufferFull(topic, partition, d) => {
+                    let ctx = || {
+                        Context::new("produce")
+                            .topic(topic.clone())
+                            .partition(partition)
+                    };
+                    let permits = u32::try_from(size).unwrap_or(u32::MAX);
+                    // Boxed: a rare path, kept out of `enqueue`'s future.
+                    Box::pin(tokio::time::timeout(d, inner.buffer.acquire_many(permits)))
+                        .await
+                        .map_err(|_| Error::TimedOut {
+                            context: ctx(),
+                            waiting: "waiting for room in the producer's buffer",
+                            after: d,
+                        })?
+                        .map_err(|_| Error::Closed {
+                            context: ctx(),
+                            what: "producer",
+                        })?
+                        .forget();
+                    reserved = true;
+                    picked = Some((topic, partition));
+                }
+            }
+        }
+    }
+
+    /// Takes the record under one lock if it can: its topic known (or `picked` already) and
+    /// room in the buffer (or `reserved` already).
+    fn try_take(
+        &self,
+        message: &Message<'_>,
+        record: &Record,
+        size: usize,
+        picked: Option<(Arc<str>, u32)>,
+        reserved: bool,
+        urgent: bool,
+    ) -> Take {
+        let inner = &self.inner;
+        let limit = self.batch_limit(&record.topic);
+        let mut st = inner.lock();
+        let (topic, partition) = match picked {
+            Some(tp) => tp,
+            None => match st.topics.get_mut(&*record.topic).map(|t| pick(t, record)) {
+                Some((name, _, Some(p))) => (name, p),
+                Some((_, count, None)) => return Take::Done(Err(out_of_range(record, count))),
+                None => return Take::UnknownTopic,
+            },
+        };
+        let ctx = || {
+            Context::new("produce")
+                .topic(topic.clone())
+                .partition(partition)
+        };
+        let release = |st: MutexGuard<'_, State>| {
+            drop(st);
+            if reserved {
+                inner.buffer.add_permits(size);
+            }
+        };
         if size > limit {
-            return Err(Error::invalid(
+            release(st);
+            return Take::Done(Err(Error::invalid(
                 ctx(),
                 format!("a record of {size} bytes exceeds the {limit}-byte limit of one batch"),
-            ));
+            )));
         }
-        let permits = u32::try_from(size).unwrap_or(u32::MAX);
-        match (
-            inner.buffer.try_acquire_many(permits),
-            inner.config.buffer_full,
-        ) {
-            (Ok(permit), _) => permit.forget(),
-            (Err(_), BufferFull::FailFast) => {
-                return Err(Error::invalid(ctx(), "the producer's buffer is full"));
-            }
-            (Err(_), BufferFull::Block(d)) => {
-                // Boxed: a rare path, kept out of `enqueue`'s future.
-                Box::pin(tokio::time::timeout(d, inner.buffer.acquire_many(permits)))
-                    .await
-                    .map_err(|_| Error::TimedOut {
-                        context: ctx(),
-                        waiting: "waiting for room in the producer's buffer",
-                        after: d,
-                    })?
-                    .map_err(|_| Error::Closed {
-                        context: ctx(),
-                        what: "producer",
-                    })?
-                    .forget();
+        if !reserved {
+            let permits = u32::try_from(size).unwrap_or(u32::MAX);
+            match (
+                inner.buffer.try_acquire_many(permits),
+                inner.config.buffer_full,
+            ) {
+                (Ok(permit), _) => permit.forget(),
+                (Err(_), BufferFull::FailFast) => {
+                    return Take::Done(Err(Error::invalid(ctx(), "the producer's buffer is full")));
+                }
+                (Err(_), BufferFull::Block(d)) => return Take::BufferFull(topic, partition, d),
             }
         }
         let mut ship = false;
         let delivery;
         {
-            let mut st = inner.lock();
-            let key = (topic.clone(), partition);
+            // The topic's name is shared: no reference count moves for a record of an open
+            // batch beyond the lookup's key.
+            let key = (topic, partition);
+            let ctx = || produce_context(&key);
             let State { queues, spare, .. } = &mut *st;
-            let q = queues.entry(key.clone()).or_default();
+            if !queues.contains_key(&key) {
+                queues.insert(key.clone(), PartitionQueue::default());
+            }
+            let Some(q) = queues.get_mut(&key) else {
+                inner.buffer.add_permits(size);
+                return Take::Done(Err(Error::invalid(ctx(), "no queue for the partition")));
+            };
             let fits = q.open.as_ref().is_some_and(|b| {
                 b.records.len() + size <= limit && b.count < inner.config.batch_max_records
             });
@@ -606,7 +679,7 @@ impl Producer {
                 Batch {
                     records,
                     count: 0,
-                    outcome: Arc::default(),
+                    outcome: Arc::new(Outcome::new(key.0.clone(), key.1)),
                     opened: now,
                     deadline: now + inner.config.delivery_timeout,
                     urgent: false,
@@ -620,13 +693,11 @@ impl Producer {
                 batch.records.truncate(at);
                 drop(st);
                 inner.buffer.add_permits(size);
-                return Err(Error::invalid(ctx(), "the record can't be encoded"));
+                return Take::Done(Err(Error::invalid(ctx(), "the record can't be encoded")));
             }
             delivery = Delivery {
                 outcome: batch.outcome.clone(),
                 index: batch.count,
-                topic,
-                partition,
             };
             batch.count += 1;
             let full = batch.records.len() >= limit
@@ -646,7 +717,7 @@ impl Producer {
                 inner.wake_linger.notify_one();
             }
         }
-        Ok(delivery)
+        Take::Done(Ok(delivery))
     }
 
     /// Record bytes one batch may hold for `topic`: the configured size, within what one
@@ -663,9 +734,7 @@ impl Producer {
     async fn partition_of(&self, record: &Record) -> Result<(Arc<str>, u32)> {
         let known = {
             let mut st = self.inner.lock();
-            st.topics
-                .get_mut(record.topic.as_str())
-                .map(|t| pick(t, record))
+            st.topics.get_mut(&*record.topic).map(|t| pick(t, record))
         };
         let picked = match known {
             Some(k) => k,
@@ -674,21 +743,13 @@ impl Producer {
         };
         match picked {
             (name, _, Some(p)) => Ok((name, p)),
-            (_, count, None) => {
-                let p = record.partition.unwrap_or_default();
-                Err(Error::invalid(
-                    Context::new("produce")
-                        .topic(record.topic.as_str())
-                        .partition(p),
-                    format!("partition {p} is out of range: the topic has {count}"),
-                ))
-            }
+            (_, count, None) => Err(out_of_range(record, count)),
         }
     }
 
     /// Reads the partition count of the record's topic from the broker and caches it.
     async fn read_topic(&self, record: &Record) -> Result<(Arc<str>, u32, Option<u32>)> {
-        let ctx = || Context::new("produce").topic(record.topic.as_str());
+        let ctx = || Context::new("produce").topic(record.topic.clone());
         let name = validate_topic(&record.topic, &ctx())?;
         read_partition_count(&self.inner, &name)
             .await
@@ -783,6 +844,27 @@ async fn read_partition_count(inner: &Inner, topic: &Arc<str>) -> Result<u32> {
 
 /// The partition of `record` in `t` (`None`: its explicit partition is out of range), with
 /// the topic's name and partition count.
+/// What [`Producer::try_take`] did.
+enum Take {
+    /// Taken (its delivery) or refused for good.
+    Done(Result<Delivery>),
+    /// The topic's partition count is not known yet.
+    UnknownTopic,
+    /// The buffer is full: wait up to this long for room, keeping this partition.
+    BufferFull(Arc<str>, u32, Duration),
+}
+
+/// The error for a record whose explicit partition the topic does not have.
+fn out_of_range(record: &Record, count: u32) -> Error {
+    let p = record.partition.unwrap_or_default();
+    Error::invalid(
+        Context::new("produce")
+            .topic(record.topic.clone())
+            .partition(p),
+        format!("partition {p} is out of range: the topic has {count}"),
+    )
+}
+
 fn pick(t: &mut TopicState, record: &Record) -> (Arc<str>, u32, Option<u32>) {
     let count = t.partitions.max(1);
     let p = match (record.partition, record.key.as_deref()) {
