@@ -269,6 +269,16 @@ impl Future for Delivery {
 
 type Key = (Arc<str>, u32);
 
+/// A [`Key`] borrowed: hashes as the key does (the topic's `str`, then the partition).
+#[derive(Hash)]
+struct QueueRef<'a>(&'a str, u32);
+
+impl hashbrown::Equivalent<Key> for QueueRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        key.1 == self.1 && *key.0 == *self.0
+    }
+}
+
 /// FxHash (rustc's hasher, from `rustc-hash`) for the producer's maps: keys are topic names
 /// the application chose, not peer input, so a fast non-keyed hash is fine (SipHash cost ~5% of
 /// a send).
@@ -369,8 +379,6 @@ impl PartitionQueue {
 
 #[derive(Debug)]
 struct TopicState {
-    /// The validated name, shared by every record of the topic.
-    name: Arc<str>,
     partitions: u32,
     /// The round-robin cursor for keyless records.
     next: u32,
@@ -393,7 +401,9 @@ fn stale_topic(e: &Error) -> bool {
 struct State {
     /// Partition count per topic and the round-robin cursor.
     topics: HashMap<Arc<str>, TopicState, FxBuild>,
-    queues: HashMap<Key, PartitionQueue, FxBuild>,
+    /// hashbrown's map: looked up per record by a borrowed [`QueueRef`], with no reference
+    /// count moved.
+    queues: hashbrown::HashMap<Key, PartitionQueue, FxBuild>,
     failures: Vec<Error>,
     /// Batch buffers to reuse (their pages are already mapped).
     spare: Vec<Vec<u8>>,
@@ -570,10 +580,10 @@ impl Producer {
                     // small.
                     picked = Some(Box::pin(self.partition_of(&record)).await?);
                 }
-                Take::BufferFull(topic, partition, d) => {
+                Take::BufferFull(partition, d) => {
                     let ctx = || {
                         Context::new("produce")
-                            .topic(topic.clone())
+                            .topic(record.topic.clone())
                             .partition(partition)
                     };
                     let permits = u32::try_from(size).unwrap_or(u32::MAX);
@@ -591,7 +601,7 @@ impl Producer {
                         })?
                         .forget();
                     reserved = true;
-                    picked = Some((topic, partition));
+                    picked = Some(partition);
                 }
             }
         }
@@ -604,18 +614,21 @@ impl Producer {
         message: &Message<'_>,
         record: &Record,
         size: usize,
-        picked: Option<(Arc<str>, u32)>,
+        picked: Option<u32>,
         reserved: bool,
         urgent: bool,
     ) -> Take {
         let inner = &self.inner;
         let limit = self.batch_limit(&record.topic);
         let mut st = inner.lock();
-        let (topic, partition) = match picked {
-            Some(tp) => tp,
-            None => match st.topics.get_mut(&*record.topic).map(|t| pick(t, record)) {
-                Some((name, _, Some(p))) => (name, p),
-                Some((_, count, None)) => return Take::Done(Err(out_of_range(record, count))),
+        // The record's own name (equal to the validated one its topic entry was found by)
+        // serves as the key: cloned only for a new queue, a new batch or a batch sent.
+        let topic = &record.topic;
+        let partition = match picked {
+            Some(p) => p,
+            None => match st.topics.get_mut(&**topic).map(|t| pick(t, record)) {
+                Some((_, Some(p))) => p,
+                Some((count, None)) => return Take::Done(Err(out_of_range(record, count))),
                 None => return Take::UnknownTopic,
             },
         };
@@ -647,21 +660,20 @@ impl Producer {
                 (Err(_), BufferFull::FailFast) => {
                     return Take::Done(Err(Error::invalid(ctx(), "the producer's buffer is full")));
                 }
-                (Err(_), BufferFull::Block(d)) => return Take::BufferFull(topic, partition, d),
+                (Err(_), BufferFull::Block(d)) => return Take::BufferFull(partition, d),
             }
         }
         let mut ship = false;
         let delivery;
         {
-            // The topic's name is shared: no reference count moves for a record of an open
-            // batch beyond the lookup's key.
-            let key = (topic, partition);
-            let ctx = || produce_context(&key);
+            // Looked up by a borrowed key: no reference count moves for a record joining an
+            // open batch.
+            let qref = QueueRef(topic, partition);
             let State { queues, spare, .. } = &mut *st;
-            if !queues.contains_key(&key) {
-                queues.insert(key.clone(), PartitionQueue::default());
+            if !queues.contains_key(&qref) {
+                queues.insert((topic.clone(), partition), PartitionQueue::default());
             }
-            let Some(q) = queues.get_mut(&key) else {
+            let Some(q) = queues.get_mut(&qref) else {
                 inner.buffer.add_permits(size);
                 return Take::Done(Err(Error::invalid(ctx(), "no queue for the partition")));
             };
@@ -679,7 +691,7 @@ impl Producer {
                 Batch {
                     records,
                     count: 0,
-                    outcome: Arc::new(Outcome::new(key.0.clone(), key.1)),
+                    outcome: Arc::new(Outcome::new(topic.clone(), partition)),
                     opened: now,
                     deadline: now + inner.config.delivery_timeout,
                     urgent: false,
@@ -711,7 +723,7 @@ impl Producer {
             }
             inner.outstanding.fetch_add(1, Ordering::AcqRel);
             if ship {
-                ship_next(inner, &mut st, &key);
+                ship_next(inner, &mut st, &(topic.clone(), partition));
             } else if new_batch {
                 drop(st);
                 inner.wake_linger.notify_one();
@@ -731,7 +743,7 @@ impl Producer {
 
     /// The record's validated topic and partition: from the cache (one lock, no allocation)
     /// or, the first time, from the broker's topic list.
-    async fn partition_of(&self, record: &Record) -> Result<(Arc<str>, u32)> {
+    async fn partition_of(&self, record: &Record) -> Result<u32> {
         let known = {
             let mut st = self.inner.lock();
             st.topics.get_mut(&*record.topic).map(|t| pick(t, record))
@@ -742,13 +754,13 @@ impl Producer {
             None => Box::pin(self.read_topic(record)).await?,
         };
         match picked {
-            (name, _, Some(p)) => Ok((name, p)),
-            (_, count, None) => Err(out_of_range(record, count)),
+            (_, Some(p)) => Ok(p),
+            (count, None) => Err(out_of_range(record, count)),
         }
     }
 
     /// Reads the partition count of the record's topic from the broker and caches it.
-    async fn read_topic(&self, record: &Record) -> Result<(Arc<str>, u32, Option<u32>)> {
+    async fn read_topic(&self, record: &Record) -> Result<(u32, Option<u32>)> {
         let ctx = || Context::new("produce").topic(record.topic.clone());
         let name = validate_topic(&record.topic, &ctx())?;
         read_partition_count(&self.inner, &name)
@@ -832,7 +844,6 @@ async fn read_partition_count(inner: &Inner, topic: &Arc<str>) -> Result<u32> {
         .topics
         .entry(topic.clone())
         .or_insert_with(|| TopicState {
-            name: topic.clone(),
             partitions: count,
             next: 0,
             read_at: Instant::now(),
@@ -851,7 +862,7 @@ enum Take {
     /// The topic's partition count is not known yet.
     UnknownTopic,
     /// The buffer is full: wait up to this long for room, keeping this partition.
-    BufferFull(Arc<str>, u32, Duration),
+    BufferFull(u32, Duration),
 }
 
 /// The error for a record whose explicit partition the topic does not have.
@@ -865,7 +876,7 @@ fn out_of_range(record: &Record, count: u32) -> Error {
     )
 }
 
-fn pick(t: &mut TopicState, record: &Record) -> (Arc<str>, u32, Option<u32>) {
+fn pick(t: &mut TopicState, record: &Record) -> (u32, Option<u32>) {
     let count = t.partitions.max(1);
     let p = match (record.partition, record.key.as_deref()) {
         (Some(p), _) => (p < count).then_some(p),
@@ -876,7 +887,7 @@ fn pick(t: &mut TopicState, record: &Record) -> (Arc<str>, u32, Option<u32>) {
             Some(p)
         }
     };
-    (t.name.clone(), count, p)
+    (count, p)
 }
 
 /// Seals open batches whose linger passed (all of them with `all`) and ships where possible.
