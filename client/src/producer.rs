@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -411,6 +411,9 @@ struct State {
     flushing: usize,
     /// The producer's identity, when idempotent.
     identity: Option<Identity>,
+    /// Records taken and not yet resolved (counted under the lock the record is taken under:
+    /// no atomic of its own per record).
+    outstanding: usize,
 }
 
 #[derive(Debug)]
@@ -419,7 +422,6 @@ struct Inner {
     config: ProducerConfig,
     state: Mutex<State>,
     buffer: Semaphore,
-    outstanding: AtomicUsize,
     idle: Notify,
     wake_linger: Notify,
     closed: AtomicBool,
@@ -514,7 +516,6 @@ impl Producer {
                 ..State::default()
             }),
             config,
-            outstanding: AtomicUsize::new(0),
             idle: Notify::new(),
             wake_linger: Notify::new(),
             closed: AtomicBool::new(false),
@@ -721,7 +722,7 @@ impl Producer {
             if !q.sealed.is_empty() && !q.in_flight() {
                 ship = true;
             }
-            inner.outstanding.fetch_add(1, Ordering::AcqRel);
+            st.outstanding += 1;
             if ship {
                 ship_next(inner, &mut st, &(topic.clone(), partition));
             } else if new_batch {
@@ -790,12 +791,12 @@ impl Producer {
             let idle = inner.idle.notified();
             tokio::pin!(idle);
             idle.as_mut().enable();
-            if inner.outstanding.load(Ordering::Acquire) == 0 {
-                break;
-            }
             {
-                // Batches opened since: send them too.
                 let mut st = inner.lock();
+                if st.outstanding == 0 {
+                    break;
+                }
+                // Batches opened since: send them too.
                 seal_due(inner, &mut st, Instant::now(), true);
             }
             idle.await;
@@ -820,7 +821,7 @@ impl Producer {
 
     /// Records buffered or in flight, not yet acknowledged or failed.
     pub fn outstanding(&self) -> usize {
-        self.inner.outstanding.load(Ordering::Acquire)
+        self.inner.lock().outstanding
     }
 }
 
@@ -1125,10 +1126,8 @@ fn finish(inner: &Arc<Inner>, key: &Key, result: Result<i64>) {
     batch.outcome.set(result);
     inner.buffer.add_permits(bytes);
     ship_next(inner, st, key);
+    st.outstanding = st.outstanding.saturating_sub(count as usize);
     drop(guard);
-    inner
-        .outstanding
-        .fetch_sub(count as usize, Ordering::AcqRel);
     inner.idle.notify_waiters();
 }
 
