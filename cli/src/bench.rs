@@ -186,8 +186,9 @@ struct Tally {
 /// What each producing client does.
 #[derive(Debug, Clone)]
 struct Job {
-    topic: String,
-    value: Vec<u8>,
+    /// Shared by every record (a record costs no allocation of its own).
+    topic: std::sync::Arc<str>,
+    value: streambus_client::Bytes,
     config: ProducerConfig,
     /// Records to send at most.
     limit: u64,
@@ -263,8 +264,8 @@ async fn produce(
     let mut tasks = JoinSet::new();
     for (c, share) in jobs {
         let job = Job {
-            topic: args.topic.clone(),
-            value: vec![b'x'; args.size],
+            topic: args.topic.as_str().into(),
+            value: vec![b'x'; args.size].into(),
             config: config.clone(),
             limit: share,
             deadline: args.duration.map(|d| start + d),
@@ -358,7 +359,7 @@ async fn batching(client: Client, job: Job) -> Result<Tally, Error> {
     while job.go_on(sent) {
         let now = Instant::now();
         let d = producer
-            .enqueue(Record::new(job.topic.as_str(), job.value.clone()))
+            .enqueue(Record::new(job.topic.clone(), job.value.clone()))
             .await?;
         if tx.send((now, d)).await.is_err() {
             break;
@@ -386,7 +387,7 @@ async fn roundtrips(client: Client, job: Job) -> Result<Tally, Error> {
     while job.go_on(tally.ok) {
         let t = Instant::now();
         producer
-            .send(Record::new(job.topic.as_str(), job.value.clone()))
+            .send(Record::new(job.topic.clone(), job.value.clone()))
             .await?;
         tally.latency.saturating_record(nanos(t.elapsed()));
         tally.ok += 1;

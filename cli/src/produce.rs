@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::IsTerminal as _;
 
-use streambus_client::{Delivery, Error, Producer, ProducerConfig, Record};
+use streambus_client::{Bytes, Delivery, Error, Producer, ProducerConfig, Record};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::sync::mpsc;
 
@@ -54,6 +54,22 @@ pub(crate) async fn run(ctx: &Ctx, args: Produce) -> Outcome {
     let (tx, rx) = mpsc::channel::<Delivery>(1 << 16);
     let acks = tokio::spawn(collect(rx, args.verbose));
 
+    // Shared by every record (no copy per record).
+    let topic: std::sync::Arc<str> = args.topic.as_str().into();
+    let key = args
+        .key
+        .as_deref()
+        .map(|k| Bytes::copy_from_slice(k.as_bytes()));
+    let headers: Vec<(Bytes, Bytes)> = args
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                Bytes::copy_from_slice(k.as_bytes()),
+                Bytes::copy_from_slice(v.as_bytes()),
+            )
+        })
+        .collect();
     let mut line = Vec::new();
     let mut taken = 0u64;
     let mut stopped = None;
@@ -77,12 +93,12 @@ pub(crate) async fn run(ctx: &Ctx, args: Produce) -> Outcome {
                 line.pop();
             }
         }
-        let mut record = Record::new(args.topic.as_str(), line.as_slice());
-        if let Some(k) = &args.key {
-            record = record.key(k.as_str());
+        let mut record = Record::new(topic.clone(), Bytes::copy_from_slice(&line));
+        if let Some(k) = &key {
+            record = record.key(k.clone());
         }
-        for (k, v) in &args.headers {
-            record = record.header(k.as_str(), v.as_str());
+        for (k, v) in &headers {
+            record = record.header(k.clone(), v.clone());
         }
         if let Some(p) = args.partition {
             record = record.partition(p);

@@ -1,5 +1,5 @@
-//! SDK benchmarks against a running broker, to compare with `streambus-bench` (the raw load
-//! generator) in the same run:
+//! SDK benchmarks against a running broker, to compare with `streambus bench`'s raw modes (the
+//! protocol without the SDK) in the same run:
 //!
 //! ```text
 //! streambus-server --fsync never --listen 127.0.0.1:9092 &
@@ -9,16 +9,20 @@
 //! ```
 //!
 //! - `sync`: one 100-byte record at a time through `Producer::send` (compare with
-//!   `streambus-bench sync` and `pingpong`);
+//!   `streambus bench pipeline --batch 1 --in-flight 1` and `streambus bench pingpong`);
 //! - `produce`: the batching producer on one connection, 100-byte values (compare with
-//!   `streambus-bench pipelined --batch 100`);
+//!   `streambus bench pipeline --batch 100`);
 //! - `consume`: the consumer with 1 MiB fetches over 64 MiB of 1 KiB values (compare with
-//!   `streambus-bench fetch`).
+//!   `streambus bench fetch --size 1024`);
+//! - `health`: 3 200 tasks calling `Client::health` on one client with `pool_size(50)` and
+//!   `max_in_flight(64)` (compare with `streambus bench requests --connections 50
+//!   --in-flight 64`).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use streambus_client::{Client, Consumer, ConsumerConfig, Error, Offset, Producer, Record};
+use streambus_client::{Bytes, Client, Consumer, ConsumerConfig, Error, Offset, Producer, Record};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -61,14 +65,24 @@ async fn run() -> Result<(), Error> {
     let mode = args.next().unwrap_or_else(|| "sync".into());
     let secs: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(5);
     let duration = Duration::from_secs(secs);
-    let client = Client::builder().pool_size(1).connect(addr).await?;
-    let value = vec![b'v'; 100];
+    let client = if mode == "health" {
+        Client::builder()
+            .pool_size(50)
+            .max_in_flight(64)
+            .connect(addr)
+            .await?
+    } else {
+        Client::builder().pool_size(1).connect(addr).await?
+    };
+    // Shared by every record: a record costs no allocation or copy before the producer's.
+    let value = Bytes::from(vec![b'v'; 100]);
     match mode.as_str() {
         "sync" => {
+            let topic_sync: Arc<str> = Arc::from("bench-sdk-sync");
             let producer = Producer::new(&client);
             for _ in 0..100 {
                 producer
-                    .send(Record::new("bench-sdk-sync", value.clone()))
+                    .send(Record::new(topic_sync.clone(), value.clone()))
                     .await?;
             }
             let mut lat = Vec::new();
@@ -76,7 +90,7 @@ async fn run() -> Result<(), Error> {
             while Instant::now() < end {
                 let t = Instant::now();
                 producer
-                    .send(Record::new("bench-sdk-sync", value.clone()))
+                    .send(Record::new(topic_sync.clone(), value.clone()))
                     .await?;
                 lat.push(t.elapsed());
             }
@@ -91,9 +105,10 @@ async fn run() -> Result<(), Error> {
             );
         }
         "produce" => {
+            let topic_pipe: Arc<str> = Arc::from("bench-sdk-pipe");
             let producer = Producer::new(&client);
             producer
-                .send(Record::new("bench-sdk-pipe", value.clone()))
+                .send(Record::new(topic_pipe.clone(), value.clone()))
                 .await?;
             let mut pending = VecDeque::new();
             let mut acked = 0u64;
@@ -103,7 +118,7 @@ async fn run() -> Result<(), Error> {
                 for _ in 0..1000 {
                     pending.push_back(
                         producer
-                            .enqueue(Record::new("bench-sdk-pipe", value.clone()))
+                            .enqueue(Record::new(topic_pipe.clone(), value.clone()))
                             .await?,
                     );
                 }
@@ -127,7 +142,7 @@ async fn run() -> Result<(), Error> {
         "consume" => {
             let topic = "bench-sdk-fetch";
             let _ = client.create_topic(topic, 1).await;
-            let kib = vec![b'v'; 1024];
+            let kib = Bytes::from(vec![b'v'; 1024]);
             let producer = Producer::new(&client);
             let have = client.offsets(topic, 0).await?.end;
             let mut pending = Vec::new();
@@ -159,7 +174,37 @@ async fn run() -> Result<(), Error> {
                 bytes as f64 / secs / 1e9
             );
         }
-        other => eprintln!("unknown mode {other}: sync, produce or consume"),
+        "health" => {
+            client.health().await?;
+            let start = Instant::now();
+            let end = start + duration;
+            let tasks: Vec<_> = (0..3200)
+                .map(|_| {
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let mut n = 0u64;
+                        while Instant::now() < end {
+                            client.health().await?;
+                            n += 1;
+                        }
+                        Ok::<u64, Error>(n)
+                    })
+                })
+                .collect();
+            let mut total = 0u64;
+            for t in tasks {
+                total += t.await.map_err(|e| Error::Config {
+                    setting: "task",
+                    reason: e.to_string(),
+                })??;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "sdk health: {total} requests in {secs:.2}s = {:.3} M req/s (3200 tasks, 50 connections x 64)",
+                total as f64 / secs / 1e6
+            );
+        }
+        other => eprintln!("unknown mode {other}: sync, produce, consume or health"),
     }
     Ok(())
 }

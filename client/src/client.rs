@@ -1,8 +1,9 @@
 //! [`Client`]: the connection pool and the admin calls.
 
+use std::cell::Cell;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -672,6 +673,26 @@ pub(crate) struct Pool {
     runtime: tokio::runtime::Handle,
     state: Mutex<PoolState>,
     changed: watch::Sender<u64>,
+    /// The live connections, one cell per slot, read without the pool's lock: a call takes
+    /// the first with room from a per-thread starting point (no global lock, no shared
+    /// counter), and only when none has room takes the lock to grow the pool or wait.
+    ready: Box<[RwLock<Option<Conn>>]>,
+    /// Every slot holds a connection: the fast path may fill connections to the brim (the
+    /// pool has nothing left to grow).
+    full: AtomicBool,
+}
+
+/// A live connection: its task's channel and its load.
+#[derive(Debug, Clone)]
+struct Conn {
+    tx: ConnTx,
+    load: Arc<AtomicUsize>,
+}
+
+thread_local! {
+    /// Where this thread's next call starts looking in the pool, so threads spread over the
+    /// connections without sharing a counter.
+    static CURSOR: Cell<usize> = const { Cell::new(0) };
 }
 
 enum Next {
@@ -688,6 +709,7 @@ impl Pool {
         runtime: tokio::runtime::Handle,
     ) -> Self {
         let slots = (0..config.pool_size).map(|_| Slot::Empty).collect();
+        let ready = (0..config.pool_size).map(|_| RwLock::new(None)).collect();
         Self {
             addr,
             config,
@@ -701,7 +723,49 @@ impl Pool {
                 last_error: None,
             }),
             changed: watch::channel(0).0,
+            ready,
+            full: AtomicBool::new(false),
         }
+    }
+
+    fn ready_cell(&self, slot: usize) -> Option<RwLockWriteGuard<'_, Option<Conn>>> {
+        self.ready
+            .get(slot)
+            .map(|c| c.write().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A live connection with room, found without the pool's lock: the first from this
+    /// thread's cursor whose load is under `limit` (`max_in_flight` once the pool is full,
+    /// else half of it, the point where the slow path grows the pool).
+    fn fast_get(&self) -> Option<(ConnTx, LoadGuard)> {
+        let n = self.ready.len();
+        let max = self.config.max_in_flight;
+        let limit = if self.full.load(Ordering::Relaxed) {
+            max
+        } else {
+            max.div_ceil(2)
+        };
+        let start = CURSOR.with(|c| {
+            let v = c.get();
+            c.set(v.wrapping_add(1));
+            v
+        });
+        for i in 0..n {
+            let Some(cell) = self.ready.get(start.wrapping_add(i) % n) else {
+                continue;
+            };
+            let cell = cell.read().unwrap_or_else(|p| p.into_inner());
+            let Some(conn) = cell.as_ref() else {
+                continue;
+            };
+            if conn.tx.is_closed() {
+                continue;
+            }
+            if let Some(guard) = LoadGuard::try_new(&conn.load, limit) {
+                return Some((conn.tx.clone(), guard));
+            }
+        }
+        None
     }
 
     /// The runtime the pool's tasks run on.
@@ -721,6 +785,9 @@ impl Pool {
 
     /// A live connection with room for one more request, if there is one now.
     pub(crate) fn try_get(&self) -> Option<(ConnTx, LoadGuard)> {
+        if let Some(found) = self.fast_get() {
+            return Some(found);
+        }
         let st = self.lock();
         st.slots
             .iter()
@@ -741,14 +808,21 @@ impl Pool {
         deadline: Instant,
         ctx: &Context,
     ) -> Result<(ConnTx, LoadGuard)> {
+        if let Some(found) = self.fast_get() {
+            return Ok(found);
+        }
         let mut failures_seen = None;
         loop {
             let next = {
                 let mut st = self.lock();
                 let seen = *failures_seen.get_or_insert(st.dial_failures);
-                for s in st.slots.iter_mut() {
+                for (i, s) in st.slots.iter_mut().enumerate() {
                     if matches!(s, Slot::Ready { tx, .. } if tx.is_closed()) {
                         *s = Slot::Empty;
+                        self.full.store(false, Ordering::Relaxed);
+                        if let Some(mut cell) = self.ready_cell(i) {
+                            *cell = None;
+                        }
                     }
                 }
                 let best = st
@@ -852,12 +926,18 @@ impl Pool {
                 let depth = self.config.max_in_flight;
                 let timeout = self.config.request_timeout + self.config.max_poll_wait;
                 self.runtime.spawn(conn::run(driver, rx, depth, timeout));
-                if let Some(s) = st.slots.get_mut(slot) {
-                    *s = Slot::Ready {
-                        tx,
-                        load: Arc::new(AtomicUsize::new(0)),
-                    };
+                let load = Arc::new(AtomicUsize::new(0));
+                if let Some(mut cell) = self.ready_cell(slot) {
+                    *cell = Some(Conn {
+                        tx: tx.clone(),
+                        load: load.clone(),
+                    });
                 }
+                if let Some(s) = st.slots.get_mut(slot) {
+                    *s = Slot::Ready { tx, load };
+                }
+                let full = st.slots.iter().all(|s| matches!(s, Slot::Ready { .. }));
+                self.full.store(full, Ordering::Relaxed);
                 st.backoff = None;
                 st.retry_at = None;
                 tracing::debug!(addr = %self.addr, slot, "connected");

@@ -3,7 +3,7 @@
 //! configured depth), matches completions by RequestID and answers each caller exactly once.
 //! No parsing happens here: requests are encoded and responses decoded by the core.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -174,6 +174,16 @@ impl LoadGuard {
     pub(crate) fn new(load: Arc<AtomicUsize>) -> Self {
         load.fetch_add(1, Ordering::Relaxed);
         Self(load)
+    }
+
+    /// Counts a call against `load` if it is under `limit` (checked and counted at once, so
+    /// racing callers never push it past the limit).
+    pub(crate) fn try_new(load: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
+        load.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(load.clone()))
     }
 }
 
@@ -427,9 +437,51 @@ enum Event {
     Deadline,
 }
 
-/// The earliest deadline of the calls in flight.
-fn earliest(pending: &HashMap<u64, Job>) -> Option<Instant> {
-    pending.values().map(|j| j.deadline).min()
+/// The calls in flight by RequestID, with their deadlines in order (no scan per wake-up).
+#[derive(Default)]
+struct Pending {
+    /// FxHash: the keys are our own RequestIDs, not peer input.
+    jobs: HashMap<u64, Job, rustc_hash::FxBuildHasher>,
+    deadlines: BTreeSet<(Instant, u64)>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    fn insert(&mut self, id: u64, job: Job) {
+        self.deadlines.insert((job.deadline, id));
+        if let Some(old) = self.jobs.insert(id, job) {
+            self.deadlines.remove(&(old.deadline, id));
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Job> {
+        let job = self.jobs.remove(&id)?;
+        self.deadlines.remove(&(job.deadline, id));
+        Some(job)
+    }
+
+    /// The earliest deadline of the calls in flight.
+    fn earliest(&self) -> Option<Instant> {
+        self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    /// Removes and returns a call whose deadline is at or before `now`.
+    fn pop_expired(&mut self, now: Instant) -> Option<Job> {
+        let &(at, id) = self.deadlines.first()?;
+        if at > now {
+            return None;
+        }
+        self.deadlines.pop_first();
+        self.jobs.remove(&id)
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Job> + '_ {
+        self.deadlines.clear();
+        self.jobs.drain().map(|(_, job)| job)
+    }
 }
 
 /// Waits for `at` on `timer` (moved there first; a later deadline moves a registered tokio
@@ -447,6 +499,41 @@ async fn sleep_until(timer: Pin<&mut tokio::time::Sleep>, at: Option<Instant>) {
     }
 }
 
+/// Queues `job`'s request on the connection (written by the driver's next wait), or answers
+/// it at once when it can't be sent.
+fn submit(driver: &mut Driver, pending: &mut Pending, job: Job, request_timeout: Duration) {
+    if job.reply.is_closed() {
+        // The caller gave up (timeout, cancel) before this was sent.
+        return;
+    }
+    let mut names = Vec::new();
+    let queued = request(&job.req, &mut names).and_then(|r| {
+        driver
+            .queue(&r)
+            .map_err(|e| driver_error(e, request_timeout))
+    });
+    match queued {
+        Ok(id) => pending.insert(id, job),
+        Err(e) => job.reply.send(Err(e)),
+    }
+}
+
+/// Submits the calls already waiting in `jobs`, as long as the connection has room.
+fn drain(
+    driver: &mut Driver,
+    pending: &mut Pending,
+    jobs: &mut mpsc::UnboundedReceiver<Job>,
+    depth: usize,
+    request_timeout: Duration,
+) {
+    while driver.connection().in_flight() < depth {
+        match jobs.try_recv() {
+            Ok(job) => submit(driver, pending, job, request_timeout),
+            Err(_) => break,
+        }
+    }
+}
+
 /// Runs one connection until it breaks or every sender is gone; then fails whatever it
 /// still holds (their callers get an error at once, not at their timeout). Each call's own
 /// deadline is enforced here too, so a call answered by callback times out like one awaited.
@@ -456,12 +543,12 @@ pub(crate) async fn run(
     depth: usize,
     request_timeout: Duration,
 ) {
-    let mut pending: HashMap<u64, Job> = HashMap::new();
+    let mut pending = Pending::default();
     // One timer for the earliest call deadline, moved as it changes.
     let timer = tokio::time::sleep(request_timeout);
     tokio::pin!(timer);
     let failure = loop {
-        let deadline = earliest(&pending);
+        let deadline = pending.earliest();
         let wake = if driver.connection().in_flight() < depth {
             driver
                 .next_completion_or(async {
@@ -482,44 +569,32 @@ pub(crate) async fn run(
         };
         match wake {
             Ok(Wake::Other(Event::Job(Some(job)))) => {
-                if job.reply.is_closed() {
-                    // The caller gave up (timeout, cancel) before this was sent.
-                    continue;
-                }
-                let mut names = Vec::new();
-                let queued = request(&job.req, &mut names).and_then(|r| {
-                    driver
-                        .queue(&r)
-                        .map_err(|e| driver_error(e, request_timeout))
-                });
-                match queued {
-                    Ok(id) => {
-                        pending.insert(id, job);
-                    }
-                    Err(e) => job.reply.send(Err(e)),
+                let busy = driver.connection().in_flight() > 0;
+                submit(&mut driver, &mut pending, job, request_timeout);
+                // Every call already waiting goes out in the same write.
+                drain(&mut driver, &mut pending, &mut jobs, depth, request_timeout);
+                if busy && driver.connection().in_flight() < depth {
+                    // Calls are in flight already (a pipelining load, not a lone caller
+                    // waiting): let the callers that are ready run first, so their requests
+                    // share this write (one send per request costs more than the request).
+                    tokio::task::yield_now().await;
+                    drain(&mut driver, &mut pending, &mut jobs, depth, request_timeout);
                 }
             }
             Ok(Wake::Other(Event::Job(None))) => break None,
             Ok(Wake::Other(Event::Deadline)) => {
                 let now = Instant::now();
-                let expired: Vec<u64> = pending
-                    .iter()
-                    .filter(|(_, j)| j.deadline <= now)
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in expired {
-                    if let Some(job) = pending.remove(&id) {
-                        // Its late answer, if any, is dropped (no pending entry).
-                        job.reply.send(Err(Error::TimedOut {
-                            context: Context::default(),
-                            waiting: "waiting for the broker's answer",
-                            after: job.timeout,
-                        }));
-                    }
+                while let Some(job) = pending.pop_expired(now) {
+                    // Its late answer, if any, is dropped (no pending entry).
+                    job.reply.send(Err(Error::TimedOut {
+                        context: Context::default(),
+                        waiting: "waiting for the broker's answer",
+                        after: job.timeout,
+                    }));
                 }
             }
             Ok(Wake::Completion(done)) => {
-                let Some(job) = pending.remove(&done.request_id) else {
+                let Some(job) = pending.remove(done.request_id) else {
                     continue;
                 };
                 if done.timed_out {
@@ -561,7 +636,7 @@ pub(crate) async fn run(
         context: Context::default(),
         what: "client",
     });
-    for (_, job) in pending.drain() {
+    for job in pending.drain() {
         job.reply.send(Err(err.clone()));
     }
     while let Ok(job) = jobs.try_recv() {

@@ -96,6 +96,8 @@ mod producer;
 pub mod smol;
 mod types;
 
+/// The shared byte buffer of a [`Record`]'s key, value and headers (from the `bytes` crate).
+pub use bytes::Bytes;
 pub use client::{Client, ClientBuilder, ClientConfig, TlsOptions, Token, check_topic_name};
 pub use consumer::{Consumer, ConsumerConfig, Offset, ResetPolicy};
 pub use error::{Context, Error, ErrorCode, ProtocolError, Result};

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::task::{Poll, Waker};
 use std::time::Duration;
@@ -159,13 +159,15 @@ pub struct Delivery {
     outcome: Arc<Outcome>,
     /// The record's index in its batch.
     index: u32,
-    topic: Arc<str>,
-    partition: u32,
 }
 
 /// A batch's result (its base offset, or its error), set once, awaited by its records.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Outcome {
+    /// The batch's topic and partition, for its records' [`RecordMetadata`] (kept here once
+    /// rather than in each [`Delivery`]).
+    topic: Arc<str>,
+    partition: u32,
     /// Set once; read without a lock.
     result: OnceLock<Result<i64>>,
     /// Tasks and threads waiting for it.
@@ -183,6 +185,16 @@ struct Waiters {
 }
 
 impl Outcome {
+    fn new(topic: Arc<str>, partition: u32) -> Self {
+        Self {
+            topic,
+            partition,
+            result: OnceLock::new(),
+            waiters: Mutex::default(),
+            done: Condvar::new(),
+        }
+    }
+
     fn waiters(&self) -> MutexGuard<'_, Waiters> {
         self.waiters.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -211,8 +223,8 @@ impl Delivery {
     fn resolve(&self, result: &Result<i64>) -> Result<RecordMetadata> {
         match result {
             Ok(base) => Ok(RecordMetadata {
-                topic: self.topic.clone(),
-                partition: self.partition,
+                topic: self.outcome.topic.clone(),
+                partition: self.outcome.partition,
                 offset: base + i64::from(self.index),
             }),
             Err(e) => Err(e.clone()),
@@ -256,6 +268,16 @@ impl Future for Delivery {
 }
 
 type Key = (Arc<str>, u32);
+
+/// A [`Key`] borrowed: hashes as the key does (the topic's `str`, then the partition).
+#[derive(Hash)]
+struct QueueRef<'a>(&'a str, u32);
+
+impl hashbrown::Equivalent<Key> for QueueRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        key.1 == self.1 && *key.0 == *self.0
+    }
+}
 
 /// FxHash (rustc's hasher, from `rustc-hash`) for the producer's maps: keys are topic names
 /// the application chose, not peer input, so a fast non-keyed hash is fine (SipHash cost ~5% of
@@ -357,8 +379,6 @@ impl PartitionQueue {
 
 #[derive(Debug)]
 struct TopicState {
-    /// The validated name, shared by every record of the topic.
-    name: Arc<str>,
     partitions: u32,
     /// The round-robin cursor for keyless records.
     next: u32,
@@ -381,7 +401,9 @@ fn stale_topic(e: &Error) -> bool {
 struct State {
     /// Partition count per topic and the round-robin cursor.
     topics: HashMap<Arc<str>, TopicState, FxBuild>,
-    queues: HashMap<Key, PartitionQueue, FxBuild>,
+    /// hashbrown's map: looked up per record by a borrowed [`QueueRef`], with no reference
+    /// count moved.
+    queues: hashbrown::HashMap<Key, PartitionQueue, FxBuild>,
     failures: Vec<Error>,
     /// Batch buffers to reuse (their pages are already mapped).
     spare: Vec<Vec<u8>>,
@@ -389,6 +411,9 @@ struct State {
     flushing: usize,
     /// The producer's identity, when idempotent.
     identity: Option<Identity>,
+    /// Records taken and not yet resolved (counted under the lock the record is taken under:
+    /// no atomic of its own per record).
+    outstanding: usize,
 }
 
 #[derive(Debug)]
@@ -397,7 +422,6 @@ struct Inner {
     config: ProducerConfig,
     state: Mutex<State>,
     buffer: Semaphore,
-    outstanding: AtomicUsize,
     idle: Notify,
     wake_linger: Notify,
     closed: AtomicBool,
@@ -492,7 +516,6 @@ impl Producer {
                 ..State::default()
             }),
             config,
-            outstanding: AtomicUsize::new(0),
             idle: Notify::new(),
             wake_linger: Notify::new(),
             closed: AtomicBool::new(false),
@@ -527,19 +550,12 @@ impl Producer {
 
     async fn take(&self, record: Record, urgent: bool) -> Result<Delivery> {
         let inner = &self.inner;
-        let ctx = || Context::new("produce").topic(record.topic.as_str());
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed {
-                context: ctx(),
+                context: Context::new("produce").topic(record.topic.clone()),
                 what: "producer",
             });
         }
-        let (topic, partition) = self.partition_of(&record).await?;
-        let ctx = || {
-            Context::new("produce")
-                .topic(topic.clone())
-                .partition(partition)
-        };
         let headers: Vec<Header<'_>> = record
             .headers
             .iter()
@@ -553,45 +569,115 @@ impl Producer {
             headers: Headers::from_slice(&headers),
         };
         let size = message.encoded_len();
-        let limit = self.batch_limit(&topic);
+        // One lock per record in the common case (a known topic, room in the buffer): the
+        // partition is picked and the record encoded into its batch under it.
+        let mut picked = None;
+        let mut reserved = false;
+        loop {
+            match self.try_take(&message, &record, size, picked.take(), reserved, urgent) {
+                Take::Done(result) => return result,
+                Take::UnknownTopic => {
+                    // The first record of a topic: its own (boxed) future keeps `enqueue`'s
+                    // small.
+                    picked = Some(Box::pin(self.partition_of(&record)).await?);
+                }
+                Take::BufferFull(partition, d) => {
+                    let ctx = || {
+                        Context::new("produce")
+                            .topic(record.topic.clone())
+                            .partition(partition)
+                    };
+                    let permits = u32::try_from(size).unwrap_or(u32::MAX);
+                    // Boxed: a rare path, kept out of `enqueue`'s future.
+                    Box::pin(tokio::time::timeout(d, inner.buffer.acquire_many(permits)))
+                        .await
+                        .map_err(|_| Error::TimedOut {
+                            context: ctx(),
+                            waiting: "waiting for room in the producer's buffer",
+                            after: d,
+                        })?
+                        .map_err(|_| Error::Closed {
+                            context: ctx(),
+                            what: "producer",
+                        })?
+                        .forget();
+                    reserved = true;
+                    picked = Some(partition);
+                }
+            }
+        }
+    }
+
+    /// Takes the record under one lock if it can: its topic known (or `picked` already) and
+    /// room in the buffer (or `reserved` already).
+    fn try_take(
+        &self,
+        message: &Message<'_>,
+        record: &Record,
+        size: usize,
+        picked: Option<u32>,
+        reserved: bool,
+        urgent: bool,
+    ) -> Take {
+        let inner = &self.inner;
+        let limit = self.batch_limit(&record.topic);
+        let mut st = inner.lock();
+        // The record's own name (equal to the validated one its topic entry was found by)
+        // serves as the key: cloned only for a new queue, a new batch or a batch sent.
+        let topic = &record.topic;
+        let partition = match picked {
+            Some(p) => p,
+            None => match st.topics.get_mut(&**topic).map(|t| pick(t, record)) {
+                Some((_, Some(p))) => p,
+                Some((count, None)) => return Take::Done(Err(out_of_range(record, count))),
+                None => return Take::UnknownTopic,
+            },
+        };
+        let ctx = || {
+            Context::new("produce")
+                .topic(topic.clone())
+                .partition(partition)
+        };
+        let release = |st: MutexGuard<'_, State>| {
+            drop(st);
+            if reserved {
+                inner.buffer.add_permits(size);
+            }
+        };
         if size > limit {
-            return Err(Error::invalid(
+            release(st);
+            return Take::Done(Err(Error::invalid(
                 ctx(),
                 format!("a record of {size} bytes exceeds the {limit}-byte limit of one batch"),
-            ));
+            )));
         }
-        let permits = u32::try_from(size).unwrap_or(u32::MAX);
-        match (
-            inner.buffer.try_acquire_many(permits),
-            inner.config.buffer_full,
-        ) {
-            (Ok(permit), _) => permit.forget(),
-            (Err(_), BufferFull::FailFast) => {
-                return Err(Error::invalid(ctx(), "the producer's buffer is full"));
-            }
-            (Err(_), BufferFull::Block(d)) => {
-                // Boxed: a rare path, kept out of `enqueue`'s future.
-                Box::pin(tokio::time::timeout(d, inner.buffer.acquire_many(permits)))
-                    .await
-                    .map_err(|_| Error::TimedOut {
-                        context: ctx(),
-                        waiting: "waiting for room in the producer's buffer",
-                        after: d,
-                    })?
-                    .map_err(|_| Error::Closed {
-                        context: ctx(),
-                        what: "producer",
-                    })?
-                    .forget();
+        if !reserved {
+            let permits = u32::try_from(size).unwrap_or(u32::MAX);
+            match (
+                inner.buffer.try_acquire_many(permits),
+                inner.config.buffer_full,
+            ) {
+                (Ok(permit), _) => permit.forget(),
+                (Err(_), BufferFull::FailFast) => {
+                    return Take::Done(Err(Error::invalid(ctx(), "the producer's buffer is full")));
+                }
+                (Err(_), BufferFull::Block(d)) => return Take::BufferFull(partition, d),
             }
         }
         let mut ship = false;
         let delivery;
         {
-            let mut st = inner.lock();
-            let key = (topic.clone(), partition);
+            // Looked up by a borrowed key: no reference count moves for a record joining an
+            // open batch.
+            let qref = QueueRef(topic, partition);
             let State { queues, spare, .. } = &mut *st;
-            let q = queues.entry(key.clone()).or_default();
+            if !queues.contains_key(&qref) {
+                queues.insert((topic.clone(), partition), PartitionQueue::default());
+            }
+            let Some(q) = queues.get_mut(&qref) else {
+                inner.buffer.add_permits(size);
+                return Take::Done(Err(Error::invalid(ctx(), "no queue for the partition")));
+            };
             let fits = q.open.as_ref().is_some_and(|b| {
                 b.records.len() + size <= limit && b.count < inner.config.batch_max_records
             });
@@ -606,7 +692,7 @@ impl Producer {
                 Batch {
                     records,
                     count: 0,
-                    outcome: Arc::default(),
+                    outcome: Arc::new(Outcome::new(topic.clone(), partition)),
                     opened: now,
                     deadline: now + inner.config.delivery_timeout,
                     urgent: false,
@@ -620,13 +706,11 @@ impl Producer {
                 batch.records.truncate(at);
                 drop(st);
                 inner.buffer.add_permits(size);
-                return Err(Error::invalid(ctx(), "the record can't be encoded"));
+                return Take::Done(Err(Error::invalid(ctx(), "the record can't be encoded")));
             }
             delivery = Delivery {
                 outcome: batch.outcome.clone(),
                 index: batch.count,
-                topic,
-                partition,
             };
             batch.count += 1;
             let full = batch.records.len() >= limit
@@ -638,15 +722,15 @@ impl Producer {
             if !q.sealed.is_empty() && !q.in_flight() {
                 ship = true;
             }
-            inner.outstanding.fetch_add(1, Ordering::AcqRel);
+            st.outstanding += 1;
             if ship {
-                ship_next(inner, &mut st, &key);
+                ship_next(inner, &mut st, &(topic.clone(), partition));
             } else if new_batch {
                 drop(st);
                 inner.wake_linger.notify_one();
             }
         }
-        Ok(delivery)
+        Take::Done(Ok(delivery))
     }
 
     /// Record bytes one batch may hold for `topic`: the configured size, within what one
@@ -660,12 +744,10 @@ impl Producer {
 
     /// The record's validated topic and partition: from the cache (one lock, no allocation)
     /// or, the first time, from the broker's topic list.
-    async fn partition_of(&self, record: &Record) -> Result<(Arc<str>, u32)> {
+    async fn partition_of(&self, record: &Record) -> Result<u32> {
         let known = {
             let mut st = self.inner.lock();
-            st.topics
-                .get_mut(record.topic.as_str())
-                .map(|t| pick(t, record))
+            st.topics.get_mut(&*record.topic).map(|t| pick(t, record))
         };
         let picked = match known {
             Some(k) => k,
@@ -673,22 +755,14 @@ impl Producer {
             None => Box::pin(self.read_topic(record)).await?,
         };
         match picked {
-            (name, _, Some(p)) => Ok((name, p)),
-            (_, count, None) => {
-                let p = record.partition.unwrap_or_default();
-                Err(Error::invalid(
-                    Context::new("produce")
-                        .topic(record.topic.as_str())
-                        .partition(p),
-                    format!("partition {p} is out of range: the topic has {count}"),
-                ))
-            }
+            (_, Some(p)) => Ok(p),
+            (count, None) => Err(out_of_range(record, count)),
         }
     }
 
     /// Reads the partition count of the record's topic from the broker and caches it.
-    async fn read_topic(&self, record: &Record) -> Result<(Arc<str>, u32, Option<u32>)> {
-        let ctx = || Context::new("produce").topic(record.topic.as_str());
+    async fn read_topic(&self, record: &Record) -> Result<(u32, Option<u32>)> {
+        let ctx = || Context::new("produce").topic(record.topic.clone());
         let name = validate_topic(&record.topic, &ctx())?;
         read_partition_count(&self.inner, &name)
             .await
@@ -717,12 +791,12 @@ impl Producer {
             let idle = inner.idle.notified();
             tokio::pin!(idle);
             idle.as_mut().enable();
-            if inner.outstanding.load(Ordering::Acquire) == 0 {
-                break;
-            }
             {
-                // Batches opened since: send them too.
                 let mut st = inner.lock();
+                if st.outstanding == 0 {
+                    break;
+                }
+                // Batches opened since: send them too.
                 seal_due(inner, &mut st, Instant::now(), true);
             }
             idle.await;
@@ -747,7 +821,7 @@ impl Producer {
 
     /// Records buffered or in flight, not yet acknowledged or failed.
     pub fn outstanding(&self) -> usize {
-        self.inner.outstanding.load(Ordering::Acquire)
+        self.inner.lock().outstanding
     }
 }
 
@@ -771,7 +845,6 @@ async fn read_partition_count(inner: &Inner, topic: &Arc<str>) -> Result<u32> {
         .topics
         .entry(topic.clone())
         .or_insert_with(|| TopicState {
-            name: topic.clone(),
             partitions: count,
             next: 0,
             read_at: Instant::now(),
@@ -783,7 +856,28 @@ async fn read_partition_count(inner: &Inner, topic: &Arc<str>) -> Result<u32> {
 
 /// The partition of `record` in `t` (`None`: its explicit partition is out of range), with
 /// the topic's name and partition count.
-fn pick(t: &mut TopicState, record: &Record) -> (Arc<str>, u32, Option<u32>) {
+/// What [`Producer::try_take`] did.
+enum Take {
+    /// Taken (its delivery) or refused for good.
+    Done(Result<Delivery>),
+    /// The topic's partition count is not known yet.
+    UnknownTopic,
+    /// The buffer is full: wait up to this long for room, keeping this partition.
+    BufferFull(u32, Duration),
+}
+
+/// The error for a record whose explicit partition the topic does not have.
+fn out_of_range(record: &Record, count: u32) -> Error {
+    let p = record.partition.unwrap_or_default();
+    Error::invalid(
+        Context::new("produce")
+            .topic(record.topic.clone())
+            .partition(p),
+        format!("partition {p} is out of range: the topic has {count}"),
+    )
+}
+
+fn pick(t: &mut TopicState, record: &Record) -> (u32, Option<u32>) {
     let count = t.partitions.max(1);
     let p = match (record.partition, record.key.as_deref()) {
         (Some(p), _) => (p < count).then_some(p),
@@ -794,7 +888,7 @@ fn pick(t: &mut TopicState, record: &Record) -> (Arc<str>, u32, Option<u32>) {
             Some(p)
         }
     };
-    (t.name.clone(), count, p)
+    (count, p)
 }
 
 /// Seals open batches whose linger passed (all of them with `all`) and ships where possible.
@@ -1032,10 +1126,8 @@ fn finish(inner: &Arc<Inner>, key: &Key, result: Result<i64>) {
     batch.outcome.set(result);
     inner.buffer.add_permits(bytes);
     ship_next(inner, st, key);
+    st.outstanding = st.outstanding.saturating_sub(count as usize);
     drop(guard);
-    inner
-        .outstanding
-        .fetch_sub(count as usize, Ordering::AcqRel);
     inner.idle.notify_waiters();
 }
 

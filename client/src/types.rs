@@ -4,43 +4,54 @@ use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 /// A record to produce.
+///
+/// Its topic is an `Arc<str>` and its key, value and headers are [`Bytes`]: a record made from
+/// data the application already shares (an `Arc<str>` topic, a `Bytes` value) costs no
+/// allocation or copy; the producer copies each record once, into its batch.
 ///
 /// ```
 /// use streambus_client::Record;
 /// let r = Record::new("orders", "payload").key("customer-7").header("trace", "abc");
-/// assert_eq!(r.value, b"payload");
+/// assert_eq!(&r.value[..], b"payload");
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Record {
     /// The topic.
-    pub topic: String,
+    pub topic: Arc<str>,
     /// An explicit partition; `None` lets the producer choose (by key hash, or round robin
     /// for keyless records; see [`partition_for_key`](crate::partition_for_key)).
     pub partition: Option<u32>,
     /// The key; an empty key is the same as none on the wire.
-    pub key: Option<Vec<u8>>,
+    pub key: Option<Bytes>,
     /// The value.
-    pub value: Vec<u8>,
+    pub value: Bytes,
     /// Headers, in order; duplicate keys are kept.
-    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub headers: Vec<(Bytes, Bytes)>,
     /// Unix time in ns; `None` lets the broker stamp its append time.
     pub timestamp: Option<i64>,
 }
 
 impl Record {
-    /// A record of `value` for `topic`.
-    pub fn new(topic: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+    /// A record of `value` for `topic`. Both are taken without a copy when they are already
+    /// shared (`Arc<str>`, [`Bytes`]) or owned (`String`, `Vec<u8>`); to build one from a
+    /// borrowed slice, use [`Bytes::copy_from_slice`].
+    pub fn new(topic: impl Into<Arc<str>>, value: impl Into<Bytes>) -> Self {
         Self {
             topic: topic.into(),
+            partition: None,
+            key: None,
             value: value.into(),
-            ..Self::default()
+            headers: Vec::new(),
+            timestamp: None,
         }
     }
 
     /// Sets the key.
-    pub fn key(mut self, key: impl Into<Vec<u8>>) -> Self {
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
         self.key = Some(key.into());
         self
     }
@@ -52,7 +63,7 @@ impl Record {
     }
 
     /// Appends a header.
-    pub fn header(mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+    pub fn header(mut self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
         self.headers.push((key.into(), value.into()));
         self
     }
