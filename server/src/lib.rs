@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use broker::{Broker, BrokerConfig};
-pub use config::{Advertised, Cli, Config, ConfigError, FsyncMode, RuntimeKind, TlsFiles};
+pub use config::{
+    Advertised, Cli, ClusterSettings, Config, ConfigError, FsyncMode, RuntimeKind, TlsFiles,
+};
 use metrics::Metrics;
 use storage::{FsyncPolicy, Storage, StorageConfig};
 use streambus_adapters::ServeOptions;
