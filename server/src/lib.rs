@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 mod fds;
 mod longpoll;
