@@ -51,6 +51,9 @@ pub enum ServerError {
     /// The auth file could not be used.
     #[error("{0}")]
     Auth(#[from] auth::AuthError),
+    /// The cluster side could not start.
+    #[error("cluster: {0}")]
+    Cluster(#[from] cluster::node::StartError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -78,6 +81,8 @@ pub struct Running {
     metrics: Arc<Metrics>,
     stop: Stop,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
+    /// Cluster mode: the cluster side, stopped after the client side.
+    cluster: Option<cluster::ClusterNode>,
 }
 
 impl Running {
@@ -99,6 +104,16 @@ impl Running {
     /// The broker's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Cluster mode: the bound `--cluster-listen` address.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().map(cluster::ClusterNode::listen_addr)
+    }
+
+    /// Cluster mode: the metadata group.
+    pub fn cluster(&self) -> Option<&cluster::Cluster> {
+        self.cluster.as_ref().map(cluster::ClusterNode::cluster)
     }
 
     /// The metrics listener's address, if on.
@@ -146,6 +161,9 @@ impl Running {
             Some(t) => t.join().map_err(|_| ServerError::Panicked)?,
             None => Ok(()),
         };
+        if let Some(mut c) = self.cluster.take() {
+            c.shutdown();
+        }
         self.storage.sync_all()?;
         tracing::info!("broker stopped; logs synced");
         result
@@ -261,15 +279,32 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
             a
         }
     };
+    let cluster = match &config.cluster {
+        Some(settings) => Some(cluster::ClusterNode::start(
+            config.node_id,
+            settings,
+            &config.data_dir,
+            &advertise,
+            cluster::state::LocalReplicas {
+                node_id: config.node_id,
+                storage: Arc::clone(&storage),
+            },
+        )?),
+        None => None,
+    };
+    let mut broker_config = BrokerConfig::default()
+        .node_id(config.node_id)
+        .advertise(advertise.clone())
+        .auto_create_topics(config.auto_create_topics)
+        .max_frame_len(config.max_frame_bytes)
+        .max_fetch_wait(config.max_fetch_wait);
+    if let Some(handle) = cluster.as_ref().and_then(cluster::ClusterNode::handle) {
+        broker_config = broker_config.cluster(handle);
+    }
     let broker = Arc::new(
         Broker::with_auth(
             storage.clone(),
-            BrokerConfig::default()
-                .node_id(config.node_id)
-                .advertise(advertise.clone())
-                .auto_create_topics(config.auto_create_topics)
-                .max_frame_len(config.max_frame_bytes)
-                .max_fetch_wait(config.max_fetch_wait),
+            broker_config,
             metrics.clone(),
             auth.clone(),
         )
@@ -285,7 +320,10 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         Some(f) if f.client_ca.is_some() => "on, client certificates required",
         Some(_) => "on",
     };
-    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, runtime = ?config.runtime, tls, data_dir = %config.data_dir.display(), fsync = ?config.fsync, config = %config_file, auth = auth.is_some(), "broker listening");
+    let cluster_at = cluster
+        .as_ref()
+        .map_or_else(|| "off".to_owned(), |c| c.listen_addr().to_string());
+    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, cluster = %cluster_at, runtime = ?config.runtime, tls, data_dir = %config.data_dir.display(), fsync = ?config.fsync, config = %config_file, auth = auth.is_some(), "broker listening");
     if auth.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
@@ -358,5 +396,6 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         metrics: metrics_handle,
         stop,
         thread: Some(thread),
+        cluster,
     })
 }

@@ -54,7 +54,8 @@ pub struct Hello {
 /// The answer to a [`Hello`]: `Ok` or why the connection is refused.
 pub type HelloReply = Result<(), String>;
 
-const LINK_NAME: &str = "streambus-cluster";
+/// The link's name in a [`Hello`].
+pub const LINK_NAME: &str = "streambus-cluster";
 
 /// A request from one broker to another.
 #[derive(Debug, Serialize, Deserialize)]

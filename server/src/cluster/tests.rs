@@ -298,3 +298,37 @@ async fn a_restarted_node_catches_up_from_its_stored_log_and_a_snapshot() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_link_refuses_another_version_with_a_message_naming_both() {
+    use super::network::{Hello, LINK_NAME, LINK_VERSION, TcpTransport, connect, serve};
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::open(7, dir.path(), raft_config(), TcpTransport::new(7), None)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(serve(listener, c.clone()));
+    let hello = |link: &str, version| Hello {
+        link: link.into(),
+        version,
+        from: 1,
+    };
+    connect(&addr, &hello(LINK_NAME, LINK_VERSION))
+        .await
+        .unwrap();
+    let e = connect(&addr, &hello(LINK_NAME, 2)).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{addr} refused the cluster link: cluster link version 2 is not supported: broker 7 speaks version 1"
+        )
+    );
+    let e = connect(&addr, &hello("kafka", 1)).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{addr} refused the cluster link: \"kafka\" is not the StreamBus cluster link")
+    );
+    server.abort();
+    c.shutdown().await;
+}

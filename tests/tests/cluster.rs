@@ -1,0 +1,317 @@
+//! Cluster mode with three brokers as real processes on 127.0.0.1: a topic with 6 partitions
+//! and RF 3 created through broker 2 is listed by brokers 1 and 3, and Metadata on each
+//! returns the same brokers and placement; with the metadata leader SIGKILLed, the other two
+//! elect a new one and a CreateTopic still works.
+//!
+//! Each broker is this test binary started again in `child_cluster_broker`, which parses its
+//! command line exactly as `streambus-server` does and serves until killed. Its cluster port is
+//! chosen by binding port 0 first (the peers must know it before it starts); its client port
+//! is port 0, read back from the child.
+
+use std::io::{BufRead, BufReader, Lines, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use streambus_core::{
+    CreateTopicRequest, ErrorCode, MetadataRequest, Request, RequestType, Response, Topic,
+    TopicNames,
+};
+use streambus_tests::RawClient;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A broker process: its command line in `CLUSTER_BROKER_ARGS` (one argument a line). Prints
+/// `READY <client addr>`, then answers `leader` on stdin with `LEADER <id>` (the metadata
+/// leader it knows, 0 for none), and serves until killed or its stdin closes.
+#[test]
+#[ignore = "runs only as a child process of three_brokers_share_topics_and_placement_and_survive_the_metadata_leader"]
+fn child_cluster_broker() {
+    let args = std::env::var("CLUSTER_BROKER_ARGS").unwrap();
+    let cli = streambus_server::Cli::try_parse_from(
+        std::iter::once("streambus-server").chain(args.lines()),
+    )
+    .unwrap();
+    let config = streambus_server::Config::from_cli(cli).unwrap();
+    let broker = streambus_server::start(config).unwrap();
+    println!("READY {}", broker.addr());
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+        if line.trim() == "leader" {
+            let leader = broker
+                .cluster()
+                .and_then(|c| c.raft().metrics().borrow().current_leader)
+                .unwrap_or(0);
+            println!("LEADER {leader}");
+            std::io::stdout().flush().unwrap();
+        }
+        line.clear();
+    }
+    std::process::abort();
+}
+
+struct Broker {
+    child: Child,
+    out: Lines<BufReader<ChildStdout>>,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start(id: u32, cluster_port: u16, peers: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let args = [
+            "--node-id".to_owned(),
+            id.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "off".into(),
+            "--data-dir".into(),
+            dir.path().display().to_string(),
+            "--cluster-listen".into(),
+            format!("127.0.0.1:{cluster_port}"),
+            "--peers".into(),
+            peers.to_owned(),
+        ];
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_cluster_broker",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("CLUSTER_BROKER_ARGS", args.join("\n"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = loop {
+            let line = out.next().expect("child broker exited").unwrap();
+            if let Some(a) = line.strip_prefix("READY ") {
+                break a.parse().unwrap();
+            }
+        };
+        Self {
+            child,
+            out,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// The metadata leader this broker knows (0: none).
+    fn leader(&mut self) -> u64 {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "leader").unwrap();
+        stdin.flush().unwrap();
+        loop {
+            let line = self.out.next().expect("child broker exited").unwrap();
+            if let Some(id) = line.strip_prefix("LEADER ") {
+                return id.parse().unwrap();
+            }
+        }
+    }
+
+    fn client(&self) -> RawClient {
+        RawClient::connect(self.addr).unwrap()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Ports free now, for the cluster listeners.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Polls `f` until it returns `Some`, failing the test after [`DEADLINE`].
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// CreateTopic: the error code (0: created or already there).
+fn create(c: &mut RawClient, name: &str, partitions: u32, rf: u16) -> (u16, bool) {
+    let r = c
+        .call(&Request::CreateTopic(CreateTopicRequest {
+            topic: Topic::new(name).unwrap(),
+            num_partitions: partitions,
+            replication_factor: rf,
+        }))
+        .unwrap();
+    match r.parse(RequestType::CreateTopic) {
+        Ok(Response::CreateTopic(c)) => (0, c.created),
+        _ => (r.error_code(), false),
+    }
+}
+
+fn list(c: &mut RawClient) -> Vec<(String, u32)> {
+    let r = c.call(&Request::ListTopics).unwrap();
+    let Ok(Response::ListTopics(l)) = r.parse(RequestType::ListTopics) else {
+        panic!("ListTopics failed with {}", r.error_code());
+    };
+    l.topics
+        .iter()
+        .map(|t| (t.name.as_str().to_owned(), t.num_partitions))
+        .collect()
+}
+
+type Brokers = Vec<(u32, String, u16)>;
+type Placement = Vec<(String, u16, Vec<(u32, i32, Vec<u32>)>)>;
+
+/// Metadata of every topic: the brokers and each partition's (id, leader, replicas).
+fn metadata(c: &mut RawClient) -> (Brokers, Placement) {
+    let r = c
+        .call(&Request::Metadata(MetadataRequest {
+            topics: TopicNames::from_slice(&[]),
+        }))
+        .unwrap();
+    let Ok(Response::Metadata(m)) = r.parse(RequestType::Metadata) else {
+        panic!("Metadata failed with {}", r.error_code());
+    };
+    let brokers = m
+        .brokers
+        .iter()
+        .map(|b| {
+            (
+                b.node_id,
+                String::from_utf8_lossy(b.host.0).into_owned(),
+                b.port,
+            )
+        })
+        .collect();
+    let topics = m
+        .topics
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str().to_owned(),
+                t.error_code.0,
+                t.partitions
+                    .iter()
+                    .map(|p| (p.partition, p.leader, p.replicas.iter().collect()))
+                    .collect(),
+            )
+        })
+        .collect();
+    (brokers, topics)
+}
+
+#[test]
+fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let mut brokers: Vec<Option<Broker>> = (1..=3u32)
+        .zip(&ports)
+        .map(|(id, port)| Some(Broker::start(id, *port, &peers)))
+        .collect();
+    let addrs: Vec<SocketAddr> = brokers.iter().flatten().map(|b| b.addr).collect();
+
+    // Every broker registered its client address.
+    let want_brokers: Brokers = (1..=3u32)
+        .zip(&addrs)
+        .map(|(id, a)| (id, "127.0.0.1".to_owned(), a.port()))
+        .collect();
+    for b in brokers.iter().flatten() {
+        let mut c = b.client();
+        eventually("all three brokers registered", || {
+            (metadata(&mut c).0 == want_brokers).then_some(())
+        });
+    }
+
+    // Through broker 2; RF above the broker count is refused with a message.
+    let mut c2 = brokers[1].as_ref().unwrap().client();
+    assert_eq!(
+        create(&mut c2, "orders", 6, 3),
+        (0, true),
+        "created through broker 2"
+    );
+    assert_eq!(create(&mut c2, "orders", 6, 3), (0, false));
+    assert_eq!(
+        create(&mut c2, "too-wide", 1, 4).0,
+        ErrorCode::INVALID_REQUEST.0
+    );
+    let mut views = Vec::new();
+    for b in brokers.iter().flatten() {
+        let mut c = b.client();
+        eventually("the topic listed on every broker", || {
+            list(&mut c)
+                .contains(&("orders".to_owned(), 6))
+                .then_some(())
+        });
+        views.push(metadata(&mut c));
+    }
+    let (got_brokers, placement) = &views[0];
+    assert_eq!(got_brokers, &want_brokers);
+    assert!(views.iter().all(|v| v == &views[0]), "{views:?}");
+    let [(name, code, partitions)] = &placement[..] else {
+        panic!("one topic expected: {placement:?}");
+    };
+    assert_eq!((name.as_str(), *code), ("orders", 0));
+    // Three replicas each, leaders rotating over the brokers: each leads two partitions.
+    let mut leads = [0; 3];
+    for (i, (id, leader, replicas)) in partitions.iter().enumerate() {
+        assert_eq!(*id as usize, i);
+        assert_eq!(replicas.len(), 3);
+        assert_eq!(i64::from(*leader), i64::from(replicas[0]));
+        leads[usize::try_from(*leader).unwrap() - 1] += 1;
+    }
+    assert_eq!(leads, [2, 2, 2]);
+    // Every broker made the local partition directories: a produce to it is stored.
+    for b in brokers.iter().flatten() {
+        let mut c = b.client();
+        streambus_tests::produce(&mut c, "orders", 5, &[b"x"]).unwrap();
+    }
+
+    // SIGKILL the metadata leader: the other two elect another, and writes go on.
+    let leader = eventually("a metadata leader", || {
+        let l = brokers[0].as_mut().unwrap().leader();
+        (l != 0).then_some(l)
+    });
+    let idx = usize::try_from(leader).unwrap() - 1;
+    drop(brokers[idx].take());
+    let survivor = brokers.iter_mut().flatten().next().unwrap();
+    let new_leader = eventually("a new metadata leader", || {
+        let l = survivor.leader();
+        (l != 0 && l != leader).then_some(l)
+    });
+    assert_ne!(new_leader, leader);
+    for b in brokers.iter().flatten() {
+        let mut c = b.client();
+        let name = format!("after-{}", b.addr.port());
+        let (code, created) = eventually("CreateTopic after the failover", || {
+            let r = create(&mut c, &name, 2, 0);
+            // NotLeader while the survivors have not yet settled on the new leader.
+            (r.0 != ErrorCode::NOT_LEADER.0).then_some(r)
+        });
+        assert_eq!((code, created), (0, true), "{name}");
+        let topics = list(&mut c);
+        assert!(topics.contains(&(name.clone(), 2)), "{topics:?}");
+    }
+}
