@@ -1,4 +1,5 @@
-//! Cluster mode with three brokers as real processes on 127.0.0.1: a topic with 6 partitions
+//! Cluster mode with three brokers as real processes on 127.0.0.1 (serving clients on tokio,
+//! smol and blocking respectively): a topic with 6 partitions
 //! and RF 3 created through broker 2 is listed by brokers 1 and 3, and Metadata on each
 //! returns the same brokers and placement; with the metadata leader SIGKILLed, the other two
 //! elect a new one and a CreateTopic still works.
@@ -60,7 +61,7 @@ struct Broker {
 }
 
 impl Broker {
-    fn start(id: u32, cluster_port: u16, peers: &str) -> Self {
+    fn start(id: u32, cluster_port: u16, peers: &str, runtime: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let args = [
             "--node-id".to_owned(),
@@ -75,6 +76,8 @@ impl Broker {
             format!("127.0.0.1:{cluster_port}"),
             "--peers".into(),
             peers.to_owned(),
+            "--runtime".into(),
+            runtime.to_owned(),
         ];
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
@@ -227,9 +230,12 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
         "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
         ports[0], ports[1], ports[2]
     );
+    // One client runtime each: the cluster side runs on its own tokio runtime under all three.
+    let runtimes = ["tokio", "smol", "blocking"];
     let mut brokers: Vec<Option<Broker>> = (1..=3u32)
         .zip(&ports)
-        .map(|(id, port)| Some(Broker::start(id, *port, &peers)))
+        .zip(runtimes)
+        .map(|((id, port), rt)| Some(Broker::start(id, *port, &peers, rt)))
         .collect();
     let addrs: Vec<SocketAddr> = brokers.iter().flatten().map(|b| b.addr).collect();
 

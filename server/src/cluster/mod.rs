@@ -40,6 +40,10 @@ openraft::declare_raft_types!(
         SnapshotData = Vec<u8>,
 );
 
+/// How long a metadata write waits for a leader before it fails with
+/// [`ClusterError::NoLeader`].
+pub const WRITE_PATIENCE: Duration = Duration::from_secs(5);
+
 /// The metadata group's Raft handle.
 pub type MetaRaft = Raft<TypeConfig>;
 
@@ -179,8 +183,32 @@ impl Cluster {
     }
 
     /// Commits `command` through the group and returns what applying it did: on this broker
-    /// if it leads, else forwarded once to the leader over the cluster link.
+    /// if it leads, else forwarded to the leader over the cluster link. Without a leader (an
+    /// election, a broker still starting), it waits for one and tries again, for up to
+    /// [`WRITE_PATIENCE`].
     pub async fn write(&self, command: Command) -> Result<Committed, ClusterError> {
+        let deadline = tokio::time::Instant::now() + WRITE_PATIENCE;
+        loop {
+            let result = self.write_once(command.clone()).await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match result {
+                Err(ClusterError::NoLeader(_) | ClusterError::Unreachable { .. })
+                    if !left.is_zero() =>
+                {
+                    // Until a leader is known (at once if one is), then at most every 100 ms.
+                    let _ = self
+                        .raft
+                        .wait(Some(left))
+                        .metrics(|m| m.current_leader.is_some(), "a metadata leader")
+                        .await;
+                    tokio::time::sleep(Duration::from_millis(100).min(left)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn write_once(&self, command: Command) -> Result<Committed, ClusterError> {
         match self.write_here(command.clone()).await {
             Err(WriteRefused::Forward { leader, node }) => {
                 let reply = self

@@ -140,8 +140,14 @@ impl ClusterNode {
     pub fn shutdown(&mut self) {
         if let Some(rt) = self.runtime.take() {
             let c = self.cluster.clone();
-            rt.block_on(async move { c.shutdown().await });
-            rt.shutdown_timeout(Duration::from_secs(2));
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Inside another runtime, which must not block: stop without waiting.
+                rt.spawn(async move { c.shutdown().await });
+                rt.shutdown_background();
+            } else {
+                rt.block_on(async move { c.shutdown().await });
+                rt.shutdown_timeout(Duration::from_secs(2));
+            }
         }
     }
 }
