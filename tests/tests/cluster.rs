@@ -2,7 +2,7 @@
 //! smol and blocking respectively): a topic with 6 partitions
 //! and RF 3 created through broker 2 is listed by brokers 1 and 3, and Metadata on each
 //! returns the same brokers and placement; with the metadata leader SIGKILLed, the other two
-//! elect a new one and a CreateTopic still works.
+//! elect a new one and a CreateTopic still works; restarted, the killed broker catches up.
 //!
 //! Each broker is this test binary started again in `child_cluster_broker`, which parses its
 //! command line exactly as `streambus-server` does and serves until killed. Its cluster port is
@@ -11,6 +11,7 @@
 
 use std::io::{BufRead, BufReader, Lines, Write};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -57,12 +58,10 @@ struct Broker {
     child: Child,
     out: Lines<BufReader<ChildStdout>>,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
 }
 
 impl Broker {
-    fn start(id: u32, cluster_port: u16, peers: &str, runtime: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+    fn start(id: u32, cluster_port: u16, peers: &str, runtime: &str, dir: &Path) -> Self {
         let args = [
             "--node-id".to_owned(),
             id.to_string(),
@@ -71,7 +70,7 @@ impl Broker {
             "--metrics-listen".into(),
             "off".into(),
             "--data-dir".into(),
-            dir.path().display().to_string(),
+            dir.display().to_string(),
             "--cluster-listen".into(),
             format!("127.0.0.1:{cluster_port}"),
             "--peers".into(),
@@ -100,12 +99,7 @@ impl Broker {
                 break a.parse().unwrap();
             }
         };
-        Self {
-            child,
-            out,
-            addr,
-            _dir: dir,
-        }
+        Self { child, out, addr }
     }
 
     /// The metadata leader this broker knows (0: none).
@@ -232,11 +226,10 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
     );
     // One client runtime each: the cluster side runs on its own tokio runtime under all three.
     let runtimes = ["tokio", "smol", "blocking"];
-    let mut brokers: Vec<Option<Broker>> = (1..=3u32)
-        .zip(&ports)
-        .zip(runtimes)
-        .map(|((id, port), rt)| Some(Broker::start(id, *port, &peers, rt)))
-        .collect();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start =
+        |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, runtimes[i], dirs[i].path());
+    let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
     let addrs: Vec<SocketAddr> = brokers.iter().flatten().map(|b| b.addr).collect();
 
     // Every broker registered its client address.
@@ -320,4 +313,30 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
         let topics = list(&mut c);
         assert!(topics.contains(&(name.clone(), 2)), "{topics:?}");
     }
+
+    // The killed broker restarted from its data directory (on a new client port): it catches
+    // up with the topics created while it was down, makes their directories, and registers its
+    // new address.
+    let mut back = start(idx);
+    let mut c = back.client();
+    let want: Vec<(String, u32)> = {
+        let mut c = brokers.iter().flatten().next().unwrap().client();
+        list(&mut c)
+    };
+    assert_eq!(want.len(), 3, "{want:?}");
+    eventually("the restarted broker caught up", || {
+        (list(&mut c) == want).then_some(())
+    });
+    for (name, _) in &want {
+        streambus_tests::produce(&mut c, name, 1, &[b"y"]).unwrap();
+    }
+    let port = back.addr.port();
+    eventually("the restarted broker's new address registered", || {
+        metadata(&mut c)
+            .0
+            .iter()
+            .any(|(id, _, p)| *id as usize == idx + 1 && *p == port)
+            .then_some(())
+    });
+    assert_ne!(back.leader(), 0);
 }
