@@ -210,12 +210,26 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         .local_addr()
         .map_err(io_err("reading the listen address"))?;
     // The metrics port too, before storage: it reads the storage once that is open.
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(if config.cluster.is_some() {
+        Metrics::for_cluster()
+    } else {
+        Metrics::default()
+    });
     let opened: Arc<std::sync::OnceLock<Arc<Storage>>> = Arc::default();
+    let joined: Arc<std::sync::OnceLock<cluster::Cluster>> = Arc::default();
     let metrics_addr = match config.metrics_listen {
         Some(a) => {
-            let (m, s) = (metrics.clone(), opened.clone());
+            let (m, s, j) = (metrics.clone(), opened.clone(), joined.clone());
             let refresh = move || {
+                if let Some(c) = j.get() {
+                    let r = c.raft().metrics().borrow().clone();
+                    m.set_cluster(
+                        r.current_leader,
+                        r.current_term,
+                        r.last_applied.map_or(0, |l| l.index),
+                        c.metadata().brokers.len(),
+                    );
+                }
                 let Some(s) = s.get() else { return };
                 let st = s.stats();
                 Metrics::set_counter(&m.storage_appends, st.appends);
@@ -292,6 +306,9 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         )?),
         None => None,
     };
+    if let Some(c) = &cluster {
+        let _ = joined.set(c.cluster().clone());
+    }
     let mut broker_config = BrokerConfig::default()
         .node_id(config.node_id)
         .advertise(advertise.clone())
