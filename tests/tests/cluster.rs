@@ -342,3 +342,30 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
         (survivor.leader() == Some(l)).then_some(())
     });
 }
+
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn without_peers_a_broker_runs_no_cluster_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = streambus_tests::start_broker(dir.path(), streambus_server::RuntimeKind::Tokio);
+    assert_eq!(broker.cluster_addr(), None);
+    assert!(broker.cluster().is_none());
+    // No thread of the cluster runtime (their names are cut to 15 bytes).
+    let names = thread_names();
+    assert!(
+        !names.iter().any(|n| n.starts_with("streambus-clus")),
+        "{names:?}"
+    );
+    assert!(!dir.path().join("cluster").exists());
+    let metrics = broker.metrics().encode();
+    assert!(!metrics.contains("cluster"), "{metrics}");
+    broker.shutdown().unwrap();
+}

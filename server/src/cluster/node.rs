@@ -110,6 +110,12 @@ impl ClusterNode {
             Ok::<_, StartError>(cluster)
         })?;
         tracing::info!(%listen, node_id, peers = settings.peers.len(), "cluster link listening");
+        if !listen.ip().is_loopback() {
+            tracing::warn!(
+                %listen,
+                "the cluster link has no TLS and no authentication yet: whoever reaches --cluster-listen can change the cluster's metadata; keep it on a private network"
+            );
+        }
         Ok(Self {
             cluster,
             listen,
