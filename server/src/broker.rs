@@ -261,6 +261,11 @@ impl Broker {
         &self.inner.storage
     }
 
+    /// Answers the long-poll fetches waiting on `topic` (deleted) with TopicNotFound.
+    pub fn topic_deleted(&self, topic: &str) {
+        self.inner.topic_deleted(topic);
+    }
+
     /// Long-poll fetches waiting now.
     pub fn waiting_fetches(&self) -> usize {
         self.inner.polls.waiting()

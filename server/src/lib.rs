@@ -293,16 +293,14 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
             a
         }
     };
+    let local = cluster::state::LocalReplicas::new(config.node_id, Arc::clone(&storage));
     let cluster = match &config.cluster {
         Some(settings) => Some(cluster::ClusterNode::start(
             config.node_id,
             settings,
             &config.data_dir,
             &advertise,
-            cluster::state::LocalReplicas {
-                node_id: config.node_id,
-                storage: Arc::clone(&storage),
-            },
+            local.clone(),
         )?),
         None => None,
     };
@@ -327,6 +325,15 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         )
         .map_err(io_err("starting the broker's threads"))?,
     );
+    // A topic deleted through the group: the fetches waiting on it here are answered.
+    let weak = Arc::downgrade(&broker);
+    let _ = local
+        .on_deleted
+        .set(cluster::state::DeletedHook(Box::new(move |topic| {
+            if let Some(b) = weak.upgrade() {
+                b.topic_deleted(topic);
+            }
+        })));
     let metrics_at = metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     let config_file = config
         .config_file

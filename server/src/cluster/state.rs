@@ -249,13 +249,36 @@ struct StoredSnapshot {
     state: AppliedState,
 }
 
-/// Makes the local partition directories of the replicas this broker holds.
+/// Makes the local partition directories of the replicas this broker holds, and tells the
+/// broker of deleted topics.
 #[derive(Debug, Clone)]
 pub struct LocalReplicas {
     /// This broker.
     pub node_id: u32,
     /// Its storage.
     pub storage: Arc<Storage>,
+    /// Called with a topic's name once its deletion is applied (set when the broker exists).
+    pub on_deleted: Arc<std::sync::OnceLock<DeletedHook>>,
+}
+
+/// What [`LocalReplicas::on_deleted`] calls: the broker answers the fetches waiting on the topic.
+pub struct DeletedHook(pub Box<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for DeletedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeletedHook")
+    }
+}
+
+impl LocalReplicas {
+    /// For broker `node_id` over `storage`, with no deletion hook yet.
+    pub fn new(node_id: u32, storage: Arc<Storage>) -> Self {
+        Self {
+            node_id,
+            storage,
+            on_deleted: Arc::default(),
+        }
+    }
 }
 
 impl LocalReplicas {
@@ -284,6 +307,9 @@ impl LocalReplicas {
             Ok(()) => tracing::info!(topic = name, "deleted local replicas"),
             Err(LogError::TopicNotFound { .. }) => {}
             Err(e) => tracing::error!(topic = name, "deleting the local replicas: {e}"),
+        }
+        if let Some(hook) = self.on_deleted.get() {
+            (hook.0)(name);
         }
     }
 
