@@ -44,6 +44,9 @@ openraft::declare_raft_types!(
 /// [`ClusterError::NoLeader`].
 pub const WRITE_PATIENCE: Duration = Duration::from_secs(5);
 
+/// How long a write forwarded to the leader may take to be committed there.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The metadata group's Raft handle.
 pub type MetaRaft = Raft<TypeConfig>;
 
@@ -211,14 +214,18 @@ impl Cluster {
     async fn write_once(&self, command: Command) -> Result<Committed, ClusterError> {
         match self.write_here(command.clone()).await {
             Err(WriteRefused::Forward { leader, node }) => {
-                let reply = self
-                    .transport
-                    .call(leader, &node, Rpc::Write(command))
-                    .await
-                    .map_err(|source| ClusterError::Unreachable {
-                        node: leader,
-                        source,
-                    })?;
+                let call = self.transport.call(leader, &node, Rpc::Write(command));
+                let reply = match tokio::time::timeout(FORWARD_TIMEOUT, call).await {
+                    Ok(r) => r,
+                    Err(_) => Err(TransportError::Timeout {
+                        addr: node.addr.clone(),
+                        timeout: FORWARD_TIMEOUT,
+                    }),
+                }
+                .map_err(|source| ClusterError::Unreachable {
+                    node: leader,
+                    source,
+                })?;
                 match reply {
                     RpcReply::Write(Ok(applied)) => Ok(applied),
                     RpcReply::Write(Err(e)) => Err(e.into()),

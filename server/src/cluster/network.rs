@@ -37,7 +37,7 @@ pub const LINK_VERSION: u32 = 1;
 /// The largest frame on the link (a metadata snapshot is the largest message).
 pub const MAX_LINK_FRAME: usize = 64 << 20;
 
-/// How long a forwarded write or a connection attempt may take.
+/// How long a connection attempt may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The first frame on a connection.
@@ -352,13 +352,18 @@ async fn receive<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// The TCP transport: one connection per peer, opened on first use with a [`Hello`], and
-/// opened again after it breaks.
+/// The TCP transport: two connections per peer, one for Raft's RPCs and one for forwarded
+/// writes (which wait for a commit and must not hold up heartbeats and votes), each opened on
+/// first use with a [`Hello`] and opened again after it breaks.
 #[derive(Debug)]
 pub struct TcpTransport {
     from: u64,
-    links: std::sync::Mutex<BTreeMap<u64, Arc<Mutex<Option<Link>>>>>,
+    /// By peer and whether the link carries forwarded writes.
+    links: std::sync::Mutex<BTreeMap<(u64, bool), Slot>>,
 }
+
+/// One connection to a peer, held across a whole request and reply.
+type Slot = Arc<Mutex<Option<Link>>>;
 
 impl TcpTransport {
     /// A transport for broker `from`.
@@ -369,12 +374,12 @@ impl TcpTransport {
         })
     }
 
-    fn slot(&self, target: u64) -> Arc<Mutex<Option<Link>>> {
+    fn slot(&self, target: u64, writes: bool) -> Slot {
         let mut links = self
             .links
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Arc::clone(links.entry(target).or_default())
+        Arc::clone(links.entry((target, writes)).or_default())
     }
 }
 
@@ -410,7 +415,7 @@ impl Transport for TcpTransport {
         node: &BasicNode,
         rpc: Rpc,
     ) -> BoxFuture<'static, Result<RpcReply, TransportError>> {
-        let slot = self.slot(target);
+        let slot = self.slot(target, matches!(rpc, Rpc::Write(_)));
         let addr = node.addr.clone();
         let hello = Hello {
             link: LINK_NAME.into(),
