@@ -28,6 +28,7 @@ use streambus_core::{
 };
 
 use crate::auth::{Access, Auth, Refusal};
+use crate::cluster::{Applied, ClusterError, ClusterHandle, Command, Committed};
 use crate::config::Advertised;
 use crate::longpoll::{LongPolls, Registered, Waiter};
 use crate::metrics::Metrics;
@@ -75,6 +76,8 @@ pub struct BrokerConfig {
     pub max_frame_len: u32,
     /// The longest a long-poll Fetch waits (a larger MaxWaitMs is cut to it).
     pub max_fetch_wait: Duration,
+    /// Cluster mode: the metadata group; `None` is a single broker.
+    pub cluster: Option<ClusterHandle>,
 }
 
 impl Default for BrokerConfig {
@@ -88,6 +91,7 @@ impl Default for BrokerConfig {
             auto_create_topics: true,
             max_frame_len: streambus_core::DEFAULT_MAX_FRAME_LEN,
             max_fetch_wait: Duration::from_secs(30),
+            cluster: None,
         }
     }
 }
@@ -114,6 +118,13 @@ impl BrokerConfig {
     /// Sets [`advertise`](Self::advertise).
     pub fn advertise(mut self, address: Advertised) -> Self {
         self.advertise = address;
+        self
+    }
+
+    /// Sets [`cluster`](Self::cluster): topics are created, deleted and listed through the
+    /// metadata group, and Metadata answers with its brokers and placement.
+    pub fn cluster(mut self, cluster: ClusterHandle) -> Self {
+        self.cluster = Some(cluster);
         self
     }
 
@@ -250,6 +261,11 @@ impl Broker {
         &self.inner.storage
     }
 
+    /// Answers the long-poll fetches waiting on `topic` (deleted) with TopicNotFound.
+    pub fn topic_deleted(&self, topic: &str) {
+        self.inner.topic_deleted(topic);
+    }
+
     /// Long-poll fetches waiting now.
     pub fn waiting_fetches(&self) -> usize {
         self.inner.polls.waiting()
@@ -278,6 +294,9 @@ impl Broker {
                 Err(f) => answer.fail(f),
             },
             Request::Fetch(f) => inner.fetch(f, answer),
+            Request::CreateTopic(_) | Request::DeleteTopic(_) if inner.config.cluster.is_some() => {
+                self.cluster_write(request, answer);
+            }
             Request::ListTopics => inner.list_topics(answer, access),
             Request::Metadata(m) => inner.metadata(m, answer, access),
             Request::Authenticate(a) => inner.authenticate(a, answer),
@@ -288,6 +307,96 @@ impl Broker {
             },
         }
     }
+}
+
+/// How long a broker waits to apply its own metadata write after the leader committed it
+/// (so its own ListTopics and Metadata show it) before answering anyway.
+const APPLY_WAIT: Duration = Duration::from_secs(5);
+
+impl Broker {
+    /// CreateTopic and DeleteTopic in cluster mode: committed through the metadata group
+    /// (forwarded to its leader by a follower), answered once this broker applied it too.
+    ///
+    /// A follower forwards rather than answering NotLeader: §6.4 defines NotLeader for the
+    /// partition requests only, and admin clients (the CLI's single `--broker`) may talk to
+    /// any broker; the extra hop costs nothing on such rare requests.
+    fn cluster_write(&self, request: &Request<'_>, answer: Answer) {
+        let Some(handle) = &self.inner.config.cluster else {
+            return unreachable_request(request, answer);
+        };
+        let (command, name) = match request {
+            Request::CreateTopic(c) => {
+                if !(1..=MAX_PARTITIONS).contains(&c.num_partitions) {
+                    return answer.fail(fail(
+                        ErrorCode::INVALID_REQUEST,
+                        format!(
+                            "partition count {} is out of range: want 1 to {MAX_PARTITIONS}",
+                            c.num_partitions
+                        ),
+                    ));
+                }
+                let name = c.topic.as_str().to_owned();
+                (
+                    Command::CreateTopic {
+                        name: name.clone(),
+                        partitions: c.num_partitions,
+                        replication_factor: u32::from(c.replication_factor),
+                    },
+                    name,
+                )
+            }
+            Request::DeleteTopic(d) => {
+                let name = d.topic.as_str().to_owned();
+                (Command::DeleteTopic { name: name.clone() }, name)
+            }
+            _ => return unreachable_request(request, answer),
+        };
+        let inner = Arc::clone(&self.inner);
+        let cluster = handle.cluster.clone();
+        handle.runtime.spawn(async move {
+            let applied = match cluster.write(command).await {
+                Ok(Committed { index, applied }) => {
+                    if let Err(e) = cluster.wait_applied(index, APPLY_WAIT).await {
+                        tracing::warn!(topic = %name, "answering before applying here: {e}");
+                    }
+                    applied
+                }
+                Err(e) => return answer.fail(cluster_failure(&e)),
+            };
+            let Ok(topic) = Topic::new(&name) else {
+                return answer.fail(fail(
+                    ErrorCode::INVALID_REQUEST,
+                    format!("{name:?} is not a valid topic name"),
+                ));
+            };
+            match applied {
+                Applied::Created(created) => {
+                    answer.respond(&Response::CreateTopic(CreateTopicResponse {
+                        topic,
+                        created,
+                    }));
+                }
+                Applied::Done => {
+                    inner.topic_deleted(&name);
+                    answer.respond(&Response::DeleteTopic(DeleteTopicResponse {
+                        topic,
+                        deleted: true,
+                    }));
+                }
+                Applied::Refused { code, message } => answer.fail(fail(ErrorCode(code), message)),
+            }
+        });
+    }
+}
+
+/// The error reply for a metadata write that did not go through: NotLeader (15) when the group
+/// has no reachable leader now (the client retries later), StorageError (7) otherwise.
+fn cluster_failure(e: &ClusterError) -> Failure {
+    let code = match e {
+        ClusterError::NoLeader(_) | ClusterError::Unreachable { .. } => ErrorCode::NOT_LEADER,
+        _ => ErrorCode::STORAGE_ERROR,
+    };
+    fail(code, e.to_string())
 }
 
 fn unreachable_request(request: &Request<'_>, answer: Answer) {
@@ -345,7 +454,10 @@ impl Inner {
         let append =
             || storage.append_unsynced_idempotent(topic, p.partition, &p.messages, now, producer);
         let appended = match append() {
-            Err(StorageError::TopicNotFound { .. }) if self.config.auto_create_topics => {
+            // In cluster mode topics exist only through the metadata group (CreateTopic).
+            Err(StorageError::TopicNotFound { .. })
+                if self.config.auto_create_topics && self.config.cluster.is_none() =>
+            {
                 match storage.create_topic(topic, 1, TopicConfig::default()) {
                     Ok(true) => {
                         tracing::info!(topic, "auto-created topic with 1 partition");
@@ -545,15 +657,7 @@ impl Inner {
             Request::DeleteTopic(d) => {
                 let topic = d.topic.as_str();
                 self.storage.delete_topic(topic)?;
-                // Fetches waiting on it will never see data: answer them now.
-                for w in self.polls.remove_topic(topic) {
-                    self.answer_waiter(
-                        w,
-                        Some(Err(StorageError::TopicNotFound {
-                            topic: topic.to_owned(),
-                        })),
-                    );
-                }
+                self.topic_deleted(topic);
                 Response::DeleteTopic(DeleteTopicResponse {
                     topic: d.topic,
                     deleted: true,
@@ -573,8 +677,35 @@ impl Inner {
 }
 
 impl Inner {
+    /// Fetches waiting on a deleted topic will never see data: answers them now.
+    fn topic_deleted(&self, topic: &str) {
+        for w in self.polls.remove_topic(topic) {
+            self.answer_waiter(
+                w,
+                Some(Err(StorageError::TopicNotFound {
+                    topic: topic.to_owned(),
+                })),
+            );
+        }
+    }
+
+    /// The topics and their partition counts: the metadata group's in cluster mode, else the
+    /// storage's.
+    fn topics(&self) -> Vec<(String, u32)> {
+        match &self.config.cluster {
+            Some(c) => c
+                .cluster
+                .metadata()
+                .topics
+                .into_iter()
+                .map(|(name, t)| (name, u32::try_from(t.partitions.len()).unwrap_or(u32::MAX)))
+                .collect(),
+            None => self.storage.list_topics(),
+        }
+    }
+
     fn list_topics(&self, answer: Answer, access: &Access) {
-        let list = self.storage.list_topics();
+        let list = self.topics();
         let topics: Vec<TopicInfo<'_>> = list
             .iter()
             .filter(|(name, _)| access.sees(name))
@@ -609,13 +740,25 @@ impl Inner {
     /// and only replica of every partition; topics once each in byte order of their names, a
     /// missing one with TopicNotFound and no partitions.
     ///
+    /// In cluster mode: the brokers registered in the metadata group, and each partition's
+    /// replicas as placed by it, led by its preferred leader (the first replica; epoch 0 until
+    /// partitions are replicated).
+    ///
     /// With `--auth-file`, "every topic" lists only the topics the principal may see (as
     /// ListTopics does), and a topic asked for by name that it may not see has
     /// AuthorizationFailed (41) and no partitions.
     fn metadata(&self, m: &MetadataRequest<'_>, answer: Answer, access: &Access) {
+        // In cluster mode: the group's brokers and placement, read once.
+        let cluster = self.config.cluster.as_ref().map(|c| c.cluster.metadata());
+        let count_of = |name: &str| match &cluster {
+            Some(c) => c
+                .topics
+                .get(name)
+                .map(|t| u32::try_from(t.partitions.len()).unwrap_or(u32::MAX)),
+            None => self.storage.partition_count(name),
+        };
         let topics: Vec<(String, Result<u32, ErrorCode>)> = if m.topics.is_empty() {
-            self.storage
-                .list_topics()
+            self.topics()
                 .into_iter()
                 .filter(|(name, _)| access.sees(name))
                 .map(|(name, n)| (name, Ok(n)))
@@ -628,9 +771,7 @@ impl Inner {
                     let count = if !access.sees(name) {
                         Err(ErrorCode::AUTHORIZATION_FAILED)
                     } else {
-                        self.storage
-                            .partition_count(name)
-                            .ok_or(ErrorCode::TOPIC_NOT_FOUND)
+                        count_of(name).ok_or(ErrorCode::TOPIC_NOT_FOUND)
                     };
                     (name.to_owned(), count)
                 })
@@ -641,17 +782,39 @@ impl Inner {
         topics.dedup_by(|a, b| a.0 == b.0);
 
         let node = self.config.node_id;
-        let leader = i32::try_from(node).unwrap_or(i32::MAX);
-        let replicas = [node];
+        let single = [node];
+        // Per topic, per partition: its leader and replicas. A single broker leads and holds
+        // everything; in a cluster, the preferred leader (the first replica) leads for now.
+        let placement = |name: &str, partition: u32| -> (i32, &[u32]) {
+            let placed = cluster.as_ref().and_then(|c| {
+                c.topics
+                    .get(name)?
+                    .partitions
+                    .get(usize::try_from(partition).ok()?)
+            });
+            match (&cluster, placed) {
+                (Some(_), Some(p)) => (
+                    p.preferred_leader()
+                        .and_then(|l| i32::try_from(l).ok())
+                        .unwrap_or(-1),
+                    &p.replicas,
+                ),
+                (Some(_), None) => (-1, &[]),
+                (None, _) => (i32::try_from(node).unwrap_or(i32::MAX), &single),
+            }
+        };
         let partitions: Vec<Vec<PartitionMetadata<'_>>> = topics
             .iter()
-            .map(|(_, count)| {
+            .map(|(name, count)| {
                 (0..*count.as_ref().unwrap_or(&0))
-                    .map(|partition| PartitionMetadata {
-                        partition,
-                        leader,
-                        leader_epoch: 0,
-                        replicas: ReplicaList::from_slice(&replicas),
+                    .map(|partition| {
+                        let (leader, replicas) = placement(name, partition);
+                        PartitionMetadata {
+                            partition,
+                            leader,
+                            leader_epoch: 0,
+                            replicas: ReplicaList::from_slice(replicas),
+                        }
                     })
                     .collect()
             })
@@ -667,11 +830,22 @@ impl Inner {
                 })
             })
             .collect();
-        let brokers = [BrokerInfo {
-            node_id: node,
-            host: Text(self.config.advertise.host.as_bytes()),
-            port: self.config.advertise.port,
-        }];
+        let brokers: Vec<BrokerInfo<'_>> = match &cluster {
+            Some(c) => c
+                .brokers
+                .iter()
+                .map(|(id, a)| BrokerInfo {
+                    node_id: *id,
+                    host: Text(a.host.as_bytes()),
+                    port: a.port,
+                })
+                .collect(),
+            None => vec![BrokerInfo {
+                node_id: node,
+                host: Text(self.config.advertise.host.as_bytes()),
+                port: self.config.advertise.port,
+            }],
+        };
         let response = Response::Metadata(MetadataResponse {
             brokers: BrokerList::from_slice(&brokers),
             topics: TopicMetadataList::from_slice(&entries),

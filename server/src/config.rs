@@ -195,6 +195,15 @@ pub struct Cli {
     /// keeps all [default: off].
     #[arg(long, env = "STREAMBUS_RETENTION_BYTES")]
     pub retention_bytes: Option<String>,
+    /// Cluster mode: the address to accept other brokers on (Raft and forwarded metadata
+    /// writes; never clients); needs --peers [default: off, a single broker].
+    #[arg(long, env = "STREAMBUS_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<String>,
+    /// Cluster mode: every broker's cluster listener as ID=HOST:PORT, comma-separated (like
+    /// 1=b1:9300,2=b2:9300,3=b3:9300), this broker's --node-id included; needs
+    /// --cluster-listen [default: off, a single broker].
+    #[arg(long, env = "STREAMBUS_PEERS")]
+    pub peers: Option<String>,
 }
 
 /// The `--config` file: the same settings as the flags.
@@ -225,6 +234,8 @@ struct FileConfig {
     segment_bytes: Option<u64>,
     retention_time: Option<String>,
     retention_bytes: Option<String>,
+    cluster_listen: Option<String>,
+    peers: Option<String>,
 }
 
 /// The resolved settings.
@@ -278,6 +289,70 @@ pub struct Config {
     pub retention_bytes: Option<u64>,
     /// The `--config` file the settings were read from, if any.
     pub config_file: Option<PathBuf>,
+    /// Cluster mode (`--cluster-listen` and `--peers`); `None`: a single broker.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// The cluster settings: where this broker accepts other brokers and where they all are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterSettings {
+    /// The broker-to-broker listener (`--cluster-listen`).
+    pub listen: SocketAddr,
+    /// Every broker's cluster listener by node id, this one's included (`--peers`).
+    pub peers: std::collections::BTreeMap<u32, Advertised>,
+}
+
+impl ClusterSettings {
+    /// Parses `--peers` (`ID=HOST:PORT,…`) for the broker `node_id`: ids unique, from 1 to
+    /// 2147483647, and `node_id` among them.
+    pub fn parse_peers(
+        v: &str,
+        node_id: u32,
+    ) -> Result<std::collections::BTreeMap<u32, Advertised>, ConfigError> {
+        let mut peers = std::collections::BTreeMap::new();
+        for item in v.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let Some((id, address)) = item.split_once('=') else {
+                return Err(ConfigError::invalid(
+                    "--peers",
+                    format!("{item:?} is not ID=HOST:PORT (like 1=broker1:9300)"),
+                ));
+            };
+            let id = match id.trim().parse::<u32>() {
+                Ok(id) if id > 0 && i32::try_from(id).is_ok() => id,
+                _ => {
+                    return Err(ConfigError::invalid(
+                        "--peers",
+                        format!("{:?} is not a node id from 1 to 2147483647", id.trim()),
+                    ));
+                }
+            };
+            let address = Advertised::parse("--peers", address.trim())?;
+            if peers.insert(id, address).is_some() {
+                return Err(ConfigError::invalid(
+                    "--peers",
+                    format!("node id {id} is listed twice"),
+                ));
+            }
+        }
+        if peers.is_empty() {
+            return Err(ConfigError::invalid(
+                "--peers",
+                "is empty: list every broker as ID=HOST:PORT",
+            ));
+        }
+        if !peers.contains_key(&node_id) {
+            let ids: Vec<String> = peers.keys().map(u32::to_string).collect();
+            return Err(ConfigError::invalid(
+                "--peers",
+                format!(
+                    "this broker's --node-id {node_id} is not among the peers ({})",
+                    ids.join(", ")
+                ),
+            ));
+        }
+        Ok(peers)
+    }
 }
 
 /// The PEM files of the broker's TLS.
@@ -423,6 +498,7 @@ impl Default for Config {
             retention_time: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_bytes: None,
             config_file: None,
+            cluster: None,
         }
     }
 }
@@ -707,7 +783,31 @@ impl Config {
                 },
                 None => d.retention_bytes,
             };
+        let cluster = match (
+            o.pick("cluster_listen", cli.cluster_listen, file.cluster_listen),
+            o.pick("peers", cli.peers, file.peers),
+        ) {
+            (None, None) => None,
+            (Some(l), Some(p)) => {
+                let listen = addr("--cluster-listen", &l)?;
+                let peers = ClusterSettings::parse_peers(&p, node_id)?;
+                Some(ClusterSettings { listen, peers })
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    "--peers",
+                    "missing: --cluster-listen needs the list of brokers (ID=HOST:PORT,...)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    "--cluster-listen",
+                    "missing: --peers needs this broker's cluster listener address",
+                ));
+            }
+        };
         Ok(Self {
+            cluster,
             tls,
             listen,
             data_dir: o
@@ -957,6 +1057,58 @@ mod tests {
         }
         let e = parse(&["--node-id", "2147483648"]).unwrap_err().to_string();
         assert!(e.starts_with("invalid setting --node-id:"), "{e}");
+    }
+
+    #[test]
+    fn cluster_settings_from_flags_and_file() {
+        assert_eq!(parse(&[]).unwrap().cluster, None);
+        let c = parse(&[
+            "--node-id",
+            "2",
+            "--cluster-listen",
+            "127.0.0.1:9302",
+            "--peers",
+            "1=b1.example:9301, 2=127.0.0.1:9302,3=[::1]:9303",
+        ])
+        .unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.listen.to_string(), "127.0.0.1:9302");
+        let peers: Vec<(u32, String)> = cluster
+            .peers
+            .iter()
+            .map(|(id, a)| (*id, a.to_string()))
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                (1, "b1.example:9301".to_owned()),
+                (2, "127.0.0.1:9302".to_owned()),
+                (3, "[::1]:9303".to_owned())
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sb.toml");
+        std::fs::write(
+            &path,
+            "node_id = 1\ncluster_listen = \"127.0.0.1:9301\"\npeers = \"1=127.0.0.1:9301\"\n",
+        )
+        .unwrap();
+        let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.cluster.unwrap().peers.len(), 1);
+        let e = parse(&["--cluster-listen", "127.0.0.1:1", "--peers", ""])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid setting --peers: is empty: list every broker as ID=HOST:PORT"
+        );
+        let e = parse(&["--cluster-listen", "127.0.0.1:1", "--peers", "1"])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid setting --peers: \"1\" is not ID=HOST:PORT (like 1=broker1:9300)"
+        );
     }
 
     #[test]

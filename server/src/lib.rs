@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 mod fds;
 mod longpoll;
@@ -18,7 +19,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub use broker::{Broker, BrokerConfig};
-pub use config::{Advertised, Cli, Config, ConfigError, FsyncMode, RuntimeKind, TlsFiles};
+pub use config::{
+    Advertised, Cli, ClusterSettings, Config, ConfigError, FsyncMode, RuntimeKind, TlsFiles,
+};
 use metrics::Metrics;
 use storage::{FsyncPolicy, Storage, StorageConfig};
 use streambus_adapters::ServeOptions;
@@ -48,6 +51,9 @@ pub enum ServerError {
     /// The auth file could not be used.
     #[error("{0}")]
     Auth(#[from] auth::AuthError),
+    /// The cluster side could not start.
+    #[error("cluster: {0}")]
+    Cluster(#[from] cluster::node::StartError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -75,6 +81,8 @@ pub struct Running {
     metrics: Arc<Metrics>,
     stop: Stop,
     thread: Option<JoinHandle<Result<(), ServerError>>>,
+    /// Cluster mode: the cluster side, stopped after the client side.
+    cluster: Option<cluster::ClusterNode>,
 }
 
 impl Running {
@@ -96,6 +104,16 @@ impl Running {
     /// The broker's metrics.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Cluster mode: the bound `--cluster-listen` address.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster.as_ref().map(cluster::ClusterNode::listen_addr)
+    }
+
+    /// Cluster mode: the metadata group.
+    pub fn cluster(&self) -> Option<&cluster::Cluster> {
+        self.cluster.as_ref().map(cluster::ClusterNode::cluster)
     }
 
     /// The metrics listener's address, if on.
@@ -143,6 +161,9 @@ impl Running {
             Some(t) => t.join().map_err(|_| ServerError::Panicked)?,
             None => Ok(()),
         };
+        if let Some(mut c) = self.cluster.take() {
+            c.shutdown();
+        }
         self.storage.sync_all()?;
         tracing::info!("broker stopped; logs synced");
         result
@@ -189,13 +210,27 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         .local_addr()
         .map_err(io_err("reading the listen address"))?;
     // The metrics port too, before storage: it reads the storage once that is open.
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(if config.cluster.is_some() {
+        Metrics::for_cluster()
+    } else {
+        Metrics::default()
+    });
     let opened: Arc<std::sync::OnceLock<Arc<Storage>>> = Arc::default();
+    let joined: Arc<std::sync::OnceLock<cluster::Cluster>> = Arc::default();
     let metrics_addr = match config.metrics_listen {
         Some(a) => {
-            let (m, s) = (metrics.clone(), opened.clone());
+            let (m, s, j) = (metrics.clone(), opened.clone(), joined.clone());
             let refresh = move || {
                 m.refresh_process();
+                if let Some(c) = j.get() {
+                    let r = c.raft().metrics().borrow().clone();
+                    m.set_cluster(
+                        r.current_leader,
+                        r.current_term,
+                        r.last_applied.map_or(0, |l| l.index),
+                        c.metadata().brokers.len(),
+                    );
+                }
                 let Some(s) = s.get() else { return };
                 let st = s.stats();
                 Metrics::set_counter(&m.storage_appends, st.appends);
@@ -259,20 +294,47 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
             a
         }
     };
+    let local = cluster::state::LocalReplicas::new(config.node_id, Arc::clone(&storage));
+    let cluster = match &config.cluster {
+        Some(settings) => Some(cluster::ClusterNode::start(
+            config.node_id,
+            settings,
+            &config.data_dir,
+            &advertise,
+            local.clone(),
+        )?),
+        None => None,
+    };
+    if let Some(c) = &cluster {
+        let _ = joined.set(c.cluster().clone());
+    }
+    let mut broker_config = BrokerConfig::default()
+        .node_id(config.node_id)
+        .advertise(advertise.clone())
+        .auto_create_topics(config.auto_create_topics)
+        .max_frame_len(config.max_frame_bytes)
+        .max_fetch_wait(config.max_fetch_wait);
+    if let Some(handle) = cluster.as_ref().and_then(cluster::ClusterNode::handle) {
+        broker_config = broker_config.cluster(handle);
+    }
     let broker = Arc::new(
         Broker::with_auth(
             storage.clone(),
-            BrokerConfig::default()
-                .node_id(config.node_id)
-                .advertise(advertise.clone())
-                .auto_create_topics(config.auto_create_topics)
-                .max_frame_len(config.max_frame_bytes)
-                .max_fetch_wait(config.max_fetch_wait),
+            broker_config,
             metrics.clone(),
             auth.clone(),
         )
         .map_err(io_err("starting the broker's threads"))?,
     );
+    // A topic deleted through the group: the fetches waiting on it here are answered.
+    let weak = Arc::downgrade(&broker);
+    let _ = local
+        .on_deleted
+        .set(cluster::state::DeletedHook(Box::new(move |topic| {
+            if let Some(b) = weak.upgrade() {
+                b.topic_deleted(topic);
+            }
+        })));
     let metrics_at = metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     let config_file = config
         .config_file
@@ -283,7 +345,10 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         Some(f) if f.client_ca.is_some() => "on, client certificates required",
         Some(_) => "on",
     };
-    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, runtime = ?config.runtime, tls, data_dir = %config.data_dir.display(), fsync = ?config.fsync, config = %config_file, auth = auth.is_some(), "broker listening");
+    let cluster_at = cluster
+        .as_ref()
+        .map_or_else(|| "off".to_owned(), |c| c.listen_addr().to_string());
+    tracing::info!(%addr, %advertise, node_id = config.node_id, metrics = %metrics_at, cluster = %cluster_at, runtime = ?config.runtime, tls, data_dir = %config.data_dir.display(), fsync = ?config.fsync, config = %config_file, auth = auth.is_some(), "broker listening");
     if auth.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
@@ -356,5 +421,6 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         metrics: metrics_handle,
         stop,
         thread: Some(thread),
+        cluster,
     })
 }

@@ -58,6 +58,17 @@ pub struct Metrics {
     /// The process (Prometheus' standard names, unprefixed), read from `/proc` on each scrape.
     resident_memory: Gauge,
     open_fds: Gauge,
+    /// Cluster mode only: the metadata group as this broker sees it, updated on each scrape.
+    cluster: Option<ClusterGauges>,
+}
+
+/// The metadata group's gauges (cluster mode).
+#[derive(Debug, Default)]
+struct ClusterGauges {
+    leader: Gauge,
+    term: Gauge,
+    applied: Gauge,
+    brokers: Gauge,
 }
 
 impl Default for Metrics {
@@ -84,6 +95,7 @@ impl Default for Metrics {
             producer_state_bytes: Gauge::default(),
             resident_memory: Gauge::default(),
             open_fds: Gauge::default(),
+            cluster: None,
             registry: Registry::default(),
         };
         root.register(
@@ -259,6 +271,47 @@ impl Metrics {
         let now = c.get();
         if value > now {
             c.inc_by(value - now);
+        }
+    }
+
+    /// The metrics of a broker in cluster mode: those of [`Default`] plus the metadata
+    /// group's leader, term, applied log index and registered brokers.
+    pub fn for_cluster() -> Self {
+        let mut m = Self::default();
+        let g = ClusterGauges::default();
+        let registry = m.registry.sub_registry_with_prefix("streambus");
+        registry.register(
+            "cluster_metadata_leader",
+            "The metadata group's leader as this broker knows it (node id; -1: none)",
+            g.leader.clone(),
+        );
+        registry.register(
+            "cluster_metadata_term",
+            "The metadata group's current Raft term on this broker",
+            g.term.clone(),
+        );
+        registry.register(
+            "cluster_metadata_applied_index",
+            "The last metadata log index this broker applied",
+            g.applied.clone(),
+        );
+        registry.register(
+            "cluster_brokers",
+            "Brokers registered in the metadata group",
+            g.brokers.clone(),
+        );
+        m.cluster = Some(g);
+        m
+    }
+
+    /// Sets the cluster gauges (no-op for a single broker).
+    pub(crate) fn set_cluster(&self, leader: Option<u64>, term: u64, applied: u64, brokers: usize) {
+        if let Some(g) = &self.cluster {
+            g.leader
+                .set(leader.and_then(|l| i64::try_from(l).ok()).unwrap_or(-1));
+            g.term.set(i64::try_from(term).unwrap_or(i64::MAX));
+            g.applied.set(i64::try_from(applied).unwrap_or(i64::MAX));
+            g.brokers.set(i64::try_from(brokers).unwrap_or(i64::MAX));
         }
     }
 

@@ -109,6 +109,85 @@ fn a_bad_setting_names_where_it_came_from_and_what_is_allowed() {
 }
 
 #[test]
+fn bad_cluster_settings_exit_2_with_one_line_naming_the_setting_and_its_source() {
+    let listen = ["--cluster-listen", "127.0.0.1:0"];
+    let peers3 = "1=127.0.0.1:9301,2=127.0.0.1:9302,3=127.0.0.1:9303";
+    for (args, env, want) in [
+        (
+            vec!["--node-id", "4", listen[0], listen[1], "--peers", peers3],
+            vec![],
+            "error: invalid setting --peers: this broker's --node-id 4 is not among the peers (1, 2, 3)\n",
+        ),
+        (
+            vec!["--node-id", "1", listen[0], listen[1]],
+            vec![("STREAMBUS_PEERS", "1=h:1,1=h:2")],
+            "error: invalid setting --peers (from STREAMBUS_PEERS): node id 1 is listed twice\n",
+        ),
+        (
+            vec![
+                "--node-id",
+                "1",
+                listen[0],
+                listen[1],
+                "--peers",
+                "0=h:1,1=h:2",
+            ],
+            vec![],
+            "error: invalid setting --peers: \"0\" is not a node id from 1 to 2147483647\n",
+        ),
+        (
+            vec![
+                "--node-id",
+                "1",
+                listen[0],
+                listen[1],
+                "--peers",
+                "1=nohost",
+            ],
+            vec![],
+            "error: invalid setting --peers: \"nohost\" is not an address like broker1.example.com:9092 (no :PORT)\n",
+        ),
+        (
+            vec!["--node-id", "1", "--peers", peers3],
+            vec![],
+            "error: invalid setting --cluster-listen: missing: --peers needs this broker's cluster listener address\n",
+        ),
+        (
+            vec!["--node-id", "1"],
+            vec![("STREAMBUS_CLUSTER_LISTEN", "127.0.0.1:0")],
+            "error: invalid setting --peers: missing: --cluster-listen needs the list of brokers (ID=HOST:PORT,...)\n",
+        ),
+        (
+            vec!["--node-id", "1", "--peers", peers3],
+            vec![("STREAMBUS_CLUSTER_LISTEN", "nowhere")],
+            "error: invalid setting --cluster-listen (from STREAMBUS_CLUSTER_LISTEN): \"nowhere\" is not an address like 127.0.0.1:9092\n",
+        ),
+    ] {
+        let (code, err) = run(&args, &env);
+        assert_eq!((code, err.as_str()), (Some(2), want), "{args:?} {env:?}");
+    }
+    // From the config file: its path, line and key.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("broker.toml");
+    std::fs::write(
+        &file,
+        "node_id = 2\ncluster_listen = \"127.0.0.1:0\"\npeers = \"1=h:1,3=h:3\"\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    let (code, err) = run(&["--config", f], &[]);
+    assert_eq!(
+        (code, err),
+        (
+            Some(2),
+            format!(
+                "error: invalid setting --peers (from {f} line 3, peers): this broker's --node-id 2 is not among the peers (1, 3)\n"
+            )
+        )
+    );
+}
+
+#[test]
 fn a_failed_start_leaves_no_data_directory_and_a_file_is_not_one() {
     let dir = tempfile::tempdir().unwrap();
     // The port is taken: the broker fails before it creates anything.

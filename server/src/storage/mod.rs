@@ -234,7 +234,7 @@ pub fn unix_now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-fn validate(name: &str) -> Result<(), StorageError> {
+pub(crate) fn validate(name: &str) -> Result<(), StorageError> {
     Topic::new(name)
         .map(|_| ())
         .map_err(|_| StorageError::invalid_topic(name))

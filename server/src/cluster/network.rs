@@ -1,0 +1,498 @@
+//! The broker-to-broker link. Brokers exchange [`Rpc`]s and [`RpcReply`]s: openraft's own
+//! messages (AppendEntries, Vote, a full snapshot) and metadata writes forwarded to the leader.
+//!
+//! Over TCP ([`TcpTransport`], [`serve`]) on `--cluster-listen`, a listener of its own that
+//! clients never reach: each frame is a `tokio-util` `LengthDelimitedCodec` frame (a 4-byte
+//! big-endian length, then the payload) holding one JSON value (`serde_json`). The connecting
+//! broker first sends a [`Hello`] naming [`LINK_VERSION`]; a broker speaking another version
+//! answers with an error naming both and closes the connection, so mixed versions fail loudly
+//! instead of misreading each other. Then requests and replies alternate on the connection.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt as _, StreamExt as _};
+use openraft::error::{
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, Snapshot, SnapshotMeta, Vote};
+use serde::{Deserialize, Serialize};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use super::{Cluster, Command, Committed, MetaRaft, TypeConfig, WriteRefused};
+
+/// The version of the link's messages; a peer with another is refused.
+pub const LINK_VERSION: u32 = 1;
+
+/// The largest frame on the link (a metadata snapshot is the largest message).
+pub const MAX_LINK_FRAME: usize = 64 << 20;
+
+/// How long a connection attempt may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The first frame on a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always `"streambus-cluster"`: what a client connecting here by mistake lacks.
+    pub link: String,
+    /// The sender's [`LINK_VERSION`].
+    pub version: u32,
+    /// The sender's node id.
+    pub from: u64,
+}
+
+/// The answer to a [`Hello`]: `Ok` or why the connection is refused.
+pub type HelloReply = Result<(), String>;
+
+/// The link's name in a [`Hello`].
+pub const LINK_NAME: &str = "streambus-cluster";
+
+/// A request from one broker to another.
+#[derive(Debug, Serialize, Deserialize)]
+#[non_exhaustive]
+#[allow(clippy::large_enum_variant)]
+pub enum Rpc {
+    /// Raft log replication and heartbeats.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// A Raft election.
+    Vote(VoteRequest<u64>),
+    /// A whole snapshot of the metadata, to a broker too far behind for the log.
+    Snapshot {
+        /// The leader's vote.
+        vote: Vote<u64>,
+        /// What the snapshot covers.
+        meta: SnapshotMeta<u64, BasicNode>,
+        /// The state machine, serialised.
+        data: Vec<u8>,
+    },
+    /// A metadata write for the leader.
+    Write(Command),
+}
+
+/// The answer to an [`Rpc`] of the same name.
+#[derive(Debug, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RpcReply {
+    /// To [`Rpc::AppendEntries`].
+    AppendEntries(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    /// To [`Rpc::Vote`].
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    /// To [`Rpc::Snapshot`].
+    Snapshot(Result<SnapshotResponse<u64>, Fatal<u64>>),
+    /// To [`Rpc::Write`].
+    Write(Result<Committed, WriteRefused>),
+}
+
+impl RpcReply {
+    /// The reply's name, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AppendEntries(_) => "AppendEntries",
+            Self::Vote(_) => "Vote",
+            Self::Snapshot(_) => "Snapshot",
+            Self::Write(_) => "Write",
+        }
+    }
+}
+
+/// Why an [`Rpc`] got no reply.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The peer could not be reached or the connection broke.
+    #[error("{addr}: {source}")]
+    Io {
+        /// The peer's cluster address.
+        addr: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The peer refused the connection (another link version, …).
+    #[error("{addr} refused the cluster link: {reason}")]
+    Refused {
+        /// The peer's cluster address.
+        addr: String,
+        /// Its reason.
+        reason: String,
+    },
+    /// A message could not be encoded or decoded.
+    #[error("{addr}: a cluster message could not be read: {source}")]
+    Codec {
+        /// The peer's cluster address.
+        addr: String,
+        /// The codec error.
+        source: serde_json::Error,
+    },
+    /// No reply in time.
+    #[error("{addr}: no reply within {timeout:?}")]
+    Timeout {
+        /// The peer's cluster address.
+        addr: String,
+        /// The limit.
+        timeout: Duration,
+    },
+}
+
+/// A boxed future, for the object-safe [`Transport`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Carries [`Rpc`]s to other brokers.
+pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
+    /// Sends `rpc` to broker `target` at `node` and waits for its reply.
+    fn call(
+        &self,
+        target: u64,
+        node: &BasicNode,
+        rpc: Rpc,
+    ) -> BoxFuture<'static, Result<RpcReply, TransportError>>;
+}
+
+/// Answers an [`Rpc`] with this broker's Raft (the receiving side of every transport).
+pub async fn answer(raft: &MetaRaft, cluster: Option<&Cluster>, rpc: Rpc) -> RpcReply {
+    match rpc {
+        Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
+        Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
+        Rpc::Snapshot { vote, meta, data } => RpcReply::Snapshot(
+            raft.install_full_snapshot(
+                vote,
+                Snapshot {
+                    meta,
+                    snapshot: Box::new(data),
+                },
+            )
+            .await,
+        ),
+        Rpc::Write(command) => RpcReply::Write(match cluster {
+            Some(c) => c.write_here(command).await,
+            None => Err(WriteRefused::Stopped("not serving writes".into())),
+        }),
+    }
+}
+
+/// openraft's network over a [`Transport`].
+#[derive(Debug, Clone)]
+pub struct NetworkFactory {
+    transport: Arc<dyn Transport>,
+}
+
+impl NetworkFactory {
+    /// Over `transport`.
+    pub fn new(transport: Arc<dyn Transport>) -> Self {
+        Self { transport }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = Network;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Network {
+        Network {
+            target,
+            node: node.clone(),
+            transport: Arc::clone(&self.transport),
+        }
+    }
+}
+
+/// The link to one broker.
+#[derive(Debug)]
+pub struct Network {
+    target: u64,
+    node: BasicNode,
+    transport: Arc<dyn Transport>,
+}
+
+type RaftRpcError = RPCError<u64, BasicNode, RaftError<u64>>;
+
+impl Network {
+    async fn call(&self, rpc: Rpc, option: &RPCOption) -> Result<RpcReply, TransportError> {
+        let ttl = option.hard_ttl();
+        match tokio::time::timeout(ttl, self.transport.call(self.target, &self.node, rpc)).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout {
+                addr: self.node.addr.clone(),
+                timeout: ttl,
+            }),
+        }
+    }
+
+    fn unexpected(&self, reply: &RpcReply) -> NetworkError {
+        NetworkError::new(&std::io::Error::other(format!(
+            "broker {} answered with a {} reply",
+            self.target,
+            reply.kind()
+        )))
+    }
+}
+
+fn unreachable(e: &TransportError) -> Unreachable {
+    Unreachable::new(e)
+}
+
+impl RaftNetwork<TypeConfig> for Network {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RaftRpcError> {
+        match self.call(Rpc::AppendEntries(rpc), &option).await {
+            Ok(RpcReply::AppendEntries(r)) => r.map_err(|e| {
+                RPCError::RemoteError(RemoteError::new_with_node(
+                    self.target,
+                    self.node.clone(),
+                    e,
+                ))
+            }),
+            Ok(other) => Err(RPCError::Network(self.unexpected(&other))),
+            Err(e) => Err(RPCError::Unreachable(unreachable(&e))),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RaftRpcError> {
+        match self.call(Rpc::Vote(rpc), &option).await {
+            Ok(RpcReply::Vote(r)) => r.map_err(|e| {
+                RPCError::RemoteError(RemoteError::new_with_node(
+                    self.target,
+                    self.node.clone(),
+                    e,
+                ))
+            }),
+            Ok(other) => Err(RPCError::Network(self.unexpected(&other))),
+            Err(e) => Err(RPCError::Unreachable(unreachable(&e))),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<u64>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>> {
+        let rpc = Rpc::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            data: *snapshot.snapshot,
+        };
+        let reply = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = self.call(rpc, &option) => r,
+        };
+        match reply {
+            Ok(RpcReply::Snapshot(r)) => r.map_err(|e| {
+                StreamingError::RemoteError(RemoteError::new_with_node(
+                    self.target,
+                    self.node.clone(),
+                    e,
+                ))
+            }),
+            Ok(other) => Err(StreamingError::Network(self.unexpected(&other))),
+            Err(e) => Err(StreamingError::Unreachable(unreachable(&e))),
+        }
+    }
+}
+
+type Link = Framed<TcpStream, LengthDelimitedCodec>;
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_LINK_FRAME)
+        .new_codec()
+}
+
+async fn send<T: Serialize>(link: &mut Link, addr: &str, value: &T) -> Result<(), TransportError> {
+    let bytes = serde_json::to_vec(value).map_err(|source| TransportError::Codec {
+        addr: addr.to_owned(),
+        source,
+    })?;
+    link.send(bytes::Bytes::from(bytes))
+        .await
+        .map_err(|source| TransportError::Io {
+            addr: addr.to_owned(),
+            source,
+        })
+}
+
+async fn receive<T: serde::de::DeserializeOwned>(
+    link: &mut Link,
+    addr: &str,
+) -> Result<T, TransportError> {
+    let frame = match link.next().await {
+        Some(Ok(f)) => f,
+        Some(Err(source)) => {
+            return Err(TransportError::Io {
+                addr: addr.to_owned(),
+                source,
+            });
+        }
+        None => {
+            return Err(TransportError::Io {
+                addr: addr.to_owned(),
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+    };
+    serde_json::from_slice(&frame).map_err(|source| TransportError::Codec {
+        addr: addr.to_owned(),
+        source,
+    })
+}
+
+/// The TCP transport: two connections per peer, one for Raft's RPCs and one for forwarded
+/// writes (which wait for a commit and must not hold up heartbeats and votes), each opened on
+/// first use with a [`Hello`] and opened again after it breaks.
+#[derive(Debug)]
+pub struct TcpTransport {
+    from: u64,
+    /// By peer and whether the link carries forwarded writes.
+    links: std::sync::Mutex<BTreeMap<(u64, bool), Slot>>,
+}
+
+/// One connection to a peer, held across a whole request and reply.
+type Slot = Arc<Mutex<Option<Link>>>;
+
+impl TcpTransport {
+    /// A transport for broker `from`.
+    pub fn new(from: u64) -> Arc<Self> {
+        Arc::new(Self {
+            from,
+            links: std::sync::Mutex::default(),
+        })
+    }
+
+    fn slot(&self, target: u64, writes: bool) -> Slot {
+        let mut links = self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(links.entry((target, writes)).or_default())
+    }
+}
+
+/// Opens a link to `addr` and says hello.
+pub async fn connect(addr: &str, hello: &Hello) -> Result<Link, TransportError> {
+    let io = |source| TransportError::Io {
+        addr: addr.to_owned(),
+        source,
+    };
+    let stream = tokio::time::timeout(CALL_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| TransportError::Timeout {
+            addr: addr.to_owned(),
+            timeout: CALL_TIMEOUT,
+        })?
+        .map_err(io)?;
+    stream.set_nodelay(true).map_err(io)?;
+    let mut link = Framed::new(stream, codec());
+    send(&mut link, addr, hello).await?;
+    match receive::<HelloReply>(&mut link, addr).await? {
+        Ok(()) => Ok(link),
+        Err(reason) => Err(TransportError::Refused {
+            addr: addr.to_owned(),
+            reason,
+        }),
+    }
+}
+
+impl Transport for TcpTransport {
+    fn call(
+        &self,
+        target: u64,
+        node: &BasicNode,
+        rpc: Rpc,
+    ) -> BoxFuture<'static, Result<RpcReply, TransportError>> {
+        let slot = self.slot(target, matches!(rpc, Rpc::Write(_)));
+        let addr = node.addr.clone();
+        let hello = Hello {
+            link: LINK_NAME.into(),
+            version: LINK_VERSION,
+            from: self.from,
+        };
+        Box::pin(async move {
+            let mut guard = slot.lock().await;
+            let mut link = match guard.take() {
+                Some(l) => l,
+                None => connect(&addr, &hello).await?,
+            };
+            send(&mut link, &addr, &rpc).await?;
+            let reply = receive::<RpcReply>(&mut link, &addr).await?;
+            // Kept only after a whole exchange: a broken or timed-out one is reopened.
+            *guard = Some(link);
+            Ok(reply)
+        })
+    }
+}
+
+/// Serves the cluster link on `listener` for `cluster` until the runtime stops.
+pub async fn serve(listener: TcpListener, cluster: Cluster) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("accepting on the cluster listener: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_link(stream, &cluster).await {
+                tracing::debug!(%peer, "cluster link closed: {e}");
+            }
+        });
+    }
+}
+
+async fn serve_link(stream: TcpStream, cluster: &Cluster) -> Result<(), TransportError> {
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string());
+    let _ = stream.set_nodelay(true);
+    let mut link = Framed::new(stream, codec());
+    let refusal = match receive::<Hello>(&mut link, &peer).await {
+        Ok(h) if h.link == LINK_NAME && h.version == LINK_VERSION => None,
+        Ok(h) if h.link == LINK_NAME => Some(format!(
+            "cluster link version {} is not supported: broker {} speaks version {LINK_VERSION}",
+            h.version,
+            cluster.node_id()
+        )),
+        Ok(h) => Some(format!("{:?} is not the StreamBus cluster link", h.link)),
+        Err(TransportError::Codec { .. }) => Some(format!(
+            "the first frame is not a cluster link hello (version {LINK_VERSION}); clients connect to the client port, not --cluster-listen"
+        )),
+        Err(e) => return Err(e),
+    };
+    if let Some(reason) = refusal {
+        tracing::warn!(%peer, "refused a cluster link: {reason}");
+        send(&mut link, &peer, &HelloReply::Err(reason)).await?;
+        return Ok(());
+    }
+    send(&mut link, &peer, &HelloReply::Ok(())).await?;
+    loop {
+        let rpc = match receive::<Rpc>(&mut link, &peer).await {
+            Ok(r) => r,
+            Err(TransportError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let reply = answer(cluster.raft(), Some(cluster), rpc).await;
+        send(&mut link, &peer, &reply).await?;
+    }
+}

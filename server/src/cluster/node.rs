@@ -1,0 +1,165 @@
+//! A broker's cluster side: its own small tokio runtime (whatever `--runtime` serves the
+//! clients), the cluster listener, its member of the metadata group, the first start's
+//! bootstrap and the registration of its client address.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use openraft::BasicNode;
+
+use super::network::{self, TcpTransport};
+use super::state::LocalReplicas;
+use super::{Cluster, ClusterError};
+use crate::config::{Advertised, ClusterSettings};
+
+/// What the broker holds of the cluster side: the group and a handle on its runtime (which
+/// the [`ClusterNode`] owns and stops).
+#[derive(Debug, Clone)]
+pub struct ClusterHandle {
+    /// The metadata group.
+    pub cluster: Cluster,
+    /// The cluster runtime.
+    pub runtime: tokio::runtime::Handle,
+}
+
+/// A running cluster side; dropping it stops it.
+#[derive(Debug)]
+pub struct ClusterNode {
+    cluster: Cluster,
+    listen: SocketAddr,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+/// Why the cluster side could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The runtime or the listener.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The metadata group.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+impl ClusterNode {
+    /// Starts broker `node_id`'s cluster side: binds `settings.listen`, opens the group in
+    /// `<data_dir>/cluster`, bootstraps it if this broker has the lowest id in `--peers`
+    /// (ignored on a group that already has members), and registers `advertise` in it in the
+    /// background.
+    pub fn start(
+        node_id: u32,
+        settings: &ClusterSettings,
+        data_dir: &Path,
+        advertise: &Advertised,
+        local: LocalReplicas,
+    ) -> Result<Self, StartError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("streambus-cluster")
+            .enable_all()
+            .build()
+            .map_err(|source| StartError::Io {
+                what: "starting the cluster runtime".into(),
+                source,
+            })?;
+        let std_listener =
+            std::net::TcpListener::bind(settings.listen).map_err(|source| StartError::Io {
+                what: format!("binding --cluster-listen {}", settings.listen),
+                source,
+            })?;
+        let listen = std_listener
+            .local_addr()
+            .and_then(|a| std_listener.set_nonblocking(true).map(|()| a))
+            .map_err(|source| StartError::Io {
+                what: "the cluster listener".into(),
+                source,
+            })?;
+        let peers: BTreeMap<u64, BasicNode> = settings
+            .peers
+            .iter()
+            .map(|(id, a)| (u64::from(*id), BasicNode::new(a.to_string())))
+            .collect();
+        let first = settings.peers.keys().next().copied();
+        let dir = data_dir.join("cluster");
+        let id = u64::from(node_id);
+        let cluster = runtime.block_on(async {
+            let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|source| {
+                StartError::Io {
+                    what: "the cluster listener".into(),
+                    source,
+                }
+            })?;
+            let transport = TcpTransport::new(id);
+            let cluster =
+                Cluster::open(id, &dir, super::raft_config(), transport, Some(local)).await?;
+            tokio::spawn(network::serve(listener, cluster.clone()));
+            if first == Some(node_id) {
+                cluster.bootstrap(peers).await?;
+            }
+            let c = cluster.clone();
+            let (host, port) = (advertise.host.clone(), advertise.port);
+            tokio::spawn(async move { c.register(host, port).await });
+            Ok::<_, StartError>(cluster)
+        })?;
+        tracing::info!(%listen, node_id, peers = settings.peers.len(), "cluster link listening");
+        if !listen.ip().is_loopback() {
+            tracing::warn!(
+                %listen,
+                "the cluster link has no TLS and no authentication yet: whoever reaches --cluster-listen can change the cluster's metadata; keep it on a private network"
+            );
+        }
+        Ok(Self {
+            cluster,
+            listen,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// The group handle.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// The bound cluster listener.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The group handle with the cluster runtime's, for the broker: it runs metadata writes
+    /// there and answers their replies when they are committed.
+    pub fn handle(&self) -> Option<ClusterHandle> {
+        self.runtime.as_ref().map(|rt| ClusterHandle {
+            cluster: self.cluster.clone(),
+            runtime: rt.handle().clone(),
+        })
+    }
+
+    /// Stops the group member and the runtime.
+    pub fn shutdown(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            let c = self.cluster.clone();
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Inside another runtime, which must not block: stop without waiting.
+                rt.spawn(async move { c.shutdown().await });
+                rt.shutdown_background();
+            } else {
+                rt.block_on(async move { c.shutdown().await });
+                rt.shutdown_timeout(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

@@ -1,0 +1,334 @@
+//! The metadata group on an in-memory network (openraft's test pattern): no sockets, no
+//! sleeps; every wait is on openraft's metrics with a deadline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::BasicNode;
+
+use super::network::{BoxFuture, answer};
+use super::*;
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Delivers RPCs between the clusters registered in it; a node marked down neither sends nor
+/// receives.
+#[derive(Debug, Default)]
+struct Router {
+    nodes: Mutex<BTreeMap<u64, Cluster>>,
+    down: Mutex<BTreeSet<u64>>,
+}
+
+#[derive(Debug)]
+struct NodeTransport {
+    from: u64,
+    router: Arc<Router>,
+}
+
+impl Transport for NodeTransport {
+    fn call(
+        &self,
+        target: u64,
+        node: &BasicNode,
+        rpc: Rpc,
+    ) -> BoxFuture<'static, Result<RpcReply, TransportError>> {
+        let down = self.router.down.lock().unwrap();
+        let peer = if down.contains(&self.from) || down.contains(&target) {
+            None
+        } else {
+            self.router.nodes.lock().unwrap().get(&target).cloned()
+        };
+        let addr = node.addr.clone();
+        Box::pin(async move {
+            match peer {
+                Some(c) => Ok(answer(c.raft(), Some(&c), rpc).await),
+                None => Err(TransportError::Io {
+                    addr,
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                }),
+            }
+        })
+    }
+}
+
+struct TestCluster {
+    router: Arc<Router>,
+    dirs: BTreeMap<u64, tempfile::TempDir>,
+}
+
+impl TestCluster {
+    fn new(ids: &[u64]) -> Self {
+        Self {
+            router: Arc::default(),
+            dirs: ids
+                .iter()
+                .map(|id| (*id, tempfile::tempdir().unwrap()))
+                .collect(),
+        }
+    }
+
+    fn peers(&self) -> BTreeMap<u64, BasicNode> {
+        self.dirs
+            .keys()
+            .map(|id| (*id, BasicNode::new(format!("node-{id}"))))
+            .collect()
+    }
+
+    /// Starts (or restarts, from its files) node `id`.
+    async fn start(&self, id: u64) -> Cluster {
+        let c = self.start_cut_off(id).await;
+        self.router.down.lock().unwrap().remove(&id);
+        c
+    }
+
+    /// Starts node `id` cut off from the others.
+    async fn start_cut_off(&self, id: u64) -> Cluster {
+        self.router.down.lock().unwrap().insert(id);
+        let transport = Arc::new(NodeTransport {
+            from: id,
+            router: Arc::clone(&self.router),
+        });
+        let c = Cluster::open(
+            id,
+            &self.dirs[&id].path().join("cluster"),
+            raft_config(),
+            transport,
+            None,
+        )
+        .await
+        .unwrap();
+        self.router.nodes.lock().unwrap().insert(id, c.clone());
+        c
+    }
+
+    /// Stops node `id` and cuts it off.
+    async fn stop(&self, id: u64) {
+        self.router.down.lock().unwrap().insert(id);
+        let c = self.router.nodes.lock().unwrap().remove(&id).unwrap();
+        c.shutdown().await;
+    }
+
+    async fn leader_among(&self, nodes: &[&Cluster]) -> u64 {
+        let m = nodes[0]
+            .raft()
+            .wait(Some(DEADLINE))
+            .metrics(
+                |m| {
+                    m.current_leader
+                        .is_some_and(|l| nodes.iter().any(|n| n.node_id() == l))
+                },
+                "a leader among the live nodes",
+            )
+            .await
+            .unwrap();
+        m.current_leader.unwrap()
+    }
+}
+
+async fn wait_applied(c: &Cluster, index: u64) {
+    c.raft()
+        .wait(Some(DEADLINE))
+        .applied_index_at_least(Some(index), "applied")
+        .await
+        .unwrap();
+}
+
+fn create(name: &str, partitions: u32, rf: u32) -> Command {
+    Command::CreateTopic {
+        name: name.into(),
+        partitions,
+        replication_factor: rf,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_a_leader_and_a_topic_created_through_a_follower_is_on_all() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let (a, b, c) = (t.start(1).await, t.start(2).await, t.start(3).await);
+    a.bootstrap(t.peers()).await.unwrap();
+    // Bootstrapping again (a restart of the first broker) changes nothing.
+    a.bootstrap(t.peers()).await.unwrap();
+    let nodes = [&a, &b, &c];
+    let leader = t.leader_among(&nodes).await;
+    let follower = nodes.iter().find(|n| n.node_id() != leader).unwrap();
+    for n in nodes {
+        n.register("127.0.0.1".into(), 9000 + n.node_id() as u16)
+            .await;
+    }
+    assert_eq!(
+        follower
+            .write(create("orders", 6, 3))
+            .await
+            .unwrap()
+            .applied,
+        Applied::Created(true)
+    );
+    assert_eq!(
+        follower
+            .write(create("orders", 6, 3))
+            .await
+            .unwrap()
+            .applied,
+        Applied::Created(false)
+    );
+    let refused = follower.write(create("big", 1, 4)).await.unwrap();
+    let Applied::Refused { code, message } = refused.applied else {
+        panic!("RF 4 on 3 brokers must be refused");
+    };
+    assert_eq!(code, streambus_core::ErrorCode::INVALID_REQUEST.0);
+    assert!(message.contains("replication factor 4"), "{message}");
+    let index = refused.index;
+    for n in nodes {
+        wait_applied(n, index).await;
+    }
+    let m = a.metadata();
+    assert_eq!(b.metadata(), m);
+    assert_eq!(c.metadata(), m);
+    assert_eq!(m.brokers.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(m.brokers[&2].port, 9002);
+    let replicas: Vec<Vec<u32>> = m.topics["orders"]
+        .partitions
+        .iter()
+        .map(|p| p.replicas.clone())
+        .collect();
+    assert_eq!(
+        replicas,
+        [
+            vec![1, 2, 3],
+            vec![2, 3, 1],
+            vec![3, 1, 2],
+            vec![1, 2, 3],
+            vec![2, 3, 1],
+            vec![3, 1, 2]
+        ]
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_leader_gone_another_is_elected_and_writes_go_on() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let all = [t.start(1).await, t.start(2).await, t.start(3).await];
+    all[0].bootstrap(t.peers()).await.unwrap();
+    let refs: Vec<&Cluster> = all.iter().collect();
+    let old = t.leader_among(&refs).await;
+    all[0].write(create("before", 1, 0)).await.unwrap();
+    t.stop(old).await;
+    let rest: Vec<&Cluster> = all.iter().filter(|n| n.node_id() != old).collect();
+    let new = t.leader_among(&rest).await;
+    assert_ne!(new, old);
+    // Through either survivor: the follower forwards to the new leader.
+    let mut index = 0;
+    for n in &rest {
+        let name = format!("after-{}", n.node_id());
+        let written = n.write(create(&name, 2, 0)).await.unwrap();
+        assert_eq!(written.applied, Applied::Created(true));
+        index = index.max(written.index);
+    }
+    for n in &rest {
+        wait_applied(n, index).await;
+        let names: Vec<String> = n.metadata().topics.keys().cloned().collect();
+        let mut want = vec!["after-1", "after-2", "after-3", "before"];
+        want.retain(|w| !w.ends_with(&format!("-{old}")));
+        assert_eq!(
+            names,
+            want,
+            "node {} old {old} new {new} index {index} metrics {:?}",
+            n.node_id(),
+            n.raft().metrics().borrow()
+        );
+    }
+    for n in rest {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_catches_up_from_its_stored_log_and_a_snapshot() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let (a, b) = (t.start(1).await, t.start(2).await);
+    let c = t.start(3).await;
+    a.bootstrap(t.peers()).await.unwrap();
+    t.leader_among(&[&a, &b, &c]).await;
+    let index_one = a.write(create("one", 1, 0)).await.unwrap().index;
+    wait_applied(&c, index_one).await;
+    t.stop(3).await;
+    drop(c);
+    // While node 3 is down: more writes, and a snapshot on the others.
+    a.write(create("two", 3, 2)).await.unwrap();
+    let index = a
+        .write(Command::DeleteTopic { name: "one".into() })
+        .await
+        .unwrap()
+        .index;
+    wait_applied(&b, index).await;
+    b.raft().trigger().snapshot().await.unwrap();
+    b.raft()
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= index),
+            "a snapshot of everything applied",
+        )
+        .await
+        .unwrap();
+    // Restarted from its own files, still cut off: it applies its stored log again.
+    let c = t.start_cut_off(3).await;
+    wait_applied(&c, index_one).await;
+    assert_eq!(
+        c.metadata().topics.keys().cloned().collect::<Vec<_>>(),
+        ["one"]
+    );
+    // Connected: it catches up with what it missed.
+    t.router.down.lock().unwrap().remove(&3);
+    wait_applied(&c, index).await;
+    assert_eq!(c.metadata(), a.metadata());
+    assert_eq!(
+        c.metadata().topics.keys().cloned().collect::<Vec<_>>(),
+        ["two"]
+    );
+    // Node 2 restarted reads its snapshot back.
+    t.stop(2).await;
+    drop(b);
+    let b = t.start(2).await;
+    assert_eq!(b.metadata(), a.metadata());
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_link_refuses_another_version_with_a_message_naming_both() {
+    use super::network::{Hello, LINK_NAME, LINK_VERSION, TcpTransport, connect, serve};
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::open(7, dir.path(), raft_config(), TcpTransport::new(7), None)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(serve(listener, c.clone()));
+    let hello = |link: &str, version| Hello {
+        link: link.into(),
+        version,
+        from: 1,
+    };
+    connect(&addr, &hello(LINK_NAME, LINK_VERSION))
+        .await
+        .unwrap();
+    let e = connect(&addr, &hello(LINK_NAME, 2)).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{addr} refused the cluster link: cluster link version 2 is not supported: broker 7 speaks version 1"
+        )
+    );
+    let e = connect(&addr, &hello("kafka", 1)).await.unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("{addr} refused the cluster link: \"kafka\" is not the StreamBus cluster link")
+    );
+    server.abort();
+    c.shutdown().await;
+}

@@ -1,0 +1,406 @@
+//! Cluster mode with three brokers as real processes on 127.0.0.1 (serving clients on tokio,
+//! smol and blocking respectively): a topic with 6 partitions
+//! and RF 3 created through broker 2 is listed by brokers 1 and 3, and Metadata on each
+//! returns the same brokers and placement; with the metadata leader SIGKILLed, the other two
+//! elect a new one and a CreateTopic still works; restarted, the killed broker catches up. A
+//! DeleteTopic through one broker answers the fetches waiting on it on another.
+//!
+//! Each broker is this test binary started again in `child_cluster_broker`, which parses its
+//! command line exactly as `streambus-server` does and serves until killed; the metadata
+//! leader is read from each broker's `/metrics`. Its cluster port is
+//! chosen by binding port 0 first (the peers must know it before it starts); its client port
+//! is port 0, read back from the child.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser as _;
+use streambus_core::{
+    CreateTopicRequest, DeleteTopicRequest, ErrorCode, FetchExtension, FetchRequest, LongPoll,
+    MetadataRequest, Request, RequestType, Response, Topic, TopicNames,
+};
+use streambus_tests::RawClient;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A broker process: its command line in `CLUSTER_BROKER_ARGS` (one argument a line). Prints
+/// `READY <client addr> <metrics addr>` and serves until killed or its stdin closes.
+#[test]
+#[ignore = "runs only as a child process of three_brokers_share_topics_and_placement_and_survive_the_metadata_leader"]
+fn child_cluster_broker() {
+    let args = std::env::var("CLUSTER_BROKER_ARGS").unwrap();
+    let cli = streambus_server::Cli::try_parse_from(
+        std::iter::once("streambus-server").chain(args.lines()),
+    )
+    .unwrap();
+    let config = streambus_server::Config::from_cli(cli).unwrap();
+    let broker = streambus_server::start(config).unwrap();
+    println!("READY {} {}", broker.addr(), broker.metrics_addr().unwrap());
+    std::io::stdout().flush().unwrap();
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    std::process::abort();
+}
+
+struct Broker {
+    child: Child,
+    addr: SocketAddr,
+    metrics: String,
+}
+
+impl Broker {
+    fn start(id: u32, cluster_port: u16, peers: &str, runtime: &str, dir: &Path) -> Self {
+        let args = [
+            "--node-id".to_owned(),
+            id.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--cluster-listen".into(),
+            format!("127.0.0.1:{cluster_port}"),
+            "--peers".into(),
+            peers.to_owned(),
+            "--runtime".into(),
+            runtime.to_owned(),
+        ];
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "child_cluster_broker",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("CLUSTER_BROKER_ARGS", args.join("\n"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (addr, metrics) = loop {
+            let line = out.next().expect("child broker exited").unwrap();
+            if let Some(rest) = line.strip_prefix("READY ") {
+                let (a, m) = rest.split_once(' ').unwrap();
+                break (a.parse().unwrap(), m.to_owned());
+            }
+        };
+        Self {
+            child,
+            addr,
+            metrics,
+        }
+    }
+
+    /// The metadata leader this broker knows, from its `/metrics` (`None`: none now).
+    fn leader(&self) -> Option<u32> {
+        let leader: i64 =
+            streambus_tests::metric(self.metrics.as_str(), "streambus_cluster_metadata_leader")
+                .expect("the metadata leader gauge in /metrics")
+                .parse()
+                .unwrap();
+        u32::try_from(leader).ok()
+    }
+
+    fn client(&self) -> RawClient {
+        RawClient::connect(self.addr).unwrap()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Ports free now, for the cluster listeners.
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Polls `f` until it returns `Some`, failing the test after [`DEADLINE`].
+fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// CreateTopic: the error code (0: created or already there).
+fn create(c: &mut RawClient, name: &str, partitions: u32, rf: u16) -> (u16, bool) {
+    let r = c
+        .call(&Request::CreateTopic(CreateTopicRequest {
+            topic: Topic::new(name).unwrap(),
+            num_partitions: partitions,
+            replication_factor: rf,
+        }))
+        .unwrap();
+    match r.parse(RequestType::CreateTopic) {
+        Ok(Response::CreateTopic(c)) => (0, c.created),
+        _ => (r.error_code(), false),
+    }
+}
+
+/// A long-poll Fetch of `topic` partition `partition` from `offset`.
+fn long_poll(topic: &str, partition: u32, offset: i64, wait_ms: u32) -> Request<'_> {
+    Request::Fetch(FetchRequest {
+        topic: Topic::new(topic).unwrap(),
+        partition,
+        offset,
+        max_bytes: 1 << 20,
+        extension: Some(FetchExtension {
+            isolation_level: 0,
+            long_poll: Some(LongPoll {
+                max_wait_ms: wait_ms,
+                min_bytes: 1,
+            }),
+        }),
+    })
+}
+
+fn list(c: &mut RawClient) -> Vec<(String, u32)> {
+    let r = c.call(&Request::ListTopics).unwrap();
+    let Ok(Response::ListTopics(l)) = r.parse(RequestType::ListTopics) else {
+        panic!("ListTopics failed with {}", r.error_code());
+    };
+    l.topics
+        .iter()
+        .map(|t| (t.name.as_str().to_owned(), t.num_partitions))
+        .collect()
+}
+
+type Brokers = Vec<(u32, String, u16)>;
+type Placement = Vec<(String, u16, Vec<(u32, i32, Vec<u32>)>)>;
+
+/// Metadata of every topic: the brokers and each partition's (id, leader, replicas).
+fn metadata(c: &mut RawClient) -> (Brokers, Placement) {
+    let r = c
+        .call(&Request::Metadata(MetadataRequest {
+            topics: TopicNames::from_slice(&[]),
+        }))
+        .unwrap();
+    let Ok(Response::Metadata(m)) = r.parse(RequestType::Metadata) else {
+        panic!("Metadata failed with {}", r.error_code());
+    };
+    let brokers = m
+        .brokers
+        .iter()
+        .map(|b| {
+            (
+                b.node_id,
+                String::from_utf8_lossy(b.host.0).into_owned(),
+                b.port,
+            )
+        })
+        .collect();
+    let topics = m
+        .topics
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str().to_owned(),
+                t.error_code.0,
+                t.partitions
+                    .iter()
+                    .map(|p| (p.partition, p.leader, p.replicas.iter().collect()))
+                    .collect(),
+            )
+        })
+        .collect();
+    (brokers, topics)
+}
+
+#[test]
+fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    // One client runtime each: the cluster side runs on its own tokio runtime under all three.
+    let runtimes = ["tokio", "smol", "blocking"];
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start =
+        |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, runtimes[i], dirs[i].path());
+    let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
+    let addrs: Vec<SocketAddr> = brokers.iter().flatten().map(|b| b.addr).collect();
+
+    // Every broker registered its client address.
+    let want_brokers: Brokers = (1..=3u32)
+        .zip(&addrs)
+        .map(|(id, a)| (id, "127.0.0.1".to_owned(), a.port()))
+        .collect();
+    for b in brokers.iter().flatten() {
+        let mut c = b.client();
+        eventually("all three brokers registered", || {
+            (metadata(&mut c).0 == want_brokers).then_some(())
+        });
+    }
+
+    // Through broker 2; RF above the broker count is refused with a message.
+    let mut c2 = brokers[1].as_ref().unwrap().client();
+    assert_eq!(
+        create(&mut c2, "orders", 6, 3),
+        (0, true),
+        "created through broker 2"
+    );
+    assert_eq!(create(&mut c2, "orders", 6, 3), (0, false));
+    assert_eq!(
+        create(&mut c2, "too-wide", 1, 4).0,
+        ErrorCode::INVALID_REQUEST.0
+    );
+    let mut views = Vec::new();
+    for b in brokers.iter().flatten() {
+        let mut c = b.client();
+        eventually("the topic listed on every broker", || {
+            list(&mut c)
+                .contains(&("orders".to_owned(), 6))
+                .then_some(())
+        });
+        views.push(metadata(&mut c));
+    }
+    let (got_brokers, placement) = &views[0];
+    assert_eq!(got_brokers, &want_brokers);
+    assert!(views.iter().all(|v| v == &views[0]), "{views:?}");
+    let [(name, code, partitions)] = &placement[..] else {
+        panic!("one topic expected: {placement:?}");
+    };
+    assert_eq!((name.as_str(), *code), ("orders", 0));
+    // Three replicas each, leaders rotating over the brokers: each leads two partitions.
+    let mut leads = [0; 3];
+    for (i, (id, leader, replicas)) in partitions.iter().enumerate() {
+        assert_eq!(*id as usize, i);
+        assert_eq!(replicas.len(), 3);
+        assert_eq!(i64::from(*leader), i64::from(replicas[0]));
+        leads[usize::try_from(*leader).unwrap() - 1] += 1;
+    }
+    assert_eq!(leads, [2, 2, 2]);
+    // Every broker made the local partition directories: a produce to it is stored.
+    for b in brokers.iter().flatten() {
+        let mut c = b.client();
+        streambus_tests::produce(&mut c, "orders", 5, &[b"x"]).unwrap();
+    }
+
+    // Deleted through broker 2: a long-poll fetch waiting on broker 3 is answered TopicNotFound
+    // at once (well before its 20 s wait, and the client's 10 s read timeout).
+    let mut consumer = brokers[2].as_ref().unwrap().client();
+    let id = consumer.send(&long_poll("orders", 5, 1, 20_000)).unwrap();
+    let barrier = consumer.send(&Request::HealthCheck).unwrap();
+    assert_eq!(consumer.recv().unwrap().request_id(), barrier);
+    let r = c2
+        .call(&Request::DeleteTopic(DeleteTopicRequest {
+            topic: Topic::new("orders").unwrap(),
+        }))
+        .unwrap();
+    assert_eq!(r.error_code(), 0);
+    let r = consumer.recv().unwrap();
+    assert_eq!(
+        (r.request_id(), r.error_code()),
+        (id, ErrorCode::TOPIC_NOT_FOUND.0)
+    );
+    for b in brokers.iter().flatten() {
+        let mut c = b.client();
+        eventually("the topic gone from every broker", || {
+            list(&mut c).is_empty().then_some(())
+        });
+    }
+
+    // SIGKILL the metadata leader: the other two elect another, and writes go on.
+    let leader = eventually("a metadata leader", || {
+        brokers[0].as_ref().unwrap().leader()
+    });
+    let idx = leader as usize - 1;
+    drop(brokers[idx].take());
+    let survivor = brokers.iter().flatten().next().unwrap();
+    let new_leader = eventually("a new metadata leader", || {
+        survivor.leader().filter(|l| *l != leader)
+    });
+    assert_ne!(new_leader, leader);
+    for b in brokers.iter().flatten() {
+        let mut c = b.client();
+        let name = format!("after-{}", b.addr.port());
+        let (code, created) = eventually("CreateTopic after the failover", || {
+            let r = create(&mut c, &name, 2, 0);
+            // NotLeader while the survivors have not yet settled on the new leader.
+            (r.0 != ErrorCode::NOT_LEADER.0).then_some(r)
+        });
+        assert_eq!((code, created), (0, true), "{name}");
+        let topics = list(&mut c);
+        assert!(topics.contains(&(name.clone(), 2)), "{topics:?}");
+    }
+
+    // The killed broker restarted from its data directory (on a new client port): it catches
+    // up with the topics created while it was down, makes their directories, and registers its
+    // new address.
+    let back = start(idx);
+    let mut c = back.client();
+    let want: Vec<(String, u32)> = {
+        let mut c = brokers.iter().flatten().next().unwrap().client();
+        list(&mut c)
+    };
+    assert_eq!(want.len(), 2, "{want:?}");
+    eventually("the restarted broker caught up", || {
+        (list(&mut c) == want).then_some(())
+    });
+    for (name, _) in &want {
+        streambus_tests::produce(&mut c, name, 1, &[b"y"]).unwrap();
+    }
+    let port = back.addr.port();
+    eventually("the restarted broker's new address registered", || {
+        metadata(&mut c)
+            .0
+            .iter()
+            .any(|(id, _, p)| *id as usize == idx + 1 && *p == port)
+            .then_some(())
+    });
+    // (Its return may itself cause an election: compare with a survivor's view.)
+    let survivor = brokers.iter().flatten().next().unwrap();
+    eventually("the restarted broker agrees on the leader", || {
+        let l = back.leader()?;
+        (survivor.leader() == Some(l)).then_some(())
+    });
+}
+
+/// The names of this process's threads.
+fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_owned())
+        .collect()
+}
+
+#[test]
+fn without_peers_a_broker_runs_no_cluster_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = streambus_tests::start_broker(dir.path(), streambus_server::RuntimeKind::Tokio);
+    assert_eq!(broker.cluster_addr(), None);
+    assert!(broker.cluster().is_none());
+    // No thread of the cluster runtime (their names are cut to 15 bytes).
+    let names = thread_names();
+    assert!(
+        !names.iter().any(|n| n.starts_with("streambus-clus")),
+        "{names:?}"
+    );
+    assert!(!dir.path().join("cluster").exists());
+    let metrics = broker.metrics().encode();
+    assert!(!metrics.contains("cluster"), "{metrics}");
+    broker.shutdown().unwrap();
+}
