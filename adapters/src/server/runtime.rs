@@ -249,9 +249,10 @@ impl<H> Drop for Registered<'_, H> {
     fn drop(&mut self) {
         let mut connections = self.shared.connections();
         connections.try_remove(self.key);
-        // Give the memory back once most of it holds nobody (after a burst of connections).
-        if connections.capacity() > 64 && connections.len() < connections.capacity() / 4 {
-            connections.shrink_to_fit();
+        // Give the memory back once nobody is left (after a burst of connections; a slab
+        // cannot move its entries, so it cannot shrink below its highest key while in use).
+        if connections.is_empty() && connections.capacity() > 64 {
+            *connections = slab::Slab::new();
         }
     }
 }
