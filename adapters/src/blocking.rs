@@ -337,7 +337,7 @@ fn connection<H: Handler, S: Stream>(
             Next::Offload(job) => {
                 write_pending(&mut stream, &mut s, handler, options.write_timeout)?;
                 // This thread may block: run it here, in order.
-                job.run(handler);
+                (*job).run(handler);
                 continue;
             }
             Next::Read => true,

@@ -31,7 +31,7 @@ pub async fn serve<H: Handler>(
 }
 
 /// smol as the shared loops' runtime.
-struct Smol;
+pub(crate) struct Smol;
 
 impl Runtime for Smol {
     type Listener = Async<TcpListener>;
@@ -102,7 +102,7 @@ impl Runtime for Smol {
 
 /// A server connection over TLS: file ranges are read into a buffer and written through it.
 #[cfg(feature = "tls")]
-struct TlsSocket {
+pub(crate) struct TlsSocket {
     stream: futures_rustls::server::TlsStream<Async<TcpStream>>,
     file: crate::tls::FileReader,
 }

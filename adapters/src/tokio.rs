@@ -31,7 +31,7 @@ pub async fn serve<H: Handler>(
 }
 
 /// Tokio as the shared loops' runtime.
-struct Tokio;
+pub(crate) struct Tokio;
 
 impl Runtime for Tokio {
     type Listener = TcpListener;
@@ -95,7 +95,7 @@ impl Runtime for Tokio {
 
 /// A server connection over TLS: file ranges are read into a buffer and written through it.
 #[cfg(feature = "tls")]
-struct TlsSocket {
+pub(crate) struct TlsSocket {
     stream: tokio_rustls::server::TlsStream<TcpStream>,
     file: crate::tls::FileReader,
 }

@@ -124,6 +124,12 @@ impl RawClient {
         }
     }
 
+    /// The connection alone, without the client's receive buffer (to hold many connections
+    /// open at no cost to this process's heap).
+    pub fn into_conn(self) -> Option<Conn> {
+        self.stream
+    }
+
     fn stream(&mut self) -> io::Result<&mut Conn> {
         self.stream
             .as_mut()

@@ -16,6 +16,8 @@ use streambus_tests::{RUNTIMES, RawClient, Runtime, serve};
 #[derive(Default)]
 struct Ping {
     refused: AtomicUsize,
+    accepted: AtomicUsize,
+    closed: AtomicUsize,
 }
 
 impl Handler for Ping {
@@ -37,8 +39,17 @@ impl Handler for Ping {
     }
 
     fn on_event(&self, event: ConnEvent) {
-        if event == ConnEvent::Refused {
-            self.refused.fetch_add(1, Ordering::SeqCst);
+        match event {
+            ConnEvent::Refused => {
+                self.refused.fetch_add(1, Ordering::SeqCst);
+            }
+            ConnEvent::Accepted => {
+                self.accepted.fetch_add(1, Ordering::SeqCst);
+            }
+            ConnEvent::Closed => {
+                self.closed.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
         }
     }
 }
@@ -219,6 +230,31 @@ fn shutdown_answers_what_was_read() {
             "{rt:?}"
         );
         let _ = std::io::stdout().flush();
+    });
+}
+
+/// Stopping wakes the connections that wait with nothing to do (accepted, nothing sent: no
+/// timer but the 10-minute idle one runs): each closes with a FIN and is counted closed by the
+/// time the server has stopped. A connection left waiting would be cancelled at the grace
+/// period instead, and never counted closed.
+#[test]
+fn stopping_closes_every_idle_connection_itself() {
+    each_runtime(|rt| {
+        let ping = Arc::new(Ping::default());
+        let server = serve(rt, Arc::clone(&ping), options());
+        let mut conns: Vec<RawClient> = (0..5)
+            .map(|_| RawClient::connect(server.addr).unwrap())
+            .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ping.accepted.load(Ordering::SeqCst) < 5 {
+            assert!(std::time::Instant::now() < deadline, "{rt:?}: not accepted");
+            std::thread::yield_now();
+        }
+        server.stop();
+        assert_eq!(ping.closed.load(Ordering::SeqCst), 5, "{rt:?}");
+        for c in &mut conns {
+            assert!(c.is_closed_by_peer(), "{rt:?}");
+        }
     });
 }
 

@@ -34,8 +34,6 @@ use budget::{ALLOWANCE, Budget};
 use receive::RxBuf;
 use reply::{OutboxCell, Reply};
 use transmit::{Pending, TxBuf};
-/// A transmit buffer above this is released once written out, so idle connections stay small.
-const KEEP_CAPACITY: usize = 256 * 1024;
 /// How long a quiet connection keeps its buffers before giving them back: long enough that a
 /// request/response client (tens of µs between requests) never pays for re-allocating them.
 const LINGER: core::time::Duration = core::time::Duration::from_millis(2);
@@ -55,8 +53,9 @@ pub(crate) enum Next {
     /// Write what is pending before anything else (a slow reader), then process again.
     Flush,
     /// Run this request where blocking is allowed and wait for it before the next one (so
-    /// requests on one connection keep their order), then process again.
-    Offload(Job),
+    /// requests on one connection keep their order), then process again. (Boxed: a `Next` is
+    /// kept in the connection's future while it writes, and offloading is rare.)
+    Offload(Box<Job>),
     /// Write what is pending, then close.
     Close,
 }
@@ -98,9 +97,8 @@ pub(crate) struct Session {
     outbox: Arc<OutboxCell>,
     /// When a quiet connection's buffers go back (set while it waits holding them).
     linger_until: Option<Instant>,
-    /// The server's memory budget, and what the transmit queue's buffer holds of it (the
-    /// outbox's is charged by the outbox).
-    budget: Arc<Budget>,
+    /// What the transmit queue's buffer holds of the server's memory budget (the outbox's is
+    /// charged by the outbox, which holds the budget).
     tx_charged: usize,
     /// The core has been told the connection authenticated.
     authenticated: bool,
@@ -109,7 +107,7 @@ pub(crate) struct Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.outbox.close();
-        self.budget.give(self.rx.charged() + self.tx_charged);
+        self.budget().give(self.rx.charged() + self.tx_charged);
     }
 }
 
@@ -119,12 +117,17 @@ impl Session {
             conn: ServerConnection::new(config, now),
             rx: RxBuf::default(),
             tx: TxBuf::default(),
-            outbox: Arc::new(OutboxCell::new(Arc::clone(&budget), peer)),
+            outbox: Arc::new(OutboxCell::new(budget, peer)),
             linger_until: None,
-            budget,
             tx_charged: 0,
             authenticated: false,
         }
+    }
+
+    /// Who the connection is with.
+    #[cfg_attr(not(any(feature = "tokio", feature = "smol")), allow(dead_code))]
+    pub(crate) fn peer(&self) -> &Peer {
+        self.outbox.peer()
     }
 
     /// Passes on what the handler asked of the connection ([`crate::Connection`]): it
@@ -146,7 +149,7 @@ impl Session {
     /// because the server's memory budget is spent (or the allocation failed): then read
     /// nothing, and try again when the budget has room.
     pub(crate) fn prepare_read(&mut self) -> bool {
-        self.rx.prepare(&self.budget)
+        self.rx.prepare(self.outbox.budget())
     }
 
     /// The room [`prepare_read`](Self::prepare_read) made (empty if it returned `false`).
@@ -172,28 +175,28 @@ impl Session {
         self.tx.sent(n);
     }
 
-    /// Drops buffers that are empty, so an idle connection holds almost no memory. Call it
-    /// before waiting for input.
+    /// Drops buffers that are empty (the receive buffer, both transmit buffers), so an idle
+    /// connection holds no buffer at all.
     pub(crate) fn release_idle(&mut self) {
-        self.rx.release(&self.budget);
-        if self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY {
+        self.rx.release(self.outbox.budget());
+        if self.tx.waiting() == 0 {
             self.tx = TxBuf::default();
         }
         {
             let mut ob = self.outbox.lock();
-            if ob.tx.waiting() == 0 && ob.tx.capacity() > KEEP_CAPACITY {
+            if ob.tx.waiting() == 0 && ob.tx.capacity() > 0 {
                 ob.tx = TxBuf::default();
                 self.outbox.note_queued(&mut ob);
             }
         }
-        self.budget
+        self.outbox
+            .budget()
             .recharge(&mut self.tx_charged, self.tx.capacity());
     }
 
     /// The server's memory budget (to wait for room in it).
-    #[cfg_attr(not(any(feature = "tokio", feature = "smol")), allow(dead_code))]
     pub(crate) fn budget(&self) -> &Arc<Budget> {
-        &self.budget
+        self.outbox.budget()
     }
 
     /// The core's next deadline.
@@ -207,8 +210,10 @@ impl Session {
         self.rx.is_released()
     }
 
+    /// Whether a buffer holds memory and nothing waiting in it. (The outbox holds a transmit
+    /// buffer only after one was swapped out of the queue, which then holds one too.)
     fn holds_idle_buffers(&self) -> bool {
-        self.rx.is_idle() || (self.tx.waiting() == 0 && self.tx.capacity() > KEEP_CAPACITY)
+        self.rx.is_idle() || (self.tx.waiting() == 0 && self.tx.capacity() > 0)
     }
 
     /// The deadline to wait for input until, for the async runtimes: the core's, or earlier
@@ -261,7 +266,8 @@ impl Session {
             std::mem::take(&mut ob.answered)
         };
         // Replies are owed whatever the budget says; what they take counts against reading.
-        self.budget
+        self.outbox
+            .budget()
             .recharge(&mut self.tx_charged, self.tx.capacity());
         for _ in 0..answered {
             self.conn.complete(0);
@@ -287,7 +293,7 @@ impl Session {
             // Output waits: write it before taking more requests, past 4 MiB a connection, or
             // past its 8 KiB allowance once the server's memory budget is spent (replies are
             // owed whatever the budget says, so they bound what a connection may start).
-            let cap = if self.budget.is_spent() {
+            let cap = if self.budget().is_spent() {
                 ALLOWANCE as u64
             } else {
                 TX_HIGH_WATER
@@ -315,11 +321,11 @@ impl Session {
                     if handler.blocks(&request) {
                         let frame = unread[..consumed].to_vec();
                         rx.consume(consumed);
-                        return Next::Offload(Job {
+                        return Next::Offload(Box::new(Job {
                             frame,
                             flags,
                             reply,
-                        });
+                        }));
                     }
                     handler.handle(flags, &request, reply);
                     rx.consume(consumed);

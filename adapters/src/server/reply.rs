@@ -69,6 +69,16 @@ impl OutboxCell {
         self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The server's memory budget.
+    pub(crate) fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Who the connection is with.
+    pub(crate) fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
     /// Bytes waiting in the outbox (as of the last change).
     pub(crate) fn queued(&self) -> u64 {
         self.queued.load(Ordering::Relaxed)
@@ -93,6 +103,15 @@ impl OutboxCell {
             _ => ob.waker = Some(cx.waker().clone()),
         }
         Poll::Pending
+    }
+
+    /// Wakes the connection if it waits (the server is stopping).
+    #[cfg(any(feature = "tokio", feature = "smol"))]
+    pub(crate) fn wake(&self) {
+        let waker = self.lock().waker.take();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// The connection is gone: later replies are dropped, and queued ones freed.

@@ -15,9 +15,18 @@ pub(crate) struct TxBuf {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The file ranges, on the heap once a reply had one: most connections never send one,
+    /// and a transmit queue sits in every connection's task and outbox.
+    files: Option<Box<Files>>,
+}
+
+/// File ranges spliced into a transmit queue.
+#[derive(Debug, Default)]
+struct Files {
     /// `(position in buf, range)`: the range goes out once `buf` is written up to the position.
-    files: VecDeque<(usize, FileChunk)>,
-    file_bytes: u64,
+    queue: VecDeque<(usize, FileChunk)>,
+    /// Their bytes.
+    bytes: u64,
 }
 
 /// What to write next.
@@ -34,7 +43,7 @@ pub(crate) enum Pending<'a> {
 impl TxBuf {
     /// Bytes waiting, file ranges included.
     pub(crate) fn waiting(&self) -> u64 {
-        (self.end - self.start) as u64 + self.file_bytes
+        (self.end - self.start) as u64 + self.files.as_ref().map_or(0, |f| f.bytes)
     }
 
     /// The buffer's initialized size (what an idle connection would keep).
@@ -53,13 +62,14 @@ impl TxBuf {
 
     pub(crate) fn push_file(&mut self, chunk: FileChunk) {
         if chunk.len > 0 {
-            self.file_bytes += chunk.len;
-            self.files.push_back((self.end, chunk));
+            let files = self.files.get_or_insert_default();
+            files.bytes += chunk.len;
+            files.queue.push_back((self.end, chunk));
         }
     }
 
     pub(crate) fn pending(&self) -> Pending<'_> {
-        match self.files.front() {
+        match self.files.as_ref().and_then(|f| f.queue.front()) {
             Some((at, chunk)) if *at == self.start => Pending::File(chunk),
             Some((at, _)) => Pending::Bytes(&self.buf[self.start..*at]),
             None if self.start < self.end => Pending::Bytes(&self.buf[self.start..self.end]),
@@ -68,19 +78,21 @@ impl TxBuf {
     }
 
     pub(crate) fn sent(&mut self, n: usize) {
-        match self.files.front_mut() {
-            Some((at, chunk)) if *at == self.start => {
-                let n = (n as u64).min(chunk.len);
-                chunk.offset += n;
-                chunk.len -= n;
-                self.file_bytes -= n;
-                if chunk.len == 0 {
-                    self.files.pop_front();
+        match &mut self.files {
+            Some(files) if files.queue.front().is_some_and(|(at, _)| *at == self.start) => {
+                if let Some((_, chunk)) = files.queue.front_mut() {
+                    let n = (n as u64).min(chunk.len);
+                    chunk.offset += n;
+                    chunk.len -= n;
+                    files.bytes -= n;
+                    if chunk.len == 0 {
+                        files.queue.pop_front();
+                    }
                 }
             }
             _ => self.start += n,
         }
-        if self.start >= self.end && self.files.is_empty() {
+        if self.start >= self.end && self.files.as_ref().is_none_or(|f| f.queue.is_empty()) {
             self.start = 0;
             self.end = 0;
         }
@@ -125,10 +137,15 @@ impl TxBuf {
             return;
         }
         let shift = self.end - other.start;
-        for (at, chunk) in other.files.drain(..) {
-            self.files.push_back((at + shift, chunk));
+        if let Some(theirs) = &mut other.files
+            && !theirs.queue.is_empty()
+        {
+            let ours = self.files.get_or_insert_default();
+            for (at, chunk) in theirs.queue.drain(..) {
+                ours.queue.push_back((at + shift, chunk));
+            }
+            ours.bytes += std::mem::take(&mut theirs.bytes);
         }
-        self.file_bytes += std::mem::take(&mut other.file_bytes);
         let (s, e) = (other.start, other.end);
         let end = self.end + (e - s);
         if self.buf.len() < end {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::config::{FsyncPolicy, TopicConfig};
+use super::durability;
 use super::error::{IoContext, StorageError};
 
 /// The format version written in every metadata file.
@@ -139,7 +140,9 @@ fn write_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), StorageError
     {
         let mut f = File::create(&tmp).ctx("create", &tmp)?;
         f.write_all(text.as_bytes()).ctx("write", &tmp)?;
+        let synced = durability::file(&tmp);
         f.sync_all().ctx("fsync", &tmp)?;
+        synced.done();
     }
     fs::rename(&tmp, path).ctx("rename", path)?;
     if let Some(dir) = path.parent() {
@@ -150,7 +153,10 @@ fn write_atomic<T: Serialize>(path: &Path, value: &T) -> Result<(), StorageError
 
 /// Makes a directory's entries (created, renamed, removed files) durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    let synced = durability::dir(dir);
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .ctx("fsync directory", dir)
+        .ctx("fsync directory", dir)?;
+    synced.done();
+    Ok(())
 }

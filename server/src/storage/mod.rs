@@ -15,6 +15,7 @@
 //! policies and recovery.
 
 mod config;
+mod durability;
 mod error;
 mod meta;
 mod partition;

@@ -20,6 +20,7 @@ use streambus_core::broker::stamp_record;
 use streambus_core::checksum::{self, combine};
 
 use super::config::FsyncPolicy;
+use super::durability;
 use super::error::{IoContext, StorageError};
 use super::producers::{Decision, PidxEntry, ProducerBatch, Producers};
 use super::segment::{self, ENTRY_LEN, IndexEntry, SAMPLE_EVERY, Segment};
@@ -629,6 +630,7 @@ impl Partition {
     /// Fsyncs the sealed segments not yet synced, the active segment and, when it changed,
     /// the directory. Returns the end offset the fsync covers (with the error, when it fails).
     fn sync_now(&self) -> Result<i64, (i64, StorageError)> {
+        let synced = durability::partition(&self.dir);
         let (unsynced, active, end, dir_dirty) = {
             let mut st = write(&self.state);
             (
@@ -654,6 +656,7 @@ impl Partition {
             st.dir_dirty |= dir_dirty;
             return Err((end, e));
         }
+        synced.done();
         self.counters.inc(&self.counters.fsyncs, 1);
         Ok(end)
     }

@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use streambus_core::checksum;
 
+use super::durability;
 use super::error::{IoContext, StorageError};
 use super::producers::{PIDX_ENTRY_LEN, PidxEntry};
 
@@ -192,11 +193,18 @@ impl Segment {
     /// Flushes the files' data to disk: the producer index before the index, so an index
     /// entry on disk has its producer entry there too.
     pub(crate) fn sync(&self) -> Result<(), StorageError> {
+        let f = durability::file(&self.log_path);
         self.log.sync_data().ctx("fsync", &self.log_path)?;
+        f.done();
         if let Some(p) = self.pidx.get() {
+            let f = durability::file(&self.pidx_path);
             p.sync_data().ctx("fsync", &self.pidx_path)?;
+            f.done();
         }
-        self.idx.sync_data().ctx("fsync", &self.idx_path)
+        let f = durability::file(&self.idx_path);
+        self.idx.sync_data().ctx("fsync", &self.idx_path)?;
+        f.done();
+        Ok(())
     }
 
     /// Removes the files (readers holding the segment keep reading the unlinked files).
@@ -300,7 +308,9 @@ impl Segment {
         }
         if good != len {
             file.set_len(good).ctx("truncate", &self.pidx_path)?;
+            let f = durability::file(&self.pidx_path);
             file.sync_data().ctx("fsync", &self.pidx_path)?;
+            f.done();
         }
         if keep_open {
             let _ = self.pidx.set(file);
