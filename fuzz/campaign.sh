@@ -103,15 +103,16 @@ echo "campaign: total stat::number_of_executed_units: $total"
 if [[ "${FUZZ_CMIN:-1}" != 0 ]]; then
     for t in "${targets[@]}"; do
         # cmin renames every file it keeps to the SHA-1 of its contents and may drop seeds:
-        # the hand-written golden_* seeds (fuzz/gen_corpus.py) are put back under their names.
+        # every named input (the golden_* seeds of fuzz/gen_corpus.py, the regression-* inputs
+        # of fixed bugs, ...) is put back under its name.
         keep="$logs/$t.golden"
         mkdir -p "$keep"
-        find "corpus/$t" -maxdepth 1 -type f -name 'golden_*' -exec cp {} "$keep/" \;
+        find "corpus/$t" -maxdepth 1 -type f -regextype posix-extended ! -regex '.*/[0-9a-f]{40}' -exec cp {} "$keep/" \;
         if ! timeout --kill-after=30 3600 cargo +nightly fuzz cmin "${build_args[@]}" "$t" "corpus/$t" >"$logs/$t.cmin.log" 2>&1; then
             echo "campaign: cmin of $t failed (log: $logs/$t.cmin.log)" >&2
             failed+=("$t(cmin)")
         fi
-        for g in "$keep"/golden_*; do
+        for g in "$keep"/*; do
             [[ -e "$g" ]] || continue
             rm -f "corpus/$t/$(sha1sum "$g" | cut -d' ' -f1)"
             cp "$g" "corpus/$t/"

@@ -9,8 +9,8 @@ starting point of varied bytes for the mutator, not encodings of requests.
 
 storage_recovery seeds (not golden vectors of the spec, but inputs in its layout, see
 src/storage.rs): raw mode (first byte even) segments built per docs/storage.md, intact, torn,
-with garbage, at another base offset and with a partition.toml; prefix mode (first byte odd)
-inputs are `arbitrary` bytes.
+with garbage, at another base offset and with a partition.toml; prefix mode (first byte odd;
+0b11: with idempotent producers) inputs are `arbitrary` bytes.
 """
 import struct
 import zlib
@@ -95,6 +95,10 @@ def storage_seeds() -> dict[str, bytes]:
         "storage_raw_toml": storage_raw(idx, log, toml=b"format = 1\nlog_start = 2\n"),
         "storage_prefix_small": b"\x01" + bytes(range(64)),
         "storage_prefix_large": b"\x01" + bytes((i * 37) % 256 for i in range(600)),
+        # Prefix mode with idempotent producers and .pidx damage (first byte 0b11).
+        "storage_prefix_idempotent_small": b"\x03" + bytes(range(64)),
+        "storage_prefix_idempotent_large": b"\x03" + bytes((i * 37) % 256 for i in range(600)),
+        "storage_prefix_idempotent_dense": b"\x03" + bytes((i * 101 + 7) % 256 for i in range(900)),
     }
 
 

@@ -884,12 +884,15 @@ pub enum OwnedResponse {
     Metadata(OwnedMetadata),
 }
 
+/// A Metadata topic to encode: name, error code, partitions (id, leader, epoch, replicas).
+type MetadataTopic = (TopicName, u16, Vec<(u32, i32, i32, Vec<u32>)>);
+
 /// A Metadata reply to encode: brokers (node, host, port), then topics with their partitions
 /// (id, leader, epoch, replicas).
 #[derive(Debug, Clone, Arbitrary)]
 pub struct OwnedMetadata {
     brokers: Vec<(u32, Vec<u8>, u16)>,
-    topics: Vec<(TopicName, u16, Vec<(u32, i32, i32, Vec<u32>)>)>,
+    topics: Vec<MetadataTopic>,
 }
 
 /// The `roundtrip` target's input.

@@ -1,7 +1,7 @@
 //! Checks for the storage engine's recovery (`streambus_server::storage`), used by the
 //! `storage_recovery` target.
 //!
-//! The input's first byte picks one of two modes (bit 0):
+//! The input's first byte picks the mode (bit 0, and bit 1 in the prefix mode):
 //!
 //! - **raw** (`0`): arbitrary bytes as one partition's only segment (`<base>.idx`, `<base>.log`)
 //!   and, optionally, its `partition.toml`. Without a `partition.toml`, `Storage::open` must
@@ -15,6 +15,21 @@
 //!   segment's `.log`, in a sealed segment's last batch), garbage appended to the last
 //!   segment's files. After reopening, every batch of the prefix is served byte for byte, and
 //!   every message served at an offset that was written is the one written there.
+//! - **idempotent prefix** (`1` with bit 1 set, `0b11`): the prefix mode where batches also come
+//!   from idempotent producers (`Storage::append_idempotent` with a [`ProducerBatch`]: ids 1–3,
+//!   consecutive sequences, now and then a new epoch), mixed with plain ones, and the damage
+//!   can also hit any segment's `.pidx` (cut short, a byte flipped, garbage written after the
+//!   last entry, the file removed), the prefix's entries included. After reopening, besides
+//!   the prefix checks: what recovery keeps of each `.pidx` is whole entries with good CRCs,
+//!   among them every entry of the prefix that is intact along with those before it; every
+//!   batch the state rebuilt from the kept entries holds (their last 5 of the current epoch,
+//!   `docs/storage.md`) is answered as a duplicate at its offsets; and a retry of every
+//!   idempotent batch that was appended (the safety property of §6.2) is appended anew at the
+//!   end, refused with `OutOfOrderSequence`, `UnknownProducer` or `InvalidProducerEpoch`, or
+//!   answered as a duplicate only with offsets that hold exactly that batch's messages. Entries
+//!   the fuzzer forged from garbage (CRC and all) are told apart by comparing with what was
+//!   written: their producer's retries are not checked, and a forged `.idx` entry limits the
+//!   duplicate check to below the last segment, as for the served records.
 //!
 //! In both modes, after `open` succeeds: a fetch of everything from the log start to the
 //! high-water mark always progresses, serves records whose CRC-32 is the `crc` it reports
@@ -32,6 +47,7 @@
 //! the prefix mode never flips bytes there: a flip there is served, and only the CRC the fetch
 //! reports (computed from the index) exposes it.
 
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -41,7 +57,9 @@ use std::time::Duration;
 use arbitrary::Unstructured;
 use streambus_core::checksum::checksum;
 use streambus_core::{Encode, MESSAGE_FIXED_LEN, Message, MessageSet, MessageSetBuilder};
-use streambus_server::storage::{FetchResult, FsyncPolicy, Storage, StorageConfig, StorageError};
+use streambus_server::storage::{
+    FetchResult, FsyncPolicy, KEPT_BATCHES, ProducerBatch, Storage, StorageConfig, StorageError,
+};
 
 const TOPIC: &str = "t";
 /// Bytes of one index entry.
@@ -436,32 +454,177 @@ fn check_raw(mode: u8, mut data: &[u8]) {
 struct SegFiles {
     base: i64,
     entries: Vec<Entry>,
+    /// The `.pidx` file as written (`None`: the segment has no idempotent batch).
+    pidx: Option<Vec<u8>>,
 }
 
-/// Prefix mode: see the module documentation.
-fn check_prefix(data: &[u8]) -> arbitrary::Result<()> {
+/// Bytes of one `.pidx` entry.
+const PIDX_ENTRY_LEN: usize = 32;
+
+/// One `.pidx` entry as `docs/storage.md` specifies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PidxEntry {
+    base_offset: i64,
+    producer_id: i64,
+    base_sequence: i32,
+    count: u32,
+    epoch: i16,
+}
+
+impl PidxEntry {
+    /// Decodes a 32-byte entry; `None` if its CRC (over bytes 0..28) does not match.
+    fn decode(b: &[u8]) -> Option<Self> {
+        let arr = |r: std::ops::Range<usize>| -> [u8; 8] {
+            let mut a = [0u8; 8];
+            a[8 - r.len()..].copy_from_slice(&b[r]);
+            a
+        };
+        let be = |r: std::ops::Range<usize>| u64::from_be_bytes(arr(r));
+        if b.len() != PIDX_ENTRY_LEN || u64::from(checksum(&b[..28])) != be(28..32) {
+            return None;
+        }
+        Some(Self {
+            base_offset: be(0..8) as i64,
+            producer_id: be(8..16) as i64,
+            base_sequence: be(16..20) as u32 as i32,
+            count: be(20..24) as u32,
+            epoch: be(24..26) as u16 as i16,
+        })
+    }
+}
+
+/// One batch the prefix mode appended.
+#[derive(Debug)]
+struct Written {
+    /// Its idempotence fields (`None`: a plain append).
+    producer: Option<ProducerBatch>,
+    count: u32,
+    bytes: Vec<u8>,
+    base_offset: i64,
+}
+
+/// Whether offsets `base..base + count` of the partition hold exactly the messages (keys and
+/// values, in order, at those offsets) of the set `count`/`bytes`.
+fn holds_batch(s: &Storage, base: i64, count: u32, bytes: &[u8]) -> bool {
+    let Ok(f) = s.fetch(TOPIC, 0, base, 1 << 20, MAX_TOTAL) else {
+        return false;
+    };
+    let Ok(got) = MessageSet::new_checked(f.count, &f.records) else {
+        return false;
+    };
+    let want = MessageSet::new_checked(count, bytes).expect("a built set");
+    let first = f.next_offset - i64::from(f.count);
+    let got: Vec<_> = got
+        .iter()
+        .zip(first..)
+        .map(|(m, o)| (o, m.offset, m.key, m.value))
+        .take(count as usize)
+        .collect();
+    let want: Vec<_> = want
+        .iter()
+        .zip(base..)
+        .map(|(m, o)| (o, o, m.key, m.value))
+        .collect();
+    got == want
+}
+
+/// Per producer id: its epoch and its batches held, as `(sequence, count, base offset)`.
+type ProducerStates = HashMap<i64, (i16, Vec<(i32, u32, i64)>)>;
+
+/// What the producer state rebuilt from `.pidx` entries holds, per producer: its epoch and
+/// its last [`KEPT_BATCHES`] batches as `(sequence, count, base offset)` (the rules of
+/// `docs/storage.md`: entries replayed in order, a newer epoch restarts a producer, an older
+/// one is ignored).
+fn replay(entries: &[PidxEntry]) -> ProducerStates {
+    let mut state = ProducerStates::new();
+    for e in entries {
+        let p = state
+            .entry(e.producer_id)
+            .or_insert_with(|| (e.epoch, Vec::new()));
+        if e.epoch < p.0 {
+            continue;
+        }
+        if e.epoch > p.0 {
+            *p = (e.epoch, Vec::new());
+        }
+        p.1.push((e.base_sequence, e.count, e.base_offset));
+        if p.1.len() > KEPT_BATCHES {
+            p.1.remove(0);
+        }
+    }
+    state
+}
+
+/// Prefix mode: see the module documentation. With `idempotent`, some batches come from
+/// idempotent producers and the damage can also hit the `.pidx` files.
+fn check_prefix(data: &[u8], idempotent: bool) -> arbitrary::Result<()> {
     let mut u = Unstructured::new(data);
     let segment_bytes = u64::from(u.int_in_range(1u16..=2048)?);
     let n_batches = u.int_in_range(1usize..=12)?;
     let keyed = u.arbitrary::<bool>()?;
-    let mut batches = Vec::with_capacity(n_batches);
-    for _ in 0..n_batches {
+    // Per producer (ids 1..=3): its epoch and next sequence, once it has sent a batch.
+    let mut producers: HashMap<i64, (i16, i32)> = HashMap::new();
+    let mut batches: Vec<Written> = Vec::with_capacity(n_batches);
+    for i in 0..n_batches {
         let n = u.int_in_range(1usize..=4)?;
         let mut values = Vec::with_capacity(n);
-        for _ in 0..n {
+        for j in 0..n {
             let len = u.int_in_range(0usize..=48)?;
-            values.push(u.bytes(len)?.to_vec());
+            let mut v = u.bytes(len)?.to_vec();
+            if idempotent {
+                // Each message differs from every other: a duplicate answer pointing at
+                // another batch's offsets can't pass for the right one.
+                v.extend_from_slice(&[i as u8, j as u8]);
+            }
+            values.push(v);
         }
-        batches.push(build_set(&values, keyed));
+        let (count, bytes) = build_set(&values, keyed);
+        let producer = if idempotent {
+            match u.int_in_range(0i64..=3)? {
+                0 => None,
+                id => {
+                    let bump = u.ratio(1u8, 5)?;
+                    let (epoch, seq) = match producers.get(&id) {
+                        Some(&(e, _)) if bump => (e + 1, 0),
+                        Some(&(e, s)) => (e, s),
+                        None => (0, 0),
+                    };
+                    producers.insert(id, (epoch, seq + count as i32));
+                    Some(ProducerBatch {
+                        producer_id: id,
+                        epoch,
+                        base_sequence: seq,
+                    })
+                }
+            }
+        } else {
+            None
+        };
+        batches.push(Written {
+            producer,
+            count,
+            bytes,
+            base_offset: 0,
+        });
     }
 
     // Write them through the storage API.
     let (root, part) = fresh_dir();
     let s = open(&root, segment_bytes).expect("open an empty partition");
-    for (i, (count, bytes)) in batches.iter().enumerate() {
-        let set = MessageSet::new_checked(*count, bytes).expect("built set");
-        s.append(TOPIC, 0, &set, 1_000 + i as i64)
+    let mut end = 0i64;
+    for (i, b) in batches.iter_mut().enumerate() {
+        let set = MessageSet::new_checked(b.count, &b.bytes).expect("built set");
+        let r = s
+            .append_idempotent(TOPIC, 0, &set, 1_000 + i as i64, b.producer)
             .expect("append to a fresh partition");
+        assert_eq!(
+            (r.base_offset, r.count),
+            (end, b.count),
+            "batch {i} ({:?}) was not appended at the end",
+            b.producer
+        );
+        b.base_offset = end;
+        end += i64::from(b.count);
     }
     let (_, orig_end) = s.offsets(TOPIC, 0).expect("offsets");
     let all = s
@@ -487,7 +650,37 @@ fn check_prefix(data: &[u8]) -> arbitrary::Result<()> {
             .chunks(ENTRY_LEN)
             .map(|c| Entry::decode(c).expect("an index entry the storage wrote"))
             .collect();
-        segs.push(SegFiles { base, entries });
+        let pidx = fs::read(part.join(segment_name(base, "pidx"))).ok();
+        // The producer entries are the segment's idempotent batches, in order, then zeros.
+        let seg_end = entries
+            .last()
+            .map_or(base, |e| e.base_offset + i64::from(e.count));
+        let want: Vec<PidxEntry> = batches
+            .iter()
+            .filter(|b| b.base_offset >= base && b.base_offset < seg_end)
+            .filter_map(|b| {
+                b.producer.map(|p| PidxEntry {
+                    base_offset: b.base_offset,
+                    producer_id: p.producer_id,
+                    base_sequence: p.base_sequence,
+                    count: b.count,
+                    epoch: p.epoch,
+                })
+            })
+            .collect();
+        let got: Vec<PidxEntry> = pidx
+            .as_deref()
+            .unwrap_or_default()
+            .chunks(PIDX_ENTRY_LEN)
+            .map_while(PidxEntry::decode)
+            .collect();
+        assert_eq!(got, want, "the .pidx of segment {base} as written");
+        assert_eq!(pidx.is_some(), !want.is_empty(), ".pidx of segment {base}");
+        segs.push(SegFiles {
+            base,
+            entries,
+            pidx,
+        });
     }
     let batch_count: usize = segs.iter().map(|s| s.entries.len()).sum();
     assert_eq!(batch_count, n_batches, "one index entry per append");
@@ -497,7 +690,7 @@ fn check_prefix(data: &[u8]) -> arbitrary::Result<()> {
     let prefix_end: i64 = batches
         .iter()
         .take(prefix)
-        .map(|(c, _)| i64::from(*c))
+        .map(|b| i64::from(b.count))
         .sum();
     // Per segment: the protected lengths of the .idx and .log.
     let protected: Vec<(u64, u64)> = segs
@@ -519,7 +712,17 @@ fn check_prefix(data: &[u8]) -> arbitrary::Result<()> {
     for _ in 0..n_damage {
         let si = u.choose_index(segs.len())?;
         let seg = &segs[si];
-        let is_log = u.arbitrary::<bool>()?;
+        // 0: .idx, 1: .log, 2: .pidx
+        let file = if idempotent {
+            u.int_in_range(0u8..=2)?
+        } else {
+            u8::from(u.arbitrary::<bool>()?)
+        };
+        if file == 2 {
+            damage_pidx(&mut u, &part, seg)?;
+            continue;
+        }
+        let is_log = file == 1;
         let ext = if is_log { "log" } else { "idx" };
         let path = part.join(segment_name(seg.base, ext));
         let mut bytes = fs::read(&path).unwrap_or_default();
@@ -559,6 +762,18 @@ fn check_prefix(data: &[u8]) -> arbitrary::Result<()> {
         }
         fs::write(&path, &bytes).expect("write the damaged file");
     }
+    // Per segment: how many of its first producer entries are still as written.
+    let pidx_intact: Vec<usize> = segs
+        .iter()
+        .map(|seg| {
+            let now = fs::read(part.join(segment_name(seg.base, "pidx"))).unwrap_or_default();
+            let was = seg.pidx.as_deref().unwrap_or_default();
+            now.chunks_exact(PIDX_ENTRY_LEN)
+                .zip(was.chunks_exact(PIDX_ENTRY_LEN))
+                .take_while(|(a, b)| a == b && PidxEntry::decode(b).is_some())
+                .count()
+        })
+        .collect();
 
     // Reopen: the prefix is there, intact; whatever else is served at a written offset is
     // what was written there.
@@ -605,8 +820,231 @@ fn check_prefix(data: &[u8]) -> arbitrary::Result<()> {
         next_expected >= prefix_end,
         "only offsets up to {next_expected} of the valid prefix 0..{prefix_end} were served"
     );
+    let producer_state = idempotent.then(|| {
+        check_producer_state(&s, &part, &segs, &batches, &pidx_intact, prefix, strict_end)
+    });
     check_reopen_and_append(&root, segment_bytes, s, &limits);
+    // The state survives a clean reopen exactly: what recovery kept and the retries appended
+    // since are replayed.
+    if let Some((entries, forged)) = producer_state {
+        let s = open(&root, segment_bytes).expect("open after the checks");
+        check_held_are_duplicates(&s, &replay(&entries), &batches, &forged);
+    }
     Ok(())
+}
+
+/// Damages one segment's `.pidx` (if it has one) as a crash or a bad disk would: cut short
+/// (anywhere up to just past its entries), a byte flipped (in an entry or the slot after the
+/// last), garbage written after the last entry, or the file removed.
+fn damage_pidx(u: &mut Unstructured<'_>, part: &Path, seg: &SegFiles) -> arbitrary::Result<()> {
+    let path = part.join(segment_name(seg.base, "pidx"));
+    let Ok(mut bytes) = fs::read(&path) else {
+        return Ok(());
+    };
+    let n = seg
+        .pidx
+        .as_deref()
+        .unwrap_or_default()
+        .chunks_exact(PIDX_ENTRY_LEN)
+        .take_while(|c| PidxEntry::decode(c).is_some())
+        .count();
+    let used = (n + 1) * PIDX_ENTRY_LEN;
+    match u.int_in_range(0u8..=3)? {
+        0 => {
+            let at = u.int_in_range(0..=used.min(bytes.len()))?;
+            bytes.truncate(at);
+        }
+        1 if !bytes.is_empty() => {
+            let at = u.int_in_range(0..=used.min(bytes.len()) - 1)?;
+            bytes[at] ^= u.int_in_range(1u8..=255)?;
+        }
+        2 => {
+            let len = u.int_in_range(1usize..=96)?;
+            let garbage = u.bytes(len)?;
+            let at = (n * PIDX_ENTRY_LEN).min(bytes.len());
+            let end = at + garbage.len();
+            if bytes.len() < end {
+                bytes.resize(end, 0);
+            }
+            bytes[at..end].copy_from_slice(garbage);
+        }
+        3 => {
+            fs::remove_file(&path).expect("remove the .pidx");
+            return Ok(());
+        }
+        _ => return Ok(()),
+    }
+    fs::write(&path, &bytes).expect("write the damaged .pidx");
+    Ok(())
+}
+
+/// After the reopen in the idempotent prefix mode: the producer state is rebuilt from what
+/// recovery kept of the `.pidx` files, and a retry of any batch that was appended is appended
+/// anew, refused with a §6.2 error, or answered as a duplicate only with offsets that hold
+/// exactly that batch's messages.
+fn check_producer_state(
+    s: &Storage,
+    part: &Path,
+    segs: &[SegFiles],
+    batches: &[Written],
+    pidx_intact: &[usize],
+    prefix: usize,
+    strict_end: i64,
+) -> (Vec<PidxEntry>, Vec<i64>) {
+    // What recovery kept: each `.pidx` is cut after its last kept entry. An entry that is not
+    // the one written at its place was forged by the fuzzer (CRC and all): its producer's
+    // answers are not checked. Same for `.idx` entries: a forged one may describe other
+    // records, so answers past `strict_end` are only checked when there is none.
+    let mut kept: Vec<PidxEntry> = Vec::new();
+    let mut forged_producers: Vec<i64> = Vec::new();
+    let mut forged_idx = false;
+    for (si, seg) in segs.iter().enumerate() {
+        let idx = fs::read(part.join(segment_name(seg.base, "idx"))).unwrap_or_default();
+        forged_idx |= idx
+            .chunks(ENTRY_LEN)
+            .enumerate()
+            .any(|(k, c)| Entry::decode(c).is_none_or(|e| seg.entries.get(k) != Some(&e)));
+        let Ok(now) = fs::read(part.join(segment_name(seg.base, "pidx"))) else {
+            continue;
+        };
+        assert_eq!(
+            now.len() % PIDX_ENTRY_LEN,
+            0,
+            "recovery left a torn entry or zeros in the .pidx of segment {}",
+            seg.base
+        );
+        let was = seg.pidx.as_deref().unwrap_or_default();
+        let mut n = 0;
+        for (k, c) in now.chunks_exact(PIDX_ENTRY_LEN).enumerate() {
+            let e = PidxEntry::decode(c).unwrap_or_else(|| {
+                panic!(
+                    "recovery kept a producer entry that fails its CRC (segment {}, entry {k})",
+                    seg.base
+                )
+            });
+            if was.get(k * PIDX_ENTRY_LEN..(k + 1) * PIDX_ENTRY_LEN) != Some(c) {
+                forged_producers.push(e.producer_id);
+            }
+            kept.push(e);
+            n += 1;
+        }
+        // A batch of the kept prefix whose producer entry (and every one before it in its
+        // file) is intact keeps its entry.
+        let in_prefix = batches
+            .iter()
+            .take(prefix)
+            .filter(|b| {
+                b.producer.is_some()
+                    && b.base_offset >= seg.base
+                    && segs
+                        .get(si + 1)
+                        .is_none_or(|next| b.base_offset < next.base)
+            })
+            .count();
+        assert!(
+            n >= pidx_intact[si].min(in_prefix),
+            "recovery dropped intact producer entries of the kept prefix: segment {} keeps {n} of {} intact",
+            seg.base,
+            pidx_intact[si].min(in_prefix)
+        );
+    }
+    let state = replay(&kept);
+    let trusted = |id: i64| !forged_producers.contains(&id);
+
+    // Every batch the rebuilt state holds is recognised as a duplicate, at its offsets.
+    check_held_are_duplicates(s, &state, batches, &forged_producers);
+    let mut entries = kept;
+
+    // The safety property, for a retry of every idempotent batch in append order.
+    for b in batches {
+        let Some(p) = b.producer.filter(|p| trusted(p.producer_id)) else {
+            continue;
+        };
+        let (_, before) = s.offsets(TOPIC, 0).expect("offsets");
+        let set = MessageSet::new_checked(b.count, &b.bytes).expect("built set");
+        match s.append_idempotent(TOPIC, 0, &set, 6_000, Some(p)) {
+            Ok(r) if r.high_water_mark > before => {
+                assert_eq!(
+                    (r.base_offset, r.count, r.high_water_mark),
+                    (before, b.count, before + i64::from(b.count)),
+                    "a retry of {p:?} appended anew: offsets"
+                );
+                assert!(
+                    holds_batch(s, r.base_offset, b.count, &b.bytes),
+                    "a retry of {p:?} appended anew at {before} is not served"
+                );
+                entries.push(PidxEntry {
+                    base_offset: before,
+                    producer_id: p.producer_id,
+                    base_sequence: p.base_sequence,
+                    count: b.count,
+                    epoch: p.epoch,
+                });
+            }
+            Ok(r) => {
+                assert_eq!(
+                    (r.count, r.high_water_mark),
+                    (b.count, before),
+                    "a duplicate answer to a retry of {p:?}"
+                );
+                let r_end = r.base_offset + i64::from(r.count);
+                if !forged_idx || r_end <= strict_end {
+                    assert!(
+                        holds_batch(s, r.base_offset, b.count, &b.bytes),
+                        "a retry of {p:?} (written at {}) is answered as a duplicate at {}..{r_end}, \
+                         which does not hold its messages",
+                        b.base_offset,
+                        r.base_offset
+                    );
+                }
+            }
+            Err(
+                StorageError::OutOfOrderSequence { .. }
+                | StorageError::UnknownProducer { .. }
+                | StorageError::InvalidProducerEpoch { .. },
+            ) => {}
+            Err(e) => panic!("a retry of {p:?} failed with an error outside §6.2: {e}"),
+        }
+    }
+    (entries, forged_producers)
+}
+
+/// Every batch that `state` (a replay of `.pidx` entries) holds for a producer not in
+/// `forged` is answered as a duplicate at the offsets it holds.
+fn check_held_are_duplicates(
+    s: &Storage,
+    state: &ProducerStates,
+    batches: &[Written],
+    forged: &[i64],
+) {
+    for (&id, (epoch, held)) in state {
+        if forged.contains(&id) {
+            continue;
+        }
+        for &(seq, count, base) in held {
+            let p = ProducerBatch {
+                producer_id: id,
+                epoch: *epoch,
+                base_sequence: seq,
+            };
+            let b = batches
+                .iter()
+                .find(|b| b.producer == Some(p) && b.count == count)
+                .unwrap_or_else(|| panic!("the producer state holds {p:?} x{count}, never sent"));
+            let set = MessageSet::new_checked(b.count, &b.bytes).expect("built set");
+            let (_, hwm) = s.offsets(TOPIC, 0).expect("offsets");
+            match s.append_idempotent(TOPIC, 0, &set, 5_000, Some(p)) {
+                Ok(r) => assert_eq!(
+                    (r.base_offset, r.count, r.high_water_mark),
+                    (base, count, hwm),
+                    "a retry of {p:?} (held in the producer state at {base}) is not answered as its duplicate"
+                ),
+                Err(e) => {
+                    panic!("a retry of {p:?} (held in the producer state at {base}) failed: {e}")
+                }
+            }
+        }
+    }
 }
 
 /// The `storage_recovery` target.
@@ -617,6 +1055,6 @@ pub fn check_recovery(data: &[u8]) {
     if mode & 1 == 0 {
         check_raw(mode, rest);
     } else {
-        let _ = check_prefix(rest);
+        let _ = check_prefix(rest, mode & 0b10 != 0);
     }
 }
