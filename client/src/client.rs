@@ -372,14 +372,19 @@ impl Client {
             waiting,
             after: timeout,
         };
-        let mut permit =
-            tokio::time::timeout_at(deadline, self.inner.capacity.clone().acquire_owned())
-                .await
-                .map_err(|_| timed_out("waiting for a free connection slot"))?
-                .map_err(|_| Error::Closed {
-                    context: ctx.clone(),
-                    what: "client",
-                })?;
+        // No timer unless the client is saturated.
+        let mut permit = match self.inner.capacity.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                tokio::time::timeout_at(deadline, self.inner.capacity.clone().acquire_owned())
+                    .await
+                    .map_err(|_| timed_out("waiting for a free connection slot"))?
+                    .map_err(|_| Error::Closed {
+                        context: ctx.clone(),
+                        what: "client",
+                    })?
+            }
+        };
         let (tx, rx) = oneshot::channel();
         let (mut req, mut reply) = (req, ReplyTo::Caller(Some(tx)));
         // A connection that died since it was picked refuses the job: pick again.
@@ -400,10 +405,12 @@ impl Client {
                 }
             }
         }
-        match tokio::time::timeout_at(deadline, rx).await {
-            Err(_) => Err(timed_out("waiting for the broker's answer")),
-            Ok(Err(_)) => Err(Error::closed_by_peer(ctx.clone())),
-            Ok(Ok(r)) => r.map_err(|e| e.with_context(ctx)),
+        // No timer of the caller's own: the connection task fails the call at `deadline`
+        // (its one timer covers every call in flight, and races its writes too), and a job
+        // is only handed to a connection with a free slot, so it never waits unwatched.
+        match rx.await {
+            Err(_) => Err(Error::closed_by_peer(ctx.clone())),
+            Ok(r) => r.map_err(|e| e.with_context(ctx)),
         }
     }
 
@@ -799,7 +806,9 @@ impl Pool {
             })
             .filter(|(n, _, _)| *n < self.config.max_in_flight)
             .min_by_key(|(n, _, _)| *n)
-            .map(|(_, tx, load)| (tx.clone(), LoadGuard::new(load.clone())))
+            .and_then(|(_, tx, load)| {
+                LoadGuard::try_new(load, self.config.max_in_flight).map(|g| (tx.clone(), g))
+            })
     }
 
     /// A connection with room for one more request; dials one when none has room.
@@ -845,8 +854,16 @@ impl Pool {
                 let now = Instant::now();
                 let may_dial = empty.is_some() && !dialing && st.retry_at.is_none_or(|t| t <= now);
                 if let Some((n, tx, load)) = best {
+                    // Counted only under the limit (a racing fast path may have taken the
+                    // last slot): a job handed to a connection never waits unwatched for room.
+                    let next = match LoadGuard::try_new(load, self.config.max_in_flight) {
+                        Some(guard) => Next::Use(tx.clone(), guard),
+                        None => Next::Wait(
+                            self.changed.subscribe(),
+                            Some(now + Duration::from_millis(1)),
+                        ),
+                    };
                     // Grow the pool in the background once a connection is half busy.
-                    let next = Next::Use(tx.clone(), LoadGuard::new(load.clone()));
                     if may_dial
                         && n >= self.config.max_in_flight.div_ceil(2)
                         && let Some(i) = empty

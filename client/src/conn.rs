@@ -171,11 +171,6 @@ pub(crate) struct Job {
 pub(crate) struct LoadGuard(pub(crate) Arc<AtomicUsize>);
 
 impl LoadGuard {
-    pub(crate) fn new(load: Arc<AtomicUsize>) -> Self {
-        load.fetch_add(1, Ordering::Relaxed);
-        Self(load)
-    }
-
     /// Counts a call against `load` if it is under `limit` (checked and counted at once, so
     /// racing callers never push it past the limit).
     pub(crate) fn try_new(load: &Arc<AtomicUsize>, limit: usize) -> Option<Self> {
@@ -468,14 +463,21 @@ impl Pending {
         self.deadlines.first().map(|(at, _)| *at)
     }
 
-    /// Removes and returns a call whose deadline is at or before `now`.
-    fn pop_expired(&mut self, now: Instant) -> Option<Job> {
-        let &(at, id) = self.deadlines.first()?;
-        if at > now {
-            return None;
+    /// Takes the reply of a call whose deadline is at or before `now`, with the call's
+    /// timeout. The call itself stays (its capacity and load still counted) until the core
+    /// frees its slot: a late answer, or the core's own timeout.
+    fn pop_expired(&mut self, now: Instant) -> Option<(ReplyTo, Duration)> {
+        loop {
+            let &(at, id) = self.deadlines.first()?;
+            if at > now {
+                return None;
+            }
+            self.deadlines.pop_first();
+            if let Some(job) = self.jobs.get_mut(&id) {
+                let reply = std::mem::replace(&mut job.reply, ReplyTo::Caller(None));
+                return Some((reply, job.timeout));
+            }
         }
-        self.deadlines.pop_first();
-        self.jobs.remove(&id)
     }
 
     fn drain(&mut self) -> impl Iterator<Item = Job> + '_ {
@@ -549,23 +551,20 @@ pub(crate) async fn run(
     tokio::pin!(timer);
     let failure = loop {
         let deadline = pending.earliest();
-        let wake = if driver.connection().in_flight() < depth {
-            driver
-                .next_completion_or(async {
-                    tokio::select! {
-                        biased;
-                        j = jobs.recv() => Event::Job(j),
-                        () = sleep_until(timer.as_mut(), deadline) => Event::Deadline,
-                    }
-                })
-                .await
-        } else {
-            driver
-                .next_completion_or(async {
-                    sleep_until(timer.as_mut(), deadline).await;
-                    Event::Deadline
-                })
-                .await
+        let room = driver.connection().in_flight() < depth;
+        // The deadline races the whole wait, writes included: a broker that stops reading
+        // (a full socket buffer) still fails each call at its deadline. The driver's wait is
+        // cancel-safe (the core tracks partial writes; reads are cancel-safe).
+        let wake = tokio::select! {
+            biased;
+            w = driver.next_completion_or(async {
+                if room {
+                    Event::Job(jobs.recv().await)
+                } else {
+                    std::future::pending::<Event>().await
+                }
+            }) => w,
+            () = sleep_until(timer.as_mut(), deadline) => Ok(Wake::Other(Event::Deadline)),
         };
         match wake {
             Ok(Wake::Other(Event::Job(Some(job)))) => {
@@ -584,12 +583,12 @@ pub(crate) async fn run(
             Ok(Wake::Other(Event::Job(None))) => break None,
             Ok(Wake::Other(Event::Deadline)) => {
                 let now = Instant::now();
-                while let Some(job) = pending.pop_expired(now) {
-                    // Its late answer, if any, is dropped (no pending entry).
-                    job.reply.send(Err(Error::TimedOut {
+                while let Some((reply, timeout)) = pending.pop_expired(now) {
+                    // Its late answer, if any, goes to nobody; its slot is freed then.
+                    reply.send(Err(Error::TimedOut {
                         context: Context::default(),
                         waiting: "waiting for the broker's answer",
-                        after: job.timeout,
+                        after: timeout,
                     }));
                 }
             }

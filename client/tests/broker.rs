@@ -381,6 +381,156 @@ async fn pending_calls_fail_within_their_timeout_when_the_peer_dies() {
 /// The broker stops while records are in flight: every delivery resolves (acknowledged or
 /// an error) within the delivery timeout, `close()` reports each failure, and after a
 /// restart on the same address the same client carries on.
+/// A peer that reads requests and never answers, on a pool of one connection with room for
+/// one call: a call that timed out keeps its slot until the core frees it (the late answer
+/// or the core's own timeout), so the next call times out waiting for a slot rather than
+/// being written behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_call_keeps_its_slot_until_the_core_frees_it() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let peer = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0;
+        loop {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            total += n;
+            let _ = got_tx.send(total);
+        }
+    });
+    let timeout = Duration::from_millis(300);
+    let c = Client::builder()
+        .pool_size(1)
+        .max_in_flight(1)
+        .request_timeout(timeout)
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let e = c.health().await.unwrap_err();
+    assert!(
+        matches!(e, Error::TimedOut { waiting, .. } if waiting == "waiting for the broker's answer"),
+        "{e}"
+    );
+    let started = Instant::now();
+    let e = c.health().await.unwrap_err();
+    assert!(
+        matches!(e, Error::TimedOut { waiting, .. } if waiting == "waiting for a free connection slot"),
+        "{e}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(1000),
+        "{took:?}"
+    );
+    // Only the first HealthCheck (20 bytes) was written.
+    assert_eq!(got_rx.try_recv(), Ok(20));
+    assert!(got_rx.try_recv().is_err());
+    drop(c);
+    peer.abort();
+}
+
+/// A peer that answers the producer's Metadata request (one partition of `big`, encoded by
+/// the core) and then stops reading: a Produce larger than the socket buffers blocks its
+/// write, and the call still fails with TimedOut at its deadline (the connection's deadline
+/// races its writes, not only its reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_blocked_writing_to_a_peer_that_stops_reading_times_out() {
+    use streambus_core::broker::peek_request_id;
+    use streambus_core::{
+        BrokerInfo, BrokerList, ErrorCode as CoreCode, FrameDecoder, MetadataResponse,
+        PartitionList, PartitionMetadata, ReplicaList, Response, Status, Text, Topic,
+        TopicMetadata, TopicMetadataList, encode_response, response_encoded_len,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let listener = socket.listen(1).unwrap();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    let peer = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let len = loop {
+            if let Ok(Status::Complete(len)) = FrameDecoder::default().next_frame(&buf) {
+                break len;
+            }
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the client hung up before its Metadata request");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let id = peek_request_id(&buf).unwrap();
+        buf.drain(..len);
+        let replicas = [0];
+        let partitions = [PartitionMetadata {
+            partition: 0,
+            leader: 0,
+            leader_epoch: 0,
+            replicas: ReplicaList::from_slice(&replicas),
+        }];
+        let topics = [TopicMetadata {
+            name: Topic::new("big").unwrap(),
+            error_code: CoreCode::NONE,
+            partitions: PartitionList::from_slice(&partitions),
+        }];
+        let brokers = [BrokerInfo {
+            node_id: 0,
+            host: Text(b"127.0.0.1"),
+            port: addr.port(),
+        }];
+        let r = Response::Metadata(MetadataResponse {
+            brokers: BrokerList::from_slice(&brokers),
+            topics: TopicMetadataList::from_slice(&topics),
+        });
+        let mut out = vec![0; response_encoded_len(&r)];
+        let n = encode_response(id, &r, &mut out).unwrap();
+        s.write_all(&out[..n]).await.unwrap();
+        // Reads nothing more.
+        let _ = release_rx.await;
+        drop(s);
+    });
+    let timeout = Duration::from_millis(500);
+    let c = Client::builder()
+        .pool_size(1)
+        .request_timeout(timeout)
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let producer = Producer::with_config(
+        &c,
+        ProducerConfig::default()
+            .batch_max_bytes(9 << 20)
+            .buffer_max_bytes(9 << 20)
+            .retries(0)
+            .idempotence(false),
+    )
+    .unwrap();
+    let started = Instant::now();
+    // Bounded here too: a regression fails the test instead of hanging it.
+    let e = tokio::time::timeout(
+        Duration::from_secs(10),
+        producer.send(Record::new("big", vec![b'v'; 8 << 20])),
+    )
+    .await
+    .expect("the call hangs past its timeout")
+    .unwrap_err();
+    assert!(matches!(e, Error::TimedOut { .. }), "{e}");
+    let took = started.elapsed();
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(1000),
+        "{took:?}"
+    );
+    let _ = release_tx.send(());
+    peer.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_stop_and_restart_mid_flight() {
     let dir = tempfile::tempdir().unwrap();
