@@ -830,7 +830,7 @@ impl Inner {
         let node = self.config.node_id;
         let single = [node];
         // Per topic, per partition: its leader and replicas. A single broker leads and holds
-        // everything; in a cluster, the preferred leader (the first replica) leads for now.
+        // everything; in a cluster, the placement's leader (the one the NotLeader check uses).
         let placement = |name: &str, partition: u32| -> (i32, &[u32]) {
             let placed = cluster.as_ref().and_then(|c| {
                 c.topics
@@ -840,9 +840,7 @@ impl Inner {
             });
             match (&cluster, placed) {
                 (Some(_), Some(p)) => (
-                    p.preferred_leader()
-                        .and_then(|l| i32::try_from(l).ok())
-                        .unwrap_or(-1),
+                    p.leader().and_then(|l| i32::try_from(l).ok()).unwrap_or(-1),
                     &p.replicas,
                 ),
                 (Some(_), None) => (-1, &[]),

@@ -165,9 +165,9 @@ impl Cluster {
     /// Who serves `topic`/`partition` now, read under the lock without copying the metadata
     /// (this runs on every Produce, Fetch and GetOffset in cluster mode).
     ///
-    /// Today the leader is the partition's preferred leader (its first replica) as placed by
-    /// the metadata group. When partitions get their own Raft groups, this function alone
-    /// changes: it will answer from the partition group's current leader.
+    /// The leader is [`PartitionPlacement::leader`](state::PartitionPlacement::leader): today
+    /// the partition's preferred leader (its first replica) as placed by the metadata group;
+    /// when partitions get their own Raft groups, that function alone changes.
     pub fn partition_leader(&self, topic: &str, partition: u32) -> PartitionLeader {
         let state = self
             .state
@@ -182,7 +182,7 @@ impl Cluster {
         let Some(placed) = placed else {
             return PartitionLeader::Unknown;
         };
-        match placed.preferred_leader() {
+        match placed.leader() {
             Some(l) if u64::from(l) == self.node_id => PartitionLeader::Here,
             Some(l) => PartitionLeader::Elsewhere {
                 leader: l,
