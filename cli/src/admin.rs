@@ -1,9 +1,13 @@
-//! `topics …`, `offsets` and `health`: one admin call each, printed as text or JSON.
+//! `topics …`, `offsets`, `health` and `cluster status`: one admin call each, printed as text
+//! or JSON.
 
 use serde_json::{Value, json};
-use streambus_client::{Error, PartitionOffsets};
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 
-use crate::args::{Health, Offsets, Topics};
+use streambus_client::{Client, Error, ErrorCode, Metadata, PartitionOffsets};
+
+use crate::args::{Cluster, Health, Offsets, Topics};
 use crate::format::table;
 use crate::{Ctx, Failure, Outcome, write_out};
 
@@ -156,6 +160,73 @@ pub(crate) async fn health(ctx: &Ctx, args: Health) -> Outcome {
     }
 }
 
+/// Runs `cluster status`: the brokers, then every partition's leader and replicas.
+pub(crate) async fn cluster(ctx: &Ctx, cmd: Cluster) -> Outcome {
+    let Cluster::Status { json } = cmd;
+    let meta = ctx
+        .client
+        .metadata(std::iter::empty::<&str>())
+        .await
+        .map_err(|e| ctx.err(e))?;
+    let out = if json {
+        let brokers: Vec<Value> = meta
+            .brokers
+            .iter()
+            .map(|b| json!({ "node_id": b.node_id, "address": b.address() }))
+            .collect();
+        let topics: Vec<Value> = meta
+            .topics
+            .iter()
+            .map(|t| {
+                let partitions: Vec<Value> = t
+                    .partitions
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "partition": p.partition,
+                            "leader": p.leader,
+                            "leader_epoch": p.leader_epoch,
+                            "replicas": p.replicas,
+                        })
+                    })
+                    .collect();
+                json!({ "name": t.name, "partitions": partitions })
+            })
+            .collect();
+        format!("{}\n", json!({ "brokers": brokers, "topics": topics }))
+    } else {
+        let brokers: Vec<Vec<String>> = meta
+            .brokers
+            .iter()
+            .map(|b| vec![b.node_id.to_string(), b.address()])
+            .collect();
+        let mut out = table(&["BROKER", "ADDRESS"], &brokers);
+        let rows: Vec<Vec<String>> = meta
+            .topics
+            .iter()
+            .flat_map(|t| {
+                t.partitions.iter().map(|p| {
+                    let replicas: Vec<String> = p.replicas.iter().map(u32::to_string).collect();
+                    vec![
+                        t.name.clone(),
+                        p.partition.to_string(),
+                        p.leader.map_or_else(|| "none".into(), |l| l.to_string()),
+                        replicas.join(","),
+                    ]
+                })
+            })
+            .collect();
+        if rows.is_empty() {
+            out.push_str("no topics\n");
+        } else {
+            out.push('\n');
+            out.push_str(&table(&["TOPIC", "PARTITION", "LEADER", "REPLICAS"], &rows));
+        }
+        out
+    };
+    write_out(out.as_bytes())
+}
+
 /// The offsets of `topic`'s partitions (or of `only`), with a clear error for a topic or
 /// partition that does not exist.
 pub(crate) async fn partitions(
@@ -186,10 +257,66 @@ pub(crate) async fn partitions(
         None => 0..count,
     };
     let mut out = Vec::with_capacity(range.len());
+    let mut leaders = Leaders::default();
     for p in range {
-        out.push(client.offsets(topic, p).await.map_err(|e| ctx.err(e))?);
+        let offsets = match client.offsets(topic, p).await {
+            // In a cluster, only the partition's leader answers: ask it.
+            Err(e) if e.code() == Some(ErrorCode::NOT_LEADER) => {
+                leaders.offsets(ctx, topic, p, e).await?
+            }
+            other => other.map_err(|e| ctx.err(e))?,
+        };
+        out.push(offsets);
     }
     Ok(out)
+}
+
+/// The partition leaders of a cluster that `partitions` connected to, by node id, with the
+/// Metadata that named them (read at the first NotLeader).
+#[derive(Default)]
+struct Leaders {
+    metadata: Option<Metadata>,
+    clients: BTreeMap<u32, (String, Client)>,
+}
+
+impl Leaders {
+    /// The offsets of `topic`/`partition` from its leader, which Metadata names; `refused` is
+    /// the NotLeader the first broker answered, reported if Metadata names no leader.
+    async fn offsets(
+        &mut self,
+        ctx: &Ctx,
+        topic: &str,
+        partition: u32,
+        refused: Error,
+    ) -> Result<PartitionOffsets, Failure> {
+        if self.metadata.is_none() {
+            let m = ctx.client.metadata([topic]).await.map_err(|e| ctx.err(e))?;
+            self.metadata = Some(m);
+        }
+        let leader = self.metadata.as_ref().and_then(|m| {
+            let id = m
+                .topic(topic)?
+                .partitions
+                .iter()
+                .find(|p| p.partition == partition)?
+                .leader?;
+            Some((id, m.broker(id)?.address()))
+        });
+        let Some((id, addr)) = leader else {
+            return Err(ctx.err(refused));
+        };
+        let (addr, client) = match self.clients.entry(id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let client = ctx.client_at(&addr).await?;
+                e.insert((addr, client))
+            }
+        };
+        client
+            .offsets(topic, partition)
+            .await
+            .map_err(|e| Failure::sdk(addr, &e))
+    }
 }
 
 fn offsets_json(parts: &[PartitionOffsets]) -> Value {

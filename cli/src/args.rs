@@ -14,6 +14,7 @@ Examples:
   streambus consume orders --from earliest --format '{partition}/{offset} {key} {value}'
   streambus consume orders --from latest --follow --json
   streambus offsets orders
+  streambus cluster status
   streambus bench produce --messages 100000 --size 100
   streambus auth new-token ingest
 
@@ -171,6 +172,22 @@ record values) and latency p50/p90/p99/p99.9/max; --json prints them as one JSON
     /// Make tokens for the broker's --auth-file (no broker needed)
     #[command(subcommand)]
     Auth(Auth),
+    /// Show the cluster: its brokers and each partition's leader and replicas
+    #[command(subcommand)]
+    Cluster(Cluster),
+}
+
+/// `streambus cluster …`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Cluster {
+    /// The brokers (node id, client address) and, per topic and partition, the leader and
+    /// the replicas, from the broker's Metadata (a single broker shows itself leading
+    /// everything)
+    Status {
+        /// Print one JSON object instead of tables
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `streambus auth …`.

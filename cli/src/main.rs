@@ -161,6 +161,7 @@ async fn run(cli: Cli, broker_source: &str) -> Outcome {
         Command::Topics(t) => admin::topics(&ctx, t).await,
         Command::Offsets(o) => admin::offsets(&ctx, o).await,
         Command::Health(h) => admin::health(&ctx, h).await,
+        Command::Cluster(c) => admin::cluster(&ctx, c).await,
         Command::Produce(p) => produce::run(&ctx, p).await,
         Command::Consume(c) => consume::run(&ctx, c).await,
         Command::Bench(b) => bench::run(&ctx, b).await,
@@ -176,6 +177,21 @@ impl Ctx {
             .tls_options(cfg.tls.clone())
             .connect_timeout(cfg.connect_timeout)
             .request_timeout(cfg.request_timeout)
+    }
+}
+
+impl Ctx {
+    /// A client of the broker at `addr` with every setting of this one (TLS, timeouts, token):
+    /// for a partition's leader in a cluster.
+    pub(crate) async fn client_at(&self, addr: &str) -> Result<Client, Failure> {
+        let mut builder = self.builder();
+        if let Some(t) = &self.client.config().token {
+            builder = builder.token(t.expose());
+        }
+        builder
+            .connect(addr)
+            .await
+            .map_err(|e| Failure::sdk(addr, &e))
     }
 }
 

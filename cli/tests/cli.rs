@@ -590,9 +590,197 @@ fn the_broker_flag_wins_over_the_environment() {
 }
 
 #[test]
+fn cluster_status_of_a_single_broker_shows_it_leading_every_partition() {
+    let b = Broker::start();
+    b.cli()
+        .args(["cluster", "status"])
+        .assert()
+        .success()
+        .stdout(format!(
+            "BROKER  ADDRESS\n0       {}\nno topics\n",
+            b.addr()
+        ));
+    b.cli()
+        .args(["topics", "create", "orders", "-p", "2"])
+        .assert()
+        .success();
+    b.cli()
+        .args(["topics", "create", "a.log"])
+        .assert()
+        .success();
+    b.cli()
+        .args(["cluster", "status"])
+        .assert()
+        .success()
+        .stdout(format!(
+            "BROKER  ADDRESS\n\
+             0       {}\n\
+             \n\
+             TOPIC   PARTITION  LEADER  REPLICAS\n\
+             a.log   0          0       0\n\
+             orders  0          0       0\n\
+             orders  1          0       0\n",
+            b.addr()
+        ));
+    let a = b
+        .cli()
+        .args(["cluster", "status", "--json"])
+        .assert()
+        .success();
+    let v: Value = serde_json::from_str(&stdout(&a)).expect("JSON");
+    let one = |p: u32| serde_json::json!({"partition": p, "leader": 0, "leader_epoch": 0, "replicas": [0]});
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "brokers": [{"node_id": 0, "address": b.addr()}],
+            "topics": [
+                {"name": "a.log", "partitions": [one(0)]},
+                {"name": "orders", "partitions": [one(0), one(1)]},
+            ],
+        })
+    );
+}
+
+/// Three brokers of one cluster in this process, each on its own data directory.
+fn start_cluster() -> (Vec<streambus_server::Running>, Vec<tempfile::TempDir>) {
+    use clap::Parser as _;
+    let listeners: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect();
+    drop(listeners);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let brokers = (0..3)
+        .map(|i| {
+            let data = dirs[i].path().display().to_string();
+            let (id, listen) = ((i + 1).to_string(), format!("127.0.0.1:{}", ports[i]));
+            let args = [
+                "streambus-server",
+                "--node-id",
+                &id,
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data,
+                "--fsync",
+                "never",
+                "--metrics-listen",
+                "off",
+                "--cluster-listen",
+                &listen,
+                "--peers",
+                &peers,
+            ];
+            let cli = streambus_server::Cli::try_parse_from(args).expect("arguments");
+            let config = streambus_server::Config::from_cli(cli).expect("config");
+            streambus_server::start(config).expect("broker starts")
+        })
+        .collect();
+    (brokers, dirs)
+}
+
+/// Runs `streambus cluster status --json` at `addr` until `done` accepts its output (or fails
+/// the test after 30 s).
+fn status_until(addr: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = cli_at(addr)
+            .args(["cluster", "status", "--json"])
+            .output()
+            .expect("runs");
+        if out.status.success() {
+            let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+            if done(&v) {
+                return v;
+            }
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cluster_status_of_three_brokers_names_each_partition_leader_and_describe_follows_them() {
+    let (brokers, _dirs) = start_cluster();
+    let addrs: Vec<String> = brokers.iter().map(|b| b.addr().to_string()).collect();
+    for a in &addrs {
+        status_until(a, "three brokers registered", |v| {
+            v["brokers"].as_array().is_some_and(|b| b.len() == 3)
+        });
+    }
+    cli_at(&addrs[1])
+        .args(["topics", "create", "orders", "-p", "3", "-r", "3"])
+        .assert()
+        .success()
+        .stdout("created topic orders with 3 partitions\n");
+    let v = status_until(&addrs[2], "the topic on broker 3", |v| {
+        v["topics"].as_array().is_some_and(|t| !t.is_empty())
+    });
+    let part = |p: u32, replicas: [u32; 3]| serde_json::json!({"partition": p, "leader": replicas[0], "leader_epoch": 0, "replicas": replicas});
+    assert_eq!(
+        v,
+        serde_json::json!({
+            "brokers": [
+                {"node_id": 1, "address": addrs[0]},
+                {"node_id": 2, "address": addrs[1]},
+                {"node_id": 3, "address": addrs[2]},
+            ],
+            "topics": [{"name": "orders", "partitions": [
+                part(0, [1, 2, 3]), part(1, [2, 3, 1]), part(2, [3, 1, 2]),
+            ]}],
+        })
+    );
+    cli_at(&addrs[2])
+        .args(["cluster", "status"])
+        .assert()
+        .success()
+        .stdout(format!(
+            "BROKER  ADDRESS\n\
+             1       {}\n\
+             2       {}\n\
+             3       {}\n\
+             \n\
+             TOPIC   PARTITION  LEADER  REPLICAS\n\
+             orders  0          1       1,2,3\n\
+             orders  1          2       2,3,1\n\
+             orders  2          3       3,1,2\n",
+            addrs[0], addrs[1], addrs[2]
+        ));
+    // Two records on partition 1 through its leader, broker 2; broker 1 describes the topic
+    // with each partition's offsets read from its leader.
+    cli_at(&addrs[1])
+        .args(["produce", "orders", "--partition", "1"])
+        .write_stdin("x\ny\n")
+        .assert()
+        .success();
+    cli_at(&addrs[0])
+        .args(["topics", "describe", "orders"])
+        .assert()
+        .success()
+        .stdout(format!(
+            "topic orders: 3 partitions, 2 records stored\n\
+             PARTITION  START  END  RECORDS  LEADER  REPLICAS\n\
+             0          0      0    0        1       1,2,3\n\
+             1          0      2    2        2       2,3,1\n\
+             2          0      0    0        3       3,1,2\n\
+             broker 1 at {}\n\
+             broker 2 at {}\n\
+             broker 3 at {}\n",
+            addrs[0], addrs[1], addrs[2]
+        ));
+}
+
+#[test]
 fn a_broker_that_is_down_is_one_line_and_exit_1() {
     let addr = dead_addr();
-    let commands: [&[&str]; 9] = [
+    let commands: [&[&str]; 11] = [
         &["topics", "create", "t"],
         &["topics", "delete", "t"],
         &["topics", "list"],
@@ -602,6 +790,8 @@ fn a_broker_that_is_down_is_one_line_and_exit_1() {
         &["consume", "t", "--follow"],
         &["offsets", "t"],
         &["health"],
+        &["cluster", "status"],
+        &["cluster", "status", "--json"],
     ];
     for args in commands {
         let a = cli_at(&addr)

@@ -28,7 +28,7 @@ use streambus_core::{
 };
 
 use crate::auth::{Access, Auth, Refusal};
-use crate::cluster::{Applied, ClusterError, ClusterHandle, Command, Committed};
+use crate::cluster::{Applied, ClusterError, ClusterHandle, Command, Committed, PartitionLeader};
 use crate::config::Advertised;
 use crate::longpoll::{LongPolls, Registered, Waiter};
 use crate::metrics::Metrics;
@@ -273,6 +273,13 @@ impl Broker {
 
     fn route(&self, request: &Request<'_>, answer: Answer, access: &Access) {
         let inner = &*self.inner;
+        // Cluster mode: a partition is served by its leader only. (A single broker skips
+        // this: one branch on `None`, no lookup.)
+        if let Some(c) = &inner.config.cluster
+            && let Err(f) = partition_served_here(c, request)
+        {
+            return answer.fail(f);
+        }
         match request {
             Request::Produce(p) => match inner.produce(p) {
                 Ok((appended, None)) => {
@@ -387,6 +394,45 @@ impl Broker {
             }
         });
     }
+}
+
+/// Cluster mode: `Ok` unless `request` is a Produce, Fetch or GetOffset for a partition that
+/// another broker leads, or that has no leader now: then NotLeader (15), naming the leader's
+/// node id and advertised address (§6.4). A partition the metadata group does not know goes
+/// on to the storage (TopicNotFound, PartitionNotFound).
+///
+/// A long-poll Fetch is checked when it arrives; one waiting on a partition whose leadership
+/// moves away later keeps waiting until its data or its deadline (partition leaders are fixed
+/// in this part; with per-partition Raft groups, a leader change must answer those waiters
+/// NotLeader, as a deletion answers them TopicNotFound).
+fn partition_served_here(cluster: &ClusterHandle, request: &Request<'_>) -> Result<(), Failure> {
+    let (topic, partition) = match request {
+        Request::Produce(p) => (p.topic.as_str(), p.partition),
+        Request::Fetch(f) => (f.topic.as_str(), f.partition),
+        Request::GetOffset(g) => (g.topic.as_str(), g.partition),
+        _ => return Ok(()),
+    };
+    let here = cluster.cluster.node_id();
+    let message = match cluster.cluster.partition_leader(topic, partition) {
+        PartitionLeader::Here | PartitionLeader::Unknown => return Ok(()),
+        PartitionLeader::Elsewhere {
+            leader,
+            address: Some(a),
+        } => format!(
+            "broker {here} does not lead partition {partition} of topic {topic:?}: broker {leader} at {}:{} does; refresh Metadata and retry there",
+            a.host, a.port
+        ),
+        PartitionLeader::Elsewhere {
+            leader,
+            address: None,
+        } => format!(
+            "broker {here} does not lead partition {partition} of topic {topic:?}: broker {leader} does, whose address is not registered yet; refresh Metadata and retry"
+        ),
+        _ => format!(
+            "partition {partition} of topic {topic:?} has no leader now; refresh Metadata and retry"
+        ),
+    };
+    Err(fail(ErrorCode::NOT_LEADER, message))
 }
 
 /// The error reply for a metadata write that did not go through: NotLeader (15) when the group
@@ -784,7 +830,7 @@ impl Inner {
         let node = self.config.node_id;
         let single = [node];
         // Per topic, per partition: its leader and replicas. A single broker leads and holds
-        // everything; in a cluster, the preferred leader (the first replica) leads for now.
+        // everything; in a cluster, the placement's leader (the one the NotLeader check uses).
         let placement = |name: &str, partition: u32| -> (i32, &[u32]) {
             let placed = cluster.as_ref().and_then(|c| {
                 c.topics
@@ -794,9 +840,7 @@ impl Inner {
             });
             match (&cluster, placed) {
                 (Some(_), Some(p)) => (
-                    p.preferred_leader()
-                        .and_then(|l| i32::try_from(l).ok())
-                        .unwrap_or(-1),
+                    p.leader().and_then(|l| i32::try_from(l).ok()).unwrap_or(-1),
                     &p.replicas,
                 ),
                 (Some(_), None) => (-1, &[]),

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 use streambus_core::{
-    CreateTopicRequest, DeleteTopicRequest, ErrorCode, FetchExtension, FetchRequest, LongPoll,
-    MetadataRequest, Request, RequestType, Response, Topic, TopicNames,
+    CreateTopicRequest, DeleteTopicRequest, ErrorCode, FetchExtension, FetchRequest,
+    GetOffsetRequest, LongPoll, MetadataRequest, Request, RequestType, Response, Topic, TopicNames,
 };
 use streambus_tests::RawClient;
 
@@ -292,11 +292,16 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
         leads[usize::try_from(*leader).unwrap() - 1] += 1;
     }
     assert_eq!(leads, [2, 2, 2]);
-    // Every broker made the local partition directories: a produce to it is stored.
-    for b in brokers.iter().flatten() {
-        let mut c = b.client();
-        streambus_tests::produce(&mut c, "orders", 5, &[b"x"]).unwrap();
-    }
+    // Partition 5 is led by broker 3 (placement above), which stores a produce to it.
+    assert_eq!(partitions[5].1, 3);
+    let r = streambus_tests::produce(
+        &mut brokers[2].as_ref().unwrap().client(),
+        "orders",
+        5,
+        &[b"x"],
+    )
+    .unwrap();
+    assert_eq!(r.error_code(), 0);
 
     // Deleted through broker 2: a long-poll fetch waiting on broker 3 is answered TopicNotFound
     // at once (well before its 20 s wait, and the client's 10 s read timeout).
@@ -359,9 +364,21 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
     eventually("the restarted broker caught up", || {
         (list(&mut c) == want).then_some(())
     });
-    for (name, _) in &want {
-        streambus_tests::produce(&mut c, name, 1, &[b"y"]).unwrap();
+    // It serves the partitions it leads (two topics of two partitions rotate their leaders
+    // over all three brokers, so it leads at least one).
+    let node = u32::try_from(idx + 1).unwrap();
+    let mut led = 0;
+    for (name, _, parts) in metadata(&mut c).1 {
+        for (p, _, _) in parts
+            .iter()
+            .filter(|(_, l, _)| i64::from(*l) == i64::from(node))
+        {
+            let r = streambus_tests::produce(&mut c, &name, *p, &[b"y"]).unwrap();
+            assert_eq!(r.error_code(), 0, "{name}/{p}");
+            led += 1;
+        }
     }
+    assert!(led > 0);
     let port = back.addr.port();
     eventually("the restarted broker's new address registered", || {
         metadata(&mut c)
@@ -403,4 +420,164 @@ fn without_peers_a_broker_runs_no_cluster_side() {
     let metrics = broker.metrics().encode();
     assert!(!metrics.contains("cluster"), "{metrics}");
     broker.shutdown().unwrap();
+}
+
+/// The NotLeader reply §6.4 asks for: the code and the message naming the leader's node id and
+/// advertised address.
+fn not_leader(here: u32, topic: &str, partition: u32, leader: u32, port: u16) -> (u16, String) {
+    (
+        ErrorCode::NOT_LEADER.0,
+        format!(
+            "broker {here} does not lead partition {partition} of topic {topic:?}: broker {leader} at 127.0.0.1:{port} does; refresh Metadata and retry there"
+        ),
+    )
+}
+
+/// A reply's error code and message ((0, "") on success).
+fn outcome(r: &streambus_tests::Reply, ty: RequestType) -> (u16, String) {
+    match r.parse(ty).unwrap() {
+        Response::Error(e) => (e.code.0, e.message.to_string()),
+        _ => (0, String::new()),
+    }
+}
+
+#[test]
+fn partition_requests_are_served_by_the_leader_only_and_others_answer_not_leader() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let runtimes = ["blocking", "tokio", "smol"];
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let brokers: Vec<Broker> = (0..3)
+        .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, runtimes[i], dirs[i].path()))
+        .collect();
+    let port_of = |id: u32| brokers[id as usize - 1].addr.port();
+    let mut clients: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
+    for c in &mut clients {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut clients[0], "routed", 6, 3), (0, true));
+    let views: Vec<Placement> = clients
+        .iter_mut()
+        .map(|c| {
+            eventually("the topic in every broker's metadata", || {
+                let (_, p) = metadata(c);
+                (!p.is_empty()).then_some(p)
+            })
+        })
+        .collect();
+    assert!(views.iter().all(|v| v == &views[0]), "{views:?}");
+    let leaders: Vec<u32> = views[0][0]
+        .2
+        .iter()
+        .map(|(_, l, _)| u32::try_from(*l).unwrap())
+        .collect();
+    assert_eq!(leaders, [1, 2, 3, 1, 2, 3]);
+
+    // A Produce to each partition through each broker: 18 cases.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let here = i as u32 + 1;
+        for (p, &leader) in (0u32..).zip(&leaders) {
+            let value = format!("p{p} via {here}");
+            let r = streambus_tests::produce(c, "routed", p, &[value.as_bytes()]).unwrap();
+            let want = if leader == here {
+                (0, String::new())
+            } else {
+                not_leader(here, "routed", p, leader, port_of(leader))
+            };
+            assert_eq!(
+                outcome(&r, RequestType::Produce),
+                want,
+                "produce {p} via {here}"
+            );
+            if leader == here {
+                let Ok(Response::Produce(ok)) = r.parse(RequestType::Produce) else {
+                    unreachable!()
+                };
+                assert_eq!((ok.base_offset, ok.high_water_mark), (0, 1));
+            }
+        }
+    }
+
+    // Fetch and GetOffset likewise: the leader has exactly its own record, the others refuse.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let here = i as u32 + 1;
+        for (p, &leader) in (0u32..).zip(&leaders) {
+            if leader == here {
+                let got = streambus_tests::fetch_all(c, "routed", p, 0).unwrap();
+                assert_eq!(got, [(0, format!("p{p} via {here}").into_bytes())]);
+                let r = c
+                    .call(&Request::GetOffset(GetOffsetRequest {
+                        topic: Topic::new("routed").unwrap(),
+                        partition: p,
+                    }))
+                    .unwrap();
+                let Ok(Response::GetOffset(o)) = r.parse(RequestType::GetOffset) else {
+                    panic!("GetOffset {p} via {here}: {}", r.error_code());
+                };
+                assert_eq!((o.start_offset, o.end_offset, o.high_water_mark), (0, 1, 1));
+                continue;
+            }
+            let want = not_leader(here, "routed", p, leader, port_of(leader));
+            let r = streambus_tests::fetch(c, "routed", p, 0, 1 << 20).unwrap();
+            assert_eq!(
+                outcome(&r, RequestType::Fetch),
+                want,
+                "fetch {p} via {here}"
+            );
+            // A long poll is refused at once, not after its 20 s wait.
+            let r = c.call(&long_poll("routed", p, 1, 20_000)).unwrap();
+            assert_eq!(
+                outcome(&r, RequestType::Fetch),
+                want,
+                "long poll {p} via {here}"
+            );
+            let r = c
+                .call(&Request::GetOffset(GetOffsetRequest {
+                    topic: Topic::new("routed").unwrap(),
+                    partition: p,
+                }))
+                .unwrap();
+            assert_eq!(
+                outcome(&r, RequestType::GetOffset),
+                want,
+                "offsets {p} via {here}"
+            );
+        }
+    }
+
+    // Unknown topics and partitions keep their own errors on every broker.
+    for c in &mut clients {
+        let r = streambus_tests::produce(c, "routed", 6, &[b"x"]).unwrap();
+        assert_eq!(r.error_code(), ErrorCode::PARTITION_NOT_FOUND.0);
+        let r = streambus_tests::fetch(c, "nowhere", 0, 0, 1024).unwrap();
+        assert_eq!(r.error_code(), ErrorCode::TOPIC_NOT_FOUND.0);
+    }
+
+    // The SDK pointed at partition 0's leader (broker 1) produces and consumes it normally.
+    let client = streambus_client::blocking::Client::connect(brokers[0].addr.to_string()).unwrap();
+    let producer = streambus_client::blocking::Producer::new(&client);
+    let sent = producer
+        .send(streambus_client::Record::new("routed", b"from the sdk".to_vec()).partition(0))
+        .unwrap();
+    assert_eq!((sent.partition, sent.offset), (0, 1));
+    let mut consumer = streambus_client::blocking::Consumer::new(&client);
+    consumer
+        .assign("routed", 0, streambus_client::Offset::Earliest)
+        .unwrap();
+    let mut got = Vec::new();
+    let end = Instant::now() + DEADLINE;
+    while got.len() < 2 && Instant::now() < end {
+        for r in consumer.poll(Duration::from_secs(5)).unwrap() {
+            got.push((r.offset, r.value().to_vec()));
+        }
+    }
+    assert_eq!(
+        got,
+        [(0, b"p0 via 1".to_vec()), (1, b"from the sdk".to_vec())]
+    );
 }

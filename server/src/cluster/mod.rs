@@ -27,6 +27,7 @@ use openraft::{BasicNode, Raft};
 
 pub use network::{Rpc, RpcReply, Transport, TransportError};
 pub use node::{ClusterHandle, ClusterNode};
+pub use state::BrokerAddress;
 pub use state::{Applied, AppliedState, Command, Metadata};
 
 openraft::declare_raft_types!(
@@ -159,6 +160,36 @@ impl Cluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .metadata
             .clone()
+    }
+
+    /// Who serves `topic`/`partition` now, read under the lock without copying the metadata
+    /// (this runs on every Produce, Fetch and GetOffset in cluster mode).
+    ///
+    /// The leader is [`PartitionPlacement::leader`](state::PartitionPlacement::leader): today
+    /// the partition's preferred leader (its first replica) as placed by the metadata group;
+    /// when partitions get their own Raft groups, that function alone changes.
+    pub fn partition_leader(&self, topic: &str, partition: u32) -> PartitionLeader {
+        let state = self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(t) = state.metadata.topics.get(topic) else {
+            return PartitionLeader::Unknown;
+        };
+        let placed = usize::try_from(partition)
+            .ok()
+            .and_then(|p| t.partitions.get(p));
+        let Some(placed) = placed else {
+            return PartitionLeader::Unknown;
+        };
+        match placed.leader() {
+            Some(l) if u64::from(l) == self.node_id => PartitionLeader::Here,
+            Some(l) => PartitionLeader::Elsewhere {
+                leader: l,
+                address: state.metadata.brokers.get(&l).cloned(),
+            },
+            None => PartitionLeader::NoLeader,
+        }
     }
 
     /// The number of brokers in the group (its voters).
@@ -308,6 +339,26 @@ impl Cluster {
             tracing::warn!("stopping the metadata group: {e}");
         }
     }
+}
+
+/// Who serves a partition's Produce, Fetch and GetOffset: see [`Cluster::partition_leader`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PartitionLeader {
+    /// This broker leads it.
+    Here,
+    /// Another broker leads it.
+    Elsewhere {
+        /// The leader's node id.
+        leader: u32,
+        /// Its advertised client address (`None`: not registered yet).
+        address: Option<state::BrokerAddress>,
+    },
+    /// It has no leader now.
+    NoLeader,
+    /// The metadata group does not know the topic or the partition: the request goes on to
+    /// the storage, which answers TopicNotFound or PartitionNotFound.
+    Unknown,
 }
 
 /// A committed metadata write: its log index and what applying it did.

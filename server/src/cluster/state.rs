@@ -94,6 +94,13 @@ impl PartitionPlacement {
     pub fn preferred_leader(&self) -> Option<u32> {
         self.replicas.first().copied()
     }
+
+    /// The broker that serves the partition now (`None`: none). Metadata replies and the
+    /// NotLeader check both ask this one function. Today it is the preferred leader; with
+    /// per-partition Raft groups it becomes the leader their `LeaderChanged` commands record.
+    pub fn leader(&self) -> Option<u32> {
+        self.preferred_leader()
+    }
 }
 
 /// A topic in the cluster.

@@ -332,3 +332,42 @@ async fn the_tcp_link_refuses_another_version_with_a_message_naming_both() {
     server.abort();
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_leader_is_the_preferred_leader_with_its_registered_address() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let (a, b, c) = (t.start(1).await, t.start(2).await, t.start(3).await);
+    a.bootstrap(t.peers()).await.unwrap();
+    // Brokers 1 and 2 register their client addresses; broker 3 not (yet).
+    a.register("127.0.0.1".into(), 9001).await;
+    b.register("127.0.0.1".into(), 9002).await;
+    let index = a.write(create("orders", 3, 2)).await.unwrap().index;
+    wait_applied(&a, index).await;
+    let at = |port| {
+        Some(BrokerAddress {
+            host: "127.0.0.1".into(),
+            port,
+        })
+    };
+    assert_eq!(a.partition_leader("orders", 0), PartitionLeader::Here);
+    assert_eq!(
+        a.partition_leader("orders", 1),
+        PartitionLeader::Elsewhere {
+            leader: 2,
+            address: at(9002)
+        }
+    );
+    assert_eq!(
+        a.partition_leader("orders", 2),
+        PartitionLeader::Elsewhere {
+            leader: 3,
+            address: None
+        }
+    );
+    // What the group does not know is left to the storage (TopicNotFound, PartitionNotFound).
+    assert_eq!(a.partition_leader("orders", 3), PartitionLeader::Unknown);
+    assert_eq!(a.partition_leader("nowhere", 0), PartitionLeader::Unknown);
+    for n in [&a, &b, &c] {
+        n.shutdown().await;
+    }
+}
