@@ -720,8 +720,9 @@ async fn offset_out_of_range_follows_the_reset_policy() {
     assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![3]);
 }
 
-/// A consumer long-polling an idle partition gets a new record within milliseconds of its
-/// append: the broker holds the fetch and answers it on the append.
+/// A consumer long-polling an idle partition gets a new record on its append, not at the end of
+/// its 30 s wait: the broker holds the fetch and answers it on the append (the time itself is a
+/// benchmark's: `streambus bench longpoll`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_consumer_wakes_soon_after_a_produce() {
     let dir = tempfile::tempdir().unwrap();
@@ -730,7 +731,7 @@ async fn an_idle_consumer_wakes_soon_after_a_produce() {
     c.create_topic("idle", 1).await.unwrap();
     let mut consumer = Consumer::with_config(
         &c,
-        ConsumerConfig::default().max_wait(Duration::from_secs(2)),
+        ConsumerConfig::default().max_wait(Duration::from_secs(30)),
     )
     .unwrap();
     consumer.assign("idle", 0, Offset::Latest).await.unwrap();
@@ -759,8 +760,9 @@ async fn an_idle_consumer_wakes_soon_after_a_produce() {
         woke.saturating_duration_since(acked)
     );
     assert_eq!(got[0].value(), b"wake");
-    // The broker holds the fetch (long poll) and answers on the append.
-    assert!(lag < Duration::from_millis(100), "{lag:?}");
+    // The broker holds the fetch (long poll) and answers on the append, not at its 30 s
+    // MaxWait: the bound is far from both, so a loaded machine does not make it flaky.
+    assert!(lag < Duration::from_secs(10), "{lag:?}");
 }
 
 /// Records sent while the broker is down are retried with backoff and delivered once it is
