@@ -32,14 +32,15 @@ Exit status: 0 success, 1 a runtime error (one line on stderr naming what failed
     max_term_width = 100
 )]
 pub(crate) struct Cli {
-    /// The broker's address
+    /// The broker's address, or a comma-separated list of them (the first that answers is
+    /// used)
     #[arg(
         long,
         short = 'b',
         global = true,
         env = "STREAMBUS_BROKER",
         hide_env_values = true,
-        value_name = "HOST:PORT",
+        value_name = "HOST:PORT[,…]",
         default_value = "127.0.0.1:9092"
     )]
     pub(crate) broker: String,

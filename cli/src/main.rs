@@ -138,24 +138,44 @@ async fn run(cli: Cli, broker_source: &str) -> Outcome {
     if let Command::Auth(args::Auth::NewToken { principal }) = &cli.command {
         return auth::new_token_for(principal);
     }
-    let broker = cli.broker.clone();
     let mut builder = Client::builder()
         .tls_options(cli.tls())
         .connect_timeout(cli.timeout)
         .request_timeout(cli.timeout);
-    if let Some(token) = cli.token {
+    if let Some(token) = cli.token.clone() {
         builder = builder.token(token);
     }
-    let client = builder.connect(broker.clone()).await.map_err(|e| match e {
-        Error::Config {
-            setting: "addr",
-            reason,
-        } => Failure {
-            code: 2,
-            message: format!("invalid {broker_source}: {reason}"),
-        },
-        e => Failure::sdk(&broker, &e),
-    })?;
+    // A comma-separated list: the first broker that answers is the one used (any broker of a
+    // cluster answers admin requests; partition requests say which broker leads).
+    let brokers: Vec<&str> = cli.broker.split(',').map(str::trim).collect();
+    let mut failures = Vec::new();
+    let mut connected = None;
+    for broker in &brokers {
+        match builder.clone().connect(*broker).await {
+            Ok(client) => {
+                connected = Some((client, (*broker).to_owned()));
+                break;
+            }
+            Err(Error::Config {
+                setting: "addr",
+                reason,
+            }) => {
+                return Err(Failure {
+                    code: 2,
+                    message: format!("invalid {broker_source}: {reason}"),
+                });
+            }
+            Err(e) if brokers.len() == 1 => return Err(Failure::sdk(broker, &e)),
+            Err(e) => failures.push(format!("{broker}: {e}")),
+        }
+    }
+    let Some((client, broker)) = connected else {
+        return Err(Failure::runtime(format!(
+            "none of the {} brokers answered: {}",
+            brokers.len(),
+            failures.join("; ")
+        )));
+    };
     let ctx = Ctx { client, broker };
     match cli.command {
         Command::Topics(t) => admin::topics(&ctx, t).await,

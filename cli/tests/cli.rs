@@ -589,6 +589,43 @@ fn the_broker_flag_wins_over_the_environment() {
         .success();
 }
 
+/// `--broker A,B`: the first broker that answers is used; when none does, one line names each
+/// and why, exit 1.
+#[test]
+fn a_broker_list_uses_the_first_that_answers() {
+    let b = Broker::start();
+    let (dead1, dead2) = (dead_addr(), dead_addr());
+    let a = b
+        .cli()
+        .args(["-b", &format!("{dead1}, {}", b.addr()), "health"])
+        .assert()
+        .success();
+    assert!(
+        stdout(&a).starts_with(&format!("broker {} is healthy", b.addr())),
+        "{}",
+        stdout(&a)
+    );
+    let a = b
+        .cli()
+        .args(["-b", &format!("{dead1},{dead2}"), "health"])
+        .assert()
+        .code(1)
+        .stdout("");
+    let err = stderr(&a);
+    assert!(
+        err.starts_with(&format!("error: none of the 2 brokers answered: {dead1}: "))
+            && err.contains(&format!("; {dead2}: "))
+            && err.lines().count() == 1,
+        "{err}"
+    );
+    fails_with(
+        &mut b.cli(),
+        &["-b", &format!("{dead1},nonsense"), "health"],
+        2,
+        "error: invalid --broker: \"nonsense\" is not host:port (like 127.0.0.1:9092)",
+    );
+}
+
 #[test]
 fn cluster_status_of_a_single_broker_shows_it_leading_every_partition() {
     let b = Broker::start();
