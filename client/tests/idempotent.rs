@@ -4,9 +4,9 @@
 //!
 //! The broker runs in a child process: this test binary started again in `child_broker`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -38,23 +38,15 @@ fn child_broker() {
 }
 
 fn spawn_broker(dir: &std::path::Path, listen: SocketAddr) -> (Child, SocketAddr) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_broker", "--ignored", "--nocapture"])
-        .env("IDEM_DIR", dir)
-        .env("IDEM_LISTEN", listen.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("child broker exited").unwrap();
-        if let Some(rest) = line.strip_prefix("READY ") {
-            break rest.parse().unwrap();
-        }
-    };
-    (child, addr)
+    let listen = listen.to_string();
+    let (child, ready) = streambus_tests::spawn_child_broker(
+        "child_broker",
+        [
+            ("IDEM_DIR", dir.as_os_str()),
+            ("IDEM_LISTEN", listen.as_ref()),
+        ],
+    );
+    (child, ready.parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

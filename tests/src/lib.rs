@@ -524,3 +524,40 @@ pub fn metric(addr: impl std::net::ToSocketAddrs, name: &str) -> Option<String> 
         .lines()
         .find_map(|l| Some(l.strip_prefix(name)?.strip_prefix(' ')?.trim().to_owned()))
 }
+
+/// Starts this test binary's ignored test `test` as a child process with `env` added: a broker
+/// that prints one line `READY <what>` once it serves, then waits on its standard input (a
+/// SIGKILL is the test's to send). Returns the child and `<what>` (its address, and whatever
+/// else that test prints).
+///
+/// # Panics
+///
+/// When the child can't start or exits before its `READY` line: a test failure.
+pub fn spawn_child_broker<K, V>(
+    test: &str,
+    env: impl IntoIterator<Item = (K, V)>,
+) -> (std::process::Child, String)
+where
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
+    use std::io::BufRead as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+        .args(["--exact", test, "--ignored", "--nocapture"])
+        .envs(env)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the child broker");
+    let out = child.stdout.take().expect("the child's stdout");
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line.expect("read the child's stdout");
+        if let Some(rest) = line.strip_prefix("READY ") {
+            return (child, rest.to_owned());
+        }
+    }
+    let status = child.wait();
+    panic!("the child broker exited before it was ready: {status:?}");
+}

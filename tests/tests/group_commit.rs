@@ -5,8 +5,7 @@
 //! The broker runs in a child process: this test binary started again in `child_broker`, which
 //! serves until it is killed.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 
 use streambus_core::{RequestType, Response};
 use streambus_server::{Config, FsyncMode, RuntimeKind};
@@ -53,25 +52,16 @@ fn fsyncs(metrics: &str) -> u64 {
 fn fsync_always_pipelined_produces_share_fsyncs_and_survive_sigkill() {
     for (rt, name) in RUNTIMES.into_iter().zip(["tokio", "smol", "blocking"]) {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_broker", "--ignored", "--nocapture"])
-            .env("GROUP_COMMIT_DIR", dir.path())
-            .env("GROUP_COMMIT_RUNTIME", name)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let (addr, metrics) = loop {
-            let line = lines.next().expect("child broker exited").unwrap();
-            if let Some(rest) = line.strip_prefix("READY ") {
-                let mut parts = rest.split(' ');
-                break (
-                    parts.next().unwrap().parse().unwrap(),
-                    parts.next().unwrap().to_owned(),
-                );
-            }
+        let (mut child, ready) = streambus_tests::spawn_child_broker(
+            "child_broker",
+            [
+                ("GROUP_COMMIT_DIR", dir.path().as_os_str()),
+                ("GROUP_COMMIT_RUNTIME", name.as_ref()),
+            ],
+        );
+        let (addr, metrics): (std::net::SocketAddr, String) = match ready.split_once(' ') {
+            Some((a, m)) => (a.parse().unwrap(), m.to_owned()),
+            None => panic!("READY line without the metrics address: {ready}"),
         };
         let mut c = RawClient::connect(addr).unwrap();
         // Create the topic first: its fsyncs don't count.

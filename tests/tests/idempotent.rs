@@ -3,8 +3,7 @@
 //! after SIGKILL under `--fsync always`; out-of-order batches get 13, 14 or 30; invalid
 //! fields 2.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use streambus_core::{ProducerInfo, RequestType, Response};
@@ -292,22 +291,14 @@ fn child_broker() {
 fn producer_state_survives_sigkill_under_fsync_always() {
     for (rt, name) in RUNTIMES.into_iter().zip(["tokio", "smol", "blocking"]) {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_broker", "--ignored", "--nocapture"])
-            .env("IDEM_DIR", dir.path())
-            .env("IDEM_RUNTIME", name)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr: std::net::SocketAddr = loop {
-            let line = lines.next().expect("child broker exited").unwrap();
-            if let Some(rest) = line.strip_prefix("READY ") {
-                break rest.parse().unwrap();
-            }
-        };
+        let (mut child, ready) = streambus_tests::spawn_child_broker(
+            "child_broker",
+            [
+                ("IDEM_DIR", dir.path().as_os_str()),
+                ("IDEM_RUNTIME", name.as_ref()),
+            ],
+        );
+        let addr: std::net::SocketAddr = ready.parse().unwrap();
         let mut c = RawClient::connect(addr).unwrap();
         let mut acked = Vec::new();
         for i in 0..20 {
