@@ -3,7 +3,10 @@
 //! and RF 3 created through broker 2 is listed by brokers 1 and 3, and Metadata on each
 //! returns the same brokers and placement; with the metadata leader SIGKILLed, the other two
 //! elect a new one and a CreateTopic still works; restarted, the killed broker catches up. A
-//! DeleteTopic through one broker answers the fetches waiting on it on another.
+//! DeleteTopic through one broker answers the fetches waiting on it on another. A metadata
+//! leader frozen with SIGSTOP is replaced, and after SIGCONT steps down: a write it held
+//! through the freeze is committed once, in the new term. A fourth broker started with the
+//! grown `--peers` joins the group and leads partitions of new topics.
 //!
 //! Each broker is this test binary started again in `child_cluster_broker`, which parses its
 //! command line exactly as `streambus-server` does and serves until killed; the metadata
@@ -108,8 +111,26 @@ impl Broker {
         u32::try_from(leader).ok()
     }
 
+    /// The metadata group's term this broker is in, from its `/metrics`.
+    fn term(&self) -> u64 {
+        streambus_tests::metric(self.metrics.as_str(), "streambus_cluster_metadata_term")
+            .expect("the metadata term gauge in /metrics")
+            .parse()
+            .unwrap()
+    }
+
     fn client(&self) -> RawClient {
         RawClient::connect(self.addr).unwrap()
+    }
+
+    /// Sends the process `signal` (`STOP`, `CONT`) with kill(1).
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
     }
 }
 
@@ -580,4 +601,131 @@ fn partition_requests_are_served_by_the_leader_only_and_others_answer_not_leader
         got,
         [(0, b"p0 via 1".to_vec()), (1, b"from the sdk".to_vec())]
     );
+}
+
+#[test]
+fn a_fourth_broker_started_with_the_grown_peer_list_joins_and_leads_new_partitions() {
+    let ports = free_ports(4);
+    let peer = |i: usize| format!("{}=127.0.0.1:{}", i + 1, ports[i]);
+    let three = (0..3).map(peer).collect::<Vec<_>>().join(",");
+    let four = (0..4).map(peer).collect::<Vec<_>>().join(",");
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    // The first three know only each other.
+    let mut brokers: Vec<Broker> = (0..3)
+        .map(|i| Broker::start(i as u32 + 1, ports[i], &three, "tokio", dirs[i].path()))
+        .collect();
+    let mut c1 = brokers[0].client();
+    eventually("three brokers registered", || {
+        (metadata(&mut c1).0.len() == 3).then_some(())
+    });
+    assert_eq!(create(&mut c1, "before", 3, 3), (0, true));
+    // Broker 4 is started with the grown list; it asks the group to add it.
+    brokers.push(Broker::start(4, ports[3], &four, "smol", dirs[3].path()));
+    let want: Vec<u32> = vec![1, 2, 3, 4];
+    let mut c4 = brokers[3].client();
+    for c in [&mut c1, &mut c4] {
+        eventually("broker 4 registered, seen by brokers 1 and 4", || {
+            let ids: Vec<u32> = metadata(c).0.iter().map(|b| b.0).collect();
+            (ids == want).then_some(())
+        });
+    }
+    // Broker 4 applied the log from before it joined, and new topics are placed on it: the
+    // four partitions of a topic created through it are led by the four brokers.
+    eventually("the older topic on broker 4", || {
+        list(&mut c4)
+            .contains(&("before".to_owned(), 3))
+            .then_some(())
+    });
+    assert_eq!(create(&mut c4, "after", 4, 2), (0, true));
+    let placement = eventually("the new topic in broker 4's metadata", || {
+        let (_, p) = metadata(&mut c4);
+        p.into_iter().find(|t| t.0 == "after")
+    });
+    let mut leaders: Vec<i32> = placement.2.iter().map(|(_, l, _)| *l).collect();
+    leaders.sort_unstable();
+    assert_eq!(leaders, [1, 2, 3, 4]);
+    // Broker 4 stores a produce to the partition it leads.
+    let p = placement.2.iter().find(|(_, l, _)| *l == 4).unwrap().0;
+    let r = streambus_tests::produce(&mut c4, "after", p, &[b"on four"]).unwrap();
+    let Ok(Response::Produce(ok)) = r.parse(RequestType::Produce) else {
+        panic!(
+            "produce to broker 4's partition failed with {}",
+            r.error_code()
+        );
+    };
+    assert_eq!((ok.base_offset, ok.high_water_mark), (0, 1));
+}
+
+#[test]
+fn a_stopped_metadata_leader_is_replaced_and_after_sigcont_steps_down_without_split_brain() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let brokers: Vec<Broker> = (0..3)
+        .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
+        .collect();
+    let agreed = |bs: &[&Broker]| -> Option<(u32, u64)> {
+        let l = bs[0].leader()?;
+        let t = bs[0].term();
+        bs.iter()
+            .all(|b| b.leader() == Some(l) && b.term() == t)
+            .then_some((l, t))
+    };
+    let all: Vec<&Broker> = brokers.iter().collect();
+    let (old, old_term) = eventually("the three agree on a metadata leader", || agreed(&all));
+    let stopped = &brokers[old as usize - 1];
+    let rest: Vec<&Broker> = brokers.iter().filter(|b| b.addr != stopped.addr).collect();
+
+    // Frozen for longer than the election timeout (400-800 ms): the other two elect one of
+    // themselves in a later term, and a write through either goes through.
+    let mut stale = stopped.client();
+    stopped.signal("STOP");
+    let (new, new_term) = eventually("a new leader among the other two", || {
+        agreed(&rest).filter(|(l, _)| *l != old)
+    });
+    assert!(new_term > old_term, "term {new_term} after {old_term}");
+    let mut c = rest[0].client();
+    let during = eventually("CreateTopic while the old leader is frozen", || {
+        let r = create(&mut c, "during", 1, 3);
+        (r.0 != ErrorCode::NOT_LEADER.0).then_some(r)
+    });
+    assert_eq!(during, (0, true));
+    // A write reaches the frozen broker's socket; it is handled only after SIGCONT, when that
+    // broker still believes it leads in the old term.
+    let id = stale
+        .send(&Request::CreateTopic(CreateTopicRequest {
+            topic: Topic::new("stale").unwrap(),
+            num_partitions: 1,
+            replication_factor: 3,
+        }))
+        .unwrap();
+    stopped.signal("CONT");
+    // It learns the new term from the others, steps down and forwards the write to the new
+    // leader: committed once, in the new term, and acknowledged.
+    let r = stale.recv().unwrap();
+    assert_eq!(r.request_id(), id);
+    let Ok(Response::CreateTopic(created)) = r.parse(RequestType::CreateTopic) else {
+        panic!(
+            "the write held through the freeze failed with {}",
+            r.error_code()
+        );
+    };
+    assert!(created.created);
+    let (leader, term) = eventually("all three agree again", || agreed(&all));
+    assert!(term >= new_term);
+    assert_ne!((leader, term), (old, old_term));
+    // One history: every broker lists exactly the two topics.
+    let want = vec![("during".to_owned(), 1), ("stale".to_owned(), 1)];
+    for b in &brokers {
+        let mut c = b.client();
+        eventually("both topics listed on every broker", || {
+            let mut l = list(&mut c);
+            l.sort();
+            (l == want).then_some(())
+        });
+    }
+    let _ = new;
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, Raft};
+use openraft::{BasicNode, ChangeMembers, Raft};
 
 pub use network::{Rpc, RpcReply, Transport, TransportError};
 pub use node::{ClusterHandle, ClusterNode};
@@ -48,6 +48,10 @@ pub const WRITE_PATIENCE: Duration = Duration::from_secs(5);
 /// How long a write forwarded to the leader may take to be committed there.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a join may take on the leader: the new broker first catches up with the log as a
+/// learner, then the membership change is committed.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The metadata group's Raft handle.
 pub type MetaRaft = Raft<TypeConfig>;
 
@@ -70,6 +74,10 @@ pub enum ClusterError {
     /// This broker's Raft stopped (shutdown, or a storage failure).
     #[error("the metadata group stopped on this broker: {0}")]
     Stopped(String),
+    /// The group refused the request for good (retrying will not help), e.g. a broker joining
+    /// with another cluster address than the one the group knows it by.
+    #[error("refused by the metadata group: {0}")]
+    Refused(String),
     /// Opening the group's files failed.
     #[error("opening the metadata log in {dir}: {source}")]
     Open {
@@ -278,18 +286,162 @@ impl Cluster {
                 index: r.log_id.index,
                 applied: r.data,
             }),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+            Err(e) => Err(self.refused(e)),
+        }
+    }
+
+    /// Why openraft did not take a write or a membership change here.
+    fn refused(&self, e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> WriteRefused {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
                 match (f.leader_id, f.leader_node) {
                     (Some(leader), Some(node)) if leader != self.node_id => {
-                        Err(WriteRefused::Forward { leader, node })
+                        WriteRefused::Forward { leader, node }
                     }
-                    _ => Err(WriteRefused::NoLeader(
+                    _ => WriteRefused::NoLeader(
                         "an election is under way or too few brokers are up".into(),
-                    )),
+                    ),
                 }
             }
-            Err(RaftError::APIError(e)) => Err(WriteRefused::NoLeader(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(WriteRefused::Stopped(e.to_string())),
+            RaftError::APIError(e) => WriteRefused::NoLeader(e.to_string()),
+            RaftError::Fatal(e) => WriteRefused::Stopped(e.to_string()),
+        }
+    }
+
+    /// Whether this broker is a voter of the group, as far as its own log says (a broker on
+    /// its first start, or one whose data directory was wiped, is not yet).
+    pub fn is_voter(&self) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.node_id)
+    }
+
+    /// Makes broker `node` (its cluster listener at `addr`) a voter, if this broker leads the
+    /// group: it is added as a learner, which waits until it has caught up with the log, then
+    /// promoted. A broker that is a voter already is answered at once; one the group knows at
+    /// another address is refused. A broker that belongs to no group answers
+    /// [`Joined::Blank`].
+    pub(crate) async fn join_here(&self, node: u64, addr: String) -> Result<Joined, WriteRefused> {
+        let membership = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
+        if membership.voter_ids().next().is_none() {
+            return Ok(Joined::Blank);
+        }
+        match membership.get_node(&node) {
+            Some(known) if known.addr != addr => {
+                return Err(WriteRefused::Invalid(format!(
+                    "broker {node} is a member of the cluster with its cluster listener at {}, not {addr}: changing a broker's --cluster-listen address is not supported",
+                    known.addr
+                )));
+            }
+            Some(_) if membership.voter_ids().any(|v| v == node) => return Ok(Joined::Voter),
+            Some(_) => {}
+            None => {
+                self.raft
+                    .add_learner(node, BasicNode::new(addr), true)
+                    .await
+                    .map_err(|e| self.refused(e))?;
+            }
+        }
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds([node].into()), false)
+            .await
+            .map_err(|e| self.refused(e))?;
+        tracing::info!(node, "a broker joined the metadata group as a voter");
+        Ok(Joined::Voter)
+    }
+
+    /// Asks broker `target` (at `node`) to make this broker a voter, following it to the
+    /// leader once if it is a follower.
+    async fn ask_join(
+        &self,
+        target: u64,
+        node: &BasicNode,
+        own: &str,
+    ) -> Result<Joined, ClusterError> {
+        let mut to = (target, node.clone());
+        for _ in 0..2 {
+            let rpc = Rpc::Join {
+                node: self.node_id,
+                addr: own.to_owned(),
+            };
+            let call = self.transport.call(to.0, &to.1, rpc);
+            let reply = match tokio::time::timeout(JOIN_TIMEOUT, call).await {
+                Ok(r) => r,
+                Err(_) => Err(TransportError::Timeout {
+                    addr: to.1.addr.clone(),
+                    timeout: JOIN_TIMEOUT,
+                }),
+            }
+            .map_err(|source| ClusterError::Unreachable { node: to.0, source })?;
+            match reply {
+                RpcReply::Join(Ok(joined)) => return Ok(joined),
+                RpcReply::Join(Err(WriteRefused::Forward { leader, node })) => to = (leader, node),
+                RpcReply::Join(Err(e)) => return Err(e.into()),
+                other => {
+                    return Err(ClusterError::Stopped(format!(
+                        "broker {} answered a join with {}",
+                        to.0,
+                        other.kind()
+                    )));
+                }
+            }
+        }
+        Err(ClusterError::NoLeader(format!(
+            "the leader moved while broker {} was joining; retry",
+            self.node_id
+        )))
+    }
+
+    /// Brings this broker into the group named by `peers` (every broker's cluster listener,
+    /// this one's included) unless its log already makes it a voter: it asks the others to
+    /// add it, which the leader does (a new broker growing the cluster, or one whose data
+    /// directory was wiped), retrying until it is a voter. With `may_bootstrap` (the lowest
+    /// id in `--peers`), when every other peer is unreachable or belongs to no group either
+    /// (the cluster's very first start), it initialises the group with `peers` as voters
+    /// instead, so a blank broker never starts a second group beside a live one.
+    pub async fn join(
+        &self,
+        peers: &BTreeMap<u64, BasicNode>,
+        may_bootstrap: bool,
+    ) -> Result<(), ClusterError> {
+        let own = peers
+            .get(&self.node_id)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            if self.is_voter() {
+                return Ok(());
+            }
+            let mut blank = true;
+            for (id, node) in peers.iter().filter(|(id, _)| **id != self.node_id) {
+                match self.ask_join(*id, node, &own).await {
+                    Ok(Joined::Voter) => return Ok(()),
+                    Ok(Joined::Blank) | Err(ClusterError::Unreachable { .. }) => {}
+                    Err(e @ (ClusterError::Refused(_) | ClusterError::Stopped(_))) => {
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        blank = false;
+                        tracing::debug!(node = self.node_id, "joining, will retry: {e}");
+                    }
+                }
+            }
+            if may_bootstrap && blank && !self.is_voter() {
+                return self.bootstrap(peers.clone()).await;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -361,6 +513,16 @@ pub enum PartitionLeader {
     Unknown,
 }
 
+/// What a broker answers a join ([`Rpc::Join`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum Joined {
+    /// The broker that asked is a voter now (or already was).
+    Voter,
+    /// The answering broker belongs to no group yet (it is starting for the first time too).
+    Blank,
+}
+
 /// A committed metadata write: its log index and what applying it did.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Committed {
@@ -388,6 +550,9 @@ pub enum WriteRefused {
     /// This broker's Raft stopped.
     #[error("the metadata group stopped: {0}")]
     Stopped(String),
+    /// Refused for good: retrying will not help.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl From<WriteRefused> for ClusterError {
@@ -399,6 +564,7 @@ impl From<WriteRefused> for ClusterError {
             }
             WriteRefused::NoLeader(why) => ClusterError::NoLeader(why),
             WriteRefused::Stopped(why) => ClusterError::Stopped(why),
+            WriteRefused::Invalid(why) => ClusterError::Refused(why),
         }
     }
 }

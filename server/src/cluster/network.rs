@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-use super::{Cluster, Command, Committed, MetaRaft, TypeConfig, WriteRefused};
+use super::{Cluster, Command, Committed, Joined, MetaRaft, TypeConfig, WriteRefused};
 
 /// The version of the link's messages; a peer with another is refused.
 pub const LINK_VERSION: u32 = 1;
@@ -77,6 +77,14 @@ pub enum Rpc {
     },
     /// A metadata write for the leader.
     Write(Command),
+    /// A broker asks to become a voter of the metadata group (growing the cluster, or coming
+    /// back with a wiped data directory).
+    Join {
+        /// Its node id.
+        node: u64,
+        /// Its cluster listener.
+        addr: String,
+    },
 }
 
 /// The answer to an [`Rpc`] of the same name.
@@ -91,6 +99,8 @@ pub enum RpcReply {
     Snapshot(Result<SnapshotResponse<u64>, Fatal<u64>>),
     /// To [`Rpc::Write`].
     Write(Result<Committed, WriteRefused>),
+    /// To [`Rpc::Join`].
+    Join(Result<Joined, WriteRefused>),
 }
 
 impl RpcReply {
@@ -101,6 +111,7 @@ impl RpcReply {
             Self::Vote(_) => "Vote",
             Self::Snapshot(_) => "Snapshot",
             Self::Write(_) => "Write",
+            Self::Join(_) => "Join",
         }
     }
 }
@@ -175,6 +186,10 @@ pub async fn answer(raft: &MetaRaft, cluster: Option<&Cluster>, rpc: Rpc) -> Rpc
         Rpc::Write(command) => RpcReply::Write(match cluster {
             Some(c) => c.write_here(command).await,
             None => Err(WriteRefused::Stopped("not serving writes".into())),
+        }),
+        Rpc::Join { node, addr } => RpcReply::Join(match cluster {
+            Some(c) => c.join_here(node, addr).await,
+            None => Err(WriteRefused::Stopped("not serving joins".into())),
         }),
     }
 }
@@ -353,7 +368,7 @@ async fn receive<T: serde::de::DeserializeOwned>(
 }
 
 /// The TCP transport: two connections per peer, one for Raft's RPCs and one for forwarded
-/// writes (which wait for a commit and must not hold up heartbeats and votes), each opened on
+/// writes and joins (which wait for a commit and must not hold up heartbeats and votes), each opened on
 /// first use with a [`Hello`] and opened again after it breaks.
 #[derive(Debug)]
 pub struct TcpTransport {
@@ -415,7 +430,8 @@ impl Transport for TcpTransport {
         node: &BasicNode,
         rpc: Rpc,
     ) -> BoxFuture<'static, Result<RpcReply, TransportError>> {
-        let slot = self.slot(target, matches!(rpc, Rpc::Write(_)));
+        // Writes and joins wait for a commit: never in front of heartbeats and votes.
+        let slot = self.slot(target, matches!(rpc, Rpc::Write(_) | Rpc::Join { .. }));
         let addr = node.addr.clone();
         let hello = Hello {
             link: LINK_NAME.into(),

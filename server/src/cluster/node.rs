@@ -51,9 +51,9 @@ pub enum StartError {
 
 impl ClusterNode {
     /// Starts broker `node_id`'s cluster side: binds `settings.listen`, opens the group in
-    /// `<data_dir>/cluster`, bootstraps it if this broker has the lowest id in `--peers`
-    /// (ignored on a group that already has members), and registers `advertise` in it in the
-    /// background.
+    /// `<data_dir>/cluster`, and in the background joins it unless its log already makes this
+    /// broker a voter ([`Cluster::join`]: the lowest id in `--peers` bootstraps the group when
+    /// no other peer belongs to one) and registers `advertise` in it.
     pub fn start(
         node_id: u32,
         settings: &ClusterSettings,
@@ -101,8 +101,17 @@ impl ClusterNode {
             let cluster =
                 Cluster::open(id, &dir, super::raft_config(), transport, Some(local)).await?;
             tokio::spawn(network::serve(listener, cluster.clone()));
-            if first == Some(node_id) {
-                cluster.bootstrap(peers).await?;
+            if !cluster.is_voter() {
+                // A first start (the lowest id bootstraps the group unless one is already
+                // up), a broker growing the cluster, or one whose data directory was wiped.
+                let c = cluster.clone();
+                let may_bootstrap = first == Some(node_id);
+                tokio::spawn(async move {
+                    match c.join(&peers, may_bootstrap).await {
+                        Ok(()) => tracing::info!(node_id, "a voter of the metadata group"),
+                        Err(e) => tracing::error!(node_id, "could not join the cluster: {e}"),
+                    }
+                });
             }
             let c = cluster.clone();
             let (host, port) = (advertise.host.clone(), advertise.port);

@@ -371,3 +371,125 @@ async fn partition_leader_is_the_preferred_leader_with_its_registered_address() 
         n.shutdown().await;
     }
 }
+
+/// Waits until `c` counts `n` voters in the group.
+async fn wait_voters(c: &Cluster, n: usize) {
+    c.raft()
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.membership_config.membership().voter_ids().count() == n,
+            "the voters",
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_first_start_the_lowest_id_bootstraps_through_join_and_the_others_join_it() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let (a, b, c) = (t.start(1).await, t.start(2).await, t.start(3).await);
+    let peers = t.peers();
+    let (ra, rb, rc) = tokio::join!(
+        a.join(&peers, true),
+        b.join(&peers, false),
+        c.join(&peers, false)
+    );
+    ra.unwrap();
+    rb.unwrap();
+    rc.unwrap();
+    for n in [&a, &b, &c] {
+        wait_voters(n, 3).await;
+        assert!(n.is_voter());
+    }
+    assert_eq!(
+        a.write(create("t", 1, 3)).await.unwrap().applied,
+        Applied::Created(true)
+    );
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_broker_joins_as_a_voter_and_new_topics_are_placed_on_it() {
+    let t = TestCluster::new(&[1, 2, 3, 4]);
+    let three: BTreeMap<u64, BasicNode> =
+        t.peers().into_iter().filter(|(id, _)| *id != 4).collect();
+    let (a, b, c) = (t.start(1).await, t.start(2).await, t.start(3).await);
+    a.bootstrap(three).await.unwrap();
+    t.leader_among(&[&a, &b, &c]).await;
+    a.write(create("before", 3, 3)).await.unwrap();
+    let d = t.start(4).await;
+    assert!(!d.is_voter());
+    // Broker 4 knows every peer; the first three were started without it.
+    d.join(&t.peers(), false).await.unwrap();
+    for n in [&a, &b, &c, &d] {
+        wait_voters(n, 4).await;
+    }
+    assert!(d.is_voter());
+    // Joining again is answered at once.
+    d.join(&t.peers(), false).await.unwrap();
+    // Through a follower of the grown group; placed over the four brokers.
+    let written = b.write(create("after", 4, 2)).await.unwrap();
+    assert_eq!(written.applied, Applied::Created(true));
+    wait_applied(&d, written.index).await;
+    let m = d.metadata();
+    let replicas = |topic: &str| -> Vec<Vec<u32>> {
+        m.topics[topic]
+            .partitions
+            .iter()
+            .map(|p| p.replicas.clone())
+            .collect()
+    };
+    assert_eq!(replicas("before"), [[1, 2, 3], [2, 3, 1], [3, 1, 2]]);
+    assert_eq!(replicas("after"), [[4, 1], [1, 2], [2, 3], [3, 4]]);
+    assert_eq!(m, a.metadata());
+    // Another broker claiming id 4 at another cluster address is refused, with why.
+    let leader = t.leader_among(&[&a, &b, &c, &d]).await;
+    let l = [&a, &b, &c, &d]
+        .into_iter()
+        .find(|n| n.node_id() == leader)
+        .unwrap();
+    let refused = l.join_here(4, "elsewhere".into()).await.unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "broker 4 is a member of the cluster with its cluster listener at node-4, not elsewhere: changing a broker's --cluster-listen address is not supported"
+    );
+    for n in [a, b, c, d] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_lowest_id_broker_rejoins_the_live_group_instead_of_starting_a_second_one() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let (a, b, c) = (t.start(1).await, t.start(2).await, t.start(3).await);
+    a.bootstrap(t.peers()).await.unwrap();
+    t.leader_among(&[&a, &b, &c]).await;
+    let index = b.write(create("kept", 2, 3)).await.unwrap().index;
+    wait_applied(&c, index).await;
+    t.stop(1).await;
+    drop(a);
+    std::fs::remove_dir_all(t.dirs[&1].path().join("cluster")).unwrap();
+    let a = t.start(1).await;
+    assert!(!a.is_voter());
+    // May bootstrap (lowest id), but brokers 2 and 3 belong to a group: it joins that one.
+    a.join(&t.peers(), true).await.unwrap();
+    wait_voters(&a, 3).await;
+    let index = c.write(create("later", 1, 3)).await.unwrap().index;
+    wait_applied(&a, index).await;
+    assert_eq!(
+        a.metadata().topics.keys().cloned().collect::<Vec<_>>(),
+        ["kept", "later"]
+    );
+    assert_eq!(a.metadata(), b.metadata());
+    // One group: every broker sees the same leader and term.
+    let leader = t.leader_among(&[&a, &b, &c]).await;
+    for n in [&a, &b, &c] {
+        let m = n.raft().metrics().borrow().clone();
+        assert_eq!(m.current_leader, Some(leader), "node {}", n.node_id());
+    }
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
