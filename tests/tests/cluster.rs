@@ -6,7 +6,8 @@
 //! DeleteTopic through one broker answers the fetches waiting on it on another. A metadata
 //! leader frozen with SIGSTOP is replaced, and after SIGCONT steps down: a write it held
 //! through the freeze is committed once, in the new term. A fourth broker started with the
-//! grown `--peers` joins the group and leads partitions of new topics.
+//! grown `--peers` joins the group and leads partitions of new topics; a broker whose data
+//! directory was wiped rejoins the live group (not a new one) and catches up.
 //!
 //! Each broker is this test binary started again in `child_cluster_broker`, which parses its
 //! command line exactly as `streambus-server` does and serves until killed; the metadata
@@ -728,4 +729,70 @@ fn a_stopped_metadata_leader_is_replaced_and_after_sigcont_steps_down_without_sp
         });
     }
     let _ = new;
+}
+
+#[test]
+fn a_broker_whose_data_directory_was_wiped_rejoins_the_group_and_catches_up() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
+    let mut brokers: Vec<Broker> = (0..3).map(start).collect();
+    for b in &brokers {
+        let mut c = b.client();
+        eventually("three brokers registered", || {
+            (metadata(&mut c).0.len() == 3).then_some(())
+        });
+    }
+    let mut c2 = brokers[1].client();
+    assert_eq!(create(&mut c2, "kept", 3, 3), (0, true));
+    eventually("the topic on broker 1", || {
+        list(&mut brokers[0].client())
+            .contains(&("kept".to_owned(), 3))
+            .then_some(())
+    });
+    // Broker 1, the one that bootstrapped the group, loses its whole data directory.
+    let wiped = brokers.remove(0);
+    drop(wiped);
+    std::fs::remove_dir_all(dirs[0].path()).unwrap();
+    let back = start(0);
+    // It joins the live group (not a new one of its own): it applies the log it missed,
+    // registers its new client address, and agrees with the others on leader and term.
+    let mut c1 = back.client();
+    eventually("the wiped broker caught up", || {
+        (list(&mut c1) == [("kept".to_owned(), 3)]).then_some(())
+    });
+    let port = back.addr.port();
+    eventually("its new address registered", || {
+        metadata(&mut c2)
+            .0
+            .iter()
+            .any(|(id, _, p)| *id == 1 && *p == port)
+            .then_some(())
+    });
+    eventually("one leader and term for all three", || {
+        let l = back.leader()?;
+        let t = back.term();
+        brokers
+            .iter()
+            .all(|b| b.leader() == Some(l) && b.term() == t)
+            .then_some(())
+    });
+    // Writes through it reach every broker.
+    let made = eventually("CreateTopic through the rejoined broker", || {
+        let r = create(&mut c1, "after", 1, 3);
+        (r.0 != ErrorCode::NOT_LEADER.0).then_some(r)
+    });
+    assert_eq!(made, (0, true));
+    for b in &brokers {
+        let mut c = b.client();
+        eventually("the new topic on every broker", || {
+            list(&mut c)
+                .contains(&("after".to_owned(), 1))
+                .then_some(())
+        });
+    }
 }

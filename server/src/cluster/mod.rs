@@ -19,6 +19,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -96,6 +97,10 @@ pub struct Cluster {
     raft: MetaRaft,
     state: Arc<RwLock<AppliedState>>,
     transport: Arc<dyn Transport>,
+    /// The store held nothing when opened (a first start, or a wiped data directory).
+    started_blank: bool,
+    /// Between [`Cluster::start_joining`] and the group's answer: votes are refused.
+    joining: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -137,6 +142,7 @@ impl Cluster {
             source,
         };
         let log = store::LogStore::open(dir).map_err(open_err)?;
+        let started_blank = log.is_blank();
         let sm = state::StateMachine::open(dir, local).map_err(open_err)?;
         let shared = sm.shared();
         let network = network::NetworkFactory::new(Arc::clone(&transport));
@@ -148,6 +154,8 @@ impl Cluster {
             raft,
             state: shared,
             transport,
+            started_blank,
+            joining: Arc::default(),
         })
     }
 
@@ -308,6 +316,24 @@ impl Cluster {
         }
     }
 
+    /// Whether this broker's store held nothing when it was opened: a first start, or a data
+    /// directory wiped since. Such a broker must [`join`](Self::join).
+    pub fn started_blank(&self) -> bool {
+        self.started_blank
+    }
+
+    /// From now until [`join`](Self::join) succeeds, this broker refuses every vote: it may be
+    /// a voter that lost its log and with it a vote it cast in the current term, and voting
+    /// again could elect two leaders in one term. Call it before serving the cluster link.
+    pub fn start_joining(&self) {
+        self.joining.store(true, Ordering::Release);
+    }
+
+    /// Whether votes are refused now (see [`start_joining`](Self::start_joining)).
+    pub fn is_joining(&self) -> bool {
+        self.joining.load(Ordering::Acquire)
+    }
+
     /// Whether this broker is a voter of the group, as far as its own log says (a broker on
     /// its first start, or one whose data directory was wiped, is not yet).
     pub fn is_voter(&self) -> bool {
@@ -322,9 +348,12 @@ impl Cluster {
 
     /// Makes broker `node` (its cluster listener at `addr`) a voter, if this broker leads the
     /// group: it is added as a learner, which waits until it has caught up with the log, then
-    /// promoted. A broker that is a voter already is answered at once; one the group knows at
-    /// another address is refused. A broker that belongs to no group answers
-    /// [`Joined::Blank`].
+    /// promoted. A broker asks only when its own log does not make it a voter, so a voter that
+    /// asks has lost its log: on the cluster's first start (it has not registered its client
+    /// address yet) it is answered at once; after that (it registered, then its data directory
+    /// was wiped) it may have forgotten a vote it cast, so it is first demoted to a learner,
+    /// which cannot vote, and promoted again once caught up. One the group knows at another
+    /// address is refused. A broker that belongs to no group answers [`Joined::Blank`].
     pub(crate) async fn join_here(&self, node: u64, addr: String) -> Result<Joined, WriteRefused> {
         let membership = self
             .raft
@@ -343,21 +372,44 @@ impl Cluster {
                     known.addr
                 )));
             }
-            Some(_) if membership.voter_ids().any(|v| v == node) => return Ok(Joined::Voter),
-            Some(_) => {}
-            None => {
+            Some(_) if membership.voter_ids().any(|v| v == node) => {
+                if !self.registered(node) {
+                    return Ok(Joined::Voter);
+                }
+                tracing::warn!(
+                    node,
+                    "broker {node} lost its metadata log; demoting it to a learner until it has caught up"
+                );
                 self.raft
-                    .add_learner(node, BasicNode::new(addr), true)
+                    .change_membership(ChangeMembers::RemoveVoters([node].into()), true)
                     .await
                     .map_err(|e| self.refused(e))?;
             }
+            Some(_) | None => {}
         }
+        self.raft
+            .add_learner(node, BasicNode::new(addr), true)
+            .await
+            .map_err(|e| self.refused(e))?;
         self.raft
             .change_membership(ChangeMembers::AddVoterIds([node].into()), false)
             .await
             .map_err(|e| self.refused(e))?;
         tracing::info!(node, "a broker joined the metadata group as a voter");
         Ok(Joined::Voter)
+    }
+
+    /// Whether broker `node` has registered its client address in the applied metadata.
+    fn registered(&self, node: u64) -> bool {
+        let Ok(id) = u32::try_from(node) else {
+            return false;
+        };
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .metadata
+            .brokers
+            .contains_key(&id)
     }
 
     /// Asks broker `target` (at `node`) to make this broker a voter, following it to the
@@ -385,6 +437,15 @@ impl Cluster {
             .map_err(|source| ClusterError::Unreachable { node: to.0, source })?;
             match reply {
                 RpcReply::Join(Ok(joined)) => return Ok(joined),
+                RpcReply::Join(Err(WriteRefused::Forward { leader, .. }))
+                    if leader == self.node_id =>
+                {
+                    // The group has not noticed yet that this broker (its leader before it
+                    // lost its log) is gone: a group exists; wait for its next leader.
+                    return Err(ClusterError::NoLeader(format!(
+                        "the others still take broker {leader}, this one before it lost its log, for their leader"
+                    )));
+                }
                 RpcReply::Join(Err(WriteRefused::Forward { leader, node })) => to = (leader, node),
                 RpcReply::Join(Err(e)) => return Err(e.into()),
                 other => {
@@ -402,13 +463,15 @@ impl Cluster {
         )))
     }
 
-    /// Brings this broker into the group named by `peers` (every broker's cluster listener,
-    /// this one's included) unless its log already makes it a voter: it asks the others to
+    /// Brings this broker, which [started blank](Self::started_blank), into the group named by
+    /// `peers` (every broker's cluster listener, this one's included): it asks the others to
     /// add it, which the leader does (a new broker growing the cluster, or one whose data
-    /// directory was wiped), retrying until it is a voter. With `may_bootstrap` (the lowest
-    /// id in `--peers`), when every other peer is unreachable or belongs to no group either
-    /// (the cluster's very first start), it initialises the group with `peers` as voters
-    /// instead, so a blank broker never starts a second group beside a live one.
+    /// directory was wiped, which is demoted to a learner first), retrying until the group
+    /// answers that it is a voter; votes are refused meanwhile
+    /// ([`start_joining`](Self::start_joining)). With `may_bootstrap` (the lowest id in
+    /// `--peers`), when every other peer is unreachable or belongs to no group either (the
+    /// cluster's very first start), it initialises the group with `peers` as voters instead,
+    /// so a blank broker never starts a second group beside a live one it can reach.
     pub async fn join(
         &self,
         peers: &BTreeMap<u64, BasicNode>,
@@ -418,15 +481,16 @@ impl Cluster {
             .get(&self.node_id)
             .map(|n| n.addr.clone())
             .unwrap_or_default();
+        self.start_joining();
         let mut delay = Duration::from_millis(50);
         loop {
-            if self.is_voter() {
-                return Ok(());
-            }
             let mut blank = true;
             for (id, node) in peers.iter().filter(|(id, _)| **id != self.node_id) {
                 match self.ask_join(*id, node, &own).await {
-                    Ok(Joined::Voter) => return Ok(()),
+                    Ok(Joined::Voter) => {
+                        self.joining.store(false, Ordering::Release);
+                        return Ok(());
+                    }
                     Ok(Joined::Blank) | Err(ClusterError::Unreachable { .. }) => {}
                     Err(e @ (ClusterError::Refused(_) | ClusterError::Stopped(_))) => {
                         return Err(e);
@@ -438,7 +502,9 @@ impl Cluster {
                 }
             }
             if may_bootstrap && blank && !self.is_voter() {
-                return self.bootstrap(peers.clone()).await;
+                self.bootstrap(peers.clone()).await?;
+                self.joining.store(false, Ordering::Release);
+                return Ok(());
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(1));

@@ -172,6 +172,10 @@ pub trait Transport: Send + Sync + std::fmt::Debug + 'static {
 pub async fn answer(raft: &MetaRaft, cluster: Option<&Cluster>, rpc: Rpc) -> RpcReply {
     match rpc {
         Rpc::AppendEntries(r) => RpcReply::AppendEntries(raft.append_entries(r).await),
+        // Not granted while joining (a broker that lost its log may have voted in this term).
+        Rpc::Vote(r) if cluster.is_some_and(Cluster::is_joining) => {
+            RpcReply::Vote(Ok(VoteResponse::new(r.vote, None, false)))
+        }
         Rpc::Vote(r) => RpcReply::Vote(raft.vote(r).await),
         Rpc::Snapshot { vote, meta, data } => RpcReply::Snapshot(
             raft.install_full_snapshot(

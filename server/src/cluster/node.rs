@@ -100,22 +100,31 @@ impl ClusterNode {
             let transport = TcpTransport::new(id);
             let cluster =
                 Cluster::open(id, &dir, super::raft_config(), transport, Some(local)).await?;
+            let blank = cluster.started_blank();
+            if blank {
+                // Before the link serves anything: no vote until the group has answered.
+                cluster.start_joining();
+            }
             tokio::spawn(network::serve(listener, cluster.clone()));
-            if !cluster.is_voter() {
+            let c = cluster.clone();
+            let may_bootstrap = first == Some(node_id);
+            let (host, port) = (advertise.host.clone(), advertise.port);
+            tokio::spawn(async move {
                 // A first start (the lowest id bootstraps the group unless one is already
                 // up), a broker growing the cluster, or one whose data directory was wiped.
-                let c = cluster.clone();
-                let may_bootstrap = first == Some(node_id);
-                tokio::spawn(async move {
+                // Registered only once a voter: the leader tells a first start from a wiped
+                // broker by the registration.
+                if blank {
                     match c.join(&peers, may_bootstrap).await {
                         Ok(()) => tracing::info!(node_id, "a voter of the metadata group"),
-                        Err(e) => tracing::error!(node_id, "could not join the cluster: {e}"),
+                        Err(e) => {
+                            tracing::error!(node_id, "could not join the cluster: {e}");
+                            return;
+                        }
                     }
-                });
-            }
-            let c = cluster.clone();
-            let (host, port) = (advertise.host.clone(), advertise.port);
-            tokio::spawn(async move { c.register(host, port).await });
+                }
+                c.register(host, port).await;
+            });
             Ok::<_, StartError>(cluster)
         })?;
         tracing::info!(%listen, node_id, peers = settings.peers.len(), "cluster link listening");

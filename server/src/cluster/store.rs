@@ -167,6 +167,13 @@ impl LogStore {
         })
     }
 
+    /// Whether the store holds nothing: no entry, no purge, no vote (a first start, or a wiped
+    /// data directory).
+    pub fn is_blank(&self) -> bool {
+        let inner = self.lock();
+        inner.entries.is_empty() && inner.last_purged.is_none() && inner.vote.vote.is_none()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner
             .lock()

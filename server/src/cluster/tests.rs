@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use openraft::BasicNode;
 
+use openraft::Vote;
+use openraft::raft::VoteRequest;
+
 use super::network::{BoxFuture, answer};
 use super::*;
 
@@ -466,16 +469,51 @@ async fn a_wiped_lowest_id_broker_rejoins_the_live_group_instead_of_starting_a_s
     let (a, b, c) = (t.start(1).await, t.start(2).await, t.start(3).await);
     a.bootstrap(t.peers()).await.unwrap();
     t.leader_among(&[&a, &b, &c]).await;
+    for n in [&a, &b, &c] {
+        n.register("127.0.0.1".into(), 9000 + n.node_id() as u16)
+            .await;
+    }
     let index = b.write(create("kept", 2, 3)).await.unwrap().index;
     wait_applied(&c, index).await;
+    let config_before = b
+        .raft()
+        .metrics()
+        .borrow()
+        .membership_config
+        .log_id()
+        .to_owned();
     t.stop(1).await;
     drop(a);
     std::fs::remove_dir_all(t.dirs[&1].path().join("cluster")).unwrap();
     let a = t.start(1).await;
-    assert!(!a.is_voter());
+    assert!(a.started_blank());
+    // While it joins it grants no vote (it may have voted in this term before the wipe).
+    a.start_joining();
+    let asked = VoteRequest::new(Vote::new(99, 2), None);
+    let RpcReply::Vote(Ok(refused)) = answer(a.raft(), Some(&a), Rpc::Vote(asked)).await else {
+        panic!("a vote request is answered with a vote response");
+    };
+    assert!(!refused.vote_granted);
     // May bootstrap (lowest id), but brokers 2 and 3 belong to a group: it joins that one.
     a.join(&t.peers(), true).await.unwrap();
     wait_voters(&a, 3).await;
+    // Having registered before, it was demoted to a learner and promoted again (it may have
+    // forgotten a vote): new membership configs, the same three voters.
+    let before = config_before.map(|l| l.index);
+    let after = b
+        .raft()
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.membership_config.log_id().map(|l| l.index) > before,
+            "a new membership config",
+        )
+        .await
+        .unwrap()
+        .membership_config;
+    assert_eq!(
+        after.membership().voter_ids().collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
     let index = c.write(create("later", 1, 3)).await.unwrap().index;
     wait_applied(&a, index).await;
     assert_eq!(
