@@ -208,15 +208,20 @@ impl Cluster {
         }
     }
 
-    /// The number of brokers in the group (its voters).
-    pub fn voters(&self) -> usize {
+    /// The node ids of the group's voters, as this broker's log has them.
+    fn voter_ids(&self) -> Vec<u64> {
         self.raft
             .metrics()
             .borrow()
             .membership_config
             .membership()
             .voter_ids()
-            .count()
+            .collect()
+    }
+
+    /// The number of brokers in the group (its voters).
+    pub fn voters(&self) -> usize {
+        self.voter_ids().len()
     }
 
     /// Initialises the group with `peers` as its voters, once: on a group that already has a
@@ -337,13 +342,7 @@ impl Cluster {
     /// Whether this broker is a voter of the group, as far as its own log says (a broker on
     /// its first start, or one whose data directory was wiped, is not yet).
     pub fn is_voter(&self) -> bool {
-        self.raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == self.node_id)
+        self.voter_ids().contains(&self.node_id)
     }
 
     /// Makes broker `node` (its cluster listener at `addr`) a voter, if this broker leads the
