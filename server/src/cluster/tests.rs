@@ -436,6 +436,7 @@ async fn a_fourth_broker_joins_as_a_voter_and_new_topics_are_placed_on_it() {
     let written = b.write(create("after", 4, 2)).await.unwrap();
     assert_eq!(written.applied, Applied::Created(true));
     wait_applied(&d, written.index).await;
+    wait_applied(&a, written.index).await;
     let m = d.metadata();
     let replicas = |topic: &str| -> Vec<Vec<u32>> {
         m.topics[topic]
@@ -516,6 +517,7 @@ async fn a_wiped_lowest_id_broker_rejoins_the_live_group_instead_of_starting_a_s
     );
     let index = c.write(create("later", 1, 3)).await.unwrap().index;
     wait_applied(&a, index).await;
+    wait_applied(&b, index).await;
     assert_eq!(
         a.metadata().topics.keys().cloned().collect::<Vec<_>>(),
         ["kept", "later"]
@@ -524,8 +526,11 @@ async fn a_wiped_lowest_id_broker_rejoins_the_live_group_instead_of_starting_a_s
     // One group: every broker sees the same leader and term.
     let leader = t.leader_among(&[&a, &b, &c]).await;
     for n in [&a, &b, &c] {
-        let m = n.raft().metrics().borrow().clone();
-        assert_eq!(m.current_leader, Some(leader), "node {}", n.node_id());
+        n.raft()
+            .wait(Some(DEADLINE))
+            .current_leader(leader, "the same leader on every node")
+            .await
+            .unwrap();
     }
     for n in [a, b, c] {
         n.shutdown().await;
