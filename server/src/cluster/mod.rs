@@ -12,6 +12,7 @@
 
 pub mod network;
 pub mod node;
+pub mod replica;
 pub mod state;
 pub mod store;
 #[cfg(test)]
@@ -88,6 +89,7 @@ pub struct Cluster {
     raft: MetaRaft,
     state: Arc<RwLock<AppliedState>>,
     transport: Arc<dyn Transport>,
+    replicas: Arc<replica::Replicas>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -140,7 +142,13 @@ impl Cluster {
             raft,
             state: shared,
             transport,
+            replicas: Arc::default(),
         })
+    }
+
+    /// The partition groups this broker runs (the cluster link delivers their messages).
+    pub fn replicas(&self) -> &replica::Replicas {
+        &self.replicas
     }
 
     /// This broker's node id.

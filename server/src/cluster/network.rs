@@ -29,10 +29,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+use super::replica::{PartitionId, PartitionReply, PartitionRpc};
 use super::{Cluster, Command, Committed, MetaRaft, TypeConfig, WriteRefused};
 
-/// The version of the link's messages; a peer with another is refused.
-pub const LINK_VERSION: u32 = 1;
+/// The version of the link's messages; a peer with another is refused. Version 2 added the
+/// partition groups' messages ([`Rpc::Partition`]).
+pub const LINK_VERSION: u32 = 2;
 
 /// The largest frame on the link (a metadata snapshot is the largest message).
 pub const MAX_LINK_FRAME: usize = 64 << 20;
@@ -77,6 +79,16 @@ pub enum Rpc {
     },
     /// A metadata write for the leader.
     Write(Command),
+    /// A message to one partition's Raft group (partition replication); all groups between
+    /// two brokers share the link.
+    Partition {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The group's message.
+        rpc: PartitionRpc,
+    },
 }
 
 /// The answer to an [`Rpc`] of the same name.
@@ -91,6 +103,8 @@ pub enum RpcReply {
     Snapshot(Result<SnapshotResponse<u64>, Fatal<u64>>),
     /// To [`Rpc::Write`].
     Write(Result<Committed, WriteRefused>),
+    /// To [`Rpc::Partition`].
+    Partition(PartitionReply),
 }
 
 impl RpcReply {
@@ -101,6 +115,7 @@ impl RpcReply {
             Self::Vote(_) => "Vote",
             Self::Snapshot(_) => "Snapshot",
             Self::Write(_) => "Write",
+            Self::Partition(_) => "Partition",
         }
     }
 }
@@ -175,6 +190,18 @@ pub async fn answer(raft: &MetaRaft, cluster: Option<&Cluster>, rpc: Rpc) -> Rpc
         Rpc::Write(command) => RpcReply::Write(match cluster {
             Some(c) => c.write_here(command).await,
             None => Err(WriteRefused::Stopped("not serving writes".into())),
+        }),
+        Rpc::Partition {
+            topic,
+            partition,
+            rpc,
+        } => RpcReply::Partition(match cluster {
+            Some(c) => {
+                c.replicas()
+                    .answer(&PartitionId { topic, partition }, rpc)
+                    .await
+            }
+            None => PartitionReply::NoGroup("not serving partition groups".into()),
         }),
     }
 }

@@ -36,7 +36,9 @@ use streambus_core::{MessageSet, Topic};
 
 pub use config::{DEFAULT_MAX_PRODUCERS_PER_PARTITION, FsyncPolicy, StorageConfig, TopicConfig};
 pub use error::StorageError;
-pub use producers::{BYTES_PER_PRODUCER, InvalidProducer, KEPT_BATCHES, ProducerBatch};
+pub use producers::{
+    BYTES_PER_PRODUCER, InvalidProducer, KEPT_BATCHES, ProducerBatch, ProducerTable,
+};
 pub use raft::{RaftAppend, RaftEntry, RaftEntryKind, RaftLogId, RaftLogState};
 
 use error::IoContext;
@@ -573,6 +575,11 @@ impl Storage {
         Ok(self.partition(topic, partition)?.offsets())
     }
 
+    /// A partition's directory (where the replication layer keeps its vote and snapshot).
+    pub fn partition_dir(&self, topic: &str, partition: u32) -> Result<PathBuf, StorageError> {
+        Ok(self.partition(topic, partition)?.dir().to_path_buf())
+    }
+
     /// Whether a topic is replicated (its partitions are Raft logs); `None` if it does not
     /// exist.
     pub fn is_raft_topic(&self, name: &str) -> Option<bool> {
@@ -631,9 +638,10 @@ impl Storage {
         self.partition(topic, partition)?.raft_truncate(from)
     }
 
-    /// Purges the entries up to `upto` (which must be stored with that log id and below the
-    /// high-water mark): the log start moves to the offset after it and the segments holding
-    /// only purged entries are deleted. The purge is persisted in `partition.toml`.
+    /// Purges the entries up to `upto` (which must be stored with that log id): the log start
+    /// moves to the offset after it (and the high-water mark too, if below: a purged entry is
+    /// committed) and the segments holding only purged entries are deleted. The purge is
+    /// persisted in `partition.toml`.
     pub fn raft_purge(
         &self,
         topic: &str,
@@ -667,6 +675,15 @@ impl Storage {
     ) -> Result<(), StorageError> {
         self.partition(topic, partition)?
             .set_high_water_mark(offset)
+    }
+
+    /// An empty idempotent producer table for a replicated partition's state machine, bounded
+    /// by `max_producers_per_partition` and counted in [`StorageStats::producers`].
+    pub fn producer_table(&self) -> ProducerTable {
+        ProducerTable::new(
+            self.inner.config.max_producers_per_partition,
+            Arc::clone(&self.inner.counters),
+        )
     }
 
     /// Fsyncs every partition, whatever its policy (for a graceful shutdown).

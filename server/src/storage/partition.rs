@@ -502,6 +502,10 @@ impl Partition {
         self.removed.store(true, Ordering::Relaxed);
     }
 
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     fn raft_error(&self, reason: String) -> StorageError {
         StorageError::RaftLog {
             dir: self.dir.clone(),
@@ -793,6 +797,11 @@ impl Partition {
         } else {
             (purged, None)
         };
+        // A segment left empty goes too (unless it is the first): the previous one is active
+        // again, exactly as before the entry that rolled it. So the segment files are a
+        // function of the entries appended (and the segment size), and replicas that append
+        // the same entries hold the same files whatever they truncated on the way.
+        let drop_target = keep == 0 && k > 0;
         // Readers stop seeing the cut entries first (they are past the high-water mark, so
         // no fetch reads them anyway); then the files are cut.
         let removed: Vec<SegState> = {
@@ -803,15 +812,17 @@ impl Partition {
                 SegState::empty(Arc::clone(&seg), first_index),
             );
             all.push(old_active);
-            let removed = all.split_off(k + 1);
+            let removed = all.split_off(if drop_target { k } else { k + 1 });
             let mut kept = all;
             if let Some(mut t) = kept.pop() {
-                t.entries = keep;
-                t.pidx_entries = 0;
-                t.log_len = cut.pos;
-                t.end = cut.base_offset;
-                t.samples = samples;
-                t.last_append = last_append;
+                if !drop_target {
+                    t.entries = keep;
+                    t.pidx_entries = 0;
+                    t.log_len = cut.pos;
+                    t.end = cut.base_offset;
+                    t.samples = samples;
+                    t.last_append = last_append;
+                }
                 st.active = t;
             }
             st.sealed = kept;
@@ -829,21 +840,24 @@ impl Partition {
         for r in &removed {
             r.seg.remove_files();
         }
-        seg.cut(keep, cut.pos)?;
+        if !drop_target {
+            seg.cut(keep, cut.pos)?;
+        }
         if !removed.is_empty() {
             meta::sync_dir(&self.dir)?;
         }
         Ok(())
     }
 
-    /// Purges the entries up to `upto` (committed and in a snapshot): the log start moves to
-    /// the offset after it, and the sealed segments holding only purged entries are deleted.
+    /// Purges the entries up to `upto` (committed and in a snapshot): the log start (and the
+    /// high-water mark, if below) moves to the offset after it, and the sealed segments holding
+    /// only purged entries are deleted.
     pub(crate) fn raft_purge(&self, upto: RaftLogId) -> Result<(), StorageError> {
         let _w = lock(&self.writer);
         if self.removed.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let (seg, pos, new_start_min, n, commit) = {
+        let (seg, pos, new_start_min, n) = {
             let st = read(&self.state);
             let Some(r) = &st.raft else {
                 drop(st);
@@ -874,7 +888,6 @@ impl Partition {
                 upto.index - s.first_index,
                 st.log_start,
                 n,
-                r.commit,
             )
         };
         let mut buf = Vec::new();
@@ -888,13 +901,6 @@ impl Partition {
                 m.log_id
             )));
         }
-        if e.end_offset() > commit {
-            return Err(self.raft_error(format!(
-                "cannot purge up to entry {} ending at offset {}: the high-water mark is {commit}",
-                upto.index,
-                e.end_offset()
-            )));
-        }
         let new_start = new_start_min.max(e.end_offset());
         // Persist first: a crash before the files are gone leaves segments the next open
         // removes.
@@ -904,6 +910,9 @@ impl Partition {
             st.log_start = new_start;
             if let Some(r) = &mut st.raft {
                 r.last_purged = Some(upto);
+                // A purged entry is committed (it is in a snapshot): the high-water mark
+                // covers it, even if the purge comes before the apply that moves it.
+                r.commit = r.commit.max(new_start);
             }
             st.sealed.drain(..n).collect()
         };

@@ -245,8 +245,8 @@ fn raft_truncate_removes_the_uncommitted_tail_across_segments_and_survives_reope
     s.raft_truncate("t", 0, 6).unwrap();
     let st = s.raft_log_state("t", 0).unwrap();
     assert_eq!((st.next_index, st.end, st.last), (6, 6, Some(id(1, 5))));
-    // Segments 0..=5 and the one entry 6 started, now empty and active.
-    assert_eq!(count_files(dir.path(), "log"), 7);
+    // Segments 0..=5: the one entry 6 started is gone with it (segment 5 is active again).
+    assert_eq!(count_files(dir.path(), "log"), 6);
     // The new leader's entries follow.
     put(&s, id(2, 6), &[b"w6"]);
     put(&s, id(2, 7), &[b"w7"]);
@@ -382,14 +382,17 @@ fn raft_purge_moves_the_log_start_and_reset_restarts_the_log_after_a_snapshot() 
     for i in 0..6u64 {
         put(&s, id(1, i), &[b"v"]);
     }
-    s.set_high_water_mark("t", 0, 4).unwrap();
-    let reason = raft_error(s.raft_purge("t", 0, id(1, 4)).unwrap_err());
-    assert!(reason.contains("the high-water mark is 4"), "{reason}");
+    s.set_high_water_mark("t", 0, 3).unwrap();
     let reason = raft_error(s.raft_purge("t", 0, id(2, 3)).unwrap_err());
     assert!(reason.contains("holds"), "{reason}");
+    // A purge up to entry 3 (offset 3) moves the high-water mark from 3 to 4 with the log
+    // start: purged entries are committed.
     s.raft_purge("t", 0, id(1, 3)).unwrap();
     let st = s.raft_log_state("t", 0).unwrap();
-    assert_eq!((st.log_start, st.last_purged), (4, Some(id(1, 3))));
+    assert_eq!(
+        (st.log_start, st.high_water_mark, st.last_purged),
+        (4, 4, Some(id(1, 3)))
+    );
     // One batch per segment: the four purged ones are gone.
     assert_eq!(count_files(dir.path(), "log"), 2);
     assert_eq!(s.offsets("t", 0).unwrap(), (4, 4));
