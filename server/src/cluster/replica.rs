@@ -96,47 +96,56 @@ impl From<Producer> for ProducerBatch {
     }
 }
 
-/// One Produce batch as a Raft entry: stamped by the leader (offsets from `base_offset`,
-/// zero timestamps replaced by `append_time`), so every replica stores the same bytes.
+/// One Produce batch as a Raft entry. Proposed unstamped ([`Batch::new`]); the leader stamps
+/// it as it appends it to its own log (offsets from the log's end, zero timestamps replaced by
+/// `append_time`), and openraft reads entries back from the log to replicate and apply them,
+/// so every replica stores the same bytes at the same offsets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
-    /// The offset of its first message.
+    /// The offset of its first message; [`Batch::UNSTAMPED`] until the leader appends it.
     pub base_offset: i64,
     /// Its messages (≥ 1).
     pub count: u32,
-    /// The leader's clock when it stamped the batch (Unix ns).
+    /// The leader's clock when the batch was proposed (Unix ns).
     pub append_time: i64,
     /// The idempotent producer fields, if any.
     pub producer: Option<Producer>,
-    /// The records in wire encoding, stamped.
+    /// The records in wire encoding (stamped once appended).
     pub records: Vec<u8>,
 }
 
 impl Batch {
-    /// Stamps `messages` as the batch at `base_offset`: each record's Offset, and its
-    /// Timestamp when 0 (with `now`), exactly as a single broker's append does.
-    pub fn stamp(
-        messages: &MessageSet<'_>,
-        base_offset: i64,
-        now: i64,
-        producer: Option<ProducerBatch>,
-    ) -> Self {
-        let mut records = messages.as_bytes().to_vec();
-        let mut at = 0;
-        for (offset, rec) in (base_offset..).zip(messages.records()) {
-            let next = at + rec.len();
-            if let Some(r) = records.get_mut(at..next) {
-                stamp_record(r, offset, now);
-            }
-            at = next;
-        }
+    /// The base offset of a batch not yet appended.
+    pub const UNSTAMPED: i64 = -1;
+
+    /// A batch to propose: `messages` as the client sent them, to be stamped at append.
+    pub fn new(messages: &MessageSet<'_>, now: i64, producer: Option<ProducerBatch>) -> Self {
         Self {
-            base_offset,
+            base_offset: Self::UNSTAMPED,
             count: messages.count(),
             append_time: now,
             producer: producer.map(Producer::from),
-            records,
+            records: messages.as_bytes().to_vec(),
         }
+    }
+
+    /// Stamps the records as the batch at `base`: each record's Offset, and its Timestamp when
+    /// 0, exactly as a single broker's append does.
+    fn stamp_at(&mut self, base: i64) -> Result<(), String> {
+        let lens: Vec<usize> = MessageSet::new_checked(self.count, &self.records)
+            .map_err(|e| e.to_string())?
+            .records()
+            .map(<[u8]>::len)
+            .collect();
+        let mut at = 0;
+        for (offset, len) in (base..).zip(lens) {
+            if let Some(r) = self.records.get_mut(at..at + len) {
+                stamp_record(r, offset, self.append_time);
+            }
+            at += len;
+        }
+        self.base_offset = base;
+        Ok(())
     }
 
     /// The offset after its last message.
@@ -357,8 +366,20 @@ impl RaftLogStorage<PartitionConfig> for PartitionLog {
     {
         let s = &*self.shared;
         let mut pending = None;
-        for entry in entries {
+        for mut entry in entries {
             let id = raft_log_id(&entry.log_id);
+            if let EntryPayload::Normal(b) = &mut entry.payload
+                && b.base_offset == Batch::UNSTAMPED
+            {
+                // The leader appends a proposal: it gets the log's end.
+                let end = s.state().map_err(write_err)?.end;
+                b.stamp_at(end).map_err(|e| {
+                    write_err(io::Error::other(format!(
+                        "entry {} holds no valid message set: {e}",
+                        id.index
+                    )))
+                })?;
+            }
             let (kind, batch) = match &entry.payload {
                 EntryPayload::Normal(b) => (RaftEntryKind::Records, Some(b)),
                 EntryPayload::Blank => (RaftEntryKind::Blank, None),

@@ -421,6 +421,19 @@ impl Replica {
             .collect()
     }
 
+    /// The Offset field of every record readable from 0.
+    fn record_offsets(&self) -> Vec<i64> {
+        let f = self
+            .storage
+            .fetch("orders", 0, 0, 1 << 20, u32::MAX)
+            .unwrap();
+        streambus_core::MessageSet::new_checked(f.count, &f.records)
+            .unwrap()
+            .iter()
+            .map(|m| m.offset)
+            .collect()
+    }
+
     /// The partition directory's segment files, by name.
     fn segment_files(&self) -> BTreeMap<String, Vec<u8>> {
         let dir = self.storage.partition_dir("orders", 0).unwrap();
@@ -514,21 +527,16 @@ fn message_set(values: &[&str]) -> (u32, Vec<u8>) {
     (b.count(), buf)
 }
 
-/// The leader stamps the batch at its log's end and proposes it.
-fn stamped(leader: &Replica, values: &[&str]) -> Batch {
-    let base = leader.storage.raft_log_state("orders", 0).unwrap().end;
+/// A batch to propose, as a client sent it.
+fn batch(values: &[&str]) -> Batch {
     let (n, buf) = message_set(values);
     let set = streambus_core::MessageSet::new_checked(n, &buf).unwrap();
-    Batch::stamp(&set, base, 1_000, None)
+    Batch::new(&set, 1_000, None)
 }
 
 /// Proposes a batch on the leader; returns its log index and what applying it did.
 async fn produce(leader: &Replica, values: &[&str]) -> (u64, BatchApplied) {
-    let r = leader
-        .raft
-        .client_write(stamped(leader, values))
-        .await
-        .unwrap();
+    let r = leader.raft.client_write(batch(values)).await.unwrap();
     (r.log_id.index, r.data)
 }
 
@@ -633,7 +641,7 @@ async fn a_cut_off_leaders_uncommitted_tail_is_truncated_by_the_next_leader() {
     }
     // Cut off, the old leader still appends a batch it can never commit.
     t.router.down.lock().unwrap().insert(old);
-    let lost = stamped(o, &["lost-1", "lost-2"]);
+    let lost = batch(&["lost-1", "lost-2"]);
     let raft = o.raft.clone();
     let pending = tokio::spawn(async move { raft.client_write(lost).await });
     o.raft
@@ -721,6 +729,65 @@ async fn a_replica_behind_the_leaders_purged_log_catches_up_by_snapshot() {
     );
     assert_eq!(behind.values(8), ["after"]);
     assert_eq!(behind.entries(), l.entries());
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_proposals_get_consecutive_offsets_stamped_by_the_leader() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let leader = t.partition_leader_among(&reps).await;
+    let l = *reps.iter().find(|r| r.id == leader).unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let raft = l.raft.clone();
+            tokio::spawn(async move {
+                let v = format!("m{i}");
+                let r = raft.client_write(batch(&[&v, &v])).await.unwrap();
+                (r.log_id.index, r.data, v)
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await.unwrap());
+    }
+    // In log order, the batches hold offsets 0, 2, 4, … whatever order they were proposed in.
+    done.sort_by_key(|(index, _, _)| *index);
+    let offsets: Vec<(i64, u32)> = done
+        .iter()
+        .map(|(_, a, _)| (a.base_offset, a.count))
+        .collect();
+    let want: Vec<(i64, u32)> = (0..20).map(|i| (2 * i, 2)).collect();
+    assert_eq!(offsets, want);
+    let values: Vec<String> = done
+        .iter()
+        .flat_map(|(_, _, v)| [v.clone(), v.clone()])
+        .collect();
+    let last = done.last().unwrap().0;
+    for r in &reps {
+        r.wait_applied(last).await;
+        assert_eq!(r.offsets(), (0, 40), "node {}", r.id);
+        assert_eq!(r.values(0), values, "node {}", r.id);
+        assert_eq!(
+            r.record_offsets(),
+            (0..40).collect::<Vec<i64>>(),
+            "node {}",
+            r.id
+        );
+        assert_eq!(r.segment_files(), l.segment_files(), "node {}", r.id);
+    }
     for (_, r) in nodes {
         stop_replica(&t, r).await;
     }
