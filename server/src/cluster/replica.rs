@@ -208,13 +208,26 @@ struct RaftFile {
 const RAFT_FILE: &str = "raft.json";
 const SNAPSHOT_FILE: &str = "raft-snapshot.json";
 
+/// Called with a partition and its new high-water mark once committed entries are applied
+/// (the broker answers the long-poll fetches that now have data).
+pub type CommitHook = Arc<dyn Fn(&str, u32, i64) + Send + Sync>;
+
 /// What the log store and the state machine of one partition share.
-#[derive(Debug)]
 struct Shared {
     storage: Arc<Storage>,
     id: PartitionId,
     dir: PathBuf,
     file: Mutex<RaftFile>,
+    on_commit: Option<CommitHook>,
+}
+
+impl Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("id", &self.id)
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shared {
@@ -617,6 +630,9 @@ impl RaftStateMachine<PartitionConfig> for PartitionStateMachine {
             sh.storage
                 .set_high_water_mark(&sh.id.topic, sh.id.partition, hwm)
                 .map_err(sm_err)?;
+            if let Some(hook) = &sh.on_commit {
+                hook(&sh.id.topic, sh.id.partition, hwm);
+            }
         }
         Ok(results)
     }
@@ -730,13 +746,15 @@ pub fn partition_raft_config() -> Arc<openraft::Config> {
 
 /// Opens node `node_id`'s member of partition `id`'s group: its log is the partition's in
 /// `storage` (a replicated topic's), its vote and snapshot in the partition's directory; it
-/// talks to the other replicas through `transport`. Must run inside a tokio runtime.
+/// talks to the other replicas through `transport`; `on_commit` hears of each move of the
+/// high-water mark. Must run inside a tokio runtime.
 pub async fn open_group(
     node_id: u64,
     storage: Arc<Storage>,
     id: PartitionId,
     config: Arc<openraft::Config>,
     transport: Arc<dyn Transport>,
+    on_commit: Option<CommitHook>,
 ) -> Result<PartitionRaft, ReplicaError> {
     let storage_err = |source| ReplicaError::Storage {
         topic: id.topic.clone(),
@@ -795,6 +813,7 @@ pub async fn open_group(
         id: id.clone(),
         dir,
         file: Mutex::new(file),
+        on_commit,
     });
     let log = PartitionLog {
         shared: Arc::clone(&shared),
@@ -883,51 +902,116 @@ pub async fn answer(raft: &PartitionRaft, rpc: PartitionRpc) -> PartitionReply {
     }
 }
 
-/// The partition groups a broker runs, by partition: the receiving side of
-/// [`Rpc::Partition`].
+/// The partition groups a broker runs, by topic and partition: the receiving side of
+/// [`Rpc::Partition`], and what the broker asks who leads a partition.
 #[derive(Default)]
 pub struct Replicas {
-    groups: RwLock<BTreeMap<PartitionId, PartitionRaft>>,
+    groups: RwLock<BTreeMap<String, BTreeMap<u32, Slot>>>,
+}
+
+/// A group being opened, or running.
+#[derive(Clone)]
+enum Slot {
+    Starting,
+    Running(PartitionRaft),
 }
 
 impl Debug for Replicas {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let groups = self.groups.read().unwrap_or_else(PoisonError::into_inner);
-        f.debug_struct("Replicas")
-            .field("groups", &groups.keys().collect::<Vec<_>>())
-            .finish()
+        let ids: Vec<(&String, Vec<&u32>)> = groups
+            .iter()
+            .map(|(t, ps)| (t, ps.keys().collect()))
+            .collect();
+        f.debug_struct("Replicas").field("groups", &ids).finish()
     }
 }
 
 impl Replicas {
-    /// Adds (or replaces) a partition's group.
+    /// Claims a partition for a group about to be opened: `false` if one is already running
+    /// or being opened (so one partition never gets two groups).
+    pub fn claim(&self, id: &PartitionId) -> bool {
+        let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
+        let topic = groups.entry(id.topic.clone()).or_default();
+        if topic.contains_key(&id.partition) {
+            return false;
+        }
+        topic.insert(id.partition, Slot::Starting);
+        true
+    }
+
+    /// Gives up a claim whose group did not open.
+    pub fn unclaim(&self, id: &PartitionId) {
+        let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = groups.get_mut(&id.topic) {
+            t.remove(&id.partition);
+        }
+    }
+
+    /// Adds (or replaces) a partition's running group.
     pub fn insert(&self, id: PartitionId, raft: PartitionRaft) {
         self.groups
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(id, raft);
+            .entry(id.topic)
+            .or_default()
+            .insert(id.partition, Slot::Running(raft));
     }
 
-    /// Removes a partition's group (it is not stopped).
-    pub fn remove(&self, id: &PartitionId) -> Option<PartitionRaft> {
-        self.groups
+    /// Removes every group of a topic (deleted); returns the running ones, to stop.
+    pub fn remove_topic(&self, topic: &str) -> Vec<PartitionRaft> {
+        let removed = self
+            .groups
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(id)
+            .remove(topic);
+        removed
+            .into_iter()
+            .flat_map(BTreeMap::into_values)
+            .filter_map(|s| match s {
+                Slot::Running(r) => Some(r),
+                Slot::Starting => None,
+            })
+            .collect()
     }
 
-    /// A partition's group.
-    pub fn get(&self, id: &PartitionId) -> Option<PartitionRaft> {
-        self.groups
+    /// A partition's running group.
+    pub fn get(&self, topic: &str, partition: u32) -> Option<PartitionRaft> {
+        match self
+            .groups
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-            .cloned()
+            .get(topic)?
+            .get(&partition)?
+        {
+            Slot::Running(r) => Some(r.clone()),
+            Slot::Starting => None,
+        }
+    }
+
+    /// Every running group.
+    pub fn all(&self) -> Vec<(PartitionId, PartitionRaft)> {
+        let groups = self.groups.read().unwrap_or_else(PoisonError::into_inner);
+        groups
+            .iter()
+            .flat_map(|(t, ps)| {
+                ps.iter().filter_map(move |(p, s)| match s {
+                    Slot::Running(r) => Some((
+                        PartitionId {
+                            topic: t.clone(),
+                            partition: *p,
+                        },
+                        r.clone(),
+                    )),
+                    Slot::Starting => None,
+                })
+            })
+            .collect()
     }
 
     /// Answers a partition group's RPC.
     pub async fn answer(&self, id: &PartitionId, rpc: PartitionRpc) -> PartitionReply {
-        match self.get(id) {
+        match self.get(&id.topic, id.partition) {
             Some(raft) => answer(&raft, rpc).await,
             None => PartitionReply::NoGroup(format!(
                 "no group for partition {} of topic {:?} here",

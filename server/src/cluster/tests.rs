@@ -490,6 +490,7 @@ impl TestCluster {
             orders(),
             partition_config(),
             transport,
+            None,
         )
         .await
         .unwrap();
@@ -788,6 +789,48 @@ async fn concurrent_proposals_get_consecutive_offsets_stamped_by_the_leader() {
         );
         assert_eq!(r.segment_files(), l.segment_files(), "node {}", r.id);
     }
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_reopens_its_log_and_vote_and_catches_up() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let leader = t.partition_leader_among(&reps).await;
+    let follower = reps.iter().find(|r| r.id != leader).unwrap().id;
+    let (index, _) = produce(reps.iter().find(|r| r.id == leader).unwrap(), &["a", "b"]).await;
+    for r in &reps {
+        r.wait_applied(index).await;
+    }
+    // The follower stops; the others go on.
+    let k = nodes.iter().position(|(_, r)| r.id == follower).unwrap();
+    let (cluster, r) = nodes.remove(k);
+    r.raft.shutdown().await.unwrap();
+    drop(r);
+    t.stop(follower).await;
+    drop(cluster);
+    let l = &nodes.iter().find(|(_, r)| r.id == leader).unwrap().1;
+    let (index, a) = produce(l, &["c"]).await;
+    assert_eq!((a.base_offset, a.high_water_mark), (2, 3));
+    // Restarted from its files: its log, vote and membership are back; it catches up.
+    let (cluster, back) = t.start_replica(follower).await;
+    back.wait_applied(index).await;
+    assert_eq!(back.offsets(), (0, 3));
+    assert_eq!(back.values(0), ["a", "b", "c"]);
+    assert_eq!(back.entries(), l.entries());
+    assert_eq!(back.segment_files(), l.segment_files());
+    nodes.push((cluster, back));
     for (_, r) in nodes {
         stop_replica(&t, r).await;
     }
