@@ -274,6 +274,36 @@ impl Broker {
         self.inner.wake_fetches(topic, partition, end);
     }
 
+    /// Cluster mode: this broker stopped leading a replicated partition: the long-poll
+    /// fetches waiting on it are answered NotLeader (naming the new leader when known) at once,
+    /// not at their MaxWaitMs.
+    pub fn partition_lost(&self, topic: &str, partition: u32) {
+        let inner = &*self.inner;
+        let waiters = inner.polls.remove_partition(topic, partition);
+        if waiters.is_empty() {
+            return;
+        }
+        let message = inner
+            .config
+            .cluster
+            .as_ref()
+            .and_then(|c| not_leader_message(c, topic, partition))
+            .unwrap_or_else(|| {
+                format!(
+                    "this broker no longer leads partition {partition} of topic {topic:?}; refresh Metadata and retry"
+                )
+            });
+        for w in waiters {
+            Answer {
+                reply: w.reply,
+                kind: "Fetch",
+                started: w.started,
+                metrics: Arc::clone(&inner.metrics),
+            }
+            .fail(fail(ErrorCode::NOT_LEADER, message.clone()));
+        }
+    }
+
     /// Long-poll fetches waiting now.
     pub fn waiting_fetches(&self) -> usize {
         self.inner.polls.waiting()
@@ -415,10 +445,8 @@ impl Broker {
 /// node id and advertised address (§6.4). A partition the metadata group does not know goes
 /// on to the storage (TopicNotFound, PartitionNotFound).
 ///
-/// A long-poll Fetch is checked when it arrives; one waiting on a partition whose leadership
-/// moves away later keeps waiting until its data or its deadline (partition leaders are fixed
-/// in this part; with per-partition Raft groups, a leader change must answer those waiters
-/// NotLeader, as a deletion answers them TopicNotFound).
+/// A long-poll Fetch is checked when it arrives; if this broker stops leading the partition
+/// while it waits, it is answered NotLeader at once ([`Broker::partition_lost`]).
 fn partition_served_here(cluster: &ClusterHandle, request: &Request<'_>) -> Result<(), Failure> {
     let (topic, partition) = match request {
         Request::Produce(p) => (p.topic.as_str(), p.partition),
@@ -426,9 +454,18 @@ fn partition_served_here(cluster: &ClusterHandle, request: &Request<'_>) -> Resu
         Request::GetOffset(g) => (g.topic.as_str(), g.partition),
         _ => return Ok(()),
     };
+    match not_leader_message(cluster, topic, partition) {
+        None => Ok(()),
+        Some(message) => Err(fail(ErrorCode::NOT_LEADER, message)),
+    }
+}
+
+/// The NotLeader message for `topic`/`partition` on this broker; `None` if it leads it (or the
+/// metadata group does not know it).
+fn not_leader_message(cluster: &ClusterHandle, topic: &str, partition: u32) -> Option<String> {
     let here = cluster.cluster.node_id();
     let message = match cluster.cluster.partition_leader(topic, partition) {
-        PartitionLeader::Here | PartitionLeader::Unknown => return Ok(()),
+        PartitionLeader::Here | PartitionLeader::Unknown => return None,
         PartitionLeader::Elsewhere {
             leader,
             address: Some(a),
@@ -446,7 +483,7 @@ fn partition_served_here(cluster: &ClusterHandle, request: &Request<'_>) -> Resu
             "partition {partition} of topic {topic:?} has no leader now; refresh Metadata and retry"
         ),
     };
-    Err(fail(ErrorCode::NOT_LEADER, message))
+    Some(message)
 }
 
 /// The error reply for a metadata write that did not go through: NotLeader (15) when the group

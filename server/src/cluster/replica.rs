@@ -212,6 +212,29 @@ const SNAPSHOT_FILE: &str = "raft-snapshot.json";
 /// (the broker answers the long-poll fetches that now have data).
 pub type CommitHook = Arc<dyn Fn(&str, u32, i64) + Send + Sync>;
 
+/// Called with a partition and its new leader (if known) when this broker stops leading it
+/// (the broker answers the long-poll fetches waiting on it NotLeader).
+pub type StepDownHook = Arc<dyn Fn(&str, u32, Option<u64>) + Send + Sync>;
+
+/// Watches `raft`'s leadership until the group stops: each time `node` stops leading it,
+/// calls `hook` with the partition and the new leader.
+pub async fn watch_leadership(raft: PartitionRaft, node: u64, id: PartitionId, hook: StepDownHook) {
+    let mut metrics = raft.metrics();
+    drop(raft);
+    let mut led = false;
+    loop {
+        let leader = metrics.borrow_and_update().current_leader;
+        let leads = leader == Some(node);
+        if led && !leads {
+            hook(&id.topic, id.partition, leader);
+        }
+        led = leads;
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// What the log store and the state machine of one partition share.
 struct Shared {
     storage: Arc<Storage>,

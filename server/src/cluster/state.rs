@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use streambus_core::ErrorCode;
 
 use super::TypeConfig;
-use super::replica::{self, CommitHook, PartitionId, Replicas};
+use super::replica::{self, CommitHook, PartitionId, Replicas, StepDownHook};
 use super::store::{read_json, write_json_atomically};
 use crate::storage::{Storage, StorageError as LogError, TopicConfig};
 use openraft::BasicNode;
@@ -278,6 +278,8 @@ pub struct LocalReplicas {
     pub on_deleted: Arc<std::sync::OnceLock<DeletedHook>>,
     /// Called when a local partition's high-water mark moves (set when the broker exists).
     pub on_committed: Arc<std::sync::OnceLock<CommittedHook>>,
+    /// Called when this broker stops leading a local partition (set when the broker exists).
+    pub on_step_down: Arc<std::sync::OnceLock<SteppedDownHook>>,
     /// Where partition groups run and how they talk (set by [`Cluster::open`](super::Cluster::open)).
     pub groups: Arc<std::sync::OnceLock<Groups>>,
 }
@@ -290,6 +292,17 @@ pub struct CommittedHook(pub CommitHook);
 impl std::fmt::Debug for CommittedHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CommittedHook")
+    }
+}
+
+/// What [`LocalReplicas::on_step_down`] calls: the broker answers the fetches waiting on the
+/// partition NotLeader.
+#[derive(Clone)]
+pub struct SteppedDownHook(pub StepDownHook);
+
+impl std::fmt::Debug for SteppedDownHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SteppedDownHook")
     }
 }
 
@@ -319,6 +332,7 @@ impl LocalReplicas {
             storage,
             on_deleted: Arc::default(),
             on_committed: Arc::default(),
+            on_step_down: Arc::default(),
             groups: Arc::default(),
         }
     }
@@ -389,6 +403,7 @@ impl LocalReplicas {
             let groups = groups.clone();
             // Looked up at each call: the broker sets it after the groups of the topics known
             // at start are opened.
+            let step_down = Arc::clone(&self.on_step_down);
             let cell = Arc::clone(&self.on_committed);
             let hook: CommitHook = Arc::new(move |topic, partition, end| {
                 if let Some(h) = cell.get() {
@@ -413,6 +428,18 @@ impl LocalReplicas {
                     }
                 };
                 groups.replicas.insert(id.clone(), raft.clone());
+                let cell = Arc::clone(&step_down);
+                let on_step_down: StepDownHook = Arc::new(move |topic, partition, leader| {
+                    if let Some(h) = cell.get() {
+                        (h.0)(topic, partition, leader);
+                    }
+                });
+                tokio::spawn(replica::watch_leadership(
+                    raft.clone(),
+                    node,
+                    id.clone(),
+                    on_step_down,
+                ));
                 if initialize {
                     match raft.initialize(members).await {
                         Ok(()) => tracing::info!(

@@ -835,3 +835,50 @@ async fn a_restarted_replica_reopens_its_log_and_vote_and_catches_up() {
         stop_replica(&t, r).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_loses_its_partition_is_told_with_the_new_leader() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let old = t.partition_leader_among(&reps).await;
+    let o = *reps.iter().find(|r| r.id == old).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let hook: replica::StepDownHook = Arc::new(move |topic, partition, leader| {
+        let _ = tx.send((topic.to_owned(), partition, leader));
+    });
+    tokio::spawn(replica::watch_leadership(
+        o.raft.clone(),
+        old,
+        orders(),
+        hook,
+    ));
+    // Cut off, the old leader keeps believing it leads until it hears of the new term.
+    t.router.down.lock().unwrap().insert(old);
+    let rest: Vec<&Replica> = reps.iter().copied().filter(|r| r.id != old).collect();
+    let new = t.partition_leader_among(&rest).await;
+    assert!(rx.try_recv().is_err(), "told before it could know");
+    t.router.down.lock().unwrap().remove(&old);
+    let (topic, partition, leader) = tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((topic.as_str(), partition), ("orders", 0));
+    // Told once, with the new leader, or with none when it first hears of the new term from a
+    // reply (before the new leader's AppendEntries): both interleavings are right.
+    assert!(
+        leader.is_none_or(|l| l == new),
+        "{leader:?} (new leader {new})"
+    );
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
