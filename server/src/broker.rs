@@ -28,12 +28,14 @@ use streambus_core::{
 };
 
 use crate::auth::{Access, Auth, Refusal};
+use crate::cluster::replica::Batch;
 use crate::cluster::{Applied, ClusterError, ClusterHandle, Command, Committed, PartitionLeader};
 use crate::config::Advertised;
 use crate::longpoll::{LongPolls, Registered, Waiter};
 use crate::metrics::Metrics;
 use crate::storage::{AppendResult, FetchPlan, ProducerBatch, Storage, StorageError, TopicConfig};
 use crate::syncer::Syncer;
+use openraft::error::{ClientWriteError, RaftError};
 
 /// Fetches at least this large are sent from the log files with `sendfile`; smaller ones are
 /// copied into the reply (one write instead of three).
@@ -266,6 +268,42 @@ impl Broker {
         self.inner.topic_deleted(topic);
     }
 
+    /// Cluster mode: a replicated partition's high-water mark moved to `end` (committed
+    /// entries applied): the long-poll fetches it satisfies are answered.
+    pub fn partition_committed(&self, topic: &str, partition: u32, end: i64) {
+        self.inner.wake_fetches(topic, partition, end);
+    }
+
+    /// Cluster mode: this broker stopped leading a replicated partition: the long-poll
+    /// fetches waiting on it are answered NotLeader (naming the new leader when known) at once,
+    /// not at their MaxWaitMs.
+    pub fn partition_lost(&self, topic: &str, partition: u32) {
+        let inner = &*self.inner;
+        let waiters = inner.polls.remove_partition(topic, partition);
+        if waiters.is_empty() {
+            return;
+        }
+        let message = inner
+            .config
+            .cluster
+            .as_ref()
+            .and_then(|c| not_leader_message(c, topic, partition))
+            .unwrap_or_else(|| {
+                format!(
+                    "this broker no longer leads partition {partition} of topic {topic:?}; refresh Metadata and retry"
+                )
+            });
+        for w in waiters {
+            Answer {
+                reply: w.reply,
+                kind: "Fetch",
+                started: w.started,
+                metrics: Arc::clone(&inner.metrics),
+            }
+            .fail(fail(ErrorCode::NOT_LEADER, message.clone()));
+        }
+    }
+
     /// Long-poll fetches waiting now.
     pub fn waiting_fetches(&self) -> usize {
         self.inner.polls.waiting()
@@ -281,6 +319,12 @@ impl Broker {
             return answer.fail(f);
         }
         match request {
+            Request::Produce(p)
+                if inner.config.cluster.is_some()
+                    && inner.storage.is_raft_topic(p.topic.as_str()) == Some(true) =>
+            {
+                inner.produce_replicated(p, answer);
+            }
             Request::Produce(p) => match inner.produce(p) {
                 Ok((appended, None)) => {
                     inner.wake_fetches(p.topic.as_str(), p.partition, appended.high_water_mark);
@@ -401,10 +445,8 @@ impl Broker {
 /// node id and advertised address (§6.4). A partition the metadata group does not know goes
 /// on to the storage (TopicNotFound, PartitionNotFound).
 ///
-/// A long-poll Fetch is checked when it arrives; one waiting on a partition whose leadership
-/// moves away later keeps waiting until its data or its deadline (partition leaders are fixed
-/// in this part; with per-partition Raft groups, a leader change must answer those waiters
-/// NotLeader, as a deletion answers them TopicNotFound).
+/// A long-poll Fetch is checked when it arrives; if this broker stops leading the partition
+/// while it waits, it is answered NotLeader at once ([`Broker::partition_lost`]).
 fn partition_served_here(cluster: &ClusterHandle, request: &Request<'_>) -> Result<(), Failure> {
     let (topic, partition) = match request {
         Request::Produce(p) => (p.topic.as_str(), p.partition),
@@ -412,9 +454,18 @@ fn partition_served_here(cluster: &ClusterHandle, request: &Request<'_>) -> Resu
         Request::GetOffset(g) => (g.topic.as_str(), g.partition),
         _ => return Ok(()),
     };
+    match not_leader_message(cluster, topic, partition) {
+        None => Ok(()),
+        Some(message) => Err(fail(ErrorCode::NOT_LEADER, message)),
+    }
+}
+
+/// The NotLeader message for `topic`/`partition` on this broker; `None` if it leads it (or the
+/// metadata group does not know it).
+fn not_leader_message(cluster: &ClusterHandle, topic: &str, partition: u32) -> Option<String> {
     let here = cluster.cluster.node_id();
     let message = match cluster.cluster.partition_leader(topic, partition) {
-        PartitionLeader::Here | PartitionLeader::Unknown => return Ok(()),
+        PartitionLeader::Here | PartitionLeader::Unknown => return None,
         PartitionLeader::Elsewhere {
             leader,
             address: Some(a),
@@ -432,7 +483,7 @@ fn partition_served_here(cluster: &ClusterHandle, request: &Request<'_>) -> Resu
             "partition {partition} of topic {topic:?} has no leader now; refresh Metadata and retry"
         ),
     };
-    Err(fail(ErrorCode::NOT_LEADER, message))
+    Some(message)
 }
 
 /// The error reply for a metadata write that did not go through: NotLeader (15) when the group
@@ -467,10 +518,8 @@ impl Inner {
             .saturating_sub(RESPONSE_HEADER_LEN - 4 + FETCH_RESPONSE_FIXED_LEN + 4)
     }
 
-    fn produce(
-        &self,
-        p: &ProduceRequest<'_>,
-    ) -> Result<(AppendResult, Option<crate::storage::PendingSync>), Failure> {
+    /// Checks a Produce's message sizes and producer fields; returns the producer.
+    fn produce_checks(&self, p: &ProduceRequest<'_>) -> Result<Option<ProducerBatch>, Failure> {
         let max = self.max_record();
         if let Some((i, len)) = p
             .messages
@@ -487,13 +536,86 @@ impl Inner {
             ));
         }
         // §6.2: zero messages is a plain produce whatever the producer fields hold.
-        let producer = match p.producer {
+        match p.producer {
             Some(info) if p.messages.count() > 0 => {
                 ProducerBatch::from_wire(info.producer_id, info.producer_epoch, info.base_sequence)
-                    .map_err(|e| fail(ErrorCode::INVALID_REQUEST, e.to_string()))?
+                    .map_err(|e| fail(ErrorCode::INVALID_REQUEST, e.to_string()))
             }
-            _ => None,
+            _ => Ok(None),
+        }
+    }
+
+    /// Cluster mode, a replicated topic: the batch is proposed to the partition's Raft group
+    /// (this broker leads it: `partition_served_here` checked) and answered once committed on
+    /// a majority of its replicas (each stored it, fsynced per its policy) and applied here;
+    /// the leader stamps its offsets as it appends it. Until then the reply is deferred.
+    fn produce_replicated(&self, p: &ProduceRequest<'_>, answer: Answer) {
+        let producer = match self.produce_checks(p) {
+            Ok(pr) => pr,
+            Err(f) => return answer.fail(f),
         };
+        let (topic, partition) = (p.topic.as_str(), p.partition);
+        let Some(handle) = &self.config.cluster else {
+            return unreachable_request(&Request::Produce(*p), answer);
+        };
+        let Some(raft) = handle.cluster.replicas().get(topic, partition) else {
+            // A partition the topic does not have keeps its own error.
+            if let Err(e) = self.storage.offsets(topic, partition) {
+                return answer.fail(e.into());
+            }
+            return answer.fail(fail(
+                ErrorCode::NOT_LEADER,
+                format!(
+                    "partition {partition} of topic {topic:?} has no running Raft group on broker {} now; refresh Metadata and retry",
+                    handle.cluster.node_id()
+                ),
+            ));
+        };
+        if p.messages.count() == 0 {
+            return match self.storage.offsets(topic, partition) {
+                Ok((_, end)) => answer.respond(&produced(AppendResult {
+                    base_offset: end,
+                    count: 0,
+                    high_water_mark: end,
+                })),
+                Err(e) => answer.fail(e.into()),
+            };
+        }
+        let batch = Batch::new(&p.messages, now_unix_ns(), producer);
+        let (topic, here) = (topic.to_owned(), handle.cluster.node_id());
+        handle.runtime.spawn(async move {
+            match raft.client_write(batch).await {
+                Ok(r) => answer.respond(&produced(AppendResult {
+                    base_offset: r.data.base_offset,
+                    count: r.data.count,
+                    high_water_mark: r.data.high_water_mark,
+                })),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    let message = match f.leader_id {
+                        Some(l) => format!(
+                            "broker {here} no longer leads partition {partition} of topic {topic:?}: broker {l} does; refresh Metadata and retry there"
+                        ),
+                        None => format!(
+                            "partition {partition} of topic {topic:?} has no leader now; refresh Metadata and retry"
+                        ),
+                    };
+                    answer.fail(fail(ErrorCode::NOT_LEADER, message));
+                }
+                Err(e) => answer.fail(fail(
+                    ErrorCode::NOT_LEADER,
+                    format!(
+                        "partition {partition} of topic {topic:?}: not committed ({e}); refresh Metadata and retry"
+                    ),
+                )),
+            }
+        });
+    }
+
+    fn produce(
+        &self,
+        p: &ProduceRequest<'_>,
+    ) -> Result<(AppendResult, Option<crate::storage::PendingSync>), Failure> {
+        let producer = self.produce_checks(p)?;
         let topic = p.topic.as_str();
         let now = now_unix_ns();
         let storage = &self.storage;
@@ -831,20 +953,32 @@ impl Inner {
         let single = [node];
         // Per topic, per partition: its leader and replicas. A single broker leads and holds
         // everything; in a cluster, the placement's leader (the one the NotLeader check uses).
-        let placement = |name: &str, partition: u32| -> (i32, &[u32]) {
+        let placement = |name: &str, partition: u32| -> (i32, i32, &[u32]) {
             let placed = cluster.as_ref().and_then(|c| {
                 c.topics
                     .get(name)?
                     .partitions
                     .get(usize::try_from(partition).ok()?)
             });
-            match (&cluster, placed) {
-                (Some(_), Some(p)) => (
-                    p.leader().and_then(|l| i32::try_from(l).ok()).unwrap_or(-1),
+            // A partition with a Raft group here: its leader and term (the LeaderEpoch).
+            let group = self
+                .config
+                .cluster
+                .as_ref()
+                .and_then(|c| c.cluster.group_leader(name, partition));
+            match (&cluster, placed, group) {
+                (Some(_), Some(p), Some((leader, term))) => (
+                    leader.and_then(|l| i32::try_from(l).ok()).unwrap_or(-1),
+                    i32::try_from(term).unwrap_or(i32::MAX),
                     &p.replicas,
                 ),
-                (Some(_), None) => (-1, &[]),
-                (None, _) => (i32::try_from(node).unwrap_or(i32::MAX), &single),
+                (Some(_), Some(p), None) => (
+                    p.leader().and_then(|l| i32::try_from(l).ok()).unwrap_or(-1),
+                    0,
+                    &p.replicas,
+                ),
+                (Some(_), None, _) => (-1, 0, &[]),
+                (None, _, _) => (i32::try_from(node).unwrap_or(i32::MAX), 0, &single),
             }
         };
         let partitions: Vec<Vec<PartitionMetadata<'_>>> = topics
@@ -852,11 +986,11 @@ impl Inner {
             .map(|(name, count)| {
                 (0..*count.as_ref().unwrap_or(&0))
                     .map(|partition| {
-                        let (leader, replicas) = placement(name, partition);
+                        let (leader, leader_epoch, replicas) = placement(name, partition);
                         PartitionMetadata {
                             partition,
                             leader,
-                            leader_epoch: 0,
+                            leader_epoch,
                             replicas: ReplicaList::from_slice(replicas),
                         }
                     })

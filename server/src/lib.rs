@@ -335,6 +335,30 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
                 b.topic_deleted(topic);
             }
         })));
+    // A replicated partition's committed entries applied: the fetches waiting on it here are
+    // answered.
+    let weak = Arc::downgrade(&broker);
+    let _ = local
+        .on_committed
+        .set(cluster::state::CommittedHook(Arc::new(
+            move |topic, partition, end| {
+                if let Some(b) = weak.upgrade() {
+                    b.partition_committed(topic, partition, end);
+                }
+            },
+        )));
+    // This broker stopped leading a replicated partition: the fetches waiting on it here are
+    // answered NotLeader at once.
+    let weak = Arc::downgrade(&broker);
+    let _ = local
+        .on_step_down
+        .set(cluster::state::SteppedDownHook(Arc::new(
+            move |topic, partition, _leader| {
+                if let Some(b) = weak.upgrade() {
+                    b.partition_lost(topic, partition);
+                }
+            },
+        )));
     let metrics_at = metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string());
     let config_file = config
         .config_file

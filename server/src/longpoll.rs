@@ -203,11 +203,20 @@ impl LongPolls {
 
     /// Takes every fetch waiting on `topic` (it was deleted).
     pub(crate) fn remove_topic(&self, topic: &str) -> Vec<Waiter> {
+        self.remove_where(|(t, _)| t == topic)
+    }
+
+    /// Takes the fetches waiting on one partition (its leadership moved away).
+    pub(crate) fn remove_partition(&self, topic: &str, partition: u32) -> Vec<Waiter> {
+        self.remove_where(|(t, p)| t == topic && *p == partition)
+    }
+
+    fn remove_where(&self, matches: impl Fn(&Key) -> bool) -> Vec<Waiter> {
         let mut st = self.lock();
         let keys: Vec<Key> = st
             .by_partition
             .keys()
-            .filter(|(t, _)| t == topic)
+            .filter(|k| matches(k))
             .cloned()
             .collect();
         let out: Vec<Waiter> = keys

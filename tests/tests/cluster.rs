@@ -197,6 +197,20 @@ fn long_poll(topic: &str, partition: u32, offset: i64, wait_ms: u32) -> Request<
     })
 }
 
+/// Every broker's Metadata once they agree and every partition's Raft group has a leader
+/// (just after a CreateTopic the groups are electing: LeaderID −1, LeaderEpoch 0).
+fn settled(clients: &mut [RawClient]) -> Vec<(Brokers, Placement)> {
+    eventually("every partition led, and every broker agreeing", || {
+        let views: Vec<(Brokers, Placement)> = clients.iter_mut().map(metadata).collect();
+        let led = views.iter().all(|(_, p)| {
+            !p.is_empty()
+                && p.iter()
+                    .all(|(_, _, parts)| parts.iter().all(|(_, leader, _)| *leader >= 0))
+        });
+        (led && views.iter().all(|v| v == &views[0])).then_some(views)
+    })
+}
+
 fn list(c: &mut RawClient) -> Vec<(String, u32)> {
     let r = c.call(&Request::ListTopics).unwrap();
     let Ok(Response::ListTopics(l)) = r.parse(RequestType::ListTopics) else {
@@ -288,7 +302,6 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
         create(&mut c2, "too-wide", 1, 4).0,
         ErrorCode::INVALID_REQUEST.0
     );
-    let mut views = Vec::new();
     for b in brokers.iter().flatten() {
         let mut c = b.client();
         eventually("the topic listed on every broker", || {
@@ -296,8 +309,9 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
                 .contains(&("orders".to_owned(), 6))
                 .then_some(())
         });
-        views.push(metadata(&mut c));
     }
+    let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    let views = settled(&mut clients);
     let (got_brokers, placement) = &views[0];
     assert_eq!(got_brokers, &want_brokers);
     assert!(views.iter().all(|v| v == &views[0]), "{views:?}");
@@ -386,21 +400,34 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
     eventually("the restarted broker caught up", || {
         (list(&mut c) == want).then_some(())
     });
-    // It serves the partitions it leads (two topics of two partitions rotate their leaders
-    // over all three brokers, so it leads at least one).
-    let node = u32::try_from(idx + 1).unwrap();
-    let mut led = 0;
-    for (name, _, parts) in metadata(&mut c).1 {
-        for (p, _, _) in parts
-            .iter()
-            .filter(|(_, l, _)| i64::from(*l) == i64::from(node))
-        {
-            let r = streambus_tests::produce(&mut c, &name, *p, &[b"y"]).unwrap();
-            assert_eq!(r.error_code(), 0, "{name}/{p}");
-            led += 1;
+    // Every partition is served by the leader its Raft group elected (the restarted broker
+    // rejoined its groups as a follower: their leaders may have moved while it was down), and
+    // the restarted broker holds what the others committed.
+    let mut all: Vec<RawClient> = brokers
+        .iter()
+        .flatten()
+        .chain(std::iter::once(&back))
+        .map(Broker::client)
+        .collect();
+    let port_to_client: Vec<u16> = brokers
+        .iter()
+        .flatten()
+        .chain(std::iter::once(&back))
+        .map(|b| b.addr.port())
+        .collect();
+    let (view_brokers, view) = settled(&mut all).remove(0);
+    for (name, _, parts) in view {
+        for (p, leader, _) in parts {
+            let port = view_brokers
+                .iter()
+                .find(|(id, _, _)| i64::from(*id) == i64::from(leader))
+                .map(|(_, _, port)| *port)
+                .unwrap();
+            let k = port_to_client.iter().position(|x| *x == port).unwrap();
+            let r = streambus_tests::produce(&mut all[k], &name, p, &[b"y"]).unwrap();
+            assert_eq!(r.error_code(), 0, "{name}/{p} at broker {leader}");
         }
     }
-    assert!(led > 0);
     let port = back.addr.port();
     eventually("the restarted broker's new address registered", || {
         metadata(&mut c)
@@ -483,15 +510,7 @@ fn partition_requests_are_served_by_the_leader_only_and_others_answer_not_leader
         });
     }
     assert_eq!(create(&mut clients[0], "routed", 6, 3), (0, true));
-    let views: Vec<Placement> = clients
-        .iter_mut()
-        .map(|c| {
-            eventually("the topic in every broker's metadata", || {
-                let (_, p) = metadata(c);
-                (!p.is_empty()).then_some(p)
-            })
-        })
-        .collect();
+    let views: Vec<Placement> = settled(&mut clients).into_iter().map(|(_, p)| p).collect();
     assert!(views.iter().all(|v| v == &views[0]), "{views:?}");
     let leaders: Vec<u32> = views[0][0]
         .2
@@ -638,15 +657,19 @@ fn a_fourth_broker_started_with_the_grown_peer_list_joins_and_leads_new_partitio
             .then_some(())
     });
     assert_eq!(create(&mut c4, "after", 4, 2), (0, true));
-    let placement = eventually("the new topic in broker 4's metadata", || {
+    let mut clients: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
+    let (_, placement) = settled(&mut clients).remove(0);
+    let placement = placement.into_iter().find(|t| t.0 == "after").unwrap();
+    let mut preferred: Vec<u32> = placement.2.iter().map(|(_, _, r)| r[0]).collect();
+    preferred.sort_unstable();
+    assert_eq!(preferred, [1, 2, 3, 4]);
+    // Broker 4 stores a produce to the partition it leads (its preferred leader starts the
+    // partition's Raft group and is elected).
+    let p = eventually("a partition led by broker 4", || {
         let (_, p) = metadata(&mut c4);
-        p.into_iter().find(|t| t.0 == "after")
+        let t = p.into_iter().find(|t| t.0 == "after")?;
+        t.2.iter().find(|(_, l, _)| *l == 4).map(|(p, _, _)| *p)
     });
-    let mut leaders: Vec<i32> = placement.2.iter().map(|(_, l, _)| *l).collect();
-    leaders.sort_unstable();
-    assert_eq!(leaders, [1, 2, 3, 4]);
-    // Broker 4 stores a produce to the partition it leads.
-    let p = placement.2.iter().find(|(_, l, _)| *l == 4).unwrap().0;
     let r = streambus_tests::produce(&mut c4, "after", p, &[b"on four"]).unwrap();
     let Ok(Response::Produce(ok)) = r.parse(RequestType::Produce) else {
         panic!(

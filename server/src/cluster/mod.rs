@@ -12,6 +12,7 @@
 
 pub mod network;
 pub mod node;
+pub mod replica;
 pub mod state;
 pub mod store;
 #[cfg(test)]
@@ -101,6 +102,7 @@ pub struct Cluster {
     started_blank: bool,
     /// Between [`Cluster::start_joining`] and the group's answer: votes are refused.
     joining: Arc<AtomicBool>,
+    replicas: Arc<replica::Replicas>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -141,6 +143,13 @@ impl Cluster {
             dir: dir.display().to_string(),
             source,
         };
+        let replicas = Arc::<replica::Replicas>::default();
+        if let Some(local) = &local {
+            let _ = local.groups.set(state::Groups {
+                replicas: Arc::clone(&replicas),
+                transport: Arc::clone(&transport),
+            });
+        }
         let log = store::LogStore::open(dir).map_err(open_err)?;
         let started_blank = log.is_blank();
         let sm = state::StateMachine::open(dir, local).map_err(open_err)?;
@@ -156,7 +165,13 @@ impl Cluster {
             transport,
             started_blank,
             joining: Arc::default(),
+            replicas,
         })
+    }
+
+    /// The partition groups this broker runs (the cluster link delivers their messages).
+    pub fn replicas(&self) -> &replica::Replicas {
+        &self.replicas
     }
 
     /// This broker's node id.
@@ -181,9 +196,9 @@ impl Cluster {
     /// Who serves `topic`/`partition` now, read under the lock without copying the metadata
     /// (this runs on every Produce, Fetch and GetOffset in cluster mode).
     ///
-    /// The leader is [`PartitionPlacement::leader`](state::PartitionPlacement::leader): today
-    /// the partition's preferred leader (its first replica) as placed by the metadata group;
-    /// when partitions get their own Raft groups, that function alone changes.
+    /// A partition this broker holds a replica of is led by whom its Raft group says (this
+    /// broker when it is the group's leader); otherwise by
+    /// [`PartitionPlacement::leader`](state::PartitionPlacement::leader), its preferred leader.
     pub fn partition_leader(&self, topic: &str, partition: u32) -> PartitionLeader {
         let state = self
             .state
@@ -198,7 +213,11 @@ impl Cluster {
         let Some(placed) = placed else {
             return PartitionLeader::Unknown;
         };
-        match placed.leader() {
+        let leader = match self.group_leader(topic, partition) {
+            Some((leader, _)) => leader.and_then(|l| u32::try_from(l).ok()),
+            None => placed.leader(),
+        };
+        match leader {
             Some(l) if u64::from(l) == self.node_id => PartitionLeader::Here,
             Some(l) => PartitionLeader::Elsewhere {
                 leader: l,
@@ -206,6 +225,15 @@ impl Cluster {
             },
             None => PartitionLeader::NoLeader,
         }
+    }
+
+    /// The leader and term of `topic`/`partition` as its Raft group on this broker sees them;
+    /// `None` if this broker runs no group for it.
+    pub fn group_leader(&self, topic: &str, partition: u32) -> Option<(Option<u64>, u64)> {
+        let raft = self.replicas.get(topic, partition)?;
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        Some((m.current_leader, m.current_term))
     }
 
     /// The node ids of the group's voters, as this broker's log has them.

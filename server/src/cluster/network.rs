@@ -29,10 +29,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
+use super::replica::{PartitionId, PartitionReply, PartitionRpc};
 use super::{Cluster, Command, Committed, Joined, MetaRaft, TypeConfig, WriteRefused};
 
-/// The version of the link's messages; a peer with another is refused.
-pub const LINK_VERSION: u32 = 1;
+/// The version of the link's messages; a peer with another is refused. Version 2 added the
+/// partition groups' messages ([`Rpc::Partition`]).
+pub const LINK_VERSION: u32 = 2;
 
 /// The largest frame on the link (a metadata snapshot is the largest message).
 pub const MAX_LINK_FRAME: usize = 64 << 20;
@@ -85,6 +87,16 @@ pub enum Rpc {
         /// Its cluster listener.
         addr: String,
     },
+    /// A message to one partition's Raft group (partition replication); all groups between
+    /// two brokers share the link.
+    Partition {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The group's message.
+        rpc: PartitionRpc,
+    },
 }
 
 /// The answer to an [`Rpc`] of the same name.
@@ -101,6 +113,8 @@ pub enum RpcReply {
     Write(Result<Committed, WriteRefused>),
     /// To [`Rpc::Join`].
     Join(Result<Joined, WriteRefused>),
+    /// To [`Rpc::Partition`].
+    Partition(PartitionReply),
 }
 
 impl RpcReply {
@@ -112,6 +126,7 @@ impl RpcReply {
             Self::Snapshot(_) => "Snapshot",
             Self::Write(_) => "Write",
             Self::Join(_) => "Join",
+            Self::Partition(_) => "Partition",
         }
     }
 }
@@ -194,6 +209,18 @@ pub async fn answer(raft: &MetaRaft, cluster: Option<&Cluster>, rpc: Rpc) -> Rpc
         Rpc::Join { node, addr } => RpcReply::Join(match cluster {
             Some(c) => c.join_here(node, addr).await,
             None => Err(WriteRefused::Stopped("not serving joins".into())),
+        }),
+        Rpc::Partition {
+            topic,
+            partition,
+            rpc,
+        } => RpcReply::Partition(match cluster {
+            Some(c) => {
+                c.replicas()
+                    .answer(&PartitionId { topic, partition }, rpc)
+                    .await
+            }
+            None => PartitionReply::NoGroup("not serving partition groups".into()),
         }),
     }
 }

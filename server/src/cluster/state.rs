@@ -21,8 +21,10 @@ use serde::{Deserialize, Serialize};
 use streambus_core::ErrorCode;
 
 use super::TypeConfig;
+use super::replica::{self, CommitHook, PartitionId, Replicas, StepDownHook};
 use super::store::{read_json, write_json_atomically};
 use crate::storage::{Storage, StorageError as LogError, TopicConfig};
+use openraft::BasicNode;
 
 /// The largest replication factor the group places when a CreateTopic asks for the default (0).
 pub const DEFAULT_MAX_REPLICATION_FACTOR: u32 = 3;
@@ -241,6 +243,14 @@ pub struct AppliedState {
 }
 
 impl AppliedState {
+    /// The brokers' cluster addresses, by node id.
+    fn nodes(&self) -> BTreeMap<u64, BasicNode> {
+        self.membership
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
+    }
+
     fn voters(&self) -> Vec<u32> {
         self.membership
             .voter_ids()
@@ -256,8 +266,8 @@ struct StoredSnapshot {
     state: AppliedState,
 }
 
-/// Makes the local partition directories of the replicas this broker holds, and tells the
-/// broker of deleted topics.
+/// Makes the local partition directories of the replicas this broker holds and runs their
+/// partition groups, and tells the broker of deleted topics.
 #[derive(Debug, Clone)]
 pub struct LocalReplicas {
     /// This broker.
@@ -266,6 +276,43 @@ pub struct LocalReplicas {
     pub storage: Arc<Storage>,
     /// Called with a topic's name once its deletion is applied (set when the broker exists).
     pub on_deleted: Arc<std::sync::OnceLock<DeletedHook>>,
+    /// Called when a local partition's high-water mark moves (set when the broker exists).
+    pub on_committed: Arc<std::sync::OnceLock<CommittedHook>>,
+    /// Called when this broker stops leading a local partition (set when the broker exists).
+    pub on_step_down: Arc<std::sync::OnceLock<SteppedDownHook>>,
+    /// Where partition groups run and how they talk (set by [`Cluster::open`](super::Cluster::open)).
+    pub groups: Arc<std::sync::OnceLock<Groups>>,
+}
+
+/// What [`LocalReplicas::on_committed`] calls: the broker answers the fetches waiting on the
+/// partition.
+#[derive(Clone)]
+pub struct CommittedHook(pub CommitHook);
+
+impl std::fmt::Debug for CommittedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommittedHook")
+    }
+}
+
+/// What [`LocalReplicas::on_step_down`] calls: the broker answers the fetches waiting on the
+/// partition NotLeader.
+#[derive(Clone)]
+pub struct SteppedDownHook(pub StepDownHook);
+
+impl std::fmt::Debug for SteppedDownHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SteppedDownHook")
+    }
+}
+
+/// What starting a partition group needs besides the storage.
+#[derive(Debug, Clone)]
+pub struct Groups {
+    /// The registry the cluster link delivers partition RPCs to.
+    pub replicas: Arc<Replicas>,
+    /// The cluster link.
+    pub transport: Arc<dyn super::Transport>,
 }
 
 /// What [`LocalReplicas::on_deleted`] calls: the broker answers the fetches waiting on the topic.
@@ -284,13 +331,18 @@ impl LocalReplicas {
             node_id,
             storage,
             on_deleted: Arc::default(),
+            on_committed: Arc::default(),
+            on_step_down: Arc::default(),
+            groups: Arc::default(),
         }
     }
 }
 
 impl LocalReplicas {
-    /// Creates `name` locally if this broker holds a replica of one of its partitions.
-    fn create(&self, name: &str, topic: &TopicPlacement) {
+    /// Creates `name` locally if this broker holds a replica of one of its partitions, as a
+    /// replicated topic, and starts the groups of its replicas; `nodes` are the brokers'
+    /// cluster addresses.
+    fn create(&self, name: &str, topic: &TopicPlacement, nodes: &BTreeMap<u64, BasicNode>) {
         if !topic
             .partitions
             .iter()
@@ -301,15 +353,122 @@ impl LocalReplicas {
         let count = u32::try_from(topic.partitions.len()).unwrap_or(u32::MAX);
         match self
             .storage
-            .create_topic(name, count, TopicConfig::default())
+            .create_raft_topic(name, count, TopicConfig::default())
         {
             Ok(true) => tracing::info!(topic = name, partitions = count, "created local replicas"),
             Ok(false) => {}
-            Err(e) => tracing::error!(topic = name, "creating the local replicas: {e}"),
+            Err(LogError::TopicExists { .. }) => {
+                return tracing::error!(
+                    topic = name,
+                    "the local topic was created before partition replication (index format 1, not a Raft log): it is not replicated and its partitions are not served; delete and re-create it"
+                );
+            }
+            Err(e) => return tracing::error!(topic = name, "creating the local replicas: {e}"),
+        }
+        self.start_groups(name, topic, nodes);
+    }
+
+    /// Starts the groups of this broker's replicas of `name` that are not running yet; the
+    /// preferred leader of a partition initialises its group with the partition's replicas
+    /// (refused, and ignored, on a group that already has a membership).
+    fn start_groups(&self, name: &str, topic: &TopicPlacement, nodes: &BTreeMap<u64, BasicNode>) {
+        let Some(groups) = self.groups.get() else {
+            return;
+        };
+        for (p, placed) in topic.partitions.iter().enumerate() {
+            let Ok(partition) = u32::try_from(p) else {
+                continue;
+            };
+            if !placed.replicas.contains(&self.node_id) {
+                continue;
+            }
+            let id = PartitionId {
+                topic: name.to_owned(),
+                partition,
+            };
+            if !groups.replicas.claim(&id) {
+                continue;
+            }
+            let members: BTreeMap<u64, BasicNode> = placed
+                .replicas
+                .iter()
+                .filter_map(|r| {
+                    let r = u64::from(*r);
+                    nodes.get(&r).map(|n| (r, n.clone()))
+                })
+                .collect();
+            let initialize = placed.replicas.first() == Some(&self.node_id);
+            let node = u64::from(self.node_id);
+            let storage = Arc::clone(&self.storage);
+            let groups = groups.clone();
+            // Looked up at each call: the broker sets it after the groups of the topics known
+            // at start are opened.
+            let step_down = Arc::clone(&self.on_step_down);
+            let cell = Arc::clone(&self.on_committed);
+            let hook: CommitHook = Arc::new(move |topic, partition, end| {
+                if let Some(h) = cell.get() {
+                    (h.0)(topic, partition, end);
+                }
+            });
+            tokio::spawn(async move {
+                let opened = replica::open_group(
+                    node,
+                    storage,
+                    id.clone(),
+                    replica::partition_raft_config(),
+                    Arc::clone(&groups.transport),
+                    Some(hook),
+                )
+                .await;
+                let raft = match opened {
+                    Ok(r) => r,
+                    Err(e) => {
+                        groups.replicas.unclaim(&id);
+                        return tracing::error!("starting a partition group: {e}");
+                    }
+                };
+                groups.replicas.insert(id.clone(), raft.clone());
+                let cell = Arc::clone(&step_down);
+                let on_step_down: StepDownHook = Arc::new(move |topic, partition, leader| {
+                    if let Some(h) = cell.get() {
+                        (h.0)(topic, partition, leader);
+                    }
+                });
+                tokio::spawn(replica::watch_leadership(
+                    raft.clone(),
+                    node,
+                    id.clone(),
+                    on_step_down,
+                ));
+                if initialize {
+                    match raft.initialize(members).await {
+                        Ok(()) => tracing::info!(
+                            topic = %id.topic,
+                            partition = id.partition,
+                            "initialised the partition group"
+                        ),
+                        Err(openraft::error::RaftError::APIError(
+                            openraft::error::InitializeError::NotAllowed(_),
+                        )) => {}
+                        Err(e) => tracing::warn!(
+                            topic = %id.topic,
+                            partition = id.partition,
+                            "initialising the partition group: {e}"
+                        ),
+                    }
+                }
+            });
         }
     }
 
     fn delete(&self, name: &str) {
+        if let Some(groups) = self.groups.get() {
+            for raft in groups.replicas.remove_topic(name) {
+                tokio::spawn(async move {
+                    let _ = raft.shutdown().await;
+                });
+            }
+        }
         match self.storage.delete_topic(name) {
             Ok(()) => tracing::info!(topic = name, "deleted local replicas"),
             Err(LogError::TopicNotFound { .. }) => {}
@@ -320,9 +479,10 @@ impl LocalReplicas {
         }
     }
 
-    fn reconcile(&self, metadata: &Metadata) {
-        for (name, topic) in &metadata.topics {
-            self.create(name, topic);
+    fn reconcile(&self, state: &AppliedState) {
+        let nodes = state.nodes();
+        for (name, topic) in &state.metadata.topics {
+            self.create(name, topic, &nodes);
         }
     }
 }
@@ -355,7 +515,7 @@ impl StateMachine {
         let stored: Option<StoredSnapshot> = read_json(&dir.join(SNAPSHOT_FILE))?;
         let state = stored.map(|s| s.state).unwrap_or_default();
         if let Some(local) = &local {
-            local.reconcile(&state.metadata);
+            local.reconcile(&state);
         }
         Ok(Self {
             state: Arc::new(RwLock::new(state)),
@@ -448,7 +608,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         match (&command, &applied) {
                             (Command::CreateTopic { name, .. }, Applied::Created(_)) => {
                                 if let Some(t) = s.metadata.topics.get(name) {
-                                    local.create(name, t);
+                                    local.create(name, t, &s.nodes());
                                 }
                             }
                             (Command::DeleteTopic { name }, Applied::Done) => local.delete(name),
@@ -489,7 +649,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         write_json_atomically(&self.dir.join(SNAPSHOT_FILE), &stored)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         if let Some(local) = &self.local {
-            local.reconcile(&state.metadata);
+            local.reconcile(&state);
         }
         *write_lock(&self.state) = state;
         Ok(())

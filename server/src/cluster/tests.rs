@@ -320,11 +320,12 @@ async fn the_tcp_link_refuses_another_version_with_a_message_naming_both() {
     connect(&addr, &hello(LINK_NAME, LINK_VERSION))
         .await
         .unwrap();
-    let e = connect(&addr, &hello(LINK_NAME, 2)).await.unwrap_err();
+    // Version 1 (the metadata group alone, before partition replication) is refused.
+    let e = connect(&addr, &hello(LINK_NAME, 1)).await.unwrap_err();
     assert_eq!(
         e.to_string(),
         format!(
-            "{addr} refused the cluster link: cluster link version 2 is not supported: broker 7 speaks version 1"
+            "{addr} refused the cluster link: cluster link version 1 is not supported: broker 7 speaks version 2"
         )
     );
     let e = connect(&addr, &hello("kafka", 1)).await.unwrap_err();
@@ -534,5 +535,515 @@ async fn a_wiped_lowest_id_broker_rejoins_the_live_group_instead_of_starting_a_s
     }
     for n in [a, b, c] {
         n.shutdown().await;
+    }
+}
+
+// ---- Partition groups (partition replication) on the same in-memory network ----
+
+use super::replica::{self, Batch, BatchApplied, PartitionId, PartitionRaft};
+use crate::storage::{FsyncPolicy, RaftEntry, Storage, StorageConfig};
+
+fn orders() -> PartitionId {
+    PartitionId {
+        topic: "orders".into(),
+        partition: 0,
+    }
+}
+
+/// One broker's replica of `orders`/0: its metadata-group member (which carries the link),
+/// its storage and its partition group.
+struct Replica {
+    id: u64,
+    storage: Arc<Storage>,
+    raft: PartitionRaft,
+}
+
+impl Replica {
+    /// The entries kept (after the last purged).
+    fn entries(&self) -> Vec<RaftEntry> {
+        let st = self.storage.raft_log_state("orders", 0).unwrap();
+        let from = st.last_purged.map_or(0, |p| p.index + 1);
+        self.storage
+            .raft_entries("orders", 0, from, u64::MAX)
+            .unwrap()
+    }
+
+    /// `(log start, high-water mark)` as GetOffset sees it.
+    fn offsets(&self) -> (i64, i64) {
+        self.storage.offsets("orders", 0).unwrap()
+    }
+
+    /// The values a consumer reads from `from` on.
+    fn values(&self, from: i64) -> Vec<String> {
+        let f = self
+            .storage
+            .fetch("orders", 0, from, 1 << 20, u32::MAX)
+            .unwrap();
+        streambus_core::MessageSet::new_checked(f.count, &f.records)
+            .unwrap()
+            .iter()
+            .map(|m| String::from_utf8(m.value.to_vec()).unwrap())
+            .collect()
+    }
+
+    /// The Offset field of every record readable from 0.
+    fn record_offsets(&self) -> Vec<i64> {
+        let f = self
+            .storage
+            .fetch("orders", 0, 0, 1 << 20, u32::MAX)
+            .unwrap();
+        streambus_core::MessageSet::new_checked(f.count, &f.records)
+            .unwrap()
+            .iter()
+            .map(|m| m.offset)
+            .collect()
+    }
+
+    /// The partition directory's segment files, by name.
+    fn segment_files(&self) -> BTreeMap<String, Vec<u8>> {
+        let dir = self.storage.partition_dir("orders", 0).unwrap();
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log" || x == "idx"))
+            .map(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read(&p).unwrap())
+            })
+            .collect()
+    }
+
+    async fn wait_applied(&self, index: u64) {
+        self.raft
+            .wait(Some(DEADLINE))
+            .applied_index_at_least(Some(index), "partition entries applied")
+            .await
+            .unwrap();
+    }
+}
+
+fn partition_config() -> Arc<openraft::Config> {
+    let config = openraft::Config {
+        // Snapshots only when a test asks, and then the whole log before it is purged.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: 0,
+        purge_batch_size: 1,
+        ..(*replica::partition_raft_config()).clone()
+    };
+    Arc::new(config.validate().unwrap())
+}
+
+impl TestCluster {
+    /// Starts (or restarts, from its files) node `id` with its replica of `orders`/0.
+    async fn start_replica(&self, id: u64) -> (Cluster, Replica) {
+        let cluster = self.start(id).await;
+        let mut cfg = StorageConfig::new(self.dirs[&id].path().join("data"));
+        cfg.fsync = FsyncPolicy::Never;
+        cfg.segment_bytes = 60;
+        cfg.retention_check_interval = Duration::ZERO;
+        let storage = Arc::new(Storage::open(cfg).unwrap());
+        storage
+            .create_raft_topic("orders", 1, crate::storage::TopicConfig::default())
+            .unwrap();
+        let transport = Arc::new(NodeTransport {
+            from: id,
+            router: Arc::clone(&self.router),
+        });
+        let raft = replica::open_group(
+            id,
+            Arc::clone(&storage),
+            orders(),
+            partition_config(),
+            transport,
+            None,
+        )
+        .await
+        .unwrap();
+        cluster.replicas().insert(orders(), raft.clone());
+        (cluster, Replica { id, storage, raft })
+    }
+
+    async fn partition_leader_among(&self, nodes: &[&Replica]) -> u64 {
+        let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
+        let m = nodes[0]
+            .raft
+            .wait(Some(DEADLINE))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| ids.contains(&l)),
+                "a partition leader among the live replicas",
+            )
+            .await
+            .unwrap();
+        m.current_leader.unwrap()
+    }
+}
+
+/// Messages as a client sends them (offset and timestamp 0).
+fn message_set(values: &[&str]) -> (u32, Vec<u8>) {
+    use streambus_core::{Encode, Message, MessageSetBuilder};
+    let msgs: Vec<Message<'_>> = values
+        .iter()
+        .map(|v| Message::new(b"", v.as_bytes()))
+        .collect();
+    let mut buf = vec![0u8; msgs.iter().map(Encode::encoded_len).sum()];
+    let mut b = MessageSetBuilder::new(&mut buf);
+    for m in &msgs {
+        b.push(m).unwrap();
+    }
+    (b.count(), buf)
+}
+
+/// A batch to propose, as a client sent it.
+fn batch(values: &[&str]) -> Batch {
+    let (n, buf) = message_set(values);
+    let set = streambus_core::MessageSet::new_checked(n, &buf).unwrap();
+    Batch::new(&set, 1_000, None)
+}
+
+/// Proposes a batch on the leader; returns its log index and what applying it did.
+async fn produce(leader: &Replica, values: &[&str]) -> (u64, BatchApplied) {
+    let r = leader.raft.client_write(batch(values)).await.unwrap();
+    (r.log_id.index, r.data)
+}
+
+fn replica_peers(ids: &[u64]) -> BTreeMap<u64, BasicNode> {
+    ids.iter()
+        .map(|id| (*id, BasicNode::new(format!("node-{id}"))))
+        .collect()
+}
+
+async fn stop_replica(t: &TestCluster, r: Replica) {
+    r.raft.shutdown().await.unwrap();
+    t.stop(r.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_commit_batches_and_hold_byte_identical_logs() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let leader = t.partition_leader_among(&reps).await;
+    let l = reps.iter().find(|r| r.id == leader).unwrap();
+    let mut last = 0;
+    let mut applied = Vec::new();
+    for values in [&["a", "b", "c"][..], &["d"], &["e", "f"]] {
+        let (index, a) = produce(l, values).await;
+        applied.push((a.base_offset, a.count, a.high_water_mark));
+        last = index;
+    }
+    assert_eq!(applied, [(0, 3, 3), (3, 1, 4), (4, 2, 6)]);
+    // Index 0 is the initial membership, 1 the leader's blank entry, then the batches.
+    assert_eq!(last, 4);
+    for r in &reps {
+        r.wait_applied(last).await;
+        assert_eq!(r.offsets(), (0, 6), "node {}", r.id);
+        assert_eq!(r.values(0), ["a", "b", "c", "d", "e", "f"], "node {}", r.id);
+        let kinds: Vec<_> = r
+            .entries()
+            .iter()
+            .map(|e| (e.log_id.index, e.kind, e.base_offset, e.count))
+            .collect();
+        use crate::storage::RaftEntryKind::{Blank, Membership, Records};
+        assert_eq!(
+            kinds,
+            [
+                (0, Membership, 0, 0),
+                (1, Blank, 0, 0),
+                (2, Records, 0, 3),
+                (3, Records, 3, 1),
+                (4, Records, 4, 2)
+            ],
+            "node {}",
+            r.id
+        );
+    }
+    // Every replica's segment files are the same bytes (60-byte segments: one per batch).
+    let files = reps[0].segment_files();
+    assert_eq!(
+        files.keys().map(String::as_str).collect::<Vec<_>>(),
+        [
+            "00000000000000000000.idx",
+            "00000000000000000000.log",
+            "00000000000000000003.idx",
+            "00000000000000000003.log",
+            "00000000000000000004.idx",
+            "00000000000000000004.log"
+        ]
+    );
+    for r in &reps[1..] {
+        assert_eq!(r.segment_files(), files, "node {}", r.id);
+    }
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_leaders_uncommitted_tail_is_truncated_by_the_next_leader() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let old = t.partition_leader_among(&reps).await;
+    let o = *reps.iter().find(|r| r.id == old).unwrap();
+    let (first, _) = produce(o, &["committed"]).await;
+    for r in &reps {
+        r.wait_applied(first).await;
+    }
+    // Cut off, the old leader still appends a batch it can never commit.
+    t.router.down.lock().unwrap().insert(old);
+    let lost = batch(&["lost-1", "lost-2"]);
+    let raft = o.raft.clone();
+    let pending = tokio::spawn(async move { raft.client_write(lost).await });
+    o.raft
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.last_log_index == Some(first + 1),
+            "the uncommitted batch in the old leader's log",
+        )
+        .await
+        .unwrap();
+    assert_eq!(o.storage.raft_log_state("orders", 0).unwrap().end, 3);
+    assert_eq!(o.offsets(), (0, 1), "an uncommitted batch is not readable");
+    // The others elect a leader, which writes at the same offset.
+    let rest: Vec<&Replica> = reps.iter().copied().filter(|r| r.id != old).collect();
+    let new = t.partition_leader_among(&rest).await;
+    assert_ne!(new, old);
+    let n = *rest.iter().find(|r| r.id == new).unwrap();
+    let (index, a) = produce(n, &["kept"]).await;
+    assert_eq!((a.base_offset, a.count, a.high_water_mark), (1, 1, 2));
+    // Back on the network, the old leader's divergent tail is replaced by the new leader's.
+    t.router.down.lock().unwrap().remove(&old);
+    o.wait_applied(index).await;
+    for r in &reps {
+        assert_eq!(r.values(0), ["committed", "kept"], "node {}", r.id);
+        assert_eq!(r.offsets(), (0, 2), "node {}", r.id);
+        assert_eq!(r.entries(), n.entries(), "node {}", r.id);
+        assert_eq!(r.segment_files(), n.segment_files(), "node {}", r.id);
+    }
+    // The proposal that lost its leadership is answered with an error, never as written.
+    assert!(pending.await.unwrap().is_err());
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_behind_the_leaders_purged_log_catches_up_by_snapshot() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let leader = t.partition_leader_among(&reps).await;
+    let l = *reps.iter().find(|r| r.id == leader).unwrap();
+    let behind = *reps.iter().find(|r| r.id != leader).unwrap();
+    let (first, _) = produce(l, &["v0"]).await;
+    behind.wait_applied(first).await;
+    // One follower misses the next batches, then the leader snapshots and purges its log.
+    t.router.down.lock().unwrap().insert(behind.id);
+    let mut last = 0;
+    for i in 1..8 {
+        last = produce(l, &[&format!("v{i}")]).await.0;
+    }
+    l.raft.trigger().snapshot().await.unwrap();
+    l.raft
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index == last),
+            "the leader's log purged up to its snapshot",
+        )
+        .await
+        .unwrap();
+    assert_eq!(l.offsets(), (8, 8));
+    assert_eq!(l.storage.raft_log_state("orders", 0).unwrap().log_start, 8);
+    // Back on the network, the follower gets the snapshot, then the log after it.
+    t.router.down.lock().unwrap().remove(&behind.id);
+    let (index, a) = produce(l, &["after"]).await;
+    assert_eq!((a.base_offset, a.high_water_mark), (8, 9));
+    behind.wait_applied(index).await;
+    let st = behind.storage.raft_log_state("orders", 0).unwrap();
+    assert_eq!(
+        (
+            st.log_start,
+            st.end,
+            st.high_water_mark,
+            st.last_purged.map(|p| p.index)
+        ),
+        (8, 9, 9, Some(last))
+    );
+    assert_eq!(behind.values(8), ["after"]);
+    assert_eq!(behind.entries(), l.entries());
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_proposals_get_consecutive_offsets_stamped_by_the_leader() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let leader = t.partition_leader_among(&reps).await;
+    let l = *reps.iter().find(|r| r.id == leader).unwrap();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let raft = l.raft.clone();
+            tokio::spawn(async move {
+                let v = format!("m{i}");
+                let r = raft.client_write(batch(&[&v, &v])).await.unwrap();
+                (r.log_id.index, r.data, v)
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await.unwrap());
+    }
+    // In log order, the batches hold offsets 0, 2, 4, … whatever order they were proposed in.
+    done.sort_by_key(|(index, _, _)| *index);
+    let offsets: Vec<(i64, u32)> = done
+        .iter()
+        .map(|(_, a, _)| (a.base_offset, a.count))
+        .collect();
+    let want: Vec<(i64, u32)> = (0..20).map(|i| (2 * i, 2)).collect();
+    assert_eq!(offsets, want);
+    let values: Vec<String> = done
+        .iter()
+        .flat_map(|(_, _, v)| [v.clone(), v.clone()])
+        .collect();
+    let last = done.last().unwrap().0;
+    for r in &reps {
+        r.wait_applied(last).await;
+        assert_eq!(r.offsets(), (0, 40), "node {}", r.id);
+        assert_eq!(r.values(0), values, "node {}", r.id);
+        assert_eq!(
+            r.record_offsets(),
+            (0..40).collect::<Vec<i64>>(),
+            "node {}",
+            r.id
+        );
+        assert_eq!(r.segment_files(), l.segment_files(), "node {}", r.id);
+    }
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_replica_reopens_its_log_and_vote_and_catches_up() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let leader = t.partition_leader_among(&reps).await;
+    let follower = reps.iter().find(|r| r.id != leader).unwrap().id;
+    let (index, _) = produce(reps.iter().find(|r| r.id == leader).unwrap(), &["a", "b"]).await;
+    for r in &reps {
+        r.wait_applied(index).await;
+    }
+    // The follower stops; the others go on.
+    let k = nodes.iter().position(|(_, r)| r.id == follower).unwrap();
+    let (cluster, r) = nodes.remove(k);
+    r.raft.shutdown().await.unwrap();
+    drop(r);
+    t.stop(follower).await;
+    drop(cluster);
+    let l = &nodes.iter().find(|(_, r)| r.id == leader).unwrap().1;
+    let (index, a) = produce(l, &["c"]).await;
+    assert_eq!((a.base_offset, a.high_water_mark), (2, 3));
+    // Restarted from its files: its log, vote and membership are back; it catches up.
+    let (cluster, back) = t.start_replica(follower).await;
+    back.wait_applied(index).await;
+    assert_eq!(back.offsets(), (0, 3));
+    assert_eq!(back.values(0), ["a", "b", "c"]);
+    assert_eq!(back.entries(), l.entries());
+    assert_eq!(back.segment_files(), l.segment_files());
+    nodes.push((cluster, back));
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_loses_its_partition_is_told_with_the_new_leader() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let old = t.partition_leader_among(&reps).await;
+    let o = *reps.iter().find(|r| r.id == old).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let hook: replica::StepDownHook = Arc::new(move |topic, partition, leader| {
+        let _ = tx.send((topic.to_owned(), partition, leader));
+    });
+    tokio::spawn(replica::watch_leadership(
+        o.raft.clone(),
+        old,
+        orders(),
+        hook,
+    ));
+    // Cut off, the old leader keeps believing it leads until it hears of the new term.
+    t.router.down.lock().unwrap().insert(old);
+    let rest: Vec<&Replica> = reps.iter().copied().filter(|r| r.id != old).collect();
+    let new = t.partition_leader_among(&rest).await;
+    assert!(rx.try_recv().is_err(), "told before it could know");
+    t.router.down.lock().unwrap().remove(&old);
+    let (topic, partition, leader) = tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((topic.as_str(), partition), ("orders", 0));
+    // Told once, with the new leader, or with none when it first hears of the new term from a
+    // reply (before the new leader's AppendEntries): both interleavings are right.
+    assert!(
+        leader.is_none_or(|l| l == new),
+        "{leader:?} (new leader {new})"
+    );
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
     }
 }

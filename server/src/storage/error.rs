@@ -165,6 +165,17 @@ pub enum StorageError {
         /// The producer's current epoch on this partition.
         current: i16,
     },
+    /// A Raft log operation on a replicated partition that its log cannot take: an entry that
+    /// does not follow the last one, a truncation of committed entries, a read of purged ones,
+    /// or a Raft operation on a partition that is not a Raft log. The caller's (the
+    /// replication layer's) fault, never a client's.
+    #[error("raft log {}: {reason}", dir.display())]
+    RaftLog {
+        /// The partition's directory.
+        dir: PathBuf,
+        /// What was asked and why it cannot be done, with the indexes and offsets involved.
+        reason: String,
+    },
     /// Another process holds the data directory's lock.
     #[error("data directory {} is in use by another process", path.display())]
     DataDirLocked {
@@ -194,6 +205,7 @@ impl StorageError {
             | Self::Io { .. }
             | Self::Corrupt { .. }
             | Self::SyncFailed { .. }
+            | Self::RaftLog { .. }
             | Self::DataDirLocked { .. } => ErrorCode::STORAGE_ERROR,
         }
     }

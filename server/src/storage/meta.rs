@@ -12,9 +12,13 @@ use serde::{Deserialize, Serialize};
 use super::config::{FsyncPolicy, TopicConfig};
 use super::durability;
 use super::error::{IoContext, StorageError};
+use super::raft::RaftLogId;
 
-/// The format version written in every metadata file.
+/// The format version written in every metadata file (a topic of single-broker mode).
 const FORMAT: u32 = 1;
+/// The format of a replicated topic's `topic.toml`: its partitions are Raft logs (index
+/// format 2, see `docs/storage.md`). A broker that predates it refuses it ("unknown format 2").
+const FORMAT_RAFT: u32 = 2;
 
 pub(crate) const TOPIC_META: &str = "topic.toml";
 pub(crate) const PARTITION_META: &str = "partition.toml";
@@ -39,6 +43,14 @@ struct TopicMeta {
 struct PartitionMeta {
     format: u32,
     log_start: i64,
+    /// A Raft log partition: the last purged entry's log id (absent for format 1 topics, so
+    /// their files are unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    purged_term: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    purged_node_id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    purged_index: Option<u64>,
 }
 
 /// TOML integers are i64: larger settings are stored as `i64::MAX` (effectively unlimited).
@@ -54,6 +66,7 @@ pub(crate) fn write_topic(
     dir: &Path,
     partitions: u32,
     cfg: &TopicConfig,
+    raft: bool,
 ) -> Result<(), StorageError> {
     let (fsync, fsync_interval_ms) = match cfg.fsync {
         None => (None, None),
@@ -62,7 +75,7 @@ pub(crate) fn write_topic(
         Some(FsyncPolicy::Interval(d)) => (Some("interval"), Some(duration_ms(d))),
     };
     let meta = TopicMeta {
-        format: FORMAT,
+        format: if raft { FORMAT_RAFT } else { FORMAT },
         partitions,
         fsync: fsync.map(str::to_owned),
         fsync_interval_ms,
@@ -72,14 +85,15 @@ pub(crate) fn write_topic(
     write_atomic(&dir.join(TOPIC_META), &meta)
 }
 
-pub(crate) fn read_topic(dir: &Path) -> Result<(u32, TopicConfig), StorageError> {
+/// The partition count, the overrides and whether the partitions are Raft logs.
+pub(crate) fn read_topic(dir: &Path) -> Result<(u32, TopicConfig, bool), StorageError> {
     let path = dir.join(TOPIC_META);
     let meta: TopicMeta = read_toml(&path)?;
     let corrupt = |reason: String| StorageError::Corrupt {
         path: path.clone(),
         reason,
     };
-    if meta.format != FORMAT {
+    if meta.format != FORMAT && meta.format != FORMAT_RAFT {
         return Err(corrupt(format!("unknown format {}", meta.format)));
     }
     let fsync = match (meta.fsync.as_deref(), meta.fsync_interval_ms) {
@@ -96,19 +110,35 @@ pub(crate) fn read_topic(dir: &Path) -> Result<(u32, TopicConfig), StorageError>
             retention_bytes: meta.retention_bytes,
             retention_age: meta.retention_ms.map(Duration::from_millis),
         },
+        meta.format == FORMAT_RAFT,
     ))
 }
 
 pub(crate) fn write_partition(dir: &Path, log_start: i64) -> Result<(), StorageError> {
+    write_partition_raft(dir, log_start, None)
+}
+
+/// `partition.toml` with, for a Raft log partition, the last purged entry.
+pub(crate) fn write_partition_raft(
+    dir: &Path,
+    log_start: i64,
+    purged: Option<RaftLogId>,
+) -> Result<(), StorageError> {
     let meta = PartitionMeta {
         format: FORMAT,
         log_start,
+        purged_term: purged.map(|p| toml_u64(p.term)),
+        purged_node_id: purged.map(|p| toml_u64(p.node_id)),
+        purged_index: purged.map(|p| toml_u64(p.index)),
     };
     write_atomic(&dir.join(PARTITION_META), &meta)
 }
 
-/// The persisted log start, or `None` when the partition has never deleted a segment.
-pub(crate) fn read_partition(dir: &Path) -> Result<Option<i64>, StorageError> {
+/// The persisted log start (`None` when the partition has never deleted a segment) and, for
+/// a Raft log partition, the last purged entry.
+pub(crate) fn read_partition_raft(
+    dir: &Path,
+) -> Result<Option<(i64, Option<RaftLogId>)>, StorageError> {
     let path = dir.join(PARTITION_META);
     if !path.exists() {
         return Ok(None);
@@ -120,7 +150,21 @@ pub(crate) fn read_partition(dir: &Path) -> Result<Option<i64>, StorageError> {
             reason: format!("unknown format {}", meta.format),
         });
     }
-    Ok(Some(meta.log_start))
+    let purged = match (meta.purged_term, meta.purged_node_id, meta.purged_index) {
+        (None, None, None) => None,
+        (Some(term), Some(node_id), Some(index)) => Some(RaftLogId {
+            term,
+            node_id,
+            index,
+        }),
+        _ => {
+            return Err(StorageError::Corrupt {
+                path,
+                reason: "purged_term, purged_node_id and purged_index go together".into(),
+            });
+        }
+    };
+    Ok(Some((meta.log_start, purged)))
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StorageError> {

@@ -20,6 +20,7 @@ mod error;
 mod meta;
 mod partition;
 mod producers;
+mod raft;
 mod segment;
 
 use std::collections::BTreeMap;
@@ -35,7 +36,10 @@ use streambus_core::{MessageSet, Topic};
 
 pub use config::{DEFAULT_MAX_PRODUCERS_PER_PARTITION, FsyncPolicy, StorageConfig, TopicConfig};
 pub use error::StorageError;
-pub use producers::{BYTES_PER_PRODUCER, InvalidProducer, KEPT_BATCHES, ProducerBatch};
+pub use producers::{
+    BYTES_PER_PRODUCER, InvalidProducer, KEPT_BATCHES, ProducerBatch, ProducerTable,
+};
+pub use raft::{RaftAppend, RaftEntry, RaftEntryKind, RaftLogId, RaftLogState};
 
 use error::IoContext;
 use partition::{Partition, Settings};
@@ -196,6 +200,8 @@ pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 #[derive(Debug)]
 struct TopicState {
     partitions: Vec<Arc<Partition>>,
+    /// Its partitions are Raft logs.
+    raft: bool,
 }
 
 #[derive(Debug)]
@@ -286,8 +292,8 @@ impl Storage {
                 tracing::warn!(path = %path.display(), "ignoring a non-topic entry in the data directory");
                 continue;
             };
-            let (count, cfg) = meta::read_topic(&path)?;
-            let topic = open_topic(&config, &path, count, &cfg, &counters)?;
+            let (count, cfg, raft) = meta::read_topic(&path)?;
+            let topic = open_topic(&config, &path, count, &cfg, raft, &counters)?;
             topics.insert(name.to_owned(), Arc::new(topic));
         }
         let inner = Arc::new(Inner {
@@ -326,6 +332,29 @@ impl Storage {
         partitions: u32,
         cfg: TopicConfig,
     ) -> Result<bool, StorageError> {
+        self.create(name, partitions, cfg, false)
+    }
+
+    /// Creates a replicated topic: its partitions are Raft logs (index format 2), written
+    /// only through the `raft_*` methods; their high-water mark is what the replication layer
+    /// sets. `Ok(false)` if it exists as such with the same partition count; a topic of the
+    /// same name that is not replicated is [`StorageError::TopicExists`].
+    pub fn create_raft_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        cfg: TopicConfig,
+    ) -> Result<bool, StorageError> {
+        self.create(name, partitions, cfg, true)
+    }
+
+    fn create(
+        &self,
+        name: &str,
+        partitions: u32,
+        cfg: TopicConfig,
+        raft: bool,
+    ) -> Result<bool, StorageError> {
         validate(name)?;
         if !(1..=MAX_PARTITIONS).contains(&partitions) {
             return Err(StorageError::InvalidPartitionCount {
@@ -337,7 +366,7 @@ impl Storage {
         let _admin = lock(&inner.admin);
         if let Some(t) = read(&inner.topics).get(name) {
             let existing = t.partitions.len() as u32;
-            return if existing == partitions {
+            return if existing == partitions && t.raft == raft {
                 Ok(false)
             } else {
                 Err(StorageError::TopicExists {
@@ -353,11 +382,11 @@ impl Storage {
             let d = staging.join(p.to_string());
             fs::create_dir(&d).ctx("create directory", &d)?;
         }
-        meta::write_topic(&staging, partitions, &cfg)?;
+        meta::write_topic(&staging, partitions, &cfg, raft)?;
         let dir = inner.topics_dir.join(name);
         fs::rename(&staging, &dir).ctx("rename", &dir)?;
         meta::sync_dir(&inner.topics_dir)?;
-        let topic = match open_topic(&inner.config, &dir, partitions, &cfg, &inner.counters) {
+        let topic = match open_topic(&inner.config, &dir, partitions, &cfg, raft, &inner.counters) {
             Ok(t) => t,
             Err(e) => {
                 // Out of fds, say: take the directory back out, or the topic would exist on
@@ -546,6 +575,117 @@ impl Storage {
         Ok(self.partition(topic, partition)?.offsets())
     }
 
+    /// A partition's directory (where the replication layer keeps its vote and snapshot).
+    pub fn partition_dir(&self, topic: &str, partition: u32) -> Result<PathBuf, StorageError> {
+        Ok(self.partition(topic, partition)?.dir().to_path_buf())
+    }
+
+    /// Whether a topic is replicated (its partitions are Raft logs); `None` if it does not
+    /// exist.
+    pub fn is_raft_topic(&self, name: &str) -> Option<bool> {
+        read(&self.inner.topics).get(name).map(|t| t.raft)
+    }
+
+    /// A replicated partition's log as Raft sees it: last purged and last entries, next
+    /// index, log start, end and high-water mark.
+    pub fn raft_log_state(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<RaftLogState, StorageError> {
+        self.partition(topic, partition)?.raft_state()
+    }
+
+    /// Appends one Raft entry to a replicated partition (see [`RaftAppend`]): its index must
+    /// be the log's next and its base offset the log's end. The messages are stored byte for
+    /// byte. Under [`FsyncPolicy::Always`] also returns the [`PendingSync`] to wait for before
+    /// telling Raft the entry is stored. The high-water mark does not move.
+    pub fn raft_append(
+        &self,
+        topic: &str,
+        partition: u32,
+        entry: &RaftAppend<'_>,
+    ) -> Result<(AppendResult, Option<PendingSync>), StorageError> {
+        let p = self.partition(topic, partition)?;
+        let appended = p.raft_append(entry)?;
+        let pending = p.fsync_always().then(|| PendingSync {
+            upto: appended.high_water_mark,
+            partition: p,
+        });
+        Ok((appended, pending))
+    }
+
+    /// The stored Raft entries with indexes `from..to` (fewer when the log ends first),
+    /// records included; `from` below the first entry kept is an error.
+    pub fn raft_entries(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<RaftEntry>, StorageError> {
+        self.partition(topic, partition)?.raft_entries(from, to)
+    }
+
+    /// Removes the entries from index `from` on, durably (a follower's divergent tail).
+    /// Entries below the high-water mark are never removed: that is an error.
+    pub fn raft_truncate(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+    ) -> Result<(), StorageError> {
+        self.partition(topic, partition)?.raft_truncate(from)
+    }
+
+    /// Purges the entries up to `upto` (which must be stored with that log id): the log start
+    /// moves to the offset after it (and the high-water mark too, if below: a purged entry is
+    /// committed) and the segments holding only purged entries are deleted. The purge is
+    /// persisted in `partition.toml`.
+    pub fn raft_purge(
+        &self,
+        topic: &str,
+        partition: u32,
+        upto: RaftLogId,
+    ) -> Result<(), StorageError> {
+        self.partition(topic, partition)?.raft_purge(upto)
+    }
+
+    /// Empties a replicated partition's log for a snapshot ending at `last_purged`: the next
+    /// entry has the index after it and goes at `next_offset`, which becomes the log start and
+    /// the high-water mark.
+    pub fn raft_reset(
+        &self,
+        topic: &str,
+        partition: u32,
+        last_purged: RaftLogId,
+        next_offset: i64,
+    ) -> Result<(), StorageError> {
+        self.partition(topic, partition)?
+            .raft_reset(last_purged, next_offset)
+    }
+
+    /// Moves a replicated partition's high-water mark up to `offset` (the end of the last
+    /// committed entry): Fetch, its fetch plan and GetOffset's end never go past it.
+    pub fn set_high_water_mark(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: i64,
+    ) -> Result<(), StorageError> {
+        self.partition(topic, partition)?
+            .set_high_water_mark(offset)
+    }
+
+    /// An empty idempotent producer table for a replicated partition's state machine, bounded
+    /// by `max_producers_per_partition` and counted in [`StorageStats::producers`].
+    pub fn producer_table(&self) -> ProducerTable {
+        ProducerTable::new(
+            self.inner.config.max_producers_per_partition,
+            Arc::clone(&self.inner.counters),
+        )
+    }
+
     /// Fsyncs every partition, whatever its policy (for a graceful shutdown).
     pub fn sync_all(&self) -> Result<(), StorageError> {
         // One partition's failure doesn't spare the others their fsync.
@@ -620,6 +760,7 @@ fn open_topic(
     dir: &std::path::Path,
     count: u32,
     cfg: &TopicConfig,
+    raft: bool,
     counters: &Arc<Counters>,
 ) -> Result<TopicState, StorageError> {
     let settings = Settings {
@@ -628,13 +769,14 @@ fn open_topic(
         retention_bytes: cfg.retention_bytes.or(config.retention_bytes),
         retention_age: cfg.retention_age.or(config.retention_age),
         max_producers: config.max_producers_per_partition,
+        raft,
     };
     let partitions = (0..count)
         .map(|p| {
             Partition::open(dir.join(p.to_string()), settings, Arc::clone(counters)).map(Arc::new)
         })
         .collect::<Result<_, _>>()?;
-    Ok(TopicState { partitions })
+    Ok(TopicState { partitions, raft })
 }
 
 /// The background thread: fsyncs `Interval` partitions when due and applies retention.

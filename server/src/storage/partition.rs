@@ -23,7 +23,8 @@ use super::config::FsyncPolicy;
 use super::durability;
 use super::error::{IoContext, StorageError};
 use super::producers::{Decision, PidxEntry, ProducerBatch, Producers};
-use super::segment::{self, ENTRY_LEN, IndexEntry, SAMPLE_EVERY, Segment};
+use super::raft::{RaftAppend, RaftEntry, RaftEntryKind, RaftLogId, RaftLogState, RaftMeta};
+use super::segment::{self, ENTRY_LEN, IndexEntry, RAFT_ENTRY_LEN, SAMPLE_EVERY, Segment};
 use super::{AppendResult, Counters, FetchPlan, FetchResult, LogRange, lock, meta, read, write};
 
 /// A partition's effective settings (the topic's overrides applied over the broker's).
@@ -34,6 +35,8 @@ pub(crate) struct Settings {
     pub(crate) retention_bytes: Option<u64>,
     pub(crate) retention_age: Option<Duration>,
     pub(crate) max_producers: NonZeroUsize,
+    /// The partition is a Raft log (index format 2, a replicated topic).
+    pub(crate) raft: bool,
 }
 
 #[derive(Debug)]
@@ -51,10 +54,12 @@ struct SegState {
     last_append: Option<i64>,
     /// Base offset of entries 0, SAMPLE_EVERY, 2·SAMPLE_EVERY, …
     samples: Vec<i64>,
+    /// A Raft log partition: the Raft index of entry 0 (the next index when empty).
+    first_index: u64,
 }
 
 impl SegState {
-    fn empty(seg: Arc<Segment>) -> Self {
+    fn empty(seg: Arc<Segment>, first_index: u64) -> Self {
         Self {
             end: seg.base,
             seg,
@@ -63,6 +68,7 @@ impl SegState {
             log_len: 0,
             last_append: None,
             samples: Vec::new(),
+            first_index,
         }
     }
 
@@ -86,6 +92,37 @@ struct State {
     unsynced: Vec<Arc<Segment>>,
     /// The directory has entries (new segment files) not yet fsynced.
     dir_dirty: bool,
+    /// A Raft log partition's Raft state; `None` for a single broker's partition.
+    raft: Option<RaftState>,
+}
+
+#[derive(Debug)]
+struct RaftState {
+    /// The high-water mark: readers never see an offset at or past it.
+    commit: i64,
+    /// The last entry stored (or purged, when none is stored after it).
+    last: Option<RaftLogId>,
+    last_purged: Option<RaftLogId>,
+}
+
+impl State {
+    /// The end readers see: the high-water mark of a Raft log, the log's end otherwise.
+    fn visible_end(&self) -> i64 {
+        match &self.raft {
+            None => self.active.end,
+            Some(r) => r.commit,
+        }
+    }
+
+    /// The Raft index the next entry gets.
+    fn next_index(&self) -> u64 {
+        self.active.first_index + self.active.entries
+    }
+
+    /// The segments in order, the active one last.
+    fn segments(&self) -> impl Iterator<Item = &SegState> {
+        self.sealed.iter().chain(std::iter::once(&self.active))
+    }
 }
 
 #[derive(Debug)]
@@ -146,14 +183,18 @@ impl Partition {
                 reason: "partition directory is missing".into(),
             });
         }
-        let persisted_start = meta::read_partition(&dir)?;
+        let (persisted_start, last_purged) = match meta::read_partition_raft(&dir)? {
+            Some((start, purged)) => (Some(start), purged),
+            None => (None, None),
+        };
         let mut bases = segment::list(&dir)?;
         let start_hint = persisted_start.unwrap_or(0);
         // Segments wholly below the persisted log start are left over from an interrupted
-        // retention run.
-        while bases.len() >= 2 && bases.get(1).is_some_and(|&b| b <= start_hint) {
+        // retention run. (A Raft log's are found by index below: an entry without messages
+        // may sit at the next segment's base offset.)
+        while !settings.raft && bases.len() >= 2 && bases.get(1).is_some_and(|&b| b <= start_hint) {
             let base = bases.remove(0);
-            Segment::open(&dir, base, false)?.remove_files();
+            Segment::open(&dir, base, false, false)?.remove_files();
         }
         // A new partition (or one whose files vanished) starts with an empty segment, whose
         // directory entry the first fsync makes durable.
@@ -164,8 +205,11 @@ impl Partition {
         let last = bases.len() - 1;
         let mut segs: Vec<SegState> = Vec::with_capacity(bases.len());
         let mut producers = Producers::new(settings.max_producers, Arc::clone(&counters));
+        // A Raft log: the last entry so far, and the index the next one must have.
+        let mut last_raft = last_purged;
+        let mut next_index = last_purged.map_or(0, |p| p.index.saturating_add(1));
         for (i, &base) in bases.iter().enumerate() {
-            let mut seg = Segment::open(&dir, base, false)?;
+            let mut seg = Segment::open(&dir, base, false, settings.raft)?;
             if let Some(prev) = segs.last()
                 && base < prev.end
             {
@@ -189,6 +233,26 @@ impl Partition {
                 counters.inc(&counters.recovery_truncations, 1);
                 counters.inc(&counters.recovery_truncated_bytes, rec.truncated_bytes);
             }
+            let first_index = match rec.first_raft {
+                // The first segment may start before the last purged entry (a purge keeps
+                // the segment holding it); the others continue their predecessor.
+                Some(m) if segs.is_empty() && m.log_id.index <= next_index => m.log_id.index,
+                Some(m) if m.log_id.index == next_index => m.log_id.index,
+                Some(m) => {
+                    return Err(StorageError::Corrupt {
+                        path: seg.idx_path.clone(),
+                        reason: format!(
+                            "the segment's first Raft index is {}, the log's next is {next_index}",
+                            m.log_id.index
+                        ),
+                    });
+                }
+                None => next_index,
+            };
+            if let Some(m) = rec.last_raft {
+                next_index = m.log_id.index.saturating_add(1);
+                last_raft = last_raft.max(Some(m.log_id));
+            }
             // Replayed in append order: the most recent producers are the ones kept.
             let pidx = seg.recover_pidx(rec.end_offset, i == last)?;
             for e in &pidx {
@@ -202,7 +266,20 @@ impl Partition {
                 end: rec.end_offset,
                 last_append: rec.last_append,
                 samples: rec.samples,
+                first_index,
             });
+        }
+        // A Raft log's segments whose every entry was purged (a purge interrupted between
+        // persisting and unlinking).
+        if let Some(p) = last_purged {
+            while segs.len() >= 2
+                && segs
+                    .first()
+                    .is_some_and(|s| s.first_index + s.entries <= p.index.saturating_add(1))
+            {
+                let s = segs.remove(0);
+                s.seg.remove_files();
+            }
         }
         let active = segs.pop().ok_or_else(|| StorageError::Corrupt {
             path: dir.clone(),
@@ -220,8 +297,15 @@ impl Partition {
             log_start = active.end;
             // On disk too: otherwise appends acknowledged from here would sit below the old
             // start after the next open and be hidden (found by the storage_recovery fuzz target).
-            meta::write_partition(&dir, log_start)?;
+            meta::write_partition_raft(&dir, log_start, last_purged)?;
         }
+        // A Raft log's high-water mark starts at its log start: the replication layer moves
+        // it as it applies committed entries.
+        let raft = settings.raft.then_some(RaftState {
+            commit: log_start,
+            last: last_raft,
+            last_purged,
+        });
         let end = active.end;
         Ok(Self {
             dir,
@@ -237,6 +321,7 @@ impl Partition {
                 active,
                 unsynced: Vec::new(),
                 dir_dirty: created,
+                raft,
             }),
             // What recovery found counts as on disk: fsyncing every partition at open would
             // cost a device flush each, whether or not anything is dirty.
@@ -254,7 +339,7 @@ impl Partition {
     /// `(log start, end)`; the end is the high-water mark.
     pub(crate) fn offsets(&self) -> (i64, i64) {
         let st = read(&self.state);
-        (st.log_start, st.active.end)
+        (st.log_start, st.visible_end())
     }
 
     /// Appends the messages as one batch, stamping offsets (and zero timestamps) in place;
@@ -305,6 +390,11 @@ impl Partition {
         let mut w = lock(&self.writer);
         if self.removed.load(Ordering::Relaxed) {
             return Err(self.gone());
+        }
+        if self.settings.raft {
+            return Err(self.raft_error(
+                "a replicated partition takes entries through its Raft group only".into(),
+            ));
         }
         let Writer { scratch, producers } = &mut *w;
         if let Some(pb) = producer
@@ -412,6 +502,473 @@ impl Partition {
         self.removed.store(true, Ordering::Relaxed);
     }
 
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    fn raft_error(&self, reason: String) -> StorageError {
+        StorageError::RaftLog {
+            dir: self.dir.clone(),
+            reason,
+        }
+    }
+
+    fn not_raft(&self) -> StorageError {
+        self.raft_error(
+            "not a Raft log: its topic was created by a single broker (index format 1)".into(),
+        )
+    }
+
+    /// The log as Raft sees it.
+    pub(crate) fn raft_state(&self) -> Result<RaftLogState, StorageError> {
+        let st = read(&self.state);
+        let Some(r) = &st.raft else {
+            return Err(self.not_raft());
+        };
+        Ok(RaftLogState {
+            last_purged: r.last_purged,
+            last: r.last,
+            next_index: st.next_index(),
+            log_start: st.log_start,
+            end: st.active.end,
+            high_water_mark: r.commit,
+        })
+    }
+
+    /// Moves the high-water mark to `hwm`, the end offset of the last committed entry: up
+    /// only, and never past the log's end.
+    pub(crate) fn set_high_water_mark(&self, hwm: i64) -> Result<(), StorageError> {
+        let mut st = write(&self.state);
+        let end = st.active.end;
+        let Some(r) = &mut st.raft else {
+            drop(st);
+            return Err(self.not_raft());
+        };
+        if hwm < r.commit || hwm > end {
+            let commit = r.commit;
+            drop(st);
+            return Err(self.raft_error(format!(
+                "high-water mark {hwm} is outside {commit}..={end} (it only moves up, to at most the log's end)"
+            )));
+        }
+        r.commit = hwm;
+        Ok(())
+    }
+
+    /// Appends one Raft entry: its index must be the log's next and its base offset the
+    /// log's end; records are stored byte for byte as given (the leader stamped them).
+    pub(crate) fn raft_append(&self, a: &RaftAppend<'_>) -> Result<AppendResult, StorageError> {
+        let count = a.messages.count();
+        let index = a.log_id.index;
+        if (a.kind == RaftEntryKind::Records) != (count > 0) {
+            return Err(self.raft_error(format!(
+                "entry {index} ({:?}) has {count} messages: a Records entry holds one or more, the others none",
+                a.kind
+            )));
+        }
+        let bytes = a.messages.as_bytes();
+        let len = u32::try_from(bytes.len()).map_err(|_| StorageError::BatchTooLarge {
+            len: bytes.len(),
+            max: u32::MAX as usize,
+        })?;
+        let _w = lock(&self.writer);
+        if self.removed.load(Ordering::Relaxed) {
+            return Err(self.gone());
+        }
+        let (mut seg, mut pos, mut entries, base, next_index) = {
+            let st = read(&self.state);
+            if st.raft.is_none() {
+                drop(st);
+                return Err(self.not_raft());
+            }
+            let a = &st.active;
+            (
+                Arc::clone(&a.seg),
+                a.log_len,
+                a.entries,
+                a.end,
+                st.next_index(),
+            )
+        };
+        if index != next_index {
+            return Err(self.raft_error(format!(
+                "entry {index} does not follow the log: the next index is {next_index}"
+            )));
+        }
+        if a.base_offset != base {
+            return Err(self.raft_error(format!(
+                "entry {index} starts at offset {}, but the log ends at {base}",
+                a.base_offset
+            )));
+        }
+        let end = base
+            .checked_add(i64::from(count))
+            .ok_or(StorageError::OffsetOverflow { end: base, count })?;
+        if len > 0 && pos > 0 && pos + u64::from(len) > self.settings.segment_bytes {
+            seg = self.roll(base)?;
+            pos = 0;
+            entries = 0;
+        }
+        let entry = IndexEntry {
+            base_offset: base,
+            pos,
+            append_time: a.append_time,
+            count,
+            len,
+            crc: checksum::checksum(bytes),
+        };
+        let meta = RaftMeta {
+            log_id: a.log_id,
+            kind: a.kind,
+            producer: a.producer,
+        };
+        if len > 0 {
+            seg.log
+                .write_all_at(bytes, pos)
+                .ctx("write", &seg.log_path)?;
+        }
+        seg.idx
+            .write_all_at(&entry.encode_raft(&meta), entries * RAFT_ENTRY_LEN as u64)
+            .ctx("write", &seg.idx_path)?;
+        {
+            let mut st = write(&self.state);
+            let act = &mut st.active;
+            if act.entries.is_multiple_of(SAMPLE_EVERY) {
+                act.samples.push(base);
+            }
+            act.entries += 1;
+            act.log_len = entry.end_pos();
+            act.end = end;
+            act.last_append = Some(a.append_time);
+            if let Some(r) = &mut st.raft {
+                r.last = Some(a.log_id);
+            }
+        }
+        if count > 0 {
+            let c = &self.counters;
+            c.inc(&c.appends, 1);
+            c.inc(&c.messages_appended, u64::from(count));
+            c.inc(&c.bytes_appended, u64::from(len));
+        }
+        Ok(AppendResult {
+            base_offset: base,
+            count,
+            high_water_mark: end,
+        })
+    }
+
+    /// The segment holding Raft index `index` (the last whose first index is at or below
+    /// it, among those holding entries), as a position in `segments()`.
+    fn raft_segment(st: &State, index: u64) -> Option<usize> {
+        st.segments()
+            .enumerate()
+            .filter(|(_, s)| s.entries > 0 && s.first_index <= index)
+            .last()
+            .map(|(k, _)| k)
+    }
+
+    /// The first index a read may ask for: after the last purged entry, and stored.
+    fn raft_first_readable(st: &State) -> u64 {
+        let first_stored = st
+            .segments()
+            .find(|s| s.entries > 0)
+            .map_or(st.next_index(), |s| s.first_index);
+        let after_purged = st
+            .raft
+            .as_ref()
+            .and_then(|r| r.last_purged)
+            .map_or(0, |p| p.index.saturating_add(1));
+        first_stored.max(after_purged)
+    }
+
+    /// The entries with indexes `from..to` (fewer if the log ends before `to`), records
+    /// included. `from` below the first entry kept is an error.
+    pub(crate) fn raft_entries(&self, from: u64, to: u64) -> Result<Vec<RaftEntry>, StorageError> {
+        let segs: Vec<(Arc<Segment>, u64, u64)> = {
+            let st = read(&self.state);
+            if st.raft.is_none() {
+                drop(st);
+                return Err(self.not_raft());
+            }
+            let first = Self::raft_first_readable(&st);
+            if from < first && from < to {
+                drop(st);
+                return Err(self.raft_error(format!(
+                    "entries from {from} are asked for, but the log keeps them from {first} on"
+                )));
+            }
+            st.segments()
+                .filter(|s| s.entries > 0 && s.first_index < to && s.first_index + s.entries > from)
+                .map(|s| (Arc::clone(&s.seg), s.first_index, s.entries))
+                .collect()
+        };
+        let mut out = Vec::new();
+        let mut idx = Vec::new();
+        for (seg, first, entries) in segs {
+            let lo = from.max(first) - first;
+            let hi = to.min(first + entries) - first;
+            if lo >= hi {
+                continue;
+            }
+            seg.read_raft_entries(lo, hi - lo, &mut idx)?;
+            let (Some((a, _)), Some((b, _))) = (idx.first(), idx.last()) else {
+                continue;
+            };
+            let start = a.pos;
+            let mut data = vec![0u8; usize::try_from(b.end_pos() - start).unwrap_or(0)];
+            seg.log
+                .read_exact_at(&mut data, start)
+                .ctx("read log", &seg.log_path)?;
+            for (e, m) in &idx {
+                let at = usize::try_from(e.pos - start).unwrap_or(0);
+                let records = data
+                    .get(at..at + e.len as usize)
+                    .unwrap_or_default()
+                    .to_vec();
+                out.push(RaftEntry {
+                    log_id: m.log_id,
+                    kind: m.kind,
+                    base_offset: e.base_offset,
+                    count: e.count,
+                    append_time: e.append_time,
+                    producer: m.producer,
+                    records,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes the entries from index `from` on (a follower's divergent tail), durably.
+    /// Entries below the high-water mark (committed) or purged are refused.
+    pub(crate) fn raft_truncate(&self, from: u64) -> Result<(), StorageError> {
+        let _w = lock(&self.writer);
+        if self.removed.load(Ordering::Relaxed) {
+            return Err(self.gone());
+        }
+        let st = read(&self.state);
+        let Some(r) = &st.raft else {
+            drop(st);
+            return Err(self.not_raft());
+        };
+        if from >= st.next_index() {
+            return Ok(());
+        }
+        let first = Self::raft_first_readable(&st);
+        let commit = r.commit;
+        let purged = r.last_purged;
+        let Some(k) = Self::raft_segment(&st, from).filter(|_| from >= first) else {
+            drop(st);
+            return Err(self.raft_error(format!(
+                "cannot truncate from entry {from}: the log keeps entries from {first} on"
+            )));
+        };
+        let Some(target) = st.segments().nth(k) else {
+            return Ok(());
+        };
+        let seg = Arc::clone(&target.seg);
+        let keep = from - target.first_index;
+        let first_index = target.first_index;
+        let samples_kept = keep.div_ceil(SAMPLE_EVERY) as usize;
+        let samples: Vec<i64> = target.samples.iter().take(samples_kept).copied().collect();
+        // The new last entry: in this segment, in the one before, or the last purged.
+        let prev_seg = k.checked_sub(1).and_then(|j| st.segments().nth(j));
+        let prev = prev_seg.map(|s| (Arc::clone(&s.seg), s.entries));
+        drop(st);
+        let mut buf = Vec::new();
+        seg.read_raft_entries(keep, 1, &mut buf)?;
+        let Some(&(cut, _)) = buf.first() else {
+            return Ok(());
+        };
+        if cut.base_offset < commit {
+            return Err(self.raft_error(format!(
+                "cannot truncate from entry {from} at offset {}: the high-water mark is {commit} (committed entries are never removed)",
+                cut.base_offset
+            )));
+        }
+        let (new_last, last_append) = if keep > 0 {
+            seg.read_raft_entries(keep - 1, 1, &mut buf)?;
+            let l = buf.first().copied();
+            (l.map(|(_, m)| m.log_id), l.map(|(e, _)| e.append_time))
+        } else if let Some((pseg, n)) = prev.filter(|(_, n)| *n > 0) {
+            pseg.read_raft_entries(n - 1, 1, &mut buf)?;
+            let l = buf.first().copied();
+            (l.map(|(_, m)| m.log_id), None)
+        } else {
+            (purged, None)
+        };
+        // A segment left empty goes too (unless it is the first): the previous one is active
+        // again, exactly as before the entry that rolled it. So the segment files are a
+        // function of the entries appended (and the segment size), and replicas that append
+        // the same entries hold the same files whatever they truncated on the way.
+        let drop_target = keep == 0 && k > 0;
+        // Readers stop seeing the cut entries first (they are past the high-water mark, so
+        // no fetch reads them anyway); then the files are cut.
+        let removed: Vec<SegState> = {
+            let mut st = write(&self.state);
+            let mut all: Vec<SegState> = std::mem::take(&mut st.sealed);
+            let old_active = std::mem::replace(
+                &mut st.active,
+                SegState::empty(Arc::clone(&seg), first_index),
+            );
+            all.push(old_active);
+            let removed = all.split_off(if drop_target { k } else { k + 1 });
+            let mut kept = all;
+            if let Some(mut t) = kept.pop() {
+                if !drop_target {
+                    t.entries = keep;
+                    t.pidx_entries = 0;
+                    t.log_len = cut.pos;
+                    t.end = cut.base_offset;
+                    t.samples = samples;
+                    t.last_append = last_append;
+                }
+                st.active = t;
+            }
+            st.sealed = kept;
+            st.unsynced
+                .retain(|u| !removed.iter().any(|r| Arc::ptr_eq(&r.seg, u)));
+            if let Some(r) = &mut st.raft {
+                r.last = new_last;
+            }
+            removed
+        };
+        {
+            let mut s = lock(&self.sync);
+            s.durable_end = s.durable_end.min(cut.base_offset);
+        }
+        for r in &removed {
+            r.seg.remove_files();
+        }
+        if !drop_target {
+            seg.cut(keep, cut.pos)?;
+        }
+        if !removed.is_empty() {
+            meta::sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Purges the entries up to `upto` (committed and in a snapshot): the log start (and the
+    /// high-water mark, if below) moves to the offset after it, and the sealed segments holding
+    /// only purged entries are deleted.
+    pub(crate) fn raft_purge(&self, upto: RaftLogId) -> Result<(), StorageError> {
+        let _w = lock(&self.writer);
+        if self.removed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let (seg, pos, new_start_min, n) = {
+            let st = read(&self.state);
+            let Some(r) = &st.raft else {
+                drop(st);
+                return Err(self.not_raft());
+            };
+            if r.last_purged.is_some_and(|p| p.index >= upto.index) {
+                return Ok(());
+            }
+            let next = st.next_index();
+            let Some(k) = Self::raft_segment(&st, upto.index).filter(|_| upto.index < next) else {
+                drop(st);
+                return Err(self.raft_error(format!(
+                    "cannot purge up to entry {}: the log's next index is {next} (install a snapshot past the log with a reset)",
+                    upto.index
+                )));
+            };
+            let Some(s) = st.segments().nth(k) else {
+                return Ok(());
+            };
+            // Sealed segments whose last entry is purged.
+            let n = st
+                .sealed
+                .iter()
+                .take_while(|s| s.first_index + s.entries <= upto.index.saturating_add(1))
+                .count();
+            (
+                Arc::clone(&s.seg),
+                upto.index - s.first_index,
+                st.log_start,
+                n,
+            )
+        };
+        let mut buf = Vec::new();
+        seg.read_raft_entries(pos, 1, &mut buf)?;
+        let Some(&(e, m)) = buf.first() else {
+            return Ok(());
+        };
+        if m.log_id != upto {
+            return Err(self.raft_error(format!(
+                "cannot purge up to {upto:?}: the log holds {:?} at that index",
+                m.log_id
+            )));
+        }
+        let new_start = new_start_min.max(e.end_offset());
+        // Persist first: a crash before the files are gone leaves segments the next open
+        // removes.
+        meta::write_partition_raft(&self.dir, new_start, Some(upto))?;
+        let victims: Vec<SegState> = {
+            let mut st = write(&self.state);
+            st.log_start = new_start;
+            if let Some(r) = &mut st.raft {
+                r.last_purged = Some(upto);
+                // A purged entry is committed (it is in a snapshot): the high-water mark
+                // covers it, even if the purge comes before the apply that moves it.
+                r.commit = r.commit.max(new_start);
+            }
+            st.sealed.drain(..n).collect()
+        };
+        for v in &victims {
+            v.seg.remove_files();
+        }
+        self.counters
+            .inc(&self.counters.segments_deleted, victims.len() as u64);
+        Ok(())
+    }
+
+    /// Empties the log for a snapshot that covers more than it holds: every entry up to
+    /// `last_purged` is in the snapshot, the next entry goes at offset `next_offset`, which
+    /// is also the high-water mark.
+    pub(crate) fn raft_reset(
+        &self,
+        last_purged: RaftLogId,
+        next_offset: i64,
+    ) -> Result<(), StorageError> {
+        let _w = lock(&self.writer);
+        if self.removed.load(Ordering::Relaxed) {
+            return Err(self.gone());
+        }
+        if read(&self.state).raft.is_none() {
+            return Err(self.not_raft());
+        }
+        let old: Vec<Arc<Segment>> = read(&self.state)
+            .segments()
+            .map(|s| Arc::clone(&s.seg))
+            .collect();
+        // Unlink the old log, then record the purge, then start the new segment: a crash in
+        // between leaves an empty log (the group sends the snapshot again), never a mix.
+        for s in &old {
+            s.remove_files();
+        }
+        meta::sync_dir(&self.dir)?;
+        meta::write_partition_raft(&self.dir, next_offset, Some(last_purged))?;
+        let seg = Arc::new(Segment::open(&self.dir, next_offset, true, true)?);
+        meta::sync_dir(&self.dir)?;
+        {
+            let mut st = write(&self.state);
+            st.sealed.clear();
+            st.unsynced.clear();
+            st.active = SegState::empty(seg, last_purged.index.saturating_add(1));
+            st.log_start = next_offset;
+            st.raft = Some(RaftState {
+                commit: next_offset,
+                last: Some(last_purged),
+                last_purged: Some(last_purged),
+            });
+        }
+        let mut s = lock(&self.sync);
+        s.durable_end = next_offset;
+        Ok(())
+    }
+
     fn gone(&self) -> StorageError {
         let topic = self
             .dir
@@ -424,9 +981,13 @@ impl Partition {
 
     /// Starts a new active segment at `base` (called with the writer lock held).
     fn roll(&self, base: i64) -> Result<Arc<Segment>, StorageError> {
-        let seg = Arc::new(Segment::open(&self.dir, base, true)?);
+        let seg = Arc::new(Segment::open(&self.dir, base, true, self.settings.raft)?);
         let mut st = write(&self.state);
-        let old = std::mem::replace(&mut st.active, SegState::empty(Arc::clone(&seg)));
+        let first_index = st.next_index();
+        let old = std::mem::replace(
+            &mut st.active,
+            SegState::empty(Arc::clone(&seg), first_index),
+        );
         st.unsynced.push(Arc::clone(&old.seg));
         st.sealed.push(old);
         st.dir_dirty = true;
@@ -482,7 +1043,7 @@ impl Partition {
     ) -> Result<(i64, i64, FetchState), StorageError> {
         let (log_start, hwm, snaps) = {
             let st = read(&self.state);
-            let end = st.active.end;
+            let end = st.visible_end();
             if offset < st.log_start || offset > end {
                 return Err(StorageError::OffsetOutOfRange {
                     offset,
@@ -524,6 +1085,7 @@ impl Partition {
             (st.log_start, end, snaps)
         };
         let mut out = FetchState {
+            stop: hwm,
             limit: max_bytes.min(max_total) as usize,
             max_total,
             out: Vec::new(),
@@ -612,6 +1174,14 @@ impl Partition {
             s.last_sync = Instant::now();
             self.synced.notify_all();
             match r {
+                Ok(synced_end) if synced_end < upto => {
+                    s.durable_end = s.durable_end.max(synced_end);
+                    // Everything stored is on disk and the batch is not among it: a Raft log
+                    // truncation removed it (a plain log never shrinks).
+                    return Err(self.raft_error(format!(
+                        "offsets below {upto} were truncated from the log (it ends at {synced_end}) before they were on disk"
+                    )));
+                }
                 Ok(synced_end) => s.durable_end = s.durable_end.max(synced_end),
                 Err((end, e)) => {
                     // Everything this fsync covered is in doubt: every waiter for it fails (the
@@ -669,7 +1239,8 @@ impl Partition {
             retention_age,
             ..
         } = self.settings;
-        if retention_bytes.is_none() && retention_age.is_none() {
+        // A Raft log is trimmed by its group (snapshot, then purge), never under it.
+        if self.settings.raft || (retention_bytes.is_none() && retention_age.is_none()) {
             return Ok(0);
         }
         let cutoff = retention_age
@@ -718,6 +1289,8 @@ impl Partition {
 
 /// The state of one fetch.
 struct FetchState {
+    /// The high-water mark: no batch at or past it is read (a Raft log's uncommitted tail).
+    stop: i64,
     limit: usize,
     max_total: u32,
     out: Vec<u8>,
@@ -766,6 +1339,10 @@ impl FetchState {
             let Some(&e) = self.entries.get((i - chunk_start) as usize) else {
                 break;
             };
+            if e.base_offset >= self.stop {
+                done = true;
+                break;
+            }
             if self.count > 0 && self.taken >= self.limit {
                 done = true;
                 break;

@@ -274,6 +274,27 @@ impl Producers {
         }
     }
 
+    /// Every kept batch as `(producer fields, count, base offset)`: producers from the least
+    /// to the most recently used, each one's batches oldest first. Replaying them through
+    /// [`record`](Self::record) in this order rebuilds the same table.
+    pub(crate) fn export(&self) -> Vec<(ProducerBatch, u32, i64)> {
+        let mut out = Vec::new();
+        for (&producer_id, s) in self.map.iter().rev() {
+            for b in s.iter() {
+                out.push((
+                    ProducerBatch {
+                        producer_id,
+                        epoch: s.epoch,
+                        base_sequence: b.base_sequence,
+                    },
+                    b.count,
+                    b.base_offset,
+                ));
+            }
+        }
+        out
+    }
+
     /// Producers known.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -603,6 +624,49 @@ mod tests {
                 prop_assert_eq!(end, model.end);
                 prop_assert_eq!(p.len(), model.state.len());
             }
+        }
+    }
+}
+
+/// The idempotent producer state of a replicated partition, kept by its Raft state machine
+/// (not by the log: a replica's table is the committed entries', see `docs/cluster.md`). The
+/// same rules and bounds as a single broker's table; counted in the storage's producer gauges.
+#[derive(Debug)]
+pub struct ProducerTable(Producers);
+
+impl ProducerTable {
+    pub(crate) fn new(max: NonZeroUsize, counters: Arc<Counters>) -> Self {
+        Self(Producers::new(max, counters))
+    }
+
+    /// Checks a batch of `count` (≥ 1) messages by protocol §6.2: `Ok(None)` to append it,
+    /// `Ok(Some((base_offset, count)))` for a retry of a batch already in the log there.
+    pub fn check(
+        &mut self,
+        batch: &ProducerBatch,
+        count: u32,
+    ) -> Result<Option<(i64, u32)>, StorageError> {
+        Ok(match self.0.check(batch, count)? {
+            Decision::Append => None,
+            Decision::Duplicate { base_offset, count } => Some((base_offset, count)),
+        })
+    }
+
+    /// Records a batch stored at `base_offset`.
+    pub fn record(&mut self, batch: &ProducerBatch, count: u32, base_offset: i64) {
+        self.0.record(batch, count, base_offset);
+    }
+
+    /// The table as a list (for a snapshot): see [`import`](Self::import).
+    pub fn export(&self) -> Vec<(ProducerBatch, u32, i64)> {
+        self.0.export()
+    }
+
+    /// Replaces the table with an exported one.
+    pub fn import(&mut self, batches: &[(ProducerBatch, u32, i64)]) {
+        self.0 = Producers::new(self.0.max, Arc::clone(&self.0.counters));
+        for (b, count, base) in batches {
+            self.0.record(b, *count, *base);
         }
     }
 }

@@ -14,13 +14,17 @@ use streambus_core::checksum;
 
 use super::durability;
 use super::error::{IoContext, StorageError};
-use super::producers::{PIDX_ENTRY_LEN, PidxEntry};
+use super::producers::{PIDX_ENTRY_LEN, PidxEntry, ProducerBatch};
+use super::raft::{RaftEntryKind, RaftLogId, RaftMeta};
 
 /// The `.pidx` file is extended by this many (zero-filled) entries at a time: 64 KiB.
 const PIDX_GROW_ENTRIES: u64 = 2048;
 
 /// Bytes of one index entry.
 pub(crate) const ENTRY_LEN: usize = 40;
+/// Bytes of one index entry of a Raft log partition (index format 2): the 40 bytes of format 1
+/// (its CRC moved to the end) plus the entry's log id, producer fields and kind.
+pub(crate) const RAFT_ENTRY_LEN: usize = 80;
 /// The smallest message record (offset, timestamp and three empty lengths).
 const MIN_RECORD_LEN: u64 = streambus_core::MESSAGE_FIXED_LEN as u64;
 
@@ -36,6 +40,19 @@ mod field {
     pub(super) const ENTRY_CRC: Range<usize> = 36..40;
 }
 
+/// Index format 2 (Raft log partitions): bytes 0..36 as in format 1, then these.
+mod raft_field {
+    use std::ops::Range;
+    pub(super) const TERM: Range<usize> = 36..44;
+    pub(super) const NODE_ID: Range<usize> = 44..52;
+    pub(super) const INDEX: Range<usize> = 52..60;
+    pub(super) const PRODUCER_ID: Range<usize> = 60..68;
+    pub(super) const BASE_SEQUENCE: Range<usize> = 68..72;
+    pub(super) const EPOCH: Range<usize> = 72..74;
+    pub(super) const KIND: usize = 74;
+    pub(super) const ENTRY_CRC: Range<usize> = 76..80;
+}
+
 /// One stored batch: `count` records starting at `base_offset`, `len` bytes at `pos` of the
 /// `.log`, whose CRC-32 is `crc`; appended at `append_time` (Unix ns, the broker's clock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +65,7 @@ pub(crate) struct IndexEntry {
     pub(crate) crc: u32,
 }
 
-fn get<const N: usize>(b: &[u8; ENTRY_LEN], r: std::ops::Range<usize>) -> [u8; N] {
+fn get<const N: usize, const L: usize>(b: &[u8; L], r: std::ops::Range<usize>) -> [u8; N] {
     let mut out = [0u8; N];
     if let Some(src) = b.get(r) {
         out.copy_from_slice(src);
@@ -56,7 +73,7 @@ fn get<const N: usize>(b: &[u8; ENTRY_LEN], r: std::ops::Range<usize>) -> [u8; N
     out
 }
 
-fn put(b: &mut [u8; ENTRY_LEN], r: std::ops::Range<usize>, v: &[u8]) {
+fn put<const L: usize>(b: &mut [u8; L], r: std::ops::Range<usize>, v: &[u8]) {
     if let Some(dst) = b.get_mut(r) {
         dst.copy_from_slice(v);
     }
@@ -100,6 +117,83 @@ impl IndexEntry {
             crc: u32::from_be_bytes(get(b, field::RECORDS_CRC)),
         })
     }
+
+    /// Encodes an entry of index format 2 with its Raft fields.
+    pub(crate) fn encode_raft(&self, m: &RaftMeta) -> [u8; RAFT_ENTRY_LEN] {
+        let mut b = [0u8; RAFT_ENTRY_LEN];
+        put(&mut b, field::BASE_OFFSET, &self.base_offset.to_be_bytes());
+        put(&mut b, field::POS, &self.pos.to_be_bytes());
+        put(&mut b, field::APPEND_TIME, &self.append_time.to_be_bytes());
+        put(&mut b, field::COUNT, &self.count.to_be_bytes());
+        put(&mut b, field::LEN, &self.len.to_be_bytes());
+        put(&mut b, field::RECORDS_CRC, &self.crc.to_be_bytes());
+        put(&mut b, raft_field::TERM, &m.log_id.term.to_be_bytes());
+        put(&mut b, raft_field::NODE_ID, &m.log_id.node_id.to_be_bytes());
+        put(&mut b, raft_field::INDEX, &m.log_id.index.to_be_bytes());
+        let p = m.producer.unwrap_or(ProducerBatch {
+            producer_id: 0,
+            epoch: 0,
+            base_sequence: 0,
+        });
+        put(
+            &mut b,
+            raft_field::PRODUCER_ID,
+            &p.producer_id.to_be_bytes(),
+        );
+        put(
+            &mut b,
+            raft_field::BASE_SEQUENCE,
+            &p.base_sequence.to_be_bytes(),
+        );
+        put(&mut b, raft_field::EPOCH, &p.epoch.to_be_bytes());
+        if let Some(k) = b.get_mut(raft_field::KIND) {
+            *k = m.kind.code();
+        }
+        let crc = checksum::checksum(b.get(..raft_field::ENTRY_CRC.start).unwrap_or_default());
+        put(&mut b, raft_field::ENTRY_CRC, &crc.to_be_bytes());
+        b
+    }
+
+    /// Decodes an entry of index format 2; `None` if its checksum doesn't match or its kind
+    /// or producer fields are invalid.
+    pub(crate) fn decode_raft(b: &[u8; RAFT_ENTRY_LEN]) -> Option<(Self, RaftMeta)> {
+        let crc = checksum::checksum(b.get(..raft_field::ENTRY_CRC.start)?);
+        if crc != u32::from_be_bytes(get(b, raft_field::ENTRY_CRC)) {
+            return None;
+        }
+        let kind = RaftEntryKind::from_code(*b.get(raft_field::KIND)?)?;
+        let producer_id = i64::from_be_bytes(get(b, raft_field::PRODUCER_ID));
+        let producer = match producer_id {
+            0 => None,
+            id if id > 0 => Some(ProducerBatch {
+                producer_id: id,
+                epoch: i16::from_be_bytes(get(b, raft_field::EPOCH)),
+                base_sequence: i32::from_be_bytes(get(b, raft_field::BASE_SEQUENCE)),
+            }),
+            _ => return None,
+        };
+        let e = Self {
+            base_offset: i64::from_be_bytes(get(b, field::BASE_OFFSET)),
+            pos: u64::from_be_bytes(get(b, field::POS)),
+            append_time: i64::from_be_bytes(get(b, field::APPEND_TIME)),
+            count: u32::from_be_bytes(get(b, field::COUNT)),
+            len: u32::from_be_bytes(get(b, field::LEN)),
+            crc: u32::from_be_bytes(get(b, field::RECORDS_CRC)),
+        };
+        let log_id = RaftLogId {
+            term: u64::from_be_bytes(get(b, raft_field::TERM)),
+            node_id: u64::from_be_bytes(get(b, raft_field::NODE_ID)),
+            index: u64::from_be_bytes(get(b, raft_field::INDEX)),
+        };
+        Some((
+            e,
+            RaftMeta {
+                log_id,
+                kind,
+                producer,
+            },
+        ))
+    }
 }
 
 /// A segment's two open files. Reads and writes are positional (`pread`/`pwrite`), so a
@@ -116,6 +210,8 @@ pub(crate) struct Segment {
     /// segment without idempotent batches has no `.pidx` file.
     pidx: OnceLock<File>,
     pub(crate) pidx_path: PathBuf,
+    /// Index format 2: a Raft log partition's segment ([`RAFT_ENTRY_LEN`]-byte entries).
+    pub(crate) raft: bool,
 }
 
 /// What recovery found in a segment.
@@ -131,6 +227,9 @@ pub(crate) struct Recovered {
     pub(crate) samples: Vec<i64>,
     /// Bytes cut from the `.log` and `.idx` tails.
     pub(crate) truncated_bytes: u64,
+    /// Index format 2: the Raft fields of the first and last good entries.
+    pub(crate) first_raft: Option<RaftMeta>,
+    pub(crate) last_raft: Option<RaftMeta>,
 }
 
 /// One in-memory sample per this many index entries: a lookup reads at most this many
@@ -153,7 +252,12 @@ pub(crate) fn parse_name(name: &str) -> Option<(i64, &str)> {
 impl Segment {
     /// Opens (creating if missing) the segment of `base` in `dir`. With `truncate`, existing
     /// files are emptied (a new segment).
-    pub(crate) fn open(dir: &Path, base: i64, truncate: bool) -> Result<Self, StorageError> {
+    pub(crate) fn open(
+        dir: &Path,
+        base: i64,
+        truncate: bool,
+        raft: bool,
+    ) -> Result<Self, StorageError> {
         let log_path = dir.join(file_name(base, "log"));
         let idx_path = dir.join(file_name(base, "idx"));
         let pidx_path = dir.join(file_name(base, "pidx"));
@@ -187,7 +291,17 @@ impl Segment {
             idx_path,
             pidx,
             pidx_path,
+            raft,
         })
+    }
+
+    /// Bytes of one of this segment's index entries.
+    pub(crate) fn entry_len(&self) -> u64 {
+        if self.raft {
+            RAFT_ENTRY_LEN as u64
+        } else {
+            ENTRY_LEN as u64
+        }
     }
 
     /// Flushes the files' data to disk: the producer index before the index, so an index
@@ -325,6 +439,13 @@ impl Segment {
         n: u64,
         out: &mut Vec<IndexEntry>,
     ) -> Result<(), StorageError> {
+        if self.raft {
+            let mut raft = Vec::new();
+            self.read_raft_entries(first, n, &mut raft)?;
+            out.clear();
+            out.extend(raft.into_iter().map(|(e, _)| e));
+            return Ok(());
+        }
         out.clear();
         let len = usize::try_from(n).unwrap_or(0) * ENTRY_LEN;
         let mut buf = vec![0u8; len];
@@ -340,6 +461,41 @@ impl Segment {
             out.push(e);
         }
         Ok(())
+    }
+
+    /// Reads `n` committed index entries of format 2 with their Raft fields, from entry
+    /// `first` on.
+    pub(crate) fn read_raft_entries(
+        &self,
+        first: u64,
+        n: u64,
+        out: &mut Vec<(IndexEntry, RaftMeta)>,
+    ) -> Result<(), StorageError> {
+        out.clear();
+        let len = usize::try_from(n).unwrap_or(0) * RAFT_ENTRY_LEN;
+        let mut buf = vec![0u8; len];
+        self.idx
+            .read_exact_at(&mut buf, first * RAFT_ENTRY_LEN as u64)
+            .ctx("read index", &self.idx_path)?;
+        for (i, chunk) in buf.chunks_exact(RAFT_ENTRY_LEN).enumerate() {
+            let arr: &[u8; RAFT_ENTRY_LEN] = chunk.try_into().unwrap_or(&[0; RAFT_ENTRY_LEN]);
+            let e = IndexEntry::decode_raft(arr).ok_or_else(|| StorageError::Corrupt {
+                path: self.idx_path.clone(),
+                reason: format!("index entry {} fails its checksum", first + i as u64),
+            })?;
+            out.push(e);
+        }
+        Ok(())
+    }
+
+    /// Cuts the segment after its first `entries` entries, whose records end at `log_len`,
+    /// and fsyncs it (a Raft log truncation). Called with the writer lock held.
+    pub(crate) fn cut(&self, entries: u64, log_len: u64) -> Result<(), StorageError> {
+        self.idx
+            .set_len(entries * self.entry_len())
+            .ctx("truncate", &self.idx_path)?;
+        self.log.set_len(log_len).ctx("truncate", &self.log_path)?;
+        self.sync()
     }
 
     /// Whether the batch of `e` matches its checksum.
@@ -367,18 +523,46 @@ impl Segment {
         let mut idx = BufReader::with_capacity(64 * 1024, &self.idx);
         let mut log = BufReader::with_capacity(1024 * 1024, &*self.log);
         let mut entry = [0u8; ENTRY_LEN];
+        let mut raft_entry = [0u8; RAFT_ENTRY_LEN];
+        let entry_len = self.entry_len();
         let mut records = Vec::new();
         let mut stop = None;
-        for i in 0..idx_len / ENTRY_LEN as u64 {
-            idx.read_exact(&mut entry)
-                .ctx("read index", &self.idx_path)?;
-            let Some(e) = IndexEntry::decode(&entry) else {
-                stop = Some(format!("index entry {i} fails its checksum"));
-                break;
+        for i in 0..idx_len / entry_len {
+            let (e, meta) = if self.raft {
+                idx.read_exact(&mut raft_entry)
+                    .ctx("read index", &self.idx_path)?;
+                match IndexEntry::decode_raft(&raft_entry) {
+                    Some((e, m)) => (e, Some(m)),
+                    None => {
+                        stop = Some(format!("index entry {i} fails its checksum"));
+                        break;
+                    }
+                }
+            } else {
+                idx.read_exact(&mut entry)
+                    .ctx("read index", &self.idx_path)?;
+                match IndexEntry::decode(&entry) {
+                    Some(e) => (e, None),
+                    None => {
+                        stop = Some(format!("index entry {i} fails its checksum"));
+                        break;
+                    }
+                }
+            };
+            // Format 2: a Records entry holds messages, the others none; log indexes are
+            // consecutive.
+            let shape_ok = match meta {
+                None => e.count > 0,
+                Some(m) => {
+                    (m.kind == RaftEntryKind::Records) == (e.count > 0)
+                        && (e.count > 0 || e.len == 0)
+                        && r.last_raft
+                            .is_none_or(|p| p.log_id.index.checked_add(1) == Some(m.log_id.index))
+                }
             };
             if e.base_offset != r.end_offset
                 || e.pos != r.log_len
-                || e.count == 0
+                || !shape_ok
                 || e.base_offset.checked_add(i64::from(e.count)).is_none()
                 || u64::from(e.len) < u64::from(e.count) * MIN_RECORD_LEN
             {
@@ -409,8 +593,12 @@ impl Segment {
             r.end_offset = e.end_offset();
             r.last_append = Some(e.append_time);
             r.last = Some(e);
+            if meta.is_some() {
+                r.first_raft = r.first_raft.or(meta);
+                r.last_raft = meta;
+            }
         }
-        let good_idx = r.entries * ENTRY_LEN as u64;
+        let good_idx = r.entries * entry_len;
         if idx_len != good_idx || log_len != r.log_len {
             r.truncated_bytes = (idx_len - good_idx) + log_len.saturating_sub(r.log_len);
             tracing::warn!(
@@ -469,6 +657,45 @@ mod tests {
             c[bit / 8] ^= 1 << (bit % 8);
             assert_eq!(IndexEntry::decode(&c), None, "bit {bit}");
         }
+    }
+
+    #[test]
+    fn raft_entry_round_trips_and_detects_any_flipped_bit() {
+        let e = IndexEntry {
+            base_offset: 77,
+            pos: 4096,
+            append_time: 5,
+            count: 3,
+            len: 120,
+            crc: 0xdead_beef,
+        };
+        let m = RaftMeta {
+            log_id: RaftLogId {
+                term: 7,
+                node_id: 2,
+                index: 1 << 40,
+            },
+            kind: RaftEntryKind::Records,
+            producer: Some(ProducerBatch {
+                producer_id: 12,
+                epoch: 3,
+                base_sequence: 99,
+            }),
+        };
+        let b = e.encode_raft(&m);
+        assert_eq!(IndexEntry::decode_raft(&b), Some((e, m)));
+        for bit in 0..RAFT_ENTRY_LEN * 8 {
+            let mut c = b;
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(IndexEntry::decode_raft(&c), None, "bit {bit}");
+        }
+        let blank = RaftMeta {
+            kind: RaftEntryKind::Blank,
+            producer: None,
+            ..m
+        };
+        let b = e.encode_raft(&blank);
+        assert_eq!(IndexEntry::decode_raft(&b), Some((e, blank)));
     }
 
     #[test]

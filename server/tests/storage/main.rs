@@ -4,4 +4,5 @@ mod basic;
 mod crash;
 mod idempotent;
 mod model;
+mod raft;
 mod support;
