@@ -757,10 +757,34 @@ fn cluster_status_of_three_brokers_names_each_partition_leader_and_describe_foll
         .assert()
         .success()
         .stdout("created topic orders with 3 partitions\n");
-    let v = status_until(&addrs[2], "the topic on broker 3", |v| {
-        v["topics"].as_array().is_some_and(|t| !t.is_empty())
-    });
-    let part = |p: u32, replicas: [u32; 3]| serde_json::json!({"partition": p, "leader": replicas[0], "leader_epoch": 0, "replicas": replicas});
+    // Each partition's Raft group elects its leader (LeaderEpoch: its term, from 1).
+    let v = status_until(
+        &addrs[2],
+        "every partition of the topic led, on broker 3",
+        |v| {
+            v["topics"].as_array().is_some_and(|t| {
+                t.len() == 1
+                    && t[0]["partitions"]
+                        .as_array()
+                        .is_some_and(|ps| ps.iter().all(|p| p["leader"].as_i64() >= Some(1)))
+            })
+        },
+    );
+    let leaders: Vec<u64> = v["topics"][0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["leader"].as_u64().unwrap())
+        .collect();
+    let placed = [[1, 2, 3], [2, 3, 1], [3, 1, 2]];
+    for (p, (l, r)) in leaders.iter().zip(&placed).enumerate() {
+        assert!(
+            r.contains(&(*l as u32)),
+            "partition {p}: leader {l} not among {r:?}"
+        );
+        assert!(v["topics"][0]["partitions"][p]["leader_epoch"].as_i64() >= Some(1));
+    }
+    let part = |p: usize| serde_json::json!({"partition": p, "leader": leaders[p], "leader_epoch": v["topics"][0]["partitions"][p]["leader_epoch"], "replicas": placed[p]});
     assert_eq!(
         v,
         serde_json::json!({
@@ -769,9 +793,7 @@ fn cluster_status_of_three_brokers_names_each_partition_leader_and_describe_foll
                 {"node_id": 2, "address": addrs[1]},
                 {"node_id": 3, "address": addrs[2]},
             ],
-            "topics": [{"name": "orders", "partitions": [
-                part(0, [1, 2, 3]), part(1, [2, 3, 1]), part(2, [3, 1, 2]),
-            ]}],
+            "topics": [{"name": "orders", "partitions": [part(0), part(1), part(2)]}],
         })
     );
     cli_at(&addrs[2])
@@ -785,14 +807,15 @@ fn cluster_status_of_three_brokers_names_each_partition_leader_and_describe_foll
              3       {}\n\
              \n\
              TOPIC   PARTITION  LEADER  REPLICAS\n\
-             orders  0          1       1,2,3\n\
-             orders  1          2       2,3,1\n\
-             orders  2          3       3,1,2\n",
-            addrs[0], addrs[1], addrs[2]
+             orders  0          {}       1,2,3\n\
+             orders  1          {}       2,3,1\n\
+             orders  2          {}       3,1,2\n",
+            addrs[0], addrs[1], addrs[2], leaders[0], leaders[1], leaders[2]
         ));
-    // Two records on partition 1 through its leader, broker 2; broker 1 describes the topic
-    // with each partition's offsets read from its leader.
-    cli_at(&addrs[1])
+    // Two records on partition 1 through its leader; broker 1 describes the topic with each
+    // partition's offsets read from its leader.
+    let leader1 = &addrs[leaders[1] as usize - 1];
+    cli_at(leader1)
         .args(["produce", "orders", "--partition", "1"])
         .write_stdin("x\ny\n")
         .assert()
@@ -804,13 +827,13 @@ fn cluster_status_of_three_brokers_names_each_partition_leader_and_describe_foll
         .stdout(format!(
             "topic orders: 3 partitions, 2 records stored\n\
              PARTITION  START  END  RECORDS  LEADER  REPLICAS\n\
-             0          0      0    0        1       1,2,3\n\
-             1          0      2    2        2       2,3,1\n\
-             2          0      0    0        3       3,1,2\n\
+             0          0      0    0        {}       1,2,3\n\
+             1          0      2    2        {}       2,3,1\n\
+             2          0      0    0        {}       3,1,2\n\
              broker 1 at {}\n\
              broker 2 at {}\n\
              broker 3 at {}\n",
-            addrs[0], addrs[1], addrs[2]
+            leaders[0], leaders[1], leaders[2], addrs[0], addrs[1], addrs[2]
         ));
 }
 

@@ -1015,6 +1015,21 @@ async fn a_leader_that_loses_its_partition_is_told_with_the_new_leader() {
         .await
         .unwrap();
     let old = t.partition_leader_among(&reps).await;
+    // Every replica has the group's membership from the leader before it is cut off (else
+    // the other two know no voters and elect no one).
+    for r in &reps {
+        r.raft
+            .wait(Some(DEADLINE))
+            .metrics(
+                |m| {
+                    m.current_leader == Some(old)
+                        && m.membership_config.membership().voter_ids().count() == 3
+                },
+                "the leader and the membership on every replica",
+            )
+            .await
+            .unwrap();
+    }
     let o = *reps.iter().find(|r| r.id == old).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let hook: replica::StepDownHook = Arc::new(move |topic, partition, leader| {
