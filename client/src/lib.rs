@@ -91,6 +91,7 @@ mod consumer;
 mod error;
 mod partition;
 mod producer;
+mod route;
 #[cfg(feature = "smol")]
 #[cfg_attr(docsrs, doc(cfg(feature = "smol")))]
 pub mod smol;

@@ -1031,7 +1031,8 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
     let mut last = failed;
     let result = loop {
         if let Some(e) = last.take() {
-            let not_leader = e.code() == Some(ErrorCode::NOT_LEADER);
+            // NotLeader, or the connection to the partition's leader lost in a cluster.
+            let leader_lost = inner.client.leader_lost(&e);
             match backoff.next() {
                 Some(d) if Instant::now() + d < deadline => {
                     tracing::debug!(error = %e, ?d, "produce failed; retrying");
@@ -1039,9 +1040,10 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
                 }
                 _ => break Err(e),
             }
-            if not_leader {
-                // Leadership moved: learn where it went before the retry. A failed read
-                // leaves the retry to report its own error.
+            if leader_lost {
+                // Leadership moved (or the leader is gone): learn where it went before the
+                // retry, which goes to the leader the Metadata names. A failed read leaves
+                // the retry to report its own error. The retry keeps the batch's sequence.
                 if let Err(e) = read_partition_count(&inner, &key.0).await {
                     tracing::debug!(error = %e, "metadata refresh after NotLeader failed");
                 }
