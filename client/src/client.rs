@@ -302,7 +302,7 @@ impl ClientBuilder {
     {
         self.config.validate()?;
         let addrs: Vec<String> = addrs.into_iter().map(Into::into).collect();
-        if addrs.is_empty() || addrs.iter().all(String::is_empty) {
+        if addrs.is_empty() {
             return Err(Error::config("addr", "no broker address given"));
         }
         for addr in &addrs {
@@ -610,6 +610,12 @@ impl Client {
     /// The settings.
     pub fn config(&self) -> &ClientConfig {
         &self.inner.config
+    }
+
+    /// The address of the broker this client connected to (the first of a bootstrap list
+    /// that answered), which serves its admin calls.
+    pub fn broker(&self) -> &str {
+        &self.inner.pool.addr
     }
 
     /// Sends one request and waits for its answer within `timeout` (waiting for a free
