@@ -77,10 +77,14 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
     let b = broker(dir.path());
     let addr = b.addr().to_string();
     // Each bad setting is refused before dialling, naming the setting.
-    let bad_settings: [(&str, streambus_client::ClientBuilder); 3] = [
+    let bad_settings: [(&str, streambus_client::ClientBuilder); 4] = [
         (
             "request_timeout",
             Client::builder().request_timeout(Duration::ZERO),
+        ),
+        (
+            "metadata_refresh",
+            Client::builder().metadata_refresh(Duration::ZERO),
         ),
         ("pool_size", Client::builder().pool_size(0)),
         ("max_in_flight", Client::builder().max_in_flight(1000)),
@@ -92,7 +96,23 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
             "{name}: {e}"
         );
     }
-    for bad in ["", "localhost", "127.0.0.1:", ":9092", "127.0.0.1:99999"] {
+    let e = Client::builder()
+        .connect_bootstrap(Vec::<String>::new())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid setting addr: no broker address given"
+    );
+    // In a bootstrap list too, each address is checked before any is dialled.
+    for bad in [
+        "",
+        "localhost",
+        "127.0.0.1:",
+        ":9092",
+        "127.0.0.1:99999",
+        "127.0.0.1:9092,localhost",
+    ] {
         let e = Client::connect(bad).await.unwrap_err();
         assert!(
             matches!(

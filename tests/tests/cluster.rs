@@ -616,7 +616,7 @@ fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
     );
     let runtimes = ["tokio", "smol", "blocking"];
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let brokers: Vec<Broker> = (0..3)
+    let mut brokers: Vec<Broker> = (0..3)
         .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, runtimes[i], dirs[i].path()))
         .collect();
     let mut raw: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
@@ -625,7 +625,8 @@ fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
             (metadata(c).0.len() == 3).then_some(())
         });
     }
-    let addr = |i: usize| brokers[i].addr.to_string();
+    let addrs: Vec<String> = brokers.iter().map(|b| b.addr.to_string()).collect();
+    let addr = |i: usize| addrs[i].clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -719,5 +720,36 @@ fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
             }
         }
         assert_eq!(got, want);
+
+        // Broker 1, the producer's bootstrap broker, is killed: its admin reads go to
+        // another broker, and the partitions broker 2 leads still take records.
+        drop(brokers.remove(0));
+        let topics = bounded("list topics", client.list_topics()).await.unwrap();
+        assert_eq!(
+            topics
+                .iter()
+                .map(|t| (t.name.as_str(), t.partitions))
+                .collect::<Vec<_>>(),
+            [("routed-sdk", 6)]
+        );
+        let m = bounded("metadata", client.metadata(["routed-sdk"]))
+            .await
+            .unwrap();
+        let led_by_2: Vec<u32> = m.topics[0]
+            .partitions
+            .iter()
+            .filter(|p| p.leader == Some(2))
+            .map(|p| p.partition)
+            .collect();
+        assert_eq!(led_by_2, [1, 4]);
+        let producer = Producer::new(&client);
+        for p in led_by_2 {
+            let at = producer
+                .send(Record::new("routed-sdk", "after the kill").partition(p))
+                .await
+                .unwrap();
+            assert_eq!(at.offset, next[p as usize]);
+        }
+        producer.close().await.unwrap();
     });
 }
