@@ -435,9 +435,10 @@ struct Inner {
 /// ([`partition_for_key`]), else round robin; partition counts come from the broker's
 /// [`Metadata`](Client::metadata) (a topic that does not exist yet counts as one partition,
 /// which is what the broker's auto-create makes) and are read again after
-/// `PartitionNotFound`, `TopicNotFound` or `NotLeader`, and at least every minute. A batch
-/// refused with `NotLeader` (a cluster's leadership moved) reads the metadata again before it
-/// is retried.
+/// `PartitionNotFound`, `TopicNotFound` or `NotLeader`, and at least every minute. Each batch
+/// goes to its partition's leader (see [`Client`]); a batch refused with `NotLeader` (a
+/// cluster's leadership moved), or whose leader's connection was lost, reads the metadata
+/// again before it is retried, and the retry goes to the leader it names.
 ///
 /// **Retries.** A batch that fails with a retriable error (see [`Error::is_retriable`]) is sent
 /// again with exponential backoff and jitter, up to [`retries`](ProducerConfig::retries) times
