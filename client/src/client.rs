@@ -346,8 +346,9 @@ impl ClientBuilder {
 /// **Routing.** The client reads the cluster's Metadata (protocol §6.4) when it connects:
 /// Produce, Fetch and GetOffset of a partition go to that partition's leader, over a pool
 /// opened the first time a partition it leads is used (and closed when the broker leaves the
-/// Metadata); the admin calls go to the bootstrap broker (any broker forwards them), and
-/// Metadata, ListTopics and Health to another known broker when it is unreachable. The
+/// Metadata); the admin calls go to the bootstrap broker (any broker forwards them), or, once
+/// a Metadata, ListTopics or Health call found it unreachable, to the next known broker that
+/// answered. The
 /// Metadata is read again on a NotLeader answer (the leader the message names is not trusted:
 /// Metadata is), on a lost connection to a leader, and every
 /// [`metadata_refresh`](ClientConfig::metadata_refresh); fetches and offset reads are then
@@ -390,6 +391,9 @@ struct Routing {
     table: RouteTable,
     /// The brokers' pools other than the bootstrap one, by client address.
     pools: HashMap<Arc<str>, Arc<Pool>>,
+    /// The broker admin calls go to instead of the bootstrap one, since the bootstrap one
+    /// was found unreachable and this one answered (cleared when it leaves the Metadata).
+    admin: Option<Arc<str>>,
 }
 
 impl Drop for Inner {
@@ -497,6 +501,9 @@ impl Client {
                 .filter(|a| !r.table.has_address(a))
                 .cloned()
                 .collect();
+            if r.admin.as_ref().is_some_and(|a| !r.table.has_address(a)) {
+                r.admin = None;
+            }
             gone.iter().filter_map(|a| r.pools.remove(a)).collect()
         };
         for pool in &closed {
@@ -636,7 +643,12 @@ impl Client {
             Req::Metadata { .. } | Req::ListTopics | Req::Health => {
                 self.call_any(req, ctx, timeout).await
             }
-            _ => self.call_resending(req, ctx, timeout, None).await,
+            Req::CreateTopic { .. } | Req::DeleteTopic { .. } => {
+                // Not sent twice: a write that may have been applied is not retried here.
+                let admin = self.admin_pool()?;
+                self.call_resending(req, ctx, timeout, admin).await
+            }
+            Req::Produce { .. } => self.call_resending(req, ctx, timeout, None).await,
         }
     }
 
@@ -688,8 +700,16 @@ impl Client {
             .build()
     }
 
-    /// A read-only admin request to the bootstrap broker, or, when it is unreachable (a
-    /// connection error or timeout), to the other brokers the Metadata lists, in turn.
+    /// The pool admin calls go to: the bootstrap broker's, or (`Some`) the broker that
+    /// answered since the bootstrap one was found unreachable.
+    fn admin_pool(&self) -> Result<Option<Arc<Pool>>> {
+        let admin = self.inner.routing().admin.clone();
+        admin.map(|a| self.pool_for(&a)).transpose()
+    }
+
+    /// A read-only admin request to the admin broker (the bootstrap one at first), or, when
+    /// it is unreachable (a connection error or timeout), to the other brokers the Metadata
+    /// lists, in turn; the one that answers takes the admin calls from then on.
     async fn call_any(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
         let deadline = Instant::now() + timeout;
         let unreachable =
@@ -699,18 +719,17 @@ impl Client {
             .cluster
             .load(Ordering::Relaxed)
             .then(|| req.clone());
-        let first = self.call_resending(req, ctx, timeout, None).await;
+        let admin = self.admin_pool()?;
+        let tried: Arc<str> = match &admin {
+            Some(p) => Arc::from(p.addr.as_str()),
+            None => Arc::from(self.inner.pool.addr.as_str()),
+        };
+        let first = self.call_resending(req, ctx, timeout, admin).await;
         let Some(req) = again.filter(|_| unreachable(&first)) else {
             return first;
         };
-        let others: Vec<Arc<str>> = self
-            .inner
-            .routing()
-            .table
-            .addresses()
-            .into_iter()
-            .filter(|a| **a != *self.inner.pool.addr)
-            .collect();
+        let mut others: Vec<Arc<str>> = self.inner.routing().table.addresses();
+        others.retain(|a| *a != tried);
         for addr in others {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -721,6 +740,8 @@ impl Client {
                 .call_resending(req.clone(), ctx, left, Some(pool))
                 .await;
             if !unreachable(&r) {
+                tracing::debug!(%addr, unreachable = %tried, "admin calls go to another broker");
+                self.inner.routing_mut().admin = (*addr != *self.inner.pool.addr).then_some(addr);
                 return r;
             }
             tracing::debug!(%addr, "broker unreachable; trying the next");

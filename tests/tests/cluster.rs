@@ -721,7 +721,7 @@ fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
         }
         assert_eq!(got, want);
 
-        // Broker 1, the producer's bootstrap broker, is killed: its admin reads go to
+        // Broker 1, the producer's bootstrap broker, is killed: its admin calls go to
         // another broker, and the partitions broker 2 leads still take records.
         drop(brokers.remove(0));
         let topics = bounded("list topics", client.list_topics()).await.unwrap();
@@ -751,5 +751,18 @@ fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
             assert_eq!(at.offset, next[p as usize]);
         }
         producer.close().await.unwrap();
+        // Admin writes follow to the broker that answered: a topic is created through it
+        // (NotLeader while the two left elect a metadata leader, if broker 1 was it).
+        let end = Instant::now() + DEADLINE;
+        let created = loop {
+            match bounded("create topic", client.create_topic("after-kill", 2)).await {
+                Err(e) if e.code() == Some(streambus_client::ErrorCode::NOT_LEADER) => {
+                    assert!(Instant::now() < end, "{e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => break other,
+            }
+        };
+        assert!(created.unwrap());
     });
 }
