@@ -1297,3 +1297,51 @@ async fn a_token_authenticates_every_connection_and_again_after_a_restart() {
     assert_eq!(m.offset, 200);
     drop(b);
 }
+
+/// `metadata_refresh`: an idle client reads the Metadata again every period on its own. The
+/// peer is silent and counts what it receives on any connection: nothing is sent at connect
+/// (one address is only dialled), then one request a period (each times out unanswered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_reads_the_metadata_again_every_period() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let peer = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let got_tx = got_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 || got_tx.send(n).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let c = Client::builder()
+        .metadata_refresh(Duration::from_millis(100))
+        .request_timeout(Duration::from_millis(300))
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let bound = Duration::from_secs(10);
+    let first = tokio::time::timeout(bound, got_rx.recv())
+        .await
+        .expect("the first refresh")
+        .unwrap();
+    // The next period's request: as many bytes again (the same Metadata of every topic).
+    let mut total = first;
+    while total < 2 * first {
+        total += tokio::time::timeout(bound, got_rx.recv())
+            .await
+            .expect("the second refresh")
+            .unwrap();
+    }
+    assert_eq!(total % first, 0, "whole requests of {first} bytes");
+    drop(c);
+    peer.abort();
+}
