@@ -394,6 +394,10 @@ struct Routing {
     /// The broker admin calls go to instead of the bootstrap one, since the bootstrap one
     /// was found unreachable and this one answered (cleared when it leaves the Metadata).
     admin: Option<Arc<str>>,
+    /// Pools of brokers that left the Metadata, kept until no request is in flight on them
+    /// (an answer may still come; closing a connection fails what it holds): dropped at a
+    /// later update once idle.
+    retiring: Vec<Arc<Pool>>,
 }
 
 impl Drop for Inner {
@@ -504,7 +508,13 @@ impl Client {
             if r.admin.as_ref().is_some_and(|a| !r.table.has_address(a)) {
                 r.admin = None;
             }
-            gone.iter().filter_map(|a| r.pools.remove(a)).collect()
+            let mut left: Vec<Arc<Pool>> = gone.iter().filter_map(|a| r.pools.remove(a)).collect();
+            r.retiring.append(&mut left);
+            let (idle, busy) = std::mem::take(&mut r.retiring)
+                .into_iter()
+                .partition(|p| p.is_idle());
+            r.retiring = busy;
+            idle
         };
         for pool in &closed {
             tracing::debug!(addr = %pool.addr, "broker left the metadata: its pool is closed");
@@ -1217,6 +1227,15 @@ impl Pool {
         None
     }
 
+    /// Whether no request is in flight on any of its connections.
+    fn is_idle(&self) -> bool {
+        self.lock().slots.iter().all(|s| match s {
+            Slot::Ready { load, .. } => load.load(Ordering::Relaxed) == 0,
+            Slot::Empty => true,
+            Slot::Dialing => false,
+        })
+    }
+
     /// The runtime the pool's tasks run on.
     pub(crate) fn runtime(&self) -> &tokio::runtime::Handle {
         &self.runtime
@@ -1513,5 +1532,105 @@ async fn authenticate(
             )),
         }),
         Err(e) => Err(conn::driver_error(e, request_timeout).with_context(&ctx)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{BrokerMetadata, PartitionMetadata, TopicMetadata};
+
+    fn metadata(ports: &[u16], leaders: &[u32]) -> Metadata {
+        Metadata {
+            brokers: (1u32..)
+                .zip(ports)
+                .map(|(node_id, port)| BrokerMetadata {
+                    node_id,
+                    host: "127.0.0.1".into(),
+                    port: *port,
+                })
+                .collect(),
+            topics: vec![TopicMetadata {
+                name: "t".into(),
+                error_code: ErrorCode::NONE,
+                partitions: (0u32..)
+                    .zip(leaders)
+                    .map(|(partition, leader)| PartitionMetadata {
+                        partition,
+                        leader: Some(*leader),
+                        leader_epoch: 0,
+                        replicas: vec![*leader],
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    fn produce(partition: u32) -> Req {
+        Req::Produce {
+            topic: Arc::from("t"),
+            partition,
+            count: 0,
+            records: Arc::default(),
+            producer: None,
+        }
+    }
+
+    /// The address a request is routed to (`None`: the bootstrap pool).
+    fn routed(c: &Client, req: &Req) -> Option<String> {
+        c.route(req).unwrap().map(|p| p.addr.clone())
+    }
+
+    #[tokio::test]
+    async fn requests_follow_the_metadata_and_pools_close_with_their_broker() {
+        // Nothing listens on these ports: nothing is dialled here.
+        let c = Client::new("127.0.0.1:9001".into(), ClientConfig::default()).unwrap();
+        // Before any Metadata, and for a single broker: everything on the bootstrap pool.
+        assert_eq!(routed(&c, &produce(1)), None);
+        c.learn(&metadata(&[9001], &[1, 1]), true);
+        assert_eq!(routed(&c, &produce(1)), None);
+
+        c.learn(&metadata(&[9001, 9002, 9003], &[1, 2, 3]), true);
+        assert_eq!(routed(&c, &produce(0)), Some("127.0.0.1:9001".into()));
+        assert_eq!(routed(&c, &produce(1)), Some("127.0.0.1:9002".into()));
+        let fetch = Req::Fetch {
+            topic: Arc::from("t"),
+            partition: 2,
+            offset: 0,
+            max_bytes: 1,
+            long_poll: None,
+        };
+        assert_eq!(routed(&c, &fetch), Some("127.0.0.1:9003".into()));
+        assert_eq!(routed(&c, &produce(3)), None, "no partition 3: bootstrap");
+        assert_eq!(routed(&c, &Req::ListTopics), None);
+        // One pool per broker, made once; the bootstrap broker's is the bootstrap pool.
+        assert!(Arc::ptr_eq(
+            &c.route(&produce(1)).unwrap().unwrap(),
+            &c.route(&produce(1)).unwrap().unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            &c.route(&produce(0)).unwrap().unwrap(),
+            &c.inner.pool
+        ));
+        assert_eq!(c.inner.routing().pools.len(), 2);
+
+        // NotLeader (and, in a cluster, a lost connection) asks for a refresh.
+        let not_leader = Error::Broker {
+            context: Context::new("produce"),
+            code: ErrorCode::NOT_LEADER,
+            message: String::new(),
+        };
+        assert!(c.leader_lost(&not_leader));
+        assert!(c.leader_lost(&Error::closed_by_peer(Context::new("fetch"))));
+
+        // Partition 1 moved to broker 1, and broker 3 left: its pool is closed (it is idle).
+        c.learn(&metadata(&[9001, 9002], &[1, 1]), true);
+        assert_eq!(routed(&c, &produce(1)), Some("127.0.0.1:9001".into()));
+        assert_eq!(routed(&c, &fetch), None);
+        let r = c.inner.routing();
+        let mut open: Vec<&str> = r.pools.keys().map(|a| &**a).collect();
+        open.sort_unstable();
+        assert_eq!(open, ["127.0.0.1:9002"]);
+        assert!(r.retiring.is_empty());
     }
 }
