@@ -279,13 +279,12 @@ impl ClientBuilder {
     }
 
     /// Validates the settings and connects to the first broker of `addrs` (each `host:port`)
-    /// that answers a Metadata request, in order; it learns the cluster's brokers and
-    /// partition leaders from that answer (a single address is only dialled, as
-    /// [`connect`](Self::connect) always did: the Metadata is read when a call first needs
-    /// it). Partition requests then go to each partition's
+    /// that answers a Metadata request, in order, and learns the cluster's brokers and
+    /// partition leaders from that answer. Partition requests then go to each partition's
     /// leader, and the others to this broker. When none answers, the error is
-    /// [`Error::Unreachable`], naming each address and why (a single address fails with its
-    /// own error, as [`connect`](Self::connect) always did). Must run inside a tokio runtime.
+    /// [`Error::Unreachable`], naming each address and why. A single address is only dialled
+    /// (its Metadata is read when a call first needs it) and fails with its own error, as
+    /// [`connect`](Self::connect) always did. Must run inside a tokio runtime.
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), streambus_client::Error> {
@@ -343,14 +342,14 @@ impl ClientBuilder {
 /// A handle to a broker or a cluster: a pool of pipelined connections per broker, and the
 /// admin calls. Cheap to clone; clones share the pools.
 ///
-/// **Routing.** The client reads the cluster's Metadata (protocol §6.4) when it connects:
-/// Produce, Fetch and GetOffset of a partition go to that partition's leader, over a pool
-/// opened the first time a partition it leads is used (and closed when the broker leaves the
-/// Metadata); the admin calls go to the bootstrap broker (any broker forwards them), or, once
-/// a Metadata, ListTopics or Health call found it unreachable, to the next known broker that
-/// answered. The
-/// Metadata is read again on a NotLeader answer (the leader the message names is not trusted:
-/// Metadata is), on a lost connection to a leader, and every
+/// **Routing.** The client reads the cluster's Metadata (protocol §6.4) when it connects
+/// through a bootstrap list (from one address: when a call first needs it): Produce, Fetch and
+/// GetOffset of a partition go to that partition's leader, over a pool opened the first time
+/// a partition it leads is used (and closed when the broker leaves the Metadata); the admin
+/// calls go to the bootstrap broker (any broker forwards them), or, once a Metadata,
+/// ListTopics or Health call found it unreachable, to the next known broker that answered.
+/// The Metadata is read again on a NotLeader answer (the leader the message names is not
+/// trusted: Metadata is), on a lost connection to a leader, and every
 /// [`metadata_refresh`](ClientConfig::metadata_refresh); fetches and offset reads are then
 /// retried within their timeout, and the [`Producer`](crate::Producer) retries its batch
 /// within its delivery timeout (with the same sequence numbers, so an idempotent batch lands
