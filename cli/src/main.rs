@@ -145,37 +145,31 @@ async fn run(cli: Cli, broker_source: &str) -> Outcome {
     if let Some(token) = cli.token.clone() {
         builder = builder.token(token);
     }
-    // A comma-separated list: the first broker that answers is the one used (any broker of a
-    // cluster answers admin requests; partition requests say which broker leads).
+    // A comma-separated list: a bootstrap list for the SDK, which uses the first broker that
+    // answers and routes each partition to its leader.
     let brokers: Vec<&str> = cli.broker.split(',').map(str::trim).collect();
-    let mut failures = Vec::new();
-    let mut connected = None;
-    for broker in &brokers {
-        match builder.clone().connect(*broker).await {
-            Ok(client) => {
-                connected = Some((client, (*broker).to_owned()));
-                break;
-            }
-            Err(Error::Config {
-                setting: "addr",
-                reason,
-            }) => {
-                return Err(Failure {
-                    code: 2,
-                    message: format!("invalid {broker_source}: {reason}"),
-                });
-            }
-            Err(e) if brokers.len() == 1 => return Err(Failure::sdk(broker, &e)),
-            Err(e) => failures.push(format!("{broker}: {e}")),
+    let client = match builder.connect_bootstrap(brokers.iter().copied()).await {
+        Ok(client) => client,
+        Err(Error::Config {
+            setting: "addr",
+            reason,
+        }) => {
+            return Err(Failure {
+                code: 2,
+                message: format!("invalid {broker_source}: {reason}"),
+            });
         }
-    }
-    let Some((client, broker)) = connected else {
-        return Err(Failure::runtime(format!(
-            "none of the {} brokers answered: {}",
-            brokers.len(),
-            failures.join("; ")
-        )));
+        Err(Error::Unreachable { attempts, .. }) => {
+            let each: Vec<String> = attempts.iter().map(|(b, e)| format!("{b}: {e}")).collect();
+            return Err(Failure::runtime(format!(
+                "none of the {} brokers answered: {}",
+                attempts.len(),
+                each.join("; ")
+            )));
+        }
+        Err(e) => return Err(Failure::sdk(brokers.first().unwrap_or(&""), &e)),
     };
+    let broker = client.broker().to_owned();
     let ctx = Ctx { client, broker };
     match cli.command {
         Command::Topics(t) => admin::topics(&ctx, t).await,

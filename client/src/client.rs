@@ -1,9 +1,12 @@
 //! [`Client`]: the connection pool and the admin calls.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
+use std::sync::{
+    Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak,
+};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -13,14 +16,15 @@ use tokio::time::Instant;
 use streambus_adapters::tls::{self, ClientTls, rustls};
 
 use crate::conn::{self, Callback, Job, LoadGuard, MAX_IN_FLIGHT, Reply, ReplyTo, Req};
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Error, ErrorCode, Result};
+use crate::route::RouteTable;
 use crate::types::{Health, Metadata, PartitionOffsets, TopicInfo};
 
 /// Settings of a [`Client`]; build one with [`Client::builder`].
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientConfig {
-    /// Connections to the broker at most (default 2). They are opened on demand.
+    /// Connections to each broker at most (default 2). They are opened on demand.
     pub pool_size: usize,
     /// Requests in flight per connection at most (default 64, at most 128). When every
     /// connection is this busy, a call waits for room up to its timeout.
@@ -47,6 +51,10 @@ pub struct ClientConfig {
     /// needed the connection with [`Error::Broker`] code AuthenticationFailed (40), which is not
     /// retriable.
     pub token: Option<Token>,
+    /// How often the client reads the cluster's Metadata again even when nothing failed
+    /// (default 5 min; must not be zero). It is also read at once after a NotLeader and after
+    /// a lost connection to a partition's leader.
+    pub metadata_refresh: Duration,
 }
 
 /// The TLS settings of a [`Client`]: whom to trust, what to present, and the name to check.
@@ -131,6 +139,7 @@ impl Default for ClientConfig {
             max_poll_wait: Duration::from_secs(30),
             tls: None,
             token: None,
+            metadata_refresh: Duration::from_secs(300),
         }
     }
 }
@@ -149,6 +158,7 @@ impl ClientConfig {
         for (name, d) in [
             ("connect_timeout", self.connect_timeout),
             ("request_timeout", self.request_timeout),
+            ("metadata_refresh", self.metadata_refresh),
         ] {
             if d.is_zero() {
                 return Err(Error::config(name, "must be greater than zero"));
@@ -250,39 +260,100 @@ impl ClientBuilder {
         self.config.token = Some(Token::new(token));
         self
     }
+    /// Sets [`ClientConfig::metadata_refresh`].
+    pub fn metadata_refresh(mut self, d: Duration) -> Self {
+        self.config.metadata_refresh = d;
+        self
+    }
     /// The settings so far.
     pub fn config(&self) -> &ClientConfig {
         &self.config
     }
 
-    /// Validates the settings and opens the first connection to `addr` (`host:port`;
-    /// resolved again at every dial). Must run inside a tokio runtime.
+    /// Validates the settings and connects to `addr`: one broker (`host:port`, resolved again
+    /// at every dial) or a comma-separated bootstrap list (`"h1:9092,h2:9092"`, see
+    /// [`connect_bootstrap`](Self::connect_bootstrap)). Must run inside a tokio runtime.
     pub async fn connect(self, addr: impl Into<String>) -> Result<Client> {
-        self.config.validate()?;
         let addr = addr.into();
-        let port_ok = addr
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !port_ok {
-            return Err(Error::config(
-                "addr",
-                format!("{addr:?} is not host:port (like 127.0.0.1:9092)"),
-            ));
+        self.connect_bootstrap(addr.split(',').map(str::trim)).await
+    }
+
+    /// Validates the settings and connects to the first broker of `addrs` (each `host:port`)
+    /// that answers a Metadata request, in order, and learns the cluster's brokers and
+    /// partition leaders from that answer. Partition requests then go to each partition's
+    /// leader, and the others to this broker. When none answers, the error is
+    /// [`Error::Unreachable`], naming each address and why. A single address is only dialled
+    /// (its Metadata is read when a call first needs it) and fails with its own error, as
+    /// [`connect`](Self::connect) always did. Must run inside a tokio runtime.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), streambus_client::Error> {
+    /// use streambus_client::Client;
+    /// let client = Client::builder()
+    ///     .connect_bootstrap(["10.0.0.1:9092", "10.0.0.2:9092", "10.0.0.3:9092"])
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_bootstrap<I, S>(self, addrs: I) -> Result<Client>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config.validate()?;
+        let addrs: Vec<String> = addrs.into_iter().map(Into::into).collect();
+        if addrs.is_empty() {
+            return Err(Error::config("addr", "no broker address given"));
         }
-        let client = Client::new(addr, self.config)?;
-        let deadline = Instant::now() + client.inner.config.request_timeout;
-        let (conn, _load) = client
-            .inner
-            .pool
-            .get(deadline, &Context::new("connect"))
-            .await?;
-        drop(conn);
-        Ok(client)
+        for addr in &addrs {
+            let port_ok = addr
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !port_ok {
+                return Err(Error::config(
+                    "addr",
+                    format!("{addr:?} is not host:port (like 127.0.0.1:9092)"),
+                ));
+            }
+        }
+        // One address: dialled as always, the Metadata read when a call first needs it (a
+        // topic's partition count, a NotLeader). Several: the first to answer a Metadata.
+        let ask_metadata = addrs.len() > 1;
+        let mut failed = Vec::new();
+        for addr in addrs {
+            let client = Client::new(addr.clone(), self.config.clone())?;
+            match client.bootstrap(ask_metadata).await {
+                Ok(()) => {
+                    client.start_refresher();
+                    return Ok(client);
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, error = %e, "bootstrap broker did not answer");
+                    failed.push((addr, e));
+                }
+            }
+        }
+        match failed.len() {
+            1 => Err(failed.swap_remove(0).1),
+            _ => Err(Error::unreachable(failed)),
+        }
     }
 }
 
-/// A handle to one broker: a pool of pipelined connections, and the admin calls. Cheap to
-/// clone; clones share the pool.
+/// A handle to a broker or a cluster: a pool of pipelined connections per broker, and the
+/// admin calls. Cheap to clone; clones share the pools.
+///
+/// **Routing.** The client reads the cluster's Metadata (protocol §6.4) when it connects
+/// through a bootstrap list (from one address: when a call first needs it): Produce, Fetch and
+/// GetOffset of a partition go to that partition's leader, over a pool opened the first time
+/// a partition it leads is used (and closed when the broker leaves the Metadata); the admin
+/// calls go to the bootstrap broker (any broker forwards them), or, once a Metadata,
+/// ListTopics or Health call found it unreachable, to the next known broker that answered.
+/// The Metadata is read again on a NotLeader answer (the leader the message names is not
+/// trusted: Metadata is), on a lost connection to a leader, and every
+/// [`metadata_refresh`](ClientConfig::metadata_refresh); fetches and offset reads are then
+/// retried within their timeout, and the [`Producer`](crate::Producer) retries its batch
+/// within its delivery timeout (with the same sequence numbers, so an idempotent batch lands
+/// once). A single broker is not routed: everything goes over the connection it answered on.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), streambus_client::Error> {
@@ -302,8 +373,48 @@ pub struct Client {
 #[derive(Debug)]
 pub(crate) struct Inner {
     pub(crate) config: ClientConfig,
+    /// The bootstrap broker's pool: admin calls, and partitions whose leader is not known.
     pub(crate) pool: Arc<Pool>,
     capacity: Arc<Semaphore>,
+    /// The brokers and partition leaders, and a pool per broker address.
+    routing: RwLock<Routing>,
+    /// The latest Metadata lists several brokers (read without the lock: a single broker's
+    /// calls never take it).
+    cluster: AtomicBool,
+    /// The periodic Metadata refresh, stopped when the client goes.
+    refresher: OnceLock<tokio::task::AbortHandle>,
+}
+
+#[derive(Debug, Default)]
+struct Routing {
+    table: RouteTable,
+    /// The brokers' pools other than the bootstrap one, by client address.
+    pools: HashMap<Arc<str>, Arc<Pool>>,
+    /// The broker admin calls go to instead of the bootstrap one, since the bootstrap one
+    /// was found unreachable and this one answered (cleared when it leaves the Metadata).
+    admin: Option<Arc<str>>,
+    /// Pools of brokers that left the Metadata, kept until no request is in flight on them
+    /// (an answer may still come; closing a connection fails what it holds): dropped at a
+    /// later update once idle.
+    retiring: Vec<Arc<Pool>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self.refresher.get() {
+            task.abort();
+        }
+    }
+}
+
+impl Inner {
+    fn routing(&self) -> RwLockReadGuard<'_, Routing> {
+        self.routing.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn routing_mut(&self) -> RwLockWriteGuard<'_, Routing> {
+        self.routing.write().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Client {
@@ -331,8 +442,185 @@ impl Client {
                 config,
                 pool,
                 capacity,
+                routing: RwLock::default(),
+                cluster: AtomicBool::new(false),
+                refresher: OnceLock::new(),
             }),
         })
+    }
+
+    /// Connects to the bootstrap broker (dial and authentication, as every connection) and,
+    /// with `ask_metadata`, reads the Metadata of every topic from it. A broker that answers
+    /// Metadata with an error is live: the client connects, and learns the routes later.
+    async fn bootstrap(&self, ask_metadata: bool) -> Result<()> {
+        let ctx = Context::new("connect");
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        let (conn, _load) = self.inner.pool.get(deadline, &ctx).await?;
+        drop(conn);
+        if !ask_metadata {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let req = Req::Metadata {
+            topics: Arc::from([]),
+        };
+        match self.call_resending(req, &ctx, left, None).await {
+            Ok(Reply::Metadata(m)) => {
+                self.learn(&m, true);
+                Ok(())
+            }
+            Ok(other) => Err(mismatch(ctx, &other)),
+            Err(Error::Broker { code, message, .. }) => {
+                tracing::debug!(code = code.0, %message, "bootstrap Metadata refused");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts the periodic Metadata refresh.
+    fn start_refresher(&self) {
+        let every = self.inner.config.metadata_refresh;
+        let task = self
+            .inner
+            .pool
+            .runtime()
+            .spawn(refresh_periodically(Arc::downgrade(&self.inner), every));
+        let _ = self.inner.refresher.set(task.abort_handle());
+    }
+
+    /// Takes in a Metadata reply (`every_topic`: it answered a request for every topic):
+    /// the routes change, and the pools of brokers no longer listed are closed.
+    fn learn(&self, m: &Metadata, every_topic: bool) {
+        let closed: Vec<Arc<Pool>> = {
+            let mut r = self.inner.routing_mut();
+            r.table.learn(m, every_topic);
+            self.inner
+                .cluster
+                .store(r.table.is_cluster(), Ordering::Relaxed);
+            let gone: Vec<Arc<str>> = r
+                .pools
+                .keys()
+                .filter(|a| !r.table.has_address(a))
+                .cloned()
+                .collect();
+            if r.admin.as_ref().is_some_and(|a| !r.table.has_address(a)) {
+                r.admin = None;
+            }
+            let mut left: Vec<Arc<Pool>> = gone.iter().filter_map(|a| r.pools.remove(a)).collect();
+            r.retiring.append(&mut left);
+            let (idle, busy) = std::mem::take(&mut r.retiring)
+                .into_iter()
+                .partition(|p| p.is_idle());
+            r.retiring = busy;
+            idle
+        };
+        for pool in &closed {
+            tracing::debug!(addr = %pool.addr, "broker left the metadata: its pool is closed");
+        }
+    }
+
+    /// The pool of the broker at `addr` (the bootstrap pool for its own address), created
+    /// (without dialling) the first time.
+    fn pool_for(&self, addr: &Arc<str>) -> Result<Arc<Pool>> {
+        if **addr == *self.inner.pool.addr {
+            return Ok(self.inner.pool.clone());
+        }
+        if let Some(p) = self.inner.routing().pools.get(addr) {
+            return Ok(p.clone());
+        }
+        // Outside the lock: TLS settings may read files.
+        let tls = match &self.inner.config.tls {
+            Some(t) => Some(t.client_tls(addr)?),
+            None => None,
+        };
+        let mut r = self.inner.routing_mut();
+        let pool = r.pools.entry(addr.clone()).or_insert_with(|| {
+            tracing::debug!(%addr, "new broker pool");
+            Arc::new(Pool::new(
+                addr.to_string(),
+                self.inner.config.clone(),
+                tls,
+                self.inner.pool.runtime().clone(),
+            ))
+        });
+        Ok(pool.clone())
+    }
+
+    /// The pool of the request's partition leader; `None`: the bootstrap pool (a single
+    /// broker, an admin request, or a leader not known).
+    fn route(&self, req: &Req) -> Result<Option<Arc<Pool>>> {
+        if !self.inner.cluster.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let (Req::Produce {
+            topic, partition, ..
+        }
+        | Req::Fetch {
+            topic, partition, ..
+        }
+        | Req::GetOffset { topic, partition }) = req
+        else {
+            return Ok(None);
+        };
+        let Some(addr) = self
+            .inner
+            .routing()
+            .table
+            .leader(topic, *partition)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        self.pool_for(&addr).map(Some)
+    }
+
+    /// The leader address the table holds for a partition.
+    fn leader_of(&self, topic: &str, partition: u32) -> Option<Arc<str>> {
+        self.inner.routing().table.leader(topic, partition).cloned()
+    }
+
+    /// Whether `e` says the partition's leader is elsewhere or gone: NotLeader, or (in a
+    /// cluster) a lost connection. The Metadata is then read again and the request retried.
+    pub(crate) fn leader_lost(&self, e: &Error) -> bool {
+        e.code() == Some(ErrorCode::NOT_LEADER)
+            || (matches!(e, Error::Io { .. }) && self.inner.cluster.load(Ordering::Relaxed))
+    }
+
+    /// Reads the Metadata of `topics` again (every topic when empty) by `deadline`, from any
+    /// live broker; a failure is logged (the request that wanted it reports its own error).
+    pub(crate) async fn refresh(&self, topics: &[Arc<str>], deadline: Instant) {
+        let timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.inner.config.request_timeout);
+        if timeout.is_zero() {
+            return;
+        }
+        let ctx = Context::new("metadata refresh");
+        if let Err(e) = self.fetch_metadata(topics.into(), &ctx, timeout).await {
+            tracing::debug!(error = %e, "metadata refresh failed");
+        }
+    }
+
+    /// A Metadata request, from the bootstrap broker or (when it is unreachable) another
+    /// broker the table knows; the reply updates the routes.
+    async fn fetch_metadata(
+        &self,
+        topics: Arc<[Arc<str>]>,
+        ctx: &Context,
+        timeout: Duration,
+    ) -> Result<Metadata> {
+        let every_topic = topics.is_empty();
+        match self
+            .call_any(Req::Metadata { topics }, ctx, timeout)
+            .await?
+        {
+            Reply::Metadata(m) => {
+                self.learn(&m, every_topic);
+                Ok(m)
+            }
+            other => Err(mismatch(ctx.clone(), &other)),
+        }
     }
 
     /// The settings.
@@ -340,9 +628,149 @@ impl Client {
         &self.inner.config
     }
 
+    /// The address of the broker this client connected to (the first of a bootstrap list
+    /// that answered), which serves its admin calls.
+    pub fn broker(&self) -> &str {
+        &self.inner.pool.addr
+    }
+
     /// Sends one request and waits for its answer within `timeout` (waiting for a free
-    /// connection included). A broken connection is replaced by the next call.
+    /// connection included). A broken connection is replaced by the next call. Partition
+    /// requests go to their leader; a Fetch or GetOffset that meets NotLeader or a lost
+    /// leader reads the Metadata again and is retried within `timeout`; Metadata, ListTopics
+    /// and Health go to another known broker when the bootstrap one is unreachable.
     pub(crate) async fn call(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
+        match &req {
+            Req::Fetch {
+                topic, partition, ..
+            }
+            | Req::GetOffset { topic, partition } => {
+                let (topic, partition) = (topic.clone(), *partition);
+                self.call_following(req, &topic, partition, ctx, timeout)
+                    .await
+            }
+            Req::Metadata { .. } | Req::ListTopics | Req::Health => {
+                self.call_any(req, ctx, timeout).await
+            }
+            Req::CreateTopic { .. } | Req::DeleteTopic { .. } => {
+                // Not sent twice: a write that may have been applied is not retried here.
+                let admin = self.admin_pool()?;
+                self.call_resending(req, ctx, timeout, admin).await
+            }
+            Req::Produce { .. } => self.call_resending(req, ctx, timeout, None).await,
+        }
+    }
+
+    /// A read of one partition, at its leader; after NotLeader or a lost leader, the Metadata
+    /// is read again and the read retried (at once when the leader moved, else after a
+    /// backoff) until `timeout`.
+    async fn call_following(
+        &self,
+        req: Req,
+        topic: &Arc<str>,
+        partition: u32,
+        ctx: &Context,
+        timeout: Duration,
+    ) -> Result<Reply> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let e = match self.call_resending(req.clone(), ctx, left, None).await {
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            if !self.leader_lost(&e) {
+                return Err(e);
+            }
+            let delay = backoff
+                .get_or_insert_with(|| self.retry_backoff())
+                .next()
+                .unwrap_or(self.inner.config.reconnect_backoff_max);
+            if Instant::now() + delay >= deadline {
+                return Err(e);
+            }
+            let before = self.leader_of(topic, partition);
+            tracing::debug!(%ctx, error = %e, "leader elsewhere or gone: reading Metadata");
+            self.refresh(std::slice::from_ref(topic), deadline).await;
+            if self.leader_of(topic, partition) == before {
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+
+    /// The backoff between retries of a partition read: the reconnect backoff's.
+    fn retry_backoff(&self) -> ExponentialBackoff {
+        ExponentialBuilder::default()
+            .with_min_delay(self.inner.config.reconnect_backoff)
+            .with_max_delay(self.inner.config.reconnect_backoff_max)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// The pool admin calls go to: the bootstrap broker's, or (`Some`) the broker that
+    /// answered since the bootstrap one was found unreachable.
+    fn admin_pool(&self) -> Result<Option<Arc<Pool>>> {
+        let admin = self.inner.routing().admin.clone();
+        admin.map(|a| self.pool_for(&a)).transpose()
+    }
+
+    /// A read-only admin request to the admin broker (the bootstrap one at first), or, when
+    /// it is unreachable (a connection error or timeout), to the other brokers the Metadata
+    /// lists, in turn; the one that answers takes the admin calls from then on.
+    async fn call_any(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
+        let deadline = Instant::now() + timeout;
+        let unreachable =
+            |r: &Result<Reply>| matches!(r, Err(Error::Io { .. } | Error::TimedOut { .. }));
+        let again = self
+            .inner
+            .cluster
+            .load(Ordering::Relaxed)
+            .then(|| req.clone());
+        let admin = self.admin_pool()?;
+        let tried: Arc<str> = match &admin {
+            Some(p) => Arc::from(p.addr.as_str()),
+            None => Arc::from(self.inner.pool.addr.as_str()),
+        };
+        let first = self.call_resending(req, ctx, timeout, admin).await;
+        let Some(req) = again.filter(|_| unreachable(&first)) else {
+            return first;
+        };
+        let mut others: Vec<Arc<str>> = self.inner.routing().table.addresses();
+        others.retain(|a| *a != tried);
+        for addr in others {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let pool = self.pool_for(&addr)?;
+            let r = self
+                .call_resending(req.clone(), ctx, left, Some(pool))
+                .await;
+            if !unreachable(&r) {
+                tracing::debug!(%addr, unreachable = %tried, "admin calls go to another broker");
+                self.inner.routing_mut().admin = (*addr != *self.inner.pool.addr).then_some(addr);
+                return r;
+            }
+            tracing::debug!(%addr, "broker unreachable; trying the next");
+        }
+        first
+    }
+
+    /// One request to its route (or to `to`); a read-only request that meets a connection
+    /// closed under it is sent once more.
+    async fn call_resending(
+        &self,
+        req: Req,
+        ctx: &Context,
+        timeout: Duration,
+        to: Option<Arc<Pool>>,
+    ) -> Result<Reply> {
+        let pool = match to {
+            Some(p) => Some(p),
+            None => self.route(&req)?,
+        };
         // A read-only request that meets a connection closed under it (the broker's idle
         // timeout, a restart) is sent once more on a fresh connection, within its timeout.
         let again = matches!(
@@ -355,17 +783,27 @@ impl Client {
         )
         .then(|| req.clone());
         let started = Instant::now();
-        match (self.call_once(req, ctx, timeout).await, again) {
+        match (
+            self.call_once(pool.as_ref(), req, ctx, timeout).await,
+            again,
+        ) {
             (Err(Error::Io { .. }), Some(req)) if started.elapsed() < timeout => {
                 let left = timeout.saturating_sub(started.elapsed());
                 tracing::debug!(%ctx, "connection lost; sending the request again");
-                self.call_once(req, ctx, left).await
+                self.call_once(pool.as_ref(), req, ctx, left).await
             }
             (result, _) => result,
         }
     }
 
-    async fn call_once(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
+    async fn call_once(
+        &self,
+        pool: Option<&Arc<Pool>>,
+        req: Req,
+        ctx: &Context,
+        timeout: Duration,
+    ) -> Result<Reply> {
+        let pool = pool.unwrap_or(&self.inner.pool);
         let deadline = Instant::now() + timeout;
         let timed_out = |waiting| Error::TimedOut {
             context: ctx.clone(),
@@ -389,7 +827,7 @@ impl Client {
         let (mut req, mut reply) = (req, ReplyTo::Caller(Some(tx)));
         // A connection that died since it was picked refuses the job: pick again.
         loop {
-            let (conn, load) = self.inner.pool.get(deadline, ctx).await?;
+            let (conn, load) = pool.get(deadline, ctx).await?;
             let job = Job {
                 req,
                 reply,
@@ -423,10 +861,14 @@ impl Client {
         timeout: Duration,
         callback: Callback,
     ) -> std::result::Result<(), Callback> {
+        let Ok(routed) = self.route(&req) else {
+            return Err(callback);
+        };
+        let pool = routed.as_ref().unwrap_or(&self.inner.pool);
         let Ok(permit) = self.inner.capacity.clone().try_acquire_owned() else {
             return Err(callback);
         };
-        let Some((conn, load)) = self.inner.pool.try_get() else {
+        let Some((conn, load)) = pool.try_get() else {
             return Err(callback);
         };
         let job = Job {
@@ -563,13 +1005,8 @@ impl Client {
         if let [one] = &names[..] {
             ctx = ctx.topic(one.clone());
         }
-        let req = Req::Metadata {
-            topics: names.into(),
-        };
-        match self.call(req, &ctx, self.timeout()).await? {
-            Reply::Metadata(m) => Ok(m),
-            other => Err(mismatch(ctx, &other)),
-        }
+        self.fetch_metadata(names.into(), &ctx, self.timeout())
+            .await
     }
 
     /// Every partition's offsets of `topic` (its partition count from [`metadata`](Self::metadata)).
@@ -607,6 +1044,20 @@ impl Client {
             Reply::Health(h) => Ok(h),
             other => Err(mismatch(ctx, &other)),
         }
+    }
+}
+
+/// Reads the Metadata of the topics the client routes every `every`, until the client goes.
+async fn refresh_periodically(inner: Weak<Inner>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        let client = Client { inner };
+        let topics = client.inner.routing().table.topics();
+        let deadline = Instant::now() + client.inner.config.request_timeout;
+        client.refresh(&topics, deadline).await;
     }
 }
 
@@ -773,6 +1224,15 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// Whether no request is in flight on any of its connections.
+    fn is_idle(&self) -> bool {
+        self.lock().slots.iter().all(|s| match s {
+            Slot::Ready { load, .. } => load.load(Ordering::Relaxed) == 0,
+            Slot::Empty => true,
+            Slot::Dialing => false,
+        })
     }
 
     /// The runtime the pool's tasks run on.
@@ -1071,5 +1531,105 @@ async fn authenticate(
             )),
         }),
         Err(e) => Err(conn::driver_error(e, request_timeout).with_context(&ctx)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::types::{BrokerMetadata, PartitionMetadata, TopicMetadata};
+
+    fn metadata(ports: &[u16], leaders: &[u32]) -> Metadata {
+        Metadata {
+            brokers: (1u32..)
+                .zip(ports)
+                .map(|(node_id, port)| BrokerMetadata {
+                    node_id,
+                    host: "127.0.0.1".into(),
+                    port: *port,
+                })
+                .collect(),
+            topics: vec![TopicMetadata {
+                name: "t".into(),
+                error_code: ErrorCode::NONE,
+                partitions: (0u32..)
+                    .zip(leaders)
+                    .map(|(partition, leader)| PartitionMetadata {
+                        partition,
+                        leader: Some(*leader),
+                        leader_epoch: 0,
+                        replicas: vec![*leader],
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    fn produce(partition: u32) -> Req {
+        Req::Produce {
+            topic: Arc::from("t"),
+            partition,
+            count: 0,
+            records: Arc::default(),
+            producer: None,
+        }
+    }
+
+    /// The address a request is routed to (`None`: the bootstrap pool).
+    fn routed(c: &Client, req: &Req) -> Option<String> {
+        c.route(req).unwrap().map(|p| p.addr.clone())
+    }
+
+    #[tokio::test]
+    async fn requests_follow_the_metadata_and_pools_close_with_their_broker() {
+        // Nothing listens on these ports: nothing is dialled here.
+        let c = Client::new("127.0.0.1:9001".into(), ClientConfig::default()).unwrap();
+        // Before any Metadata, and for a single broker: everything on the bootstrap pool.
+        assert_eq!(routed(&c, &produce(1)), None);
+        c.learn(&metadata(&[9001], &[1, 1]), true);
+        assert_eq!(routed(&c, &produce(1)), None);
+
+        c.learn(&metadata(&[9001, 9002, 9003], &[1, 2, 3]), true);
+        assert_eq!(routed(&c, &produce(0)), Some("127.0.0.1:9001".into()));
+        assert_eq!(routed(&c, &produce(1)), Some("127.0.0.1:9002".into()));
+        let fetch = Req::Fetch {
+            topic: Arc::from("t"),
+            partition: 2,
+            offset: 0,
+            max_bytes: 1,
+            long_poll: None,
+        };
+        assert_eq!(routed(&c, &fetch), Some("127.0.0.1:9003".into()));
+        assert_eq!(routed(&c, &produce(3)), None, "no partition 3: bootstrap");
+        assert_eq!(routed(&c, &Req::ListTopics), None);
+        // One pool per broker, made once; the bootstrap broker's is the bootstrap pool.
+        assert!(Arc::ptr_eq(
+            &c.route(&produce(1)).unwrap().unwrap(),
+            &c.route(&produce(1)).unwrap().unwrap()
+        ));
+        assert!(Arc::ptr_eq(
+            &c.route(&produce(0)).unwrap().unwrap(),
+            &c.inner.pool
+        ));
+        assert_eq!(c.inner.routing().pools.len(), 2);
+
+        // NotLeader (and, in a cluster, a lost connection) asks for a refresh.
+        let not_leader = Error::Broker {
+            context: Context::new("produce"),
+            code: ErrorCode::NOT_LEADER,
+            message: String::new(),
+        };
+        assert!(c.leader_lost(&not_leader));
+        assert!(c.leader_lost(&Error::closed_by_peer(Context::new("fetch"))));
+
+        // Partition 1 moved to broker 1, and broker 3 left: its pool is closed (it is idle).
+        c.learn(&metadata(&[9001, 9002], &[1, 1]), true);
+        assert_eq!(routed(&c, &produce(1)), Some("127.0.0.1:9001".into()));
+        assert_eq!(routed(&c, &fetch), None);
+        let r = c.inner.routing();
+        let mut open: Vec<&str> = r.pools.keys().map(|a| &**a).collect();
+        open.sort_unstable();
+        assert_eq!(open, ["127.0.0.1:9002"]);
+        assert!(r.retiring.is_empty());
     }
 }

@@ -135,6 +135,18 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// No broker of a bootstrap list answered
+    /// ([`ClientBuilder::connect_bootstrap`](crate::ClientBuilder::connect_bootstrap) with
+    /// several addresses): each address, in the order tried, with its error. Its `source()` is
+    /// the last one's. Retriable when every attempt's error is.
+    #[error("connect: no broker of the bootstrap list answered: {}", list_attempts(.attempts))]
+    Unreachable {
+        /// Each address tried and why it failed.
+        attempts: Vec<(String, Error)>,
+        /// The last attempt's error.
+        #[source]
+        last: Box<Error>,
+    },
     /// The client, producer or consumer was closed.
     #[error("{context}: the {what} is closed")]
     Closed {
@@ -166,6 +178,22 @@ fn core_detail(e: &streambus_core::ClientError) -> String {
     }
 }
 
+fn list_attempts(attempts: &[(String, Error)]) -> String {
+    let mut out = String::new();
+    for (i, (addr, e)) in attempts.iter().enumerate() {
+        if i > 0 {
+            out.push_str("; ");
+        }
+        out.push_str(addr);
+        out.push_str(" (");
+        // The attempt's own "connect: " is said once, up front.
+        let e = e.to_string();
+        out.push_str(e.strip_prefix("connect: ").unwrap_or(&e));
+        out.push(')');
+    }
+    out
+}
+
 fn code_name(code: ErrorCode) -> &'static str {
     code.name().unwrap_or("unknown error code")
 }
@@ -185,6 +213,7 @@ impl Error {
         match self {
             Self::Io { .. } | Self::TimedOut { .. } => true,
             Self::Broker { code, .. } => RETRIABLE_CODES.contains(&code.0),
+            Self::Unreachable { attempts, .. } => attempts.iter().all(|(_, e)| e.is_retriable()),
             _ => false,
         }
     }
@@ -207,7 +236,7 @@ impl Error {
             | Self::Tls { context, .. }
             | Self::InvalidInput { context, .. }
             | Self::Closed { context, .. } => Some(context),
-            Self::Config { .. } => None,
+            Self::Config { .. } | Self::Unreachable { .. } => None,
         }
     }
 
@@ -243,6 +272,18 @@ impl Error {
         )
     }
 
+    /// [`Unreachable`](Self::Unreachable) from the bootstrap attempts (at least one).
+    pub(crate) fn unreachable(attempts: Vec<(String, Error)>) -> Self {
+        let last = attempts.last().map_or_else(
+            || Self::config("addr", "no broker address given"),
+            |(_, e)| e.clone(),
+        );
+        Self::Unreachable {
+            attempts,
+            last: Box::new(last),
+        }
+    }
+
     pub(crate) fn invalid(context: Context, reason: impl Into<String>) -> Self {
         Self::InvalidInput {
             context,
@@ -268,7 +309,7 @@ impl Error {
             | Self::Tls { context, .. }
             | Self::InvalidInput { context, .. }
             | Self::Closed { context, .. } => *context = new.clone(),
-            Self::Config { .. } => {}
+            Self::Config { .. } | Self::Unreachable { .. } => {}
         }
         self
     }

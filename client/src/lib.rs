@@ -39,7 +39,7 @@
 //!
 //! ## Connections
 //!
-//! A [`Client`] talks to one broker over a small pool of connections
+//! A [`Client`] talks to each broker over a small pool of connections
 //! ([`ClientConfig::pool_size`], default 2, opened on demand), each with up to
 //! [`ClientConfig::max_in_flight`] requests pipelined (default 64). A connection is a task
 //! that owns the core's driver; calls reach it through a channel. When every connection is
@@ -47,6 +47,20 @@
 //! in its own task, never under a lock; a broken connection is replaced by the next call, with
 //! exponential backoff and jitter between failed dials ([`ClientConfig::reconnect_backoff`]).
 //! A read-only request whose connection closes under it is sent once more.
+//!
+//! ## Clusters
+//!
+//! Give the client several brokers — `Client::connect("h1:9092,h2:9092,h3:9092")` or
+//! [`ClientBuilder::connect_bootstrap`] — and it uses the first that answers a Metadata
+//! request ([`Error::Unreachable`] names each address and why when none does). Produce,
+//! Fetch and GetOffset of a partition go to that partition's leader, over a pool per broker
+//! opened when first needed; admin calls go to the broker it connected to. The Metadata is read
+//! again after a `NotLeader` answer, after a lost connection to a leader, and every
+//! [`ClientConfig::metadata_refresh`] (5 min); the failed fetch or offset read is retried
+//! within its request timeout, a produce batch within its delivery timeout (with the same
+//! sequence numbers: an idempotent batch still lands once). One address works as before: a
+//! single broker is never routed, and against a cluster the routes are learnt at the first
+//! `NotLeader` or partition count read. See [`Client`] for the details.
 //!
 //! ## Delivery semantics
 //!
@@ -64,8 +78,8 @@
 //! partition's end, for "read what is there, then stop".
 //!
 //! [`Client::metadata`] describes the brokers and each partition's leader and replicas
-//! (protocol §6.4); the producer learns partition counts from it and reads it again when a
-//! broker answers `NotLeader`.
+//! (protocol §6.4); the producer learns partition counts from it, and every reply updates the
+//! client's routes.
 //!
 //! ## Runtimes
 //!
@@ -91,6 +105,7 @@ mod consumer;
 mod error;
 mod partition;
 mod producer;
+mod route;
 #[cfg(feature = "smol")]
 #[cfg_attr(docsrs, doc(cfg(feature = "smol")))]
 pub mod smol;

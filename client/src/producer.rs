@@ -435,9 +435,10 @@ struct Inner {
 /// ([`partition_for_key`]), else round robin; partition counts come from the broker's
 /// [`Metadata`](Client::metadata) (a topic that does not exist yet counts as one partition,
 /// which is what the broker's auto-create makes) and are read again after
-/// `PartitionNotFound`, `TopicNotFound` or `NotLeader`, and at least every minute. A batch
-/// refused with `NotLeader` (a cluster's leadership moved) reads the metadata again before it
-/// is retried.
+/// `PartitionNotFound`, `TopicNotFound` or `NotLeader`, and at least every minute. Each batch
+/// goes to its partition's leader (see [`Client`]); a batch refused with `NotLeader` (a
+/// cluster's leadership moved), or whose leader's connection was lost, reads the metadata
+/// again before it is retried, and the retry goes to the leader it names.
 ///
 /// **Retries.** A batch that fails with a retriable error (see [`Error::is_retriable`]) is sent
 /// again with exponential backoff and jitter, up to [`retries`](ProducerConfig::retries) times
@@ -1031,7 +1032,8 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
     let mut last = failed;
     let result = loop {
         if let Some(e) = last.take() {
-            let not_leader = e.code() == Some(ErrorCode::NOT_LEADER);
+            // NotLeader, or the connection to the partition's leader lost in a cluster.
+            let leader_lost = inner.client.leader_lost(&e);
             match backoff.next() {
                 Some(d) if Instant::now() + d < deadline => {
                     tracing::debug!(error = %e, ?d, "produce failed; retrying");
@@ -1039,9 +1041,10 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
                 }
                 _ => break Err(e),
             }
-            if not_leader {
-                // Leadership moved: learn where it went before the retry. A failed read
-                // leaves the retry to report its own error.
+            if leader_lost {
+                // Leadership moved (or the leader is gone): learn where it went before the
+                // retry, which goes to the leader the Metadata names. A failed read leaves
+                // the retry to report its own error. The retry keeps the batch's sequence.
                 if let Err(e) = read_partition_count(&inner, &key.0).await {
                     tracing::debug!(error = %e, "metadata refresh after NotLeader failed");
                 }

@@ -77,10 +77,14 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
     let b = broker(dir.path());
     let addr = b.addr().to_string();
     // Each bad setting is refused before dialling, naming the setting.
-    let bad_settings: [(&str, streambus_client::ClientBuilder); 3] = [
+    let bad_settings: [(&str, streambus_client::ClientBuilder); 4] = [
         (
             "request_timeout",
             Client::builder().request_timeout(Duration::ZERO),
+        ),
+        (
+            "metadata_refresh",
+            Client::builder().metadata_refresh(Duration::ZERO),
         ),
         ("pool_size", Client::builder().pool_size(0)),
         ("max_in_flight", Client::builder().max_in_flight(1000)),
@@ -92,7 +96,23 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
             "{name}: {e}"
         );
     }
-    for bad in ["", "localhost", "127.0.0.1:", ":9092", "127.0.0.1:99999"] {
+    let e = Client::builder()
+        .connect_bootstrap(Vec::<String>::new())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid setting addr: no broker address given"
+    );
+    // In a bootstrap list too, each address is checked before any is dialled.
+    for bad in [
+        "",
+        "localhost",
+        "127.0.0.1:",
+        ":9092",
+        "127.0.0.1:99999",
+        "127.0.0.1:9092,localhost",
+    ] {
         let e = Client::connect(bad).await.unwrap_err();
         assert!(
             matches!(
@@ -1276,4 +1296,52 @@ async fn a_token_authenticates_every_connection_and_again_after_a_restart() {
     let m = p.send(Record::new("app.x", "after")).await.unwrap();
     assert_eq!(m.offset, 200);
     drop(b);
+}
+
+/// `metadata_refresh`: an idle client reads the Metadata again every period on its own. The
+/// peer is silent and counts what it receives on any connection: nothing is sent at connect
+/// (one address is only dialled), then one request a period (each times out unanswered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_reads_the_metadata_again_every_period() {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let peer = tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let got_tx = got_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 || got_tx.send(n).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let c = Client::builder()
+        .metadata_refresh(Duration::from_millis(100))
+        .request_timeout(Duration::from_millis(300))
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let bound = Duration::from_secs(10);
+    let first = tokio::time::timeout(bound, got_rx.recv())
+        .await
+        .expect("the first refresh")
+        .unwrap();
+    // The next period's request: as many bytes again (the same Metadata of every topic).
+    let mut total = first;
+    while total < 2 * first {
+        total += tokio::time::timeout(bound, got_rx.recv())
+            .await
+            .expect("the second refresh")
+            .unwrap();
+    }
+    assert_eq!(total % first, 0, "whole requests of {first} bytes");
+    drop(c);
+    peer.abort();
 }

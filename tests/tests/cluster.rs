@@ -819,3 +819,190 @@ fn a_broker_whose_data_directory_was_wiped_rejoins_the_group_and_catches_up() {
         });
     }
 }
+
+/// An address nobody listens on (bound, then closed): a dial there is refused at once.
+fn dead_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `f`, failing the test after [`DEADLINE`].
+async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over {DEADLINE:?}"))
+}
+
+/// The SDK follows the partitions' leaders: a topic with 6 partitions and RF 3 created by an
+/// SDK client connected to one broker; a producer whose bootstrap list starts with a dead
+/// address produces keyed, numbered records, each landing on its hashed partition at the next
+/// offset of that partition (the leaders of 4 of the 6 are not the bootstrap broker, which
+/// would refuse them NotLeader); a consumer whose client connected before the topic existed
+/// (so it learns the leaders from NotLeader answers and the Metadata it then reads) reads them
+/// all back in order, with no gap and no duplicate. With every address dead, `connect` fails
+/// with one error naming each.
+#[test]
+fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
+    use streambus_client::{Client, Consumer, Error, Offset, Producer, Record, partition_for_key};
+
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let runtimes = ["tokio", "smol", "blocking"];
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut brokers: Vec<Broker> = (0..3)
+        .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, runtimes[i], dirs[i].path()))
+        .collect();
+    let mut raw: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
+    for c in &mut raw {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    let addrs: Vec<String> = brokers.iter().map(|b| b.addr.to_string()).collect();
+    let addr = |i: usize| addrs[i].clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // Every bootstrap address dead: one error naming each address and why.
+        let (dead1, dead2) = (dead_addr(), dead_addr());
+        let e = bounded(
+            "connect to dead brokers",
+            Client::connect(format!("{dead1},{dead2}")),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "connect: no broker of the bootstrap list answered: \
+                 {dead1} (I/O error: Connection refused (os error 111)); \
+                 {dead2} (I/O error: Connection refused (os error 111))"
+            )
+        );
+        assert!(e.is_retriable());
+
+        // Connected to broker 3 before the topic exists: it knows no leader for it yet.
+        let early = bounded("connect", Client::connect(addr(2))).await.unwrap();
+        // Created through an SDK client connected to broker 2 only.
+        let admin = bounded("connect", Client::connect(addr(1))).await.unwrap();
+        let created = admin.create_topic_replicated("routed-sdk", 6, 3);
+        assert!(bounded("create topic", created).await.unwrap());
+        for c in &mut raw {
+            eventually("the topic on every broker", || {
+                list(c)
+                    .contains(&("routed-sdk".to_owned(), 6))
+                    .then_some(())
+            });
+        }
+
+        // The bootstrap list starts with a dead address; broker 1 answers.
+        let bootstrap = format!("{},{},{},{}", dead_addr(), addr(0), addr(1), addr(2));
+        let client = bounded("connect", Client::connect(bootstrap))
+            .await
+            .unwrap();
+        let producer = Producer::new(&client);
+        const N: usize = 600;
+        let mut deliveries = Vec::with_capacity(N);
+        for i in 0..N {
+            let record = Record::new("routed-sdk", format!("record {i}")).key(format!("key-{i}"));
+            deliveries.push(producer.enqueue(record).await.unwrap());
+        }
+        let mut next = [0i64; 6];
+        let mut want: Vec<Vec<(i64, String)>> = vec![Vec::new(); 6];
+        for (i, d) in deliveries.into_iter().enumerate() {
+            let at = bounded("delivery", d).await.unwrap();
+            let p = partition_for_key(format!("key-{i}").as_bytes(), 6);
+            assert_eq!(
+                (at.partition, at.offset),
+                (p, next[p as usize]),
+                "record {i}"
+            );
+            next[p as usize] += 1;
+            want[p as usize].push((at.offset, format!("record {i}")));
+        }
+        assert!(
+            next.iter().all(|n| *n > 0),
+            "every partition used: {next:?}"
+        );
+        producer.close().await.unwrap();
+
+        // Each partition's offsets read at its leader by the client that knew no leader.
+        let described = bounded("describe", early.describe_topic("routed-sdk"))
+            .await
+            .unwrap();
+        let ends: Vec<i64> = described.iter().map(|o| o.end).collect();
+        assert_eq!(ends, next);
+
+        let mut consumer = Consumer::new(&early);
+        for p in 0..6 {
+            bounded("assign", consumer.assign("routed-sdk", p, Offset::Earliest))
+                .await
+                .unwrap();
+        }
+        let mut got: Vec<Vec<(i64, String)>> = vec![Vec::new(); 6];
+        let end = Instant::now() + DEADLINE;
+        while got.iter().map(Vec::len).sum::<usize>() < N {
+            assert!(Instant::now() < end, "consumed only {got:?}");
+            for r in consumer.poll(Duration::from_secs(5)).await.unwrap() {
+                let value = String::from_utf8(r.value().to_vec()).unwrap();
+                got[r.partition as usize].push((r.offset, value));
+            }
+        }
+        assert_eq!(got, want);
+
+        // Broker 1, the producer's bootstrap broker, is killed: its admin calls go to
+        // another broker, and the partitions the others lead still take records.
+        drop(brokers.remove(0));
+        let topics = bounded("list topics", client.list_topics()).await.unwrap();
+        assert_eq!(
+            topics
+                .iter()
+                .map(|t| (t.name.as_str(), t.partitions))
+                .collect::<Vec<_>>(),
+            [("routed-sdk", 6)]
+        );
+        let m = bounded("metadata", client.metadata(["routed-sdk"]))
+            .await
+            .unwrap();
+        // The partitions a live broker leads (2 and 3 each lead two while leaders stay put;
+        // once they move, those that moved off broker 1 too).
+        let live: Vec<u32> = m.topics[0]
+            .partitions
+            .iter()
+            .filter(|p| matches!(p.leader, Some(2 | 3)))
+            .map(|p| p.partition)
+            .collect();
+        assert!(live.len() >= 4, "{m:?}");
+        let producer = Producer::new(&client);
+        for p in live {
+            let at = producer
+                .send(Record::new("routed-sdk", "after the kill").partition(p))
+                .await
+                .unwrap();
+            assert_eq!(at.offset, next[p as usize]);
+        }
+        producer.close().await.unwrap();
+        // Admin writes follow to the broker that answered: a topic is created through it
+        // (NotLeader while the two left elect a metadata leader, if broker 1 was it).
+        let end = Instant::now() + DEADLINE;
+        let created = loop {
+            match bounded("create topic", client.create_topic("after-kill", 2)).await {
+                Err(e) if e.code() == Some(streambus_client::ErrorCode::NOT_LEADER) => {
+                    assert!(Instant::now() < end, "{e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => break other,
+            }
+        };
+        assert!(created.unwrap());
+    });
+}
