@@ -211,7 +211,9 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         .map_err(io_err("reading the listen address"))?;
     // The metrics port too, before storage: it reads the storage once that is open.
     let metrics = Arc::new(if config.cluster.is_some() {
-        Metrics::for_cluster()
+        let m = Metrics::for_cluster();
+        m.set_node_id(config.node_id);
+        m
     } else {
         Metrics::default()
     });
@@ -230,6 +232,9 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
                         r.last_applied.map_or(0, |l| l.index),
                         c.metadata().brokers.len(),
                     );
+                    if let Some(s) = s.get() {
+                        m.set_partitions(&partition_samples(c, s));
+                    }
                 }
                 let Some(s) = s.get() else { return };
                 let st = s.stats();
@@ -447,4 +452,34 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         thread: Some(thread),
         cluster,
     })
+}
+
+/// What `/metrics` reports of each partition replica this broker runs a group for.
+fn partition_samples(c: &cluster::Cluster, storage: &Storage) -> Vec<metrics::PartitionSample> {
+    c.replicas()
+        .all()
+        .into_iter()
+        .filter_map(|(id, raft)| {
+            let m = raft.metrics().borrow().clone();
+            let log = storage.raft_log_state(&id.topic, id.partition).ok()?;
+            let last = m.last_log_index.unwrap_or(0);
+            let lag = m
+                .replication
+                .iter()
+                .flatten()
+                .filter(|(node, _)| **node != c.node_id())
+                .map(|(node, matched)| (*node, last.saturating_sub(matched.map_or(0, |l| l.index))))
+                .collect();
+            Some(metrics::PartitionSample {
+                leader_changes: c.replicas().leader_changes(&id),
+                topic: id.topic,
+                partition: id.partition,
+                leader: m.current_leader,
+                epoch: m.current_term,
+                end: log.end,
+                high_water_mark: log.high_water_mark,
+                lag,
+            })
+        })
+        .collect()
 }

@@ -62,13 +62,60 @@ pub struct Metrics {
     cluster: Option<ClusterGauges>,
 }
 
-/// The metadata group's gauges (cluster mode).
+/// The metadata group's gauges, and those of the partition replicas this broker holds
+/// (cluster mode).
 #[derive(Debug, Default)]
 struct ClusterGauges {
+    node_id: Gauge,
     leader: Gauge,
     term: Gauge,
     applied: Gauge,
     brokers: Gauge,
+    partition_leader: Family<PartitionLabels, Gauge>,
+    partition_epoch: Family<PartitionLabels, Gauge>,
+    partition_end: Family<PartitionLabels, Gauge>,
+    partition_hwm: Family<PartitionLabels, Gauge>,
+    partition_leader_changes: Family<PartitionLabels, Counter>,
+    replica_lag: Family<ReplicaLabels, Gauge>,
+}
+
+/// Labels of a partition replica's metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+}
+
+/// Labels of the replication lag a leader sees of one of its replicas.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplicaLabels {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
+    /// The replica's node id.
+    pub replica: u64,
+}
+
+/// One partition replica on this broker, as a scrape reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PartitionSample {
+    pub topic: String,
+    pub partition: u32,
+    /// The leader this replica knows (`None`: none now).
+    pub leader: Option<u64>,
+    /// The group's term (the partition's leader epoch).
+    pub epoch: u64,
+    /// The offset after the last record stored here, committed or not.
+    pub end: i64,
+    /// The high-water mark here.
+    pub high_water_mark: i64,
+    /// Leader changes this replica saw.
+    pub leader_changes: u64,
+    /// On the leader: per replica, the Raft entries (batches) it has yet to acknowledge.
+    pub lag: Vec<(u64, u64)>,
 }
 
 impl Default for Metrics {
@@ -281,6 +328,11 @@ impl Metrics {
         let g = ClusterGauges::default();
         let registry = m.registry.sub_registry_with_prefix("streambus");
         registry.register(
+            "cluster_node_id",
+            "This broker's --node-id",
+            g.node_id.clone(),
+        );
+        registry.register(
             "cluster_metadata_leader",
             "The metadata group's leader as this broker knows it (node id; -1: none)",
             g.leader.clone(),
@@ -300,8 +352,88 @@ impl Metrics {
             "Brokers registered in the metadata group",
             g.brokers.clone(),
         );
+        registry.register(
+            "partition_leader",
+            "The leader of a partition this broker holds a replica of, as its replica knows it (node id; -1: none now)",
+            g.partition_leader.clone(),
+        );
+        registry.register(
+            "partition_leader_epoch",
+            "The Raft term of a partition's group on this broker (Metadata's LeaderEpoch)",
+            g.partition_epoch.clone(),
+        );
+        registry.register(
+            "partition_log_end_offset",
+            "The offset after the last record this replica stores, committed or not",
+            g.partition_end.clone(),
+        );
+        registry.register(
+            "partition_high_water_mark",
+            "The offset up to which this replica knows records are committed (what consumers may read)",
+            g.partition_hwm.clone(),
+        );
+        registry.register(
+            "partition_leader_changes",
+            "Times this replica saw its partition's leader become another broker (the first leader counts)",
+            g.partition_leader_changes.clone(),
+        );
+        registry.register(
+            "partition_replica_lag_entries",
+            "On a partition's leader: the Raft entries (produce batches) a replica has not acknowledged yet",
+            g.replica_lag.clone(),
+        );
         m.cluster = Some(g);
         m
+    }
+
+    /// Sets this broker's node id (cluster mode).
+    pub(crate) fn set_node_id(&self, id: u32) {
+        if let Some(g) = &self.cluster {
+            g.node_id.set(i64::from(id));
+        }
+    }
+
+    /// Sets the partition replicas' metrics to `samples` (no-op for a single broker): the
+    /// series of partitions no longer held here go.
+    pub(crate) fn set_partitions(&self, samples: &[PartitionSample]) {
+        let Some(g) = &self.cluster else { return };
+        let sat = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        g.partition_leader.clear();
+        g.partition_epoch.clear();
+        g.partition_end.clear();
+        g.partition_hwm.clear();
+        g.replica_lag.clear();
+        // Counters of deleted partitions go too; the others are set back to their total.
+        let kept: Vec<(PartitionLabels, u64)> = samples
+            .iter()
+            .map(|s| {
+                let labels = PartitionLabels {
+                    topic: s.topic.clone(),
+                    partition: s.partition,
+                };
+                (labels, s.leader_changes)
+            })
+            .collect();
+        g.partition_leader_changes.clear();
+        for (labels, total) in &kept {
+            Self::set_counter(&g.partition_leader_changes.get_or_create(labels), *total);
+        }
+        for (s, (labels, _)) in samples.iter().zip(&kept) {
+            g.partition_leader
+                .get_or_create(labels)
+                .set(s.leader.map_or(-1, sat));
+            g.partition_epoch.get_or_create(labels).set(sat(s.epoch));
+            g.partition_end.get_or_create(labels).set(s.end);
+            g.partition_hwm.get_or_create(labels).set(s.high_water_mark);
+            for (replica, lag) in &s.lag {
+                let r = ReplicaLabels {
+                    topic: s.topic.clone(),
+                    partition: s.partition,
+                    replica: *replica,
+                };
+                g.replica_lag.get_or_create(&r).set(sat(*lag));
+            }
+        }
     }
 
     /// Sets the cluster gauges (no-op for a single broker).

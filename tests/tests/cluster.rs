@@ -1006,3 +1006,80 @@ fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
         assert!(created.unwrap());
     });
 }
+
+#[test]
+fn metrics_report_each_replica_its_leader_offsets_lag_and_leader_changes() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut brokers: Vec<Option<Broker>> = (0..3)
+        .map(|i| {
+            Some(Broker::start(
+                i as u32 + 1,
+                ports[i],
+                &peers,
+                "tokio",
+                dirs[i].path(),
+            ))
+        })
+        .collect();
+    let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    eventually("three brokers registered", || {
+        (metadata(&mut clients[0]).0.len() == 3).then_some(())
+    });
+    assert_eq!(create(&mut clients[0], "m", 1, 3), (0, true));
+    let leader = u32::try_from(settled(&mut clients)[0].1[0].2[0].1).unwrap();
+    let series = |name: &str| format!("streambus_{name}{{topic=\"m\",partition=\"0\"}}");
+    let read = |b: &Broker, name: &str| -> Option<i64> {
+        streambus_tests::metric(b.metrics.as_str(), &series(name))?
+            .parse()
+            .ok()
+    };
+    let l = brokers[leader as usize - 1].as_ref().unwrap();
+    let r = streambus_tests::produce(&mut l.client(), "m", 0, &[b"a", b"b", b"c"]).unwrap();
+    assert_eq!(r.error_code(), 0);
+    // Every replica: its node id, the leader, three records stored and committed, one leader
+    // change (the first leader); the leader: no lag for either follower.
+    for (i, b) in brokers.iter().flatten().enumerate() {
+        assert_eq!(
+            streambus_tests::metric(b.metrics.as_str(), "streambus_cluster_node_id").as_deref(),
+            Some((i + 1).to_string().as_str())
+        );
+        eventually("the replica's metrics", || {
+            let got = (
+                read(b, "partition_leader")?,
+                read(b, "partition_log_end_offset")?,
+                read(b, "partition_high_water_mark")?,
+                read(b, "partition_leader_changes_total")?,
+            );
+            (got == (i64::from(leader), 3, 3, 1)).then_some(())
+        });
+        assert!(read(b, "partition_leader_epoch").unwrap() >= 1);
+    }
+    for follower in (1..=3).filter(|f| *f != leader) {
+        let name = format!(
+            "streambus_partition_replica_lag_entries{{topic=\"m\",partition=\"0\",replica=\"{follower}\"}}"
+        );
+        eventually("no lag on the leader's view of a follower", || {
+            (streambus_tests::metric(l.metrics.as_str(), &name).as_deref() == Some("0"))
+                .then_some(())
+        });
+    }
+    // The leader killed: each survivor counts a second leader, the one they elected.
+    drop(brokers[leader as usize - 1].take());
+    let survivors: Vec<&Broker> = brokers.iter().flatten().collect();
+    let new = eventually("a new partition leader on both survivors", || {
+        let l = read(survivors[0], "partition_leader")?;
+        (l != i64::from(leader) && l > 0 && read(survivors[1], "partition_leader") == Some(l))
+            .then_some(l)
+    });
+    for b in &survivors {
+        eventually("two leader changes", || {
+            (read(b, "partition_leader_changes_total") == Some(2)).then_some(())
+        });
+    }
+    assert_ne!(new, i64::from(leader));
+}

@@ -235,6 +235,26 @@ pub async fn watch_leadership(raft: PartitionRaft, node: u64, id: PartitionId, h
     }
 }
 
+/// Counts in `replicas` each time `raft`'s known leader becomes another broker (the first
+/// leader it learns counts as one) until the group stops: `/metrics` reports the count.
+pub async fn count_leader_changes(raft: PartitionRaft, id: PartitionId, replicas: Arc<Replicas>) {
+    let mut metrics = raft.metrics();
+    drop(raft);
+    let mut last = None;
+    loop {
+        let leader = metrics.borrow_and_update().current_leader;
+        if leader.is_some() && leader != last {
+            *lock(&replicas.leader_changes)
+                .entry(id.clone())
+                .or_default() += 1;
+            last = leader;
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// What the log store and the state machine of one partition share.
 struct Shared {
     storage: Arc<Storage>,
@@ -930,6 +950,8 @@ pub async fn answer(raft: &PartitionRaft, rpc: PartitionRpc) -> PartitionReply {
 #[derive(Default)]
 pub struct Replicas {
     groups: RwLock<BTreeMap<String, BTreeMap<u32, Slot>>>,
+    /// How many times each local group's leader changed ([`count_leader_changes`]).
+    leader_changes: Mutex<BTreeMap<PartitionId, u64>>,
 }
 
 /// A group being opened, or running.
@@ -981,8 +1003,14 @@ impl Replicas {
             .insert(id.partition, Slot::Running(raft));
     }
 
+    /// How many times `id`'s leader changed as this broker's replica saw it.
+    pub fn leader_changes(&self, id: &PartitionId) -> u64 {
+        lock(&self.leader_changes).get(id).copied().unwrap_or(0)
+    }
+
     /// Removes every group of a topic (deleted); returns the running ones, to stop.
     pub fn remove_topic(&self, topic: &str) -> Vec<PartitionRaft> {
+        lock(&self.leader_changes).retain(|id, _| id.topic != topic);
         let removed = self
             .groups
             .write()

@@ -440,6 +440,11 @@ impl LocalReplicas {
                     id.clone(),
                     on_step_down,
                 ));
+                tokio::spawn(replica::count_leader_changes(
+                    raft.clone(),
+                    id.clone(),
+                    Arc::clone(&groups.replicas),
+                ));
                 if initialize {
                     match raft.initialize(members).await {
                         Ok(()) => tracing::info!(
