@@ -435,6 +435,70 @@ async fn a_timed_out_call_keeps_its_slot_until_the_core_frees_it() {
     peer.abort();
 }
 
+/// A call whose future is dropped after its request went out (the direct path of an idle
+/// connection: the caller writes and reads itself) leaves the connection usable: the next
+/// calls on the same single connection each get their own answer, none the dropped call's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_dropped_in_flight_leaves_its_connection_usable() {
+    use std::future::Future;
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = Client::builder()
+        .pool_size(1)
+        .connect(b.addr().to_string())
+        .await
+        .unwrap();
+    assert!(c.create_topic("kept", 2).await.unwrap());
+    for _ in 0..3 {
+        // Polled once: the request is written and its answer awaited; then dropped. (The
+        // answer may come within that one poll: then try again.)
+        let dropped_in_flight = 'found: {
+            for _ in 0..100 {
+                let mut call = Box::pin(c.list_topics());
+                let first =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
+                if first.is_pending() {
+                    break 'found true;
+                }
+            }
+            false
+        };
+        assert!(dropped_in_flight);
+        assert_eq!(c.health().await.unwrap().status, "healthy");
+        assert_eq!(c.offsets("kept", 1).await.unwrap().partition, 1);
+    }
+    let topics: Vec<(String, u32)> = c
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.name, t.partitions))
+        .collect();
+    assert_eq!(topics, vec![("kept".into(), 2)]);
+}
+
+/// The broker restarts while the client's only connection is idle: a call that is not
+/// retried (CreateTopic) finds the old connection closed before writing to it and goes out
+/// on a fresh one, rather than failing with a connection error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_while_idle_is_replaced_before_a_call_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let addr = b.addr();
+    let c = Client::builder()
+        .pool_size(1)
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    assert!(c.create_topic("before", 1).await.unwrap());
+    b.shutdown().unwrap();
+    let b = streambus_server::start(config(dir.path(), addr)).unwrap();
+    assert!(c.create_topic("after", 1).await.unwrap());
+    assert_eq!(c.list_topics().await.unwrap().len(), 2);
+    drop(b);
+}
+
 /// A peer that answers the producer's Metadata request (one partition of `big`, encoded by
 /// the core) and then stops reading: a Produce larger than the socket buffers blocks its
 /// write, and the call still fails with TimedOut at its deadline (the connection's deadline
