@@ -12,9 +12,7 @@ use tokio::time::Instant;
 
 use streambus_adapters::tls::{self, ClientTls, rustls};
 
-use crate::conn::{
-    self, Callback, ConnTx, Direct, Job, LoadGuard, MAX_IN_FLIGHT, Reply, ReplyTo, Req,
-};
+use crate::conn::{self, Callback, Job, LoadGuard, MAX_IN_FLIGHT, Reply, ReplyTo, Req};
 use crate::error::{Context, Error, Result};
 use crate::types::{Health, Metadata, PartitionOffsets, TopicInfo};
 
@@ -387,36 +385,26 @@ impl Client {
                     })?
             }
         };
-        let mut req = req;
+        let (tx, rx) = oneshot::channel();
+        let (mut req, mut reply) = (req, ReplyTo::Caller(Some(tx)));
         // A connection that died since it was picked refuses the job: pick again.
-        let rx = loop {
+        loop {
             let (conn, load) = self.inner.pool.get(deadline, ctx).await?;
-            let alone = load.alone();
-            let (tx, rx) = oneshot::channel();
-            let mut job = Job {
+            let job = Job {
                 req,
-                reply: ReplyTo::Caller(Some(tx)),
+                reply,
                 deadline,
                 timeout,
                 _permit: permit,
                 _load: load,
             };
-            if alone {
-                // Nothing else on the connection: the call is made on this task.
-                match conn::call_direct(&conn, job).await {
-                    Direct::Done(r) => return r.map_err(|e| e.with_context(ctx)),
-                    Direct::Busy(j) => job = j,
-                    Direct::Closed(j) => {
-                        (req, permit) = (j.req, j._permit);
-                        continue;
-                    }
+            match conn.send(job) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(j)) => {
+                    (req, reply, permit) = (j.req, j.reply, j._permit)
                 }
             }
-            match conn.send(job) {
-                Ok(()) => break rx,
-                Err(mpsc::error::SendError(j)) => (req, permit) = (j.req, j._permit),
-            }
-        };
+        }
         // No timer of the caller's own: the connection task fails the call at `deadline`
         // (its one timer covers every call in flight, and races its writes too), and a job
         // is only handed to a connection with a free slot, so it never waits unwatched.
@@ -662,6 +650,8 @@ pub(crate) fn validate_topic(topic: &str, ctx: &Context) -> Result<Arc<str>> {
         })
         .map(|t| Arc::from(t.as_str()))
 }
+
+type ConnTx = mpsc::UnboundedSender<Job>;
 
 #[derive(Debug)]
 enum Slot {
@@ -949,9 +939,10 @@ impl Pool {
         let mut st = self.lock();
         match result {
             Ok(driver) => {
+                let (tx, rx) = mpsc::unbounded_channel();
                 let depth = self.config.max_in_flight;
                 let timeout = self.config.request_timeout + self.config.max_poll_wait;
-                let tx = conn::spawn(&self.runtime, driver, depth, timeout);
+                self.runtime.spawn(conn::run(driver, rx, depth, timeout));
                 let load = Arc::new(AtomicUsize::new(0));
                 if let Some(mut cell) = self.ready_cell(slot) {
                     *cell = Some(Conn {

@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use streambus_core::io::DriverError;
@@ -16,7 +16,7 @@ use streambus_core::{
     GetOffsetRequest, LongPoll, MessageSet, MetadataRequest, ProduceRequest, ProducerInfo, Request,
     Response, Topic, TopicNames,
 };
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::error::{Context, Error, ProtocolError, Result};
@@ -179,11 +179,6 @@ impl LoadGuard {
         })
         .ok()
         .map(|_| Self(load.clone()))
-    }
-
-    /// Whether this is the only call counted on its connection.
-    pub(crate) fn alone(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == 1
     }
 }
 
@@ -541,235 +536,20 @@ fn drain(
     }
 }
 
-/// A connection's driver, shared by its task and the callers that find the connection idle:
-/// such a caller takes the driver, writes its own request and reads its own reply, with no
-/// hop through the task (see [`call_direct`]). The task takes the driver whenever a call
-/// comes through its channel, and keeps it while any of its calls is in flight.
-pub(crate) struct Link {
-    /// `None` once the connection broke.
-    driver: tokio::sync::Mutex<Option<Held>>,
-    /// Direct calls that gave up (their deadline passed, or their future was dropped) with
-    /// their request in flight, by RequestID: the task keeps each, with its capacity and
-    /// load, until the core frees its slot (as it does for its own calls).
-    handoff: std::sync::Mutex<Vec<(u64, Job)>>,
-    /// The connection broke (found by a caller or by the task): nothing more goes on it.
-    closed: AtomicBool,
-    /// Wakes the idle task to end when a caller found the connection closed.
-    wake: Notify,
-}
-
-impl std::fmt::Debug for Link {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link")
-            .field("closed", &self.is_closed())
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a direct call needs: the driver, and a timer for the call's deadline (kept, so a
-/// call moves it instead of registering a new one).
-struct Held {
-    driver: Driver,
-    timer: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Link {
-    fn handoffs(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Job)>> {
-        self.handoff.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    /// Marks the connection broken and wakes its task, which fails what it holds and ends
-    /// (so the pool replaces it).
-    fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        self.wake.notify_one();
-    }
-}
-
-/// A handle to one connection: its task's channel and its driver.
-#[derive(Debug, Clone)]
-pub(crate) struct ConnTx {
-    tx: mpsc::UnboundedSender<Job>,
-    link: Arc<Link>,
-}
-
-impl ConnTx {
-    /// Whether the connection broke or its task ended.
-    pub(crate) fn is_closed(&self) -> bool {
-        self.tx.is_closed() || self.link.is_closed()
-    }
-
-    /// Hands `job` to the connection's task; a closed connection gives it back.
-    #[allow(clippy::result_large_err)]
-    pub(crate) fn send(&self, job: Job) -> std::result::Result<(), mpsc::error::SendError<Job>> {
-        if self.link.is_closed() {
-            return Err(mpsc::error::SendError(job));
-        }
-        self.tx.send(job)
-    }
-}
-
-/// Starts the task of a connection over `driver` on `runtime`.
-pub(crate) fn spawn(
-    runtime: &tokio::runtime::Handle,
-    driver: Driver,
-    depth: usize,
-    request_timeout: Duration,
-) -> ConnTx {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let link = Arc::new(Link {
-        driver: tokio::sync::Mutex::new(Some(Held {
-            driver,
-            timer: Box::pin(tokio::time::sleep(request_timeout)),
-        })),
-        handoff: std::sync::Mutex::new(Vec::new()),
-        closed: AtomicBool::new(false),
-        wake: Notify::new(),
-    });
-    runtime.spawn(run(link.clone(), rx, depth, request_timeout));
-    ConnTx { tx, link }
-}
-
-/// How a stretch of the task's work with the driver ended.
-enum Busy {
-    /// Nothing of its callers is in flight and nothing waits: the driver is free again.
-    Idle,
-    /// The connection broke (`Some`) or every sender is gone (`None`).
-    End(Option<Error>),
-}
-
-/// Fails each waiting call whose deadline is at or before `now`.
-fn expire_waiting(waiting: &mut Vec<Job>, now: Instant) {
-    waiting.retain_mut(|job| {
-        if job.deadline > now {
-            return true;
-        }
-        let reply = std::mem::replace(&mut job.reply, ReplyTo::Caller(None));
-        reply.send(Err(Error::TimedOut {
-            context: Context::default(),
-            waiting: "waiting for the broker's answer",
-            after: job.timeout,
-        }));
-        false
-    });
-}
-
 /// Runs one connection until it breaks or every sender is gone; then fails whatever it
 /// still holds (their callers get an error at once, not at their timeout). Each call's own
 /// deadline is enforced here too, so a call answered by callback times out like one awaited.
-///
-/// While none of its calls is in flight the task leaves the driver free for [`call_direct`];
-/// a call through the channel takes it back (waiting, with the call's deadline watched, for
-/// a direct call to finish).
-async fn run(
-    link: Arc<Link>,
+pub(crate) async fn run(
+    mut driver: Driver,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     depth: usize,
     request_timeout: Duration,
 ) {
     let mut pending = Pending::default();
-    // Calls received while a direct call holds the driver.
-    let mut waiting: Vec<Job> = Vec::new();
     // One timer for the earliest call deadline, moved as it changes.
     let timer = tokio::time::sleep(request_timeout);
     tokio::pin!(timer);
-    let failure = 'run: loop {
-        // Idle: the driver is free for a caller's own call.
-        tokio::select! {
-            biased;
-            j = jobs.recv() => match j {
-                Some(j) => waiting.push(j),
-                None => break None,
-            },
-            () = link.wake.notified() => {
-                if link.is_closed() {
-                    break Some(Error::closed_by_peer(Context::default()));
-                }
-                if link.handoffs().is_empty() {
-                    continue;
-                }
-            }
-        }
-        let mut guard = loop {
-            let earliest = waiting.iter().map(|j| j.deadline).min();
-            tokio::select! {
-                biased;
-                g = link.driver.lock() => break g,
-                j = jobs.recv() => match j {
-                    Some(j) => waiting.push(j),
-                    None => break link.driver.lock().await,
-                },
-                () = sleep_until(timer.as_mut(), earliest) => {
-                    expire_waiting(&mut waiting, Instant::now());
-                    if waiting.is_empty() {
-                        continue 'run;
-                    }
-                }
-            }
-        };
-        let Some(Held { driver, .. }) = guard.as_mut() else {
-            break Some(Error::closed_by_peer(Context::default()));
-        };
-        for (id, job) in link.handoffs().drain(..) {
-            pending.insert(id, job);
-        }
-        for job in waiting.drain(..) {
-            submit(driver, &mut pending, job, request_timeout);
-        }
-        drain(driver, &mut pending, &mut jobs, depth, request_timeout);
-        match busy(
-            driver,
-            &mut pending,
-            &mut jobs,
-            timer.as_mut(),
-            depth,
-            request_timeout,
-        )
-        .await
-        {
-            Busy::Idle => {}
-            Busy::End(e) => {
-                *guard = None;
-                break e;
-            }
-        }
-    };
-    link.closed.store(true, Ordering::Release);
-    tracing::debug!(error = ?failure, pending = pending.len(), "connection task ends");
-    jobs.close();
-    let err = failure.unwrap_or_else(|| Error::Closed {
-        context: Context::default(),
-        what: "client",
-    });
-    for job in pending.drain() {
-        job.reply.send(Err(err.clone()));
-    }
-    for job in waiting.drain(..) {
-        job.reply.send(Err(err.clone()));
-    }
-    link.handoffs().clear();
-    while let Ok(job) = jobs.try_recv() {
-        job.reply.send(Err(err.clone()));
-    }
-}
-
-/// Drives the connection while calls of the task are in flight or waiting.
-async fn busy(
-    driver: &mut Driver,
-    pending: &mut Pending,
-    jobs: &mut mpsc::UnboundedReceiver<Job>,
-    mut timer: Pin<&mut tokio::time::Sleep>,
-    depth: usize,
-    request_timeout: Duration,
-) -> Busy {
-    loop {
-        if pending.len() == 0 && jobs.is_empty() {
-            return Busy::Idle;
-        }
+    let failure = loop {
         let deadline = pending.earliest();
         let room = driver.connection().in_flight() < depth;
         // The deadline races the whole wait, writes included: a broker that stops reading
@@ -789,18 +569,18 @@ async fn busy(
         match wake {
             Ok(Wake::Other(Event::Job(Some(job)))) => {
                 let busy = driver.connection().in_flight() > 0;
-                submit(driver, pending, job, request_timeout);
+                submit(&mut driver, &mut pending, job, request_timeout);
                 // Every call already waiting goes out in the same write.
-                drain(driver, pending, jobs, depth, request_timeout);
+                drain(&mut driver, &mut pending, &mut jobs, depth, request_timeout);
                 if busy && driver.connection().in_flight() < depth {
                     // Calls are in flight already (a pipelining load, not a lone caller
                     // waiting): let the callers that are ready run first, so their requests
                     // share this write (one send per request costs more than the request).
                     tokio::task::yield_now().await;
-                    drain(driver, pending, jobs, depth, request_timeout);
+                    drain(&mut driver, &mut pending, &mut jobs, depth, request_timeout);
                 }
             }
-            Ok(Wake::Other(Event::Job(None))) => return Busy::End(None),
+            Ok(Wake::Other(Event::Job(None))) => break None,
             Ok(Wake::Other(Event::Deadline)) => {
                 let now = Instant::now();
                 while let Some((reply, timeout)) = pending.pop_expired(now) {
@@ -827,7 +607,7 @@ async fn busy(
                         after: request_timeout,
                     };
                     job.reply.send(Err(e.clone()));
-                    return Busy::End(Some(e));
+                    break Some(e);
                 }
                 let result = match driver.response(done.request_type) {
                     Some(r) => reply(&job.req, r),
@@ -846,162 +626,19 @@ async fn busy(
                 reply.send(result);
             }
             Ok(_) => {}
-            Err(e) => return Busy::End(Some(driver_error(e, request_timeout))),
+            Err(e) => break Some(driver_error(e, request_timeout)),
         }
-    }
-}
-
-/// What became of a call offered to [`call_direct`].
-#[derive(Debug)]
-pub(crate) enum Direct {
-    /// Made on the caller's own task: its result.
-    Done(Result<Reply>),
-    /// The connection is in use (or can't be checked without reading): send the call
-    /// through the connection's task.
-    Busy(Job),
-    /// The connection is closed and nothing was sent: pick another.
-    Closed(Job),
-}
-
-/// A direct call in flight. Dropped before its answer (the deadline passed, or the
-/// caller's future was dropped), it hands the call to the connection's task, which keeps its
-/// capacity and load until the core frees its slot and reads and drops its late answer.
-struct InFlight<'a> {
-    link: &'a Link,
-    id: u64,
-    job: Option<Job>,
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if let Some(job) = self.job.take() {
-            self.link.handoffs().push((self.id, job));
-            self.link.wake.notify_one();
-        }
-    }
-}
-
-/// Makes `job`'s call on the caller's own task when the connection is idle: writes it and
-/// reads its answer through the driver, skipping the two hops through the connection task
-/// (the call to the task, the answer back); it fails at `job.deadline` like a call through
-/// the task. `job.reply` is not used.
-///
-/// Before writing, a connection the broker closed while idle (its idle timeout, a restart)
-/// is found from the read readiness the runtime recorded (a non-blocking peek, no syscall
-/// when nothing arrived): nothing is sent on it and the caller picks another, as when the
-/// task ended. A long-poll fetch always goes through the task (it would hold the connection
-/// for its whole wait).
-pub(crate) async fn call_direct(conn: &ConnTx, job: Job) -> Direct {
-    if matches!(
-        job.req,
-        Req::Fetch {
-            long_poll: Some(_),
-            ..
-        }
-    ) {
-        return Direct::Busy(job);
-    }
-    let link = &conn.link;
-    let Ok(mut guard) = link.driver.try_lock() else {
-        return Direct::Busy(job);
     };
-    let Some(Held { driver, timer }) = guard.as_mut() else {
-        return Direct::Closed(job);
-    };
-    if driver.connection().in_flight() > 0 {
-        return Direct::Busy(job);
+    tracing::debug!(error = ?failure, pending = pending.len(), "connection task ends");
+    jobs.close();
+    let err = failure.unwrap_or_else(|| Error::Closed {
+        context: Context::default(),
+        what: "client",
+    });
+    for job in pending.drain() {
+        job.reply.send(Err(err.clone()));
     }
-    match peer_closed(driver) {
-        Some(false) => {}
-        Some(true) => {
-            *guard = None;
-            link.close();
-            return Direct::Closed(job);
-        }
-        None => return Direct::Busy(job),
-    }
-    let queued = {
-        let mut names = Vec::new();
-        request(&job.req, &mut names)
-            .and_then(|r| driver.queue(&r).map_err(|e| driver_error(e, job.timeout)))
-    };
-    let id = match queued {
-        Ok(id) => id,
-        Err(e) => return Direct::Done(Err(e)),
-    };
-    let (deadline, timeout) = (job.deadline, job.timeout);
-    let mut call = InFlight {
-        link,
-        id,
-        job: Some(job),
-    };
-    loop {
-        let woke = driver
-            .next_completion_or(sleep_until(timer.as_mut(), Some(deadline)))
-            .await;
-        match woke {
-            // The late answer of an earlier call (not expected: the connection was idle).
-            Ok(Wake::Completion(done)) if done.request_id != id => {}
-            Ok(Wake::Completion(done)) if done.timed_out => {
-                // The core's own deadline (past the call's): the connection is stuck.
-                let e = Error::TimedOut {
-                    context: Context::default(),
-                    waiting: "waiting for the broker's answer",
-                    after: timeout,
-                };
-                call.job = None;
-                *guard = None;
-                link.close();
-                return Direct::Done(Err(e));
-            }
-            Ok(Wake::Completion(done)) => {
-                let Some(job) = call.job.take() else {
-                    return Direct::Done(Err(unexpected("a direct call without its job".into())));
-                };
-                let result = match driver.response(done.request_type) {
-                    Some(r) => reply(&job.req, r),
-                    None => Err(unexpected("a completion without a response".into())),
-                };
-                drop(job);
-                return Direct::Done(result);
-            }
-            Ok(Wake::Other(())) => {
-                // The call's deadline: its slot stays taken (by the task, from `call`'s
-                // drop) until the late answer or the core's own timeout.
-                drop(guard);
-                drop(call);
-                return Direct::Done(Err(Error::TimedOut {
-                    context: Context::default(),
-                    waiting: "waiting for the broker's answer",
-                    after: timeout,
-                }));
-            }
-            Err(e) => {
-                let e = driver_error(e, timeout);
-                call.job = None;
-                *guard = None;
-                link.close();
-                return Direct::Done(Err(e));
-            }
-            Ok(_) => {}
-        }
-    }
-}
-
-/// Whether the broker closed the idle connection, as far as the runtime has seen: the read
-/// readiness the reactor recorded, checked with a non-blocking peek (no syscall when nothing
-/// arrived). `None` over TLS (rustls may hold bytes) or when bytes nobody asked for wait:
-/// the task reads those.
-fn peer_closed(driver: &Driver) -> Option<bool> {
-    let streambus_adapters::tokio::ClientStream::Plain(s) = driver.transport().inner() else {
-        return None;
-    };
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let mut byte = [0u8; 1];
-    let mut buf = tokio::io::ReadBuf::new(&mut byte);
-    match s.poll_peek(&mut cx, &mut buf) {
-        std::task::Poll::Pending => Some(false),
-        std::task::Poll::Ready(Ok(0) | Err(_)) => Some(true),
-        std::task::Poll::Ready(Ok(_)) => None,
+    while let Ok(job) = jobs.try_recv() {
+        job.reply.send(Err(err.clone()));
     }
 }

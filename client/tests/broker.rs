@@ -435,9 +435,9 @@ async fn a_timed_out_call_keeps_its_slot_until_the_core_frees_it() {
     peer.abort();
 }
 
-/// A call whose future is dropped after its request went out (the direct path of an idle
-/// connection: the caller writes and reads itself) leaves the connection usable: the next
-/// calls on the same single connection each get their own answer, none the dropped call's.
+/// A call whose future is dropped after its request went out leaves the connection usable:
+/// the next calls on the same single connection each get their own answer, none the dropped
+/// call's. (Guards any path where a caller drives the connection itself.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_dropped_in_flight_leaves_its_connection_usable() {
     use std::future::Future;

@@ -65,12 +65,6 @@ where
         &self.conn
     }
 
-    /// The transport, to ask it about its state (say, whether the peer closed it while no
-    /// request was in flight) without reading or writing through it.
-    pub fn transport(&self) -> &T {
-        &self.io
-    }
-
     /// The transport, timer and connection.
     pub fn into_parts(self) -> (T, C, ClientConnection<B, N>) {
         (self.io, self.timer, self.conn)
