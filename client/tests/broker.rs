@@ -178,6 +178,55 @@ async fn send_returns_consecutive_offsets_and_auto_creates() {
     p.close().await.unwrap();
 }
 
+/// `enqueue_many` takes records of a known topic under one lock, a topic not known yet through
+/// `enqueue`'s path (its partition count read first), and stops at the first record refused:
+/// the records before it were taken (their deliveries resolve to consecutive offsets), it and
+/// the ones after were not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_many_takes_records_in_order_up_to_the_first_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    assert!(c.create_topic("two", 2).await.unwrap());
+    let p = Producer::new(&c);
+    p.send(Record::new("one", "first")).await.unwrap();
+    let mut deliveries = Vec::new();
+    // "one" known, "two" not yet (read mid-call), then "one" again.
+    let records = (0..3)
+        .map(|i| Record::new("one", format!("a{i}")))
+        .chain((0..2).map(|i| Record::new("two", format!("b{i}")).partition(1)))
+        .chain((3..5).map(|i| Record::new("one", format!("a{i}"))));
+    p.enqueue_many(records, &mut deliveries).await.unwrap();
+    let mut at = Vec::new();
+    for d in deliveries.drain(..) {
+        let m = d.await.unwrap();
+        at.push((m.topic.to_string(), m.partition, m.offset));
+    }
+    let want: Vec<(String, u32, i64)> = vec![
+        ("one".into(), 0, 1),
+        ("one".into(), 0, 2),
+        ("one".into(), 0, 3),
+        ("two".into(), 1, 0),
+        ("two".into(), 1, 1),
+        ("one".into(), 0, 4),
+        ("one".into(), 0, 5),
+    ];
+    assert_eq!(at, want);
+    // Partition 2 of a two-partition topic: refused, and nothing after it is taken.
+    let records = vec![
+        Record::new("two", "c0").partition(0),
+        Record::new("two", "bad").partition(2),
+        Record::new("two", "c1").partition(0),
+    ];
+    let e = p.enqueue_many(records, &mut deliveries).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    assert_eq!(deliveries.len(), 1);
+    let m = deliveries.pop().unwrap().await.unwrap();
+    assert_eq!((&*m.topic, m.partition, m.offset), ("two", 0, 0));
+    assert_eq!(c.offsets("two", 0).await.unwrap().end, 1);
+    p.close().await.unwrap();
+}
+
 /// `lag` and `caught_up` follow the broker's high-water marks: unknown before the first
 /// answer, the records left while reading, 0 at the end; a poll returns at once (empty) when
 /// the consumer has just caught up; records produced after are read up to the end again.
