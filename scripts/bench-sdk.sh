@@ -8,7 +8,8 @@
 #
 # Per round: raw TCP ping-pong p50, raw sync Produce p50 and the SDK's sync produce p50
 # (`Producer::send`, one record awaited at a time); then raw `pipeline --batch 100` and the
-# SDK's batching producer on one connection, in messages/s acknowledged; then HealthChecks from
+# SDK's batching producer on one connection (`enqueue` per record, and `enqueue_many` of 1 000
+# records a call), in messages/s acknowledged; then HealthChecks from
 # 50 connections × 64 in flight raw against 3 200 tasks calling `Client::health` on one client
 # of 50 × 64; and the ratios.
 set -euo pipefail
@@ -51,9 +52,10 @@ for ((i = 1; i <= ROUNDS; i++)); do
     sdk_sy=$(sdk sync | sed -nE 's/.* p50 ([0-9.]+)µs.*/\1/p')
     pipe=$(raw pipeline --batch 100 | rate)
     sdk_pipe=$(sdk produce | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
+    sdk_many=$(sdk produce-many | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
     req=$(raw requests --connections 50 --in-flight 64 | rate)
     sdk_req=$(sdk health | sed -nE 's/.*= ([0-9.]+) M req\/s.*/\1/p')
-    awk -v r="$i" -v pp="$pp" -v sy="$sy" -v s="$sdk_sy" -v p="$pipe" -v sp="$sdk_pipe" -v q="$req" -v sq="$sdk_req" 'BEGIN {
-        printf "round %d: ping-pong %.1f µs, raw sync %.1f µs, SDK sync %.1f µs (%.2f× ping-pong, %.2f× raw sync); raw pipelined %.2f M msg/s, SDK batching %.2f M msg/s (%.2f×); HealthCheck 50 × 64 raw %.2f M req/s, SDK (3 200 tasks, one Client) %.2f M req/s (%.2f×)\n",
-            r, pp, sy, s, s / pp, s / sy, p, sp, sp / p, q, sq, sq / q }'
+    awk -v r="$i" -v pp="$pp" -v sy="$sy" -v s="$sdk_sy" -v p="$pipe" -v sp="$sdk_pipe" -v sm="$sdk_many" -v q="$req" -v sq="$sdk_req" 'BEGIN {
+        printf "round %d: ping-pong %.1f µs, raw sync %.1f µs, SDK sync %.1f µs (%.2f× ping-pong, %.2f× raw sync); raw pipelined %.2f M msg/s, SDK batching %.2f M msg/s (%.2f×), enqueue_many %.2f M msg/s (%.2f×); HealthCheck 50 × 64 raw %.2f M req/s, SDK (3 200 tasks, one Client) %.2f M req/s (%.2f×)\n",
+            r, pp, sy, s, s / pp, s / sy, p, sp, sp / p, sm, sm / p, q, sq, sq / q }'
 done

@@ -11,7 +11,8 @@
 //! - `sync`: one 100-byte record at a time through `Producer::send` (compare with
 //!   `streambus bench pipeline --batch 1 --in-flight 1` and `streambus bench pingpong`);
 //! - `produce`: the batching producer on one connection, 100-byte values (compare with
-//!   `streambus bench pipeline --batch 100`);
+//!   `streambus bench pipeline --batch 100`); `produce-many` the same through
+//!   `Producer::enqueue_many`, 1 000 records a call;
 //! - `consume`: the consumer with 1 MiB fetches over 64 MiB of 1 KiB values (compare with
 //!   `streambus bench fetch --size 1024`);
 //! - `health`: 3 200 tasks calling `Client::health` on one client with `pool_size(50)` and
@@ -104,23 +105,31 @@ async fn run() -> Result<(), Error> {
                 lat.last().copied().unwrap_or_default()
             );
         }
-        "produce" => {
+        "produce" | "produce-many" => {
+            let many = mode == "produce-many";
             let topic_pipe: Arc<str> = Arc::from("bench-sdk-pipe");
             let producer = Producer::new(&client);
             producer
                 .send(Record::new(topic_pipe.clone(), value.clone()))
                 .await?;
             let mut pending = VecDeque::new();
+            let mut chunk = Vec::with_capacity(1000);
             let mut acked = 0u64;
             let start = Instant::now();
             let end = start + duration;
             while Instant::now() < end {
-                for _ in 0..1000 {
-                    pending.push_back(
-                        producer
-                            .enqueue(Record::new(topic_pipe.clone(), value.clone()))
-                            .await?,
-                    );
+                if many {
+                    let records = (0..1000).map(|_| Record::new(topic_pipe.clone(), value.clone()));
+                    producer.enqueue_many(records, &mut chunk).await?;
+                    pending.extend(chunk.drain(..));
+                } else {
+                    for _ in 0..1000 {
+                        pending.push_back(
+                            producer
+                                .enqueue(Record::new(topic_pipe.clone(), value.clone()))
+                                .await?,
+                        );
+                    }
                 }
                 while pending.len() > 200_000 {
                     if let Some(d) = pending.pop_front() {

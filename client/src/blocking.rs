@@ -188,6 +188,15 @@ impl Producer {
         run(&self.rt, self.inner.enqueue(record))
     }
 
+    /// Buffers many records, taking the producer's lock once for as many as it can; see
+    /// [`crate::Producer::enqueue_many`] (the same partial-take rule on error).
+    pub fn enqueue_many<I>(&self, records: I, deliveries: &mut Vec<Delivery>) -> Result<()>
+    where
+        I: IntoIterator<Item = Record>,
+    {
+        run(&self.rt, self.inner.enqueue_many(records, deliveries))
+    }
+
     /// See [`crate::Producer::flush`].
     pub fn flush(&self) -> Result<()> {
         run(&self.rt, async {

@@ -549,6 +549,94 @@ impl Producer {
         self.take(record, false).await
     }
 
+    /// [`enqueue`](Self::enqueue) for many records, taking the producer's lock once for as
+    /// many of them as it can (once per call when their topics are known and the buffer has
+    /// room) rather than once per record; the [`Delivery`] of each record taken is pushed to
+    /// `deliveries`, in order.
+    ///
+    /// # Errors
+    ///
+    /// The first record refused (as [`enqueue`](Self::enqueue) would refuse it) ends the
+    /// call with its error: the records before it were taken (their deliveries are in
+    /// `deliveries`), it and the records after it were not.
+    ///
+    /// ```no_run
+    /// # async fn demo(producer: streambus_client::Producer) -> Result<(), streambus_client::Error> {
+    /// use streambus_client::Record;
+    /// let mut deliveries = Vec::new();
+    /// let records = (0..100).map(|i| Record::new("orders", format!("{i}")));
+    /// producer.enqueue_many(records, &mut deliveries).await?;
+    /// for d in deliveries {
+    ///     d.await?;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn enqueue_many<I>(&self, records: I, deliveries: &mut Vec<Delivery>) -> Result<()>
+    where
+        I: IntoIterator<Item = Record>,
+    {
+        // Collected first: no code of the caller's (the iterator) runs under the lock.
+        let records: Vec<Record> = records.into_iter().collect();
+        let mut records = records.into_iter();
+        deliveries.reserve(records.len());
+        while records.len() > 0 {
+            if self.inner.closed.load(Ordering::Acquire) {
+                // As `enqueue` reports it.
+                if let Some(record) = records.next() {
+                    deliveries.push(self.enqueue(record).await?);
+                }
+                continue;
+            }
+            // Every record that takes the common path, under one lock.
+            let (slow, wake) = {
+                let mut st = self.inner.lock();
+                let mut wake = false;
+                let mut slow = None;
+                for record in records.by_ref() {
+                    let (take, woke) = {
+                        let headers: Vec<Header<'_>> = record
+                            .headers
+                            .iter()
+                            .map(|(k, v)| Header { key: k, value: v })
+                            .collect();
+                        let message = Message {
+                            offset: 0,
+                            timestamp: record.timestamp.unwrap_or(0),
+                            key: record.key.as_deref().unwrap_or_default(),
+                            value: &record.value,
+                            headers: Headers::from_slice(&headers),
+                        };
+                        let size = message.encoded_len();
+                        self.take_locked(&mut st, &message, &record, size, None, false, false)
+                    };
+                    wake |= woke;
+                    match take {
+                        Take::Done(Ok(delivery)) => deliveries.push(delivery),
+                        Take::Done(Err(e)) => {
+                            slow = Some(Err(e));
+                            break;
+                        }
+                        // An unknown topic or a full buffer: `enqueue` waits for it.
+                        Take::UnknownTopic | Take::BufferFull(..) => {
+                            slow = Some(Ok(record));
+                            break;
+                        }
+                    }
+                }
+                (slow, wake)
+            };
+            if wake {
+                self.inner.wake_linger.notify_one();
+            }
+            match slow {
+                None => {}
+                Some(Err(e)) => return Err(e),
+                Some(Ok(record)) => deliveries.push(self.enqueue(record).await?),
+            }
+        }
+        Ok(())
+    }
+
     async fn take(&self, record: Record, urgent: bool) -> Result<Delivery> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
@@ -620,9 +708,31 @@ impl Producer {
         reserved: bool,
         urgent: bool,
     ) -> Take {
+        let mut st = self.inner.lock();
+        let (take, wake) =
+            self.take_locked(&mut st, message, record, size, picked, reserved, urgent);
+        drop(st);
+        if wake {
+            self.inner.wake_linger.notify_one();
+        }
+        take
+    }
+
+    /// [`try_take`](Self::try_take) under a lock already held; `true` besides when the
+    /// linger task is to be woken (a batch opened) once the lock is released.
+    #[allow(clippy::too_many_arguments)]
+    fn take_locked(
+        &self,
+        st: &mut State,
+        message: &Message<'_>,
+        record: &Record,
+        size: usize,
+        picked: Option<u32>,
+        reserved: bool,
+        urgent: bool,
+    ) -> (Take, bool) {
         let inner = &self.inner;
         let limit = self.batch_limit(&record.topic);
-        let mut st = inner.lock();
         // The record's own name (equal to the validated one its topic entry was found by)
         // serves as the key: cloned only for a new queue, a new batch or a batch sent.
         let topic = &record.topic;
@@ -630,8 +740,10 @@ impl Producer {
             Some(p) => p,
             None => match st.topics.get_mut(&**topic).map(|t| pick(t, record)) {
                 Some((_, Some(p))) => p,
-                Some((count, None)) => return Take::Done(Err(out_of_range(record, count))),
-                None => return Take::UnknownTopic,
+                Some((count, None)) => {
+                    return (Take::Done(Err(out_of_range(record, count))), false);
+                }
+                None => return (Take::UnknownTopic, false),
             },
         };
         let ctx = || {
@@ -639,18 +751,12 @@ impl Producer {
                 .topic(topic.clone())
                 .partition(partition)
         };
-        let release = |st: MutexGuard<'_, State>| {
-            drop(st);
+        if size > limit {
             if reserved {
                 inner.buffer.add_permits(size);
             }
-        };
-        if size > limit {
-            release(st);
-            return Take::Done(Err(Error::invalid(
-                ctx(),
-                format!("a record of {size} bytes exceeds the {limit}-byte limit of one batch"),
-            )));
+            let e = format!("a record of {size} bytes exceeds the {limit}-byte limit of one batch");
+            return (Take::Done(Err(Error::invalid(ctx(), e))), false);
         }
         if !reserved {
             let permits = u32::try_from(size).unwrap_or(u32::MAX);
@@ -660,12 +766,14 @@ impl Producer {
             ) {
                 (Ok(permit), _) => permit.forget(),
                 (Err(_), BufferFull::FailFast) => {
-                    return Take::Done(Err(Error::invalid(ctx(), "the producer's buffer is full")));
+                    let e = Error::invalid(ctx(), "the producer's buffer is full");
+                    return (Take::Done(Err(e)), false);
                 }
-                (Err(_), BufferFull::Block(d)) => return Take::BufferFull(partition, d),
+                (Err(_), BufferFull::Block(d)) => return (Take::BufferFull(partition, d), false),
             }
         }
         let mut ship = false;
+        let mut wake = false;
         let delivery;
         {
             // Looked up by a borrowed key: no reference count moves for a record joining an
@@ -677,7 +785,8 @@ impl Producer {
             }
             let Some(q) = queues.get_mut(&qref) else {
                 inner.buffer.add_permits(size);
-                return Take::Done(Err(Error::invalid(ctx(), "no queue for the partition")));
+                let e = Error::invalid(ctx(), "no queue for the partition");
+                return (Take::Done(Err(e)), false);
             };
             let fits = q.open.as_ref().is_some_and(|b| {
                 b.records.len() + size <= limit && b.count < inner.config.batch_max_records
@@ -705,9 +814,9 @@ impl Producer {
             let encoded = batch.records.get_mut(at..).map(|buf| message.encode(buf));
             if !matches!(encoded, Some(Ok(n)) if n == size) {
                 batch.records.truncate(at);
-                drop(st);
                 inner.buffer.add_permits(size);
-                return Take::Done(Err(Error::invalid(ctx(), "the record can't be encoded")));
+                let e = Error::invalid(ctx(), "the record can't be encoded");
+                return (Take::Done(Err(e)), false);
             }
             delivery = Delivery {
                 outcome: batch.outcome.clone(),
@@ -725,13 +834,12 @@ impl Producer {
             }
             st.outstanding += 1;
             if ship {
-                ship_next(inner, &mut st, &(topic.clone(), partition));
+                ship_next(inner, st, &(topic.clone(), partition));
             } else if new_batch {
-                drop(st);
-                inner.wake_linger.notify_one();
+                wake = true;
             }
         }
-        Take::Done(Ok(delivery))
+        (Take::Done(Ok(delivery)), wake)
     }
 
     /// Record bytes one batch may hold for `topic`: the configured size, within what one

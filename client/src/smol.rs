@@ -165,6 +165,24 @@ impl Producer {
         on(&self.rt, async move { p.enqueue(record).await }).await
     }
 
+    /// See [`crate::Producer::enqueue_many`] (the same partial-take rule on error); the
+    /// [`Delivery`]s can be awaited on any executor.
+    pub async fn enqueue_many<I>(&self, records: I, deliveries: &mut Vec<Delivery>) -> Result<()>
+    where
+        I: IntoIterator<Item = Record>,
+    {
+        let p = self.inner.clone();
+        let records: Vec<Record> = records.into_iter().collect();
+        let (taken, result) = on(&self.rt, async move {
+            let mut taken = Vec::new();
+            let result = p.enqueue_many(records, &mut taken).await;
+            Ok((taken, result))
+        })
+        .await?;
+        deliveries.extend(taken);
+        result
+    }
+
     /// See [`crate::Producer::flush`].
     pub async fn flush(&self) {
         let p = self.inner.clone();

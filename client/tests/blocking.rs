@@ -24,12 +24,15 @@ fn blocking_produce_consume_admin() {
     let p = Producer::new(&c);
     let m = p.send(Record::new("sync", "one").partition(1)).unwrap();
     assert_eq!((m.partition, m.offset), (1, 0));
-    let pending: Vec<_> = (0..1000)
+    // Half one by one, half through `enqueue_many`.
+    let mut pending: Vec<_> = (0..500)
         .map(|i| {
             p.enqueue(Record::new("sync", format!("{i}")).partition(1))
                 .unwrap()
         })
         .collect();
+    let rest = (500..1000).map(|i| Record::new("sync", format!("{i}")).partition(1));
+    p.enqueue_many(rest, &mut pending).unwrap();
     let offsets: Vec<i64> = pending
         .into_iter()
         .map(|d| d.wait().unwrap().offset)

@@ -198,6 +198,55 @@ async fn send_returns_consecutive_offsets_and_auto_creates() {
     p.close().await.unwrap();
 }
 
+/// `enqueue_many` takes records of a known topic under one lock, a topic not known yet through
+/// `enqueue`'s path (its partition count read first), and stops at the first record refused:
+/// the records before it were taken (their deliveries resolve to consecutive offsets), it and
+/// the ones after were not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_many_takes_records_in_order_up_to_the_first_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    assert!(c.create_topic("two", 2).await.unwrap());
+    let p = Producer::new(&c);
+    p.send(Record::new("one", "first")).await.unwrap();
+    let mut deliveries = Vec::new();
+    // "one" known, "two" not yet (read mid-call), then "one" again.
+    let records = (0..3)
+        .map(|i| Record::new("one", format!("a{i}")))
+        .chain((0..2).map(|i| Record::new("two", format!("b{i}")).partition(1)))
+        .chain((3..5).map(|i| Record::new("one", format!("a{i}"))));
+    p.enqueue_many(records, &mut deliveries).await.unwrap();
+    let mut at = Vec::new();
+    for d in deliveries.drain(..) {
+        let m = d.await.unwrap();
+        at.push((m.topic.to_string(), m.partition, m.offset));
+    }
+    let want: Vec<(String, u32, i64)> = vec![
+        ("one".into(), 0, 1),
+        ("one".into(), 0, 2),
+        ("one".into(), 0, 3),
+        ("two".into(), 1, 0),
+        ("two".into(), 1, 1),
+        ("one".into(), 0, 4),
+        ("one".into(), 0, 5),
+    ];
+    assert_eq!(at, want);
+    // Partition 2 of a two-partition topic: refused, and nothing after it is taken.
+    let records = vec![
+        Record::new("two", "c0").partition(0),
+        Record::new("two", "bad").partition(2),
+        Record::new("two", "c1").partition(0),
+    ];
+    let e = p.enqueue_many(records, &mut deliveries).await.unwrap_err();
+    assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
+    assert_eq!(deliveries.len(), 1);
+    let m = deliveries.pop().unwrap().await.unwrap();
+    assert_eq!((&*m.topic, m.partition, m.offset), ("two", 0, 0));
+    assert_eq!(c.offsets("two", 0).await.unwrap().end, 1);
+    p.close().await.unwrap();
+}
+
 /// `lag` and `caught_up` follow the broker's high-water marks: unknown before the first
 /// answer, the records left while reading, 0 at the end; a poll returns at once (empty) when
 /// the consumer has just caught up; records produced after are read up to the end again.
@@ -453,6 +502,70 @@ async fn a_timed_out_call_keeps_its_slot_until_the_core_frees_it() {
     assert!(got_rx.try_recv().is_err());
     drop(c);
     peer.abort();
+}
+
+/// A call whose future is dropped after its request went out leaves the connection usable:
+/// the next calls on the same single connection each get their own answer, none the dropped
+/// call's. (Guards any path where a caller drives the connection itself.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_dropped_in_flight_leaves_its_connection_usable() {
+    use std::future::Future;
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = Client::builder()
+        .pool_size(1)
+        .connect(b.addr().to_string())
+        .await
+        .unwrap();
+    assert!(c.create_topic("kept", 2).await.unwrap());
+    for _ in 0..3 {
+        // Polled once: the request is written and its answer awaited; then dropped. (The
+        // answer may come within that one poll: then try again.)
+        let dropped_in_flight = 'found: {
+            for _ in 0..100 {
+                let mut call = Box::pin(c.list_topics());
+                let first =
+                    std::future::poll_fn(|cx| std::task::Poll::Ready(call.as_mut().poll(cx))).await;
+                if first.is_pending() {
+                    break 'found true;
+                }
+            }
+            false
+        };
+        assert!(dropped_in_flight);
+        assert_eq!(c.health().await.unwrap().status, "healthy");
+        assert_eq!(c.offsets("kept", 1).await.unwrap().partition, 1);
+    }
+    let topics: Vec<(String, u32)> = c
+        .list_topics()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.name, t.partitions))
+        .collect();
+    assert_eq!(topics, vec![("kept".into(), 2)]);
+}
+
+/// The broker restarts while the client's only connection is idle: a call that is not
+/// retried (CreateTopic) finds the old connection closed before writing to it and goes out
+/// on a fresh one, rather than failing with a connection error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closed_while_idle_is_replaced_before_a_call_is_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let addr = b.addr();
+    let c = Client::builder()
+        .pool_size(1)
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    assert!(c.create_topic("before", 1).await.unwrap());
+    b.shutdown().unwrap();
+    let b = streambus_server::start(config(dir.path(), addr)).unwrap();
+    assert!(c.create_topic("after", 1).await.unwrap());
+    assert_eq!(c.list_topics().await.unwrap().len(), 2);
+    drop(b);
 }
 
 /// A peer that answers the producer's Metadata request (one partition of `big`, encoded by

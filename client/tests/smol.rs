@@ -28,10 +28,18 @@ fn smol_produce_consume_in_order_with_keys() {
         assert!(c.create_topic("s", 3).await.unwrap());
         let p = Producer::new(&c);
         let mut deliveries = Vec::new();
-        for i in 0..N {
-            let r = Record::new("s", format!("{i}")).key(format!("k{}", i % 97));
-            deliveries.push((i, p.enqueue(r).await.unwrap()));
+        let record = |i: usize| Record::new("s", format!("{i}")).key(format!("k{}", i % 97));
+        // Half one by one, half through `enqueue_many` (1 000 a call).
+        for i in 0..N / 2 {
+            deliveries.push((i, p.enqueue(record(i)).await.unwrap()));
         }
+        let mut many = Vec::new();
+        for start in (N / 2..N).step_by(1000) {
+            p.enqueue_many((start..start + 1000).map(record), &mut many)
+                .await
+                .unwrap();
+        }
+        deliveries.extend((N / 2..N).zip(many));
         let mut expected: HashMap<u32, Vec<(i64, usize)>> = HashMap::new();
         for (i, d) in deliveries {
             let m = d.await.unwrap();
