@@ -162,12 +162,30 @@ pub(crate) async fn health(ctx: &Ctx, args: Health) -> Outcome {
 
 /// Runs `cluster status`: the brokers, then every partition's leader and replicas.
 pub(crate) async fn cluster(ctx: &Ctx, cmd: Cluster) -> Outcome {
-    let Cluster::Status { json } = cmd;
+    let Cluster::Status { json, metrics } = cmd;
     let meta = ctx
         .client
         .metadata(std::iter::empty::<&str>())
         .await
         .map_err(|e| ctx.err(e))?;
+    let ends = if metrics.is_empty() {
+        None
+    } else {
+        let mut ends = LogEnds::default();
+        for addr in &metrics {
+            ends.read(addr, &crate::raw::scrape(addr).await?)?;
+        }
+        Some(ends)
+    };
+    // Per replica, in the order of `replicas`: its lag behind the leader, when known.
+    let lags = |topic: &str, p: &streambus_client::PartitionMetadata| -> Vec<Option<i64>> {
+        let Some(ends) = &ends else { return Vec::new() };
+        let leader = p.leader.and_then(|l| ends.end(topic, p.partition, l));
+        p.replicas
+            .iter()
+            .map(|r| Some((leader? - ends.end(topic, p.partition, *r)?).max(0)))
+            .collect()
+    };
     let out = if json {
         let brokers: Vec<Value> = meta
             .brokers
@@ -182,12 +200,16 @@ pub(crate) async fn cluster(ctx: &Ctx, cmd: Cluster) -> Outcome {
                     .partitions
                     .iter()
                     .map(|p| {
-                        json!({
+                        let mut v = json!({
                             "partition": p.partition,
                             "leader": p.leader,
                             "leader_epoch": p.leader_epoch,
                             "replicas": p.replicas,
-                        })
+                        });
+                        if ends.is_some() {
+                            v["replica_lag"] = json!(lags(&t.name, p));
+                        }
+                        v
                     })
                     .collect();
                 json!({ "name": t.name, "partitions": partitions })
@@ -207,12 +229,20 @@ pub(crate) async fn cluster(ctx: &Ctx, cmd: Cluster) -> Outcome {
             .flat_map(|t| {
                 t.partitions.iter().map(|p| {
                     let replicas: Vec<String> = p.replicas.iter().map(u32::to_string).collect();
-                    vec![
+                    let mut row = vec![
                         t.name.clone(),
                         p.partition.to_string(),
                         p.leader.map_or_else(|| "none".into(), |l| l.to_string()),
                         replicas.join(","),
-                    ]
+                    ];
+                    if ends.is_some() {
+                        let lag: Vec<String> = lags(&t.name, p)
+                            .iter()
+                            .map(|l| l.map_or_else(|| "?".into(), |l| l.to_string()))
+                            .collect();
+                        row.push(lag.join(","));
+                    }
+                    row
                 })
             })
             .collect();
@@ -220,11 +250,65 @@ pub(crate) async fn cluster(ctx: &Ctx, cmd: Cluster) -> Outcome {
             out.push_str("no topics\n");
         } else {
             out.push('\n');
-            out.push_str(&table(&["TOPIC", "PARTITION", "LEADER", "REPLICAS"], &rows));
+            let header: &[&str] = if ends.is_some() {
+                &["TOPIC", "PARTITION", "LEADER", "REPLICAS", "LAG"]
+            } else {
+                &["TOPIC", "PARTITION", "LEADER", "REPLICAS"]
+            };
+            out.push_str(&table(header, &rows));
         }
         out
     };
     write_out(out.as_bytes())
+}
+
+/// Each replica's log end offset, by (topic, partition, node id), from the brokers'
+/// `/metrics` (`streambus_cluster_node_id`, `streambus_partition_log_end_offset`).
+#[derive(Debug, Default)]
+struct LogEnds(BTreeMap<(String, u32, u32), i64>);
+
+impl LogEnds {
+    const NODE: &str = "streambus_cluster_node_id ";
+    const END: &str = "streambus_partition_log_end_offset{";
+
+    /// Adds what the metrics text of the broker at `addr` says.
+    fn read(&mut self, addr: &str, text: &str) -> Result<(), Failure> {
+        let node = text
+            .lines()
+            .find_map(|l| l.strip_prefix(Self::NODE)?.trim().parse::<u32>().ok())
+            .ok_or_else(|| {
+                Failure::runtime(format!(
+                    "--metrics {addr}: no streambus_cluster_node_id in its /metrics (not a broker in cluster mode?)"
+                ))
+            })?;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(Self::END) else {
+                continue;
+            };
+            let Some((labels, value)) = rest.split_once("} ") else {
+                continue;
+            };
+            let label = |key: &str| {
+                labels.split(',').find_map(|kv| {
+                    let (k, v) = kv.split_once('=')?;
+                    (k == key).then(|| v.trim_matches('"').to_owned())
+                })
+            };
+            let (Some(topic), Some(partition), Ok(end)) = (
+                label("topic"),
+                label("partition").and_then(|p| p.parse().ok()),
+                value.trim().parse::<i64>(),
+            ) else {
+                continue;
+            };
+            self.0.insert((topic, partition, node), end);
+        }
+        Ok(())
+    }
+
+    fn end(&self, topic: &str, partition: u32, node: u32) -> Option<i64> {
+        self.0.get(&(topic.to_owned(), partition, node)).copied()
+    }
 }
 
 /// The offsets of `topic`'s partitions (or of `only`), with a clear error for a topic or

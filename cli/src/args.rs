@@ -188,6 +188,11 @@ pub(crate) enum Cluster {
         /// Print one JSON object instead of tables
         #[arg(long)]
         json: bool,
+        /// The brokers' metrics endpoints (HOST:PORT, comma-separated): adds each replica's
+        /// lag behind its leader, in records (the leader's log end offset minus the
+        /// replica's), read from their `/metrics`
+        #[arg(long, value_name = "HOST:PORT[,…]", value_delimiter = ',')]
+        metrics: Vec<String>,
     },
 }
 

@@ -1270,8 +1270,8 @@ fn mib(bytes: u64) -> f64 {
 /// The broker's fsync counter on its metrics endpoint.
 const FSYNCS: &str = "streambus_storage_fsyncs_total";
 
-/// Reads one counter from the broker's Prometheus text at `GET http://ADDR/metrics`.
-async fn scrape_counter(addr: &str, name: &str) -> Result<u64, Failure> {
+/// The broker's Prometheus text at `GET http://ADDR/metrics` (`--metrics ADDR`).
+pub(crate) async fn scrape(addr: &str) -> Result<String, Failure> {
     let fail = |e: &dyn std::fmt::Display| Failure::runtime(format!("--metrics {addr}: {e}"));
     let read = async {
         let mut s = TcpStream::connect(addr).await?;
@@ -1282,13 +1282,18 @@ async fn scrape_counter(addr: &str, name: &str) -> Result<u64, Failure> {
         s.read_to_string(&mut text).await?;
         Ok::<_, std::io::Error>(text)
     };
-    let text = tokio::time::timeout(Duration::from_secs(5), read)
+    tokio::time::timeout(Duration::from_secs(5), read)
         .await
         .map_err(|e| fail(&e))?
-        .map_err(|e| fail(&e))?;
+        .map_err(|e| fail(&e))
+}
+
+/// Reads one counter from the broker's Prometheus text at `GET http://ADDR/metrics`.
+async fn scrape_counter(addr: &str, name: &str) -> Result<u64, Failure> {
+    let text = scrape(addr).await?;
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
-        .ok_or_else(|| fail(&format!("no {name} in its /metrics")))
+        .ok_or_else(|| Failure::runtime(format!("--metrics {addr}: no {name} in its /metrics")))
 }

@@ -709,7 +709,7 @@ fn start_cluster() -> (Vec<streambus_server::Running>, Vec<tempfile::TempDir>) {
                 "--fsync",
                 "never",
                 "--metrics-listen",
-                "off",
+                "127.0.0.1:0",
                 "--cluster-listen",
                 &listen,
                 "--peers",
@@ -726,10 +726,21 @@ fn start_cluster() -> (Vec<streambus_server::Running>, Vec<tempfile::TempDir>) {
 /// Runs `streambus cluster status --json` at `addr` until `done` accepts its output (or fails
 /// the test after 30 s).
 fn status_until(addr: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    status_with_until(addr, &[], what, done)
+}
+
+/// [`status_until`] with `extra` arguments.
+fn status_with_until(
+    addr: &str,
+    extra: &[&str],
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let end = Instant::now() + Duration::from_secs(30);
     loop {
         let out = cli_at(addr)
             .args(["cluster", "status", "--json"])
+            .args(extra)
             .output()
             .expect("runs");
         if out.status.success() {
@@ -835,6 +846,73 @@ fn cluster_status_of_three_brokers_names_each_partition_leader_and_describe_foll
              broker 3 at {}\n",
             leaders[0], leaders[1], leaders[2], addrs[0], addrs[1], addrs[2]
         ));
+    // With the brokers' metrics: each replica's lag behind its leader, in records, once the
+    // followers have the two records (0 everywhere).
+    let metrics: Vec<String> = brokers
+        .iter()
+        .map(|b| b.metrics_addr().expect("metrics").to_string())
+        .collect();
+    let all = metrics.join(",");
+    let v = status_with_until(
+        &addrs[0],
+        &["--metrics", &all],
+        "every replica caught up",
+        |v| {
+            v["topics"][0]["partitions"].as_array().is_some_and(|ps| {
+                ps.iter()
+                    .all(|p| p["replica_lag"] == serde_json::json!([0, 0, 0]))
+            })
+        },
+    );
+    assert_eq!(
+        v["topics"][0]["partitions"][1]["replicas"],
+        serde_json::json!([2, 3, 1])
+    );
+    let table = cli_at(&addrs[0])
+        .args(["cluster", "status", "--metrics", &all])
+        .assert()
+        .success();
+    let out = String::from_utf8(table.get_output().stdout.clone()).unwrap();
+    assert!(
+        out.ends_with(&format!(
+            "TOPIC   PARTITION  LEADER  REPLICAS  LAG\n\
+             orders  0          {}       1,2,3     0,0,0\n\
+             orders  1          {}       2,3,1     0,0,0\n\
+             orders  2          {}       3,1,2     0,0,0\n",
+            leaders[0], leaders[1], leaders[2]
+        )),
+        "{out}"
+    );
+    // Only broker 1's metrics: the others' lag is unknown, not guessed.
+    let one = cli_at(&addrs[0])
+        .args(["cluster", "status", "--json", "--metrics", &metrics[0]])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&one.stdout).unwrap();
+    for (p, leader) in leaders.iter().enumerate() {
+        let lag = &v["topics"][0]["partitions"][p]["replica_lag"];
+        let known = lag
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| !l.is_null())
+            .count();
+        // Broker 1's own lag is known only where broker 1 leads (then it is 0).
+        assert_eq!(known, usize::from(*leader == 1), "partition {p}: {lag}");
+    }
+    // An endpoint that does not answer: one line naming it, exit 1.
+    let dead = dead_addr();
+    let a = cli_at(&addrs[0])
+        .args(["cluster", "status", "--metrics", &dead])
+        .assert()
+        .code(1)
+        .stdout("");
+    let err = stderr(&a);
+    assert!(
+        err.starts_with(&format!("error: --metrics {dead}: ")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 #[test]
