@@ -594,18 +594,8 @@ impl Producer {
                 let mut slow = None;
                 for record in records.by_ref() {
                     let (take, woke) = {
-                        let headers: Vec<Header<'_>> = record
-                            .headers
-                            .iter()
-                            .map(|(k, v)| Header { key: k, value: v })
-                            .collect();
-                        let message = Message {
-                            offset: 0,
-                            timestamp: record.timestamp.unwrap_or(0),
-                            key: record.key.as_deref().unwrap_or_default(),
-                            value: &record.value,
-                            headers: Headers::from_slice(&headers),
-                        };
+                        let headers = wire_headers(&record);
+                        let message = wire_message(&record, &headers);
                         let size = message.encoded_len();
                         self.take_locked(&mut st, &message, &record, size, None, false, false)
                     };
@@ -645,18 +635,8 @@ impl Producer {
                 what: "producer",
             });
         }
-        let headers: Vec<Header<'_>> = record
-            .headers
-            .iter()
-            .map(|(k, v)| Header { key: k, value: v })
-            .collect();
-        let message = Message {
-            offset: 0,
-            timestamp: record.timestamp.unwrap_or(0),
-            key: record.key.as_deref().unwrap_or_default(),
-            value: &record.value,
-            headers: Headers::from_slice(&headers),
-        };
+        let headers = wire_headers(&record);
+        let message = wire_message(&record, &headers);
         let size = message.encoded_len();
         // One lock per record in the common case (a known topic, room in the buffer): the
         // partition is picked and the record encoded into its batch under it.
@@ -1264,5 +1244,26 @@ async fn linger_task(inner: Weak<Inner>) {
             () = &mut wake => {}
             () = tokio::time::sleep_until(sleep_until) => {}
         }
+    }
+}
+
+/// `record`'s headers as the wire's.
+fn wire_headers(record: &Record) -> Vec<Header<'_>> {
+    record
+        .headers
+        .iter()
+        .map(|(k, v)| Header { key: k, value: v })
+        .collect()
+}
+
+/// `record` as a wire message (offset 0: the broker assigns it), with `headers` from
+/// [`wire_headers`].
+fn wire_message<'a>(record: &'a Record, headers: &'a [Header<'a>]) -> Message<'a> {
+    Message {
+        offset: 0,
+        timestamp: record.timestamp.unwrap_or(0),
+        key: record.key.as_deref().unwrap_or_default(),
+        value: &record.value,
+        headers: Headers::from_slice(headers),
     }
 }
