@@ -3,11 +3,14 @@
 //! and RF 3 created through broker 2 is listed by brokers 1 and 3, and Metadata on each
 //! returns the same brokers and placement; with the metadata leader SIGKILLed, the other two
 //! elect a new one and a CreateTopic still works; restarted, the killed broker catches up. A
-//! DeleteTopic through one broker answers the fetches waiting on it on another. A metadata
-//! leader frozen with SIGSTOP is replaced, and after SIGCONT steps down: a write it held
-//! through the freeze is committed once, in the new term. A fourth broker started with the
-//! grown `--peers` joins the group and leads partitions of new topics; a broker whose data
-//! directory was wiped rejoins the live group (not a new one) and catches up.
+//! DeleteTopic through one broker answers the fetches waiting on it on another. Partitions are
+//! replicated: with a partition's leader SIGKILLed, another replica is elected and serves,
+//! every acknowledged record is there exactly once, and the restarted broker catches up until
+//! every replica's segment files are the same bytes. A metadata leader frozen with SIGSTOP is
+//! replaced, and after SIGCONT steps down: a write it held through the freeze is committed
+//! once, in the new term. A fourth broker started with the grown `--peers` joins the group and
+//! leads partitions of new topics; a broker whose data directory was wiped rejoins the live
+//! group (not a new one) and catches up.
 //!
 //! Each broker is this test binary started again in `child_cluster_broker`, which parses its
 //! command line exactly as `streambus-server` does and serves until killed; the metadata
@@ -1082,4 +1085,109 @@ fn metrics_report_each_replica_its_leader_offsets_lag_and_leader_changes() {
         });
     }
     assert_ne!(new, i64::from(leader));
+}
+
+/// The segment files (`.log` and `.idx`) of a partition in a broker's data directory.
+fn segment_files(dir: &Path, topic: &str, partition: u32) -> Vec<(String, Vec<u8>)> {
+    let p = dir.join("topics").join(topic).join(partition.to_string());
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&p)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|f| f.extension().is_some_and(|x| x == "log" || x == "idx"))
+                .map(|f| {
+                    let name = f.file_name().unwrap().to_string_lossy().into_owned();
+                    (name, std::fs::read(&f).unwrap_or_default())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_killed_partition_leader_is_replaced_without_losing_an_acknowledged_record() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
+    let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
+    let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    for c in &mut clients {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut clients[0], "ledger", 1, 3), (0, true));
+    let (_, view) = settled(&mut clients).remove(0);
+    let old = usize::try_from(view[0].2[0].1).unwrap();
+    // Twenty records acknowledged one by one by the leader, at offsets 0 to 19.
+    let mut leader = brokers[old - 1].as_ref().unwrap().client();
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let value = format!("record {i}");
+        let r = streambus_tests::produce(&mut leader, "ledger", 0, &[value.as_bytes()]).unwrap();
+        let Ok(Response::Produce(ok)) = r.parse(RequestType::Produce) else {
+            panic!("produce {i}: {}", r.error_code());
+        };
+        assert_eq!((ok.base_offset, ok.num_messages), (i, 1));
+        sent.push((i, value.into_bytes()));
+    }
+    // SIGKILL the leader: another replica is elected and serves.
+    drop(leader);
+    drop(clients);
+    drop(brokers[old - 1].take());
+    let mut survivors: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    // (Until their election timeout the survivors still name the dead leader.)
+    let (brokers_view, new) = eventually("the survivors agreeing on a new leader", || {
+        let views: Vec<(Brokers, Placement)> = survivors.iter_mut().map(metadata).collect();
+        let leaders: Vec<i32> = views.iter().map(|(_, p)| p[0].2[0].1).collect();
+        let new = leaders[0];
+        (new >= 0 && usize::try_from(new).ok() != Some(old) && leaders.iter().all(|l| *l == new))
+            .then(|| (views[0].0.clone(), new))
+    });
+    let port = brokers_view
+        .iter()
+        .find(|(id, _, _)| i64::from(*id) == i64::from(new))
+        .unwrap()
+        .2;
+    let b = brokers
+        .iter()
+        .flatten()
+        .find(|b| b.addr.port() == port)
+        .unwrap();
+    let mut leader = b.client();
+    for i in 20..25 {
+        let value = format!("record {i}");
+        let r = eventually("a produce acknowledged by the new leader", || {
+            let r =
+                streambus_tests::produce(&mut leader, "ledger", 0, &[value.as_bytes()]).unwrap();
+            (r.error_code() != ErrorCode::NOT_LEADER.0).then_some(r)
+        });
+        let Ok(Response::Produce(ok)) = r.parse(RequestType::Produce) else {
+            panic!("produce {i}: {}", r.error_code());
+        };
+        assert_eq!((ok.base_offset, ok.num_messages), (i, 1));
+        sent.push((i, value.into_bytes()));
+    }
+    // Every acknowledged record, exactly once, in order.
+    assert_eq!(
+        streambus_tests::fetch_all(&mut leader, "ledger", 0, 0).unwrap(),
+        sent
+    );
+    // Restarted, the killed broker catches up: every replica's segment files are the same
+    // bytes.
+    brokers[old - 1] = Some(start(old - 1));
+    eventually("every replica's log byte-identical", || {
+        let files: Vec<_> = dirs
+            .iter()
+            .map(|d| segment_files(d.path(), "ledger", 0))
+            .collect();
+        let full = files[0].iter().map(|(_, b)| b.len()).sum::<usize>() > 0;
+        (full && files.iter().all(|f| f == &files[0])).then_some(())
+    });
 }

@@ -982,9 +982,21 @@ async fn a_restarted_replica_reopens_its_log_and_vote_and_catches_up() {
     let k = nodes.iter().position(|(_, r)| r.id == follower).unwrap();
     let (cluster, r) = nodes.remove(k);
     r.raft.shutdown().await.unwrap();
-    drop(r);
     t.stop(follower).await;
     drop(cluster);
+    let Replica { storage, raft, .. } = r;
+    drop(raft);
+    // openraft's tasks release the storage as they end, after `shutdown` returns: the data
+    // directory is locked until then.
+    let end = std::time::Instant::now() + DEADLINE;
+    while Arc::strong_count(&storage) > 1 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the stopped group still holds the storage"
+        );
+        tokio::task::yield_now().await;
+    }
+    drop(storage);
     let l = &nodes.iter().find(|(_, r)| r.id == leader).unwrap().1;
     let (index, a) = produce(l, &["c"]).await;
     assert_eq!((a.base_offset, a.high_water_mark), (2, 3));
@@ -1031,6 +1043,11 @@ async fn a_leader_that_loses_its_partition_is_told_with_the_new_leader() {
             .unwrap();
     }
     let o = *reps.iter().find(|r| r.id == old).unwrap();
+    // Every replica has the membership (and a batch) before the leader is cut off.
+    let (first, _) = produce(o, &["x"]).await;
+    for r in &reps {
+        r.wait_applied(first).await;
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let hook: replica::StepDownHook = Arc::new(move |topic, partition, leader| {
         let _ = tx.send((topic.to_owned(), partition, leader));

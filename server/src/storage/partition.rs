@@ -184,7 +184,8 @@ impl Partition {
             });
         }
         let (persisted_start, last_purged) = match meta::read_partition_raft(&dir)? {
-            Some((start, purged)) => (Some(start), purged),
+            // A single broker's partition has no Raft entries: purged ids there mean nothing.
+            Some((start, purged)) => (Some(start), purged.filter(|_| settings.raft)),
             None => (None, None),
         };
         let mut bases = segment::list(&dir)?;
