@@ -60,7 +60,19 @@ struct Broker {
 
 impl Broker {
     fn start(id: u32, cluster_port: u16, peers: &str, runtime: &str, dir: &Path) -> Self {
-        let args = [
+        Self::start_with(id, cluster_port, peers, runtime, dir, &[])
+    }
+
+    /// [`start`](Self::start) with `extra` arguments.
+    fn start_with(
+        id: u32,
+        cluster_port: u16,
+        peers: &str,
+        runtime: &str,
+        dir: &Path,
+        extra: &[String],
+    ) -> Self {
+        let mut args = vec![
             "--node-id".to_owned(),
             id.to_string(),
             "--listen".into(),
@@ -76,6 +88,7 @@ impl Broker {
             "--runtime".into(),
             runtime.to_owned(),
         ];
+        args.extend_from_slice(extra);
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -1190,4 +1203,75 @@ fn a_killed_partition_leader_is_replaced_without_losing_an_acknowledged_record()
         let full = files[0].iter().map(|(_, b)| b.len()).sum::<usize>() > 0;
         (full && files.iter().all(|f| f == &files[0])).then_some(())
     });
+}
+
+#[test]
+fn the_cluster_link_runs_over_mutual_tls_and_refuses_peers_without_a_certificate() {
+    use std::io::Read as _;
+    let pki = streambus_tests::tls::Pki::new();
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    // One certificate (for 127.0.0.1) for the three brokers: each presents it as a server
+    // and as a client, and accepts peers whose certificate the test CA signed.
+    let file = |name: &str| pki.path(name).display().to_string();
+    let tls: Vec<String> = vec![
+        "--cluster-tls-cert".into(),
+        file("server.pem"),
+        "--cluster-tls-key".into(),
+        file("server-key.pem"),
+        "--cluster-tls-ca".into(),
+        file("ca.pem"),
+    ];
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let brokers: Vec<Broker> = (0..3)
+        .map(|i| {
+            Broker::start_with(
+                i as u32 + 1,
+                ports[i],
+                &peers,
+                "tokio",
+                dirs[i].path(),
+                &tls,
+            )
+        })
+        .collect();
+    // The metadata group (registrations, a CreateTopic) and a partition's group (a produce
+    // committed on a majority) run over the TLS link.
+    let mut clients: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
+    for c in &mut clients {
+        eventually("three brokers registered over the TLS link", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut clients[1], "secure", 1, 3), (0, true));
+    let leader = usize::try_from(settled(&mut clients)[0].1[0].2[0].1).unwrap();
+    let r = streambus_tests::produce(&mut clients[leader - 1], "secure", 0, &[b"sealed"]).unwrap();
+    let Ok(Response::Produce(ok)) = r.parse(RequestType::Produce) else {
+        panic!("produce over the TLS cluster: {}", r.error_code());
+    };
+    assert_eq!((ok.base_offset, ok.high_water_mark), (0, 1));
+    let cluster_port = ports[0];
+    // A peer without a certificate: refused with TLS 1.3's CertificateRequired alert.
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", cluster_port)).unwrap();
+    tcp.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut anonymous =
+        streambus_tests::tls::Conn::tls(tcp, pki.client_config("ca.pem", false)).unwrap();
+    let e = anonymous.read(&mut [0u8; 16]).unwrap_err();
+    assert_eq!(
+        streambus_tests::tls::rustls_error(&e),
+        Some(&streambus_adapters::tls::rustls::Error::AlertReceived(
+            streambus_adapters::tls::rustls::AlertDescription::CertificateRequired
+        )),
+        "{e}"
+    );
+    // A plaintext peer: answered only with a TLS alert record (content type 21), then closed.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", cluster_port)).unwrap();
+    plain.set_read_timeout(Some(DEADLINE)).unwrap();
+    std::io::Write::write_all(&mut plain, b"not a TLS client hello\n").unwrap();
+    let mut buf = Vec::new();
+    plain.read_to_end(&mut buf).unwrap();
+    assert_eq!(buf.first(), Some(&21), "{buf:?}");
 }

@@ -352,7 +352,42 @@ impl RaftNetwork<TypeConfig> for Network {
     }
 }
 
-type Link = Framed<TcpStream, LengthDelimitedCodec>;
+/// What a link runs over: a TCP stream, or TLS over it.
+pub trait LinkIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> LinkIo for T {}
+
+type Link = Framed<Box<dyn LinkIo>, LengthDelimitedCodec>;
+
+/// Mutual TLS on the link (`--cluster-tls-*`): every broker accepts peers with `server` (which
+/// requires a certificate signed by the brokers' CA) and connects to them with `client` (its
+/// own certificate, and the same CA to verify theirs).
+#[derive(Clone)]
+pub struct LinkTls {
+    /// Accepting peers.
+    pub server: tokio_rustls::TlsAcceptor,
+    /// Connecting to peers.
+    pub client: tokio_rustls::TlsConnector,
+}
+
+impl LinkTls {
+    /// From the rustls configurations.
+    pub fn new(
+        server: Arc<streambus_adapters::tls::rustls::ServerConfig>,
+        client: Arc<streambus_adapters::tls::rustls::ClientConfig>,
+    ) -> Self {
+        Self {
+            server: server.into(),
+            client: client.into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for LinkTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LinkTls")
+    }
+}
 
 fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
@@ -401,9 +436,9 @@ async fn receive<T: serde::de::DeserializeOwned>(
 /// The TCP transport: two connections per peer, one for Raft's RPCs and one for forwarded
 /// writes and joins (which wait for a commit and must not hold up heartbeats and votes), each opened on
 /// first use with a [`Hello`] and opened again after it breaks.
-#[derive(Debug)]
 pub struct TcpTransport {
     from: u64,
+    tls: Option<LinkTls>,
     /// By peer and whether the link carries forwarded writes.
     links: std::sync::Mutex<BTreeMap<(u64, bool), Slot>>,
 }
@@ -411,11 +446,26 @@ pub struct TcpTransport {
 /// One connection to a peer, held across a whole request and reply.
 type Slot = Arc<Mutex<Option<Link>>>;
 
+impl std::fmt::Debug for TcpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpTransport")
+            .field("from", &self.from)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl TcpTransport {
-    /// A transport for broker `from`.
+    /// A transport for broker `from`, in plaintext.
     pub fn new(from: u64) -> Arc<Self> {
+        Self::with_tls(from, None)
+    }
+
+    /// A transport for broker `from`, over mutual TLS when `tls` is given.
+    pub fn with_tls(from: u64, tls: Option<LinkTls>) -> Arc<Self> {
         Arc::new(Self {
             from,
+            tls,
             links: std::sync::Mutex::default(),
         })
     }
@@ -429,20 +479,45 @@ impl TcpTransport {
     }
 }
 
-/// Opens a link to `addr` and says hello.
-pub async fn connect(addr: &str, hello: &Hello) -> Result<Link, TransportError> {
+/// Opens a link to `addr` (over mutual TLS with `tls`) and says hello.
+pub async fn connect(
+    addr: &str,
+    hello: &Hello,
+    tls: Option<&LinkTls>,
+) -> Result<Link, TransportError> {
     let io = |source| TransportError::Io {
         addr: addr.to_owned(),
         source,
     };
+    let timeout = || TransportError::Timeout {
+        addr: addr.to_owned(),
+        timeout: CALL_TIMEOUT,
+    };
     let stream = tokio::time::timeout(CALL_TIMEOUT, TcpStream::connect(addr))
         .await
-        .map_err(|_| TransportError::Timeout {
-            addr: addr.to_owned(),
-            timeout: CALL_TIMEOUT,
-        })?
+        .map_err(|_| timeout())?
         .map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
+    let stream: Box<dyn LinkIo> = match tls {
+        None => Box::new(stream),
+        Some(tls) => {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            let name = streambus_adapters::tls::server_name(host).map_err(|e| {
+                TransportError::Refused {
+                    addr: addr.to_owned(),
+                    reason: e.to_string(),
+                }
+            })?;
+            let tls = tokio::time::timeout(CALL_TIMEOUT, tls.client.connect(name, stream))
+                .await
+                .map_err(|_| timeout())?
+                .map_err(|e| TransportError::Refused {
+                    addr: addr.to_owned(),
+                    reason: format!("TLS handshake: {e}"),
+                })?;
+            Box::new(tls)
+        }
+    };
     let mut link = Framed::new(stream, codec());
     send(&mut link, addr, hello).await?;
     match receive::<HelloReply>(&mut link, addr).await? {
@@ -464,6 +539,7 @@ impl Transport for TcpTransport {
         // Writes and joins wait for a commit: never in front of heartbeats and votes.
         let slot = self.slot(target, matches!(rpc, Rpc::Write(_) | Rpc::Join { .. }));
         let addr = node.addr.clone();
+        let tls = self.tls.clone();
         let hello = Hello {
             link: LINK_NAME.into(),
             version: LINK_VERSION,
@@ -473,7 +549,7 @@ impl Transport for TcpTransport {
             let mut guard = slot.lock().await;
             let mut link = match guard.take() {
                 Some(l) => l,
-                None => connect(&addr, &hello).await?,
+                None => connect(&addr, &hello, tls.as_ref()).await?,
             };
             send(&mut link, &addr, &rpc).await?;
             let reply = receive::<RpcReply>(&mut link, &addr).await?;
@@ -484,8 +560,9 @@ impl Transport for TcpTransport {
     }
 }
 
-/// Serves the cluster link on `listener` for `cluster` until the runtime stops.
-pub async fn serve(listener: TcpListener, cluster: Cluster) {
+/// Serves the cluster link on `listener` for `cluster` (over mutual TLS with `tls`) until the
+/// runtime stops.
+pub async fn serve(listener: TcpListener, cluster: Cluster, tls: Option<LinkTls>) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -496,19 +573,39 @@ pub async fn serve(listener: TcpListener, cluster: Cluster) {
             }
         };
         let cluster = cluster.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_link(stream, &cluster).await {
+            if let Err(e) = serve_link(stream, &cluster, tls.as_ref()).await {
                 tracing::debug!(%peer, "cluster link closed: {e}");
             }
         });
     }
 }
 
-async fn serve_link(stream: TcpStream, cluster: &Cluster) -> Result<(), TransportError> {
+async fn serve_link(
+    stream: TcpStream,
+    cluster: &Cluster,
+    tls: Option<&LinkTls>,
+) -> Result<(), TransportError> {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "?".to_owned(), |a| a.to_string());
     let _ = stream.set_nodelay(true);
+    let stream: Box<dyn LinkIo> = match tls {
+        None => Box::new(stream),
+        Some(tls) => match tokio::time::timeout(CALL_TIMEOUT, tls.server.accept(stream)).await {
+            Ok(Ok(s)) => Box::new(s),
+            Ok(Err(e)) => {
+                // A peer without a certificate the brokers' CA signed, or not speaking TLS.
+                tracing::warn!(%peer, "refused a cluster link: TLS handshake: {e}");
+                return Ok(());
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "refused a cluster link: no TLS handshake within {CALL_TIMEOUT:?}");
+                return Ok(());
+            }
+        },
+    };
     let mut link = Framed::new(stream, codec());
     let refusal = match receive::<Hello>(&mut link, &peer).await {
         Ok(h) if h.link == LINK_NAME && h.version == LINK_VERSION => None,

@@ -97,7 +97,17 @@ impl ClusterNode {
                     source,
                 }
             })?;
-            let transport = TcpTransport::new(id);
+            let tls = match &settings.tls {
+                Some(files) => {
+                    let (server, client) = files.load().map_err(|e| StartError::Io {
+                        what: "the cluster link's TLS".into(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?;
+                    Some(network::LinkTls::new(server, client))
+                }
+                None => None,
+            };
+            let transport = TcpTransport::with_tls(id, tls.clone());
             let cluster =
                 Cluster::open(id, &dir, super::raft_config(), transport, Some(local)).await?;
             let blank = cluster.started_blank();
@@ -105,7 +115,7 @@ impl ClusterNode {
                 // Before the link serves anything: no vote until the group has answered.
                 cluster.start_joining();
             }
-            tokio::spawn(network::serve(listener, cluster.clone()));
+            tokio::spawn(network::serve(listener, cluster.clone(), tls));
             let c = cluster.clone();
             let may_bootstrap = first == Some(node_id);
             let (host, port) = (advertise.host.clone(), advertise.port);
@@ -128,10 +138,10 @@ impl ClusterNode {
             Ok::<_, StartError>(cluster)
         })?;
         tracing::info!(%listen, node_id, peers = settings.peers.len(), "cluster link listening");
-        if !listen.ip().is_loopback() {
+        if !listen.ip().is_loopback() && settings.tls.is_none() {
             tracing::warn!(
                 %listen,
-                "the cluster link has no TLS and no authentication yet: whoever reaches --cluster-listen can change the cluster's metadata; keep it on a private network"
+                "the cluster link is plaintext and unauthenticated: whoever reaches --cluster-listen can change the cluster's metadata; set --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca, or keep it on a private network"
             );
         }
         Ok(Self {

@@ -311,24 +311,30 @@ async fn the_tcp_link_refuses_another_version_with_a_message_naming_both() {
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let server = tokio::spawn(serve(listener, c.clone()));
+    let server = tokio::spawn(serve(listener, c.clone(), None));
     let hello = |link: &str, version| Hello {
         link: link.into(),
         version,
         from: 1,
     };
-    connect(&addr, &hello(LINK_NAME, LINK_VERSION))
+    connect(&addr, &hello(LINK_NAME, LINK_VERSION), None)
         .await
         .unwrap();
     // Version 1 (the metadata group alone, before partition replication) is refused.
-    let e = connect(&addr, &hello(LINK_NAME, 1)).await.unwrap_err();
+    let e = connect(&addr, &hello(LINK_NAME, 1), None)
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(
         e.to_string(),
         format!(
             "{addr} refused the cluster link: cluster link version 1 is not supported: broker 7 speaks version 2"
         )
     );
-    let e = connect(&addr, &hello("kafka", 1)).await.unwrap_err();
+    let e = connect(&addr, &hello("kafka", 1), None)
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(
         e.to_string(),
         format!("{addr} refused the cluster link: \"kafka\" is not the StreamBus cluster link")
