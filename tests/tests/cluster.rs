@@ -1301,9 +1301,14 @@ fn sigkilling_partition_leaders_under_idempotent_produce_loses_no_acknowledged_r
     println!(
         "campaign: {kills} leader kills (partition, broker) {killed:?}; {records} records acknowledged, \
          each at its acknowledged offset, none lost, in order in each of {PARTS} partitions; \
-         {duplicates} duplicate copies (a retried batch stored again: the leader does not yet \
-         deduplicate idempotent retries on replicated partitions); the 3 replicas' segment files \
+         {duplicates} duplicate copies{}; the 3 replicas' segment files \
          byte-identical ({bytes} log bytes each); {:.1} s",
+        if duplicates > 0 {
+            " (retried batches stored again: the leader does not yet deduplicate idempotent \
+             retries on replicated partitions)"
+        } else {
+            ""
+        },
         begin.elapsed().as_secs_f64()
     );
 }
