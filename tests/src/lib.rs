@@ -377,6 +377,25 @@ pub fn produce(
     c.call(&req)
 }
 
+/// Sends a Produce of `values` to `topic`/`partition` without waiting for its reply; returns
+/// its request id (the reply is read with [`RawClient::recv`]).
+pub fn send_produce(
+    c: &mut RawClient,
+    topic: &str,
+    partition: u32,
+    values: &[&[u8]],
+) -> io::Result<u64> {
+    use streambus_core::{MessageSet, ProduceRequest, Topic};
+    let (count, bytes) = message_set(values);
+    let messages = MessageSet::new_checked(count, &bytes).expect("valid set");
+    c.send(&Request::Produce(ProduceRequest {
+        topic: Topic::new(topic).expect("valid topic"),
+        partition,
+        messages,
+        producer: None,
+    }))
+}
+
 /// Encodes an idempotent Produce (protocol §6.2) of `values` with the given producer fields.
 pub fn idempotent_produce(
     c: &mut RawClient,

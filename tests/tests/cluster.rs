@@ -12,12 +12,19 @@
 //! leads partitions of new topics; a broker whose data directory was wiped rejoins the live
 //! group (not a new one) and catches up.
 //!
+//! Partition failover (issue 16): the kill campaign (partition leaders SIGKILLed every 2 s
+//! under the SDK's idempotent producer; CI size by default, `CLUSTER_CAMPAIGN_*` for the full
+//! run of `scripts/cluster-campaign.sh`), a partition leader frozen with SIGSTOP past the
+//! election timeout, an SDK consumer following a partition across a leader change, and the
+//! failover time (an ignored benchmark `scripts/bench-cluster.sh` runs).
+//!
 //! Each broker is this test binary started again in `child_cluster_broker`, which parses its
 //! command line exactly as `streambus-server` does and serves until killed; the metadata
 //! leader is read from each broker's `/metrics`. Its cluster port is
 //! chosen by binding port 0 first (the peers must know it before it starts); its client port
 //! is port 0, read back from the child.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -60,12 +67,25 @@ struct Broker {
 
 impl Broker {
     fn start(id: u32, cluster_port: u16, peers: &str, runtime: &str, dir: &Path) -> Self {
-        Self::start_with(id, cluster_port, peers, runtime, dir, &[])
+        Self::start_with(id, "127.0.0.1:0", cluster_port, peers, runtime, dir, &[])
     }
 
-    /// [`start`](Self::start) with `extra` arguments.
+    /// As [`Broker::start`], serving clients on `listen` (a fixed port survives a restart).
+    fn start_listening(
+        id: u32,
+        listen: &str,
+        cluster_port: u16,
+        peers: &str,
+        runtime: &str,
+        dir: &Path,
+    ) -> Self {
+        Self::start_with(id, listen, cluster_port, peers, runtime, dir, &[])
+    }
+
+    /// As [`Broker::start_listening`], with `extra` arguments.
     fn start_with(
         id: u32,
+        listen: &str,
         cluster_port: u16,
         peers: &str,
         runtime: &str,
@@ -76,7 +96,7 @@ impl Broker {
             "--node-id".to_owned(),
             id.to_string(),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            listen.to_owned(),
             "--metrics-listen".into(),
             "127.0.0.1:0".into(),
             "--data-dir".into(),
@@ -170,8 +190,13 @@ fn free_ports(n: usize) -> Vec<u16> {
 }
 
 /// Polls `f` until it returns `Some`, failing the test after [`DEADLINE`].
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + DEADLINE;
+fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    eventually_within(DEADLINE, what, f)
+}
+
+/// Polls `f` until it returns `Some`, failing the test after `deadline`.
+fn eventually_within<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
     loop {
         if let Some(v) = f() {
             return v;
@@ -1230,6 +1255,7 @@ fn the_cluster_link_runs_over_mutual_tls_and_refuses_peers_without_a_certificate
         .map(|i| {
             Broker::start_with(
                 i as u32 + 1,
+                "127.0.0.1:0",
                 ports[i],
                 &peers,
                 "tokio",
@@ -1274,4 +1300,631 @@ fn the_cluster_link_runs_over_mutual_tls_and_refuses_peers_without_a_certificate
     let mut buf = Vec::new();
     plain.read_to_end(&mut buf).unwrap();
     assert_eq!(buf.first(), Some(&21), "{buf:?}");
+}
+
+// ---- Partition failover (issue 16's process tests) ----
+
+/// A test's size knob from the environment (`default` when unset; a value that is not a
+/// number fails the test naming it).
+fn knob(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+/// The segment files (`.log`, `.idx`) of `topic`/`partition` in the data directory `data`, by
+/// name (none while the directory does not exist).
+fn partition_files(data: &Path, topic: &str, partition: u32) -> BTreeMap<String, Vec<u8>> {
+    let dir = data.join("topics").join(topic).join(partition.to_string());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return BTreeMap::new();
+    };
+    entries
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "log" || x == "idx"))
+        .filter_map(|p| {
+            let name = p.file_name()?.to_string_lossy().into_owned();
+            Some((name, std::fs::read(&p).ok()?))
+        })
+        .collect()
+}
+
+/// Waits (up to `deadline`) until every data directory holds byte-identical segment files for
+/// each partition of `topic`; returns the bytes of `.log` data per partition.
+fn replicas_identical(dirs: &[&Path], topic: &str, partitions: u32, deadline: Duration) -> usize {
+    let mut bytes = 0;
+    for p in 0..partitions {
+        let end = Instant::now() + deadline;
+        loop {
+            let files: Vec<_> = dirs.iter().map(|d| partition_files(d, topic, p)).collect();
+            if !files[0].is_empty() && files.iter().all(|f| f == &files[0]) {
+                bytes += files[0]
+                    .iter()
+                    .filter(|(n, _)| n.ends_with(".log"))
+                    .map(|(_, b)| b.len())
+                    .sum::<usize>();
+                break;
+            }
+            // On failure, say which files differ: their names and sizes in each directory.
+            let sizes: Vec<Vec<(&String, usize)>> = files
+                .iter()
+                .map(|f| f.iter().map(|(n, b)| (n, b.len())).collect())
+                .collect();
+            assert!(
+                Instant::now() < end,
+                "partition {p} of {topic:?}: replicas not byte-identical after {deadline:?}: {sizes:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    bytes
+}
+
+/// Each partition's leader in `topic` as broker `c` sees it (−1: none now).
+fn leaders(c: &mut RawClient, topic: &str) -> Vec<i32> {
+    metadata(c)
+        .1
+        .into_iter()
+        .find(|t| t.0 == topic)
+        .map(|t| t.2.iter().map(|(_, l, _)| *l).collect())
+        .unwrap_or_default()
+}
+
+/// The leader of `topic`/`partition` once every broker in `clients` names the same one.
+fn agreed_leader(clients: &mut [RawClient], topic: &str, partition: u32) -> u32 {
+    eventually("every broker naming the same partition leader", || {
+        let seen: Vec<i32> = clients
+            .iter_mut()
+            .map(|c| {
+                leaders(c, topic)
+                    .get(partition as usize)
+                    .copied()
+                    .unwrap_or(-1)
+            })
+            .collect();
+        let l = u32::try_from(seen[0]).ok()?;
+        seen.iter().all(|s| *s == seen[0]).then_some(l)
+    })
+}
+
+/// The log of `topic`/`partition` read from its leader: (offset, value) of every record.
+fn log_at_leader(clients: &mut [RawClient], topic: &str, partition: u32) -> Vec<(i64, Vec<u8>)> {
+    let leader = agreed_leader(clients, topic, partition);
+    streambus_tests::fetch_all(&mut clients[leader as usize - 1], topic, partition, 0).unwrap()
+}
+
+/// The kill campaign: three brokers, a topic with 6 partitions and RF 3; the SDK (bootstrap
+/// list of the three, idempotence on) produces numbered records (record `i` to partition
+/// `i mod 6`) while the leader of partition `k mod 6` is SIGKILLed every 2 s and restarted on
+/// the same ports and data directory. Every record is acknowledged; every acknowledged record
+/// is in its partition's log at the offset acknowledged; the log's offsets are dense, each
+/// record's first copy comes in the order produced, and none is lost; after the cluster
+/// settles, the three replicas' segment files are byte-identical.
+///
+/// **Duplicates are counted, not refused**: the leader of a replicated partition does not yet
+/// check idempotent sequences before proposing (docs/cluster.md, next steps), so a batch the
+/// SDK retries after a leader change may be stored twice. The count is printed.
+///
+/// Size: `CLUSTER_CAMPAIGN_KILLS` (default 2) and `CLUSTER_CAMPAIGN_RECORDS` (default 10 000);
+/// `scripts/cluster-campaign.sh` runs the full size (5 and 100 000).
+#[test]
+fn sigkilling_partition_leaders_under_idempotent_produce_loses_no_acknowledged_record() {
+    use streambus_client::{Client, Producer, ProducerConfig, Record};
+    const TOPIC: &str = "campaign";
+    const PARTS: u32 = 6;
+    let kills = knob("CLUSTER_CAMPAIGN_KILLS", 2);
+    let records = knob("CLUSTER_CAMPAIGN_RECORDS", 10_000);
+    let ports = free_ports(6);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let listen: Vec<String> = (3..6).map(|i| format!("127.0.0.1:{}", ports[i])).collect();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |i: usize| {
+        Broker::start_listening(
+            i as u32 + 1,
+            &listen[i],
+            ports[i],
+            &peers,
+            "tokio",
+            dirs[i].path(),
+        )
+    };
+    let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
+    let clients = |bs: &[Option<Broker>]| -> Vec<RawClient> {
+        bs.iter().flatten().map(Broker::client).collect()
+    };
+    let mut raw = clients(&brokers);
+    for c in &mut raw {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut raw[0], TOPIC, PARTS, 3), (0, true));
+    settled(&mut raw);
+
+    // The producer runs on its own thread, paced to spread the records over the kills.
+    let span = Duration::from_secs(2 * (kills as u64 + 1));
+    let bootstrap = listen.join(",");
+    let producing = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let client = Client::connect(bootstrap).await.unwrap();
+            let config = ProducerConfig::default()
+                .idempotence(true)
+                .retries(usize::MAX)
+                .delivery_timeout(Duration::from_secs(90));
+            let producer = Producer::with_config(&client, config).unwrap();
+            let begin = tokio::time::Instant::now();
+            let mut deliveries = Vec::with_capacity(records);
+            for i in 0..records {
+                if i % 100 == 0 {
+                    // The load's schedule (records i.. go at span × i / records), not a wait
+                    // for something to happen.
+                    let at = begin + span.mul_f64(i as f64 / records as f64);
+                    tokio::time::sleep_until(at).await;
+                }
+                let record = Record::new(TOPIC, format!("record {i}")).partition(i as u32 % PARTS);
+                deliveries.push(producer.enqueue(record).await);
+            }
+            let mut acked = Vec::with_capacity(records);
+            for d in deliveries {
+                acked.push(match d {
+                    Ok(d) => d.await,
+                    Err(e) => Err(e),
+                });
+            }
+            producer.close().await.unwrap();
+            acked
+        })
+    });
+
+    // Every 2 s the leader of the next partition is SIGKILLed and restarted at once; the next
+    // kill waits until every partition is led again and all three agree.
+    let begin = Instant::now();
+    let mut killed = Vec::new();
+    for k in 0..kills {
+        let at = begin + Duration::from_secs(2 * (k as u64 + 1));
+        if let Some(wait) = at.checked_duration_since(Instant::now()) {
+            // The campaign's schedule: one kill every 2 s.
+            std::thread::sleep(wait);
+        }
+        let p = k as u32 % PARTS;
+        let leader = agreed_leader(&mut raw, TOPIC, p);
+        let i = leader as usize - 1;
+        drop(brokers[i].take());
+        brokers[i] = Some(start(i));
+        killed.push((p, leader));
+        raw = clients(&brokers);
+        settled(&mut raw);
+    }
+
+    let acked = producing.join().unwrap();
+    let failed: Vec<String> = acked
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| format!("record {i}: {e}")))
+        .take(5)
+        .collect();
+    assert!(failed.is_empty(), "not acknowledged: {failed:?}");
+
+    raw = clients(&brokers);
+    settled(&mut raw);
+    let mut duplicates = 0;
+    for p in 0..PARTS {
+        let log = log_at_leader(&mut raw, TOPIC, p);
+        let offsets: Vec<i64> = log.iter().map(|(o, _)| *o).collect();
+        let dense: Vec<i64> = (0..log.len() as i64).collect();
+        assert_eq!(offsets, dense, "partition {p}: offsets not dense");
+        let numbers: Vec<usize> = log
+            .iter()
+            .map(|(o, v)| {
+                std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|v| v.strip_prefix("record "))
+                    .and_then(|n| n.parse().ok())
+                    .filter(|n| *n < records && *n as u32 % PARTS == p)
+                    .unwrap_or_else(|| panic!("partition {p} offset {o}: a record never sent"))
+            })
+            .collect();
+        // Every acknowledged record is at the offset acknowledged.
+        for (i, r) in acked
+            .iter()
+            .enumerate()
+            .skip(p as usize)
+            .step_by(PARTS as usize)
+        {
+            let at = r.as_ref().unwrap();
+            assert_eq!(at.partition, p, "record {i}");
+            let stored = usize::try_from(at.offset).ok().and_then(|o| numbers.get(o));
+            assert_eq!(
+                stored,
+                Some(&i),
+                "record {i} acknowledged at offset {}",
+                at.offset
+            );
+        }
+        // Each record's first copy in the order produced, every one there; later copies are
+        // duplicates.
+        let mut seen = std::collections::HashSet::new();
+        let mut first = Vec::new();
+        for n in &numbers {
+            if seen.insert(*n) {
+                first.push(*n);
+            } else {
+                duplicates += 1;
+            }
+        }
+        let want: Vec<usize> = (p as usize..records).step_by(PARTS as usize).collect();
+        assert_eq!(first, want, "partition {p}: records lost or out of order");
+    }
+
+    let data: Vec<&Path> = dirs.iter().map(tempfile::TempDir::path).collect();
+    let bytes = replicas_identical(&data, TOPIC, PARTS, Duration::from_secs(60));
+    println!(
+        "campaign: {kills} leader kills (partition, broker) {killed:?}; {records} records acknowledged, \
+         each at its acknowledged offset, none lost, in order in each of {PARTS} partitions; \
+         {duplicates} duplicate copies{}; the 3 replicas' segment files \
+         byte-identical ({bytes} log bytes each); {:.1} s",
+        if duplicates > 0 {
+            " (retried batches stored again: the leader does not yet deduplicate idempotent \
+             retries on replicated partitions)"
+        } else {
+            ""
+        },
+        begin.elapsed().as_secs_f64()
+    );
+}
+
+/// The values stored in `topic`/`partition`, read from its leader.
+fn values_at_leader(clients: &mut [RawClient], topic: &str, partition: u32) -> Vec<Vec<u8>> {
+    log_at_leader(clients, topic, partition)
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// No split brain on a partition: its leader frozen with SIGSTOP for longer than the election
+/// timeout is replaced by one of the other two (which takes a produce), and a produce that
+/// reached the frozen leader's socket is handled after SIGCONT, when that broker still
+/// believes it leads in the old term: it is answered NotLeader and stored nowhere, or (if the
+/// broker learnt the new term first and the write was committed in it) acknowledged and
+/// stored exactly once. The three replicas then hold byte-identical logs.
+#[test]
+fn a_partition_leader_frozen_past_the_election_timeout_acknowledges_nothing_in_its_old_term() {
+    const TOPIC: &str = "frozen";
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let brokers: Vec<Broker> = (0..3)
+        .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
+        .collect();
+    let mut raw: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
+    for c in &mut raw {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut raw[0], TOPIC, 1, 3), (0, true));
+    settled(&mut raw);
+    let old = agreed_leader(&mut raw, TOPIC, 0);
+    let r = streambus_tests::produce(&mut raw[old as usize - 1], TOPIC, 0, &[b"before"]).unwrap();
+    assert_eq!(r.error_code(), 0);
+
+    let stopped = &brokers[old as usize - 1];
+    let mut stale = stopped.client();
+    stopped.signal("STOP");
+    let mut rest: Vec<RawClient> = brokers
+        .iter()
+        .filter(|b| b.addr != stopped.addr)
+        .map(Broker::client)
+        .collect();
+    let new = eventually("a new partition leader among the other two", || {
+        let l = agreed_leader(&mut rest, TOPIC, 0);
+        (l != old).then_some(l)
+    });
+    let mut at_new = brokers[new as usize - 1].client();
+    let during = eventually("a produce at the new leader", || {
+        let r = streambus_tests::produce(&mut at_new, TOPIC, 0, &[b"during"]).unwrap();
+        (r.error_code() != ErrorCode::NOT_LEADER.0).then_some(r)
+    });
+    let Ok(Response::Produce(ok)) = during.parse(RequestType::Produce) else {
+        panic!(
+            "produce at the new leader failed with {}",
+            during.error_code()
+        );
+    };
+    assert_eq!(ok.base_offset, 1);
+
+    let id = streambus_tests::send_produce(&mut stale, TOPIC, 0, &[b"stale"]).unwrap();
+    stopped.signal("CONT");
+    let r = stale.recv().unwrap();
+    assert_eq!(r.request_id(), id);
+    let stale_acked = match r.parse(RequestType::Produce).unwrap() {
+        Response::Produce(ok) => Some(ok.base_offset),
+        Response::Error(e) => {
+            assert_eq!(e.code, ErrorCode::NOT_LEADER, "{}", e.message);
+            None
+        }
+        other => panic!("unexpected reply {other:?}"),
+    };
+
+    let mut all: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
+    settled(&mut all);
+    let values = values_at_leader(&mut all, TOPIC, 0);
+    let mut want: Vec<Vec<u8>> = vec![b"before".to_vec(), b"during".to_vec()];
+    if let Some(offset) = stale_acked {
+        assert_eq!(offset, 2, "the held produce committed after \"during\"");
+        want.push(b"stale".to_vec());
+    }
+    assert_eq!(values, want);
+    let data: Vec<&Path> = dirs.iter().map(tempfile::TempDir::path).collect();
+    replicas_identical(&data, TOPIC, 1, DEADLINE);
+}
+
+/// An SDK consumer (bootstrap list of the three brokers) reading a partition while its leader
+/// is SIGKILLed: it goes on from the new leader and reads every record the SDK producer
+/// stored before and after the kill exactly once, at dense offsets, as the log holds them.
+#[test]
+fn an_sdk_consumer_following_a_partition_across_a_leader_change_sees_no_gap_and_no_duplicate() {
+    use streambus_client::{Client, Consumer, Offset, Producer, Record};
+    const TOPIC: &str = "followed";
+    const N: usize = 200;
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut brokers: Vec<Option<Broker>> = (0..3)
+        .map(|i| {
+            Some(Broker::start(
+                i as u32 + 1,
+                ports[i],
+                &peers,
+                "tokio",
+                dirs[i].path(),
+            ))
+        })
+        .collect();
+    let mut raw: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    for c in &mut raw {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut raw[0], TOPIC, 1, 3), (0, true));
+    settled(&mut raw);
+    let bootstrap = brokers
+        .iter()
+        .flatten()
+        .map(|b| b.addr.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (got, acked, survivors) = rt.block_on(async {
+        let client = bounded("connect", Client::connect(bootstrap))
+            .await
+            .unwrap();
+        let producer = Producer::new(&client);
+        let mut consumer = Consumer::new(&client);
+        bounded("assign", consumer.assign(TOPIC, 0, Offset::Earliest))
+            .await
+            .unwrap();
+        let mut got: Vec<(i64, Vec<u8>)> = Vec::new();
+        let mut acked = Vec::new();
+        for half in [0..N / 2, N / 2..N] {
+            if half.start > 0 {
+                // The consumer has read the first half from the leader: kill it.
+                let leader = agreed_leader(&mut raw, TOPIC, 0);
+                drop(brokers[leader as usize - 1].take());
+            }
+            for i in half.clone() {
+                let at = bounded(
+                    "send",
+                    producer.send(Record::new(TOPIC, format!("record {i}"))),
+                )
+                .await
+                .unwrap();
+                acked.push((at.offset, format!("record {i}").into_bytes()));
+            }
+            let end = Instant::now() + DEADLINE;
+            while got.len() < half.end {
+                assert!(Instant::now() < end, "consumed only {} records", got.len());
+                for r in consumer.poll(Duration::from_secs(5)).await.unwrap() {
+                    got.push((r.offset, r.value().to_vec()));
+                }
+            }
+        }
+        producer.close().await.unwrap();
+        let survivors: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+        (got, acked, survivors)
+    });
+    let mut survivors = survivors;
+    let log = log_at_leader_among(&mut survivors, TOPIC, 0);
+    assert_eq!(got, log, "the consumer read the log exactly");
+    let offsets: Vec<i64> = got.iter().map(|(o, _)| *o).collect();
+    assert_eq!(offsets, (0..N as i64).collect::<Vec<_>>());
+    assert_eq!(got, acked);
+}
+
+/// [`log_at_leader`] when `clients` are some of the brokers (not indexed by node id).
+fn log_at_leader_among(
+    clients: &mut [RawClient],
+    topic: &str,
+    partition: u32,
+) -> Vec<(i64, Vec<u8>)> {
+    agreed_leader(clients, topic, partition);
+    eventually("the log read from the partition's leader", || {
+        clients
+            .iter_mut()
+            .find_map(|c| streambus_tests::fetch_all(c, topic, partition, 0).ok())
+    })
+}
+
+/// Failover time (issue 16's benchmark, run by `scripts/bench-cluster.sh`): the leader of
+/// partition 0 of a 6-partition RF 3 topic is SIGKILLed, and the time from the kill to the
+/// first produce acknowledged by the new leader (read from the survivors' Metadata, tried
+/// every 5 ms) is measured; the killed broker is restarted and the cluster settles before the
+/// next of `CLUSTER_FAILOVER_KILLS` (default 10) kills. Prints p50 and max.
+#[test]
+#[ignore = "a benchmark: scripts/bench-cluster.sh runs it on a release build"]
+fn failover_time_from_a_leader_kill_to_the_first_acknowledged_produce() {
+    const TOPIC: &str = "failover";
+    let kills = knob("CLUSTER_FAILOVER_KILLS", 10);
+    let ports = free_ports(6);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let listen: Vec<String> = (3..6).map(|i| format!("127.0.0.1:{}", ports[i])).collect();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |i: usize| {
+        Broker::start_listening(
+            i as u32 + 1,
+            &listen[i],
+            ports[i],
+            &peers,
+            "tokio",
+            dirs[i].path(),
+        )
+    };
+    let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
+    let clients = |bs: &[Option<Broker>]| -> Vec<RawClient> {
+        bs.iter().flatten().map(Broker::client).collect()
+    };
+    let mut raw = clients(&brokers);
+    for c in &mut raw {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut raw[0], TOPIC, 6, 3), (0, true));
+    settled(&mut raw);
+    let mut times = Vec::with_capacity(kills);
+    for k in 0..kills {
+        let old = agreed_leader(&mut raw, TOPIC, 0);
+        let r =
+            streambus_tests::produce(&mut raw[old as usize - 1], TOPIC, 0, &[b"before"]).unwrap();
+        assert_eq!(r.error_code(), 0);
+        let i = old as usize - 1;
+        let killed_at = Instant::now();
+        drop(brokers[i].take());
+        let mut survivors: Vec<(u32, RawClient)> = brokers
+            .iter()
+            .enumerate()
+            .filter_map(|(j, b)| Some((j as u32 + 1, b.as_ref()?.client())))
+            .collect();
+        let mut acked_by_new_leader = || {
+            let (_, c) = survivors.first_mut()?;
+            let l = leaders(c, TOPIC).first().copied()?;
+            let l = u32::try_from(l).ok().filter(|l| *l != old)?;
+            let (_, c) = survivors.iter_mut().find(|(id, _)| *id == l)?;
+            let r = streambus_tests::produce(c, TOPIC, 0, &[b"after"]).ok()?;
+            (r.error_code() == 0).then(|| killed_at.elapsed())
+        };
+        let took = loop {
+            if let Some(t) = acked_by_new_leader() {
+                break t;
+            }
+            assert!(
+                killed_at.elapsed() < DEADLINE,
+                "no new leader took a produce"
+            );
+            // The measurement's resolution.
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        times.push(took);
+        println!(
+            "kill {}: broker {old}, {:.0} ms",
+            k + 1,
+            took.as_secs_f64() * 1e3
+        );
+        brokers[i] = Some(start(i));
+        raw = clients(&brokers);
+        settled(&mut raw);
+    }
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "failover: SIGKILL of partition 0's leader to the first produce acknowledged by the new \
+         leader over {kills} kills: p50 {:.0} ms, max {:.0} ms (min {:.0} ms)",
+        ms(times[times.len() / 2]),
+        ms(times[times.len() - 1]),
+        ms(times[0])
+    );
+}
+
+/// A broker whose data directory was wiped rejoins with its replicas of a topic's three
+/// partitions empty: they catch up from the leaders until their segment files are
+/// byte-identical to the other two brokers', and every partition still takes produces.
+///
+/// Ignored: it fails today. When the wiped replica answers its leader's first AppendEntries
+/// with an empty log, openraft 0.9 on the leader panics ("follower log reversion is not
+/// allowed without `--features loosen-follower-log-revert`; matching: T1-N2-2; conflict: 2",
+/// `progress/entry/mod.rs:165`), which stops that partition's group on the leader. The
+/// metadata group handles a wiped voter (demoted to a learner, promoted once caught up); the
+/// partition groups do not yet.
+#[test]
+#[ignore = "fails: a wiped partition replica makes its leader's openraft panic (follower log reversion)"]
+fn a_broker_whose_data_directory_was_wiped_catches_up_its_partition_replicas() {
+    const TOPIC: &str = "kept";
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
+    let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
+    let mut raw: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    for c in &mut raw {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut raw[1], TOPIC, 3, 3), (0, true));
+    settled(&mut raw);
+    for p in 0..3 {
+        let leader = agreed_leader(&mut raw, TOPIC, p);
+        let values: Vec<Vec<u8>> = (0..20).map(|i| format!("p{p} r{i}").into_bytes()).collect();
+        let values: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
+        let r = streambus_tests::produce(&mut raw[leader as usize - 1], TOPIC, p, &values).unwrap();
+        assert_eq!(r.error_code(), 0, "partition {p} at broker {leader}");
+    }
+    let data: Vec<&Path> = dirs.iter().map(tempfile::TempDir::path).collect();
+    replicas_identical(&data, TOPIC, 3, DEADLINE);
+
+    drop(brokers[0].take());
+    std::fs::remove_dir_all(dirs[0].path()).unwrap();
+    brokers[0] = Some(start(0));
+    let mut raw: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    settled(&mut raw);
+    replicas_identical(&data, TOPIC, 3, DEADLINE);
+    for p in 0..3 {
+        let leader = agreed_leader(&mut raw, TOPIC, p);
+        let r =
+            streambus_tests::produce(&mut raw[leader as usize - 1], TOPIC, p, &[b"after"]).unwrap();
+        assert_eq!(
+            r.error_code(),
+            0,
+            "partition {p} at broker {leader} after the wipe"
+        );
+    }
+    replicas_identical(&data, TOPIC, 3, DEADLINE);
 }
