@@ -1874,14 +1874,10 @@ fn failover_time_from_a_leader_kill_to_the_first_acknowledged_produce() {
 /// partitions empty: they catch up from the leaders until their segment files are
 /// byte-identical to the other two brokers', and every partition still takes produces.
 ///
-/// Ignored: it fails today. When the wiped replica answers its leader's first AppendEntries
-/// with an empty log, openraft 0.9 on the leader panics ("follower log reversion is not
-/// allowed without `--features loosen-follower-log-revert`; matching: T1-N2-2; conflict: 2",
-/// `progress/entry/mod.rs:165`), which stops that partition's group on the leader. The
-/// metadata group handles a wiped voter (demoted to a learner, promoted once caught up); the
-/// partition groups do not yet.
+/// The wiped replica answers its leader's first AppendEntries with an empty log: openraft's
+/// `loosen-follower-log-revert` lets the leader send it the log again from the start (without
+/// it, openraft 0.9 panics on the leader: "follower log reversion is not allowed").
 #[test]
-#[ignore = "fails: a wiped partition replica makes its leader's openraft panic (follower log reversion)"]
 fn a_broker_whose_data_directory_was_wiped_catches_up_its_partition_replicas() {
     const TOPIC: &str = "kept";
     let ports = free_ports(3);
