@@ -320,14 +320,17 @@ async fn the_tcp_link_refuses_another_version_with_a_message_naming_both() {
     connect(&addr, &hello(LINK_NAME, LINK_VERSION))
         .await
         .unwrap();
-    // Version 1 (the metadata group alone, before partition replication) is refused.
-    let e = connect(&addr, &hello(LINK_NAME, 1)).await.unwrap_err();
-    assert_eq!(
-        e.to_string(),
-        format!(
-            "{addr} refused the cluster link: cluster link version 1 is not supported: broker 7 speaks version 2"
-        )
-    );
+    // Version 1 (the metadata group alone, before partition replication) and version 2
+    // (JSON after the handshake) are refused.
+    for old in [1, 2] {
+        let e = connect(&addr, &hello(LINK_NAME, old)).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{addr} refused the cluster link: cluster link version {old} is not supported: broker 7 speaks version 3"
+            )
+        );
+    }
     let e = connect(&addr, &hello("kafka", 1)).await.unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -1228,4 +1231,37 @@ async fn a_new_leader_recognises_a_retry_of_a_batch_its_predecessor_acknowledged
     for (_, r) in nodes {
         stop_replica(&t, r).await;
     }
+}
+
+#[test]
+fn a_partition_entry_on_the_link_costs_its_records_and_a_few_bytes_more() {
+    use super::network::{Rpc, encoding_sizes};
+    use super::replica::PartitionRpc;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    // 100 records of a 100-byte value: a batch as the SDK sends one.
+    let values: Vec<String> = (0..100).map(|i| format!("{i:0100}")).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    let b = batch(&refs);
+    let records = b.records.len();
+    let leader = CommittedLeaderId::new(3, 1);
+    let rpc = Rpc::Partition {
+        topic: "orders".into(),
+        partition: 0,
+        rpc: PartitionRpc::AppendEntries(openraft::raft::AppendEntriesRequest {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: Some(LogId::new(leader, 41)),
+            entries: vec![Entry {
+                log_id: LogId::new(leader, 42),
+                payload: EntryPayload::Normal(b),
+            }],
+            leader_commit: Some(LogId::new(leader, 41)),
+        }),
+    };
+    let (postcard, json) = encoding_sizes(&rpc);
+    assert!(
+        postcard <= records + 64,
+        "{postcard} bytes on the link for {records} bytes of records"
+    );
+    // What version 2 sent: each byte as a decimal number and a comma.
+    assert!(json > records * 5 / 2, "{json} bytes of JSON for {records}");
 }
