@@ -1191,3 +1191,109 @@ fn a_killed_partition_leader_is_replaced_without_losing_an_acknowledged_record()
         (full && files.iter().all(|f| f == &files[0])).then_some(())
     });
 }
+
+/// An idempotent Produce of `values` to `topic`/0 as producer 9 (epoch 0) from `seq`: the
+/// reply's (error code, (BaseOffset, NumMessages, HighWaterMark) if it succeeded).
+fn idempotent(
+    c: &mut RawClient,
+    topic: &str,
+    seq: i32,
+    values: &[&[u8]],
+) -> (u16, Option<(i64, u32, i64)>) {
+    let p = streambus_tests::producer(9, 0, seq);
+    let (id, bytes) = streambus_tests::idempotent_produce(c, topic, 0, values, p);
+    c.send_raw(&bytes).unwrap();
+    let r = c.recv().unwrap();
+    assert_eq!(r.request_id(), id);
+    match r.parse(RequestType::Produce) {
+        Ok(Response::Produce(ok)) => (
+            0,
+            Some((ok.base_offset, ok.num_messages, ok.high_water_mark)),
+        ),
+        _ => (r.error_code(), None),
+    }
+}
+
+#[test]
+fn an_idempotent_batch_retried_at_the_new_leader_after_a_sigkill_gets_its_original_offsets() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
+    let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
+    let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    for c in &mut clients {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut clients[0], "idem", 1, 3), (0, true));
+    let (_, view) = settled(&mut clients).remove(0);
+    let old = usize::try_from(view[0].2[0].1).unwrap();
+    let mut leader = brokers[old - 1].as_ref().unwrap().client();
+    assert_eq!(
+        idempotent(&mut leader, "idem", 0, &[b"a", b"b"]),
+        (0, Some((0, 2, 2)))
+    );
+    assert_eq!(
+        idempotent(&mut leader, "idem", 2, &[b"c"]),
+        (0, Some((2, 1, 3)))
+    );
+    // A retry at the same leader: the original offsets, nothing appended.
+    assert_eq!(
+        idempotent(&mut leader, "idem", 0, &[b"a", b"b"]),
+        (0, Some((0, 2, 3)))
+    );
+    // The leader is SIGKILLed after acknowledging "c"; the producer retries it at the new one.
+    drop(leader);
+    drop(clients);
+    drop(brokers[old - 1].take());
+    let mut survivors: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    let (brokers_view, new) = eventually("the survivors agreeing on a new leader", || {
+        let views: Vec<(Brokers, Placement)> = survivors.iter_mut().map(metadata).collect();
+        let leaders: Vec<i32> = views.iter().map(|(_, p)| p[0].2[0].1).collect();
+        let new = leaders[0];
+        (new >= 0 && usize::try_from(new).ok() != Some(old) && leaders.iter().all(|l| *l == new))
+            .then(|| (views[0].0.clone(), new))
+    });
+    let port = brokers_view
+        .iter()
+        .find(|(id, _, _)| i64::from(*id) == i64::from(new))
+        .unwrap()
+        .2;
+    let b = brokers
+        .iter()
+        .flatten()
+        .find(|b| b.addr.port() == port)
+        .unwrap();
+    let mut leader = b.client();
+    let retried = eventually("the retry answered by the new leader", || {
+        let r = idempotent(&mut leader, "idem", 2, &[b"c"]);
+        (r.0 != ErrorCode::NOT_LEADER.0).then_some(r)
+    });
+    assert_eq!(retried, (0, Some((2, 1, 3))));
+    // A gap is refused as a single broker refuses it; the next in sequence goes on.
+    assert_eq!(
+        idempotent(&mut leader, "idem", 5, &[b"x"]),
+        (ErrorCode::OUT_OF_ORDER_SEQUENCE.0, None)
+    );
+    assert_eq!(
+        idempotent(&mut leader, "idem", 3, &[b"d"]),
+        (0, Some((3, 1, 4)))
+    );
+    // Stored once each, in order.
+    let stored: Vec<(i64, Vec<u8>)> =
+        streambus_tests::fetch_all(&mut leader, "idem", 0, 0).unwrap();
+    assert_eq!(
+        stored,
+        [
+            (0, b"a".to_vec()),
+            (1, b"b".to_vec()),
+            (2, b"c".to_vec()),
+            (3, b"d".to_vec())
+        ]
+    );
+}
