@@ -979,7 +979,7 @@ impl Inner {
                 ),
                 (Some(_), Some(p), None) => (
                     p.leader().and_then(|l| i32::try_from(l).ok()).unwrap_or(-1),
-                    0,
+                    i32::try_from(p.leader_term()).unwrap_or(i32::MAX),
                     &p.replicas,
                 ),
                 (Some(_), None, _) => (-1, 0, &[]),

@@ -1297,3 +1297,71 @@ fn an_idempotent_batch_retried_at_the_new_leader_after_a_sigkill_gets_its_origin
         ]
     );
 }
+
+/// Each partition of `topic` as `c`'s Metadata names it: (partition, LeaderID, LeaderEpoch).
+fn leaders_with_epochs(c: &mut RawClient, topic: &str) -> Vec<(u32, i32, i32)> {
+    let r = c
+        .call(&Request::Metadata(MetadataRequest {
+            topics: TopicNames::from_slice(&[Topic::new(topic).unwrap()]),
+        }))
+        .unwrap();
+    let Ok(Response::Metadata(m)) = r.parse(RequestType::Metadata) else {
+        panic!("Metadata failed with {}", r.error_code());
+    };
+    m.topics
+        .iter()
+        .flat_map(|t| t.partitions.iter())
+        .map(|p| (p.partition, p.leader, p.leader_epoch))
+        .collect()
+}
+
+#[test]
+fn a_broker_without_a_replica_names_the_leader_and_term_its_group_published() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let brokers: Vec<Broker> = (0..3)
+        .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
+        .collect();
+    let mut clients: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
+    for c in &mut clients {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    // RF 1: each partition has one replica, and two brokers hold none of it.
+    assert_eq!(create(&mut clients[0], "solo", 3, 1), (0, true));
+    let (_, view) = settled(&mut clients).remove(0);
+    let solo = view.iter().find(|(name, _, _)| name == "solo").unwrap();
+    let replicas: Vec<u32> = solo.2.iter().map(|(_, _, r)| r[0]).collect();
+    assert_eq!(replicas.len(), 3);
+    // Every broker names the replica and the term of its group: the replica from its group,
+    // the others from the LeaderChanged it published through the metadata group.
+    eventually(
+        "every broker naming each partition's leader and term",
+        || {
+            let views: Vec<Vec<(u32, i32, i32)>> = clients
+                .iter_mut()
+                .map(|c| leaders_with_epochs(c, "solo"))
+                .collect();
+            let from_replicas: Vec<(u32, i32, i32)> = (0..3)
+                .map(|p| {
+                    let holder = usize::try_from(replicas[p] - 1).unwrap();
+                    views[holder][p]
+                })
+                .collect();
+            let right = from_replicas
+                .iter()
+                .enumerate()
+                .all(|(p, (part, leader, epoch))| {
+                    usize::try_from(*part).ok() == Some(p)
+                        && i64::from(*leader) == i64::from(replicas[p])
+                        && *epoch >= 1
+                });
+            (right && views.iter().all(|v| v == &from_replicas)).then_some(())
+        },
+    );
+}

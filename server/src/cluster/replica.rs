@@ -259,6 +259,45 @@ pub async fn watch_leadership(raft: PartitionRaft, node: u64, id: PartitionId, h
     }
 }
 
+/// Sends `publish` a [`Command::LeaderChanged`](super::Command::LeaderChanged) each time
+/// `node` becomes the leader of `raft`'s group (once per term) until the group stops, so that
+/// brokers without a replica of the partition learn its leader from the metadata.
+pub async fn publish_leadership(
+    raft: PartitionRaft,
+    node: u64,
+    id: PartitionId,
+    publish: tokio::sync::mpsc::UnboundedSender<super::Command>,
+) {
+    let mut metrics = raft.metrics();
+    drop(raft);
+    let mut published = None;
+    loop {
+        let (leader, term, state) = {
+            let m = metrics.borrow_and_update();
+            (m.current_leader, m.current_term, m.state)
+        };
+        if leader == Some(node)
+            && state == openraft::ServerState::Leader
+            && published != Some(term)
+            && let Ok(leader) = u32::try_from(node)
+        {
+            published = Some(term);
+            let command = super::Command::LeaderChanged {
+                topic: id.topic.clone(),
+                partition: id.partition,
+                leader,
+                term,
+            };
+            if publish.send(command).is_err() {
+                return;
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Counts in `replicas` each time `raft`'s known leader becomes another broker (the first
 /// leader it learns counts as one) until the group stops: `/metrics` reports the count.
 pub async fn count_leader_changes(raft: PartitionRaft, id: PartitionId, replicas: Arc<Replicas>) {
