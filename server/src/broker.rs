@@ -585,6 +585,11 @@ impl Inner {
         let (topic, here) = (topic.to_owned(), handle.cluster.node_id());
         handle.runtime.spawn(async move {
             match raft.client_write(batch).await {
+                // An idempotent batch the leader refused by §6.2, as a single broker would.
+                Ok(ref r) if let Some(refused) = &r.data.refused => {
+                    answer.fail(fail(ErrorCode(refused.code), refused.message.clone()));
+                }
+                // Stored, or a retry answered with the original batch's offsets.
                 Ok(r) => answer.respond(&produced(AppendResult {
                     base_offset: r.data.base_offset,
                     count: r.data.count,
@@ -974,7 +979,7 @@ impl Inner {
                 ),
                 (Some(_), Some(p), None) => (
                     p.leader().and_then(|l| i32::try_from(l).ok()).unwrap_or(-1),
-                    0,
+                    i32::try_from(p.leader_term()).unwrap_or(i32::MAX),
                     &p.replicas,
                 ),
                 (Some(_), None, _) => (-1, 0, &[]),

@@ -1400,13 +1400,11 @@ fn log_at_leader(clients: &mut [RawClient], topic: &str, partition: u32) -> Vec<
 /// list of the three, idempotence on) produces numbered records (record `i` to partition
 /// `i mod 6`) while the leader of partition `k mod 6` is SIGKILLed every 2 s and restarted on
 /// the same ports and data directory. Every record is acknowledged; every acknowledged record
-/// is in its partition's log at the offset acknowledged; the log's offsets are dense, each
-/// record's first copy comes in the order produced, and none is lost; after the cluster
+/// is in its partition's log at the offset acknowledged, exactly once (the leader checks
+/// idempotent sequences as it appends, against the replicated producer table, so a batch the
+/// SDK retries at a new leader is answered with its original offsets); the log's offsets are
+/// dense, the records come in the order produced, and none is lost; after the cluster
 /// settles, the three replicas' segment files are byte-identical.
-///
-/// **Duplicates are counted, not refused**: the leader of a replicated partition does not yet
-/// check idempotent sequences before proposing (docs/cluster.md, next steps), so a batch the
-/// SDK retries after a leader change may be stored twice. The count is printed.
 ///
 /// Size: `CLUSTER_CAMPAIGN_KILLS` (default 2) and `CLUSTER_CAMPAIGN_RECORDS` (default 10 000);
 /// `scripts/cluster-campaign.sh` runs the full size (5 and 100 000).
@@ -1566,20 +1564,15 @@ fn sigkilling_partition_leaders_under_idempotent_produce_loses_no_acknowledged_r
         let want: Vec<usize> = (p as usize..records).step_by(PARTS as usize).collect();
         assert_eq!(first, want, "partition {p}: records lost or out of order");
     }
+    assert_eq!(duplicates, 0, "records stored twice");
 
     let data: Vec<&Path> = dirs.iter().map(tempfile::TempDir::path).collect();
     let bytes = replicas_identical(&data, TOPIC, PARTS, Duration::from_secs(60));
     println!(
         "campaign: {kills} leader kills (partition, broker) {killed:?}; {records} records acknowledged, \
          each at its acknowledged offset, none lost, in order in each of {PARTS} partitions; \
-         {duplicates} duplicate copies{}; the 3 replicas' segment files \
+         each exactly once; the 3 replicas' segment files \
          byte-identical ({bytes} log bytes each); {:.1} s",
-        if duplicates > 0 {
-            " (retried batches stored again: the leader does not yet deduplicate idempotent \
-             retries on replicated partitions)"
-        } else {
-            ""
-        },
         begin.elapsed().as_secs_f64()
     );
 }
@@ -1923,4 +1916,178 @@ fn a_broker_whose_data_directory_was_wiped_catches_up_its_partition_replicas() {
         );
     }
     replicas_identical(&data, TOPIC, 3, DEADLINE);
+}
+
+/// An idempotent Produce of `values` to `topic`/0 as producer 9 (epoch 0) from `seq`: the
+/// reply's (error code, (BaseOffset, NumMessages, HighWaterMark) if it succeeded).
+fn idempotent(
+    c: &mut RawClient,
+    topic: &str,
+    seq: i32,
+    values: &[&[u8]],
+) -> (u16, Option<(i64, u32, i64)>) {
+    let p = streambus_tests::producer(9, 0, seq);
+    let (id, bytes) = streambus_tests::idempotent_produce(c, topic, 0, values, p);
+    c.send_raw(&bytes).unwrap();
+    let r = c.recv().unwrap();
+    assert_eq!(r.request_id(), id);
+    match r.parse(RequestType::Produce) {
+        Ok(Response::Produce(ok)) => (
+            0,
+            Some((ok.base_offset, ok.num_messages, ok.high_water_mark)),
+        ),
+        _ => (r.error_code(), None),
+    }
+}
+
+#[test]
+fn an_idempotent_batch_retried_at_the_new_leader_after_a_sigkill_gets_its_original_offsets() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
+    let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
+    let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    for c in &mut clients {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut clients[0], "idem", 1, 3), (0, true));
+    let (_, view) = settled(&mut clients).remove(0);
+    let old = usize::try_from(view[0].2[0].1).unwrap();
+    let mut leader = brokers[old - 1].as_ref().unwrap().client();
+    assert_eq!(
+        idempotent(&mut leader, "idem", 0, &[b"a", b"b"]),
+        (0, Some((0, 2, 2)))
+    );
+    assert_eq!(
+        idempotent(&mut leader, "idem", 2, &[b"c"]),
+        (0, Some((2, 1, 3)))
+    );
+    // A retry at the same leader: the original offsets, nothing appended.
+    assert_eq!(
+        idempotent(&mut leader, "idem", 0, &[b"a", b"b"]),
+        (0, Some((0, 2, 3)))
+    );
+    // The leader is SIGKILLed after acknowledging "c"; the producer retries it at the new one.
+    drop(leader);
+    drop(clients);
+    drop(brokers[old - 1].take());
+    let mut survivors: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    let (brokers_view, new) = eventually("the survivors agreeing on a new leader", || {
+        let views: Vec<(Brokers, Placement)> = survivors.iter_mut().map(metadata).collect();
+        let leaders: Vec<i32> = views.iter().map(|(_, p)| p[0].2[0].1).collect();
+        let new = leaders[0];
+        (new >= 0 && usize::try_from(new).ok() != Some(old) && leaders.iter().all(|l| *l == new))
+            .then(|| (views[0].0.clone(), new))
+    });
+    let port = brokers_view
+        .iter()
+        .find(|(id, _, _)| i64::from(*id) == i64::from(new))
+        .unwrap()
+        .2;
+    let b = brokers
+        .iter()
+        .flatten()
+        .find(|b| b.addr.port() == port)
+        .unwrap();
+    let mut leader = b.client();
+    let retried = eventually("the retry answered by the new leader", || {
+        let r = idempotent(&mut leader, "idem", 2, &[b"c"]);
+        (r.0 != ErrorCode::NOT_LEADER.0).then_some(r)
+    });
+    assert_eq!(retried, (0, Some((2, 1, 3))));
+    // A gap is refused as a single broker refuses it; the next in sequence goes on.
+    assert_eq!(
+        idempotent(&mut leader, "idem", 5, &[b"x"]),
+        (ErrorCode::OUT_OF_ORDER_SEQUENCE.0, None)
+    );
+    assert_eq!(
+        idempotent(&mut leader, "idem", 3, &[b"d"]),
+        (0, Some((3, 1, 4)))
+    );
+    // Stored once each, in order.
+    let stored: Vec<(i64, Vec<u8>)> =
+        streambus_tests::fetch_all(&mut leader, "idem", 0, 0).unwrap();
+    assert_eq!(
+        stored,
+        [
+            (0, b"a".to_vec()),
+            (1, b"b".to_vec()),
+            (2, b"c".to_vec()),
+            (3, b"d".to_vec())
+        ]
+    );
+}
+
+/// Each partition of `topic` as `c`'s Metadata names it: (partition, LeaderID, LeaderEpoch).
+fn leaders_with_epochs(c: &mut RawClient, topic: &str) -> Vec<(u32, i32, i32)> {
+    let r = c
+        .call(&Request::Metadata(MetadataRequest {
+            topics: TopicNames::from_slice(&[Topic::new(topic).unwrap()]),
+        }))
+        .unwrap();
+    let Ok(Response::Metadata(m)) = r.parse(RequestType::Metadata) else {
+        panic!("Metadata failed with {}", r.error_code());
+    };
+    m.topics
+        .iter()
+        .flat_map(|t| t.partitions.iter())
+        .map(|p| (p.partition, p.leader, p.leader_epoch))
+        .collect()
+}
+
+#[test]
+fn a_broker_without_a_replica_names_the_leader_and_term_its_group_published() {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let brokers: Vec<Broker> = (0..3)
+        .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
+        .collect();
+    let mut clients: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
+    for c in &mut clients {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    // RF 1: each partition has one replica, and two brokers hold none of it.
+    assert_eq!(create(&mut clients[0], "solo", 3, 1), (0, true));
+    let (_, view) = settled(&mut clients).remove(0);
+    let solo = view.iter().find(|(name, _, _)| name == "solo").unwrap();
+    let replicas: Vec<u32> = solo.2.iter().map(|(_, _, r)| r[0]).collect();
+    assert_eq!(replicas.len(), 3);
+    // Every broker names the replica and the term of its group: the replica from its group,
+    // the others from the LeaderChanged it published through the metadata group.
+    eventually(
+        "every broker naming each partition's leader and term",
+        || {
+            let views: Vec<Vec<(u32, i32, i32)>> = clients
+                .iter_mut()
+                .map(|c| leaders_with_epochs(c, "solo"))
+                .collect();
+            let from_replicas: Vec<(u32, i32, i32)> = (0..3)
+                .map(|p| {
+                    let holder = usize::try_from(replicas[p] - 1).unwrap();
+                    views[holder][p]
+                })
+                .collect();
+            let right = from_replicas
+                .iter()
+                .enumerate()
+                .all(|(p, (part, leader, epoch))| {
+                    usize::try_from(*part).ok() == Some(p)
+                        && i64::from(*leader) == i64::from(replicas[p])
+                        && *epoch >= 1
+                });
+            (right && views.iter().all(|v| v == &from_replicas)).then_some(())
+        },
+    );
 }

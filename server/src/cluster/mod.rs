@@ -144,10 +144,12 @@ impl Cluster {
             source,
         };
         let replicas = Arc::<replica::Replicas>::default();
+        let (publish, published) = tokio::sync::mpsc::unbounded_channel();
         if let Some(local) = &local {
             let _ = local.groups.set(state::Groups {
                 replicas: Arc::clone(&replicas),
                 transport: Arc::clone(&transport),
+                publish,
             });
         }
         let log = store::LogStore::open(dir).map_err(open_err)?;
@@ -158,7 +160,7 @@ impl Cluster {
         let raft = Raft::new(node_id, config, network, log, sm)
             .await
             .map_err(|e| ClusterError::Stopped(e.to_string()))?;
-        Ok(Self {
+        let cluster = Self {
             node_id,
             raft,
             state: shared,
@@ -166,7 +168,32 @@ impl Cluster {
             started_blank,
             joining: Arc::default(),
             replicas,
-        })
+        };
+        tokio::spawn(cluster.clone().write_published(published));
+        Ok(cluster)
+    }
+
+    /// Writes the partition leaders' [`Command::LeaderChanged`]s through the group, one at a
+    /// time, until the group stops. One that cannot be committed (no metadata leader within
+    /// [`WRITE_PATIENCE`]) is dropped: the next change publishes again, and brokers with a
+    /// replica ask its group anyway.
+    async fn write_published(self, mut published: tokio::sync::mpsc::UnboundedReceiver<Command>) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            tokio::select! {
+                command = published.recv() => {
+                    let Some(command) = command else { return };
+                    if let Err(e) = self.write(command).await {
+                        tracing::warn!("publishing a partition leader: {e}");
+                    }
+                }
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// The partition groups this broker runs (the cluster link delivers their messages).

@@ -3,7 +3,8 @@
 //!
 //! Over TCP ([`TcpTransport`], [`serve`]) on `--cluster-listen`, a listener of its own that
 //! clients never reach: each frame is a `tokio-util` `LengthDelimitedCodec` frame (a 4-byte
-//! big-endian length, then the payload) holding one JSON value (`serde_json`). The connecting
+//! big-endian length, then the payload) holding one value: the handshake in JSON (`serde_json`),
+//! the messages after it with `postcard` (link version 3). The connecting
 //! broker first sends a [`Hello`] naming [`LINK_VERSION`]; a broker speaking another version
 //! answers with an error naming both and closes the connection, so mixed versions fail loudly
 //! instead of misreading each other. Then requests and replies alternate on the connection.
@@ -33,8 +34,9 @@ use super::replica::{PartitionId, PartitionReply, PartitionRpc};
 use super::{Cluster, Command, Committed, Joined, MetaRaft, TypeConfig, WriteRefused};
 
 /// The version of the link's messages; a peer with another is refused. Version 2 added the
-/// partition groups' messages ([`Rpc::Partition`]).
-pub const LINK_VERSION: u32 = 2;
+/// partition groups' messages ([`Rpc::Partition`]); version 3 encodes the messages after the
+/// [`Hello`] with `postcard` (a partition entry's records as bytes) instead of JSON.
+pub const LINK_VERSION: u32 = 3;
 
 /// The largest frame on the link (a metadata snapshot is the largest message).
 pub const MAX_LINK_FRAME: usize = 64 << 20;
@@ -157,7 +159,7 @@ pub enum TransportError {
         /// The peer's cluster address.
         addr: String,
         /// The codec error.
-        source: serde_json::Error,
+        source: CodecError,
     },
     /// No reply in time.
     #[error("{addr}: no reply within {timeout:?}")]
@@ -167,6 +169,18 @@ pub enum TransportError {
         /// The limit.
         timeout: Duration,
     },
+}
+
+/// Why a message on the link could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The handshake's JSON ([`Hello`] and its answer).
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The `postcard` encoding of the messages after the handshake.
+    #[error("postcard: {0}")]
+    Postcard(#[from] postcard::Error),
 }
 
 /// A boxed future, for the object-safe [`Transport`].
@@ -395,8 +409,48 @@ fn codec() -> LengthDelimitedCodec {
         .new_codec()
 }
 
-async fn send<T: Serialize>(link: &mut Link, addr: &str, value: &T) -> Result<(), TransportError> {
-    let bytes = serde_json::to_vec(value).map_err(|source| TransportError::Codec {
+/// How a frame's value is encoded: the handshake in JSON (so that a peer of any version reads
+/// the [`Hello`] and gets the refusal naming both versions), everything after it with
+/// `postcard`.
+#[derive(Debug, Clone, Copy)]
+enum Encoding {
+    Json,
+    Postcard,
+}
+
+/// Encodes `value` as a frame's payload (see [`encoding_sizes`] for what each costs).
+fn encode<T: Serialize>(encoding: Encoding, value: &T) -> Result<Vec<u8>, CodecError> {
+    Ok(match encoding {
+        Encoding::Json => serde_json::to_vec(value)?,
+        Encoding::Postcard => postcard::to_stdvec(value)?,
+    })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    encoding: Encoding,
+    frame: &[u8],
+) -> Result<T, CodecError> {
+    Ok(match encoding {
+        Encoding::Json => serde_json::from_slice(frame)?,
+        Encoding::Postcard => postcard::from_bytes(frame)?,
+    })
+}
+
+/// The bytes of `value` as the link encodes a message, and as version 2 did (JSON): for the
+/// tests that measure the encoding.
+#[cfg(test)]
+pub(crate) fn encoding_sizes<T: Serialize>(value: &T) -> (usize, usize) {
+    let len = |e| encode(e, value).map_or(0, |b| b.len());
+    (len(Encoding::Postcard), len(Encoding::Json))
+}
+
+async fn send<T: Serialize>(
+    link: &mut Link,
+    addr: &str,
+    encoding: Encoding,
+    value: &T,
+) -> Result<(), TransportError> {
+    let bytes = encode(encoding, value).map_err(|source| TransportError::Codec {
         addr: addr.to_owned(),
         source,
     })?;
@@ -411,6 +465,7 @@ async fn send<T: Serialize>(link: &mut Link, addr: &str, value: &T) -> Result<()
 async fn receive<T: serde::de::DeserializeOwned>(
     link: &mut Link,
     addr: &str,
+    encoding: Encoding,
 ) -> Result<T, TransportError> {
     let frame = match link.next().await {
         Some(Ok(f)) => f,
@@ -427,7 +482,7 @@ async fn receive<T: serde::de::DeserializeOwned>(
             });
         }
     };
-    serde_json::from_slice(&frame).map_err(|source| TransportError::Codec {
+    decode(encoding, &frame).map_err(|source| TransportError::Codec {
         addr: addr.to_owned(),
         source,
     })
@@ -519,8 +574,8 @@ pub async fn connect(
         }
     };
     let mut link = Framed::new(stream, codec());
-    send(&mut link, addr, hello).await?;
-    match receive::<HelloReply>(&mut link, addr).await? {
+    send(&mut link, addr, Encoding::Json, hello).await?;
+    match receive::<HelloReply>(&mut link, addr, Encoding::Json).await? {
         Ok(()) => Ok(link),
         Err(reason) => Err(TransportError::Refused {
             addr: addr.to_owned(),
@@ -551,8 +606,8 @@ impl Transport for TcpTransport {
                 Some(l) => l,
                 None => connect(&addr, &hello, tls.as_ref()).await?,
             };
-            send(&mut link, &addr, &rpc).await?;
-            let reply = receive::<RpcReply>(&mut link, &addr).await?;
+            send(&mut link, &addr, Encoding::Postcard, &rpc).await?;
+            let reply = receive::<RpcReply>(&mut link, &addr, Encoding::Postcard).await?;
             // Kept only after a whole exchange: a broken or timed-out one is reopened.
             *guard = Some(link);
             Ok(reply)
@@ -607,7 +662,7 @@ async fn serve_link(
         },
     };
     let mut link = Framed::new(stream, codec());
-    let refusal = match receive::<Hello>(&mut link, &peer).await {
+    let refusal = match receive::<Hello>(&mut link, &peer, Encoding::Json).await {
         Ok(h) if h.link == LINK_NAME && h.version == LINK_VERSION => None,
         Ok(h) if h.link == LINK_NAME => Some(format!(
             "cluster link version {} is not supported: broker {} speaks version {LINK_VERSION}",
@@ -622,12 +677,12 @@ async fn serve_link(
     };
     if let Some(reason) = refusal {
         tracing::warn!(%peer, "refused a cluster link: {reason}");
-        send(&mut link, &peer, &HelloReply::Err(reason)).await?;
+        send(&mut link, &peer, Encoding::Json, &HelloReply::Err(reason)).await?;
         return Ok(());
     }
-    send(&mut link, &peer, &HelloReply::Ok(())).await?;
+    send(&mut link, &peer, Encoding::Json, &HelloReply::Ok(())).await?;
     loop {
-        let rpc = match receive::<Rpc>(&mut link, &peer).await {
+        let rpc = match receive::<Rpc>(&mut link, &peer, Encoding::Postcard).await {
             Ok(r) => r,
             Err(TransportError::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::UnexpectedEof =>
@@ -637,6 +692,6 @@ async fn serve_link(
             Err(e) => return Err(e),
         };
         let reply = answer(cluster.raft(), Some(cluster), rpc).await;
-        send(&mut link, &peer, &reply).await?;
+        send(&mut link, &peer, Encoding::Postcard, &reply).await?;
     }
 }

@@ -155,8 +155,9 @@ impl Batch {
 }
 
 /// What applying an entry did: for a batch, its offsets; for every entry, the high-water mark
-/// after it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// after it. For an idempotent batch the leader found to be a retry (protocol §6.2), the
+/// offsets of the batch it repeats; for one it refused, why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchApplied {
     /// The batch's first offset (the high-water mark for an entry without messages).
     pub base_offset: i64,
@@ -164,6 +165,29 @@ pub struct BatchApplied {
     pub count: u32,
     /// The partition's high-water mark once applied.
     pub high_water_mark: i64,
+    /// Set when the leader refused the batch (nothing of it stored): the error a single
+    /// broker answers.
+    pub refused: Option<Refused>,
+}
+
+/// An idempotent batch the leader refused by protocol §6.2 (UnknownProducer,
+/// InvalidProducerEpoch, OutOfOrderSequence): the error code and message a single broker
+/// answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// The protocol error code.
+    pub code: u16,
+    /// The message, naming the producer and the sequences.
+    pub message: String,
+}
+
+/// What the leader decided on an idempotent proposal it stored as an entry without messages.
+#[derive(Debug, Clone)]
+enum Decided {
+    /// A retry of the batch stored at these offsets.
+    Duplicate { base_offset: i64, count: u32 },
+    /// Refused.
+    Refused(Refused),
 }
 
 fn log_id(id: RaftLogId) -> LogId<u64> {
@@ -235,6 +259,45 @@ pub async fn watch_leadership(raft: PartitionRaft, node: u64, id: PartitionId, h
     }
 }
 
+/// Sends `publish` a [`Command::LeaderChanged`](super::Command::LeaderChanged) each time
+/// `node` becomes the leader of `raft`'s group (once per term) until the group stops, so that
+/// brokers without a replica of the partition learn its leader from the metadata.
+pub async fn publish_leadership(
+    raft: PartitionRaft,
+    node: u64,
+    id: PartitionId,
+    publish: tokio::sync::mpsc::UnboundedSender<super::Command>,
+) {
+    let mut metrics = raft.metrics();
+    drop(raft);
+    let mut published = None;
+    loop {
+        let (leader, term, state) = {
+            let m = metrics.borrow_and_update();
+            (m.current_leader, m.current_term, m.state)
+        };
+        if leader == Some(node)
+            && state == openraft::ServerState::Leader
+            && published != Some(term)
+            && let Ok(leader) = u32::try_from(node)
+        {
+            published = Some(term);
+            let command = super::Command::LeaderChanged {
+                topic: id.topic.clone(),
+                partition: id.partition,
+                leader,
+                term,
+            };
+            if publish.send(command).is_err() {
+                return;
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Counts in `replicas` each time `raft`'s known leader becomes another broker (the first
 /// leader it learns counts as one) until the group stops: `/metrics` reports the count.
 pub async fn count_leader_changes(raft: PartitionRaft, id: PartitionId, replicas: Arc<Replicas>) {
@@ -262,6 +325,16 @@ struct Shared {
     dir: PathBuf,
     file: Mutex<RaftFile>,
     on_commit: Option<CommitHook>,
+    /// The state machine's state.
+    sm: Arc<Mutex<SmState>>,
+    /// The producer table of the whole log: the applied table plus every batch appended after
+    /// it, in log order. The leader checks each idempotent proposal against it as it stamps
+    /// it. `None` until needed (rebuilt from the applied table and the log's tail), and again
+    /// after a truncation or a snapshot install.
+    log_producers: Mutex<Option<ProducerTable>>,
+    /// The leader's decisions on the idempotent proposals it stored without messages
+    /// (retries, refusals), by log index, until applying them answers them.
+    decided: Mutex<BTreeMap<u64, Decided>>,
 }
 
 impl Debug for Shared {
@@ -281,6 +354,39 @@ impl Shared {
     fn state(&self) -> Result<crate::storage::RaftLogState, crate::storage::StorageError> {
         self.storage
             .raft_log_state(&self.id.topic, self.id.partition)
+    }
+
+    /// The whole log's producer table ([`Shared::log_producers`]), rebuilt if it must be.
+    fn log_producers(
+        &self,
+    ) -> Result<MutexGuard<'_, Option<ProducerTable>>, crate::storage::StorageError> {
+        let mut guard = lock(&self.log_producers);
+        if guard.is_none() {
+            let mut table = self.storage.uncounted_producer_table();
+            // The applied table and the first entry it does not cover, read together.
+            let after = {
+                let sm = lock(&self.sm);
+                table.import(&sm.producers.export());
+                sm.last_applied.map_or(0, |l| l.index.saturating_add(1))
+            };
+            let st = self.state()?;
+            let from = after.max(st.last_purged.map_or(0, |p| p.index.saturating_add(1)));
+            if from < st.next_index {
+                let tail = self.storage.raft_entries(
+                    &self.id.topic,
+                    self.id.partition,
+                    from,
+                    st.next_index,
+                )?;
+                for e in tail {
+                    if let (RaftEntryKind::Records, Some(p)) = (e.kind, e.producer) {
+                        table.record(&p, e.count, e.base_offset);
+                    }
+                }
+            }
+            *guard = Some(table);
+        }
+        Ok(guard)
     }
 }
 
@@ -427,14 +533,41 @@ impl RaftLogStorage<PartitionConfig> for PartitionLog {
             if let EntryPayload::Normal(b) = &mut entry.payload
                 && b.base_offset == Batch::UNSTAMPED
             {
-                // The leader appends a proposal: it gets the log's end.
-                let end = s.state().map_err(write_err)?.end;
-                b.stamp_at(end).map_err(|e| {
-                    write_err(io::Error::other(format!(
-                        "entry {} holds no valid message set: {e}",
-                        id.index
-                    )))
-                })?;
+                // The leader appends a proposal. An idempotent one is checked against every
+                // batch before it in the log (§6.2): a retry or a refusal is stored without
+                // its messages, and applying it answers what was decided.
+                let decided = match b.producer {
+                    Some(p) => {
+                        let mut table = s.log_producers().map_err(write_err)?;
+                        match table
+                            .as_mut()
+                            .map(|t| t.check(&ProducerBatch::from(p), b.count))
+                        {
+                            Some(Ok(Some((base_offset, count)))) => {
+                                Some(Decided::Duplicate { base_offset, count })
+                            }
+                            Some(Err(e)) => Some(Decided::Refused(Refused {
+                                code: e.error_code().0,
+                                message: e.to_string(),
+                            })),
+                            Some(Ok(None)) | None => None,
+                        }
+                    }
+                    None => None,
+                };
+                if let Some(d) = decided {
+                    lock(&s.decided).insert(id.index, d);
+                    entry.payload = EntryPayload::Blank;
+                } else {
+                    // It gets the log's end.
+                    let end = s.state().map_err(write_err)?.end;
+                    b.stamp_at(end).map_err(|e| {
+                        write_err(io::Error::other(format!(
+                            "entry {} holds no valid message set: {e}",
+                            id.index
+                        )))
+                    })?;
+                }
             }
             let (kind, batch) = match &entry.payload {
                 EntryPayload::Normal(b) => (RaftEntryKind::Records, Some(b)),
@@ -481,6 +614,11 @@ impl RaftLogStorage<PartitionConfig> for PartitionLog {
                     },
                 )
                 .map_err(write_err)?;
+            if let Some(p) = producer
+                && let Some(t) = lock(&s.log_producers).as_mut()
+            {
+                t.record(&p, count, base_offset);
+            }
             // The last one covers the earlier ones.
             pending = p.or(pending);
         }
@@ -502,6 +640,9 @@ impl RaftLogStorage<PartitionConfig> for PartitionLog {
         s.storage
             .raft_truncate(&s.id.topic, s.id.partition, log_id.index)
             .map_err(write_err)?;
+        // The removed batches leave the table; the decisions on them are void.
+        *lock(&s.log_producers) = None;
+        drop(lock(&s.decided).split_off(&log_id.index));
         let mut file = lock(&s.file);
         if file.memberships.split_off(&log_id.index).is_empty() {
             return Ok(());
@@ -651,18 +792,43 @@ impl RaftStateMachine<PartitionConfig> for PartitionStateMachine {
                             base_offset: b.base_offset,
                             count: b.count,
                             high_water_mark: s.high_water_mark,
+                            refused: None,
                         });
                         continue;
                     }
                     EntryPayload::Membership(m) => {
                         s.membership = StoredMembership::new(Some(entry.log_id), m);
                     }
-                    EntryPayload::Blank => {}
+                    EntryPayload::Blank => {
+                        let decided = lock(&self.shared.decided).remove(&entry.log_id.index);
+                        match decided {
+                            Some(Decided::Duplicate { base_offset, count }) => {
+                                results.push(BatchApplied {
+                                    base_offset,
+                                    count,
+                                    high_water_mark: s.high_water_mark,
+                                    refused: None,
+                                });
+                                continue;
+                            }
+                            Some(Decided::Refused(r)) => {
+                                results.push(BatchApplied {
+                                    base_offset: -1,
+                                    count: 0,
+                                    high_water_mark: s.high_water_mark,
+                                    refused: Some(r),
+                                });
+                                continue;
+                            }
+                            None => {}
+                        }
+                    }
                 }
                 results.push(BatchApplied {
                     base_offset: s.high_water_mark,
                     count: 0,
                     high_water_mark: s.high_water_mark,
+                    refused: None,
                 });
             }
             s.high_water_mark
@@ -746,6 +912,8 @@ impl RaftStateMachine<PartitionConfig> for PartitionStateMachine {
                 .collect();
             s.producers.import(&producers);
         }
+        // The log restarts, or keeps entries the snapshot covers: rebuilt when next needed.
+        *lock(&sh.log_producers) = None;
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data,
@@ -851,19 +1019,23 @@ pub async fn open_group(
             producers,
         },
     };
+    let state = Arc::new(Mutex::new(state));
     let shared = Arc::new(Shared {
         storage,
         id: id.clone(),
         dir,
         file: Mutex::new(file),
         on_commit,
+        sm: Arc::clone(&state),
+        log_producers: Mutex::new(None),
+        decided: Mutex::new(BTreeMap::new()),
     });
     let log = PartitionLog {
         shared: Arc::clone(&shared),
     };
     let sm = PartitionStateMachine {
         shared,
-        state: Arc::new(Mutex::new(state)),
+        state,
         snapshot_idx: 0,
     };
     let network = PartitionNetworkFactory {

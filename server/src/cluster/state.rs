@@ -56,6 +56,18 @@ pub enum Command {
         /// The name.
         name: String,
     },
+    /// A partition's group elected `leader` in `term` (published by the leader): ignored if
+    /// the metadata already names a leader of a later term, or the partition is gone.
+    LeaderChanged {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: u32,
+        /// The new leader's node id.
+        leader: u32,
+        /// Its Raft term in the partition's group.
+        term: u64,
+    },
 }
 
 /// What applying a [`Command`] did.
@@ -89,6 +101,19 @@ pub struct BrokerAddress {
 pub struct PartitionPlacement {
     /// The brokers holding a replica; the first is the preferred leader.
     pub replicas: Vec<u32>,
+    /// The last leader its group published ([`Command::LeaderChanged`]), if any. (Absent in
+    /// the metadata written before it existed.)
+    #[serde(default)]
+    pub elected: Option<Elected>,
+}
+
+/// A partition leader as its group elected it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Elected {
+    /// Its node id.
+    pub leader: u32,
+    /// The Raft term it leads in.
+    pub term: u64,
 }
 
 impl PartitionPlacement {
@@ -97,11 +122,19 @@ impl PartitionPlacement {
         self.replicas.first().copied()
     }
 
-    /// The broker that serves the partition now (`None`: none). Metadata replies and the
-    /// NotLeader check both ask this one function. Today it is the preferred leader; with
-    /// per-partition Raft groups it becomes the leader their `LeaderChanged` commands record.
+    /// The broker that serves the partition as the metadata knows it (`None`: none), for a
+    /// broker without a replica of it (one with a replica asks its group): the leader its group
+    /// last published, else the preferred leader. Metadata replies and the NotLeader check
+    /// both ask this one function.
     pub fn leader(&self) -> Option<u32> {
-        self.preferred_leader()
+        self.elected
+            .map(|e| e.leader)
+            .or_else(|| self.preferred_leader())
+    }
+
+    /// The term of [`leader`](Self::leader) (0 for the preferred leader: none elected known).
+    pub fn leader_term(&self) -> u64 {
+        self.elected.map_or(0, |e| e.term)
     }
 }
 
@@ -154,6 +187,27 @@ impl Metadata {
                     topic: name.clone(),
                 }),
             },
+            Command::LeaderChanged {
+                topic,
+                partition,
+                leader,
+                term,
+            } => {
+                let placed = self
+                    .topics
+                    .get_mut(topic)
+                    .and_then(|t| t.partitions.get_mut(usize::try_from(*partition).ok()?));
+                // One leader per term: a term at least as late as the known one wins.
+                if let Some(p) = placed
+                    && p.elected.is_none_or(|e| *term >= e.term)
+                {
+                    p.elected = Some(Elected {
+                        leader: *leader,
+                        term: *term,
+                    });
+                }
+                Applied::Done
+            }
         }
     }
 
@@ -214,6 +268,7 @@ pub fn place(voters: &[u32], placed: u64, partitions: u32, rf: u32) -> Vec<Parti
     let n = sorted.len() as u64;
     (0..u64::from(partitions))
         .map(|p| PartitionPlacement {
+            elected: None,
             replicas: (0..u64::from(rf))
                 .filter_map(|i| {
                     let at = placed.wrapping_add(p).wrapping_add(i).checked_rem(n)?;
@@ -313,6 +368,9 @@ pub struct Groups {
     pub replicas: Arc<Replicas>,
     /// The cluster link.
     pub transport: Arc<dyn super::Transport>,
+    /// Where a group's leader sends its [`Command::LeaderChanged`] (the broker writes it
+    /// through the metadata group).
+    pub publish: tokio::sync::mpsc::UnboundedSender<Command>,
 }
 
 /// What [`LocalReplicas::on_deleted`] calls: the broker answers the fetches waiting on the topic.
@@ -439,6 +497,12 @@ impl LocalReplicas {
                     node,
                     id.clone(),
                     on_step_down,
+                ));
+                tokio::spawn(replica::publish_leadership(
+                    raft.clone(),
+                    node,
+                    id.clone(),
+                    groups.publish.clone(),
                 ));
                 tokio::spawn(replica::count_leader_changes(
                     raft.clone(),
@@ -724,5 +788,48 @@ mod tests {
             panic!("deleting a missing topic must be refused");
         };
         assert_eq!(code, ErrorCode::TOPIC_NOT_FOUND.0);
+    }
+
+    #[test]
+    fn a_published_leader_replaces_the_preferred_one_unless_its_term_is_older() {
+        let mut m = Metadata::default();
+        let create = Command::CreateTopic {
+            name: "t".into(),
+            partitions: 2,
+            replication_factor: 3,
+        };
+        assert_eq!(m.apply(&create, &[1, 2, 3]), Applied::Created(true));
+        let leader = |m: &Metadata, p: usize| {
+            let p = &m.topics["t"].partitions[p];
+            (p.leader(), p.leader_term())
+        };
+        assert_eq!(leader(&m, 0), (Some(1), 0));
+        let changed = |partition, leader, term| Command::LeaderChanged {
+            topic: "t".into(),
+            partition,
+            leader,
+            term,
+        };
+        assert_eq!(m.apply(&changed(0, 3, 4), &[1, 2, 3]), Applied::Done);
+        assert_eq!(leader(&m, 0), (Some(3), 4));
+        // A late publication of an older term changes nothing.
+        m.apply(&changed(0, 2, 3), &[1, 2, 3]);
+        assert_eq!(leader(&m, 0), (Some(3), 4));
+        m.apply(&changed(0, 2, 5), &[1, 2, 3]);
+        assert_eq!(leader(&m, 0), (Some(2), 5));
+        // The other partition keeps its preferred leader; a missing partition or topic is
+        // ignored.
+        assert_eq!(leader(&m, 1), (Some(2), 0));
+        assert_eq!(m.apply(&changed(7, 1, 9), &[1, 2, 3]), Applied::Done);
+        let gone = Command::LeaderChanged {
+            topic: "gone".into(),
+            partition: 0,
+            leader: 1,
+            term: 9,
+        };
+        assert_eq!(m.apply(&gone, &[1, 2, 3]), Applied::Done);
+        // Metadata written before the field existed reads as none elected.
+        let old: PartitionPlacement = serde_json::from_str(r#"{"replicas":[2,3,1]}"#).unwrap();
+        assert_eq!((old.leader(), old.leader_term()), (Some(2), 0));
     }
 }

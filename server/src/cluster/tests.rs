@@ -320,17 +320,20 @@ async fn the_tcp_link_refuses_another_version_with_a_message_naming_both() {
     connect(&addr, &hello(LINK_NAME, LINK_VERSION), None)
         .await
         .unwrap();
-    // Version 1 (the metadata group alone, before partition replication) is refused.
-    let e = connect(&addr, &hello(LINK_NAME, 1), None)
-        .await
-        .err()
-        .expect("refused");
-    assert_eq!(
-        e.to_string(),
-        format!(
-            "{addr} refused the cluster link: cluster link version 1 is not supported: broker 7 speaks version 2"
-        )
-    );
+    // Version 1 (the metadata group alone, before partition replication) and version 2
+    // (JSON after the handshake) are refused.
+    for old in [1, 2] {
+        let e = connect(&addr, &hello(LINK_NAME, old), None)
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{addr} refused the cluster link: cluster link version {old} is not supported: broker 7 speaks version 3"
+            )
+        );
+    }
     let e = connect(&addr, &hello("kafka", 1), None)
         .await
         .err()
@@ -1084,4 +1087,187 @@ async fn a_leader_that_loses_its_partition_is_told_with_the_new_leader() {
     for (_, r) in nodes {
         stop_replica(&t, r).await;
     }
+}
+
+// ---- Idempotent produce on replicated partitions (protocol §6.2) ----
+
+/// An idempotent batch as producer `id` (epoch 0) sends it, from `seq` on.
+fn idempotent(id: i64, seq: i32, values: &[&str]) -> Batch {
+    let (n, buf) = message_set(values);
+    let set = streambus_core::MessageSet::new_checked(n, &buf).unwrap();
+    let producer = crate::storage::ProducerBatch {
+        producer_id: id,
+        epoch: 0,
+        base_sequence: seq,
+    };
+    Batch::new(&set, 1_000, Some(producer))
+}
+
+/// Proposes `b` on the leader: what applying it answered (offsets, or the refusal's code).
+async fn propose(leader: &Replica, b: Batch) -> (u64, BatchApplied) {
+    let r = leader.raft.client_write(b).await.unwrap();
+    (r.log_id.index, r.data)
+}
+
+fn applied(base_offset: i64, count: u32, high_water_mark: i64) -> BatchApplied {
+    BatchApplied {
+        base_offset,
+        count,
+        high_water_mark,
+        refused: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_idempotent_batch_gets_its_original_offsets_and_is_stored_once() {
+    use streambus_core::ErrorCode;
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let leader = t.partition_leader_among(&reps).await;
+    let l = reps.iter().find(|r| r.id == leader).unwrap();
+    assert_eq!(
+        propose(l, idempotent(7, 0, &["a", "b"])).await.1,
+        applied(0, 2, 2)
+    );
+    assert_eq!(
+        propose(l, idempotent(7, 2, &["c"])).await.1,
+        applied(2, 1, 3)
+    );
+    // The first batch again (the acknowledgement was lost): its offsets, the current
+    // high-water mark, nothing stored.
+    assert_eq!(
+        propose(l, idempotent(7, 0, &["a", "b"])).await.1,
+        applied(0, 2, 3)
+    );
+    // A gap, and an unknown producer not starting at 0: refused as a single broker does.
+    let (_, gap) = propose(l, idempotent(7, 5, &["x"])).await;
+    let refused = gap.refused.unwrap();
+    assert_eq!(refused.code, ErrorCode::OUT_OF_ORDER_SEQUENCE.0);
+    assert_eq!(
+        refused.message,
+        "out of order sequence from producer 7 epoch 0: expected base sequence 3, received 5"
+    );
+    let (_, unknown) = propose(l, idempotent(8, 4, &["y"])).await;
+    assert_eq!(unknown.refused.unwrap().code, ErrorCode::UNKNOWN_PRODUCER.0);
+    // The next in sequence goes on from offset 3.
+    let (last, next) = propose(l, idempotent(7, 3, &["d"])).await;
+    assert_eq!(next, applied(3, 1, 4));
+    for r in &reps {
+        r.wait_applied(last).await;
+        assert_eq!(r.values(0), ["a", "b", "c", "d"], "node {}", r.id);
+        let kinds: Vec<_> = r
+            .entries()
+            .iter()
+            .map(|e| (e.log_id.index, e.kind, e.base_offset, e.count))
+            .collect();
+        use crate::storage::RaftEntryKind::{Blank, Membership, Records};
+        assert_eq!(
+            kinds,
+            [
+                (0, Membership, 0, 0),
+                (1, Blank, 0, 0),
+                (2, Records, 0, 2),
+                (3, Records, 2, 1),
+                (4, Blank, 3, 0),
+                (5, Blank, 3, 0),
+                (6, Blank, 3, 0),
+                (7, Records, 3, 1)
+            ],
+            "node {}",
+            r.id
+        );
+    }
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_recognises_a_retry_of_a_batch_its_predecessor_acknowledged() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(t.start_replica(id).await);
+    }
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    reps[0]
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let old = t.partition_leader_among(&reps).await;
+    let o = reps.iter().find(|r| r.id == old).unwrap();
+    assert_eq!(
+        propose(o, idempotent(7, 0, &["a"])).await.1,
+        applied(0, 1, 1)
+    );
+    let (index, acked) = propose(o, idempotent(7, 1, &["b", "c"])).await;
+    assert_eq!(acked, applied(1, 2, 3));
+    for r in &reps {
+        r.wait_applied(index).await;
+    }
+    // The leader dies after acknowledging; the producer retries at the new leader.
+    let k = nodes.iter().position(|(_, r)| r.id == old).unwrap();
+    let (_, r) = nodes.remove(k);
+    stop_replica(&t, r).await;
+    let rest: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    let new = t.partition_leader_among(&rest).await;
+    assert_ne!(new, old);
+    let n = rest.iter().find(|r| r.id == new).unwrap();
+    assert_eq!(
+        propose(n, idempotent(7, 1, &["b", "c"])).await.1,
+        applied(1, 2, 3)
+    );
+    let (last, next) = propose(n, idempotent(7, 3, &["d"])).await;
+    assert_eq!(next, applied(3, 1, 4));
+    for r in &rest {
+        r.wait_applied(last).await;
+        assert_eq!(r.values(0), ["a", "b", "c", "d"], "node {}", r.id);
+        assert_eq!(r.record_offsets(), [0, 1, 2, 3], "node {}", r.id);
+    }
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[test]
+fn a_partition_entry_on_the_link_costs_its_records_and_a_few_bytes_more() {
+    use super::network::{Rpc, encoding_sizes};
+    use super::replica::PartitionRpc;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    // 100 records of a 100-byte value: a batch as the SDK sends one.
+    let values: Vec<String> = (0..100).map(|i| format!("{i:0100}")).collect();
+    let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+    let b = batch(&refs);
+    let records = b.records.len();
+    let leader = CommittedLeaderId::new(3, 1);
+    let rpc = Rpc::Partition {
+        topic: "orders".into(),
+        partition: 0,
+        rpc: PartitionRpc::AppendEntries(openraft::raft::AppendEntriesRequest {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: Some(LogId::new(leader, 41)),
+            entries: vec![Entry {
+                log_id: LogId::new(leader, 42),
+                payload: EntryPayload::Normal(b),
+            }],
+            leader_commit: Some(LogId::new(leader, 41)),
+        }),
+    };
+    let (postcard, json) = encoding_sizes(&rpc);
+    assert!(
+        postcard <= records + 64,
+        "{postcard} bytes on the link for {records} bytes of records"
+    );
+    // What version 2 sent: each byte as a decimal number and a comma.
+    assert!(json > records * 5 / 2, "{json} bytes of JSON for {records}");
 }

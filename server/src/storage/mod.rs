@@ -686,6 +686,16 @@ impl Storage {
         )
     }
 
+    /// An empty producer table bounded like [`producer_table`](Self::producer_table) but not
+    /// counted in [`StorageStats::producers`]: a replicated partition leader's working copy
+    /// of its applied table (which is counted).
+    pub fn uncounted_producer_table(&self) -> ProducerTable {
+        ProducerTable::new(
+            self.inner.config.max_producers_per_partition,
+            Arc::new(Counters::default()),
+        )
+    }
+
     /// Fsyncs every partition, whatever its policy (for a graceful shutdown).
     pub fn sync_all(&self) -> Result<(), StorageError> {
         // One partition's failure doesn't spare the others their fsync.
