@@ -189,6 +189,17 @@ fn free_ports(n: usize) -> Vec<u16> {
         .collect()
 }
 
+/// Three brokers' cluster ports (free now), their `--peers` list and data directories.
+fn three_peers() -> (Vec<u16>, String, Vec<tempfile::TempDir>) {
+    let ports = free_ports(3);
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
+        ports[0], ports[1], ports[2]
+    );
+    let dirs = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    (ports, peers, dirs)
+}
+
 /// Polls `f` until it returns `Some`, failing the test after [`DEADLINE`].
 fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
     eventually_within(DEADLINE, what, f)
@@ -306,14 +317,9 @@ fn metadata(c: &mut RawClient) -> (Brokers, Placement) {
 
 #[test]
 fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
+    let (ports, peers, dirs) = three_peers();
     // One client runtime each: the cluster side runs on its own tokio runtime under all three.
     let runtimes = ["tokio", "smol", "blocking"];
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let start =
         |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, runtimes[i], dirs[i].path());
     let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
@@ -533,13 +539,8 @@ fn outcome(r: &streambus_tests::Reply, ty: RequestType) -> (u16, String) {
 
 #[test]
 fn partition_requests_are_served_by_the_leader_only_and_others_answer_not_leader() {
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
+    let (ports, peers, dirs) = three_peers();
     let runtimes = ["blocking", "tokio", "smol"];
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let brokers: Vec<Broker> = (0..3)
         .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, runtimes[i], dirs[i].path()))
         .collect();
@@ -723,12 +724,7 @@ fn a_fourth_broker_started_with_the_grown_peer_list_joins_and_leads_new_partitio
 
 #[test]
 fn a_stopped_metadata_leader_is_replaced_and_after_sigcont_steps_down_without_split_brain() {
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ports, peers, dirs) = three_peers();
     let brokers: Vec<Broker> = (0..3)
         .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
         .collect();
@@ -797,12 +793,7 @@ fn a_stopped_metadata_leader_is_replaced_and_after_sigcont_steps_down_without_sp
 
 #[test]
 fn a_broker_whose_data_directory_was_wiped_rejoins_the_group_and_catches_up() {
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ports, peers, dirs) = three_peers();
     let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
     let mut brokers: Vec<Broker> = (0..3).map(start).collect();
     for b in &brokers {
@@ -888,13 +879,8 @@ async fn bounded<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
 fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
     use streambus_client::{Client, Consumer, Error, Offset, Producer, Record, partition_for_key};
 
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
+    let (ports, peers, dirs) = three_peers();
     let runtimes = ["tokio", "smol", "blocking"];
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut brokers: Vec<Broker> = (0..3)
         .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, runtimes[i], dirs[i].path()))
         .collect();
@@ -1050,12 +1036,7 @@ fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
 
 #[test]
 fn metrics_report_each_replica_its_leader_offsets_lag_and_leader_changes() {
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ports, peers, dirs) = three_peers();
     let mut brokers: Vec<Option<Broker>> = (0..3)
         .map(|i| {
             Some(Broker::start(
@@ -1146,12 +1127,7 @@ fn segment_files(dir: &Path, topic: &str, partition: u32) -> Vec<(String, Vec<u8
 
 #[test]
 fn a_killed_partition_leader_is_replaced_without_losing_an_acknowledged_record() {
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ports, peers, dirs) = three_peers();
     let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
     let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
     let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
@@ -1234,11 +1210,7 @@ fn a_killed_partition_leader_is_replaced_without_losing_an_acknowledged_record()
 fn the_cluster_link_runs_over_mutual_tls_and_refuses_peers_without_a_certificate() {
     use std::io::Read as _;
     let pki = streambus_tests::tls::Pki::new();
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
+    let (ports, peers, dirs) = three_peers();
     // One certificate (for 127.0.0.1) for the three brokers: each presents it as a server
     // and as a client, and accepts peers whose certificate the test CA signed.
     let file = |name: &str| pki.path(name).display().to_string();
@@ -1250,7 +1222,6 @@ fn the_cluster_link_runs_over_mutual_tls_and_refuses_peers_without_a_certificate
         "--cluster-tls-ca".into(),
         file("ca.pem"),
     ];
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let brokers: Vec<Broker> = (0..3)
         .map(|i| {
             Broker::start_with(
@@ -1594,12 +1565,7 @@ fn values_at_leader(clients: &mut [RawClient], topic: &str, partition: u32) -> V
 #[test]
 fn a_partition_leader_frozen_past_the_election_timeout_acknowledges_nothing_in_its_old_term() {
     const TOPIC: &str = "frozen";
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ports, peers, dirs) = three_peers();
     let brokers: Vec<Broker> = (0..3)
         .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
         .collect();
@@ -1674,12 +1640,7 @@ fn an_sdk_consumer_following_a_partition_across_a_leader_change_sees_no_gap_and_
     use streambus_client::{Client, Consumer, Offset, Producer, Record};
     const TOPIC: &str = "followed";
     const N: usize = 200;
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ports, peers, dirs) = three_peers();
     let mut brokers: Vec<Option<Broker>> = (0..3)
         .map(|i| {
             Some(Broker::start(
@@ -1873,12 +1834,7 @@ fn failover_time_from_a_leader_kill_to_the_first_acknowledged_produce() {
 #[test]
 fn a_broker_whose_data_directory_was_wiped_catches_up_its_partition_replicas() {
     const TOPIC: &str = "kept";
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ports, peers, dirs) = three_peers();
     let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
     let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
     let mut raw: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
@@ -1942,12 +1898,7 @@ fn idempotent(
 
 #[test]
 fn an_idempotent_batch_retried_at_the_new_leader_after_a_sigkill_gets_its_original_offsets() {
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ports, peers, dirs) = three_peers();
     let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
     let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
     let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
@@ -2043,12 +1994,7 @@ fn leaders_with_epochs(c: &mut RawClient, topic: &str) -> Vec<(u32, i32, i32)> {
 
 #[test]
 fn a_broker_without_a_replica_names_the_leader_and_term_its_group_published() {
-    let ports = free_ports(3);
-    let peers = format!(
-        "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
-        ports[0], ports[1], ports[2]
-    );
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (ports, peers, dirs) = three_peers();
     let brokers: Vec<Broker> = (0..3)
         .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
         .collect();
