@@ -672,6 +672,21 @@ impl TestCluster {
         (cluster, Replica { id, storage, raft })
     }
 
+    /// Starts replicas 1, 2 and 3 of the partition, replica 1 initialising the group.
+    async fn start_group(&self) -> Vec<(Cluster, Replica)> {
+        let mut nodes = Vec::new();
+        for id in [1, 2, 3] {
+            nodes.push(self.start_replica(id).await);
+        }
+        nodes[0]
+            .1
+            .raft
+            .initialize(replica_peers(&[1, 2, 3]))
+            .await
+            .unwrap();
+        nodes
+    }
+
     async fn partition_leader_among(&self, nodes: &[&Replica]) -> u64 {
         let ids: Vec<u64> = nodes.iter().map(|n| n.id).collect();
         let m = nodes[0]
@@ -729,16 +744,8 @@ async fn stop_replica(t: &TestCluster, r: Replica) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_commit_batches_and_hold_byte_identical_logs() {
     let t = TestCluster::new(&[1, 2, 3]);
-    let mut nodes = Vec::new();
-    for id in [1, 2, 3] {
-        nodes.push(t.start_replica(id).await);
-    }
+    let nodes = t.start_group().await;
     let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
-    reps[0]
-        .raft
-        .initialize(replica_peers(&[1, 2, 3]))
-        .await
-        .unwrap();
     let leader = t.partition_leader_among(&reps).await;
     let l = reps.iter().find(|r| r.id == leader).unwrap();
     let mut last = 0;
@@ -798,16 +805,8 @@ async fn three_replicas_commit_batches_and_hold_byte_identical_logs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_off_leaders_uncommitted_tail_is_truncated_by_the_next_leader() {
     let t = TestCluster::new(&[1, 2, 3]);
-    let mut nodes = Vec::new();
-    for id in [1, 2, 3] {
-        nodes.push(t.start_replica(id).await);
-    }
+    let nodes = t.start_group().await;
     let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
-    reps[0]
-        .raft
-        .initialize(replica_peers(&[1, 2, 3]))
-        .await
-        .unwrap();
     let old = t.partition_leader_among(&reps).await;
     let o = *reps.iter().find(|r| r.id == old).unwrap();
     let (first, _) = produce(o, &["committed"]).await;
@@ -855,16 +854,8 @@ async fn a_cut_off_leaders_uncommitted_tail_is_truncated_by_the_next_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_behind_the_leaders_purged_log_catches_up_by_snapshot() {
     let t = TestCluster::new(&[1, 2, 3]);
-    let mut nodes = Vec::new();
-    for id in [1, 2, 3] {
-        nodes.push(t.start_replica(id).await);
-    }
+    let nodes = t.start_group().await;
     let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
-    reps[0]
-        .raft
-        .initialize(replica_peers(&[1, 2, 3]))
-        .await
-        .unwrap();
     let leader = t.partition_leader_among(&reps).await;
     let l = *reps.iter().find(|r| r.id == leader).unwrap();
     let behind = *reps.iter().find(|r| r.id != leader).unwrap();
@@ -912,16 +903,8 @@ async fn a_replica_behind_the_leaders_purged_log_catches_up_by_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_proposals_get_consecutive_offsets_stamped_by_the_leader() {
     let t = TestCluster::new(&[1, 2, 3]);
-    let mut nodes = Vec::new();
-    for id in [1, 2, 3] {
-        nodes.push(t.start_replica(id).await);
-    }
+    let nodes = t.start_group().await;
     let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
-    reps[0]
-        .raft
-        .initialize(replica_peers(&[1, 2, 3]))
-        .await
-        .unwrap();
     let leader = t.partition_leader_among(&reps).await;
     let l = *reps.iter().find(|r| r.id == leader).unwrap();
     let tasks: Vec<_> = (0..20)
@@ -971,16 +954,8 @@ async fn concurrent_proposals_get_consecutive_offsets_stamped_by_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_replica_reopens_its_log_and_vote_and_catches_up() {
     let t = TestCluster::new(&[1, 2, 3]);
-    let mut nodes = Vec::new();
-    for id in [1, 2, 3] {
-        nodes.push(t.start_replica(id).await);
-    }
+    let mut nodes = t.start_group().await;
     let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
-    reps[0]
-        .raft
-        .initialize(replica_peers(&[1, 2, 3]))
-        .await
-        .unwrap();
     let leader = t.partition_leader_among(&reps).await;
     let follower = reps.iter().find(|r| r.id != leader).unwrap().id;
     let (index, _) = produce(reps.iter().find(|r| r.id == leader).unwrap(), &["a", "b"]).await;
@@ -1025,16 +1000,8 @@ async fn a_restarted_replica_reopens_its_log_and_vote_and_catches_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_loses_its_partition_is_told_with_the_new_leader() {
     let t = TestCluster::new(&[1, 2, 3]);
-    let mut nodes = Vec::new();
-    for id in [1, 2, 3] {
-        nodes.push(t.start_replica(id).await);
-    }
+    let nodes = t.start_group().await;
     let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
-    reps[0]
-        .raft
-        .initialize(replica_peers(&[1, 2, 3]))
-        .await
-        .unwrap();
     let old = t.partition_leader_among(&reps).await;
     // Every replica has the group's membership from the leader before it is cut off (else
     // the other two know no voters and elect no one).
@@ -1122,16 +1089,8 @@ fn applied(base_offset: i64, count: u32, high_water_mark: i64) -> BatchApplied {
 async fn a_retried_idempotent_batch_gets_its_original_offsets_and_is_stored_once() {
     use streambus_core::ErrorCode;
     let t = TestCluster::new(&[1, 2, 3]);
-    let mut nodes = Vec::new();
-    for id in [1, 2, 3] {
-        nodes.push(t.start_replica(id).await);
-    }
+    let nodes = t.start_group().await;
     let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
-    reps[0]
-        .raft
-        .initialize(replica_peers(&[1, 2, 3]))
-        .await
-        .unwrap();
     let leader = t.partition_leader_among(&reps).await;
     let l = reps.iter().find(|r| r.id == leader).unwrap();
     assert_eq!(
@@ -1194,16 +1153,8 @@ async fn a_retried_idempotent_batch_gets_its_original_offsets_and_is_stored_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_recognises_a_retry_of_a_batch_its_predecessor_acknowledged() {
     let t = TestCluster::new(&[1, 2, 3]);
-    let mut nodes = Vec::new();
-    for id in [1, 2, 3] {
-        nodes.push(t.start_replica(id).await);
-    }
+    let mut nodes = t.start_group().await;
     let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
-    reps[0]
-        .raft
-        .initialize(replica_peers(&[1, 2, 3]))
-        .await
-        .unwrap();
     let old = t.partition_leader_among(&reps).await;
     let o = reps.iter().find(|r| r.id == old).unwrap();
     assert_eq!(
