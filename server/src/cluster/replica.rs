@@ -941,15 +941,17 @@ impl RaftStateMachine<PartitionConfig> for PartitionStateMachine {
 }
 
 /// openraft settings for partition groups: as the metadata group's (heartbeat 100 ms,
-/// elections after 400–800 ms), and a snapshot every 5000 applied entries, after which the log
-/// before it is purged (`max_in_snapshot_log_to_keep` entries are kept for followers a little
-/// behind).
+/// elections after 400–800 ms), and no snapshot on openraft's own schedule. The log is the
+/// partition's data: purging it after openraft's default snapshot (every 5 000 entries, the log
+/// purged 1 000 behind) deleted sealed segments that the topic's retention still kept. A
+/// replicated partition's log is only ever cut by retention.
 pub fn partition_raft_config() -> Arc<openraft::Config> {
     let config = openraft::Config {
         cluster_name: "streambus-partition".into(),
         heartbeat_interval: 100,
         election_timeout_min: 400,
         election_timeout_max: 800,
+        snapshot_policy: openraft::SnapshotPolicy::Never,
         ..Default::default()
     };
     Arc::new(config.validate().unwrap_or_default())

@@ -645,10 +645,20 @@ fn partition_config() -> Arc<openraft::Config> {
 impl TestCluster {
     /// Starts (or restarts, from its files) node `id` with its replica of `orders`/0.
     async fn start_replica(&self, id: u64) -> (Cluster, Replica) {
+        self.start_replica_with(id, partition_config(), 60).await
+    }
+
+    /// [`start_replica`](Self::start_replica) with these group settings and segment size.
+    async fn start_replica_with(
+        &self,
+        id: u64,
+        config: Arc<openraft::Config>,
+        segment_bytes: u64,
+    ) -> (Cluster, Replica) {
         let cluster = self.start(id).await;
         let mut cfg = StorageConfig::new(self.dirs[&id].path().join("data"));
         cfg.fsync = FsyncPolicy::Never;
-        cfg.segment_bytes = 60;
+        cfg.segment_bytes = segment_bytes;
         cfg.retention_check_interval = Duration::ZERO;
         let storage = Arc::new(Storage::open(cfg).unwrap());
         storage
@@ -658,16 +668,9 @@ impl TestCluster {
             from: id,
             router: Arc::clone(&self.router),
         });
-        let raft = replica::open_group(
-            id,
-            Arc::clone(&storage),
-            orders(),
-            partition_config(),
-            transport,
-            None,
-        )
-        .await
-        .unwrap();
+        let raft = replica::open_group(id, Arc::clone(&storage), orders(), config, transport, None)
+            .await
+            .unwrap();
         cluster.replicas().insert(orders(), raft.clone());
         (cluster, Replica { id, storage, raft })
     }
@@ -895,6 +898,65 @@ async fn a_replica_behind_the_leaders_purged_log_catches_up_by_snapshot() {
     );
     assert_eq!(behind.values(8), ["after"]);
     assert_eq!(behind.entries(), l.entries());
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+/// The production group settings once built a snapshot every 5 000 entries and purged the log
+/// 1 000 entries behind it, deleting sealed segments that retention still kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_group_never_purges_its_log_on_its_own_past_5000_batches() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = Vec::new();
+    for id in [1, 2, 3] {
+        nodes.push(
+            t.start_replica_with(id, replica::partition_raft_config(), 4096)
+                .await,
+        );
+    }
+    nodes[0]
+        .1
+        .raft
+        .initialize(replica_peers(&[1, 2, 3]))
+        .await
+        .unwrap();
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    let leader = t.partition_leader_among(&reps).await;
+    let l = *reps.iter().find(|r| r.id == leader).unwrap();
+    let n = 6_000;
+    let mut last = 0;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let writes = chunk.iter().map(|i| {
+            let v = format!("v{i}");
+            async move { produce(l, &[&v]).await.0 }
+        });
+        last = last.max(
+            *futures::future::join_all(writes)
+                .await
+                .iter()
+                .max()
+                .unwrap(),
+        );
+    }
+    for r in &reps {
+        r.wait_applied(last).await;
+        let m = r.raft.metrics().borrow().clone();
+        assert_eq!((m.snapshot, m.purged), (None, None), "replica {}", r.id);
+        let st = r.storage.raft_log_state("orders", 0).unwrap();
+        assert_eq!(
+            (st.log_start, st.high_water_mark),
+            (0, n),
+            "replica {}",
+            r.id
+        );
+        assert_eq!(
+            r.record_offsets(),
+            (0..n).collect::<Vec<i64>>(),
+            "replica {}",
+            r.id
+        );
+    }
     for (_, r) in nodes {
         stop_replica(&t, r).await;
     }
