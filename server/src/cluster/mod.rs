@@ -254,6 +254,25 @@ impl Cluster {
         }
     }
 
+    /// Whether `topic`/`partition`'s group may have had a leader before this broker's replica
+    /// opened: the metadata names one its group elected, or this broker is still joining (its
+    /// metadata is not caught up, so it cannot tell).
+    pub fn partition_had_leader(&self, topic: &str, partition: u32) -> bool {
+        if self.is_joining() {
+            return true;
+        }
+        let state = self
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state
+            .metadata
+            .topics
+            .get(topic)
+            .and_then(|t| t.partitions.get(usize::try_from(partition).ok()?))
+            .is_some_and(|p| p.elected.is_some())
+    }
+
     /// The leader and term of `topic`/`partition` as its Raft group on this broker sees them;
     /// `None` if this broker runs no group for it.
     pub fn group_leader(&self, topic: &str, partition: u32) -> Option<(Option<u64>, u64)> {

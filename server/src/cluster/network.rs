@@ -230,9 +230,12 @@ pub async fn answer(raft: &MetaRaft, cluster: Option<&Cluster>, rpc: Rpc) -> Rpc
             rpc,
         } => RpcReply::Partition(match cluster {
             Some(c) => {
-                c.replicas()
-                    .answer(&PartitionId { topic, partition }, rpc)
-                    .await
+                let had_leader = || c.partition_had_leader(&topic, partition);
+                let id = PartitionId {
+                    topic: topic.clone(),
+                    partition,
+                };
+                c.replicas().answer(&id, rpc, had_leader).await
             }
             None => PartitionReply::NoGroup("not serving partition groups".into()),
         }),

@@ -1126,6 +1126,23 @@ pub struct Replicas {
     groups: RwLock<BTreeMap<String, BTreeMap<u32, Slot>>>,
     /// How many times each local group's leader changed ([`count_leader_changes`]).
     leader_changes: Mutex<BTreeMap<PartitionId, u64>>,
+    /// The replicas that opened blank and have not caught up with a leader yet
+    /// ([`answer`](Self::answer)).
+    catching_up: Mutex<BTreeMap<PartitionId, CatchUp>>,
+}
+
+/// Where a replica that opened blank stands. Its log and vote may have been lost (a wiped
+/// data directory): it may have voted in a term the group is still in, and it no longer holds
+/// entries it helped commit. Voting again could elect two leaders in one term, or elect a
+/// candidate that lacks a committed entry; so it votes again only once it holds everything the
+/// group had committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    /// No leader has reached it yet.
+    AwaitingLeader,
+    /// A leader whose commit index covered an entry of its own term (so every entry committed
+    /// before it) told it this commit index: it votes again once it has applied it.
+    Until(u64),
 }
 
 /// A group being opened, or running.
@@ -1167,8 +1184,19 @@ impl Replicas {
         }
     }
 
-    /// Adds (or replaces) a partition's running group.
+    /// Adds (or replaces) a partition's running group. A group that opened blank (no vote, no
+    /// log, no snapshot) starts out catching up (see [`answer`](Self::answer)).
     pub fn insert(&self, id: PartitionId, raft: PartitionRaft) {
+        let blank = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            m.vote.leader_id.term == 0 && m.last_log_index.is_none() && m.snapshot.is_none()
+        };
+        if blank {
+            lock(&self.catching_up).insert(id.clone(), CatchUp::AwaitingLeader);
+        } else {
+            lock(&self.catching_up).remove(&id);
+        }
         self.groups
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -1185,6 +1213,7 @@ impl Replicas {
     /// Removes every group of a topic (deleted); returns the running ones, to stop.
     pub fn remove_topic(&self, topic: &str) -> Vec<PartitionRaft> {
         lock(&self.leader_changes).retain(|id, _| id.topic != topic);
+        lock(&self.catching_up).retain(|id, _| id.topic != topic);
         let removed = self
             .groups
             .write()
@@ -1235,13 +1264,79 @@ impl Replicas {
     }
 
     /// Answers a partition group's RPC.
-    pub async fn answer(&self, id: &PartitionId, rpc: PartitionRpc) -> PartitionReply {
-        match self.get(&id.topic, id.partition) {
-            Some(raft) => answer(&raft, rpc).await,
-            None => PartitionReply::NoGroup(format!(
+    ///
+    /// A replica that opened blank refuses every vote while `had_leader()` says the group had
+    /// a leader before it opened (so this replica may have been a member that lost its log),
+    /// until it has applied the commit index of a leader that had committed an entry of its
+    /// own term. A blank replica of a partition that never had a leader (a topic being created)
+    /// votes at once: the group cannot be started otherwise.
+    pub async fn answer(
+        &self,
+        id: &PartitionId,
+        rpc: PartitionRpc,
+        had_leader: impl FnOnce() -> bool,
+    ) -> PartitionReply {
+        let Some(raft) = self.get(&id.topic, id.partition) else {
+            return PartitionReply::NoGroup(format!(
                 "no group for partition {} of topic {:?} here",
                 id.partition, id.topic
-            )),
+            ));
+        };
+        match rpc {
+            PartitionRpc::Vote(r) if self.is_catching_up(id, &raft) && had_leader() => {
+                tracing::info!(
+                    topic = %id.topic,
+                    partition = id.partition,
+                    candidate = r.vote.leader_id.node_id,
+                    term = r.vote.leader_id.term,
+                    "vote refused: this replica opened blank and has not caught up with a leader"
+                );
+                PartitionReply::Vote(Ok(VoteResponse::new(r.vote, None, false)))
+            }
+            PartitionRpc::AppendEntries(r) if lock(&self.catching_up).contains_key(id) => {
+                let term = r.vote.leader_id.term;
+                let commit = r.leader_commit.filter(|c| c.leader_id.term == term);
+                let reply = raft.append_entries(r).await;
+                let accepted = matches!(
+                    reply,
+                    Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_))
+                );
+                if let (true, Some(c)) = (accepted, commit) {
+                    let mut guards = lock(&self.catching_up);
+                    if let Some(g) = guards.get_mut(id) {
+                        *g = match *g {
+                            CatchUp::Until(t) => CatchUp::Until(t.max(c.index)),
+                            CatchUp::AwaitingLeader => CatchUp::Until(c.index),
+                        };
+                    }
+                }
+                PartitionReply::AppendEntries(reply)
+            }
+            rpc => answer(&raft, rpc).await,
+        }
+    }
+
+    /// Whether `id`'s replica opened blank and has not caught up with a leader yet (see
+    /// [`answer`](Self::answer)); forgets it once it has.
+    pub fn is_catching_up(&self, id: &PartitionId, raft: &PartitionRaft) -> bool {
+        let mut guards = lock(&self.catching_up);
+        match guards.get(id) {
+            None => false,
+            Some(CatchUp::AwaitingLeader) => true,
+            Some(CatchUp::Until(t)) => {
+                let applied = raft.metrics().borrow().last_applied.map(|l| l.index);
+                if applied.is_some_and(|a| a >= *t) {
+                    guards.remove(id);
+                    tracing::info!(
+                        topic = %id.topic,
+                        partition = id.partition,
+                        "this replica, opened blank, has caught up with its leader: it votes again"
+                    );
+                    false
+                } else {
+                    true
+                }
+            }
         }
     }
 }

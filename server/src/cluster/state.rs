@@ -455,7 +455,10 @@ impl LocalReplicas {
                     nodes.get(&r).map(|n| (r, n.clone()))
                 })
                 .collect();
-            let initialize = placed.replicas.first() == Some(&self.node_id);
+            // Not once the group has had a leader: a preferred leader that lost its data must
+            // not start a second group.
+            let initialize =
+                placed.replicas.first() == Some(&self.node_id) && placed.elected.is_none();
             let node = u64::from(self.node_id);
             let storage = Arc::clone(&self.storage);
             let groups = groups.clone();

@@ -656,6 +656,17 @@ impl TestCluster {
         segment_bytes: u64,
     ) -> (Cluster, Replica) {
         let cluster = self.start(id).await;
+        self.open_replica(cluster, id, config, segment_bytes).await
+    }
+
+    /// Opens node `id`'s replica of `orders`/0 on its started `cluster`.
+    async fn open_replica(
+        &self,
+        cluster: Cluster,
+        id: u64,
+        config: Arc<openraft::Config>,
+        segment_bytes: u64,
+    ) -> (Cluster, Replica) {
         let mut cfg = StorageConfig::new(self.dirs[&id].path().join("data"));
         cfg.fsync = FsyncPolicy::Never;
         cfg.segment_bytes = segment_bytes;
@@ -1025,24 +1036,7 @@ async fn a_restarted_replica_reopens_its_log_and_vote_and_catches_up() {
         r.wait_applied(index).await;
     }
     // The follower stops; the others go on.
-    let k = nodes.iter().position(|(_, r)| r.id == follower).unwrap();
-    let (cluster, r) = nodes.remove(k);
-    r.raft.shutdown().await.unwrap();
-    t.stop(follower).await;
-    drop(cluster);
-    let Replica { storage, raft, .. } = r;
-    drop(raft);
-    // openraft's tasks release the storage as they end, after `shutdown` returns: the data
-    // directory is locked until then.
-    let end = std::time::Instant::now() + DEADLINE;
-    while Arc::strong_count(&storage) > 1 {
-        assert!(
-            std::time::Instant::now() < end,
-            "the stopped group still holds the storage"
-        );
-        tokio::task::yield_now().await;
-    }
-    drop(storage);
+    stop_releasing_storage(&t, &mut nodes, follower).await;
     let l = &nodes.iter().find(|(_, r)| r.id == leader).unwrap().1;
     let (index, a) = produce(l, &["c"]).await;
     assert_eq!((a.base_offset, a.high_water_mark), (2, 3));
@@ -1052,6 +1046,123 @@ async fn a_restarted_replica_reopens_its_log_and_vote_and_catches_up() {
     assert_eq!(back.offsets(), (0, 3));
     assert_eq!(back.values(0), ["a", "b", "c"]);
     assert_eq!(back.entries(), l.entries());
+    assert_eq!(back.segment_files(), l.segment_files());
+    nodes.push((cluster, back));
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+/// Stops node `id` and its replica (taken out of `nodes`), and waits until its storage is
+/// released (openraft's tasks hold it until they end, after `shutdown` returns: the data
+/// directory is locked until then).
+async fn stop_releasing_storage(t: &TestCluster, nodes: &mut Vec<(Cluster, Replica)>, id: u64) {
+    let k = nodes.iter().position(|(_, r)| r.id == id).unwrap();
+    let (cluster, r) = nodes.remove(k);
+    r.raft.shutdown().await.unwrap();
+    t.stop(id).await;
+    drop(cluster);
+    let Replica { storage, raft, .. } = r;
+    drop(raft);
+    let end = std::time::Instant::now() + DEADLINE;
+    while Arc::strong_count(&storage) > 1 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the stopped group still holds the storage"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A voter whose partition data was wiped may have voted in the current term and no longer
+/// holds entries it helped commit: it grants no vote until it has caught up with a leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_replica_refuses_votes_until_it_has_caught_up_with_a_leader() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = t.start_group().await;
+    // The metadata group knows the partition and the leader its group elected.
+    nodes[0].0.raft().initialize(t.peers()).await.unwrap();
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    let leader = t.partition_leader_among(&reps).await;
+    let term = reps[0].raft.metrics().borrow().current_term;
+    let l = *reps.iter().find(|r| r.id == leader).unwrap();
+    let wiped = reps.iter().find(|r| r.id != leader).unwrap().id;
+    let other = reps
+        .iter()
+        .find(|r| r.id != leader && r.id != wiped)
+        .unwrap()
+        .id;
+    let meta = nodes[0].0.clone();
+    meta.write(create("orders", 1, 3)).await.unwrap();
+    meta.write(Command::LeaderChanged {
+        topic: "orders".into(),
+        partition: 0,
+        leader: u32::try_from(leader).unwrap(),
+        term,
+    })
+    .await
+    .unwrap();
+    let (index, _) = produce(l, &["a", "b"]).await;
+    for r in &reps {
+        r.wait_applied(index).await;
+    }
+    for (c, _) in &nodes {
+        wait_applied(
+            c,
+            meta.raft().metrics().borrow().last_applied.unwrap().index,
+        )
+        .await;
+    }
+    // Its data directory is wiped (its metadata stays); it comes back cut off from the others.
+    stop_releasing_storage(&t, &mut nodes, wiped).await;
+    std::fs::remove_dir_all(t.dirs[&wiped].path().join("data")).unwrap();
+    let cluster = t.start_cut_off(wiped).await;
+    let (cluster, back) = t.open_replica(cluster, wiped, partition_config(), 60).await;
+    assert!(cluster.replicas().is_catching_up(&orders(), &back.raft));
+    // A candidate with the whole log, in a later term: a blank voter would grant it.
+    let other_last = nodes
+        .iter()
+        .find(|(_, r)| r.id == other)
+        .unwrap()
+        .1
+        .raft
+        .metrics()
+        .borrow()
+        .last_log_index;
+    let request = openraft::raft::VoteRequest::new(
+        openraft::Vote::new(term + 1, other),
+        Some(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(term, leader),
+            other_last.unwrap(),
+        )),
+    );
+    let reply = answer(
+        cluster.raft(),
+        Some(&cluster),
+        Rpc::Partition {
+            topic: "orders".into(),
+            partition: 0,
+            rpc: replica::PartitionRpc::Vote(request),
+        },
+    )
+    .await;
+    let RpcReply::Partition(replica::PartitionReply::Vote(Ok(vote))) = reply else {
+        panic!("not a vote reply: {reply:?}");
+    };
+    assert!(!vote.vote_granted);
+    assert_eq!(back.raft.metrics().borrow().vote.leader_id.term, 0);
+    // Back on the network, it catches up from the leader and votes again.
+    t.router.down.lock().unwrap().remove(&wiped);
+    let l = &nodes.iter().find(|(_, r)| r.id == leader).unwrap().1;
+    let (index, a) = produce(l, &["c"]).await;
+    assert_eq!((a.base_offset, a.high_water_mark), (2, 3));
+    back.wait_applied(index).await;
+    let end = std::time::Instant::now() + DEADLINE;
+    while cluster.replicas().is_catching_up(&orders(), &back.raft) {
+        assert!(std::time::Instant::now() < end, "still catching up");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(back.values(0), ["a", "b", "c"]);
     assert_eq!(back.segment_files(), l.segment_files());
     nodes.push((cluster, back));
     for (_, r) in nodes {
