@@ -29,6 +29,7 @@ use openraft::{BasicNode, ChangeMembers, Raft};
 
 pub use network::{Rpc, RpcReply, Transport, TransportError};
 pub use node::{ClusterHandle, ClusterNode};
+use replica::PartitionId;
 pub use state::BrokerAddress;
 pub use state::{Applied, AppliedState, Command, Metadata};
 
@@ -42,6 +43,81 @@ openraft::declare_raft_types!(
         Node = BasicNode,
         SnapshotData = Vec<u8>,
 );
+
+/// The delays between attempts to publish a partition leader that did not commit: from 100 ms,
+/// doubling, at most 2 s apart, with jitter; no limit on the attempts.
+fn publish_retry() -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Writes each leader change received on `published` with `write` until it commits or
+/// `stopped` resolves: a change that fails (no metadata leader, the leader unreachable) is
+/// written again after the next of `retry`'s delays, unless a change of a later term for the
+/// same partition replaced it. Brokers without a replica of a partition name its leader from
+/// the metadata, so a dropped change would leave them naming a dead one until the next
+/// election.
+async fn publish_until_committed<W, F>(
+    mut published: tokio::sync::mpsc::UnboundedReceiver<(PartitionId, state::Elected)>,
+    stopped: impl std::future::Future<Output = ()>,
+    write: W,
+    retry: backon::ExponentialBuilder,
+) where
+    W: Fn(PartitionId, state::Elected) -> F,
+    F: std::future::Future<Output = Result<(), ClusterError>>,
+{
+    use backon::BackoffBuilder as _;
+    fn keep_latest(
+        pending: &mut BTreeMap<PartitionId, state::Elected>,
+        (id, e): (PartitionId, state::Elected),
+    ) {
+        let slot = pending.entry(id).or_insert(e);
+        if e.term >= slot.term {
+            *slot = e;
+        }
+    }
+    tokio::pin!(stopped);
+    let mut pending = BTreeMap::new();
+    let mut delays = retry.build();
+    loop {
+        let wait = (!pending.is_empty()).then(|| delays.next().unwrap_or(Duration::from_secs(2)));
+        let retry_due = async {
+            match wait {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = &mut stopped => return,
+            got = published.recv() => match got {
+                Some(change) => keep_latest(&mut pending, change),
+                None => return,
+            },
+            () = retry_due => {}
+        }
+        while let Ok(change) = published.try_recv() {
+            keep_latest(&mut pending, change);
+        }
+        for (id, e) in std::mem::take(&mut pending) {
+            if let Err(err) = write(id.clone(), e).await {
+                tracing::warn!(
+                    topic = %id.topic,
+                    partition = id.partition,
+                    leader = e.leader,
+                    term = e.term,
+                    "publishing a partition leader (will retry): {err}"
+                );
+                keep_latest(&mut pending, (id, e));
+            }
+        }
+        if pending.is_empty() {
+            delays = retry.build();
+        }
+    }
+}
 
 /// How long a metadata write waits for a leader before it fails with
 /// [`ClusterError::NoLeader`].
@@ -173,27 +249,25 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Writes the partition leaders' [`Command::LeaderChanged`]s through the group, one at a
-    /// time, until the group stops. One that cannot be committed (no metadata leader within
-    /// [`WRITE_PATIENCE`]) is dropped: the next change publishes again, and brokers with a
-    /// replica ask its group anyway.
-    async fn write_published(self, mut published: tokio::sync::mpsc::UnboundedReceiver<Command>) {
+    /// Writes the partition leaders' [`Command::LeaderChanged`]s through the group until the
+    /// group stops (see [`publish_until_committed`]).
+    async fn write_published(
+        self,
+        published: tokio::sync::mpsc::UnboundedReceiver<(PartitionId, state::Elected)>,
+    ) {
         let mut metrics = self.raft.metrics();
-        loop {
-            tokio::select! {
-                command = published.recv() => {
-                    let Some(command) = command else { return };
-                    if let Err(e) = self.write(command).await {
-                        tracing::warn!("publishing a partition leader: {e}");
-                    }
-                }
-                changed = metrics.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+        let stopped = async move { while metrics.changed().await.is_ok() {} };
+        let write = |id: PartitionId, e: state::Elected| {
+            let command = Command::LeaderChanged {
+                topic: id.topic,
+                partition: id.partition,
+                leader: e.leader,
+                term: e.term,
+            };
+            let cluster = self.clone();
+            async move { cluster.write_once(command).await.map(drop) }
+        };
+        publish_until_committed(published, stopped, write, publish_retry()).await;
     }
 
     /// The partition groups this broker runs (the cluster link delivers their messages).

@@ -266,7 +266,7 @@ pub async fn publish_leadership(
     raft: PartitionRaft,
     node: u64,
     id: PartitionId,
-    publish: tokio::sync::mpsc::UnboundedSender<super::Command>,
+    publish: tokio::sync::mpsc::UnboundedSender<(PartitionId, super::state::Elected)>,
 ) {
     let mut metrics = raft.metrics();
     drop(raft);
@@ -282,13 +282,8 @@ pub async fn publish_leadership(
             && let Ok(leader) = u32::try_from(node)
         {
             published = Some(term);
-            let command = super::Command::LeaderChanged {
-                topic: id.topic.clone(),
-                partition: id.partition,
-                leader,
-                term,
-            };
-            if publish.send(command).is_err() {
+            let elected = super::state::Elected { leader, term };
+            if publish.send((id.clone(), elected)).is_err() {
                 return;
             }
         }

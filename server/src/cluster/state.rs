@@ -370,7 +370,7 @@ pub struct Groups {
     pub transport: Arc<dyn super::Transport>,
     /// Where a group's leader sends its [`Command::LeaderChanged`] (the broker writes it
     /// through the metadata group).
-    pub publish: tokio::sync::mpsc::UnboundedSender<Command>,
+    pub publish: tokio::sync::mpsc::UnboundedSender<(PartitionId, Elected)>,
 }
 
 /// What [`LocalReplicas::on_deleted`] calls: the broker answers the fetches waiting on the topic.

@@ -1395,3 +1395,64 @@ fn a_partition_entry_on_the_link_costs_its_records_and_a_few_bytes_more() {
     // What version 2 sent: each byte as a decimal number and a comma.
     assert!(json > records * 5 / 2, "{json} bytes of JSON for {records}");
 }
+
+/// A partition leader whose publication fails to commit (no metadata leader) is written again
+/// until it commits, and a later term for the same partition replaces it while it waits.
+#[tokio::test]
+async fn a_published_partition_leader_that_fails_to_commit_is_written_again_until_it_does() {
+    use super::state::Elected;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // (partition, term, committed) per attempt; partition 0 fails its first two attempts.
+    let attempts = Arc::new(Mutex::new(Vec::new()));
+    let log = Arc::clone(&attempts);
+    let write = move |id: PartitionId, e: Elected| {
+        let log = Arc::clone(&log);
+        async move {
+            let mut a = log.lock().unwrap();
+            let before = a.iter().filter(|(p, _, _)| *p == id.partition).count();
+            let ok = id.partition != 0 || before >= 2;
+            a.push((id.partition, e.term, ok));
+            if ok {
+                Ok(())
+            } else {
+                Err(ClusterError::NoLeader("no metadata leader (test)".into()))
+            }
+        }
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let retry = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(1))
+        .with_max_delay(Duration::from_millis(10))
+        .without_max_times();
+    let pid = |partition| PartitionId {
+        topic: "orders".into(),
+        partition,
+    };
+    // Sent before the task runs: term 4 of partition 0 replaces term 3 before any attempt.
+    tx.send((pid(0), Elected { leader: 1, term: 3 })).unwrap();
+    tx.send((pid(0), Elected { leader: 2, term: 4 })).unwrap();
+    tx.send((pid(1), Elected { leader: 3, term: 3 })).unwrap();
+    let task = tokio::spawn(super::publish_until_committed(
+        rx,
+        async move {
+            let _ = stopped.await;
+        },
+        write,
+        retry,
+    ));
+    let end = std::time::Instant::now() + DEADLINE;
+    while !attempts.lock().unwrap().contains(&(0, 4, true)) {
+        assert!(
+            std::time::Instant::now() < end,
+            "{:?}",
+            attempts.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    let a = attempts.lock().unwrap().clone();
+    let of = |p| a.iter().filter(|x| x.0 == p).copied().collect::<Vec<_>>();
+    assert_eq!(of(0), [(0, 4, false), (0, 4, false), (0, 4, true)]);
+    assert_eq!(of(1), [(1, 3, true)]);
+}
