@@ -373,6 +373,9 @@ pub struct Groups {
     pub publish: tokio::sync::mpsc::UnboundedSender<(PartitionId, Elected)>,
 }
 
+/// How long deleting a topic waits for each of its partition groups to stop.
+const GROUP_STOP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What [`LocalReplicas::on_deleted`] calls: the broker answers the fetches waiting on the topic.
 pub struct DeletedHook(pub Box<dyn Fn(&str) + Send + Sync>);
 
@@ -533,12 +536,20 @@ impl LocalReplicas {
         }
     }
 
-    fn delete(&self, name: &str) {
+    /// Stops the topic's groups, waiting for each (at most [`GROUP_STOP_PATIENCE`]), then
+    /// deletes its local replicas: a group still stopping reaches its partition by name, and
+    /// must not touch the log of a topic re-created under the same name right after.
+    async fn delete(&self, name: &str) {
         if let Some(groups) = self.groups.get() {
             for raft in groups.replicas.remove_topic(name) {
-                tokio::spawn(async move {
-                    let _ = raft.shutdown().await;
-                });
+                match tokio::time::timeout(GROUP_STOP_PATIENCE, raft.shutdown()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(topic = name, "stopping a partition group: {e}"),
+                    Err(_) => tracing::warn!(
+                        topic = name,
+                        "a partition group did not stop within {GROUP_STOP_PATIENCE:?}; deleting its replica anyway"
+                    ),
+                }
             }
         }
         match self.storage.delete_topic(name) {
@@ -642,6 +653,44 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
+impl StateMachine {
+    /// Applies one entry under the state's lock, pushing what it did onto `results`; returns
+    /// the name of a topic it deleted, whose local replicas the caller deletes after the lock
+    /// is released.
+    fn apply_one(
+        &self,
+        entry: openraft::Entry<TypeConfig>,
+        results: &mut Vec<Applied>,
+    ) -> Option<String> {
+        let mut s = write_lock(&self.state);
+        s.last_applied = Some(entry.log_id);
+        match entry.payload {
+            EntryPayload::Blank => results.push(Applied::Done),
+            EntryPayload::Membership(m) => {
+                s.membership = StoredMembership::new(Some(entry.log_id), m);
+                results.push(Applied::Done);
+            }
+            EntryPayload::Normal(command) => {
+                let voters = s.voters();
+                let applied = s.metadata.apply(&command, &voters);
+                let mut deleted = None;
+                match (&command, &applied) {
+                    (Command::CreateTopic { name, .. }, Applied::Created(_)) => {
+                        if let (Some(local), Some(t)) = (&self.local, s.metadata.topics.get(name)) {
+                            local.create(name, t, &s.nodes());
+                        }
+                    }
+                    (Command::DeleteTopic { name }, Applied::Done) => deleted = Some(name.clone()),
+                    _ => {}
+                }
+                results.push(applied);
+                return deleted;
+            }
+        }
+        None
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
@@ -665,30 +714,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut results = Vec::new();
         for entry in entries {
-            let mut s = write_lock(&self.state);
-            s.last_applied = Some(entry.log_id);
-            match entry.payload {
-                EntryPayload::Blank => results.push(Applied::Done),
-                EntryPayload::Membership(m) => {
-                    s.membership = StoredMembership::new(Some(entry.log_id), m);
-                    results.push(Applied::Done);
-                }
-                EntryPayload::Normal(command) => {
-                    let voters = s.voters();
-                    let applied = s.metadata.apply(&command, &voters);
-                    if let Some(local) = &self.local {
-                        match (&command, &applied) {
-                            (Command::CreateTopic { name, .. }, Applied::Created(_)) => {
-                                if let Some(t) = s.metadata.topics.get(name) {
-                                    local.create(name, t, &s.nodes());
-                                }
-                            }
-                            (Command::DeleteTopic { name }, Applied::Done) => local.delete(name),
-                            _ => {}
-                        }
-                    }
-                    results.push(applied);
-                }
+            let deleted = self.apply_one(entry, &mut results);
+            // Outside the state's lock: deleting waits for the topic's groups to stop.
+            if let (Some(name), Some(local)) = (deleted, &self.local) {
+                local.delete(&name).await;
             }
         }
         Ok(results)
