@@ -750,6 +750,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         write_json_atomically(&self.dir.join(SNAPSHOT_FILE), &stored)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         if let Some(local) = &self.local {
+            // Topics the snapshot no longer has were deleted while this broker was behind.
+            let gone: Vec<String> = read_lock(&self.state)
+                .metadata
+                .topics
+                .keys()
+                .filter(|t| !state.metadata.topics.contains_key(*t))
+                .cloned()
+                .collect();
+            for name in gone {
+                local.delete(&name).await;
+            }
             local.reconcile(&state);
         }
         *write_lock(&self.state) = state;

@@ -87,6 +87,21 @@ impl TestCluster {
 
     /// Starts node `id` cut off from the others.
     async fn start_cut_off(&self, id: u64) -> Cluster {
+        self.start_cut_off_with(id, None).await
+    }
+
+    /// Starts node `id` with `local` replicas (their storage and groups), connected.
+    async fn start_local(&self, id: u64, local: super::state::LocalReplicas) -> Cluster {
+        let c = self.start_cut_off_with(id, Some(local)).await;
+        self.router.down.lock().unwrap().remove(&id);
+        c
+    }
+
+    async fn start_cut_off_with(
+        &self,
+        id: u64,
+        local: Option<super::state::LocalReplicas>,
+    ) -> Cluster {
         self.router.down.lock().unwrap().insert(id);
         let transport = Arc::new(NodeTransport {
             from: id,
@@ -97,7 +112,7 @@ impl TestCluster {
             &self.dirs[&id].path().join("cluster"),
             raft_config(),
             transport,
-            None,
+            local,
         )
         .await
         .unwrap();
@@ -297,6 +312,86 @@ async fn a_restarted_node_catches_up_from_its_stored_log_and_a_snapshot() {
     drop(b);
     let b = t.start(2).await;
     assert_eq!(b.metadata(), a.metadata());
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+/// A broker that was down while a topic was deleted, and catches up by installing a metadata
+/// snapshot (the others purged their logs), deletes its local replicas of that topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_installs_a_metadata_snapshot_deletes_the_topics_it_no_longer_has() {
+    use super::state::LocalReplicas;
+    let t = TestCluster::new(&[1, 2, 3]);
+    let (a, b) = (t.start(1).await, t.start(2).await);
+    let mut cfg = StorageConfig::new(t.dirs[&3].path().join("data"));
+    cfg.fsync = FsyncPolicy::Never;
+    let storage = Arc::new(Storage::open(cfg).unwrap());
+    let c = t
+        .start_local(3, LocalReplicas::new(3, Arc::clone(&storage)))
+        .await;
+    a.bootstrap(t.peers()).await.unwrap();
+    t.leader_among(&[&a, &b, &c]).await;
+    let created = a.write(create("one", 1, 3)).await.unwrap().index;
+    wait_applied(&c, created).await;
+    assert_eq!(storage.list_topics(), [("one".to_owned(), 1)]);
+    // Node 3 stops (its partition group first); meanwhile "one" is deleted, "two" created,
+    // and the others snapshot and purge their logs.
+    for (_, raft) in c.replicas().all() {
+        raft.shutdown().await.unwrap();
+    }
+    t.stop(3).await;
+    drop(c);
+    a.write(Command::DeleteTopic { name: "one".into() })
+        .await
+        .unwrap();
+    let index = a.write(create("two", 1, 2)).await.unwrap().index;
+    for n in [&a, &b] {
+        wait_applied(n, index).await;
+        n.raft().trigger().snapshot().await.unwrap();
+        n.raft()
+            .wait(Some(DEADLINE))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= index),
+                "a snapshot",
+            )
+            .await
+            .unwrap();
+        n.raft().trigger().purge_log(index).await.unwrap();
+        n.raft()
+            .wait(Some(DEADLINE))
+            .metrics(
+                |m| m.purged.is_some_and(|p| p.index >= index),
+                "the log purged",
+            )
+            .await
+            .unwrap();
+    }
+    // Back, it installs the snapshot: "one" is gone from its storage too.
+    let c = t
+        .start_local(3, LocalReplicas::new(3, Arc::clone(&storage)))
+        .await;
+    wait_applied(&c, index).await;
+    assert!(
+        c.raft()
+            .metrics()
+            .borrow()
+            .snapshot
+            .is_some_and(|s| s.index >= index),
+        "caught up by snapshot"
+    );
+    assert_eq!(
+        c.metadata().topics.keys().cloned().collect::<Vec<_>>(),
+        ["two"]
+    );
+    assert!(
+        storage.list_topics().iter().all(|(t, _)| t != "one"),
+        "{:?}",
+        storage.list_topics()
+    );
+    for (_, raft) in c.replicas().all() {
+        raft.shutdown().await.unwrap();
+    }
     for n in [a, b, c] {
         n.shutdown().await;
     }
