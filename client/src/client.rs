@@ -653,9 +653,7 @@ impl Client {
                 self.call_any(req, ctx, timeout).await
             }
             Req::CreateTopic { .. } | Req::DeleteTopic { .. } => {
-                // Not sent twice: a write that may have been applied is not retried here.
-                let admin = self.admin_pool()?;
-                self.call_resending(req, ctx, timeout, admin).await
+                self.call_admin_write(req, ctx, timeout).await
             }
             Req::Produce { .. } => self.call_resending(req, ctx, timeout, None).await,
         }
@@ -720,9 +718,54 @@ impl Client {
     /// it is unreachable (a connection error or timeout), to the other brokers the Metadata
     /// lists, in turn; the one that answers takes the admin calls from then on.
     async fn call_any(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
-        let deadline = Instant::now() + timeout;
         let unreachable =
             |r: &Result<Reply>| matches!(r, Err(Error::Io { .. } | Error::TimedOut { .. }));
+        self.call_failing_over(req, ctx, timeout, unreachable).await
+    }
+
+    /// An admin write (CreateTopic, DeleteTopic), never sent twice where it may have been
+    /// applied: to the admin broker, or to the next broker the Metadata lists when the
+    /// request could not be sent (the broker refused the connection, or connecting timed
+    /// out); a NotLeader (no metadata leader while the group elects one: nothing applied) is
+    /// sent again after a backoff, until `timeout`.
+    async fn call_admin_write(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
+        let deadline = Instant::now() + timeout;
+        let mut backoff = None;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let r = self
+                .call_failing_over(req.clone(), ctx, left, |r| {
+                    r.as_ref().is_err_and(Error::never_sent)
+                })
+                .await;
+            match &r {
+                Err(e) if e.code() == Some(ErrorCode::NOT_LEADER) => {
+                    let delay = backoff
+                        .get_or_insert_with(|| self.retry_backoff())
+                        .next()
+                        .unwrap_or(self.inner.config.reconnect_backoff_max);
+                    if Instant::now() + delay >= deadline {
+                        return r;
+                    }
+                    tracing::debug!(%ctx, error = %e, "no metadata leader yet: sending again");
+                    tokio::time::sleep(delay).await;
+                }
+                _ => return r,
+            }
+        }
+    }
+
+    /// `req` to the admin broker, or, when `fail_over` says its answer is one another broker
+    /// may do better with, to the other brokers the Metadata lists, in turn, until `timeout`;
+    /// the one that answers takes the admin calls from then on.
+    async fn call_failing_over(
+        &self,
+        req: Req,
+        ctx: &Context,
+        timeout: Duration,
+        unreachable: fn(&Result<Reply>) -> bool,
+    ) -> Result<Reply> {
+        let deadline = Instant::now() + timeout;
         let again = self
             .inner
             .cluster
@@ -1384,7 +1427,7 @@ impl Pool {
                 if wake >= deadline {
                     Err(Error::TimedOut {
                         context: ctx.clone(),
-                        waiting: "waiting for a connection to the broker",
+                        waiting: crate::error::WAITING_CONNECTION,
                         after: self.config.request_timeout,
                     })
                 } else {
@@ -1497,7 +1540,7 @@ impl Pool {
             .unwrap_or_else(|_| {
                 Err(Error::TimedOut {
                     context: ctx.clone(),
-                    waiting: "connecting",
+                    waiting: crate::error::WAITING_CONNECT,
                     after: timeout,
                 })
             })

@@ -202,6 +202,11 @@ fn code_name(code: ErrorCode) -> &'static str {
 /// frame was damaged in transit) and NotLeader.
 const RETRIABLE_CODES: [u16; 4] = [6, 7, 10, 15];
 
+/// [`Error::TimedOut`]'s `waiting` while dialling.
+pub(crate) const WAITING_CONNECT: &str = "connecting";
+/// [`Error::TimedOut`]'s `waiting` while no connection of the pool was free or up.
+pub(crate) const WAITING_CONNECTION: &str = "waiting for a connection to the broker";
+
 impl Error {
     /// Whether trying the same call again may succeed: I/O errors, timeouts, and the broker
     /// codes RequestTimeout (6), StorageError (7), ChecksumMismatch (10) and NotLeader (15).
@@ -214,6 +219,19 @@ impl Error {
             Self::Io { .. } | Self::TimedOut { .. } => true,
             Self::Broker { code, .. } => RETRIABLE_CODES.contains(&code.0),
             Self::Unreachable { attempts, .. } => attempts.iter().all(|(_, e)| e.is_retriable()),
+            _ => false,
+        }
+    }
+
+    /// Whether the request was certainly not sent: the broker refused the connection, or
+    /// connecting (or waiting for a connection) timed out. Such a call may go to another
+    /// broker even when sending it twice would not be safe.
+    pub(crate) fn never_sent(&self) -> bool {
+        match self {
+            Self::Io { source, .. } => source.kind() == std::io::ErrorKind::ConnectionRefused,
+            Self::TimedOut { waiting, .. } => {
+                *waiting == WAITING_CONNECT || *waiting == WAITING_CONNECTION
+            }
             _ => false,
         }
     }

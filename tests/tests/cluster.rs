@@ -1017,16 +1017,29 @@ fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
         }
         assert_eq!(got, want);
 
-        // Broker 1, the producer's bootstrap broker, is killed: its admin calls go to
-        // another broker, and the partitions the others lead still take records.
+        // Broker 1, the producer's bootstrap broker, is killed. The first call after it is an
+        // admin write: the dead broker refuses the connection (nothing sent), so the write
+        // goes to another broker, which takes the admin calls from then on; a NotLeader while
+        // the two left elect a metadata leader (if broker 1 was it) is sent again by the SDK.
         drop(brokers.remove(0));
+        let created = match bounded("create topic", client.create_topic("after-kill", 2)).await {
+            // The kill raced the pooled connection: the write was handed to it before it saw
+            // the close, so it may have been sent, and the SDK does not send it twice. (Here
+            // it was not applied: broker 1 was dead.) Sent again, it fails over.
+            Err(e @ streambus_client::Error::Io { .. }) => {
+                eprintln!("first admin write after the kill: {e}");
+                bounded("create topic", client.create_topic("after-kill", 2)).await
+            }
+            other => other,
+        };
+        assert!(created.unwrap());
         let topics = bounded("list topics", client.list_topics()).await.unwrap();
         assert_eq!(
             topics
                 .iter()
                 .map(|t| (t.name.as_str(), t.partitions))
                 .collect::<Vec<_>>(),
-            [("routed-sdk", 6)]
+            [("after-kill", 2), ("routed-sdk", 6)]
         );
         let m = bounded("metadata", client.metadata(["routed-sdk"]))
             .await
@@ -1049,19 +1062,9 @@ fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
             assert_eq!(at.offset, next[p as usize]);
         }
         producer.close().await.unwrap();
-        // Admin writes follow to the broker that answered: a topic is created through it
-        // (NotLeader while the two left elect a metadata leader, if broker 1 was it).
-        let end = Instant::now() + DEADLINE;
-        let created = loop {
-            match bounded("create topic", client.create_topic("after-kill", 2)).await {
-                Err(e) if e.code() == Some(streambus_client::ErrorCode::NOT_LEADER) => {
-                    assert!(Instant::now() < end, "{e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                other => break other,
-            }
-        };
-        assert!(created.unwrap());
+        // Admin writes keep going to the broker that answered.
+        let deleted = bounded("delete topic", client.delete_topic("after-kill")).await;
+        deleted.unwrap();
     });
 }
 
