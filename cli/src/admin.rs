@@ -3,9 +3,8 @@
 
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::collections::btree_map::Entry;
 
-use streambus_client::{Client, Error, ErrorCode, Metadata, PartitionOffsets};
+use streambus_client::{Error, PartitionOffsets};
 
 use crate::args::{Cluster, Health, Offsets, Topics};
 use crate::format::table;
@@ -341,66 +340,11 @@ pub(crate) async fn partitions(
         None => 0..count,
     };
     let mut out = Vec::with_capacity(range.len());
-    let mut leaders = Leaders::default();
     for p in range {
-        let offsets = match client.offsets(topic, p).await {
-            // In a cluster, only the partition's leader answers: ask it.
-            Err(e) if e.code() == Some(ErrorCode::NOT_LEADER) => {
-                leaders.offsets(ctx, topic, p, e).await?
-            }
-            other => other.map_err(|e| ctx.err(e))?,
-        };
-        out.push(offsets);
+        // In a cluster the SDK asks the partition's leader (after a NotLeader, the Metadata).
+        out.push(client.offsets(topic, p).await.map_err(|e| ctx.err(e))?);
     }
     Ok(out)
-}
-
-/// The partition leaders of a cluster that `partitions` connected to, by node id, with the
-/// Metadata that named them (read at the first NotLeader).
-#[derive(Default)]
-struct Leaders {
-    metadata: Option<Metadata>,
-    clients: BTreeMap<u32, (String, Client)>,
-}
-
-impl Leaders {
-    /// The offsets of `topic`/`partition` from its leader, which Metadata names; `refused` is
-    /// the NotLeader the first broker answered, reported if Metadata names no leader.
-    async fn offsets(
-        &mut self,
-        ctx: &Ctx,
-        topic: &str,
-        partition: u32,
-        refused: Error,
-    ) -> Result<PartitionOffsets, Failure> {
-        if self.metadata.is_none() {
-            let m = ctx.client.metadata([topic]).await.map_err(|e| ctx.err(e))?;
-            self.metadata = Some(m);
-        }
-        let leader = self.metadata.as_ref().and_then(|m| {
-            let id = m
-                .topic(topic)?
-                .partitions
-                .iter()
-                .find(|p| p.partition == partition)?
-                .leader?;
-            Some((id, m.broker(id)?.address()))
-        });
-        let Some((id, addr)) = leader else {
-            return Err(ctx.err(refused));
-        };
-        let (addr, client) = match self.clients.entry(id) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => {
-                let client = ctx.client_at(&addr).await?;
-                e.insert((addr, client))
-            }
-        };
-        client
-            .offsets(topic, partition)
-            .await
-            .map_err(|e| Failure::sdk(addr, &e))
-    }
 }
 
 fn offsets_json(parts: &[PartitionOffsets]) -> Value {

@@ -194,21 +194,6 @@ impl Ctx {
     }
 }
 
-impl Ctx {
-    /// A client of the broker at `addr` with every setting of this one (TLS, timeouts, token):
-    /// for a partition's leader in a cluster.
-    pub(crate) async fn client_at(&self, addr: &str) -> Result<Client, Failure> {
-        let mut builder = self.builder();
-        if let Some(t) = &self.client.config().token {
-            builder = builder.token(t.expose());
-        }
-        builder
-            .connect(addr)
-            .await
-            .map_err(|e| Failure::sdk(addr, &e))
-    }
-}
-
 /// What every command gets: the connected client and the broker's address.
 #[derive(Debug)]
 pub(crate) struct Ctx {
