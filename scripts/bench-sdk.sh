@@ -5,6 +5,7 @@
 # sides see the same machine state.
 #
 #   scripts/bench-sdk.sh               # env: ROUNDS=3 SECS=3 BENCH_RT=current (SDK on one thread)
+#                                      #      IDEMPOTENCE=true (both sides; false: both plain)
 #
 # Per round: raw TCP ping-pong p50, raw sync Produce p50 and the SDK's sync produce p50
 # (`Producer::send`, one record awaited at a time); then raw `pipeline --batch 100` and the
@@ -18,6 +19,9 @@ cargo build -q --release -p streambus-server -p streambus-cli
 cargo build -q --release -p streambus-client --example bench
 B="$PWD/target/release"
 ROUNDS="${ROUNDS:-3}"; SECS="${SECS:-3}"
+# The SDK's producer and the raw produce modes alike: idempotent (the SDK's default), or not.
+IDEMPOTENCE="${IDEMPOTENCE:-true}"
+export BENCH_IDEMPOTENCE="$IDEMPOTENCE"
 base=/dev/shm; [[ -d $base && -w $base ]] || base="${TMPDIR:-/tmp}"
 port=19192
 PID=0; dir=""
@@ -45,12 +49,12 @@ p50() { sed -nE 's/.*"latency_ns":\{"p50":([0-9]+).*/\1/p' | awk '{ print $1 / 1
 rate() { sed -nE 's/.*"messages_per_sec":([0-9.e+]+).*/\1/p' | awk '{ print $1 / 1e6 }'; }
 sdk() { fresh "$B/examples/bench" "127.0.0.1:$port" "$1" "$SECS"; }
 
-echo "machine: $(nproc) vCPU, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(nproc) vCPU, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg); idempotence $IDEMPOTENCE on both sides"
 for ((i = 1; i <= ROUNDS; i++)); do
     pp=$(raw pingpong | p50)
-    sy=$(raw pipeline --batch 1 --in-flight 1 | p50)
+    sy=$(raw pipeline --batch 1 --in-flight 1 --idempotence "$IDEMPOTENCE" | p50)
     sdk_sy=$(sdk sync | sed -nE 's/.* p50 ([0-9.]+)µs.*/\1/p')
-    pipe=$(raw pipeline --batch 100 | rate)
+    pipe=$(raw pipeline --batch 100 --idempotence "$IDEMPOTENCE" | rate)
     sdk_pipe=$(sdk produce | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
     sdk_many=$(sdk produce-many | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
     req=$(raw requests --connections 50 --in-flight 64 | rate)

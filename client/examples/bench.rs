@@ -8,6 +8,8 @@
 //! cargo run --release -p streambus-client --example bench -- 127.0.0.1:9092 consume 5
 //! ```
 //!
+//! The producer modes' producer is idempotent unless `BENCH_IDEMPOTENCE=false`.
+//!
 //! - `sync`: one 100-byte record at a time through `Producer::send` (compare with
 //!   `streambus bench pipeline --batch 1 --in-flight 1` and `streambus bench pingpong`);
 //! - `produce`: the batching producer on one connection, 100-byte values (compare with
@@ -23,7 +25,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use streambus_client::{Bytes, Client, Consumer, ConsumerConfig, Error, Offset, Producer, Record};
+use streambus_client::{
+    Bytes, Client, Consumer, ConsumerConfig, Error, Offset, Producer, ProducerConfig, Record,
+};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -75,12 +79,17 @@ async fn run() -> Result<(), Error> {
     } else {
         Client::builder().pool_size(1).connect(addr).await?
     };
+    // BENCH_IDEMPOTENCE=false turns the producer's idempotence off (on by default, as in
+    // `ProducerConfig`): compare with the raw modes' `--idempotence` of the same value, so the
+    // broker does the same work for both.
+    let idempotence = std::env::var("BENCH_IDEMPOTENCE").map_or(true, |v| v != "false");
+    let producer_config = ProducerConfig::default().idempotence(idempotence);
     // Shared by every record: a record costs no allocation or copy before the producer's.
     let value = Bytes::from(vec![b'v'; 100]);
     match mode.as_str() {
         "sync" => {
             let topic_sync: Arc<str> = Arc::from("bench-sdk-sync");
-            let producer = Producer::new(&client);
+            let producer = Producer::with_config(&client, producer_config)?;
             for _ in 0..100 {
                 producer
                     .send(Record::new(topic_sync.clone(), value.clone()))
@@ -108,7 +117,7 @@ async fn run() -> Result<(), Error> {
         "produce" | "produce-many" => {
             let many = mode == "produce-many";
             let topic_pipe: Arc<str> = Arc::from("bench-sdk-pipe");
-            let producer = Producer::new(&client);
+            let producer = Producer::with_config(&client, producer_config)?;
             producer
                 .send(Record::new(topic_pipe.clone(), value.clone()))
                 .await?;
