@@ -708,9 +708,10 @@ pub struct PartitionStateMachine {
     snapshot_idx: u64,
 }
 
-/// Builds a partition's snapshots: only at a retention point (see
-/// [`PartitionSnapshotBuilder::state_at_retention_point`]), never of the whole applied state,
-/// since the partition group purges its log up to each snapshot and the log is the data.
+/// Builds a partition's snapshots: only at a retention point (the last entry of the last
+/// sealed segment retention drops, among the applied ones), with the state as of that entry,
+/// never of the whole applied state: the group purges its log up to each snapshot, and the
+/// log is the data.
 #[derive(Debug)]
 pub struct PartitionSnapshotBuilder {
     sm: PartitionStateMachine,
@@ -1100,15 +1101,24 @@ pub fn retain_through_groups(storage: &Storage, replicas: std::sync::Weak<Replic
             else {
                 continue;
             };
-            let (snapshot, applied) = {
+            let (snapshot, purged, applied) = {
                 let m = raft.metrics();
                 let m = m.borrow();
-                (m.snapshot, m.last_applied)
+                (m.snapshot, m.purged, m.last_applied)
             };
-            if applied.is_none() || snapshot.is_some_and(|s| s.index >= point.index) {
-                continue;
-            }
-            if let Err(e) = raft.trigger().snapshot().await {
+            let triggered = match snapshot {
+                // Snapshotted up to there already; a purge a crash (or a restart) left
+                // undone is asked for again.
+                Some(s) if s.index >= point.index => {
+                    if purged >= Some(s) {
+                        continue;
+                    }
+                    raft.trigger().purge_log(s.index).await
+                }
+                _ if applied.is_none() => continue,
+                _ => raft.trigger().snapshot().await,
+            };
+            if let Err(e) = triggered {
                 tracing::warn!(
                     topic = %id.topic,
                     partition = id.partition,

@@ -1015,6 +1015,86 @@ async fn retention_by_size_snapshots_at_a_segment_boundary_and_purges_whole_segm
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_after_its_retention_purge_reopens_at_its_log_start_and_catches_up() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = t
+        .start_group_with(retaining_three_batches(), one_batch())
+        .await;
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    let leader = t.partition_leader_among(&reps).await;
+    let follower = reps.iter().find(|r| r.id != leader).unwrap().id;
+    let l = *reps.iter().find(|r| r.id == leader).unwrap();
+    let mut last = 0;
+    for i in 0..8 {
+        last = propose(l, idempotent(7, i, &[&format!("v{i}")])).await.0;
+    }
+    let f = *reps.iter().find(|r| r.id == follower).unwrap();
+    f.wait_applied(last).await;
+    f.storage
+        .enforce_retention(crate::storage::unix_now_ns())
+        .unwrap();
+    wait_purged(f, 6).await;
+    // The follower stops (its snapshot is at entry 6, it had applied up to 9).
+    let k = nodes.iter().position(|(_, r)| r.id == follower).unwrap();
+    let (cluster, r) = nodes.remove(k);
+    r.raft.shutdown().await.unwrap();
+    t.stop(follower).await;
+    drop(cluster);
+    let Replica { storage, raft, .. } = r;
+    drop(raft);
+    let end = std::time::Instant::now() + DEADLINE;
+    while Arc::strong_count(&storage) > 1 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the stopped group still holds the storage"
+        );
+        tokio::task::yield_now().await;
+    }
+    drop(storage);
+    let l = &nodes.iter().find(|(_, r)| r.id == leader).unwrap().1;
+    let (index, a) = propose(l, idempotent(7, 8, &["v8"])).await;
+    assert_eq!(a, applied(8, 1, 9));
+    // Restarted from its files: the log from offset 5, the state machine from the snapshot
+    // with entries 7.. applied again on it.
+    let (cluster, back) = t
+        .start_replica_opts(
+            follower,
+            partition_config(),
+            one_batch(),
+            retaining_three_batches(),
+        )
+        .await;
+    back.wait_applied(index).await;
+    assert_eq!(back.offsets(), (5, 9));
+    assert_eq!(back.values(5), ["v5", "v6", "v7", "v8"]);
+    nodes.push((cluster, back));
+    // It leads (the others never campaign once the leader stops) and knows the producer.
+    for (_, r) in &nodes {
+        if r.id != follower && r.id != leader {
+            r.raft.runtime_config().elect(false);
+        }
+    }
+    let k = nodes.iter().position(|(_, r)| r.id == leader).unwrap();
+    let (_, r) = nodes.remove(k);
+    stop_replica(&t, r).await;
+    let rest: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    assert_eq!(t.partition_leader_among(&rest).await, follower);
+    let b = *rest.iter().find(|r| r.id == follower).unwrap();
+    // v4's batch: its records are gone from this replica, its sequence is in the snapshot.
+    assert_eq!(
+        propose(b, idempotent(7, 4, &["v4"])).await.1,
+        applied(4, 1, 9)
+    );
+    assert_eq!(
+        propose(b, idempotent(7, 9, &["v9"])).await.1,
+        applied(9, 1, 10)
+    );
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_by_age_purges_the_segments_whose_newest_record_is_older() {
     let t = TestCluster::new(&[1, 2, 3]);
     let topic = TopicConfig {
