@@ -1078,8 +1078,8 @@ pub fn partition_raft_config() -> Arc<openraft::Config> {
 /// Applies `storage`'s retention to its replicated partitions through their groups in
 /// `replicas`: each retention run (the storage's background thread, every
 /// `retention_check_interval`) reports the partitions with sealed segments to drop
-/// ([`RaftRetentionHook`](crate::storage::RaftRetentionHook)); a task on the current tokio runtime asks each such group whose
-/// snapshot is behind that point for a snapshot. The group builds it at the retention point
+/// ([`RaftRetentionHook`](crate::storage::RaftRetentionHook)); a task on the current tokio
+/// runtime asks each such group whose snapshot is behind that point for a snapshot. The group builds it at the retention point
 /// ([`PartitionSnapshotBuilder`]) and openraft then purges the log up to it, deleting those
 /// segments (on a leader once no replication to a follower reads them). Each replica does
 /// this for its own log; a follower that needs purged entries gets the snapshot. Must run
@@ -1095,12 +1095,14 @@ pub fn retain_through_groups(storage: &Storage, replicas: std::sync::Weak<Replic
     }));
     tokio::spawn(async move {
         while let Some((id, point)) = rx.recv().await {
-            let Some(raft) = replicas
-                .upgrade()
-                .and_then(|r| r.get(&id.topic, id.partition))
-            else {
+            // The broker's groups are gone: so is the work.
+            let Some(groups) = replicas.upgrade() else {
+                return;
+            };
+            let Some(raft) = groups.get(&id.topic, id.partition) else {
                 continue;
             };
+            drop(groups);
             let (snapshot, purged, applied) = {
                 let m = raft.metrics();
                 let m = m.borrow();
