@@ -131,6 +131,9 @@ impl Broker {
                 break (a.parse().unwrap(), m.to_owned());
             }
         };
+        // The child's stdout stays read: its test harness prints "has been running for over
+        // 60 seconds" there, and a write to a closed pipe would end the broker.
+        std::thread::spawn(move || out.for_each(drop));
         Self {
             child,
             addr,
@@ -2127,4 +2130,84 @@ fn a_topic_deleted_and_recreated_at_once_holds_only_its_new_records_on_every_rep
             .unwrap();
         assert_eq!(r.error_code(), 0, "round {round}");
     }
+}
+
+/// The first offset of `topic`/`partition`'s oldest segment in the data directory `data`.
+fn first_segment_base(data: &Path, topic: &str, partition: u32) -> Option<i64> {
+    partition_files(data, topic, partition)
+        .keys()
+        .filter_map(|n| n.strip_suffix(".log")?.parse().ok())
+        .min()
+}
+
+/// Retention on a replicated partition, on real processes: 1 MiB segments, 2 MiB kept. A
+/// follower killed before 5 MiB are produced misses all of it; the others' retention run
+/// (60 s after their start) snapshots and purges the oldest segments. Restarted, the follower
+/// is restored by the leader's snapshot: its log starts at the leader's log start and its
+/// segment files are the leader's bytes. (About 65 s: the retention run's interval, 60 s, is fixed.)
+#[test]
+fn a_follower_down_while_retention_purged_is_restored_by_snapshot_with_the_leaders_files() {
+    let (ports, peers, dirs) = three_peers();
+    let extra: Vec<String> = ["--segment-bytes", "1048576", "--retention-bytes", "2097152"]
+        .map(String::from)
+        .to_vec();
+    let start = |i: usize| {
+        Broker::start_with(
+            i as u32 + 1,
+            "127.0.0.1:0",
+            ports[i],
+            &peers,
+            "tokio",
+            dirs[i].path(),
+            &extra,
+        )
+    };
+    let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
+    let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    for c in &mut clients {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    assert_eq!(create(&mut clients[0], "kept", 1, 3), (0, true));
+    let leader = agreed_leader(&mut clients, "kept", 0) as usize - 1;
+    let follower = (leader + 1) % 3;
+    drop(clients);
+    drop(brokers[follower].take());
+    let mut at_leader = brokers[leader].as_ref().unwrap().client();
+    // 5 MiB in batches of four 64 KiB records, acknowledged by the leader and the other
+    // replica.
+    let value = vec![b'r'; 64 << 10];
+    let mut end = 0;
+    for _ in 0..20 {
+        let values: Vec<&[u8]> = vec![value.as_slice(); 4];
+        let r = streambus_tests::produce(&mut at_leader, "kept", 0, &values).unwrap();
+        let Ok(Response::Produce(ok)) = r.parse(RequestType::Produce) else {
+            panic!("produce: {}", r.error_code());
+        };
+        assert_eq!(ok.base_offset, end);
+        end += 4;
+    }
+    let leader_dir = dirs[leader].path();
+    let start_after = eventually_within(
+        Duration::from_secs(150),
+        "the leader's retention purging its oldest segments",
+        || first_segment_base(leader_dir, "kept", 0).filter(|b| *b > 0),
+    );
+    // The leader serves from its log start on, every offset once, up to the end.
+    let kept = streambus_tests::fetch_all(&mut at_leader, "kept", 0, start_after).unwrap();
+    let offsets: Vec<i64> = kept.iter().map(|(o, _)| *o).collect();
+    assert_eq!(offsets, (start_after..end).collect::<Vec<_>>());
+    // Restarted, the follower is sent the snapshot: the same log start, the same files.
+    brokers[follower] = Some(start(follower));
+    replicas_identical(
+        &[leader_dir, dirs[follower].path()],
+        "kept",
+        1,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        first_segment_base(dirs[follower].path(), "kept", 0),
+        first_segment_base(leader_dir, "kept", 0)
+    );
 }

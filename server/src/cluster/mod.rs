@@ -227,6 +227,8 @@ impl Cluster {
                 transport: Arc::clone(&transport),
                 publish,
             });
+            // Retention of the replicated partitions goes through their groups.
+            replica::retain_through_groups(&local.storage, Arc::downgrade(&replicas));
         }
         let log = store::LogStore::open(dir).map_err(open_err)?;
         let started_blank = log.is_blank();
@@ -273,6 +275,13 @@ impl Cluster {
     /// The partition groups this broker runs (the cluster link delivers their messages).
     pub fn replicas(&self) -> &replica::Replicas {
         &self.replicas
+    }
+
+    /// Applies `storage`'s retention to its replicated partitions through this broker's
+    /// partition groups ([`replica::retain_through_groups`]; [`Cluster::open`] does it for the
+    /// broker's storage).
+    pub fn retain_through_groups(&self, storage: &crate::storage::Storage) {
+        replica::retain_through_groups(storage, Arc::downgrade(&self.replicas));
     }
 
     /// This broker's node id.

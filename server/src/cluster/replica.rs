@@ -214,10 +214,6 @@ fn sm_err<E: std::error::Error + 'static>(e: E) -> StorageError<u64> {
     StorageIOError::write_state_machine(&e).into()
 }
 
-fn sm_read_err<E: std::error::Error + 'static>(e: E) -> StorageError<u64> {
-    StorageIOError::read_state_machine(&e).into()
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -330,6 +326,9 @@ struct Shared {
     /// The leader's decisions on the idempotent proposals it stored without messages
     /// (retries, refusals), by log index, until applying them answers them.
     decided: Mutex<BTreeMap<u64, Decided>>,
+    /// Held while a snapshot is built or installed: one at a time reads and replaces
+    /// `raft-snapshot.json` (a build runs beside the state machine's installs).
+    snapshot_file: Mutex<()>,
 }
 
 impl Debug for Shared {
@@ -704,34 +703,149 @@ pub struct PartitionStateMachine {
     snapshot_idx: u64,
 }
 
-impl PartitionStateMachine {
-    fn snapshot_data(&self) -> Result<SnapshotData, crate::storage::StorageError> {
-        let log_start = self.shared.state()?.log_start;
-        let s = lock(&self.state);
-        Ok(SnapshotData {
-            last_applied: s.last_applied,
-            membership: s.membership.clone(),
-            high_water_mark: s.high_water_mark,
-            log_start,
-            producers: s
-                .producers
-                .export()
-                .into_iter()
-                .map(|(p, n, o)| (Producer::from(p), n, o))
-                .collect(),
-        })
-    }
-}
-
-/// Builds a partition's snapshots.
+/// Builds a partition's snapshots: only at a retention point (the last entry of the last
+/// sealed segment retention drops, among the applied ones), with the state as of that entry,
+/// never of the whole applied state: the group purges its log up to each snapshot, and the
+/// log is the data.
 #[derive(Debug)]
 pub struct PartitionSnapshotBuilder {
     sm: PartitionStateMachine,
 }
 
+impl PartitionSnapshotBuilder {
+    /// The state machine as of the partition's retention point, if that is past `stored`
+    /// (the current snapshot): the last entry of the last sealed segment retention no longer
+    /// keeps, among the applied entries ([`Storage::raft_retention_point`]). It is the stored
+    /// snapshot's state with the entries after it up to the point applied again, exactly as
+    /// [`RaftStateMachine::apply`] applies them: the high-water mark is the point's end
+    /// offset, the producer table records the idempotent batches, and the membership is the
+    /// last membership entry up to the point. Only the index entries are read (no records).
+    fn state_at_retention_point(
+        &self,
+        stored: Option<&StoredSnapshot>,
+        now: i64,
+    ) -> Result<Option<SnapshotData>, String> {
+        let sh = &*self.sm.shared;
+        let (topic, partition) = (&sh.id.topic, sh.id.partition);
+        let Some(applied) = lock(&self.sm.state).last_applied else {
+            return Ok(None);
+        };
+        let point = sh
+            .storage
+            .raft_retention_point(topic, partition, now, applied.index)
+            .map_err(|e| e.to_string())?;
+        let Some(point) = point else {
+            return Ok(None);
+        };
+        let prev = stored.and_then(|s| s.data.last_applied);
+        if prev.is_some_and(|p| p.index >= point.index) {
+            return Ok(None);
+        }
+        let from = prev.map_or(0, |p| p.index.saturating_add(1));
+        let entries = sh
+            .storage
+            .raft_entry_headers(topic, partition, from, point.index.saturating_add(1))
+            .map_err(|e| e.to_string())?;
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Err(format!("the log holds no entries {from}..={}", point.index));
+        };
+        if first.log_id.index != from || last.log_id != point {
+            return Err(format!(
+                "the log holds entries {:?}..={:?}, not {from}..={point:?}",
+                first.log_id, last.log_id
+            ));
+        }
+        let mut producers = sh.storage.uncounted_producer_table();
+        let mut membership = StoredMembership::default();
+        if let Some(s) = stored {
+            let list: Vec<_> = s
+                .data
+                .producers
+                .iter()
+                .map(|(p, n, o)| (ProducerBatch::from(*p), *n, *o))
+                .collect();
+            producers.import(&list);
+            membership = s.data.membership.clone();
+        }
+        {
+            let file = lock(&sh.file);
+            for e in &entries {
+                match e.kind {
+                    RaftEntryKind::Records => {
+                        if let Some(p) = &e.producer {
+                            producers.record(p, e.count, e.base_offset);
+                        }
+                    }
+                    RaftEntryKind::Membership => {
+                        let Some(m) = file.memberships.get(&e.log_id.index) else {
+                            return Err(format!(
+                                "membership entry {} has no configuration in {RAFT_FILE}",
+                                e.log_id.index
+                            ));
+                        };
+                        membership = StoredMembership::new(Some(log_id(e.log_id)), m.clone());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let end = last.base_offset.saturating_add(i64::from(last.count));
+        let log_start = sh.state().map_err(|e| e.to_string())?.log_start.max(end);
+        Ok(Some(SnapshotData {
+            last_applied: Some(log_id(point)),
+            membership,
+            high_water_mark: end,
+            log_start,
+            producers: producers
+                .export()
+                .into_iter()
+                .map(|(p, n, o)| (Producer::from(p), n, o))
+                .collect(),
+        }))
+    }
+}
+
 impl RaftSnapshotBuilder<PartitionConfig> for PartitionSnapshotBuilder {
+    /// A snapshot at the partition's retention point (openraft then purges the log up to
+    /// it: `max_in_snapshot_log_to_keep` is 0); when retention keeps everything past the
+    /// current snapshot, that snapshot again (openraft keeps the newest it has, so nothing
+    /// changes).
     async fn build_snapshot(&mut self) -> Result<Snapshot<PartitionConfig>, StorageError<u64>> {
-        let data = self.sm.snapshot_data().map_err(sm_read_err)?;
+        let sh = Arc::clone(&self.sm.shared);
+        let _file = lock(&sh.snapshot_file);
+        let path = sh.dir.join(SNAPSHOT_FILE);
+        let stored: Option<StoredSnapshot> =
+            read_json(&path).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        let now = crate::storage::unix_now_ns();
+        let data = match self.state_at_retention_point(stored.as_ref(), now) {
+            Ok(d) => d,
+            Err(reason) => {
+                // Not a storage failure of the group (openraft would stop it): no snapshot
+                // this time, the next retention run tries again.
+                tracing::warn!(
+                    topic = %sh.id.topic,
+                    partition = sh.id.partition,
+                    "no snapshot at the retention point: {reason}"
+                );
+                None
+            }
+        };
+        let Some(data) = data else {
+            return Ok(match stored {
+                Some(s) => {
+                    let bytes = serde_json::to_vec(&s.data)
+                        .map_err(|e| StorageIOError::read_snapshot(Some(s.meta.signature()), &e))?;
+                    Snapshot {
+                        meta: s.meta,
+                        snapshot: Box::new(bytes),
+                    }
+                }
+                None => Snapshot {
+                    meta: SnapshotMeta::default(),
+                    snapshot: Box::default(),
+                },
+            });
+        };
         let snapshot_id = match data.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.sm.snapshot_idx),
             None => format!("none-{}", self.sm.snapshot_idx),
@@ -747,7 +861,7 @@ impl RaftSnapshotBuilder<PartitionConfig> for PartitionSnapshotBuilder {
             meta: meta.clone(),
             data,
         };
-        write_json_atomically(&self.sm.shared.dir.join(SNAPSHOT_FILE), &stored)
+        write_json_atomically(&path, &stored)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         Ok(Snapshot {
             meta,
@@ -864,7 +978,8 @@ impl RaftStateMachine<PartitionConfig> for PartitionStateMachine {
         let sig = || Some(meta.signature());
         let data: SnapshotData = serde_json::from_slice(&snapshot)
             .map_err(|e| StorageIOError::read_snapshot(sig(), &e))?;
-        let sh = &*self.shared;
+        let sh = Arc::clone(&self.shared);
+        let _file = lock(&sh.snapshot_file);
         if let Some(last) = meta.last_log_id {
             let id = raft_log_id(&last);
             // Does the log hold the snapshot's last entry? Then it keeps its entries (the
@@ -939,7 +1054,9 @@ impl RaftStateMachine<PartitionConfig> for PartitionStateMachine {
 /// elections after 400–800 ms), and no snapshot on openraft's own schedule. The log is the
 /// partition's data: purging it after openraft's default snapshot (every 5 000 entries, the log
 /// purged 1 000 behind) deleted sealed segments that the topic's retention still kept. A
-/// replicated partition's log is only ever cut by retention.
+/// replicated partition's log is only ever cut by retention ([`retain_through_groups`]): a
+/// snapshot at the retention point, then a purge of the whole log up to it
+/// (`max_in_snapshot_log_to_keep` 0), which deletes exactly the segments retention dropped.
 pub fn partition_raft_config() -> Arc<openraft::Config> {
     let config = openraft::Config {
         cluster_name: "streambus-partition".into(),
@@ -947,9 +1064,66 @@ pub fn partition_raft_config() -> Arc<openraft::Config> {
         election_timeout_min: 400,
         election_timeout_max: 800,
         snapshot_policy: openraft::SnapshotPolicy::Never,
+        max_in_snapshot_log_to_keep: 0,
         ..Default::default()
     };
     Arc::new(config.validate().unwrap_or_default())
+}
+
+/// Applies `storage`'s retention to its replicated partitions through their groups in
+/// `replicas`: each retention run (the storage's background thread, every
+/// `retention_check_interval`) reports the partitions with sealed segments to drop
+/// ([`RaftRetentionHook`](crate::storage::RaftRetentionHook)); a task on the current tokio
+/// runtime asks each such group whose snapshot is behind that point for a snapshot. The group builds it at the retention point
+/// ([`PartitionSnapshotBuilder`]) and openraft then purges the log up to it, deleting those
+/// segments (on a leader once no replication to a follower reads them). Each replica does
+/// this for its own log; a follower that needs purged entries gets the snapshot. Must run
+/// inside a tokio runtime; the task ends with the storage or the registry.
+pub fn retain_through_groups(storage: &Storage, replicas: std::sync::Weak<Replicas>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(PartitionId, RaftLogId)>();
+    storage.set_raft_retention_hook(Arc::new(move |topic, partition, point| {
+        let id = PartitionId {
+            topic: topic.to_owned(),
+            partition,
+        };
+        let _ = tx.send((id, point));
+    }));
+    tokio::spawn(async move {
+        while let Some((id, point)) = rx.recv().await {
+            // The broker's groups are gone: so is the work.
+            let Some(groups) = replicas.upgrade() else {
+                return;
+            };
+            let Some(raft) = groups.get(&id.topic, id.partition) else {
+                continue;
+            };
+            drop(groups);
+            let (snapshot, purged, applied) = {
+                let m = raft.metrics();
+                let m = m.borrow();
+                (m.snapshot, m.purged, m.last_applied)
+            };
+            let triggered = match snapshot {
+                // Snapshotted up to there already; a purge a crash (or a restart) left
+                // undone is asked for again.
+                Some(s) if s.index >= point.index => {
+                    if purged >= Some(s) {
+                        continue;
+                    }
+                    raft.trigger().purge_log(s.index).await
+                }
+                _ if applied.is_none() => continue,
+                _ => raft.trigger().snapshot().await,
+            };
+            if let Err(e) = triggered {
+                tracing::warn!(
+                    topic = %id.topic,
+                    partition = id.partition,
+                    "retention: the partition group is stopped: {e}"
+                );
+            }
+        }
+    });
 }
 
 /// Opens node `node_id`'s member of partition `id`'s group: its log is the partition's in
@@ -1026,6 +1200,7 @@ pub async fn open_group(
         sm: Arc::clone(&state),
         log_producers: Mutex::new(None),
         decided: Mutex::new(BTreeMap::new()),
+        snapshot_file: Mutex::new(()),
     });
     let log = PartitionLog {
         shared: Arc::clone(&shared),

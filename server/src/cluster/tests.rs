@@ -645,7 +645,7 @@ async fn a_wiped_lowest_id_broker_rejoins_the_live_group_instead_of_starting_a_s
 // ---- Partition groups (partition replication) on the same in-memory network ----
 
 use super::replica::{self, Batch, BatchApplied, PartitionId, PartitionRaft};
-use crate::storage::{FsyncPolicy, RaftEntry, Storage, StorageConfig};
+use crate::storage::{FsyncPolicy, RaftEntry, Storage, StorageConfig, TopicConfig};
 
 fn orders() -> PartitionId {
     PartitionId {
@@ -750,6 +750,19 @@ impl TestCluster {
         config: Arc<openraft::Config>,
         segment_bytes: u64,
     ) -> (Cluster, Replica) {
+        self.start_replica_opts(id, config, segment_bytes, TopicConfig::default())
+            .await
+    }
+
+    /// [`start_replica_with`](Self::start_replica_with), the topic created with `topic`'s
+    /// settings (retention); the storage's retention runs go through the partition group.
+    async fn start_replica_opts(
+        &self,
+        id: u64,
+        config: Arc<openraft::Config>,
+        segment_bytes: u64,
+        topic: TopicConfig,
+    ) -> (Cluster, Replica) {
         let cluster = self.start(id).await;
         self.open_replica(cluster, id, config, segment_bytes).await
     }
@@ -766,10 +779,11 @@ impl TestCluster {
         cfg.fsync = FsyncPolicy::Never;
         cfg.segment_bytes = segment_bytes;
         cfg.retention_check_interval = Duration::ZERO;
+        // Only the topic's retention applies (the test batches are stamped in 1970).
+        cfg.retention_age = None;
         let storage = Arc::new(Storage::open(cfg).unwrap());
-        storage
-            .create_raft_topic("orders", 1, crate::storage::TopicConfig::default())
-            .unwrap();
+        storage.create_raft_topic("orders", 1, topic).unwrap();
+        cluster.retain_through_groups(&storage);
         let transport = Arc::new(NodeTransport {
             from: id,
             router: Arc::clone(&self.router),
@@ -783,9 +797,22 @@ impl TestCluster {
 
     /// Starts replicas 1, 2 and 3 of the partition, replica 1 initialising the group.
     async fn start_group(&self) -> Vec<(Cluster, Replica)> {
+        self.start_group_with(TopicConfig::default(), 60).await
+    }
+
+    /// [`start_group`](Self::start_group), the topic created with `topic`'s settings and
+    /// segments of `segment_bytes`.
+    async fn start_group_with(
+        &self,
+        topic: TopicConfig,
+        segment_bytes: u64,
+    ) -> Vec<(Cluster, Replica)> {
         let mut nodes = Vec::new();
         for id in [1, 2, 3] {
-            nodes.push(self.start_replica(id).await);
+            nodes.push(
+                self.start_replica_opts(id, partition_config(), segment_bytes, topic)
+                    .await,
+            );
         }
         nodes[0]
             .1
@@ -960,38 +987,290 @@ async fn a_cut_off_leaders_uncommitted_tail_is_truncated_by_the_next_leader() {
     }
 }
 
+/// The bytes of a batch of one value `v0`..`v9`: the segment size that holds one such batch.
+fn one_batch() -> u64 {
+    message_set(&["v0"]).1.len() as u64
+}
+
+/// A topic whose retention keeps three one-value batches.
+fn retaining_three_batches() -> TopicConfig {
+    TopicConfig {
+        retention_bytes: Some(3 * one_batch()),
+        ..TopicConfig::default()
+    }
+}
+
+/// Waits until `r`'s log is purged up to index `index`.
+async fn wait_purged(r: &Replica, index: u64) {
+    r.raft
+        .wait(Some(DEADLINE))
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index == index),
+            "the log purged up to the retention point",
+        )
+        .await
+        .unwrap();
+}
+
+/// The `.log` files of a partition directory's segments, by base offset.
+fn log_files(files: &BTreeMap<String, Vec<u8>>) -> Vec<String> {
+    files
+        .keys()
+        .filter(|n| n.ends_with(".log"))
+        .cloned()
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_behind_the_leaders_purged_log_catches_up_by_snapshot() {
+async fn retention_by_size_snapshots_at_a_segment_boundary_and_purges_whole_segments_on_each_replica()
+ {
     let t = TestCluster::new(&[1, 2, 3]);
-    let nodes = t.start_group().await;
+    let nodes = t
+        .start_group_with(retaining_three_batches(), one_batch())
+        .await;
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    let leader = t.partition_leader_among(&reps).await;
+    let l = *reps.iter().find(|r| r.id == leader).unwrap();
+    let mut last = 0;
+    for i in 0..8 {
+        last = produce(l, &[&format!("v{i}")]).await.0;
+    }
+    for r in &reps {
+        r.wait_applied(last).await;
+    }
+    // Entries 0 (membership) and 1 (blank) share v0's segment; v1..v7 are entries 3..9, one
+    // segment each (a segment holds one batch). Keeping three batches drops the segments of v0..v4: the point is v4's
+    // entry, 6 — or, with only entries up to 5 applied, v3's.
+    let now = crate::storage::unix_now_ns();
+    let id_at = |i: u64| {
+        l.entries()
+            .iter()
+            .find(|e| e.log_id.index == i)
+            .unwrap()
+            .log_id
+    };
+    let point = |applied| {
+        l.storage
+            .raft_retention_point("orders", 0, now, applied)
+            .unwrap()
+    };
+    assert_eq!(point(u64::MAX), Some(id_at(6)));
+    assert_eq!(point(5), Some(id_at(5)));
+    assert_eq!(point(1), None);
+    let (point, entries) = (id_at(6), l.entries());
+    for r in &reps {
+        assert_eq!(
+            r.storage.enforce_retention(now).unwrap(),
+            0,
+            "node {}",
+            r.id
+        );
+    }
+    for r in &reps {
+        wait_purged(r, 6).await;
+        let m = r.raft.metrics().borrow().clone();
+        let snapshot = m
+            .snapshot
+            .map(|s| (s.leader_id.term, s.leader_id.node_id, s.index));
+        assert_eq!(
+            snapshot,
+            Some((point.term, point.node_id, point.index)),
+            "node {}",
+            r.id
+        );
+        let st = r.storage.raft_log_state("orders", 0).unwrap();
+        assert_eq!(
+            (st.log_start, st.high_water_mark, st.end, st.last_purged),
+            (5, 8, 8, Some(point)),
+            "node {}",
+            r.id
+        );
+        assert_eq!(r.offsets(), (5, 8), "node {}", r.id);
+        assert_eq!(r.values(5), ["v5", "v6", "v7"], "node {}", r.id);
+        assert_eq!(r.entries(), entries[7..], "node {}", r.id);
+        let files = r.segment_files();
+        assert_eq!(
+            log_files(&files),
+            [
+                "00000000000000000005.log",
+                "00000000000000000006.log",
+                "00000000000000000007.log"
+            ],
+            "node {}",
+            r.id
+        );
+        assert_eq!(files, l.segment_files(), "node {}", r.id);
+    }
+    // What is left is kept; one more batch drops one more segment (v5's, entry 7).
+    assert_eq!(
+        l.storage
+            .raft_retention_point("orders", 0, now, u64::MAX)
+            .unwrap(),
+        None
+    );
+    let (index, a) = produce(l, &["v8"]).await;
+    assert_eq!((a.base_offset, a.high_water_mark), (8, 9));
+    l.wait_applied(index).await;
+    l.storage.enforce_retention(now).unwrap();
+    wait_purged(l, 7).await;
+    assert_eq!(l.offsets(), (6, 9));
+    assert_eq!(l.values(6), ["v6", "v7", "v8"]);
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_after_its_retention_purge_reopens_at_its_log_start_and_catches_up() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = t
+        .start_group_with(retaining_three_batches(), one_batch())
+        .await;
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    let leader = t.partition_leader_among(&reps).await;
+    let follower = reps.iter().find(|r| r.id != leader).unwrap().id;
+    let l = *reps.iter().find(|r| r.id == leader).unwrap();
+    let mut last = 0;
+    for i in 0..8 {
+        last = propose(l, idempotent(7, i, &[&format!("v{i}")])).await.0;
+    }
+    let f = *reps.iter().find(|r| r.id == follower).unwrap();
+    f.wait_applied(last).await;
+    f.storage
+        .enforce_retention(crate::storage::unix_now_ns())
+        .unwrap();
+    wait_purged(f, 6).await;
+    // The follower stops (its snapshot is at entry 6, it had applied up to 9).
+    let k = nodes.iter().position(|(_, r)| r.id == follower).unwrap();
+    let (cluster, r) = nodes.remove(k);
+    r.raft.shutdown().await.unwrap();
+    t.stop(follower).await;
+    drop(cluster);
+    let Replica { storage, raft, .. } = r;
+    drop(raft);
+    let end = std::time::Instant::now() + DEADLINE;
+    while Arc::strong_count(&storage) > 1 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the stopped group still holds the storage"
+        );
+        tokio::task::yield_now().await;
+    }
+    drop(storage);
+    let l = &nodes.iter().find(|(_, r)| r.id == leader).unwrap().1;
+    let (index, a) = propose(l, idempotent(7, 8, &["v8"])).await;
+    assert_eq!(a, applied(8, 1, 9));
+    // Restarted from its files: the log from offset 5, the state machine from the snapshot
+    // with entries 7.. applied again on it.
+    let (cluster, back) = t
+        .start_replica_opts(
+            follower,
+            partition_config(),
+            one_batch(),
+            retaining_three_batches(),
+        )
+        .await;
+    back.wait_applied(index).await;
+    assert_eq!(back.offsets(), (5, 9));
+    assert_eq!(back.values(5), ["v5", "v6", "v7", "v8"]);
+    nodes.push((cluster, back));
+    // It leads (the others never campaign once the leader stops) and knows the producer.
+    for (_, r) in &nodes {
+        if r.id != follower && r.id != leader {
+            r.raft.runtime_config().elect(false);
+        }
+    }
+    let k = nodes.iter().position(|(_, r)| r.id == leader).unwrap();
+    let (_, r) = nodes.remove(k);
+    stop_replica(&t, r).await;
+    let rest: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    assert_eq!(t.partition_leader_among(&rest).await, follower);
+    let b = *rest.iter().find(|r| r.id == follower).unwrap();
+    // v4's batch: its records are gone from this replica, its sequence is in the snapshot.
+    assert_eq!(
+        propose(b, idempotent(7, 4, &["v4"])).await.1,
+        applied(4, 1, 9)
+    );
+    assert_eq!(
+        propose(b, idempotent(7, 9, &["v9"])).await.1,
+        applied(9, 1, 10)
+    );
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_age_purges_the_segments_whose_newest_record_is_older() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let topic = TopicConfig {
+        retention_age: Some(Duration::from_secs(3600)),
+        ..TopicConfig::default()
+    };
+    let nodes = t.start_group_with(topic, one_batch()).await;
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    let leader = t.partition_leader_among(&reps).await;
+    let l = *reps.iter().find(|r| r.id == leader).unwrap();
+    // v0..v2 appended at 1 µs after the epoch, v3..v5 now.
+    let now = crate::storage::unix_now_ns();
+    let mut last = 0;
+    for i in 0..6 {
+        let v = format!("v{i}");
+        let (n, buf) = message_set(&[&v]);
+        let set = streambus_core::MessageSet::new_checked(n, &buf).unwrap();
+        let at = if i < 3 { 1_000 } else { now };
+        last = propose(l, Batch::new(&set, at, None)).await.0;
+    }
+    l.wait_applied(last).await;
+    // v2 is entry 4: the segments up to it go.
+    l.storage.enforce_retention(now).unwrap();
+    wait_purged(l, 4).await;
+    assert_eq!(l.offsets(), (3, 6));
+    assert_eq!(l.values(3), ["v3", "v4", "v5"]);
+    assert_eq!(
+        log_files(&l.segment_files()),
+        [
+            "00000000000000000003.log",
+            "00000000000000000004.log",
+            "00000000000000000005.log"
+        ]
+    );
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_while_the_leaders_retention_purged_is_restored_by_snapshot() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let nodes = t
+        .start_group_with(retaining_three_batches(), one_batch())
+        .await;
     let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
     let leader = t.partition_leader_among(&reps).await;
     let l = *reps.iter().find(|r| r.id == leader).unwrap();
     let behind = *reps.iter().find(|r| r.id != leader).unwrap();
     let (first, _) = produce(l, &["v0"]).await;
     behind.wait_applied(first).await;
-    // One follower misses the next batches, then the leader snapshots and purges its log.
+    // One follower misses the next batches, then the leader's retention purges its log.
     t.router.down.lock().unwrap().insert(behind.id);
     let mut last = 0;
     for i in 1..8 {
         last = produce(l, &[&format!("v{i}")]).await.0;
     }
-    l.raft.trigger().snapshot().await.unwrap();
-    l.raft
-        .wait(Some(DEADLINE))
-        .metrics(
-            |m| m.purged.is_some_and(|p| p.index == last),
-            "the leader's log purged up to its snapshot",
-        )
-        .await
+    l.wait_applied(last).await;
+    l.storage
+        .enforce_retention(crate::storage::unix_now_ns())
         .unwrap();
-    assert_eq!(l.offsets(), (8, 8));
-    assert_eq!(l.storage.raft_log_state("orders", 0).unwrap().log_start, 8);
+    wait_purged(l, 6).await;
+    assert_eq!(l.offsets(), (5, 8));
     // Back on the network, the follower gets the snapshot, then the log after it.
     t.router.down.lock().unwrap().remove(&behind.id);
     let (index, a) = produce(l, &["after"]).await;
     assert_eq!((a.base_offset, a.high_water_mark), (8, 9));
     behind.wait_applied(index).await;
+    let snapshot = behind.raft.metrics().borrow().snapshot;
+    assert_eq!(snapshot.map(|s| s.index), Some(6));
     let st = behind.storage.raft_log_state("orders", 0).unwrap();
     assert_eq!(
         (
@@ -1000,10 +1279,81 @@ async fn a_replica_behind_the_leaders_purged_log_catches_up_by_snapshot() {
             st.high_water_mark,
             st.last_purged.map(|p| p.index)
         ),
-        (8, 9, 9, Some(last))
+        (5, 9, 9, Some(6))
     );
-    assert_eq!(behind.values(8), ["after"]);
+    assert_eq!(behind.offsets(), l.offsets());
+    assert_eq!(behind.values(5), ["v5", "v6", "v7", "after"]);
     assert_eq!(behind.entries(), l.entries());
+    assert_eq!(behind.segment_files(), l.segment_files());
+    for (_, r) in nodes {
+        stop_replica(&t, r).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restored_by_snapshot_then_leading_recognises_retries_of_purged_batches() {
+    let t = TestCluster::new(&[1, 2, 3]);
+    let mut nodes = t
+        .start_group_with(retaining_three_batches(), one_batch())
+        .await;
+    let reps: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    let old = t.partition_leader_among(&reps).await;
+    let l = *reps.iter().find(|r| r.id == old).unwrap();
+    let behind = *reps.iter().find(|r| r.id != old).unwrap();
+    let other = reps
+        .iter()
+        .find(|r| r.id != old && r.id != behind.id)
+        .unwrap()
+        .id;
+    let (first, a) = propose(l, idempotent(7, 0, &["v0"])).await;
+    assert_eq!(a, applied(0, 1, 1));
+    behind.wait_applied(first).await;
+    t.router.down.lock().unwrap().insert(behind.id);
+    let mut last = 0;
+    for i in 1..8 {
+        let (index, a) = propose(l, idempotent(7, i, &[&format!("v{i}")])).await;
+        assert_eq!(a, applied(i64::from(i), 1, i64::from(i) + 1));
+        last = index;
+    }
+    l.wait_applied(last).await;
+    l.storage
+        .enforce_retention(crate::storage::unix_now_ns())
+        .unwrap();
+    wait_purged(l, 6).await;
+    t.router.down.lock().unwrap().remove(&behind.id);
+    let (index, a) = propose(l, idempotent(7, 8, &["v8"])).await;
+    assert_eq!(a, applied(8, 1, 9));
+    behind.wait_applied(index).await;
+    assert_eq!(behind.offsets(), (5, 9));
+    // The restored replica leads: the other one never campaigns, the old leader stops.
+    reps.iter()
+        .find(|r| r.id == other)
+        .unwrap()
+        .raft
+        .runtime_config()
+        .elect(false);
+    let k = nodes.iter().position(|(_, r)| r.id == old).unwrap();
+    let (_, r) = nodes.remove(k);
+    stop_replica(&t, r).await;
+    let rest: Vec<&Replica> = nodes.iter().map(|(_, r)| r).collect();
+    let b = *rest.iter().find(|r| r.id != other).unwrap();
+    assert_eq!(t.partition_leader_among(&rest).await, b.id);
+    // Retries of batches acknowledged before the snapshot — v4 at offset 4, below the log
+    // start, known from the snapshot's producer table; v6 after it — get their offsets.
+    assert_eq!(
+        propose(b, idempotent(7, 4, &["v4"])).await.1,
+        applied(4, 1, 9)
+    );
+    assert_eq!(
+        propose(b, idempotent(7, 6, &["v6"])).await.1,
+        applied(6, 1, 9)
+    );
+    let (last, next) = propose(b, idempotent(7, 9, &["v9"])).await;
+    assert_eq!(next, applied(9, 1, 10));
+    for r in &rest {
+        r.wait_applied(last).await;
+    }
+    assert_eq!(b.values(5), ["v5", "v6", "v7", "v8", "v9"]);
     for (_, r) in nodes {
         stop_replica(&t, r).await;
     }

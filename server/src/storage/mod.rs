@@ -204,9 +204,33 @@ struct TopicState {
     raft: bool,
 }
 
+/// Called by the retention run with each replicated partition (topic, partition) and its
+/// retention point: the last entry of the last sealed segment its topic's retention no longer
+/// keeps ([`Storage::raft_retention_point`], not capped by what is applied). A Raft log is
+/// never trimmed under its group: the replication layer snapshots at such an entry and purges
+/// up to it ([`Storage::raft_purge`]). Called on the storage's background thread: it must not
+/// block.
+pub type RaftRetentionHook = Arc<dyn Fn(&str, u32, RaftLogId) + Send + Sync>;
+
+/// The [`RaftRetentionHook`], if one is set.
+#[derive(Default)]
+struct RetentionHookSlot(Mutex<Option<RaftRetentionHook>>);
+
+impl std::fmt::Debug for RetentionHookSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if lock(&self.0).is_some() {
+            "RaftRetentionHook"
+        } else {
+            "None"
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     config: StorageConfig,
+    /// What the retention run calls for replicated partitions.
+    raft_retention: RetentionHookSlot,
     topics_dir: PathBuf,
     tmp_dir: PathBuf,
     trash_dir: PathBuf,
@@ -298,6 +322,7 @@ impl Storage {
         }
         let inner = Arc::new(Inner {
             config,
+            raft_retention: RetentionHookSlot::default(),
             topics_dir,
             tmp_dir,
             trash_dir,
@@ -627,6 +652,42 @@ impl Storage {
         self.partition(topic, partition)?.raft_entries(from, to)
     }
 
+    /// [`raft_entries`](Self::raft_entries) without the records (`records` is empty): the
+    /// index entries only, no `.log` bytes read.
+    pub fn raft_entry_headers(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<RaftEntry>, StorageError> {
+        self.partition(topic, partition)?
+            .raft_entry_headers(from, to)
+    }
+
+    /// A replicated partition's retention point at Unix time `now_unix_ns`: the last entry of
+    /// the last sealed segment that its topic's retention no longer keeps (the oldest
+    /// segments while the log is over `retention_bytes`, or while their newest record is
+    /// older than `retention_age`: a single broker's rules), among the segments whose entries
+    /// all have indexes up to `applied`. `None` if retention keeps them all (or the topic has
+    /// no retention). Deletes nothing: purging up to it is [`raft_purge`](Self::raft_purge).
+    pub fn raft_retention_point(
+        &self,
+        topic: &str,
+        partition: u32,
+        now_unix_ns: i64,
+        applied: u64,
+    ) -> Result<Option<RaftLogId>, StorageError> {
+        self.partition(topic, partition)?
+            .raft_retention_point(now_unix_ns, applied)
+    }
+
+    /// Sets what the retention run calls for replicated partitions (see
+    /// [`RaftRetentionHook`]); without one, retention leaves them alone.
+    pub fn set_raft_retention_hook(&self, hook: RaftRetentionHook) {
+        *lock(&self.inner.raft_retention.0) = Some(hook);
+    }
+
     /// Removes the entries from index `from` on, durably (a follower's divergent tail).
     /// Entries below the high-water mark are never removed: that is an error.
     pub fn raft_truncate(
@@ -745,7 +806,34 @@ impl Inner {
 
     fn enforce_retention(&self, now: i64) -> Result<u64, StorageError> {
         // A partition that fails (and stays failing) must not keep the later ones untrimmed.
-        first_error(self.partitions().map(|p| p.enforce_retention(now)))
+        let deleted = first_error(self.partitions().map(|p| p.enforce_retention(now)));
+        self.raft_retention(now);
+        deleted
+    }
+
+    /// Tells the [`RaftRetentionHook`] of each replicated partition that has something to
+    /// purge.
+    fn raft_retention(&self, now: i64) {
+        let Some(hook) = lock(&self.raft_retention.0).clone() else {
+            return;
+        };
+        let replicated: Vec<(String, u32, Arc<Partition>)> = read(&self.topics)
+            .iter()
+            .filter(|(_, t)| t.raft)
+            .flat_map(|(name, t)| {
+                (0u32..)
+                    .zip(&t.partitions)
+                    .filter(|(_, p)| p.has_retention())
+                    .map(|(i, p)| (name.clone(), i, Arc::clone(p)))
+            })
+            .collect();
+        for (topic, partition, p) in replicated {
+            match p.raft_retention_point(now, u64::MAX) {
+                Ok(Some(point)) => hook(&topic, partition, point),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%topic, partition, error = %e, "retention failed"),
+            }
+        }
     }
 }
 

@@ -640,7 +640,11 @@ impl Partition {
             act.entries += 1;
             act.log_len = entry.end_pos();
             act.end = end;
-            act.last_append = Some(a.append_time);
+            // Age retention goes by the newest record: an entry without messages (stamped
+            // with time 0) does not make its segment old.
+            if count > 0 {
+                act.last_append = Some(a.append_time);
+            }
             if let Some(r) = &mut st.raft {
                 r.last = Some(a.log_id);
             }
@@ -685,6 +689,25 @@ impl Partition {
     /// The entries with indexes `from..to` (fewer if the log ends before `to`), records
     /// included. `from` below the first entry kept is an error.
     pub(crate) fn raft_entries(&self, from: u64, to: u64) -> Result<Vec<RaftEntry>, StorageError> {
+        self.collect_raft_entries(from, to, true)
+    }
+
+    /// [`raft_entries`](Self::raft_entries) without the records (`records` left empty): the
+    /// index entries only, no `.log` read.
+    pub(crate) fn raft_entry_headers(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<RaftEntry>, StorageError> {
+        self.collect_raft_entries(from, to, false)
+    }
+
+    fn collect_raft_entries(
+        &self,
+        from: u64,
+        to: u64,
+        with_records: bool,
+    ) -> Result<Vec<RaftEntry>, StorageError> {
         let segs: Vec<(Arc<Segment>, u64, u64)> = {
             let st = read(&self.state);
             if st.raft.is_none() {
@@ -712,6 +735,18 @@ impl Partition {
                 continue;
             }
             seg.read_raft_entries(lo, hi - lo, &mut idx)?;
+            if !with_records {
+                out.extend(idx.iter().map(|(e, m)| RaftEntry {
+                    log_id: m.log_id,
+                    kind: m.kind,
+                    base_offset: e.base_offset,
+                    count: e.count,
+                    append_time: e.append_time,
+                    producer: m.producer,
+                    records: Vec::new(),
+                }));
+                continue;
+            }
             let (Some((a, _)), Some((b, _))) = (idx.first(), idx.last()) else {
                 continue;
             };
@@ -1230,6 +1265,60 @@ impl Partition {
         synced.done();
         self.counters.inc(&self.counters.fsyncs, 1);
         Ok(end)
+    }
+
+    /// Whether the topic has a retention setting (by size or by age).
+    pub(crate) fn has_retention(&self) -> bool {
+        self.settings.retention_bytes.is_some() || self.settings.retention_age.is_some()
+    }
+
+    /// A Raft log's retention point: the last entry of the last sealed segment that retention
+    /// no longer keeps (by the rules of [`enforce_retention`](Self::enforce_retention): the
+    /// oldest segments while the log is over `retention_bytes`, or while their newest record
+    /// is older than `retention_age`), among the segments whose entries all have indexes up
+    /// to `applied`. `None` when retention keeps every such segment. Nothing is deleted: the
+    /// partition's group snapshots at this entry and purges up to it.
+    pub(crate) fn raft_retention_point(
+        &self,
+        now: i64,
+        applied: u64,
+    ) -> Result<Option<RaftLogId>, StorageError> {
+        let Settings {
+            retention_bytes,
+            retention_age,
+            ..
+        } = self.settings;
+        let cutoff = retention_age
+            .map(|a| now.saturating_sub(i64::try_from(a.as_nanos()).unwrap_or(i64::MAX)));
+        let last = {
+            let st = read(&self.state);
+            if st.raft.is_none() {
+                drop(st);
+                return Err(self.not_raft());
+            }
+            let mut total: u64 =
+                st.sealed.iter().map(|s| s.log_len).sum::<u64>() + st.active.log_len;
+            let mut last = None;
+            for s in &st.sealed {
+                let by_size = retention_bytes.is_some_and(|limit| total > limit);
+                let by_age = cutoff.is_some_and(|c| s.last_append.is_none_or(|t| t <= c));
+                let Some(k) = s.entries.checked_sub(1) else {
+                    break;
+                };
+                if !(by_size || by_age) || s.first_index.saturating_add(k) > applied {
+                    break;
+                }
+                total -= s.log_len;
+                last = Some((Arc::clone(&s.seg), k));
+            }
+            last
+        };
+        let Some((seg, k)) = last else {
+            return Ok(None);
+        };
+        let mut buf = Vec::new();
+        seg.read_raft_entries(k, 1, &mut buf)?;
+        Ok(buf.first().map(|(_, m)| m.log_id))
     }
 
     /// Deletes the oldest sealed segments that retention no longer keeps and advances (and

@@ -591,7 +591,11 @@ impl Segment {
             r.entries += 1;
             r.log_len = e.end_pos();
             r.end_offset = e.end_offset();
-            r.last_append = Some(e.append_time);
+            // An entry without messages (a Raft blank or membership entry, time 0) does not
+            // date its segment for age retention.
+            if e.count > 0 {
+                r.last_append = Some(e.append_time);
+            }
             r.last = Some(e);
             if meta.is_some() {
                 r.first_raft = r.first_raft.or(meta);
