@@ -21,8 +21,8 @@
 //! Each broker is this test binary started again in `child_cluster_broker`, which parses its
 //! command line exactly as `streambus-server` does and serves until killed; the metadata
 //! leader is read from each broker's `/metrics`. Its cluster port is
-//! chosen by binding port 0 first (the peers must know it before it starts); its client port
-//! is port 0, read back from the child.
+//! picked free below the ephemeral range first (`streambus_tests::free_ports`: the peers must
+//! know it before it starts); its client port is port 0, read back from the child.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -178,32 +178,9 @@ impl Drop for Broker {
     }
 }
 
-/// Ports free now, for the cluster listeners.
-fn free_ports(n: usize) -> Vec<u16> {
-    use std::hash::{BuildHasher as _, RandomState};
-    // Below the kernel's ephemeral range (32768 and up), so that no connection's local port
-    // takes one between this check and the broker's bind; picked at random, retried when
-    // taken.
-    let random = RandomState::new();
-    let mut listeners: Vec<std::net::TcpListener> = Vec::new();
-    let mut tries = 0u64;
-    while listeners.len() < n {
-        tries += 1;
-        assert!(tries < 10_000, "no free port in 20000..32000");
-        let port = 20_000 + u16::try_from(random.hash_one(tries) % 12_000).unwrap();
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            listeners.push(l);
-        }
-    }
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
-}
-
 /// Three brokers' cluster ports (free now), their `--peers` list and data directories.
 fn three_peers() -> (Vec<u16>, String, Vec<tempfile::TempDir>) {
-    let ports = free_ports(3);
+    let ports = streambus_tests::free_ports(3);
     let peers = format!(
         "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
         ports[0], ports[1], ports[2]
@@ -698,7 +675,7 @@ fn partition_requests_are_served_by_the_leader_only_and_others_answer_not_leader
 
 #[test]
 fn a_fourth_broker_started_with_the_grown_peer_list_joins_and_leads_new_partitions() {
-    let ports = free_ports(4);
+    let ports = streambus_tests::free_ports(4);
     let peer = |i: usize| format!("{}=127.0.0.1:{}", i + 1, ports[i]);
     let three = (0..3).map(peer).collect::<Vec<_>>().join(",");
     let four = (0..4).map(peer).collect::<Vec<_>>().join(",");
@@ -1427,7 +1404,7 @@ fn sigkilling_partition_leaders_under_idempotent_produce_loses_no_acknowledged_r
     const PARTS: u32 = 6;
     let kills = knob("CLUSTER_CAMPAIGN_KILLS", 2);
     let records = knob("CLUSTER_CAMPAIGN_RECORDS", 10_000);
-    let ports = free_ports(6);
+    let ports = streambus_tests::free_ports(6);
     let peers = format!(
         "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
         ports[0], ports[1], ports[2]
@@ -1782,7 +1759,7 @@ fn log_at_leader_among(
 fn failover_time_from_a_leader_kill_to_the_first_acknowledged_produce() {
     const TOPIC: &str = "failover";
     let kills = knob("CLUSTER_FAILOVER_KILLS", 10);
-    let ports = free_ports(6);
+    let ports = streambus_tests::free_ports(6);
     let peers = format!(
         "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
         ports[0], ports[1], ports[2]
