@@ -576,7 +576,7 @@ impl Client {
     }
 
     /// The leader address the table holds for a partition.
-    fn leader_of(&self, topic: &str, partition: u32) -> Option<Arc<str>> {
+    pub(crate) fn leader_of(&self, topic: &str, partition: u32) -> Option<Arc<str>> {
         self.inner.routing().table.leader(topic, partition).cloned()
     }
 
@@ -585,6 +585,37 @@ impl Client {
     pub(crate) fn leader_lost(&self, e: &Error) -> bool {
         e.code() == Some(ErrorCode::NOT_LEADER)
             || (matches!(e, Error::Io { .. }) && self.inner.cluster.load(Ordering::Relaxed))
+    }
+
+    /// After a request to the partition's leader at `failed` met a lost leader
+    /// ([`leader_lost`](Self::leader_lost)): reads the partition's Metadata again at once, then
+    /// every `poll`, until it names a leader other than `failed` or `wait` (the retry's
+    /// backoff) has passed, `deadline` at the latest. Returns whether it names another leader
+    /// (then retry at once). A dead leader's survivors name it until they elect another (an
+    /// election timeout or two); waiting out a whole exponential backoff instead left the
+    /// retry up to seconds after the new leader was serving.
+    pub(crate) async fn await_new_leader(
+        &self,
+        topic: &Arc<str>,
+        partition: u32,
+        failed: Option<&Arc<str>>,
+        wait: Duration,
+        poll: Duration,
+        deadline: Instant,
+    ) -> bool {
+        let until = (Instant::now() + wait).min(deadline);
+        loop {
+            self.refresh(std::slice::from_ref(topic), deadline).await;
+            let now = self.leader_of(topic, partition);
+            if now.is_some() && now.as_ref() != failed {
+                return true;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            tokio::time::sleep(poll.min(left)).await;
+        }
     }
 
     /// Reads the Metadata of `topics` again (every topic when empty) by `deadline`, from any
@@ -676,6 +707,7 @@ impl Client {
         let mut backoff = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
+            let target = self.leader_of(topic, partition);
             let e = match self.call_resending(req.clone(), ctx, left, None).await {
                 Ok(r) => return Ok(r),
                 Err(e) => e,
@@ -690,12 +722,10 @@ impl Client {
             if Instant::now() + delay >= deadline {
                 return Err(e);
             }
-            let before = self.leader_of(topic, partition);
             tracing::debug!(%ctx, error = %e, "leader elsewhere or gone: reading Metadata");
-            self.refresh(std::slice::from_ref(topic), deadline).await;
-            if self.leader_of(topic, partition) == before {
-                tokio::time::sleep(delay).await;
-            }
+            let poll = self.inner.config.reconnect_backoff;
+            self.await_new_leader(topic, partition, target.as_ref(), delay, poll, deadline)
+                .await;
         }
     }
 
