@@ -38,7 +38,9 @@ pub struct ClientConfig {
     /// connection reserves two buffers of this size (touched only as far as used).
     pub max_frame_len: u32,
     /// First delay before dialling again after a failed dial (default 50 ms); it doubles up to
-    /// [`reconnect_backoff_max`](Self::reconnect_backoff_max), with random jitter.
+    /// [`reconnect_backoff_max`](Self::reconnect_backoff_max), with random jitter. A Fetch or
+    /// GetOffset whose partition leader was lost is retried after the same backoff, the
+    /// Metadata read every `reconnect_backoff` meanwhile (at once when it names a new leader).
     pub reconnect_backoff: Duration,
     /// Largest delay between dials (default 5 s).
     pub reconnect_backoff_max: Duration,
@@ -614,7 +616,8 @@ impl Client {
             if left.is_zero() {
                 return false;
             }
-            tokio::time::sleep(poll.min(left)).await;
+            // At least 1 ms apart, whatever the settings.
+            tokio::time::sleep(poll.max(Duration::from_millis(1)).min(left)).await;
         }
     }
 

@@ -50,7 +50,10 @@ pub struct ProducerConfig {
     pub delivery_timeout: Duration,
     /// Attempts after the first for a batch that failed with a retriable error (default 10).
     pub retries: usize,
-    /// First retry delay (default 100 ms); doubles up to 2 s, with jitter.
+    /// First retry delay (default 100 ms); doubles up to 2 s, with jitter. After a lost
+    /// partition leader (NotLeader, or its connection lost in a cluster) the Metadata is read
+    /// every `retry_backoff` during the delay, and the batch is retried as soon as it names
+    /// another leader.
     pub retry_backoff: Duration,
     /// Idempotent produce (protocol §6.2, default on): the broker appends a retried batch
     /// once and answers its retry with the original offsets. Off: retries may duplicate.
