@@ -457,7 +457,7 @@ impl Client {
     async fn bootstrap(&self, ask_metadata: bool) -> Result<()> {
         let ctx = Context::new("connect");
         let deadline = Instant::now() + self.inner.config.request_timeout;
-        let (conn, _load) = self.inner.pool.get(deadline, &ctx).await?;
+        let (conn, _load) = self.inner.pool.get(deadline, &ctx, false).await?;
         drop(conn);
         if !ask_metadata {
             return Ok(());
@@ -857,10 +857,18 @@ impl Client {
             }
         };
         let (tx, rx) = oneshot::channel();
+        // In a cluster, a partition request meeting its leader's pool in reconnect backoff
+        // fails at once: its caller reads the Metadata (the leader may have moved) instead of
+        // waiting out the backoff against a broker that may be gone.
+        let fail_fast = self.inner.cluster.load(Ordering::Relaxed)
+            && matches!(
+                req,
+                Req::Produce { .. } | Req::Fetch { .. } | Req::GetOffset { .. }
+            );
         let (mut req, mut reply) = (req, ReplyTo::Caller(Some(tx)));
         // A connection that died since it was picked refuses the job: pick again.
         loop {
-            let (conn, load) = pool.get(deadline, ctx).await?;
+            let (conn, load) = pool.get(deadline, ctx, fail_fast).await?;
             let job = Job {
                 req,
                 reply,
@@ -1304,11 +1312,14 @@ impl Pool {
             })
     }
 
-    /// A connection with room for one more request; dials one when none has room.
+    /// A connection with room for one more request; dials one when none has room. With
+    /// `fail_fast`, when there is no connection and the last dial failed, the error of that
+    /// dial at once rather than a wait for the reconnect backoff to end.
     pub(crate) async fn get(
         self: &Arc<Self>,
         deadline: Instant,
         ctx: &Context,
+        fail_fast: bool,
     ) -> Result<(ConnTx, LoadGuard)> {
         if let Some(found) = self.fast_get() {
             return Ok(found);
@@ -1383,6 +1394,12 @@ impl Pool {
                         self.changed.subscribe(),
                         Some(now + Duration::from_millis(1)),
                     )
+                } else if fail_fast
+                    && !dialing
+                    && st.retry_at.is_some_and(|t| t > now)
+                    && let Some(e) = st.last_error.clone()
+                {
+                    return Err(e.with_context(ctx));
                 } else {
                     Next::Wait(self.changed.subscribe(), st.retry_at)
                 }

@@ -178,21 +178,28 @@ async fn not_leader_refreshes_metadata_then_retries_the_batch() {
 }
 
 /// A fake cluster's surviving broker: Metadata lists broker 1 at `dead` and itself as broker
-/// 2, and names broker 1 the leader of "t"'s one partition until `moved` is set, then itself.
-/// Produce succeeds at offset 7. Records the request types it saw.
+/// 2, and names broker 1 the leader of "t"'s one partition until `moved` is set or it has
+/// answered `switch_after` Metadata requests, then itself. Produce succeeds at offset 7.
+/// Records the request types it saw.
 struct Survivor {
     dead: std::net::SocketAddr,
     me: std::net::SocketAddr,
     moved: Arc<std::sync::atomic::AtomicBool>,
+    switch_after: usize,
     seen: Mutex<Vec<RequestType>>,
 }
 
 impl Handler for Survivor {
     fn handle(&self, _flags: Flags, request: &Request<'_>, reply: Reply) {
-        self.seen.lock().unwrap().push(request.request_type());
+        let reads = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.push(request.request_type());
+            seen.iter().filter(|t| **t == RequestType::Metadata).count()
+        };
         match request {
             Request::Metadata(_) => {
-                let leader = if self.moved.load(std::sync::atomic::Ordering::SeqCst) {
+                let moved = self.moved.load(std::sync::atomic::Ordering::SeqCst);
+                let leader = if moved || reads > self.switch_after {
                     2
                 } else {
                     1
@@ -268,6 +275,7 @@ async fn a_produce_whose_leader_died_goes_to_the_new_leader_without_waiting_out_
         dead,
         me,
         moved: moved.clone(),
+        switch_after: usize::MAX,
         seen: Mutex::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -314,4 +322,67 @@ async fn a_produce_whose_leader_died_goes_to_the_new_leader_without_waiting_out_
     let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
     dying_task.abort();
+}
+
+/// A partition's leader is gone (its port refuses connections) and stays named for a while:
+/// a produce attempt meeting its pool in reconnect backoff (30 s here) fails at once, so the
+/// producer goes on reading the Metadata and retries at the new leader as soon as it is named,
+/// instead of waiting out the reconnect backoff against the dead broker (the 10 s bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_meeting_a_dead_leaders_reconnect_backoff_fails_over_without_waiting_it_out() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let me = listener.local_addr().unwrap();
+    // Named until 20 Metadata reads: the producer meets the dead leader more than once.
+    let fake = Arc::new(Survivor {
+        dead,
+        me,
+        moved: Arc::default(),
+        switch_after: 20,
+        seen: Mutex::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(streambus_adapters::tokio::serve(
+        listener,
+        fake.clone(),
+        ServeOptions::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let c = Client::builder()
+        .reconnect_backoff(Duration::from_secs(30), Duration::from_secs(60))
+        .connect(me.to_string())
+        .await
+        .unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default().retry_backoff(Duration::from_millis(1)),
+    )
+    .unwrap();
+    let at = tokio::time::timeout(
+        Duration::from_secs(10),
+        p.send(Record::new("t", "v").partition(0)),
+    )
+    .await
+    .expect("the produce did not wait out the dead leader's 30 s reconnect backoff")
+    .expect("the retry at the new leader succeeds");
+    assert_eq!((at.partition, at.offset), (0, 7));
+    let seen = fake.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().filter(|t| **t == RequestType::Metadata).count() > 20,
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|t| **t == RequestType::Produce).count(),
+        1,
+        "one produce at broker 2: {seen:?}"
+    );
+    assert!(p.close().await.is_ok(), "no record failed");
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
 }
