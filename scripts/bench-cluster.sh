@@ -10,8 +10,9 @@
 # produce round trip (`bench roundtrip`, one record awaited at a time, p50); then the RF 3 ÷ RF 1
 # ratios. Then the failover time: the ignored test
 # `failover_time_from_a_leader_kill_to_the_first_acknowledged_produce` (release build; its own
-# three brokers, as child processes) SIGKILLs partition 0's leader $KILLS times and prints the
-# time from the kill to the first produce the new leader acknowledged, p50 and max.
+# three brokers, as child processes) SIGKILLs partition 0's leader $KILLS times (each time
+# once the restarted victim's replica caught up) and prints the time from the kill to the
+# first produce the new leader acknowledged and to the SDK's send acknowledged, p50 and max.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q --release -p streambus-server -p streambus-cli

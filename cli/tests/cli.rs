@@ -681,14 +681,9 @@ fn cluster_status_of_a_single_broker_shows_it_leading_every_partition() {
 /// Three brokers of one cluster in this process, each on its own data directory.
 fn start_cluster() -> (Vec<streambus_server::Running>, Vec<tempfile::TempDir>) {
     use clap::Parser as _;
-    let listeners: Vec<TcpListener> = (0..3)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect();
-    drop(listeners);
+    // Below the ephemeral range: a port 0 bind, dropped, could be taken by a connection's
+    // local port before its broker binds it.
+    let ports = streambus_tests::free_ports(3);
     let peers = format!(
         "1=127.0.0.1:{},2=127.0.0.1:{},3=127.0.0.1:{}",
         ports[0], ports[1], ports[2]

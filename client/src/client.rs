@@ -38,7 +38,9 @@ pub struct ClientConfig {
     /// connection reserves two buffers of this size (touched only as far as used).
     pub max_frame_len: u32,
     /// First delay before dialling again after a failed dial (default 50 ms); it doubles up to
-    /// [`reconnect_backoff_max`](Self::reconnect_backoff_max), with random jitter.
+    /// [`reconnect_backoff_max`](Self::reconnect_backoff_max), with random jitter. A Fetch or
+    /// GetOffset whose partition leader was lost is retried after the same backoff, the
+    /// Metadata read every `reconnect_backoff` meanwhile (at once when it names a new leader).
     pub reconnect_backoff: Duration,
     /// Largest delay between dials (default 5 s).
     pub reconnect_backoff_max: Duration,
@@ -455,7 +457,7 @@ impl Client {
     async fn bootstrap(&self, ask_metadata: bool) -> Result<()> {
         let ctx = Context::new("connect");
         let deadline = Instant::now() + self.inner.config.request_timeout;
-        let (conn, _load) = self.inner.pool.get(deadline, &ctx).await?;
+        let (conn, _load) = self.inner.pool.get(deadline, &ctx, false).await?;
         drop(conn);
         if !ask_metadata {
             return Ok(());
@@ -576,7 +578,7 @@ impl Client {
     }
 
     /// The leader address the table holds for a partition.
-    fn leader_of(&self, topic: &str, partition: u32) -> Option<Arc<str>> {
+    pub(crate) fn leader_of(&self, topic: &str, partition: u32) -> Option<Arc<str>> {
         self.inner.routing().table.leader(topic, partition).cloned()
     }
 
@@ -585,6 +587,38 @@ impl Client {
     pub(crate) fn leader_lost(&self, e: &Error) -> bool {
         e.code() == Some(ErrorCode::NOT_LEADER)
             || (matches!(e, Error::Io { .. }) && self.inner.cluster.load(Ordering::Relaxed))
+    }
+
+    /// After a request to the partition's leader at `failed` met a lost leader
+    /// ([`leader_lost`](Self::leader_lost)): reads the partition's Metadata again at once, then
+    /// every `poll`, until it names a leader other than `failed` or `wait` (the retry's
+    /// backoff) has passed, `deadline` at the latest. Returns whether it names another leader
+    /// (then retry at once). A dead leader's survivors name it until they elect another (an
+    /// election timeout or two); waiting out a whole exponential backoff instead left the
+    /// retry up to seconds after the new leader was serving.
+    pub(crate) async fn await_new_leader(
+        &self,
+        topic: &Arc<str>,
+        partition: u32,
+        failed: Option<&Arc<str>>,
+        wait: Duration,
+        poll: Duration,
+        deadline: Instant,
+    ) -> bool {
+        let until = (Instant::now() + wait).min(deadline);
+        loop {
+            self.refresh(std::slice::from_ref(topic), deadline).await;
+            let now = self.leader_of(topic, partition);
+            if now.is_some() && now.as_ref() != failed {
+                return true;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            // At least 1 ms apart, whatever the settings.
+            tokio::time::sleep(poll.max(Duration::from_millis(1)).min(left)).await;
+        }
     }
 
     /// Reads the Metadata of `topics` again (every topic when empty) by `deadline`, from any
@@ -674,6 +708,7 @@ impl Client {
         let mut backoff = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
+            let target = self.leader_of(topic, partition);
             let e = match self.call_resending(req.clone(), ctx, left, None).await {
                 Ok(r) => return Ok(r),
                 Err(e) => e,
@@ -688,12 +723,10 @@ impl Client {
             if Instant::now() + delay >= deadline {
                 return Err(e);
             }
-            let before = self.leader_of(topic, partition);
             tracing::debug!(%ctx, error = %e, "leader elsewhere or gone: reading Metadata");
-            self.refresh(std::slice::from_ref(topic), deadline).await;
-            if self.leader_of(topic, partition) == before {
-                tokio::time::sleep(delay).await;
-            }
+            let poll = self.inner.config.reconnect_backoff;
+            self.await_new_leader(topic, partition, target.as_ref(), delay, poll, deadline)
+                .await;
         }
     }
 
@@ -867,10 +900,18 @@ impl Client {
             }
         };
         let (tx, rx) = oneshot::channel();
+        // In a cluster, a partition request meeting its leader's pool in reconnect backoff
+        // fails at once: its caller reads the Metadata (the leader may have moved) instead of
+        // waiting out the backoff against a broker that may be gone.
+        let fail_fast = self.inner.cluster.load(Ordering::Relaxed)
+            && matches!(
+                req,
+                Req::Produce { .. } | Req::Fetch { .. } | Req::GetOffset { .. }
+            );
         let (mut req, mut reply) = (req, ReplyTo::Caller(Some(tx)));
         // A connection that died since it was picked refuses the job: pick again.
         loop {
-            let (conn, load) = pool.get(deadline, ctx).await?;
+            let (conn, load) = pool.get(deadline, ctx, fail_fast).await?;
             let job = Job {
                 req,
                 reply,
@@ -1314,11 +1355,14 @@ impl Pool {
             })
     }
 
-    /// A connection with room for one more request; dials one when none has room.
+    /// A connection with room for one more request; dials one when none has room. With
+    /// `fail_fast`, when there is no connection and the last dial failed, the error of that
+    /// dial at once rather than a wait for the reconnect backoff to end.
     pub(crate) async fn get(
         self: &Arc<Self>,
         deadline: Instant,
         ctx: &Context,
+        fail_fast: bool,
     ) -> Result<(ConnTx, LoadGuard)> {
         if let Some(found) = self.fast_get() {
             return Ok(found);
@@ -1393,6 +1437,12 @@ impl Pool {
                         self.changed.subscribe(),
                         Some(now + Duration::from_millis(1)),
                     )
+                } else if fail_fast
+                    && !dialing
+                    && st.retry_at.is_some_and(|t| t > now)
+                    && let Some(e) = st.last_error.clone()
+                {
+                    return Err(e.with_context(ctx));
                 } else {
                     Next::Wait(self.changed.subscribe(), st.retry_at)
                 }

@@ -50,7 +50,10 @@ pub struct ProducerConfig {
     pub delivery_timeout: Duration,
     /// Attempts after the first for a batch that failed with a retriable error (default 10).
     pub retries: usize,
-    /// First retry delay (default 100 ms); doubles up to 2 s, with jitter.
+    /// First retry delay (default 100 ms); doubles up to 2 s, with jitter. After a lost
+    /// partition leader (NotLeader, or its connection lost in a cluster) the Metadata is read
+    /// every `retry_backoff` during the delay, and the batch is retried as soon as it names
+    /// another leader.
     pub retry_backoff: Duration,
     /// Idempotent produce (protocol §6.2, default on): the broker appends a retried batch
     /// once and answers its retry with the original offsets. Off: retries may duplicate.
@@ -1118,26 +1121,32 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
         .build();
     let request_timeout = inner.client.config().request_timeout;
     let mut last = failed;
+    // The leader the first attempt went to (it went out before this task started).
+    let mut target = inner.client.leader_of(&key.0, key.1);
     let result = loop {
         if let Some(e) = last.take() {
-            // NotLeader, or the connection to the partition's leader lost in a cluster.
-            let leader_lost = inner.client.leader_lost(&e);
-            match backoff.next() {
-                Some(d) if Instant::now() + d < deadline => {
-                    tracing::debug!(error = %e, ?d, "produce failed; retrying");
-                    tokio::time::sleep(d).await;
-                }
+            let d = match backoff.next() {
+                Some(d) if Instant::now() + d < deadline => d,
                 _ => break Err(e),
-            }
-            if leader_lost {
-                // Leadership moved (or the leader is gone): learn where it went before the
-                // retry, which goes to the leader the Metadata names. A failed read leaves
-                // the retry to report its own error. The retry keeps the batch's sequence.
-                if let Err(e) = read_partition_count(&inner, &key.0).await {
-                    tracing::debug!(error = %e, "metadata refresh after NotLeader failed");
-                }
+            };
+            tracing::debug!(error = %e, ?d, "produce failed; retrying");
+            // NotLeader, or the connection to the partition's leader lost in a cluster:
+            // leadership moved or the leader is gone. The retry goes to the leader the
+            // Metadata names, at once when it names another than the failed one (read again
+            // every `retry_backoff` within the backoff), else after the backoff. The retry
+            // keeps the batch's sequence.
+            if inner.client.leader_lost(&e) {
+                let poll = config.retry_backoff;
+                let (topic, partition) = (&key.0, key.1);
+                let client = &inner.client;
+                client
+                    .await_new_leader(topic, partition, target.as_ref(), d, poll, deadline)
+                    .await;
+            } else {
+                tokio::time::sleep(d).await;
             }
         }
+        target = inner.client.leader_of(&key.0, key.1);
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             break Err(Error::TimedOut {

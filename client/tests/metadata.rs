@@ -159,14 +159,228 @@ async fn not_leader_refreshes_metadata_then_retries_the_batch() {
         .await
         .expect("the retry after NotLeader succeeds");
     assert_eq!((at.partition, at.offset), (1, 41));
+    // The Metadata is read again at once after the NotLeader, then every `retry_backoff`
+    // until the backoff is over (this fake names the same leader): one read or a few.
+    let mut seen = fake.seen.lock().unwrap().clone();
+    seen.dedup();
     assert_eq!(
-        *fake.seen.lock().unwrap(),
+        seen,
         [
             RequestType::Metadata, // the partition count, first record of "t"
             RequestType::Produce,  // answered NotLeader
             RequestType::Metadata, // refreshed before the retry
             RequestType::Produce,  // the retry
         ]
+    );
+    assert!(p.close().await.is_ok(), "no record failed");
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+}
+
+/// A fake cluster's surviving broker: Metadata lists broker 1 at `dead` and itself as broker
+/// 2, and names broker 1 the leader of "t"'s one partition until `moved` is set or it has
+/// answered `switch_after` Metadata requests, then itself. Produce succeeds at offset 7.
+/// Records the request types it saw.
+struct Survivor {
+    dead: std::net::SocketAddr,
+    me: std::net::SocketAddr,
+    moved: Arc<std::sync::atomic::AtomicBool>,
+    switch_after: usize,
+    seen: Mutex<Vec<RequestType>>,
+}
+
+impl Handler for Survivor {
+    fn handle(&self, _flags: Flags, request: &Request<'_>, reply: Reply) {
+        let reads = {
+            let mut seen = self.seen.lock().unwrap();
+            seen.push(request.request_type());
+            seen.iter().filter(|t| **t == RequestType::Metadata).count()
+        };
+        match request {
+            Request::Metadata(_) => {
+                let moved = self.moved.load(std::sync::atomic::Ordering::SeqCst);
+                let leader = if moved || reads > self.switch_after {
+                    2
+                } else {
+                    1
+                };
+                let replicas = [1u32, 2];
+                let parts = [PartitionMetadata {
+                    partition: 0,
+                    leader,
+                    leader_epoch: leader,
+                    replicas: ReplicaList::from_slice(&replicas),
+                }];
+                let topics = [TopicMetadata {
+                    name: streambus_core::Topic::new("t").unwrap(),
+                    error_code: streambus_core::ErrorCode::NONE,
+                    partitions: PartitionList::from_slice(&parts),
+                }];
+                let (dead_host, me_host) = (self.dead.ip().to_string(), self.me.ip().to_string());
+                let brokers = [
+                    BrokerInfo {
+                        node_id: 1,
+                        host: Text::from(dead_host.as_str()),
+                        port: self.dead.port(),
+                    },
+                    BrokerInfo {
+                        node_id: 2,
+                        host: Text::from(me_host.as_str()),
+                        port: self.me.port(),
+                    },
+                ];
+                reply.respond(&Response::Metadata(MetadataResponse {
+                    brokers: BrokerList::from_slice(&brokers),
+                    topics: TopicMetadataList::from_slice(&topics),
+                }));
+            }
+            Request::Produce(p) => reply.respond(&Response::Produce(ProduceResponse {
+                base_offset: 7,
+                num_messages: p.messages.count(),
+                high_water_mark: 7 + i64::from(p.messages.count()),
+            })),
+            other => reply.error(
+                streambus_core::ErrorCode::UNKNOWN_REQUEST,
+                format_args!("not here: {:?}", other.request_type()),
+            ),
+        }
+    }
+}
+
+/// A partition's leader dies under a produce (its connection closes): the producer reads the
+/// Metadata at once, and as soon as it names another leader retries there, instead of first
+/// waiting out its retry backoff (30 s here, so the send would outlast the 10 s bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_whose_leader_died_goes_to_the_new_leader_without_waiting_out_the_backoff() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // The dying leader: takes each connection and closes it; from the first one on, the
+    // survivor's Metadata names the new leader (as survivors do once they elected one).
+    let dying = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let moved = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let dead = dying.local_addr().unwrap();
+    let dying_task = tokio::spawn({
+        let (moved, accepted) = (moved.clone(), accepted.clone());
+        async move {
+            while let Ok((conn, _)) = dying.accept().await {
+                moved.store(true, Ordering::SeqCst);
+                accepted.fetch_add(1, Ordering::SeqCst);
+                drop(conn);
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let me = listener.local_addr().unwrap();
+    let fake = Arc::new(Survivor {
+        dead,
+        me,
+        moved: moved.clone(),
+        switch_after: usize::MAX,
+        seen: Mutex::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(streambus_adapters::tokio::serve(
+        listener,
+        fake.clone(),
+        ServeOptions::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let c = Client::connect(me.to_string()).await.unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default().retry_backoff(Duration::from_secs(30)),
+    )
+    .unwrap();
+    let at = tokio::time::timeout(
+        Duration::from_secs(10),
+        p.send(Record::new("t", "v").partition(0)),
+    )
+    .await
+    .expect("the retry did not wait out the 30 s backoff")
+    .expect("the retry at the new leader succeeds");
+    assert_eq!((at.partition, at.offset), (0, 7));
+    assert!(
+        moved.load(Ordering::SeqCst),
+        "the first attempt went to broker 1"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one attempt at broker 1"
+    );
+    let seen = fake.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter().filter(|t| **t == RequestType::Produce).count(),
+        1,
+        "one produce at broker 2: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&RequestType::Produce), "{seen:?}");
+    assert!(p.close().await.is_ok(), "no record failed");
+    let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+    dying_task.abort();
+}
+
+/// A partition's leader is gone (its port refuses connections) and stays named for a while:
+/// a produce attempt meeting its pool in reconnect backoff (30 s here) fails at once, so the
+/// producer goes on reading the Metadata and retries at the new leader as soon as it is named,
+/// instead of waiting out the reconnect backoff against the dead broker (the 10 s bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_meeting_a_dead_leaders_reconnect_backoff_fails_over_without_waiting_it_out() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let me = listener.local_addr().unwrap();
+    // Named until 20 Metadata reads: the producer meets the dead leader more than once.
+    let fake = Arc::new(Survivor {
+        dead,
+        me,
+        moved: Arc::default(),
+        switch_after: 20,
+        seen: Mutex::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(streambus_adapters::tokio::serve(
+        listener,
+        fake.clone(),
+        ServeOptions::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let c = Client::builder()
+        .reconnect_backoff(Duration::from_secs(30), Duration::from_secs(60))
+        .connect(me.to_string())
+        .await
+        .unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default().retry_backoff(Duration::from_millis(1)),
+    )
+    .unwrap();
+    let at = tokio::time::timeout(
+        Duration::from_secs(10),
+        p.send(Record::new("t", "v").partition(0)),
+    )
+    .await
+    .expect("the produce did not wait out the dead leader's 30 s reconnect backoff")
+    .expect("the retry at the new leader succeeds");
+    assert_eq!((at.partition, at.offset), (0, 7));
+    let seen = fake.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().filter(|t| **t == RequestType::Metadata).count() > 20,
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|t| **t == RequestType::Produce).count(),
+        1,
+        "one produce at broker 2: {seen:?}"
     );
     assert!(p.close().await.is_ok(), "no record failed");
     let _ = stop_tx.send(());

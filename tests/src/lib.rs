@@ -544,6 +544,34 @@ pub fn metric(addr: impl std::net::ToSocketAddrs, name: &str) -> Option<String> 
         .find_map(|l| Some(l.strip_prefix(name)?.strip_prefix(' ')?.trim().to_owned()))
 }
 
+/// `n` distinct ports on 127.0.0.1 free now, for listeners whose port must be known before
+/// they bind (a cluster's `--peers`). Picked at random below the kernel's ephemeral range
+/// (32768 and up), so that no connection's local port takes one between this check and the
+/// bind (binding port 0 and dropping the listener hands out an ephemeral port, which an
+/// outgoing connection can take meanwhile); a taken port is skipped.
+///
+/// # Panics
+///
+/// When no free port turns up in 10 000 tries: a test failure.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    use std::hash::{BuildHasher as _, RandomState};
+    let random = RandomState::new();
+    let mut listeners: Vec<std::net::TcpListener> = Vec::new();
+    let mut tries = 0u64;
+    while listeners.len() < n {
+        tries += 1;
+        assert!(tries < 10_000, "no free port in 20000..32000");
+        let port = 20_000 + u16::try_from(random.hash_one(tries) % 12_000).expect("below 12000");
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            listeners.push(l);
+        }
+    }
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("a bound listener's address").port())
+        .collect()
+}
+
 /// Starts this test binary's ignored test `test` as a child process with `env` added: a broker
 /// that prints one line `READY <what>` once it serves, then waits on its standard input (a
 /// SIGKILL is the test's to send). Returns the child and `<what>` (its address, and whatever

@@ -295,8 +295,21 @@ pub async fn count_leader_changes(raft: PartitionRaft, id: PartitionId, replicas
     let mut metrics = raft.metrics();
     drop(raft);
     let mut last = None;
+    let mut seen = None;
     loop {
-        let leader = metrics.borrow_and_update().current_leader;
+        let (leader, now) = {
+            let m = metrics.borrow_and_update();
+            (
+                m.current_leader,
+                (m.state, m.current_term, m.current_leader),
+            )
+        };
+        if seen != Some(now) {
+            // Each step of an election, timestamped by the log: where a failover's time goes.
+            let (state, term, leader) = now;
+            tracing::debug!(topic = %id.topic, partition = id.partition, ?state, term, ?leader, "partition group");
+            seen = Some(now);
+        }
         if leader.is_some() && leader != last {
             *lock(&replicas.leader_changes)
                 .entry(id.clone())
