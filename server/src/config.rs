@@ -195,6 +195,10 @@ pub struct Cli {
     /// keeps all [default: off].
     #[arg(long, env = "STREAMBUS_RETENTION_BYTES")]
     pub retention_bytes: Option<String>,
+    /// How often retention looks for sealed segments to delete (like 60s or 5m)
+    /// [default: 60s].
+    #[arg(long, env = "STREAMBUS_RETENTION_CHECK_INTERVAL")]
+    pub retention_check_interval: Option<String>,
     /// Cluster mode: the address to accept other brokers on (Raft and forwarded metadata
     /// writes; never clients); needs --peers [default: off, a single broker].
     #[arg(long, env = "STREAMBUS_CLUSTER_LISTEN")]
@@ -246,6 +250,7 @@ struct FileConfig {
     segment_bytes: Option<u64>,
     retention_time: Option<String>,
     retention_bytes: Option<String>,
+    retention_check_interval: Option<String>,
     cluster_listen: Option<String>,
     peers: Option<String>,
     cluster_tls_cert: Option<PathBuf>,
@@ -302,6 +307,8 @@ pub struct Config {
     pub retention_time: Option<Duration>,
     /// Bytes a partition keeps at most (oldest sealed segments deleted); `None` keeps all.
     pub retention_bytes: Option<u64>,
+    /// How often retention runs.
+    pub retention_check_interval: Duration,
     /// The `--config` file the settings were read from, if any.
     pub config_file: Option<PathBuf>,
     /// Cluster mode (`--cluster-listen` and `--peers`); `None`: a single broker.
@@ -556,6 +563,7 @@ impl Default for Config {
             segment_bytes: 256 << 20,
             retention_time: Some(Duration::from_secs(7 * 24 * 3600)),
             retention_bytes: None,
+            retention_check_interval: Duration::from_secs(60),
             config_file: None,
             cluster: None,
         }
@@ -842,6 +850,14 @@ impl Config {
                 },
                 None => d.retention_bytes,
             };
+        let retention_check_interval = match o.pick(
+            "retention_check_interval",
+            cli.retention_check_interval,
+            file.retention_check_interval,
+        ) {
+            Some(v) => duration("--retention-check-interval", &v)?,
+            None => d.retention_check_interval,
+        };
         let cluster_tls = match (
             o.pick(
                 "cluster_tls_cert",
@@ -966,6 +982,7 @@ impl Config {
             segment_bytes,
             retention_time,
             retention_bytes,
+            retention_check_interval,
             config_file: cli.config,
         })
     }
@@ -1031,6 +1048,17 @@ mod tests {
         assert_eq!(c.retention_time, Some(Duration::from_secs(12 * 3600)));
         assert_eq!(c.retention_bytes, Some(1_000_000));
         assert_eq!(c.segment_bytes, 1 << 20);
+        let c = parse(&["--retention-check-interval", "2s"]).unwrap();
+        assert_eq!(c.retention_check_interval, Duration::from_secs(2));
+        assert_eq!(
+            parse(&[]).unwrap().retention_check_interval,
+            Duration::from_secs(60)
+        );
+        let e = parse(&["--retention-check-interval", "0s"]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid setting --retention-check-interval: must be greater than zero"
+        );
         let c = parse(&["--retention-time", "off", "--retention-bytes", "OFF"]).unwrap();
         assert_eq!((c.retention_time, c.retention_bytes), (None, None));
         let d = parse(&[]).unwrap();

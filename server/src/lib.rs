@@ -191,6 +191,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     storage_config.fsync = fsync;
     storage_config.segment_bytes = config.segment_bytes;
     storage_config.retention_age = config.retention_time;
+    storage_config.retention_check_interval = config.retention_check_interval;
     storage_config.retention_bytes = config.retention_bytes;
     let auth = match &config.auth_file {
         Some(path) => Some(Arc::new(auth::Auth::load(path)?)),

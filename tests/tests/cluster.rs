@@ -2198,17 +2198,24 @@ fn first_segment_base(data: &Path, topic: &str, partition: u32) -> Option<i64> {
         .min()
 }
 
-/// Retention on a replicated partition, on real processes: 1 MiB segments, 2 MiB kept. A
-/// follower killed before 5 MiB are produced misses all of it; the others' retention run
-/// (60 s after their start) snapshots and purges the oldest segments. Restarted, the follower
-/// is restored by the leader's snapshot: its log starts at the leader's log start and its
-/// segment files are the leader's bytes. (About 65 s: the retention run's interval, 60 s, is fixed.)
+/// Retention on a replicated partition, on real processes: 1 MiB segments, 2 MiB kept,
+/// retention checked every second. A follower killed before 5 MiB are produced misses all of
+/// it; the others' retention run snapshots and purges the oldest segments. Restarted, the
+/// follower is restored by the leader's snapshot: its log starts at the leader's log start and
+/// its segment files are the leader's bytes.
 #[test]
 fn a_follower_down_while_retention_purged_is_restored_by_snapshot_with_the_leaders_files() {
     let (ports, peers, dirs) = three_peers();
-    let extra: Vec<String> = ["--segment-bytes", "1048576", "--retention-bytes", "2097152"]
-        .map(String::from)
-        .to_vec();
+    let extra: Vec<String> = [
+        "--segment-bytes",
+        "1048576",
+        "--retention-bytes",
+        "2097152",
+        "--retention-check-interval",
+        "1s",
+    ]
+    .map(String::from)
+    .to_vec();
     let start = |i: usize| {
         Broker::start_with(
             i as u32 + 1,

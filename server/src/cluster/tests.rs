@@ -764,16 +764,19 @@ impl TestCluster {
         topic: TopicConfig,
     ) -> (Cluster, Replica) {
         let cluster = self.start(id).await;
-        self.open_replica(cluster, id, config, segment_bytes).await
+        self.open_replica(cluster, id, config, segment_bytes, topic)
+            .await
     }
 
-    /// Opens node `id`'s replica of `orders`/0 on its started `cluster`.
+    /// Opens node `id`'s replica of `orders`/0 (the topic with `topic`'s settings) on its
+    /// started `cluster`.
     async fn open_replica(
         &self,
         cluster: Cluster,
         id: u64,
         config: Arc<openraft::Config>,
         segment_bytes: u64,
+        topic: TopicConfig,
     ) -> (Cluster, Replica) {
         let mut cfg = StorageConfig::new(self.dirs[&id].path().join("data"));
         cfg.fsync = FsyncPolicy::Never;
@@ -1562,7 +1565,15 @@ async fn a_wiped_replica_refuses_votes_until_it_has_caught_up_with_a_leader() {
     stop_releasing_storage(&t, &mut nodes, wiped).await;
     std::fs::remove_dir_all(t.dirs[&wiped].path().join("data")).unwrap();
     let cluster = t.start_cut_off(wiped).await;
-    let (cluster, back) = t.open_replica(cluster, wiped, partition_config(), 60).await;
+    let (cluster, back) = t
+        .open_replica(
+            cluster,
+            wiped,
+            partition_config(),
+            60,
+            TopicConfig::default(),
+        )
+        .await;
     assert!(cluster.replicas().is_catching_up(&orders(), &back.raft));
     // A candidate with the whole log, in a later term: a blank voter would grant it.
     let other_last = nodes
