@@ -224,6 +224,25 @@ fn eventually_within<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> O
 }
 
 /// CreateTopic: the error code (0: created or already there).
+/// Starts brokers 1–3 (tokio) on `ports` with `peers` and `dirs`, and waits until each lists
+/// all three brokers; returns them and a raw client of each.
+fn start_registered(
+    ports: &[u16],
+    peers: &str,
+    dirs: &[tempfile::TempDir],
+) -> (Vec<Broker>, Vec<RawClient>) {
+    let brokers: Vec<Broker> = (0..3)
+        .map(|i| Broker::start(i as u32 + 1, ports[i], peers, "tokio", dirs[i].path()))
+        .collect();
+    let mut clients: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
+    for c in &mut clients {
+        eventually("all three brokers registered", || {
+            (metadata(c).0.len() == 3).then_some(())
+        });
+    }
+    (brokers, clients)
+}
+
 fn create(c: &mut RawClient, name: &str, partitions: u32, rf: u16) -> (u16, bool) {
     let r = c
         .call(&Request::CreateTopic(CreateTopicRequest {
@@ -2100,15 +2119,7 @@ fn leaders_with_epochs(c: &mut RawClient, topic: &str) -> Vec<(u32, i32, i32)> {
 #[test]
 fn a_broker_without_a_replica_names_the_leader_and_term_its_group_published() {
     let (ports, peers, dirs) = three_peers();
-    let brokers: Vec<Broker> = (0..3)
-        .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
-        .collect();
-    let mut clients: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
-    for c in &mut clients {
-        eventually("all three brokers registered", || {
-            (metadata(c).0.len() == 3).then_some(())
-        });
-    }
+    let (_brokers, mut clients) = start_registered(&ports, &peers, &dirs);
     // RF 1: each partition has one replica, and two brokers hold none of it.
     assert_eq!(create(&mut clients[0], "solo", 3, 1), (0, true));
     let (_, view) = settled(&mut clients).remove(0);
@@ -2151,15 +2162,7 @@ fn a_broker_without_a_replica_names_the_leader_and_term_its_group_published() {
 #[test]
 fn a_topic_deleted_and_recreated_at_once_holds_only_its_new_records_on_every_replica() {
     let (ports, peers, dirs) = three_peers();
-    let brokers: Vec<Broker> = (0..3)
-        .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
-        .collect();
-    let mut clients: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
-    for c in &mut clients {
-        eventually("all three brokers registered", || {
-            (metadata(c).0.len() == 3).then_some(())
-        });
-    }
+    let (_brokers, mut clients) = start_registered(&ports, &peers, &dirs);
     for round in 0..3 {
         assert_eq!(
             create(&mut clients[0], "cycle", 1, 3),

@@ -1144,22 +1144,7 @@ async fn a_replica_restarted_after_its_retention_purge_reopens_at_its_log_start_
         .unwrap();
     wait_purged(f, 6).await;
     // The follower stops (its snapshot is at entry 6, it had applied up to 9).
-    let k = nodes.iter().position(|(_, r)| r.id == follower).unwrap();
-    let (cluster, r) = nodes.remove(k);
-    r.raft.shutdown().await.unwrap();
-    t.stop(follower).await;
-    drop(cluster);
-    let Replica { storage, raft, .. } = r;
-    drop(raft);
-    let end = std::time::Instant::now() + DEADLINE;
-    while Arc::strong_count(&storage) > 1 {
-        assert!(
-            std::time::Instant::now() < end,
-            "the stopped group still holds the storage"
-        );
-        tokio::task::yield_now().await;
-    }
-    drop(storage);
+    stop_releasing_storage(&t, &mut nodes, follower).await;
     let l = &nodes.iter().find(|(_, r)| r.id == leader).unwrap().1;
     let (index, a) = propose(l, idempotent(7, 8, &["v8"])).await;
     assert_eq!(a, applied(8, 1, 9));

@@ -735,16 +735,18 @@ impl Partition {
                 continue;
             }
             seg.read_raft_entries(lo, hi - lo, &mut idx)?;
+            // An entry from its index entries, with `records`.
+            let entry = |e: &IndexEntry, m: &RaftMeta, records| RaftEntry {
+                log_id: m.log_id,
+                kind: m.kind,
+                base_offset: e.base_offset,
+                count: e.count,
+                append_time: e.append_time,
+                producer: m.producer,
+                records,
+            };
             if !with_records {
-                out.extend(idx.iter().map(|(e, m)| RaftEntry {
-                    log_id: m.log_id,
-                    kind: m.kind,
-                    base_offset: e.base_offset,
-                    count: e.count,
-                    append_time: e.append_time,
-                    producer: m.producer,
-                    records: Vec::new(),
-                }));
+                out.extend(idx.iter().map(|(e, m)| entry(e, m, Vec::new())));
                 continue;
             }
             let (Some((a, _)), Some((b, _))) = (idx.first(), idx.last()) else {
@@ -761,15 +763,7 @@ impl Partition {
                     .get(at..at + e.len as usize)
                     .unwrap_or_default()
                     .to_vec();
-                out.push(RaftEntry {
-                    log_id: m.log_id,
-                    kind: m.kind,
-                    base_offset: e.base_offset,
-                    count: e.count,
-                    append_time: e.append_time,
-                    producer: m.producer,
-                    records,
-                });
+                out.push(entry(e, m, records));
             }
         }
         Ok(out)
