@@ -1080,7 +1080,10 @@ pub fn partition_raft_config() -> Arc<openraft::Config> {
         max_in_snapshot_log_to_keep: 0,
         ..Default::default()
     };
-    Arc::new(config.validate().unwrap_or_default())
+    // validate() only checks the timeouts' order, fixed above; should it ever refuse, these
+    // settings stay (openraft's defaults would snapshot and purge on their own schedule).
+    let settings = config.clone();
+    Arc::new(config.validate().unwrap_or(settings))
 }
 
 /// Applies `storage`'s retention to its replicated partitions through their groups in
