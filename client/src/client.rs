@@ -969,7 +969,7 @@ impl Client {
                 // Disarmed first, so dropping the job doesn't run it.
                 let callback = match &mut job.reply {
                     ReplyTo::Callback(f) => f.take(),
-                    ReplyTo::Caller(_) => None,
+                    ReplyTo::Caller(_) | ReplyTo::Ahead(_) => None,
                 };
                 drop(job);
                 callback.map_or(Ok(()), Err)
@@ -1691,6 +1691,7 @@ mod tests {
             offset: 0,
             max_bytes: 1,
             long_poll: None,
+            ahead: None,
         };
         assert_eq!(routed(&c, &fetch), Some("127.0.0.1:9003".into()));
         assert_eq!(routed(&c, &produce(3)), None, "no partition 3: bootstrap");

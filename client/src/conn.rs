@@ -49,6 +49,10 @@ pub(crate) enum Req {
         offset: i64,
         max_bytes: u32,
         long_poll: Option<LongPoll>,
+        /// A consumer's read ahead: when this fetch brings records and the channel is empty,
+        /// the connection sends the next fetch (from the answer's NextOffset) before it copies
+        /// this answer out, and that fetch's answer goes to the channel (see [`Fetched::ahead`]).
+        ahead: Option<Ahead>,
     },
     GetOffset {
         topic: Arc<str>,
@@ -70,9 +74,21 @@ pub(crate) enum Req {
     },
 }
 
+/// Where the answers of a consumer's read-ahead fetches go: a channel of [`AHEAD_DEPTH`]
+/// answers. A fetch is only sent ahead while the channel is empty, so one such fetch is in
+/// flight at a time and its answer always finds room: a consumer that stops reading stops its
+/// fetches after at most two answers.
+pub(crate) type Ahead = mpsc::Sender<Result<Reply>>;
+
+/// The room of an [`Ahead`] channel.
+pub(crate) const AHEAD_DEPTH: usize = 2;
+
 /// A fetch's answer.
 #[derive(Debug)]
 pub(crate) struct Fetched {
+    /// The offset of the fetch the connection sent ahead after this one (its answer goes to
+    /// the request's [`Ahead`] channel), if it did.
+    pub(crate) ahead: Option<i64>,
     pub(crate) next_offset: Option<i64>,
     /// The partition's high-water mark when the broker answered.
     pub(crate) high_water_mark: i64,
@@ -102,6 +118,9 @@ pub(crate) enum ReplyTo {
     Caller(Option<oneshot::Sender<Result<Reply>>>),
     /// A callback; if the job is dropped unanswered, it gets [`Error::Closed`].
     Callback(Option<Callback>),
+    /// A fetch sent ahead: its answer goes to the consumer's channel, which has room for it
+    /// (see [`Ahead`]); if the job is dropped unanswered, the channel gets [`Error::Closed`].
+    Ahead(Option<Ahead>),
 }
 
 impl std::fmt::Debug for ReplyTo {
@@ -109,6 +128,7 @@ impl std::fmt::Debug for ReplyTo {
         f.write_str(match self {
             Self::Caller(_) => "Caller",
             Self::Callback(_) => "Callback",
+            Self::Ahead(_) => "Ahead",
         })
     }
 }
@@ -126,6 +146,12 @@ impl ReplyTo {
                     f(result);
                 }
             }
+            Self::Ahead(tx) => {
+                if let Some(tx) = tx.take() {
+                    // Room is kept for it; a full or closed channel means nobody reads on.
+                    let _ = tx.try_send(result);
+                }
+            }
         }
     }
 
@@ -134,19 +160,31 @@ impl ReplyTo {
         match self {
             Self::Caller(tx) => tx.as_ref().is_none_or(|t| t.is_closed()),
             Self::Callback(f) => f.is_none(),
+            Self::Ahead(tx) => tx.as_ref().is_none_or(|t| t.is_closed()),
         }
     }
 }
 
 impl Drop for ReplyTo {
     fn drop(&mut self) {
-        if let Self::Callback(f) = self
-            && let Some(f) = f.take()
-        {
-            f(Err(Error::Closed {
+        let closed = || {
+            Err(Error::Closed {
                 context: Context::default(),
                 what: "connection",
-            }));
+            })
+        };
+        match self {
+            Self::Callback(f) => {
+                if let Some(f) = f.take() {
+                    f(closed());
+                }
+            }
+            Self::Ahead(tx) => {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.try_send(closed());
+                }
+            }
+            Self::Caller(_) => {}
         }
     }
 }
@@ -214,6 +252,7 @@ fn request<'a>(req: &'a Req, names: &'a mut Vec<Topic<'a>>) -> Result<Request<'a
             offset,
             max_bytes,
             long_poll,
+            ahead: _,
         } => Request::Fetch(FetchRequest {
             topic: topic(t)?,
             partition: *partition,
@@ -263,8 +302,9 @@ fn unexpected(what: String) -> Error {
     }
 }
 
-/// Copies the response out of the receive buffer.
-fn reply(req: &Req, response: Response<'_>) -> Result<Reply> {
+/// Copies the response out of the receive buffer; `ahead` is the offset of the fetch sent
+/// ahead after it, if any.
+fn reply(req: &Req, response: Response<'_>, ahead: Option<i64>) -> Result<Reply> {
     Ok(match (req, response) {
         (_, Response::Error(e)) => {
             return Err(Error::Broker {
@@ -322,6 +362,7 @@ fn reply(req: &Req, response: Response<'_>) -> Result<Reply> {
                 ));
             }
             Reply::Fetch(Fetched {
+                ahead,
                 next_offset: f.trailer.map(|t| t.next_offset),
                 high_water_mark: f.high_water_mark,
                 records,
@@ -520,6 +561,68 @@ fn submit(driver: &mut Driver, pending: &mut Pending, job: Job, request_timeout:
     }
 }
 
+/// The capacity a call holds: its connection's load and its slot in the client.
+type Held = (LoadGuard, OwnedSemaphorePermit);
+
+/// For a completed consumer fetch (one with an [`Ahead`] channel, now empty) that brought
+/// records and said where the next fetch starts: queues that fetch on this connection with
+/// the call's capacity (`held`), and writes it out if the socket takes it at once (else the
+/// next wait does). Returns the offset fetched ahead, or the capacity back when nothing was
+/// sent.
+fn send_ahead(
+    driver: &mut Driver,
+    pending: &mut Pending,
+    req: &Req,
+    timeout: Duration,
+    held: Held,
+    request_type: streambus_core::RequestType,
+) -> std::result::Result<i64, Held> {
+    let Req::Fetch {
+        ahead: Some(tx), ..
+    } = req
+    else {
+        return Err(held);
+    };
+    if tx.capacity() < AHEAD_DEPTH || tx.is_closed() {
+        return Err(held);
+    }
+    let next = match driver.response(request_type) {
+        Some(Response::Fetch(f)) if !f.messages.is_empty() => f.trailer.map(|t| t.next_offset),
+        _ => None,
+    };
+    let Some(next) = next else {
+        return Err(held);
+    };
+    let mut ahead = req.clone();
+    if let Req::Fetch { offset, .. } = &mut ahead {
+        *offset = next;
+    }
+    let mut names = Vec::new();
+    let Some(id) = request(&ahead, &mut names)
+        .ok()
+        .and_then(|r| driver.queue(&r).ok())
+    else {
+        return Err(held);
+    };
+    let (_load, _permit) = held;
+    pending.insert(
+        id,
+        Job {
+            req: ahead,
+            reply: ReplyTo::Ahead(Some(tx.clone())),
+            deadline: Instant::now() + timeout,
+            timeout,
+            _load,
+            _permit,
+        },
+    );
+    // A socket that can't take it all now gets the rest at the next wait (the core tracks
+    // partial writes); a write error surfaces there too.
+    let flush = std::pin::pin!(driver.flush());
+    let _ = flush.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    Ok(next)
+}
+
 /// Submits the calls already waiting in `jobs`, as long as the connection has room.
 fn drain(
     driver: &mut Driver,
@@ -609,21 +712,36 @@ pub(crate) async fn run(
                     job.reply.send(Err(e.clone()));
                     break Some(e);
                 }
-                let result = match driver.response(done.request_type) {
-                    Some(r) => reply(&job.req, r),
-                    None => Err(unexpected("a completion without a response".into())),
-                };
-                // Give back the request (its buffer can be reused), the capacity and the
-                // load before the result goes out: a callback may send the next request.
+                // A consumer's next fetch goes out before this answer is copied out: the
+                // broker reads it meanwhile.
                 let Job {
                     req,
-                    reply,
+                    reply: to,
+                    timeout,
                     _load,
                     _permit,
                     ..
                 } = job;
-                drop((req, _load, _permit));
-                reply.send(result);
+                let held = (_load, _permit);
+                let (ahead, held) = match send_ahead(
+                    &mut driver,
+                    &mut pending,
+                    &req,
+                    timeout,
+                    held,
+                    done.request_type,
+                ) {
+                    Ok(next) => (Some(next), None),
+                    Err(held) => (None, Some(held)),
+                };
+                let result = match driver.response(done.request_type) {
+                    Some(r) => reply(&req, r, ahead),
+                    None => Err(unexpected("a completion without a response".into())),
+                };
+                // Give back the request (its buffer can be reused), the capacity and the
+                // load before the result goes out: a callback may send the next request.
+                drop((req, held));
+                to.send(result);
             }
             Ok(_) => {}
             Err(e) => break Some(driver_error(e, request_timeout)),

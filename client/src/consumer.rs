@@ -14,7 +14,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::client::{Client, mismatch, validate_topic};
-use crate::conn::{Fetched, Reply, Req};
+use crate::conn::{AHEAD_DEPTH, Ahead, Fetched, Reply, Req};
 use crate::error::{Context, Error, ErrorCode, Result};
 use crate::types::ConsumerRecord;
 
@@ -141,7 +141,11 @@ const PREFETCH: usize = 2;
 /// Reads assigned topic-partitions in order. Each partition has a fetcher task that keeps a
 /// long-poll fetch in flight and hands records over ahead of [`poll`](Self::poll) (up to two
 /// fetches), so a new record arrives within milliseconds of its append on a broker with long
-/// poll. A consumer keeps at most half its client's capacity (`pool_size × max_in_flight`)
+/// poll. While a partition has records to read, its connection sends the next fetch (from
+/// where the answer ends) as soon as an answer arrives, before copying the records out, so
+/// the broker reads on while the client builds and hands over the records; it stops once
+/// two such answers wait unread (so a partition whose application stops polling holds at
+/// most five fetches' worth of records: two handed over, one in its fetcher, two ahead). A consumer keeps at most half its client's capacity (`pool_size × max_in_flight`)
 /// in fetches, so producers and admin calls sharing the client are not starved; give a
 /// consumer of very many partitions its own [`Client`] with a larger pool. A broker that answers an empty fetch at once (no long poll) is polled again after a
 /// short, growing pause (5 ms doubling to 50 ms), never in a hot loop.
@@ -478,13 +482,46 @@ async fn fetcher(
 ) {
     let mut streak = 0u32;
     let mut seen_hwm = None;
+    // The connection sends the next fetch ahead of handing over an answer with records
+    // (while this channel is empty); `ahead` is the offset of the one in flight, and `slot`
+    // stays taken while one is.
+    let (mut ahead_tx, mut ahead_rx) = mpsc::channel(AHEAD_DEPTH);
+    let mut ahead: Option<i64> = None;
+    let mut slot = None;
     loop {
-        let Ok(slot) = slots.acquire().await else {
-            return;
-        };
         let started = Instant::now();
-        let fetched = fetch(&client, &config, &key, offset).await;
-        drop(slot);
+        let sent_ahead = match ahead.take() {
+            Some(at) if at == offset => ahead_rx.recv().await,
+            Some(_) => {
+                // Sent from where this fetcher no longer reads: its answer goes nowhere.
+                (ahead_tx, ahead_rx) = mpsc::channel(AHEAD_DEPTH);
+                None
+            }
+            None => None,
+        };
+        // An answer sent ahead may have waited in the channel: never "at once".
+        let answered_ahead = matches!(sent_ahead, Some(Ok(Reply::Fetch(_))));
+        let fetched = match sent_ahead {
+            Some(Ok(Reply::Fetch(f))) => Ok(Outcome::Records(f)),
+            // Anything else (an error, a lost connection) is fetched again by the call that
+            // follows leaders and resends, and meets its error there if it lasts.
+            _ => {
+                if slot.is_none() {
+                    let Ok(s) = slots.clone().acquire_owned().await else {
+                        return;
+                    };
+                    slot = Some(s);
+                }
+                fetch(&client, &config, &key, offset, &ahead_tx).await
+            }
+        };
+        ahead = match &fetched {
+            Ok(Outcome::Records(f)) => f.ahead,
+            _ => None,
+        };
+        if ahead.is_none() {
+            slot = None;
+        }
         let (result, pause) = match fetched {
             Ok(Outcome::Reset(to)) => {
                 tracing::info!(topic = %key.0, partition = key.1, from = offset, to, "offset out of range: position reset");
@@ -508,6 +545,7 @@ async fn fetcher(
                 let moved = next != offset;
                 offset = next;
                 let pause = if !records.is_empty()
+                    || answered_ahead
                     || !answered_at_once(started.elapsed(), config.max_wait)
                 {
                     streak = 0;
@@ -559,6 +597,7 @@ async fn fetch(
     config: &ConsumerConfig,
     key: &Key,
     offset: i64,
+    ahead: &Ahead,
 ) -> Result<Outcome> {
     let (topic, partition) = key;
     let ctx = Context::new("fetch")
@@ -574,6 +613,7 @@ async fn fetch(
             max_wait_ms,
             min_bytes: config.min_bytes,
         }),
+        ahead: Some(ahead.clone()),
     };
     let timeout = client.config().request_timeout + config.max_wait;
     match client.call(req, &ctx, timeout).await {
@@ -609,5 +649,62 @@ mod tests {
             Duration::from_millis(400),
             Duration::from_millis(500)
         ));
+    }
+
+    /// The connection sends a consumer's next fetch itself, from the answer's NextOffset,
+    /// before it hands that answer over, and stops sending ahead once an answer waits unread
+    /// in the channel: one fetch from the caller brings the answers at offsets 0, 1 and 2
+    /// and no more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_connection_fetches_ahead_until_an_answer_waits_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = streambus_server::Config::default();
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.data_dir = dir.path().to_owned();
+        config.metrics_listen = None;
+        config.fsync = streambus_server::FsyncMode::Never;
+        let broker = streambus_server::start(config).unwrap();
+        let client = Client::connect(broker.addr().to_string()).await.unwrap();
+        client.create_topic("ahead", 1).await.unwrap();
+        let producer = crate::Producer::new(&client);
+        for _ in 0..10 {
+            producer
+                .send(crate::Record::new("ahead", vec![b'v'; 100]))
+                .await
+                .unwrap();
+        }
+        let (tx, mut rx) = mpsc::channel(AHEAD_DEPTH);
+        // Room for one 100-byte record per fetch.
+        let fetch = Req::Fetch {
+            topic: Arc::from("ahead"),
+            partition: 0,
+            offset: 0,
+            max_bytes: 150,
+            long_poll: None,
+            ahead: Some(tx),
+        };
+        let offsets = |f: &Fetched| f.records.iter().map(|r| r.offset).collect::<Vec<_>>();
+        let timeout = Duration::from_secs(10);
+        let first = match client.call(fetch, &Context::new("test"), timeout).await {
+            Ok(Reply::Fetch(f)) => f,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((offsets(&first), first.ahead), (vec![0], Some(1)));
+        // The answers sent ahead arrive without another call.
+        let deadline = Instant::now() + timeout;
+        while rx.len() < AHEAD_DEPTH {
+            assert!(Instant::now() < deadline, "{} answers ahead", rx.len());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let mut ahead = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            match r {
+                Ok(Reply::Fetch(f)) => ahead.push((offsets(&f), f.ahead)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(ahead, vec![(vec![1], Some(2)), (vec![2], None)]);
+        drop(client);
+        broker.shutdown().unwrap();
     }
 }
