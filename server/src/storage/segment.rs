@@ -446,15 +446,27 @@ impl Segment {
             out.extend(raft.into_iter().map(|(e, _)| e));
             return Ok(());
         }
+        self.read_index(first, n, IndexEntry::decode, out)
+    }
+
+    /// Reads `n` committed index entries of `L` bytes from entry `first` on, each decoded by
+    /// `decode` (`None`: its checksum fails).
+    fn read_index<const L: usize, T>(
+        &self,
+        first: u64,
+        n: u64,
+        decode: fn(&[u8; L]) -> Option<T>,
+        out: &mut Vec<T>,
+    ) -> Result<(), StorageError> {
         out.clear();
-        let len = usize::try_from(n).unwrap_or(0) * ENTRY_LEN;
+        let len = usize::try_from(n).unwrap_or(0) * L;
         let mut buf = vec![0u8; len];
         self.idx
-            .read_exact_at(&mut buf, first * ENTRY_LEN as u64)
+            .read_exact_at(&mut buf, first * L as u64)
             .ctx("read index", &self.idx_path)?;
-        for (i, chunk) in buf.chunks_exact(ENTRY_LEN).enumerate() {
-            let arr: &[u8; ENTRY_LEN] = chunk.try_into().unwrap_or(&[0; ENTRY_LEN]);
-            let e = IndexEntry::decode(arr).ok_or_else(|| StorageError::Corrupt {
+        for (i, chunk) in buf.chunks_exact(L).enumerate() {
+            let arr: &[u8; L] = chunk.try_into().unwrap_or(&[0; L]);
+            let e = decode(arr).ok_or_else(|| StorageError::Corrupt {
                 path: self.idx_path.clone(),
                 reason: format!("index entry {} fails its checksum", first + i as u64),
             })?;
@@ -471,21 +483,7 @@ impl Segment {
         n: u64,
         out: &mut Vec<(IndexEntry, RaftMeta)>,
     ) -> Result<(), StorageError> {
-        out.clear();
-        let len = usize::try_from(n).unwrap_or(0) * RAFT_ENTRY_LEN;
-        let mut buf = vec![0u8; len];
-        self.idx
-            .read_exact_at(&mut buf, first * RAFT_ENTRY_LEN as u64)
-            .ctx("read index", &self.idx_path)?;
-        for (i, chunk) in buf.chunks_exact(RAFT_ENTRY_LEN).enumerate() {
-            let arr: &[u8; RAFT_ENTRY_LEN] = chunk.try_into().unwrap_or(&[0; RAFT_ENTRY_LEN]);
-            let e = IndexEntry::decode_raft(arr).ok_or_else(|| StorageError::Corrupt {
-                path: self.idx_path.clone(),
-                reason: format!("index entry {} fails its checksum", first + i as u64),
-            })?;
-            out.push(e);
-        }
-        Ok(())
+        self.read_index(first, n, IndexEntry::decode_raft, out)
     }
 
     /// Cuts the segment after its first `entries` entries, whose records end at `log_len`,
