@@ -161,7 +161,13 @@ async fn run() -> Result<(), Error> {
             let topic = "bench-sdk-fetch";
             let _ = client.create_topic(topic, 1).await;
             let kib = Bytes::from(vec![b'v'; 1024]);
-            let producer = Producer::new(&client);
+            // Batches of about 256 KiB, as `streambus bench fetch` fills its topic: both
+            // sides read the same log layout (a fetch that ends inside a batch costs the
+            // broker a read of that batch to checksum its part).
+            let producer = Producer::with_config(
+                &client,
+                ProducerConfig::default().batch_max_bytes(256 << 10),
+            )?;
             let have = client.offsets(topic, 0).await?.end;
             let mut pending = Vec::new();
             for _ in have..64 * 1024 {
