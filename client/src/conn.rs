@@ -92,7 +92,56 @@ pub(crate) struct Fetched {
     pub(crate) next_offset: Option<i64>,
     /// The partition's high-water mark when the broker answered.
     pub(crate) high_water_mark: i64,
-    pub(crate) records: Vec<ConsumerRecord>,
+    topic: Arc<str>,
+    partition: u32,
+    /// The number of records in `set`.
+    count: u32,
+    /// The records' wire bytes, validated by the core when the answer was decoded.
+    set: Arc<[u8]>,
+}
+
+impl Fetched {
+    /// The records, as views into the fetch's one copy of their bytes.
+    pub(crate) fn records(&self) -> Result<Vec<ConsumerRecord>> {
+        let base: &[u8] = &self.set;
+        let at = |part: &[u8]| -> Result<std::ops::Range<usize>> {
+            let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
+            let end = start.wrapping_add(part.len());
+            if part.is_empty() {
+                Ok(0..0)
+            } else if start <= end && end <= base.len() {
+                Ok(start..end)
+            } else {
+                Err(unexpected("a record outside its message set".into()))
+            }
+        };
+        let set = MessageSet::new_unchecked(self.count, base);
+        let mut records = Vec::with_capacity(self.count as usize);
+        for m in set.iter() {
+            let mut headers = Vec::new();
+            for h in m.headers.iter() {
+                headers.push((at(h.key)?, at(h.value)?));
+            }
+            records.push(ConsumerRecord::new(
+                self.topic.clone(),
+                self.partition,
+                m.offset,
+                m.timestamp,
+                self.set.clone(),
+                at(m.key)?,
+                at(m.value)?,
+                headers,
+            ));
+        }
+        if records.len() != self.count as usize {
+            return Err(unexpected(format!(
+                "a fetch of {} records held {}",
+                self.count,
+                records.len()
+            )));
+        }
+        Ok(records)
+    }
 }
 
 /// An owned success reply.
@@ -330,42 +379,16 @@ fn reply(req: &Req, response: Response<'_>, ahead: Option<i64>) -> Result<Reply>
             },
             Response::Fetch(f),
         ) => {
-            // One copy of the records per fetch; records are views into it.
-            let base = f.messages.as_bytes();
-            let buf: Arc<[u8]> = Arc::from(base);
-            let at = |part: &[u8]| -> Result<std::ops::Range<usize>> {
-                let start = (part.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize);
-                let end = start.wrapping_add(part.len());
-                if part.is_empty() {
-                    Ok(0..0)
-                } else if start <= end && end <= base.len() {
-                    Ok(start..end)
-                } else {
-                    Err(unexpected("a record outside its message set".into()))
-                }
-            };
-            let mut records = Vec::with_capacity(f.messages.count() as usize);
-            for m in f.messages.iter() {
-                let mut headers = Vec::new();
-                for h in m.headers.iter() {
-                    headers.push((at(h.key)?, at(h.value)?));
-                }
-                records.push(ConsumerRecord::new(
-                    topic.clone(),
-                    *partition,
-                    m.offset,
-                    m.timestamp,
-                    buf.clone(),
-                    at(m.key)?,
-                    at(m.value)?,
-                    headers,
-                ));
-            }
+            // One copy of the records per fetch; the consumer's records are views into it,
+            // built by its fetcher (off this task, which reads the next answer meanwhile).
             Reply::Fetch(Fetched {
                 ahead,
                 next_offset: f.trailer.map(|t| t.next_offset),
                 high_water_mark: f.high_water_mark,
-                records,
+                topic: topic.clone(),
+                partition: *partition,
+                count: f.messages.count(),
+                set: Arc::from(f.messages.as_bytes()),
             })
         }
         (Req::GetOffset { partition, .. }, Response::GetOffset(g)) => {

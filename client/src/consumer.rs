@@ -106,7 +106,8 @@ struct Assigned {
 }
 
 enum Outcome {
-    Records(Fetched),
+    /// An answer, and its records (built by the fetcher, off the connection's task).
+    Records(Fetched, Vec<ConsumerRecord>),
     /// The position was reset (policy) to this offset.
     Reset(i64),
 }
@@ -502,7 +503,7 @@ async fn fetcher(
         // An answer sent ahead may have waited in the channel: never "at once".
         let answered_ahead = matches!(sent_ahead, Some(Ok(Reply::Fetch(_))));
         let fetched = match sent_ahead {
-            Some(Ok(Reply::Fetch(f))) => Ok(Outcome::Records(f)),
+            Some(Ok(Reply::Fetch(f))) => f.records().map(|r| Outcome::Records(f, r)),
             // Anything else (an error, a lost connection) is fetched again by the call that
             // follows leaders and resends, and meets its error there if it lasts.
             _ => {
@@ -516,8 +517,14 @@ async fn fetcher(
             }
         };
         ahead = match &fetched {
-            Ok(Outcome::Records(f)) => f.ahead,
-            _ => None,
+            Ok(Outcome::Records(f, _)) => f.ahead,
+            Ok(Outcome::Reset(_)) => None,
+            Err(_) => {
+                // An answer that failed after a fetch was sent ahead of it (records that
+                // break the protocol): that fetch's answer goes nowhere.
+                (ahead_tx, ahead_rx) = mpsc::channel(AHEAD_DEPTH);
+                None
+            }
         };
         if ahead.is_none() {
             slot = None;
@@ -533,8 +540,7 @@ async fn fetcher(
                 };
                 (Ok(handed), Duration::ZERO)
             }
-            Ok(Outcome::Records(f)) => {
-                let mut records = f.records;
+            Ok(Outcome::Records(f, mut records)) => {
                 records.retain(|r| r.offset >= offset);
                 let next = records
                     .last()
@@ -617,7 +623,10 @@ async fn fetch(
     };
     let timeout = client.config().request_timeout + config.max_wait;
     match client.call(req, &ctx, timeout).await {
-        Ok(Reply::Fetch(f)) => Ok(Outcome::Records(f)),
+        Ok(Reply::Fetch(f)) => {
+            let records = f.records()?;
+            Ok(Outcome::Records(f, records))
+        }
         Ok(other) => Err(mismatch(ctx, &other)),
         Err(e) if e.code() == Some(ErrorCode::OFFSET_OUT_OF_RANGE) => {
             let o = client.offsets(topic, *partition).await?;
@@ -683,7 +692,13 @@ mod tests {
             long_poll: None,
             ahead: Some(tx),
         };
-        let offsets = |f: &Fetched| f.records.iter().map(|r| r.offset).collect::<Vec<_>>();
+        let offsets = |f: &Fetched| {
+            f.records()
+                .unwrap()
+                .iter()
+                .map(|r| r.offset)
+                .collect::<Vec<_>>()
+        };
         let timeout = Duration::from_secs(10);
         let first = match client.call(fetch, &Context::new("test"), timeout).await {
             Ok(Reply::Fetch(f)) => f,
