@@ -919,6 +919,7 @@ impl Client {
                 timeout,
                 _permit: permit,
                 _load: load,
+                _slot: None,
             };
             match conn.send(job) {
                 Ok(()) => break,
@@ -962,6 +963,7 @@ impl Client {
             timeout,
             _permit: permit,
             _load: load,
+            _slot: None,
         };
         match conn.send(job) {
             Ok(()) => Ok(()),

@@ -16,7 +16,7 @@ use streambus_core::{
     GetOffsetRequest, LongPoll, MessageSet, MetadataRequest, ProduceRequest, ProducerInfo, Request,
     Response, Topic, TopicNames,
 };
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::error::{Context, Error, ProtocolError, Result};
@@ -74,11 +74,20 @@ pub(crate) enum Req {
     },
 }
 
-/// Where the answers of a consumer's read-ahead fetches go: a channel of [`AHEAD_DEPTH`]
-/// answers. A fetch is only sent ahead while the channel is empty, so one such fetch is in
-/// flight at a time and its answer always finds room: a consumer that stops reading stops its
-/// fetches after at most two answers.
-pub(crate) type Ahead = mpsc::Sender<Result<Reply>>;
+/// A consumer's read ahead on one partition: where the answers of the fetches sent ahead go
+/// (a channel of [`AHEAD_DEPTH`] answers), and the consumer's fetch slots. A fetch is only
+/// sent ahead for a call still awaited, while the channel is empty and a slot is free without
+/// waiting (held until it completes), so one such fetch is in flight at a time, its answer
+/// always finds room, a consumer that stops reading stops its fetches after at most two
+/// answers, and partitions waiting for a slot get theirs in turn.
+#[derive(Debug, Clone)]
+pub(crate) struct Ahead {
+    pub(crate) tx: AheadTx,
+    pub(crate) slots: Arc<Semaphore>,
+}
+
+/// The sending side of an [`Ahead`] channel.
+pub(crate) type AheadTx = mpsc::Sender<Result<Reply>>;
 
 /// The room of an [`Ahead`] channel.
 pub(crate) const AHEAD_DEPTH: usize = 2;
@@ -86,6 +95,8 @@ pub(crate) const AHEAD_DEPTH: usize = 2;
 /// A fetch's answer.
 #[derive(Debug)]
 pub(crate) struct Fetched {
+    /// The offset this fetch read from.
+    pub(crate) offset: i64,
     /// The offset of the fetch the connection sent ahead after this one (its answer goes to
     /// the request's [`Ahead`] channel), if it did.
     pub(crate) ahead: Option<i64>,
@@ -169,7 +180,7 @@ pub(crate) enum ReplyTo {
     Callback(Option<Callback>),
     /// A fetch sent ahead: its answer goes to the consumer's channel, which has room for it
     /// (see [`Ahead`]); if the job is dropped unanswered, the channel gets [`Error::Closed`].
-    Ahead(Option<Ahead>),
+    Ahead(Option<AheadTx>),
 }
 
 impl std::fmt::Debug for ReplyTo {
@@ -251,6 +262,8 @@ pub(crate) struct Job {
     /// the connection's load already lowered.
     pub(crate) _load: LoadGuard,
     pub(crate) _permit: OwnedSemaphorePermit,
+    /// A fetch sent ahead: the consumer's fetch slot it holds.
+    pub(crate) _slot: Option<OwnedSemaphorePermit>,
 }
 
 /// Counts a call against its connection until dropped.
@@ -375,13 +388,17 @@ fn reply(req: &Req, response: Response<'_>, ahead: Option<i64>) -> Result<Reply>
         }
         (
             Req::Fetch {
-                topic, partition, ..
+                topic,
+                partition,
+                offset,
+                ..
             },
             Response::Fetch(f),
         ) => {
             // One copy of the records per fetch; the consumer's records are views into it,
             // built by its fetcher (off this task, which reads the next answer meanwhile).
             Reply::Fetch(Fetched {
+                offset: *offset,
                 ahead,
                 next_offset: f.trailer.map(|t| t.next_offset),
                 high_water_mark: f.high_water_mark,
@@ -584,29 +601,33 @@ fn submit(driver: &mut Driver, pending: &mut Pending, job: Job, request_timeout:
     }
 }
 
-/// The capacity a call holds: its connection's load and its slot in the client.
-type Held = (LoadGuard, OwnedSemaphorePermit);
+/// The capacity a call holds: its connection's load, its slot in the client and, for a fetch
+/// sent ahead, its consumer's fetch slot.
+type Held = (
+    LoadGuard,
+    OwnedSemaphorePermit,
+    Option<OwnedSemaphorePermit>,
+);
 
-/// For a completed consumer fetch (one with an [`Ahead`] channel, now empty) that brought
-/// records and said where the next fetch starts: queues that fetch on this connection with
-/// the call's capacity (`held`), and writes it out if the socket takes it at once (else the
-/// next wait does). Returns the offset fetched ahead, or the capacity back when nothing was
-/// sent.
+/// For a completed consumer fetch (one with an [`Ahead`] channel, now empty, and a caller
+/// still waiting for it) that brought records and said where the next fetch starts: queues
+/// that fetch on this connection with the call's capacity (`held`) and a consumer fetch slot,
+/// and writes it out if the socket takes it at once (else the next wait does). Returns the
+/// offset fetched ahead, or the capacity back when nothing was sent.
 fn send_ahead(
     driver: &mut Driver,
     pending: &mut Pending,
     req: &Req,
+    to: &ReplyTo,
     timeout: Duration,
     held: Held,
     request_type: streambus_core::RequestType,
 ) -> std::result::Result<i64, Held> {
-    let Req::Fetch {
-        ahead: Some(tx), ..
-    } = req
-    else {
+    let Req::Fetch { ahead: Some(a), .. } = req else {
         return Err(held);
     };
-    if tx.capacity() < AHEAD_DEPTH || tx.is_closed() {
+    // A call that timed out (its late answer is here) or whose caller left sends nothing.
+    if to.is_closed() || a.tx.capacity() < AHEAD_DEPTH || a.tx.is_closed() {
         return Err(held);
     }
     let next = match driver.response(request_type) {
@@ -615,6 +636,13 @@ fn send_ahead(
     };
     let Some(next) = next else {
         return Err(held);
+    };
+    // The slot of a fetch sent ahead is given back first: when partitions wait for one, the
+    // first in line gets it and this one's fetcher queues behind them.
+    let (_load, _permit, slot) = held;
+    drop(slot);
+    let Ok(slot) = a.slots.clone().try_acquire_owned() else {
+        return Err((_load, _permit, None));
     };
     let mut ahead = req.clone();
     if let Req::Fetch { offset, .. } = &mut ahead {
@@ -625,18 +653,19 @@ fn send_ahead(
         .ok()
         .and_then(|r| driver.queue(&r).ok())
     else {
-        return Err(held);
+        return Err((_load, _permit, None));
     };
-    let (_load, _permit) = held;
+    let _slot = Some(slot);
     pending.insert(
         id,
         Job {
             req: ahead,
-            reply: ReplyTo::Ahead(Some(tx.clone())),
+            reply: ReplyTo::Ahead(Some(a.tx.clone())),
             deadline: Instant::now() + timeout,
             timeout,
             _load,
             _permit,
+            _slot,
         },
     );
     // A socket that can't take it all now gets the rest at the next wait (the core tracks
@@ -743,13 +772,15 @@ pub(crate) async fn run(
                     timeout,
                     _load,
                     _permit,
+                    _slot,
                     ..
                 } = job;
-                let held = (_load, _permit);
+                let held = (_load, _permit, _slot);
                 let (ahead, held) = match send_ahead(
                     &mut driver,
                     &mut pending,
                     &req,
+                    &to,
                     timeout,
                     held,
                     done.request_type,

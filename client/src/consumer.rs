@@ -140,15 +140,19 @@ impl std::fmt::Debug for Done {
 const PREFETCH: usize = 2;
 
 /// Reads assigned topic-partitions in order. Each partition has a fetcher task that keeps a
-/// long-poll fetch in flight and hands records over ahead of [`poll`](Self::poll) (up to two
-/// fetches), so a new record arrives within milliseconds of its append on a broker with long
-/// poll. While a partition has records to read, its connection sends the next fetch (from
-/// where the answer ends) as soon as an answer arrives, before copying the records out, so
-/// the broker reads on while the client builds and hands over the records; it stops once
-/// two such answers wait unread (so a partition whose application stops polling holds at
-/// most five fetches' worth of records: two handed over, one in its fetcher, two ahead). A consumer keeps at most half its client's capacity (`pool_size × max_in_flight`)
-/// in fetches, so producers and admin calls sharing the client are not starved; give a
-/// consumer of very many partitions its own [`Client`] with a larger pool. A broker that answers an empty fetch at once (no long poll) is polled again after a
+/// long-poll fetch in flight and hands records over ahead of [`poll`](Self::poll) (the
+/// consumer holds up to two fetches handed over), so a new record arrives within milliseconds
+/// of its append on a broker with long poll. While a partition has records to read, its
+/// connection sends the next fetch (from where an answer ends) as soon as the answer arrives,
+/// before copying its records out, so the broker reads on while the client builds and hands
+/// over the records; it sends one such fetch at a time, and only while no answer sent ahead
+/// waits unread and a fetch slot is free without waiting, so an application that stops
+/// polling stops the fetching and partitions share the slots in turn.
+///
+/// A consumer keeps at most half its client's capacity (`pool_size × max_in_flight`) in
+/// fetches, so producers and admin calls sharing the client are not starved; give a consumer
+/// of very many partitions its own [`Client`] with a larger pool. A broker that answers an
+/// empty fetch at once (no long poll) is polled again after a
 /// short, growing pause (5 ms doubling to 50 ms), never in a hot loop.
 ///
 /// ```no_run
@@ -484,51 +488,52 @@ async fn fetcher(
     let mut streak = 0u32;
     let mut seen_hwm = None;
     // The connection sends the next fetch ahead of handing over an answer with records
-    // (while this channel is empty); `ahead` is the offset of the one in flight, and `slot`
-    // stays taken while one is.
-    let (mut ahead_tx, mut ahead_rx) = mpsc::channel(AHEAD_DEPTH);
+    // (while this channel is empty and a fetch slot is free); `ahead` is the offset of the one
+    // in flight. An answer that is not the one expected (an error, another offset) drops the
+    // channel, so whatever was sent ahead before goes nowhere, and the fetch is made again
+    // by the call that follows leaders and resends.
+    let channel = || mpsc::channel(AHEAD_DEPTH);
+    let (mut ahead_tx, mut ahead_rx) = channel();
     let mut ahead: Option<i64> = None;
-    let mut slot = None;
     loop {
         let started = Instant::now();
-        let sent_ahead = match ahead.take() {
-            Some(at) if at == offset => ahead_rx.recv().await,
-            Some(_) => {
-                // Sent from where this fetcher no longer reads: its answer goes nowhere.
-                (ahead_tx, ahead_rx) = mpsc::channel(AHEAD_DEPTH);
-                None
-            }
-            None => None,
+        let expected = ahead.take();
+        let sent_ahead = match expected {
+            Some(at) if at == offset => match ahead_rx.recv().await {
+                Some(Ok(Reply::Fetch(f))) if f.offset == offset => Some(f),
+                _ => None,
+            },
+            _ => None,
         };
+        if expected.is_some() && sent_ahead.is_none() {
+            (ahead_tx, ahead_rx) = channel();
+        }
         // An answer sent ahead may have waited in the channel: never "at once".
-        let answered_ahead = matches!(sent_ahead, Some(Ok(Reply::Fetch(_))));
+        let answered_ahead = sent_ahead.is_some();
         let fetched = match sent_ahead {
-            Some(Ok(Reply::Fetch(f))) => f.records().map(|r| Outcome::Records(f, r)),
-            // Anything else (an error, a lost connection) is fetched again by the call that
-            // follows leaders and resends, and meets its error there if it lasts.
-            _ => {
-                if slot.is_none() {
-                    let Ok(s) = slots.clone().acquire_owned().await else {
-                        return;
-                    };
-                    slot = Some(s);
-                }
-                fetch(&client, &config, &key, offset, &ahead_tx).await
+            Some(f) => f.records().map(|r| Outcome::Records(f, r)),
+            None => {
+                let Ok(slot) = slots.acquire().await else {
+                    return;
+                };
+                let a = Ahead {
+                    tx: ahead_tx.clone(),
+                    slots: slots.clone(),
+                };
+                let fetched = fetch(&client, &config, &key, offset, a).await;
+                drop(slot);
+                fetched
             }
         };
         ahead = match &fetched {
             Ok(Outcome::Records(f, _)) => f.ahead,
             Ok(Outcome::Reset(_)) => None,
             Err(_) => {
-                // An answer that failed after a fetch was sent ahead of it (records that
-                // break the protocol): that fetch's answer goes nowhere.
-                (ahead_tx, ahead_rx) = mpsc::channel(AHEAD_DEPTH);
+                // Records that break the protocol, after a fetch was sent ahead of them.
+                (ahead_tx, ahead_rx) = channel();
                 None
             }
         };
-        if ahead.is_none() {
-            slot = None;
-        }
         let (result, pause) = match fetched {
             Ok(Outcome::Reset(to)) => {
                 tracing::info!(topic = %key.0, partition = key.1, from = offset, to, "offset out of range: position reset");
@@ -603,7 +608,7 @@ async fn fetch(
     config: &ConsumerConfig,
     key: &Key,
     offset: i64,
-    ahead: &Ahead,
+    ahead: Ahead,
 ) -> Result<Outcome> {
     let (topic, partition) = key;
     let ctx = Context::new("fetch")
@@ -619,7 +624,7 @@ async fn fetch(
             max_wait_ms,
             min_bytes: config.min_bytes,
         }),
-        ahead: Some(ahead.clone()),
+        ahead: Some(ahead),
     };
     let timeout = client.config().request_timeout + config.max_wait;
     match client.call(req, &ctx, timeout).await {
@@ -663,9 +668,10 @@ mod tests {
     /// The connection sends a consumer's next fetch itself, from the answer's NextOffset,
     /// before it hands that answer over, and stops sending ahead once an answer waits unread
     /// in the channel: one fetch from the caller brings the answers at offsets 0, 1 and 2
-    /// and no more.
+    /// and no more, and gives its fetch slots back. With no fetch slot free, it sends nothing
+    /// ahead.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_connection_fetches_ahead_until_an_answer_waits_unread() {
+    async fn the_connection_fetches_ahead_until_an_answer_waits_unread_or_no_slot_is_free() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = streambus_server::Config::default();
         config.listen = "127.0.0.1:0".parse().unwrap();
@@ -683,6 +689,7 @@ mod tests {
                 .unwrap();
         }
         let (tx, mut rx) = mpsc::channel(AHEAD_DEPTH);
+        let slots = Arc::new(Semaphore::new(4));
         // Room for one 100-byte record per fetch.
         let fetch = Req::Fetch {
             topic: Arc::from("ahead"),
@@ -690,14 +697,15 @@ mod tests {
             offset: 0,
             max_bytes: 150,
             long_poll: None,
-            ahead: Some(tx),
+            ahead: Some(Ahead {
+                tx,
+                slots: slots.clone(),
+            }),
         };
         let offsets = |f: &Fetched| {
-            f.records()
-                .unwrap()
-                .iter()
-                .map(|r| r.offset)
-                .collect::<Vec<_>>()
+            let offsets: Vec<i64> = f.records().unwrap().iter().map(|r| r.offset).collect();
+            assert_eq!(offsets.first(), Some(&f.offset));
+            offsets
         };
         let timeout = Duration::from_secs(10);
         let first = match client.call(fetch, &Context::new("test"), timeout).await {
@@ -719,7 +727,133 @@ mod tests {
             }
         }
         assert_eq!(ahead, vec![(vec![1], Some(2)), (vec![2], None)]);
+        assert_eq!(slots.available_permits(), 4);
+
+        let (tx, mut rx) = mpsc::channel(AHEAD_DEPTH);
+        let fetch = Req::Fetch {
+            topic: Arc::from("ahead"),
+            partition: 0,
+            offset: 3,
+            max_bytes: 150,
+            long_poll: None,
+            ahead: Some(Ahead {
+                tx,
+                slots: Arc::new(Semaphore::new(0)),
+            }),
+        };
+        let next = match client.call(fetch, &Context::new("test"), timeout).await {
+            Ok(Reply::Fetch(f)) => f,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((offsets(&next), next.ahead), (vec![3], None));
+        assert!(rx.try_recv().is_err(), "an answer came ahead");
         drop(client);
         broker.shutdown().unwrap();
+    }
+
+    /// A fetch whose call timed out sends nothing ahead when its late answer arrives (its
+    /// caller is gone: a fetch sent ahead would feed a channel nobody expects it in). A fake
+    /// broker answers the fetch only after the call's timeout, then answers a HealthCheck:
+    /// the requests it received are exactly that Fetch and that HealthCheck.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_answered_after_its_timeout_sends_nothing_ahead() {
+        use streambus_core::broker::peek_request_id;
+        use streambus_core::{
+            FetchResponse, FetchTrailer, FrameDecoder, HealthCheckResponse, Message,
+            MessageSetBuilder, RequestFrame, RequestType, Response as CoreResponse, Status, Text,
+            encode_response, response_encoded_len,
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (late_tx, late_rx) = tokio::sync::oneshot::channel::<()>();
+        let peer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+            let mut seen = Vec::new();
+            let mut late_rx = Some(late_rx);
+            loop {
+                let len = loop {
+                    if let Ok(Status::Complete(len)) = FrameDecoder::default().next_frame(&buf) {
+                        break len;
+                    }
+                    let n = s.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        return seen;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                };
+                let frame: Vec<u8> = buf.drain(..len).collect();
+                let id = peek_request_id(&frame).unwrap();
+                let ty = RequestFrame::new_checked(&frame[..])
+                    .unwrap()
+                    .request_type();
+                seen.push(ty);
+                let mut records = vec![0u8; 256];
+                let response = match ty {
+                    Some(RequestType::Fetch) => {
+                        // The first is answered only once the call has timed out.
+                        if let Some(late) = late_rx.take() {
+                            let _ = late.await;
+                        }
+                        let mut set = MessageSetBuilder::new(&mut records);
+                        set.push(&Message::new(b"", b"late")).unwrap();
+                        CoreResponse::Fetch(FetchResponse {
+                            high_water_mark: 5,
+                            messages: set.finish(),
+                            trailer: Some(FetchTrailer {
+                                last_stable_offset: 5,
+                                next_offset: 1,
+                            }),
+                        })
+                    }
+                    _ => CoreResponse::HealthCheck(HealthCheckResponse {
+                        status: Text(b"healthy"),
+                        uptime_secs: 1,
+                    }),
+                };
+                let mut out = vec![0; response_encoded_len(&response)];
+                let n = encode_response(id, &response, &mut out).unwrap();
+                s.write_all(&out[..n]).await.unwrap();
+            }
+        });
+        let client = Client::builder()
+            .pool_size(1)
+            .connect(addr.to_string())
+            .await
+            .unwrap();
+        let (tx, mut rx) = mpsc::channel(AHEAD_DEPTH);
+        let slots = Arc::new(Semaphore::new(4));
+        let fetch = Req::Fetch {
+            topic: Arc::from("late"),
+            partition: 0,
+            offset: 0,
+            max_bytes: 1 << 20,
+            long_poll: None,
+            ahead: Some(Ahead {
+                tx,
+                slots: slots.clone(),
+            }),
+        };
+        let e = client
+            .call(fetch, &Context::new("test"), Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::TimedOut { .. }), "{e}");
+        late_tx.send(()).unwrap();
+        // Answered after the late Fetch answer on the same connection (TCP keeps the order),
+        // so that answer was handled when this returns.
+        assert_eq!(client.health().await.unwrap().status, "healthy");
+        drop(client);
+        let seen = tokio::time::timeout(Duration::from_secs(10), peer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![Some(RequestType::Fetch), Some(RequestType::HealthCheck)]
+        );
+        assert!(rx.try_recv().is_err(), "an answer came ahead");
+        assert_eq!(slots.available_permits(), 4);
     }
 }
