@@ -76,6 +76,36 @@ async fn metadata_names_the_broker_and_every_partition_leader() {
     assert!(e.to_string().contains("no/slash"), "{e}");
 }
 
+/// The fake brokers' answer to a Metadata request: topic "t" with `parts`, and `brokers`.
+fn metadata_of_t(reply: Reply, parts: &[PartitionMetadata<'_>], brokers: &[BrokerInfo<'_>]) {
+    let topics = [TopicMetadata {
+        name: streambus_core::Topic::new("t").unwrap(),
+        error_code: streambus_core::ErrorCode::NONE,
+        partitions: PartitionList::from_slice(parts),
+    }];
+    reply.respond(&Response::Metadata(MetadataResponse {
+        brokers: BrokerList::from_slice(brokers),
+        topics: TopicMetadataList::from_slice(&topics),
+    }));
+}
+
+/// The fake brokers' acknowledgement of `p`, stored from `base` on.
+fn acknowledge(reply: Reply, p: &streambus_core::ProduceRequest<'_>, base: i64) {
+    reply.respond(&Response::Produce(ProduceResponse {
+        base_offset: base,
+        num_messages: p.messages.count(),
+        high_water_mark: base + i64::from(p.messages.count()),
+    }));
+}
+
+/// The fake brokers' answer to anything else.
+fn refuse(reply: Reply, other: &Request<'_>) {
+    reply.error(
+        streambus_core::ErrorCode::UNKNOWN_REQUEST,
+        format_args!("not here: {:?}", other.request_type()),
+    );
+}
+
 /// A fake broker: topic "t" has 2 partitions led by node 0; the first Produce is answered
 /// NotLeader, later ones succeed at offset 41. Records the request types it saw.
 #[derive(Default)]
@@ -101,34 +131,19 @@ impl Handler for MovingLeader {
                         replicas: ReplicaList::from_slice(&replicas),
                     })
                     .collect();
-                let topics = [TopicMetadata {
-                    name: streambus_core::Topic::new("t").unwrap(),
-                    error_code: streambus_core::ErrorCode::NONE,
-                    partitions: PartitionList::from_slice(&parts),
-                }];
                 let brokers = [BrokerInfo {
                     node_id: 0,
                     host: Text::from("127.0.0.1"),
                     port: 1,
                 }];
-                reply.respond(&Response::Metadata(MetadataResponse {
-                    brokers: BrokerList::from_slice(&brokers),
-                    topics: TopicMetadataList::from_slice(&topics),
-                }));
+                metadata_of_t(reply, &parts, &brokers);
             }
             Request::Produce(p) if produces == 1 => reply.error(
                 streambus_core::ErrorCode::NOT_LEADER,
                 format_args!("partition {} is led by node 1 now", p.partition),
             ),
-            Request::Produce(p) => reply.respond(&Response::Produce(ProduceResponse {
-                base_offset: 41,
-                num_messages: p.messages.count(),
-                high_water_mark: 41 + i64::from(p.messages.count()),
-            })),
-            other => reply.error(
-                streambus_core::ErrorCode::UNKNOWN_REQUEST,
-                format_args!("not here: {:?}", other.request_type()),
-            ),
+            Request::Produce(p) => acknowledge(reply, p, 41),
+            other => refuse(reply, other),
         }
     }
 }
@@ -211,11 +226,6 @@ impl Handler for Survivor {
                     leader_epoch: leader,
                     replicas: ReplicaList::from_slice(&replicas),
                 }];
-                let topics = [TopicMetadata {
-                    name: streambus_core::Topic::new("t").unwrap(),
-                    error_code: streambus_core::ErrorCode::NONE,
-                    partitions: PartitionList::from_slice(&parts),
-                }];
                 let (dead_host, me_host) = (self.dead.ip().to_string(), self.me.ip().to_string());
                 let brokers = [
                     BrokerInfo {
@@ -229,20 +239,10 @@ impl Handler for Survivor {
                         port: self.me.port(),
                     },
                 ];
-                reply.respond(&Response::Metadata(MetadataResponse {
-                    brokers: BrokerList::from_slice(&brokers),
-                    topics: TopicMetadataList::from_slice(&topics),
-                }));
+                metadata_of_t(reply, &parts, &brokers);
             }
-            Request::Produce(p) => reply.respond(&Response::Produce(ProduceResponse {
-                base_offset: 7,
-                num_messages: p.messages.count(),
-                high_water_mark: 7 + i64::from(p.messages.count()),
-            })),
-            other => reply.error(
-                streambus_core::ErrorCode::UNKNOWN_REQUEST,
-                format_args!("not here: {:?}", other.request_type()),
-            ),
+            Request::Produce(p) => acknowledge(reply, p, 7),
+            other => refuse(reply, other),
         }
     }
 }

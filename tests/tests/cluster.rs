@@ -234,13 +234,19 @@ fn start_registered(
     let brokers: Vec<Broker> = (0..3)
         .map(|i| Broker::start(i as u32 + 1, ports[i], peers, "tokio", dirs[i].path()))
         .collect();
-    let mut clients: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
+    let clients = registered_clients(brokers.iter());
+    (brokers, clients)
+}
+
+/// A client of each broker, once every one of them lists all three brokers.
+fn registered_clients<'a>(brokers: impl Iterator<Item = &'a Broker>) -> Vec<RawClient> {
+    let mut clients: Vec<RawClient> = brokers.map(Broker::client).collect();
     for c in &mut clients {
         eventually("all three brokers registered", || {
             (metadata(c).0.len() == 3).then_some(())
         });
     }
-    (brokers, clients)
+    clients
 }
 
 fn create(c: &mut RawClient, name: &str, partitions: u32, rf: u16) -> (u16, bool) {
@@ -589,12 +595,7 @@ fn partition_requests_are_served_by_the_leader_only_and_others_answer_not_leader
         .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, runtimes[i], dirs[i].path()))
         .collect();
     let port_of = |id: u32| brokers[id as usize - 1].addr.port();
-    let mut clients: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
-    for c in &mut clients {
-        eventually("all three brokers registered", || {
-            (metadata(c).0.len() == 3).then_some(())
-        });
-    }
+    let mut clients = registered_clients(brokers.iter());
     assert_eq!(create(&mut clients[0], "routed", 6, 3), (0, true));
     let views: Vec<Placement> = settled(&mut clients).into_iter().map(|(_, p)| p).collect();
     assert!(views.iter().all(|v| v == &views[0]), "{views:?}");
@@ -928,12 +929,7 @@ fn the_sdk_routes_each_partition_to_its_leader_from_a_bootstrap_list() {
     let mut brokers: Vec<Broker> = (0..3)
         .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, runtimes[i], dirs[i].path()))
         .collect();
-    let mut raw: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
-    for c in &mut raw {
-        eventually("all three brokers registered", || {
-            (metadata(c).0.len() == 3).then_some(())
-        });
-    }
+    let mut raw = registered_clients(brokers.iter());
     let addrs: Vec<String> = brokers.iter().map(|b| b.addr.to_string()).collect();
     let addr = |i: usize| addrs[i].clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1190,12 +1186,7 @@ fn a_killed_partition_leader_is_replaced_without_losing_an_acknowledged_record()
     let (ports, peers, dirs) = three_peers();
     let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
     let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
-    let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
-    for c in &mut clients {
-        eventually("all three brokers registered", || {
-            (metadata(c).0.len() == 3).then_some(())
-        });
-    }
+    let mut clients = registered_clients(brokers.iter().flatten());
     assert_eq!(create(&mut clients[0], "ledger", 1, 3), (0, true));
     // Twenty records acknowledged one by one by the leader, at offsets 0 to 19.
     let mut sent = Vec::new();
@@ -1626,12 +1617,7 @@ fn a_partition_leader_frozen_past_the_election_timeout_acknowledges_nothing_in_i
     let brokers: Vec<Broker> = (0..3)
         .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
         .collect();
-    let mut raw: Vec<RawClient> = brokers.iter().map(Broker::client).collect();
-    for c in &mut raw {
-        eventually("all three brokers registered", || {
-            (metadata(c).0.len() == 3).then_some(())
-        });
-    }
+    let mut raw = registered_clients(brokers.iter());
     assert_eq!(create(&mut raw[0], TOPIC, 1, 3), (0, true));
     settled(&mut raw);
     let old = agreed_leader(&mut raw, TOPIC, 0);
@@ -1709,12 +1695,7 @@ fn an_sdk_consumer_following_a_partition_across_a_leader_change_sees_no_gap_and_
             ))
         })
         .collect();
-    let mut raw: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
-    for c in &mut raw {
-        eventually("all three brokers registered", || {
-            (metadata(c).0.len() == 3).then_some(())
-        });
-    }
+    let mut raw = registered_clients(brokers.iter().flatten());
     assert_eq!(create(&mut raw[0], TOPIC, 1, 3), (0, true));
     settled(&mut raw);
     let bootstrap = brokers
@@ -1961,12 +1942,7 @@ fn a_broker_whose_data_directory_was_wiped_catches_up_its_partition_replicas() {
     let (ports, peers, dirs) = three_peers();
     let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
     let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
-    let mut raw: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
-    for c in &mut raw {
-        eventually("all three brokers registered", || {
-            (metadata(c).0.len() == 3).then_some(())
-        });
-    }
+    let mut raw = registered_clients(brokers.iter().flatten());
     assert_eq!(create(&mut raw[1], TOPIC, 3, 3), (0, true));
     settled(&mut raw);
     for p in 0..3 {
@@ -2025,12 +2001,7 @@ fn an_idempotent_batch_retried_at_the_new_leader_after_a_sigkill_gets_its_origin
     let (ports, peers, dirs) = three_peers();
     let start = |i: usize| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path());
     let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
-    let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
-    for c in &mut clients {
-        eventually("all three brokers registered", || {
-            (metadata(c).0.len() == 3).then_some(())
-        });
-    }
+    let mut clients = registered_clients(brokers.iter().flatten());
     assert_eq!(create(&mut clients[0], "idem", 1, 3), (0, true));
     // The group's first leader can still change right after the topic is created: a
     // NotLeader stores nothing, so the first batch goes to whichever leader the brokers then
@@ -2236,12 +2207,7 @@ fn a_follower_down_while_retention_purged_is_restored_by_snapshot_with_the_leade
         )
     };
     let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
-    let mut clients: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
-    for c in &mut clients {
-        eventually("all three brokers registered", || {
-            (metadata(c).0.len() == 3).then_some(())
-        });
-    }
+    let mut clients = registered_clients(brokers.iter().flatten());
     assert_eq!(create(&mut clients[0], "kept", 1, 3), (0, true));
     let leader = agreed_leader(&mut clients, "kept", 0) as usize - 1;
     let follower = (leader + 1) % 3;
