@@ -76,13 +76,19 @@ impl Note {
     }
 }
 
-/// Runs `bench`.
-pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
-    if args.mode == BenchMode::Trickle && ctx.client.config().tls.is_some() {
+/// Refuses settings `bench` cannot run with, before anything is dialled: `trickle` with TLS.
+pub(crate) fn check(args: &Bench, tls: bool) -> Outcome {
+    if args.mode == BenchMode::Trickle && tls {
         return Err(Failure::usage(
             "bench trickle writes raw bytes on plaintext connections: it does not take --tls",
         ));
     }
+    Ok(())
+}
+
+/// Runs `bench`.
+pub(crate) async fn run(ctx: &Ctx, args: Bench) -> Outcome {
+    check(&args, ctx.client.config().tls.is_some())?;
     // Ctrl-C ends the measurement early; the results so far are still printed.
     let stop = Arc::new(AtomicBool::new(false));
     let mut interrupt = Interrupt::new()?;

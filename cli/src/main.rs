@@ -138,6 +138,9 @@ async fn run(cli: Cli, broker_source: &str) -> Outcome {
     if let Command::Auth(args::Auth::NewToken { principal }) = &cli.command {
         return auth::new_token_for(principal);
     }
+    if let Command::Bench(b) = &cli.command {
+        bench::check(b, cli.tls().is_some())?;
+    }
     let mut builder = Client::builder()
         .tls_options(cli.tls())
         .connect_timeout(cli.timeout)

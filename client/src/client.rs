@@ -909,7 +909,11 @@ impl Client {
                 Req::Produce { .. } | Req::Fetch { .. } | Req::GetOffset { .. }
             );
         let (mut req, mut reply) = (req, ReplyTo::Caller(Some(tx)));
-        // A connection that died since it was picked refuses the job: pick again.
+        // A connection that died since it was picked refuses the job: pick again, once. A
+        // second dead one (a broker that takes connections and closes them at once) is the
+        // lost connection it is: the caller's retry and its backoff take over, rather than a
+        // dial loop at full speed until the deadline.
+        let mut dead = 0u8;
         loop {
             let (conn, load) = pool.get(deadline, ctx, fail_fast).await?;
             let job = Job {
@@ -923,9 +927,11 @@ impl Client {
             };
             match conn.send(job) {
                 Ok(()) => break,
-                Err(mpsc::error::SendError(j)) => {
+                Err(mpsc::error::SendError(j)) if dead == 0 => {
+                    dead += 1;
                     (req, reply, permit) = (j.req, j.reply, j._permit)
                 }
+                Err(_) => return Err(Error::closed_by_peer(ctx.clone())),
             }
         }
         // No timer of the caller's own: the connection task fails the call at `deadline`
@@ -1370,18 +1376,29 @@ impl Pool {
             return Ok(found);
         }
         let mut failures_seen = None;
+        // The slot this call dialled: a connection the broker closed before this call could
+        // use it fails the call (as a failed dial would), rather than being dialled again
+        // at full speed for as long as the broker takes connections and closes them.
+        let mut dialled = None;
         loop {
             let next = {
                 let mut st = self.lock();
                 let seen = *failures_seen.get_or_insert(st.dial_failures);
+                let mut mine_closed = false;
                 for (i, s) in st.slots.iter_mut().enumerate() {
                     if matches!(s, Slot::Ready { tx, .. } if tx.is_closed()) {
                         *s = Slot::Empty;
+                        mine_closed |= dialled == Some(i);
                         self.full.store(false, Ordering::Relaxed);
                         if let Some(mut cell) = self.ready_cell(i) {
                             *cell = None;
                         }
                     }
+                }
+                if mine_closed {
+                    drop(st);
+                    self.notify();
+                    return Err(Error::closed_by_peer(ctx.clone()));
                 }
                 let best = st
                     .slots
@@ -1452,6 +1469,7 @@ impl Pool {
             match next {
                 Next::Use(tx, guard) => return Ok((tx, guard)),
                 Next::Dial(i) => {
+                    dialled = Some(i);
                     let rx = self.changed.subscribe();
                     let pool = self.clone();
                     self.runtime.spawn(async move { pool.dial(i).await });

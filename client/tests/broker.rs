@@ -568,6 +568,65 @@ async fn a_connection_closed_while_idle_is_replaced_before_a_call_is_sent() {
     drop(b);
 }
 
+/// A peer that takes each connection and closes it at once (a broker at its connection limit,
+/// a proxy without a backend): `connect` (one dial) or each call after it (at most two dials
+/// of its own) fails with the lost connection, well within the 60 s request timeout, instead
+/// of dialling again and again until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_closing_every_connection_at_once_fails_each_call_within_two_dials() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let peer = tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                drop(conn);
+            }
+        }
+    });
+    let client = tokio::time::timeout(
+        Duration::from_secs(30),
+        Client::builder()
+            .pool_size(1)
+            .request_timeout(Duration::from_secs(60))
+            .connect(addr.to_string()),
+    )
+    .await
+    .expect("connect dialled until its timeout");
+    let mut errors = Vec::new();
+    let calls = match client {
+        Err(e) => {
+            errors.push(e);
+            0
+        }
+        Ok(c) => {
+            // CreateTopic is never sent twice: each call is its own picks of a connection.
+            for _ in 0..10 {
+                let e = tokio::time::timeout(Duration::from_secs(30), c.create_topic("t", 1))
+                    .await
+                    .expect("the call dialled until its timeout")
+                    .unwrap_err();
+                errors.push(e);
+            }
+            10
+        }
+    };
+    for e in &errors {
+        assert!(matches!(e, Error::Io { .. }), "{e}");
+        assert!(e.is_retriable(), "{e}");
+    }
+    let dials = accepted.load(Ordering::SeqCst);
+    assert!(
+        dials <= 1 + 2 * calls,
+        "{dials} connections for {calls} calls"
+    );
+    peer.abort();
+}
+
 /// A peer that answers the producer's Metadata request (one partition of `big`, encoded by
 /// the core) and then stops reading: a Produce larger than the socket buffers blocks its
 /// write, and the call still fails with TimedOut at its deadline (the connection's deadline

@@ -253,8 +253,9 @@ impl Handler for Survivor {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_produce_whose_leader_died_goes_to_the_new_leader_without_waiting_out_the_backoff() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    // The dying leader: takes each connection and closes it; from the first one on, the
-    // survivor's Metadata names the new leader (as survivors do once they elected one).
+    // The dying leader: takes each connection and closes it once a request arrived on it;
+    // from the first one on, the survivor's Metadata names the new leader (as survivors do
+    // once they elected one).
     let dying = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let moved = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -262,9 +263,11 @@ async fn a_produce_whose_leader_died_goes_to_the_new_leader_without_waiting_out_
     let dying_task = tokio::spawn({
         let (moved, accepted) = (moved.clone(), accepted.clone());
         async move {
-            while let Ok((conn, _)) = dying.accept().await {
+            while let Ok((mut conn, _)) = dying.accept().await {
                 moved.store(true, Ordering::SeqCst);
                 accepted.fetch_add(1, Ordering::SeqCst);
+                let mut first = [0u8; 1];
+                let _ = tokio::io::AsyncReadExt::read(&mut conn, &mut first).await;
                 drop(conn);
             }
         }
@@ -309,7 +312,7 @@ async fn a_produce_whose_leader_died_goes_to_the_new_leader_without_waiting_out_
     assert_eq!(
         accepted.load(Ordering::SeqCst),
         1,
-        "one attempt at broker 1"
+        "one connection to broker 1, which the produce went on"
     );
     let seen = fake.seen.lock().unwrap().clone();
     assert_eq!(
