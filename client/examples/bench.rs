@@ -14,7 +14,8 @@
 //!   `streambus bench pipeline --batch 1 --in-flight 1` and `streambus bench pingpong`);
 //! - `produce`: the batching producer on one connection, 100-byte values (compare with
 //!   `streambus bench pipeline --batch 100`); `produce-many` the same through
-//!   `Producer::enqueue_many`, 1 000 records a call;
+//!   `Producer::enqueue_many`, 1 000 records a call, each record's `Delivery` awaited;
+//!   `produce-all` the same into one `Deliveries` a call, awaited once;
 //! - `consume`: the consumer with 1 MiB fetches over 64 MiB of 1 KiB values (compare with
 //!   `streambus bench fetch --size 1024`);
 //! - `health`: 3 200 tasks calling `Client::health` on one client with `pool_size(50)` and
@@ -26,7 +27,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use streambus_client::{
-    Bytes, Client, Consumer, ConsumerConfig, Error, Offset, Producer, ProducerConfig, Record,
+    Bytes, Client, Consumer, ConsumerConfig, Deliveries, Error, Offset, Producer, ProducerConfig,
+    Record,
 };
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -112,6 +114,37 @@ async fn run() -> Result<(), Error> {
                 percentile(&lat, 0.99),
                 percentile(&lat, 0.999),
                 lat.last().copied().unwrap_or_default()
+            );
+        }
+        "produce-all" => {
+            let topic_pipe: Arc<str> = Arc::from("bench-sdk-pipe");
+            let producer = Producer::with_config(&client, producer_config)?;
+            producer
+                .send(Record::new(topic_pipe.clone(), value.clone()))
+                .await?;
+            // Up to 200 calls (200 000 records) unacknowledged, as the other modes.
+            let mut pending: VecDeque<Deliveries> = VecDeque::new();
+            let mut acked = 0u64;
+            let start = Instant::now();
+            let end = start + duration;
+            while Instant::now() < end {
+                let mut call = Deliveries::new();
+                let records = (0..1000).map(|_| Record::new(topic_pipe.clone(), value.clone()));
+                producer.enqueue_many(records, &mut call).await?;
+                pending.push_back(call);
+                while pending.len() > 200 {
+                    if let Some(d) = pending.pop_front() {
+                        acked += d.await?.len() as u64;
+                    }
+                }
+            }
+            for d in pending {
+                acked += d.await?.len() as u64;
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "sdk batching produce: {acked} messages acknowledged in {secs:.2}s = {:.2} M msg/s",
+                acked as f64 / secs / 1e6
             );
         }
         "produce" | "produce-many" => {

@@ -190,9 +190,12 @@ impl Producer {
 
     /// Buffers many records, taking the producer's lock once for as many as it can; see
     /// [`crate::Producer::enqueue_many`] (the same partial-take rule on error).
-    pub fn enqueue_many<I>(&self, records: I, deliveries: &mut Vec<Delivery>) -> Result<()>
+    /// Into a [`Deliveries`](crate::Deliveries), wait for them all with
+    /// [`Deliveries::wait`](crate::Deliveries::wait).
+    pub fn enqueue_many<I, D>(&self, records: I, deliveries: &mut D) -> Result<()>
     where
         I: IntoIterator<Item = Record>,
+        D: Extend<Delivery>,
     {
         run(&self.rt, self.inner.enqueue_many(records, deliveries))
     }

@@ -64,12 +64,15 @@
 //!
 //! ## Delivery semantics
 //!
-//! The [`Producer`] is **at-least-once**: a batch that fails with a retriable error is sent
-//! again (with backoff, within the delivery timeout), and if the first attempt had been
-//! appended before its answer was lost, the records are stored twice. Records of one
+//! A [`Producer`] batch that fails with a retriable error is sent again (with backoff,
+//! within the delivery timeout). With idempotence on (the default,
+//! [`ProducerConfig::idempotence`], protocol §6.2) a retry of a batch the broker had already
+//! appended is answered with the original offsets: each record lands **once**. With it off,
+//! delivery is **at-least-once**: such a retry stores the records twice. Records of one
 //! partition keep their order (one batch in flight per partition). No failure is dropped:
-//! each record's [`Delivery`] resolves to its offset or its error, and
-//! [`Producer::close`] returns every failure.
+//! each record's [`Delivery`] resolves to its offset or its error (a [`Deliveries`] gathers
+//! many records' and resolves once for all of them), and [`Producer::close`] returns every
+//! failure.
 //!
 //! The [`Consumer`] reads assigned partitions from an explicit position (no consumer groups
 //! or committed offsets yet), in order, with long-poll fetches (protocol §6.1), through
@@ -117,7 +120,7 @@ pub use client::{Client, ClientBuilder, ClientConfig, TlsOptions, Token, check_t
 pub use consumer::{Consumer, ConsumerConfig, Offset, ResetPolicy};
 pub use error::{Context, Error, ErrorCode, ProtocolError, Result};
 pub use partition::{fnv1a32, partition_for_key};
-pub use producer::{BufferFull, Delivery, Producer, ProducerConfig};
+pub use producer::{BufferFull, Delivered, Deliveries, Delivery, Producer, ProducerConfig};
 /// The rustls this crate speaks TLS with (to match [`Error::Tls`]'s source, or build a
 /// configuration for [`ClientBuilder::tls_config`]).
 pub use streambus_adapters::tls::rustls;

@@ -222,33 +222,56 @@ impl Outcome {
     }
 }
 
-impl Delivery {
-    fn resolve(&self, result: &Result<i64>) -> Result<RecordMetadata> {
+impl Outcome {
+    /// The result, or `Pending` with `cx`'s waker registered to be woken when it is set.
+    fn poll_result(&self, cx: &std::task::Context<'_>) -> Poll<&Result<i64>> {
+        if let Some(r) = self.result.get() {
+            return Poll::Ready(r);
+        }
+        let mut waiters = self.waiters();
+        if let Some(r) = self.result.get() {
+            return Poll::Ready(r);
+        }
+        if !waiters.tasks.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.tasks.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Blocks the thread until the result is set (not inside an async runtime).
+    fn wait_result(&self) -> &Result<i64> {
+        let mut guard = self.waiters();
+        guard.threads += 1;
+        loop {
+            if let Some(r) = self.result.get() {
+                guard.threads -= 1;
+                return r;
+            }
+            guard = self.done.wait(guard).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Where the record `index` of this batch landed, or its error.
+    fn record(&self, result: &Result<i64>, index: u32) -> Result<RecordMetadata> {
         match result {
             Ok(base) => Ok(RecordMetadata {
-                topic: self.outcome.topic.clone(),
-                partition: self.outcome.partition,
-                offset: base + i64::from(self.index),
+                topic: self.topic.clone(),
+                partition: self.partition,
+                offset: base + i64::from(index),
             }),
             Err(e) => Err(e.clone()),
         }
     }
+}
+
+impl Delivery {
+    fn resolve(&self, result: &Result<i64>) -> Result<RecordMetadata> {
+        self.outcome.record(result, self.index)
+    }
 
     /// Blocks the thread until the outcome is known (not inside an async runtime).
     pub fn wait(self) -> Result<RecordMetadata> {
-        let mut guard = self.outcome.waiters();
-        guard.threads += 1;
-        loop {
-            if let Some(r) = self.outcome.result.get() {
-                guard.threads -= 1;
-                return self.resolve(r);
-            }
-            guard = self
-                .outcome
-                .done
-                .wait(guard)
-                .unwrap_or_else(|p| p.into_inner());
-        }
+        self.resolve(self.outcome.wait_result())
     }
 }
 
@@ -256,17 +279,205 @@ impl Future for Delivery {
     type Output = Result<RecordMetadata>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        if let Some(r) = self.outcome.result.get() {
-            return Poll::Ready(self.resolve(r));
+        self.outcome.poll_result(cx).map(|r| self.resolve(r))
+    }
+}
+
+/// The outcomes of many records, kept together: consecutive records of one batch take one
+/// entry, not one each (a batch of 1 000 records costs one entry rather than 1 000
+/// [`Delivery`]s to keep and await). Fill it with
+/// [`Producer::enqueue_many`] (or [`push`](Self::push) [`Delivery`]s), then await it (or
+/// [`wait`](Self::wait) on a thread): it resolves once every record is acknowledged, to
+/// where each landed ([`Delivered`]), or to the error of the first record that failed.
+///
+/// Every failed record's error is also in [`Producer::close`]'s report, awaited or not; to
+/// know which records failed, and why, one by one, keep their [`Delivery`]s instead.
+///
+/// ```no_run
+/// # async fn demo(producer: streambus_client::Producer) -> Result<(), streambus_client::Error> {
+/// use streambus_client::{Deliveries, Record};
+/// let mut deliveries = Deliveries::new();
+/// let records = (0..1000).map(|i| Record::new("orders", format!("{i}")));
+/// producer.enqueue_many(records, &mut deliveries).await?;
+/// let landed = deliveries.await?;
+/// assert_eq!(landed.len(), 1000);
+/// println!("the last record is at offset {}", landed.get(999).map_or(-1, |m| m.offset));
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default)]
+#[must_use = "Deliveries report their records' errors; await them or keep the producer's close() report"]
+pub struct Deliveries {
+    runs: Vec<Run>,
+    len: usize,
+    /// Runs known to be resolved (polling resumes here).
+    resolved: usize,
+}
+
+/// Consecutive records of one batch: its indexes `first..first + count`, which are the
+/// records `start..start + count` of their [`Deliveries`].
+#[derive(Debug)]
+struct Run {
+    outcome: Arc<Outcome>,
+    first: u32,
+    count: u32,
+    start: usize,
+}
+
+impl Deliveries {
+    /// None yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Adds the outcome of one more record (after those already held).
+    pub fn push(&mut self, delivery: Delivery) {
+        if let Some(last) = self.runs.last_mut()
+            && Arc::ptr_eq(&last.outcome, &delivery.outcome)
+            && last.first.checked_add(last.count) == Some(delivery.index)
+        {
+            last.count += 1;
+        } else {
+            self.runs.push(Run {
+                outcome: delivery.outcome,
+                first: delivery.index,
+                count: 1,
+                start: self.len,
+            });
         }
-        let mut waiters = self.outcome.waiters();
-        if let Some(r) = self.outcome.result.get() {
-            return Poll::Ready(self.resolve(r));
+        self.len += 1;
+    }
+
+    /// Blocks the thread until every record's outcome is known (not inside an async
+    /// runtime).
+    pub fn wait(self) -> Result<Delivered> {
+        for run in &self.runs {
+            run.outcome.wait_result();
         }
-        if !waiters.tasks.iter().any(|w| w.will_wake(cx.waker())) {
-            waiters.tasks.push(cx.waker().clone());
+        self.finish()
+    }
+
+    /// Once every run is resolved: where the records landed, or the first error.
+    fn finish(&self) -> Result<Delivered> {
+        let mut runs = Vec::with_capacity(self.runs.len());
+        for run in &self.runs {
+            match run.outcome.result.get() {
+                Some(Ok(base)) => runs.push(LandedRun {
+                    topic: run.outcome.topic.clone(),
+                    partition: run.outcome.partition,
+                    offset: base + i64::from(run.first),
+                    start: run.start,
+                }),
+                Some(Err(e)) => return Err(e.clone()),
+                None => {
+                    return Err(Error::invalid(
+                        Context::new("produce"),
+                        "a record's outcome is not known yet",
+                    ));
+                }
+            }
         }
-        Poll::Pending
+        Ok(Delivered {
+            runs,
+            len: self.len,
+        })
+    }
+}
+
+impl Extend<Delivery> for Deliveries {
+    fn extend<T: IntoIterator<Item = Delivery>>(&mut self, iter: T) {
+        for d in iter {
+            self.push(d);
+        }
+    }
+}
+
+impl FromIterator<Delivery> for Deliveries {
+    fn from_iter<T: IntoIterator<Item = Delivery>>(iter: T) -> Self {
+        let mut all = Self::new();
+        all.extend(iter);
+        all
+    }
+}
+
+impl Future for Deliveries {
+    type Output = Result<Delivered>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        while let Some(run) = self.runs.get(self.resolved) {
+            if run.outcome.poll_result(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.resolved += 1;
+        }
+        Poll::Ready(self.finish())
+    }
+}
+
+/// Where every record of a [`Deliveries`] landed, in the order they were taken.
+#[derive(Debug, Clone, Default)]
+pub struct Delivered {
+    runs: Vec<LandedRun>,
+    len: usize,
+}
+
+/// Consecutive records that landed together: the records `start..` of their
+/// [`Delivered`] (up to the next run's start), from `offset` on.
+#[derive(Debug, Clone)]
+struct LandedRun {
+    topic: Arc<str>,
+    partition: u32,
+    offset: i64,
+    start: usize,
+}
+
+impl LandedRun {
+    fn record(&self, i: usize) -> RecordMetadata {
+        RecordMetadata {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self
+                .offset
+                .saturating_add(i64::try_from(i.saturating_sub(self.start)).unwrap_or(i64::MAX)),
+        }
+    }
+}
+
+impl Delivered {
+    /// Records.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there were none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where the record `i` (counted from 0, in the order they were taken) landed.
+    pub fn get(&self, i: usize) -> Option<RecordMetadata> {
+        if i >= self.len {
+            return None;
+        }
+        let run = self.runs.partition_point(|r| r.start <= i).checked_sub(1)?;
+        self.runs.get(run).map(|r| r.record(i))
+    }
+
+    /// Where each record landed, in the order they were taken.
+    pub fn iter(&self) -> impl Iterator<Item = RecordMetadata> + '_ {
+        self.runs.iter().enumerate().flat_map(move |(n, run)| {
+            let end = self.runs.get(n + 1).map_or(self.len, |next| next.start);
+            (run.start..end).map(move |i| run.record(i))
+        })
     }
 }
 
@@ -388,6 +599,9 @@ struct TopicState {
     /// When the partition count was read.
     read_at: Instant,
 }
+
+/// Buffer bytes [`Producer::enqueue_many`] reserves at a time (about 500 small records).
+const PERMIT_CHUNK: usize = 64 << 10;
 
 /// How long a topic's partition count is trusted before it is read again.
 const TOPIC_MAX_AGE: Duration = Duration::from_secs(60);
@@ -554,8 +768,10 @@ impl Producer {
 
     /// [`enqueue`](Self::enqueue) for many records, taking the producer's lock once for as
     /// many of them as it can (once per call when their topics are known and the buffer has
-    /// room) rather than once per record; the [`Delivery`] of each record taken is pushed to
-    /// `deliveries`, in order.
+    /// room) rather than once per record; the [`Delivery`] of each record taken is added to
+    /// `deliveries`, in order: a `Vec<Delivery>` (one outcome per record) or a
+    /// [`Deliveries`] (one entry per run of records sharing a batch, awaited at once: the
+    /// cheapest way to produce many records).
     ///
     /// # Errors
     ///
@@ -574,37 +790,49 @@ impl Producer {
     /// }
     /// # Ok(()) }
     /// ```
-    pub async fn enqueue_many<I>(&self, records: I, deliveries: &mut Vec<Delivery>) -> Result<()>
+    pub async fn enqueue_many<I, D>(&self, records: I, deliveries: &mut D) -> Result<()>
     where
         I: IntoIterator<Item = Record>,
+        D: Extend<Delivery>,
     {
         // Collected first: no code of the caller's (the iterator) runs under the lock.
         let records: Vec<Record> = records.into_iter().collect();
         let mut records = records.into_iter();
-        deliveries.reserve(records.len());
         while records.len() > 0 {
             if self.inner.closed.load(Ordering::Acquire) {
                 // As `enqueue` reports it.
                 if let Some(record) = records.next() {
-                    deliveries.push(self.enqueue(record).await?);
+                    deliveries.extend(Some(self.enqueue(record).await?));
                 }
                 continue;
             }
-            // Every record that takes the common path, under one lock.
+            // Every record that takes the common path, under one lock. Buffer permits are
+            // taken a chunk at a time (one atomic operation for many records), what is left
+            // given back at the end.
             let (slow, wake) = {
                 let mut st = self.inner.lock();
                 let mut wake = false;
                 let mut slow = None;
+                let mut credit = 0;
                 for record in records.by_ref() {
                     let (take, woke) = {
                         let headers = wire_headers(&record);
                         let message = wire_message(&record, &headers);
                         let size = message.encoded_len();
-                        self.take_locked(&mut st, &message, &record, size, None, false, false)
+                        if credit < size {
+                            let want = size.max(PERMIT_CHUNK);
+                            if let Ok(n) = u32::try_from(want)
+                                && let Ok(p) = self.inner.buffer.try_acquire_many(n)
+                            {
+                                p.forget();
+                                credit += want;
+                            }
+                        }
+                        self.take_locked(&mut st, &message, &record, size, None, &mut credit, false)
                     };
                     wake |= woke;
                     match take {
-                        Take::Done(Ok(delivery)) => deliveries.push(delivery),
+                        Take::Done(Ok(delivery)) => deliveries.extend(Some(delivery)),
                         Take::Done(Err(e)) => {
                             slow = Some(Err(e));
                             break;
@@ -616,6 +844,7 @@ impl Producer {
                         }
                     }
                 }
+                self.inner.buffer.add_permits(credit);
                 (slow, wake)
             };
             if wake {
@@ -624,7 +853,7 @@ impl Producer {
             match slow {
                 None => {}
                 Some(Err(e)) => return Err(e),
-                Some(Ok(record)) => deliveries.push(self.enqueue(record).await?),
+                Some(Ok(record)) => deliveries.extend(Some(self.enqueue(record).await?)),
             }
         }
         Ok(())
@@ -644,10 +873,14 @@ impl Producer {
         // One lock per record in the common case (a known topic, room in the buffer): the
         // partition is picked and the record encoded into its batch under it.
         let mut picked = None;
-        let mut reserved = false;
+        // Buffer permits held for the record (after waiting for room).
+        let mut credit = 0;
         loop {
-            match self.try_take(&message, &record, size, picked.take(), reserved, urgent) {
-                Take::Done(result) => return result,
+            match self.try_take(&message, &record, size, picked.take(), &mut credit, urgent) {
+                Take::Done(result) => {
+                    inner.buffer.add_permits(credit);
+                    return result;
+                }
                 Take::UnknownTopic => {
                     // The first record of a topic: its own (boxed) future keeps `enqueue`'s
                     // small.
@@ -673,7 +906,7 @@ impl Producer {
                             what: "producer",
                         })?
                         .forget();
-                    reserved = true;
+                    credit = size;
                     picked = Some(partition);
                 }
             }
@@ -681,19 +914,18 @@ impl Producer {
     }
 
     /// Takes the record under one lock if it can: its topic known (or `picked` already) and
-    /// room in the buffer (or `reserved` already).
+    /// room in the buffer (or `credit` permits held already).
     fn try_take(
         &self,
         message: &Message<'_>,
         record: &Record,
         size: usize,
         picked: Option<u32>,
-        reserved: bool,
+        credit: &mut usize,
         urgent: bool,
     ) -> Take {
         let mut st = self.inner.lock();
-        let (take, wake) =
-            self.take_locked(&mut st, message, record, size, picked, reserved, urgent);
+        let (take, wake) = self.take_locked(&mut st, message, record, size, picked, credit, urgent);
         drop(st);
         if wake {
             self.inner.wake_linger.notify_one();
@@ -702,7 +934,9 @@ impl Producer {
     }
 
     /// [`try_take`](Self::try_take) under a lock already held; `true` besides when the
-    /// linger task is to be woken (a batch opened) once the lock is released.
+    /// linger task is to be woken (a batch opened) once the lock is released. A record taken
+    /// uses `size` of the `credit` (buffer permits its caller holds) when there is that much,
+    /// else acquires its own; a record refused leaves the credit as it was.
     #[allow(clippy::too_many_arguments)]
     fn take_locked(
         &self,
@@ -711,7 +945,7 @@ impl Producer {
         record: &Record,
         size: usize,
         picked: Option<u32>,
-        reserved: bool,
+        credit: &mut usize,
         urgent: bool,
     ) -> (Take, bool) {
         let inner = &self.inner;
@@ -735,13 +969,12 @@ impl Producer {
                 .partition(partition)
         };
         if size > limit {
-            if reserved {
-                inner.buffer.add_permits(size);
-            }
             let e = format!("a record of {size} bytes exceeds the {limit}-byte limit of one batch");
             return (Take::Done(Err(Error::invalid(ctx(), e))), false);
         }
-        if !reserved {
+        if let Some(left) = credit.checked_sub(size) {
+            *credit = left;
+        } else {
             let permits = u32::try_from(size).unwrap_or(u32::MAX);
             match (
                 inner.buffer.try_acquire_many(permits),

@@ -166,10 +166,11 @@ impl Producer {
     }
 
     /// See [`crate::Producer::enqueue_many`] (the same partial-take rule on error); the
-    /// [`Delivery`]s can be awaited on any executor.
-    pub async fn enqueue_many<I>(&self, records: I, deliveries: &mut Vec<Delivery>) -> Result<()>
+    /// [`Delivery`]s (or a [`Deliveries`](crate::Deliveries)) can be awaited on any executor.
+    pub async fn enqueue_many<I, D>(&self, records: I, deliveries: &mut D) -> Result<()>
     where
         I: IntoIterator<Item = Record>,
+        D: Extend<Delivery>,
     {
         let p = self.inner.clone();
         let records: Vec<Record> = records.into_iter().collect();

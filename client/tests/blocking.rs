@@ -38,18 +38,25 @@ fn blocking_produce_consume_admin() {
         .map(|d| d.wait().unwrap().offset)
         .collect();
     assert_eq!(offsets, (1..=1000).collect::<Vec<_>>());
+    // Into one `Deliveries`, waited for at once.
+    let mut all = streambus_client::Deliveries::new();
+    let more = (1000..1100).map(|i| Record::new("sync", format!("{i}")).partition(1));
+    p.enqueue_many(more, &mut all).unwrap();
+    let landed = all.wait().unwrap();
+    let offsets: Vec<i64> = landed.iter().map(|m| m.offset).collect();
+    assert_eq!(offsets, (1001..=1100).collect::<Vec<_>>());
     p.close().unwrap();
-    assert_eq!(c.offsets("sync", 1).unwrap().end, 1001);
+    assert_eq!(c.offsets("sync", 1).unwrap().end, 1101);
     let mut consumer = Consumer::new(&c);
     consumer.assign("sync", 1, Offset::Earliest).unwrap();
     let mut n = 0;
-    while n < 1001 {
+    while n < 1101 {
         for r in consumer.poll(Duration::from_secs(5)).unwrap() {
             assert_eq!(r.offset, n);
             n += 1;
         }
     }
-    assert_eq!(consumer.position("sync", 1), Some(1001));
+    assert_eq!(consumer.position("sync", 1), Some(1101));
     let e = c.delete_topic("nope").unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::TOPIC_NOT_FOUND));
 }

@@ -247,6 +247,107 @@ async fn enqueue_many_takes_records_in_order_up_to_the_first_refused() {
     p.close().await.unwrap();
 }
 
+/// `enqueue_many` into one `Deliveries`: the records of two topics and of round-robin
+/// partitions make several runs, and the `Delivered` it resolves to names, in the order the
+/// records were taken, exactly where each landed (as each one's `Delivery` would). Repeated
+/// 30 times under a fail-fast buffer: no buffer byte is lost to the chunked reservation (a
+/// call of over 90 % of the buffer is taken after them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_name_where_each_record_of_an_enqueue_many_call_landed() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    assert!(c.create_topic("rr", 2).await.unwrap());
+    assert!(c.create_topic("one", 1).await.unwrap());
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default()
+            .buffer_max_bytes(560_000)
+            .batch_max_bytes(64 << 10)
+            .buffer_full(BufferFull::FailFast),
+    )
+    .unwrap();
+    // Learn both topics first (an unknown topic's first record takes `enqueue`'s path).
+    p.send(Record::new("rr", "x").partition(0)).await.unwrap();
+    p.send(Record::new("one", "x")).await.unwrap();
+    let mut next = HashMap::from([(("rr", 0u32), 1i64), (("rr", 1), 0), (("one", 0), 1)]);
+    for round in 0..30 {
+        let mut deliveries = streambus_client::Deliveries::new();
+        // 990 round-robin records (alternating partitions), then 10 of "one".
+        let records = (0..990)
+            .map(|i| Record::new("rr", format!("{round}-{i}")))
+            .chain((0..10).map(|i| Record::new("one", format!("{round}-{i}"))));
+        p.enqueue_many(records, &mut deliveries).await.unwrap();
+        assert_eq!(deliveries.len(), 1000);
+        let landed = deliveries.await.unwrap();
+        assert_eq!(landed.len(), 1000);
+        let all: Vec<_> = landed.iter().collect();
+        assert_eq!(all.len(), 1000);
+        for (i, m) in all.iter().enumerate() {
+            assert_eq!(landed.get(i).as_ref(), Some(m), "record {i}");
+            let topic: &str = if i < 990 { "rr" } else { "one" };
+            assert_eq!(&*m.topic, topic, "record {i}");
+            let at = next.get_mut(&(topic, m.partition)).unwrap();
+            assert_eq!(m.offset, *at, "record {i} of round {round}");
+            *at += 1;
+        }
+        assert_eq!(landed.get(1000), None);
+    }
+    // Round robin spread each call over both partitions.
+    assert_eq!(next[&("rr", 0)] + next[&("rr", 1)], 1 + 30 * 990);
+    assert!(next[&("rr", 1)] > 10_000, "{next:?}");
+    assert_eq!(next[&("one", 0)], 1 + 300);
+    assert_eq!(c.offsets("one", 0).await.unwrap().end, 301);
+    // The whole buffer is free again: 1 000 records of 500 bytes (over 90 % of it) are taken
+    // at once without the fail-fast refusal.
+    let big = streambus_client::Bytes::from(vec![b'v'; 500]);
+    let mut deliveries = streambus_client::Deliveries::new();
+    p.enqueue_many(
+        (0..1000).map(|_| Record::new("one", big.clone())),
+        &mut deliveries,
+    )
+    .await
+    .expect("the buffer has room for them all");
+    assert_eq!(deliveries.await.unwrap().get(999).unwrap().offset, 1300);
+    p.close().await.unwrap();
+}
+
+/// A `Deliveries` whose records fail (the broker is gone, the delivery timeout passes)
+/// resolves to the error, and `close` reports each record's failure: none is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_of_records_that_failed_resolve_to_the_error_and_close_reports_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = Client::builder()
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(100))
+        .connect(b.addr().to_string())
+        .await
+        .unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default()
+            .delivery_timeout(Duration::from_millis(500))
+            .retry_backoff(Duration::from_millis(20)),
+    )
+    .unwrap();
+    p.send(Record::new("gone", "x")).await.unwrap();
+    b.shutdown().unwrap();
+    let mut deliveries = streambus_client::Deliveries::new();
+    p.enqueue_many(
+        (0..50).map(|i| Record::new("gone", format!("{i}"))),
+        &mut deliveries,
+    )
+    .await
+    .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(30), deliveries)
+        .await
+        .expect("the records outlived their delivery timeout")
+        .unwrap_err();
+    assert!(e.is_retriable(), "{e}");
+    let failures = p.close().await.unwrap_err();
+    assert_eq!(failures.len(), 50, "{failures:?}");
+}
+
 /// `lag` and `caught_up` follow the broker's high-water marks: unknown before the first
 /// answer, the records left while reading, 0 at the end; a poll returns at once (empty) when
 /// the consumer has just caught up; records produced after are read up to the end again.
