@@ -9,8 +9,9 @@
 #
 # Per round: raw TCP ping-pong p50, raw sync Produce p50 and the SDK's sync produce p50
 # (`Producer::send`, one record awaited at a time); then raw `pipeline --batch 100` and the
-# SDK's batching producer on one connection (`enqueue` per record, and `enqueue_many` of 1 000
-# records a call), in messages/s acknowledged; then HealthChecks from
+# SDK's batching producer on one connection (`enqueue` per record, `enqueue_many` of 1 000
+# records a call with a `Delivery` each, and the same into one `Deliveries` a call), in
+# messages/s acknowledged; then HealthChecks from
 # 50 connections × 64 in flight raw against 3 200 tasks calling `Client::health` on one client
 # of 50 × 64; raw `fetch --size 1024` (1 MiB Fetches over 64 MiB of 1 KiB records) against the
 # SDK's consumer (1 MiB fetches) in records/s; and the ratios.
@@ -58,11 +59,12 @@ for ((i = 1; i <= ROUNDS; i++)); do
     pipe=$(raw pipeline --batch 100 --idempotence "$IDEMPOTENCE" | rate)
     sdk_pipe=$(sdk produce | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
     sdk_many=$(sdk produce-many | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
+    sdk_all=$(sdk produce-all | sed -nE 's/.*= ([0-9.]+) M msg\/s.*/\1/p')
     fetch=$(raw fetch --size 1024 | rate)
     sdk_fetch=$(sdk consume | sed -nE 's/.*\(([0-9]+) records in ([0-9.]+)s\).*/\1 \2/p' | awk '{ print $1 / $2 / 1e6 }')
     req=$(raw requests --connections 50 --in-flight 64 | rate)
     sdk_req=$(sdk health | sed -nE 's/.*= ([0-9.]+) M req\/s.*/\1/p')
-    awk -v r="$i" -v pp="$pp" -v sy="$sy" -v s="$sdk_sy" -v p="$pipe" -v sp="$sdk_pipe" -v sm="$sdk_many" -v q="$req" -v sq="$sdk_req" -v f="$fetch" -v sf="$sdk_fetch" 'BEGIN {
-        printf "round %d: ping-pong %.1f µs, raw sync %.1f µs, SDK sync %.1f µs (%.2f× ping-pong, %.2f× raw sync); raw pipelined %.2f M msg/s, SDK batching %.2f M msg/s (%.2f×), enqueue_many %.2f M msg/s (%.2f×); fetch 1 MiB of 1 KiB records raw %.2f M msg/s, SDK consumer %.2f M msg/s (%.2f×); HealthCheck 50 × 64 raw %.2f M req/s, SDK (3 200 tasks, one Client) %.2f M req/s (%.2f×)\n",
-            r, pp, sy, s, s / pp, s / sy, p, sp, sp / p, sm, sm / p, f, sf, sf / f, q, sq, sq / q }'
+    awk -v r="$i" -v pp="$pp" -v sy="$sy" -v s="$sdk_sy" -v p="$pipe" -v sp="$sdk_pipe" -v sm="$sdk_many" -v sa="$sdk_all" -v q="$req" -v sq="$sdk_req" -v f="$fetch" -v sf="$sdk_fetch" 'BEGIN {
+        printf "round %d: ping-pong %.1f µs, raw sync %.1f µs, SDK sync %.1f µs (%.2f× ping-pong, %.2f× raw sync); raw pipelined %.2f M msg/s, SDK batching %.2f M msg/s (%.2f×), enqueue_many %.2f M msg/s (%.2f×), into Deliveries %.2f M msg/s (%.2f×); fetch 1 MiB of 1 KiB records raw %.2f M msg/s, SDK consumer %.2f M msg/s (%.2f×); HealthCheck 50 × 64 raw %.2f M req/s, SDK (3 200 tasks, one Client) %.2f M req/s (%.2f×)\n",
+            r, pp, sy, s, s / pp, s / sy, p, sp, sp / p, sm, sm / p, sa, sa / p, f, sf, sf / f, q, sq, sq / q }'
 done

@@ -909,10 +909,9 @@ impl Client {
                 Req::Produce { .. } | Req::Fetch { .. } | Req::GetOffset { .. }
             );
         let (mut req, mut reply) = (req, ReplyTo::Caller(Some(tx)));
-        // A connection that died since it was picked refuses the job: pick again, once. A
-        // second dead one (a broker that takes connections and closes them at once) is the
-        // lost connection it is: the caller's retry and its backoff take over, rather than a
-        // dial loop at full speed until the deadline.
+        // A connection that died since it was picked refuses the job: pick again, once (the
+        // pool then knows it closed, and whether that counts as a failed dial). A second
+        // one fails the call, with the request certainly not sent.
         let mut dead = 0u8;
         loop {
             let (conn, load) = pool.get(deadline, ctx, fail_fast).await?;
@@ -931,7 +930,9 @@ impl Client {
                     dead += 1;
                     (req, reply, permit) = (j.req, j.reply, j._permit)
                 }
-                Err(_) => return Err(Error::closed_by_peer(ctx.clone())),
+                Err(_) => {
+                    return Err(Error::closed_before_sent(ctx.clone(), None));
+                }
             }
         }
         // No timer of the caller's own: the connection task fails the call at `deadline`
@@ -1200,7 +1201,12 @@ type ConnTx = mpsc::UnboundedSender<Job>;
 enum Slot {
     Empty,
     Dialing,
-    Ready { tx: ConnTx, load: Arc<AtomicUsize> },
+    Ready {
+        tx: ConnTx,
+        load: Arc<AtomicUsize>,
+        link: Arc<conn::Link>,
+        opened: Instant,
+    },
 }
 
 #[derive(Debug)]
@@ -1211,6 +1217,8 @@ struct PoolState {
     retry_at: Option<Instant>,
     dial_failures: u64,
     last_error: Option<Error>,
+    /// The last connection that closed was closed unused (see [`Pool::get`]).
+    closed_unused: bool,
 }
 
 /// The connections to one broker. Dials run in their own task, never under the lock, and a
@@ -1271,6 +1279,7 @@ impl Pool {
                 retry_at: None,
                 dial_failures: 0,
                 last_error: None,
+                closed_unused: false,
             }),
             changed: watch::channel(0).0,
             ready,
@@ -1351,7 +1360,7 @@ impl Pool {
         st.slots
             .iter()
             .filter_map(|s| match s {
-                Slot::Ready { tx, load } if !tx.is_closed() => {
+                Slot::Ready { tx, load, .. } if !tx.is_closed() => {
                     Some((load.load(Ordering::Relaxed), tx, load))
                 }
                 _ => None,
@@ -1376,35 +1385,51 @@ impl Pool {
             return Ok(found);
         }
         let mut failures_seen = None;
-        // The slot this call dialled: a connection the broker closed before this call could
-        // use it fails the call (as a failed dial would), rather than being dialled again
-        // at full speed for as long as the broker takes connections and closes them.
-        let mut dialled = None;
         loop {
             let next = {
                 let mut st = self.lock();
                 let seen = *failures_seen.get_or_insert(st.dial_failures);
-                let mut mine_closed = false;
+                let mut refused = None;
+                let mut closed_used = false;
                 for (i, s) in st.slots.iter_mut().enumerate() {
-                    if matches!(s, Slot::Ready { tx, .. } if tx.is_closed()) {
-                        *s = Slot::Empty;
-                        mine_closed |= dialled == Some(i);
-                        self.full.store(false, Ordering::Relaxed);
-                        if let Some(mut cell) = self.ready_cell(i) {
-                            *cell = None;
-                        }
+                    let Slot::Ready {
+                        tx, link, opened, ..
+                    } = s
+                    else {
+                        continue;
+                    };
+                    if !tx.is_closed() {
+                        continue;
+                    }
+                    // Closed before it carried a request, within the connect timeout of its
+                    // dial (a broker at its connection limit, a TLS handshake the broker
+                    // refused): the dial failed, and the reconnect backoff applies, rather
+                    // than a dial again at full speed for as long as the broker does that.
+                    if !link.used() && opened.elapsed() < self.config.connect_timeout {
+                        refused = Some(link.refusal());
+                    } else {
+                        closed_used = true;
+                    }
+                    *s = Slot::Empty;
+                    self.full.store(false, Ordering::Relaxed);
+                    if let Some(mut cell) = self.ready_cell(i) {
+                        *cell = None;
                     }
                 }
-                if mine_closed {
-                    drop(st);
+                if closed_used {
+                    st.closed_unused = false;
+                }
+                if let Some(e) = refused {
+                    tracing::debug!(addr = %self.addr, error = %e, "connection closed unused");
+                    st.closed_unused = true;
+                    self.failed(&mut st, e);
                     self.notify();
-                    return Err(Error::closed_by_peer(ctx.clone()));
                 }
                 let best = st
                     .slots
                     .iter()
                     .filter_map(|s| match s {
-                        Slot::Ready { tx, load } => Some((tx, load)),
+                        Slot::Ready { tx, load, .. } => Some((tx, load)),
                         _ => None,
                     })
                     .map(|(tx, load)| (load.load(Ordering::Relaxed), tx, load))
@@ -1469,7 +1494,6 @@ impl Pool {
             match next {
                 Next::Use(tx, guard) => return Ok((tx, guard)),
                 Next::Dial(i) => {
-                    dialled = Some(i);
                     let rx = self.changed.subscribe();
                     let pool = self.clone();
                     self.runtime.spawn(async move { pool.dial(i).await });
@@ -1515,7 +1539,9 @@ impl Pool {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let depth = self.config.max_in_flight;
                 let timeout = self.config.request_timeout + self.config.max_poll_wait;
-                self.runtime.spawn(conn::run(driver, rx, depth, timeout));
+                let link = Arc::new(conn::Link::default());
+                self.runtime
+                    .spawn(conn::run(driver, rx, depth, timeout, link.clone()));
                 let load = Arc::new(AtomicUsize::new(0));
                 if let Some(mut cell) = self.ready_cell(slot) {
                     *cell = Some(Conn {
@@ -1524,11 +1550,20 @@ impl Pool {
                     });
                 }
                 if let Some(s) = st.slots.get_mut(slot) {
-                    *s = Slot::Ready { tx, load };
+                    *s = Slot::Ready {
+                        tx,
+                        load,
+                        link,
+                        opened: Instant::now(),
+                    };
                 }
                 let full = st.slots.iter().all(|s| matches!(s, Slot::Ready { .. }));
                 self.full.store(full, Ordering::Relaxed);
-                st.backoff = None;
+                // A broker that closes connections right after accepting them is not back
+                // until one carries a request: its backoff keeps growing until then.
+                if !st.closed_unused {
+                    st.backoff = None;
+                }
                 st.retry_at = None;
                 tracing::debug!(addr = %self.addr, slot, "connected");
             }
@@ -1536,27 +1571,34 @@ impl Pool {
                 if let Some(s) = st.slots.get_mut(slot) {
                     *s = Slot::Empty;
                 }
-                let config = &self.config;
-                let delay = st
-                    .backoff
-                    .get_or_insert_with(|| {
-                        ExponentialBuilder::default()
-                            .with_min_delay(config.reconnect_backoff)
-                            .with_max_delay(config.reconnect_backoff_max)
-                            .with_jitter()
-                            .without_max_times()
-                            .build()
-                    })
-                    .next()
-                    .unwrap_or(config.reconnect_backoff_max);
-                st.retry_at = Some(Instant::now() + delay);
-                st.dial_failures += 1;
-                tracing::debug!(addr = %self.addr, error = %e, ?delay, "dial failed");
-                st.last_error = Some(e);
+                tracing::debug!(addr = %self.addr, error = %e, "dial failed");
+                self.failed(&mut st, e);
             }
         }
         drop(st);
         self.notify();
+    }
+
+    /// Records a failed dial (or a connection the broker closed unused): no dial before the
+    /// next reconnect backoff, and callers waiting for a connection get `e`.
+    fn failed(&self, st: &mut PoolState, e: Error) {
+        let config = &self.config;
+        let delay = st
+            .backoff
+            .get_or_insert_with(|| {
+                ExponentialBuilder::default()
+                    .with_min_delay(config.reconnect_backoff)
+                    .with_max_delay(config.reconnect_backoff_max)
+                    .with_jitter()
+                    .without_max_times()
+                    .build()
+            })
+            .next()
+            .unwrap_or(config.reconnect_backoff_max);
+        st.retry_at = Some(Instant::now() + delay);
+        st.dial_failures += 1;
+        tracing::debug!(addr = %self.addr, ?delay, "next dial after the backoff");
+        st.last_error = Some(e);
     }
 
     async fn open(&self) -> Result<conn::Driver> {

@@ -5,8 +5,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use streambus_core::io::DriverError;
@@ -694,13 +694,42 @@ fn drain(
 /// Runs one connection until it breaks or every sender is gone; then fails whatever it
 /// still holds (their callers get an error at once, not at their timeout). Each call's own
 /// deadline is enforced here too, so a call answered by callback times out like one awaited.
+/// What a connection's task tells its pool: whether a request went out on it, and the error
+/// it ended with.
+#[derive(Debug, Default)]
+pub(crate) struct Link {
+    used: AtomicBool,
+    ended: OnceLock<Error>,
+}
+
+impl Link {
+    /// Whether a request was handed to the connection.
+    pub(crate) fn used(&self) -> bool {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// The error of a connection that closed before any request went out on it: its TLS
+    /// error when that is why (a broker refusing the client's certificate), else
+    /// [`Error::closed_unused`] naming why it ended.
+    pub(crate) fn refusal(&self) -> Error {
+        let ctx = Context::new("connect");
+        match self.ended.get() {
+            Some(e @ Error::Tls { .. }) => e.clone().with_context(&ctx),
+            Some(e) => Error::closed_unused(ctx, Some(e)),
+            None => Error::closed_unused(ctx, None),
+        }
+    }
+}
+
 pub(crate) async fn run(
     mut driver: Driver,
     mut jobs: mpsc::UnboundedReceiver<Job>,
     depth: usize,
     request_timeout: Duration,
+    link: Arc<Link>,
 ) {
     let mut pending = Pending::default();
+    let mut used = false;
     // One timer for the earliest call deadline, moved as it changes.
     let timer = tokio::time::sleep(request_timeout);
     tokio::pin!(timer);
@@ -723,6 +752,10 @@ pub(crate) async fn run(
         };
         match wake {
             Ok(Wake::Other(Event::Job(Some(job)))) => {
+                if !used {
+                    used = true;
+                    link.used.store(true, Ordering::Release);
+                }
                 let busy = driver.connection().in_flight() > 0;
                 submit(&mut driver, &mut pending, job, request_timeout);
                 // Every call already waiting goes out in the same write.
@@ -802,15 +835,22 @@ pub(crate) async fn run(
         }
     };
     tracing::debug!(error = ?failure, pending = pending.len(), "connection task ends");
-    jobs.close();
     let err = failure.unwrap_or_else(|| Error::Closed {
         context: Context::default(),
         what: "client",
     });
+    // Known before the pool can see the connection closed.
+    let _ = link.ended.set(err.clone());
+    jobs.close();
     for job in pending.drain() {
         job.reply.send(Err(err.clone()));
     }
+    // Never written: certainly not sent (a TLS refusal stays what it is).
+    let unsent = match &err {
+        Error::Tls { .. } => err.clone(),
+        _ => Error::closed_before_sent(Context::default(), Some(&err)),
+    };
     while let Ok(job) = jobs.try_recv() {
-        job.reply.send(Err(err.clone()));
+        job.reply.send(Err(unsent.clone()));
     }
 }

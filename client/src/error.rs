@@ -223,12 +223,16 @@ impl Error {
         }
     }
 
-    /// Whether the request was certainly not sent: the broker refused the connection, or
-    /// connecting (or waiting for a connection) timed out. Such a call may go to another
+    /// Whether the request was certainly not sent: the broker refused the connection (or
+    /// closed it before any request went out on it), or connecting (or waiting for a
+    /// connection) timed out. Such a call may go to another
     /// broker even when sending it twice would not be safe.
     pub(crate) fn never_sent(&self) -> bool {
         match self {
-            Self::Io { source, .. } => source.kind() == std::io::ErrorKind::ConnectionRefused,
+            Self::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotConnected
+            ),
             Self::TimedOut { waiting, .. } => {
                 *waiting == WAITING_CONNECT || *waiting == WAITING_CONNECTION
             }
@@ -287,6 +291,38 @@ impl Error {
                 std::io::ErrorKind::ConnectionAborted,
                 "the connection to the broker closed",
             ),
+        )
+    }
+
+    /// An [`Io`](Self::Io) error of kind `NotConnected`: the broker closed the connection
+    /// before any request went out on it (after `why`, the error its task ended with, when
+    /// known). Such a request was certainly not sent.
+    pub(crate) fn closed_unused(context: Context, why: Option<&Error>) -> Self {
+        Self::unsent(
+            context,
+            "the broker closed the connection before any request was sent on it",
+            why,
+        )
+    }
+
+    /// An [`Io`](Self::Io) error of kind `NotConnected`: the connection closed (after `why`)
+    /// before this request was written to it. It was certainly not sent.
+    pub(crate) fn closed_before_sent(context: Context, why: Option<&Error>) -> Self {
+        Self::unsent(
+            context,
+            "the connection closed before the request was sent",
+            why,
+        )
+    }
+
+    fn unsent(context: Context, what: &str, why: Option<&Error>) -> Self {
+        let message = match why {
+            Some(e) => format!("{what} ({e})"),
+            None => what.to_owned(),
+        };
+        Self::io(
+            context,
+            std::io::Error::new(std::io::ErrorKind::NotConnected, message),
         )
     }
 
@@ -366,6 +402,30 @@ mod tests {
         assert!(e.is_retriable());
         assert_eq!(e.source().map(|s| s.to_string()).as_deref(), Some("reset"));
         assert_eq!(e.to_string(), "fetch on topic \"t\": I/O error: reset");
+    }
+
+    #[test]
+    fn a_request_the_connection_never_carried_is_known_unsent_and_a_lost_one_is_not() {
+        let reset = Error::io(
+            Context::new("create topic"),
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"),
+        );
+        let refused = Error::closed_unused(Context::new("connect"), Some(&reset));
+        assert_eq!(
+            refused.to_string(),
+            "connect: I/O error: the broker closed the connection before any request was sent \
+             on it (create topic: I/O error: reset)"
+        );
+        let unsent = Error::closed_before_sent(Context::new("create topic"), None);
+        assert_eq!(
+            unsent.to_string(),
+            "create topic: I/O error: the connection closed before the request was sent"
+        );
+        for e in [&refused, &unsent] {
+            assert!(e.never_sent() && e.is_retriable(), "{e}");
+        }
+        assert!(!reset.never_sent());
+        assert!(!Error::closed_by_peer(Context::new("create topic")).never_sent());
     }
 
     #[test]

@@ -67,8 +67,10 @@
 //! A [`Producer`] batch that fails with a retriable error is sent again (with backoff,
 //! within the delivery timeout). With idempotence on (the default,
 //! [`ProducerConfig::idempotence`], protocol §6.2) a retry of a batch the broker had already
-//! appended is answered with the original offsets: each record lands **once**. With it off,
-//! delivery is **at-least-once**: such a retry stores the records twice. Records of one
+//! appended is answered with the original offsets: each acknowledged record lands **once**,
+//! as long as the broker keeps the producer's state; a batch that fails for good reports its
+//! error even if an attempt landed (see [`Producer`]). With it off, delivery is
+//! **at-least-once**: such a retry stores the records twice. Records of one
 //! partition keep their order (one batch in flight per partition). No failure is dropped:
 //! each record's [`Delivery`] resolves to its offset or its error (a [`Deliveries`] gathers
 //! many records' and resolves once for all of them), and [`Producer::close`] returns every

@@ -257,7 +257,7 @@ impl Outcome {
             Ok(base) => Ok(RecordMetadata {
                 topic: self.topic.clone(),
                 partition: self.partition,
-                offset: base + i64::from(index),
+                offset: base.saturating_add(i64::from(index)),
             }),
             Err(e) => Err(e.clone()),
         }
@@ -292,6 +292,10 @@ impl Future for Delivery {
 ///
 /// Every failed record's error is also in [`Producer::close`]'s report, awaited or not; to
 /// know which records failed, and why, one by one, keep their [`Delivery`]s instead.
+///
+/// Runs need records of one partition in a row: an explicit partition or key, or a topic of
+/// one partition. Keyless records of a topic of several partitions go round robin, each to
+/// the next partition, so each is a run of its own (still one entry, no await, per record).
 ///
 /// ```no_run
 /// # async fn demo(producer: streambus_client::Producer) -> Result<(), streambus_client::Error> {
@@ -374,7 +378,7 @@ impl Deliveries {
                 Some(Ok(base)) => runs.push(LandedRun {
                     topic: run.outcome.topic.clone(),
                     partition: run.outcome.partition,
-                    offset: base + i64::from(run.first),
+                    offset: base.saturating_add(i64::from(run.first)),
                     start: run.start,
                 }),
                 Some(Err(e)) => return Err(e.clone()),
@@ -936,7 +940,8 @@ impl Producer {
     /// [`try_take`](Self::try_take) under a lock already held; `true` besides when the
     /// linger task is to be woken (a batch opened) once the lock is released. A record taken
     /// uses `size` of the `credit` (buffer permits its caller holds) when there is that much,
-    /// else acquires its own; a record refused leaves the credit as it was.
+    /// else acquires its own; a record refused before its bytes were counted leaves the
+    /// credit as it was (one refused after gives its bytes back to the buffer).
     #[allow(clippy::too_many_arguments)]
     fn take_locked(
         &self,

@@ -203,6 +203,11 @@ impl Default for Metrics {
             "Requests answered AuthorizationFailed (41), by the permission missing",
             m.authorizations_denied.clone(),
         );
+        // Both results are scraped from the start, at 0 (a series that appears only at its
+        // first increment can be seen there at 0 for an instant, too).
+        for reason in ["ok", "invalid"] {
+            let _ = m.auth_reloads.get_or_create(&ReasonLabels { reason });
+        }
         registry.register(
             "auth_reloads",
             "Auth file reloads (SIGHUP), by result: ok or invalid (the old rules kept)",

@@ -634,14 +634,21 @@ fn sighup_applies_a_changed_auth_file_to_new_requests_and_keeps_an_invalid_one_o
             .unwrap();
         assert!(status.success());
     };
-    let reloads = |result: &str| {
+    // Waits until the count reaches `want` (a scrape may see the series before its first
+    // increment), then returns it.
+    let reloads = |result: &str, want: u64| {
         let name = format!("streambus_auth_reloads_total{{reason=\"{result}\"}}");
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Some(n) = metric_if_any(&metrics, &name) {
+            if let Some(n) = metric_if_any(&metrics, &name)
+                && n >= want
+            {
                 return n;
             }
-            assert!(Instant::now() < deadline, "no {name} after SIGHUP");
+            assert!(
+                Instant::now() < deadline,
+                "{name} not at {want} after SIGHUP"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     };
@@ -653,7 +660,7 @@ fn sighup_applies_a_changed_auth_file_to_new_requests_and_keeps_an_invalid_one_o
     // A new token, and alice may now consume "t" but no longer produce to it.
     std::fs::write(&path, auth_file("alice", new, "consume = [\"t\"]")).unwrap();
     hup();
-    assert_eq!(reloads("ok"), 1);
+    assert_eq!(reloads("ok", 1), 1);
     // The open connection keeps its principal; its next request follows the new rules.
     assert_eq!(produce_one(&mut alice, "t"), Err(41));
     let mut fresh = std::net::TcpStream::connect(&addr).unwrap();
@@ -663,7 +670,7 @@ fn sighup_applies_a_changed_auth_file_to_new_requests_and_keeps_an_invalid_one_o
     // An invalid file is kept out, with one log line saying why; the rules stay.
     std::fs::write(&path, "[principals]\nalice = { token_sha256 = \"nope\" }\n").unwrap();
     hup();
-    assert_eq!(reloads("invalid"), 1);
+    assert_eq!(reloads("invalid", 1), 1);
     let line = next_line("auth file not reloaded");
     assert!(line.contains("64 hex digits"), "{line}");
     assert!(!line.contains(new) && !line.contains(old), "{line}");
