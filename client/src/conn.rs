@@ -691,9 +691,6 @@ fn drain(
     }
 }
 
-/// Runs one connection until it breaks or every sender is gone; then fails whatever it
-/// still holds (their callers get an error at once, not at their timeout). Each call's own
-/// deadline is enforced here too, so a call answered by callback times out like one awaited.
 /// What a connection's task tells its pool: whether a request went out on it, and the error
 /// it ended with.
 #[derive(Debug, Default)]
@@ -721,6 +718,9 @@ impl Link {
     }
 }
 
+/// Runs one connection until it breaks or every sender is gone; then fails whatever it
+/// still holds (their callers get an error at once, not at their timeout). Each call's own
+/// deadline is enforced here too, so a call answered by callback times out like one awaited.
 pub(crate) async fn run(
     mut driver: Driver,
     mut jobs: mpsc::UnboundedReceiver<Job>,
