@@ -665,6 +665,28 @@ mod tests {
         ));
     }
 
+    /// A fetch of partition 0 of `topic` from offset 0 that reads ahead, with its channel's
+    /// receiving side and its 4 fetch slots.
+    fn fetch_with_ahead(
+        topic: &str,
+        max_bytes: u32,
+    ) -> (Req, mpsc::Receiver<Result<Reply>>, Arc<Semaphore>) {
+        let (tx, rx) = mpsc::channel(AHEAD_DEPTH);
+        let slots = Arc::new(Semaphore::new(4));
+        let fetch = Req::Fetch {
+            topic: Arc::from(topic),
+            partition: 0,
+            offset: 0,
+            max_bytes,
+            long_poll: None,
+            ahead: Some(Ahead {
+                tx,
+                slots: slots.clone(),
+            }),
+        };
+        (fetch, rx, slots)
+    }
+
     /// The connection sends a consumer's next fetch itself, from the answer's NextOffset,
     /// before it hands that answer over, and stops sending ahead once an answer waits unread
     /// in the channel: one fetch from the caller brings the answers at offsets 0, 1 and 2
@@ -688,20 +710,8 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let (tx, mut rx) = mpsc::channel(AHEAD_DEPTH);
-        let slots = Arc::new(Semaphore::new(4));
         // Room for one 100-byte record per fetch.
-        let fetch = Req::Fetch {
-            topic: Arc::from("ahead"),
-            partition: 0,
-            offset: 0,
-            max_bytes: 150,
-            long_poll: None,
-            ahead: Some(Ahead {
-                tx,
-                slots: slots.clone(),
-            }),
-        };
+        let (fetch, mut rx, slots) = fetch_with_ahead("ahead", 150);
         let offsets = |f: &Fetched| {
             let offsets: Vec<i64> = f.records().unwrap().iter().map(|r| r.offset).collect();
             assert_eq!(offsets.first(), Some(&f.offset));
@@ -822,19 +832,7 @@ mod tests {
             .connect(addr.to_string())
             .await
             .unwrap();
-        let (tx, mut rx) = mpsc::channel(AHEAD_DEPTH);
-        let slots = Arc::new(Semaphore::new(4));
-        let fetch = Req::Fetch {
-            topic: Arc::from("late"),
-            partition: 0,
-            offset: 0,
-            max_bytes: 1 << 20,
-            long_poll: None,
-            ahead: Some(Ahead {
-                tx,
-                slots: slots.clone(),
-            }),
-        };
+        let (fetch, mut rx, slots) = fetch_with_ahead("late", 1 << 20);
         let e = client
             .call(fetch, &Context::new("test"), Duration::from_millis(100))
             .await

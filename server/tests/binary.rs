@@ -653,6 +653,11 @@ fn sighup_applies_a_changed_auth_file_to_new_requests_and_keeps_an_invalid_one_o
         }
     };
 
+    // Both results are scraped from the start, at 0.
+    for result in ["ok", "invalid"] {
+        let name = format!("streambus_auth_reloads_total{{reason=\"{result}\"}}");
+        assert_eq!(metric_if_any(&metrics, &name), Some(0), "{name}");
+    }
     let mut alice = std::net::TcpStream::connect(&addr).unwrap();
     assert_eq!(authenticate(&mut alice, old), Ok("alice".to_owned()));
     assert_eq!(produce_one(&mut alice, "t"), Ok(()));
