@@ -1996,6 +1996,31 @@ fn idempotent(
     }
 }
 
+/// [`idempotent`] at whichever of `brokers` (indexed by node id - 1; `live` a client of each
+/// one up) leads `topic`/0 now: a NotLeader (the leader moved; the batch may have been stored
+/// or not) is retried at the new leader with the same sequence, which stores it once. Returns
+/// the index of the broker that acknowledged it and (BaseOffset, NumMessages).
+fn idempotent_at_leader(
+    brokers: &[Option<Broker>],
+    live: &mut [RawClient],
+    topic: &str,
+    seq: i32,
+    values: &[&[u8]],
+) -> (usize, (i64, u32)) {
+    eventually(
+        "an idempotent batch acknowledged by the partition's leader",
+        || {
+            let leader = agreed_leader(live, topic, 0) as usize - 1;
+            let mut c = brokers.get(leader)?.as_ref()?.client();
+            match idempotent(&mut c, topic, seq, values) {
+                (0, Some((base, n, _))) => Some((leader, (base, n))),
+                (code, None) if code == ErrorCode::NOT_LEADER.0 => None,
+                other => panic!("sequence {seq} at broker {}: {other:?}", leader + 1),
+            }
+        },
+    )
+}
+
 #[test]
 fn an_idempotent_batch_retried_at_the_new_leader_after_a_sigkill_gets_its_original_offsets() {
     let (ports, peers, dirs) = three_peers();
@@ -2209,34 +2234,38 @@ fn a_follower_down_while_retention_purged_is_restored_by_snapshot_with_the_leade
     let mut brokers: Vec<Option<Broker>> = (0..3).map(|i| Some(start(i))).collect();
     let mut clients = registered_clients(brokers.iter().flatten());
     assert_eq!(create(&mut clients[0], "kept", 1, 3), (0, true));
-    let leader = agreed_leader(&mut clients, "kept", 0) as usize - 1;
-    let follower = (leader + 1) % 3;
+    let first = agreed_leader(&mut clients, "kept", 0) as usize - 1;
+    let follower = (first + 1) % 3;
     drop(clients);
     drop(brokers[follower].take());
-    let mut at_leader = brokers[leader].as_ref().unwrap().client();
-    // 5 MiB in batches of four 64 KiB records, acknowledged by the leader and the other
-    // replica.
+    let mut live: Vec<RawClient> = brokers.iter().flatten().map(Broker::client).collect();
+    // 5 MiB in batches of four 64 KiB records, acknowledged by a majority: the two brokers
+    // up. Which of them leads may change under load (not what this test checks): the
+    // batches are idempotent, so one retried at a new leader is stored once.
     let value = vec![b'r'; 64 << 10];
+    let values: Vec<&[u8]> = vec![value.as_slice(); 4];
     let mut end = 0;
-    for _ in 0..20 {
-        let values: Vec<&[u8]> = vec![value.as_slice(); 4];
-        let r = streambus_tests::produce(&mut at_leader, "kept", 0, &values).unwrap();
-        let Ok(Response::Produce(ok)) = r.parse(RequestType::Produce) else {
-            panic!("produce: {}", r.error_code());
-        };
-        assert_eq!(ok.base_offset, end);
+    for seq in (0..80).step_by(4) {
+        let (_, acked) = idempotent_at_leader(&brokers, &mut live, "kept", seq, &values);
+        assert_eq!(acked, (end, 4));
         end += 4;
     }
-    let leader_dir = dirs[leader].path();
-    let start_after = eventually_within(
+    // The leader's retention purges its oldest segments; it serves from its log start on,
+    // every offset once, up to the end.
+    let (leader, start_after, kept) = eventually_within(
         Duration::from_secs(150),
         "the leader's retention purging its oldest segments",
-        || first_segment_base(leader_dir, "kept", 0).filter(|b| *b > 0),
+        || {
+            let leader = agreed_leader(&mut live, "kept", 0) as usize - 1;
+            let base = first_segment_base(dirs[leader].path(), "kept", 0).filter(|b| *b > 0)?;
+            let mut at_leader = brokers[leader].as_ref()?.client();
+            let kept = streambus_tests::fetch_all(&mut at_leader, "kept", 0, base).ok()?;
+            Some((leader, base, kept))
+        },
     );
-    // The leader serves from its log start on, every offset once, up to the end.
-    let kept = streambus_tests::fetch_all(&mut at_leader, "kept", 0, start_after).unwrap();
     let offsets: Vec<i64> = kept.iter().map(|(o, _)| *o).collect();
     assert_eq!(offsets, (start_after..end).collect::<Vec<_>>());
+    let leader_dir = dirs[leader].path();
     // Restarted, the follower is sent the snapshot: the same log start, the same files.
     brokers[follower] = Some(start(follower));
     replicas_identical(
