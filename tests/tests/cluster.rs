@@ -416,19 +416,21 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
         panic!("one topic expected: {placement:?}");
     };
     assert_eq!((name.as_str(), *code), ("orders", 0));
-    // Three replicas each, leaders rotating over the brokers: each leads two partitions.
+    // Three replicas each, preferred leaders rotating over the brokers: each is the first
+    // replica of two partitions.
     let mut leads = [0; 3];
-    for (i, (id, leader, replicas)) in partitions.iter().enumerate() {
+    for (i, (id, _, replicas)) in partitions.iter().enumerate() {
         assert_eq!(*id as usize, i);
         assert_eq!(replicas.len(), 3);
-        assert_eq!(i64::from(*leader), i64::from(replicas[0]));
-        leads[usize::try_from(*leader).unwrap() - 1] += 1;
+        leads[replicas[0] as usize - 1] += 1;
     }
     assert_eq!(leads, [2, 2, 2]);
-    // Partition 5 is led by broker 3 (placement above), which stores a produce to it.
-    assert_eq!(partitions[5].1, 3);
+    // Partition 5's elected leader (broker 3, its preferred one, unless another replica won
+    // the group's first election under load) stores a produce to it.
+    assert_eq!(partitions[5].2[0], 3);
+    let leader5 = agreed_leader(&mut clients, "orders", 5) as usize;
     let r = streambus_tests::produce(
-        &mut brokers[2].as_ref().unwrap().client(),
+        &mut brokers[leader5 - 1].as_ref().unwrap().client(),
         "orders",
         5,
         &[b"x"],
@@ -436,9 +438,9 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
     .unwrap();
     assert_eq!(r.error_code(), 0);
 
-    // Deleted through broker 2: a long-poll fetch waiting on broker 3 is answered TopicNotFound
-    // at once (well before its 20 s wait, and the client's 10 s read timeout).
-    let mut consumer = brokers[2].as_ref().unwrap().client();
+    // Deleted through broker 2: a long-poll fetch waiting on partition 5's leader is answered
+    // TopicNotFound at once (well before its 20 s wait, and the client's 10 s read timeout).
+    let mut consumer = brokers[leader5 - 1].as_ref().unwrap().client();
     let id = consumer.send(&long_poll("orders", 5, 1, 20_000)).unwrap();
     let barrier = consumer.send(&Request::HealthCheck).unwrap();
     assert_eq!(consumer.recv().unwrap().request_id(), barrier);
@@ -512,17 +514,24 @@ fn three_brokers_share_topics_and_placement_and_survive_the_metadata_leader() {
         .chain(std::iter::once(&back))
         .map(|b| b.addr.port())
         .collect();
-    let (view_brokers, view) = settled(&mut all).remove(0);
+    let (_, view) = settled(&mut all).remove(0);
     for (name, _, parts) in view {
-        for (p, leader, _) in parts {
-            let port = view_brokers
-                .iter()
-                .find(|(id, _, _)| i64::from(*id) == i64::from(leader))
-                .map(|(_, _, port)| *port)
-                .unwrap();
-            let k = port_to_client.iter().position(|x| *x == port).unwrap();
-            let r = streambus_tests::produce(&mut all[k], &name, p, &[b"y"]).unwrap();
-            assert_eq!(r.error_code(), 0, "{name}/{p} at broker {leader}");
+        for (p, _, _) in parts {
+            // At the leader the brokers name now: a NotLeader (a leader that moved since, or
+            // a publication not yet applied everywhere) or a leader whose new address is not
+            // registered yet is tried again on a fresh view.
+            let (leader, code) = eventually("a produce answered by the partition's leader", || {
+                let (view_brokers, view) = settled(&mut all).remove(0);
+                let leader = view.iter().find(|t| t.0 == name)?.2.get(p as usize)?.1;
+                let port = view_brokers
+                    .iter()
+                    .find(|(id, _, _)| i64::from(*id) == i64::from(leader))?
+                    .2;
+                let k = port_to_client.iter().position(|x| *x == port)?;
+                let r = streambus_tests::produce(&mut all[k], &name, p, &[b"y"]).ok()?;
+                (r.error_code() != ErrorCode::NOT_LEADER.0).then_some((leader, r.error_code()))
+            });
+            assert_eq!(code, 0, "{name}/{p} at broker {leader}");
         }
     }
     let port = back.addr.port();
@@ -599,12 +608,13 @@ fn partition_requests_are_served_by_the_leader_only_and_others_answer_not_leader
     assert_eq!(create(&mut clients[0], "routed", 6, 3), (0, true));
     let views: Vec<Placement> = settled(&mut clients).into_iter().map(|(_, p)| p).collect();
     assert!(views.iter().all(|v| v == &views[0]), "{views:?}");
-    let leaders: Vec<u32> = views[0][0]
-        .2
-        .iter()
-        .map(|(_, l, _)| u32::try_from(*l).unwrap())
+    let preferred: Vec<u32> = views[0][0].2.iter().map(|(_, _, r)| r[0]).collect();
+    assert_eq!(preferred, [1, 2, 3, 1, 2, 3]);
+    // The leaders elected (usually the preferred ones; under load another replica may win a
+    // group's first election, which is not what this test checks).
+    let leaders: Vec<u32> = (0..6)
+        .map(|p| agreed_leader(&mut clients, "routed", p))
         .collect();
-    assert_eq!(leaders, [1, 2, 3, 1, 2, 3]);
 
     // A Produce to each partition through each broker: 18 cases.
     for (i, c) in clients.iter_mut().enumerate() {
@@ -686,8 +696,11 @@ fn partition_requests_are_served_by_the_leader_only_and_others_answer_not_leader
         assert_eq!(r.error_code(), ErrorCode::TOPIC_NOT_FOUND.0);
     }
 
-    // The SDK pointed at partition 0's leader (broker 1) produces and consumes it normally.
-    let client = streambus_client::blocking::Client::connect(brokers[0].addr.to_string()).unwrap();
+    // The SDK pointed at partition 0's leader produces and consumes it normally.
+    let client = streambus_client::blocking::Client::connect(
+        brokers[leaders[0] as usize - 1].addr.to_string(),
+    )
+    .unwrap();
     let producer = streambus_client::blocking::Producer::new(&client);
     let sent = producer
         .send(streambus_client::Record::new("routed", b"from the sdk".to_vec()).partition(0))
@@ -706,7 +719,10 @@ fn partition_requests_are_served_by_the_leader_only_and_others_answer_not_leader
     }
     assert_eq!(
         got,
-        [(0, b"p0 via 1".to_vec()), (1, b"from the sdk".to_vec())]
+        [
+            (0, format!("p0 via {}", leaders[0]).into_bytes()),
+            (1, b"from the sdk".to_vec())
+        ]
     );
 }
 
@@ -752,11 +768,8 @@ fn a_fourth_broker_started_with_the_grown_peer_list_joins_and_leads_new_partitio
     assert_eq!(preferred, [1, 2, 3, 4]);
     // Broker 4 stores a produce to the partition it leads (its preferred leader starts the
     // partition's Raft group and is elected).
-    let p = eventually("a partition led by broker 4", || {
-        let (_, p) = metadata(&mut c4);
-        let t = p.into_iter().find(|t| t.0 == "after")?;
-        t.2.iter().find(|(_, l, _)| *l == 4).map(|(p, _, _)| *p)
-    });
+    let p = placement.2.iter().find(|(_, _, r)| r[0] == 4).unwrap().0;
+    assert_eq!(agreed_leader(&mut clients, "after", p), 4, "partition {p}");
     let r = streambus_tests::produce(&mut c4, "after", p, &[b"on four"]).unwrap();
     let Ok(Response::Produce(ok)) = r.parse(RequestType::Produce) else {
         panic!(
@@ -1392,21 +1405,28 @@ fn leaders(c: &mut RawClient, topic: &str) -> Vec<i32> {
         .unwrap_or_default()
 }
 
-/// The leader of `topic`/`partition` once every broker in `clients` names the same one.
+/// The leader of `topic`/`partition` once every broker in `clients` names the same one, elected
+/// (a published term above 0: right after CreateTopic, Metadata names the preferred leader
+/// before its group has elected anyone, and another replica may win that first election).
 fn agreed_leader(clients: &mut [RawClient], topic: &str, partition: u32) -> u32 {
-    eventually("every broker naming the same partition leader", || {
-        let seen: Vec<i32> = clients
-            .iter_mut()
-            .map(|c| {
-                leaders(c, topic)
-                    .get(partition as usize)
-                    .copied()
-                    .unwrap_or(-1)
-            })
-            .collect();
-        let l = u32::try_from(seen[0]).ok()?;
-        seen.iter().all(|s| *s == seen[0]).then_some(l)
-    })
+    eventually(
+        "every broker naming the same elected partition leader",
+        || {
+            let seen: Vec<Option<(i32, i32)>> = clients
+                .iter_mut()
+                .map(|c| {
+                    leaders_with_epochs(c, topic)
+                        .into_iter()
+                        .find(|(p, _, _)| *p == partition)
+                        .map(|(_, leader, epoch)| (leader, epoch))
+                })
+                .collect();
+            let (leader, epoch) = seen[0]?;
+            (epoch > 0 && seen.iter().all(|s| *s == seen[0]))
+                .then_some(u32::try_from(leader).ok())
+                .flatten()
+        },
+    )
 }
 
 /// The log of `topic`/`partition` read from its leader: (offset, value) of every record.
@@ -1619,10 +1639,9 @@ fn a_partition_leader_frozen_past_the_election_timeout_acknowledges_nothing_in_i
         .collect();
     let mut raw = registered_clients(brokers.iter());
     assert_eq!(create(&mut raw[0], TOPIC, 1, 3), (0, true));
-    settled(&mut raw);
-    let old = agreed_leader(&mut raw, TOPIC, 0);
-    let r = streambus_tests::produce(&mut raw[old as usize - 1], TOPIC, 0, &[b"before"]).unwrap();
+    let (old, r) = produce_at_leader(&mut raw, TOPIC, 0, &[b"before"]);
     assert_eq!(r.error_code(), 0);
+    let old = old as u32;
 
     let stopped = &brokers[old as usize - 1];
     let mut stale = stopped.client();
@@ -1946,10 +1965,9 @@ fn a_broker_whose_data_directory_was_wiped_catches_up_its_partition_replicas() {
     assert_eq!(create(&mut raw[1], TOPIC, 3, 3), (0, true));
     settled(&mut raw);
     for p in 0..3 {
-        let leader = agreed_leader(&mut raw, TOPIC, p);
         let values: Vec<Vec<u8>> = (0..20).map(|i| format!("p{p} r{i}").into_bytes()).collect();
         let values: Vec<&[u8]> = values.iter().map(Vec::as_slice).collect();
-        let r = streambus_tests::produce(&mut raw[leader as usize - 1], TOPIC, p, &values).unwrap();
+        let (leader, r) = produce_at_leader(&mut raw, TOPIC, p, &values);
         assert_eq!(r.error_code(), 0, "partition {p} at broker {leader}");
     }
     let data: Vec<&Path> = dirs.iter().map(tempfile::TempDir::path).collect();
@@ -1962,9 +1980,7 @@ fn a_broker_whose_data_directory_was_wiped_catches_up_its_partition_replicas() {
     settled(&mut raw);
     replicas_identical(&data, TOPIC, 3, DEADLINE);
     for p in 0..3 {
-        let leader = agreed_leader(&mut raw, TOPIC, p);
-        let r =
-            streambus_tests::produce(&mut raw[leader as usize - 1], TOPIC, p, &[b"after"]).unwrap();
+        let (leader, r) = produce_at_leader(&mut raw, TOPIC, p, &[b"after"]);
         assert_eq!(
             r.error_code(),
             0,
