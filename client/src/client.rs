@@ -945,23 +945,37 @@ impl Client {
     }
 
     /// Sends one request now if a connection has room, without waiting; its result goes to
-    /// `callback`, run by the connection task (by `timeout` at the latest). When no connection
-    /// has room, returns the callback unused.
+    /// `callback`, run by the connection task (by `timeout` at the latest). On `on` only when
+    /// given (a connection an earlier call returned), else on any connection of the pool the
+    /// request routes to. Returns the connection it went on, or the callback unused when
+    /// that connection (or every one) has no room or is closed.
     pub(crate) fn try_send(
         &self,
         req: Req,
         timeout: Duration,
         callback: Callback,
-    ) -> std::result::Result<(), Callback> {
-        let Ok(routed) = self.route(&req) else {
-            return Err(callback);
-        };
-        let pool = routed.as_ref().unwrap_or(&self.inner.pool);
+        on: Option<&Lane>,
+    ) -> std::result::Result<Lane, Callback> {
         let Ok(permit) = self.inner.capacity.clone().try_acquire_owned() else {
             return Err(callback);
         };
-        let Some((conn, load)) = pool.try_get() else {
+        let found = match on {
+            Some(lane) if !lane.tx.is_closed() => {
+                LoadGuard::try_new(&lane.load, self.inner.config.max_in_flight)
+                    .map(|g| (lane.tx.clone(), g))
+            }
+            Some(_) => None,
+            None => match self.route(&req) {
+                Ok(routed) => routed.as_ref().unwrap_or(&self.inner.pool).try_get(),
+                Err(_) => None,
+            },
+        };
+        let Some((conn, load)) = found else {
             return Err(callback);
+        };
+        let lane = Lane {
+            tx: conn.clone(),
+            load: load.0.clone(),
         };
         let job = Job {
             req,
@@ -973,7 +987,7 @@ impl Client {
             _slot: None,
         };
         match conn.send(job) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(lane),
             Err(mpsc::error::SendError(mut job)) => {
                 // Disarmed first, so dropping the job doesn't run it.
                 let callback = match &mut job.reply {
@@ -981,7 +995,7 @@ impl Client {
                     ReplyTo::Caller(_) | ReplyTo::Ahead(_) => None,
                 };
                 drop(job);
-                callback.map_or(Ok(()), Err)
+                callback.map_or(Ok(lane), Err)
             }
         }
     }
@@ -1196,6 +1210,14 @@ pub(crate) fn validate_topic(topic: &str, ctx: &Context) -> Result<Arc<str>> {
 }
 
 type ConnTx = mpsc::UnboundedSender<Job>;
+
+/// One connection of a pool, as [`Client::try_send`] returns it: requests sent on it again
+/// reach the broker in the order sent.
+#[derive(Debug, Clone)]
+pub(crate) struct Lane {
+    tx: ConnTx,
+    load: Arc<AtomicUsize>,
+}
 
 #[derive(Debug)]
 enum Slot {

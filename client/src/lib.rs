@@ -71,7 +71,9 @@
 //! as long as the broker keeps the producer's state; a batch that fails for good reports its
 //! error even if an attempt landed (see [`Producer`]). With it off, delivery is
 //! **at-least-once**: such a retry stores the records twice. Records of one
-//! partition keep their order (one batch in flight per partition). No failure is dropped:
+//! partition keep their order: up to [`ProducerConfig::max_in_flight`] batches of a partition
+//! (5 by default) are in flight at once on one connection with idempotence on, retried one
+//! at a time in order after a failure; one with it off. No failure is dropped:
 //! each record's [`Delivery`] resolves to its offset or its error (a [`Deliveries`] gathers
 //! many records' and resolves once for all of them), and [`Producer::close`] returns every
 //! failure.

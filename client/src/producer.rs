@@ -13,7 +13,7 @@ use streambus_core::{Encode, Header, Headers, Message, ProducerInfo};
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
-use crate::client::{Client, mismatch, validate_topic};
+use crate::client::{Client, Lane, mismatch, validate_topic};
 use crate::conn::{Callback, Reply, Req};
 use crate::error::{Context, Error, ErrorCode, Result};
 use crate::partition::partition_for_key;
@@ -58,6 +58,12 @@ pub struct ProducerConfig {
     /// Idempotent produce (protocol §6.2, default on): the broker appends a retried batch
     /// once and answers its retry with the original offsets. Off: retries may duplicate.
     pub idempotence: bool,
+    /// Batches of one partition sent and not yet answered at most (default 5, as Kafka's
+    /// `max.in.flight.requests.per.connection`), all on one connection so the broker appends
+    /// them in order. After a failure the partition's batches are retried one at a time, in
+    /// order, before any new one goes. Used with idempotence only: without it a batch that
+    /// failed and was appended anyway could land after a later one, so it is 1.
+    pub max_in_flight: usize,
 }
 
 impl Default for ProducerConfig {
@@ -72,6 +78,7 @@ impl Default for ProducerConfig {
             retries: 10,
             retry_backoff: Duration::from_millis(100),
             idempotence: true,
+            max_in_flight: 5,
         }
     }
 }
@@ -122,6 +129,11 @@ impl ProducerConfig {
         self.idempotence = on;
         self
     }
+    /// Sets [`max_in_flight`](Self::max_in_flight).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n;
+        self
+    }
 
     fn validate(&self) -> Result<()> {
         if self.batch_max_bytes == 0 || self.batch_max_records == 0 {
@@ -134,6 +146,12 @@ impl ProducerConfig {
             return Err(Error::config(
                 "buffer_max_bytes",
                 "must be at least batch_max_bytes",
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(Error::config(
+                "max_in_flight",
+                "at least one batch per partition must be able to go",
             ));
         }
         if self.delivery_timeout.is_zero() {
@@ -530,8 +548,14 @@ impl Drop for Batch {
 struct PartitionQueue {
     open: Option<Batch>,
     sealed: VecDeque<Batch>,
-    /// The batch being sent, with its records (shared with the request).
-    flight: Option<Flight>,
+    /// The batches sent and not yet finished, oldest first.
+    flights: VecDeque<Flight>,
+    /// The connection the flights went on (the next one goes there too, while any is in
+    /// flight: one connection keeps them in order).
+    lane: Option<Lane>,
+    /// A flight failed, or could not be sent at once: [`recover`] finishes the flights in
+    /// order, and nothing new is sent until it is done.
+    recovering: bool,
     /// Idempotence: the (producer id, epoch) that `next_sequence` counts for.
     sequence_of: (i64, i16),
     /// Idempotence: the next batch's base sequence.
@@ -540,10 +564,25 @@ struct PartitionQueue {
 
 #[derive(Debug)]
 struct Flight {
+    /// Names the flight to the answer of its first attempt.
+    id: u64,
     batch: Batch,
+    /// The batch's records, shared with the request.
     records: Arc<Vec<u8>>,
     /// Idempotence: the batch's producer fields, the same on every attempt.
     producer: Option<ProducerInfo>,
+    first: First,
+}
+
+/// A flight's first attempt.
+#[derive(Debug)]
+enum First {
+    /// Sent, not answered yet.
+    Sent,
+    /// Its answer (the base offset, or why it failed).
+    Answered(Result<i64>),
+    /// Not sent: no connection had room (or no time was left); [`recover`] sends it.
+    NotSent,
 }
 
 /// An idempotent producer's identity (protocol §6.2).
@@ -590,8 +629,9 @@ fn next_sequence(seq: i32, count: u32) -> i32 {
 }
 
 impl PartitionQueue {
-    fn in_flight(&self) -> bool {
-        self.flight.is_some()
+    /// Whether another batch may be sent now (`window`: batches in flight at most).
+    fn room(&self, window: usize) -> bool {
+        !self.recovering && self.flights.len() < window
     }
 }
 
@@ -635,6 +675,8 @@ struct State {
     /// Records taken and not yet resolved (counted under the lock the record is taken under:
     /// no atomic of its own per record).
     outstanding: usize,
+    /// The next flight's id.
+    next_flight: u64,
 }
 
 #[derive(Debug)]
@@ -645,14 +687,20 @@ struct Inner {
     buffer: Semaphore,
     idle: Notify,
     wake_linger: Notify,
+    /// A flight's first attempt was answered while its partition recovers.
+    answered: Notify,
+    /// Batches in flight per partition at most: `max_in_flight` with idempotence, else 1.
+    window: usize,
     closed: AtomicBool,
 }
 
 /// A batching producer. Cheap to clone; clones share batches and buffer.
 ///
 /// Records are grouped per topic-partition into batches, sent when a batch is full or its
-/// [`linger`](ProducerConfig::linger) has passed, one batch in flight per partition so
-/// records keep their order. Partitions: the record's explicit one, else the key hash
+/// [`linger`](ProducerConfig::linger) has passed, up to
+/// [`max_in_flight`](ProducerConfig::max_in_flight) batches in flight per partition (one
+/// without idempotence), on one connection, so records keep their order. Partitions: the
+/// record's explicit one, else the key hash
 /// ([`partition_for_key`]), else round robin; partition counts come from the broker's
 /// [`Metadata`](Client::metadata) (a topic that does not exist yet counts as one partition,
 /// which is what the broker's auto-create makes) and are read again after
@@ -663,7 +711,11 @@ struct Inner {
 ///
 /// **Retries.** A batch that fails with a retriable error (see [`Error::is_retriable`]) is sent
 /// again with exponential backoff and jitter, up to [`retries`](ProducerConfig::retries) times
-/// and within the [`delivery_timeout`](ProducerConfig::delivery_timeout).
+/// and within the [`delivery_timeout`](ProducerConfig::delivery_timeout). When one of a
+/// partition's batches in flight fails, nothing new goes to that partition until its batches
+/// in flight are settled, oldest first, one at a time: each acknowledged keeps its answer,
+/// each that failed is retried, including one the broker refused with `OutOfOrderSequence`
+/// or `UnknownProducer` for the gap the earlier failed batch left.
 ///
 /// **Idempotence** ([`ProducerConfig::idempotence`], on by default; protocol §6.2): the
 /// producer has a random 63-bit producer id and an epoch (0 at first), and numbers each
@@ -730,9 +782,16 @@ impl Producer {
     }
 
     fn build(client: &Client, config: ProducerConfig) -> Self {
+        let window = if config.idempotence {
+            config.max_in_flight
+        } else {
+            1
+        };
         let inner = Arc::new(Inner {
             client: client.clone(),
             buffer: Semaphore::new(config.buffer_max_bytes),
+            answered: Notify::new(),
+            window,
             state: Mutex::new(State {
                 identity: config.idempotence.then(Identity::new),
                 ..State::default()
@@ -757,7 +816,7 @@ impl Producer {
     /// To have many records in flight (and batched), use [`enqueue`](Self::enqueue).
     ///
     /// The record's batch does not linger (the caller is waiting): it goes as soon as its
-    /// partition has no batch in flight, with whatever other records joined it.
+    /// partition has room for another batch in flight, with whatever other records joined it.
     pub async fn send(&self, record: Record) -> Result<RecordMetadata> {
         self.take(record, true).await?.await
     }
@@ -1046,11 +1105,11 @@ impl Producer {
             batch.count += 1;
             let full = batch.records.len() >= limit
                 || batch.count >= inner.config.batch_max_records
-                || (batch.urgent && !q.in_flight());
+                || (batch.urgent && q.room(inner.window));
             if full && let Some(full) = q.open.take() {
                 q.sealed.push_back(full);
             }
-            if !q.sealed.is_empty() && !q.in_flight() {
+            if !q.sealed.is_empty() && q.room(inner.window) {
                 ship = true;
             }
             st.outstanding += 1;
@@ -1237,7 +1296,7 @@ fn seal_due(inner: &Arc<Inner>, st: &mut State, now: Instant, all: bool) -> Opti
                 next = Some(next.map_or(due, |n| n.min(due)));
             }
         }
-        if !q.in_flight() && !q.sealed.is_empty() {
+        if q.room(inner.window) && !q.sealed.is_empty() {
             ready.push(key.clone());
         }
     }
@@ -1247,64 +1306,105 @@ fn seal_due(inner: &Arc<Inner>, st: &mut State, now: Instant, all: bool) -> Opti
     next
 }
 
-/// Sends the partition's next sealed batch, if it has none in flight: straight onto a
-/// connection with room when there is one (its answer comes back by callback, without a task
-/// of its own), else through a task that waits for a connection.
+/// Sends the partition's sealed batches while its window has room: straight onto the
+/// connection its flights use (any connection with room when none is in flight), their
+/// answers coming back by callback without a task of their own. A batch that can't go at once
+/// waits for the next answer when flights are out; with none out, [`recover`] sends it.
 fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
-    let Some(q) = st.queues.get_mut(key) else {
-        return;
-    };
-    if q.in_flight() {
-        return;
-    }
-    let Some(mut batch) = q.sealed.pop_front() else {
-        return;
-    };
-    let records = Arc::new(std::mem::take(&mut batch.records));
-    let remaining = batch.deadline.saturating_duration_since(Instant::now());
-    let count = batch.count;
-    // The batch's sequence is taken once, here: its retries carry the same one.
-    let producer = st.identity.map(|id| {
-        if q.sequence_of != (id.producer_id, id.epoch) {
-            q.sequence_of = (id.producer_id, id.epoch);
-            q.next_sequence = 0;
-        }
-        let base_sequence = q.next_sequence;
-        q.next_sequence = next_sequence(base_sequence, count);
-        ProducerInfo {
-            producer_id: id.producer_id,
-            producer_epoch: id.epoch,
-            base_sequence: Some(base_sequence),
-        }
-    });
-    q.flight = Some(Flight {
-        batch,
-        records: records.clone(),
-        producer,
-    });
-    let timeout = inner.client.config().request_timeout.min(remaining);
-    if !timeout.is_zero() {
-        let req = Req::Produce {
-            topic: key.0.clone(),
-            partition: key.1,
-            count,
-            records,
-            producer,
+    loop {
+        let Some(q) = st.queues.get_mut(key) else {
+            return;
         };
-        let (inner2, key2) = (inner.clone(), key.clone());
-        let callback: Callback = Box::new(move |r| first_answer(inner2, key2, r));
-        if inner.client.try_send(req, timeout, callback).is_ok() {
+        if !q.room(inner.window) {
             return;
         }
+        let Some(batch) = q.sealed.front_mut() else {
+            return;
+        };
+        let records = Arc::new(std::mem::take(&mut batch.records));
+        let count = batch.count;
+        let timeout = inner
+            .client
+            .config()
+            .request_timeout
+            .min(batch.deadline.saturating_duration_since(Instant::now()));
+        // The batch's sequence is taken once, when it is sent: its retries carry the same.
+        let numbered = st.identity.map(|id| {
+            let of = (id.producer_id, id.epoch);
+            let base = if q.sequence_of == of {
+                q.next_sequence
+            } else {
+                0
+            };
+            let info = ProducerInfo {
+                producer_id: id.producer_id,
+                producer_epoch: id.epoch,
+                base_sequence: Some(base),
+            };
+            (of, base, info)
+        });
+        let producer = numbered.map(|n| n.2);
+        let id = st.next_flight;
+        let pinned = if q.flights.is_empty() {
+            None
+        } else {
+            q.lane.as_ref()
+        };
+        let sent = if timeout.is_zero() {
+            None
+        } else {
+            let req = Req::Produce {
+                topic: key.0.clone(),
+                partition: key.1,
+                count,
+                records: records.clone(),
+                producer,
+            };
+            let (inner2, key2) = (inner.clone(), key.clone());
+            let callback: Callback = Box::new(move |r| first_answer(inner2, key2, id, r));
+            inner.client.try_send(req, timeout, callback, pinned).ok()
+        };
+        if sent.is_none() && pinned.is_some() {
+            // The flights' connection is full (or gone, and their answers say so): the
+            // batch goes when one is answered.
+            batch.records = Arc::try_unwrap(records).unwrap_or_else(|r| r.to_vec());
+            return;
+        }
+        let Some(batch) = q.sealed.pop_front() else {
+            return;
+        };
+        if let Some((of, base, _)) = numbered {
+            q.sequence_of = of;
+            q.next_sequence = next_sequence(base, count);
+        }
+        st.next_flight = id.wrapping_add(1);
+        let first = if sent.is_some() {
+            First::Sent
+        } else {
+            First::NotSent
+        };
+        q.flights.push_back(Flight {
+            id,
+            batch,
+            records,
+            producer,
+            first,
+        });
+        match sent {
+            Some(lane) => q.lane = Some(lane),
+            None => {
+                q.recovering = true;
+                let (inner2, key2) = (inner.clone(), key.clone());
+                inner
+                    .client
+                    .inner
+                    .pool
+                    .runtime()
+                    .spawn(async move { recover(inner2, key2).await });
+                return;
+            }
+        }
     }
-    let inner2 = inner.clone();
-    let key = key.clone();
-    inner
-        .client
-        .inner
-        .pool
-        .runtime()
-        .spawn(async move { send_batch(inner2, key, None).await });
 }
 
 fn produce_context(key: &Key) -> Context {
@@ -1313,33 +1413,142 @@ fn produce_context(key: &Key) -> Context {
         .partition(key.1)
 }
 
-/// The answer to a batch's first attempt, sent by [`ship_next`].
-fn first_answer(inner: Arc<Inner>, key: Key, r: Result<Reply>) {
+/// The answer to flight `id`'s first attempt, sent by [`ship_next`]. Acknowledged, the
+/// partition's oldest flights that are acknowledged are finished (in order); failed, the
+/// partition recovers (see [`recover`]).
+fn first_answer(inner: Arc<Inner>, key: Key, id: u64, r: Result<Reply>) {
     let ctx = produce_context(&key);
-    match r {
-        Ok(Reply::Produce { base_offset }) => finish(&inner, &key, Ok(base_offset)),
-        Ok(other) => finish(&inner, &key, Err(mismatch(ctx, &other))),
-        Err(e) => {
-            let e = e.with_context(&ctx);
-            if stale_topic(&e) {
-                inner.lock().topics.remove(&key.0);
-            }
-            if e.is_retriable() && inner.config.retries > 0 {
-                let runtime = inner.client.inner.pool.runtime().clone();
-                runtime.spawn(async move { send_batch(inner, key, Some(e)).await });
-            } else {
-                finish(&inner, &key, Err(e));
-            }
-        }
+    let result = match r {
+        Ok(Reply::Produce { base_offset }) => Ok(base_offset),
+        Ok(other) => Err(mismatch(ctx, &other)),
+        Err(e) => Err(e.with_context(&ctx)),
+    };
+    let mut guard = inner.lock();
+    let st = &mut *guard;
+    if let Err(e) = &result
+        && stale_topic(e)
+    {
+        st.topics.remove(&key.0);
+    }
+    let Some(q) = st.queues.get_mut(&key) else {
+        return;
+    };
+    let Some(flight) = q.flights.iter_mut().find(|f| f.id == id) else {
+        return;
+    };
+    let failed = result.is_err();
+    flight.first = First::Answered(result);
+    if q.recovering {
+        drop(guard);
+        inner.answered.notify_waiters();
+        return;
+    }
+    if failed {
+        q.recovering = true;
+        drop(guard);
+        let runtime = inner.client.inner.pool.runtime().clone();
+        runtime.spawn(async move { recover(inner, key).await });
+        return;
+    }
+    let mut done = false;
+    while let Some(q) = st.queues.get_mut(&key)
+        && let Some(f) = q.flights.front()
+        && let First::Answered(Ok(base)) = f.first
+    {
+        let id = f.id;
+        finish_locked(&inner, st, &key, id, Ok(base));
+        done = true;
+    }
+    drop(guard);
+    if done {
+        inner.idle.notify_waiters();
     }
 }
 
-/// Sends the partition's batch in flight (retrying after `failed`, its first attempt's
-/// error, when given) and finishes it.
-async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
-    let ctx = produce_context(&key);
-    let Some((records, count, deadline, producer)) = inner.lock().queues.get(&key).and_then(|q| {
-        q.flight.as_ref().map(|f| {
+/// Finishes the partition's flights after one failed or could not be sent: once every first
+/// attempt is answered, oldest first, each acknowledged one keeps its answer, and each that
+/// failed with a retriable error, or was not sent, is sent again (one at a time: the broker
+/// then appends them in order, and idempotence makes a retry of a batch it had appended
+/// answer with the original offsets) and finished with the last attempt's result. A flight
+/// refused with OutOfOrderSequence (or UnknownProducer: the earlier one was the producer's
+/// first) after an earlier one failed was refused for the gap that one left (the broker
+/// appended nothing): it is sent again too, once the earlier one is in.
+/// After a flight fails for good (and the producer starts a new epoch), the flights after it
+/// that failed are not retried (their sequences would follow a gap): they fail with their
+/// own error; one not sent yet goes back to the front of the queue, to be numbered anew.
+async fn recover(inner: Arc<Inner>, key: Key) {
+    loop {
+        let answered = inner.answered.notified();
+        tokio::pin!(answered);
+        answered.as_mut().enable();
+        {
+            let st = inner.lock();
+            let Some(q) = st.queues.get(&key) else {
+                return;
+            };
+            if !q.flights.iter().any(|f| matches!(f.first, First::Sent)) {
+                break;
+            }
+        }
+        answered.await;
+    }
+    // A flight of this recovery failed for good; an earlier flight's first attempt failed.
+    let (mut broken, mut gap) = (false, false);
+    loop {
+        let (id, first) = {
+            let mut guard = inner.lock();
+            let st = &mut *guard;
+            let Some(q) = st.queues.get_mut(&key) else {
+                return;
+            };
+            let Some(f) = q.flights.front_mut() else {
+                q.recovering = false;
+                ship_next(&inner, st, &key);
+                return;
+            };
+            if broken && matches!(f.first, First::NotSent) {
+                // Never sent: numbered again in the new epoch when it goes.
+                if let Some(Flight {
+                    mut batch, records, ..
+                }) = q.flights.pop_front()
+                {
+                    batch.records = Arc::try_unwrap(records).unwrap_or_else(|r| r.to_vec());
+                    q.sealed.push_front(batch);
+                }
+                continue;
+            }
+            (f.id, std::mem::replace(&mut f.first, First::Sent))
+        };
+        let retry = |e: &Error| {
+            !broken
+                && inner.config.retries > 0
+                && (e.is_retriable()
+                    || (gap
+                        && matches!(
+                            e.code(),
+                            Some(ErrorCode::OUT_OF_ORDER_SEQUENCE | ErrorCode::UNKNOWN_PRODUCER)
+                        )))
+        };
+        let result = match first {
+            First::Answered(Ok(base)) => Ok(base),
+            First::Answered(Err(e)) if retry(&e) => {
+                gap = true;
+                deliver(&inner, &key, id, Some(e)).await
+            }
+            First::Answered(Err(e)) => Err(e),
+            First::NotSent | First::Sent => deliver(&inner, &key, id, None).await,
+        };
+        broken |= result.is_err();
+        finish(&inner, &key, id, result);
+    }
+}
+
+/// Sends flight `id` of the partition until it is acknowledged or fails for good (retrying
+/// after `failed`, its first attempt's error, when given), within its delivery timeout.
+async fn deliver(inner: &Arc<Inner>, key: &Key, id: u64, failed: Option<Error>) -> Result<i64> {
+    let ctx = produce_context(key);
+    let Some((records, count, deadline, producer)) = inner.lock().queues.get(key).and_then(|q| {
+        q.flights.iter().find(|f| f.id == id).map(|f| {
             (
                 f.records.clone(),
                 f.batch.count,
@@ -1348,7 +1557,10 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
             )
         })
     }) else {
-        return;
+        return Err(Error::Closed {
+            context: ctx,
+            what: "producer",
+        });
     };
     let config = &inner.config;
     let mut backoff = ExponentialBuilder::default()
@@ -1361,11 +1573,11 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
     let mut last = failed;
     // The leader the first attempt went to (it went out before this task started).
     let mut target = inner.client.leader_of(&key.0, key.1);
-    let result = loop {
+    loop {
         if let Some(e) = last.take() {
             let d = match backoff.next() {
                 Some(d) if Instant::now() + d < deadline => d,
-                _ => break Err(e),
+                _ => return Err(e),
             };
             tracing::debug!(error = %e, ?d, "produce failed; retrying");
             // NotLeader, or the connection to the partition's leader lost in a cluster:
@@ -1387,8 +1599,8 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
         target = inner.client.leader_of(&key.0, key.1);
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            break Err(Error::TimedOut {
-                context: ctx.clone(),
+            return Err(Error::TimedOut {
+                context: ctx,
                 waiting: "waiting for delivery",
                 after: config.delivery_timeout,
             });
@@ -1405,32 +1617,39 @@ async fn send_batch(inner: Arc<Inner>, key: Key, failed: Option<Error>) {
             .call(req, &ctx, request_timeout.min(remaining))
             .await;
         let e = match attempt {
-            Ok(Reply::Produce { base_offset }) => break Ok(base_offset),
-            Ok(other) => break Err(mismatch(ctx.clone(), &other)),
+            Ok(Reply::Produce { base_offset }) => return Ok(base_offset),
+            Ok(other) => return Err(mismatch(ctx, &other)),
             Err(e) => e,
         };
         if stale_topic(&e) {
             inner.lock().topics.remove(&key.0);
         }
         if !e.is_retriable() {
-            break Err(e);
+            return Err(e);
         }
         last = Some(e);
-    };
-    drop(records);
-    finish(&inner, &key, result);
+    }
 }
 
-/// Ends the partition's batch in flight with `result`, then sends the next one.
-fn finish(inner: &Arc<Inner>, key: &Key, result: Result<i64>) {
+/// Ends the partition's flight `id` with `result`, then sends what its window has room for.
+fn finish(inner: &Arc<Inner>, key: &Key, id: u64, result: Result<i64>) {
     let mut guard = inner.lock();
-    let st = &mut *guard;
+    finish_locked(inner, &mut guard, key, id, result);
+    drop(guard);
+    inner.idle.notify_waiters();
+}
+
+/// [`finish`] under the lock (the caller notifies `idle` once it is released).
+fn finish_locked(inner: &Arc<Inner>, st: &mut State, key: &Key, id: u64, result: Result<i64>) {
     let flushing = st.flushing > 0;
     let now = Instant::now();
     let Some(q) = st.queues.get_mut(key) else {
         return;
     };
-    let Some(Flight { batch, records, .. }) = q.flight.take() else {
+    let Some(at) = q.flights.iter().position(|f| f.id == id) else {
+        return;
+    };
+    let Some(Flight { batch, records, .. }) = q.flights.remove(at) else {
         return;
     };
     if q.sealed.is_empty()
@@ -1465,8 +1684,6 @@ fn finish(inner: &Arc<Inner>, key: &Key, result: Result<i64>) {
     inner.buffer.add_permits(bytes);
     ship_next(inner, st, key);
     st.outstanding = st.outstanding.saturating_sub(count as usize);
-    drop(guard);
-    inner.idle.notify_waiters();
 }
 
 /// Seals batches whose linger passed; sleeps until the next one is due or a batch opens.

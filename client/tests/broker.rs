@@ -1620,3 +1620,185 @@ async fn an_idle_client_reads_the_metadata_again_every_period() {
     drop(c);
     peer.abort();
 }
+
+/// The Produce requests a [`gating_proxy`] read: (connection, BaseSequence) each, in order.
+type Produces = std::sync::Arc<std::sync::Mutex<Vec<(usize, Option<i32>)>>>;
+
+/// A proxy between the SDK and `broker` that forwards every frame, except that it answers
+/// the `fail_at`-th Produce it reads (from 0) itself, with StorageError (7, retriable),
+/// without forwarding it, and from that Produce on holds back every answer to the SDK until
+/// the connection that carried it has carried two more Produce requests: those three were
+/// in flight at once. Frames are found with the core's decoder, the answer encoded by it.
+async fn gating_proxy(broker: SocketAddr, fail_at: usize) -> (SocketAddr, Produces) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use streambus_core::broker::encode_error_response;
+    use streambus_core::{FrameDecoder, Request, RequestFrame, Status};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let produces: Produces = Arc::default();
+    let seen = produces.clone();
+    // Set at the failed Produce; the gate opens two Produce requests later.
+    let armed = Arc::new(AtomicBool::new(false));
+    let (open_tx, open_rx) = tokio::sync::watch::channel(false);
+    let open_tx = Arc::new(open_tx);
+    tokio::spawn(async move {
+        for conn in 0.. {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let upstream = tokio::net::TcpStream::connect(broker).await.unwrap();
+            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_broker, mut to_broker) = upstream.into_split();
+            // The failed Produce's answer, written before the answers held back with it.
+            let injected: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+            let (armed2, mut open_rx, injected2) =
+                (armed.clone(), open_rx.clone(), injected.clone());
+            tokio::spawn(async move {
+                let mut chunk = vec![0u8; 64 << 10];
+                loop {
+                    let n = match from_broker.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if armed2.load(Ordering::SeqCst) && open_rx.wait_for(|o| *o).await.is_err() {
+                        return;
+                    }
+                    let first = injected2.lock().unwrap().take();
+                    if let Some(answer) = first
+                        && to_client.write_all(&answer).await.is_err()
+                    {
+                        return;
+                    }
+                    if to_client.write_all(&chunk[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let (seen, armed, open_tx) = (seen.clone(), armed.clone(), open_tx.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 << 10];
+                let mut after_failed = None;
+                loop {
+                    while let Ok(Status::Complete(len)) = FrameDecoder::default().next_frame(&buf) {
+                        let bytes: Vec<u8> = buf.drain(..len).collect();
+                        let frame = RequestFrame::new_checked(bytes.as_slice()).unwrap();
+                        if let Ok(Request::Produce(p)) = Request::parse(&frame) {
+                            let index = {
+                                let mut seen = seen.lock().unwrap();
+                                seen.push((conn, p.producer.and_then(|i| i.base_sequence)));
+                                seen.len() - 1
+                            };
+                            if index == fail_at {
+                                let mut answer = vec![0u8; 512];
+                                let n = encode_error_response(
+                                    frame.request_id(),
+                                    streambus_core::ErrorCode::STORAGE_ERROR,
+                                    format_args!("injected by the test's proxy"),
+                                    &mut answer,
+                                )
+                                .unwrap();
+                                answer.truncate(n);
+                                *injected.lock().unwrap() = Some(answer);
+                                armed.store(true, Ordering::SeqCst);
+                                after_failed = Some(0);
+                                continue;
+                            }
+                            if let Some(k) = after_failed.as_mut() {
+                                *k += 1;
+                                if *k == 2 {
+                                    open_tx.send_replace(true);
+                                }
+                            }
+                        }
+                        if to_broker.write_all(&bytes).await.is_err() {
+                            return;
+                        }
+                    }
+                    match from_client.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, produces)
+}
+
+/// Through a [`gating_proxy`] that fails the `fail_at`-th Produce with a retriable error
+/// while the two after it are in flight on the same connection: 20 records, one per batch,
+/// are acknowledged at offsets 0 to 19 and stored once each in order. The batches after the
+/// failed one were refused for the gap it left (UnknownProducer when it was the producer's
+/// first, else OutOfOrderSequence); the producer sends the failed one again, then them, in
+/// order, before any new batch.
+async fn batches_in_flight_after_a_failed_one_land_once_in_order(fail_at: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let (addr, produces) = gating_proxy(b.addr(), fail_at).await;
+    let c = Client::connect(addr.to_string()).await.unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default()
+            .batch_max_records(1)
+            .retry_backoff(Duration::from_millis(10)),
+    )
+    .unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..20 {
+        let r = Record::new("window", format!("{i}")).partition(0);
+        deliveries.push(p.enqueue(r).await.unwrap());
+    }
+    let mut offsets = Vec::new();
+    for d in deliveries {
+        offsets.push(d.await.unwrap().offset);
+    }
+    assert_eq!(offsets, (0..20).collect::<Vec<i64>>());
+    p.close().await.unwrap();
+    // Stored once each, in order.
+    let direct = connect(&b).await;
+    let mut consumer = Consumer::new(&direct);
+    consumer
+        .assign("window", 0, Offset::Earliest)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < 20 && Instant::now() < deadline {
+        for r in consumer.poll(Duration::from_secs(1)).await.unwrap() {
+            got.push((r.offset, String::from_utf8(r.value().to_vec()).unwrap()));
+        }
+    }
+    let want: Vec<(i64, String)> = (0..20).map(|i| (i, i.to_string())).collect();
+    assert_eq!(got, want);
+    // The failed Produce and the two after it went out on one connection, all three before
+    // any answer; after the failed one's answer, the batches in flight from it on (three to
+    // five: the window) went again, in order, then the rest, each once.
+    let produces = produces.lock().unwrap().clone();
+    let seqs: Vec<i32> = produces.iter().map(|(_, s)| s.unwrap()).collect();
+    let conn = produces[fail_at].0;
+    assert!(
+        produces[fail_at..fail_at + 3]
+            .iter()
+            .all(|(c, _)| *c == conn),
+        "{produces:?}"
+    );
+    let n = seqs.len() - 20;
+    assert!((3..=5).contains(&n), "{seqs:?}");
+    let s = fail_at as i32;
+    let mut want: Vec<i32> = (0..s + n as i32).collect();
+    want.extend(s..20);
+    assert_eq!(seqs, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_in_flight_after_the_producers_failed_first_batch_land_once_in_order() {
+    batches_in_flight_after_a_failed_one_land_once_in_order(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_in_flight_after_a_failed_batch_land_once_in_order() {
+    batches_in_flight_after_a_failed_one_land_once_in_order(6).await;
+}
