@@ -157,6 +157,17 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::Config { .. }), "{e}");
+    let e = Producer::with_config(&c, ProducerConfig::default().max_in_flight(0)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Config {
+                setting: "max_in_flight",
+                ..
+            }
+        ),
+        "{e}"
+    );
     let mut consumer = Consumer::new(&c);
     let e = consumer.poll(Duration::from_millis(10)).await.unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
