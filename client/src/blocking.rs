@@ -195,7 +195,7 @@ impl Producer {
     pub fn enqueue_many<I, D>(&self, records: I, deliveries: &mut D) -> Result<()>
     where
         I: IntoIterator<Item = Record>,
-        D: Extend<Delivery>,
+        D: Extend<Delivery> + 'static,
     {
         run(&self.rt, self.inner.enqueue_many(records, deliveries))
     }

@@ -415,6 +415,66 @@ impl Deliveries {
     }
 }
 
+/// Where [`Producer::take_locked`] puts the outcome of each record it takes: record `index`
+/// of the batch whose outcome is `outcome`.
+trait Sink {
+    fn taken(&mut self, outcome: &Arc<Outcome>, index: u32);
+    /// A record's own [`Delivery`] (one taken the slow way, by `enqueue`).
+    fn delivery(&mut self, delivery: Delivery);
+}
+
+/// Runs of records of one batch, with no per-record reference count.
+impl Sink for Deliveries {
+    fn taken(&mut self, outcome: &Arc<Outcome>, index: u32) {
+        if let Some(last) = self.runs.last_mut()
+            && Arc::ptr_eq(&last.outcome, outcome)
+            && last.first.checked_add(last.count) == Some(index)
+        {
+            last.count += 1;
+            self.len += 1;
+        } else {
+            self.push(Delivery {
+                outcome: outcome.clone(),
+                index,
+            });
+        }
+    }
+
+    fn delivery(&mut self, delivery: Delivery) {
+        self.push(delivery);
+    }
+}
+
+/// A [`Delivery`] per record, into any collection of them.
+struct Each<'a, D>(&'a mut D);
+
+impl<D: Extend<Delivery>> Sink for Each<'_, D> {
+    fn taken(&mut self, outcome: &Arc<Outcome>, index: u32) {
+        self.delivery(Delivery {
+            outcome: outcome.clone(),
+            index,
+        });
+    }
+
+    fn delivery(&mut self, delivery: Delivery) {
+        self.0.extend(Some(delivery));
+    }
+}
+
+/// The one record of [`Producer::enqueue`].
+impl Sink for Option<Delivery> {
+    fn taken(&mut self, outcome: &Arc<Outcome>, index: u32) {
+        *self = Some(Delivery {
+            outcome: outcome.clone(),
+            index,
+        });
+    }
+
+    fn delivery(&mut self, delivery: Delivery) {
+        *self = Some(delivery);
+    }
+}
+
 impl Extend<Delivery> for Deliveries {
     fn extend<T: IntoIterator<Item = Delivery>>(&mut self, iter: T) {
         for d in iter {
@@ -833,8 +893,8 @@ impl Producer {
     /// many of them as it can (once per call when their topics are known and the buffer has
     /// room) rather than once per record; the [`Delivery`] of each record taken is added to
     /// `deliveries`, in order: a `Vec<Delivery>` (one outcome per record) or a
-    /// [`Deliveries`] (one entry per run of records sharing a batch, awaited at once: the
-    /// cheapest way to produce many records).
+    /// [`Deliveries`] (one entry per run of records sharing a batch, awaited at once, and no
+    /// [`Delivery`] made per record: the cheapest way to produce many records).
     ///
     /// # Errors
     ///
@@ -856,7 +916,22 @@ impl Producer {
     pub async fn enqueue_many<I, D>(&self, records: I, deliveries: &mut D) -> Result<()>
     where
         I: IntoIterator<Item = Record>,
-        D: Extend<Delivery>,
+        D: Extend<Delivery> + 'static,
+    {
+        // A `Deliveries` takes each run of records of one batch as one entry, with no
+        // `Delivery` (no reference count moved) per record.
+        let any: &mut dyn std::any::Any = deliveries;
+        if let Some(runs) = any.downcast_mut::<Deliveries>() {
+            return self.enqueue_into(records, runs).await;
+        }
+        self.enqueue_into(records, &mut Each(deliveries)).await
+    }
+
+    /// [`enqueue_many`](Self::enqueue_many) into `sink`.
+    async fn enqueue_into<I, S>(&self, records: I, sink: &mut S) -> Result<()>
+    where
+        I: IntoIterator<Item = Record>,
+        S: Sink,
     {
         // Collected first: no code of the caller's (the iterator) runs under the lock.
         let records: Vec<Record> = records.into_iter().collect();
@@ -865,7 +940,7 @@ impl Producer {
             if self.inner.closed.load(Ordering::Acquire) {
                 // As `enqueue` reports it.
                 if let Some(record) = records.next() {
-                    deliveries.extend(Some(self.enqueue(record).await?));
+                    sink.delivery(self.enqueue(record).await?);
                 }
                 continue;
             }
@@ -891,11 +966,20 @@ impl Producer {
                                 credit += want;
                             }
                         }
-                        self.take_locked(&mut st, &message, &record, size, None, &mut credit, false)
+                        self.take_locked(
+                            &mut st,
+                            &message,
+                            &record,
+                            size,
+                            None,
+                            &mut credit,
+                            false,
+                            sink,
+                        )
                     };
                     wake |= woke;
                     match take {
-                        Take::Done(Ok(delivery)) => deliveries.extend(Some(delivery)),
+                        Take::Done(Ok(())) => {}
                         Take::Done(Err(e)) => {
                             slow = Some(Err(e));
                             break;
@@ -916,7 +1000,7 @@ impl Producer {
             match slow {
                 None => {}
                 Some(Err(e)) => return Err(e),
-                Some(Ok(record)) => deliveries.extend(Some(self.enqueue(record).await?)),
+                Some(Ok(record)) => sink.delivery(self.enqueue(record).await?),
             }
         }
         Ok(())
@@ -986,14 +1070,27 @@ impl Producer {
         picked: Option<u32>,
         credit: &mut usize,
         urgent: bool,
-    ) -> Take {
+    ) -> Take<Delivery> {
+        let mut one = None;
         let mut st = self.inner.lock();
-        let (take, wake) = self.take_locked(&mut st, message, record, size, picked, credit, urgent);
+        let (take, wake) = self.take_locked(
+            &mut st, message, record, size, picked, credit, urgent, &mut one,
+        );
         drop(st);
         if wake {
             self.inner.wake_linger.notify_one();
         }
-        take
+        match take {
+            Take::Done(Ok(())) => Take::Done(one.ok_or_else(|| {
+                Error::invalid(
+                    Context::new("produce"),
+                    "a record taken without its delivery",
+                )
+            })),
+            Take::Done(Err(e)) => Take::Done(Err(e)),
+            Take::UnknownTopic => Take::UnknownTopic,
+            Take::BufferFull(p, d) => Take::BufferFull(p, d),
+        }
     }
 
     /// [`try_take`](Self::try_take) under a lock already held; `true` besides when the
@@ -1011,6 +1108,7 @@ impl Producer {
         picked: Option<u32>,
         credit: &mut usize,
         urgent: bool,
+        sink: &mut dyn Sink,
     ) -> (Take, bool) {
         let inner = &self.inner;
         let limit = self.batch_limit(&record.topic);
@@ -1054,7 +1152,6 @@ impl Producer {
         }
         let mut ship = false;
         let mut wake = false;
-        let delivery;
         {
             // Looked up by a borrowed key: no reference count moves for a record joining an
             // open batch.
@@ -1098,10 +1195,7 @@ impl Producer {
                 let e = Error::invalid(ctx(), "the record can't be encoded");
                 return (Take::Done(Err(e)), false);
             }
-            delivery = Delivery {
-                outcome: batch.outcome.clone(),
-                index: batch.count,
-            };
+            sink.taken(&batch.outcome, batch.count);
             batch.count += 1;
             let full = batch.records.len() >= limit
                 || batch.count >= inner.config.batch_max_records
@@ -1119,7 +1213,7 @@ impl Producer {
                 wake = true;
             }
         }
-        (Take::Done(Ok(delivery)), wake)
+        (Take::Done(Ok(())), wake)
     }
 
     /// Record bytes one batch may hold for `topic`: the configured size, within what one
@@ -1246,9 +1340,9 @@ async fn read_partition_count(inner: &Inner, topic: &Arc<str>) -> Result<u32> {
 /// The partition of `record` in `t` (`None`: its explicit partition is out of range), with
 /// the topic's name and partition count.
 /// What [`Producer::try_take`] did.
-enum Take {
-    /// Taken (its delivery) or refused for good.
-    Done(Result<Delivery>),
+enum Take<T = ()> {
+    /// Taken (its delivery, or given to the sink) or refused for good.
+    Done(Result<T>),
     /// The topic's partition count is not known yet.
     UnknownTopic,
     /// The buffer is full: wait up to this long for room, keeping this partition.

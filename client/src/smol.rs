@@ -170,7 +170,7 @@ impl Producer {
     pub async fn enqueue_many<I, D>(&self, records: I, deliveries: &mut D) -> Result<()>
     where
         I: IntoIterator<Item = Record>,
-        D: Extend<Delivery>,
+        D: Extend<Delivery> + 'static,
     {
         let p = self.inner.clone();
         let records: Vec<Record> = records.into_iter().collect();
