@@ -582,7 +582,10 @@ type FxBuild = rustc_hash::FxBuildHasher;
 
 #[derive(Debug)]
 struct Batch {
+    /// The encoded records: its first `filled` bytes (those after are room, left over from a
+    /// reused buffer, written over rather than zeroed again).
     records: Vec<u8>,
+    filled: usize,
     count: u32,
     outcome: Arc<Outcome>,
     /// When the batch opened (linger counts from here).
@@ -1166,18 +1169,18 @@ impl Producer {
                 return (Take::Done(Err(e)), false);
             };
             let fits = q.open.as_ref().is_some_and(|b| {
-                b.records.len() + size <= limit && b.count < inner.config.batch_max_records
+                b.filled + size <= limit && b.count < inner.config.batch_max_records
             });
             if !fits && let Some(full) = q.open.take() {
                 q.sealed.push_back(full);
             }
             let new_batch = q.open.is_none();
             let batch = q.open.get_or_insert_with(|| {
-                let mut records = spare.pop().unwrap_or_default();
-                records.clear();
+                let records = spare.pop().unwrap_or_default();
                 let now = Instant::now();
                 Batch {
                     records,
+                    filled: 0,
                     count: 0,
                     outcome: Arc::new(Outcome::new(topic.clone(), partition)),
                     opened: now,
@@ -1186,18 +1189,27 @@ impl Producer {
                 }
             });
             batch.urgent |= urgent;
-            let at = batch.records.len();
-            batch.records.resize(at + size, 0);
-            let encoded = batch.records.get_mut(at..).map(|buf| message.encode(buf));
+            let at = batch.filled;
+            let end = at.saturating_add(size);
+            if batch.records.len() < end {
+                // Room for this record at least, doubling (up to the batch limit): the
+                // zeroing is paid once per buffer, not once per record.
+                let len = batch.records.len().saturating_mul(2).min(limit).max(end);
+                batch.records.resize(len, 0);
+            }
+            let encoded = batch
+                .records
+                .get_mut(at..end)
+                .map(|buf| message.encode(buf));
             if !matches!(encoded, Some(Ok(n)) if n == size) {
-                batch.records.truncate(at);
                 inner.buffer.add_permits(size);
                 let e = Error::invalid(ctx(), "the record can't be encoded");
                 return (Take::Done(Err(e)), false);
             }
+            batch.filled = end;
             sink.taken(&batch.outcome, batch.count);
             batch.count += 1;
-            let full = batch.records.len() >= limit
+            let full = batch.filled >= limit
                 || batch.count >= inner.config.batch_max_records
                 || (batch.urgent && q.room(inner.window));
             if full && let Some(full) = q.open.take() {
@@ -1415,6 +1427,7 @@ fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
         let Some(batch) = q.sealed.front_mut() else {
             return;
         };
+        batch.records.truncate(batch.filled);
         let records = Arc::new(std::mem::take(&mut batch.records));
         let count = batch.count;
         let timeout = inner
@@ -1768,10 +1781,10 @@ fn finish_locked(inner: &Arc<Inner>, st: &mut State, key: &Key, id: u64, result:
         }
     }
     let bytes = records.len();
-    if let Ok(mut buf) = Arc::try_unwrap(records)
+    if let Ok(buf) = Arc::try_unwrap(records)
         && st.spare.len() < 4
     {
-        buf.clear();
+        // Kept at its length: the next batch writes over its bytes without zeroing them.
         st.spare.push(buf);
     }
     batch.outcome.set(result);
