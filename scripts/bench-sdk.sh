@@ -6,6 +6,7 @@
 #
 #   scripts/bench-sdk.sh               # env: ROUNDS=3 SECS=3 BENCH_RT=current (SDK on one thread)
 #                                      #      IDEMPOTENCE=true (both sides; false: both plain)
+#                                      #      BENCH_MAX_IN_FLIGHT=5 (the SDK producer's batches in flight per partition)
 #
 # Per round: raw TCP ping-pong p50, raw sync Produce p50 and the SDK's sync produce p50
 # (`Producer::send`, one record awaited at a time); then raw `pipeline --batch 100` and the

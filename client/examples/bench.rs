@@ -8,7 +8,8 @@
 //! cargo run --release -p streambus-client --example bench -- 127.0.0.1:9092 consume 5
 //! ```
 //!
-//! The producer modes' producer is idempotent unless `BENCH_IDEMPOTENCE=false`.
+//! The producer modes' producer is idempotent unless `BENCH_IDEMPOTENCE=false`, with up to
+//! `BENCH_MAX_IN_FLIGHT` (default 5) batches in flight per partition.
 //!
 //! - `sync`: one 100-byte record at a time through `Producer::send` (compare with
 //!   `streambus bench pipeline --batch 1 --in-flight 1` and `streambus bench pingpong`);
@@ -85,7 +86,14 @@ async fn run() -> Result<(), Error> {
     // `ProducerConfig`): compare with the raw modes' `--idempotence` of the same value, so the
     // broker does the same work for both.
     let idempotence = std::env::var("BENCH_IDEMPOTENCE").map_or(true, |v| v != "false");
-    let producer_config = ProducerConfig::default().idempotence(idempotence);
+    // BENCH_MAX_IN_FLIGHT=n: batches in flight per partition (default 5).
+    let max_in_flight = std::env::var("BENCH_MAX_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ProducerConfig::default().max_in_flight);
+    let producer_config = ProducerConfig::default()
+        .idempotence(idempotence)
+        .max_in_flight(max_in_flight);
     // Shared by every record: a record costs no allocation or copy before the producer's.
     let value = Bytes::from(vec![b'v'; 100]);
     match mode.as_str() {
