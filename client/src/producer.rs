@@ -1576,7 +1576,8 @@ fn first_answer(inner: Arc<Inner>, key: Key, id: u64, r: Result<Reply>) {
 /// attempt is answered, oldest first, each acknowledged one keeps its answer, and each that
 /// failed with a retriable error, or was not sent, is sent again (one at a time: the broker
 /// then appends them in order, and idempotence makes a retry of a batch it had appended
-/// answer with the original offsets) and finished with the last attempt's result. A flight
+/// answer with the original offsets) and finished with the last attempt's result; only the
+/// first failed one waits out a backoff first, the others go again as soon as it is in. A flight
 /// refused with OutOfOrderSequence (or UnknownProducer: the earlier one was the producer's
 /// first) after an earlier one failed was refused for the gap that one left (the broker
 /// appended nothing): it is sent again too, once the earlier one is in.
@@ -1638,9 +1639,11 @@ async fn recover(inner: Arc<Inner>, key: Key) {
         };
         let result = match first {
             First::Answered(Ok(base)) => Ok(base),
+            // The first failed flight waits out the backoff before its retry; once it is
+            // in, what failed it is past, and the flights after it go again at once.
             First::Answered(Err(e)) if retry(&e) => {
-                gap = true;
-                deliver(&inner, &key, id, Some(e)).await
+                let waited = std::mem::replace(&mut gap, true);
+                deliver(&inner, &key, id, (!waited).then_some(e)).await
             }
             First::Answered(Err(e)) => Err(e),
             First::NotSent | First::Sent => deliver(&inner, &key, id, None).await,
