@@ -1460,13 +1460,7 @@ fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
         let sent = if timeout.is_zero() {
             None
         } else {
-            let req = Req::Produce {
-                topic: key.0.clone(),
-                partition: key.1,
-                count,
-                records: records.clone(),
-                producer,
-            };
+            let req = produce_request(key, count, &records, producer);
             let (inner2, key2) = (inner.clone(), key.clone());
             let callback: Callback = Box::new(move |r| first_answer(inner2, key2, id, r));
             inner.client.try_send(req, timeout, callback, pinned).ok()
@@ -1511,6 +1505,22 @@ fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
                 return;
             }
         }
+    }
+}
+
+/// A Produce of a flight's batch (the same on every attempt).
+fn produce_request(
+    key: &Key,
+    count: u32,
+    records: &Arc<Vec<u8>>,
+    producer: Option<ProducerInfo>,
+) -> Req {
+    Req::Produce {
+        topic: key.0.clone(),
+        partition: key.1,
+        count,
+        records: records.clone(),
+        producer,
     }
 }
 
@@ -1715,13 +1725,7 @@ async fn deliver(inner: &Arc<Inner>, key: &Key, id: u64, failed: Option<Error>) 
                 after: config.delivery_timeout,
             });
         }
-        let req = Req::Produce {
-            topic: key.0.clone(),
-            partition: key.1,
-            count,
-            records: records.clone(),
-            producer,
-        };
+        let req = produce_request(key, count, &records, producer);
         let attempt = inner
             .client
             .call(req, &ctx, request_timeout.min(remaining))
