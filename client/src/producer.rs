@@ -61,8 +61,9 @@ pub struct ProducerConfig {
     /// Batches of one partition sent and not yet answered at most (default 5, as Kafka's
     /// `max.in.flight.requests.per.connection`), all on one connection so the broker appends
     /// them in order. After a failure the partition's batches are retried one at a time, in
-    /// order, before any new one goes. Used with idempotence only: without it a batch that
-    /// failed and was appended anyway could land after a later one, so it is 1.
+    /// order, before any new one goes. At most 5 with idempotence (the broker remembers a
+    /// producer's last 5 batches, protocol §6.2). Used with idempotence only: without it a
+    /// batch that failed and was appended anyway could land after a later one, so it is 1.
     pub max_in_flight: usize,
 }
 
@@ -152,6 +153,13 @@ impl ProducerConfig {
             return Err(Error::config(
                 "max_in_flight",
                 "at least one batch per partition must be able to go",
+            ));
+        }
+        if self.idempotence && self.max_in_flight > MAX_IDEMPOTENT_IN_FLIGHT {
+            return Err(Error::config(
+                "max_in_flight",
+                "at most 5 with idempotence: the broker remembers a producer's last 5 batches \
+                 (protocol §6.2), so a retry of an older one could not be recognised",
             ));
         }
         if self.delivery_timeout.is_zero() {
@@ -706,6 +714,10 @@ struct TopicState {
     /// When the partition count was read.
     read_at: Instant,
 }
+
+/// Batches in flight per partition at most with idempotence: the broker remembers each
+/// producer's last 5 batches per partition (protocol §6.2) to answer their retries.
+const MAX_IDEMPOTENT_IN_FLIGHT: usize = 5;
 
 /// Buffer bytes [`Producer::enqueue_many`] reserves at a time (about 500 small records).
 const PERMIT_CHUNK: usize = 64 << 10;
@@ -1424,6 +1436,16 @@ fn ship_next(inner: &Arc<Inner>, st: &mut State, key: &Key) {
         if !q.room(inner.window) {
             return;
         }
+        // A new epoch (the producer's, after a failure in any partition) starts a partition
+        // only once its flights of the old one are settled: a retry of one of those must not
+        // meet a broker that a newer batch already moved to the new epoch.
+        if !q.flights.is_empty()
+            && st
+                .identity
+                .is_some_and(|id| q.sequence_of != (id.producer_id, id.epoch))
+        {
+            return;
+        }
         let Some(batch) = q.sealed.front_mut() else {
             return;
         };
@@ -1612,6 +1634,8 @@ async fn recover(inner: Arc<Inner>, key: Key) {
     }
     // A flight of this recovery failed for good; an earlier flight's first attempt failed.
     let (mut broken, mut gap) = (false, false);
+    // Flights put back on the queue, never sent.
+    let mut requeued = 0;
     loop {
         let (id, first) = {
             let mut guard = inner.lock();
@@ -1625,13 +1649,15 @@ async fn recover(inner: Arc<Inner>, key: Key) {
                 return;
             };
             if broken && matches!(f.first, First::NotSent) {
-                // Never sent: numbered again in the new epoch when it goes.
+                // Never sent: numbered again in the new epoch when it goes, in its order
+                // (ahead of the sealed batches, behind any flight requeued before it).
                 if let Some(Flight {
                     mut batch, records, ..
                 }) = q.flights.pop_front()
                 {
                     batch.records = Arc::try_unwrap(records).unwrap_or_else(|r| r.to_vec());
-                    q.sealed.push_front(batch);
+                    q.sealed.insert(requeued, batch);
+                    requeued += 1;
                 }
                 continue;
             }
@@ -1766,6 +1792,10 @@ fn finish_locked(inner: &Arc<Inner>, st: &mut State, key: &Key, id: u64, result:
     let Some(Flight { batch, records, .. }) = q.flights.remove(at) else {
         return;
     };
+    if q.flights.is_empty() {
+        // Not kept past its flights: a connection lives as long as a sender of it.
+        q.lane = None;
+    }
     if q.sealed.is_empty()
         && q.open
             .as_ref()

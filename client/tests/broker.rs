@@ -157,17 +157,28 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::Config { .. }), "{e}");
-    let e = Producer::with_config(&c, ProducerConfig::default().max_in_flight(0)).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Config {
-                setting: "max_in_flight",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    // None, or more than the 5 batches the broker remembers per idempotent producer.
+    for n in [0, 6] {
+        let e = Producer::with_config(&c, ProducerConfig::default().max_in_flight(n)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Config {
+                    setting: "max_in_flight",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+    // Without idempotence one batch is in flight whatever the setting.
+    Producer::with_config(
+        &c,
+        ProducerConfig::default()
+            .idempotence(false)
+            .max_in_flight(6),
+    )
+    .unwrap();
     let mut consumer = Consumer::new(&c);
     let e = consumer.poll(Duration::from_millis(10)).await.unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
@@ -1635,73 +1646,88 @@ async fn an_idle_client_reads_the_metadata_again_every_period() {
 /// The Produce requests a [`gating_proxy`] read: (connection, BaseSequence) each, in order.
 type Produces = std::sync::Arc<std::sync::Mutex<Vec<(usize, Option<i32>)>>>;
 
+/// One connection's gate in a [`gating_proxy`]: the answers it holds back and why.
+#[derive(Default)]
+struct Gate {
+    /// Produce requests read on the connection since the failed one (`None`: not yet).
+    since_failed: Option<usize>,
+    /// Request ids whose answers are held until the gate opens.
+    held_ids: std::collections::HashSet<u64>,
+    /// The answers held (the failed Produce's first), written when the gate opens.
+    held: Vec<Vec<u8>>,
+    open: bool,
+}
+
 /// A proxy between the SDK and `broker` that forwards every frame, except that it answers
-/// the `fail_at`-th Produce it reads (from 0) itself, with StorageError (7, retriable),
-/// without forwarding it, and from that Produce on holds back every answer to the SDK until
-/// the connection that carried it has carried two more Produce requests: those three were
-/// in flight at once. Frames are found with the core's decoder, the answer encoded by it.
+/// the `fail_at`-th Produce it reads (from 0, over all connections) itself, with
+/// StorageError (7, retriable), without forwarding it, and holds back that answer and the
+/// answers to the Produce requests after it on the same connection until that connection
+/// has carried two more Produce requests: those three were in flight at once. Other answers
+/// pass. Frames are found with the core's decoders, the answer encoded by the core.
 async fn gating_proxy(broker: SocketAddr, fail_at: usize) -> (SocketAddr, Produces) {
-    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    use streambus_core::broker::encode_error_response;
+    use streambus_core::broker::{encode_error_response, peek_request_id};
     use streambus_core::{FrameDecoder, Request, RequestFrame, Status};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let produces: Produces = Arc::default();
     let seen = produces.clone();
-    // Set at the failed Produce; the gate opens two Produce requests later.
-    let armed = Arc::new(AtomicBool::new(false));
-    let (open_tx, open_rx) = tokio::sync::watch::channel(false);
-    let open_tx = Arc::new(open_tx);
     tokio::spawn(async move {
         for conn in 0.. {
             let Ok((client, _)) = listener.accept().await else {
                 return;
             };
             let upstream = tokio::net::TcpStream::connect(broker).await.unwrap();
-            let (mut from_client, mut to_client) = client.into_split();
+            let (mut from_client, to_client) = client.into_split();
             let (mut from_broker, mut to_broker) = upstream.into_split();
-            // The failed Produce's answer, written before the answers held back with it.
-            let injected: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
-            let (armed2, mut open_rx, injected2) =
-                (armed.clone(), open_rx.clone(), injected.clone());
-            tokio::spawn(async move {
-                let mut chunk = vec![0u8; 64 << 10];
-                loop {
-                    let n = match from_broker.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    if armed2.load(Ordering::SeqCst) && open_rx.wait_for(|o| *o).await.is_err() {
-                        return;
-                    }
-                    let first = injected2.lock().unwrap().take();
-                    if let Some(answer) = first
-                        && to_client.write_all(&answer).await.is_err()
-                    {
-                        return;
-                    }
-                    if to_client.write_all(&chunk[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            let (seen, armed, open_tx) = (seen.clone(), armed.clone(), open_tx.clone());
+            let to_client = Arc::new(tokio::sync::Mutex::new(to_client));
+            let gate: Arc<Mutex<Gate>> = Arc::default();
+            // Broker to client, answer by answer.
+            let (writer, gate2) = (to_client.clone(), gate.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = vec![0u8; 64 << 10];
-                let mut after_failed = None;
                 loop {
-                    while let Ok(Status::Complete(len)) = FrameDecoder::default().next_frame(&buf) {
+                    while let Ok(Status::Complete(len)) = FrameDecoder::responses().next_frame(&buf)
+                    {
+                        let answer: Vec<u8> = buf.drain(..len).collect();
+                        let id = peek_request_id(&answer).unwrap();
+                        {
+                            let mut g = gate2.lock().unwrap();
+                            if !g.open && g.held_ids.contains(&id) {
+                                g.held.push(answer);
+                                continue;
+                            }
+                        }
+                        if writer.lock().await.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match from_broker.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+            // Client to broker, request by request.
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 << 10];
+                loop {
+                    while let Ok(Status::Complete(len)) = FrameDecoder::requests().next_frame(&buf)
+                    {
                         let bytes: Vec<u8> = buf.drain(..len).collect();
                         let frame = RequestFrame::new_checked(bytes.as_slice()).unwrap();
+                        let mut release = Vec::new();
                         if let Ok(Request::Produce(p)) = Request::parse(&frame) {
                             let index = {
                                 let mut seen = seen.lock().unwrap();
                                 seen.push((conn, p.producer.and_then(|i| i.base_sequence)));
                                 seen.len() - 1
                             };
+                            let mut g = gate.lock().unwrap();
                             if index == fail_at {
                                 let mut answer = vec![0u8; 512];
                                 let n = encode_error_response(
@@ -1712,20 +1738,29 @@ async fn gating_proxy(broker: SocketAddr, fail_at: usize) -> (SocketAddr, Produc
                                 )
                                 .unwrap();
                                 answer.truncate(n);
-                                *injected.lock().unwrap() = Some(answer);
-                                armed.store(true, Ordering::SeqCst);
-                                after_failed = Some(0);
+                                g.held.push(answer);
+                                g.since_failed = Some(0);
                                 continue;
                             }
-                            if let Some(k) = after_failed.as_mut() {
+                            if !g.open
+                                && let Some(k) = g.since_failed.as_mut()
+                            {
                                 *k += 1;
-                                if *k == 2 {
-                                    open_tx.send_replace(true);
+                                let opens = *k == 2;
+                                g.held_ids.insert(frame.request_id());
+                                if opens {
+                                    g.open = true;
+                                    release = std::mem::take(&mut g.held);
                                 }
                             }
                         }
                         if to_broker.write_all(&bytes).await.is_err() {
                             return;
+                        }
+                        for answer in release {
+                            if to_client.lock().await.write_all(&answer).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     match from_client.read(&mut chunk).await {
