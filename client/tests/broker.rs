@@ -1848,3 +1848,215 @@ async fn batches_in_flight_after_the_producers_failed_first_batch_land_once_in_o
 async fn batches_in_flight_after_a_failed_batch_land_once_in_order() {
     batches_in_flight_after_a_failed_one_land_once_in_order(6).await;
 }
+
+/// What an [`epoch_proxy`] read: each Produce's (partition, epoch, BaseSequence), and the
+/// point where the test released the answers it held (`None`).
+type EpochLog = std::sync::Arc<std::sync::Mutex<Vec<Option<(u32, i16, i32)>>>>;
+
+/// A proxy between the SDK (one connection) and `broker` that forwards every frame, except:
+/// the first Produce to partition 0 is answered StorageError (7, retriable) by the proxy,
+/// not forwarded; the answers to partition 0's Produce requests of epoch 0 (that one's
+/// included) are held until `release` is sent; a Produce to partition 1 is answered
+/// InvalidRequest (2, not retriable), not forwarded.
+async fn epoch_proxy(
+    broker: SocketAddr,
+) -> (SocketAddr, EpochLog, tokio::sync::watch::Sender<bool>) {
+    use std::sync::{Arc, Mutex};
+    use streambus_core::broker::{encode_error_response, peek_request_id};
+    use streambus_core::{ErrorCode, FrameDecoder, Request, RequestFrame, Status};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let log: EpochLog = Arc::default();
+    let (release, released) = tokio::sync::watch::channel(false);
+    let log2 = log.clone();
+    tokio::spawn(async move {
+        let Ok((client, _)) = listener.accept().await else {
+            return;
+        };
+        let upstream = tokio::net::TcpStream::connect(broker).await.unwrap();
+        let (mut from_client, to_client) = client.into_split();
+        let (mut from_broker, mut to_broker) = upstream.into_split();
+        let to_client = Arc::new(tokio::sync::Mutex::new(to_client));
+        // Request ids whose answers wait for the release, and the answers waiting.
+        let held_ids: Arc<Mutex<std::collections::HashSet<u64>>> = Arc::default();
+        let held: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        {
+            let (to_client, held, log, mut released) = (
+                to_client.clone(),
+                held.clone(),
+                log2.clone(),
+                released.clone(),
+            );
+            tokio::spawn(async move {
+                if released.wait_for(|r| *r).await.is_err() {
+                    return;
+                }
+                let answers = {
+                    log.lock().unwrap().push(None);
+                    std::mem::take(&mut *held.lock().unwrap())
+                };
+                for a in answers {
+                    if to_client.lock().await.write_all(&a).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        {
+            let (writer, held_ids, held, released) = (
+                to_client.clone(),
+                held_ids.clone(),
+                held.clone(),
+                released.clone(),
+            );
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 << 10];
+                loop {
+                    while let Ok(Status::Complete(len)) = FrameDecoder::responses().next_frame(&buf)
+                    {
+                        let answer: Vec<u8> = buf.drain(..len).collect();
+                        let id = peek_request_id(&answer).unwrap();
+                        {
+                            let mut h = held.lock().unwrap();
+                            if !*released.borrow() && held_ids.lock().unwrap().contains(&id) {
+                                h.push(answer);
+                                continue;
+                            }
+                        }
+                        if writer.lock().await.write_all(&answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match from_broker.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+        let answer = |id: u64, code: ErrorCode| {
+            let mut a = vec![0u8; 512];
+            let n = encode_error_response(id, code, format_args!("injected by the test"), &mut a)
+                .unwrap();
+            a.truncate(n);
+            a
+        };
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut failed_first = false;
+        loop {
+            while let Ok(Status::Complete(len)) = FrameDecoder::requests().next_frame(&buf) {
+                let bytes: Vec<u8> = buf.drain(..len).collect();
+                let frame = RequestFrame::new_checked(bytes.as_slice()).unwrap();
+                let id = frame.request_id();
+                if let Ok(Request::Produce(p)) = Request::parse(&frame) {
+                    let info = p.producer.unwrap();
+                    let epoch = info.producer_epoch;
+                    log2.lock().unwrap().push(Some((
+                        p.partition,
+                        epoch,
+                        info.base_sequence.unwrap(),
+                    )));
+                    let mut h = held.lock().unwrap();
+                    let hold = p.partition == 0 && epoch == 0 && !*released.borrow();
+                    if hold {
+                        held_ids.lock().unwrap().insert(id);
+                    }
+                    if p.partition == 0 && !failed_first {
+                        failed_first = true;
+                        h.push(answer(id, ErrorCode::STORAGE_ERROR));
+                        continue;
+                    }
+                    if p.partition == 1 {
+                        drop(h);
+                        let a = answer(id, ErrorCode::INVALID_REQUEST);
+                        if to_client.lock().await.write_all(&a).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+                if to_broker.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            match from_client.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    });
+    (addr, log, release)
+}
+
+/// A batch failing for good in one partition starts the producer's new epoch; another
+/// partition with batches of the old epoch still in flight sends nothing in the new one
+/// until they are settled. Through an [`epoch_proxy`]: partition 0's first batch fails
+/// (retriable) and the answers to its three batches are held; partition 1's batch fails
+/// for good (the new epoch); three more records go to partition 0, and one to partition 2
+/// is acknowledged (on the same connection, so anything partition 0 sent before it has
+/// reached the proxy). No Produce of the new epoch to partition 0 was read before the
+/// answers were released; then partition 0's retries in the old epoch land, and its new
+/// batches after them: its six records at offsets 0 to 5, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_starts_a_new_epoch_only_once_its_old_flights_are_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let direct = connect(&b).await;
+    direct.create_topic("epochs", 3).await.unwrap();
+    let (addr, log, release) = epoch_proxy(b.addr()).await;
+    let c = Client::builder()
+        .pool_size(1)
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default()
+            .batch_max_records(1)
+            .retry_backoff(Duration::from_millis(10)),
+    )
+    .unwrap();
+    let record = |part: u32, i: usize| Record::new("epochs", format!("{i}")).partition(part);
+    let mut on_zero = Vec::new();
+    for i in 0..3 {
+        on_zero.push(p.enqueue(record(0, i)).await.unwrap());
+    }
+    let e = p.send(record(1, 0)).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::INVALID_REQUEST), "{e}");
+    for i in 3..6 {
+        on_zero.push(p.enqueue(record(0, i)).await.unwrap());
+    }
+    assert_eq!(p.send(record(2, 0)).await.unwrap().offset, 0);
+    release.send_replace(true);
+    let mut offsets = Vec::new();
+    for d in on_zero {
+        offsets.push(d.await.unwrap().offset);
+    }
+    assert_eq!(offsets, (0..6).collect::<Vec<i64>>());
+    let _ = p.close().await;
+    let log = log.lock().unwrap().clone();
+    let released_at = log.iter().position(Option::is_none).unwrap();
+    let early: Vec<(u32, i16, i32)> = log[..released_at].iter().flatten().copied().collect();
+    assert!(
+        early
+            .iter()
+            .all(|(part, epoch, _)| *part != 0 || *epoch == 0),
+        "{log:?}"
+    );
+    let mut consumer = Consumer::new(&direct);
+    consumer
+        .assign("epochs", 0, Offset::Earliest)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < 6 && Instant::now() < deadline {
+        for r in consumer.poll(Duration::from_secs(1)).await.unwrap() {
+            got.push(String::from_utf8(r.value().to_vec()).unwrap());
+        }
+    }
+    assert_eq!(got, ["0", "1", "2", "3", "4", "5"]);
+}
