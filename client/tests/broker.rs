@@ -1643,36 +1643,60 @@ async fn an_idle_client_reads_the_metadata_again_every_period() {
     peer.abort();
 }
 
-/// The Produce requests a [`gating_proxy`] read: (connection, BaseSequence) each, in order.
-type Produces = std::sync::Arc<std::sync::Mutex<Vec<(usize, Option<i32>)>>>;
-
-/// One connection's gate in a [`gating_proxy`]: the answers it holds back and why.
-#[derive(Default)]
-struct Gate {
-    /// Produce requests read on the connection since the failed one (`None`: not yet).
-    since_failed: Option<usize>,
-    /// Request ids whose answers are held until the gate opens.
-    held_ids: std::collections::HashSet<u64>,
-    /// The answers held (the failed Produce's first), written when the gate opens.
-    held: Vec<Vec<u8>>,
-    open: bool,
+/// What a [`produce_proxy`] does with a Produce it reads.
+enum Verdict {
+    /// Forwards it; its answer passes.
+    Pass,
+    /// Forwards it; holds its answer until the release.
+    Hold,
+    /// Answers it with this code at once, itself: not forwarded.
+    Refuse(ErrorCode),
+    /// Answers it with this code at the release, itself: not forwarded.
+    RefuseHeld(ErrorCode),
+    /// Forwards it, then releases every answer held.
+    PassAndRelease,
 }
 
-/// A proxy between the SDK and `broker` that forwards every frame, except that it answers
-/// the `fail_at`-th Produce it reads (from 0, over all connections) itself, with
-/// StorageError (7, retriable), without forwarding it, and holds back that answer and the
-/// answers to the Produce requests after it on the same connection until that connection
-/// has carried two more Produce requests: those three were in flight at once. Other answers
-/// pass. Frames are found with the core's decoders, the answer encoded by the core.
-async fn gating_proxy(broker: SocketAddr, fail_at: usize) -> (SocketAddr, Produces) {
+/// What has to wait for a [`produce_proxy`]'s release on one connection.
+#[derive(Default)]
+struct Held {
+    /// Request ids whose answers from the broker are held.
+    ids: std::collections::HashSet<u64>,
+    answers: Vec<Vec<u8>>,
+}
+
+/// A proxy between the SDK and `broker` that forwards every frame, except that `policy`
+/// (given the connection's number and the request) decides what happens to each Produce:
+/// see [`Verdict`]. Answers held wait for the release: a `PassAndRelease` verdict, or the
+/// returned sender. Frames are found with the core's decoders, answers encoded by it.
+async fn produce_proxy<F>(
+    broker: SocketAddr,
+    policy: F,
+) -> (SocketAddr, std::sync::Arc<tokio::sync::watch::Sender<bool>>)
+where
+    F: FnMut(usize, &streambus_core::ProduceRequest<'_>) -> Verdict + Send + 'static,
+{
     use std::sync::{Arc, Mutex};
     use streambus_core::broker::{encode_error_response, peek_request_id};
     use streambus_core::{FrameDecoder, Request, RequestFrame, Status};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let produces: Produces = Arc::default();
-    let seen = produces.clone();
+    let release = Arc::new(tokio::sync::watch::channel(false).0);
+    let policy = Arc::new(Mutex::new(policy));
+    let answer = |id: u64, code: ErrorCode| {
+        let mut a = vec![0u8; 512];
+        let n = encode_error_response(
+            id,
+            code,
+            format_args!("injected by the test's proxy"),
+            &mut a,
+        )
+        .unwrap();
+        a.truncate(n);
+        a
+    };
+    let release2 = release.clone();
     tokio::spawn(async move {
         for conn in 0.. {
             let Ok((client, _)) = listener.accept().await else {
@@ -1682,25 +1706,39 @@ async fn gating_proxy(broker: SocketAddr, fail_at: usize) -> (SocketAddr, Produc
             let (mut from_client, to_client) = client.into_split();
             let (mut from_broker, mut to_broker) = upstream.into_split();
             let to_client = Arc::new(tokio::sync::Mutex::new(to_client));
-            let gate: Arc<Mutex<Gate>> = Arc::default();
+            let held: Arc<Mutex<Held>> = Arc::default();
+            // At the release, the answers held go out.
+            let (writer, held2, mut released) =
+                (to_client.clone(), held.clone(), release2.subscribe());
+            tokio::spawn(async move {
+                if released.wait_for(|r| *r).await.is_err() {
+                    return;
+                }
+                let answers = std::mem::take(&mut held2.lock().unwrap().answers);
+                for a in answers {
+                    if writer.lock().await.write_all(&a).await.is_err() {
+                        return;
+                    }
+                }
+            });
             // Broker to client, answer by answer.
-            let (writer, gate2) = (to_client.clone(), gate.clone());
+            let (writer, held2, released) = (to_client.clone(), held.clone(), release2.subscribe());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = vec![0u8; 64 << 10];
                 loop {
                     while let Ok(Status::Complete(len)) = FrameDecoder::responses().next_frame(&buf)
                     {
-                        let answer: Vec<u8> = buf.drain(..len).collect();
-                        let id = peek_request_id(&answer).unwrap();
+                        let a: Vec<u8> = buf.drain(..len).collect();
+                        let id = peek_request_id(&a).unwrap();
                         {
-                            let mut g = gate2.lock().unwrap();
-                            if !g.open && g.held_ids.contains(&id) {
-                                g.held.push(answer);
+                            let mut h = held2.lock().unwrap();
+                            if !*released.borrow() && h.ids.contains(&id) {
+                                h.answers.push(a);
                                 continue;
                             }
                         }
-                        if writer.lock().await.write_all(&answer).await.is_err() {
+                        if writer.lock().await.write_all(&a).await.is_err() {
                             return;
                         }
                     }
@@ -1710,8 +1748,8 @@ async fn gating_proxy(broker: SocketAddr, fail_at: usize) -> (SocketAddr, Produc
                     }
                 }
             });
-            // Client to broker, request by request.
-            let seen = seen.clone();
+            // Client to broker, request by request, as the policy says.
+            let (policy, release) = (policy.clone(), release2.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = vec![0u8; 64 << 10];
@@ -1720,47 +1758,40 @@ async fn gating_proxy(broker: SocketAddr, fail_at: usize) -> (SocketAddr, Produc
                     {
                         let bytes: Vec<u8> = buf.drain(..len).collect();
                         let frame = RequestFrame::new_checked(bytes.as_slice()).unwrap();
-                        let mut release = Vec::new();
-                        if let Ok(Request::Produce(p)) = Request::parse(&frame) {
-                            let index = {
-                                let mut seen = seen.lock().unwrap();
-                                seen.push((conn, p.producer.and_then(|i| i.base_sequence)));
-                                seen.len() - 1
-                            };
-                            let mut g = gate.lock().unwrap();
-                            if index == fail_at {
-                                let mut answer = vec![0u8; 512];
-                                let n = encode_error_response(
-                                    frame.request_id(),
-                                    streambus_core::ErrorCode::STORAGE_ERROR,
-                                    format_args!("injected by the test's proxy"),
-                                    &mut answer,
-                                )
-                                .unwrap();
-                                answer.truncate(n);
-                                g.held.push(answer);
-                                g.since_failed = Some(0);
-                                continue;
-                            }
-                            if !g.open
-                                && let Some(k) = g.since_failed.as_mut()
-                            {
-                                *k += 1;
-                                let opens = *k == 2;
-                                g.held_ids.insert(frame.request_id());
-                                if opens {
-                                    g.open = true;
-                                    release = std::mem::take(&mut g.held);
+                        let id = frame.request_id();
+                        let verdict = match Request::parse(&frame) {
+                            Ok(Request::Produce(p)) => (policy.lock().unwrap())(conn, &p),
+                            _ => Verdict::Pass,
+                        };
+                        let now = {
+                            let mut h = held.lock().unwrap();
+                            let released = *release.borrow();
+                            match verdict {
+                                Verdict::Hold if !released => {
+                                    h.ids.insert(id);
+                                    None
                                 }
+                                Verdict::RefuseHeld(code) if !released => {
+                                    h.answers.push(answer(id, code));
+                                    continue;
+                                }
+                                Verdict::Refuse(code) | Verdict::RefuseHeld(code) => {
+                                    Some(answer(id, code))
+                                }
+                                _ => None,
                             }
+                        };
+                        if let Some(a) = now {
+                            if to_client.lock().await.write_all(&a).await.is_err() {
+                                return;
+                            }
+                            continue;
                         }
                         if to_broker.write_all(&bytes).await.is_err() {
                             return;
                         }
-                        for answer in release {
-                            if to_client.lock().await.write_all(&answer).await.is_err() {
-                                return;
-                            }
+                        if matches!(verdict, Verdict::PassAndRelease) {
+                            release.send_replace(true);
                         }
                     }
                     match from_client.read(&mut chunk).await {
@@ -1771,6 +1802,44 @@ async fn gating_proxy(broker: SocketAddr, fail_at: usize) -> (SocketAddr, Produc
             });
         }
     });
+    (addr, release)
+}
+
+/// The Produce requests a [`gating_proxy`] read: (connection, BaseSequence) each, in order.
+type Produces = std::sync::Arc<std::sync::Mutex<Vec<(usize, Option<i32>)>>>;
+
+/// A [`produce_proxy`] that answers the `fail_at`-th Produce it reads (from 0, over all
+/// connections) itself, with StorageError (7, retriable), and holds back that answer and
+/// the answers to the Produce requests after it on the same connection until that
+/// connection has carried two more: those three were in flight at once. Other answers pass.
+async fn gating_proxy(broker: SocketAddr, fail_at: usize) -> (SocketAddr, Produces) {
+    let produces: Produces = Produces::default();
+    let seen = produces.clone();
+    // The failed Produce's connection and the Produce requests it carried since.
+    let mut since: Option<(usize, usize)> = None;
+    let (addr, _release) = produce_proxy(broker, move |conn, p| {
+        let index = {
+            let mut seen = seen.lock().unwrap();
+            seen.push((conn, p.producer.and_then(|i| i.base_sequence)));
+            seen.len() - 1
+        };
+        if index == fail_at {
+            since = Some((conn, 0));
+            return Verdict::RefuseHeld(ErrorCode::STORAGE_ERROR);
+        }
+        match since.as_mut() {
+            Some((c, k)) if *c == conn && *k < 2 => {
+                *k += 1;
+                if *k == 2 {
+                    Verdict::PassAndRelease
+                } else {
+                    Verdict::Hold
+                }
+            }
+            _ => Verdict::Pass,
+        }
+    })
+    .await;
     (addr, produces)
 }
 
@@ -1849,153 +1918,15 @@ async fn batches_in_flight_after_a_failed_batch_land_once_in_order() {
     batches_in_flight_after_a_failed_one_land_once_in_order(6).await;
 }
 
-/// What an [`epoch_proxy`] read: each Produce's (partition, epoch, BaseSequence), and the
-/// point where the test released the answers it held (`None`).
+/// Each Produce a proxy read: (partition, epoch, BaseSequence); `None` where the answers it
+/// held were released.
 type EpochLog = std::sync::Arc<std::sync::Mutex<Vec<Option<(u32, i16, i32)>>>>;
-
-/// A proxy between the SDK (one connection) and `broker` that forwards every frame, except:
-/// the first Produce to partition 0 is answered StorageError (7, retriable) by the proxy,
-/// not forwarded; the answers to partition 0's Produce requests of epoch 0 (that one's
-/// included) are held until `release` is sent; a Produce to partition 1 is answered
-/// InvalidRequest (2, not retriable), not forwarded.
-async fn epoch_proxy(
-    broker: SocketAddr,
-) -> (SocketAddr, EpochLog, tokio::sync::watch::Sender<bool>) {
-    use std::sync::{Arc, Mutex};
-    use streambus_core::broker::{encode_error_response, peek_request_id};
-    use streambus_core::{ErrorCode, FrameDecoder, Request, RequestFrame, Status};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let log: EpochLog = Arc::default();
-    let (release, released) = tokio::sync::watch::channel(false);
-    let log2 = log.clone();
-    tokio::spawn(async move {
-        let Ok((client, _)) = listener.accept().await else {
-            return;
-        };
-        let upstream = tokio::net::TcpStream::connect(broker).await.unwrap();
-        let (mut from_client, to_client) = client.into_split();
-        let (mut from_broker, mut to_broker) = upstream.into_split();
-        let to_client = Arc::new(tokio::sync::Mutex::new(to_client));
-        // Request ids whose answers wait for the release, and the answers waiting.
-        let held_ids: Arc<Mutex<std::collections::HashSet<u64>>> = Arc::default();
-        let held: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-        {
-            let (to_client, held, log, mut released) = (
-                to_client.clone(),
-                held.clone(),
-                log2.clone(),
-                released.clone(),
-            );
-            tokio::spawn(async move {
-                if released.wait_for(|r| *r).await.is_err() {
-                    return;
-                }
-                let answers = {
-                    log.lock().unwrap().push(None);
-                    std::mem::take(&mut *held.lock().unwrap())
-                };
-                for a in answers {
-                    if to_client.lock().await.write_all(&a).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        {
-            let (writer, held_ids, held, released) = (
-                to_client.clone(),
-                held_ids.clone(),
-                held.clone(),
-                released.clone(),
-            );
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 64 << 10];
-                loop {
-                    while let Ok(Status::Complete(len)) = FrameDecoder::responses().next_frame(&buf)
-                    {
-                        let answer: Vec<u8> = buf.drain(..len).collect();
-                        let id = peek_request_id(&answer).unwrap();
-                        {
-                            let mut h = held.lock().unwrap();
-                            if !*released.borrow() && held_ids.lock().unwrap().contains(&id) {
-                                h.push(answer);
-                                continue;
-                            }
-                        }
-                        if writer.lock().await.write_all(&answer).await.is_err() {
-                            return;
-                        }
-                    }
-                    match from_broker.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-        let answer = |id: u64, code: ErrorCode| {
-            let mut a = vec![0u8; 512];
-            let n = encode_error_response(id, code, format_args!("injected by the test"), &mut a)
-                .unwrap();
-            a.truncate(n);
-            a
-        };
-        let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 64 << 10];
-        let mut failed_first = false;
-        loop {
-            while let Ok(Status::Complete(len)) = FrameDecoder::requests().next_frame(&buf) {
-                let bytes: Vec<u8> = buf.drain(..len).collect();
-                let frame = RequestFrame::new_checked(bytes.as_slice()).unwrap();
-                let id = frame.request_id();
-                if let Ok(Request::Produce(p)) = Request::parse(&frame) {
-                    let info = p.producer.unwrap();
-                    let epoch = info.producer_epoch;
-                    log2.lock().unwrap().push(Some((
-                        p.partition,
-                        epoch,
-                        info.base_sequence.unwrap(),
-                    )));
-                    let mut h = held.lock().unwrap();
-                    let hold = p.partition == 0 && epoch == 0 && !*released.borrow();
-                    if hold {
-                        held_ids.lock().unwrap().insert(id);
-                    }
-                    if p.partition == 0 && !failed_first {
-                        failed_first = true;
-                        h.push(answer(id, ErrorCode::STORAGE_ERROR));
-                        continue;
-                    }
-                    if p.partition == 1 {
-                        drop(h);
-                        let a = answer(id, ErrorCode::INVALID_REQUEST);
-                        if to_client.lock().await.write_all(&a).await.is_err() {
-                            return;
-                        }
-                        continue;
-                    }
-                }
-                if to_broker.write_all(&bytes).await.is_err() {
-                    return;
-                }
-            }
-            match from_client.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    });
-    (addr, log, release)
-}
 
 /// A batch failing for good in one partition starts the producer's new epoch; another
 /// partition with batches of the old epoch still in flight sends nothing in the new one
-/// until they are settled. Through an [`epoch_proxy`]: partition 0's first batch fails
-/// (retriable) and the answers to its three batches are held; partition 1's batch fails
-/// for good (the new epoch); three more records go to partition 0, and one to partition 2
+/// until they are settled. Through a [`produce_proxy`]: partition 0's first batch fails
+/// (retriable) and the answers to its batches of epoch 0 are held; partition 1's batch
+/// fails for good (the new epoch); three more records go to partition 0, and one to partition 2
 /// is acknowledged (on the same connection, so anything partition 0 sent before it has
 /// reached the proxy). No Produce of the new epoch to partition 0 was read before the
 /// answers were released; then partition 0's retries in the old epoch land, and its new
@@ -2006,7 +1937,26 @@ async fn a_partition_starts_a_new_epoch_only_once_its_old_flights_are_settled() 
     let b = broker(dir.path());
     let direct = connect(&b).await;
     direct.create_topic("epochs", 3).await.unwrap();
-    let (addr, log, release) = epoch_proxy(b.addr()).await;
+    let log: EpochLog = EpochLog::default();
+    let seen = log.clone();
+    let mut failed_first = false;
+    let (addr, release) = produce_proxy(b.addr(), move |_, p| {
+        let info = p.producer.unwrap();
+        let epoch = info.producer_epoch;
+        seen.lock()
+            .unwrap()
+            .push(Some((p.partition, epoch, info.base_sequence.unwrap())));
+        match (p.partition, epoch) {
+            (1, _) => Verdict::Refuse(ErrorCode::INVALID_REQUEST),
+            (0, 0) if !failed_first => {
+                failed_first = true;
+                Verdict::RefuseHeld(ErrorCode::STORAGE_ERROR)
+            }
+            (0, 0) => Verdict::Hold,
+            _ => Verdict::Pass,
+        }
+    })
+    .await;
     let c = Client::builder()
         .pool_size(1)
         .connect(addr.to_string())
@@ -2030,6 +1980,7 @@ async fn a_partition_starts_a_new_epoch_only_once_its_old_flights_are_settled() 
         on_zero.push(p.enqueue(record(0, i)).await.unwrap());
     }
     assert_eq!(p.send(record(2, 0)).await.unwrap().offset, 0);
+    log.lock().unwrap().push(None);
     release.send_replace(true);
     let mut offsets = Vec::new();
     for d in on_zero {
