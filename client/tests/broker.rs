@@ -1665,6 +1665,25 @@ struct Held {
     answers: Vec<Vec<u8>>,
 }
 
+/// The next whole frame `decoder` finds in what `from` sends (`None` once it ends).
+async fn read_frame(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut Vec<u8>,
+    decoder: streambus_core::FrameDecoder,
+) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        if let Ok(streambus_core::Status::Complete(len)) = decoder.next_frame(buf) {
+            return Some(buf.drain(..len).collect());
+        }
+        match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// A proxy between the SDK and `broker` that forwards every frame, except that `policy`
 /// (given the connection's number and the request) decides what happens to each Produce:
 /// see [`Verdict`]. Answers held wait for the release: a `PassAndRelease` verdict, or the
@@ -1678,8 +1697,8 @@ where
 {
     use std::sync::{Arc, Mutex};
     use streambus_core::broker::{encode_error_response, peek_request_id};
-    use streambus_core::{FrameDecoder, Request, RequestFrame, Status};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use streambus_core::{FrameDecoder, Request, RequestFrame};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let release = Arc::new(tokio::sync::watch::channel(false).0);
@@ -1725,26 +1744,19 @@ where
             let (writer, held2, released) = (to_client.clone(), held.clone(), release2.subscribe());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 64 << 10];
-                loop {
-                    while let Ok(Status::Complete(len)) = FrameDecoder::responses().next_frame(&buf)
+                while let Some(a) =
+                    read_frame(&mut from_broker, &mut buf, FrameDecoder::responses()).await
+                {
+                    let id = peek_request_id(&a).unwrap();
                     {
-                        let a: Vec<u8> = buf.drain(..len).collect();
-                        let id = peek_request_id(&a).unwrap();
-                        {
-                            let mut h = held2.lock().unwrap();
-                            if !*released.borrow() && h.ids.contains(&id) {
-                                h.answers.push(a);
-                                continue;
-                            }
-                        }
-                        if writer.lock().await.write_all(&a).await.is_err() {
-                            return;
+                        let mut h = held2.lock().unwrap();
+                        if !*released.borrow() && h.ids.contains(&id) {
+                            h.answers.push(a);
+                            continue;
                         }
                     }
-                    match from_broker.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    if writer.lock().await.write_all(&a).await.is_err() {
+                        return;
                     }
                 }
             });
@@ -1752,57 +1764,73 @@ where
             let (policy, release) = (policy.clone(), release2.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 64 << 10];
-                loop {
-                    while let Ok(Status::Complete(len)) = FrameDecoder::requests().next_frame(&buf)
-                    {
-                        let bytes: Vec<u8> = buf.drain(..len).collect();
-                        let frame = RequestFrame::new_checked(bytes.as_slice()).unwrap();
-                        let id = frame.request_id();
-                        let verdict = match Request::parse(&frame) {
-                            Ok(Request::Produce(p)) => (policy.lock().unwrap())(conn, &p),
-                            _ => Verdict::Pass,
-                        };
-                        let now = {
-                            let mut h = held.lock().unwrap();
-                            let released = *release.borrow();
-                            match verdict {
-                                Verdict::Hold if !released => {
-                                    h.ids.insert(id);
-                                    None
-                                }
-                                Verdict::RefuseHeld(code) if !released => {
-                                    h.answers.push(answer(id, code));
-                                    continue;
-                                }
-                                Verdict::Refuse(code) | Verdict::RefuseHeld(code) => {
-                                    Some(answer(id, code))
-                                }
-                                _ => None,
+                while let Some(bytes) =
+                    read_frame(&mut from_client, &mut buf, FrameDecoder::requests()).await
+                {
+                    let frame = RequestFrame::new_checked(bytes.as_slice()).unwrap();
+                    let id = frame.request_id();
+                    let verdict = match Request::parse(&frame) {
+                        Ok(Request::Produce(p)) => (policy.lock().unwrap())(conn, &p),
+                        _ => Verdict::Pass,
+                    };
+                    let now = {
+                        let mut h = held.lock().unwrap();
+                        let released = *release.borrow();
+                        match verdict {
+                            Verdict::Hold if !released => {
+                                h.ids.insert(id);
+                                None
                             }
-                        };
-                        if let Some(a) = now {
-                            if to_client.lock().await.write_all(&a).await.is_err() {
-                                return;
+                            Verdict::RefuseHeld(code) if !released => {
+                                h.answers.push(answer(id, code));
+                                continue;
                             }
-                            continue;
+                            Verdict::Refuse(code) | Verdict::RefuseHeld(code) => {
+                                Some(answer(id, code))
+                            }
+                            _ => None,
                         }
-                        if to_broker.write_all(&bytes).await.is_err() {
+                    };
+                    if let Some(a) = now {
+                        if to_client.lock().await.write_all(&a).await.is_err() {
                             return;
                         }
-                        if matches!(verdict, Verdict::PassAndRelease) {
-                            release.send_replace(true);
-                        }
+                        continue;
                     }
-                    match from_client.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    if to_broker.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                    if matches!(verdict, Verdict::PassAndRelease) {
+                        release.send_replace(true);
                     }
                 }
             });
         }
     });
     (addr, release)
+}
+
+/// Partition 0 of `topic` from its start, until `n` records came (10 s at most): (offset,
+/// value) of each.
+async fn read_back(c: &Client, topic: &str, n: usize) -> Vec<(i64, String)> {
+    let mut consumer = Consumer::new(c);
+    consumer.assign(topic, 0, Offset::Earliest).await.unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.len() < n && Instant::now() < deadline {
+        for r in consumer.poll(Duration::from_secs(1)).await.unwrap() {
+            got.push((r.offset, String::from_utf8(r.value().to_vec()).unwrap()));
+        }
+    }
+    got
+}
+
+/// A producer sending each record as a batch of its own, retrying after 10 ms.
+fn one_record_batches(c: &Client) -> Producer {
+    let config = ProducerConfig::default()
+        .batch_max_records(1)
+        .retry_backoff(Duration::from_millis(10));
+    Producer::with_config(c, config).unwrap()
 }
 
 /// The Produce requests a [`gating_proxy`] read: (connection, BaseSequence) each, in order.
@@ -1854,13 +1882,7 @@ async fn batches_in_flight_after_a_failed_one_land_once_in_order(fail_at: usize)
     let b = broker(dir.path());
     let (addr, produces) = gating_proxy(b.addr(), fail_at).await;
     let c = Client::connect(addr.to_string()).await.unwrap();
-    let p = Producer::with_config(
-        &c,
-        ProducerConfig::default()
-            .batch_max_records(1)
-            .retry_backoff(Duration::from_millis(10)),
-    )
-    .unwrap();
+    let p = one_record_batches(&c);
     let mut deliveries = Vec::new();
     for i in 0..20 {
         let r = Record::new("window", format!("{i}")).partition(0);
@@ -1873,21 +1895,8 @@ async fn batches_in_flight_after_a_failed_one_land_once_in_order(fail_at: usize)
     assert_eq!(offsets, (0..20).collect::<Vec<i64>>());
     p.close().await.unwrap();
     // Stored once each, in order.
-    let direct = connect(&b).await;
-    let mut consumer = Consumer::new(&direct);
-    consumer
-        .assign("window", 0, Offset::Earliest)
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while got.len() < 20 && Instant::now() < deadline {
-        for r in consumer.poll(Duration::from_secs(1)).await.unwrap() {
-            got.push((r.offset, String::from_utf8(r.value().to_vec()).unwrap()));
-        }
-    }
     let want: Vec<(i64, String)> = (0..20).map(|i| (i, i.to_string())).collect();
-    assert_eq!(got, want);
+    assert_eq!(read_back(&connect(&b).await, "window", 20).await, want);
     // The failed Produce and the two after it went out on one connection, all three before
     // any answer; after the failed one's answer, the batches in flight from it on (three to
     // five: the window) went again, in order, then the rest, each once.
@@ -1962,13 +1971,7 @@ async fn a_partition_starts_a_new_epoch_only_once_its_old_flights_are_settled() 
         .connect(addr.to_string())
         .await
         .unwrap();
-    let p = Producer::with_config(
-        &c,
-        ProducerConfig::default()
-            .batch_max_records(1)
-            .retry_backoff(Duration::from_millis(10)),
-    )
-    .unwrap();
+    let p = one_record_batches(&c);
     let record = |part: u32, i: usize| Record::new("epochs", format!("{i}")).partition(part);
     let mut on_zero = Vec::new();
     for i in 0..3 {
@@ -1997,17 +2000,6 @@ async fn a_partition_starts_a_new_epoch_only_once_its_old_flights_are_settled() 
             .all(|(part, epoch, _)| *part != 0 || *epoch == 0),
         "{log:?}"
     );
-    let mut consumer = Consumer::new(&direct);
-    consumer
-        .assign("epochs", 0, Offset::Earliest)
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while got.len() < 6 && Instant::now() < deadline {
-        for r in consumer.poll(Duration::from_secs(1)).await.unwrap() {
-            got.push(String::from_utf8(r.value().to_vec()).unwrap());
-        }
-    }
-    assert_eq!(got, ["0", "1", "2", "3", "4", "5"]);
+    let want: Vec<(i64, String)> = (0..6).map(|i| (i, i.to_string())).collect();
+    assert_eq!(read_back(&direct, "epochs", 6).await, want);
 }
