@@ -583,8 +583,32 @@ impl Inner {
         }
         let batch = Batch::new(&p.messages, now_unix_ns(), producer);
         let (topic, here) = (topic.to_owned(), handle.cluster.node_id());
+        // Proposed here, in the order the connection's requests came: the proposal is an
+        // unbounded send to the group's core, done at the first poll. A connection's
+        // pipelined batches are so appended (stamped, and checked against their producer's
+        // sequence) in the order sent; proposed from a task each, a later one could go
+        // first and be refused OutOfOrderSequence. Only the wait for the commit is a task.
+        let mut submit = Box::pin(async move { raft.client_write_ff(batch).await });
+        let polled = submit
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        let submitted = match polled {
+            std::task::Poll::Ready(r) => Ok(r),
+            std::task::Poll::Pending => Err(submit),
+        };
         handle.runtime.spawn(async move {
-            match raft.client_write(batch).await {
+            let proposed = match submitted {
+                Ok(r) => r,
+                Err(pending) => pending.await,
+            };
+            let written = match proposed {
+                Ok(rx) => match rx.await {
+                    Ok(result) => result.map_err(RaftError::APIError),
+                    Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
+                },
+                Err(fatal) => Err(RaftError::Fatal(fatal)),
+            };
+            match written {
                 // An idempotent batch the leader refused by §6.2, as a single broker would.
                 Ok(ref r) if let Some(refused) = &r.data.refused => {
                     answer.fail(fail(ErrorCode(refused.code), refused.message.clone()));

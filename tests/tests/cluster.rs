@@ -2295,3 +2295,44 @@ fn a_follower_down_while_retention_purged_is_restored_by_snapshot_with_the_leade
         first_segment_base(leader_dir, "kept", 0)
     );
 }
+
+/// A connection's pipelined idempotent batches to a partition leader are appended in the
+/// order sent: 300 one-record batches (sequences 0 to 299) written without waiting for any
+/// answer are each acknowledged, at offsets 0 to 299 (none refused OutOfOrderSequence for a
+/// later batch that overtook it on its way to the Raft group).
+#[test]
+fn pipelined_idempotent_batches_on_one_connection_are_appended_in_the_order_sent() {
+    let (ports, peers, dirs) = three_peers();
+    let brokers: Vec<Broker> = (0..3)
+        .map(|i| Broker::start(i as u32 + 1, ports[i], &peers, "tokio", dirs[i].path()))
+        .collect();
+    let mut clients = registered_clients(brokers.iter());
+    assert_eq!(create(&mut clients[0], "piped", 1, 3), (0, true));
+    // The first batch alone, at whichever broker leads once every broker agrees (a leader
+    // that moves meanwhile is not what this test checks).
+    let (leader, first) = produce_at_leader(&mut clients, "piped", 0, &[b"warm-up"]);
+    assert_eq!(first.error_code(), 0);
+    let mut c = brokers[leader - 1].client();
+    let values: Vec<String> = (0..300).map(|i| format!("{i}")).collect();
+    let mut ids = Vec::new();
+    for (seq, v) in (0i32..).zip(&values) {
+        let p = streambus_tests::producer(7, 0, seq);
+        let (id, bytes) =
+            streambus_tests::idempotent_produce(&mut c, "piped", 0, &[v.as_bytes()], p);
+        c.send_raw(&bytes).unwrap();
+        ids.push(id);
+    }
+    let mut got = Vec::new();
+    for _ in &ids {
+        let r = c.recv().unwrap();
+        let outcome = match r.parse(RequestType::Produce) {
+            Ok(Response::Produce(ok)) => Ok(ok.base_offset),
+            _ => Err(r.error_code()),
+        };
+        got.push((r.request_id(), outcome));
+    }
+    got.sort_by_key(|(id, _)| *id);
+    let want: Vec<(u64, Result<i64, u16>)> =
+        ids.iter().zip(1..).map(|(id, o)| (*id, Ok(o))).collect();
+    assert_eq!(got, want);
+}
