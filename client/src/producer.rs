@@ -371,19 +371,34 @@ impl Deliveries {
 
     /// Adds the outcome of one more record (after those already held).
     pub fn push(&mut self, delivery: Delivery) {
-        if let Some(last) = self.runs.last_mut()
-            && Arc::ptr_eq(&last.outcome, &delivery.outcome)
-            && last.first.checked_add(last.count) == Some(delivery.index)
-        {
-            last.count += 1;
-        } else {
-            self.runs.push(Run {
-                outcome: delivery.outcome,
-                first: delivery.index,
-                count: 1,
-                start: self.len,
-            });
+        if !self.extend_run(&delivery.outcome, delivery.index) {
+            self.start_run(delivery.outcome, delivery.index);
         }
+    }
+
+    /// Counts record `index` of the batch `outcome` in the last run if it follows that run's
+    /// records; `false` (nothing counted) if not.
+    fn extend_run(&mut self, outcome: &Arc<Outcome>, index: u32) -> bool {
+        let Some(last) = self.runs.last_mut() else {
+            return false;
+        };
+        if !Arc::ptr_eq(&last.outcome, outcome) || last.first.checked_add(last.count) != Some(index)
+        {
+            return false;
+        }
+        last.count += 1;
+        self.len += 1;
+        true
+    }
+
+    /// Starts a run with record `index` of the batch `outcome`.
+    fn start_run(&mut self, outcome: Arc<Outcome>, index: u32) {
+        self.runs.push(Run {
+            outcome,
+            first: index,
+            count: 1,
+            start: self.len,
+        });
         self.len += 1;
     }
 
@@ -434,17 +449,8 @@ trait Sink {
 /// Runs of records of one batch, with no per-record reference count.
 impl Sink for Deliveries {
     fn taken(&mut self, outcome: &Arc<Outcome>, index: u32) {
-        if let Some(last) = self.runs.last_mut()
-            && Arc::ptr_eq(&last.outcome, outcome)
-            && last.first.checked_add(last.count) == Some(index)
-        {
-            last.count += 1;
-            self.len += 1;
-        } else {
-            self.push(Delivery {
-                outcome: outcome.clone(),
-                index,
-            });
+        if !self.extend_run(outcome, index) {
+            self.start_run(outcome.clone(), index);
         }
     }
 
