@@ -510,6 +510,8 @@ pub(crate) fn driver_error(e: DriverError<std::io::Error>, request_timeout: Dura
 
 enum Event {
     Job(Option<Job>),
+    /// The held call can go now (what was queued before it is written).
+    Held,
     Deadline,
 }
 
@@ -583,22 +585,31 @@ async fn sleep_until(timer: Pin<&mut tokio::time::Sleep>, at: Option<Instant>) {
 }
 
 /// Queues `job`'s request on the connection (written by the driver's next wait), or answers
-/// it at once when it can't be sent.
-fn submit(driver: &mut Driver, pending: &mut Pending, job: Job, request_timeout: Duration) {
+/// it at once when it can't be sent. Gives the job back when it does not fit in the transmit
+/// buffer behind the requests queued there already (it fits once they are written).
+fn submit(
+    driver: &mut Driver,
+    pending: &mut Pending,
+    job: Job,
+    request_timeout: Duration,
+) -> Option<Job> {
     if job.reply.is_closed() {
         // The caller gave up (timeout, cancel) before this was sent.
-        return;
+        return None;
     }
     let mut names = Vec::new();
-    let queued = request(&job.req, &mut names).and_then(|r| {
-        driver
-            .queue(&r)
-            .map_err(|e| driver_error(e, request_timeout))
-    });
+    let queued = request(&job.req, &mut names).map(|r| driver.queue(&r));
     match queued {
-        Ok(id) => pending.insert(id, job),
+        Ok(Ok(id)) => pending.insert(id, job),
+        Ok(Err(DriverError::Client(ClientError::BufferTooSmall { .. })))
+            if driver.connection().poll_transmit().is_some() =>
+        {
+            return Some(job);
+        }
+        Ok(Err(e)) => job.reply.send(Err(driver_error(e, request_timeout))),
         Err(e) => job.reply.send(Err(e)),
     }
+    None
 }
 
 /// The capacity a call holds: its connection's load, its slot in the client and, for a fetch
@@ -675,17 +686,20 @@ fn send_ahead(
     Ok(next)
 }
 
-/// Submits the calls already waiting in `jobs`, as long as the connection has room.
+/// Submits the calls already waiting in `jobs`, as long as the connection has room; a call
+/// that does not fit behind the bytes queued already goes to `held` (and nothing after it is
+/// taken: calls keep their order on the connection), to be submitted once they are written.
 fn drain(
     driver: &mut Driver,
     pending: &mut Pending,
     jobs: &mut mpsc::UnboundedReceiver<Job>,
+    held: &mut Option<Job>,
     depth: usize,
     request_timeout: Duration,
 ) {
-    while driver.connection().in_flight() < depth {
+    while held.is_none() && driver.connection().in_flight() < depth {
         match jobs.try_recv() {
-            Ok(job) => submit(driver, pending, job, request_timeout),
+            Ok(job) => *held = submit(driver, pending, job, request_timeout),
             Err(_) => break,
         }
     }
@@ -730,19 +744,29 @@ pub(crate) async fn run(
 ) {
     let mut pending = Pending::default();
     let mut used = false;
+    // A call taken from `jobs` that did not fit behind the bytes queued before it: submitted
+    // first once they are written (the driver's wait writes everything queued before it
+    // polls for the next call).
+    let mut held: Option<Job> = None;
     // One timer for the earliest call deadline, moved as it changes.
     let timer = tokio::time::sleep(request_timeout);
     tokio::pin!(timer);
     let failure = loop {
-        let deadline = pending.earliest();
+        let deadline = match (pending.earliest(), held.as_ref().map(|j| j.deadline)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let room = driver.connection().in_flight() < depth;
+        let waiting = held.is_some();
         // The deadline races the whole wait, writes included: a broker that stops reading
         // (a full socket buffer) still fails each call at its deadline. The driver's wait is
         // cancel-safe (the core tracks partial writes; reads are cancel-safe).
         let wake = tokio::select! {
             biased;
             w = driver.next_completion_or(async {
-                if room {
+                if waiting {
+                    Event::Held
+                } else if room {
                     Event::Job(jobs.recv().await)
                 } else {
                     std::future::pending::<Event>().await
@@ -750,34 +774,62 @@ pub(crate) async fn run(
             }) => w,
             () = sleep_until(timer.as_mut(), deadline) => Ok(Wake::Other(Event::Deadline)),
         };
-        match wake {
-            Ok(Wake::Other(Event::Job(Some(job)))) => {
-                if !used {
-                    used = true;
-                    link.used.store(true, Ordering::Release);
-                }
-                let busy = driver.connection().in_flight() > 0;
-                submit(&mut driver, &mut pending, job, request_timeout);
-                // Every call already waiting goes out in the same write.
-                drain(&mut driver, &mut pending, &mut jobs, depth, request_timeout);
-                if busy && driver.connection().in_flight() < depth {
-                    // Calls are in flight already (a pipelining load, not a lone caller
-                    // waiting): let the callers that are ready run first, so their requests
-                    // share this write (one send per request costs more than the request).
-                    tokio::task::yield_now().await;
-                    drain(&mut driver, &mut pending, &mut jobs, depth, request_timeout);
-                }
+        // A call to submit (new, or the held one), or what else woke the loop.
+        let (next, wake) = match wake {
+            Ok(Wake::Other(Event::Job(Some(job)))) => (Some(job), None),
+            Ok(Wake::Other(Event::Held)) => (held.take(), None),
+            w => (None, Some(w)),
+        };
+        if let Some(job) = next {
+            if !used {
+                used = true;
+                link.used.store(true, Ordering::Release);
             }
+            let busy = driver.connection().in_flight() > 0;
+            held = submit(&mut driver, &mut pending, job, request_timeout);
+            // Every call already waiting goes out in the same write.
+            drain(
+                &mut driver,
+                &mut pending,
+                &mut jobs,
+                &mut held,
+                depth,
+                request_timeout,
+            );
+            if busy && held.is_none() && driver.connection().in_flight() < depth {
+                // Calls are in flight already (a pipelining load, not a lone caller
+                // waiting): let the callers that are ready run first, so their requests
+                // share this write (one send per request costs more than the request).
+                tokio::task::yield_now().await;
+                drain(
+                    &mut driver,
+                    &mut pending,
+                    &mut jobs,
+                    &mut held,
+                    depth,
+                    request_timeout,
+                );
+            }
+            continue;
+        }
+        let Some(wake) = wake else {
+            continue;
+        };
+        match wake {
             Ok(Wake::Other(Event::Job(None))) => break None,
             Ok(Wake::Other(Event::Deadline)) => {
                 let now = Instant::now();
+                let timed_out = |timeout| Error::TimedOut {
+                    context: Context::default(),
+                    waiting: "waiting for the broker's answer",
+                    after: timeout,
+                };
                 while let Some((reply, timeout)) = pending.pop_expired(now) {
                     // Its late answer, if any, goes to nobody; its slot is freed then.
-                    reply.send(Err(Error::TimedOut {
-                        context: Context::default(),
-                        waiting: "waiting for the broker's answer",
-                        after: timeout,
-                    }));
+                    reply.send(Err(timed_out(timeout)));
+                }
+                if let Some(job) = held.take_if(|j| j.deadline <= now) {
+                    job.reply.send(Err(timed_out(job.timeout)));
                 }
             }
             Ok(Wake::Completion(done)) => {
@@ -850,7 +902,10 @@ pub(crate) async fn run(
         Error::Tls { .. } => err.clone(),
         _ => Error::closed_before_sent(Context::default(), Some(&err)),
     };
-    while let Ok(job) = jobs.try_recv() {
+    for job in held
+        .into_iter()
+        .chain(std::iter::from_fn(|| jobs.try_recv().ok()))
+    {
         job.reply.send(Err(unsent.clone()));
     }
 }

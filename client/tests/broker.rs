@@ -334,6 +334,47 @@ async fn deliveries_name_where_each_record_of_an_enqueue_many_call_landed() {
     p.close().await.unwrap();
 }
 
+/// Several full batches handed to one connection at once (a current-thread runtime: the
+/// connection's task runs only once the caller awaits) each go out whole: the connection
+/// writes what it holds before it encodes a request that does not fit behind it. Before, the
+/// second batch failed with "exceeds the maximum frame" though each fits a frame alone.
+#[tokio::test]
+async fn full_batches_queued_on_a_connection_together_each_go_out_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = Client::builder()
+        .max_frame_len(64 << 10)
+        .connect(b.addr().to_string())
+        .await
+        .unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default()
+            .batch_max_bytes(60 << 10)
+            .linger(Duration::from_secs(10)),
+    )
+    .unwrap();
+    p.send(Record::new("big", "first")).await.unwrap();
+    // 2 250 records of 100-byte values: four full batches of 60 KiB (each fills most of a
+    // frame on its own) and a fifth sent by the flush, all queued before the connection's
+    // task runs.
+    let value = streambus_client::Bytes::from(vec![b'v'; 100]);
+    let mut deliveries = Vec::new();
+    p.enqueue_many(
+        (0..2250).map(|_| Record::new("big", value.clone())),
+        &mut deliveries,
+    )
+    .await
+    .unwrap();
+    p.flush().await;
+    for (i, d) in deliveries.into_iter().enumerate() {
+        let m = d.await.unwrap_or_else(|e| panic!("record {i}: {e}"));
+        assert_eq!(m.offset, 1 + i as i64, "record {i}");
+    }
+    assert_eq!(c.offsets("big", 0).await.unwrap().end, 2251);
+    p.close().await.unwrap();
+}
+
 /// A `Deliveries` whose records fail (the broker is gone, the delivery timeout passes)
 /// resolves to the error, and `close` reports each record's failure: none is dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
