@@ -9,7 +9,8 @@
 //! ```
 //!
 //! The producer modes' producer is idempotent unless `BENCH_IDEMPOTENCE=false`, with up to
-//! `BENCH_MAX_IN_FLIGHT` (default 5) batches in flight per partition.
+//! `BENCH_MAX_IN_FLIGHT` (default 5) batches in flight per partition, of up to
+//! `BENCH_BATCH_BYTES` (default 1 MiB) each.
 //!
 //! - `sync`: one 100-byte record at a time through `Producer::send` (compare with
 //!   `streambus bench pipeline --batch 1 --in-flight 1` and `streambus bench pingpong`);
@@ -91,9 +92,15 @@ async fn run() -> Result<(), Error> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(ProducerConfig::default().max_in_flight);
+    // BENCH_BATCH_BYTES=n: the producer's batch size in bytes (default 1 MiB).
+    let batch_bytes = std::env::var("BENCH_BATCH_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ProducerConfig::default().batch_max_bytes);
     let producer_config = ProducerConfig::default()
         .idempotence(idempotence)
-        .max_in_flight(max_in_flight);
+        .max_in_flight(max_in_flight)
+        .batch_max_bytes(batch_bytes);
     // Shared by every record: a record costs no allocation or copy before the producer's.
     let value = Bytes::from(vec![b'v'; 100]);
     match mode.as_str() {

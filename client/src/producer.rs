@@ -725,8 +725,13 @@ struct TopicState {
 /// producer's last 5 batches per partition (protocol §6.2) to answer their retries.
 const MAX_IDEMPOTENT_IN_FLIGHT: usize = 5;
 
-/// Buffer bytes [`Producer::enqueue_many`] reserves at a time (about 500 small records).
+/// Buffer bytes the producer takes from its semaphore at a time, for the records to come
+/// (about 500 small ones): see [`State::reserve`].
 const PERMIT_CHUNK: usize = 64 << 10;
+
+/// Records [`Producer::enqueue_many`] takes from its iterator at a time (8 KiB of `Record`s:
+/// they stay in the L1 cache until encoded).
+const TAKE_CHUNK: usize = 64;
 
 /// How long a topic's partition count is trusted before it is read again.
 const TOPIC_MAX_AGE: Duration = Duration::from_secs(60);
@@ -758,6 +763,41 @@ struct State {
     outstanding: usize,
     /// The next flight's id.
     next_flight: u64,
+    /// Buffer permits taken from the semaphore ahead of the records that will use them (at
+    /// most [`PERMIT_CHUNK`]): records are counted under the lock, with no atomic operation
+    /// of their own. Given back whenever the semaphore runs short, so nobody waits for room
+    /// this holds.
+    reserve: usize,
+}
+
+impl State {
+    /// Takes `size` bytes of room in the producer's buffer (`buffer`), from the reserve or
+    /// else from the semaphore (a chunk at a time, the rest kept in the reserve); `false` when
+    /// there is not that much room.
+    fn reserve(&mut self, buffer: &Semaphore, size: usize) -> bool {
+        if let Some(left) = self.reserve.checked_sub(size) {
+            self.reserve = left;
+            return true;
+        }
+        // What the reserve lacks for this record, and a chunk more for the next ones.
+        let chunk = (size - self.reserve).saturating_add(PERMIT_CHUNK);
+        if let Ok(n) = u32::try_from(chunk)
+            && let Ok(p) = buffer.try_acquire_many(n)
+        {
+            p.forget();
+            self.reserve = PERMIT_CHUNK;
+            return true;
+        }
+        // Short of room: the reserve goes back first, then the record takes what it needs.
+        buffer.add_permits(std::mem::take(&mut self.reserve));
+        match u32::try_from(size).map(|n| buffer.try_acquire_many(n)) {
+            Ok(Ok(p)) => {
+                p.forget();
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -954,48 +994,34 @@ impl Producer {
         I: IntoIterator<Item = Record>,
         S: Sink,
     {
-        // Collected first: no code of the caller's (the iterator) runs under the lock.
-        let records: Vec<Record> = records.into_iter().collect();
+        // Taken from the caller's iterator a chunk at a time, before the lock (no code of the
+        // caller's runs under it): a chunk stays in the cache from here to its batch.
         let mut records = records.into_iter();
-        while records.len() > 0 {
+        let mut chunk: VecDeque<Record> = VecDeque::with_capacity(TAKE_CHUNK);
+        loop {
+            chunk.extend(records.by_ref().take(TAKE_CHUNK));
+            if chunk.is_empty() {
+                return Ok(());
+            }
             if self.inner.closed.load(Ordering::Acquire) {
                 // As `enqueue` reports it.
-                if let Some(record) = records.next() {
+                if let Some(record) = chunk.pop_front() {
                     sink.delivery(self.enqueue(record).await?);
                 }
                 continue;
             }
-            // Every record that takes the common path, under one lock. Buffer permits are
-            // taken a chunk at a time (one atomic operation for many records), what is left
-            // given back at the end.
+            // Every record of the chunk that takes the common path, under one lock.
             let (slow, wake) = {
                 let mut st = self.inner.lock();
                 let mut wake = false;
                 let mut slow = None;
-                let mut credit = 0;
-                for record in records.by_ref() {
+                while let Some(record) = chunk.pop_front() {
                     let (take, woke) = {
                         let headers = wire_headers(&record);
                         let message = wire_message(&record, &headers);
                         let size = message.encoded_len();
-                        if credit < size {
-                            let want = size.max(PERMIT_CHUNK);
-                            if let Ok(n) = u32::try_from(want)
-                                && let Ok(p) = self.inner.buffer.try_acquire_many(n)
-                            {
-                                p.forget();
-                                credit += want;
-                            }
-                        }
                         self.take_locked(
-                            &mut st,
-                            &message,
-                            &record,
-                            size,
-                            None,
-                            &mut credit,
-                            false,
-                            sink,
+                            &mut st, &message, &record, size, None, &mut 0, false, sink,
                         )
                     };
                     wake |= woke;
@@ -1012,7 +1038,6 @@ impl Producer {
                         }
                     }
                 }
-                self.inner.buffer.add_permits(credit);
                 (slow, wake)
             };
             if wake {
@@ -1024,7 +1049,6 @@ impl Producer {
                 Some(Ok(record)) => sink.delivery(self.enqueue(record).await?),
             }
         }
-        Ok(())
     }
 
     async fn take(&self, record: Record, urgent: bool) -> Result<Delivery> {
@@ -1157,19 +1181,14 @@ impl Producer {
         }
         if let Some(left) = credit.checked_sub(size) {
             *credit = left;
-        } else {
-            let permits = u32::try_from(size).unwrap_or(u32::MAX);
-            match (
-                inner.buffer.try_acquire_many(permits),
-                inner.config.buffer_full,
-            ) {
-                (Ok(permit), _) => permit.forget(),
-                (Err(_), BufferFull::FailFast) => {
+        } else if !st.reserve(&inner.buffer, size) {
+            return match inner.config.buffer_full {
+                BufferFull::FailFast => {
                     let e = Error::invalid(ctx(), "the producer's buffer is full");
-                    return (Take::Done(Err(e)), false);
+                    (Take::Done(Err(e)), false)
                 }
-                (Err(_), BufferFull::Block(d)) => return (Take::BufferFull(partition, d), false),
-            }
+                BufferFull::Block(d) => (Take::BufferFull(partition, d), false),
+            };
         }
         let mut ship = false;
         let mut wake = false;
@@ -1178,13 +1197,9 @@ impl Producer {
             // open batch.
             let qref = QueueRef(topic, partition);
             let State { queues, spare, .. } = &mut *st;
-            if !queues.contains_key(&qref) {
-                queues.insert((topic.clone(), partition), PartitionQueue::default());
-            }
-            let Some(q) = queues.get_mut(&qref) else {
-                inner.buffer.add_permits(size);
-                let e = Error::invalid(ctx(), "no queue for the partition");
-                return (Take::Done(Err(e)), false);
+            let q = match queues.get_mut(&qref) {
+                Some(q) => q,
+                None => queues.entry((topic.clone(), partition)).or_default(),
             };
             let fits = q.open.as_ref().is_some_and(|b| {
                 b.filled + size <= limit && b.count < inner.config.batch_max_records
