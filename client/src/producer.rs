@@ -765,9 +765,22 @@ struct State {
     next_flight: u64,
     /// Buffer permits taken from the semaphore ahead of the records that will use them (at
     /// most [`PERMIT_CHUNK`]): records are counted under the lock, with no atomic operation
-    /// of their own. Given back whenever the semaphore runs short, so nobody waits for room
-    /// this holds.
+    /// of their own. Given back whenever the semaphore runs short, and not taken again while
+    /// a caller waits for room ([`waiting`](Self::waiting)): nobody waits for room this holds.
     reserve: usize,
+    /// Callers waiting for room in the buffer ([`BufferFull::Block`]): counted under the lock
+    /// when refused, uncounted when their wait ends.
+    waiting: usize,
+}
+
+/// A caller counted in [`State::waiting`] until dropped.
+struct Waiting<'a>(&'a Inner);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.lock();
+        st.waiting = st.waiting.saturating_sub(1);
+    }
 }
 
 impl State {
@@ -775,20 +788,26 @@ impl State {
     /// else from the semaphore (a chunk at a time, the rest kept in the reserve); `false` when
     /// there is not that much room.
     fn reserve(&mut self, buffer: &Semaphore, size: usize) -> bool {
-        if let Some(left) = self.reserve.checked_sub(size) {
+        if self.waiting == 0
+            && let Some(left) = self.reserve.checked_sub(size)
+        {
             self.reserve = left;
             return true;
         }
         // What the reserve lacks for this record, and a chunk more for the next ones.
-        let chunk = (size - self.reserve).saturating_add(PERMIT_CHUNK);
-        if let Ok(n) = u32::try_from(chunk)
+        let chunk = size
+            .saturating_sub(self.reserve)
+            .saturating_add(PERMIT_CHUNK);
+        if self.waiting == 0
+            && let Ok(n) = u32::try_from(chunk)
             && let Ok(p) = buffer.try_acquire_many(n)
         {
             p.forget();
             self.reserve = PERMIT_CHUNK;
             return true;
         }
-        // Short of room: the reserve goes back first, then the record takes what it needs.
+        // Short of room, or others wait for it: the reserve goes back first, then the record
+        // takes what it needs.
         buffer.add_permits(std::mem::take(&mut self.reserve));
         match u32::try_from(size).map(|n| buffer.try_acquire_many(n)) {
             Ok(Ok(p)) => {
@@ -951,8 +970,8 @@ impl Producer {
     }
 
     /// [`enqueue`](Self::enqueue) for many records, taking the producer's lock once for as
-    /// many of them as it can (once per call when their topics are known and the buffer has
-    /// room) rather than once per record; the [`Delivery`] of each record taken is added to
+    /// many of them as it can (once per 64 records when their topics are known and the buffer
+    /// has room) rather than once per record; the [`Delivery`] of each record taken is added to
     /// `deliveries`, in order: a `Vec<Delivery>` (one outcome per record) or a
     /// [`Deliveries`] (one entry per run of records sharing a batch, awaited at once, and no
     /// [`Delivery`] made per record: the cheapest way to produce many records).
@@ -1032,7 +1051,13 @@ impl Producer {
                             break;
                         }
                         // An unknown topic or a full buffer: `enqueue` waits for it.
-                        Take::UnknownTopic | Take::BufferFull(..) => {
+                        Take::UnknownTopic => {
+                            slow = Some(Ok(record));
+                            break;
+                        }
+                        Take::BufferFull(..) => {
+                            // `enqueue` counts itself as waiting if it has to.
+                            st.waiting = st.waiting.saturating_sub(1);
                             slow = Some(Ok(record));
                             break;
                         }
@@ -1085,6 +1110,9 @@ impl Producer {
                             .partition(partition)
                     };
                     let permits = u32::try_from(size).unwrap_or(u32::MAX);
+                    // Counted as waiting since `take_locked` refused it (under the lock): no
+                    // reserve is taken meanwhile. Uncounted however the wait ends.
+                    let _waiting = Waiting(inner);
                     // Boxed: a rare path, kept out of `enqueue`'s future.
                     Box::pin(tokio::time::timeout(d, inner.buffer.acquire_many(permits)))
                         .await
@@ -1141,8 +1169,10 @@ impl Producer {
     /// [`try_take`](Self::try_take) under a lock already held; `true` besides when the
     /// linger task is to be woken (a batch opened) once the lock is released. A record taken
     /// uses `size` of the `credit` (buffer permits its caller holds) when there is that much,
-    /// else acquires its own; a record refused before its bytes were counted leaves the
-    /// credit as it was (one refused after gives its bytes back to the buffer).
+    /// else takes room from the reserve ([`State::reserve`]); a record refused before its
+    /// bytes were counted leaves the credit as it was (one refused after gives its bytes back
+    /// to the buffer). A record refused for want of room under [`BufferFull::Block`] counts
+    /// its caller in [`State::waiting`].
     #[allow(clippy::too_many_arguments)]
     fn take_locked(
         &self,
@@ -1187,7 +1217,11 @@ impl Producer {
                     let e = Error::invalid(ctx(), "the producer's buffer is full");
                     (Take::Done(Err(e)), false)
                 }
-                BufferFull::Block(d) => (Take::BufferFull(partition, d), false),
+                BufferFull::Block(d) => {
+                    // Its caller waits for room: see `State::waiting`.
+                    st.waiting += 1;
+                    (Take::BufferFull(partition, d), false)
+                }
             };
         }
         let mut ship = false;
@@ -1894,5 +1928,57 @@ fn wire_message<'a>(record: &'a Record, headers: &'a [Header<'a>]) -> Message<'a
         key: record.key.as_deref().unwrap_or_default(),
         value: &record.value,
         headers: Headers::from_slice(headers),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reserve_takes_a_chunk_ahead_and_serves_the_next_records_from_it() {
+        let buffer = Semaphore::new(1 << 20);
+        let mut st = State::default();
+        assert!(st.reserve(&buffer, 100));
+        assert_eq!(st.reserve, PERMIT_CHUNK);
+        assert_eq!(buffer.available_permits(), (1 << 20) - 100 - PERMIT_CHUNK);
+        // The next record comes out of the reserve: the semaphore is not touched.
+        assert!(st.reserve(&buffer, 200));
+        assert_eq!(st.reserve, PERMIT_CHUNK - 200);
+        assert_eq!(buffer.available_permits(), (1 << 20) - 100 - PERMIT_CHUNK);
+    }
+
+    #[test]
+    fn a_short_semaphore_gets_the_reserve_back_before_a_record_is_refused() {
+        let buffer = Semaphore::new(PERMIT_CHUNK + 1500);
+        let mut st = State::default();
+        assert!(st.reserve(&buffer, 1000));
+        assert_eq!(buffer.available_permits(), 500);
+        // More than the reserve holds, no chunk to be had: the reserve goes back and the
+        // record takes exactly its size.
+        assert!(st.reserve(&buffer, PERMIT_CHUNK + 200));
+        assert_eq!(st.reserve, 0);
+        assert_eq!(buffer.available_permits(), 300);
+        // More than is left: refused, nothing held back.
+        assert!(!st.reserve(&buffer, 301));
+        assert_eq!(st.reserve, 0);
+        assert_eq!(buffer.available_permits(), 300);
+    }
+
+    #[test]
+    fn while_a_caller_waits_for_room_no_reserve_is_kept() {
+        let buffer = Semaphore::new(1 << 20);
+        let mut st = State::default();
+        assert!(st.reserve(&buffer, 100));
+        assert_eq!(st.reserve, PERMIT_CHUNK);
+        st.waiting = 1;
+        // The reserve goes back (the waiter is served from the semaphore), and no chunk is
+        // taken: the record takes exactly its size.
+        assert!(st.reserve(&buffer, 10));
+        assert_eq!(st.reserve, 0);
+        assert_eq!(buffer.available_permits(), (1 << 20) - 100 - 10);
+        assert!(st.reserve(&buffer, 10));
+        assert_eq!(st.reserve, 0);
+        assert_eq!(buffer.available_permits(), (1 << 20) - 120);
     }
 }
