@@ -586,7 +586,8 @@ async fn sleep_until(timer: Pin<&mut tokio::time::Sleep>, at: Option<Instant>) {
 
 /// Queues `job`'s request on the connection (written by the driver's next wait), or answers
 /// it at once when it can't be sent. Gives the job back when it does not fit in the transmit
-/// buffer behind the requests queued there already (it fits once they are written).
+/// buffer behind the requests queued there already: submitted again once they are written,
+/// it is queued then, or fails if it is larger than the buffer.
 fn submit(
     driver: &mut Driver,
     pending: &mut Pending,
@@ -829,7 +830,12 @@ pub(crate) async fn run(
                     reply.send(Err(timed_out(timeout)));
                 }
                 if let Some(job) = held.take_if(|j| j.deadline <= now) {
-                    job.reply.send(Err(timed_out(job.timeout)));
+                    // Never sent (the requests before it are still being written).
+                    job.reply.send(Err(Error::TimedOut {
+                        context: Context::default(),
+                        waiting: crate::error::WAITING_WRITE,
+                        after: job.timeout,
+                    }));
                 }
             }
             Ok(Wake::Completion(done)) => {

@@ -206,6 +206,10 @@ const RETRIABLE_CODES: [u16; 4] = [6, 7, 10, 15];
 pub(crate) const WAITING_CONNECT: &str = "connecting";
 /// [`Error::TimedOut`]'s `waiting` while no connection of the pool was free or up.
 pub(crate) const WAITING_CONNECTION: &str = "waiting for a connection to the broker";
+/// [`Error::TimedOut`]'s `waiting` for a request held until the connection had written the
+/// requests queued before it (never sent).
+pub(crate) const WAITING_WRITE: &str =
+    "waiting for the connection to write the requests queued before it";
 
 impl Error {
     /// Whether trying the same call again may succeed: I/O errors, timeouts, and the broker
@@ -225,7 +229,8 @@ impl Error {
 
     /// Whether the request was certainly not sent: the broker refused the connection (or
     /// closed it before any request went out on it), or connecting (or waiting for a
-    /// connection) timed out. Such a call may go to another
+    /// connection, or for the connection to write the requests queued before it) timed out.
+    /// Such a call may go to another
     /// broker even when sending it twice would not be safe.
     pub(crate) fn never_sent(&self) -> bool {
         match self {
@@ -234,7 +239,9 @@ impl Error {
                 std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotConnected
             ),
             Self::TimedOut { waiting, .. } => {
-                *waiting == WAITING_CONNECT || *waiting == WAITING_CONNECTION
+                *waiting == WAITING_CONNECT
+                    || *waiting == WAITING_CONNECTION
+                    || *waiting == WAITING_WRITE
             }
             _ => false,
         }

@@ -793,12 +793,14 @@ async fn a_peer_closing_every_connection_at_once_fails_each_call_as_a_refused_di
     peer.abort();
 }
 
-/// A peer that answers the producer's Metadata request (one partition of `big`, encoded by
-/// the core) and then stops reading: a Produce larger than the socket buffers blocks its
-/// write, and the call still fails with TimedOut at its deadline (the connection's deadline
-/// races its writes, not only its reads).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_blocked_writing_to_a_peer_that_stops_reading_times_out() {
+/// A fake broker on 127.0.0.1 with a 4 KiB receive buffer: it answers the first request (the
+/// producer's Metadata) naming itself the leader of topic "big", partition 0, then reads
+/// nothing more until released (its socket fills up: the client's writes block).
+fn metadata_then_silent_peer() -> (
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
     use streambus_core::broker::peek_request_id;
     use streambus_core::{
         BrokerInfo, BrokerList, ErrorCode as CoreCode, FrameDecoder, MetadataResponse,
@@ -854,6 +856,16 @@ async fn a_call_blocked_writing_to_a_peer_that_stops_reading_times_out() {
         let _ = release_rx.await;
         drop(s);
     });
+    (addr, release_tx, peer)
+}
+
+/// A peer that answers the producer's Metadata request (one partition of `big`, encoded by
+/// the core) and then stops reading: a Produce larger than the socket buffers blocks its
+/// write, and the call still fails with TimedOut at its deadline (the connection's deadline
+/// races its writes, not only its reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_blocked_writing_to_a_peer_that_stops_reading_times_out() {
+    let (addr, release_tx, peer) = metadata_then_silent_peer();
     let timeout = Duration::from_millis(500);
     let c = Client::builder()
         .pool_size(1)
@@ -885,6 +897,62 @@ async fn a_call_blocked_writing_to_a_peer_that_stops_reading_times_out() {
         took >= timeout && took < timeout + Duration::from_millis(1000),
         "{took:?}"
     );
+    let _ = release_tx.send(());
+    peer.await.unwrap();
+}
+
+/// A request held until the one before it is written (it did not fit behind it in the
+/// connection's transmit buffer) fails at its deadline as never sent, saying so, while the
+/// one before it is blocked writing to a peer that stopped reading.
+#[tokio::test]
+async fn a_batch_held_behind_one_blocked_writing_times_out_as_never_sent() {
+    let (addr, release_tx, peer) = metadata_then_silent_peer();
+    let timeout = Duration::from_millis(500);
+    let c = Client::builder()
+        .pool_size(1)
+        .request_timeout(timeout)
+        .max_frame_len(9 << 20)
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    let producer = Producer::with_config(
+        &c,
+        ProducerConfig::default()
+            .batch_max_bytes(8 << 20)
+            .buffer_max_bytes(32 << 20)
+            .linger(Duration::from_secs(10))
+            .retries(0),
+    )
+    .unwrap();
+    // Two batches of two 3 MiB records (the fifth record opens a third): both handed to the
+    // connection at once (this runtime has one thread); the second can't follow the first
+    // into the transmit buffer until the first is written, which never finishes.
+    let value = streambus_client::Bytes::from(vec![b'v'; 3 << 20]);
+    let mut deliveries = Vec::new();
+    producer
+        .enqueue_many(
+            (0..5).map(|_| Record::new("big", value.clone())),
+            &mut deliveries,
+        )
+        .await
+        .unwrap();
+    let mut errors = Vec::new();
+    for d in deliveries.into_iter().take(4) {
+        let e = tokio::time::timeout(Duration::from_secs(10), d)
+            .await
+            .expect("a delivery hangs past its timeout")
+            .unwrap_err();
+        errors.push(e.to_string());
+    }
+    for e in &errors[..2] {
+        assert!(e.contains("waiting for the broker's answer"), "{errors:?}");
+    }
+    for e in &errors[2..] {
+        assert!(
+            e.contains("waiting for the connection to write the requests queued before it"),
+            "{errors:?}"
+        );
+    }
     let _ = release_tx.send(());
     peer.await.unwrap();
 }
