@@ -788,28 +788,19 @@ pub(crate) async fn run(
             }
             let busy = driver.connection().in_flight() > 0;
             held = submit(&mut driver, &mut pending, job, request_timeout);
-            // Every call already waiting goes out in the same write.
-            drain(
-                &mut driver,
-                &mut pending,
-                &mut jobs,
-                &mut held,
-                depth,
-                request_timeout,
-            );
-            if busy && held.is_none() && driver.connection().in_flight() < depth {
-                // Calls are in flight already (a pipelining load, not a lone caller
-                // waiting): let the callers that are ready run first, so their requests
-                // share this write (one send per request costs more than the request).
+            // Every call already waiting goes out in the same write. When calls are in flight
+            // already (a pipelining load, not a lone caller waiting), the callers that are
+            // ready run first, once, so their requests share this write too (one send per
+            // request costs more than the request).
+            let mut again = busy;
+            loop {
+                let (d, p, j, h) = (&mut driver, &mut pending, &mut jobs, &mut held);
+                drain(d, p, j, h, depth, request_timeout);
+                if !(again && held.is_none() && driver.connection().in_flight() < depth) {
+                    break;
+                }
+                again = false;
                 tokio::task::yield_now().await;
-                drain(
-                    &mut driver,
-                    &mut pending,
-                    &mut jobs,
-                    &mut held,
-                    depth,
-                    request_timeout,
-                );
             }
             continue;
         }
