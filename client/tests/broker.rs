@@ -911,23 +911,24 @@ async fn a_batch_held_behind_one_blocked_writing_times_out_as_never_sent() {
     let c = Client::builder()
         .pool_size(1)
         .request_timeout(timeout)
-        .max_frame_len(9 << 20)
+        .max_frame_len(13 << 20)
         .connect(addr.to_string())
         .await
         .unwrap();
     let producer = Producer::with_config(
         &c,
         ProducerConfig::default()
-            .batch_max_bytes(8 << 20)
-            .buffer_max_bytes(32 << 20)
+            .batch_max_bytes(12 << 20)
+            .buffer_max_bytes(64 << 20)
             .linger(Duration::from_secs(10))
             .retries(0),
     )
     .unwrap();
-    // Two batches of two 3 MiB records (the fifth record opens a third): both handed to the
+    // Two batches of two 5 MiB records (the fifth record opens a third): both handed to the
     // connection at once (this runtime has one thread); the second can't follow the first
-    // into the transmit buffer until the first is written, which never finishes.
-    let value = streambus_client::Bytes::from(vec![b'v'; 3 << 20]);
+    // into the transmit buffer until the first is written, which never finishes (10 MiB,
+    // more than twice what a socket's send buffer holds at most by default, 4 MiB).
+    let value = streambus_client::Bytes::from(vec![b'v'; 5 << 20]);
     let mut deliveries = Vec::new();
     producer
         .enqueue_many(
