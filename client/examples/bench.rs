@@ -67,6 +67,18 @@ fn main() -> Result<(), Error> {
     })
 }
 
+/// The count in environment variable `name`, or `default` when it is not set; a value that is
+/// not a count is an error naming the variable.
+fn env_count(name: &'static str, default: usize) -> Result<usize, Error> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) => v.parse().map_err(|e| Error::Config {
+            setting: name,
+            reason: format!("{v:?} is not a count: {e}"),
+        }),
+    }
+}
+
 async fn run() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut args = args.into_iter();
@@ -88,15 +100,15 @@ async fn run() -> Result<(), Error> {
     // broker does the same work for both.
     let idempotence = std::env::var("BENCH_IDEMPOTENCE").map_or(true, |v| v != "false");
     // BENCH_MAX_IN_FLIGHT=n: batches in flight per partition (default 5).
-    let max_in_flight = std::env::var("BENCH_MAX_IN_FLIGHT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(ProducerConfig::default().max_in_flight);
+    let max_in_flight = env_count(
+        "BENCH_MAX_IN_FLIGHT",
+        ProducerConfig::default().max_in_flight,
+    )?;
     // BENCH_BATCH_BYTES=n: the producer's batch size in bytes (default 1 MiB).
-    let batch_bytes = std::env::var("BENCH_BATCH_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(ProducerConfig::default().batch_max_bytes);
+    let batch_bytes = env_count(
+        "BENCH_BATCH_BYTES",
+        ProducerConfig::default().batch_max_bytes,
+    )?;
     let producer_config = ProducerConfig::default()
         .idempotence(idempotence)
         .max_in_flight(max_in_flight)

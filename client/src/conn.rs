@@ -811,14 +811,13 @@ pub(crate) async fn run(
             Ok(Wake::Other(Event::Job(None))) => break None,
             Ok(Wake::Other(Event::Deadline)) => {
                 let now = Instant::now();
-                let timed_out = |timeout| Error::TimedOut {
-                    context: Context::default(),
-                    waiting: "waiting for the broker's answer",
-                    after: timeout,
-                };
                 while let Some((reply, timeout)) = pending.pop_expired(now) {
                     // Its late answer, if any, goes to nobody; its slot is freed then.
-                    reply.send(Err(timed_out(timeout)));
+                    reply.send(Err(Error::TimedOut {
+                        context: Context::default(),
+                        waiting: "waiting for the broker's answer",
+                        after: timeout,
+                    }));
                 }
                 if let Some(job) = held.take_if(|j| j.deadline <= now) {
                     // Never sent (the requests before it are still being written).

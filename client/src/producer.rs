@@ -768,8 +768,8 @@ struct State {
     /// of their own. Given back whenever the semaphore runs short, and not taken again while
     /// a caller waits for room ([`waiting`](Self::waiting)): nobody waits for room this holds.
     reserve: usize,
-    /// Callers waiting for room in the buffer ([`BufferFull::Block`]): counted under the lock
-    /// when refused, uncounted when their wait ends.
+    /// Callers waiting for room in the buffer ([`BufferFull::Block`]): counted by
+    /// [`Producer::try_take`] under the lock that refused them, uncounted when their wait ends.
     waiting: usize,
 }
 
@@ -1051,13 +1051,7 @@ impl Producer {
                             break;
                         }
                         // An unknown topic or a full buffer: `enqueue` waits for it.
-                        Take::UnknownTopic => {
-                            slow = Some(Ok(record));
-                            break;
-                        }
-                        Take::BufferFull(..) => {
-                            // `enqueue` counts itself as waiting if it has to.
-                            st.waiting = st.waiting.saturating_sub(1);
+                        Take::UnknownTopic | Take::BufferFull(..) => {
                             slow = Some(Ok(record));
                             break;
                         }
@@ -1110,7 +1104,7 @@ impl Producer {
                             .partition(partition)
                     };
                     let permits = u32::try_from(size).unwrap_or(u32::MAX);
-                    // Counted as waiting since `take_locked` refused it (under the lock): no
+                    // Counted as waiting since `try_take` was refused (under the lock): no
                     // reserve is taken meanwhile. Uncounted however the wait ends.
                     let _waiting = Waiting(inner);
                     // Boxed: a rare path, kept out of `enqueue`'s future.
@@ -1149,6 +1143,11 @@ impl Producer {
         let (take, wake) = self.take_locked(
             &mut st, message, record, size, picked, credit, urgent, &mut one,
         );
+        if matches!(take, Take::BufferFull(..)) {
+            // The caller waits for room (`take`): counted before the lock is released, so
+            // no reserve is taken before its wait begins (see `State::waiting`).
+            st.waiting += 1;
+        }
         drop(st);
         if wake {
             self.inner.wake_linger.notify_one();
@@ -1171,8 +1170,7 @@ impl Producer {
     /// uses `size` of the `credit` (buffer permits its caller holds) when there is that much,
     /// else takes room from the reserve ([`State::reserve`]); a record refused before its
     /// bytes were counted leaves the credit as it was (one refused after gives its bytes back
-    /// to the buffer). A record refused for want of room under [`BufferFull::Block`] counts
-    /// its caller in [`State::waiting`].
+    /// to the buffer).
     #[allow(clippy::too_many_arguments)]
     fn take_locked(
         &self,
@@ -1217,11 +1215,7 @@ impl Producer {
                     let e = Error::invalid(ctx(), "the producer's buffer is full");
                     (Take::Done(Err(e)), false)
                 }
-                BufferFull::Block(d) => {
-                    // Its caller waits for room: see `State::waiting`.
-                    st.waiting += 1;
-                    (Take::BufferFull(partition, d), false)
-                }
+                BufferFull::Block(d) => (Take::BufferFull(partition, d), false),
             };
         }
         let mut ship = false;

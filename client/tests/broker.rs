@@ -859,29 +859,46 @@ fn metadata_then_silent_peer() -> (
     (addr, release_tx, peer)
 }
 
+/// A producer with `config` on a client of one connection (requests time out after `timeout`,
+/// frames up to `max_frame_len`) to [`metadata_then_silent_peer`], with the peer's release and
+/// task.
+async fn silent_peer_producer(
+    timeout: Duration,
+    max_frame_len: u32,
+    config: ProducerConfig,
+) -> (
+    Producer,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (addr, release_tx, peer) = metadata_then_silent_peer();
+    let c = Client::builder()
+        .pool_size(1)
+        .request_timeout(timeout)
+        .max_frame_len(max_frame_len)
+        .connect(addr.to_string())
+        .await
+        .unwrap();
+    (Producer::with_config(&c, config).unwrap(), release_tx, peer)
+}
+
 /// A peer that answers the producer's Metadata request (one partition of `big`, encoded by
 /// the core) and then stops reading: a Produce larger than the socket buffers blocks its
 /// write, and the call still fails with TimedOut at its deadline (the connection's deadline
 /// races its writes, not only its reads).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_blocked_writing_to_a_peer_that_stops_reading_times_out() {
-    let (addr, release_tx, peer) = metadata_then_silent_peer();
     let timeout = Duration::from_millis(500);
-    let c = Client::builder()
-        .pool_size(1)
-        .request_timeout(timeout)
-        .connect(addr.to_string())
-        .await
-        .unwrap();
-    let producer = Producer::with_config(
-        &c,
+    let (producer, release_tx, peer) = silent_peer_producer(
+        timeout,
+        streambus_core::DEFAULT_MAX_FRAME_LEN,
         ProducerConfig::default()
             .batch_max_bytes(9 << 20)
             .buffer_max_bytes(9 << 20)
             .retries(0)
             .idempotence(false),
     )
-    .unwrap();
+    .await;
     let started = Instant::now();
     // Bounded here too: a regression fails the test instead of hanging it.
     let e = tokio::time::timeout(
@@ -906,24 +923,16 @@ async fn a_call_blocked_writing_to_a_peer_that_stops_reading_times_out() {
 /// one before it is blocked writing to a peer that stopped reading.
 #[tokio::test]
 async fn a_batch_held_behind_one_blocked_writing_times_out_as_never_sent() {
-    let (addr, release_tx, peer) = metadata_then_silent_peer();
-    let timeout = Duration::from_millis(500);
-    let c = Client::builder()
-        .pool_size(1)
-        .request_timeout(timeout)
-        .max_frame_len(13 << 20)
-        .connect(addr.to_string())
-        .await
-        .unwrap();
-    let producer = Producer::with_config(
-        &c,
+    let (producer, release_tx, peer) = silent_peer_producer(
+        Duration::from_millis(500),
+        13 << 20,
         ProducerConfig::default()
             .batch_max_bytes(12 << 20)
             .buffer_max_bytes(64 << 20)
             .linger(Duration::from_secs(10))
             .retries(0),
     )
-    .unwrap();
+    .await;
     // Two batches of two 5 MiB records (the fifth record opens a third): both handed to the
     // connection at once (this runtime has one thread); the second can't follow the first
     // into the transmit buffer until the first is written, which never finishes (10 MiB,

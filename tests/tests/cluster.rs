@@ -2298,8 +2298,8 @@ fn a_follower_down_while_retention_purged_is_restored_by_snapshot_with_the_leade
 
 /// A connection's pipelined idempotent batches to a partition leader are appended in the
 /// order sent: 300 one-record batches (sequences 0 to 299) written without waiting for any
-/// answer are each acknowledged, at offsets 0 to 299 (none refused OutOfOrderSequence for a
-/// later batch that overtook it on its way to the Raft group).
+/// answer are each acknowledged, at offsets 1 to 300 after the warm-up record at 0 (none
+/// refused OutOfOrderSequence for a later batch that overtook it on its way to the Raft group).
 #[test]
 fn pipelined_idempotent_batches_on_one_connection_are_appended_in_the_order_sent() {
     let (ports, peers, dirs) = three_peers();
