@@ -67,6 +67,31 @@ fn main() -> Result<(), Error> {
     })
 }
 
+/// This process's CPU time so far (user and system), from `/proc/self/stat` (Linux; `None`
+/// elsewhere), in its 10 ms clock ticks: a fraction of a percent over a run of seconds.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // utime and stime are the 14th and 15th fields: the 12th and 13th after the command name
+    // (in parentheses, and it may hold spaces).
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// The client's CPU time per record since `cpu0`, in ns, for a producer mode's line: a cost
+/// that two builds can be compared by in one run whatever the broker's speed.
+fn cpu_per_record(cpu0: Option<Duration>, records: u64) -> String {
+    match (cpu0, cpu_time()) {
+        (Some(a), Some(b)) if records > 0 => format!(
+            "; client CPU {:.0} ns/msg",
+            b.saturating_sub(a).as_nanos() as f64 / records as f64
+        ),
+        _ => String::new(),
+    }
+}
+
 /// The count in environment variable `name`, or `default` when it is not set; a value that is
 /// not a count is an error naming the variable.
 fn env_count(name: &'static str, default: usize) -> Result<usize, Error> {
@@ -152,6 +177,7 @@ async fn run() -> Result<(), Error> {
             // Up to 200 calls (200 000 records) unacknowledged, as the other modes.
             let mut pending: VecDeque<Deliveries> = VecDeque::new();
             let mut acked = 0u64;
+            let cpu0 = cpu_time();
             let start = Instant::now();
             let end = start + duration;
             while Instant::now() < end {
@@ -170,8 +196,9 @@ async fn run() -> Result<(), Error> {
             }
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "sdk batching produce: {acked} messages acknowledged in {secs:.2}s = {:.2} M msg/s",
-                acked as f64 / secs / 1e6
+                "sdk batching produce: {acked} messages acknowledged in {secs:.2}s = {:.2} M msg/s{}",
+                acked as f64 / secs / 1e6,
+                cpu_per_record(cpu0, acked)
             );
         }
         "produce" | "produce-many" => {
@@ -184,6 +211,7 @@ async fn run() -> Result<(), Error> {
             let mut pending = VecDeque::new();
             let mut chunk = Vec::with_capacity(1000);
             let mut acked = 0u64;
+            let cpu0 = cpu_time();
             let start = Instant::now();
             let end = start + duration;
             while Instant::now() < end {
@@ -213,8 +241,9 @@ async fn run() -> Result<(), Error> {
             }
             let secs = start.elapsed().as_secs_f64();
             println!(
-                "sdk batching produce: {acked} messages acknowledged in {secs:.2}s = {:.2} M msg/s",
-                acked as f64 / secs / 1e6
+                "sdk batching produce: {acked} messages acknowledged in {secs:.2}s = {:.2} M msg/s{}",
+                acked as f64 / secs / 1e6,
+                cpu_per_record(cpu0, acked)
             );
         }
         "consume" => {
