@@ -20,7 +20,8 @@ use crate::error::{Context, Error, ErrorCode, Result};
 use crate::route::RouteTable;
 use crate::types::{Health, Metadata, PartitionOffsets, TopicInfo};
 
-/// Settings of a [`Client`]; build one with [`Client::builder`].
+/// Settings of a [`Client`]; build one with [`Client::builder`]. Every duration is at most
+/// 365 days ([`Error::Config`] names one that is longer).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ClientConfig {
@@ -165,6 +166,16 @@ impl ClientConfig {
             if d.is_zero() {
                 return Err(Error::config(name, "must be greater than zero"));
             }
+        }
+        for (name, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("request_timeout", self.request_timeout),
+            ("metadata_refresh", self.metadata_refresh),
+            ("reconnect_backoff", self.reconnect_backoff),
+            ("reconnect_backoff_max", self.reconnect_backoff_max),
+            ("max_poll_wait", self.max_poll_wait),
+        ] {
+            Error::check_duration(name, d)?;
         }
         if self.token.as_ref().is_some_and(|t| t.expose().is_empty()) {
             return Err(Error::config("token", "must not be empty"));

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use crate::client::{Client, mismatch, validate_topic};
 use crate::conn::{AHEAD_DEPTH, Ahead, Fetched, Reply, Req};
-use crate::error::{Context, Error, ErrorCode, Result};
+use crate::error::{Context, Error, ErrorCode, ProtocolError, Result};
 use crate::types::ConsumerRecord;
 
 /// Where to start reading a partition.
@@ -48,7 +48,8 @@ pub enum ResetPolicy {
 #[non_exhaustive]
 pub struct ConsumerConfig {
     /// How long the broker may hold a fetch that has nothing yet (long poll, protocol §6.1;
-    /// default 500 ms, capped by the client's `max_poll_wait`).
+    /// default 500 ms). At most the client's `max_poll_wait`: [`Consumer::with_config`]
+    /// refuses a longer one, and [`Consumer::new`] lowers the default to it.
     pub max_wait: Duration,
     /// Bytes of records that end the broker's wait early (default 1: any record).
     pub min_bytes: u32,
@@ -153,7 +154,7 @@ const PREFETCH: usize = 2;
 /// fetches, so producers and admin calls sharing the client are not starved; give a consumer
 /// of very many partitions its own [`Client`] with a larger pool. A broker that answers an
 /// empty fetch at once (no long poll) is polled again after a
-/// short, growing pause (5 ms doubling to 50 ms), never in a hot loop.
+/// short, growing pause (10 ms doubling to 50 ms), never in a hot loop.
 ///
 /// ```no_run
 /// # async fn demo(client: streambus_client::Client) -> Result<(), streambus_client::Error> {
@@ -209,7 +210,11 @@ impl Consumer {
         let (tx, rx) = mpsc::channel(PREFETCH);
         Self {
             client: client.clone(),
-            config: ConsumerConfig::default(),
+            config: ConsumerConfig::default().max_wait(
+                ConsumerConfig::default()
+                    .max_wait
+                    .min(client.config().max_poll_wait),
+            ),
             parts: HashMap::new(),
             fetchers: JoinSet::new(),
             tx,
@@ -317,9 +322,9 @@ impl Consumer {
 
     /// How many records an assigned partition holds past [`position`](Self::position), as of
     /// the broker's latest fetch answer for it: `Some(0)` when this consumer has caught up
-    /// (until more are produced), `None` before the partition's first answer (or for a
-    /// partition not assigned). Answers come without waiting for `poll`, so this is current
-    /// within one long poll (`max_wait`).
+    /// (until more are produced), `None` before the partition's first answer has been handed
+    /// over (or for a partition not assigned). Answers are handed over by [`poll`](Self::poll),
+    /// [`recv`](Self::recv) and the [`Stream`]: this is as current as the last of those calls.
     pub fn lag(&self, topic: &str, partition: u32) -> Option<i64> {
         let (_, a) = self
             .parts
@@ -376,11 +381,18 @@ impl Consumer {
                 "no partition is assigned",
             ));
         }
-        let deadline = Instant::now() + timeout;
+        // A timeout past the clock's range (`Duration::MAX`) waits without a deadline.
+        let deadline = Instant::now().checked_add(timeout);
         loop {
-            let done = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                Err(_) | Ok(None) => return Ok(Vec::new()),
-                Ok(Some(done)) => done,
+            let next = match deadline {
+                Some(d) => tokio::time::timeout_at(d, self.rx.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+                None => self.rx.recv().await,
+            };
+            let Some(done) = next else {
+                return Ok(Vec::new());
             };
             if let Some(records) = self.accept(done) {
                 return records;
@@ -549,7 +561,8 @@ async fn fetcher(
                 records.retain(|r| r.offset >= offset);
                 let next = records
                     .last()
-                    .map(|r| r.offset + 1)
+                    // Below i64::MAX: `fetch` refuses a record there.
+                    .map(|r| r.offset.saturating_add(1))
                     .or(f.next_offset)
                     .unwrap_or(offset)
                     .max(offset);
@@ -630,17 +643,28 @@ async fn fetch(
     match client.call(req, &ctx, timeout).await {
         Ok(Reply::Fetch(f)) => {
             let records = f.records()?;
+            if records.last().is_some_and(|r| r.offset == i64::MAX) {
+                // No offset follows it: fetching on would bring it again, forever.
+                return Err(Error::Protocol {
+                    context: ctx,
+                    source: ProtocolError::Unexpected(format!(
+                        "a record at offset {}, the largest there is (no next offset to fetch)",
+                        i64::MAX
+                    )),
+                });
+            }
             Ok(Outcome::Records(f, records))
         }
         Ok(other) => Err(mismatch(ctx, &other)),
-        Err(e) if e.code() == Some(ErrorCode::OFFSET_OUT_OF_RANGE) => {
-            let o = client.offsets(topic, *partition).await?;
-            match config.reset {
-                ResetPolicy::Error => Err(e),
-                ResetPolicy::Earliest => Ok(Outcome::Reset(o.start)),
-                ResetPolicy::Latest => Ok(Outcome::Reset(o.end)),
-            }
-        }
+        Err(e) if e.code() == Some(ErrorCode::OFFSET_OUT_OF_RANGE) => match config.reset {
+            // The broker's error as it came, with no GetOffset sent (whose own failure would
+            // stand in for it).
+            ResetPolicy::Error => Err(e),
+            ResetPolicy::Earliest => Ok(Outcome::Reset(
+                client.offsets(topic, *partition).await?.start,
+            )),
+            ResetPolicy::Latest => Ok(Outcome::Reset(client.offsets(topic, *partition).await?.end)),
+        },
         Err(e) => Err(e),
     }
 }

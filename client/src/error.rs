@@ -200,6 +200,10 @@ fn code_name(code: ErrorCode) -> &'static str {
 
 /// Broker codes that a retry may cure: RequestTimeout, StorageError, ChecksumMismatch (the
 /// frame was damaged in transit) and NotLeader.
+/// The longest duration a setting takes: 365 days. Deadlines are computed by adding settings
+/// to the clock (some two at a time), and a longer one would run past the clock's range.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+
 const RETRIABLE_CODES: [u16; 4] = [6, 7, 10, 15];
 
 /// [`Error::TimedOut`]'s `waiting` while dialling.
@@ -350,6 +354,17 @@ impl Error {
             context,
             reason: reason.into(),
         }
+    }
+
+    /// `Err` naming `setting` when duration `d` is longer than [`MAX_DURATION`].
+    pub(crate) fn check_duration(setting: &'static str, d: Duration) -> Result<()> {
+        if d > MAX_DURATION {
+            return Err(Self::config(
+                setting,
+                format!("{d:?} is longer than the maximum of 365 days"),
+            ));
+        }
+        Ok(())
     }
 
     pub(crate) fn config(setting: &'static str, reason: impl Into<String>) -> Self {

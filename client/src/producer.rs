@@ -30,7 +30,8 @@ pub enum BufferFull {
     FailFast,
 }
 
-/// Settings of a [`Producer`].
+/// Settings of a [`Producer`]. Every duration is at most 365 days ([`Error::Config`] names
+/// one that is longer).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ProducerConfig {
@@ -167,6 +168,12 @@ impl ProducerConfig {
                 "delivery_timeout",
                 "must be greater than zero",
             ));
+        }
+        Error::check_duration("linger", self.linger)?;
+        Error::check_duration("delivery_timeout", self.delivery_timeout)?;
+        Error::check_duration("retry_backoff", self.retry_backoff)?;
+        if let BufferFull::Block(d) = self.buffer_full {
+            Error::check_duration("buffer_full", d)?;
         }
         if matches!(self.buffer_full, BufferFull::Block(d) if d.is_zero()) {
             return Err(Error::config(

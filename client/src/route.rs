@@ -37,13 +37,11 @@ impl RouteTable {
                 self.leaders.remove(t.name.as_str());
                 continue;
             }
-            let len = t
-                .partitions
-                .iter()
-                .map(|p| p.partition as usize + 1)
-                .max()
-                .unwrap_or(0);
-            let mut leaders = vec![None; len];
+            // Partition ids run 0..count, so the table holds as many as are listed: sizing
+            // it by the largest id would let one id of u32::MAX ask for 32 GiB. An id past
+            // the count listed is left out (its requests go to the bootstrap broker, whose
+            // NotLeader reads the Metadata again).
+            let mut leaders = vec![None; t.partitions.len()];
             for p in &t.partitions {
                 if let Some(slot) = leaders.get_mut(p.partition as usize) {
                     *slot = p.leader;
@@ -186,6 +184,20 @@ mod tests {
         assert!(!t.has_address("127.0.0.1:9003"));
         assert!(t.has_address("127.0.0.1:9002"));
         assert_eq!(t.topics(), [Arc::from("a")]);
+    }
+
+    #[test]
+    fn a_partition_id_past_the_count_listed_is_left_out() {
+        let mut t = RouteTable::default();
+        let mut m = three_brokers(vec![topic("a", &[Some(1), Some(2)])]);
+        if let Some(p) = m.topics.get_mut(0).and_then(|t| t.partitions.get_mut(1)) {
+            p.partition = u32::MAX;
+        }
+        t.learn(&m, true);
+        assert_eq!(t.leader("a", 0).map(|a| &**a), Some("127.0.0.1:9001"));
+        assert_eq!(t.leader("a", 1), None);
+        assert_eq!(t.leader("a", u32::MAX), None);
+        assert_eq!(t.leaders.get("a").map(|l| l.len()), Some(2));
     }
 
     #[test]

@@ -31,12 +31,16 @@ use crate::types::{
 };
 use crate::{ClientBuilder, ConsumerConfig, Delivery, Offset, ProducerConfig};
 
-/// Runs `fut` on the client's runtime and awaits it from the caller's executor.
+/// Runs `fut` on the client's runtime and awaits it from the caller's executor. Dropping the
+/// returned future cancels `fut` there, as dropping a call's future does on tokio: a call given
+/// up on (a timeout raced against it) does not go on unobserved, holding what it holds (a
+/// consumer's lock) and taking what it was waiting for (the next record).
 async fn on<T: Send + 'static>(
     rt: &crate::blocking::Runtime,
     fut: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    rt.spawn(fut).await.unwrap_or_else(|e| {
+    let mut task = AbortOnDrop(rt.spawn(fut));
+    (&mut task.0).await.unwrap_or_else(|e| {
         Err(Error::Closed {
             context: Context::new(if e.is_panic() {
                 "panicked call"
@@ -46,6 +50,17 @@ async fn on<T: Send + 'static>(
             what: "client runtime",
         })
     })
+}
+
+/// A task of the client's runtime, cancelled when its caller drops it (a tokio `JoinHandle`
+/// dropped lets its task run on).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        // A no-op once the task has finished.
+        self.0.abort();
+    }
 }
 
 /// An async [`crate::Client`] for any executor.
@@ -207,8 +222,9 @@ impl Producer {
     }
 }
 
-/// An async [`crate::Consumer`] for any executor. Cancelling a `poll` (dropping its future)
-/// may drop the records it fetched: the position has moved past them.
+/// An async [`crate::Consumer`] for any executor. Cancelling a `poll` or `recv` (dropping its
+/// future) cancels it on the client's runtime too, as on tokio: records it had already taken
+/// may be dropped (the position has moved past them); the consumer is free for the next call.
 #[derive(Debug)]
 pub struct Consumer {
     rt: Arc<crate::blocking::Runtime>,

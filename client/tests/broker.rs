@@ -77,10 +77,19 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
     let b = broker(dir.path());
     let addr = b.addr().to_string();
     // Each bad setting is refused before dialling, naming the setting.
-    let bad_settings: [(&str, streambus_client::ClientBuilder); 4] = [
+    let bad_settings: [(&str, streambus_client::ClientBuilder); 6] = [
         (
             "request_timeout",
             Client::builder().request_timeout(Duration::ZERO),
+        ),
+        // Past the clock's range once added to it (the dial adds two settings).
+        (
+            "max_poll_wait",
+            Client::builder().max_poll_wait(Duration::MAX),
+        ),
+        (
+            "connect_timeout",
+            Client::builder().connect_timeout(Duration::from_secs(366 * 86_400)),
         ),
         (
             "metadata_refresh",
@@ -96,6 +105,16 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
             "{name}: {e}"
         );
     }
+    let e = Client::builder()
+        .request_timeout(Duration::MAX)
+        .connect(&addr)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "invalid setting request_timeout: 18446744073709551615.999999999s is longer than the \
+         maximum of 365 days"
+    );
     let e = Client::builder()
         .connect_bootstrap(Vec::<String>::new())
         .await
@@ -157,6 +176,23 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
     )
     .unwrap_err();
     assert!(matches!(e, Error::Config { .. }), "{e}");
+    for (name, config) in [
+        (
+            "delivery_timeout",
+            ProducerConfig::default().delivery_timeout(Duration::MAX),
+        ),
+        ("linger", ProducerConfig::default().linger(Duration::MAX)),
+        (
+            "buffer_full",
+            ProducerConfig::default().buffer_full(BufferFull::Block(Duration::MAX)),
+        ),
+    ] {
+        let e = Producer::with_config(&c, config).unwrap_err();
+        assert!(
+            matches!(e, Error::Config { setting, .. } if setting == name),
+            "{name}: {e}"
+        );
+    }
     // None, or more than the 5 batches the broker remembers per idempotent producer.
     for n in [0, 6] {
         let e = Producer::with_config(&c, ProducerConfig::default().max_in_flight(n)).unwrap_err();
@@ -191,6 +227,15 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::TOPIC_NOT_FOUND), "{e}");
+    // "Wait as long as it takes" as a `Duration::MAX` timeout: no deadline, no overflow.
+    let at = p.send(Record::new("t", "last").partition(0)).await.unwrap();
+    consumer
+        .assign("t", 0, Offset::At(at.offset))
+        .await
+        .unwrap();
+    let got = consumer.poll(Duration::MAX).await.unwrap();
+    let got: Vec<_> = got.iter().map(|r| (r.offset, r.value().to_vec())).collect();
+    assert_eq!(got, [(at.offset, b"last".to_vec())]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -97,3 +97,42 @@ fn smol_calls_to_a_silent_peer_time_out() {
     });
     t.join().unwrap();
 }
+
+/// Dropping a smol call's future cancels the call on the client's runtime, as on tokio: a
+/// `recv` given up on (a timer raced against it, on an idle partition) no longer holds the
+/// consumer, and the record produced after it is the next `poll`'s rather than the abandoned
+/// call's. Before, the call ran on unobserved: the `poll` waited on the consumer's lock with no
+/// bound, and the record went to nobody.
+#[test]
+fn a_recv_given_up_on_leaves_the_consumer_free_and_loses_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    smol::block_on(async {
+        let c = Client::connect(b.addr().to_string()).await.unwrap();
+        assert!(c.create_topic("idle", 1).await.unwrap());
+        let mut consumer = Consumer::new(&c);
+        consumer.assign("idle", 0, Offset::Earliest).await.unwrap();
+        let gave_up = smol::future::or(async { Some(consumer.recv().await) }, async {
+            smol::Timer::after(Duration::from_millis(200)).await;
+            None
+        })
+        .await;
+        assert!(gave_up.is_none(), "nothing was produced: {gave_up:?}");
+        let p = Producer::new(&c);
+        let at = p.send(Record::new("idle", "after")).await.unwrap();
+        assert_eq!((at.partition, at.offset), (0, 0));
+        // Bounded here, not by `poll`'s own timeout (which did not cover the lock).
+        let got = smol::future::or(
+            async { Some(consumer.poll(Duration::from_secs(10)).await) },
+            async {
+                smol::Timer::after(Duration::from_secs(20)).await;
+                None
+            },
+        )
+        .await
+        .expect("poll returned within its timeout")
+        .unwrap();
+        let got: Vec<_> = got.iter().map(|r| (r.offset, r.value().to_vec())).collect();
+        assert_eq!(got, [(0, b"after".to_vec())]);
+    });
+}
