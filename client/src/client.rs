@@ -760,11 +760,14 @@ impl Client {
 
     /// A read-only admin request to the admin broker (the bootstrap one at first), or, when
     /// it is unreachable (a connection error or timeout), to the other brokers the Metadata
-    /// lists, in turn; the one that answers takes the admin calls from then on.
+    /// lists, in turn; the one that answers takes the admin calls from then on. In a cluster
+    /// each broker tried gets an equal share of the time left, so one that hangs (its kernel
+    /// still accepting connections) leaves time for the others.
     async fn call_any(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
         let unreachable =
             |r: &Result<Reply>| matches!(r, Err(Error::Io { .. } | Error::TimedOut { .. }));
-        self.call_failing_over(req, ctx, timeout, unreachable).await
+        self.call_failing_over(req, ctx, timeout, unreachable, Share::Each)
+            .await
     }
 
     /// An admin write (CreateTopic, DeleteTopic), never sent twice where it may have been
@@ -778,9 +781,13 @@ impl Client {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let r = self
-                .call_failing_over(req.clone(), ctx, left, |r| {
-                    r.as_ref().is_err_and(Error::never_sent)
-                })
+                .call_failing_over(
+                    req.clone(),
+                    ctx,
+                    left,
+                    |r| r.as_ref().is_err_and(Error::never_sent),
+                    Share::First,
+                )
                 .await;
             match &r {
                 Err(e) if e.code() == Some(ErrorCode::NOT_LEADER) => {
@@ -799,15 +806,17 @@ impl Client {
         }
     }
 
-    /// `req` to the admin broker, or, when `fail_over` says its answer is one another broker
+    /// `req` to the admin broker, or, when `unreachable` says its answer is one another broker
     /// may do better with, to the other brokers the Metadata lists, in turn, until `timeout`;
-    /// the one that answers takes the admin calls from then on.
+    /// the one that answers takes the admin calls from then on. `share`: how the time is
+    /// split between the brokers tried.
     async fn call_failing_over(
         &self,
         req: Req,
         ctx: &Context,
         timeout: Duration,
         unreachable: fn(&Result<Reply>) -> bool,
+        share: Share,
     ) -> Result<Reply> {
         let deadline = Instant::now() + timeout;
         let again = self
@@ -820,20 +829,33 @@ impl Client {
             Some(p) => Arc::from(p.addr.as_str()),
             None => Arc::from(self.inner.pool.addr.as_str()),
         };
-        let first = self.call_resending(req, ctx, timeout, admin).await;
+        let mut others: Vec<Arc<str>> = match &again {
+            Some(_) => self.inner.routing().table.addresses(),
+            None => Vec::new(),
+        };
+        others.retain(|a| *a != tried);
+        // The time for one broker when `left` is shared by it and the `after` others still to
+        // be tried.
+        let budget = |left: Duration, after: usize| match share {
+            Share::First => left,
+            Share::Each => left / u32::try_from(after.saturating_add(1)).unwrap_or(u32::MAX),
+        };
+        let first = self
+            .call_resending(req, ctx, budget(timeout, others.len()), admin)
+            .await;
         let Some(req) = again.filter(|_| unreachable(&first)) else {
             return first;
         };
-        let mut others: Vec<Arc<str>> = self.inner.routing().table.addresses();
-        others.retain(|a| *a != tried);
-        for addr in others {
+        let count = others.len();
+        for (i, addr) in others.into_iter().enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
             let pool = self.pool_for(&addr)?;
+            let after = count.saturating_sub(i + 1);
             let r = self
-                .call_resending(req.clone(), ctx, left, Some(pool))
+                .call_resending(req.clone(), ctx, budget(left, after), Some(pool))
                 .await;
             if !unreachable(&r) {
                 tracing::debug!(%addr, unreachable = %tried, "admin calls go to another broker");
@@ -1166,6 +1188,16 @@ impl Client {
 }
 
 /// Reads the Metadata of the topics the client routes every `every`, until the client goes.
+/// How [`Client::call_failing_over`] splits its time between the brokers it tries.
+#[derive(Debug, Clone, Copy)]
+enum Share {
+    /// The first broker may take all of it; the others get what is left (a write, which a
+    /// timeout may have applied: only an error that says it was never sent fails over).
+    First,
+    /// Each broker gets an equal share of what is left (a read, which a timeout fails over).
+    Each,
+}
+
 async fn refresh_periodically(inner: Weak<Inner>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;

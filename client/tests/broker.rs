@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use streambus_client::{
@@ -2166,4 +2168,94 @@ async fn a_partition_starts_a_new_epoch_only_once_its_old_flights_are_settled() 
     );
     let want: Vec<(i64, String)> = (0..6).map(|i| (i, i.to_string())).collect();
     assert_eq!(read_back(&direct, "epochs", 6).await, want);
+}
+
+/// A fake broker on 127.0.0.1 that answers the first request of its first connection (the
+/// client's bootstrap Metadata) naming itself node 0 and `other` node 1, then reads every
+/// request of every connection and answers none (a hung broker whose kernel still takes
+/// connections). Returns its address and the count of requests it read after the first.
+async fn hung_broker_beside(other: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
+    use streambus_core::broker::peek_request_id;
+    use streambus_core::{
+        BrokerInfo, BrokerList, FrameDecoder, MetadataResponse, Response, Status, Text,
+        TopicMetadataList, encode_response, response_encoded_len,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let unanswered = Arc::new(AtomicUsize::new(0));
+    let count = unanswered.clone();
+    tokio::spawn(async move {
+        let mut first = true;
+        // Ends with the test's runtime.
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (count, answer) = (count.clone(), std::mem::take(&mut first));
+            tokio::spawn(async move {
+                let (mut buf, mut chunk, mut answer) = (Vec::new(), [0u8; 4096], answer);
+                loop {
+                    while let Ok(Status::Complete(len)) = FrameDecoder::default().next_frame(&buf) {
+                        if std::mem::take(&mut answer) {
+                            let id = peek_request_id(&buf).unwrap();
+                            let brokers = [
+                                BrokerInfo {
+                                    node_id: 0,
+                                    host: Text(b"127.0.0.1"),
+                                    port: addr.port(),
+                                },
+                                BrokerInfo {
+                                    node_id: 1,
+                                    host: Text(b"127.0.0.1"),
+                                    port: other.port(),
+                                },
+                            ];
+                            let r = Response::Metadata(MetadataResponse {
+                                brokers: BrokerList::from_slice(&brokers),
+                                topics: TopicMetadataList::from_slice(&[]),
+                            });
+                            let mut out = vec![0; response_encoded_len(&r)];
+                            let n = encode_response(id, &r, &mut out).unwrap();
+                            s.write_all(&out[..n]).await.unwrap();
+                        } else {
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        buf.drain(..len);
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, unanswered)
+}
+
+/// In a cluster, a read-only admin call whose broker hangs (it takes the request and answers
+/// nothing) goes to the next broker the Metadata lists within the call's timeout, and that
+/// broker takes the admin calls from then on. Before, the first broker was given the whole
+/// timeout: the call failed with TimedOut and every later one went to the hung broker again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_whose_broker_hangs_goes_to_the_next_broker_within_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    connect(&b).await.create_topic("on-b", 3).await.unwrap();
+    let (hung, unanswered) = hung_broker_beside(b.addr()).await;
+    // A list of two: the client reads the Metadata from the first that answers (the hung
+    // one, which answers that much), and learns it is in a cluster.
+    let c = Client::builder()
+        .request_timeout(Duration::from_secs(4))
+        .connect(format!("{hung},{}", b.addr()))
+        .await
+        .unwrap();
+    // Its share of the 4 s (2 s, one other broker) runs out at the hung broker, the rest goes
+    // to `b`, which answers.
+    let topics = c.list_topics().await.unwrap();
+    let topics: Vec<(&str, u32)> = topics.iter().map(|t| (&*t.name, t.partitions)).collect();
+    assert_eq!(topics, [("on-b", 3)]);
+    assert_eq!(unanswered.load(Ordering::SeqCst), 1);
+    // The next calls go to `b` first: the hung broker reads nothing more.
+    c.health().await.unwrap();
+    assert_eq!(c.list_topics().await.unwrap().len(), 1);
+    assert_eq!(unanswered.load(Ordering::SeqCst), 1);
 }
