@@ -594,10 +594,23 @@ impl Client {
     }
 
     /// Whether `e` says the partition's leader is elsewhere or gone: NotLeader, or (in a
-    /// cluster) a lost connection. The Metadata is then read again and the request retried.
+    /// cluster) a lost connection or no answer in time (a hung leader, whose kernel still
+    /// takes connections). The Metadata is then read again and the request retried.
     pub(crate) fn leader_lost(&self, e: &Error) -> bool {
         e.code() == Some(ErrorCode::NOT_LEADER)
-            || (matches!(e, Error::Io { .. }) && self.inner.cluster.load(Ordering::Relaxed))
+            || (matches!(e, Error::Io { .. } | Error::TimedOut { .. })
+                && self.inner.cluster.load(Ordering::Relaxed))
+    }
+
+    /// Reads `topic`'s Metadata again in the background (within the request timeout): the
+    /// next call to one of its partitions goes to the leader it names now.
+    fn refresh_soon(&self, topic: &Arc<str>) {
+        let (client, topics) = (self.clone(), [topic.clone()]);
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        self.inner
+            .pool
+            .runtime()
+            .spawn(async move { client.refresh(&topics, deadline).await });
     }
 
     /// After a request to the partition's leader at `failed` met a lost leader
@@ -732,6 +745,10 @@ impl Client {
                 .next()
                 .unwrap_or(self.inner.config.reconnect_backoff_max);
             if Instant::now() + delay >= deadline {
+                // No time left to wait for a new leader (an attempt that timed out used it
+                // all): the table is read again meanwhile, so the next call goes to the
+                // leader named now rather than to the same one.
+                self.refresh_soon(topic);
                 return Err(e);
             }
             tracing::debug!(%ctx, error = %e, "leader elsewhere or gone: reading Metadata");
@@ -1834,7 +1851,8 @@ mod tests {
         ));
         assert_eq!(c.inner.routing().pools.len(), 2);
 
-        // NotLeader (and, in a cluster, a lost connection) asks for a refresh.
+        // NotLeader (and, in a cluster, a lost connection or no answer in time) asks for a
+        // refresh.
         let not_leader = Error::Broker {
             context: Context::new("produce"),
             code: ErrorCode::NOT_LEADER,
@@ -1842,6 +1860,11 @@ mod tests {
         };
         assert!(c.leader_lost(&not_leader));
         assert!(c.leader_lost(&Error::closed_by_peer(Context::new("fetch"))));
+        assert!(c.leader_lost(&Error::TimedOut {
+            context: Context::new("fetch"),
+            waiting: "waiting for the broker's answer",
+            after: Duration::from_secs(1),
+        }));
 
         // Partition 1 moved to broker 1, and broker 3 left: its pool is closed (it is idle).
         c.learn(&metadata(&[9001, 9002], &[1, 1]), true);

@@ -7,9 +7,9 @@ use std::time::Duration;
 use streambus_adapters::{Handler, Reply, ServeOptions};
 use streambus_client::{Client, ErrorCode, Producer, ProducerConfig, Record};
 use streambus_core::{
-    BrokerInfo, BrokerList, Flags, MetadataResponse, PartitionList, PartitionMetadata,
-    ProduceResponse, ReplicaList, Request, RequestType, Response, Text, TopicMetadata,
-    TopicMetadataList,
+    BrokerInfo, BrokerList, Flags, GetOffsetResponse, MetadataResponse, PartitionList,
+    PartitionMetadata, ProduceResponse, ReplicaList, Request, RequestType, Response, Text,
+    TopicMetadata, TopicMetadataList,
 };
 use streambus_server::{Config, FsyncMode, RuntimeKind};
 
@@ -242,6 +242,13 @@ impl Handler for Survivor {
                 metadata_of_t(reply, &parts, &brokers);
             }
             Request::Produce(p) => acknowledge(reply, p, 7),
+            Request::GetOffset(g) => reply.respond(&Response::GetOffset(GetOffsetResponse {
+                topic: g.topic,
+                partition: g.partition,
+                start_offset: 0,
+                end_offset: 7,
+                high_water_mark: 7,
+            })),
             other => refuse(reply, other),
         }
     }
@@ -387,5 +394,143 @@ async fn a_produce_meeting_a_dead_leaders_reconnect_backoff_fails_over_without_w
     );
     assert!(p.close().await.is_ok(), "no record failed");
     let _ = stop_tx.send(());
+    server.await.unwrap().unwrap();
+}
+
+/// A fake cluster of two whose broker 1 hangs: it takes connections and reads requests, and
+/// answers nothing (set `moved` once it took a connection). Broker 2 is a [`Survivor`] that
+/// names broker 1 the leader of "t"'s partition until `moved` is set or it answered
+/// `switch_after` Metadata requests. Returns broker 2's address, its record of requests, and
+/// what stops it.
+async fn hung_leader_beside_survivor(
+    switch_after: usize,
+) -> (
+    std::net::SocketAddr,
+    Arc<Survivor>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead = hung.local_addr().unwrap();
+    let moved = Arc::new(AtomicBool::new(false));
+    let hung_moved = if switch_after == usize::MAX {
+        Some(moved.clone())
+    } else {
+        None
+    };
+    // Ends with the test's runtime.
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = hung.accept().await {
+            if let Some(m) = &hung_moved {
+                m.store(true, Ordering::SeqCst);
+            }
+            tokio::spawn(async move {
+                let mut sink = [0u8; 4096];
+                while let Ok(n) = tokio::io::AsyncReadExt::read(&mut conn, &mut sink).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let me = listener.local_addr().unwrap();
+    let fake = Arc::new(Survivor {
+        dead,
+        me,
+        moved,
+        switch_after,
+        seen: Mutex::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(streambus_adapters::tokio::serve(
+        listener,
+        fake.clone(),
+        ServeOptions::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    (me, fake, stop_tx, server)
+}
+
+/// A partition's leader hangs (it takes the produce and answers nothing): in a cluster the
+/// attempt that timed out there counts as a lost leader, so the producer reads the Metadata
+/// and retries at the leader it names, instead of waiting out its 30 s retry backoff and
+/// going back to the hung one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_produce_whose_leader_hangs_goes_to_the_new_leader_once_it_times_out() {
+    let (me, fake, stop, server) = hung_leader_beside_survivor(usize::MAX).await;
+    let c = Client::builder()
+        .request_timeout(Duration::from_secs(1))
+        .connect(me.to_string())
+        .await
+        .unwrap();
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default().retry_backoff(Duration::from_secs(30)),
+    )
+    .unwrap();
+    let at = tokio::time::timeout(
+        Duration::from_secs(10),
+        p.send(Record::new("t", "v").partition(0)),
+    )
+    .await
+    .expect("the retry did not wait out the 30 s backoff")
+    .expect("the retry at the new leader succeeds");
+    assert_eq!((at.partition, at.offset), (0, 7));
+    let seen = fake.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter().filter(|t| **t == RequestType::Produce).count(),
+        1,
+        "one produce at broker 2: {seen:?}"
+    );
+    assert!(p.close().await.is_ok(), "no record failed");
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+/// A read of a partition whose leader hangs uses its whole timeout there and fails with
+/// TimedOut; the Metadata is read again in the background, so the reads after it go to the
+/// leader it names now (before, every read went to the hung leader until the periodic
+/// refresh, 5 min by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_that_timed_out_at_a_hung_leader_reads_the_metadata_again_for_the_next() {
+    // The survivor names the hung broker in its first Metadata answer, itself after.
+    let (me, fake, stop, server) = hung_leader_beside_survivor(1).await;
+    let c = Client::builder()
+        .request_timeout(Duration::from_secs(1))
+        .connect(me.to_string())
+        .await
+        .unwrap();
+    let metadata_reads = || {
+        let seen = fake.seen.lock().unwrap();
+        seen.iter().filter(|t| **t == RequestType::Metadata).count()
+    };
+    c.metadata(&["t"]).await.unwrap();
+    assert_eq!(metadata_reads(), 1);
+    let e = c.offsets("t", 0).await.unwrap_err();
+    assert!(matches!(e, streambus_client::Error::TimedOut { .. }), "{e}");
+    // The refresh the timeout asked for (an event, waited on with a bound).
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while metadata_reads() < 2 {
+        assert!(
+            std::time::Instant::now() < until,
+            "no Metadata read after the timeout"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The answer is learnt right after it is sent: its call returns first.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    let offsets = loop {
+        match c.offsets("t", 0).await {
+            Ok(o) => break o,
+            Err(e) => assert!(std::time::Instant::now() < until, "{e}"),
+        }
+    };
+    assert_eq!((offsets.start, offsets.end), (0, 7));
+    let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
