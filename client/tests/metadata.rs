@@ -1,5 +1,6 @@
-//! `Client::metadata` against the real broker, and the producer's NotLeader path against a
-//! fake broker built on the adapters' server side (a single broker never sends NotLeader).
+//! `Client::metadata` against the real broker; against fake brokers built on the adapters'
+//! server side, what a single real broker never does: NotLeader, a cluster whose leader dies
+//! or hangs, a record at the largest offset.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -532,5 +533,63 @@ async fn a_read_that_timed_out_at_a_hung_leader_reads_the_metadata_again_for_the
     };
     assert_eq!((offsets.start, offsets.end), (0, 7));
     let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+/// A fake broker whose every Fetch answer holds one record, at offset `i64::MAX` (the largest
+/// there is: no offset follows it).
+struct LastOffset;
+
+impl Handler for LastOffset {
+    fn handle(&self, _flags: Flags, request: &Request<'_>, reply: Reply) {
+        match request {
+            Request::Fetch(_) => {
+                let mut buf = [0u8; 256];
+                let mut set = streambus_core::MessageSetBuilder::new(&mut buf);
+                let mut m = streambus_core::Message::new(b"", b"last");
+                m.offset = i64::MAX;
+                set.push(&m).unwrap();
+                reply.respond(&Response::Fetch(streambus_core::FetchResponse {
+                    high_water_mark: i64::MAX,
+                    messages: set.finish(),
+                    trailer: None,
+                }));
+            }
+            other => refuse(reply, other),
+        }
+    }
+}
+
+/// A record at offset `i64::MAX` has no next offset to fetch from: `poll` returns a protocol
+/// error naming it. Before, the next offset overflowed: a debug build's fetcher panicked (and
+/// `poll` returned nothing, forever, with no error), a release build fetched the same record
+/// again, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_at_the_largest_offset_is_a_protocol_error() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(streambus_adapters::tokio::serve(
+        listener,
+        Arc::new(LastOffset),
+        ServeOptions::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let c = Client::connect(addr.to_string()).await.unwrap();
+    let mut consumer = streambus_client::Consumer::new(&c);
+    consumer
+        .assign("t", 0, streambus_client::Offset::At(i64::MAX - 1))
+        .await
+        .unwrap();
+    let e = consumer.poll(Duration::from_secs(10)).await.unwrap_err();
+    assert!(matches!(e, streambus_client::Error::Protocol { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "fetch on topic \"t\" partition 0: protocol violation by the broker: a record at \
+         offset 9223372036854775807, the largest there is (no next offset to fetch)"
+    );
+    let _ = stop_tx.send(());
     server.await.unwrap().unwrap();
 }
