@@ -1,7 +1,7 @@
 //! [`Client`]: the connection pool and the admin calls.
 
 use std::cell::Cell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{
@@ -396,6 +396,8 @@ pub(crate) struct Inner {
     cluster: AtomicBool,
     /// The periodic Metadata refresh, stopped when the client goes.
     refresher: OnceLock<tokio::task::AbortHandle>,
+    /// Topics whose Metadata a [`Client::refresh_soon`] task is reading.
+    refreshing: Mutex<HashSet<Arc<str>>>,
 }
 
 #[derive(Debug, Default)]
@@ -421,6 +423,10 @@ impl Drop for Inner {
 }
 
 impl Inner {
+    fn refreshing(&self) -> MutexGuard<'_, HashSet<Arc<str>>> {
+        self.refreshing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn routing(&self) -> RwLockReadGuard<'_, Routing> {
         self.routing.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -458,6 +464,7 @@ impl Client {
                 routing: RwLock::default(),
                 cluster: AtomicBool::new(false),
                 refresher: OnceLock::new(),
+                refreshing: Mutex::default(),
             }),
         })
     }
@@ -598,19 +605,27 @@ impl Client {
     /// takes connections). The Metadata is then read again and the request retried.
     pub(crate) fn leader_lost(&self, e: &Error) -> bool {
         e.code() == Some(ErrorCode::NOT_LEADER)
-            || (matches!(e, Error::Io { .. } | Error::TimedOut { .. })
-                && self.inner.cluster.load(Ordering::Relaxed))
+            || (e.broker_silent() && self.inner.cluster.load(Ordering::Relaxed))
     }
 
-    /// Reads `topic`'s Metadata again in the background (within the request timeout): the
-    /// next call to one of its partitions goes to the leader it names now.
+    /// Reads `topic`'s Metadata again in the background (within the request timeout), unless
+    /// a read of it started this way is still going (the fetchers of many partitions of a hung
+    /// leader time out together): the next call to one of its partitions goes to the leader
+    /// named now. The task does not keep the client alive.
     fn refresh_soon(&self, topic: &Arc<str>) {
-        let (client, topics) = (self.clone(), [topic.clone()]);
+        if !self.inner.refreshing().insert(topic.clone()) {
+            return;
+        }
+        let (inner, topic) = (Arc::downgrade(&self.inner), topic.clone());
         let deadline = Instant::now() + self.inner.config.request_timeout;
-        self.inner
-            .pool
-            .runtime()
-            .spawn(async move { client.refresh(&topics, deadline).await });
+        self.inner.pool.runtime().spawn(async move {
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let client = Client { inner };
+            client.refresh(std::slice::from_ref(&topic), deadline).await;
+            client.inner.refreshing().remove(&topic);
+        });
     }
 
     /// After a request to the partition's leader at `failed` met a lost leader
@@ -776,13 +791,13 @@ impl Client {
     }
 
     /// A read-only admin request to the admin broker (the bootstrap one at first), or, when
-    /// it is unreachable (a connection error or timeout), to the other brokers the Metadata
-    /// lists, in turn; the one that answers takes the admin calls from then on. In a cluster
-    /// each broker tried gets an equal share of the time left, so one that hangs (its kernel
-    /// still accepting connections) leaves time for the others.
+    /// it is unreachable (a connection error, or a timeout dialling it, writing to it or
+    /// waiting for its answer), to the other brokers the Metadata lists, in turn; the one that
+    /// answers takes the admin calls from then on. In a cluster each broker tried gets an
+    /// equal share of the time left (at least the connect timeout), so one that hangs (its
+    /// kernel still accepting connections) leaves time for the others.
     async fn call_any(&self, req: Req, ctx: &Context, timeout: Duration) -> Result<Reply> {
-        let unreachable =
-            |r: &Result<Reply>| matches!(r, Err(Error::Io { .. } | Error::TimedOut { .. }));
+        let unreachable = |r: &Result<Reply>| r.as_ref().is_err_and(Error::broker_silent);
         self.call_failing_over(req, ctx, timeout, unreachable, Share::Each)
             .await
     }
@@ -853,9 +868,14 @@ impl Client {
         others.retain(|a| *a != tried);
         // The time for one broker when `left` is shared by it and the `after` others still to
         // be tried.
+        // At least the connect timeout (a broker not connected yet is dialled first), within
+        // what is left.
+        let floor = self.inner.config.connect_timeout;
         let budget = |left: Duration, after: usize| match share {
             Share::First => left,
-            Share::Each => left / u32::try_from(after.saturating_add(1)).unwrap_or(u32::MAX),
+            Share::Each => (left / u32::try_from(after.saturating_add(1)).unwrap_or(u32::MAX))
+                .max(floor)
+                .min(left),
         };
         let first = self
             .call_resending(req, ctx, budget(timeout, others.len()), admin)
@@ -1204,7 +1224,6 @@ impl Client {
     }
 }
 
-/// Reads the Metadata of the topics the client routes every `every`, until the client goes.
 /// How [`Client::call_failing_over`] splits its time between the brokers it tries.
 #[derive(Debug, Clone, Copy)]
 enum Share {
@@ -1215,6 +1234,7 @@ enum Share {
     Each,
 }
 
+/// Reads the Metadata of the topics the client routes every `every`, until the client goes.
 async fn refresh_periodically(inner: Weak<Inner>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
@@ -1862,7 +1882,7 @@ mod tests {
         assert!(c.leader_lost(&Error::closed_by_peer(Context::new("fetch"))));
         assert!(c.leader_lost(&Error::TimedOut {
             context: Context::new("fetch"),
-            waiting: "waiting for the broker's answer",
+            waiting: crate::error::WAITING_ANSWER,
             after: Duration::from_secs(1),
         }));
 

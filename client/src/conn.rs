@@ -498,7 +498,7 @@ pub(crate) fn driver_error(e: DriverError<std::io::Error>, request_timeout: Dura
         },
         DriverError::TimedOut { .. } => Error::TimedOut {
             context,
-            waiting: "waiting for the broker's answer",
+            waiting: crate::error::WAITING_ANSWER,
             after: request_timeout,
         },
         other => Error::Protocol {
@@ -815,7 +815,7 @@ pub(crate) async fn run(
                     // Its late answer, if any, goes to nobody; its slot is freed then.
                     reply.send(Err(Error::TimedOut {
                         context: Context::default(),
-                        waiting: "waiting for the broker's answer",
+                        waiting: crate::error::WAITING_ANSWER,
                         after: timeout,
                     }));
                 }
@@ -839,7 +839,7 @@ pub(crate) async fn run(
                     // a fresh one.
                     let e = Error::TimedOut {
                         context: Context::default(),
-                        waiting: "waiting for the broker's answer",
+                        waiting: crate::error::WAITING_ANSWER,
                         after: request_timeout,
                     };
                     job.reply.send(Err(e.clone()));

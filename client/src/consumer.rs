@@ -643,7 +643,7 @@ async fn fetch(
     match client.call(req, &ctx, timeout).await {
         Ok(Reply::Fetch(f)) => {
             let records = f.records()?;
-            if records.last().is_some_and(|r| r.offset == i64::MAX) {
+            if records.iter().any(|r| r.offset == i64::MAX) {
                 // No offset follows it: fetching on would bring it again, forever.
                 return Err(Error::Protocol {
                     context: ctx,

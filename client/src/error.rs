@@ -198,18 +198,20 @@ fn code_name(code: ErrorCode) -> &'static str {
     code.name().unwrap_or("unknown error code")
 }
 
-/// Broker codes that a retry may cure: RequestTimeout, StorageError, ChecksumMismatch (the
-/// frame was damaged in transit) and NotLeader.
 /// The longest duration a setting takes: 365 days. Deadlines are computed by adding settings
 /// to the clock (some two at a time), and a longer one would run past the clock's range.
 pub(crate) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
+/// Broker codes that a retry may cure: RequestTimeout, StorageError, ChecksumMismatch (the
+/// frame was damaged in transit) and NotLeader.
 const RETRIABLE_CODES: [u16; 4] = [6, 7, 10, 15];
 
 /// [`Error::TimedOut`]'s `waiting` while dialling.
 pub(crate) const WAITING_CONNECT: &str = "connecting";
 /// [`Error::TimedOut`]'s `waiting` while no connection of the pool was free or up.
 pub(crate) const WAITING_CONNECTION: &str = "waiting for a connection to the broker";
+/// [`Error::TimedOut`]'s `waiting` for a request sent and not answered.
+pub(crate) const WAITING_ANSWER: &str = "waiting for the broker's answer";
 /// [`Error::TimedOut`]'s `waiting` for a request held until the connection had written the
 /// requests queued before it (never sent).
 pub(crate) const WAITING_WRITE: &str =
@@ -246,6 +248,22 @@ impl Error {
                 *waiting == WAITING_CONNECT
                     || *waiting == WAITING_CONNECTION
                     || *waiting == WAITING_WRITE
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the broker did not answer or could not be reached: an I/O error, or a timeout
+    /// dialling it, writing to it or waiting for its answer (a dead or hung broker). Not a
+    /// timeout waiting for room on this side (a saturated client or pool, a full buffer),
+    /// which says nothing about the broker.
+    pub(crate) fn broker_silent(&self) -> bool {
+        match self {
+            Self::Io { .. } => true,
+            Self::TimedOut { waiting, .. } => {
+                *waiting == WAITING_CONNECT
+                    || *waiting == WAITING_WRITE
+                    || *waiting == WAITING_ANSWER
             }
             _ => false,
         }

@@ -780,13 +780,15 @@ struct State {
     waiting: usize,
 }
 
-/// A caller counted in [`State::waiting`] until dropped.
-struct Waiting<'a>(&'a Inner);
+/// One of [`State`]'s counts (a caller waiting for room, a flush in progress), already
+/// counted, taken back when this is dropped: however the future that holds it ends.
+struct Counted<'a>(&'a Inner, fn(&mut State) -> &mut usize);
 
-impl Drop for Waiting<'_> {
+impl Drop for Counted<'_> {
     fn drop(&mut self) {
         let mut st = self.0.lock();
-        st.waiting = st.waiting.saturating_sub(1);
+        let n = (self.1)(&mut st);
+        *n = n.saturating_sub(1);
     }
 }
 
@@ -1113,7 +1115,7 @@ impl Producer {
                     let permits = u32::try_from(size).unwrap_or(u32::MAX);
                     // Counted as waiting since `try_take` was refused (under the lock): no
                     // reserve is taken meanwhile. Uncounted however the wait ends.
-                    let _waiting = Waiting(inner);
+                    let _waiting = Counted(inner, |st| &mut st.waiting);
                     // Boxed: a rare path, kept out of `enqueue`'s future.
                     Box::pin(tokio::time::timeout(d, inner.buffer.acquire_many(permits)))
                         .await
@@ -1350,6 +1352,9 @@ impl Producer {
             st.flushing += 1;
             seal_due(inner, &mut st, Instant::now(), true);
         }
+        // Uncounted however the flush ends (its future may be dropped: a timeout raced
+        // against it), or linger would stay off for good.
+        let _flushing = Counted(inner, |st| &mut st.flushing);
         loop {
             let idle = inner.idle.notified();
             tokio::pin!(idle);
@@ -1364,7 +1369,6 @@ impl Producer {
             }
             idle.await;
         }
-        inner.lock().flushing -= 1;
     }
 
     /// Refuses new records, flushes, and returns every failure since the producer started

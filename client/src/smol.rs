@@ -212,12 +212,11 @@ impl Producer {
     /// See [`crate::Producer::close`].
     pub async fn close(&self) -> std::result::Result<(), Vec<Error>> {
         let p = self.inner.clone();
-        match self.rt.spawn(async move { p.close().await }).await {
+        // Cancelled with its future as the other calls are: the failures are taken only once
+        // the flush is over, so a close given up on leaves them for the next.
+        match on(&self.rt, async move { Ok(p.close().await) }).await {
             Ok(r) => r,
-            Err(_) => Err(vec![Error::Closed {
-                context: Context::new("close"),
-                what: "client runtime",
-            }]),
+            Err(e) => Err(vec![e]),
         }
     }
 }

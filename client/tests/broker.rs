@@ -235,7 +235,10 @@ async fn wrong_usage_is_a_clear_error_not_a_panic() {
         .assign("t", 0, Offset::At(at.offset))
         .await
         .unwrap();
-    let got = consumer.poll(Duration::MAX).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), consumer.poll(Duration::MAX))
+        .await
+        .expect("the record is there: poll returns it")
+        .unwrap();
     let got: Vec<_> = got.iter().map(|r| (r.offset, r.value().to_vec())).collect();
     assert_eq!(got, [(at.offset, b"last".to_vec())]);
 }
@@ -2244,12 +2247,13 @@ async fn a_read_whose_broker_hangs_goes_to_the_next_broker_within_its_timeout() 
     // A list of two: the client reads the Metadata from the first that answers (the hung
     // one, which answers that much), and learns it is in a cluster.
     let c = Client::builder()
-        .request_timeout(Duration::from_secs(4))
+        .request_timeout(Duration::from_secs(6))
+        .connect_timeout(Duration::from_secs(1))
         .connect(format!("{hung},{}", b.addr()))
         .await
         .unwrap();
-    // Its share of the 4 s (2 s, one other broker) runs out at the hung broker, the rest goes
-    // to `b`, which answers.
+    // Its share of the 6 s (3 s, one other broker; at least the connect timeout) runs out at
+    // the hung broker, the rest goes to `b`, which answers.
     let topics = c.list_topics().await.unwrap();
     let topics: Vec<(&str, u32)> = topics.iter().map(|t| (&*t.name, t.partitions)).collect();
     assert_eq!(topics, [("on-b", 3)]);
@@ -2258,4 +2262,45 @@ async fn a_read_whose_broker_hangs_goes_to_the_next_broker_within_its_timeout() 
     c.health().await.unwrap();
     assert_eq!(c.list_topics().await.unwrap().len(), 1);
     assert_eq!(unanswered.load(Ordering::SeqCst), 1);
+}
+
+/// A flush given up on (its future dropped: a timeout raced against it) leaves the producer's
+/// linger as it was. Before, the flush's count stayed behind and every batch went at once
+/// from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_given_up_on_leaves_linger_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = broker(dir.path());
+    let c = connect(&b).await;
+    let p = Producer::with_config(
+        &c,
+        ProducerConfig::default().linger(Duration::from_secs(60)),
+    )
+    .unwrap();
+    // `send` does not linger: it learns the topic.
+    assert_eq!(p.send(Record::new("lf", "warm")).await.unwrap().offset, 0);
+    // Polled once, the flush sends the lingering record and waits for its answer: given up
+    // then (should the answer beat that one poll, again).
+    let last = loop {
+        let d = p.enqueue(Record::new("lf", "a")).await.unwrap();
+        let given_up = tokio::time::timeout(Duration::ZERO, p.flush())
+            .await
+            .is_err();
+        let at = d.await.unwrap().offset;
+        if given_up {
+            break at;
+        }
+    };
+    let mut lingering = p.enqueue(Record::new("lf", "b")).await.unwrap();
+    // Its batch waits out the 60 s linger: no answer within 1 s (with the count left behind
+    // it went at once, answered within milliseconds).
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), &mut lingering)
+            .await
+            .is_err(),
+        "the record did not linger"
+    );
+    p.flush().await;
+    assert_eq!(lingering.await.unwrap().offset, last + 1);
+    assert!(p.close().await.is_ok());
 }
