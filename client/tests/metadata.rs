@@ -255,6 +255,69 @@ impl Handler for Survivor {
     }
 }
 
+/// A [`Survivor`] served: its address, itself (for the requests it saw), what stops it, and
+/// its server task.
+type Served = (
+    std::net::SocketAddr,
+    Arc<Survivor>,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+);
+
+/// Starts a [`Survivor`] beside broker 1 at `dead` (see there for `moved` and
+/// `switch_after`); returns its address, the survivor (for the requests it saw), and what stops
+/// it.
+async fn serve_survivor(
+    dead: std::net::SocketAddr,
+    moved: Arc<std::sync::atomic::AtomicBool>,
+    switch_after: usize,
+) -> Served {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let me = listener.local_addr().unwrap();
+    let fake = Arc::new(Survivor {
+        dead,
+        me,
+        moved,
+        switch_after,
+        seen: Mutex::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(streambus_adapters::tokio::serve(
+        listener,
+        fake.clone(),
+        ServeOptions::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    (me, fake, stop_tx, server)
+}
+
+/// Sends one record to "t" partition 0 through `p`, which must land within 10 s (`late` says
+/// what a later one means) at the survivor's offset 7, in one Produce there; returns the
+/// request types the survivor saw.
+async fn send_lands_once_at_the_survivor(
+    p: &Producer,
+    fake: &Survivor,
+    late: &str,
+) -> Vec<RequestType> {
+    let at = tokio::time::timeout(
+        Duration::from_secs(10),
+        p.send(Record::new("t", "v").partition(0)),
+    )
+    .await
+    .expect(late)
+    .expect("the retry at the new leader succeeds");
+    assert_eq!((at.partition, at.offset), (0, 7));
+    let seen = fake.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter().filter(|t| **t == RequestType::Produce).count(),
+        1,
+        "one produce at broker 2: {seen:?}"
+    );
+    seen
+}
+
 /// A partition's leader dies under a produce (its connection closes): the producer reads the
 /// Metadata at once, and as soon as it names another leader retries there, instead of first
 /// waiting out its retry backoff (30 s here, so the send would outlast the 10 s bound).
@@ -280,24 +343,7 @@ async fn a_produce_whose_leader_died_goes_to_the_new_leader_without_waiting_out_
             }
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let me = listener.local_addr().unwrap();
-    let fake = Arc::new(Survivor {
-        dead,
-        me,
-        moved: moved.clone(),
-        switch_after: usize::MAX,
-        seen: Mutex::default(),
-    });
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(streambus_adapters::tokio::serve(
-        listener,
-        fake.clone(),
-        ServeOptions::default(),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let (me, fake, stop_tx, server) = serve_survivor(dead, moved.clone(), usize::MAX).await;
 
     let c = Client::connect(me.to_string()).await.unwrap();
     let p = Producer::with_config(
@@ -305,14 +351,9 @@ async fn a_produce_whose_leader_died_goes_to_the_new_leader_without_waiting_out_
         ProducerConfig::default().retry_backoff(Duration::from_secs(30)),
     )
     .unwrap();
-    let at = tokio::time::timeout(
-        Duration::from_secs(10),
-        p.send(Record::new("t", "v").partition(0)),
-    )
-    .await
-    .expect("the retry did not wait out the 30 s backoff")
-    .expect("the retry at the new leader succeeds");
-    assert_eq!((at.partition, at.offset), (0, 7));
+    let seen =
+        send_lands_once_at_the_survivor(&p, &fake, "the retry did not wait out the 30 s backoff")
+            .await;
     assert!(
         moved.load(Ordering::SeqCst),
         "the first attempt went to broker 1"
@@ -321,12 +362,6 @@ async fn a_produce_whose_leader_died_goes_to_the_new_leader_without_waiting_out_
         accepted.load(Ordering::SeqCst),
         1,
         "one connection to broker 1, which the produce went on"
-    );
-    let seen = fake.seen.lock().unwrap().clone();
-    assert_eq!(
-        seen.iter().filter(|t| **t == RequestType::Produce).count(),
-        1,
-        "one produce at broker 2: {seen:?}"
     );
     assert_eq!(seen.last(), Some(&RequestType::Produce), "{seen:?}");
     assert!(p.close().await.is_ok(), "no record failed");
@@ -345,25 +380,8 @@ async fn a_produce_meeting_a_dead_leaders_reconnect_backoff_fails_over_without_w
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let me = listener.local_addr().unwrap();
     // Named until 20 Metadata reads: the producer meets the dead leader more than once.
-    let fake = Arc::new(Survivor {
-        dead,
-        me,
-        moved: Arc::default(),
-        switch_after: 20,
-        seen: Mutex::default(),
-    });
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(streambus_adapters::tokio::serve(
-        listener,
-        fake.clone(),
-        ServeOptions::default(),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let (me, fake, stop_tx, server) = serve_survivor(dead, Arc::default(), 20).await;
 
     let c = Client::builder()
         .reconnect_backoff(Duration::from_secs(30), Duration::from_secs(60))
@@ -375,23 +393,15 @@ async fn a_produce_meeting_a_dead_leaders_reconnect_backoff_fails_over_without_w
         ProducerConfig::default().retry_backoff(Duration::from_millis(1)),
     )
     .unwrap();
-    let at = tokio::time::timeout(
-        Duration::from_secs(10),
-        p.send(Record::new("t", "v").partition(0)),
+    let seen = send_lands_once_at_the_survivor(
+        &p,
+        &fake,
+        "the produce did not wait out the dead leader's 30 s reconnect backoff",
     )
-    .await
-    .expect("the produce did not wait out the dead leader's 30 s reconnect backoff")
-    .expect("the retry at the new leader succeeds");
-    assert_eq!((at.partition, at.offset), (0, 7));
-    let seen = fake.seen.lock().unwrap().clone();
+    .await;
     assert!(
         seen.iter().filter(|t| **t == RequestType::Metadata).count() > 20,
         "{seen:?}"
-    );
-    assert_eq!(
-        seen.iter().filter(|t| **t == RequestType::Produce).count(),
-        1,
-        "one produce at broker 2: {seen:?}"
     );
     assert!(p.close().await.is_ok(), "no record failed");
     let _ = stop_tx.send(());
@@ -403,14 +413,7 @@ async fn a_produce_meeting_a_dead_leaders_reconnect_backoff_fails_over_without_w
 /// names broker 1 the leader of "t"'s partition until `moved` is set or it answered
 /// `switch_after` Metadata requests. Returns broker 2's address, its record of requests, and
 /// what stops it.
-async fn hung_leader_beside_survivor(
-    switch_after: usize,
-) -> (
-    std::net::SocketAddr,
-    Arc<Survivor>,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<std::io::Result<()>>,
-) {
+async fn hung_leader_beside_survivor(switch_after: usize) -> Served {
     use std::sync::atomic::{AtomicBool, Ordering};
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = hung.local_addr().unwrap();
@@ -436,25 +439,7 @@ async fn hung_leader_beside_survivor(
             });
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let me = listener.local_addr().unwrap();
-    let fake = Arc::new(Survivor {
-        dead,
-        me,
-        moved,
-        switch_after,
-        seen: Mutex::default(),
-    });
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(streambus_adapters::tokio::serve(
-        listener,
-        fake.clone(),
-        ServeOptions::default(),
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    (me, fake, stop_tx, server)
+    serve_survivor(dead, moved, switch_after).await
 }
 
 /// A partition's leader hangs (it takes the produce and answers nothing): in a cluster the
@@ -474,20 +459,7 @@ async fn a_produce_whose_leader_hangs_goes_to_the_new_leader_once_it_times_out()
         ProducerConfig::default().retry_backoff(Duration::from_secs(30)),
     )
     .unwrap();
-    let at = tokio::time::timeout(
-        Duration::from_secs(10),
-        p.send(Record::new("t", "v").partition(0)),
-    )
-    .await
-    .expect("the retry did not wait out the 30 s backoff")
-    .expect("the retry at the new leader succeeds");
-    assert_eq!((at.partition, at.offset), (0, 7));
-    let seen = fake.seen.lock().unwrap().clone();
-    assert_eq!(
-        seen.iter().filter(|t| **t == RequestType::Produce).count(),
-        1,
-        "one produce at broker 2: {seen:?}"
-    );
+    send_lands_once_at_the_survivor(&p, &fake, "the retry did not wait out the 30 s backoff").await;
     assert!(p.close().await.is_ok(), "no record failed");
     let _ = stop.send(());
     server.await.unwrap().unwrap();
