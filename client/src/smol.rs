@@ -3,8 +3,9 @@
 //!
 //! The client's connection tasks and timers run on a private two-thread tokio runtime owned
 //! by the [`Client`]; each call is spawned there and awaited through its join handle, which
-//! any executor can poll. [`Delivery`] is executor-independent already. A call costs one
-//! extra task hop compared with [`crate::Client`] on tokio.
+//! any executor can poll, and dropping a call's future cancels the call there, as on tokio.
+//! [`Delivery`] is executor-independent already. A call costs one extra task hop compared
+//! with [`crate::Client`] on tokio.
 //!
 //! ```no_run
 //! use streambus_client::smol::{Client, Producer};
