@@ -1837,6 +1837,55 @@ mod tests {
         c.route(req).unwrap().map(|p| p.addr.clone())
     }
 
+    /// Background Metadata reads of one topic (many fetchers timing out together) go one at
+    /// a time: a second and third `refresh_soon` while the first one's Metadata request waits
+    /// for its answer send nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_background_refresh_per_topic_at_a_time() {
+        use std::sync::atomic::AtomicUsize;
+        use streambus_core::{FrameDecoder, Status};
+        use tokio::io::AsyncReadExt;
+        // A broker that reads every request and answers none.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let (mut buf, mut chunk) = (Vec::new(), [0u8; 4096]);
+                    loop {
+                        while let Ok(Status::Complete(len)) =
+                            FrameDecoder::default().next_frame(&buf)
+                        {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            buf.drain(..len);
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        let c = Client::new(addr.to_string(), ClientConfig::default()).unwrap();
+        let topic: Arc<str> = Arc::from("t");
+        c.refresh_soon(&topic);
+        let until = Instant::now() + Duration::from_secs(10);
+        while requests.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < until, "no Metadata request");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        c.refresh_soon(&topic);
+        c.refresh_soon(&topic);
+        assert_eq!(c.inner.refreshing().len(), 1);
+        // Another request would have arrived within milliseconds.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(requests.load(Ordering::SeqCst), 1);
+    }
+
     #[tokio::test]
     async fn requests_follow_the_metadata_and_pools_close_with_their_broker() {
         // Nothing listens on these ports: nothing is dialled here.

@@ -433,6 +433,27 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_broker_is_a_dead_or_hung_one_not_a_full_client() {
+        let timed_out = |waiting| Error::TimedOut {
+            context: Context::new("fetch"),
+            waiting,
+            after: Duration::from_secs(1),
+        };
+        let io = Error::io(
+            Context::new("fetch"),
+            std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset"),
+        );
+        assert!(io.broker_silent());
+        for waiting in [WAITING_ANSWER, WAITING_CONNECT, WAITING_WRITE] {
+            assert!(timed_out(waiting).broker_silent(), "{waiting}");
+        }
+        // Waiting for room on this side says nothing about the broker.
+        for waiting in [WAITING_CONNECTION, "waiting for a free connection slot"] {
+            assert!(!timed_out(waiting).broker_silent(), "{waiting}");
+        }
+    }
+
+    #[test]
     fn io_errors_chain_their_source_and_are_retriable() {
         use std::error::Error as _;
         let e = Error::io(
