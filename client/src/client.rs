@@ -611,10 +611,10 @@ impl Client {
     /// Reads `topic`'s Metadata again in the background (within the request timeout), unless
     /// a read of it started this way is still going (the fetchers of many partitions of a hung
     /// leader time out together): the next call to one of its partitions goes to the leader
-    /// named now. The task does not keep the client alive.
-    fn refresh_soon(&self, topic: &Arc<str>) {
+    /// named now. The task does not keep the client alive. Returns whether it started one.
+    fn refresh_soon(&self, topic: &Arc<str>) -> bool {
         if !self.inner.refreshing().insert(topic.clone()) {
-            return;
+            return false;
         }
         let (inner, topic) = (Arc::downgrade(&self.inner), topic.clone());
         let deadline = Instant::now() + self.inner.config.request_timeout;
@@ -626,6 +626,7 @@ impl Client {
             client.refresh(std::slice::from_ref(&topic), deadline).await;
             client.inner.refreshing().remove(&topic);
         });
+        true
     }
 
     /// After a request to the partition's leader at `failed` met a lost leader
@@ -763,7 +764,7 @@ impl Client {
                 // No time left to wait for a new leader (an attempt that timed out used it
                 // all): the table is read again meanwhile, so the next call goes to the
                 // leader named now rather than to the same one.
-                self.refresh_soon(topic);
+                let _ = self.refresh_soon(topic);
                 return Err(e);
             }
             tracing::debug!(%ctx, error = %e, "leader elsewhere or gone: reading Metadata");
@@ -867,9 +868,8 @@ impl Client {
         };
         others.retain(|a| *a != tried);
         // The time for one broker when `left` is shared by it and the `after` others still to
-        // be tried.
-        // At least the connect timeout (a broker not connected yet is dialled first), within
-        // what is left.
+        // be tried: at least the connect timeout (a broker not connected yet is dialled
+        // first), within what is left.
         let floor = self.inner.config.connect_timeout;
         let budget = |left: Duration, after: usize| match share {
             Share::First => left,
@@ -1872,17 +1872,16 @@ mod tests {
         });
         let c = Client::new(addr.to_string(), ClientConfig::default()).unwrap();
         let topic: Arc<str> = Arc::from("t");
-        c.refresh_soon(&topic);
+        assert!(c.refresh_soon(&topic));
         let until = Instant::now() + Duration::from_secs(10);
         while requests.load(Ordering::SeqCst) == 0 {
             assert!(Instant::now() < until, "no Metadata request");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        c.refresh_soon(&topic);
-        c.refresh_soon(&topic);
+        // Neither starts a read (nothing to wait for: a read not started sends nothing).
+        assert!(!c.refresh_soon(&topic));
+        assert!(!c.refresh_soon(&topic));
         assert_eq!(c.inner.refreshing().len(), 1);
-        // Another request would have arrived within milliseconds.
-        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(requests.load(Ordering::SeqCst), 1);
     }
 
